@@ -1,0 +1,135 @@
+//! Admin HTTP: `/healthz`, `/readyz`, `/status` (JSON) and `/metrics`
+//! (Prometheus text). Loopback by default; shows no secrets (status holds
+//! masked errors only).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::status::{EndpointStatus, InstanceStatus, Status};
+use crate::store::Store;
+
+/// What the admin handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub status: Arc<Status>,
+    pub store: Store,
+    pub endpoints: Vec<String>,
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if s.status.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// `/status` body.
+#[derive(Serialize)]
+pub struct StatusReport {
+    pub instances: BTreeMap<String, InstanceStatus>,
+    pub endpoints: BTreeMap<String, EndpointReport>,
+}
+
+/// An endpoint in `/status`.
+#[derive(Serialize)]
+pub struct EndpointReport {
+    #[serde(flatten)]
+    pub status: EndpointStatus,
+    pub queue_depth: usize,
+    pub dead_letters: usize,
+}
+
+fn report(s: &AdminState) -> StatusReport {
+    let eps = s.status.endpoints();
+    StatusReport {
+        instances: s.status.instances(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    EndpointReport {
+                        status: eps.get(name).cloned().unwrap_or_default(),
+                        queue_depth: s.store.outbox_len(name),
+                        dead_letters: s.store.dead_len(name),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
+    Json(report(&s))
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let r = report(&s);
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    };
+    let inst = |k: &String, i: &InstanceStatus| format!("source=\"{}\",instance=\"{}\"", esc(&i.source), esc(k.split_once('/').map(|x| x.1).unwrap_or(k)));
+    let mut polls = Vec::new();
+    for (k, i) in &r.instances {
+        polls.push((format!("{},outcome=\"ok\"", inst(k, i)), (i.polls_ok - i.polls_not_modified).to_string()));
+        polls.push((format!("{},outcome=\"not_modified\"", inst(k, i)), i.polls_not_modified.to_string()));
+        polls.push((format!("{},outcome=\"error\"", inst(k, i)), i.polls_failed.to_string()));
+    }
+    family("pollhook_polls_total", "counter", "Polls by outcome.", polls);
+    family(
+        "pollhook_events_total",
+        "counter",
+        "Events detected.",
+        r.instances.iter().map(|(k, i)| (inst(k, i), i.events.to_string())).collect(),
+    );
+    let ep = |n: &String| format!("endpoint=\"{}\"", esc(n));
+    family(
+        "pollhook_deliveries_total",
+        "counter",
+        "Delivery attempts by outcome.",
+        r.endpoints
+            .iter()
+            .flat_map(|(n, e)| {
+                [
+                    (format!("{},outcome=\"delivered\"", ep(n)), e.status.delivered.to_string()),
+                    (format!("{},outcome=\"failed\"", ep(n)), e.status.failed_attempts.to_string()),
+                ]
+            })
+            .collect(),
+    );
+    family("pollhook_outbox_depth", "gauge", "Events waiting for delivery.", r.endpoints.iter().map(|(n, e)| (ep(n), e.queue_depth.to_string())).collect());
+    family("pollhook_dead_letters", "gauge", "Events whose attempts ran out.", r.endpoints.iter().map(|(n, e)| (ep(n), e.dead_letters.to_string())).collect());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

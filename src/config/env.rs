@@ -1,0 +1,152 @@
+//! `${VAR}` and `${VAR:-default}` substitution from the environment.
+//!
+//! Done on the text, before YAML parsing, line by line: line numbers stay
+//! those of the file, so a missing variable is reported at its line, and the
+//! YAML parser's later locations stay exact. Comments are left alone, so a
+//! commented-out `${OLD_VAR}` needs no value. `$${` writes a literal `${`.
+
+use std::path::Path;
+
+use super::error::{ConfigError, ConfigErrors};
+
+/// Substitutes every `${VAR}` of `text`, looking names up with `lookup`.
+/// All missing variables are reported, each at its line.
+pub fn interpolate(
+    file: &Path,
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigErrors> {
+    let mut out = String::with_capacity(text.len());
+    let mut errors = Vec::new();
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let line_no = n as u64 + 1;
+        let (code, comment) = split_comment(line);
+        let mut rest = code;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i..];
+            if after.starts_with("$${") {
+                out.push_str("${");
+                rest = &after[3..];
+                continue;
+            }
+            if !after.starts_with("${") {
+                out.push('$');
+                rest = &after[1..];
+                continue;
+            }
+            let Some(end) = after.find('}') else {
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    line_no,
+                    (code.len() - rest.len() + i + 1) as u64,
+                    "",
+                    "unterminated `${`: expected `${VAR}` or `${VAR:-default}`",
+                ));
+                out.push_str(after);
+                rest = "";
+                break;
+            };
+            let inner = &after[2..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            let column = (code.len() - rest.len() + i + 1) as u64;
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    line_no,
+                    column,
+                    "",
+                    format!("`${{{inner}}}`: expected a variable name of letters, digits and `_`"),
+                ));
+            } else {
+                match lookup(name).or_else(|| default.map(str::to_string)) {
+                    Some(value) if value.contains('\n') => errors.push(ConfigError::at(
+                        file,
+                        text,
+                        line_no,
+                        column,
+                        "",
+                        format!("environment variable `{name}` contains a newline, which a config value cannot hold"),
+                    )),
+                    Some(value) => out.push_str(&value),
+                    None => errors.push(ConfigError::at(
+                        file,
+                        text,
+                        line_no,
+                        column,
+                        "",
+                        format!(
+                            "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
+                        ),
+                    )),
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        out.push_str(comment);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Splits a line into code and a trailing `# comment` (a `#` at the start or
+/// after whitespace, outside quotes).
+fn split_comment(line: &str) -> (&str, &str) {
+    let mut quote: Option<char> = None;
+    let mut prev = ' ';
+    for (i, c) in line.char_indices() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '#' if prev == ' ' || prev == '\t' => return line.split_at(i),
+                _ => {}
+            },
+        }
+        prev = c;
+    }
+    (line, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "BANK_URL" => Some("http://127.0.0.1:8081".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn substitutes_defaults_and_escapes() {
+        let text = "a: ${BANK_URL}/x\nb: ${NOPE:-7}\nc: '${EMPTY}'\nd: $${LITERAL} $5\n# e: ${COMMENTED}\nf: 1 # ${ALSO}\n";
+        let out = interpolate(Path::new("b.yaml"), text, &env).unwrap();
+        assert_eq!(
+            out,
+            "a: http://127.0.0.1:8081/x\nb: 7\nc: ''\nd: ${LITERAL} $5\n# e: ${COMMENTED}\nf: 1 # ${ALSO}\n"
+        );
+    }
+
+    #[test]
+    fn missing_variables_name_file_line_and_variable() {
+        let text = "state_dir: x\nendpoints:\n  agent:\n    secret: ${AGENT_SECRET}\n";
+        let errs = interpolate(Path::new("bridge.yaml"), text, &env).unwrap_err();
+        let s = errs.to_string();
+        assert!(s.contains("bridge.yaml:4:13"), "{s}");
+        assert!(s.contains("endpoints.agent.secret"), "{s}");
+        assert!(s.contains("`AGENT_SECRET` is not set"), "{s}");
+    }
+}

@@ -1,0 +1,489 @@
+//! The YAML, as written: serde types for `bridge.yaml` and connector files.
+//!
+//! Every struct denies unknown fields, so a typo is an error, not a silently
+//! ignored setting. Values with a syntax of their own (durations, rates,
+//! schedules, JSONPaths, templates) are parsed *while deserializing*, so their
+//! errors carry the YAML location. These types never leave `config`: they are
+//! validated into the types of `config::resolve`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::schedule::{parse_duration, Schedule};
+use crate::template;
+
+// ---------------------------------------------------------------- bridge.yaml
+
+/// `bridge.yaml`: the operator's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBridge {
+    /// Directory of the embedded store; relative to the config file.
+    #[serde(default)]
+    pub state_dir: Option<String>,
+    /// Admin HTTP server (`/healthz`, `/readyz`, `/status`, `/metrics`).
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    /// Globs of connector files, relative to this file.
+    #[serde(default)]
+    pub connectors: Vec<Spanned<String>>,
+    /// What to poll, for whom.
+    #[serde(default)]
+    pub sources: BTreeMap<String, RawSource>,
+    /// Where events go.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, RawEndpoint>,
+    /// Quotas shared by every source calling a host.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, RawHost>,
+    /// How long shutdown waits for in-flight polls and deliveries.
+    #[serde(default)]
+    pub shutdown_timeout: Option<Dur>,
+}
+
+/// `admin:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `host:port` to listen on; loopback by default.
+    pub listen: Spanned<String>,
+}
+
+/// One entry of `sources:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Name of a connector found through `connectors:`.
+    pub connector: Spanned<String>,
+    /// Values of the connector's params.
+    #[serde(default)]
+    pub with: BTreeMap<String, Spanned<serde_json::Value>>,
+    /// Fan-out: `{ account: [a, b] }`, one instance per value (the cartesian
+    /// product when several keys are given).
+    #[serde(default)]
+    pub for_each: Option<Spanned<BTreeMap<String, Vec<serde_json::Value>>>>,
+    /// Overrides the connector's schedule.
+    #[serde(default)]
+    pub schedule: Option<ScheduleSpec>,
+    /// Endpoints: a list (every event type) or a map endpoint → event types.
+    pub deliver_to: Spanned<DeliverTo>,
+}
+
+/// `deliver_to:` in its two forms.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum DeliverTo {
+    /// `[finance-agent, audit]`: every event type.
+    All(Vec<String>),
+    /// `{ finance-agent: [bank.balance.low] }`: only these types.
+    ByType(BTreeMap<String, Vec<String>>),
+}
+
+/// One entry of `endpoints:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoint {
+    /// Where to POST events.
+    pub url: Spanned<String>,
+    /// `whsec_…` secret, or a list of them (all sign; rotation).
+    pub secret: Spanned<Secrets>,
+    /// Per-attempt request timeout.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
+    /// Concurrent deliveries to this endpoint.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+}
+
+/// One secret or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Secrets {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `retry:` of an endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Attempts in all, the first included; then the event is dead-lettered.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Only `exponential` for now.
+    #[serde(default)]
+    pub backoff: Option<Backoff>,
+    /// Delay before the second attempt.
+    #[serde(default)]
+    pub first: Option<Dur>,
+    /// Cap on any one delay.
+    #[serde(default)]
+    pub max: Option<Dur>,
+}
+
+/// Backoff shapes.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    Exponential,
+}
+
+/// One entry of `hosts:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    /// Sustained rate, e.g. `60/min`.
+    #[serde(default)]
+    pub rate: Option<Rate>,
+    /// Requests allowed at once above the rate.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Requests in flight at once to this host.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+}
+
+// ------------------------------------------------------------- connector file
+
+/// A connector file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnector {
+    /// The name sources refer to.
+    pub name: Spanned<String>,
+    /// Free text for humans.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Declared parameters.
+    #[serde(default)]
+    pub params: BTreeMap<String, RawParam>,
+    /// Default schedule; a source may override it.
+    #[serde(default)]
+    pub schedule: Option<ScheduleSpec>,
+    /// This connector's own quota, per instance.
+    #[serde(default)]
+    pub rate_limit: Option<Rate>,
+    /// The request of one poll.
+    pub request: RawRequest,
+    /// Following more pages within one poll.
+    #[serde(default)]
+    pub paginate: Option<RawPaginate>,
+    /// JSONPath to the list of items (`detect: new`).
+    #[serde(default)]
+    pub items: Option<Spanned<JsonPathSrc>>,
+    /// What makes an item unique (`detect: new`).
+    #[serde(default)]
+    pub id: Option<Spanned<TemplateSrc>>,
+    /// Where the next poll resumes.
+    #[serde(default)]
+    pub cursor: Option<RawCursor>,
+    /// Detection mode.
+    pub detect: Spanned<DetectMode>,
+    /// First run: remember what exists (`skip`, default) or emit it (`emit`).
+    #[serde(default)]
+    pub baseline: Option<Baseline>,
+    /// How many item ids an instance remembers (`detect: new`).
+    #[serde(default)]
+    pub seen_limit: Option<usize>,
+    /// Event rules.
+    pub emit: Vec<RawEmit>,
+}
+
+/// A declared parameter.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawParam {
+    /// A source must give it.
+    #[serde(default)]
+    pub required: bool,
+    /// Masked in `pollhook test` output and never logged.
+    #[serde(default)]
+    pub secret: bool,
+    /// Value when the source gives none; its type (number, bool) is the
+    /// param's type, so `"${THRESHOLD}"` from the environment becomes a number.
+    #[serde(default)]
+    pub default: Option<serde_json::Value>,
+    /// Free text for humans.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// `request:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequest {
+    /// HTTP method, `GET` by default.
+    #[serde(default)]
+    pub method: Option<Spanned<String>>,
+    /// URL template.
+    pub url: Spanned<TemplateSrc>,
+    /// Query parameters; an empty rendered value is left out.
+    #[serde(default)]
+    pub query: BTreeMap<String, Spanned<TemplateSrc>>,
+    /// Headers; an empty rendered value is left out.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<TemplateSrc>>,
+    /// Raw body template (sent with `content-type: application/json` unless a
+    /// header says otherwise).
+    #[serde(default)]
+    pub body: Option<Spanned<TemplateSrc>>,
+    /// Authentication.
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
+    /// Request timeout (default 30s).
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// Largest response body accepted, in bytes (default 10 MiB).
+    #[serde(default)]
+    pub max_response_bytes: Option<u64>,
+}
+
+/// `request.auth:`
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawAuth {
+    /// `Authorization: Bearer <token>`; left out when the token renders empty.
+    Bearer { token: TemplateSrc },
+    /// HTTP basic auth.
+    Basic {
+        username: TemplateSrc,
+        #[serde(default)]
+        password: Option<TemplateSrc>,
+    },
+}
+
+/// `paginate:` (cursor in the body).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaginate {
+    /// JSONPath of the next page's cursor in each page.
+    pub cursor_from: Spanned<JsonPathSrc>,
+    /// Query parameter that carries it.
+    pub param: String,
+    /// Most pages per poll (default 100); the next poll goes on from there.
+    #[serde(default)]
+    pub max_pages: Option<u32>,
+}
+
+/// `cursor:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCursor {
+    /// JSONPath into the (last) page: an opaque cursor the API gives.
+    #[serde(default)]
+    pub from: Option<Spanned<JsonPathSrc>>,
+    /// Template over each item: the greatest value becomes the cursor.
+    #[serde(default)]
+    pub max: Option<Spanned<TemplateSrc>>,
+}
+
+/// Detection modes.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DetectMode {
+    Snapshot,
+    New,
+}
+
+/// First-run behaviour.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    #[default]
+    Skip,
+    Emit,
+}
+
+/// One `emit:` rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmit {
+    /// Event type, e.g. `bank.balance.changed`.
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    /// Condition; the event is emitted when it is true.
+    #[serde(default)]
+    pub when: Option<Spanned<ConditionSrc>>,
+}
+
+// ------------------------------------------------------- values with a syntax
+
+/// A duration such as `30s`, `5m`, `250ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+/// A rate such as `60/min`, `10/s`, `5/2s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Requests per `per`.
+    pub count: u32,
+    /// The window.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `N/unit`, where unit is `s`, `min`, `h`, `day` or a duration.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let expected = || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
+        let (n, unit) = text.split_once('/').ok_or_else(expected)?;
+        let count: u32 = n.trim().parse().map_err(|_| expected())?;
+        if count == 0 {
+            return Err(format!("{}: the count must be at least 1", expected()));
+        }
+        let unit = unit.trim();
+        let per = match unit {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86400),
+            other => parse_duration(other).map_err(|_| expected())?,
+        };
+        if per.is_zero() {
+            return Err(expected());
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        Rate::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A JSONPath (RFC 9535), checked at load.
+#[derive(Debug, Clone)]
+pub struct JsonPathSrc(pub String);
+
+impl<'de> Deserialize<'de> for JsonPathSrc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        serde_json_path::JsonPath::parse(&s)
+            .map_err(|e| de::Error::custom(format!("invalid JSONPath `{s}` ({e}); expected RFC 9535 syntax such as `$.items[*]`")))?;
+        Ok(JsonPathSrc(s))
+    }
+}
+
+/// A template, syntax-checked at load.
+#[derive(Debug, Clone)]
+pub struct TemplateSrc(pub String);
+
+impl<'de> Deserialize<'de> for TemplateSrc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        template::check_template(&s)
+            .map_err(|e| de::Error::custom(format!("invalid template `{s}`: {e}")))?;
+        Ok(TemplateSrc(s))
+    }
+}
+
+/// A condition (a template expression), syntax-checked at load.
+#[derive(Debug, Clone)]
+pub struct ConditionSrc(pub String);
+
+impl<'de> Deserialize<'de> for ConditionSrc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        template::check_condition(&s)
+            .map_err(|e| de::Error::custom(format!("invalid condition `{s}`: {e}")))?;
+        Ok(ConditionSrc(s))
+    }
+}
+
+/// A schedule: `every 30s`, a cron line, or `{ every | cron, jitter }`.
+#[derive(Clone, Debug)]
+pub struct ScheduleSpec(pub Schedule);
+
+impl<'de> Deserialize<'de> for ScheduleSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ScheduleSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`every <duration>`, a cron line, or `{ every: 30s }` / `{ cron: \"*/5 * * * *\", jitter: 10s }`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ScheduleSpec, E> {
+                Schedule::parse(v).map(ScheduleSpec).map_err(E::custom)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ScheduleSpec, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct M {
+                    every: Option<String>,
+                    cron: Option<String>,
+                    jitter: Option<Dur>,
+                }
+                let m = M::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let mut s = match (m.every, m.cron) {
+                    (Some(e), None) => Schedule::parse(&format!("every {e}")),
+                    (None, Some(c)) => Schedule::cron(&c),
+                    _ => Err("give exactly one of `every` and `cron`".to_string()),
+                }
+                .map_err(de::Error::custom)?;
+                s.jitter = m.jitter.map(|j| j.0).unwrap_or_default();
+                Ok(ScheduleSpec(s))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Accepts a string, or a number/bool written without quotes (`timeout: 30`
+/// is read as `30`, which then fails with the duration's own message).
+fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl<'a> Visitor<'a> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(Rate::parse("60/min").unwrap(), Rate { count: 60, per: Duration::from_secs(60) });
+        assert_eq!(Rate::parse("5/2s").unwrap().per, Duration::from_secs(2));
+        assert!(Rate::parse("0/s").is_err());
+        assert!(Rate::parse("fast").unwrap_err().contains("expected a rate"));
+    }
+}

@@ -1,0 +1,851 @@
+//! Validation of the raw YAML into resolved runtime types.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use serde_json_path::JsonPath;
+use serde_saphyr::Spanned;
+
+use super::env::interpolate;
+use super::error::{ConfigError, ConfigErrors};
+use super::raw::{self, Baseline, DeliverTo, DetectMode, Rate, RawBridge, RawConnector, Secrets};
+use crate::deliver::retry::RetryPolicy;
+use crate::deliver::sign::SigningKey;
+use crate::schedule::Schedule;
+use crate::template::{self, Cond, Engine, Tpl};
+
+/// A whole, valid configuration.
+pub struct Config {
+    /// The bridge file it was read from.
+    pub file: PathBuf,
+    /// Directory of the embedded store.
+    pub state_dir: PathBuf,
+    /// Admin server address, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_timeout: Duration,
+    /// Every connector found, by name.
+    pub connectors: BTreeMap<String, Arc<Connector>>,
+    /// Sources in name order.
+    pub sources: Vec<Arc<Source>>,
+    /// Endpoints by name.
+    pub endpoints: BTreeMap<String, Arc<Endpoint>>,
+    /// Host quotas by `host` or `host:port`.
+    pub hosts: BTreeMap<String, HostQuota>,
+}
+
+/// A resolved connector: how to poll one API and what counts as an event.
+pub struct Connector {
+    pub name: String,
+    /// The file it came from, for messages.
+    pub file: PathBuf,
+    /// Its compiled templates.
+    pub engine: Engine,
+    pub params: BTreeMap<String, Param>,
+    pub schedule: Option<Schedule>,
+    pub rate_limit: Option<Rate>,
+    pub request: RequestSpec,
+    pub paginate: Option<Paginate>,
+    pub items: Option<JsonPath>,
+    pub id: Option<Tpl>,
+    pub cursor: Option<CursorSpec>,
+    pub detect: DetectMode,
+    pub baseline: Baseline,
+    /// Most item ids remembered per instance (`detect: new`).
+    pub seen_limit: usize,
+    pub emit: Vec<EmitRule>,
+}
+
+/// A declared parameter.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub required: bool,
+    pub secret: bool,
+    pub default: Option<Value>,
+    /// Line in the connector file, for "missing param" messages.
+    pub line: u64,
+}
+
+/// The request of one poll, compiled.
+pub struct RequestSpec {
+    pub method: reqwest::Method,
+    pub url: Tpl,
+    pub query: Vec<(String, Tpl)>,
+    pub headers: Vec<(String, Tpl)>,
+    pub body: Option<Tpl>,
+    pub auth: Option<Auth>,
+    pub timeout: Duration,
+    pub max_response_bytes: u64,
+}
+
+/// Request authentication.
+pub enum Auth {
+    Bearer(Tpl),
+    Basic(Tpl, Option<Tpl>),
+}
+
+/// Following a next-page cursor within one poll.
+pub struct Paginate {
+    pub cursor_from: JsonPath,
+    pub param: String,
+    pub max_pages: u32,
+}
+
+/// Where the next poll resumes.
+pub enum CursorSpec {
+    /// An opaque value the API gives, at a JSONPath of the last page.
+    From(JsonPath),
+    /// The greatest value of a template over the items.
+    Max(Tpl),
+}
+
+/// One `emit:` rule.
+pub struct EmitRule {
+    pub kind: String,
+    pub when: Option<Cond>,
+}
+
+/// A source: a connector run for someone, with its instances.
+pub struct Source {
+    pub name: String,
+    pub connector: Arc<Connector>,
+    pub schedule: Schedule,
+    pub instances: Vec<Instance>,
+    pub routes: Vec<Route>,
+}
+
+/// One source × `for_each` entry: polled on its own, with its own state.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// `source/instance`, the key of its state and its name in logs.
+    pub key: String,
+    /// The instance part (`acc-0001`, or `default` without `for_each`).
+    pub name: String,
+    /// Template variables: the connector's params with this instance's values.
+    pub vars: Map<String, Value>,
+    /// Values of secret params, to mask wherever text is shown.
+    pub secrets: Vec<String>,
+}
+
+/// Which events go to one endpoint.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub endpoint: String,
+    /// `None`: every type.
+    pub types: Option<BTreeSet<String>>,
+}
+
+impl Route {
+    pub fn accepts(&self, kind: &str) -> bool {
+        self.types.as_ref().is_none_or(|t| t.contains(kind))
+    }
+}
+
+/// A delivery endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub name: String,
+    pub url: reqwest::Url,
+    /// Every active signing key (rotation signs with all of them).
+    pub keys: Vec<SigningKey>,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub max_in_flight: usize,
+}
+
+/// A quota shared by everything calling one host.
+#[derive(Debug, Clone)]
+pub struct HostQuota {
+    pub rate: Option<Rate>,
+    pub burst: u32,
+    pub max_in_flight: Option<u32>,
+}
+
+/// Variables every request template may use besides the params.
+const REQUEST_BUILTINS: &[&str] = &["cursor", "now"];
+
+impl Config {
+    /// Reads and validates `bridge.yaml` and every connector it names.
+    /// Environment variables come from the process environment.
+    pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_env(file, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with an explicit environment (tests).
+    pub fn load_with_env(
+        file: &Path,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let original = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+        let text = interpolate(file, &original, lookup)?;
+        let raw: RawBridge = serde_saphyr::from_str(&text)
+            .map_err(|e| ConfigError::from_yaml(file, &original, &e))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let mut errors = Vec::new();
+        let at = |errors: &mut Vec<ConfigError>, line: u64, column: u64, field: &str, msg: String| {
+            errors.push(ConfigError::at(file, &original, line, column, field, msg));
+        };
+
+        // Connectors.
+        let patterns: Vec<(String, u64)> = if raw.connectors.is_empty() {
+            vec![("connectors/*.yaml".to_string(), 0)]
+        } else {
+            raw.connectors
+                .iter()
+                .map(|s| (s.value.clone(), s.referenced.line()))
+                .collect()
+        };
+        let mut connectors: BTreeMap<String, Arc<Connector>> = BTreeMap::new();
+        for (pattern, line) in &patterns {
+            let files = match expand_glob(base, pattern) {
+                Ok(f) => f,
+                Err(msg) => {
+                    at(&mut errors, *line, 0, "connectors", msg);
+                    continue;
+                }
+            };
+            if files.is_empty() && *line > 0 {
+                at(&mut errors, *line, 0, "connectors", format!("`{pattern}` matches no file"));
+            }
+            for path in files {
+                match load_connector(&path) {
+                    Ok(c) => {
+                        if let Some(other) = connectors.get(&c.name) {
+                            errors.push(ConfigError::file(
+                                &path,
+                                format!(
+                                    "connector name `{}` is already used by {}",
+                                    c.name,
+                                    other.file.display()
+                                ),
+                            ));
+                        } else {
+                            connectors.insert(c.name.clone(), Arc::new(c));
+                        }
+                    }
+                    Err(e) => errors.extend(e.0),
+                }
+            }
+        }
+
+        // Endpoints.
+        let mut endpoints = BTreeMap::new();
+        for (name, ep) in &raw.endpoints {
+            let field = format!("endpoints.{name}");
+            let url = match reqwest::Url::parse(&ep.url.value) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+                Ok(_) | Err(_) => {
+                    at(
+                        &mut errors,
+                        ep.url.referenced.line(),
+                        ep.url.referenced.column(),
+                        &format!("{field}.url"),
+                        "expected an http:// or https:// URL".to_string(),
+                    );
+                    None
+                }
+            };
+            let secrets = match &ep.secret.value {
+                Secrets::One(s) => vec![s.clone()],
+                Secrets::Many(v) => v.clone(),
+            };
+            let mut keys = Vec::new();
+            for (i, s) in secrets.iter().enumerate() {
+                match SigningKey::parse(s) {
+                    Ok(k) => keys.push(k),
+                    // The message never includes the secret itself.
+                    Err(e) => at(
+                        &mut errors,
+                        ep.secret.referenced.line(),
+                        ep.secret.referenced.column(),
+                        &format!("{field}.secret"),
+                        if secrets.len() > 1 { format!("secret #{}: {e}", i + 1) } else { e.to_string() },
+                    ),
+                }
+            }
+            if secrets.is_empty() {
+                at(&mut errors, ep.secret.referenced.line(), 0, &format!("{field}.secret"), "expected at least one secret".into());
+            }
+            let mut retry = RetryPolicy::default();
+            if let Some(r) = &ep.retry {
+                if let Some(n) = r.max_attempts {
+                    retry.max_attempts = n.max(1);
+                }
+                if let Some(d) = r.first {
+                    retry.first = d.0;
+                }
+                if let Some(d) = r.max {
+                    retry.max = d.0;
+                }
+            }
+            if let Some(url) = url {
+                endpoints.insert(
+                    name.clone(),
+                    Arc::new(Endpoint {
+                        name: name.clone(),
+                        url,
+                        keys,
+                        timeout: ep.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(15)),
+                        retry,
+                        max_in_flight: ep.max_in_flight.unwrap_or(8).max(1) as usize,
+                    }),
+                );
+            }
+        }
+
+        // Sources.
+        let mut sources = Vec::new();
+        for (name, src) in &raw.sources {
+            let field = format!("sources.{name}");
+            let Some(connector) = connectors.get(&src.connector.value).cloned() else {
+                let known: Vec<&str> = connectors.keys().map(String::as_str).collect();
+                at(
+                    &mut errors,
+                    src.connector.referenced.line(),
+                    src.connector.referenced.column(),
+                    &format!("{field}.connector"),
+                    format!(
+                        "no connector named `{}` (known: {})",
+                        src.connector.value,
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                );
+                continue;
+            };
+            match resolve_source(name, src, connector, &raw.endpoints) {
+                Ok(s) => sources.push(Arc::new(s)),
+                Err(errs) => {
+                    for (line, column, field, msg) in errs {
+                        at(&mut errors, line, column, &field, msg);
+                    }
+                }
+            }
+        }
+
+        let mut hosts = BTreeMap::new();
+        for (name, h) in &raw.hosts {
+            hosts.insert(
+                name.clone(),
+                HostQuota {
+                    rate: h.rate,
+                    burst: h.burst.unwrap_or(1).max(1),
+                    max_in_flight: h.max_in_flight,
+                },
+            );
+        }
+
+        let admin_listen = match &raw.admin {
+            None => None,
+            Some(a) => match a.listen.value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    at(
+                        &mut errors,
+                        a.listen.referenced.line(),
+                        a.listen.referenced.column(),
+                        "admin.listen",
+                        format!("expected `ip:port` such as `127.0.0.1:9464`, got `{}`", a.listen.value),
+                    );
+                    None
+                }
+            },
+        };
+
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let state_dir = base.join(raw.state_dir.as_deref().unwrap_or("state"));
+        Ok(Config {
+            file: file.to_path_buf(),
+            state_dir,
+            admin_listen,
+            shutdown_timeout: raw.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
+            connectors,
+            sources,
+            endpoints,
+            hosts,
+        })
+    }
+
+    /// The source called `name`.
+    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+type Problems = Vec<(u64, u64, String, String)>;
+
+fn resolve_source(
+    name: &str,
+    src: &raw::RawSource,
+    connector: Arc<Connector>,
+    endpoints: &BTreeMap<String, raw::RawEndpoint>,
+) -> Result<Source, Problems> {
+    let field = format!("sources.{name}");
+    let mut errs: Problems = Vec::new();
+    let cfile = connector.file.display().to_string();
+
+    // `with` values, checked against the declared params.
+    let mut given: Map<String, Value> = Map::new();
+    for (k, v) in &src.with {
+        match connector.params.get(k) {
+            None => errs.push((
+                v.referenced.line(),
+                v.referenced.column(),
+                format!("{field}.with.{k}"),
+                format!(
+                    "connector `{}` ({cfile}) declares no param `{k}`; declared: {}",
+                    connector.name,
+                    connector.params.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )),
+            Some(p) => {
+                given.insert(k.clone(), coerce(&v.value, p.default.as_ref()));
+            }
+        }
+    }
+
+    // for_each: one instance per combination of values.
+    let mut combos: Vec<Vec<(String, Value)>> = vec![vec![]];
+    if let Some(fe) = &src.for_each {
+        for (k, values) in &fe.value {
+            let Some(p) = connector.params.get(k) else {
+                errs.push((
+                    fe.referenced.line(),
+                    fe.referenced.column(),
+                    format!("{field}.for_each.{k}"),
+                    format!("connector `{}` ({cfile}) declares no param `{k}`", connector.name),
+                ));
+                continue;
+            };
+            if values.is_empty() {
+                errs.push((fe.referenced.line(), fe.referenced.column(), format!("{field}.for_each.{k}"), "expected a non-empty list".into()));
+                continue;
+            }
+            if let Some(bad) = values.iter().find(|v| v.is_array() || v.is_object() || v.is_null()) {
+                errs.push((fe.referenced.line(), fe.referenced.column(), format!("{field}.for_each.{k}"), format!("expected a list of scalars, found `{bad}`")));
+                continue;
+            }
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push((k.clone(), coerce(v, p.default.as_ref())));
+                        c
+                    })
+                })
+                .collect();
+        }
+    }
+
+    let mut instances = Vec::new();
+    let mut names = BTreeSet::new();
+    for combo in combos {
+        let mut vars = Map::new();
+        for (k, p) in &connector.params {
+            if let Some(d) = &p.default {
+                vars.insert(k.clone(), d.clone());
+            }
+        }
+        vars.extend(given.clone());
+        let inst_name = if combo.is_empty() {
+            "default".to_string()
+        } else {
+            combo.iter().map(|(_, v)| scalar_text(v)).collect::<Vec<_>>().join(",")
+        };
+        for (k, v) in combo {
+            vars.insert(k, v);
+        }
+        if !names.insert(inst_name.clone()) {
+            continue; // duplicates in the list: one instance
+        }
+        let secrets = connector
+            .params
+            .iter()
+            .filter(|(_, p)| p.secret)
+            .filter_map(|(k, _)| vars.get(k).map(scalar_text))
+            .filter(|s| !s.is_empty())
+            .collect();
+        instances.push(Instance {
+            key: format!("{name}/{inst_name}"),
+            name: inst_name,
+            vars,
+            secrets,
+        });
+    }
+    if let Some(first) = instances.first() {
+        for (k, p) in &connector.params {
+            if p.required && !first.vars.contains_key(k) {
+                errs.push((
+                    src.connector.referenced.line(),
+                    src.connector.referenced.column(),
+                    format!("{field}.with"),
+                    format!(
+                        "connector `{}` requires param `{k}` ({cfile}:{}); give it in `with:` or `for_each:`",
+                        connector.name, p.line
+                    ),
+                ));
+            }
+        }
+    }
+
+    let schedule = match (&src.schedule, &connector.schedule) {
+        (Some(s), _) => Some(s.0.clone()),
+        (None, Some(s)) => Some(s.clone()),
+        (None, None) => {
+            errs.push((
+                src.connector.referenced.line(),
+                0,
+                format!("{field}.schedule"),
+                format!("connector `{}` has no default schedule; give `schedule:` (e.g. `every 1m`)", connector.name),
+            ));
+            None
+        }
+    };
+
+    let routes: Vec<Route> = match &src.deliver_to.value {
+        DeliverTo::All(v) => v.iter().map(|e| Route { endpoint: e.clone(), types: None }).collect(),
+        DeliverTo::ByType(m) => m
+            .iter()
+            .map(|(e, t)| Route { endpoint: e.clone(), types: Some(t.iter().cloned().collect()) })
+            .collect(),
+    };
+    if routes.is_empty() {
+        errs.push((src.deliver_to.referenced.line(), src.deliver_to.referenced.column(), format!("{field}.deliver_to"), "expected at least one endpoint".into()));
+    }
+    let emitted: BTreeSet<&str> = connector.emit.iter().map(|e| e.kind.as_str()).collect();
+    for r in &routes {
+        if !endpoints.contains_key(&r.endpoint) {
+            errs.push((
+                src.deliver_to.referenced.line(),
+                src.deliver_to.referenced.column(),
+                format!("{field}.deliver_to"),
+                format!(
+                    "no endpoint named `{}` (defined: {})",
+                    r.endpoint,
+                    if endpoints.is_empty() { "none".into() } else { endpoints.keys().cloned().collect::<Vec<_>>().join(", ") }
+                ),
+            ));
+        }
+        for t in r.types.iter().flatten() {
+            if !emitted.contains(t.as_str()) {
+                errs.push((
+                    src.deliver_to.referenced.line(),
+                    src.deliver_to.referenced.column(),
+                    format!("{field}.deliver_to.{}", r.endpoint),
+                    format!("connector `{}` never emits `{t}` (it emits: {})", connector.name, emitted.iter().copied().collect::<Vec<_>>().join(", ")),
+                ));
+            }
+        }
+    }
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Source {
+        name: name.to_string(),
+        connector,
+        schedule: schedule.expect("checked above"),
+        instances,
+        routes,
+    })
+}
+
+/// Gives a value the type of the param's default: `"50"` from `${VAR}`
+/// becomes `50` when the default is a number, `"true"` becomes `true`.
+fn coerce(v: &Value, default: Option<&Value>) -> Value {
+    match (v, default) {
+        (Value::String(s), Some(Value::Number(_))) => {
+            s.parse::<serde_json::Number>().map(Value::Number).unwrap_or_else(|_| v.clone())
+        }
+        (Value::String(s), Some(Value::Bool(_))) => s.parse::<bool>().map(Value::Bool).unwrap_or_else(|_| v.clone()),
+        _ => v.clone(),
+    }
+}
+
+/// A scalar as plain text (strings without quotes).
+pub fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Reads and validates one connector file.
+pub fn load_connector(file: &Path) -> Result<Connector, ConfigErrors> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+    let raw: RawConnector =
+        serde_saphyr::from_str(&text).map_err(|e| ConfigError::from_yaml(file, &text, &e))?;
+    resolve_connector(file, &text, raw)
+}
+
+fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Connector, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut engine = Engine::new();
+    let params: BTreeMap<String, Param> = raw
+        .params
+        .iter()
+        .map(|(k, p)| {
+            let line = text
+                .lines()
+                .position(|l| l.trim_start().starts_with(&format!("{k}:")))
+                .map(|i| i as u64 + 1)
+                .unwrap_or(0);
+            (k.clone(), Param { required: p.required, secret: p.secret, default: p.default.clone(), line })
+        })
+        .collect();
+    let param_names: BTreeSet<String> = params.keys().cloned().collect();
+    let detect = raw.detect.value;
+
+    // Compiles a template after checking that it only uses known variables.
+    let compile = |engine: &mut Engine, src: &Spanned<raw::TemplateSrc>, field: &str, extra: &[&str], errors: &mut Vec<ConfigError>| -> Option<Tpl> {
+        check_vars(file, text, &template::variables_of_template(&src.value.0), &param_names, extra, src, field, errors);
+        match engine.template(&src.value.0) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(ConfigError::at(file, text, src.referenced.line(), src.referenced.column(), field, e));
+                None
+            }
+        }
+    };
+
+    let req = &raw.request;
+    let url = compile(&mut engine, &req.url, "request.url", REQUEST_BUILTINS, &mut errors);
+    let mut query = Vec::new();
+    for (k, v) in &req.query {
+        if let Some(t) = compile(&mut engine, v, &format!("request.query.{k}"), REQUEST_BUILTINS, &mut errors) {
+            query.push((k.clone(), t));
+        }
+    }
+    let mut headers = Vec::new();
+    for (k, v) in &req.headers {
+        if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            errors.push(ConfigError::at(file, text, v.referenced.line(), 0, &format!("request.headers.{k}"), format!("`{k}` is not a valid header name")));
+            continue;
+        }
+        if let Some(t) = compile(&mut engine, v, &format!("request.headers.{k}"), REQUEST_BUILTINS, &mut errors) {
+            headers.push((k.clone(), t));
+        }
+    }
+    let body = req.body.as_ref().and_then(|b| compile(&mut engine, b, "request.body", REQUEST_BUILTINS, &mut errors));
+    let method = match &req.method {
+        None => reqwest::Method::GET,
+        Some(m) => match reqwest::Method::from_bytes(m.value.to_ascii_uppercase().as_bytes()) {
+            Ok(m) => m,
+            Err(_) => {
+                errors.push(ConfigError::at(file, text, m.referenced.line(), m.referenced.column(), "request.method", format!("`{}` is not an HTTP method", m.value)));
+                reqwest::Method::GET
+            }
+        },
+    };
+    let auth = match &req.auth {
+        None => None,
+        Some(raw::RawAuth::Bearer { token }) => engine.template(&token.0).ok().map(Auth::Bearer),
+        Some(raw::RawAuth::Basic { username, password }) => {
+            let u = engine.template(&username.0).ok();
+            let p = password.as_ref().and_then(|p| engine.template(&p.0).ok());
+            u.map(|u| Auth::Basic(u, p))
+        }
+    };
+
+    let item_vars: &[&str] = &["item", "cursor", "now"];
+    let id = raw.id.as_ref().and_then(|t| compile(&mut engine, t, "id", item_vars, &mut errors));
+    let cursor = match &raw.cursor {
+        None => None,
+        Some(c) => match (&c.from, &c.max) {
+            (Some(p), None) => Some(CursorSpec::From(JsonPath::parse(&p.value.0).expect("checked at parse"))),
+            (None, Some(t)) => compile(&mut engine, t, "cursor.max", item_vars, &mut errors).map(CursorSpec::Max),
+            _ => {
+                let line = text.lines().position(|l| l.starts_with("cursor:")).map(|i| i as u64 + 1).unwrap_or(0);
+                errors.push(ConfigError::at(file, text, line, 0, "cursor", "give exactly one of `from` (a JSONPath to an opaque cursor) and `max` (a template over items)"));
+                None
+            }
+        },
+    };
+    let items = raw.items.as_ref().map(|p| JsonPath::parse(&p.value.0).expect("checked at parse"));
+    let paginate = raw.paginate.as_ref().map(|p| Paginate {
+        cursor_from: JsonPath::parse(&p.cursor_from.value.0).expect("checked at parse"),
+        param: p.param.clone(),
+        max_pages: p.max_pages.unwrap_or(100).max(1),
+    });
+
+    let detect_line = raw.detect.referenced.line();
+    let mode_err = |errors: &mut Vec<ConfigError>, msg: &str| {
+        errors.push(ConfigError::at(file, text, detect_line, raw.detect.referenced.column(), "detect", msg.to_string()));
+    };
+    match detect {
+        DetectMode::New => {
+            if items.is_none() {
+                mode_err(&mut errors, "`detect: new` needs `items:` (a JSONPath to the list, e.g. `$.transactions[*]`)");
+            }
+            if raw.id.is_none() {
+                mode_err(&mut errors, "`detect: new` needs `id:` (a template naming what makes an item unique, e.g. `{{ item.id }}`)");
+            }
+        }
+        DetectMode::Snapshot => {
+            if raw.items.is_some() || raw.id.is_some() || raw.cursor.is_some() || raw.paginate.is_some() {
+                mode_err(&mut errors, "`detect: snapshot` watches one resource: `items`, `id`, `cursor` and `paginate` belong to `detect: new`");
+            }
+        }
+    }
+
+    let when_vars: &[&str] = match detect {
+        DetectMode::New => &["item", "cursor", "now"],
+        DetectMode::Snapshot => &["previous", "current", "now"],
+    };
+    let mut emit = Vec::new();
+    if raw.emit.is_empty() {
+        mode_err(&mut errors, "`emit:` is empty: give at least one `- type: …` rule");
+    }
+    for (i, e) in raw.emit.iter().enumerate() {
+        let when = match &e.when {
+            None => None,
+            Some(w) => {
+                check_vars(file, text, &template::variables_of_condition(&w.value.0), &param_names, when_vars, w, &format!("emit[{i}].when"), &mut errors);
+                match engine.condition(&w.value.0) {
+                    Ok(c) => Some(c),
+                    Err(msg) => {
+                        errors.push(ConfigError::at(file, text, w.referenced.line(), w.referenced.column(), &format!("emit[{i}].when"), msg));
+                        None
+                    }
+                }
+            }
+        };
+        let kind = e.kind.value.trim().to_string();
+        if kind.is_empty() || kind.contains(char::is_whitespace) {
+            errors.push(ConfigError::at(file, text, e.kind.referenced.line(), e.kind.referenced.column(), &format!("emit[{i}].type"), "expected an event type such as `bank.balance.changed` (no spaces)"));
+        }
+        emit.push(EmitRule { kind, when });
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let name = raw.name.value.clone();
+    Ok(Connector {
+        name,
+        file: file.to_path_buf(),
+        engine,
+        params,
+        schedule: raw.schedule.map(|s| s.0),
+        rate_limit: raw.rate_limit,
+        request: RequestSpec {
+            method,
+            url: url.expect("no errors"),
+            query,
+            headers,
+            body,
+            auth,
+            timeout: req.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+            max_response_bytes: req.max_response_bytes.unwrap_or(10 * 1024 * 1024),
+        },
+        paginate,
+        items,
+        id,
+        cursor,
+        detect,
+        baseline: raw.baseline.unwrap_or_default(),
+        seen_limit: raw.seen_limit.unwrap_or(10_000).max(1),
+        emit,
+    })
+}
+
+/// Reports template variables that are neither params nor builtins: a typo
+/// in a template must fail at load, not render as an error at 3 a.m.
+#[allow(clippy::too_many_arguments)]
+fn check_vars<T>(
+    file: &Path,
+    text: &str,
+    used: &BTreeSet<String>,
+    params: &BTreeSet<String>,
+    builtins: &[&str],
+    at: &Spanned<T>,
+    field: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    for v in used {
+        if !params.contains(v) && !builtins.contains(&v.as_str()) {
+            let mut known: Vec<String> = params.iter().cloned().collect();
+            known.extend(builtins.iter().map(|s| s.to_string()));
+            errors.push(ConfigError::at(
+                file,
+                text,
+                at.referenced.line(),
+                at.referenced.column(),
+                field,
+                format!("unknown variable `{v}`; expected a declared param or one of: {}", known.join(", ")),
+            ));
+        }
+    }
+}
+
+/// Expands `dir/*.yaml`-style patterns (a `*` in the file name only),
+/// sorted, relative to `base`.
+fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let path = base.join(pattern);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+    if !name.contains('*') {
+        return if path.is_file() {
+            Ok(vec![path])
+        } else {
+            Err(format!("connector file `{}` does not exist", path.display()))
+        };
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if dir.to_string_lossy().contains('*') {
+        return Err(format!("`{pattern}`: `*` is only supported in the file name"));
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list `{}`: {e}", dir.display()))?;
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| wildcard(&name, n)))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// `*` matches any run of characters.
+fn wildcard(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(part) else { return false };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            let Some(pos) = rest.find(part) else { return false };
+            rest = &rest[pos + part.len()..];
+        }
+    }
+    rest.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard("*.yaml", "bank.yaml"));
+        assert!(!wildcard("*.yaml", "bank.yml"));
+        assert!(wildcard("bank-*.yaml", "bank-balance.yaml"));
+        assert!(wildcard("exact.yaml", "exact.yaml"));
+    }
+
+    #[test]
+    fn coercion_follows_the_default_type() {
+        assert_eq!(coerce(&Value::from("50"), Some(&Value::from(100))), Value::from(50));
+        assert_eq!(coerce(&Value::from("x"), Some(&Value::from(100))), Value::from("x"));
+        assert_eq!(coerce(&Value::from("true"), Some(&Value::from(false))), Value::from(true));
+    }
+}

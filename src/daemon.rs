@@ -1,0 +1,324 @@
+//! `pollhook run`: one task per instance (schedule → fetch → detect →
+//! commit), one delivery worker per endpoint, the admin server, and an
+//! orderly shutdown.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, Instance, Source};
+use crate::connector::detect::{detect, Detection};
+use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
+use crate::connector::mask;
+use crate::deliver::worker::{delivery_client, Worker, USER_AGENT_VALUE};
+use crate::event::{event_id, Event};
+use crate::quota::{limiter, HostGates};
+use crate::status::Status;
+use crate::store::{InstanceState, OutboxEntry, Store};
+
+/// What pollers share.
+struct Shared {
+    store: Store,
+    status: Arc<Status>,
+    client: reqwest::Client,
+    hosts: HostGates,
+    /// Delivery workers' wake-ups, by endpoint.
+    wakes: BTreeMap<String, Arc<Notify>>,
+}
+
+/// The client for polling upstreams.
+pub fn poll_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT_VALUE)
+        .redirect(reqwest::redirect::Policy::limited(5))
+        .build()
+        .expect("a TLS backend is compiled in")
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then drains: pollers stop
+/// at their next sleep, in-flight polls and deliveries get until
+/// `shutdown_timeout`, anything unfinished stays in the store for next time.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    let store = Store::open(&config.state_dir)?;
+    let status = Arc::new(Status::default());
+
+    let mut wakes = BTreeMap::new();
+    let mut deliveries = JoinSet::new();
+    let delivery = delivery_client();
+    for ep in config.endpoints.values() {
+        let wake = Arc::new(Notify::new());
+        wakes.insert(ep.name.clone(), wake.clone());
+        status.endpoint(&ep.name, |_| {});
+        let worker = Worker {
+            endpoint: ep.clone(),
+            store: store.clone(),
+            client: delivery.clone(),
+            status: status.clone(),
+            wake,
+        };
+        deliveries.spawn(worker.run(shutdown.clone()));
+    }
+
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        status: status.clone(),
+        client: poll_client(),
+        hosts: HostGates::new(&config.hosts),
+        wakes,
+    });
+    let mut polls = JoinSet::new();
+    let mut count = 0;
+    for source in &config.sources {
+        for idx in 0..source.instances.len() {
+            count += 1;
+            polls.spawn(poll_loop(shared.clone(), source.clone(), idx, shutdown.clone()));
+        }
+    }
+
+    let admin = match config.admin_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
+            let local = listener.local_addr()?;
+            // Where CLI commands (and tests) find the running daemon.
+            std::fs::write(config.state_dir.join("admin.addr"), local.to_string())
+                .context("cannot write admin.addr in state_dir")?;
+            info!(%local, "admin server listening");
+            let state = crate::admin::AdminState {
+                status: status.clone(),
+                store: store.clone(),
+                endpoints: config.endpoints.keys().cloned().collect(),
+            };
+            Some(tokio::spawn(crate::admin::serve(listener, state, shutdown.clone())))
+        }
+        None => None,
+    };
+
+    status.set_ready(true);
+    info!(
+        instances = count,
+        endpoints = config.endpoints.len(),
+        state_dir = %config.state_dir.display(),
+        "pollhook running"
+    );
+    shutdown.cancelled().await;
+    status.set_ready(false);
+    info!(timeout = %humantime::format_duration(config.shutdown_timeout), "shutting down: finishing in-flight polls and deliveries");
+
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    let drain = |mut set: JoinSet<()>, what: &'static str| async move {
+        if tokio::time::timeout_at(deadline, async { while set.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            warn!("shutdown timeout: abandoning in-flight {what} (they stay in the store and resume at the next start)");
+            set.abort_all();
+            while set.join_next().await.is_some() {}
+        }
+    };
+    drain(polls, "polls").await;
+    drain(deliveries, "deliveries").await;
+    if let Some(a) = admin {
+        a.abort();
+    }
+    store.flush()?;
+    let _ = std::fs::remove_file(config.state_dir.join("admin.addr"));
+    info!("store flushed; bye");
+    Ok(())
+}
+
+/// A stable pseudo-random fraction of the key, to spread first polls of many
+/// instances across their interval instead of firing all at once.
+fn spread(key: &str) -> f64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % 10_000) as f64 / 10_000.0
+}
+
+async fn poll_loop(shared: Arc<Shared>, source: Arc<Source>, idx: usize, shutdown: CancellationToken) {
+    let inst = &source.instances[idx];
+    let c = &source.connector;
+    let mut state = loop {
+        match shared.store.load_state(&inst.key) {
+            Ok(s) => break s,
+            Err(e) => {
+                error!(instance = %inst.key, error = %format!("{e:#}"), "cannot read the instance state; retrying in 5s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    shared.status.instance(&inst.key, |s| {
+        s.source = source.name.clone();
+        s.instance = inst.name.clone();
+        s.connector = c.name.clone();
+        s.cursor = state.cursor.clone();
+    });
+    let rate_limit = c.rate_limit.map(|r| limiter(r, 1));
+    let period = source.schedule.period(Utc::now());
+    let mut due = Utc::now() + chrono::Duration::from_std(period.mul_f64(spread(&inst.key))).unwrap_or_default();
+    loop {
+        shared.status.instance(&inst.key, |s| s.next_poll_ms = Some(due.timestamp_millis()));
+        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let env = FetchEnv { client: &shared.client, hosts: &shared.hosts, rate_limit: rate_limit.as_ref() };
+        match poll_once(&shared, &source, inst, &state, &env).await {
+            Ok(Some(next_state)) => state = next_state,
+            Ok(None) => {}
+            Err(e) => {
+                let msg = mask(&e.to_string(), &inst.secrets);
+                warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), "poll failed: {msg}");
+                shared.status.instance(&inst.key, |s| {
+                    s.polls_failed += 1;
+                    s.last_poll_ms = Some(crate::now_ms());
+                    s.last_error = Some(msg);
+                });
+            }
+        }
+        let now = Utc::now();
+        let next = source.schedule.next_after(due.max(now - chrono::Duration::milliseconds(1)));
+        let Some(mut next) = next else {
+            warn!(instance = %inst.key, "schedule has no future run; instance stops");
+            return;
+        };
+        if next < now {
+            next = source.schedule.next_after(now).unwrap_or(now);
+        }
+        let jitter = source.schedule.jitter;
+        if !jitter.is_zero() {
+            next += chrono::Duration::from_std(jitter.mul_f64(rand::random::<f64>())).unwrap_or_default();
+        }
+        due = next;
+    }
+}
+
+/// One poll of one instance; returns the new state when one was committed.
+async fn poll_once(
+    shared: &Shared,
+    source: &Source,
+    inst: &Instance,
+    state: &InstanceState,
+    env: &FetchEnv<'_>,
+) -> Result<Option<InstanceState>, PollError> {
+    let c = &source.connector;
+    let now = Utc::now();
+    let fetched = fetch(c, inst, state, env, now).await?;
+    if fetched.not_modified {
+        shared.status.instance(&inst.key, |s| {
+            s.polls_ok += 1;
+            s.polls_not_modified += 1;
+            s.last_poll_ms = Some(crate::now_ms());
+            s.last_ok_ms = s.last_poll_ms;
+            s.last_error = None;
+        });
+        return Ok(None);
+    }
+    let detection = detect(c, &inst.vars, state, &fetched.pages, now, None).map_err(PollError::Detect)?;
+    let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
+    let committed = if &next != state || !events.is_empty() {
+        let mut deliveries = Vec::new();
+        for ev in &events {
+            let body = ev.body();
+            for route in source.routes.iter().filter(|r| r.accepts(&ev.kind)) {
+                deliveries.push((
+                    route.endpoint.clone(),
+                    OutboxEntry {
+                        event_id: ev.id.clone(),
+                        instance: inst.key.clone(),
+                        kind: ev.kind.clone(),
+                        sequence: ev.sequence,
+                        body: body.clone(),
+                        attempts: 0,
+                        next_attempt_ms: 0,
+                        created_ms: now.timestamp_millis(),
+                        last_error: None,
+                    },
+                ));
+            }
+        }
+        if let Err(e) = shared.store.commit_poll(&inst.key, &next, &deliveries).await {
+            // Nothing was written: the next poll detects the same changes again.
+            return Err(PollError::Detect(format!("cannot commit to the store: {e:#}")));
+        }
+        for (ep, _) in &deliveries {
+            if let Some(w) = shared.wakes.get(ep) {
+                w.notify_one();
+            }
+        }
+        for ev in &events {
+            info!(instance = %inst.key, event = %ev.id, r#type = %ev.kind, sequence = ev.sequence, "change detected");
+        }
+        Some(next)
+    } else {
+        None
+    };
+    let cursor = committed.as_ref().map(|s| s.cursor.clone());
+    shared.status.instance(&inst.key, |s| {
+        s.polls_ok += 1;
+        s.events += events.len() as u64;
+        s.last_poll_ms = Some(crate::now_ms());
+        s.last_ok_ms = s.last_poll_ms;
+        s.last_error = None;
+        if let Some(c) = cursor {
+            s.cursor = c;
+        }
+    });
+    Ok(committed)
+}
+
+/// Turns a detection into the state to commit and the events, with their
+/// sequence numbers and deterministic ids.
+pub fn prepare_commit(
+    source: &Source,
+    inst: &Instance,
+    prev: &InstanceState,
+    detection: Detection,
+    fetched: &Fetched,
+    now: chrono::DateTime<Utc>,
+) -> (InstanceState, Vec<Event>) {
+    let mut next = detection.state;
+    if fetched.first_url.is_some() {
+        next.etag = fetched.etag.clone();
+        next.last_modified = fetched.last_modified.clone();
+        next.validator_url = if next.etag.is_some() || next.last_modified.is_some() {
+            fetched.first_url.clone()
+        } else {
+            None
+        };
+    }
+    let mut seq = prev.sequence;
+    let events = detection
+        .events
+        .into_iter()
+        .map(|d| {
+            seq += 1;
+            Event {
+                id: event_id(&source.name, &inst.name, &d.kind, &d.change_key),
+                kind: d.kind,
+                timestamp: now,
+                source: source.name.clone(),
+                instance: inst.name.clone(),
+                sequence: seq,
+                data: d.data,
+            }
+        })
+        .collect();
+    next.sequence = seq;
+    (next, events)
+}

@@ -1,0 +1,42 @@
+//! pollhook: webhooks for APIs that have none.
+//!
+//! pollhook polls APIs that can only be polled, recognises what changed, and
+//! delivers signed [Standard Webhooks](https://www.standardwebhooks.com/)
+//! events to agent endpoints, at least once and without ever losing a
+//! detected change. `ARCHITECTURE.md` at the repository root has the
+//! bird's-eye view; in short, data flows one way:
+//!
+//! ```text
+//! schedule → poll (connector::fetch) → detect (connector::detect, pure)
+//!          → store::Store::commit_poll (state + outbox, ONE transaction)
+//!          → deliver::worker (sign, POST, retry, dead-letter)
+//! ```
+//!
+//! Module map:
+//! - [`config`]: raw YAML types, `${VAR}` interpolation, validation into
+//!   resolved runtime types with `file:line` errors.
+//! - [`template`]: the Jinja-style template engine used by every connector.
+//! - [`schedule`]: `every <duration>` and cron schedules (pure).
+//! - [`connector`]: building requests, fetching pages, and detection.
+//! - [`event`]: the wire format, defined once.
+//! - [`store`]: the only module that knows sled.
+//! - [`deliver`]: signing and retry policy (pure) and the delivery workers.
+//! - [`daemon`]: wires everything together for `pollhook run`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`.
+
+pub mod admin;
+pub mod config;
+pub mod connector;
+pub mod daemon;
+pub mod deliver;
+pub mod event;
+pub mod quota;
+pub mod schedule;
+pub mod status;
+pub mod store;
+pub mod template;
+
+/// Milliseconds since the Unix epoch, the one clock unit stored on disk.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,222 @@
+//! The `pollhook` command line. Thin: parse arguments, set up logging and
+//! signals, call the library.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use pollhook::config::raw::Baseline;
+use pollhook::config::{Config, ConfigErrors};
+use pollhook::connector::detect::detect;
+use pollhook::connector::fetch::{fetch, FetchEnv};
+use pollhook::connector::mask;
+use pollhook::deliver::sign::{self, SigningKey};
+use pollhook::store::InstanceState;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "pollhook", version, about = "Webhooks for APIs that have none.")]
+struct Cli {
+    /// The bridge file.
+    #[arg(short, long, global = true, env = "POLLHOOK_CONFIG", default_value = "bridge.yaml")]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGINT or SIGTERM.
+    Run,
+    /// Check bridge.yaml and every connector; exit 0 when valid.
+    Validate,
+    /// Poll a source once and print what it would emit; touches no state.
+    Test {
+        /// The source (a key of `sources:`).
+        source: String,
+        /// Only this instance (a `for_each` value); default: every instance.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Secrets for endpoints.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
+    /// Check a webhook signature (for receiver authors). The body is read
+    /// from stdin.
+    Verify {
+        #[arg(long, env = "POLLHOOK_VERIFY_SECRET")]
+        secret: String,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        timestamp: i64,
+        #[arg(long)]
+        signature: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Print a new random `whsec_…` secret.
+    Generate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(errs) = e.downcast_ref::<ConfigErrors>() {
+                eprintln!("{errs}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POLLHOOK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Secret { command: SecretCommand::Generate } => {
+            println!("{}", SigningKey::generate());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { secret, id, timestamp, signature } => {
+            let key = SigningKey::parse(&secret).context("--secret")?;
+            let mut body = Vec::new();
+            std::io::stdin().read_to_end(&mut body)?;
+            if sign::verify(&key, &id, timestamp, &body, &signature) {
+                println!("signature OK");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("signature does NOT match");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Validate => {
+            let config = Config::load(&cli.config)?;
+            let instances: usize = config.sources.iter().map(|s| s.instances.len()).sum();
+            println!(
+                "{}: OK ({} connectors, {} sources, {} instances, {} endpoints)",
+                cli.config.display(),
+                config.connectors.len(),
+                config.sources.len(),
+                instances,
+                config.endpoints.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(watch_signals(shutdown.clone()));
+                pollhook::daemon::run(config, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { source, instance } => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(dry_run(&config, &source, instance.as_deref()))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// SIGINT or SIGTERM: graceful shutdown. A second one: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received: shutting down (send again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting without draining");
+    std::process::exit(130);
+}
+
+/// `pollhook test`: one poll per instance, from an empty state, printing the
+/// requests, what each record would do, and the exact event bodies.
+async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::Result<ExitCode> {
+    let Some(src) = config.source(source) else {
+        let names: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
+        bail!("no source named `{source}` in {} (sources: {})", config.file.display(), names.join(", "));
+    };
+    let client = pollhook::daemon::poll_client();
+    let hosts = pollhook::quota::HostGates::new(&config.hosts);
+    let env = FetchEnv { client: &client, hosts: &hosts, rate_limit: None };
+    let mut failed = false;
+    let mut matched = false;
+    for inst in &src.instances {
+        if only.is_some_and(|o| o != inst.name) {
+            continue;
+        }
+        matched = true;
+        println!("== {} (connector {})", inst.key, src.connector.name);
+        let state = InstanceState::default();
+        let now = chrono::Utc::now();
+        let fetched = match fetch(&src.connector, inst, &state, &env, now).await {
+            Ok(f) => f,
+            Err(e) => {
+                println!("   poll failed: {}", mask(&e.to_string(), &inst.secrets));
+                failed = true;
+                continue;
+            }
+        };
+        for r in &fetched.log {
+            println!("   {} {} -> {} ({} bytes)", r.method, mask(&r.url, &inst.secrets), r.status, r.bytes);
+        }
+        // Baseline forced to `emit`: a dry run shows what would be sent.
+        let d = match detect(&src.connector, &inst.vars, &state, &fetched.pages, now, Some(Baseline::Emit)) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("   detection failed: {}", mask(&e, &inst.secrets));
+                failed = true;
+                continue;
+            }
+        };
+        for n in &d.notes {
+            println!("   record {}: {}", n.record, n.outcome);
+        }
+        let (next, events) = pollhook::daemon::prepare_commit(src, inst, &state, d, &fetched, now);
+        println!("   cursor: {} -> {}", state.cursor.as_deref().unwrap_or("(none)"), next.cursor.as_deref().unwrap_or("(none)"));
+        println!("   {} event(s):", events.len());
+        for e in events {
+            println!("   webhook-id {}: {}", e.id, mask(&e.body(), &inst.secrets));
+        }
+    }
+    if !matched {
+        let names: Vec<&str> = src.instances.iter().map(|i| i.name.as_str()).collect();
+        bail!("source `{source}` has no instance `{}` (instances: {})", only.unwrap_or(""), names.join(", "));
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

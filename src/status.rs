@@ -1,0 +1,78 @@
+//! Live status of instances and endpoints, shared by the workers (writers)
+//! and the admin server (reader). In memory only: the store holds what must
+//! survive a restart; this holds what an operator looks at.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// One instance's polling status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InstanceStatus {
+    pub source: String,
+    pub instance: String,
+    pub connector: String,
+    /// When the last poll ended (ms since the epoch).
+    pub last_poll_ms: Option<i64>,
+    /// When the last successful poll ended.
+    pub last_ok_ms: Option<i64>,
+    /// When the next poll is due.
+    pub next_poll_ms: Option<i64>,
+    /// Why the last poll failed, when it did (secrets masked).
+    pub last_error: Option<String>,
+    pub polls_ok: u64,
+    pub polls_failed: u64,
+    pub polls_not_modified: u64,
+    pub events: u64,
+    pub cursor: Option<String>,
+}
+
+/// One endpoint's delivery status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EndpointStatus {
+    pub delivered: u64,
+    pub failed_attempts: u64,
+    pub dead_lettered: u64,
+    pub last_error: Option<String>,
+    pub last_success_ms: Option<i64>,
+}
+
+/// Everything the admin server shows.
+#[derive(Default)]
+pub struct Status {
+    instances: Mutex<BTreeMap<String, InstanceStatus>>,
+    endpoints: Mutex<BTreeMap<String, EndpointStatus>>,
+    ready: AtomicBool,
+}
+
+impl Status {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Updates one instance's status.
+    pub fn instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
+        let mut m = self.instances.lock().expect("status lock");
+        f(m.entry(key.to_string()).or_default());
+    }
+
+    /// Updates one endpoint's status.
+    pub fn endpoint(&self, name: &str, f: impl FnOnce(&mut EndpointStatus)) {
+        let mut m = self.endpoints.lock().expect("status lock");
+        f(m.entry(name.to_string()).or_default());
+    }
+
+    pub fn instances(&self) -> BTreeMap<String, InstanceStatus> {
+        self.instances.lock().expect("status lock").clone()
+    }
+
+    pub fn endpoints(&self) -> BTreeMap<String, EndpointStatus> {
+        self.endpoints.lock().expect("status lock").clone()
+    }
+}

@@ -1,0 +1,341 @@
+//! The embedded store (sled). The only module that knows sled.
+//!
+//! Trees:
+//! - `state`:  instance key (`source/instance`) → [`InstanceState`] (JSON);
+//! - `outbox`: endpoint `\0` u64 (big-endian, monotonic) → [`OutboxEntry`];
+//!   keys sort in detection order per endpoint;
+//! - `dead`:   same key → [`DeadLetter`], events whose attempts ran out.
+//!
+//! The one invariant this module exists for: [`Store::commit_poll`] writes an
+//! instance's new state (cursor, seen ids, snapshot) and the outbox entries
+//! of the events that state change produced in ONE transaction. A crash
+//! either loses both (the next poll detects the change again) or keeps both
+//! (the outbox delivers it). A cursor never moves past an undelivered change.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+/// Store errors name the operation; sled's own error is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store {op} failed")]
+    Sled {
+        op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store record {key} is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// What an instance remembers between polls.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct InstanceState {
+    /// False until the first successful poll committed (the baseline).
+    #[serde(default)]
+    pub initialized: bool,
+    /// Where the next poll resumes, offered to templates as `cursor`.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// `snapshot`: the last value seen.
+    #[serde(default)]
+    pub snapshot: Option<Value>,
+    /// `snapshot`: how many changes were seen; part of event ids, so that
+    /// A→B, B→A, A→B gives three distinct ids.
+    #[serde(default)]
+    pub generation: u64,
+    /// `new`: ids seen, oldest first, bounded by the connector's `seen_limit`.
+    #[serde(default)]
+    pub seen: VecDeque<String>,
+    /// `new`: ids dropped from `seen` because of its bound.
+    #[serde(default)]
+    pub seen_evicted: u64,
+    /// Sequence number of the last event of this instance.
+    #[serde(default)]
+    pub sequence: u64,
+    /// Conditional request validators of the last 200 response, and the URL
+    /// they belong to.
+    #[serde(default)]
+    pub etag: Option<String>,
+    #[serde(default)]
+    pub last_modified: Option<String>,
+    #[serde(default)]
+    pub validator_url: Option<String>,
+}
+
+/// One event waiting for one endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutboxEntry {
+    /// The `webhook-id`.
+    pub event_id: String,
+    /// `source/instance` it came from: deliveries of one instance keep order.
+    pub instance: String,
+    /// Event type.
+    pub kind: String,
+    /// Per-instance sequence number.
+    pub sequence: u64,
+    /// The exact body to send.
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Not before this time (ms since the epoch).
+    pub next_attempt_ms: i64,
+    /// When it was detected (ms since the epoch).
+    pub created_ms: i64,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// An event whose attempts ran out. Kept, never dropped silently.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeadLetter {
+    pub endpoint: String,
+    pub entry: OutboxEntry,
+    pub dead_at_ms: i64,
+}
+
+/// Key of an outbox or dead-letter record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryKey(Vec<u8>);
+
+impl EntryKey {
+    fn new(endpoint: &str, id: u64) -> Self {
+        let mut k = Vec::with_capacity(endpoint.len() + 9);
+        k.extend_from_slice(endpoint.as_bytes());
+        k.push(0);
+        k.extend_from_slice(&id.to_be_bytes());
+        EntryKey(k)
+    }
+}
+
+fn prefix(endpoint: &str) -> Vec<u8> {
+    let mut p = endpoint.as_bytes().to_vec();
+    p.push(0);
+    p
+}
+
+/// The open store. Cheap to clone (sled handles are reference-counted).
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    state: sled::Tree,
+    outbox: sled::Tree,
+    dead: sled::Tree,
+}
+
+fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+    move |source| StoreError::Sled { op, source }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        detail: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("store records always serialize")
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir)
+            // Durability comes from flushing at each commit (see commit_poll),
+            // not from this background timer; keep it as a safety net.
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let tree = |name: &str| db.open_tree(name).map_err(sled_err("open tree"));
+        Ok(Store {
+            state: tree("state")?,
+            outbox: tree("outbox")?,
+            dead: tree("dead")?,
+            db,
+        })
+    }
+
+    /// The stored state of an instance (default when it never polled).
+    pub fn load_state(&self, instance: &str) -> Result<InstanceState> {
+        match self.state.get(instance).map_err(sled_err("read state"))? {
+            Some(b) => decode(instance.as_bytes(), &b),
+            None => Ok(InstanceState::default()),
+        }
+    }
+
+    /// Every stored instance state.
+    pub fn all_states(&self) -> Result<Vec<(String, InstanceState)>> {
+        self.state
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(sled_err("scan state"))?;
+                Ok((String::from_utf8_lossy(&k).to_string(), decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    /// THE transaction: the instance's new state and its events' outbox
+    /// entries, atomically, then flushed to disk before returning, so that a
+    /// poll is only "done" once it survives a crash.
+    pub async fn commit_poll(
+        &self,
+        instance: &str,
+        state: &InstanceState,
+        deliveries: &[(String, OutboxEntry)],
+    ) -> Result<Vec<(String, EntryKey)>> {
+        let state_bytes = encode(state);
+        let encoded: Vec<(String, Vec<u8>)> =
+            deliveries.iter().map(|(ep, e)| (ep.clone(), encode(e))).collect();
+        let keys = (&self.state, &self.outbox)
+            .transaction(|(st, ob)| {
+                st.insert(instance.as_bytes(), state_bytes.as_slice())?;
+                let mut keys = Vec::with_capacity(encoded.len());
+                for (ep, bytes) in &encoded {
+                    let key = EntryKey::new(ep, ob.generate_id()?);
+                    ob.insert(key.0.as_slice(), bytes.as_slice())?;
+                    keys.push((ep.clone(), key));
+                }
+                Ok::<_, ConflictableTransactionError<()>>(keys)
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(source) => StoreError::Sled { op: "commit poll", source },
+                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+            })?;
+        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        Ok(keys)
+    }
+
+    /// Pending entries of an endpoint, in detection order.
+    pub fn outbox(&self, endpoint: &str) -> impl Iterator<Item = Result<(EntryKey, OutboxEntry)>> {
+        self.outbox.scan_prefix(prefix(endpoint)).map(|r| {
+            let (k, v) = r.map_err(sled_err("scan outbox"))?;
+            Ok((EntryKey(k.to_vec()), decode(&k, &v)?))
+        })
+    }
+
+    /// Number of pending entries of an endpoint.
+    pub fn outbox_len(&self, endpoint: &str) -> usize {
+        self.outbox.scan_prefix(prefix(endpoint)).keys().count()
+    }
+
+    /// Dead letters of an endpoint.
+    pub fn dead_letters(&self, endpoint: &str) -> impl Iterator<Item = Result<(EntryKey, DeadLetter)>> {
+        self.dead.scan_prefix(prefix(endpoint)).map(|r| {
+            let (k, v) = r.map_err(sled_err("scan dead letters"))?;
+            Ok((EntryKey(k.to_vec()), decode(&k, &v)?))
+        })
+    }
+
+    /// Number of dead letters of an endpoint.
+    pub fn dead_len(&self, endpoint: &str) -> usize {
+        self.dead.scan_prefix(prefix(endpoint)).keys().count()
+    }
+
+    /// A delivered entry leaves the outbox. Not flushed at once: if a crash
+    /// loses the removal, the event is delivered again with the same
+    /// `webhook-id` (at-least-once), which receivers deduplicate.
+    pub fn delivered(&self, key: &EntryKey) -> Result<()> {
+        self.outbox.remove(&key.0).map_err(sled_err("remove delivered"))?;
+        Ok(())
+    }
+
+    /// A failed attempt: the entry stays, with its new attempt count and time.
+    pub fn reschedule(&self, key: &EntryKey, entry: &OutboxEntry) -> Result<()> {
+        self.outbox
+            .insert(&key.0, encode(entry))
+            .map_err(sled_err("reschedule"))?;
+        Ok(())
+    }
+
+    /// The last attempt failed: move the entry to the dead-letter tree, in
+    /// one transaction (it is never in neither tree).
+    pub async fn dead_letter(&self, key: &EntryKey, letter: &DeadLetter) -> Result<()> {
+        let bytes = encode(letter);
+        (&self.outbox, &self.dead)
+            .transaction(|(ob, dead)| {
+                ob.remove(key.0.as_slice())?;
+                dead.insert(key.0.as_slice(), bytes.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(source) => StoreError::Sled { op: "dead-letter", source },
+                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+            })?;
+        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        Ok(())
+    }
+
+    /// Writes everything to disk (shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(sled_err("flush"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64) -> OutboxEntry {
+        OutboxEntry {
+            event_id: format!("msg_{seq}"),
+            instance: "s/i".into(),
+            kind: "t".into(),
+            sequence: seq,
+            body: "{}".into(),
+            attempts: 0,
+            next_attempt_ms: 0,
+            created_ms: 0,
+            last_error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_writes_state_and_outbox_together_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let state = InstanceState { cursor: Some("c1".into()), initialized: true, ..Default::default() };
+        let d = vec![("a".to_string(), entry(1)), ("b".to_string(), entry(1)), ("a".to_string(), entry(2))];
+        store.commit_poll("s/i", &state, &d).await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load_state("s/i").unwrap(), state);
+        let a: Vec<u64> = store.outbox("a").map(|r| r.unwrap().1.sequence).collect();
+        assert_eq!(a, vec![1, 2]);
+        assert_eq!(store.outbox_len("b"), 1);
+        // A prefix of another endpoint's name does not leak in.
+        assert_eq!(store.outbox_len(""), 0);
+    }
+
+    #[tokio::test]
+    async fn dead_letter_moves_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let keys = store
+            .commit_poll("s/i", &InstanceState::default(), &[("a".into(), entry(1))])
+            .await
+            .unwrap();
+        let (_, key) = &keys[0];
+        let letter = DeadLetter { endpoint: "a".into(), entry: entry(1), dead_at_ms: 1 };
+        store.dead_letter(key, &letter).await.unwrap();
+        assert_eq!(store.outbox_len("a"), 0);
+        assert_eq!(store.dead_len("a"), 1);
+    }
+}
