@@ -26,7 +26,11 @@ pub struct AdminState {
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -96,19 +100,42 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             let _ = writeln!(out, "{name}{{{labels}}} {v}");
         }
     };
-    let inst = |k: &String, i: &InstanceStatus| format!("source=\"{}\",instance=\"{}\"", esc(&i.source), esc(k.split_once('/').map(|x| x.1).unwrap_or(k)));
+    let inst = |k: &String, i: &InstanceStatus| {
+        format!(
+            "source=\"{}\",instance=\"{}\"",
+            esc(&i.source),
+            esc(k.split_once('/').map(|x| x.1).unwrap_or(k))
+        )
+    };
     let mut polls = Vec::new();
     for (k, i) in &r.instances {
-        polls.push((format!("{},outcome=\"ok\"", inst(k, i)), (i.polls_ok - i.polls_not_modified).to_string()));
-        polls.push((format!("{},outcome=\"not_modified\"", inst(k, i)), i.polls_not_modified.to_string()));
-        polls.push((format!("{},outcome=\"error\"", inst(k, i)), i.polls_failed.to_string()));
+        polls.push((
+            format!("{},outcome=\"ok\"", inst(k, i)),
+            (i.polls_ok - i.polls_not_modified).to_string(),
+        ));
+        polls.push((
+            format!("{},outcome=\"not_modified\"", inst(k, i)),
+            i.polls_not_modified.to_string(),
+        ));
+        polls.push((
+            format!("{},outcome=\"error\"", inst(k, i)),
+            i.polls_failed.to_string(),
+        ));
     }
-    family("pollhook_polls_total", "counter", "Polls by outcome.", polls);
+    family(
+        "pollhook_polls_total",
+        "counter",
+        "Polls by outcome.",
+        polls,
+    );
     family(
         "pollhook_events_total",
         "counter",
         "Events detected.",
-        r.instances.iter().map(|(k, i)| (inst(k, i), i.events.to_string())).collect(),
+        r.instances
+            .iter()
+            .map(|(k, i)| (inst(k, i), i.events.to_string()))
+            .collect(),
     );
     let ep = |n: &String| format!("endpoint=\"{}\"", esc(n));
     family(
@@ -119,17 +146,41 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             .iter()
             .flat_map(|(n, e)| {
                 [
-                    (format!("{},outcome=\"delivered\"", ep(n)), e.status.delivered.to_string()),
-                    (format!("{},outcome=\"failed\"", ep(n)), e.status.failed_attempts.to_string()),
+                    (
+                        format!("{},outcome=\"delivered\"", ep(n)),
+                        e.status.delivered.to_string(),
+                    ),
+                    (
+                        format!("{},outcome=\"failed\"", ep(n)),
+                        e.status.failed_attempts.to_string(),
+                    ),
                 ]
             })
             .collect(),
     );
-    family("pollhook_outbox_depth", "gauge", "Events waiting for delivery.", r.endpoints.iter().map(|(n, e)| (ep(n), e.queue_depth.to_string())).collect());
-    family("pollhook_dead_letters", "gauge", "Events whose attempts ran out.", r.endpoints.iter().map(|(n, e)| (ep(n), e.dead_letters.to_string())).collect());
+    family(
+        "pollhook_outbox_depth",
+        "gauge",
+        "Events waiting for delivery.",
+        r.endpoints
+            .iter()
+            .map(|(n, e)| (ep(n), e.queue_depth.to_string()))
+            .collect(),
+    );
+    family(
+        "pollhook_dead_letters",
+        "gauge",
+        "Events whose attempts ran out.",
+        r.endpoints
+            .iter()
+            .map(|(n, e)| (ep(n), e.dead_letters.to_string()))
+            .collect(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

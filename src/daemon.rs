@@ -81,7 +81,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for source in &config.sources {
         for idx in 0..source.instances.len() {
             count += 1;
-            polls.spawn(poll_loop(shared.clone(), source.clone(), idx, shutdown.clone()));
+            polls.spawn(poll_loop(
+                shared.clone(),
+                source.clone(),
+                idx,
+                shutdown.clone(),
+            ));
         }
     }
 
@@ -100,7 +105,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 store: store.clone(),
                 endpoints: config.endpoints.keys().cloned().collect(),
             };
-            Some(tokio::spawn(crate::admin::serve(listener, state, shutdown.clone())))
+            Some(tokio::spawn(crate::admin::serve(
+                listener,
+                state,
+                shutdown.clone(),
+            )))
         }
         None => None,
     };
@@ -146,7 +155,12 @@ fn spread(key: &str) -> f64 {
     (h.finish() % 10_000) as f64 / 10_000.0
 }
 
-async fn poll_loop(shared: Arc<Shared>, source: Arc<Source>, idx: usize, shutdown: CancellationToken) {
+async fn poll_loop(
+    shared: Arc<Shared>,
+    source: Arc<Source>,
+    idx: usize,
+    shutdown: CancellationToken,
+) {
     let inst = &source.instances[idx];
     let c = &source.connector;
     let mut state = loop {
@@ -169,15 +183,22 @@ async fn poll_loop(shared: Arc<Shared>, source: Arc<Source>, idx: usize, shutdow
     });
     let rate_limit = c.rate_limit.map(|r| limiter(r, 1));
     let period = source.schedule.period(Utc::now());
-    let mut due = Utc::now() + chrono::Duration::from_std(period.mul_f64(spread(&inst.key))).unwrap_or_default();
+    let mut due = Utc::now()
+        + chrono::Duration::from_std(period.mul_f64(spread(&inst.key))).unwrap_or_default();
     loop {
-        shared.status.instance(&inst.key, |s| s.next_poll_ms = Some(due.timestamp_millis()));
+        shared
+            .status
+            .instance(&inst.key, |s| s.next_poll_ms = Some(due.timestamp_millis()));
         let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return,
         }
-        let env = FetchEnv { client: &shared.client, hosts: &shared.hosts, rate_limit: rate_limit.as_ref() };
+        let env = FetchEnv {
+            client: &shared.client,
+            hosts: &shared.hosts,
+            rate_limit: rate_limit.as_ref(),
+        };
         match poll_once(&shared, &source, inst, &state, &env).await {
             Ok(Some(next_state)) => state = next_state,
             Ok(None) => {}
@@ -192,7 +213,9 @@ async fn poll_loop(shared: Arc<Shared>, source: Arc<Source>, idx: usize, shutdow
             }
         }
         let now = Utc::now();
-        let next = source.schedule.next_after(due.max(now - chrono::Duration::milliseconds(1)));
+        let next = source
+            .schedule
+            .next_after(due.max(now - chrono::Duration::milliseconds(1)));
         let Some(mut next) = next else {
             warn!(instance = %inst.key, "schedule has no future run; instance stops");
             return;
@@ -202,7 +225,8 @@ async fn poll_loop(shared: Arc<Shared>, source: Arc<Source>, idx: usize, shutdow
         }
         let jitter = source.schedule.jitter;
         if !jitter.is_zero() {
-            next += chrono::Duration::from_std(jitter.mul_f64(rand::random::<f64>())).unwrap_or_default();
+            next += chrono::Duration::from_std(jitter.mul_f64(rand::random::<f64>()))
+                .unwrap_or_default();
         }
         due = next;
     }
@@ -229,7 +253,8 @@ async fn poll_once(
         });
         return Ok(None);
     }
-    let detection = detect(c, &inst.vars, state, &fetched.pages, now, None).map_err(PollError::Detect)?;
+    let detection =
+        detect(c, &inst.vars, state, &fetched.pages, now, None).map_err(PollError::Detect)?;
     let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
     let committed = if &next != state || !events.is_empty() {
         let mut deliveries = Vec::new();
@@ -252,9 +277,15 @@ async fn poll_once(
                 ));
             }
         }
-        if let Err(e) = shared.store.commit_poll(&inst.key, &next, &deliveries).await {
+        if let Err(e) = shared
+            .store
+            .commit_poll(&inst.key, &next, &deliveries)
+            .await
+        {
             // Nothing was written: the next poll detects the same changes again.
-            return Err(PollError::Detect(format!("cannot commit to the store: {e:#}")));
+            return Err(PollError::Detect(format!(
+                "cannot commit to the store: {e:#}"
+            )));
         }
         for (ep, _) in &deliveries {
             if let Some(w) = shared.wakes.get(ep) {

@@ -17,10 +17,20 @@ use pollhook::store::InstanceState;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "pollhook", version, about = "Webhooks for APIs that have none.")]
+#[command(
+    name = "pollhook",
+    version,
+    about = "Webhooks for APIs that have none."
+)]
 struct Cli {
     /// The bridge file.
-    #[arg(short, long, global = true, env = "POLLHOOK_CONFIG", default_value = "bridge.yaml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "POLLHOOK_CONFIG",
+        default_value = "bridge.yaml"
+    )]
     config: PathBuf,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -93,7 +103,11 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POLLHOOK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -102,11 +116,18 @@ fn init_logging(format: LogFormat) {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Secret { command: SecretCommand::Generate } => {
+        Command::Secret {
+            command: SecretCommand::Generate,
+        } => {
             println!("{}", SigningKey::generate());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { secret, id, timestamp, signature } => {
+        Command::Verify {
+            secret,
+            id,
+            timestamp,
+            signature,
+        } => {
             let key = SigningKey::parse(&secret).context("--secret")?;
             let mut body = Vec::new();
             std::io::stdin().read_to_end(&mut body)?;
@@ -148,7 +169,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// SIGINT or SIGTERM: graceful shutdown. A second one: exit at once.
@@ -169,11 +192,19 @@ async fn watch_signals(shutdown: CancellationToken) {
 async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::Result<ExitCode> {
     let Some(src) = config.source(source) else {
         let names: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
-        bail!("no source named `{source}` in {} (sources: {})", config.file.display(), names.join(", "));
+        bail!(
+            "no source named `{source}` in {} (sources: {})",
+            config.file.display(),
+            names.join(", ")
+        );
     };
     let client = pollhook::daemon::poll_client();
     let hosts = pollhook::quota::HostGates::new(&config.hosts);
-    let env = FetchEnv { client: &client, hosts: &hosts, rate_limit: None };
+    let env = FetchEnv {
+        client: &client,
+        hosts: &hosts,
+        rate_limit: None,
+    };
     let mut failed = false;
     let mut matched = false;
     for inst in &src.instances {
@@ -193,10 +224,23 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
             }
         };
         for r in &fetched.log {
-            println!("   {} {} -> {} ({} bytes)", r.method, mask(&r.url, &inst.secrets), r.status, r.bytes);
+            println!(
+                "   {} {} -> {} ({} bytes)",
+                r.method,
+                mask(&r.url, &inst.secrets),
+                r.status,
+                r.bytes
+            );
         }
         // Baseline forced to `emit`: a dry run shows what would be sent.
-        let d = match detect(&src.connector, &inst.vars, &state, &fetched.pages, now, Some(Baseline::Emit)) {
+        let d = match detect(
+            &src.connector,
+            &inst.vars,
+            &state,
+            &fetched.pages,
+            now,
+            Some(Baseline::Emit),
+        ) {
             Ok(d) => d,
             Err(e) => {
                 println!("   detection failed: {}", mask(&e, &inst.secrets));
@@ -208,7 +252,11 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
             println!("   record {}: {}", n.record, n.outcome);
         }
         let (next, events) = pollhook::daemon::prepare_commit(src, inst, &state, d, &fetched, now);
-        println!("   cursor: {} -> {}", state.cursor.as_deref().unwrap_or("(none)"), next.cursor.as_deref().unwrap_or("(none)"));
+        println!(
+            "   cursor: {} -> {}",
+            state.cursor.as_deref().unwrap_or("(none)"),
+            next.cursor.as_deref().unwrap_or("(none)")
+        );
         println!("   {} event(s):", events.len());
         for e in events {
             println!("   webhook-id {}: {}", e.id, mask(&e.body(), &inst.secrets));
@@ -216,7 +264,15 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
     }
     if !matched {
         let names: Vec<&str> = src.instances.iter().map(|i| i.name.as_str()).collect();
-        bail!("source `{source}` has no instance `{}` (instances: {})", only.unwrap_or(""), names.join(", "));
+        bail!(
+            "source `{source}` has no instance `{}` (instances: {})",
+            only.unwrap_or(""),
+            names.join(", ")
+        );
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

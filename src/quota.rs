@@ -57,7 +57,9 @@ impl HostGates {
             .map(|(name, q)| {
                 let gate = HostGate {
                     limiter: q.rate.map(|r| limiter(r, q.burst)),
-                    in_flight: q.max_in_flight.map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
+                    in_flight: q
+                        .max_in_flight
+                        .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
                 };
                 (name.to_ascii_lowercase(), Arc::new(gate))
             })

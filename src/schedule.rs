@@ -163,9 +163,15 @@ mod tests {
     #[test]
     fn bad_schedules_say_what_was_expected() {
         assert!(Schedule::parse("every").unwrap_err().contains("expected"));
-        assert!(Schedule::parse("every 0s").unwrap_err().contains("longer than zero"));
-        assert!(Schedule::parse("every 5 parsecs").unwrap_err().contains("duration"));
-        assert!(Schedule::parse("61 * * * *").unwrap_err().contains("invalid cron"));
+        assert!(Schedule::parse("every 0s")
+            .unwrap_err()
+            .contains("longer than zero"));
+        assert!(Schedule::parse("every 5 parsecs")
+            .unwrap_err()
+            .contains("duration"));
+        assert!(Schedule::parse("61 * * * *")
+            .unwrap_err()
+            .contains("invalid cron"));
         assert!(Schedule::parse("* * *").unwrap_err().contains("expected"));
     }
 }

@@ -202,8 +202,10 @@ impl Store {
         deliveries: &[(String, OutboxEntry)],
     ) -> Result<Vec<(String, EntryKey)>> {
         let state_bytes = encode(state);
-        let encoded: Vec<(String, Vec<u8>)> =
-            deliveries.iter().map(|(ep, e)| (ep.clone(), encode(e))).collect();
+        let encoded: Vec<(String, Vec<u8>)> = deliveries
+            .iter()
+            .map(|(ep, e)| (ep.clone(), encode(e)))
+            .collect();
         let keys = (&self.state, &self.outbox)
             .transaction(|(st, ob)| {
                 st.insert(instance.as_bytes(), state_bytes.as_slice())?;
@@ -216,7 +218,10 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<()>>(keys)
             })
             .map_err(|e| match e {
-                TransactionError::Storage(source) => StoreError::Sled { op: "commit poll", source },
+                TransactionError::Storage(source) => StoreError::Sled {
+                    op: "commit poll",
+                    source,
+                },
                 TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
             })?;
         self.db.flush_async().await.map_err(sled_err("flush"))?;
@@ -237,7 +242,10 @@ impl Store {
     }
 
     /// Dead letters of an endpoint.
-    pub fn dead_letters(&self, endpoint: &str) -> impl Iterator<Item = Result<(EntryKey, DeadLetter)>> {
+    pub fn dead_letters(
+        &self,
+        endpoint: &str,
+    ) -> impl Iterator<Item = Result<(EntryKey, DeadLetter)>> {
         self.dead.scan_prefix(prefix(endpoint)).map(|r| {
             let (k, v) = r.map_err(sled_err("scan dead letters"))?;
             Ok((EntryKey(k.to_vec()), decode(&k, &v)?))
@@ -253,7 +261,9 @@ impl Store {
     /// loses the removal, the event is delivered again with the same
     /// `webhook-id` (at-least-once), which receivers deduplicate.
     pub fn delivered(&self, key: &EntryKey) -> Result<()> {
-        self.outbox.remove(&key.0).map_err(sled_err("remove delivered"))?;
+        self.outbox
+            .remove(&key.0)
+            .map_err(sled_err("remove delivered"))?;
         Ok(())
     }
 
@@ -276,7 +286,10 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
-                TransactionError::Storage(source) => StoreError::Sled { op: "dead-letter", source },
+                TransactionError::Storage(source) => StoreError::Sled {
+                    op: "dead-letter",
+                    source,
+                },
                 TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
             })?;
         self.db.flush_async().await.map_err(sled_err("flush"))?;
@@ -311,8 +324,16 @@ mod tests {
     async fn commit_writes_state_and_outbox_together_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let state = InstanceState { cursor: Some("c1".into()), initialized: true, ..Default::default() };
-        let d = vec![("a".to_string(), entry(1)), ("b".to_string(), entry(1)), ("a".to_string(), entry(2))];
+        let state = InstanceState {
+            cursor: Some("c1".into()),
+            initialized: true,
+            ..Default::default()
+        };
+        let d = vec![
+            ("a".to_string(), entry(1)),
+            ("b".to_string(), entry(1)),
+            ("a".to_string(), entry(2)),
+        ];
         store.commit_poll("s/i", &state, &d).await.unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
@@ -333,7 +354,11 @@ mod tests {
             .await
             .unwrap();
         let (_, key) = &keys[0];
-        let letter = DeadLetter { endpoint: "a".into(), entry: entry(1), dead_at_ms: 1 };
+        let letter = DeadLetter {
+            endpoint: "a".into(),
+            entry: entry(1),
+            dead_at_ms: 1,
+        };
         store.dead_letter(key, &letter).await.unwrap();
         assert_eq!(store.outbox_len("a"), 0);
         assert_eq!(store.dead_len("a"), 1);

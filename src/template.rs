@@ -168,9 +168,16 @@ mod tests {
     fn undefined_variables_are_errors_but_default_works() {
         let mut e = Engine::new();
         let t = e.template("{{ nope }}").unwrap();
-        assert!(e.render(&t, &Value::from(())).unwrap_err().contains("undefined"));
+        assert!(e
+            .render(&t, &Value::from(()))
+            .unwrap_err()
+            .contains("undefined"));
         let d = e.template("{{ cursor | default('') }}").unwrap();
-        assert_eq!(e.render(&d, &Value::from_serialize(serde_json::json!({}))).unwrap(), "");
+        assert_eq!(
+            e.render(&d, &Value::from_serialize(serde_json::json!({})))
+                .unwrap(),
+            ""
+        );
     }
 
     #[test]

@@ -236,7 +236,10 @@ mod tests {
     #[test]
     fn paths_of_block_and_flow_keys() {
         assert_eq!(yaml_path_at(DOC, 5, 15), "sources.balances.schedule");
-        assert_eq!(yaml_path_at(DOC, 6, 28), "sources.balances.for_each.account");
+        assert_eq!(
+            yaml_path_at(DOC, 6, 28),
+            "sources.balances.for_each.account"
+        );
         assert_eq!(yaml_path_at(DOC, 8, 14), "hosts.h.rate");
         assert_eq!(yaml_path_at(DOC, 1, 12), "state_dir");
     }
@@ -245,7 +248,10 @@ mod tests {
     fn display_names_file_line_field() {
         let e = ConfigError::at(Path::new("bridge.yaml"), DOC, 5, 15, "", "bad duration");
         let s = e.to_string();
-        assert!(s.starts_with("bridge.yaml:5:15: field `sources.balances.schedule`: bad duration"), "{s}");
+        assert!(
+            s.starts_with("bridge.yaml:5:15: field `sources.balances.schedule`: bad duration"),
+            "{s}"
+        );
         assert!(s.contains("every 5 parsecs"));
     }
 }

@@ -339,7 +339,8 @@ pub struct Rate {
 impl Rate {
     /// Parses `N/unit`, where unit is `s`, `min`, `h`, `day` or a duration.
     pub fn parse(text: &str) -> Result<Rate, String> {
-        let expected = || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
+        let expected =
+            || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
         let (n, unit) = text.split_once('/').ok_or_else(expected)?;
         let count: u32 = n.trim().parse().map_err(|_| expected())?;
         if count == 0 {
@@ -374,8 +375,11 @@ pub struct JsonPathSrc(pub String);
 impl<'de> Deserialize<'de> for JsonPathSrc {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        serde_json_path::JsonPath::parse(&s)
-            .map_err(|e| de::Error::custom(format!("invalid JSONPath `{s}` ({e}); expected RFC 9535 syntax such as `$.items[*]`")))?;
+        serde_json_path::JsonPath::parse(&s).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid JSONPath `{s}` ({e}); expected RFC 9535 syntax such as `$.items[*]`"
+            ))
+        })?;
         Ok(JsonPathSrc(s))
     }
 }
@@ -481,7 +485,13 @@ mod tests {
 
     #[test]
     fn rates() {
-        assert_eq!(Rate::parse("60/min").unwrap(), Rate { count: 60, per: Duration::from_secs(60) });
+        assert_eq!(
+            Rate::parse("60/min").unwrap(),
+            Rate {
+                count: 60,
+                per: Duration::from_secs(60)
+            }
+        );
         assert_eq!(Rate::parse("5/2s").unwrap().per, Duration::from_secs(2));
         assert!(Rate::parse("0/s").is_err());
         assert!(Rate::parse("fast").unwrap_err().contains("expected a rate"));

@@ -187,9 +187,10 @@ impl Config {
             .map_err(|e| ConfigError::from_yaml(file, &original, &e))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut errors = Vec::new();
-        let at = |errors: &mut Vec<ConfigError>, line: u64, column: u64, field: &str, msg: String| {
-            errors.push(ConfigError::at(file, &original, line, column, field, msg));
-        };
+        let at =
+            |errors: &mut Vec<ConfigError>, line: u64, column: u64, field: &str, msg: String| {
+                errors.push(ConfigError::at(file, &original, line, column, field, msg));
+            };
 
         // Connectors.
         let patterns: Vec<(String, u64)> = if raw.connectors.is_empty() {
@@ -210,7 +211,13 @@ impl Config {
                 }
             };
             if files.is_empty() && *line > 0 {
-                at(&mut errors, *line, 0, "connectors", format!("`{pattern}` matches no file"));
+                at(
+                    &mut errors,
+                    *line,
+                    0,
+                    "connectors",
+                    format!("`{pattern}` matches no file"),
+                );
             }
             for path in files {
                 match load_connector(&path) {
@@ -264,12 +271,22 @@ impl Config {
                         ep.secret.referenced.line(),
                         ep.secret.referenced.column(),
                         &format!("{field}.secret"),
-                        if secrets.len() > 1 { format!("secret #{}: {e}", i + 1) } else { e.to_string() },
+                        if secrets.len() > 1 {
+                            format!("secret #{}: {e}", i + 1)
+                        } else {
+                            e.to_string()
+                        },
                     ),
                 }
             }
             if secrets.is_empty() {
-                at(&mut errors, ep.secret.referenced.line(), 0, &format!("{field}.secret"), "expected at least one secret".into());
+                at(
+                    &mut errors,
+                    ep.secret.referenced.line(),
+                    0,
+                    &format!("{field}.secret"),
+                    "expected at least one secret".into(),
+                );
             }
             let mut retry = RetryPolicy::default();
             if let Some(r) = &ep.retry {
@@ -312,7 +329,11 @@ impl Config {
                     format!(
                         "no connector named `{}` (known: {})",
                         src.connector.value,
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 );
                 continue;
@@ -349,7 +370,10 @@ impl Config {
                         a.listen.referenced.line(),
                         a.listen.referenced.column(),
                         "admin.listen",
-                        format!("expected `ip:port` such as `127.0.0.1:9464`, got `{}`", a.listen.value),
+                        format!(
+                            "expected `ip:port` such as `127.0.0.1:9464`, got `{}`",
+                            a.listen.value
+                        ),
                     );
                     None
                 }
@@ -364,7 +388,10 @@ impl Config {
             file: file.to_path_buf(),
             state_dir,
             admin_listen,
-            shutdown_timeout: raw.shutdown_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
+            shutdown_timeout: raw
+                .shutdown_timeout
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(10)),
             connectors,
             sources,
             endpoints,
@@ -401,7 +428,12 @@ fn resolve_source(
                 format!(
                     "connector `{}` ({cfile}) declares no param `{k}`; declared: {}",
                     connector.name,
-                    connector.params.keys().cloned().collect::<Vec<_>>().join(", ")
+                    connector
+                        .params
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )),
             Some(p) => {
@@ -419,16 +451,32 @@ fn resolve_source(
                     fe.referenced.line(),
                     fe.referenced.column(),
                     format!("{field}.for_each.{k}"),
-                    format!("connector `{}` ({cfile}) declares no param `{k}`", connector.name),
+                    format!(
+                        "connector `{}` ({cfile}) declares no param `{k}`",
+                        connector.name
+                    ),
                 ));
                 continue;
             };
             if values.is_empty() {
-                errs.push((fe.referenced.line(), fe.referenced.column(), format!("{field}.for_each.{k}"), "expected a non-empty list".into()));
+                errs.push((
+                    fe.referenced.line(),
+                    fe.referenced.column(),
+                    format!("{field}.for_each.{k}"),
+                    "expected a non-empty list".into(),
+                ));
                 continue;
             }
-            if let Some(bad) = values.iter().find(|v| v.is_array() || v.is_object() || v.is_null()) {
-                errs.push((fe.referenced.line(), fe.referenced.column(), format!("{field}.for_each.{k}"), format!("expected a list of scalars, found `{bad}`")));
+            if let Some(bad) = values
+                .iter()
+                .find(|v| v.is_array() || v.is_object() || v.is_null())
+            {
+                errs.push((
+                    fe.referenced.line(),
+                    fe.referenced.column(),
+                    format!("{field}.for_each.{k}"),
+                    format!("expected a list of scalars, found `{bad}`"),
+                ));
                 continue;
             }
             combos = combos
@@ -457,7 +505,11 @@ fn resolve_source(
         let inst_name = if combo.is_empty() {
             "default".to_string()
         } else {
-            combo.iter().map(|(_, v)| scalar_text(v)).collect::<Vec<_>>().join(",")
+            combo
+                .iter()
+                .map(|(_, v)| scalar_text(v))
+                .collect::<Vec<_>>()
+                .join(",")
         };
         for (k, v) in combo {
             vars.insert(k, v);
@@ -503,21 +555,38 @@ fn resolve_source(
                 src.connector.referenced.line(),
                 0,
                 format!("{field}.schedule"),
-                format!("connector `{}` has no default schedule; give `schedule:` (e.g. `every 1m`)", connector.name),
+                format!(
+                    "connector `{}` has no default schedule; give `schedule:` (e.g. `every 1m`)",
+                    connector.name
+                ),
             ));
             None
         }
     };
 
     let routes: Vec<Route> = match &src.deliver_to.value {
-        DeliverTo::All(v) => v.iter().map(|e| Route { endpoint: e.clone(), types: None }).collect(),
+        DeliverTo::All(v) => v
+            .iter()
+            .map(|e| Route {
+                endpoint: e.clone(),
+                types: None,
+            })
+            .collect(),
         DeliverTo::ByType(m) => m
             .iter()
-            .map(|(e, t)| Route { endpoint: e.clone(), types: Some(t.iter().cloned().collect()) })
+            .map(|(e, t)| Route {
+                endpoint: e.clone(),
+                types: Some(t.iter().cloned().collect()),
+            })
             .collect(),
     };
     if routes.is_empty() {
-        errs.push((src.deliver_to.referenced.line(), src.deliver_to.referenced.column(), format!("{field}.deliver_to"), "expected at least one endpoint".into()));
+        errs.push((
+            src.deliver_to.referenced.line(),
+            src.deliver_to.referenced.column(),
+            format!("{field}.deliver_to"),
+            "expected at least one endpoint".into(),
+        ));
     }
     let emitted: BTreeSet<&str> = connector.emit.iter().map(|e| e.kind.as_str()).collect();
     for r in &routes {
@@ -529,7 +598,11 @@ fn resolve_source(
                 format!(
                     "no endpoint named `{}` (defined: {})",
                     r.endpoint,
-                    if endpoints.is_empty() { "none".into() } else { endpoints.keys().cloned().collect::<Vec<_>>().join(", ") }
+                    if endpoints.is_empty() {
+                        "none".into()
+                    } else {
+                        endpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
                 ),
             ));
         }
@@ -539,7 +612,11 @@ fn resolve_source(
                     src.deliver_to.referenced.line(),
                     src.deliver_to.referenced.column(),
                     format!("{field}.deliver_to.{}", r.endpoint),
-                    format!("connector `{}` never emits `{t}` (it emits: {})", connector.name, emitted.iter().copied().collect::<Vec<_>>().join(", ")),
+                    format!(
+                        "connector `{}` never emits `{t}` (it emits: {})",
+                        connector.name,
+                        emitted.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
                 ));
             }
         }
@@ -561,10 +638,14 @@ fn resolve_source(
 /// becomes `50` when the default is a number, `"true"` becomes `true`.
 fn coerce(v: &Value, default: Option<&Value>) -> Value {
     match (v, default) {
-        (Value::String(s), Some(Value::Number(_))) => {
-            s.parse::<serde_json::Number>().map(Value::Number).unwrap_or_else(|_| v.clone())
-        }
-        (Value::String(s), Some(Value::Bool(_))) => s.parse::<bool>().map(Value::Bool).unwrap_or_else(|_| v.clone()),
+        (Value::String(s), Some(Value::Number(_))) => s
+            .parse::<serde_json::Number>()
+            .map(Value::Number)
+            .unwrap_or_else(|_| v.clone()),
+        (Value::String(s), Some(Value::Bool(_))) => s
+            .parse::<bool>()
+            .map(Value::Bool)
+            .unwrap_or_else(|_| v.clone()),
         _ => v.clone(),
     }
 }
@@ -586,7 +667,11 @@ pub fn load_connector(file: &Path) -> Result<Connector, ConfigErrors> {
     resolve_connector(file, &text, raw)
 }
 
-fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Connector, ConfigErrors> {
+fn resolve_connector(
+    file: &Path,
+    text: &str,
+    raw: RawConnector,
+) -> Result<Connector, ConfigErrors> {
     let mut errors = Vec::new();
     let mut engine = Engine::new();
     let params: BTreeMap<String, Param> = raw
@@ -598,49 +683,118 @@ fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Conne
                 .position(|l| l.trim_start().starts_with(&format!("{k}:")))
                 .map(|i| i as u64 + 1)
                 .unwrap_or(0);
-            (k.clone(), Param { required: p.required, secret: p.secret, default: p.default.clone(), line })
+            (
+                k.clone(),
+                Param {
+                    required: p.required,
+                    secret: p.secret,
+                    default: p.default.clone(),
+                    line,
+                },
+            )
         })
         .collect();
     let param_names: BTreeSet<String> = params.keys().cloned().collect();
     let detect = raw.detect.value;
 
     // Compiles a template after checking that it only uses known variables.
-    let compile = |engine: &mut Engine, src: &Spanned<raw::TemplateSrc>, field: &str, extra: &[&str], errors: &mut Vec<ConfigError>| -> Option<Tpl> {
-        check_vars(file, text, &template::variables_of_template(&src.value.0), &param_names, extra, src, field, errors);
+    let compile = |engine: &mut Engine,
+                   src: &Spanned<raw::TemplateSrc>,
+                   field: &str,
+                   extra: &[&str],
+                   errors: &mut Vec<ConfigError>|
+     -> Option<Tpl> {
+        check_vars(
+            file,
+            text,
+            &template::variables_of_template(&src.value.0),
+            &param_names,
+            extra,
+            src,
+            field,
+            errors,
+        );
         match engine.template(&src.value.0) {
             Ok(t) => Some(t),
             Err(e) => {
-                errors.push(ConfigError::at(file, text, src.referenced.line(), src.referenced.column(), field, e));
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    src.referenced.line(),
+                    src.referenced.column(),
+                    field,
+                    e,
+                ));
                 None
             }
         }
     };
 
     let req = &raw.request;
-    let url = compile(&mut engine, &req.url, "request.url", REQUEST_BUILTINS, &mut errors);
+    let url = compile(
+        &mut engine,
+        &req.url,
+        "request.url",
+        REQUEST_BUILTINS,
+        &mut errors,
+    );
     let mut query = Vec::new();
     for (k, v) in &req.query {
-        if let Some(t) = compile(&mut engine, v, &format!("request.query.{k}"), REQUEST_BUILTINS, &mut errors) {
+        if let Some(t) = compile(
+            &mut engine,
+            v,
+            &format!("request.query.{k}"),
+            REQUEST_BUILTINS,
+            &mut errors,
+        ) {
             query.push((k.clone(), t));
         }
     }
     let mut headers = Vec::new();
     for (k, v) in &req.headers {
         if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
-            errors.push(ConfigError::at(file, text, v.referenced.line(), 0, &format!("request.headers.{k}"), format!("`{k}` is not a valid header name")));
+            errors.push(ConfigError::at(
+                file,
+                text,
+                v.referenced.line(),
+                0,
+                &format!("request.headers.{k}"),
+                format!("`{k}` is not a valid header name"),
+            ));
             continue;
         }
-        if let Some(t) = compile(&mut engine, v, &format!("request.headers.{k}"), REQUEST_BUILTINS, &mut errors) {
+        if let Some(t) = compile(
+            &mut engine,
+            v,
+            &format!("request.headers.{k}"),
+            REQUEST_BUILTINS,
+            &mut errors,
+        ) {
             headers.push((k.clone(), t));
         }
     }
-    let body = req.body.as_ref().and_then(|b| compile(&mut engine, b, "request.body", REQUEST_BUILTINS, &mut errors));
+    let body = req.body.as_ref().and_then(|b| {
+        compile(
+            &mut engine,
+            b,
+            "request.body",
+            REQUEST_BUILTINS,
+            &mut errors,
+        )
+    });
     let method = match &req.method {
         None => reqwest::Method::GET,
         Some(m) => match reqwest::Method::from_bytes(m.value.to_ascii_uppercase().as_bytes()) {
             Ok(m) => m,
             Err(_) => {
-                errors.push(ConfigError::at(file, text, m.referenced.line(), m.referenced.column(), "request.method", format!("`{}` is not an HTTP method", m.value)));
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    m.referenced.line(),
+                    m.referenced.column(),
+                    "request.method",
+                    format!("`{}` is not an HTTP method", m.value),
+                ));
                 reqwest::Method::GET
             }
         },
@@ -656,20 +810,34 @@ fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Conne
     };
 
     let item_vars: &[&str] = &["item", "cursor", "now"];
-    let id = raw.id.as_ref().and_then(|t| compile(&mut engine, t, "id", item_vars, &mut errors));
+    let id = raw
+        .id
+        .as_ref()
+        .and_then(|t| compile(&mut engine, t, "id", item_vars, &mut errors));
     let cursor = match &raw.cursor {
         None => None,
         Some(c) => match (&c.from, &c.max) {
-            (Some(p), None) => Some(CursorSpec::From(JsonPath::parse(&p.value.0).expect("checked at parse"))),
-            (None, Some(t)) => compile(&mut engine, t, "cursor.max", item_vars, &mut errors).map(CursorSpec::Max),
+            (Some(p), None) => Some(CursorSpec::From(
+                JsonPath::parse(&p.value.0).expect("checked at parse"),
+            )),
+            (None, Some(t)) => {
+                compile(&mut engine, t, "cursor.max", item_vars, &mut errors).map(CursorSpec::Max)
+            }
             _ => {
-                let line = text.lines().position(|l| l.starts_with("cursor:")).map(|i| i as u64 + 1).unwrap_or(0);
+                let line = text
+                    .lines()
+                    .position(|l| l.starts_with("cursor:"))
+                    .map(|i| i as u64 + 1)
+                    .unwrap_or(0);
                 errors.push(ConfigError::at(file, text, line, 0, "cursor", "give exactly one of `from` (a JSONPath to an opaque cursor) and `max` (a template over items)"));
                 None
             }
         },
     };
-    let items = raw.items.as_ref().map(|p| JsonPath::parse(&p.value.0).expect("checked at parse"));
+    let items = raw
+        .items
+        .as_ref()
+        .map(|p| JsonPath::parse(&p.value.0).expect("checked at parse"));
     let paginate = raw.paginate.as_ref().map(|p| Paginate {
         cursor_from: JsonPath::parse(&p.cursor_from.value.0).expect("checked at parse"),
         param: p.param.clone(),
@@ -678,7 +846,14 @@ fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Conne
 
     let detect_line = raw.detect.referenced.line();
     let mode_err = |errors: &mut Vec<ConfigError>, msg: &str| {
-        errors.push(ConfigError::at(file, text, detect_line, raw.detect.referenced.column(), "detect", msg.to_string()));
+        errors.push(ConfigError::at(
+            file,
+            text,
+            detect_line,
+            raw.detect.referenced.column(),
+            "detect",
+            msg.to_string(),
+        ));
     };
     match detect {
         DetectMode::New => {
@@ -690,7 +865,11 @@ fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Conne
             }
         }
         DetectMode::Snapshot => {
-            if raw.items.is_some() || raw.id.is_some() || raw.cursor.is_some() || raw.paginate.is_some() {
+            if raw.items.is_some()
+                || raw.id.is_some()
+                || raw.cursor.is_some()
+                || raw.paginate.is_some()
+            {
                 mode_err(&mut errors, "`detect: snapshot` watches one resource: `items`, `id`, `cursor` and `paginate` belong to `detect: new`");
             }
         }
@@ -702,17 +881,36 @@ fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Conne
     };
     let mut emit = Vec::new();
     if raw.emit.is_empty() {
-        mode_err(&mut errors, "`emit:` is empty: give at least one `- type: …` rule");
+        mode_err(
+            &mut errors,
+            "`emit:` is empty: give at least one `- type: …` rule",
+        );
     }
     for (i, e) in raw.emit.iter().enumerate() {
         let when = match &e.when {
             None => None,
             Some(w) => {
-                check_vars(file, text, &template::variables_of_condition(&w.value.0), &param_names, when_vars, w, &format!("emit[{i}].when"), &mut errors);
+                check_vars(
+                    file,
+                    text,
+                    &template::variables_of_condition(&w.value.0),
+                    &param_names,
+                    when_vars,
+                    w,
+                    &format!("emit[{i}].when"),
+                    &mut errors,
+                );
                 match engine.condition(&w.value.0) {
                     Ok(c) => Some(c),
                     Err(msg) => {
-                        errors.push(ConfigError::at(file, text, w.referenced.line(), w.referenced.column(), &format!("emit[{i}].when"), msg));
+                        errors.push(ConfigError::at(
+                            file,
+                            text,
+                            w.referenced.line(),
+                            w.referenced.column(),
+                            &format!("emit[{i}].when"),
+                            msg,
+                        ));
                         None
                     }
                 }
@@ -720,7 +918,14 @@ fn resolve_connector(file: &Path, text: &str, raw: RawConnector) -> Result<Conne
         };
         let kind = e.kind.value.trim().to_string();
         if kind.is_empty() || kind.contains(char::is_whitespace) {
-            errors.push(ConfigError::at(file, text, e.kind.referenced.line(), e.kind.referenced.column(), &format!("emit[{i}].type"), "expected an event type such as `bank.balance.changed` (no spaces)"));
+            errors.push(ConfigError::at(
+                file,
+                text,
+                e.kind.referenced.line(),
+                e.kind.referenced.column(),
+                &format!("emit[{i}].type"),
+                "expected an event type such as `bank.balance.changed` (no spaces)",
+            ));
         }
         emit.push(EmitRule { kind, when });
     }
@@ -780,7 +985,10 @@ fn check_vars<T>(
                 at.referenced.line(),
                 at.referenced.column(),
                 field,
-                format!("unknown variable `{v}`; expected a declared param or one of: {}", known.join(", ")),
+                format!(
+                    "unknown variable `{v}`; expected a declared param or one of: {}",
+                    known.join(", ")
+                ),
             ));
         }
     }
@@ -790,23 +998,38 @@ fn check_vars<T>(
 /// sorted, relative to `base`.
 fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
     let path = base.join(pattern);
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_string();
     if !name.contains('*') {
         return if path.is_file() {
             Ok(vec![path])
         } else {
-            Err(format!("connector file `{}` does not exist", path.display()))
+            Err(format!(
+                "connector file `{}` does not exist",
+                path.display()
+            ))
         };
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     if dir.to_string_lossy().contains('*') {
-        return Err(format!("`{pattern}`: `*` is only supported in the file name"));
+        return Err(format!(
+            "`{pattern}`: `*` is only supported in the file name"
+        ));
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list `{}`: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot list `{}`: {e}", dir.display()))?;
     let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| wildcard(&name, n)))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| wildcard(&name, n))
+        })
         .collect();
     out.sort();
     Ok(out)
@@ -818,12 +1041,16 @@ fn wildcard(pattern: &str, name: &str) -> bool {
     let mut rest = name;
     for (i, part) in parts.iter().enumerate() {
         if i == 0 {
-            let Some(r) = rest.strip_prefix(part) else { return false };
+            let Some(r) = rest.strip_prefix(part) else {
+                return false;
+            };
             rest = r;
         } else if i == parts.len() - 1 {
             return rest.ends_with(part);
         } else {
-            let Some(pos) = rest.find(part) else { return false };
+            let Some(pos) = rest.find(part) else {
+                return false;
+            };
             rest = &rest[pos + part.len()..];
         }
     }
@@ -844,8 +1071,17 @@ mod tests {
 
     #[test]
     fn coercion_follows_the_default_type() {
-        assert_eq!(coerce(&Value::from("50"), Some(&Value::from(100))), Value::from(50));
-        assert_eq!(coerce(&Value::from("x"), Some(&Value::from(100))), Value::from("x"));
-        assert_eq!(coerce(&Value::from("true"), Some(&Value::from(false))), Value::from(true));
+        assert_eq!(
+            coerce(&Value::from("50"), Some(&Value::from(100))),
+            Value::from(50)
+        );
+        assert_eq!(
+            coerce(&Value::from("x"), Some(&Value::from(100))),
+            Value::from("x")
+        );
+        assert_eq!(
+            coerce(&Value::from("true"), Some(&Value::from(false))),
+            Value::from(true)
+        );
     }
 }

@@ -68,7 +68,10 @@ pub fn detect(
     if let Some(cur) = &prev.cursor {
         base.insert("cursor".into(), Value::String(cur.clone()));
     }
-    base.insert("now".into(), Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)));
+    base.insert(
+        "now".into(),
+        Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)),
+    );
     let mut state = prev.clone();
     state.initialized = true;
     let mut events = Vec::new();
@@ -78,7 +81,10 @@ pub fn detect(
         DetectMode::Snapshot => {
             let current = pages.first().cloned().unwrap_or(Value::Null);
             match &prev.snapshot {
-                Some(p) if *p == current => notes.push(Note { record: "snapshot".into(), outcome: "unchanged".into() }),
+                Some(p) if *p == current => notes.push(Note {
+                    record: "snapshot".into(),
+                    outcome: "unchanged".into(),
+                }),
                 Some(p) => {
                     state.generation += 1;
                     let key = format!("{}:{}", state.generation, value_hash(&current));
@@ -88,7 +94,10 @@ pub fn detect(
                     let ctx = Ctx::from_serialize(&ctx);
                     let data = json!({ "previous": p, "current": current });
                     let fired = fire(c, &ctx, &key, &data, &mut events)?;
-                    notes.push(Note { record: "snapshot".into(), outcome: describe_fired(&fired) });
+                    notes.push(Note {
+                        record: "snapshot".into(),
+                        outcome: describe_fired(&fired),
+                    });
                     state.snapshot = Some(current);
                 }
                 None => {
@@ -108,12 +117,23 @@ pub fn detect(
                             };
                             if ok {
                                 fired.push(rule.kind.clone());
-                                events.push(Detected { kind: rule.kind.clone(), change_key: format!("0:{}", value_hash(&current)), data: data.clone() });
+                                events.push(Detected {
+                                    kind: rule.kind.clone(),
+                                    change_key: format!("0:{}", value_hash(&current)),
+                                    data: data.clone(),
+                                });
                             }
                         }
-                        notes.push(Note { record: "snapshot".into(), outcome: format!("first value; {}", describe_fired(&fired)) });
+                        notes.push(Note {
+                            record: "snapshot".into(),
+                            outcome: format!("first value; {}", describe_fired(&fired)),
+                        });
                     } else {
-                        notes.push(Note { record: "snapshot".into(), outcome: "first value: remembered as the baseline, nothing emitted".into() });
+                        notes.push(Note {
+                            record: "snapshot".into(),
+                            outcome: "first value: remembered as the baseline, nothing emitted"
+                                .into(),
+                        });
                     }
                     state.snapshot = Some(current);
                 }
@@ -134,16 +154,29 @@ pub fn detect(
                         .render(id_tpl, &ctx)
                         .map_err(|e| format!("`id` of an item on page {}: {e}", page_no + 1))?;
                     if id.is_empty() {
-                        return Err(format!("`id` rendered empty for an item on page {}", page_no + 1));
+                        return Err(format!(
+                            "`id` rendered empty for an item on page {}",
+                            page_no + 1
+                        ));
                     }
                     if let Some(CursorSpec::Max(t)) = &c.cursor {
-                        let v = c.engine.render(t, &ctx).map_err(|e| format!("`cursor.max`: {e}"))?;
-                        if !v.is_empty() && max_cursor.as_ref().is_none_or(|m| cmp_cursor(&v, m) == Ordering::Greater) {
+                        let v = c
+                            .engine
+                            .render(t, &ctx)
+                            .map_err(|e| format!("`cursor.max`: {e}"))?;
+                        if !v.is_empty()
+                            && max_cursor
+                                .as_ref()
+                                .is_none_or(|m| cmp_cursor(&v, m) == Ordering::Greater)
+                        {
                             max_cursor = Some(v);
                         }
                     }
                     if !seen.insert(id.clone()) {
-                        notes.push(Note { record: id, outcome: "seen before".into() });
+                        notes.push(Note {
+                            record: id,
+                            outcome: "seen before".into(),
+                        });
                         continue;
                     }
                     state.seen.push_back(id.clone());
@@ -152,24 +185,39 @@ pub fn detect(
                         state.seen_evicted += 1;
                     }
                     if first_run && baseline == Baseline::Skip {
-                        notes.push(Note { record: id, outcome: "first poll: remembered as the baseline, nothing emitted".into() });
+                        notes.push(Note {
+                            record: id,
+                            outcome: "first poll: remembered as the baseline, nothing emitted"
+                                .into(),
+                        });
                         continue;
                     }
                     let fired = fire(c, &ctx, &id, item, &mut events)?;
-                    notes.push(Note { record: id, outcome: describe_fired(&fired) });
+                    notes.push(Note {
+                        record: id,
+                        outcome: describe_fired(&fired),
+                    });
                 }
             }
             match &c.cursor {
                 None => {}
                 Some(CursorSpec::From(path)) => {
-                    if let Some(v) = pages.iter().rev().find_map(|p| path.query(p).first().and_then(cursor_text)) {
+                    if let Some(v) = pages
+                        .iter()
+                        .rev()
+                        .find_map(|p| path.query(p).first().and_then(cursor_text))
+                    {
                         state.cursor = Some(v);
                     }
                 }
                 Some(CursorSpec::Max(_)) => {
                     // Never move a max-cursor backwards.
                     if let Some(m) = max_cursor {
-                        if prev.cursor.as_ref().is_none_or(|p| cmp_cursor(&m, p) == Ordering::Greater) {
+                        if prev
+                            .cursor
+                            .as_ref()
+                            .is_none_or(|p| cmp_cursor(&m, p) == Ordering::Greater)
+                        {
                             state.cursor = Some(m);
                         }
                     }
@@ -177,20 +225,37 @@ pub fn detect(
             }
         }
     }
-    Ok(Detection { state, events, notes })
+    Ok(Detection {
+        state,
+        events,
+        notes,
+    })
 }
 
 /// Evaluates every emit rule; pushes an event per rule that fires.
-fn fire(c: &Connector, ctx: &Ctx, key: &str, data: &Value, events: &mut Vec<Detected>) -> Result<Vec<String>, String> {
+fn fire(
+    c: &Connector,
+    ctx: &Ctx,
+    key: &str,
+    data: &Value,
+    events: &mut Vec<Detected>,
+) -> Result<Vec<String>, String> {
     let mut fired = Vec::new();
     for rule in &c.emit {
         let ok = match &rule.when {
             None => true,
-            Some(w) => c.engine.test(w, ctx).map_err(|e| format!("`when` of `{}`: {e}", rule.kind))?,
+            Some(w) => c
+                .engine
+                .test(w, ctx)
+                .map_err(|e| format!("`when` of `{}`: {e}", rule.kind))?,
         };
         if ok {
             fired.push(rule.kind.clone());
-            events.push(Detected { kind: rule.kind.clone(), change_key: key.to_string(), data: data.clone() });
+            events.push(Detected {
+                kind: rule.kind.clone(),
+                change_key: key.to_string(),
+                data: data.clone(),
+            });
         }
     }
     Ok(fired)
@@ -266,7 +331,10 @@ emit: [{ type: created }]
         let d1 = run(&c, &d0.state, json!({"available": 90}));
         let kinds: Vec<_> = d1.events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["changed", "low"]);
-        assert_eq!(d1.events[0].data, json!({"previous": {"available": 150}, "current": {"available": 90}}));
+        assert_eq!(
+            d1.events[0].data,
+            json!({"previous": {"available": 150}, "current": {"available": 90}})
+        );
         // Below the threshold already: changed, but no second crossing.
         let d2 = run(&c, &d1.state, json!({"available": 80}));
         let kinds: Vec<_> = d2.events.iter().map(|e| e.kind.as_str()).collect();
@@ -290,20 +358,44 @@ emit: [{ type: created }]
     fn snapshot_missing_field_is_an_error_not_an_event() {
         let c = connector(SNAP);
         let a = run(&c, &InstanceState::default(), json!({"available": 1}));
-        let err = detect(&c, &vars(), &a.state, &[json!({"oops": true})], Utc::now(), None).unwrap_err();
+        let err = detect(
+            &c,
+            &vars(),
+            &a.state,
+            &[json!({"oops": true})],
+            Utc::now(),
+            None,
+        )
+        .unwrap_err();
         assert!(err.contains("when"), "{err}");
     }
 
     #[test]
     fn new_items_once_each_with_bounded_seen_set_and_max_cursor() {
         let c = connector(NEW);
-        let d0 = run(&c, &InstanceState::default(), json!({"tx": [{"id": "a", "n": 1}]}));
+        let d0 = run(
+            &c,
+            &InstanceState::default(),
+            json!({"tx": [{"id": "a", "n": 1}]}),
+        );
         assert!(d0.events.is_empty(), "baseline skip");
-        let d1 = run(&c, &d0.state, json!({"tx": [{"id": "a", "n": 1}, {"id": "b", "n": 2}, {"id": "c", "n": 10}]}));
+        let d1 = run(
+            &c,
+            &d0.state,
+            json!({"tx": [{"id": "a", "n": 1}, {"id": "b", "n": 2}, {"id": "c", "n": 10}]}),
+        );
         let keys: Vec<_> = d1.events.iter().map(|e| e.change_key.as_str()).collect();
         assert_eq!(keys, ["b", "c"]);
-        assert_eq!(d1.state.cursor.as_deref(), Some("10"), "numeric max, not text max");
-        let d2 = run(&c, &d1.state, json!({"tx": [{"id": "c", "n": 10}, {"id": "d", "n": 3}]}));
+        assert_eq!(
+            d1.state.cursor.as_deref(),
+            Some("10"),
+            "numeric max, not text max"
+        );
+        let d2 = run(
+            &c,
+            &d1.state,
+            json!({"tx": [{"id": "c", "n": 10}, {"id": "d", "n": 3}]}),
+        );
         assert_eq!(d2.events.len(), 1);
         assert_eq!(d2.state.cursor.as_deref(), Some("10"), "never backwards");
         assert_eq!(d2.state.seen.len(), 3);
@@ -313,9 +405,25 @@ emit: [{ type: created }]
     #[test]
     fn baseline_emit_and_bad_items() {
         let c = connector(NEW);
-        let d = detect(&c, &vars(), &InstanceState::default(), &[json!({"tx": [{"id": "a", "n": 1}]})], Utc::now(), Some(Baseline::Emit)).unwrap();
+        let d = detect(
+            &c,
+            &vars(),
+            &InstanceState::default(),
+            &[json!({"tx": [{"id": "a", "n": 1}]})],
+            Utc::now(),
+            Some(Baseline::Emit),
+        )
+        .unwrap();
         assert_eq!(d.events.len(), 1);
-        let err = detect(&c, &vars(), &d.state, &[json!({"tx": [{"nope": 1}]})], Utc::now(), None).unwrap_err();
+        let err = detect(
+            &c,
+            &vars(),
+            &d.state,
+            &[json!({"tx": [{"nope": 1}]})],
+            Utc::now(),
+            None,
+        )
+        .unwrap_err();
         assert!(err.contains("`id`"), "{err}");
     }
 }

@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use minijinja::Value as Ctx;
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED};
+use reqwest::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
+};
 use serde_json::{Map, Value};
 
 use crate::config::{Auth, Connector, Instance};
@@ -19,11 +21,19 @@ pub enum PollError {
     #[error("{url}: {detail}")]
     Transport { url: String, detail: String },
     #[error("{url}: upstream answered HTTP {status}{snippet}")]
-    Status { url: String, status: u16, snippet: String },
+    Status {
+        url: String,
+        status: u16,
+        snippet: String,
+    },
     #[error("{url}: response larger than the {limit}-byte cap (request.max_response_bytes)")]
     TooLarge { url: String, limit: u64 },
     #[error("{url}: response is not valid JSON ({detail}){snippet}")]
-    NotJson { url: String, detail: String, snippet: String },
+    NotJson {
+        url: String,
+        detail: String,
+        snippet: String,
+    },
     #[error("detection failed: {0}")]
     Detect(String),
 }
@@ -69,12 +79,19 @@ pub struct RequestLog {
 
 /// The template context of requests: params, `cursor` (only when there is
 /// one, so `cursor | default('')` works) and `now`.
-pub fn request_context(instance: &Instance, state: &InstanceState, now: DateTime<Utc>) -> Map<String, Value> {
+pub fn request_context(
+    instance: &Instance,
+    state: &InstanceState,
+    now: DateTime<Utc>,
+) -> Map<String, Value> {
     let mut ctx = instance.vars.clone();
     if let Some(c) = &state.cursor {
         ctx.insert("cursor".into(), Value::String(c.clone()));
     }
-    ctx.insert("now".into(), Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)));
+    ctx.insert(
+        "now".into(),
+        Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)),
+    );
     ctx
 }
 
@@ -97,7 +114,12 @@ pub async fn fetch(
 ) -> Result<Fetched, PollError> {
     let ctx = Ctx::from_serialize(request_context(inst, state, now));
     let render = |tpl, field: &str| {
-        c.engine.render(tpl, &ctx).map_err(|detail| PollError::Template { field: field.to_string(), detail })
+        c.engine
+            .render(tpl, &ctx)
+            .map_err(|detail| PollError::Template {
+                field: field.to_string(),
+                detail,
+            })
     };
     let url_text = render(&c.request.url, "request.url")?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| PollError::Template {
@@ -135,9 +157,11 @@ pub async fn fetch(
         Some(Auth::Bearer(t)) => {
             let token = render(t, "request.auth.token")?;
             if !token.is_empty() {
-                let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| PollError::Template {
-                    field: "request.auth.token".into(),
-                    detail: "rendered to a value that is not a valid header".into(),
+                let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    PollError::Template {
+                        field: "request.auth.token".into(),
+                        detail: "rendered to a value that is not a valid header".into(),
+                    }
                 })?;
                 v.set_sensitive(true);
                 headers.insert(AUTHORIZATION, v);
@@ -145,11 +169,19 @@ pub async fn fetch(
         }
         Some(Auth::Basic(u, p)) => {
             let user = render(u, "request.auth.username")?;
-            let pass = p.as_ref().map(|p| render(p, "request.auth.password")).transpose()?;
+            let pass = p
+                .as_ref()
+                .map(|p| render(p, "request.auth.password"))
+                .transpose()?;
             basic = Some((user, pass));
         }
     }
-    let body = c.request.body.as_ref().map(|b| render(b, "request.body")).transpose()?;
+    let body = c
+        .request
+        .body
+        .as_ref()
+        .map(|b| render(b, "request.body"))
+        .transpose()?;
     if body.is_some() && !headers.contains_key(CONTENT_TYPE) {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
@@ -188,25 +220,48 @@ pub async fn fetch(
             None => None,
         };
         let shown = url.to_string();
-        let resp = req.send().await.map_err(|e| PollError::Transport { url: shown.clone(), detail: transport_detail(&e) })?;
+        let resp = req.send().await.map_err(|e| PollError::Transport {
+            url: shown.clone(),
+            detail: transport_detail(&e),
+        })?;
         let status = resp.status().as_u16();
         if status == 304 && conditional {
-            out.log.push(RequestLog { method: c.request.method.to_string(), url: shown, status, bytes: 0 });
+            out.log.push(RequestLog {
+                method: c.request.method.to_string(),
+                url: shown,
+                status,
+                bytes: 0,
+            });
             out.not_modified = true;
             return Ok(out);
         }
         if first {
             let h = resp.headers();
-            out.etag = h.get(ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
-            out.last_modified = h.get(LAST_MODIFIED).and_then(|v| v.to_str().ok()).map(str::to_string);
+            out.etag = h
+                .get(ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            out.last_modified = h
+                .get(LAST_MODIFIED)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             out.first_url = Some(url.to_string());
         }
         if !(200..300).contains(&status) {
             let bytes = read_capped(resp, 512, &shown).await.unwrap_or_default();
-            return Err(PollError::Status { url: shown, status, snippet: snippet(&bytes) });
+            return Err(PollError::Status {
+                url: shown,
+                status,
+                snippet: snippet(&bytes),
+            });
         }
         let bytes = read_capped(resp, c.request.max_response_bytes, &shown).await?;
-        out.log.push(RequestLog { method: c.request.method.to_string(), url: shown.clone(), status, bytes: bytes.len() });
+        out.log.push(RequestLog {
+            method: c.request.method.to_string(),
+            url: shown.clone(),
+            status,
+            bytes: bytes.len(),
+        });
         let page: Value = serde_json::from_slice(&bytes).map_err(|e| PollError::NotJson {
             url: shown.clone(),
             detail: e.to_string(),
@@ -215,7 +270,10 @@ pub async fn fetch(
 
         // Next page?
         let next = c.paginate.as_ref().and_then(|p| {
-            let empty = c.items.as_ref().is_some_and(|items| items.query(&page).is_empty());
+            let empty = c
+                .items
+                .as_ref()
+                .is_some_and(|items| items.query(&page).is_empty());
             let next = p.cursor_from.query(&page).first().and_then(cursor_text);
             if empty || next.is_none() || next == position {
                 None
@@ -248,24 +306,36 @@ fn set_query_param(url: &mut reqwest::Url, name: &str, value: &str) {
         .filter(|(k, _)| k != name)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    url.query_pairs_mut().clear().extend_pairs(pairs).append_pair(name, value);
+    url.query_pairs_mut()
+        .clear()
+        .extend_pairs(pairs)
+        .append_pair(name, value);
 }
 
 /// Reads a body, refusing more than `limit` bytes (checked against
 /// `Content-Length` first, then while streaming, so a lying or missing
 /// length cannot make pollhook buffer an unbounded body).
-async fn read_capped(mut resp: reqwest::Response, limit: u64, url: &str) -> Result<Vec<u8>, PollError> {
+async fn read_capped(
+    mut resp: reqwest::Response,
+    limit: u64,
+    url: &str,
+) -> Result<Vec<u8>, PollError> {
     if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(PollError::TooLarge { url: url.to_string(), limit });
+        return Err(PollError::TooLarge {
+            url: url.to_string(),
+            limit,
+        });
     }
     let mut buf = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| PollError::Transport { url: url.to_string(), detail: transport_detail(&e) })?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| PollError::Transport {
+        url: url.to_string(),
+        detail: transport_detail(&e),
+    })? {
         if buf.len() as u64 + chunk.len() as u64 > limit {
-            return Err(PollError::TooLarge { url: url.to_string(), limit });
+            return Err(PollError::TooLarge {
+                url: url.to_string(),
+                limit,
+            });
         }
         buf.extend_from_slice(&chunk);
     }
@@ -302,6 +372,9 @@ fn snippet(bytes: &[u8]) -> String {
         return String::new();
     }
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]);
-    let text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     format!("; body starts with: {}", text.trim())
 }

@@ -29,7 +29,9 @@ impl fmt::Debug for SigningKey {
 /// Why a secret was refused. The message never contains the secret.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("expected a secret of the form `whsec_<base64>` (make one with `pollhook secret generate`)")]
+    #[error(
+        "expected a secret of the form `whsec_<base64>` (make one with `pollhook secret generate`)"
+    )]
     NoPrefix,
     #[error("the part after `whsec_` is not valid base64")]
     NotBase64,
@@ -40,7 +42,10 @@ pub enum KeyError {
 impl SigningKey {
     /// Parses `whsec_<base64>`.
     pub fn parse(secret: &str) -> Result<Self, KeyError> {
-        let b64 = secret.trim().strip_prefix("whsec_").ok_or(KeyError::NoPrefix)?;
+        let b64 = secret
+            .trim()
+            .strip_prefix("whsec_")
+            .ok_or(KeyError::NoPrefix)?;
         let bytes = B64.decode(b64).map_err(|_| KeyError::NotBase64)?;
         if !(24..=64).contains(&bytes.len()) {
             return Err(KeyError::BadLength(bytes.len()));
@@ -82,7 +87,12 @@ pub fn verify(key: &SigningKey, id: &str, timestamp: i64, body: &[u8], header: &
     let expected = expected.as_bytes();
     header.split(' ').any(|sig| {
         let sig = sig.as_bytes();
-        sig.len() == expected.len() && sig.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        sig.len() == expected.len()
+            && sig
+                .iter()
+                .zip(expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     })
 }
 
@@ -94,7 +104,11 @@ mod tests {
     fn standard_webhooks_reference_vector() {
         let key = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         assert_eq!(
-            key.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#),
+            key.sign(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                br#"{"test": 2432232314}"#
+            ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
     }
@@ -128,6 +142,8 @@ mod tests {
         assert_eq!(SigningKey::parse("hunter2"), Err(KeyError::NoPrefix));
         assert_eq!(SigningKey::parse("whsec_!!!"), Err(KeyError::NotBase64));
         assert_eq!(SigningKey::parse("whsec_AAAA"), Err(KeyError::BadLength(3)));
-        assert!(!format!("{:?}", SigningKey::parse(&SigningKey::generate()).unwrap()).contains("whsec"));
+        assert!(
+            !format!("{:?}", SigningKey::parse(&SigningKey::generate()).unwrap()).contains("whsec")
+        );
     }
 }

@@ -71,7 +71,10 @@ impl Worker {
                         continue; // an earlier event of this instance goes first
                     }
                     if entry.next_attempt_ms > now {
-                        next_due = Some(next_due.map_or(entry.next_attempt_ms, |d| d.min(entry.next_attempt_ms)));
+                        next_due = Some(
+                            next_due
+                                .map_or(entry.next_attempt_ms, |d| d.min(entry.next_attempt_ms)),
+                        );
                         continue;
                     }
                     if in_flight.len() >= ep.max_in_flight {
@@ -90,7 +93,12 @@ impl Worker {
             }
             let sleep = async {
                 match next_due {
-                    Some(t) => tokio::time::sleep(Duration::from_millis((t - crate::now_ms()).max(0) as u64)).await,
+                    Some(t) => {
+                        tokio::time::sleep(Duration::from_millis(
+                            (t - crate::now_ms()).max(0) as u64
+                        ))
+                        .await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -153,10 +161,16 @@ impl Worker {
                             "delivery failed for the last time, moved to dead letters: {reason}"
                         );
                         entry.last_error = Some(reason);
-                        let letter = DeadLetter { endpoint: ep.name.clone(), entry, dead_at_ms: crate::now_ms() };
+                        let letter = DeadLetter {
+                            endpoint: ep.name.clone(),
+                            entry,
+                            dead_at_ms: crate::now_ms(),
+                        };
                         match self.store.dead_letter(&key, &letter).await {
                             Ok(()) => self.status.endpoint(&ep.name, |s| s.dead_lettered += 1),
-                            Err(e) => error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox"),
+                            Err(e) => {
+                                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox")
+                            }
                         }
                     }
                 }
@@ -182,7 +196,10 @@ async fn attempt(client: &reqwest::Client, ep: &Endpoint, entry: &OutboxEntry) -
         .await;
     match result {
         Ok(resp) => classify(resp.status().as_u16()),
-        Err(e) if e.is_timeout() => Outcome::Failed(format!("timed out after {}", humantime::format_duration(ep.timeout))),
+        Err(e) if e.is_timeout() => Outcome::Failed(format!(
+            "timed out after {}",
+            humantime::format_duration(ep.timeout)
+        )),
         Err(e) if e.is_connect() => Outcome::Failed("cannot connect to the endpoint".into()),
         Err(e) => {
             let mut msg = "request failed".to_string();
