@@ -176,8 +176,8 @@ impl Bank {
         local
     }
 
-    /// Records the request and checks the token. `Err` is the response to send.
-    fn admit(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), Response> {
+    /// Records the request and checks the token; `Some` is the refusal to send.
+    fn refuse(&self, uri: &Uri, headers: &HeaderMap) -> Option<Response> {
         self.inner.lock().unwrap().requests.push(uri.to_string());
         if let Some(t) = &self.token {
             let ok = headers
@@ -185,14 +185,16 @@ impl Bank {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v == format!("Bearer {t}"));
             if !ok {
-                return Err((
-                    StatusCode::UNAUTHORIZED,
-                    Json(json!({"error": "missing or wrong bearer token"})),
-                )
-                    .into_response());
+                return Some(
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        Json(json!({"error": "missing or wrong bearer token"})),
+                    )
+                        .into_response(),
+                );
             }
         }
-        Ok(())
+        None
     }
 }
 
@@ -205,7 +207,7 @@ fn not_found(id: &str) -> Response {
 }
 
 async fn list_accounts(State(bank): State<Bank>, uri: Uri, headers: HeaderMap) -> Response {
-    if let Err(r) = bank.admit(&uri, &headers) {
+    if let Some(r) = bank.refuse(&uri, &headers) {
         return r;
     }
     let inner = bank.inner.lock().unwrap();
@@ -223,7 +225,7 @@ async fn balance(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = bank.admit(&uri, &headers) {
+    if let Some(r) = bank.refuse(&uri, &headers) {
         return r;
     }
     let inner = bank.inner.lock().unwrap();
@@ -262,7 +264,7 @@ async fn transactions(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = bank.admit(&uri, &headers) {
+    if let Some(r) = bank.refuse(&uri, &headers) {
         return r;
     }
     let inner = bank.inner.lock().unwrap();

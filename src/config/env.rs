@@ -25,9 +25,9 @@ pub fn interpolate(
         while let Some(i) = rest.find('$') {
             out.push_str(&rest[..i]);
             let after = &rest[i..];
-            if after.starts_with("$${") {
+            if let Some(r) = after.strip_prefix("$${") {
                 out.push_str("${");
-                rest = &after[3..];
+                rest = r;
                 continue;
             }
             if !after.starts_with("${") {

@@ -1,0 +1,194 @@
+//! Bad config gets a clear error naming file, line and field, and `validate`
+//! exits non-zero.
+
+use crate::support::*;
+
+const GOOD_BRIDGE: &str = r#"state_dir: state
+sources:
+  balances:
+    connector: bank-balance
+    with: { base_url: "http://127.0.0.1:1", account: acc-0001 }
+    schedule: every 30s
+    deliver_to: [agent]
+endpoints:
+  agent:
+    url: http://127.0.0.1:2/hook
+    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+    timeout: 10s
+"#;
+
+/// Runs `pollhook validate` on a bridge (and the bank-balance connector,
+/// possibly edited), returning (success, stderr).
+fn validate(bridge: &str, connector: &str) -> (bool, String) {
+    let d = Daemon::new(bridge, &[("bank-balance.yaml", connector.to_string())]);
+    let out = d
+        .command(&["validate"])
+        .env_remove("NOPE_NOT_SET")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn expect_error(bridge: &str, connector: &str, wanted: &[&str]) {
+    let (ok, err) = validate(bridge, connector);
+    assert!(!ok, "validate accepted a bad config; wanted {wanted:?}");
+    for w in wanted {
+        assert!(err.contains(w), "error lacks `{w}`:\n{err}");
+    }
+}
+
+#[test]
+fn the_good_config_validates() {
+    let (ok, err) = validate(GOOD_BRIDGE, &repo_connector("bank-balance.yaml"));
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn each_kind_of_bad_config_names_file_line_and_field() {
+    let conn = repo_connector("bank-balance.yaml");
+    // Broken YAML.
+    expect_error(
+        &GOOD_BRIDGE.replace("deliver_to: [agent]", "deliver_to: [agent"),
+        &conn,
+        &["bridge.yaml:8:", "endpoints"],
+    );
+    // Unknown key (a typo).
+    expect_error(
+        &GOOD_BRIDGE.replace("    schedule:", "    schedual:"),
+        &conn,
+        &["bridge.yaml:6:5", "unknown field `schedual`", "schedule"],
+    );
+    // Missing environment variable.
+    expect_error(
+        &GOOD_BRIDGE.replace("http://127.0.0.1:2/hook", "${NOPE_NOT_SET}"),
+        &conn,
+        &[
+            "bridge.yaml:10:",
+            "endpoints.agent.url",
+            "`NOPE_NOT_SET` is not set",
+        ],
+    );
+    // Bad duration.
+    expect_error(
+        &GOOD_BRIDGE.replace("timeout: 10s", "timeout: 10 parsecs"),
+        &conn,
+        &[
+            "bridge.yaml:12:",
+            "endpoints.agent.timeout",
+            "expected a duration",
+        ],
+    );
+    // Bad cron.
+    expect_error(
+        &GOOD_BRIDGE.replace("every 30s", "\"61 * * * *\""),
+        &conn,
+        &[
+            "bridge.yaml:6:",
+            "sources.balances.schedule",
+            "invalid cron",
+        ],
+    );
+    // Unknown endpoint in deliver_to.
+    expect_error(
+        &GOOD_BRIDGE.replace("[agent]", "[agnet]"),
+        &conn,
+        &[
+            "bridge.yaml:7:",
+            "sources.balances.deliver_to",
+            "no endpoint named `agnet`",
+            "agent",
+        ],
+    );
+    // Unknown connector param.
+    expect_error(
+        &GOOD_BRIDGE.replace("account: acc-0001", "acount: acc-0001"),
+        &conn,
+        &[
+            "bridge.yaml:5:",
+            "declares no param `acount`",
+            "bank-balance.yaml",
+        ],
+    );
+    // Missing required param: names both files.
+    expect_error(
+        &GOOD_BRIDGE.replace(", account: acc-0001", ""),
+        &conn,
+        &[
+            "bridge.yaml:4:",
+            "requires param `account`",
+            "bank-balance.yaml:7",
+        ],
+    );
+    // A bad secret is refused without being printed.
+    expect_error(
+        &GOOD_BRIDGE.replace("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "hunter2-secret"),
+        &conn,
+        &["bridge.yaml:11:", "endpoints.agent.secret", "whsec_"],
+    );
+    // A secret from the environment never appears in the error.
+    let d = Daemon::new(
+        &GOOD_BRIDGE.replace("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "${AGENT_SECRET}"),
+        &[("bank-balance.yaml", conn)],
+    );
+    let out = d
+        .command(&["validate"])
+        .env("AGENT_SECRET", "hunter2-secret")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("endpoints.agent.secret"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "the secret leaked into the error:\n{err}"
+    );
+}
+
+#[test]
+fn connector_errors_name_the_connector_file() {
+    let bridge = GOOD_BRIDGE;
+    let conn = repo_connector("bank-balance.yaml");
+    // Bad JSONPath.
+    let bad = conn.replace(
+        "detect: snapshot",
+        "detect: new\nitems: \"$.[\"\nid: \"{{ item.id }}\"",
+    );
+    expect_error(
+        bridge,
+        &bad,
+        &["bank-balance.yaml:", "items", "invalid JSONPath"],
+    );
+    // A typo in a template variable.
+    let bad = conn.replace("{{ account }}/balance", "{{ acount }}/balance");
+    expect_error(
+        bridge,
+        &bad,
+        &[
+            "bank-balance.yaml:",
+            "request.url",
+            "unknown variable `acount`",
+        ],
+    );
+    // Bad condition syntax.
+    let bad = conn.replace(
+        "current.available != previous.available",
+        "current.available !=",
+    );
+    expect_error(
+        bridge,
+        &bad,
+        &["bank-balance.yaml:", "when", "invalid condition"],
+    );
+    // Unknown key in a connector.
+    let bad = conn.replace("detect: snapshot", "detect: snapshot\nemitt: []");
+    expect_error(
+        bridge,
+        &bad,
+        &["bank-balance.yaml:", "unknown field `emitt`"],
+    );
+}

@@ -1,0 +1,14 @@
+//! The one integration-test binary: real HTTP on 127.0.0.1 (the mock bank
+//! of the example and a verifying receiver), a real sled store in a temp
+//! dir, and the real `pollhook` binary.
+
+#[path = "../../examples/mock-bank/bank.rs"]
+mod bank;
+mod support;
+
+mod bank_example;
+mod cli;
+mod config_errors;
+mod crash;
+mod delivery;
+mod upstream_faults;

@@ -1,0 +1,139 @@
+//! Guarantee 5: an upstream that answers 500, HTML, truncated JSON or too
+//! large a body is an error on that instance, never an event or a crash, and
+//! the other instances go on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::support::*;
+
+async fn upstream(State(v): State<Arc<AtomicU64>>, Path(mode): Path<String>) -> Response {
+    match mode.as_str() {
+        "ok" => {
+            axum::Json(serde_json::json!({ "value": v.load(Ordering::SeqCst) })).into_response()
+        }
+        "e500" => (StatusCode::INTERNAL_SERVER_ERROR, "oops").into_response(),
+        "html" => (
+            [("content-type", "text/html")],
+            "<!DOCTYPE html><html><body>Maintenance</body></html>",
+        )
+            .into_response(),
+        "truncated" => (
+            [("content-type", "application/json")],
+            r#"{"value": 1, "more": [1, 2"#,
+        )
+            .into_response(),
+        "huge" => axum::Json(serde_json::json!({ "value": "x".repeat(64 * 1024) })).into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+const CONNECTOR: &str = r#"
+name: probe
+params: { base_url: { required: true }, mode: { required: true } }
+request:
+  url: "{{ base_url }}/{{ mode }}"
+  max_response_bytes: 4096
+  timeout: 2s
+detect: snapshot
+emit: [{ type: probe.changed, when: "current.value != previous.value" }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_upstreams_are_errors_of_their_instance_only() {
+    let value = Arc::new(AtomicU64::new(1));
+    let app = Router::new()
+        .route("/{mode}", get(upstream))
+        .with_state(value.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  probe:
+    connector: probe
+    with: {{ base_url: "http://{addr}" }}
+    for_each: {{ mode: [ok, e500, html, truncated, huge] }}
+    schedule: every 50ms
+    deliver_to: [agent]
+  gone:
+    connector: probe
+    with: {{ base_url: "http://{closed}", mode: ok }}
+    schedule: every 50ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{url}", secret: "{secret}" }}
+"#,
+        url = rx.url,
+        secret = secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("probe.yaml", CONNECTOR.to_string())]);
+    d.start().await;
+    d.wait_polls(&["probe/ok"], 1).await;
+    value.store(2, Ordering::SeqCst);
+    wait_for(
+        "the healthy instance's change",
+        Duration::from_secs(20),
+        || rx.accepted().len() == 1,
+    )
+    .await;
+    let polls = d.status().await["instances"]["probe/ok"]["polls_ok"]
+        .as_u64()
+        .unwrap();
+    d.wait_polls(&["probe/ok"], polls + 3).await;
+
+    let s = d.status().await;
+    let err = |i: &str| {
+        s["instances"][i]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(err("probe/e500").contains("HTTP 500"), "{s:#}");
+    assert!(
+        err("probe/html").contains("not valid JSON")
+            && err("probe/html").contains("<!DOCTYPE html>"),
+        "{s:#}"
+    );
+    assert!(err("probe/truncated").contains("not valid JSON"), "{s:#}");
+    assert!(err("probe/huge").contains("4096-byte cap"), "{s:#}");
+    assert!(err("gone/default").contains("cannot connect"), "{s:#}");
+    for i in [
+        "probe/e500",
+        "probe/html",
+        "probe/truncated",
+        "probe/huge",
+        "gone/default",
+    ] {
+        assert!(
+            s["instances"][i]["polls_failed"].as_u64().unwrap() >= 1,
+            "{i}: {s:#}"
+        );
+        assert_eq!(s["instances"][i]["polls_ok"], 0, "{i}");
+        assert_eq!(s["instances"][i]["events"], 0, "{i}");
+    }
+    let got = rx.accepted();
+    assert_eq!(got.len(), 1, "only the healthy instance emitted");
+    assert_eq!(got[0].body["instance"], "ok");
+    assert!(
+        d.log().contains("instance=probe/html"),
+        "log lines name the instance"
+    );
+    assert!(d.terminate().success(), "still running, exits cleanly");
+}
