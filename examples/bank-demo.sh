@@ -6,19 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked --bin pollhook --example mock-bank --example receiver
+bin=${CARGO_TARGET_DIR:-target}/release
 
 BANK_LISTEN=${BANK_LISTEN:-127.0.0.1:8081}
 AGENT_LISTEN=${AGENT_LISTEN:-127.0.0.1:8082}
 export BANK_URL=${BANK_URL:-http://$BANK_LISTEN}
 export AGENT_URL=${AGENT_URL:-http://$AGENT_LISTEN/webhook}
-export AGENT_SECRET=${AGENT_SECRET:-$(target/release/pollhook secret generate)}
+export AGENT_SECRET=${AGENT_SECRET:-$("$bin/pollhook" secret generate)}
 export POLLHOOK_STATE_DIR=${POLLHOOK_STATE_DIR:-./state}
 
-target/release/examples/mock-bank --listen "$BANK_LISTEN" --accounts 3 --every 3s &
-target/release/examples/receiver --listen "$AGENT_LISTEN" &
+"$bin"/examples/mock-bank --listen "$BANK_LISTEN" --accounts 3 --every 3s &
+"$bin"/examples/receiver --listen "$AGENT_LISTEN" &
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 
-target/release/pollhook validate --config bridge.yaml
-exec_status=0
-target/release/pollhook run --config bridge.yaml || exec_status=$?
-exit $exec_status
+"$bin/pollhook" validate --config bridge.yaml
+"$bin/pollhook" run --config bridge.yaml
