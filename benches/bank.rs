@@ -26,7 +26,10 @@ use axum::Router;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Rx {
@@ -43,7 +46,9 @@ async fn receive(State(rx): State<Arc<Mutex<Rx>>>, headers: HeaderMap, body: Byt
     }
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     if let Some(id) = v["data"]["id"].as_str() {
-        rx.arrivals.entry(id.to_string()).or_insert_with(Instant::now);
+        rx.arrivals
+            .entry(id.to_string())
+            .or_insert_with(Instant::now);
     }
     StatusCode::NO_CONTENT
 }
@@ -51,8 +56,18 @@ async fn receive(State(rx): State<Arc<Mutex<Rx>>>, headers: HeaderMap, body: Byt
 /// (utime+stime seconds, peak RSS KiB) of a process.
 fn proc_usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     let cpu = (ticks(11) + ticks(12)) / 100.0;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm = status
@@ -87,7 +102,9 @@ async fn main() {
         arrivals: HashMap::new(),
         bad: 0,
     }));
-    let app = Router::new().route("/hook", post(receive)).with_state(rx.clone());
+    let app = Router::new()
+        .route("/hook", post(receive))
+        .with_state(rx.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rx_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -95,7 +112,11 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir(dir.path().join("connectors")).unwrap();
-    std::fs::copy(root.join("connectors/bank-transactions.yaml"), dir.path().join("connectors/bank-transactions.yaml")).unwrap();
+    std::fs::copy(
+        root.join("connectors/bank-transactions.yaml"),
+        dir.path().join("connectors/bank-transactions.yaml"),
+    )
+    .unwrap();
     let list = ids.join(", ");
     std::fs::write(
         dir.path().join("bridge.yaml"),
@@ -168,8 +189,23 @@ endpoints:
     let delivered = lat.len();
     let wall = done.duration_since(start).as_secs_f64();
     println!("bank benchmark: {accounts} accounts polled every 250ms, {rate} transactions/s booked for {seconds}s");
-    println!("  booked {}, delivered {} ({} missing), bad signatures {}", booked.len(), delivered, booked.len() - delivered, rx.bad);
-    println!("  throughput: {:.0} events/s delivered end to end (drain after feed: {:.2}s)", delivered as f64 / wall, done.duration_since(feed_end).as_secs_f64());
+    println!(
+        "  booked {}, delivered {} ({} missing), bad signatures {}",
+        booked.len(),
+        delivered,
+        booked.len() - delivered,
+        rx.bad
+    );
+    println!(
+        "  throughput: {:.0} events/s delivered end to end (drain after feed: {:.2}s)",
+        delivered as f64 / wall,
+        done.duration_since(feed_end).as_secs_f64()
+    );
     println!("  latency booking -> arrival: p50 {:?}, p99 {:?}, max {:?}  (includes up to one 250ms poll interval)", pct(&lat, 0.5), pct(&lat, 0.99), pct(&lat, 1.0));
-    println!("  daemon: {:.2} CPU seconds ({:.0}% of a core over the run), peak RSS {:.1} MiB", cpu1 - cpu0, (cpu1 - cpu0) / wall * 100.0, rss as f64 / 1024.0);
+    println!(
+        "  daemon: {:.2} CPU seconds ({:.0}% of a core over the run), peak RSS {:.1} MiB",
+        cpu1 - cpu0,
+        (cpu1 - cpu0) / wall * 100.0,
+        rss as f64 / 1024.0
+    );
 }
