@@ -75,8 +75,7 @@ pub struct RawSource {
 }
 
 /// `deliver_to:` in its two forms.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum DeliverTo {
     /// `[finance-agent, audit]`: every event type.
     All(Vec<String>),
@@ -104,11 +103,54 @@ pub struct RawEndpoint {
 }
 
 /// One secret or several.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum Secrets {
     One(String),
     Many(Vec<String>),
+}
+
+// Hand-written rather than `#[serde(untagged)]`: untagged enums lose the
+// YAML location and say only "did not match any variant".
+impl<'de> Deserialize<'de> for DeliverTo {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DeliverTo;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of endpoint names (`[finance-agent]`) or a map of endpoint to event types (`{ finance-agent: [bank.balance.low] }`)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DeliverTo, E> {
+                Ok(DeliverTo::All(vec![v.to_string()]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<DeliverTo, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(DeliverTo::All)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DeliverTo, A::Error> {
+                BTreeMap::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(DeliverTo::ByType)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secrets {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Secrets;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a `whsec_…` secret or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Secrets, E> {
+                Ok(Secrets::One(v.to_string()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Secrets, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Secrets::Many)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `retry:` of an endpoint.
