@@ -112,3 +112,82 @@ endpoints:
         "secrets are masked: {stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_from_a_secret_param_is_sent_and_masked() {
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use base64::Engine as _;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("crm-user:pa55-w0rd-xyz")
+    );
+    let app = axum::Router::new().route(
+        "/tickets",
+        axum::routing::get(move |headers: HeaderMap| {
+            let ok = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                == Some(expected.as_str());
+            async move {
+                if ok {
+                    axum::Json(
+                        serde_json::json!({"tickets": [{"id": 7, "title": "printer on fire"}]}),
+                    )
+                    .into_response()
+                } else {
+                    StatusCode::UNAUTHORIZED.into_response()
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let connector = r#"
+name: tickets
+params:
+  base_url: { required: true }
+  user: { required: true }
+  password: { required: true, secret: true }
+request:
+  url: "{{ base_url }}/tickets"
+  query: { key: "{{ password }}" }   # some legacy APIs want it in the URL too
+  auth: { type: basic, username: "{{ user }}", password: "{{ password }}" }
+items: "$.tickets[*]"
+id: "{{ item.id }}"
+detect: new
+emit: [{ type: ticket.created }]
+"#;
+    let run = move |password: &'static str| {
+        let bridge = format!(
+            "sources:\n  t:\n    connector: tickets\n    with: {{ base_url: \"http://{addr}\", user: crm-user, password: \"${{CRM_PASSWORD}}\" }}\n    schedule: every 1m\n    deliver_to: [a]\nendpoints:\n  a: {{ url: \"http://127.0.0.1:9/\", secret: \"{}\" }}\n",
+            secret()
+        );
+        let d = Daemon::new(&bridge, &[("tickets.yaml", connector.to_string())]);
+        let out = d
+            .command(&["test", "t"])
+            .env("CRM_PASSWORD", password)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, out) = tokio::task::spawn_blocking(move || run("pa55-w0rd-xyz"))
+        .await
+        .unwrap();
+    assert!(
+        ok && out.contains("1 event(s)") && out.contains("printer on fire"),
+        "{out}"
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || run("wrong-password"))
+        .await
+        .unwrap();
+    assert!(!ok && out.contains("HTTP 401"), "{out}");
+    assert!(
+        !out.contains("wrong-password"),
+        "the secret param is masked: {out}"
+    );
+}
