@@ -141,9 +141,7 @@ async fn basic_auth_from_a_secret_param_is_sent_and_masked() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = serve(app).await;
     let connector = r#"
 name: tickets
 params:

@@ -31,6 +31,14 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
     }
 }
 
+/// Serves `app` on a free port of 127.0.0.1 in the background.
+pub async fn serve(app: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
 /// One webhook as the receiver saw it.
 #[derive(Clone, Debug)]
 pub struct Delivery {
@@ -78,9 +86,7 @@ impl Receiver {
         let app = Router::new()
             .route("/hook", post(receive))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = serve(app).await;
         Receiver {
             url: format!("http://{addr}/hook"),
             state,

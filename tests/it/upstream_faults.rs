@@ -52,9 +52,7 @@ async fn broken_upstreams_are_errors_of_their_instance_only() {
     let app = Router::new()
         .route("/{mode}", get(upstream))
         .with_state(value.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = serve(app).await;
     // A port nobody listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
