@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Instance, Source};
+use crate::connector::auth::TokenCache;
 use crate::connector::detect::{detect, Detection};
 use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
 use crate::connector::mask;
@@ -30,6 +31,8 @@ struct Shared {
     status: Arc<Status>,
     client: reqwest::Client,
     hosts: HostGates,
+    /// OAuth2 tokens shared by every instance.
+    tokens: TokenCache,
     /// Delivery workers' wake-ups, by endpoint.
     wakes: BTreeMap<String, Arc<Notify>>,
 }
@@ -74,6 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         status: status.clone(),
         client: poll_client(),
         hosts: HostGates::new(&config.hosts),
+        tokens: TokenCache::default(),
         wakes,
     });
     let mut polls = JoinSet::new();
@@ -198,6 +202,7 @@ async fn poll_loop(
             client: &shared.client,
             hosts: &shared.hosts,
             rate_limit: rate_limit.as_ref(),
+            tokens: &shared.tokens,
         };
         match poll_once(&shared, &source, inst, &state, &env).await {
             Ok(Some(next_state)) => state = next_state,
@@ -253,8 +258,19 @@ async fn poll_once(
         });
         return Ok(None);
     }
-    let detection =
-        detect(c, &inst.vars, state, &fetched.pages, now, None).map_err(PollError::Detect)?;
+    let detection = detect(
+        c,
+        &inst.vars,
+        state,
+        &fetched.pages,
+        now,
+        None,
+        fetched.complete(),
+    )
+    .map_err(PollError::Detect)?;
+    if let Some(w) = &fetched.warning {
+        warn!(instance = %inst.key, connector = %c.name, "{}", mask(w, &inst.secrets));
+    }
     let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
     let committed = if &next != state || !events.is_empty() {
         let mut deliveries = Vec::new();
@@ -300,14 +316,19 @@ async fn poll_once(
         None
     };
     let cursor = committed.as_ref().map(|s| s.cursor.clone());
+    let evicted = committed.as_ref().map(|s| s.seen_evicted);
     shared.status.instance(&inst.key, |s| {
         s.polls_ok += 1;
         s.events += events.len() as u64;
         s.last_poll_ms = Some(crate::now_ms());
         s.last_ok_ms = s.last_poll_ms;
         s.last_error = None;
+        s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
         if let Some(c) = cursor {
             s.cursor = c;
+        }
+        if let Some(n) = evicted {
+            s.seen_evicted = n;
         }
     });
     Ok(committed)

@@ -200,10 +200,12 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
     };
     let client = pollhook::daemon::poll_client();
     let hosts = pollhook::quota::HostGates::new(&config.hosts);
+    let tokens = pollhook::connector::auth::TokenCache::default();
     let env = FetchEnv {
         client: &client,
         hosts: &hosts,
         rate_limit: None,
+        tokens: &tokens,
     };
     let mut failed = false;
     let mut matched = false;
@@ -225,12 +227,18 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
         };
         for r in &fetched.log {
             println!(
-                "   {} {} -> {} ({} bytes)",
+                "   {} {} -> {} ({} bytes{})",
                 r.method,
                 mask(&r.url, &inst.secrets),
                 r.status,
-                r.bytes
+                r.bytes,
+                r.items
+                    .map(|n| format!(", {n} records"))
+                    .unwrap_or_default()
             );
+        }
+        if let Some(w) = &fetched.warning {
+            println!("   warning: {}", mask(w, &inst.secrets));
         }
         // Baseline forced to `emit`: a dry run shows what would be sent.
         let d = match detect(
@@ -240,6 +248,7 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
             &fetched.pages,
             now,
             Some(Baseline::Emit),
+            fetched.complete(),
         ) {
             Ok(d) => d,
             Err(e) => {

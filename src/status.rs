@@ -22,6 +22,11 @@ pub struct InstanceStatus {
     pub next_poll_ms: Option<i64>,
     /// Why the last poll failed, when it did (secrets masked).
     pub last_error: Option<String>,
+    /// A poll that succeeded but not entirely as configured (the page cap
+    /// reached, a paging loop): what happened, until a poll without it.
+    pub last_warning: Option<String>,
+    /// `detect: new`: ids forgotten because of `seen_limit` / `seen_ttl`.
+    pub seen_evicted: u64,
     pub polls_ok: u64,
     pub polls_failed: u64,
     pub polls_not_modified: u64,

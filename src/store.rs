@@ -60,9 +60,16 @@ pub struct InstanceState {
     /// `new`: ids seen, oldest first, bounded by the connector's `seen_limit`.
     #[serde(default)]
     pub seen: VecDeque<String>,
+    /// When each id of `seen` was first seen (ms since the epoch), for
+    /// `seen_ttl`. Shorter than `seen` in states written before it existed.
+    #[serde(default)]
+    pub seen_at: VecDeque<i64>,
     /// `new`: ids dropped from `seen` because of its bound.
     #[serde(default)]
     pub seen_evicted: u64,
+    /// `changes`: the last version of every item of the listing, by id.
+    #[serde(default)]
+    pub known: std::collections::BTreeMap<String, KnownItem>,
     /// Sequence number of the last event of this instance.
     #[serde(default)]
     pub sequence: u64,
@@ -74,6 +81,15 @@ pub struct InstanceState {
     pub last_modified: Option<String>,
     #[serde(default)]
     pub validator_url: Option<String>,
+}
+
+/// `changes`: what is remembered of one item.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KnownItem {
+    /// Its version (the `version` template, or the item's hash).
+    pub version: String,
+    /// The item itself: the `previous` of its next update or deletion.
+    pub item: Value,
 }
 
 /// One event waiting for one endpoint.

@@ -23,6 +23,62 @@ pub struct Engine {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tpl(String);
 
+/// A JSON value whose strings are templates: `request.json` bodies and
+/// `emit[].data`. A string that is exactly one `{{ expression }}` yields the
+/// expression's own value (a number stays a number, an object stays an
+/// object); any other string renders to text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ValueTpl {
+    /// No template inside: used as is.
+    Literal(serde_json::Value),
+    /// A string with template syntax, rendered to text.
+    Text(Tpl),
+    /// `{{ expr }}` alone: rendered through `tojson`, parsed back.
+    Native(Tpl),
+    Array(Vec<ValueTpl>),
+    Object(Vec<(String, ValueTpl)>),
+}
+
+/// True when a string holds template syntax.
+fn is_template(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%")
+}
+
+/// The expression of a string that is exactly one `{{ expr }}`.
+fn lone_expression(s: &str) -> Option<&str> {
+    let inner = s.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    (!inner.contains("{{") && !inner.contains("}}") && !inner.contains("{%")).then_some(inner)
+}
+
+/// Top-level variables every string of a value template reads.
+pub fn variables_of_value(v: &serde_json::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    walk_strings(v, &mut |s| out.extend(variables_of_template(s)));
+    out
+}
+
+/// Checks the syntax of every string of a value template.
+pub fn check_value(v: &serde_json::Value) -> Result<(), String> {
+    let mut err = None;
+    walk_strings(v, &mut |s| {
+        if err.is_none() {
+            if let Err(e) = check_template(s) {
+                err = Some(format!("invalid template `{s}`: {e}"));
+            }
+        }
+    });
+    err.map_or(Ok(()), Err)
+}
+
+fn walk_strings(v: &serde_json::Value, f: &mut dyn FnMut(&str)) {
+    match v {
+        serde_json::Value::String(s) => f(s),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| walk_strings(x, f)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| walk_strings(x, f)),
+        _ => {}
+    }
+}
+
 /// A handle to a compiled condition (`when`) of an [`Engine`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cond(String);
@@ -133,6 +189,52 @@ impl Engine {
         t.render(ctx).map_err(|e| describe(&e))
     }
 
+    /// Compiles a value template (see [`ValueTpl`]).
+    pub fn value_template(&mut self, v: &serde_json::Value) -> Result<ValueTpl, String> {
+        Ok(match v {
+            serde_json::Value::String(s) if is_template(s) => match lone_expression(s) {
+                Some(expr) => {
+                    ValueTpl::Native(self.template(&format!("{{{{ ({expr}) | tojson }}}}"))?)
+                }
+                None => ValueTpl::Text(self.template(s)?),
+            },
+            serde_json::Value::Array(a) => ValueTpl::Array(
+                a.iter()
+                    .map(|x| self.value_template(x))
+                    .collect::<Result<_, _>>()?,
+            ),
+            serde_json::Value::Object(o) => ValueTpl::Object(
+                o.iter()
+                    .map(|(k, x)| Ok((k.clone(), self.value_template(x)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => ValueTpl::Literal(other.clone()),
+        })
+    }
+
+    /// Renders a value template with `ctx`.
+    pub fn render_value(&self, t: &ValueTpl, ctx: &Value) -> Result<serde_json::Value, String> {
+        Ok(match t {
+            ValueTpl::Literal(v) => v.clone(),
+            ValueTpl::Text(t) => serde_json::Value::String(self.render(t, ctx)?),
+            ValueTpl::Native(t) => {
+                let text = self.render(t, ctx)?;
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("cannot read back `{text}`: {e}"))?
+            }
+            ValueTpl::Array(a) => serde_json::Value::Array(
+                a.iter()
+                    .map(|x| self.render_value(x, ctx))
+                    .collect::<Result<_, _>>()?,
+            ),
+            ValueTpl::Object(o) => serde_json::Value::Object(
+                o.iter()
+                    .map(|(k, x)| Ok((k.clone(), self.render_value(x, ctx)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+        })
+    }
+
     /// Evaluates a condition with `ctx`.
     pub fn test(&self, cond: &Cond, ctx: &Value) -> Result<bool, String> {
         let t = self.env.get_template(&cond.0).map_err(|e| describe(&e))?;
@@ -162,6 +264,36 @@ mod tests {
         }));
         assert!(e.test(&c, &yes).unwrap());
         assert!(!e.test(&c, &no).unwrap());
+    }
+
+    #[test]
+    fn value_templates_keep_native_types() {
+        let mut e = Engine::new();
+        let src = serde_json::json!({
+            "method": "search",
+            "params": {"since": "{{ cursor }}", "limit": "{{ n }}", "item": "{{ item }}", "label": "n={{ n }}"},
+            "fixed": [1, true, null]
+        });
+        check_value(&src).unwrap();
+        let vars = variables_of_value(&src);
+        assert_eq!(
+            vars.into_iter().collect::<Vec<_>>(),
+            ["cursor", "item", "n"]
+        );
+        let t = e.value_template(&src).unwrap();
+        let ctx =
+            Value::from_serialize(serde_json::json!({"cursor": "c1", "n": 50, "item": {"a": [1]}}));
+        assert_eq!(
+            e.render_value(&t, &ctx).unwrap(),
+            serde_json::json!({
+                "method": "search",
+                "params": {"since": "c1", "limit": 50, "item": {"a": [1]}, "label": "n=50"},
+                "fixed": [1, true, null]
+            })
+        );
+        assert!(e
+            .render_value(&t, &Value::from_serialize(serde_json::json!({})))
+            .is_err());
     }
 
     #[test]

@@ -4,6 +4,14 @@
 //! those of the file, so a missing variable is reported at its line, and the
 //! YAML parser's later locations stay exact. Comments are left alone, so a
 //! commented-out `${OLD_VAR}` needs no value. `$${` writes a literal `${`.
+//!
+//! Secrets that should not live in the environment come from files:
+//! `${file:/run/secrets/bank_token}` reads a file, and
+//! `${credential:bank_token}` reads `$CREDENTIALS_DIRECTORY/bank_token`, the
+//! directory systemd fills from `LoadCredential=`/`SetCredential=` (so the
+//! secret never appears in the unit file or `systemctl show`). One trailing
+//! newline is dropped, as `echo secret > file` writes one. Errors name the
+//! file, never its content.
 
 use std::path::Path;
 
@@ -54,7 +62,14 @@ pub fn interpolate(
                 None => (inner, None),
             };
             let column = (code.len() - rest.len() + i + 1) as u64;
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if let Some((scheme, arg)) = name.split_once(':') {
+                match read_secret(scheme, arg, lookup) {
+                    Ok(value) => out.push_str(&value),
+                    Err(msg) => errors.push(ConfigError::at(file, text, line_no, column, "", msg)),
+                }
+            } else if name.is_empty()
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
                 errors.push(ConfigError::at(
                     file,
                     text,
@@ -98,6 +113,50 @@ pub fn interpolate(
     }
 }
 
+/// `${file:PATH}` and `${credential:NAME}`.
+fn read_secret(
+    scheme: &str,
+    arg: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let path = match scheme {
+        "file" => std::path::PathBuf::from(arg),
+        "credential" => {
+            if arg.is_empty() || arg.contains('/') {
+                return Err(format!(
+                    "`${{credential:{arg}}}`: expected a credential name without `/`"
+                ));
+            }
+            let Some(dir) = lookup("CREDENTIALS_DIRECTORY") else {
+                return Err(format!(
+                    "`${{credential:{arg}}}`: $CREDENTIALS_DIRECTORY is not set (it is set by systemd for units with `LoadCredential={arg}:/path`)"
+                ));
+            };
+            Path::new(&dir).join(arg)
+        }
+        other => {
+            return Err(format!(
+                "`${{{other}:…}}`: expected `${{VAR}}`, `${{file:/path}}` or `${{credential:name}}`"
+            ))
+        }
+    };
+    let mut value = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    if value.ends_with('\n') {
+        value.pop();
+        if value.ends_with('\r') {
+            value.pop();
+        }
+    }
+    if value.contains('\n') {
+        return Err(format!(
+            "secret file {} holds several lines; a config value cannot",
+            path.display()
+        ));
+    }
+    Ok(value)
+}
+
 /// Splits a line into code and a trailing `# comment` (a `#` at the start or
 /// after whitespace, outside quotes).
 fn split_comment(line: &str) -> (&str, &str) {
@@ -138,6 +197,31 @@ mod tests {
             out,
             "a: http://127.0.0.1:8081/x\nb: 7\nc: ''\nd: ${LITERAL} $5\n# e: ${COMMENTED}\nf: 1 # ${ALSO}\n"
         );
+    }
+
+    #[test]
+    fn secrets_from_files_and_systemd_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "s3cret\n").unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        let lookup = move |n: &str| (n == "CREDENTIALS_DIRECTORY").then(|| d.clone());
+        let text = format!(
+            "a: ${{file:{}/tok}}\nb: ${{credential:tok}}\n",
+            dir.path().display()
+        );
+        let out = interpolate(Path::new("b.yaml"), &text, &lookup).unwrap();
+        assert_eq!(out, "a: s3cret\nb: s3cret\n");
+        let errs = interpolate(Path::new("b.yaml"), "x: ${credential:nope}\n", &lookup)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("b.yaml:1") && errs.contains("cannot read secret file"),
+            "{errs}"
+        );
+        let errs = interpolate(Path::new("b.yaml"), "x: ${credential:tok}\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(errs.contains("CREDENTIALS_DIRECTORY is not set"), "{errs}");
     }
 
     #[test]

@@ -58,8 +58,9 @@ pub struct RawAdmin {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
-    /// Name of a connector found through `connectors:`.
-    pub connector: Spanned<String>,
+    /// Name of a connector found through `connectors:`, or a whole
+    /// connector written inline (a one-off that needs no file of its own).
+    pub connector: Spanned<ConnectorRef>,
     /// Values of the connector's params.
     #[serde(default)]
     pub with: BTreeMap<String, Spanned<serde_json::Value>>,
@@ -72,6 +73,33 @@ pub struct RawSource {
     pub schedule: Option<ScheduleSpec>,
     /// Endpoints: a list (every event type) or a map endpoint → event types.
     pub deliver_to: Spanned<DeliverTo>,
+}
+
+/// `connector:` of a source: a name, or a connector inline.
+#[derive(Debug)]
+pub enum ConnectorRef {
+    Name(String),
+    Inline(Box<RawConnector>),
+}
+
+impl<'de> Deserialize<'de> for ConnectorRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ConnectorRef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a connector name, or a connector written inline (a map with `request:`, `detect:`, `emit:`)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConnectorRef, E> {
+                Ok(ConnectorRef::Name(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ConnectorRef, A::Error> {
+                RawConnector::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|c| ConnectorRef::Inline(Box::new(c)))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `deliver_to:` in its two forms.
@@ -199,8 +227,10 @@ pub struct RawHost {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConnector {
-    /// The name sources refer to.
-    pub name: Spanned<String>,
+    /// The name sources refer to (required in a connector file; an inline
+    /// connector takes its source's name).
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
     /// Free text for humans.
     #[serde(default)]
     pub description: Option<String>,
@@ -215,6 +245,9 @@ pub struct RawConnector {
     pub rate_limit: Option<Rate>,
     /// The request of one poll.
     pub request: RawRequest,
+    /// How to read the body (`json`, `xml`, `csv`; by Content-Type when absent).
+    #[serde(default)]
+    pub response: Option<RawResponse>,
     /// Following more pages within one poll.
     #[serde(default)]
     pub paginate: Option<RawPaginate>,
@@ -224,6 +257,13 @@ pub struct RawConnector {
     /// What makes an item unique (`detect: new`).
     #[serde(default)]
     pub id: Option<Spanned<TemplateSrc>>,
+    /// `detect: changes`: what tells two versions of an item apart (e.g.
+    /// `{{ item.updated_at }}`); the item's hash when absent.
+    #[serde(default)]
+    pub version: Option<Spanned<TemplateSrc>>,
+    /// `detect: snapshot`: watch only this part of the resource.
+    #[serde(default)]
+    pub watch: Option<Spanned<JsonPathSrc>>,
     /// Where the next poll resumes.
     #[serde(default)]
     pub cursor: Option<RawCursor>,
@@ -235,6 +275,10 @@ pub struct RawConnector {
     /// How many item ids an instance remembers (`detect: new`).
     #[serde(default)]
     pub seen_limit: Option<usize>,
+    /// How long an item id is remembered (`detect: new`); unbounded in age
+    /// when absent (the count bound still holds).
+    #[serde(default)]
+    pub seen_ttl: Option<Dur>,
     /// Event rules.
     pub emit: Vec<RawEmit>,
 }
@@ -274,9 +318,16 @@ pub struct RawRequest {
     #[serde(default)]
     pub headers: BTreeMap<String, Spanned<TemplateSrc>>,
     /// Raw body template (sent with `content-type: application/json` unless a
-    /// header says otherwise).
+    /// header says otherwise): SOAP envelopes, hand-written JSON-RPC.
     #[serde(default)]
     pub body: Option<Spanned<TemplateSrc>>,
+    /// A JSON body written as YAML; every string is a template, and a lone
+    /// `{{ expr }}` keeps its type.
+    #[serde(default)]
+    pub json: Option<Spanned<ValueSrc>>,
+    /// A form body (`application/x-www-form-urlencoded`); values are templates.
+    #[serde(default)]
+    pub form: Option<Spanned<BTreeMap<String, TemplateSrc>>>,
     /// Authentication.
     #[serde(default)]
     pub auth: Option<RawAuth>,
@@ -300,19 +351,126 @@ pub enum RawAuth {
         #[serde(default)]
         password: Option<TemplateSrc>,
     },
+    /// An API key in a header or a query parameter.
+    ApiKey {
+        /// `header` (default) or `query`.
+        #[serde(default, rename = "in")]
+        location: KeyLocation,
+        /// Header or parameter name, e.g. `X-API-Key` or `api_key`.
+        name: String,
+        value: TemplateSrc,
+    },
+    /// OAuth2 client credentials (RFC 6749 §4.4): a token is fetched from
+    /// `token_url`, cached until shortly before it expires, and fetched again
+    /// once when the API answers 401.
+    Oauth2 {
+        token_url: TemplateSrc,
+        client_id: TemplateSrc,
+        client_secret: TemplateSrc,
+        #[serde(default)]
+        scope: Option<TemplateSrc>,
+        /// Extra form fields of the token request (e.g. `audience`).
+        #[serde(default)]
+        params: BTreeMap<String, TemplateSrc>,
+        /// How the client authenticates to the token endpoint: `basic`
+        /// (default, RFC 6749's recommendation) or `body`.
+        #[serde(default)]
+        client_auth: ClientAuth,
+    },
 }
 
-/// `paginate:` (cursor in the body).
+/// Where an API key goes.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyLocation {
+    #[default]
+    Header,
+    Query,
+}
+
+/// How OAuth2 client credentials reach the token endpoint.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    Basic,
+    Body,
+}
+
+/// `response:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponse {
+    /// `auto` (default: by Content-Type, then by the first byte), `json`,
+    /// `xml` or `csv`. XML and CSV become the same JSON tree JSONPath reads.
+    #[serde(default)]
+    pub format: Option<crate::connector::format::Format>,
+}
+
+/// `paginate:`: exactly one style (`cursor_from` + `param`, `next_url`,
+/// `link_header`, `page`, `offset`), then stop conditions and caps.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPaginate {
-    /// JSONPath of the next page's cursor in each page.
-    pub cursor_from: Spanned<JsonPathSrc>,
-    /// Query parameter that carries it.
-    pub param: String,
-    /// Most pages per poll (default 100); the next poll goes on from there.
+    /// Cursor style: JSONPath of the next page's cursor in each page.
+    #[serde(default)]
+    pub cursor_from: Option<Spanned<JsonPathSrc>>,
+    /// Cursor style: the query parameter that carries it.
+    #[serde(default)]
+    pub param: Option<String>,
+    /// Next-URL style: JSONPath of the next page's URL (absolute or relative).
+    #[serde(default)]
+    pub next_url: Option<Spanned<JsonPathSrc>>,
+    /// `Link` header style (RFC 8288 `rel="next"`), as GitHub and GitLab page.
+    #[serde(default)]
+    pub link_header: Option<bool>,
+    /// Page-number style.
+    #[serde(default)]
+    pub page: Option<RawPageNumber>,
+    /// Offset/limit style.
+    #[serde(default)]
+    pub offset: Option<RawOffset>,
+    /// Stop after a page for which this condition (over `page`, the body,
+    /// and `count`, its number of items) is true.
+    #[serde(default)]
+    pub stop_when: Option<Spanned<ConditionSrc>>,
+    /// Most pages per poll (default 100). Reaching it is reported on the
+    /// instance's status; what was read is still processed.
     #[serde(default)]
     pub max_pages: Option<u32>,
+    /// Hosts a next URL may point to besides the first request's host.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+}
+
+/// `paginate.page:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPageNumber {
+    /// Query parameter of the page number.
+    pub param: String,
+    /// First page number (default 1).
+    #[serde(default)]
+    pub start: Option<u64>,
+    /// Query parameter of the page size, if the API takes one.
+    #[serde(default)]
+    pub size_param: Option<String>,
+    /// Page size: a page with fewer items is the last.
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+/// `paginate.offset:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOffset {
+    /// Query parameter of the offset (starts at 0).
+    pub param: String,
+    /// Query parameter of the limit, if the API takes one.
+    #[serde(default)]
+    pub limit_param: Option<String>,
+    /// Items per page: the offset grows by it; a shorter page is the last.
+    pub limit: u64,
 }
 
 /// `cursor:`
@@ -325,14 +483,23 @@ pub struct RawCursor {
     /// Template over each item: the greatest value becomes the cursor.
     #[serde(default)]
     pub max: Option<Spanned<TemplateSrc>>,
+    /// Ask again for this much before the cursor (a timestamp or epoch
+    /// seconds), for APIs whose late writes land behind it; the overlap is
+    /// de-duplicated by item id, so it never reaches the agent twice.
+    #[serde(default)]
+    pub lookback: Option<Dur>,
 }
 
 /// Detection modes.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DetectMode {
+    /// One resource; an event when it (or its `watch`ed part) changes.
     Snapshot,
+    /// A list; an event per item id never seen.
     New,
+    /// A list; created / updated / deleted per item id.
+    Changes,
 }
 
 /// First-run behaviour.
@@ -348,12 +515,17 @@ pub enum Baseline {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEmit {
-    /// Event type, e.g. `bank.balance.changed`.
+    /// Event type, e.g. `bank.balance.changed`; may be a template
+    /// (`ticket.{{ change }}`).
     #[serde(rename = "type")]
     pub kind: Spanned<String>,
     /// Condition; the event is emitted when it is true.
     #[serde(default)]
     pub when: Option<Spanned<ConditionSrc>>,
+    /// The event's `data`, a value template; by default the item (or
+    /// `{previous, current}` for snapshots and updates).
+    #[serde(default)]
+    pub data: Option<Spanned<ValueSrc>>,
 }
 
 // ------------------------------------------------------- values with a syntax
@@ -436,6 +608,18 @@ impl<'de> Deserialize<'de> for TemplateSrc {
         template::check_template(&s)
             .map_err(|e| de::Error::custom(format!("invalid template `{s}`: {e}")))?;
         Ok(TemplateSrc(s))
+    }
+}
+
+/// A value whose strings are templates, syntax-checked at load.
+#[derive(Debug, Clone)]
+pub struct ValueSrc(pub serde_json::Value);
+
+impl<'de> Deserialize<'de> for ValueSrc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        template::check_value(&v).map_err(de::Error::custom)?;
+        Ok(ValueSrc(v))
     }
 }
 

@@ -12,11 +12,15 @@ use serde_saphyr::Spanned;
 
 use super::env::interpolate;
 use super::error::{ConfigError, ConfigErrors};
-use super::raw::{self, Baseline, DeliverTo, DetectMode, Rate, RawBridge, RawConnector, Secrets};
+use super::raw::{
+    self, Baseline, ClientAuth, ConnectorRef, DeliverTo, DetectMode, KeyLocation, Rate, RawBridge,
+    RawConnector, Secrets,
+};
+use crate::connector::format::Format;
 use crate::deliver::retry::RetryPolicy;
 use crate::deliver::sign::SigningKey;
 use crate::schedule::Schedule;
-use crate::template::{self, Cond, Engine, Tpl};
+use crate::template::{self, Cond, Engine, Tpl, ValueTpl};
 
 /// A whole, valid configuration.
 pub struct Config {
@@ -49,14 +53,24 @@ pub struct Connector {
     pub schedule: Option<Schedule>,
     pub rate_limit: Option<Rate>,
     pub request: RequestSpec,
+    /// How response bodies are read.
+    pub format: Format,
     pub paginate: Option<Paginate>,
     pub items: Option<JsonPath>,
     pub id: Option<Tpl>,
+    /// `detect: changes`: an item's version; its hash when `None`.
+    pub version: Option<Tpl>,
+    /// `detect: snapshot`: the watched part of the resource.
+    pub watch: Option<JsonPath>,
     pub cursor: Option<CursorSpec>,
+    /// Requests see `cursor` moved back by this much.
+    pub lookback: Option<Duration>,
     pub detect: DetectMode,
     pub baseline: Baseline,
     /// Most item ids remembered per instance (`detect: new`).
     pub seen_limit: usize,
+    /// Longest an item id is remembered (`detect: new`).
+    pub seen_ttl: Option<Duration>,
     pub emit: Vec<EmitRule>,
 }
 
@@ -76,23 +90,74 @@ pub struct RequestSpec {
     pub url: Tpl,
     pub query: Vec<(String, Tpl)>,
     pub headers: Vec<(String, Tpl)>,
-    pub body: Option<Tpl>,
+    pub body: Option<Body>,
     pub auth: Option<Auth>,
     pub timeout: Duration,
     pub max_response_bytes: u64,
+}
+
+/// A request body.
+pub enum Body {
+    /// Text as rendered (SOAP, hand-written JSON); JSON content type by default.
+    Raw(Tpl),
+    /// A JSON document rendered from a value template.
+    Json(ValueTpl),
+    /// `application/x-www-form-urlencoded` fields.
+    Form(Vec<(String, Tpl)>),
 }
 
 /// Request authentication.
 pub enum Auth {
     Bearer(Tpl),
     Basic(Tpl, Option<Tpl>),
+    ApiKey {
+        location: KeyLocation,
+        name: String,
+        value: Tpl,
+    },
+    OAuth2(OAuth2),
 }
 
-/// Following a next-page cursor within one poll.
+/// OAuth2 client credentials.
+pub struct OAuth2 {
+    pub token_url: Tpl,
+    pub client_id: Tpl,
+    pub client_secret: Tpl,
+    pub scope: Option<Tpl>,
+    pub params: Vec<(String, Tpl)>,
+    pub client_auth: ClientAuth,
+}
+
+/// Following more pages within one poll.
 pub struct Paginate {
-    pub cursor_from: JsonPath,
-    pub param: String,
+    pub style: PageStyle,
+    /// Stop after a page for which this is true (`page`, `count`).
+    pub stop_when: Option<Cond>,
     pub max_pages: u32,
+    /// Hosts a next URL may point to besides the first request's.
+    pub allow_hosts: Vec<String>,
+}
+
+/// How the next page is asked for.
+pub enum PageStyle {
+    /// An opaque cursor in the body, sent back in a query parameter.
+    Cursor { from: JsonPath, param: String },
+    /// The next page's URL in the body.
+    NextUrl(JsonPath),
+    /// RFC 8288 `Link: <…>; rel="next"`.
+    Link,
+    /// `?page=N` (and an optional page size).
+    Page {
+        param: String,
+        start: u64,
+        size: Option<(Option<String>, u64)>,
+    },
+    /// `?offset=N&limit=M`.
+    Offset {
+        param: String,
+        limit_param: Option<String>,
+        limit: u64,
+    },
 }
 
 /// Where the next poll resumes.
@@ -105,8 +170,26 @@ pub enum CursorSpec {
 
 /// One `emit:` rule.
 pub struct EmitRule {
-    pub kind: String,
+    pub kind: EventType,
     pub when: Option<Cond>,
+    /// `data` template; the default data when `None`.
+    pub data: Option<ValueTpl>,
+}
+
+/// An event type, fixed or rendered per change.
+pub enum EventType {
+    Fixed(String),
+    /// The template and its source (for messages and routing checks).
+    Template(Tpl, String),
+}
+
+impl EventType {
+    /// The type as written in the connector.
+    pub fn source(&self) -> &str {
+        match self {
+            EventType::Fixed(s) | EventType::Template(_, s) => s,
+        }
+    }
 }
 
 /// A source: a connector run for someone, with its instances.
@@ -319,7 +402,29 @@ impl Config {
         let mut sources = Vec::new();
         for (name, src) in &raw.sources {
             let field = format!("sources.{name}");
-            let Some(connector) = connectors.get(&src.connector.value).cloned() else {
+            let wanted = match &src.connector.value {
+                ConnectorRef::Name(n) => n,
+                ConnectorRef::Inline(rc) => {
+                    // A one-off connector: validated like a file's, with
+                    // locations in the bridge file, named after the source.
+                    match resolve_connector(file, &original, rc, Some(name)) {
+                        Ok(c) => match resolve_source(name, src, Arc::new(c), &raw.endpoints) {
+                            Ok(s) => sources.push(Arc::new(s)),
+                            Err(errs) => {
+                                for (line, column, field, msg) in errs {
+                                    at(&mut errors, line, column, &field, msg);
+                                }
+                            }
+                        },
+                        Err(e) => errors.extend(e.0.into_iter().map(|mut e| {
+                            e.field = format!("{field}.connector.{}", e.field);
+                            e
+                        })),
+                    }
+                    continue;
+                }
+            };
+            let Some(connector) = connectors.get(wanted).cloned() else {
                 let known: Vec<&str> = connectors.keys().map(String::as_str).collect();
                 at(
                     &mut errors,
@@ -327,8 +432,7 @@ impl Config {
                     src.connector.referenced.column(),
                     &format!("{field}.connector"),
                     format!(
-                        "no connector named `{}` (known: {})",
-                        src.connector.value,
+                        "no connector named `{wanted}` (known: {})",
                         if known.is_empty() {
                             "none".to_string()
                         } else {
@@ -588,7 +692,12 @@ fn resolve_source(
             "expected at least one endpoint".into(),
         ));
     }
-    let emitted: BTreeSet<&str> = connector.emit.iter().map(|e| e.kind.as_str()).collect();
+    let emitted: BTreeSet<&str> = connector.emit.iter().map(|e| e.kind.source()).collect();
+    // A templated type (`ticket.{{ change }}`) can be anything: no check.
+    let templated = connector
+        .emit
+        .iter()
+        .any(|e| matches!(e.kind, EventType::Template(..)));
     for r in &routes {
         if !endpoints.contains_key(&r.endpoint) {
             errs.push((
@@ -607,7 +716,7 @@ fn resolve_source(
             ));
         }
         for t in r.types.iter().flatten() {
-            if !emitted.contains(t.as_str()) {
+            if !templated && !emitted.contains(t.as_str()) {
                 errs.push((
                     src.deliver_to.referenced.line(),
                     src.deliver_to.referenced.column(),
@@ -664,15 +773,33 @@ pub fn load_connector(file: &Path) -> Result<Connector, ConfigErrors> {
         .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
     let raw: RawConnector =
         serde_saphyr::from_str(&text).map_err(|e| ConfigError::from_yaml(file, &text, &e))?;
-    resolve_connector(file, &text, raw)
+    resolve_connector(file, &text, &raw, None)
 }
 
+/// Validates a connector. `inline_name` is the source's name for a connector
+/// written inline in bridge.yaml (`text` is then the bridge file's).
 fn resolve_connector(
     file: &Path,
     text: &str,
-    raw: RawConnector,
+    raw: &RawConnector,
+    inline_name: Option<&str>,
 ) -> Result<Connector, ConfigErrors> {
     let mut errors = Vec::new();
+    let name = match (&raw.name, inline_name) {
+        (Some(n), _) => n.value.clone(),
+        (None, Some(n)) => n.to_string(),
+        (None, None) => {
+            errors.push(ConfigError::at(
+                file,
+                text,
+                1,
+                0,
+                "name",
+                "a connector file needs `name:` (what sources refer to)",
+            ));
+            String::new()
+        }
+    };
     let mut engine = Engine::new();
     let params: BTreeMap<String, Param> = raw
         .params
@@ -730,6 +857,47 @@ fn resolve_connector(
         }
     };
 
+    // Finds the line of a `key:` for fields that carry no location of their own.
+    let line_of = |key: &str| -> u64 {
+        text.lines()
+            .position(|l| l.trim_start().starts_with(&format!("{key}:")))
+            .map(|i| i as u64 + 1)
+            .unwrap_or(0)
+    };
+    let compile_plain = |engine: &mut Engine,
+                         src: &raw::TemplateSrc,
+                         key: &str,
+                         field: &str,
+                         extra: &[&str],
+                         errors: &mut Vec<ConfigError>|
+     -> Option<Tpl> {
+        let line = line_of(key);
+        for v in template::variables_of_template(&src.0) {
+            if !param_names.contains(&v) && !extra.contains(&v.as_str()) {
+                let mut known: Vec<String> = param_names.iter().cloned().collect();
+                known.extend(extra.iter().map(|s| s.to_string()));
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    line,
+                    0,
+                    field,
+                    format!(
+                        "unknown variable `{v}`; expected a declared param or one of: {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        match engine.template(&src.0) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(ConfigError::at(file, text, line, 0, field, e));
+                None
+            }
+        }
+    };
+
     let req = &raw.request;
     let url = compile(
         &mut engine,
@@ -773,7 +941,22 @@ fn resolve_connector(
             headers.push((k.clone(), t));
         }
     }
-    let body = req.body.as_ref().and_then(|b| {
+    let bodies = [
+        req.body.as_ref().map(|b| b.referenced.line()),
+        req.json.as_ref().map(|b| b.referenced.line()),
+        req.form.as_ref().map(|b| b.referenced.line()),
+    ];
+    if bodies.iter().flatten().count() > 1 {
+        errors.push(ConfigError::at(
+            file,
+            text,
+            bodies.iter().flatten().copied().max().unwrap_or(0),
+            0,
+            "request",
+            "give at most one of `body` (raw text), `json` and `form`",
+        ));
+    }
+    let body = if let Some(b) = &req.body {
         compile(
             &mut engine,
             b,
@@ -781,7 +964,50 @@ fn resolve_connector(
             REQUEST_BUILTINS,
             &mut errors,
         )
-    });
+        .map(Body::Raw)
+    } else if let Some(j) = &req.json {
+        check_vars(
+            file,
+            text,
+            &template::variables_of_value(&j.value.0),
+            &param_names,
+            REQUEST_BUILTINS,
+            j,
+            "request.json",
+            &mut errors,
+        );
+        match engine.value_template(&j.value.0) {
+            Ok(t) => Some(Body::Json(t)),
+            Err(e) => {
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    j.referenced.line(),
+                    j.referenced.column(),
+                    "request.json",
+                    e,
+                ));
+                None
+            }
+        }
+    } else if let Some(f) = &req.form {
+        let mut fields = Vec::new();
+        for (k, v) in &f.value {
+            if let Some(t) = compile_plain(
+                &mut engine,
+                v,
+                k,
+                &format!("request.form.{k}"),
+                REQUEST_BUILTINS,
+                &mut errors,
+            ) {
+                fields.push((k.clone(), t));
+            }
+        }
+        Some(Body::Form(fields))
+    } else {
+        None
+    };
     let method = match &req.method {
         None => reqwest::Method::GET,
         Some(m) => match reqwest::Method::from_bytes(m.value.to_ascii_uppercase().as_bytes()) {
@@ -799,13 +1025,85 @@ fn resolve_connector(
             }
         },
     };
+    let cp =
+        |engine: &mut Engine, t: &raw::TemplateSrc, key: &str, errors: &mut Vec<ConfigError>| {
+            compile_plain(
+                engine,
+                t,
+                key,
+                &format!("request.auth.{key}"),
+                REQUEST_BUILTINS,
+                errors,
+            )
+        };
     let auth = match &req.auth {
         None => None,
-        Some(raw::RawAuth::Bearer { token }) => engine.template(&token.0).ok().map(Auth::Bearer),
+        Some(raw::RawAuth::Bearer { token }) => {
+            cp(&mut engine, token, "token", &mut errors).map(Auth::Bearer)
+        }
         Some(raw::RawAuth::Basic { username, password }) => {
-            let u = engine.template(&username.0).ok();
-            let p = password.as_ref().and_then(|p| engine.template(&p.0).ok());
+            let u = cp(&mut engine, username, "username", &mut errors);
+            let p = password
+                .as_ref()
+                .and_then(|p| cp(&mut engine, p, "password", &mut errors));
             u.map(|u| Auth::Basic(u, p))
+        }
+        Some(raw::RawAuth::ApiKey {
+            location,
+            name,
+            value,
+        }) => {
+            if *location == KeyLocation::Header
+                && reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+            {
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    line_of("name"),
+                    0,
+                    "request.auth.name",
+                    format!("`{name}` is not a valid header name"),
+                ));
+            }
+            cp(&mut engine, value, "value", &mut errors).map(|value| Auth::ApiKey {
+                location: *location,
+                name: name.clone(),
+                value,
+            })
+        }
+        Some(raw::RawAuth::Oauth2 {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+            params: extra,
+            client_auth,
+        }) => {
+            let token_url = cp(&mut engine, token_url, "token_url", &mut errors);
+            let client_id = cp(&mut engine, client_id, "client_id", &mut errors);
+            let client_secret = cp(&mut engine, client_secret, "client_secret", &mut errors);
+            let scope = scope
+                .as_ref()
+                .and_then(|s| cp(&mut engine, s, "scope", &mut errors));
+            let mut ps = Vec::new();
+            for (k, v) in extra {
+                if let Some(t) = cp(&mut engine, v, k, &mut errors) {
+                    ps.push((k.clone(), t));
+                }
+            }
+            match (token_url, client_id, client_secret) {
+                (Some(token_url), Some(client_id), Some(client_secret)) => {
+                    Some(Auth::OAuth2(OAuth2 {
+                        token_url,
+                        client_id,
+                        client_secret,
+                        scope,
+                        params: ps,
+                        client_auth: *client_auth,
+                    }))
+                }
+                _ => None,
+            }
         }
     };
 
@@ -814,35 +1112,132 @@ fn resolve_connector(
         .id
         .as_ref()
         .and_then(|t| compile(&mut engine, t, "id", item_vars, &mut errors));
+    let version = raw
+        .version
+        .as_ref()
+        .and_then(|t| compile(&mut engine, t, "version", item_vars, &mut errors));
+    let mut lookback = None;
     let cursor = match &raw.cursor {
         None => None,
-        Some(c) => match (&c.from, &c.max) {
-            (Some(p), None) => Some(CursorSpec::From(
-                JsonPath::parse(&p.value.0).expect("checked at parse"),
-            )),
-            (None, Some(t)) => {
-                compile(&mut engine, t, "cursor.max", item_vars, &mut errors).map(CursorSpec::Max)
+        Some(c) => {
+            lookback = c.lookback.map(|d| d.0);
+            match (&c.from, &c.max) {
+                (Some(p), None) => Some(CursorSpec::From(
+                    JsonPath::parse(&p.value.0).expect("checked at parse"),
+                )),
+                (None, Some(t)) => compile(&mut engine, t, "cursor.max", item_vars, &mut errors)
+                    .map(CursorSpec::Max),
+                _ => {
+                    errors.push(ConfigError::at(file, text, line_of("cursor"), 0, "cursor", "give exactly one of `from` (a JSONPath to an opaque cursor) and `max` (a template over items)"));
+                    None
+                }
             }
-            _ => {
-                let line = text
-                    .lines()
-                    .position(|l| l.starts_with("cursor:"))
-                    .map(|i| i as u64 + 1)
-                    .unwrap_or(0);
-                errors.push(ConfigError::at(file, text, line, 0, "cursor", "give exactly one of `from` (a JSONPath to an opaque cursor) and `max` (a template over items)"));
-                None
-            }
-        },
+        }
     };
     let items = raw
         .items
         .as_ref()
         .map(|p| JsonPath::parse(&p.value.0).expect("checked at parse"));
-    let paginate = raw.paginate.as_ref().map(|p| Paginate {
-        cursor_from: JsonPath::parse(&p.cursor_from.value.0).expect("checked at parse"),
-        param: p.param.clone(),
-        max_pages: p.max_pages.unwrap_or(100).max(1),
-    });
+    let watch = raw
+        .watch
+        .as_ref()
+        .map(|p| JsonPath::parse(&p.value.0).expect("checked at parse"));
+    let paginate = match &raw.paginate {
+        None => None,
+        Some(p) => {
+            let line = line_of("paginate");
+            let mut styles = Vec::new();
+            match (&p.cursor_from, &p.param) {
+                (Some(from), Some(param)) => styles.push(PageStyle::Cursor {
+                    from: JsonPath::parse(&from.value.0).expect("checked at parse"),
+                    param: param.clone(),
+                }),
+                (None, None) => {}
+                _ => errors.push(ConfigError::at(
+                    file,
+                    text,
+                    line,
+                    0,
+                    "paginate",
+                    "the cursor style needs both `cursor_from` (JSONPath of the next cursor) and `param` (the query parameter that carries it)",
+                )),
+            }
+            if let Some(n) = &p.next_url {
+                styles.push(PageStyle::NextUrl(
+                    JsonPath::parse(&n.value.0).expect("checked at parse"),
+                ));
+            }
+            if p.link_header == Some(true) {
+                styles.push(PageStyle::Link);
+            }
+            if let Some(pg) = &p.page {
+                styles.push(PageStyle::Page {
+                    param: pg.param.clone(),
+                    start: pg.start.unwrap_or(1),
+                    size: pg.size.map(|n| (pg.size_param.clone(), n.max(1))),
+                });
+            }
+            if let Some(o) = &p.offset {
+                styles.push(PageStyle::Offset {
+                    param: o.param.clone(),
+                    limit_param: o.limit_param.clone(),
+                    limit: o.limit.max(1),
+                });
+            }
+            let stop_when = p.stop_when.as_ref().and_then(|w| {
+                check_vars(
+                    file,
+                    text,
+                    &template::variables_of_condition(&w.value.0),
+                    &param_names,
+                    &["page", "count", "now"],
+                    w,
+                    "paginate.stop_when",
+                    &mut errors,
+                );
+                engine.condition(&w.value.0).ok()
+            });
+            if styles.len() != 1 {
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    line,
+                    0,
+                    "paginate",
+                    format!(
+                        "expected exactly one paging style (`cursor_from` + `param`, `next_url`, `link_header: true`, `page`, `offset`), found {}",
+                        styles.len()
+                    ),
+                ));
+                None
+            } else {
+                Some(Paginate {
+                    style: styles.pop().expect("one"),
+                    stop_when,
+                    max_pages: p.max_pages.unwrap_or(100).max(1),
+                    allow_hosts: p
+                        .allow_hosts
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
+                })
+            }
+        }
+    };
+    if matches!(
+        paginate.as_ref().map(|p| &p.style),
+        Some(PageStyle::Page { .. } | PageStyle::Offset { .. })
+    ) && items.is_none()
+    {
+        errors.push(ConfigError::at(
+            file,
+            text,
+            line_of("paginate"),
+            0,
+            "paginate",
+            "`page` and `offset` paging need `items:` to see when a page is empty",
+        ));
+    }
 
     let detect_line = raw.detect.referenced.line();
     let mode_err = |errors: &mut Vec<ConfigError>, msg: &str| {
@@ -856,12 +1251,21 @@ fn resolve_connector(
         ));
     };
     match detect {
-        DetectMode::New => {
+        DetectMode::New | DetectMode::Changes => {
             if items.is_none() {
-                mode_err(&mut errors, "`detect: new` needs `items:` (a JSONPath to the list, e.g. `$.transactions[*]`)");
+                mode_err(&mut errors, "`detect: new` and `detect: changes` need `items:` (a JSONPath to the list, e.g. `$.transactions[*]`)");
             }
             if raw.id.is_none() {
-                mode_err(&mut errors, "`detect: new` needs `id:` (a template naming what makes an item unique, e.g. `{{ item.id }}`)");
+                mode_err(&mut errors, "`detect: new` and `detect: changes` need `id:` (a template naming what makes an item unique, e.g. `{{ item.id }}`)");
+            }
+            if raw.watch.is_some() {
+                mode_err(&mut errors, "`watch` belongs to `detect: snapshot`");
+            }
+            if detect == DetectMode::New && raw.version.is_some() {
+                mode_err(
+                    &mut errors,
+                    "`version` belongs to `detect: changes` (`detect: new` emits each id once)",
+                );
             }
         }
         DetectMode::Snapshot => {
@@ -869,15 +1273,17 @@ fn resolve_connector(
                 || raw.id.is_some()
                 || raw.cursor.is_some()
                 || raw.paginate.is_some()
+                || raw.version.is_some()
             {
-                mode_err(&mut errors, "`detect: snapshot` watches one resource: `items`, `id`, `cursor` and `paginate` belong to `detect: new`");
+                mode_err(&mut errors, "`detect: snapshot` watches one resource: `items`, `id`, `version`, `cursor` and `paginate` belong to `detect: new` / `changes`");
             }
         }
     }
 
     let when_vars: &[&str] = match detect {
         DetectMode::New => &["item", "cursor", "now"],
-        DetectMode::Snapshot => &["previous", "current", "now"],
+        DetectMode::Changes => &["item", "previous", "change", "changed", "cursor", "now"],
+        DetectMode::Snapshot => &["previous", "current", "resource", "now"],
     };
     let mut emit = Vec::new();
     if raw.emit.is_empty() {
@@ -916,8 +1322,38 @@ fn resolve_connector(
                 }
             }
         };
-        let kind = e.kind.value.trim().to_string();
-        if kind.is_empty() || kind.contains(char::is_whitespace) {
+        let data = match &e.data {
+            None => None,
+            Some(d) => {
+                check_vars(
+                    file,
+                    text,
+                    &template::variables_of_value(&d.value.0),
+                    &param_names,
+                    when_vars,
+                    d,
+                    &format!("emit[{i}].data"),
+                    &mut errors,
+                );
+                engine.value_template(&d.value.0).ok()
+            }
+        };
+        let src = e.kind.value.trim().to_string();
+        let kind = if src.contains("{{") || src.contains("{%") {
+            let spanned = Spanned {
+                value: raw::TemplateSrc(src.clone()),
+                referenced: e.kind.referenced,
+                defined: e.kind.defined,
+            };
+            compile(
+                &mut engine,
+                &spanned,
+                &format!("emit[{i}].type"),
+                when_vars,
+                &mut errors,
+            )
+            .map(|t| EventType::Template(t, src.clone()))
+        } else if src.is_empty() || src.contains(char::is_whitespace) {
             errors.push(ConfigError::at(
                 file,
                 text,
@@ -926,20 +1362,24 @@ fn resolve_connector(
                 &format!("emit[{i}].type"),
                 "expected an event type such as `bank.balance.changed` (no spaces)",
             ));
+            None
+        } else {
+            Some(EventType::Fixed(src))
+        };
+        if let Some(kind) = kind {
+            emit.push(EmitRule { kind, when, data });
         }
-        emit.push(EmitRule { kind, when });
     }
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    let name = raw.name.value.clone();
     Ok(Connector {
         name,
         file: file.to_path_buf(),
         engine,
         params,
-        schedule: raw.schedule.map(|s| s.0),
+        schedule: raw.schedule.as_ref().map(|s| s.0.clone()),
         rate_limit: raw.rate_limit,
         request: RequestSpec {
             method,
@@ -951,13 +1391,22 @@ fn resolve_connector(
             timeout: req.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
             max_response_bytes: req.max_response_bytes.unwrap_or(10 * 1024 * 1024),
         },
+        format: raw
+            .response
+            .as_ref()
+            .and_then(|r| r.format)
+            .unwrap_or_default(),
         paginate,
         items,
         id,
+        version,
+        watch,
         cursor,
+        lookback,
         detect,
         baseline: raw.baseline.unwrap_or_default(),
         seen_limit: raw.seen_limit.unwrap_or(10_000).max(1),
+        seen_ttl: raw.seen_ttl.map(|d| d.0),
         emit,
     })
 }

@@ -11,9 +11,9 @@ use serde_json::{json, Map, Value};
 
 use super::fetch::cursor_text;
 use crate::config::raw::{Baseline, DetectMode};
-use crate::config::{Connector, CursorSpec};
+use crate::config::{Connector, CursorSpec, EventType};
 use crate::event::value_hash;
-use crate::store::InstanceState;
+use crate::store::{InstanceState, KnownItem};
 
 /// A change found by detection, before it gets a sequence number and an id.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +53,9 @@ impl Detection {
 
 /// Runs the connector's detection mode over the pages of one poll.
 /// `baseline` overrides the connector's first-run behaviour (`pollhook test`
-/// shows what would be emitted, so it forces `emit`).
+/// shows what would be emitted, so it forces `emit`). `complete` says the
+/// pages are the whole listing (paging ended on its own, no cap was hit):
+/// only then may `detect: changes` call a missing item deleted.
 pub fn detect(
     c: &Connector,
     vars: &Map<String, Value>,
@@ -61,6 +63,7 @@ pub fn detect(
     pages: &[Value],
     now: DateTime<Utc>,
     baseline: Option<Baseline>,
+    complete: bool,
 ) -> Result<Detection, String> {
     let baseline = baseline.unwrap_or(c.baseline);
     let first_run = !prev.initialized;
@@ -74,30 +77,34 @@ pub fn detect(
     );
     let mut state = prev.clone();
     state.initialized = true;
-    let mut events = Vec::new();
-    let mut notes = Vec::new();
+    let mut out = Out::default();
 
     match c.detect {
         DetectMode::Snapshot => {
-            let current = pages.first().cloned().unwrap_or(Value::Null);
+            let resource = pages.first().cloned().unwrap_or(Value::Null);
+            let current = match &c.watch {
+                None => resource.clone(),
+                Some(path) => {
+                    let nodes = path.query(&resource).all();
+                    match nodes.len() {
+                        0 => Value::Null,
+                        1 => nodes[0].clone(),
+                        _ => Value::Array(nodes.into_iter().cloned().collect()),
+                    }
+                }
+            };
             match &prev.snapshot {
-                Some(p) if *p == current => notes.push(Note {
-                    record: "snapshot".into(),
-                    outcome: "unchanged".into(),
-                }),
+                Some(p) if *p == current => out.note("snapshot", "unchanged"),
                 Some(p) => {
                     state.generation += 1;
                     let key = format!("{}:{}", state.generation, value_hash(&current));
                     let mut ctx = base.clone();
                     ctx.insert("previous".into(), p.clone());
                     ctx.insert("current".into(), current.clone());
-                    let ctx = Ctx::from_serialize(&ctx);
+                    ctx.insert("resource".into(), resource.clone());
                     let data = json!({ "previous": p, "current": current });
-                    let fired = fire(c, &ctx, &key, &data, &mut events)?;
-                    notes.push(Note {
-                        record: "snapshot".into(),
-                        outcome: describe_fired(&fired),
-                    });
+                    let fired = fire(c, &ctx, &key, &data, &mut out.events, false)?;
+                    out.note("snapshot", describe_fired(&fired));
                     state.snapshot = Some(current);
                 }
                 None => {
@@ -107,156 +114,385 @@ pub fn detect(
                         // `previous` undefined; a rule that needs it does not fire.
                         let mut ctx = base.clone();
                         ctx.insert("current".into(), current.clone());
-                        let ctx = Ctx::from_serialize(&ctx);
+                        ctx.insert("resource".into(), resource.clone());
                         let data = json!({ "previous": Value::Null, "current": current });
-                        let mut fired = Vec::new();
-                        for rule in &c.emit {
-                            let ok = match &rule.when {
-                                None => true,
-                                Some(w) => c.engine.test(w, &ctx).unwrap_or(false),
-                            };
-                            if ok {
-                                fired.push(rule.kind.clone());
-                                events.push(Detected {
-                                    kind: rule.kind.clone(),
-                                    change_key: format!("0:{}", value_hash(&current)),
-                                    data: data.clone(),
-                                });
-                            }
-                        }
-                        notes.push(Note {
-                            record: "snapshot".into(),
-                            outcome: format!("first value; {}", describe_fired(&fired)),
-                        });
+                        let key = format!("0:{}", value_hash(&current));
+                        let fired = fire(c, &ctx, &key, &data, &mut out.events, true)?;
+                        out.note(
+                            "snapshot",
+                            format!("first value; {}", describe_fired(&fired)),
+                        );
                     } else {
-                        notes.push(Note {
-                            record: "snapshot".into(),
-                            outcome: "first value: remembered as the baseline, nothing emitted"
-                                .into(),
-                        });
+                        out.note(
+                            "snapshot",
+                            "first value: remembered as the baseline, nothing emitted",
+                        );
                     }
                     state.snapshot = Some(current);
                 }
             }
         }
         DetectMode::New => {
-            let items_path = c.items.as_ref().ok_or("`detect: new` without `items`")?;
-            let id_tpl = c.id.as_ref().ok_or("`detect: new` without `id`")?;
+            let items = list_items(c, &base, pages)?;
             let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
-            let mut max_cursor: Option<String> = None;
-            for (page_no, page) in pages.iter().enumerate() {
-                for item in items_path.query(page).all() {
-                    let mut ctx = base.clone();
-                    ctx.insert("item".into(), item.clone());
-                    let ctx = Ctx::from_serialize(&ctx);
-                    let id = c
-                        .engine
-                        .render(id_tpl, &ctx)
-                        .map_err(|e| format!("`id` of an item on page {}: {e}", page_no + 1))?;
-                    if id.is_empty() {
-                        return Err(format!(
-                            "`id` rendered empty for an item on page {}",
-                            page_no + 1
-                        ));
-                    }
-                    if let Some(CursorSpec::Max(t)) = &c.cursor {
+            expire_seen(c, &mut state, &mut seen, now);
+            for it in &items {
+                if !seen.insert(it.id.clone()) {
+                    out.note(&it.id, "seen before");
+                    continue;
+                }
+                state.seen.push_back(it.id.clone());
+                state.seen_at.push_back(now.timestamp_millis());
+                while state.seen.len() > c.seen_limit {
+                    state.seen.pop_front();
+                    state.seen_at.pop_front();
+                    state.seen_evicted += 1;
+                }
+                if first_run && baseline == Baseline::Skip {
+                    out.note(
+                        &it.id,
+                        "first poll: remembered as the baseline, nothing emitted",
+                    );
+                    continue;
+                }
+                let mut ctx = base.clone();
+                ctx.insert("item".into(), it.item.clone());
+                let fired = fire(c, &ctx, &it.id, &it.item, &mut out.events, false)?;
+                out.note(&it.id, describe_fired(&fired));
+            }
+            advance_cursor(c, &base, prev, &mut state, pages, &items)?;
+        }
+        DetectMode::Changes => {
+            let items = list_items(c, &base, pages)?;
+            let mut present = HashSet::new();
+            for it in &items {
+                if !present.insert(it.id.clone()) {
+                    out.note(&it.id, "listed twice in this poll: the first one counts");
+                    continue;
+                }
+                let mut ctx = base.clone();
+                ctx.insert("item".into(), it.item.clone());
+                let version = match &c.version {
+                    None => value_hash(&it.item),
+                    Some(t) => {
                         let v = c
                             .engine
-                            .render(t, &ctx)
-                            .map_err(|e| format!("`cursor.max`: {e}"))?;
-                        if !v.is_empty()
-                            && max_cursor
-                                .as_ref()
-                                .is_none_or(|m| cmp_cursor(&v, m) == Ordering::Greater)
-                        {
-                            max_cursor = Some(v);
+                            .render(t, &Ctx::from_serialize(&ctx))
+                            .map_err(|e| format!("`version` of item {}: {e}", it.id))?;
+                        if v.is_empty() {
+                            return Err(format!("`version` rendered empty for item {}", it.id));
                         }
+                        v
                     }
-                    if !seen.insert(id.clone()) {
-                        notes.push(Note {
-                            record: id,
-                            outcome: "seen before".into(),
-                        });
+                };
+                let known = state.known.get(&it.id).cloned();
+                let change = match &known {
+                    Some(k) if k.version == version => {
+                        out.note(&it.id, "unchanged");
                         continue;
                     }
-                    state.seen.push_back(id.clone());
-                    while state.seen.len() > c.seen_limit {
-                        state.seen.pop_front();
-                        state.seen_evicted += 1;
-                    }
-                    if first_run && baseline == Baseline::Skip {
-                        notes.push(Note {
-                            record: id,
-                            outcome: "first poll: remembered as the baseline, nothing emitted"
-                                .into(),
-                        });
-                        continue;
-                    }
-                    let fired = fire(c, &ctx, &id, item, &mut events)?;
-                    notes.push(Note {
-                        record: id,
-                        outcome: describe_fired(&fired),
-                    });
+                    Some(_) => "updated",
+                    None => "created",
+                };
+                state.known.insert(
+                    it.id.clone(),
+                    KnownItem {
+                        version: version.clone(),
+                        item: it.item.clone(),
+                    },
+                );
+                if first_run && baseline == Baseline::Skip {
+                    out.note(
+                        &it.id,
+                        "first poll: remembered as the baseline, nothing emitted",
+                    );
+                    continue;
                 }
+                let previous = known.map(|k| k.item).unwrap_or(Value::Null);
+                let changed = changed_fields(&previous, &it.item);
+                ctx.insert("change".into(), Value::from(change));
+                ctx.insert("previous".into(), previous.clone());
+                ctx.insert("changed".into(), json!(changed));
+                let data = if change == "created" {
+                    it.item.clone()
+                } else {
+                    json!({ "previous": previous, "current": it.item, "changed": changed })
+                };
+                let key = format!("{change}:{}:{version}", it.id);
+                let fired = fire(c, &ctx, &key, &data, &mut out.events, false)?;
+                out.note(&it.id, format!("{change}; {}", describe_fired(&fired)));
             }
-            match &c.cursor {
-                None => {}
-                Some(CursorSpec::From(path)) => {
-                    if let Some(v) = pages
-                        .iter()
-                        .rev()
-                        .find_map(|p| path.query(p).first().and_then(cursor_text))
-                    {
-                        state.cursor = Some(v);
-                    }
+            // Deletions: only from a complete listing of everything (an
+            // incremental cursor or a page cap means "not listed" says
+            // nothing about existence).
+            if complete && c.cursor.is_none() && !first_run {
+                let gone: Vec<String> = state
+                    .known
+                    .keys()
+                    .filter(|id| !present.contains(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    let k = state.known.remove(&id).expect("listed above");
+                    let mut ctx = base.clone();
+                    ctx.insert("change".into(), Value::from("deleted"));
+                    ctx.insert("item".into(), k.item.clone());
+                    ctx.insert("previous".into(), k.item.clone());
+                    ctx.insert("changed".into(), json!([]));
+                    let key = format!("deleted:{id}:{}", k.version);
+                    let fired = fire(c, &ctx, &key, &k.item, &mut out.events, false)?;
+                    out.note(&id, format!("deleted; {}", describe_fired(&fired)));
                 }
-                Some(CursorSpec::Max(_)) => {
-                    // Never move a max-cursor backwards.
-                    if let Some(m) = max_cursor {
-                        if prev
-                            .cursor
-                            .as_ref()
-                            .is_none_or(|p| cmp_cursor(&m, p) == Ordering::Greater)
-                        {
-                            state.cursor = Some(m);
-                        }
-                    }
-                }
+            } else if !complete {
+                out.note(
+                    "listing",
+                    "incomplete (page cap reached): no item is considered deleted",
+                );
             }
+            advance_cursor(c, &base, prev, &mut state, pages, &items)?;
         }
     }
     Ok(Detection {
         state,
-        events,
-        notes,
+        events: out.events,
+        notes: out.notes,
     })
 }
 
-/// Evaluates every emit rule; pushes an event per rule that fires.
+#[derive(Default)]
+struct Out {
+    events: Vec<Detected>,
+    notes: Vec<Note>,
+}
+
+impl Out {
+    fn note(&mut self, record: &str, outcome: impl Into<String>) {
+        self.notes.push(Note {
+            record: record.to_string(),
+            outcome: outcome.into(),
+        });
+    }
+}
+
+/// One item of a listing with its rendered id.
+struct Listed {
+    id: String,
+    item: Value,
+}
+
+/// The items of every page, in order, each with its id.
+fn list_items(
+    c: &Connector,
+    base: &Map<String, Value>,
+    pages: &[Value],
+) -> Result<Vec<Listed>, String> {
+    let items_path = c.items.as_ref().ok_or("a list mode without `items`")?;
+    let id_tpl = c.id.as_ref().ok_or("a list mode without `id`")?;
+    let mut out = Vec::new();
+    for (page_no, page) in pages.iter().enumerate() {
+        for item in items_path.query(page).all() {
+            let mut ctx = base.clone();
+            ctx.insert("item".into(), item.clone());
+            let id = c
+                .engine
+                .render(id_tpl, &Ctx::from_serialize(&ctx))
+                .map_err(|e| format!("`id` of an item on page {}: {e}", page_no + 1))?;
+            if id.trim().is_empty() {
+                // An empty id would make every such item "the same" (all
+                // but one lost) or, worse, none of them remembered (an
+                // event storm): refuse the whole poll instead.
+                return Err(format!(
+                    "`id` rendered empty for an item on page {}: {}",
+                    page_no + 1,
+                    preview(item)
+                ));
+            }
+            out.push(Listed {
+                id,
+                item: item.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A short rendering of an item for error messages.
+fn preview(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 120 {
+        format!("{}…", s.chars().take(120).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Forgets ids older than `seen_ttl`, counting them as evictions.
+fn expire_seen(
+    c: &Connector,
+    state: &mut InstanceState,
+    seen: &mut HashSet<String>,
+    now: DateTime<Utc>,
+) {
+    // States written before `seen_at` existed: their ids count as seen now.
+    while state.seen_at.len() < state.seen.len() {
+        state.seen_at.push_front(now.timestamp_millis());
+    }
+    let Some(ttl) = c.seen_ttl else { return };
+    let oldest = now.timestamp_millis() - ttl.as_millis() as i64;
+    while state.seen_at.front().is_some_and(|t| *t < oldest) {
+        state.seen_at.pop_front();
+        if let Some(id) = state.seen.pop_front() {
+            seen.remove(&id);
+        }
+        state.seen_evicted += 1;
+    }
+}
+
+/// Moves the cursor: the API's opaque cursor of the last page, or the
+/// greatest `max` value, never backwards.
+fn advance_cursor(
+    c: &Connector,
+    base: &Map<String, Value>,
+    prev: &InstanceState,
+    state: &mut InstanceState,
+    pages: &[Value],
+    items: &[Listed],
+) -> Result<(), String> {
+    match &c.cursor {
+        None => {}
+        Some(CursorSpec::From(path)) => {
+            if let Some(v) = pages
+                .iter()
+                .rev()
+                .find_map(|p| path.query(p).first().and_then(cursor_text))
+            {
+                state.cursor = Some(v);
+            }
+        }
+        Some(CursorSpec::Max(t)) => {
+            let mut max: Option<String> = None;
+            for it in items {
+                let mut ctx = base.clone();
+                ctx.insert("item".into(), it.item.clone());
+                let v = c
+                    .engine
+                    .render(t, &Ctx::from_serialize(&ctx))
+                    .map_err(|e| format!("`cursor.max` of item {}: {e}", it.id))?;
+                if !v.is_empty()
+                    && max
+                        .as_ref()
+                        .is_none_or(|m| cmp_cursor(&v, m) == Ordering::Greater)
+                {
+                    max = Some(v);
+                }
+            }
+            // Never move a max-cursor backwards: an API that returns older
+            // items (a `>=` boundary, a lookback window) must not rewind it.
+            if let Some(m) = max {
+                if prev
+                    .cursor
+                    .as_ref()
+                    .is_none_or(|p| cmp_cursor(&m, p) == Ordering::Greater)
+                {
+                    state.cursor = Some(m);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dotted paths of the fields that differ between two versions of an item
+/// (objects are compared key by key, recursively; anything else as a whole).
+pub fn changed_fields(before: &Value, after: &Value) -> Vec<String> {
+    fn walk(prefix: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    match (x.get(k), y.get(k)) {
+                        (Some(p), Some(q)) => walk(&path, p, q, out),
+                        _ => out.push(path),
+                    }
+                }
+            }
+            _ if a != b => out.push(if prefix.is_empty() {
+                "$".into()
+            } else {
+                prefix.to_string()
+            }),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if before.is_null() {
+        return out;
+    }
+    walk("", before, after, &mut out);
+    out
+}
+
+/// Evaluates every emit rule; pushes an event per rule that fires. With
+/// `lenient`, a rule whose `when` cannot be evaluated (a baseline snapshot
+/// has no `previous`) does not fire instead of failing the poll.
 fn fire(
     c: &Connector,
-    ctx: &Ctx,
+    ctx: &Map<String, Value>,
     key: &str,
-    data: &Value,
+    default_data: &Value,
     events: &mut Vec<Detected>,
+    lenient: bool,
 ) -> Result<Vec<String>, String> {
+    let ctx = Ctx::from_serialize(ctx);
     let mut fired = Vec::new();
     for rule in &c.emit {
         let ok = match &rule.when {
             None => true,
-            Some(w) => c
-                .engine
-                .test(w, ctx)
-                .map_err(|e| format!("`when` of `{}`: {e}", rule.kind))?,
+            Some(w) => match c.engine.test(w, &ctx) {
+                Ok(b) => b,
+                Err(_) if lenient => false,
+                Err(e) => return Err(format!("`when` of `{}`: {e}", rule.kind.source())),
+            },
         };
-        if ok {
-            fired.push(rule.kind.clone());
-            events.push(Detected {
-                kind: rule.kind.clone(),
-                change_key: key.to_string(),
-                data: data.clone(),
-            });
+        if !ok {
+            continue;
         }
+        let kind = match &rule.kind {
+            EventType::Fixed(k) => k.clone(),
+            EventType::Template(t, src) => {
+                let k = c
+                    .engine
+                    .render(t, &ctx)
+                    .map_err(|e| format!("`type: {src}`: {e}"))?;
+                let k = k.trim().to_string();
+                if k.is_empty() || k.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "`type: {src}` rendered `{k}`, which is not an event type"
+                    ));
+                }
+                k
+            }
+        };
+        let data = match &rule.data {
+            None => default_data.clone(),
+            Some(t) => c
+                .engine
+                .render_value(t, &ctx)
+                .map_err(|e| format!("`data` of `{kind}`: {e}"))?,
+        };
+        fired.push(kind.clone());
+        events.push(Detected {
+            kind,
+            change_key: key.to_string(),
+            data,
+        });
     }
     Ok(fired)
 }
@@ -319,7 +555,7 @@ emit: [{ type: created }]
 "#;
 
     fn run(c: &Connector, prev: &InstanceState, page: Value) -> Detection {
-        detect(c, &vars(), prev, &[page], Utc::now(), None).unwrap()
+        detect(c, &vars(), prev, &[page], Utc::now(), None, true).unwrap()
     }
 
     #[test]
@@ -365,6 +601,7 @@ emit: [{ type: created }]
             &[json!({"oops": true})],
             Utc::now(),
             None,
+            true,
         )
         .unwrap_err();
         assert!(err.contains("when"), "{err}");
@@ -412,6 +649,7 @@ emit: [{ type: created }]
             &[json!({"tx": [{"id": "a", "n": 1}]})],
             Utc::now(),
             Some(Baseline::Emit),
+            true,
         )
         .unwrap();
         assert_eq!(d.events.len(), 1);
@@ -422,6 +660,7 @@ emit: [{ type: created }]
             &[json!({"tx": [{"nope": 1}]})],
             Utc::now(),
             None,
+            true,
         )
         .unwrap_err();
         assert!(err.contains("`id`"), "{err}");

@@ -1,14 +1,21 @@
-//! One poll's HTTP: render the request, send it politely (quotas,
-//! conditional headers), read a bounded body, follow pages.
+//! One poll's HTTP: render the request, authenticate, send it politely
+//! (quotas, conditional headers), read a bounded body in any supported
+//! format, follow pages.
+
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use minijinja::Value as Ctx;
 use reqwest::header::{
-    HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, LAST_MODIFIED, LINK,
 };
 use serde_json::{Map, Value};
 
-use crate::config::{Auth, Connector, Instance};
+use super::auth::{form_encode, TokenCache, TokenRequest};
+use super::format::{link_next, parse_body};
+use crate::config::raw::KeyLocation;
+use crate::config::{Auth, Body, Connector, Instance, PageStyle};
 use crate::quota::HostGates;
 use crate::store::InstanceState;
 
@@ -28,12 +35,16 @@ pub enum PollError {
     },
     #[error("{url}: response larger than the {limit}-byte cap (request.max_response_bytes)")]
     TooLarge { url: String, limit: u64 },
-    #[error("{url}: response is not valid JSON ({detail}){snippet}")]
-    NotJson {
+    #[error("{url}: response is {detail}{snippet}")]
+    BadBody {
         url: String,
         detail: String,
         snippet: String,
     },
+    #[error("{url}: {detail}")]
+    Paging { url: String, detail: String },
+    #[error("authentication failed: {0}")]
+    Auth(String),
     #[error("detection failed: {0}")]
     Detect(String),
 }
@@ -46,7 +57,9 @@ impl PollError {
             PollError::Transport { .. } => "transport",
             PollError::Status { .. } => "status",
             PollError::TooLarge { .. } => "too_large",
-            PollError::NotJson { .. } => "not_json",
+            PollError::BadBody { .. } => "bad_body",
+            PollError::Paging { .. } => "paging",
+            PollError::Auth(_) => "auth",
             PollError::Detect(_) => "detect",
         }
     }
@@ -66,6 +79,16 @@ pub struct Fetched {
     pub first_url: Option<String>,
     /// Each request made, for `pollhook test`.
     pub log: Vec<RequestLog>,
+    /// Paging stopped early (`max_pages`, a loop): what happened. The pages
+    /// read are still processed; the listing is not complete.
+    pub warning: Option<String>,
+}
+
+impl Fetched {
+    /// True when the pages are the whole listing (paging ended on its own).
+    pub fn complete(&self) -> bool {
+        self.warning.is_none()
+    }
 }
 
 /// One request of a poll, as shown by `pollhook test`.
@@ -75,24 +98,59 @@ pub struct RequestLog {
     pub url: String,
     pub status: u16,
     pub bytes: usize,
+    /// Items found on the page (when the connector has `items:`).
+    pub items: Option<usize>,
 }
 
 /// The template context of requests: params, `cursor` (only when there is
-/// one, so `cursor | default('')` works) and `now`.
+/// one, so `cursor | default('')` works; moved back by `lookback`) and `now`.
 pub fn request_context(
+    c: &Connector,
     instance: &Instance,
     state: &InstanceState,
     now: DateTime<Utc>,
 ) -> Map<String, Value> {
     let mut ctx = instance.vars.clone();
-    if let Some(c) = &state.cursor {
-        ctx.insert("cursor".into(), Value::String(c.clone()));
+    if let Some(cur) = &state.cursor {
+        let shown = match c.lookback {
+            Some(lb) => shift_cursor(cur, lb),
+            None => cur.clone(),
+        };
+        ctx.insert("cursor".into(), Value::String(shown));
     }
     ctx.insert(
         "now".into(),
         Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)),
     );
     ctx
+}
+
+/// A cursor moved back by `lookback`: RFC 3339 timestamps (same precision
+/// and offset style), epoch seconds, or epoch milliseconds (13+ digits).
+/// Anything else (an opaque token) is returned unchanged.
+pub fn shift_cursor(cursor: &str, lookback: Duration) -> String {
+    if let Ok(t) = DateTime::parse_from_rfc3339(cursor) {
+        let shifted = t - chrono::Duration::from_std(lookback).unwrap_or_default();
+        let secs = if cursor.contains('.') {
+            SecondsFormat::AutoSi
+        } else {
+            SecondsFormat::Secs
+        };
+        return if cursor.ends_with('Z') || cursor.ends_with('z') {
+            shifted.with_timezone(&Utc).to_rfc3339_opts(secs, true)
+        } else {
+            shifted.to_rfc3339_opts(secs, false)
+        };
+    }
+    if let Ok(n) = cursor.parse::<i64>() {
+        let back = if cursor.trim_start_matches('-').len() >= 13 {
+            lookback.as_millis() as i64
+        } else {
+            lookback.as_secs() as i64
+        };
+        return (n - back).to_string();
+    }
+    cursor.to_string()
 }
 
 /// Everything a poll needs besides the connector and the instance.
@@ -102,67 +160,64 @@ pub struct FetchEnv<'a> {
     pub hosts: &'a HostGates,
     /// This instance's connector `rate_limit`.
     pub rate_limit: Option<&'a governor::DefaultDirectRateLimiter>,
+    /// OAuth2 tokens, shared by every instance.
+    pub tokens: &'a TokenCache,
 }
 
-/// Polls once: the first request, then pages while `paginate` says so.
-pub async fn fetch(
-    c: &Connector,
-    inst: &Instance,
-    state: &InstanceState,
-    env: &FetchEnv<'_>,
-    now: DateTime<Utc>,
-) -> Result<Fetched, PollError> {
-    let ctx = Ctx::from_serialize(request_context(inst, state, now));
+/// The rendered request, before paging changes its URL.
+struct Prepared {
+    url: reqwest::Url,
+    headers: HeaderMap,
+    basic: Option<(String, Option<String>)>,
+    body: Option<String>,
+    oauth: Option<TokenRequest>,
+}
+
+fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
     let render = |tpl, field: &str| {
         c.engine
-            .render(tpl, &ctx)
+            .render(tpl, ctx)
             .map_err(|detail| PollError::Template {
                 field: field.to_string(),
                 detail,
             })
+    };
+    let header_value = |v: &str, field: &str| {
+        HeaderValue::from_str(v).map_err(|_| PollError::Template {
+            field: field.to_string(),
+            detail: "rendered to a value that is not a valid header".into(),
+        })
     };
     let url_text = render(&c.request.url, "request.url")?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| PollError::Template {
         field: "request.url".into(),
         detail: format!("`{url_text}` is not a URL: {e}"),
     })?;
-    {
-        let mut pairs = Vec::new();
-        for (k, t) in &c.request.query {
-            let v = render(t, &format!("request.query.{k}"))?;
-            if !v.is_empty() {
-                pairs.push((k.clone(), v));
-            }
-        }
-        if !pairs.is_empty() {
-            url.query_pairs_mut().extend_pairs(pairs);
+    let mut pairs = Vec::new();
+    for (k, t) in &c.request.query {
+        let v = render(t, &format!("request.query.{k}"))?;
+        if !v.is_empty() {
+            pairs.push((k.clone(), v));
         }
     }
-    let mut headers = reqwest::header::HeaderMap::new();
+    let mut headers = HeaderMap::new();
     for (k, t) in &c.request.headers {
-        let v = render(t, &format!("request.headers.{k}"))?;
+        let field = format!("request.headers.{k}");
+        let v = render(t, &field)?;
         if v.is_empty() {
             continue;
         }
-        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes()).expect("checked at load");
-        let value = HeaderValue::from_str(&v).map_err(|_| PollError::Template {
-            field: format!("request.headers.{k}"),
-            detail: "rendered to a value that is not a valid header".into(),
-        })?;
-        headers.insert(name, value);
+        let name = HeaderName::from_bytes(k.as_bytes()).expect("checked at load");
+        headers.insert(name, header_value(&v, &field)?);
     }
-    let mut basic: Option<(String, Option<String>)> = None;
+    let mut basic = None;
+    let mut oauth = None;
     match &c.request.auth {
         None => {}
         Some(Auth::Bearer(t)) => {
             let token = render(t, "request.auth.token")?;
             if !token.is_empty() {
-                let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-                    PollError::Template {
-                        field: "request.auth.token".into(),
-                        detail: "rendered to a value that is not a valid header".into(),
-                    }
-                })?;
+                let mut v = header_value(&format!("Bearer {token}"), "request.auth.token")?;
                 v.set_sensitive(true);
                 headers.insert(AUTHORIZATION, v);
             }
@@ -175,55 +230,195 @@ pub async fn fetch(
                 .transpose()?;
             basic = Some((user, pass));
         }
+        Some(Auth::ApiKey {
+            location,
+            name,
+            value,
+        }) => {
+            let v = render(value, "request.auth.value")?;
+            match location {
+                KeyLocation::Header => {
+                    let mut hv = header_value(&v, "request.auth.value")?;
+                    hv.set_sensitive(true);
+                    headers.insert(
+                        HeaderName::from_bytes(name.as_bytes()).expect("checked at load"),
+                        hv,
+                    );
+                }
+                KeyLocation::Query => pairs.push((name.clone(), v)),
+            }
+        }
+        Some(Auth::OAuth2(o)) => {
+            let mut params = Vec::new();
+            for (k, t) in &o.params {
+                params.push((k.clone(), render(t, &format!("request.auth.params.{k}"))?));
+            }
+            oauth = Some(TokenRequest {
+                token_url: render(&o.token_url, "request.auth.token_url")?,
+                client_id: render(&o.client_id, "request.auth.client_id")?,
+                client_secret: render(&o.client_secret, "request.auth.client_secret")?,
+                scope: o
+                    .scope
+                    .as_ref()
+                    .map(|s| render(s, "request.auth.scope"))
+                    .transpose()?,
+                params,
+                client_auth: o.client_auth,
+            });
+        }
     }
-    let body = c
-        .request
-        .body
-        .as_ref()
-        .map(|b| render(b, "request.body"))
-        .transpose()?;
-    if body.is_some() && !headers.contains_key(CONTENT_TYPE) {
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if !pairs.is_empty() {
+        url.query_pairs_mut().extend_pairs(pairs);
+    }
+    let (body, content_type) = match &c.request.body {
+        None => (None, None),
+        Some(Body::Raw(t)) => (Some(render(t, "request.body")?), Some("application/json")),
+        Some(Body::Json(t)) => {
+            let v = c
+                .engine
+                .render_value(t, ctx)
+                .map_err(|detail| PollError::Template {
+                    field: "request.json".into(),
+                    detail,
+                })?;
+            (Some(v.to_string()), Some("application/json"))
+        }
+        Some(Body::Form(fields)) => {
+            let mut pairs = Vec::new();
+            for (k, t) in fields {
+                pairs.push((k.clone(), render(t, &format!("request.form.{k}"))?));
+            }
+            (
+                Some(form_encode(&pairs)),
+                Some("application/x-www-form-urlencoded"),
+            )
+        }
+    };
+    if let Some(ct) = content_type {
+        if !headers.contains_key(CONTENT_TYPE) {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        }
+    }
+    Ok(Prepared {
+        url,
+        headers,
+        basic,
+        body,
+        oauth,
+    })
+}
+
+/// Polls once: the first request, then pages while `paginate` says so.
+pub async fn fetch(
+    c: &Connector,
+    inst: &Instance,
+    state: &InstanceState,
+    env: &FetchEnv<'_>,
+    now: DateTime<Utc>,
+) -> Result<Fetched, PollError> {
+    let vars = request_context(c, inst, state, now);
+    let ctx = Ctx::from_serialize(&vars);
+    let p = prepare(c, &ctx)?;
+    let mut url = p.url.clone();
+    let first_host = host_of(&url);
+
+    // Page/offset styles number the first request too.
+    let mut page_no_param: u64 = 0;
+    match c.paginate.as_ref().map(|p| &p.style) {
+        Some(PageStyle::Page { param, start, size }) => {
+            page_no_param = *start;
+            set_query_param(&mut url, param, &start.to_string());
+            if let Some((Some(sp), n)) = size {
+                set_query_param(&mut url, sp, &n.to_string());
+            }
+        }
+        Some(PageStyle::Offset {
+            param,
+            limit_param,
+            limit,
+        }) => {
+            set_query_param(&mut url, param, "0");
+            if let Some(lp) = limit_param {
+                set_query_param(&mut url, lp, &limit.to_string());
+            }
+        }
+        _ => {}
     }
 
     let mut out = Fetched::default();
     let max_pages = c.paginate.as_ref().map(|p| p.max_pages).unwrap_or(1);
     let mut position = state.cursor.clone();
+    let mut offset: u64 = 0;
+    let mut visited = std::collections::HashSet::new();
+    let mut token: Option<String> = None;
     for page_no in 0..max_pages {
         let first = page_no == 0;
-        let mut req = env
-            .client
-            .request(c.request.method.clone(), url.clone())
-            .headers(headers.clone())
-            .timeout(c.request.timeout);
-        if let Some((u, p)) = &basic {
-            req = req.basic_auth(u, p.as_ref());
-        }
-        if let Some(b) = &body {
-            req = req.body(b.clone());
-        }
+        visited.insert(url.to_string());
         let conditional = first && state.validator_url.as_deref() == Some(url.as_str());
-        if conditional {
-            if let Some(e) = &state.etag {
-                req = req.header(IF_NONE_MATCH, e);
-            }
-            if let Some(m) = &state.last_modified {
-                req = req.header(IF_MODIFIED_SINCE, m);
-            }
-        }
-        // Politeness: the connector's own quota, then the host's.
-        if let Some(l) = env.rate_limit {
-            l.until_ready().await;
-        }
-        let _permit = match env.hosts.for_url(&url) {
-            Some(g) => g.acquire().await,
-            None => None,
-        };
         let shown = url.to_string();
-        let resp = req.send().await.map_err(|e| PollError::Transport {
-            url: shown.clone(),
-            detail: transport_detail(&e),
-        })?;
+        let mut retried_auth = false;
+        let resp = loop {
+            if let (Some(o), None) = (&p.oauth, &token) {
+                token = Some(
+                    env.tokens
+                        .token(env.client, o, None)
+                        .await
+                        .map_err(PollError::Auth)?,
+                );
+            }
+            let mut req = env
+                .client
+                .request(c.request.method.clone(), url.clone())
+                .headers(p.headers.clone())
+                .timeout(c.request.timeout);
+            if let Some((u, pw)) = &p.basic {
+                req = req.basic_auth(u, pw.as_ref());
+            }
+            if let Some(t) = &token {
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| PollError::Auth("the token is not a valid header value".into()))?;
+                v.set_sensitive(true);
+                req = req.header(AUTHORIZATION, v);
+            }
+            if let Some(b) = &p.body {
+                req = req.body(b.clone());
+            }
+            if conditional {
+                if let Some(e) = &state.etag {
+                    req = req.header(IF_NONE_MATCH, e);
+                }
+                if let Some(m) = &state.last_modified {
+                    req = req.header(IF_MODIFIED_SINCE, m);
+                }
+            }
+            // Politeness: the connector's own quota, then the host's.
+            if let Some(l) = env.rate_limit {
+                l.until_ready().await;
+            }
+            let _permit = match env.hosts.for_url(&url) {
+                Some(g) => g.acquire().await,
+                None => None,
+            };
+            let resp = req.send().await.map_err(|e| PollError::Transport {
+                url: shown.clone(),
+                detail: transport_detail(&e),
+            })?;
+            // A 401 with an OAuth2 token: the token was revoked or expired
+            // early. Fetch a new one, once, and try again.
+            if resp.status() == 401 && !retried_auth {
+                if let Some(o) = &p.oauth {
+                    retried_auth = true;
+                    token = Some(
+                        env.tokens
+                            .token(env.client, o, token.as_deref())
+                            .await
+                            .map_err(PollError::Auth)?,
+                    );
+                    continue;
+                }
+            }
+            break resp;
+        };
         let status = resp.status().as_u16();
         if status == 304 && conditional {
             out.log.push(RequestLog {
@@ -231,17 +426,18 @@ pub async fn fetch(
                 url: shown,
                 status,
                 bytes: 0,
+                items: None,
             });
             out.not_modified = true;
             return Ok(out);
         }
+        let headers = resp.headers().clone();
         if first {
-            let h = resp.headers();
-            out.etag = h
+            out.etag = headers
                 .get(ETAG)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            out.last_modified = h
+            out.last_modified = headers
                 .get(LAST_MODIFIED)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
@@ -256,37 +452,134 @@ pub async fn fetch(
             });
         }
         let bytes = read_capped(resp, c.request.max_response_bytes, &shown).await?;
+        let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let (page, _) =
+            parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
+                url: shown.clone(),
+                detail,
+                snippet: snippet(&bytes),
+            })?;
+        let count = c.items.as_ref().map(|items| items.query(&page).len());
         out.log.push(RequestLog {
             method: c.request.method.to_string(),
             url: shown.clone(),
             status,
             bytes: bytes.len(),
+            items: count,
         });
-        let page: Value = serde_json::from_slice(&bytes).map_err(|e| PollError::NotJson {
-            url: shown.clone(),
-            detail: e.to_string(),
-            snippet: snippet(&bytes),
-        })?;
 
         // Next page?
-        let next = c.paginate.as_ref().and_then(|p| {
-            let empty = c
-                .items
-                .as_ref()
-                .is_some_and(|items| items.query(&page).is_empty());
-            let next = p.cursor_from.query(&page).first().and_then(cursor_text);
-            if empty || next.is_none() || next == position {
-                None
-            } else {
-                next.map(|n| (p.param.clone(), n))
+        let Some(pg) = &c.paginate else {
+            out.pages.push(page);
+            break;
+        };
+        let mut stop = count == Some(0);
+        if let Some(w) = &pg.stop_when {
+            let mut sctx = vars.clone();
+            sctx.insert("page".into(), page.clone());
+            sctx.insert("count".into(), Value::from(count.unwrap_or(0)));
+            stop |=
+                c.engine
+                    .test(w, &Ctx::from_serialize(&sctx))
+                    .map_err(|e| PollError::Paging {
+                        url: shown.clone(),
+                        detail: format!("paginate.stop_when: {e}"),
+                    })?;
+        }
+        let next: Option<reqwest::Url> = if stop {
+            None
+        } else {
+            match &pg.style {
+                PageStyle::Cursor { from, param } => {
+                    let next = from.query(&page).first().and_then(cursor_text);
+                    match next {
+                        Some(n) if Some(&n) != position.as_ref() => {
+                            let mut u = url.clone();
+                            set_query_param(&mut u, param, &n);
+                            position = Some(n);
+                            Some(u)
+                        }
+                        _ => None,
+                    }
+                }
+                PageStyle::NextUrl(path) => match path.query(&page).first() {
+                    Some(Value::String(s)) if !s.is_empty() => Some(join_next(&url, s, &shown)?),
+                    _ => None,
+                },
+                PageStyle::Link => headers
+                    .get_all(LINK)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(link_next)
+                    .map(|n| join_next(&url, &n, &shown))
+                    .transpose()?,
+                PageStyle::Page { param, size, .. } => {
+                    let short = matches!((size, count), (Some((_, n)), Some(k)) if (k as u64) < *n);
+                    if short {
+                        None
+                    } else {
+                        page_no_param += 1;
+                        let mut u = url.clone();
+                        set_query_param(&mut u, param, &page_no_param.to_string());
+                        Some(u)
+                    }
+                }
+                PageStyle::Offset { param, limit, .. } => {
+                    if count.is_some_and(|k| (k as u64) < *limit) {
+                        None
+                    } else {
+                        offset += limit;
+                        let mut u = url.clone();
+                        set_query_param(&mut u, param, &offset.to_string());
+                        Some(u)
+                    }
+                }
             }
-        });
+        };
         out.pages.push(page);
-        let Some((param, next)) = next else { break };
-        set_query_param(&mut url, &param, &next);
-        position = Some(next);
+        let Some(next) = next else { break };
+        // Credentials go with every page: never to a host nobody allowed.
+        let host = host_of(&next);
+        if host != first_host && !pg.allow_hosts.contains(&host) {
+            return Err(PollError::Paging {
+                url: shown,
+                detail: format!(
+                    "the next page is on another host ({host}); pollhook does not follow it (and send credentials there) unless `paginate.allow_hosts` lists it"
+                ),
+            });
+        }
+        if visited.contains(next.as_str()) {
+            out.warning = Some(format!(
+                "paging stopped: the next page ({next}) was already read in this poll"
+            ));
+            break;
+        }
+        if page_no + 1 == max_pages {
+            out.warning = Some(format!(
+                "paging stopped at paginate.max_pages = {max_pages} with more pages to read; the listing is incomplete"
+            ));
+            break;
+        }
+        url = next;
     }
     Ok(out)
+}
+
+/// `host` or `host:port` (lower case), as quotas and `allow_hosts` name them.
+fn host_of(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+    match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    }
+}
+
+/// A next-page reference, absolute or relative to the current page.
+fn join_next(current: &reqwest::Url, next: &str, shown: &str) -> Result<reqwest::Url, PollError> {
+    current.join(next.trim()).map_err(|e| PollError::Paging {
+        url: shown.to_string(),
+        detail: format!("the next page reference `{next}` is not a URL: {e}"),
+    })
 }
 
 /// A cursor value as text: strings as they are, numbers in JSON form, and
@@ -377,4 +670,29 @@ fn snippet(bytes: &[u8]) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     format!("; body starts with: {}", text.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookback_moves_timestamps_and_epochs_back() {
+        let m5 = Duration::from_secs(300);
+        assert_eq!(
+            shift_cursor("2026-11-29T10:00:00Z", m5),
+            "2026-11-29T09:55:00Z"
+        );
+        assert_eq!(
+            shift_cursor("2026-11-29T10:00:00.250Z", m5),
+            "2026-11-29T09:55:00.250Z"
+        );
+        assert_eq!(
+            shift_cursor("2026-11-29T10:00:00+01:00", m5),
+            "2026-11-29T09:55:00+01:00"
+        );
+        assert_eq!(shift_cursor("1700000000", m5), "1699999700");
+        assert_eq!(shift_cursor("1700000000000", m5), "1699999700000");
+        assert_eq!(shift_cursor("cur_abc", m5), "cur_abc");
+    }
 }

@@ -1,8 +1,10 @@
 //! Connectors at run time: one poll of one instance is
 //! [`fetch::fetch`] (requests, pages) then [`detect::detect`] (pure).
 
+pub mod auth;
 pub mod detect;
 pub mod fetch;
+pub mod format;
 
 /// Replaces every secret value in `text` with `***`. Applied to every
 /// message that leaves a poll (errors, logs, `pollhook test` output).
