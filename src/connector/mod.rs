@@ -3,6 +3,7 @@
 
 pub mod detect;
 pub mod fetch;
+pub mod format;
 
 /// Replaces every secret value in `text` with `***`. Applied to every
 /// message that leaves a poll (errors, logs, `pollhook test` output).
