@@ -265,7 +265,7 @@ async fn poll_once(
         &fetched.pages,
         now,
         None,
-        fetched.complete(),
+        fetched.listing(),
     )
     .map_err(PollError::Detect)?;
     if let Some(w) = &fetched.warning {

@@ -248,7 +248,7 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
             &fetched.pages,
             now,
             Some(Baseline::Emit),
-            fetched.complete(),
+            fetched.listing(),
         ) {
             Ok(d) => d,
             Err(e) => {

@@ -57,6 +57,8 @@ pub struct Connector {
     pub format: Format,
     pub paginate: Option<Paginate>,
     pub items: Option<JsonPath>,
+    /// `items` without a final `[*]`, for XML lists of one.
+    pub items_parent: Option<JsonPath>,
     pub id: Option<Tpl>,
     /// `detect: changes`: an item's version; its hash when `None`.
     pub version: Option<Tpl>,
@@ -1397,6 +1399,11 @@ fn resolve_connector(
             .and_then(|r| r.format)
             .unwrap_or_default(),
         paginate,
+        items_parent: raw
+            .items
+            .as_ref()
+            .and_then(|p| p.value.0.trim().strip_suffix("[*]").map(str::to_string))
+            .and_then(|p| JsonPath::parse(&p).ok()),
         items,
         id,
         version,

@@ -51,11 +51,21 @@ impl Detection {
     }
 }
 
+/// What fetching learned about the listing as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listing {
+    /// The pages are the whole listing (paging ended on its own, no cap was
+    /// hit): only then may `detect: changes` call a missing item deleted.
+    pub complete: bool,
+    /// The pages were XML: an `items` path ending in `[*]` then also takes a
+    /// lone element (a feed with one `<item>`) as a one-item list, since XML
+    /// cannot say "a list of one".
+    pub xml: bool,
+}
+
 /// Runs the connector's detection mode over the pages of one poll.
 /// `baseline` overrides the connector's first-run behaviour (`pollhook test`
-/// shows what would be emitted, so it forces `emit`). `complete` says the
-/// pages are the whole listing (paging ended on its own, no cap was hit):
-/// only then may `detect: changes` call a missing item deleted.
+/// shows what would be emitted, so it forces `emit`).
 pub fn detect(
     c: &Connector,
     vars: &Map<String, Value>,
@@ -63,8 +73,9 @@ pub fn detect(
     pages: &[Value],
     now: DateTime<Utc>,
     baseline: Option<Baseline>,
-    complete: bool,
+    listing: Listing,
 ) -> Result<Detection, String> {
+    let complete = listing.complete;
     let baseline = baseline.unwrap_or(c.baseline);
     let first_run = !prev.initialized;
     let mut base = vars.clone();
@@ -133,7 +144,7 @@ pub fn detect(
             }
         }
         DetectMode::New => {
-            let items = list_items(c, &base, pages)?;
+            let items = list_items(c, &base, pages, listing.xml)?;
             let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
             expire_seen(c, &mut state, &mut seen, now);
             for it in &items {
@@ -163,7 +174,7 @@ pub fn detect(
             advance_cursor(c, &base, prev, &mut state, pages, &items)?;
         }
         DetectMode::Changes => {
-            let items = list_items(c, &base, pages)?;
+            let items = list_items(c, &base, pages, listing.xml)?;
             let mut present = HashSet::new();
             for it in &items {
                 if !present.insert(it.id.clone()) {
@@ -285,12 +296,25 @@ fn list_items(
     c: &Connector,
     base: &Map<String, Value>,
     pages: &[Value],
+    xml: bool,
 ) -> Result<Vec<Listed>, String> {
     let items_path = c.items.as_ref().ok_or("a list mode without `items`")?;
     let id_tpl = c.id.as_ref().ok_or("a list mode without `id`")?;
     let mut out = Vec::new();
     for (page_no, page) in pages.iter().enumerate() {
-        for item in items_path.query(page).all() {
+        let nodes: Vec<&Value> = match (&c.items_parent, xml) {
+            (Some(parent), true) => parent
+                .query(page)
+                .all()
+                .into_iter()
+                .flat_map(|n| match n {
+                    Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                    other => vec![other as &Value],
+                })
+                .collect(),
+            _ => items_path.query(page).all(),
+        };
+        for item in nodes {
             let mut ctx = base.clone();
             ctx.insert("item".into(), item.clone());
             let id = c
@@ -519,6 +543,11 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    const LISTED: Listing = Listing {
+        complete: true,
+        xml: false,
+    };
+
     fn connector(yaml: &str) -> Connector {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.yaml");
@@ -555,7 +584,7 @@ emit: [{ type: created }]
 "#;
 
     fn run(c: &Connector, prev: &InstanceState, page: Value) -> Detection {
-        detect(c, &vars(), prev, &[page], Utc::now(), None, true).unwrap()
+        detect(c, &vars(), prev, &[page], Utc::now(), None, LISTED).unwrap()
     }
 
     #[test]
@@ -601,7 +630,7 @@ emit: [{ type: created }]
             &[json!({"oops": true})],
             Utc::now(),
             None,
-            true,
+            LISTED,
         )
         .unwrap_err();
         assert!(err.contains("when"), "{err}");
@@ -649,7 +678,7 @@ emit: [{ type: created }]
             &[json!({"tx": [{"id": "a", "n": 1}]})],
             Utc::now(),
             Some(Baseline::Emit),
-            true,
+            LISTED,
         )
         .unwrap();
         assert_eq!(d.events.len(), 1);
@@ -660,7 +689,7 @@ emit: [{ type: created }]
             &[json!({"tx": [{"nope": 1}]})],
             Utc::now(),
             None,
-            true,
+            LISTED,
         )
         .unwrap_err();
         assert!(err.contains("`id`"), "{err}");

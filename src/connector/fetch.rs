@@ -13,7 +13,8 @@ use reqwest::header::{
 use serde_json::{Map, Value};
 
 use super::auth::{form_encode, TokenCache, TokenRequest};
-use super::format::{link_next, parse_body};
+use super::detect::Listing;
+use super::format::{link_next, parse_body, Format};
 use crate::config::raw::KeyLocation;
 use crate::config::{Auth, Body, Connector, Instance, PageStyle};
 use crate::quota::HostGates;
@@ -82,12 +83,22 @@ pub struct Fetched {
     /// Paging stopped early (`max_pages`, a loop): what happened. The pages
     /// read are still processed; the listing is not complete.
     pub warning: Option<String>,
+    /// Some page was XML.
+    pub xml: bool,
 }
 
 impl Fetched {
     /// True when the pages are the whole listing (paging ended on its own).
     pub fn complete(&self) -> bool {
         self.warning.is_none()
+    }
+
+    /// What detection needs to know about the listing.
+    pub fn listing(&self) -> Listing {
+        Listing {
+            complete: self.complete(),
+            xml: self.xml,
+        }
     }
 }
 
@@ -453,12 +464,13 @@ pub async fn fetch(
         }
         let bytes = read_capped(resp, c.request.max_response_bytes, &shown).await?;
         let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        let (page, _) =
+        let (page, format) =
             parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
                 url: shown.clone(),
                 detail,
                 snippet: snippet(&bytes),
             })?;
+        out.xml |= format == Format::Xml;
         let count = c.items.as_ref().map(|items| items.query(&page).len());
         out.log.push(RequestLog {
             method: c.request.method.to_string(),

@@ -26,12 +26,11 @@
 //!   order; a name that appears once is a single value, **not** a one-element
 //!   array. So a feed that happens to hold exactly one `<item>` gives
 //!   `$.rss.channel.item` an object, and `$.rss.channel.item[*]` then selects
-//!   that object's *members*, not the item (and `$..item` selects the array
-//!   when there are several items, not each item). To select each item in
-//!   both shapes, filter on a member every item has:
-//!   `$.rss.channel..[?@.guid]` (Atom: `$.feed..[?@.id]`, beware that
-//!   the filter also matches deeper elements with that child), or make the
-//!   consumer accept an object where it expects an array.
+//!   that object's *members*, not the item. The connector's `items:` knows
+//!   this: for XML bodies, a path ending in `[*]` takes a lone element as a
+//!   list of one, so `$.rss.channel.item[*]` works for one item or many.
+//!   (Other JSONPaths see the tree as described: `$..item` selects the
+//!   array when there are several items, not each item.)
 //! - Text of an element that also has attributes or children is under the key
 //!   `#text`: all of its direct text concatenated, then trimmed; the key is
 //!   left out when that is empty.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use pollhook::config::resolve::load_connector;
@@ -101,7 +101,7 @@ impl Poller {
             &f.pages,
             chrono::Utc::now(),
             None,
-            f.complete(),
+            f.listing(),
         )?;
         self.state = d.state.clone();
         Ok((f, d))
@@ -341,7 +341,10 @@ async fn a_next_url_on_another_host_is_refused_unless_allowed() {
             base,
             "/elsewhere",
             "$.items[*]",
-            &format!("  next_url: $.next\n  allow_hosts: [\"localhost:{}\"]", base.port()),
+            &format!(
+                "  next_url: $.next\n  allow_hosts: [\"localhost:{}\"]",
+                base.port()
+            ),
         ),
         json!({}),
     );
@@ -442,7 +445,11 @@ async fn oauth2_token_is_cached_and_refreshed_once_on_401() {
     for _ in 0..3 {
         p.fetch().await.unwrap();
     }
-    assert_eq!(st.tokens_issued.load(Ordering::SeqCst), 1, "one token for three polls");
+    assert_eq!(
+        st.tokens_issued.load(Ordering::SeqCst),
+        1,
+        "one token for three polls"
+    );
     // The provider rotates the token: the API answers 401 to the cached one.
     *st.current.lock().unwrap() = "rotated".into();
     p.fetch().await.unwrap();
@@ -616,7 +623,10 @@ emit:
     ]});
     let ev = p.events().await;
     let kinds: Vec<&str> = ev.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(kinds, ["ticket.updated", "ticket.created", "ticket.deleted"]);
+    assert_eq!(
+        kinds,
+        ["ticket.updated", "ticket.created", "ticket.deleted"]
+    );
     assert_eq!(ev[0].1["previous"]["title"], "a");
     assert_eq!(ev[0].1["current"]["title"], "a2");
     assert_eq!(ev[0].1["changed"], json!(["rev", "title", "who.name"]));
@@ -692,27 +702,26 @@ emit: [{{ type: row.new }}]
     assert_eq!(p.state.cursor.as_deref(), Some("2026-11-29T10:01:00Z"));
     // The request asked from cursor - 5m.
     let f = p.fetch().await.unwrap();
-    assert!(f.log[0].url.contains("since=2026-11-29T09%3A56%3A00Z"), "{}", f.log[0].url);
-    // An upstream that goes backwards does not rewind the cursor.
+    assert!(
+        f.log[0].url.contains("since=2026-11-29T09%3A56%3A00Z"),
+        "{}",
+        f.log[0].url
+    );
+    // An upstream that ignores `since` and returns older items does not
+    // rewind the cursor (the same connector without the query parameter).
     *body.lock().unwrap() = json!({"items": [
         {"id": "old", "updated_at": "2020-01-01T00:00:00Z"}
     ]});
-    let q = Poller {
-        state: InstanceState::default(),
-        ..Poller::new(&yaml, json!({}))
-    };
-    drop(q);
-    let before = p.state.cursor.clone();
-    // `since` filters `old` out; serve it regardless by clearing the cursor
-    // filter: the connector has a cursor, the API ignores it.
-    let (_, d) = {
-        let mut state = p.state.clone();
-        state.cursor = before.clone();
-        p.state = state;
-        p.poll().await.unwrap()
-    };
-    assert!(d.events.is_empty());
-    assert_eq!(p.state.cursor, before, "never backwards");
+    let mut q = Poller::new(
+        &yaml.replace("  query: { since: \"{{ cursor | default('') }}\" }\n", ""),
+        json!({}),
+    );
+    q.state = p.state.clone();
+    let before = q.state.cursor.clone();
+    let (f, d) = q.poll().await.unwrap();
+    assert!(!f.log[0].url.contains("since="), "{}", f.log[0].url);
+    assert_eq!(d.events.len(), 1, "a new id is still new");
+    assert_eq!(q.state.cursor, before, "never backwards");
 }
 
 #[tokio::test]

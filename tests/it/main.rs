@@ -11,4 +11,5 @@ mod cli;
 mod config_errors;
 mod crash;
 mod delivery;
+mod language;
 mod upstream_faults;
