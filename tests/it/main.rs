@@ -9,6 +9,7 @@ mod support;
 mod bank_example;
 mod cli;
 mod config_errors;
+mod connectors;
 mod crash;
 mod delivery;
 mod language;
