@@ -55,6 +55,8 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 pub struct StatusReport {
     pub instances: BTreeMap<String, InstanceStatus>,
     pub endpoints: BTreeMap<String, EndpointReport>,
+    /// `for_each: discover` sources.
+    pub discovery: BTreeMap<String, crate::status::DiscoveryStatus>,
 }
 
 /// An endpoint in `/status`.
@@ -70,6 +72,7 @@ fn report(s: &AdminState) -> StatusReport {
     let eps = s.status.endpoints();
     StatusReport {
         instances: s.status.instances(),
+        discovery: s.status.discoveries(),
         endpoints: s
             .endpoints
             .iter()

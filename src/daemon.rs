@@ -83,12 +83,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut polls = JoinSet::new();
     let mut count = 0;
     for source in &config.sources {
-        for idx in 0..source.instances.len() {
+        if source.discovered {
+            polls.spawn(discover_loop(
+                shared.clone(),
+                source.clone(),
+                shutdown.clone(),
+            ));
+            continue;
+        }
+        for inst in &source.instances {
             count += 1;
             polls.spawn(poll_loop(
                 shared.clone(),
                 source.clone(),
-                idx,
+                inst.clone(),
                 shutdown.clone(),
             ));
         }
@@ -159,13 +167,34 @@ fn spread(key: &str) -> f64 {
     (h.finish() % 10_000) as f64 / 10_000.0
 }
 
+/// A `for_each: discover` source: its listing loop and one poll task per
+/// instance it finds.
+async fn discover_loop(shared: Arc<Shared>, source: Arc<Source>, shutdown: CancellationToken) {
+    let rate_limit = source.connector.rate_limit.map(|r| limiter(r, 1));
+    let env = FetchEnv {
+        client: &shared.client,
+        hosts: &shared.hosts,
+        rate_limit: rate_limit.as_ref(),
+        tokens: &shared.tokens,
+    };
+    let cx = crate::discover::DiscoverEnv {
+        store: &shared.store,
+        status: &shared.status,
+        env,
+    };
+    let spawn = |inst: Instance, token: CancellationToken| {
+        poll_loop(shared.clone(), source.clone(), inst, token)
+    };
+    crate::discover::run_source(source.clone(), cx, spawn, shutdown).await;
+}
+
 async fn poll_loop(
     shared: Arc<Shared>,
     source: Arc<Source>,
-    idx: usize,
+    inst: Instance,
     shutdown: CancellationToken,
 ) {
-    let inst = &source.instances[idx];
+    let inst = &inst;
     let c = &source.connector;
     let mut state = loop {
         match shared.store.load_state(&inst.key) {

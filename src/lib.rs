@@ -21,6 +21,7 @@
 //! - [`event`]: the wire format, defined once.
 //! - [`store`]: the only module that knows sled.
 //! - [`deliver`]: signing and retry policy (pure) and the delivery workers.
+//! - [`discover`]: `for_each: discover`, instances found at run time.
 //! - [`daemon`]: wires everything together for `pollhook run`.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`.
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod connector;
 pub mod daemon;
 pub mod deliver;
+pub mod discover;
 pub mod event;
 pub mod quota;
 pub mod schedule;

@@ -209,7 +209,29 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
     };
     let mut failed = false;
     let mut matched = false;
-    for inst in &src.instances {
+    let mut instances = src.instances.clone();
+    if src.discovered {
+        println!("== {}: discovering instances", src.name);
+        match pollhook::discover::discover(src, &env, chrono::Utc::now()).await {
+            Ok(found) => {
+                println!("   {} instance(s) found", found.len());
+                for f in &found {
+                    let params: Vec<String> = f
+                        .with
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", pollhook::config::scalar_text(v)))
+                        .collect();
+                    println!("   - {} ({})", f.name, params.join(", "));
+                    instances.push(src.discovered_instance(&f.name, &f.with));
+                }
+            }
+            Err(e) => {
+                println!("   discovery failed: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    for inst in &instances {
         if only.is_some_and(|o| o != inst.name) {
             continue;
         }
@@ -272,7 +294,7 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
         }
     }
     if !matched {
-        let names: Vec<&str> = src.instances.iter().map(|i| i.name.as_str()).collect();
+        let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
         bail!(
             "source `{source}` has no instance `{}` (instances: {})",
             only.unwrap_or(""),

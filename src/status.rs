@@ -49,7 +49,20 @@ pub struct EndpointStatus {
 pub struct Status {
     instances: Mutex<BTreeMap<String, InstanceStatus>>,
     endpoints: Mutex<BTreeMap<String, EndpointStatus>>,
+    discovery: Mutex<BTreeMap<String, DiscoveryStatus>>,
     ready: AtomicBool,
+}
+
+/// A `for_each: discover` source's status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiscoveryStatus {
+    /// Instances running now.
+    pub instances: usize,
+    /// Instances that left the list and whose state is kept until retention.
+    pub removed: usize,
+    pub last_ok_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub next_ms: Option<i64>,
 }
 
 impl Status {
@@ -65,6 +78,21 @@ impl Status {
     pub fn instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
         let mut m = self.instances.lock().expect("status lock");
         f(m.entry(key.to_string()).or_default());
+    }
+
+    /// Drops an instance that no longer runs (left a discovered list).
+    pub fn remove_instance(&self, key: &str) {
+        self.instances.lock().expect("status lock").remove(key);
+    }
+
+    /// Updates one discovering source's status.
+    pub fn discovery(&self, source: &str, f: impl FnOnce(&mut DiscoveryStatus)) {
+        let mut m = self.discovery.lock().expect("status lock");
+        f(m.entry(source.to_string()).or_default());
+    }
+
+    pub fn discoveries(&self) -> BTreeMap<String, DiscoveryStatus> {
+        self.discovery.lock().expect("status lock").clone()
     }
 
     /// Updates one endpoint's status.

@@ -123,6 +123,19 @@ pub struct DeadLetter {
     pub dead_at_ms: i64,
 }
 
+/// What a `for_each: discover` source last found, so that its instances
+/// poll at start even when the discovery request fails, and removed ones
+/// keep their state for the retention period.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Discovered {
+    /// Instance name → its discovered param values.
+    #[serde(default)]
+    pub instances: std::collections::BTreeMap<String, serde_json::Map<String, Value>>,
+    /// Instances that left the list → when (ms since the epoch).
+    #[serde(default)]
+    pub removed: std::collections::BTreeMap<String, i64>,
+}
+
 /// Key of an outbox or dead-letter record.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EntryKey(Vec<u8>);
@@ -150,6 +163,7 @@ pub struct Store {
     state: sled::Tree,
     outbox: sled::Tree,
     dead: sled::Tree,
+    discovered: sled::Tree,
 }
 
 fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -185,8 +199,39 @@ impl Store {
             state: tree("state")?,
             outbox: tree("outbox")?,
             dead: tree("dead")?,
+            discovered: tree("discovered")?,
             db,
         })
+    }
+
+    /// What a discovering source found last (empty when it never did).
+    pub fn load_discovered(&self, source: &str) -> Result<Discovered> {
+        match self
+            .discovered
+            .get(source)
+            .map_err(sled_err("read discovered"))?
+        {
+            Some(b) => decode(source.as_bytes(), &b),
+            None => Ok(Discovered::default()),
+        }
+    }
+
+    /// Records what a discovering source found. Not flushed: losing it in
+    /// a crash only means the next discovery finds the same again.
+    pub fn save_discovered(&self, source: &str, d: &Discovered) -> Result<()> {
+        self.discovered
+            .insert(source, encode(d))
+            .map_err(sled_err("write discovered"))?;
+        Ok(())
+    }
+
+    /// Forgets an instance's state (a discovered instance past retention).
+    /// Its undelivered events stay in the outbox.
+    pub fn remove_state(&self, instance: &str) -> Result<()> {
+        self.state
+            .remove(instance)
+            .map_err(sled_err("remove state"))?;
+        Ok(())
     }
 
     /// The stored state of an instance (default when it never polled).

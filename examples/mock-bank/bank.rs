@@ -41,6 +41,8 @@ struct Account {
     updated_at: String,
     version: u64,
     transactions: Vec<Tx>,
+    /// Shown by `GET /accounts` (a closed account still answers directly).
+    listed: bool,
 }
 
 #[derive(Default)]
@@ -91,6 +93,7 @@ impl Bank {
                         updated_at: now(),
                         version: 1,
                         transactions: vec![],
+                        listed: true,
                     },
                 );
             }
@@ -112,6 +115,29 @@ impl Bank {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// Opens a new account (500.00 EUR), or lists a closed one again.
+    pub fn open_account(&self, account: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .accounts
+            .entry(account.to_string())
+            .or_insert_with(|| Account {
+                currency: "EUR".into(),
+                available_cents: 50_000,
+                updated_at: now(),
+                version: 1,
+                transactions: vec![],
+                listed: true,
+            })
+            .listed = true;
+    }
+
+    /// Closes an account: `GET /accounts` stops listing it.
+    pub fn close_account(&self, account: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.accounts.get_mut(account).expect("known account").listed = false;
     }
 
     /// Sets an account's available balance (in cents).
@@ -214,6 +240,7 @@ async fn list_accounts(State(bank): State<Bank>, uri: Uri, headers: HeaderMap) -
     let accounts: Vec<Value> = inner
         .accounts
         .iter()
+        .filter(|(_, a)| a.listed)
         .map(|(id, a)| json!({"account_id": id, "currency": a.currency}))
         .collect();
     Json(json!({ "accounts": accounts })).into_response()

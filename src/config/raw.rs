@@ -20,7 +20,7 @@ use crate::template;
 // ---------------------------------------------------------------- bridge.yaml
 
 /// `bridge.yaml`: the operator's file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBridge {
     /// Directory of the embedded store; relative to the config file.
@@ -47,7 +47,7 @@ pub struct RawBridge {
 }
 
 /// `admin:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     /// `host:port` to listen on; loopback by default.
@@ -55,7 +55,7 @@ pub struct RawAdmin {
 }
 
 /// One entry of `sources:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     /// Name of a connector found through `connectors:`, or a whole
@@ -65,9 +65,18 @@ pub struct RawSource {
     #[serde(default)]
     pub with: BTreeMap<String, Spanned<serde_json::Value>>,
     /// Fan-out: `{ account: [a, b] }`, one instance per value (the cartesian
-    /// product when several keys are given).
+    /// product when several keys are given), or `discover`: one instance per
+    /// item of the connector's `discover` request, refreshed on its schedule.
     #[serde(default)]
-    pub for_each: Option<Spanned<BTreeMap<String, Vec<serde_json::Value>>>>,
+    pub for_each: Option<Spanned<ForEach>>,
+    /// `for_each: discover`: overrides the connector's `discover.schedule`.
+    #[serde(default)]
+    pub discover_schedule: Option<ScheduleSpec>,
+    /// `for_each: discover`: how long the state of an instance that left the
+    /// discovered list is kept (it resumes where it was if it comes back
+    /// within that time). Default 7 days.
+    #[serde(default)]
+    pub retention: Option<Dur>,
     /// Overrides the connector's schedule.
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
@@ -75,8 +84,63 @@ pub struct RawSource {
     pub deliver_to: Spanned<DeliverTo>,
 }
 
+/// `for_each:` in its two forms.
+#[derive(Debug, Clone)]
+pub enum ForEach {
+    /// Static lists of param values.
+    Static(BTreeMap<String, Vec<serde_json::Value>>),
+    /// The connector's `discover` request.
+    Discover,
+}
+
+impl<'de> Deserialize<'de> for ForEach {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ForEach;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of param to values (`{ account: [acc-1, acc-2] }`) or `discover`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ForEach, E> {
+                if v == "discover" {
+                    Ok(ForEach::Discover)
+                } else {
+                    Err(E::custom(format!("expected `discover` or a map of param to values, got `{v}`")))
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ForEach, A::Error> {
+                BTreeMap::deserialize(de::value::MapAccessDeserializer::new(map)).map(ForEach::Static)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A connector's `discover:` block: the request that lists the instances of
+/// a `for_each: discover` source (e.g. `GET /accounts`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscover {
+    /// The listing request (same form as the connector's `request`).
+    pub request: RawRequest,
+    #[serde(default)]
+    pub response: Option<RawResponse>,
+    #[serde(default)]
+    pub paginate: Option<RawPaginate>,
+    /// JSONPath of the listed things.
+    pub items: Spanned<JsonPathSrc>,
+    /// Each instance's name, a template over `item` (unique per source).
+    pub name: Spanned<TemplateSrc>,
+    /// Param values of each instance, templates over `item`.
+    #[serde(default)]
+    pub with: BTreeMap<String, Spanned<TemplateSrc>>,
+    /// How often the list is refreshed (default every 10 minutes).
+    #[serde(default)]
+    pub schedule: Option<ScheduleSpec>,
+}
+
 /// `connector:` of a source: a name, or a connector inline.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ConnectorRef {
     Name(String),
     Inline(Box<RawConnector>),
@@ -103,7 +167,7 @@ impl<'de> Deserialize<'de> for ConnectorRef {
 }
 
 /// `deliver_to:` in its two forms.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum DeliverTo {
     /// `[finance-agent, audit]`: every event type.
     All(Vec<String>),
@@ -112,7 +176,7 @@ pub enum DeliverTo {
 }
 
 /// One entry of `endpoints:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
     /// Where to POST events.
@@ -131,7 +195,7 @@ pub struct RawEndpoint {
 }
 
 /// One secret or several.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Secrets {
     One(String),
     Many(Vec<String>),
@@ -182,7 +246,7 @@ impl<'de> Deserialize<'de> for Secrets {
 }
 
 /// `retry:` of an endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     /// Attempts in all, the first included; then the event is dead-lettered.
@@ -207,7 +271,7 @@ pub enum Backoff {
 }
 
 /// One entry of `hosts:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHost {
     /// Sustained rate, e.g. `60/min`.
@@ -224,7 +288,7 @@ pub struct RawHost {
 // ------------------------------------------------------------- connector file
 
 /// A connector file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConnector {
     /// The name sources refer to (required in a connector file; an inline
@@ -245,6 +309,9 @@ pub struct RawConnector {
     pub rate_limit: Option<Rate>,
     /// The request of one poll.
     pub request: RawRequest,
+    /// How `for_each: discover` sources find their instances.
+    #[serde(default)]
+    pub discover: Option<RawDiscover>,
     /// How to read the body (`json`, `xml`, `csv`; by Content-Type when absent).
     #[serde(default)]
     pub response: Option<RawResponse>,
@@ -284,7 +351,7 @@ pub struct RawConnector {
 }
 
 /// A declared parameter.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawParam {
     /// A source must give it.
@@ -303,7 +370,7 @@ pub struct RawParam {
 }
 
 /// `request:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRequest {
     /// HTTP method, `GET` by default.
@@ -340,7 +407,7 @@ pub struct RawRequest {
 }
 
 /// `request.auth:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawAuth {
     /// `Authorization: Bearer <token>`; left out when the token renders empty.
@@ -398,7 +465,7 @@ pub enum ClientAuth {
 }
 
 /// `response:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawResponse {
     /// `auto` (default: by Content-Type, then by the first byte), `json`,
@@ -409,7 +476,7 @@ pub struct RawResponse {
 
 /// `paginate:`: exactly one style (`cursor_from` + `param`, `next_url`,
 /// `link_header`, `page`, `offset`), then stop conditions and caps.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPaginate {
     /// Cursor style: JSONPath of the next page's cursor in each page.
@@ -444,7 +511,7 @@ pub struct RawPaginate {
 }
 
 /// `paginate.page:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPageNumber {
     /// Query parameter of the page number.
@@ -461,7 +528,7 @@ pub struct RawPageNumber {
 }
 
 /// `paginate.offset:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOffset {
     /// Query parameter of the offset (starts at 0).
@@ -474,7 +541,7 @@ pub struct RawOffset {
 }
 
 /// `cursor:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCursor {
     /// JSONPath into the (last) page: an opaque cursor the API gives.
@@ -512,7 +579,7 @@ pub enum Baseline {
 }
 
 /// One `emit:` rule.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEmit {
     /// Event type, e.g. `bank.balance.changed`; may be a template

@@ -74,6 +74,21 @@ pub struct Connector {
     /// Longest an item id is remembered (`detect: new`).
     pub seen_ttl: Option<Duration>,
     pub emit: Vec<EmitRule>,
+    /// How `for_each: discover` sources list their instances.
+    pub discover: Option<Discover>,
+}
+
+/// A connector's `discover:` block, resolved.
+pub struct Discover {
+    /// The listing request as a connector of its own: its request, paging,
+    /// `items`, and its `id` is the instance name template. Reusing the
+    /// connector machinery means discovery pages, authenticates and reads
+    /// XML exactly like polls do.
+    pub lister: Box<Connector>,
+    /// Param values per instance, templates over `item` in `lister.engine`.
+    pub with: Vec<(String, Tpl)>,
+    /// How often the list is refreshed.
+    pub schedule: Schedule,
 }
 
 /// A declared parameter.
@@ -199,8 +214,48 @@ pub struct Source {
     pub name: String,
     pub connector: Arc<Connector>,
     pub schedule: Schedule,
+    /// Static instances (`for_each` lists, or the one `default`); empty for
+    /// `for_each: discover`, whose instances are found at run time.
     pub instances: Vec<Instance>,
     pub routes: Vec<Route>,
+    /// `for_each: discover`.
+    pub discovered: bool,
+    /// Params' defaults with the source's `with` values: the variables of
+    /// every instance before its own values.
+    pub base_vars: Map<String, Value>,
+    /// How long the state of an instance that left the discovered list is kept.
+    pub retention: Duration,
+    /// `for_each: discover`: when the list is refreshed.
+    pub discover_schedule: Option<Schedule>,
+}
+
+impl Source {
+    /// An instance of a `for_each: discover` source with its discovered param
+    /// values (typed like the params' defaults).
+    pub fn discovered_instance(&self, name: &str, with: &Map<String, Value>) -> Instance {
+        let mut vars = self.base_vars.clone();
+        for (k, v) in with {
+            let default = self.connector.params.get(k).and_then(|p| p.default.as_ref());
+            vars.insert(k.clone(), coerce(v, default));
+        }
+        let secrets = secrets_of(&self.connector, &vars);
+        Instance {
+            key: format!("{}/{name}", self.name),
+            name: name.to_string(),
+            vars,
+            secrets,
+        }
+    }
+}
+
+/// Values of secret params, to mask.
+fn secrets_of(c: &Connector, vars: &Map<String, Value>) -> Vec<String> {
+    c.params
+        .iter()
+        .filter(|(_, p)| p.secret)
+        .filter_map(|(k, _)| vars.get(k).map(scalar_text))
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// One source × `for_each` entry: polled on its own, with its own state.
@@ -550,8 +605,30 @@ fn resolve_source(
 
     // for_each: one instance per combination of values.
     let mut combos: Vec<Vec<(String, Value)>> = vec![vec![]];
+    let mut discovered = false;
+    let empty = BTreeMap::new();
+    let lists = match src.for_each.as_ref().map(|f| &f.value) {
+        Some(raw::ForEach::Static(m)) => m,
+        Some(raw::ForEach::Discover) => {
+            discovered = true;
+            if connector.discover.is_none() {
+                let fe = src.for_each.as_ref().expect("matched");
+                errs.push((
+                    fe.referenced.line(),
+                    fe.referenced.column(),
+                    format!("{field}.for_each"),
+                    format!(
+                        "connector `{}` ({cfile}) has no `discover:` block to list instances with",
+                        connector.name
+                    ),
+                ));
+            }
+            &empty
+        }
+        None => &empty,
+    };
     if let Some(fe) = &src.for_each {
-        for (k, values) in &fe.value {
+        for (k, values) in lists {
             let Some(p) = connector.params.get(k) else {
                 errs.push((
                     fe.referenced.line(),
@@ -623,13 +700,7 @@ fn resolve_source(
         if !names.insert(inst_name.clone()) {
             continue; // duplicates in the list: one instance
         }
-        let secrets = connector
-            .params
-            .iter()
-            .filter(|(_, p)| p.secret)
-            .filter_map(|(k, _)| vars.get(k).map(scalar_text))
-            .filter(|s| !s.is_empty())
-            .collect();
+        let secrets = secrets_of(&connector, &vars);
         instances.push(Instance {
             key: format!("{name}/{inst_name}"),
             name: inst_name,
@@ -637,9 +708,25 @@ fn resolve_source(
             secrets,
         });
     }
-    if let Some(first) = instances.first() {
+    let mut base_vars = Map::new();
+    for (k, p) in &connector.params {
+        if let Some(d) = &p.default {
+            base_vars.insert(k.clone(), d.clone());
+        }
+    }
+    base_vars.extend(given.clone());
+    if discovered {
+        instances.clear();
+    }
+    let discovered_keys: BTreeSet<&str> = connector
+        .discover
+        .as_ref()
+        .filter(|_| discovered)
+        .map(|d| d.with.iter().map(|(k, _)| k.as_str()).collect())
+        .unwrap_or_default();
+    if let Some(first) = instances.first().map(|i| &i.vars).or(discovered.then_some(&base_vars)) {
         for (k, p) in &connector.params {
-            if p.required && !first.vars.contains_key(k) {
+            if p.required && !first.contains_key(k) && !discovered_keys.contains(k.as_str()) {
                 errs.push((
                     src.connector.referenced.line(),
                     src.connector.referenced.column(),
@@ -736,12 +823,24 @@ fn resolve_source(
     if !errs.is_empty() {
         return Err(errs);
     }
+    let discover_schedule = src
+        .discover_schedule
+        .as_ref()
+        .map(|s| s.0.clone())
+        .or_else(|| connector.discover.as_ref().map(|d| d.schedule.clone()));
     Ok(Source {
         name: name.to_string(),
         connector,
         schedule: schedule.expect("checked above"),
         instances,
         routes,
+        discover_schedule,
+        discovered,
+        base_vars,
+        retention: src
+            .retention
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(7 * 86400)),
     })
 }
 
@@ -1373,10 +1472,16 @@ fn resolve_connector(
         }
     }
 
+    let discover = match &raw.discover {
+        None => None,
+        Some(d) => resolve_discover(file, text, raw, d, &name, &param_names, &mut errors),
+    };
+
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
     Ok(Connector {
+        discover,
         name,
         file: file.to_path_buf(),
         engine,
@@ -1415,6 +1520,113 @@ fn resolve_connector(
         seen_limit: raw.seen_limit.unwrap_or(10_000).max(1),
         seen_ttl: raw.seen_ttl.map(|d| d.0),
         emit,
+    })
+}
+
+/// Resolves `discover:` as a listing connector of its own (see [`Discover`]).
+fn resolve_discover(
+    file: &Path,
+    text: &str,
+    raw: &RawConnector,
+    d: &raw::RawDiscover,
+    name: &str,
+    param_names: &BTreeSet<String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Discover> {
+    let lister_raw = RawConnector {
+        name: Some(Spanned {
+            value: format!("{name}/discover"),
+            referenced: d.name.referenced,
+            defined: d.name.defined,
+        }),
+        description: None,
+        params: raw.params.clone(),
+        schedule: None,
+        rate_limit: raw.rate_limit,
+        request: d.request.clone(),
+        discover: None,
+        response: d.response.clone(),
+        paginate: d.paginate.clone(),
+        items: Some(d.items.clone()),
+        id: Some(d.name.clone()),
+        version: None,
+        watch: None,
+        cursor: None,
+        detect: Spanned {
+            value: DetectMode::New,
+            referenced: d.items.referenced,
+            defined: d.items.defined,
+        },
+        baseline: None,
+        seen_limit: None,
+        seen_ttl: None,
+        emit: vec![raw::RawEmit {
+            kind: Spanned {
+                value: "discovered".into(),
+                referenced: d.name.referenced,
+                defined: d.name.defined,
+            },
+            when: None,
+            data: None,
+        }],
+    };
+    let mut lister = match resolve_connector(file, text, &lister_raw, Some(name)) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.extend(e.0.into_iter().map(|mut e| {
+                e.field = format!("discover.{}", e.field);
+                e
+            }));
+            return None;
+        }
+    };
+    let mut with = Vec::new();
+    for (k, t) in &d.with {
+        let field = format!("discover.with.{k}");
+        if !param_names.contains(k) {
+            errors.push(ConfigError::at(
+                file,
+                text,
+                t.referenced.line(),
+                t.referenced.column(),
+                &field,
+                format!(
+                    "no param `{k}` is declared; declared: {}",
+                    param_names.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+            continue;
+        }
+        check_vars(
+            file,
+            text,
+            &template::variables_of_template(&t.value.0),
+            param_names,
+            &["item", "now"],
+            t,
+            &field,
+            errors,
+        );
+        match lister.engine.template(&t.value.0) {
+            Ok(tpl) => with.push((k.clone(), tpl)),
+            Err(e) => errors.push(ConfigError::at(
+                file,
+                text,
+                t.referenced.line(),
+                t.referenced.column(),
+                &field,
+                e,
+            )),
+        }
+    }
+    Some(Discover {
+        lister: Box::new(lister),
+        with,
+        schedule: d
+            .schedule
+            .as_ref()
+            .map(|s| s.0.clone())
+            .unwrap_or_else(|| Schedule::parse("every 10m").expect("valid")),
     })
 }
 

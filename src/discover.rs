@@ -1,0 +1,270 @@
+//! `for_each: discover`: the instances of a source found at run time from
+//! the connector's `discover:` request (e.g. `GET /accounts`), refreshed on
+//! its own schedule.
+//!
+//! [`discover`] is one listing (no store, used by `pollhook test` too);
+//! [`run_source`] is the daemon's loop for one source: it keeps one poll
+//! task per discovered instance, starts the newcomers, stops the ones that
+//! left (their state is kept for the source's `retention`, so an instance
+//! that comes back resumes from its cursor), and remembers the list in the
+//! store so that polling starts at once after a restart even when the
+//! listing endpoint is down.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use minijinja::Value as Ctx;
+use serde_json::{Map, Value};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Instance, Source};
+use crate::connector::fetch::{fetch, FetchEnv, PollError};
+use crate::connector::mask;
+use crate::store::{Discovered, InstanceState, Store};
+
+/// One discovered instance: its name and its own param values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    pub name: String,
+    pub with: Map<String, Value>,
+}
+
+/// Lists a discovering source's instances once.
+pub async fn discover(
+    source: &Source,
+    env: &FetchEnv<'_>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Found>, PollError> {
+    let d = source
+        .connector
+        .discover
+        .as_ref()
+        .ok_or_else(|| PollError::Detect("the connector has no `discover:`".into()))?;
+    let lister = &d.lister;
+    let base = Instance {
+        key: format!("{}/(discover)", source.name),
+        name: "(discover)".into(),
+        vars: source.base_vars.clone(),
+        secrets: vec![],
+    };
+    let fetched = fetch(lister, &base, &InstanceState::default(), env, now).await?;
+    if let Some(w) = &fetched.warning {
+        // A partial list would stop every instance not on the pages read.
+        return Err(PollError::Detect(format!(
+            "discovery listing incomplete, instances left unchanged: {w}"
+        )));
+    }
+    let items = lister.items.as_ref().expect("discover has items");
+    let name_tpl = lister.id.as_ref().expect("discover has a name");
+    let mut out: Vec<Found> = Vec::new();
+    for page in &fetched.pages {
+        for item in items.query(page).all() {
+            let mut ctx = source.base_vars.clone();
+            ctx.insert("item".into(), item.clone());
+            ctx.insert(
+                "now".into(),
+                Value::String(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            );
+            let ctx = Ctx::from_serialize(&ctx);
+            let name = lister
+                .engine
+                .render(name_tpl, &ctx)
+                .map_err(|e| PollError::Detect(format!("discover.name: {e}")))?;
+            let name = name.trim().to_string();
+            if name.is_empty() || name.contains('/') {
+                return Err(PollError::Detect(format!(
+                    "discover.name rendered `{name}` for {item}: an instance name must be non-empty and without `/`"
+                )));
+            }
+            let mut with = Map::new();
+            for (k, t) in &d.with {
+                let v = lister
+                    .engine
+                    .render(t, &ctx)
+                    .map_err(|e| PollError::Detect(format!("discover.with.{k}: {e}")))?;
+                with.insert(k.clone(), Value::String(v));
+            }
+            if !out.iter().any(|f| f.name == name) {
+                out.push(Found { name, with });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The changes between two listings.
+#[derive(Debug, Default, PartialEq)]
+pub struct Diff {
+    /// New names, or names whose param values changed (restarted).
+    pub start: Vec<Found>,
+    /// Names no longer listed.
+    pub stop: Vec<String>,
+}
+
+/// Compares the running set with a new listing. Pure.
+pub fn diff(running: &BTreeMap<String, Map<String, Value>>, found: &[Found]) -> Diff {
+    let mut d = Diff::default();
+    for f in found {
+        if running.get(&f.name) != Some(&f.with) {
+            d.start.push(f.clone());
+        }
+    }
+    for name in running.keys() {
+        if !found.iter().any(|f| &f.name == name) {
+            d.stop.push(name.clone());
+        }
+    }
+    d
+}
+
+/// Everything [`run_source`] uses.
+pub struct DiscoverEnv<'a> {
+    pub store: &'a Store,
+    pub status: &'a crate::status::Status,
+    pub env: FetchEnv<'a>,
+}
+
+/// The daemon's loop for one discovering source, until `shutdown`.
+///
+/// `spawn` makes the poll task of one instance; it must return when the
+/// token it is given is cancelled (the instance left the list, or shutdown).
+pub async fn run_source<F, Fut>(
+    source: Arc<Source>,
+    cx: DiscoverEnv<'_>,
+    spawn: F,
+    shutdown: CancellationToken,
+) where
+    F: Fn(Instance, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let d = source.connector.discover.as_ref().expect("discovering source");
+    let mut known: Discovered = match cx.store.load_discovered(&source.name) {
+        Ok(k) => k,
+        Err(e) => {
+            warn!(source = %source.name, error = %format!("{e:#}"), "cannot read the discovered list; starting from an empty one");
+            Discovered::default()
+        }
+    };
+    // Secret params given by the source, masked in discovery errors.
+    let secrets = source.discovered_instance("-", &Map::new()).secrets;
+    let mut tasks = JoinSet::new();
+    let mut tokens: BTreeMap<String, CancellationToken> = BTreeMap::new();
+    let start = |tasks: &mut JoinSet<()>,
+                     tokens: &mut BTreeMap<String, CancellationToken>,
+                     name: &str,
+                     with: &Map<String, Value>| {
+        if let Some(old) = tokens.remove(name) {
+            old.cancel();
+        }
+        let token = shutdown.child_token();
+        tokens.insert(name.to_string(), token.clone());
+        tasks.spawn(spawn(source.discovered_instance(name, with), token));
+    };
+    // What was found last time polls at once, before the first listing.
+    for (name, with) in &known.instances {
+        start(&mut tasks, &mut tokens, name, with);
+    }
+    loop {
+        let now = Utc::now();
+        match discover(&source, &cx.env, now).await {
+            Ok(found) => {
+                let change = diff(&known.instances, &found);
+                for name in &change.stop {
+                    if let Some(t) = tokens.remove(name) {
+                        t.cancel();
+                    }
+                    known.instances.remove(name);
+                    known.removed.insert(name.clone(), now.timestamp_millis());
+                    cx.status.remove_instance(&format!("{}/{name}", source.name));
+                    info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
+                }
+                for f in &change.start {
+                    known.removed.remove(&f.name);
+                    known.instances.insert(f.name.clone(), f.with.clone());
+                    start(&mut tasks, &mut tokens, &f.name, &f.with);
+                    info!(source = %source.name, instance = %f.name, "instance discovered");
+                }
+                // Retention: forget the state of instances gone long enough.
+                let horizon = now.timestamp_millis() - source.retention.as_millis() as i64;
+                let expired: Vec<String> = known
+                    .removed
+                    .iter()
+                    .filter(|(_, at)| **at < horizon)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in expired {
+                    let key = format!("{}/{name}", source.name);
+                    match cx.store.remove_state(&key) {
+                        Ok(()) => {
+                            known.removed.remove(&name);
+                            info!(instance = %key, "retention passed: instance state removed");
+                        }
+                        Err(e) => warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state"),
+                    }
+                }
+                if let Err(e) = cx.store.save_discovered(&source.name, &known) {
+                    warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
+                }
+                cx.status.discovery(&source.name, |s| {
+                    s.instances = known.instances.len();
+                    s.removed = known.removed.len();
+                    s.last_ok_ms = Some(crate::now_ms());
+                    s.last_error = None;
+                });
+            }
+            Err(e) => {
+                let msg = mask(&e.to_string(), &secrets);
+                warn!(source = %source.name, "discovery failed, instances unchanged: {msg}");
+                cx.status.discovery(&source.name, |s| {
+                    s.instances = known.instances.len();
+                    s.last_error = Some(msg);
+                });
+            }
+        }
+        let next = source
+            .discover_schedule
+            .as_ref()
+            .unwrap_or(&d.schedule)
+            .next_after(Utc::now())
+            .unwrap_or_else(|| Utc::now() + chrono::Duration::minutes(10));
+        cx.status
+            .discovery(&source.name, |s| s.next_ms = Some(next.timestamp_millis()));
+        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    // Shutdown: the poll tasks see the same token; wait for them.
+    while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn found(name: &str, acc: &str) -> Found {
+        Found {
+            name: name.into(),
+            with: json!({ "account": acc }).as_object().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn diff_starts_new_and_changed_and_stops_gone() {
+        let mut running = BTreeMap::new();
+        running.insert("a".to_string(), found("a", "1").with);
+        running.insert("b".to_string(), found("b", "2").with);
+        let d = diff(&running, &[found("a", "1"), found("b", "9"), found("c", "3")]);
+        assert_eq!(d.start, [found("b", "9"), found("c", "3")]);
+        assert!(d.stop.is_empty());
+        let d = diff(&running, &[found("b", "2")]);
+        assert!(d.start.is_empty());
+        assert_eq!(d.stop, ["a"]);
+    }
+}
