@@ -11,4 +11,5 @@ mod cli;
 mod config_errors;
 mod crash;
 mod delivery;
+mod schedule;
 mod upstream_faults;
