@@ -86,7 +86,7 @@ async fn restarts_poll_neither_early_nor_in_bursts_and_skip_skips() {
     d.start().await;
     wait_for(
         "a first poll of every source",
-        Duration::from_secs(8),
+        Duration::from_secs(15),
         || count("hourly") >= 1 && count("once") >= 1 && count("skip") >= 1,
     )
     .await;
@@ -115,7 +115,7 @@ async fn restarts_poll_neither_early_nor_in_bursts_and_skip_skips() {
     let restarted = Instant::now();
     wait_for(
         "the one catch-up poll of `once`",
-        Duration::from_secs(8),
+        Duration::from_secs(15),
         || count("once") > before["once"],
     )
     .await;
