@@ -22,6 +22,7 @@ use crate::connector::mask;
 use crate::deliver::worker::{delivery_client, Worker, USER_AGENT_VALUE};
 use crate::event::{event_id, Event};
 use crate::quota::{limiter, HostGates};
+use crate::schedule::first_due;
 use crate::status::Status;
 use crate::store::{InstanceState, OutboxEntry, Store};
 
@@ -215,13 +216,25 @@ async fn poll_loop(
         s.cursor = state.cursor.clone();
     });
     let rate_limit = c.rate_limit.map(|r| limiter(r, 1));
-    let period = source.schedule.period(Utc::now());
-    let mut due = Utc::now()
-        + chrono::Duration::from_std(period.mul_f64(spread(&inst.key))).unwrap_or_default();
+    let persisted = state
+        .next_run_ms
+        .and_then(chrono::DateTime::from_timestamp_millis);
+    let first = first_due(persisted, Utc::now(), &source.schedule, spread(&inst.key));
+    let Some(mut due) = first else {
+        warn!(instance = %inst.key, "schedule has no future run; instance stops");
+        return;
+    };
     loop {
         shared
             .status
             .instance(&inst.key, |s| s.next_poll_ms = Some(due.timestamp_millis()));
+        // Persisted so that the next start knows whether a run was missed.
+        // The in-memory copy follows, so a commit_poll of this state does not
+        // write back an older value.
+        state.next_run_ms = Some(due.timestamp_millis());
+        if let Err(e) = shared.store.set_next_run(&inst.key, due.timestamp_millis()) {
+            warn!(instance = %inst.key, error = %format!("{e:#}"), "cannot record the next run time");
+        }
         let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -257,12 +270,7 @@ async fn poll_loop(
         if next < now {
             next = source.schedule.next_after(now).unwrap_or(now);
         }
-        let jitter = source.schedule.jitter;
-        if !jitter.is_zero() {
-            next += chrono::Duration::from_std(jitter.mul_f64(rand::random::<f64>()))
-                .unwrap_or_default();
-        }
-        due = next;
+        due = source.schedule.jittered(next, rand::random::<f64>());
     }
 }
 

@@ -1,15 +1,22 @@
 //! When an instance polls: `every <duration>` or a cron expression, with
-//! optional jitter. Pure: nothing here sleeps or reads a clock; callers pass
-//! the time in, so the arithmetic is unit-tested without waiting.
+//! optional jitter, a time zone, active windows and a catch-up policy. Pure:
+//! nothing here sleeps or reads a clock; callers pass the time in, so the
+//! arithmetic (DST changes included) is unit-tested without waiting.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone, Utc, Weekday};
+use chrono_tz::Tz;
+
+/// Longest spread of prompt first polls: long enough that thousands of
+/// instances starting together do not hit upstreams in the same instant,
+/// short enough that a new source establishes its baseline at once.
+pub const PROMPT_SPREAD: Duration = Duration::from_secs(5);
 
 /// A parsed schedule. Built once at config load; the hot path only calls
-/// [`Schedule::next_after`].
+/// [`Schedule::next_after`] (and [`first_due`] at start).
 #[derive(Clone)]
 pub struct Schedule {
     /// Interval or cron table.
@@ -17,6 +24,15 @@ pub struct Schedule {
     /// Upper bound of a random delay added to every run, so that many
     /// instances on the same schedule do not all fire on the same second.
     pub jitter: Duration,
+    /// Zone of the cron table's and the windows' wall-clock times (UTC
+    /// unless `tz:` says otherwise), so `0 9 * * *` stays 09:00 local
+    /// across DST changes.
+    pub tz: Tz,
+    /// When polls may happen; empty means always. A poll due outside every
+    /// window moves to the start of the next one.
+    pub windows: Vec<Window>,
+    /// What a start does about runs missed while the daemon was stopped.
+    pub catch_up: CatchUp,
 }
 
 /// The two ways of saying "when".
@@ -24,8 +40,157 @@ pub struct Schedule {
 pub enum ScheduleKind {
     /// Poll again this long after the previous poll was due.
     Every(Duration),
-    /// Poll at the times of a cron table (UTC). Boxed: `cron::Schedule` is large.
+    /// Poll at the times of a cron table (in [`Schedule::tz`]). Boxed:
+    /// `cron::Schedule` is large.
     Cron(Box<cron::Schedule>),
+}
+
+/// Runs missed while the daemon was stopped (the persisted next run is in
+/// the past at start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CatchUp {
+    /// One poll promptly at start, however many runs were missed: a poll
+    /// sees the upstream's current state, so one is as good as many.
+    #[default]
+    Once,
+    /// No poll off the schedule: wait for the next scheduled time.
+    Skip,
+}
+
+impl CatchUp {
+    /// `once` or `skip`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "once" => Ok(CatchUp::Once),
+            "skip" => Ok(CatchUp::Skip),
+            other => Err(format!("expected `once` or `skip`, got `{other}`")),
+        }
+    }
+}
+
+/// An IANA time zone name (`Europe/Paris`, `America/New_York`, `UTC`).
+pub fn parse_tz(text: &str) -> Result<Tz, String> {
+    Tz::from_str(text.trim()).map_err(|_| {
+        format!("unknown time zone `{text}`; expected an IANA name such as `Europe/Paris`, `America/New_York` or `UTC`")
+    })
+}
+
+/// One active window: days of the week and a wall-clock range, such as
+/// `Mon-Fri 08:00-18:00`. A range whose end is before its start runs past
+/// midnight into the next day (`Fri 22:00-02:00` ends Saturday 02:00).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Days the window starts on, Monday first.
+    days: [bool; 7],
+    /// Start, in minutes after midnight.
+    start: u32,
+    /// End, in minutes after midnight (1440 for `24:00`); before `start`
+    /// when the window wraps past midnight.
+    end: u32,
+    /// As written, for messages and `Debug`.
+    text: String,
+}
+
+const WINDOW_SYNTAX: &str = "expected `<days> HH:MM-HH:MM` where days is `Mon`, `Mon-Fri`, `Sat,Sun` or `daily` (e.g. `Mon-Fri 08:00-18:00`, `daily 22:00-02:00`)";
+
+impl Window {
+    /// `Mon-Fri 08:00-18:00`, `Sat,Sun 10:00-12:00`, `daily 22:00-02:00`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("invalid active window `{text}`: {why}; {WINDOW_SYNTAX}");
+        let mut parts = text.split_whitespace();
+        let (Some(days_text), Some(range), None) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("wrong number of parts"));
+        };
+        let mut days = [false; 7];
+        if days_text.eq_ignore_ascii_case("daily") {
+            days = [true; 7];
+        } else {
+            for item in days_text.split(',') {
+                let day = |d: &str| {
+                    Weekday::from_str(d)
+                        .map(|w| w.num_days_from_monday() as usize)
+                        .map_err(|_| bad(&format!("`{d}` is not a day")))
+                };
+                match item.split_once('-') {
+                    Some((a, b)) => {
+                        let (a, b) = (day(a)?, day(b)?);
+                        // `Fri-Mon` wraps over the weekend.
+                        let mut d = a;
+                        loop {
+                            days[d] = true;
+                            if d == b {
+                                break;
+                            }
+                            d = (d + 1) % 7;
+                        }
+                    }
+                    None => days[day(item)?] = true,
+                }
+            }
+        }
+        let (s, e) = range
+            .split_once('-')
+            .ok_or_else(|| bad("no `HH:MM-HH:MM` range"))?;
+        let time = |t: &str, allow_24: bool| -> Result<u32, String> {
+            let (h, m) = t
+                .split_once(':')
+                .ok_or_else(|| bad(&format!("`{t}` is not HH:MM")))?;
+            let ok = |x: &str| x.len() == 2 && x.bytes().all(|b| b.is_ascii_digit());
+            if !ok(h) || !ok(m) {
+                return Err(bad(&format!("`{t}` is not HH:MM")));
+            }
+            let (h, m): (u32, u32) = (h.parse().unwrap(), m.parse().unwrap());
+            if (h < 24 && m < 60) || (allow_24 && h == 24 && m == 0) {
+                Ok(h * 60 + m)
+            } else {
+                Err(bad(&format!("`{t}` is not a time of day")))
+            }
+        };
+        let (start, end) = (time(s, false)?, time(e, true)?);
+        if start == end {
+            return Err(bad("the range is empty (for all day write `00:00-24:00`)"));
+        }
+        Ok(Window {
+            days,
+            start,
+            end,
+            text: text.trim().to_string(),
+        })
+    }
+
+    /// The window's wall-clock bounds when it starts on `date`.
+    fn bounds(&self, date: NaiveDate) -> (NaiveDateTime, NaiveDateTime) {
+        let midnight = date.and_hms_opt(0, 0, 0).expect("midnight exists");
+        let minutes = |m: u32| chrono::Duration::minutes(i64::from(m));
+        let end = if self.end > self.start {
+            self.end
+        } else {
+            self.end + 24 * 60
+        };
+        (midnight + minutes(self.start), midnight + minutes(end))
+    }
+}
+
+impl fmt::Debug for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A wall-clock time in `tz` as an instant. A time in the hour skipped by a
+/// DST change maps to the moment the clocks jump (a window starting at 02:30
+/// on that day opens at 03:00); one in the repeated hour to its first
+/// occurrence.
+fn local_to_utc(tz: Tz, mut local: NaiveDateTime) -> DateTime<Utc> {
+    // Gaps are whole minutes and at most a few hours long.
+    for _ in 0..(4 * 60) {
+        if let Some(t) = tz.from_local_datetime(&local).earliest() {
+            return t.with_timezone(&Utc);
+        }
+        local += chrono::Duration::minutes(1);
+    }
+    Utc.from_utc_datetime(&local)
 }
 
 impl fmt::Debug for Schedule {
@@ -34,23 +199,39 @@ impl fmt::Debug for Schedule {
             ScheduleKind::Every(d) => write!(f, "every {}", humantime::format_duration(*d))?,
             ScheduleKind::Cron(c) => write!(f, "cron {}", c.source())?,
         }
+        if self.tz != Tz::UTC {
+            write!(f, " ({})", self.tz.name())?;
+        }
+        if !self.windows.is_empty() {
+            write!(f, " active {:?}", self.windows)?;
+        }
         if !self.jitter.is_zero() {
             write!(f, " (jitter {})", humantime::format_duration(self.jitter))?;
+        }
+        if self.catch_up != CatchUp::Once {
+            write!(f, " (catch_up {:?})", self.catch_up)?;
         }
         Ok(())
     }
 }
 
 impl Schedule {
+    fn of(kind: ScheduleKind) -> Self {
+        Schedule {
+            kind,
+            jitter: Duration::ZERO,
+            tz: Tz::UTC,
+            windows: Vec::new(),
+            catch_up: CatchUp::Once,
+        }
+    }
+
     /// `every 30s`, `every 5m`, or a cron line of 5 fields (`*/5 * * * *`) or
     /// 6 fields (with seconds first).
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         if let Some(rest) = text.strip_prefix("every ") {
-            return Ok(Schedule {
-                kind: ScheduleKind::Every(parse_interval(rest)?),
-                jitter: Duration::ZERO,
-            });
+            return Ok(Self::of(ScheduleKind::Every(parse_interval(rest)?)));
         }
         if let Some(rest) = text.strip_prefix("cron ") {
             return Self::cron(rest);
@@ -84,18 +265,74 @@ impl Schedule {
         if parsed.upcoming(Utc).next().is_none() {
             return Err(format!("cron line `{line}` never fires"));
         }
-        Ok(Schedule {
-            kind: ScheduleKind::Cron(Box::new(parsed)),
-            jitter: Duration::ZERO,
-        })
+        Ok(Self::of(ScheduleKind::Cron(Box::new(parsed))))
     }
 
-    /// The next time a poll is due strictly after `after`, before jitter.
-    /// `None` only for a cron table that has no future time left.
-    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    /// The next time of the interval or cron table strictly after `after`,
+    /// ignoring windows. Cron times are wall-clock times in `tz`: a time
+    /// skipped by a DST change does not fire that day, a repeated one fires
+    /// at its first occurrence only (the `cron` crate's rules when asked for
+    /// the time after an instant).
+    fn raw_next(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match &self.kind {
             ScheduleKind::Every(d) => Some(after + chrono::Duration::from_std(*d).ok()?),
-            ScheduleKind::Cron(c) => c.after(&after).next(),
+            ScheduleKind::Cron(c) => c
+                .after(&after.with_timezone(&self.tz))
+                .next()
+                .map(|t| t.with_timezone(&Utc)),
+        }
+    }
+
+    /// The next time a poll is due strictly after `after`, before jitter,
+    /// moved to the start of the next active window if it falls outside
+    /// every window. `None` only for a cron table that has no future time
+    /// left.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.in_window(self.raw_next(after)?)
+    }
+
+    /// `t` itself when it is inside an active window (or there are none),
+    /// else the start of the next window.
+    pub fn in_window(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.windows.is_empty() {
+            return Some(t);
+        }
+        let today = t.with_timezone(&self.tz).date_naive();
+        let mut next_start: Option<DateTime<Utc>> = None;
+        // Yesterday's window may run past midnight into today; every window
+        // has a day, so one starts within the next 7 days.
+        for offset in -1..=7 {
+            let Some(date) = today.checked_add_signed(chrono::Duration::days(offset)) else {
+                continue;
+            };
+            let day = date.weekday().num_days_from_monday() as usize;
+            for w in self.windows.iter().filter(|w| w.days[day]) {
+                let (s, e) = w.bounds(date);
+                let (s, e) = (local_to_utc(self.tz, s), local_to_utc(self.tz, e));
+                if s <= t && t < e {
+                    return Some(t);
+                }
+                if s > t && next_start.is_none_or(|n| s < n) {
+                    next_start = Some(s);
+                }
+            }
+        }
+        next_start
+    }
+
+    /// `due` plus `fraction` (0..1) of the jitter, unless that would leave
+    /// the active window `due` is in: no poll happens outside windows.
+    pub fn jittered(&self, due: DateTime<Utc>, fraction: f64) -> DateTime<Utc> {
+        if self.jitter.is_zero() {
+            return due;
+        }
+        let t = due
+            + chrono::Duration::from_std(self.jitter.mul_f64(fraction.clamp(0.0, 1.0)))
+                .unwrap_or_default();
+        if self.in_window(t) == Some(t) {
+            t
+        } else {
+            due
         }
     }
 
@@ -104,14 +341,64 @@ impl Schedule {
     pub fn period(&self, now: DateTime<Utc>) -> Duration {
         match &self.kind {
             ScheduleKind::Every(d) => *d,
-            ScheduleKind::Cron(c) => {
-                let mut it = c.after(&now);
-                match (it.next(), it.next()) {
-                    (Some(a), Some(b)) => (b - a).to_std().unwrap_or(Duration::from_secs(60)),
-                    _ => Duration::from_secs(60),
-                }
-            }
+            ScheduleKind::Cron(_) => match self.raw_next(now) {
+                Some(a) => match self.raw_next(a) {
+                    Some(b) => (b - a).to_std().unwrap_or(Duration::from_secs(60)),
+                    None => Duration::from_secs(60),
+                },
+                None => Duration::from_secs(60),
+            },
         }
+    }
+}
+
+/// When an instance first polls after the daemon starts. `persisted` is the
+/// next run stored by the previous process (if any), `spread_fraction` a
+/// stable per-instance number in 0..1 that spreads instances apart.
+///
+/// - Persisted and still ahead: wait for it, so a quick restart does not
+///   poll early. It is capped at the current schedule's next time (plus
+///   jitter), so a shortened schedule takes effect at once.
+/// - Persisted and past (runs were missed while stopped): `once` polls
+///   promptly (spread over at most [`PROMPT_SPREAD`], so thousands of
+///   instances do not burst), a single poll for all missed runs; `skip`
+///   waits for the next scheduled time.
+/// - Never run (new instance, or state from before `next_run_ms` existed):
+///   `once` polls promptly too, because a newly added source is expected to
+///   take its baseline at once, not up to a period later; `skip` never polls
+///   off the schedule: the next cron time, or for `every` a point spread
+///   over the first period (an interval has no phase of its own).
+///
+/// Every result honours the active windows. `None` only when a cron table
+/// has no future time left.
+pub fn first_due(
+    persisted: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    schedule: &Schedule,
+    spread_fraction: f64,
+) -> Option<DateTime<Utc>> {
+    let fraction = spread_fraction.clamp(0.0, 1.0);
+    let spread_over =
+        |d: Duration| now + chrono::Duration::from_std(d.mul_f64(fraction)).unwrap_or_default();
+    match (persisted, schedule.catch_up) {
+        (Some(p), _) if p > now => {
+            let cap = schedule
+                .next_after(now)
+                .map(|n| n + chrono::Duration::from_std(schedule.jitter).unwrap_or_default());
+            let p = match cap {
+                Some(c) if c < p => c,
+                _ => p,
+            };
+            schedule.in_window(p)
+        }
+        (_, CatchUp::Once) => {
+            schedule.in_window(spread_over(schedule.period(now).min(PROMPT_SPREAD)))
+        }
+        (Some(_), CatchUp::Skip) => schedule.next_after(now),
+        (None, CatchUp::Skip) => match schedule.kind {
+            ScheduleKind::Every(d) => schedule.in_window(spread_over(d)),
+            ScheduleKind::Cron(_) => schedule.next_after(now),
+        },
     }
 }
 
@@ -173,5 +460,274 @@ mod tests {
             .unwrap_err()
             .contains("invalid cron"));
         assert!(Schedule::parse("* * *").unwrap_err().contains("expected"));
+    }
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
+    }
+
+    fn with(mut s: Schedule, tz: &str, windows: &[&str]) -> Schedule {
+        s.tz = parse_tz(tz).unwrap();
+        s.windows = windows.iter().map(|w| Window::parse(w).unwrap()).collect();
+        s
+    }
+
+    #[test]
+    fn tz_cron_keeps_local_time_across_the_spring_dst_change() {
+        // Europe/Paris goes from UTC+1 to UTC+2 on 2026-03-29 at 02:00 local.
+        let s = with(Schedule::parse("0 9 * * *").unwrap(), "Europe/Paris", &[]);
+        assert_eq!(
+            s.next_after(utc(2026, 3, 27, 12, 0)),
+            Some(utc(2026, 3, 28, 8, 0))
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 3, 28, 8, 0)),
+            Some(utc(2026, 3, 29, 7, 0))
+        );
+        // 02:30 does not exist on that day: that run is skipped.
+        let s = with(Schedule::parse("30 2 * * *").unwrap(), "Europe/Paris", &[]);
+        assert_eq!(
+            s.next_after(utc(2026, 3, 28, 1, 30)),
+            Some(utc(2026, 3, 30, 0, 30))
+        );
+    }
+
+    #[test]
+    fn tz_cron_keeps_local_time_across_the_autumn_dst_change() {
+        // Back from UTC+2 to UTC+1 on 2026-10-25 at 03:00 local.
+        let s = with(Schedule::parse("0 9 * * *").unwrap(), "Europe/Paris", &[]);
+        assert_eq!(
+            s.next_after(utc(2026, 10, 24, 12, 0)),
+            Some(utc(2026, 10, 25, 8, 0))
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 10, 23, 12, 0)),
+            Some(utc(2026, 10, 24, 7, 0))
+        );
+        // 02:30 happens twice that night; it fires once, at the first.
+        let s = with(Schedule::parse("30 2 * * *").unwrap(), "Europe/Paris", &[]);
+        let first = s.next_after(utc(2026, 10, 24, 12, 0)).unwrap();
+        assert_eq!(first, utc(2026, 10, 25, 0, 30));
+        assert_eq!(s.next_after(first), Some(utc(2026, 10, 26, 1, 30)));
+        // Without tz, the same line is UTC.
+        let s = Schedule::parse("0 9 * * *").unwrap();
+        assert_eq!(
+            s.next_after(utc(2026, 10, 24, 12, 0)),
+            Some(utc(2026, 10, 25, 9, 0))
+        );
+    }
+
+    #[test]
+    fn a_poll_outside_the_windows_moves_to_the_next_window() {
+        // 2026-11-27 is a Friday; 18:30 is past the window: Monday 08:00.
+        let s = with(
+            Schedule::parse("*/15 * * * *").unwrap(),
+            "UTC",
+            &["Mon-Fri 08:00-18:00"],
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 11, 27, 18, 30)),
+            Some(utc(2026, 11, 30, 8, 0))
+        );
+        // The end is exclusive: 18:00 is already outside.
+        assert_eq!(
+            s.next_after(utc(2026, 11, 27, 17, 50)),
+            Some(utc(2026, 11, 30, 8, 0))
+        );
+        // Inside, nothing moves.
+        assert_eq!(
+            s.next_after(utc(2026, 11, 27, 9, 1)),
+            Some(utc(2026, 11, 27, 9, 15))
+        );
+        // A second window on Saturday comes first.
+        let s = with(
+            Schedule::parse("*/15 * * * *").unwrap(),
+            "UTC",
+            &["Mon-Fri 08:00-18:00", "Sat 10:00-12:00"],
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 11, 27, 18, 30)),
+            Some(utc(2026, 11, 28, 10, 0))
+        );
+    }
+
+    #[test]
+    fn windows_are_wall_clock_times_in_the_zone() {
+        // Europe/Paris is UTC+1 in November: 08:00 local is 07:00 UTC.
+        let s = with(
+            Schedule::parse("every 1h").unwrap(),
+            "Europe/Paris",
+            &["Mon-Fri 08:00-18:00"],
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 11, 27, 17, 30)),
+            Some(utc(2026, 11, 30, 7, 0))
+        );
+    }
+
+    #[test]
+    fn an_overnight_window_runs_past_midnight() {
+        let s = with(
+            Schedule::parse("every 30m").unwrap(),
+            "UTC",
+            &["Fri 22:00-02:00"],
+        );
+        // Saturday 01:00 is still in Friday's window.
+        assert_eq!(
+            s.next_after(utc(2026, 11, 28, 0, 30)),
+            Some(utc(2026, 11, 28, 1, 0))
+        );
+        // Saturday 02:00 is out: next Friday 22:00.
+        assert_eq!(
+            s.next_after(utc(2026, 11, 28, 1, 30)),
+            Some(utc(2026, 12, 4, 22, 0))
+        );
+        // Friday afternoon: that evening.
+        assert_eq!(
+            s.next_after(utc(2026, 11, 27, 12, 0)),
+            Some(utc(2026, 11, 27, 22, 0))
+        );
+    }
+
+    #[test]
+    fn every_honours_windows_and_jitter_stays_inside() {
+        let mut s = with(
+            Schedule::parse("every 20m").unwrap(),
+            "UTC",
+            &["daily 09:00-10:00"],
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 11, 23, 9, 30)),
+            Some(utc(2026, 11, 23, 9, 50))
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 11, 23, 9, 50)),
+            Some(utc(2026, 11, 24, 9, 0))
+        );
+        s.jitter = Duration::from_secs(20 * 60);
+        // 09:50 + 15m would be outside: the poll keeps its unjittered time.
+        assert_eq!(
+            s.jittered(utc(2026, 11, 23, 9, 50), 0.75),
+            utc(2026, 11, 23, 9, 50)
+        );
+        assert_eq!(
+            s.jittered(utc(2026, 11, 23, 9, 0), 0.5),
+            utc(2026, 11, 23, 9, 10)
+        );
+    }
+
+    #[test]
+    fn window_and_tz_errors_name_the_expected_syntax() {
+        for bad in [
+            "Mon-Fri",
+            "Mon-Fri 8-18",
+            "Mon-Fri 08:00",
+            "Funday 08:00-18:00",
+            "Mon 25:00-26:00",
+            "Mon 08:00-08:00",
+            "Mon 08:00-18:00 extra",
+        ] {
+            let e = Window::parse(bad).unwrap_err();
+            assert!(e.contains("HH:MM-HH:MM"), "{bad}: {e}");
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        let w = Window::parse("sat,sun 00:00-24:00").unwrap();
+        assert!(w.days[5] && w.days[6] && !w.days[0]);
+        let w = Window::parse("Fri-Mon 10:00-11:00").unwrap();
+        assert_eq!(w.days, [true, false, false, false, true, true, true]);
+        assert!(parse_tz("Europe/Pariss")
+            .unwrap_err()
+            .contains("IANA name such as `Europe/Paris`"));
+        assert_eq!(
+            parse_tz("America/New_York").unwrap(),
+            chrono_tz::America::New_York
+        );
+        assert!(CatchUp::parse("always")
+            .unwrap_err()
+            .contains("`once` or `skip`"));
+    }
+
+    #[test]
+    fn first_due_after_missed_runs_with_once_is_one_prompt_poll() {
+        let s = Schedule::parse("every 1h").unwrap();
+        let now = utc(2026, 11, 23, 12, 0);
+        let missed = Some(utc(2026, 11, 23, 9, 0));
+        assert_eq!(first_due(missed, now, &s, 0.0), Some(now));
+        // Spread over at most 5s, not over the hour.
+        assert_eq!(
+            first_due(missed, now, &s, 0.5),
+            Some(now + chrono::Duration::milliseconds(2500))
+        );
+        // A short period spreads over itself.
+        let s = Schedule::parse("every 2s").unwrap();
+        assert_eq!(
+            first_due(missed, now, &s, 0.5),
+            Some(now + chrono::Duration::seconds(1))
+        );
+    }
+
+    #[test]
+    fn first_due_after_missed_runs_with_skip_waits_for_the_schedule() {
+        let mut s = Schedule::parse("0 0 1 1 *").unwrap();
+        s.catch_up = CatchUp::Skip;
+        let now = utc(2026, 11, 23, 12, 0);
+        assert_eq!(
+            first_due(Some(utc(2026, 1, 1, 0, 0)), now, &s, 0.3),
+            Some(utc(2027, 1, 1, 0, 0))
+        );
+    }
+
+    #[test]
+    fn first_due_in_the_future_is_kept_but_capped_by_the_schedule() {
+        let s = Schedule::parse("every 1h").unwrap();
+        let now = utc(2026, 11, 23, 12, 0);
+        let ahead = utc(2026, 11, 23, 12, 40);
+        assert_eq!(first_due(Some(ahead), now, &s, 0.0), Some(ahead));
+        // Persisted by a daily schedule, now hourly: the hour wins.
+        assert_eq!(
+            first_due(Some(utc(2026, 11, 24, 12, 0)), now, &s, 0.0),
+            Some(utc(2026, 11, 23, 13, 0))
+        );
+    }
+
+    #[test]
+    fn first_due_of_a_new_instance() {
+        let now = utc(2026, 11, 23, 12, 0);
+        let s = Schedule::parse("every 1h").unwrap();
+        assert_eq!(
+            first_due(None, now, &s, 0.2),
+            Some(now + chrono::Duration::seconds(1))
+        );
+        let mut s = Schedule::parse("every 1h").unwrap();
+        s.catch_up = CatchUp::Skip;
+        assert_eq!(
+            first_due(None, now, &s, 0.5),
+            Some(utc(2026, 11, 23, 12, 30))
+        );
+        let mut s = Schedule::parse("0 9 * * *").unwrap();
+        s.catch_up = CatchUp::Skip;
+        assert_eq!(first_due(None, now, &s, 0.5), Some(utc(2026, 11, 24, 9, 0)));
+    }
+
+    #[test]
+    fn first_due_applies_the_windows() {
+        // Friday 2026-11-27 20:00, windows on weekdays from 08:00.
+        let now = utc(2026, 11, 27, 20, 0);
+        let s = with(
+            Schedule::parse("every 1h").unwrap(),
+            "UTC",
+            &["Mon-Fri 08:00-18:00"],
+        );
+        let monday = utc(2026, 11, 30, 8, 0);
+        assert_eq!(first_due(None, now, &s, 0.9), Some(monday));
+        assert_eq!(
+            first_due(Some(utc(2026, 11, 27, 17, 0)), now, &s, 0.0),
+            Some(monday)
+        );
+        let mut s = s;
+        s.catch_up = CatchUp::Skip;
+        assert_eq!(
+            first_due(Some(utc(2026, 11, 27, 17, 0)), now, &s, 0.0),
+            Some(monday)
+        );
     }
 }

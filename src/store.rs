@@ -81,6 +81,12 @@ pub struct InstanceState {
     pub last_modified: Option<String>,
     #[serde(default)]
     pub validator_url: Option<String>,
+    /// When the next poll is due (ms since the epoch), so that a restart
+    /// neither polls early nor forgets runs missed while stopped (the
+    /// schedule's `catch_up`). Advisory: written by [`Store::set_next_run`]
+    /// without a flush.
+    #[serde(default)]
+    pub next_run_ms: Option<i64>,
 }
 
 /// `changes`: what is remembered of one item.
@@ -289,6 +295,37 @@ impl Store {
         Ok(keys)
     }
 
+    /// Records when an instance's next poll is due, changing nothing else of
+    /// its state. Polls only commit when they run, so this is how a due time
+    /// reaches the next start. Not flushed: it is advisory, and losing it in
+    /// a crash only means a poll at start (or none, with `catch_up: skip`).
+    pub fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
+        let mut corrupt = None;
+        self.state
+            .update_and_fetch(instance.as_bytes(), |old| {
+                let mut state = match old.map(serde_json::from_slice::<InstanceState>) {
+                    None => InstanceState::default(),
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
+                        // Leave a corrupt record as it is; load_state reports it.
+                        corrupt = Some(e.to_string());
+                        return old.map(<[u8]>::to_vec);
+                    }
+                };
+                corrupt = None;
+                state.next_run_ms = Some(next_run_ms);
+                Some(encode(&state))
+            })
+            .map_err(sled_err("record next run"))?;
+        match corrupt {
+            Some(detail) => Err(StoreError::Corrupt {
+                key: instance.to_string(),
+                detail,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Pending entries of an endpoint, in detection order.
     pub fn outbox(&self, endpoint: &str) -> impl Iterator<Item = Result<(EntryKey, OutboxEntry)>> {
         self.outbox.scan_prefix(prefix(endpoint)).map(|r| {
@@ -404,6 +441,28 @@ mod tests {
         assert_eq!(store.outbox_len("b"), 1);
         // A prefix of another endpoint's name does not leak in.
         assert_eq!(store.outbox_len(""), 0);
+    }
+
+    #[tokio::test]
+    async fn set_next_run_changes_only_that_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.set_next_run("s/new", 7).unwrap();
+        assert_eq!(store.load_state("s/new").unwrap().next_run_ms, Some(7));
+        let state = InstanceState {
+            cursor: Some("c1".into()),
+            sequence: 3,
+            ..Default::default()
+        };
+        store.commit_poll("s/i", &state, &[]).await.unwrap();
+        store.set_next_run("s/i", 42).unwrap();
+        assert_eq!(
+            store.load_state("s/i").unwrap(),
+            InstanceState {
+                next_run_ms: Some(42),
+                ..state
+            }
+        );
     }
 
     #[tokio::test]

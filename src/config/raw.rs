@@ -14,7 +14,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::schedule::{parse_duration, Schedule};
+use crate::schedule::{self, parse_duration, Schedule};
 use crate::template;
 
 // ---------------------------------------------------------------- bridge.yaml
@@ -703,7 +703,8 @@ impl<'de> Deserialize<'de> for ConditionSrc {
     }
 }
 
-/// A schedule: `every 30s`, a cron line, or `{ every | cron, jitter }`.
+/// A schedule: `every 30s`, a cron line, or
+/// `{ every | cron, jitter, tz, active, catch_up }`.
 #[derive(Clone, Debug)]
 pub struct ScheduleSpec(pub Schedule);
 
@@ -713,7 +714,7 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
         impl<'de> Visitor<'de> for V {
             type Value = ScheduleSpec;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`every <duration>`, a cron line, or `{ every: 30s }` / `{ cron: \"*/5 * * * *\", jitter: 10s }`")
+                f.write_str("`every <duration>`, a cron line, or `{ every: 30s }` / `{ cron: \"0 9 * * 1-5\", tz: Europe/Paris, active: [\"Mon-Fri 08:00-18:00\"], jitter: 10s, catch_up: once | skip }`")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ScheduleSpec, E> {
                 Schedule::parse(v).map(ScheduleSpec).map_err(E::custom)
@@ -725,6 +726,9 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
                     every: Option<String>,
                     cron: Option<String>,
                     jitter: Option<Dur>,
+                    tz: Option<String>,
+                    active: Option<Vec<String>>,
+                    catch_up: Option<String>,
                 }
                 let m = M::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 let mut s = match (m.every, m.cron) {
@@ -734,6 +738,24 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
                 }
                 .map_err(de::Error::custom)?;
                 s.jitter = m.jitter.map(|j| j.0).unwrap_or_default();
+                if let Some(tz) = m.tz {
+                    s.tz = schedule::parse_tz(&tz).map_err(de::Error::custom)?;
+                }
+                if let Some(active) = m.active {
+                    if active.is_empty() {
+                        return Err(de::Error::custom(
+                            "`active: []` would never poll; list windows such as `Mon-Fri 08:00-18:00`, or leave `active` out",
+                        ));
+                    }
+                    s.windows = active
+                        .iter()
+                        .map(|w| schedule::Window::parse(w))
+                        .collect::<Result<_, _>>()
+                        .map_err(de::Error::custom)?;
+                }
+                if let Some(c) = m.catch_up {
+                    s.catch_up = schedule::CatchUp::parse(&c).map_err(de::Error::custom)?;
+                }
                 Ok(ScheduleSpec(s))
             }
         }

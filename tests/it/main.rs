@@ -13,4 +13,5 @@ mod connectors;
 mod crash;
 mod delivery;
 mod language;
+mod schedule;
 mod upstream_faults;
