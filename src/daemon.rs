@@ -209,7 +209,7 @@ async fn poll_loop(
             }
         }
     };
-    shared.status.instance(&inst.key, |s| {
+    shared.status.register_instance(&inst.key, |s| {
         s.source = source.name.clone();
         s.instance = inst.name.clone();
         s.connector = c.name.clone();

@@ -17,7 +17,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use minijinja::Value as Ctx;
 use serde_json::{Map, Value};
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -141,7 +141,11 @@ pub async fn run_source<F, Fut>(
     F: Fn(Instance, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let d = source.connector.discover.as_ref().expect("discovering source");
+    let d = source
+        .connector
+        .discover
+        .as_ref()
+        .expect("discovering source");
     let mut known: Discovered = match cx.store.load_discovered(&source.name) {
         Ok(k) => k,
         Err(e) => {
@@ -151,22 +155,12 @@ pub async fn run_source<F, Fut>(
     };
     // Secret params given by the source, masked in discovery errors.
     let secrets = source.discovered_instance("-", &Map::new()).secrets;
-    let mut tasks = JoinSet::new();
-    let mut tokens: BTreeMap<String, CancellationToken> = BTreeMap::new();
-    let start = |tasks: &mut JoinSet<()>,
-                     tokens: &mut BTreeMap<String, CancellationToken>,
-                     name: &str,
-                     with: &Map<String, Value>| {
-        if let Some(old) = tokens.remove(name) {
-            old.cancel();
-        }
-        let token = shutdown.child_token();
-        tokens.insert(name.to_string(), token.clone());
-        tasks.spawn(spawn(source.discovered_instance(name, with), token));
-    };
+    let mut running = Running::default();
     // What was found last time polls at once, before the first listing.
     for (name, with) in &known.instances {
-        start(&mut tasks, &mut tokens, name, with);
+        let token = shutdown.child_token();
+        let task = spawn(source.discovered_instance(name, with), token.clone());
+        running.start(name, token, task).await;
     }
     loop {
         let now = Utc::now();
@@ -174,18 +168,19 @@ pub async fn run_source<F, Fut>(
             Ok(found) => {
                 let change = diff(&known.instances, &found);
                 for name in &change.stop {
-                    if let Some(t) = tokens.remove(name) {
-                        t.cancel();
-                    }
+                    running.stop(name);
                     known.instances.remove(name);
                     known.removed.insert(name.clone(), now.timestamp_millis());
-                    cx.status.remove_instance(&format!("{}/{name}", source.name));
+                    cx.status
+                        .remove_instance(&format!("{}/{name}", source.name));
                     info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
                 }
                 for f in &change.start {
                     known.removed.remove(&f.name);
                     known.instances.insert(f.name.clone(), f.with.clone());
-                    start(&mut tasks, &mut tokens, &f.name, &f.with);
+                    let token = shutdown.child_token();
+                    let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
+                    running.start(&f.name, token, task).await;
                     info!(source = %source.name, instance = %f.name, "instance discovered");
                 }
                 // Retention: forget the state of instances gone long enough.
@@ -203,7 +198,9 @@ pub async fn run_source<F, Fut>(
                             known.removed.remove(&name);
                             info!(instance = %key, "retention passed: instance state removed");
                         }
-                        Err(e) => warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state"),
+                        Err(e) => {
+                            warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state")
+                        }
                     }
                 }
                 if let Err(e) = cx.store.save_discovered(&source.name, &known) {
@@ -240,7 +237,51 @@ pub async fn run_source<F, Fut>(
         }
     }
     // Shutdown: the poll tasks see the same token; wait for them.
-    while tasks.join_next().await.is_some() {}
+    running.join_all().await;
+}
+
+/// The poll tasks of a discovering source.
+///
+/// Why not a `JoinSet`: an instance that leaves and comes back (or whose
+/// params change) must not have two tasks polling and committing its state
+/// at once, so a new task waits for the old one of the same name to finish
+/// its in-flight poll.
+#[derive(Default)]
+struct Running {
+    tasks: BTreeMap<String, (CancellationToken, JoinHandle<()>)>,
+    stopping: BTreeMap<String, JoinHandle<()>>,
+}
+
+impl Running {
+    async fn start<F>(&mut self, name: &str, token: CancellationToken, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.stop(name);
+        if let Some(old) = self.stopping.remove(name) {
+            let _ = old.await;
+        }
+        self.tasks
+            .insert(name.to_string(), (token, tokio::spawn(task)));
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some((token, handle)) = self.tasks.remove(name) {
+            token.cancel();
+            self.stopping.insert(name.to_string(), handle);
+        }
+        // Forget stopped tasks that are done.
+        self.stopping.retain(|_, h| !h.is_finished());
+    }
+
+    async fn join_all(self) {
+        for (_, (_, h)) in self.tasks {
+            let _ = h.await;
+        }
+        for (_, h) in self.stopping {
+            let _ = h.await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -260,7 +301,10 @@ mod tests {
         let mut running = BTreeMap::new();
         running.insert("a".to_string(), found("a", "1").with);
         running.insert("b".to_string(), found("b", "2").with);
-        let d = diff(&running, &[found("a", "1"), found("b", "9"), found("c", "3")]);
+        let d = diff(
+            &running,
+            &[found("a", "1"), found("b", "9"), found("c", "3")],
+        );
         assert_eq!(d.start, [found("b", "9"), found("c", "3")]);
         assert!(d.stop.is_empty());
         let d = diff(&running, &[found("b", "2")]);

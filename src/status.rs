@@ -74,10 +74,21 @@ impl Status {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Updates one instance's status.
+    /// Adds (or resets) an instance that starts polling.
+    pub fn register_instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
+        let mut m = self.instances.lock().expect("status lock");
+        let mut s = InstanceStatus::default();
+        f(&mut s);
+        m.insert(key.to_string(), s);
+    }
+
+    /// Updates one instance's status. An instance that was removed (it left
+    /// a discovered list while a poll was in flight) is not brought back.
     pub fn instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
         let mut m = self.instances.lock().expect("status lock");
-        f(m.entry(key.to_string()).or_default());
+        if let Some(s) = m.get_mut(key) {
+            f(s);
+        }
     }
 
     /// Drops an instance that no longer runs (left a discovered list).

@@ -137,7 +137,11 @@ impl Bank {
     /// Closes an account: `GET /accounts` stops listing it.
     pub fn close_account(&self, account: &str) {
         let mut inner = self.inner.lock().unwrap();
-        inner.accounts.get_mut(account).expect("known account").listed = false;
+        inner
+            .accounts
+            .get_mut(account)
+            .expect("known account")
+            .listed = false;
     }
 
     /// Sets an account's available balance (in cents).

@@ -99,17 +99,22 @@ impl<'de> Deserialize<'de> for ForEach {
         impl<'de> Visitor<'de> for V {
             type Value = ForEach;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a map of param to values (`{ account: [acc-1, acc-2] }`) or `discover`")
+                f.write_str(
+                    "a map of param to values (`{ account: [acc-1, acc-2] }`) or `discover`",
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ForEach, E> {
                 if v == "discover" {
                     Ok(ForEach::Discover)
                 } else {
-                    Err(E::custom(format!("expected `discover` or a map of param to values, got `{v}`")))
+                    Err(E::custom(format!(
+                        "expected `discover` or a map of param to values, got `{v}`"
+                    )))
                 }
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ForEach, A::Error> {
-                BTreeMap::deserialize(de::value::MapAccessDeserializer::new(map)).map(ForEach::Static)
+                BTreeMap::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ForEach::Static)
             }
         }
         d.deserialize_any(V)

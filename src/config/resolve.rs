@@ -235,7 +235,11 @@ impl Source {
     pub fn discovered_instance(&self, name: &str, with: &Map<String, Value>) -> Instance {
         let mut vars = self.base_vars.clone();
         for (k, v) in with {
-            let default = self.connector.params.get(k).and_then(|p| p.default.as_ref());
+            let default = self
+                .connector
+                .params
+                .get(k)
+                .and_then(|p| p.default.as_ref());
             vars.insert(k.clone(), coerce(v, default));
         }
         let secrets = secrets_of(&self.connector, &vars);
@@ -724,7 +728,11 @@ fn resolve_source(
         .filter(|_| discovered)
         .map(|d| d.with.iter().map(|(k, _)| k.as_str()).collect())
         .unwrap_or_default();
-    if let Some(first) = instances.first().map(|i| &i.vars).or(discovered.then_some(&base_vars)) {
+    if let Some(first) = instances
+        .first()
+        .map(|i| &i.vars)
+        .or(discovered.then_some(&base_vars))
+    {
         for (k, p) in &connector.params {
             if p.required && !first.contains_key(k) && !discovered_keys.contains(k.as_str()) {
                 errs.push((

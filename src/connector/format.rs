@@ -101,9 +101,26 @@ pub fn parse_body(
     format: Format,
 ) -> Result<(Value, Format), String> {
     let format = match format {
-        Format::Auto => content_type
-            .and_then(format_of_content_type)
-            .unwrap_or_else(|| sniff(bytes)),
+        Format::Auto => {
+            // An HTML page where data was expected is almost always an error
+            // page (maintenance, login, proxy): say so rather than report
+            // the XML syntax errors of its HTML.
+            if content_type.is_some_and(|ct| {
+                ct.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("text/html")
+            }) {
+                return Err(
+                    "an HTML page (Content-Type: text/html), not JSON, XML or CSV; if the API really serves data as text/html, declare `response.format`"
+                        .into(),
+                );
+            }
+            content_type
+                .and_then(format_of_content_type)
+                .unwrap_or_else(|| sniff(bytes))
+        }
         declared => declared,
     };
     let value = match format {
@@ -787,11 +804,19 @@ mod tests {
             parse_body(b"\n<?xml version=\"1.0\"?><a>x</a>", ct, Format::Auto).unwrap(),
             (json!({"a": "x"}), Format::Xml)
         );
-        // An HTML error page served as text/html is tried as XML and explained.
+        // An HTML error page served as text/html is called what it is.
+        let e = parse_body(
+            b"<html><body><p>oops</body></html>",
+            Some("text/html; charset=utf-8"),
+            Format::Auto,
+        )
+        .unwrap_err();
+        assert!(e.starts_with("an HTML page"), "{e}");
+        // Declared XML: parsed as XML, whose error explains.
         let e = parse_body(
             b"<html><body><p>oops</body></html>",
             Some("text/html"),
-            Format::Auto,
+            Format::Xml,
         )
         .unwrap_err();
         assert!(e.starts_with("not valid XML: "), "{e}");

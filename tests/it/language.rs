@@ -742,7 +742,7 @@ emit: [{{ type: x }}]
         ),
         json!({}),
     );
-    let err = p.poll().await.err().expect("an error, not events");
+    let err = p.poll().await.expect_err("an error, not events");
     assert!(err.contains("`id` rendered empty"), "{err}");
     assert!(err.contains(r#"{"ID":2}"#), "names the item: {err}");
     assert!(!p.state.initialized, "nothing committed");

@@ -12,6 +12,7 @@ mod config_errors;
 mod connectors;
 mod crash;
 mod delivery;
+mod discover;
 mod language;
 mod schedule;
 mod upstream_faults;

@@ -105,8 +105,7 @@ endpoints:
     };
     assert!(err("probe/e500").contains("HTTP 500"), "{s:#}");
     assert!(
-        err("probe/html").contains("not valid JSON")
-            && err("probe/html").contains("<!DOCTYPE html>"),
+        err("probe/html").contains("an HTML page") && err("probe/html").contains("<!DOCTYPE html>"),
         "{s:#}"
     );
     assert!(err("probe/truncated").contains("not valid JSON"), "{s:#}");
