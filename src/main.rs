@@ -52,12 +52,25 @@ enum Command {
     /// Check bridge.yaml and every connector; exit 0 when valid.
     Validate,
     /// Poll a source once and print what it would emit; touches no state.
+    /// Poll once and show what would happen: requests (secrets masked),
+    /// pages, records and why each is or is not emitted, the exact events,
+    /// the cursor before and after. Touches no state unless `--seed`.
     Test {
-        /// The source (a key of `sources:`).
-        source: String,
+        /// A source of the bridge file, or a connector file (`*.yaml`) to
+        /// try without a bridge, with its params given by `--with`.
+        target: String,
         /// Only this instance (a `for_each` value); default: every instance.
         #[arg(long)]
         instance: Option<String>,
+        /// A param value for a connector file: `--with key=value` (repeat).
+        #[arg(long = "with", value_name = "KEY=VALUE")]
+        with: Vec<String>,
+        /// Store what this poll finds as the instances' baseline (cursor,
+        /// seen ids, snapshot) without emitting anything, so that the first
+        /// run of the daemon starts from here. Only instances without state
+        /// are seeded; the daemon must be stopped (the store is locked).
+        #[arg(long)]
+        seed: bool,
     },
     /// Secrets for endpoints.
     Secret {
@@ -161,9 +174,54 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Test { source, instance } => {
-            let config = Config::load(&cli.config)?;
-            runtime()?.block_on(dry_run(&config, &source, instance.as_deref()))
+        Command::Test {
+            target,
+            instance,
+            with,
+            seed,
+        } => {
+            let is_file = target.ends_with(".yaml") || target.ends_with(".yml");
+            if is_file {
+                if seed {
+                    bail!("--seed needs a source of the bridge file (its state_dir), not a connector file");
+                }
+                let path = PathBuf::from(&target);
+                let connector = pollhook::config::resolve::load_connector(&path)?;
+                let mut pairs = Vec::new();
+                for w in &with {
+                    let Some((k, v)) = w.split_once('=') else {
+                        bail!("--with `{w}`: expected KEY=VALUE");
+                    };
+                    pairs.push((k.trim().to_string(), v.to_string()));
+                }
+                let source = pollhook::config::Source::for_connector(connector.into(), &pairs)
+                    .map_err(anyhow::Error::msg)?;
+                let hosts = pollhook::quota::HostGates::new(&Default::default());
+                runtime()?.block_on(dry_run(&source, &hosts, instance.as_deref(), None))
+            } else {
+                if !with.is_empty() {
+                    bail!("--with is for connector files; a source takes its params from `with:` in {}", cli.config.display());
+                }
+                let config = Config::load(&cli.config)?;
+                let Some(src) = config.source(&target) else {
+                    let names: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
+                    bail!(
+                        "no source named `{target}` in {} (sources: {}); to try a connector file, give its path (`connectors/x.yaml --with key=value`)",
+                        config.file.display(),
+                        names.join(", ")
+                    );
+                };
+                let store = if seed {
+                    std::fs::create_dir_all(&config.state_dir)?;
+                    Some(pollhook::store::Store::open(&config.state_dir).context(
+                        "--seed opens the store: is the daemon running? (stop it first)",
+                    )?)
+                } else {
+                    None
+                };
+                let hosts = pollhook::quota::HostGates::new(&config.hosts);
+                runtime()?.block_on(dry_run(src, &hosts, instance.as_deref(), store.as_ref()))
+            }
         }
     }
 }
@@ -187,23 +245,21 @@ async fn watch_signals(shutdown: CancellationToken) {
     std::process::exit(130);
 }
 
-/// `pollhook test`: one poll per instance, from an empty state, printing the
-/// requests, what each record would do, and the exact event bodies.
-async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::Result<ExitCode> {
-    let Some(src) = config.source(source) else {
-        let names: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
-        bail!(
-            "no source named `{source}` in {} (sources: {})",
-            config.file.display(),
-            names.join(", ")
-        );
-    };
+/// `pollhook test`: one poll per instance, from an empty state (or, with
+/// `store`, seeding it), printing the requests, what each record would do,
+/// and the exact event bodies.
+async fn dry_run(
+    src: &pollhook::config::Source,
+    hosts: &pollhook::quota::HostGates,
+    only: Option<&str>,
+    store: Option<&pollhook::store::Store>,
+) -> anyhow::Result<ExitCode> {
+    let source = src.name.as_str();
     let client = pollhook::daemon::poll_client();
-    let hosts = pollhook::quota::HostGates::new(&config.hosts);
     let tokens = pollhook::connector::auth::TokenCache::default();
     let env = FetchEnv {
         client: &client,
-        hosts: &hosts,
+        hosts,
         rate_limit: None,
         tokens: &tokens,
     };
@@ -261,6 +317,46 @@ async fn dry_run(config: &Config, source: &str, only: Option<&str>) -> anyhow::R
         }
         if let Some(w) = &fetched.warning {
             println!("   warning: {}", mask(w, &inst.secrets));
+        }
+        if let Some(store) = store {
+            let stored = store.load_state(&inst.key)?;
+            if stored.initialized {
+                println!(
+                    "   already has state (cursor {}): not seeded",
+                    stored.cursor.as_deref().unwrap_or("(none)")
+                );
+                continue;
+            }
+            let d = match detect(
+                &src.connector,
+                &inst.vars,
+                &stored,
+                &fetched.pages,
+                now,
+                Some(Baseline::Skip),
+                fetched.listing(),
+            ) {
+                Ok(d) => d,
+                Err(e) => {
+                    println!("   detection failed: {}", mask(&e, &inst.secrets));
+                    failed = true;
+                    continue;
+                }
+            };
+            let (next, _) = pollhook::daemon::prepare_commit(src, inst, &stored, d, &fetched, now);
+            store.commit_poll(&inst.key, &next, &[]).await?;
+            println!(
+                "   seeded: cursor {}, {} ids remembered, {} items known{}",
+                next.cursor.as_deref().unwrap_or("(none)"),
+                next.seen.len(),
+                next.known.len(),
+                if next.snapshot.is_some() {
+                    ", snapshot stored"
+                } else {
+                    ""
+                }
+            );
+            continue;
         }
         // Baseline forced to `emit`: a dry run shows what would be sent.
         let d = match detect(

@@ -252,6 +252,93 @@ impl Source {
     }
 }
 
+impl Source {
+    /// A one-instance source for trying a connector file without a bridge
+    /// (`pollhook test connector.yaml --with key=value`). Param values are
+    /// checked like a source's `with:` and typed like their defaults; when
+    /// the connector can `discover` the params still missing, the source
+    /// discovers its instances.
+    pub fn for_connector(
+        connector: Arc<Connector>,
+        with: &[(String, String)],
+    ) -> Result<Source, String> {
+        let file = connector.file.display().to_string();
+        let mut base_vars = Map::new();
+        for (k, p) in &connector.params {
+            if let Some(d) = &p.default {
+                base_vars.insert(k.clone(), d.clone());
+            }
+        }
+        for (k, v) in with {
+            let Some(p) = connector.params.get(k) else {
+                return Err(format!(
+                    "--with {k}=…: connector `{}` ({file}) declares no param `{k}`; declared: {}",
+                    connector.name,
+                    connector
+                        .params
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            base_vars.insert(
+                k.clone(),
+                coerce(&Value::String(v.clone()), p.default.as_ref()),
+            );
+        }
+        let discoverable: BTreeSet<&str> = connector
+            .discover
+            .as_ref()
+            .map(|d| d.with.iter().map(|(k, _)| k.as_str()).collect())
+            .unwrap_or_default();
+        let missing: Vec<&String> = connector
+            .params
+            .iter()
+            .filter(|(k, p)| p.required && !base_vars.contains_key(*k))
+            .map(|(k, _)| k)
+            .collect();
+        let discovered =
+            !missing.is_empty() && missing.iter().all(|k| discoverable.contains(k.as_str()));
+        if !missing.is_empty() && !discovered {
+            return Err(format!(
+                "connector `{}` ({file}) requires {}; give {}",
+                connector.name,
+                missing
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                missing
+                    .iter()
+                    .map(|k| format!("--with {k}=…"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+        let name = connector.name.clone();
+        let mut source = Source {
+            name: name.clone(),
+            schedule: connector
+                .schedule
+                .clone()
+                .unwrap_or_else(|| Schedule::parse("every 1m").expect("valid")),
+            instances: vec![],
+            routes: vec![],
+            discovered,
+            base_vars,
+            retention: Duration::from_secs(7 * 86400),
+            discover_schedule: connector.discover.as_ref().map(|d| d.schedule.clone()),
+            connector,
+        };
+        if !discovered {
+            let inst = source.discovered_instance("default", &Map::new());
+            source.instances.push(inst);
+        }
+        Ok(source)
+    }
+}
+
 /// Values of secret params, to mask.
 fn secrets_of(c: &Connector, vars: &Map<String, Value>) -> Vec<String> {
     c.params

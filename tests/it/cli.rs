@@ -189,3 +189,187 @@ emit: [{ type: ticket.created }]
         "the secret param is masked: {out}"
     );
 }
+
+fn run_blocking(mut c: Command) -> (bool, String, String) {
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_tries_a_connector_file_with_params_and_no_bridge() {
+    let bank = Bank::new(&["acc-7"]).with_token("tok-abcdef");
+    bank.book("acc-7", &[-12_34]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("connectors")
+        .join("bank-transactions.yaml");
+    let file = file.to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(bin());
+        // No bridge.yaml anywhere: the connector file is all there is.
+        c.current_dir(dir.path()).arg("test").arg(&file).args(args);
+        c
+    };
+    let base = format!("base_url=http://{addr}");
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let c = cmd(&[
+            "--with",
+            &base,
+            "--with",
+            "account=acc-7",
+            "--with",
+            "token=tok-abcdef",
+        ]);
+        move || run_blocking(c)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("GET http://"), "{out}");
+    assert!(out.contains("/accounts/acc-7/transactions"), "{out}");
+    assert!(out.contains("1 event(s)"), "{out}");
+    assert!(out.contains("\"amount\":-12.34"), "{out}");
+    assert!(!out.contains("tok-abcdef"), "secret masked: {out}");
+
+    // Without `account`, the connector's `discover` lists the accounts.
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let c = cmd(&["--with", &base, "--with", "token=tok-abcdef"]);
+        move || run_blocking(c)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("1 instance(s) found") && out.contains("- acc-7 (account=acc-7)"),
+        "{out}"
+    );
+
+    // Unknown and missing params name the connector file.
+    let (ok, _, err) = tokio::task::spawn_blocking({
+        let c = cmd(&["--with", &base, "--with", "acount=acc-7"]);
+        move || run_blocking(c)
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("declares no param `acount`") && err.contains("bank-transactions.yaml"),
+        "{err}"
+    );
+    let (ok, _, err) = tokio::task::spawn_blocking({
+        let c = cmd(&["--with", "account=acc-7"]);
+        move || run_blocking(c)
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("requires `base_url`") && err.contains("--with base_url="),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_seed_stores_a_baseline_the_daemon_resumes_from() {
+    let bank = Bank::new(&["acc-1"]);
+    let old = bank.book("acc-1", &[-1_00, -2_00]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    // `baseline: emit` in this copy of the connector: without the seed, the
+    // daemon's first poll would send the two old transactions.
+    let connector = repo_connector("bank-transactions.yaml")
+        .replace("detect: new", "detect: new\nbaseline: emit");
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  tx:
+    connector: bank-transactions
+    with: {{ base_url: "http://{addr}", account: acc-1 }}
+    schedule: every 50ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{url}", secret: "{secret}" }}
+"#,
+        url = rx.url,
+        secret = secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("bank-transactions.yaml", connector)]);
+    let seed = |d: &Daemon| run_blocking(d.command(&["test", "tx", "--seed"]));
+    let (ok, out, err) = tokio::task::block_in_place(|| seed(&d));
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("seeded: cursor cur_"), "{out}");
+    let (ok, out, _) = tokio::task::block_in_place(|| seed(&d));
+    assert!(ok && out.contains("already has state"), "{out}");
+
+    d.start().await;
+    d.wait_polls(&["tx/default"], 2).await;
+    let new = bank.book("acc-1", &[-3_00]);
+    wait_for(
+        "the new transaction",
+        std::time::Duration::from_secs(20),
+        || !rx.accepted().is_empty(),
+    )
+    .await;
+    let polls = d.status().await["instances"]["tx/default"]["polls_ok"]
+        .as_u64()
+        .unwrap();
+    d.wait_polls(&["tx/default"], polls + 3).await;
+    let got: Vec<String> = rx
+        .accepted()
+        .iter()
+        .map(|x| x.body["data"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, new, "old ones {old:?} were seeded, not sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_connector_needs_no_file_and_its_errors_point_into_the_bridge() {
+    let app = axum::Router::new().route(
+        "/status.json",
+        axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+    );
+    let up = serve(app).await;
+    let bridge = |url: &str| {
+        format!(
+            r#"
+sources:
+  health:
+    connector:
+      request: {{ url: "{url}" }}
+      detect: snapshot
+      emit: [{{ type: health.changed }}]
+    schedule: every 1m
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "http://127.0.0.1:9/", secret: "{secret}" }}
+"#,
+            secret = secret()
+        )
+    };
+    let d = Daemon::new(&bridge(&format!("http://{up}/status.json")), &[]);
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| run_blocking(d.command(&["test", "health"])));
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("== health/default (connector health)"),
+        "{out}"
+    );
+    assert!(out.contains("\"current\":{\"status\":\"ok\"}"), "{out}");
+
+    let d = Daemon::new(&bridge("http://x/{{ nope }}"), &[]);
+    let (ok, _, err) = tokio::task::block_in_place(|| run_blocking(d.command(&["validate"])));
+    assert!(!ok);
+    assert!(err.contains("bridge.yaml:5:"), "{err}");
+    assert!(
+        err.contains("sources.health.connector.request.url"),
+        "{err}"
+    );
+    assert!(err.contains("unknown variable `nope`"), "{err}");
+}
