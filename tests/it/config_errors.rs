@@ -192,3 +192,131 @@ fn connector_errors_name_the_connector_file() {
         &["bank-balance.yaml:", "unknown field `emitt`"],
     );
 }
+
+#[test]
+fn connector_language_errors_name_file_line_field_and_expectation() {
+    let conn = repo_connector("bank-balance.yaml");
+    let with_request_extra =
+        |extra: &str| conn.replace("request:\n", &format!("request:\n{extra}"));
+    // Two paging styles at once.
+    expect_error(
+        GOOD_BRIDGE,
+        &format!("{conn}paginate: {{ link_header: true, next_url: $.next }}\n"),
+        &[
+            "bank-balance.yaml:",
+            "field `paginate`",
+            "exactly one paging style",
+        ],
+    );
+    // A raw body and a JSON body.
+    expect_error(
+        GOOD_BRIDGE,
+        &with_request_extra("  body: \"{}\"\n  json: { a: 1 }\n"),
+        &[
+            "bank-balance.yaml:",
+            "field `request`",
+            "at most one of `body`",
+        ],
+    );
+    // An auth type that does not exist.
+    expect_error(
+        GOOD_BRIDGE,
+        &with_request_extra("  auth: { type: kerberos }\n"),
+        &["bank-balance.yaml:", "kerberos"],
+    );
+    // An unknown variable in an emit `data` template.
+    expect_error(
+        GOOD_BRIDGE,
+        &conn.replace(
+            "  - type: bank.balance.changed\n",
+            "  - type: bank.balance.changed\n    data: { x: \"{{ currnt.available }}\" }\n",
+        ),
+        &[
+            "bank-balance.yaml:",
+            "emit[0].data",
+            "unknown variable `currnt`",
+        ],
+    );
+    // `for_each: discover` on a connector that cannot discover.
+    expect_error(
+        &GOOD_BRIDGE.replace(
+            "    schedule: every 30s\n",
+            "    schedule: every 30s\n    for_each: discover\n",
+        ),
+        &conn,
+        &[
+            "bridge.yaml:",
+            "sources.balances.for_each",
+            "no `discover:` block",
+        ],
+    );
+    // `for_each: everything`.
+    expect_error(
+        &GOOD_BRIDGE.replace(
+            "    schedule: every 30s\n",
+            "    schedule: every 30s\n    for_each: everything\n",
+        ),
+        &conn,
+        &["bridge.yaml:", "expected `discover` or a map"],
+    );
+    // A secret file that does not exist: named, line given.
+    expect_error(
+        &GOOD_BRIDGE.replace(
+            "secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "secret: ${file:/nonexistent/agent_secret}",
+        ),
+        &conn,
+        &[
+            "bridge.yaml:11:13",
+            "endpoints.agent.secret",
+            "cannot read secret file /nonexistent/agent_secret",
+        ],
+    );
+    // An unknown time zone.
+    expect_error(
+        &GOOD_BRIDGE.replace(
+            "schedule: every 30s",
+            "schedule: { cron: \"0 9 * * *\", tz: Mars/Olympus }",
+        ),
+        &conn,
+        &["bridge.yaml:", "Mars/Olympus"],
+    );
+}
+
+#[test]
+fn secrets_can_come_from_systemd_credentials() {
+    let d = Daemon::new(
+        &GOOD_BRIDGE.replace(
+            "secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "secret: ${credential:agent_secret}",
+        ),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    let creds = d.dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(
+        creds.join("agent_secret"),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
+    )
+    .unwrap();
+    let out = d
+        .command(&["validate"])
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d
+        .command(&["validate"])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("CREDENTIALS_DIRECTORY is not set"),
+        "{err}"
+    );
+}

@@ -811,3 +811,39 @@ emit: [{{ type: x }}]
     assert_eq!(p.state.seen, ["b"]);
     assert_eq!(p.state.seen_evicted, 1);
 }
+
+#[tokio::test]
+async fn csv_exports_are_read_as_rows() {
+    let app = Router::new().route(
+        "/export.csv",
+        get(|| async {
+            (
+                [("content-type", "text/csv; charset=utf-8")],
+                "\u{feff}id,name,amount\n1,\"Smith, J.\",10.50\n2,Doe,3\n",
+            )
+        }),
+    );
+    let up = serve(app).await;
+    let mut p = Poller::new(
+        &format!(
+            r#"
+name: csv
+request: {{ url: "http://{up}/export.csv" }}
+items: "$[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+baseline: emit
+emit: [{{ type: row.new, data: {{ who: "{{{{ item.name }}}}", cents: "{{{{ (item.amount | float * 100) | round | int }}}}" }} }}]
+"#
+        ),
+        json!({}),
+    );
+    let ev = p.events().await;
+    assert_eq!(
+        ev.into_iter().map(|(_, d)| d).collect::<Vec<_>>(),
+        [
+            json!({"who": "Smith, J.", "cents": 1050}),
+            json!({"who": "Doe", "cents": 300})
+        ]
+    );
+}
