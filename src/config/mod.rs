@@ -12,6 +12,7 @@ pub mod env;
 pub mod error;
 pub mod raw;
 pub mod resolve;
+pub mod schema;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use resolve::*;

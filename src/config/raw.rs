@@ -6,10 +6,12 @@
 //! errors carry the YAML location. These types never leave `config`: they are
 //! validated into the types of `config::resolve`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -20,8 +22,9 @@ use crate::template;
 // ---------------------------------------------------------------- bridge.yaml
 
 /// `bridge.yaml`: the operator's file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Bridge")]
 pub struct RawBridge {
     /// Directory of the embedded store; relative to the config file.
     #[serde(default)]
@@ -31,6 +34,7 @@ pub struct RawBridge {
     pub admin: Option<RawAdmin>,
     /// Globs of connector files, relative to this file.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub connectors: Vec<Spanned<String>>,
     /// What to poll, for whom.
     #[serde(default)]
@@ -47,27 +51,33 @@ pub struct RawBridge {
 }
 
 /// `admin:`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Admin")]
 pub struct RawAdmin {
     /// `host:port` to listen on; loopback by default.
+    #[schemars(with = "String")]
     pub listen: Spanned<String>,
 }
 
 /// One entry of `sources:`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Source")]
 pub struct RawSource {
     /// Name of a connector found through `connectors:`, or a whole
     /// connector written inline (a one-off that needs no file of its own).
+    #[schemars(with = "ConnectorRef")]
     pub connector: Spanned<ConnectorRef>,
     /// Values of the connector's params.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub with: BTreeMap<String, Spanned<serde_json::Value>>,
     /// Fan-out: `{ account: [a, b] }`, one instance per value (the cartesian
     /// product when several keys are given), or `discover`: one instance per
     /// item of the connector's `discover` request, refreshed on its schedule.
     #[serde(default)]
+    #[schemars(with = "Option<ForEach>")]
     pub for_each: Option<Spanned<ForEach>>,
     /// `for_each: discover`: overrides the connector's `discover.schedule`.
     #[serde(default)]
@@ -81,6 +91,7 @@ pub struct RawSource {
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
     /// Endpoints: a list (every event type) or a map endpoint → event types.
+    #[schemars(with = "DeliverTo")]
     pub deliver_to: Spanned<DeliverTo>,
 }
 
@@ -123,8 +134,9 @@ impl<'de> Deserialize<'de> for ForEach {
 
 /// A connector's `discover:` block: the request that lists the instances of
 /// a `for_each: discover` source (e.g. `GET /accounts`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Discover")]
 pub struct RawDiscover {
     /// The listing request (same form as the connector's `request`).
     pub request: RawRequest,
@@ -133,11 +145,14 @@ pub struct RawDiscover {
     #[serde(default)]
     pub paginate: Option<RawPaginate>,
     /// JSONPath of the listed things.
+    #[schemars(with = "JsonPathSrc")]
     pub items: Spanned<JsonPathSrc>,
     /// Each instance's name, a template over `item` (unique per source).
+    #[schemars(with = "TemplateSrc")]
     pub name: Spanned<TemplateSrc>,
     /// Param values of each instance, templates over `item`.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, TemplateSrc>")]
     pub with: BTreeMap<String, Spanned<TemplateSrc>>,
     /// How often the list is refreshed (default every 10 minutes).
     #[serde(default)]
@@ -181,12 +196,15 @@ pub enum DeliverTo {
 }
 
 /// One entry of `endpoints:`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Endpoint")]
 pub struct RawEndpoint {
     /// Where to POST events.
+    #[schemars(with = "String")]
     pub url: Spanned<String>,
     /// `whsec_…` secret, or a list of them (all sign; rotation).
+    #[schemars(with = "Secrets")]
     pub secret: Spanned<Secrets>,
     /// Per-attempt request timeout.
     #[serde(default)]
@@ -251,8 +269,9 @@ impl<'de> Deserialize<'de> for Secrets {
 }
 
 /// `retry:` of an endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Retry")]
 pub struct RawRetry {
     /// Attempts in all, the first included; then the event is dead-lettered.
     #[serde(default)]
@@ -269,15 +288,16 @@ pub struct RawRetry {
 }
 
 /// Backoff shapes.
-#[derive(Debug, Deserialize, Clone, Copy)]
+#[derive(Debug, Deserialize, Clone, Copy, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Backoff {
     Exponential,
 }
 
 /// One entry of `hosts:`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Host")]
 pub struct RawHost {
     /// Sustained rate, e.g. `60/min`.
     #[serde(default)]
@@ -293,12 +313,14 @@ pub struct RawHost {
 // ------------------------------------------------------------- connector file
 
 /// A connector file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Connector")]
 pub struct RawConnector {
     /// The name sources refer to (required in a connector file; an inline
     /// connector takes its source's name).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub name: Option<Spanned<String>>,
     /// Free text for humans.
     #[serde(default)]
@@ -325,21 +347,26 @@ pub struct RawConnector {
     pub paginate: Option<RawPaginate>,
     /// JSONPath to the list of items (`detect: new`).
     #[serde(default)]
+    #[schemars(with = "Option<JsonPathSrc>")]
     pub items: Option<Spanned<JsonPathSrc>>,
     /// What makes an item unique (`detect: new`).
     #[serde(default)]
+    #[schemars(with = "Option<TemplateSrc>")]
     pub id: Option<Spanned<TemplateSrc>>,
     /// `detect: changes`: what tells two versions of an item apart (e.g.
     /// `{{ item.updated_at }}`); the item's hash when absent.
     #[serde(default)]
+    #[schemars(with = "Option<TemplateSrc>")]
     pub version: Option<Spanned<TemplateSrc>>,
     /// `detect: snapshot`: watch only this part of the resource.
     #[serde(default)]
+    #[schemars(with = "Option<JsonPathSrc>")]
     pub watch: Option<Spanned<JsonPathSrc>>,
     /// Where the next poll resumes.
     #[serde(default)]
     pub cursor: Option<RawCursor>,
     /// Detection mode.
+    #[schemars(with = "DetectMode")]
     pub detect: Spanned<DetectMode>,
     /// First run: remember what exists (`skip`, default) or emit it (`emit`).
     #[serde(default)]
@@ -356,8 +383,9 @@ pub struct RawConnector {
 }
 
 /// A declared parameter.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Param")]
 pub struct RawParam {
     /// A source must give it.
     #[serde(default)]
@@ -375,30 +403,38 @@ pub struct RawParam {
 }
 
 /// `request:`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Request")]
 pub struct RawRequest {
     /// HTTP method, `GET` by default.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub method: Option<Spanned<String>>,
     /// URL template.
+    #[schemars(with = "TemplateSrc")]
     pub url: Spanned<TemplateSrc>,
     /// Query parameters; an empty rendered value is left out.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, TemplateSrc>")]
     pub query: BTreeMap<String, Spanned<TemplateSrc>>,
     /// Headers; an empty rendered value is left out.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, TemplateSrc>")]
     pub headers: BTreeMap<String, Spanned<TemplateSrc>>,
     /// Raw body template (sent with `content-type: application/json` unless a
     /// header says otherwise): SOAP envelopes, hand-written JSON-RPC.
     #[serde(default)]
+    #[schemars(with = "Option<TemplateSrc>")]
     pub body: Option<Spanned<TemplateSrc>>,
     /// A JSON body written as YAML; every string is a template, and a lone
     /// `{{ expr }}` keeps its type.
     #[serde(default)]
+    #[schemars(with = "Option<ValueSrc>")]
     pub json: Option<Spanned<ValueSrc>>,
     /// A form body (`application/x-www-form-urlencoded`); values are templates.
     #[serde(default)]
+    #[schemars(with = "Option<BTreeMap<String, TemplateSrc>>")]
     pub form: Option<Spanned<BTreeMap<String, TemplateSrc>>>,
     /// Authentication.
     #[serde(default)]
@@ -412,8 +448,9 @@ pub struct RawRequest {
 }
 
 /// `request.auth:`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[schemars(rename = "Auth")]
 pub enum RawAuth {
     /// `Authorization: Bearer <token>`; left out when the token renders empty.
     Bearer { token: TemplateSrc },
@@ -452,7 +489,7 @@ pub enum RawAuth {
 }
 
 /// Where an API key goes.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyLocation {
     #[default]
@@ -461,7 +498,7 @@ pub enum KeyLocation {
 }
 
 /// How OAuth2 client credentials reach the token endpoint.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     #[default]
@@ -470,28 +507,33 @@ pub enum ClientAuth {
 }
 
 /// `response:`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Response")]
 pub struct RawResponse {
     /// `auto` (default: by Content-Type, then by the first byte), `json`,
     /// `xml` or `csv`. XML and CSV become the same JSON tree JSONPath reads.
     #[serde(default)]
+    #[schemars(schema_with = "response_format_schema")]
     pub format: Option<crate::connector::format::Format>,
 }
 
 /// `paginate:`: exactly one style (`cursor_from` + `param`, `next_url`,
 /// `link_header`, `page`, `offset`), then stop conditions and caps.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Paginate")]
 pub struct RawPaginate {
     /// Cursor style: JSONPath of the next page's cursor in each page.
     #[serde(default)]
+    #[schemars(with = "Option<JsonPathSrc>")]
     pub cursor_from: Option<Spanned<JsonPathSrc>>,
     /// Cursor style: the query parameter that carries it.
     #[serde(default)]
     pub param: Option<String>,
     /// Next-URL style: JSONPath of the next page's URL (absolute or relative).
     #[serde(default)]
+    #[schemars(with = "Option<JsonPathSrc>")]
     pub next_url: Option<Spanned<JsonPathSrc>>,
     /// `Link` header style (RFC 8288 `rel="next"`), as GitHub and GitLab page.
     #[serde(default)]
@@ -505,6 +547,7 @@ pub struct RawPaginate {
     /// Stop after a page for which this condition (over `page`, the body,
     /// and `count`, its number of items) is true.
     #[serde(default)]
+    #[schemars(with = "Option<ConditionSrc>")]
     pub stop_when: Option<Spanned<ConditionSrc>>,
     /// Most pages per poll (default 100). Reaching it is reported on the
     /// instance's status; what was read is still processed.
@@ -516,8 +559,9 @@ pub struct RawPaginate {
 }
 
 /// `paginate.page:`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "PageNumber")]
 pub struct RawPageNumber {
     /// Query parameter of the page number.
     pub param: String,
@@ -533,8 +577,9 @@ pub struct RawPageNumber {
 }
 
 /// `paginate.offset:`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Offset")]
 pub struct RawOffset {
     /// Query parameter of the offset (starts at 0).
     pub param: String,
@@ -546,14 +591,17 @@ pub struct RawOffset {
 }
 
 /// `cursor:`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Cursor")]
 pub struct RawCursor {
     /// JSONPath into the (last) page: an opaque cursor the API gives.
     #[serde(default)]
+    #[schemars(with = "Option<JsonPathSrc>")]
     pub from: Option<Spanned<JsonPathSrc>>,
     /// Template over each item: the greatest value becomes the cursor.
     #[serde(default)]
+    #[schemars(with = "Option<TemplateSrc>")]
     pub max: Option<Spanned<TemplateSrc>>,
     /// Ask again for this much before the cursor (a timestamp or epoch
     /// seconds), for APIs whose late writes land behind it; the overlap is
@@ -563,7 +611,7 @@ pub struct RawCursor {
 }
 
 /// Detection modes.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DetectMode {
     /// One resource; an event when it (or its `watch`ed part) changes.
@@ -575,7 +623,7 @@ pub enum DetectMode {
 }
 
 /// First-run behaviour.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Baseline {
     #[default]
@@ -584,19 +632,23 @@ pub enum Baseline {
 }
 
 /// One `emit:` rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Emit")]
 pub struct RawEmit {
     /// Event type, e.g. `bank.balance.changed`; may be a template
     /// (`ticket.{{ change }}`).
     #[serde(rename = "type")]
+    #[schemars(with = "String")]
     pub kind: Spanned<String>,
     /// Condition; the event is emitted when it is true.
     #[serde(default)]
+    #[schemars(with = "Option<ConditionSrc>")]
     pub when: Option<Spanned<ConditionSrc>>,
     /// The event's `data`, a value template; by default the item (or
     /// `{previous, current}` for snapshots and updates).
     #[serde(default)]
+    #[schemars(with = "Option<ValueSrc>")]
     pub data: Option<Spanned<ValueSrc>>,
 }
 
@@ -766,6 +818,252 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
         }
         d.deserialize_any(V)
     }
+}
+
+// ------------------------------------------- JSON Schema of the hand-written forms
+//
+// The types above whose `Deserialize` is written by hand describe themselves
+// by hand too (`pollhook schema`, see `config::schema`). Each schema says what
+// that `Deserialize` accepts; checks made later (cron fields, time zones,
+// template syntax) are described, not encoded.
+
+/// Units `humantime` (hence [`parse_duration`]) accepts.
+const DURATION_UNITS: &str = "nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s|minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|wks|wk|w|months|month|M|years|year|yrs|yr|y";
+
+/// One or more `<number><unit>` spans, e.g. `1h 30m` or `1.5s`.
+fn duration_spans() -> String {
+    format!(r"([0-9]+(\.[0-9]+)?\s*({DURATION_UNITS})\s*)+")
+}
+
+/// A string holding a duration.
+fn duration_string_schema() -> Schema {
+    json_schema!({
+        "type": "string",
+        "pattern": format!(r"^\s*(0|{})\s*$", duration_spans()),
+    })
+}
+
+impl JsonSchema for Dur {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`); `0` alone is zero.",
+            "anyOf": [duration_string_schema(), { "const": 0 }],
+            "examples": ["30s", "5m", "250ms", "1h 30m"],
+        })
+    }
+}
+
+impl JsonSchema for Rate {
+    fn schema_name() -> Cow<'static, str> {
+        "Rate".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A rate `N/unit`: N ≥ 1 requests per `s`, `min`, `h`, `day` or any duration (`5/2s`).",
+            "type": "string",
+            "pattern": r"^\s*[0-9]*[1-9][0-9]*\s*/\s*\S.*$",
+            "examples": ["10/s", "60/min", "1000/h", "5/2s"],
+        })
+    }
+}
+
+impl JsonSchema for JsonPathSrc {
+    fn schema_name() -> Cow<'static, str> {
+        "JsonPath".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A JSONPath query (RFC 9535), starting at the root `$`.",
+            "type": "string",
+            "pattern": r"^\$",
+            "examples": ["$.items[*]", "$.next_cursor", "$[*]"],
+        })
+    }
+}
+
+impl JsonSchema for TemplateSrc {
+    fn schema_name() -> Cow<'static, str> {
+        "Template".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A minijinja (Jinja2) template, e.g. `{{ base_url }}/items`; a number or boolean stands for its text.",
+            "type": ["string", "number", "boolean"],
+            "examples": ["{{ base_url }}/accounts/{{ account }}", "{{ item.id }}"],
+        })
+    }
+}
+
+impl JsonSchema for ConditionSrc {
+    fn schema_name() -> Cow<'static, str> {
+        "Condition".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A minijinja expression (no `{{ }}`), true or false, e.g. `current.available < low_threshold`; an unquoted number or boolean stands for its text.",
+            "type": ["string", "number", "boolean"],
+            "examples": ["current.available != previous.available", "count == 0"],
+        })
+    }
+}
+
+impl JsonSchema for ValueSrc {
+    fn schema_name() -> Cow<'static, str> {
+        "ValueTemplate".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Any YAML value; every string in it is a minijinja template, and a string that is a lone `{{ expr }}` keeps the expression's type.",
+        })
+    }
+}
+
+impl JsonSchema for ScheduleSpec {
+    fn schema_name() -> Cow<'static, str> {
+        "Schedule".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let spans = duration_spans();
+        let cron_fields = r"\S+(\s+\S+){4,6}";
+        json_schema!({
+            "description": "When to poll: `every <duration>`, a cron line (5 fields, or 6–7 with seconds first), or a map with `every` or `cron` and options.",
+            "oneOf": [
+                {
+                    "type": "string",
+                    "pattern": format!(r"^\s*(every +{spans}|(cron\s+)?{cron_fields})\s*$"),
+                    "examples": ["every 30s", "every 5m", "*/5 * * * *", "0 9 * * 1-5"],
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "every": {
+                            "description": "Interval between polls, e.g. `30s`.",
+                            "type": "string",
+                            "pattern": format!(r"^\s*{spans}$"),
+                        },
+                        "cron": {
+                            "description": "A cron line: 5 fields (`min hour day month weekday`) or 6–7 with seconds first.",
+                            "type": "string",
+                            "pattern": format!(r"^\s*{cron_fields}\s*$"),
+                        },
+                        "jitter": generator.subschema_for::<Dur>(),
+                        "tz": {
+                            "description": "IANA time zone of the cron line and the active windows (UTC by default).",
+                            "type": "string",
+                            "examples": ["Europe/Paris", "America/New_York", "UTC"],
+                        },
+                        "active": {
+                            "description": "Windows in which polls may happen, e.g. `Mon-Fri 08:00-18:00`, `Sat,Sun 10:00-12:00`, `daily 22:00-02:00`.",
+                            "type": "array",
+                            "items": { "type": "string" },
+                            "minItems": 1,
+                        },
+                        "catch_up": {
+                            "description": "Runs missed while the daemon was stopped: one poll at start (`once`, default) or none (`skip`).",
+                            "enum": ["once", "skip"],
+                        },
+                    },
+                    "oneOf": [
+                        { "required": ["every"] },
+                        { "required": ["cron"] },
+                    ],
+                    "additionalProperties": false,
+                },
+            ],
+        })
+    }
+}
+
+impl JsonSchema for DeliverTo {
+    fn schema_name() -> Cow<'static, str> {
+        "DeliverTo".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Endpoints: a name or a list of names (every event type), or a map endpoint → the event types it gets.",
+            "oneOf": [
+                { "type": "string" },
+                { "type": "array", "items": { "type": "string" } },
+                {
+                    "type": "object",
+                    "additionalProperties": { "type": "array", "items": { "type": "string" } },
+                },
+            ],
+        })
+    }
+}
+
+impl JsonSchema for Secrets {
+    fn schema_name() -> Cow<'static, str> {
+        "Secrets".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A Standard Webhooks `whsec_…` secret, or a list of them (each signs; for rotation).",
+            "oneOf": [
+                { "type": "string" },
+                { "type": "array", "items": { "type": "string" } },
+            ],
+        })
+    }
+}
+
+impl JsonSchema for ForEach {
+    fn schema_name() -> Cow<'static, str> {
+        "ForEach".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "One instance per value: a map param → values (the cartesian product when several), or `discover` (the connector's `discover` request lists them).",
+            "oneOf": [
+                { "const": "discover" },
+                {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "array",
+                        "items": { "type": ["string", "number", "boolean"] },
+                        "minItems": 1,
+                    },
+                },
+            ],
+        })
+    }
+}
+
+impl JsonSchema for ConnectorRef {
+    fn schema_name() -> Cow<'static, str> {
+        "ConnectorRef".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "The name of a connector found through `connectors:`, or a connector written inline.",
+            "oneOf": [
+                { "type": "string" },
+                generator.subschema_for::<RawConnector>(),
+            ],
+        })
+    }
+}
+
+/// `response.format`: [`crate::connector::format::Format`], or null.
+fn response_format_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "enum": ["auto", "json", "xml", "csv", null],
+    })
 }
 
 /// Accepts a string, or a number/bool written without quotes (`timeout: 30`
