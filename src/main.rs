@@ -72,6 +72,12 @@ enum Command {
         #[arg(long)]
         seed: bool,
     },
+    /// Print the JSON Schema of bridge.yaml (default) or of connector
+    /// files, generated from the types the config is read into, for editors.
+    Schema {
+        #[arg(value_enum, default_value_t = SchemaKind::Bridge)]
+        kind: SchemaKind,
+    },
     /// Secrets for endpoints.
     Secret {
         #[command(subcommand)]
@@ -89,6 +95,14 @@ enum Command {
         #[arg(long)]
         signature: String,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SchemaKind {
+    /// bridge.yaml (inline connectors included).
+    Bridge,
+    /// A connector file.
+    Connector,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +165,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("signature does NOT match");
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Schema { kind } => {
+            let schema = match kind {
+                SchemaKind::Bridge => pollhook::config::schema::bridge_schema(),
+                SchemaKind::Connector => pollhook::config::schema::connector_schema(),
+            };
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Validate => {
             let config = Config::load(&cli.config)?;

@@ -373,3 +373,22 @@ endpoints:
     );
     assert!(err.contains("unknown variable `nope`"), "{err}");
 }
+
+#[test]
+fn schema_prints_json_schemas_of_both_files() {
+    for (kind, title) in [("bridge", "bridge"), ("connector", "connector")] {
+        let out = Command::new(bin()).args(["schema", kind]).output().unwrap();
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            v["$schema"].as_str().unwrap().contains("json-schema.org"),
+            "{kind}"
+        );
+        assert!(
+            v["title"].as_str().unwrap().to_lowercase().contains(title),
+            "{kind}: {}",
+            v["title"]
+        );
+        assert_eq!(v["additionalProperties"], false, "{kind}: typos are errors");
+    }
+}
