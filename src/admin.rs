@@ -22,6 +22,8 @@ use crate::store::Store;
 pub struct AdminState {
     pub status: Arc<Status>,
     pub store: Store,
+    /// Upstream host gates (quotas and throttling), for `/status` and metrics.
+    pub hosts: Arc<crate::quota::HostGates>,
     pub endpoints: Vec<String>,
 }
 
@@ -57,6 +59,8 @@ pub struct StatusReport {
     pub endpoints: BTreeMap<String, EndpointReport>,
     /// `for_each: discover` sources.
     pub discovery: BTreeMap<String, crate::status::DiscoveryStatus>,
+    /// Upstream hosts: requests, throttling answers, pauses.
+    pub hosts: BTreeMap<String, crate::quota::HostReport>,
 }
 
 /// An endpoint in `/status`.
@@ -73,6 +77,7 @@ fn report(s: &AdminState) -> StatusReport {
     StatusReport {
         instances: s.status.instances(),
         discovery: s.status.discoveries(),
+        hosts: s.hosts.report(),
         endpoints: s
             .endpoints
             .iter()
@@ -177,6 +182,55 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         r.endpoints
             .iter()
             .map(|(n, e)| (ep(n), e.dead_letters.to_string()))
+            .collect(),
+    );
+    family(
+        "pollhook_poll_interval_seconds",
+        "gauge",
+        "Time between the starts of an instance's last two polls (stretches when a host quota is scarce).",
+        r.instances
+            .iter()
+            .filter_map(|(k, i)| {
+                i.effective_interval_ms
+                    .map(|ms| (inst(k, i), format!("{:.3}", ms as f64 / 1000.0)))
+            })
+            .collect(),
+    );
+    family(
+        "pollhook_poll_consecutive_failures",
+        "gauge",
+        "Failed polls in a row (the instance backs off meanwhile).",
+        r.instances
+            .iter()
+            .map(|(k, i)| (inst(k, i), i.consecutive_failures.to_string()))
+            .collect(),
+    );
+    let host = |n: &String| format!("host=\"{}\"", esc(n));
+    family(
+        "pollhook_upstream_requests_total",
+        "counter",
+        "Requests sent to an upstream host.",
+        r.hosts
+            .iter()
+            .map(|(n, h)| (host(n), h.requests.to_string()))
+            .collect(),
+    );
+    family(
+        "pollhook_upstream_throttled_total",
+        "counter",
+        "429 and 503 answers of an upstream host.",
+        r.hosts
+            .iter()
+            .map(|(n, h)| (host(n), h.throttled.to_string()))
+            .collect(),
+    );
+    family(
+        "pollhook_upstream_paused",
+        "gauge",
+        "1 while an upstream host is paused by its Retry-After / RateLimit headers.",
+        r.hosts
+            .iter()
+            .map(|(n, h)| (host(n), u8::from(h.paused_for_ms.is_some()).to_string()))
             .collect(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

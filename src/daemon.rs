@@ -23,6 +23,7 @@ use crate::deliver::worker::{delivery_client, Worker, USER_AGENT_VALUE};
 use crate::event::{event_id, Event};
 use crate::quota::{limiter, HostGates};
 use crate::schedule::first_due;
+use crate::schedule::{adapt, error_backoff};
 use crate::status::Status;
 use crate::store::{InstanceState, OutboxEntry, Store};
 
@@ -31,7 +32,7 @@ struct Shared {
     store: Store,
     status: Arc<Status>,
     client: reqwest::Client,
-    hosts: HostGates,
+    hosts: Arc<HostGates>,
     /// OAuth2 tokens shared by every instance.
     tokens: TokenCache,
     /// Delivery workers' wake-ups, by endpoint.
@@ -73,11 +74,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         deliveries.spawn(worker.run(shutdown.clone()));
     }
 
+    let hosts = Arc::new(HostGates::new(&config.hosts));
     let shared = Arc::new(Shared {
         store: store.clone(),
         status: status.clone(),
         client: poll_client(),
-        hosts: HostGates::new(&config.hosts),
+        hosts: hosts.clone(),
         tokens: TokenCache::default(),
         wakes,
     });
@@ -116,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let state = crate::admin::AdminState {
                 status: status.clone(),
                 store: store.clone(),
+                hosts: hosts.clone(),
                 endpoints: config.endpoints.keys().cloned().collect(),
             };
             Some(tokio::spawn(crate::admin::serve(
@@ -224,6 +227,14 @@ async fn poll_loop(
         warn!(instance = %inst.key, "schedule has no future run; instance stops");
         return;
     };
+    // This instance's slot within the interval (see `Schedule::next_slot`).
+    let phase = spread(&inst.key);
+    let mut interval = match source.schedule.kind {
+        crate::schedule::ScheduleKind::Every(d) => d,
+        crate::schedule::ScheduleKind::Cron(_) => Duration::ZERO,
+    };
+    let mut failures: u32 = 0;
+    let mut last_start: Option<chrono::DateTime<Utc>> = None;
     loop {
         shared
             .status
@@ -246,12 +257,27 @@ async fn poll_loop(
             rate_limit: rate_limit.as_ref(),
             tokens: &shared.tokens,
         };
+        let started = Utc::now();
+        if let Some(prev) = last_start {
+            let ms = (started - prev).num_milliseconds().max(0) as u64;
+            shared
+                .status
+                .instance(&inst.key, |s| s.effective_interval_ms = Some(ms));
+        }
+        last_start = Some(started);
+        let mut changed = false;
         match poll_once(&shared, &source, inst, &state, &env).await {
-            Ok(Some(next_state)) => state = next_state,
-            Ok(None) => {}
+            Ok((next_state, events)) => {
+                if let Some(n) = next_state {
+                    state = n;
+                }
+                changed = events > 0;
+                failures = 0;
+            }
             Err(e) => {
+                failures += 1;
                 let msg = mask(&e.to_string(), &inst.secrets);
-                warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), "poll failed: {msg}");
+                warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), failures, "poll failed: {msg}");
                 shared.status.instance(&inst.key, |s| {
                     s.polls_failed += 1;
                     s.last_poll_ms = Some(crate::now_ms());
@@ -260,19 +286,42 @@ async fn poll_loop(
             }
         }
         let now = Utc::now();
-        let next = source
-            .schedule
-            .next_after(due.max(now - chrono::Duration::milliseconds(1)));
+        let next = match source.schedule.adaptive {
+            Some((min, max)) => {
+                interval = adapt(interval, changed, min, max);
+                let after = due.max(now);
+                source
+                    .schedule
+                    .in_window(after + chrono::Duration::from_std(interval).unwrap_or_default())
+            }
+            None => source.schedule.next_slot(now, phase),
+        };
         let Some(mut next) = next else {
             warn!(instance = %inst.key, "schedule has no future run; instance stops");
             return;
         };
-        if next < now {
-            next = source.schedule.next_after(now).unwrap_or(now);
+        // A failing upstream is asked again later and later (never sooner
+        // than the schedule says), then the schedule resumes on success.
+        let backoff = error_backoff(failures, MAX_ERROR_BACKOFF, rand::random::<f64>());
+        if !backoff.is_zero() {
+            let retry = now + chrono::Duration::from_std(backoff).unwrap_or_default();
+            if retry > next {
+                next = source.schedule.in_window(retry).unwrap_or(retry);
+            }
         }
+        shared.status.instance(&inst.key, |s| {
+            s.consecutive_failures = failures;
+            s.interval_ms = source
+                .schedule
+                .adaptive
+                .map(|_| interval.as_millis() as u64);
+        });
         due = source.schedule.jittered(next, rand::random::<f64>());
     }
 }
+
+/// The longest wait between attempts of a failing instance.
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(300);
 
 /// One poll of one instance; returns the new state when one was committed.
 async fn poll_once(
@@ -281,7 +330,7 @@ async fn poll_once(
     inst: &Instance,
     state: &InstanceState,
     env: &FetchEnv<'_>,
-) -> Result<Option<InstanceState>, PollError> {
+) -> Result<(Option<InstanceState>, usize), PollError> {
     let c = &source.connector;
     let now = Utc::now();
     let fetched = fetch(c, inst, state, env, now).await?;
@@ -293,7 +342,7 @@ async fn poll_once(
             s.last_ok_ms = s.last_poll_ms;
             s.last_error = None;
         });
-        return Ok(None);
+        return Ok((None, 0));
     }
     let detection = detect(
         c,
@@ -368,7 +417,7 @@ async fn poll_once(
             s.seen_evicted = n;
         }
     });
-    Ok(committed)
+    Ok((committed, events.len()))
 }
 
 /// Turns a detection into the state to commit and the events, with their

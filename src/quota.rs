@@ -1,37 +1,288 @@
 //! Politeness: per-host quotas (rate, burst, requests in flight) shared by
-//! every source calling the host, and per-instance connector rate limits.
+//! every source calling the host, per-instance connector rate limits, and
+//! the host's own throttling signals (`Retry-After`, `RateLimit-*`).
+//!
 //! Rate limiting is governor's GCRA, which never lets more than `burst`
-//! requests through at once and holds the rate over any window.
+//! requests through at once and holds the rate over any window. Two things
+//! are added around it, each for a reason:
+//!
+//! - **A FIFO turn per host.** governor's `until_ready` lets waiters race:
+//!   whoever wakes first wins, so under scarcity some instances can lose
+//!   again and again. Requests instead take a turn in a fair (FIFO) tokio
+//!   mutex and pass the limiter one at a time in arrival order; an instance
+//!   that was just served queues behind everyone already waiting, which
+//!   makes scarcity round-robin and stretches every instance's effective
+//!   interval evenly.
+//! - **A host pause and a spacing.** A `429`/`503` with `Retry-After`, or
+//!   `RateLimit-Remaining: 0`, pauses the host for every connector and
+//!   instance until then; `RateLimit-Remaining`/`-Reset` also spread the
+//!   remaining requests over the time to the reset, so that pollhook slows
+//!   down before the upstream has to refuse anything.
+//!
+//! The header arithmetic ([`retry_after`], [`advice`]) is pure and tested
+//! beside the code; time comes in as arguments.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::header::HeaderMap;
+use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::config::raw::Rate;
 use crate::config::HostQuota;
 
+/// The longest pause a host's headers can impose; a longer `Retry-After`
+/// (or a reset an hour away) is capped here and re-learned on the next answer.
+pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// Pause after a `429` that says nothing about when to come back: doubles per
+/// consecutive `429` up to [`MAX_BLIND_PAUSE`], reset by any other answer.
+const FIRST_BLIND_PAUSE: Duration = Duration::from_secs(1);
+const MAX_BLIND_PAUSE: Duration = Duration::from_secs(60);
+
 /// The gate of one host.
 pub struct HostGate {
+    /// `host` or `host:port`, for status and metrics.
+    pub name: String,
     limiter: Option<DefaultDirectRateLimiter>,
     in_flight: Option<Arc<Semaphore>>,
+    /// Requests pass one at a time, in arrival order (see the module doc).
+    turn: tokio::sync::Mutex<()>,
+    /// Throttling learned from the host's answers.
+    throttle: Mutex<Throttle>,
+    /// Counters for status and metrics.
+    pub stats: HostStats,
+}
+
+#[derive(Default)]
+struct Throttle {
+    /// No request before this.
+    paused_until: Option<Instant>,
+    /// At least this long between requests (from `RateLimit-*`), and when
+    /// the last one left.
+    spacing: Option<Duration>,
+    last_sent: Option<Instant>,
+    /// Consecutive `429`s without a `Retry-After`.
+    blind_429s: u32,
+}
+
+/// What a host's gate counted.
+#[derive(Default)]
+pub struct HostStats {
+    pub requests: AtomicU64,
+    /// `429` and `503` answers.
+    pub throttled: AtomicU64,
+    /// Times the host was paused by its answers.
+    pub pauses: AtomicU64,
+}
+
+/// A host's gate as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub requests: u64,
+    pub throttled: u64,
+    pub pauses: u64,
+    /// Milliseconds until the pause ends, when paused.
+    pub paused_for_ms: Option<u64>,
+    /// Spacing imposed by the host's `RateLimit-*` headers, if any.
+    pub spacing_ms: Option<u64>,
 }
 
 impl HostGate {
-    /// Waits until the host quota lets one more request through. The permit
-    /// (if the host caps requests in flight) must be held until the response
-    /// body is read.
+    fn new(
+        name: String,
+        limiter: Option<DefaultDirectRateLimiter>,
+        in_flight: Option<u32>,
+    ) -> Self {
+        HostGate {
+            name,
+            limiter,
+            in_flight: in_flight.map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
+            turn: tokio::sync::Mutex::new(()),
+            throttle: Mutex::new(Throttle::default()),
+            stats: HostStats::default(),
+        }
+    }
+
+    /// Waits for this request's turn: the host's pause, the spacing its
+    /// headers asked for, the rate quota and a slot among the requests in
+    /// flight. The permit (if the host caps requests in flight) must be held
+    /// until the response body is read.
     pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+        let _turn = self.turn.lock().await;
+        // A pause can be extended while we wait (another answer came in):
+        // look again after each sleep.
+        loop {
+            let wait_until = {
+                let t = self.throttle.lock().expect("throttle lock");
+                let spaced = match (t.spacing, t.last_sent) {
+                    (Some(s), Some(last)) => Some(last + s),
+                    _ => None,
+                };
+                t.paused_until.into_iter().chain(spaced).max()
+            };
+            match wait_until {
+                Some(u) if u > Instant::now() => tokio::time::sleep_until(u).await,
+                _ => break,
+            }
+        }
+        if let Some(l) = &self.limiter {
+            l.until_ready().await;
+        }
         let permit = match &self.in_flight {
             Some(s) => Some(s.clone().acquire_owned().await.expect("never closed")),
             None => None,
         };
-        if let Some(l) = &self.limiter {
-            l.until_ready().await;
-        }
+        self.throttle.lock().expect("throttle lock").last_sent = Some(Instant::now());
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         permit
+    }
+
+    /// Learns from an answer: pauses and spacing for every later request.
+    /// Returns the pause it imposed, if any.
+    pub fn observe(&self, status: u16, headers: &HeaderMap) -> Option<Duration> {
+        let a = advice(status, headers, SystemTime::now());
+        let mut t = self.throttle.lock().expect("throttle lock");
+        if status == 429 || status == 503 {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut pause = a.pause;
+        if status == 429 && pause.is_none() {
+            // Refused without a hint: back off blindly, doubling.
+            let d = FIRST_BLIND_PAUSE
+                .saturating_mul(1 << t.blind_429s.min(10))
+                .min(MAX_BLIND_PAUSE);
+            t.blind_429s += 1;
+            pause = Some(d);
+        } else if status != 429 {
+            t.blind_429s = 0;
+        }
+        if let Some(s) = a.spacing {
+            t.spacing = Some(s);
+        } else if a.clears_spacing {
+            t.spacing = None;
+        }
+        let pause = pause.map(|p| p.min(MAX_PAUSE))?;
+        let until = Instant::now() + pause;
+        if t.paused_until.is_none_or(|u| u < until) {
+            t.paused_until = Some(until);
+            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(pause)
+    }
+
+    /// Time left in the current pause, if any.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let t = self.throttle.lock().expect("throttle lock");
+        t.paused_until
+            .and_then(|u| u.checked_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
+    }
+
+    pub fn report(&self) -> HostReport {
+        HostReport {
+            requests: self.stats.requests.load(Ordering::Relaxed),
+            throttled: self.stats.throttled.load(Ordering::Relaxed),
+            pauses: self.stats.pauses.load(Ordering::Relaxed),
+            paused_for_ms: self.paused_for().map(|d| d.as_millis() as u64),
+            spacing_ms: self
+                .throttle
+                .lock()
+                .expect("throttle lock")
+                .spacing
+                .map(|d| d.as_millis() as u64),
+        }
+    }
+}
+
+/// What a host's answer asks of its clients.
+#[derive(Debug, Default, PartialEq)]
+pub struct Advice {
+    /// Send nothing for this long.
+    pub pause: Option<Duration>,
+    /// Leave at least this long between requests.
+    pub spacing: Option<Duration>,
+    /// The answer carried rate-limit headers that allow a normal pace.
+    pub clears_spacing: bool,
+}
+
+/// Reads `Retry-After` (on `429`/`503`) and the rate-limit headers:
+/// `RateLimit-Remaining`/`RateLimit-Reset` (IETF draft, reset in seconds),
+/// the combined `RateLimit: …, remaining=N, reset=S` (or `r=`/`t=`) form,
+/// and `X-RateLimit-Remaining`/`X-RateLimit-Reset` (GitHub style, reset as
+/// an epoch time, or seconds when small). Pure.
+pub fn advice(status: u16, headers: &HeaderMap, now: SystemTime) -> Advice {
+    let mut out = Advice::default();
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if status == 429 || status == 503 {
+        out.pause = get("retry-after").and_then(|v| retry_after(v, now));
+    }
+    let mut remaining = get("ratelimit-remaining")
+        .or(get("x-ratelimit-remaining"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut reset = get("ratelimit-reset")
+        .or(get("x-ratelimit-reset"))
+        .and_then(|v| reset_delay(v, now));
+    if let Some(combined) = get("ratelimit") {
+        for part in combined.split([',', ';']) {
+            let Some((k, v)) = part.trim().split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim() {
+                "remaining" | "r" => remaining = remaining.or(v.parse().ok()),
+                "reset" | "t" => reset = reset.or(v.parse().ok().map(Duration::from_secs)),
+                _ => {}
+            }
+        }
+    }
+    match (remaining, reset) {
+        (Some(0), Some(r)) => {
+            out.pause = Some(out.pause.map_or(r, |p| p.max(r)));
+        }
+        (Some(n), Some(r)) => {
+            // Spread what is left evenly over the time to the reset; with
+            // plenty left this is a negligible gap.
+            let gap = r / (n.min(u32::MAX as u64) as u32);
+            if gap >= Duration::from_millis(1) {
+                out.spacing = Some(gap.min(MAX_PAUSE));
+            } else {
+                out.clears_spacing = true;
+            }
+        }
+        (Some(_), None) => out.clears_spacing = true,
+        _ => {}
+    }
+    out
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3). A date
+/// in the past means "now" (zero).
+pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// A reset value: seconds from now, or an epoch time (values past year 2001
+/// in seconds are epoch times; GitHub sends those).
+fn reset_delay(value: &str, now: SystemTime) -> Option<Duration> {
+    let n: u64 = value.trim().parse().ok()?;
+    if n > 1_000_000_000 {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(n);
+        Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    } else {
+        Some(Duration::from_secs(n))
     }
 }
 
@@ -44,37 +295,238 @@ pub fn limiter(rate: Rate, burst: u32) -> DefaultDirectRateLimiter {
     RateLimiter::direct(quota)
 }
 
-/// Gates of every configured host.
+/// Gates of every host: the configured ones, and one per other host met
+/// (no quota, but its own pause, so a `Retry-After` is honoured everywhere).
 #[derive(Default)]
 pub struct HostGates {
-    gates: BTreeMap<String, Arc<HostGate>>,
+    configured: BTreeMap<String, Arc<HostGate>>,
+    others: Mutex<HashMap<String, Arc<HostGate>>>,
 }
 
 impl HostGates {
     pub fn new(hosts: &BTreeMap<String, HostQuota>) -> Self {
-        let gates = hosts
+        let configured = hosts
             .iter()
             .map(|(name, q)| {
-                let gate = HostGate {
-                    limiter: q.rate.map(|r| limiter(r, q.burst)),
-                    in_flight: q
-                        .max_in_flight
-                        .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
-                };
-                (name.to_ascii_lowercase(), Arc::new(gate))
+                let name = name.to_ascii_lowercase();
+                let gate = HostGate::new(
+                    name.clone(),
+                    q.rate.map(|r| limiter(r, q.burst)),
+                    q.max_in_flight,
+                );
+                (name, Arc::new(gate))
             })
             .collect();
-        HostGates { gates }
+        HostGates {
+            configured,
+            others: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// The gate of a URL's host: `host:port` first, then `host`.
-    pub fn for_url(&self, url: &reqwest::Url) -> Option<Arc<HostGate>> {
-        let host = url.host_str()?.to_ascii_lowercase();
-        if let Some(port) = url.port_or_known_default() {
-            if let Some(g) = self.gates.get(&format!("{host}:{port}")) {
-                return Some(g.clone());
+    /// The gate of a URL's host: a configured `host:port`, then `host`,
+    /// else the host's own unlimited gate.
+    pub fn for_url(&self, url: &reqwest::Url) -> Arc<HostGate> {
+        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+        let port = url.port_or_known_default();
+        if let Some(port) = port {
+            if let Some(g) = self.configured.get(&format!("{host}:{port}")) {
+                return g.clone();
             }
         }
-        self.gates.get(&host).cloned()
+        if let Some(g) = self.configured.get(&host) {
+            return g.clone();
+        }
+        let key = match port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        self.others
+            .lock()
+            .expect("gates lock")
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(HostGate::new(key, None, None)))
+            .clone()
+    }
+
+    /// Every gate's report, by host.
+    pub fn report(&self) -> BTreeMap<String, HostReport> {
+        let mut out: BTreeMap<String, HostReport> = self
+            .configured
+            .iter()
+            .map(|(k, g)| (k.clone(), g.report()))
+            .collect();
+        for (k, g) in self.others.lock().expect("gates lock").iter() {
+            out.insert(k.clone(), g.report());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn retry_after_seconds_and_http_dates() {
+        // Sun, 29 Nov 2026 10:00:00 GMT = 1795946400.
+        let now = at(1_795_946_400);
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 09:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a past date means now"
+        );
+        assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn throttling_answers_pause_and_rate_headers_space() {
+        let now = at(1_795_946_400);
+        assert_eq!(
+            advice(429, &headers(&[("retry-after", "5")]), now).pause,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            advice(
+                503,
+                &headers(&[("retry-after", "Sun, 29 Nov 2026 10:00:02 GMT")]),
+                now
+            )
+            .pause,
+            Some(Duration::from_secs(2))
+        );
+        // Retry-After on a 200 means nothing.
+        assert_eq!(
+            advice(200, &headers(&[("retry-after", "5")]), now),
+            Advice::default()
+        );
+        // Nothing left: pause until the reset (seconds, or GitHub's epoch).
+        assert_eq!(
+            advice(
+                200,
+                &headers(&[("ratelimit-remaining", "0"), ("ratelimit-reset", "7")]),
+                now
+            )
+            .pause,
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            advice(
+                200,
+                &headers(&[
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "1795946460")
+                ]),
+                now
+            )
+            .pause,
+            Some(Duration::from_secs(60))
+        );
+        // 10 left over 20 s: one every 2 s.
+        assert_eq!(
+            advice(
+                200,
+                &headers(&[("ratelimit-remaining", "10"), ("ratelimit-reset", "20")]),
+                now
+            )
+            .spacing,
+            Some(Duration::from_secs(2))
+        );
+        // The combined header.
+        assert_eq!(
+            advice(
+                200,
+                &headers(&[("ratelimit", "limit=100, remaining=4, reset=8")]),
+                now
+            )
+            .spacing,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            advice(200, &headers(&[("ratelimit", "\"default\";r=0;t=3")]), now).pause,
+            Some(Duration::from_secs(3))
+        );
+        // Plenty left: no spacing, and an earlier one is cleared.
+        let a = advice(
+            200,
+            &headers(&[("ratelimit-remaining", "100000"), ("ratelimit-reset", "1")]),
+            now,
+        );
+        assert!(a.spacing.is_none() && a.clears_spacing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
+        let gate = HostGate::new("h".into(), None, None);
+        let t0 = Instant::now();
+        gate.acquire().await;
+        assert_eq!(
+            gate.observe(429, &headers(&[("retry-after", "3")])),
+            Some(Duration::from_secs(3))
+        );
+        gate.acquire().await;
+        assert!(Instant::now() - t0 >= Duration::from_secs(3));
+        let t1 = Instant::now();
+        assert_eq!(
+            gate.observe(429, &HeaderMap::new()),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            gate.observe(429, &HeaderMap::new()),
+            Some(Duration::from_secs(2))
+        );
+        gate.acquire().await;
+        assert!(Instant::now() - t1 >= Duration::from_secs(2));
+        assert_eq!(gate.observe(200, &HeaderMap::new()), None);
+        assert_eq!(
+            gate.observe(429, &HeaderMap::new()),
+            Some(Duration::from_secs(1)),
+            "reset by a success"
+        );
+        assert_eq!(gate.stats.throttled.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_pass_in_arrival_order() {
+        let gate = Arc::new(HostGate::new(
+            "h".into(),
+            Some(limiter(Rate::parse("10/s").unwrap(), 1)),
+            None,
+        ));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let (g, o) = (gate.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                g.acquire().await;
+                o.lock().unwrap().push(i);
+            }));
+            // Arrive one after the other.
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), (0..20).collect::<Vec<_>>());
     }
 }

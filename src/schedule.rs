@@ -33,6 +33,9 @@ pub struct Schedule {
     pub windows: Vec<Window>,
     /// What a start does about runs missed while the daemon was stopped.
     pub catch_up: CatchUp,
+    /// `every` with `min`/`max`: the interval adapts between them (see
+    /// [`adapt`]); `None` for a fixed interval or a cron table.
+    pub adaptive: Option<(Duration, Duration)>,
 }
 
 /// The two ways of saying "when".
@@ -223,7 +226,52 @@ impl Schedule {
             tz: Tz::UTC,
             windows: Vec::new(),
             catch_up: CatchUp::Once,
+            adaptive: None,
         }
+    }
+
+    /// Makes an `every` schedule adaptive between `min` and `max` (each
+    /// defaults to the interval itself).
+    pub fn set_adaptive(
+        &mut self,
+        min: Option<Duration>,
+        max: Option<Duration>,
+    ) -> Result<(), String> {
+        let ScheduleKind::Every(every) = self.kind else {
+            return Err(
+                "`min` and `max` (an adaptive interval) go with `every`, not `cron`".into(),
+            );
+        };
+        let (min, max) = (min.unwrap_or(every), max.unwrap_or(every));
+        if min.is_zero() || !(min <= every && every <= max) {
+            return Err(format!(
+                "an adaptive interval needs 0 < min <= every <= max, got min {}, every {}, max {}",
+                humantime::format_duration(min),
+                humantime::format_duration(every),
+                humantime::format_duration(max)
+            ));
+        }
+        self.adaptive = Some((min, max));
+        Ok(())
+    }
+
+    /// The next regular poll of an `every` schedule after `after`, on this
+    /// instance's own slot: the times `phase × interval + k × interval`
+    /// counted from the Unix epoch. Instances hash to different phases, so
+    /// a thousand instances on `every 1m` spread over the minute instead of
+    /// firing together, and keep their spacing across restarts and
+    /// stretches of scarcity. Cron tables have no slots of their own: their
+    /// next time. Windows apply.
+    pub fn next_slot(&self, after: DateTime<Utc>, phase: f64) -> Option<DateTime<Utc>> {
+        let ScheduleKind::Every(d) = self.kind else {
+            return self.next_after(after);
+        };
+        let period = d.as_millis().max(1) as i64;
+        let offset = (phase.clamp(0.0, 1.0) * period as f64) as i64;
+        let t = after.timestamp_millis();
+        let k = (t - offset).div_euclid(period) + 1;
+        let slot = DateTime::from_timestamp_millis(offset + k * period)?;
+        self.in_window(slot)
     }
 
     /// `every 30s`, `every 5m`, or a cron line of 5 fields (`*/5 * * * *`) or
@@ -402,6 +450,31 @@ pub fn first_due(
     }
 }
 
+/// The next interval of an adaptive schedule: back to `min` right after a
+/// change (changes come in bursts), otherwise half as fast again, up to
+/// `max`, so the quota is spent where changes are. Pure.
+pub fn adapt(current: Duration, changed: bool, min: Duration, max: Duration) -> Duration {
+    if changed {
+        min
+    } else {
+        current.mul_f64(1.5).clamp(min, max)
+    }
+}
+
+/// How long a failing instance waits before its next attempt: 1 s after
+/// the first failure, doubling, capped at `max`, ±20% by `jitter` (a
+/// random number in 0..1). The instance polls at the later of this and its
+/// schedule, so backing off never makes it poll more often. Pure.
+pub fn error_backoff(failures: u32, max: Duration, jitter: f64) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let base = Duration::from_secs(1)
+        .saturating_mul(1u32 << (failures - 1).min(20))
+        .min(max);
+    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
 /// Parses a positive interval (`30s`, `5m`, `1h`, `250ms`).
 fn parse_interval(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text)?;
@@ -422,6 +495,55 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn slots_spread_instances_over_the_interval_and_keep_their_phase() {
+        let s = Schedule::parse("every 1m").unwrap();
+        let t = at(10, 0, 10);
+        assert_eq!(s.next_slot(t, 0.0), Some(at(10, 1, 0)));
+        assert_eq!(s.next_slot(t, 0.5), Some(at(10, 0, 30)));
+        assert_eq!(
+            s.next_slot(at(10, 0, 30), 0.5),
+            Some(at(10, 1, 30)),
+            "strictly after"
+        );
+        // Late (scarcity): the next slot after now, never a burst of missed ones.
+        assert_eq!(s.next_slot(at(10, 7, 45), 0.5), Some(at(10, 8, 30)));
+        let c = Schedule::parse("*/5 * * * *").unwrap();
+        assert_eq!(c.next_slot(t, 0.7), c.next_after(t), "cron keeps its times");
+    }
+
+    #[test]
+    fn adaptive_intervals_speed_up_on_change_and_relax_to_max() {
+        let (min, max) = (Duration::from_secs(5), Duration::from_secs(60));
+        let mut i = Duration::from_secs(30);
+        i = adapt(i, true, min, max);
+        assert_eq!(i, min);
+        for _ in 0..20 {
+            i = adapt(i, false, min, max);
+        }
+        assert_eq!(i, max);
+        let mut s = Schedule::parse("every 30s").unwrap();
+        assert!(s.set_adaptive(Some(Duration::from_secs(40)), None).is_err());
+        s.set_adaptive(Some(min), Some(max)).unwrap();
+        assert_eq!(s.adaptive, Some((min, max)));
+        assert!(Schedule::parse("* * * * *")
+            .unwrap()
+            .set_adaptive(Some(min), None)
+            .unwrap_err()
+            .contains("go with `every`"));
+    }
+
+    #[test]
+    fn failing_instances_back_off_exponentially_with_a_cap() {
+        let max = Duration::from_secs(300);
+        assert_eq!(error_backoff(0, max, 0.5), Duration::ZERO);
+        assert_eq!(error_backoff(1, max, 0.5), Duration::from_secs(1));
+        assert_eq!(error_backoff(4, max, 0.5), Duration::from_secs(8));
+        assert_eq!(error_backoff(30, max, 0.5), max);
+        assert_eq!(error_backoff(1, max, 0.0), Duration::from_millis(800));
+        assert_eq!(error_backoff(1, max, 1.0), Duration::from_millis(1200));
+    }
 
     fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 23, h, m, s).unwrap()

@@ -27,6 +27,13 @@ pub struct InstanceStatus {
     pub last_warning: Option<String>,
     /// `detect: new`: ids forgotten because of `seen_limit` / `seen_ttl`.
     pub seen_evicted: u64,
+    /// Time between the starts of the last two polls: the schedule's
+    /// interval, or longer when a host quota is scarce.
+    pub effective_interval_ms: Option<u64>,
+    /// Adaptive schedules: the current interval.
+    pub interval_ms: Option<u64>,
+    /// Failed polls in a row; the instance backs off while this grows.
+    pub consecutive_failures: u32,
     pub polls_ok: u64,
     pub polls_failed: u64,
     pub polls_not_modified: u64,

@@ -786,6 +786,8 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
                     tz: Option<String>,
                     active: Option<Vec<String>>,
                     catch_up: Option<String>,
+                    min: Option<Dur>,
+                    max: Option<Dur>,
                 }
                 let m = M::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 let mut s = match (m.every, m.cron) {
@@ -812,6 +814,10 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
                 }
                 if let Some(c) = m.catch_up {
                     s.catch_up = schedule::CatchUp::parse(&c).map_err(de::Error::custom)?;
+                }
+                if m.min.is_some() || m.max.is_some() {
+                    s.set_adaptive(m.min.map(|d| d.0), m.max.map(|d| d.0))
+                        .map_err(de::Error::custom)?;
                 }
                 Ok(ScheduleSpec(s))
             }
@@ -971,6 +977,16 @@ impl JsonSchema for ScheduleSpec {
                         "catch_up": {
                             "description": "Runs missed while the daemon was stopped: one poll at start (`once`, default) or none (`skip`).",
                             "enum": ["once", "skip"],
+                        },
+                        "min": {
+                            "description": "Adaptive interval (with `every`): the interval right after a change.",
+                            "type": "string",
+                            "pattern": format!(r"^\s*{spans}$"),
+                        },
+                        "max": {
+                            "description": "Adaptive interval (with `every`): the longest interval while nothing changes.",
+                            "type": "string",
+                            "pattern": format!(r"^\s*{spans}$"),
                         },
                     },
                     "oneOf": [

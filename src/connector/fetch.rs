@@ -368,6 +368,7 @@ pub async fn fetch(
         let conditional = first && state.validator_url.as_deref() == Some(url.as_str());
         let shown = url.to_string();
         let mut retried_auth = false;
+        let mut throttle_retries = 0;
         let resp = loop {
             if let (Some(o), None) = (&p.oauth, &token) {
                 token = Some(
@@ -406,14 +407,24 @@ pub async fn fetch(
             if let Some(l) = env.rate_limit {
                 l.until_ready().await;
             }
-            let _permit = match env.hosts.for_url(&url) {
-                Some(g) => g.acquire().await,
-                None => None,
-            };
+            let gate = env.hosts.for_url(&url);
+            let _permit = gate.acquire().await;
             let resp = req.send().await.map_err(|e| PollError::Transport {
                 url: shown.clone(),
                 detail: transport_detail(&e),
             })?;
+            // The host's throttling signals pause it for everyone. A short
+            // pause is waited out within this poll (the gate holds the
+            // request until then), so a throttled poll still completes and
+            // no change waits a whole interval longer than it must.
+            let pause = gate.observe(resp.status().as_u16(), resp.headers());
+            if matches!(resp.status().as_u16(), 429 | 503)
+                && pause.is_some_and(|p| p <= MAX_WAIT_IN_POLL)
+                && throttle_retries < MAX_THROTTLE_RETRIES
+            {
+                throttle_retries += 1;
+                continue;
+            }
             // A 401 with an OAuth2 token: the token was revoked or expired
             // early. Fetch a new one, once, and try again.
             if resp.status() == 401 && !retried_auth {
@@ -576,6 +587,12 @@ pub async fn fetch(
     }
     Ok(out)
 }
+
+/// The longest host pause a poll waits out before failing with the
+/// throttling answer (its instance then backs off like any failing poll).
+const MAX_WAIT_IN_POLL: Duration = Duration::from_secs(60);
+/// Throttled answers one request may get before its poll fails.
+const MAX_THROTTLE_RETRIES: u32 = 5;
 
 /// `host` or `host:port` (lower case), as quotas and `allow_hosts` name them.
 fn host_of(url: &reqwest::Url) -> String {
