@@ -14,5 +14,6 @@ mod crash;
 mod delivery;
 mod discover;
 mod language;
+mod polite;
 mod schedule;
 mod upstream_faults;
