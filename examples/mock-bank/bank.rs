@@ -10,6 +10,8 @@
 //!   the cursor is opaque; an empty page returns the same cursor.
 //!
 //! When a token is set, every request needs `Authorization: Bearer <token>`.
+//! When a limit is set, more than that many requests in one wall-clock
+//! second get `429` with `Retry-After: 1`, like a real API's quota.
 
 #![allow(dead_code)]
 
@@ -50,6 +52,12 @@ struct Inner {
     accounts: BTreeMap<String, Account>,
     /// Every request's path and query, in arrival order.
     requests: Vec<String>,
+    /// When each request arrived (same order).
+    request_times: Vec<std::time::Instant>,
+    /// (second since the epoch, requests in it) for the limit.
+    window: (u64, u32),
+    /// Requests refused with 429.
+    refused: u64,
     next_tx: u64,
 }
 
@@ -58,6 +66,8 @@ struct Inner {
 pub struct Bank {
     inner: Arc<Mutex<Inner>>,
     token: Option<String>,
+    /// Requests allowed per wall-clock second (`None`: unlimited).
+    limit: Option<u32>,
 }
 
 fn now() -> String {
@@ -115,6 +125,22 @@ impl Bank {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// Refuses more than `per_second` requests in any wall-clock second.
+    pub fn with_limit(mut self, per_second: u32) -> Bank {
+        self.limit = Some(per_second);
+        self
+    }
+
+    /// Arrival times of every request.
+    pub fn request_times(&self) -> Vec<std::time::Instant> {
+        self.inner.lock().unwrap().request_times.clone()
+    }
+
+    /// Requests refused by the limit.
+    pub fn refused(&self) -> u64 {
+        self.inner.lock().unwrap().refused
     }
 
     /// Opens a new account (500.00 EUR), or lists a closed one again.
@@ -208,7 +234,31 @@ impl Bank {
 
     /// Records the request and checks the token; `Some` is the refusal to send.
     fn refuse(&self, uri: &Uri, headers: &HeaderMap) -> Option<Response> {
-        self.inner.lock().unwrap().requests.push(uri.to_string());
+        let mut inner = self.inner.lock().unwrap();
+        inner.requests.push(uri.to_string());
+        inner.request_times.push(std::time::Instant::now());
+        if let Some(limit) = self.limit {
+            let sec = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            if inner.window.0 != sec {
+                inner.window = (sec, 0);
+            }
+            inner.window.1 += 1;
+            if inner.window.1 > limit {
+                inner.refused += 1;
+                return Some(
+                    (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [(header::RETRY_AFTER, "1")],
+                        Json(json!({"error": "rate limit exceeded"})),
+                    )
+                        .into_response(),
+                );
+            }
+        }
+        drop(inner);
         if let Some(t) = &self.token {
             let ok = headers
                 .get(header::AUTHORIZATION)
