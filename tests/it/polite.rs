@@ -20,8 +20,6 @@ use crate::support::*;
 /// What the fixture does for one request.
 #[derive(Clone, Copy, PartialEq)]
 enum Limit {
-    /// Answers everything.
-    None,
     /// At most N per wall-clock second, else 429 + `Retry-After: 1`; with
     /// `headers`, every answer also carries `RateLimit-Remaining/Reset`.
     PerSecond { n: u32, headers: bool },
