@@ -70,6 +70,28 @@ struct Throttle {
     last_sent: Option<Instant>,
     /// Consecutive `429`s without a `Retry-After`.
     blind_429s: u32,
+    /// A pace learned from refusals when the host publishes no limit
+    /// (requests/s, and when it was learned): after a `429` the pace drops
+    /// to 90% of the last second's, then grows again by 2% (at least one
+    /// request/s) per second, so pollhook settles just under an unknown
+    /// quota instead of hitting it every second (AIMD, as TCP does).
+    learned: Option<(f64, Instant)>,
+    /// Send times within the last second, to know the pace at a refusal.
+    recent: std::collections::VecDeque<Instant>,
+}
+
+impl Throttle {
+    /// The learned pace now (requests/s), `None` once it is no constraint.
+    fn learned_rate(&self) -> Option<f64> {
+        let (rate, at) = self.learned?;
+        let grown = rate + at.elapsed().as_secs_f64() * (rate * 0.02).max(1.0);
+        (grown < 100_000.0).then_some(grown)
+    }
+
+    fn learned_gap(&self) -> Option<Duration> {
+        self.learned_rate()
+            .map(|r| Duration::from_secs_f64(1.0 / r))
+    }
 }
 
 /// What a host's gate counted.
@@ -90,7 +112,8 @@ pub struct HostReport {
     pub pauses: u64,
     /// Milliseconds until the pause ends, when paused.
     pub paused_for_ms: Option<u64>,
-    /// Spacing imposed by the host's `RateLimit-*` headers, if any.
+    /// Spacing imposed by the host's `RateLimit-*` headers or learned from
+    /// its refusals, if any.
     pub spacing_ms: Option<u64>,
 }
 
@@ -121,7 +144,8 @@ impl HostGate {
         loop {
             let wait_until = {
                 let t = self.throttle.lock().expect("throttle lock");
-                let spaced = match (t.spacing, t.last_sent) {
+                let gap = t.spacing.into_iter().chain(t.learned_gap()).max();
+                let spaced = match (gap, t.last_sent) {
                     (Some(s), Some(last)) => Some(last + s),
                     _ => None,
                 };
@@ -139,7 +163,19 @@ impl HostGate {
             Some(s) => Some(s.clone().acquire_owned().await.expect("never closed")),
             None => None,
         };
-        self.throttle.lock().expect("throttle lock").last_sent = Some(Instant::now());
+        {
+            let mut t = self.throttle.lock().expect("throttle lock");
+            let now = Instant::now();
+            t.last_sent = Some(now);
+            t.recent.push_back(now);
+            while t
+                .recent
+                .front()
+                .is_some_and(|f| now.duration_since(*f) > Duration::from_secs(1))
+            {
+                t.recent.pop_front();
+            }
+        }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         permit
     }
@@ -151,6 +187,13 @@ impl HostGate {
         let mut t = self.throttle.lock().expect("throttle lock");
         if status == 429 || status == 503 {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        if status == 429 {
+            let mut pace = t.recent.len().max(1) as f64 * 0.9;
+            if let Some(current) = t.learned_rate() {
+                pace = pace.min(current * 0.9);
+            }
+            t.learned = Some((pace.max(0.1), Instant::now()));
         }
         let mut pause = a.pause;
         if status == 429 && pause.is_none() {
@@ -191,12 +234,14 @@ impl HostGate {
             throttled: self.stats.throttled.load(Ordering::Relaxed),
             pauses: self.stats.pauses.load(Ordering::Relaxed),
             paused_for_ms: self.paused_for().map(|d| d.as_millis() as u64),
-            spacing_ms: self
-                .throttle
-                .lock()
-                .expect("throttle lock")
-                .spacing
-                .map(|d| d.as_millis() as u64),
+            spacing_ms: {
+                let t = self.throttle.lock().expect("throttle lock");
+                t.spacing
+                    .into_iter()
+                    .chain(t.learned_gap())
+                    .max()
+                    .map(|d| d.as_millis() as u64)
+            },
         }
     }
 }
@@ -504,6 +549,35 @@ mod tests {
             "reset by a success"
         );
         assert_eq!(gate.stats.throttled.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_without_published_limits_slows_the_pace_then_it_creeps_back() {
+        let gate = HostGate::new("h".into(), None, None);
+        // 20 requests within a second, then a 429.
+        for _ in 0..20 {
+            gate.acquire().await;
+            tokio::time::advance(Duration::from_millis(40)).await;
+        }
+        gate.observe(429, &headers(&[("retry-after", "0")]));
+        // 20 sent in the last second → 18/s from now on.
+        let rate = gate.throttle.lock().unwrap().learned_rate().unwrap();
+        assert!((rate - 18.0).abs() < 1e-6, "{rate}");
+        let t0 = Instant::now();
+        gate.acquire().await;
+        gate.acquire().await;
+        assert!(
+            Instant::now() - t0 >= Duration::from_secs_f64(1.0 / 18.0),
+            "spaced"
+        );
+        // Five seconds later: one more request/s per second.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let rate = gate.throttle.lock().unwrap().learned_rate().unwrap();
+        assert!((23.0..23.2).contains(&rate), "{rate}");
+        // Another refusal at that pace: down again, from the lower of the two.
+        gate.observe(429, &headers(&[("retry-after", "0")]));
+        let again = gate.throttle.lock().unwrap().learned_rate().unwrap();
+        assert!(again < 21.0, "{again}");
     }
 
     #[tokio::test(start_paused = true)]
