@@ -396,3 +396,45 @@ hosts:
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_schedule_speeds_up_after_a_change_and_relaxes_while_quiet() {
+    let (addr, fx) = fixture().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let mut d = Daemon::new(
+        &bridge(
+            &addr.to_string(),
+            &rx.url,
+            1,
+            "{ every: 200ms, min: 20ms, max: 400ms }",
+            "",
+        ),
+        &[("lister.yaml", LISTER.to_string())],
+    );
+    d.start().await;
+    let interval = |s: &Value| s["instances"]["s/i00"]["interval_ms"].as_u64();
+    // Quiet: the interval grows to its max.
+    let mut s = d.status().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while interval(&s) != Some(400) {
+        assert!(Instant::now() < deadline, "never relaxed to 400 ms: {s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = d.status().await;
+    }
+    // A change: back to the minimum right after it.
+    fx.lock()
+        .unwrap()
+        .items
+        .insert("i00".into(), vec![json!({"id": "x"})]);
+    wait_for("the change", Duration::from_secs(20), || {
+        !rx.accepted().is_empty()
+    })
+    .await;
+    let mut fastest = u64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && fastest > 100 {
+        fastest = fastest.min(interval(&d.status().await).unwrap_or(u64::MAX));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(fastest <= 100, "sped up after the change: {fastest} ms");
+}
