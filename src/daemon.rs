@@ -59,7 +59,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mut wakes = BTreeMap::new();
     let mut deliveries = JoinSet::new();
-    let delivery = delivery_client();
+    // Two clients: the SSRF guard on, and off for `allow_private` endpoints.
+    let guarded = delivery_client(true);
+    let unguarded = delivery_client(false);
     for ep in config.endpoints.values() {
         let wake = Arc::new(Notify::new());
         wakes.insert(ep.name.clone(), wake.clone());
@@ -67,7 +69,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let worker = Worker {
             endpoint: ep.clone(),
             store: store.clone(),
-            client: delivery.clone(),
+            client: if ep.allow_private {
+                unguarded.clone()
+            } else {
+                guarded.clone()
+            },
             status: status.clone(),
             wake,
         };

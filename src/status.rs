@@ -44,6 +44,13 @@ pub struct InstanceStatus {
 /// One endpoint's delivery status.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EndpointStatus {
+    /// Why the endpoint is disabled (a `410 Gone`, or failing longer than
+    /// `circuit.disable_after`); nothing is sent to it until a restart.
+    pub disabled: Option<String>,
+    /// Failed attempts in a row opened the circuit: only probes go out.
+    pub circuit_open: bool,
+    /// Failed attempts in a row.
+    pub consecutive_failures: u32,
     pub delivered: u64,
     pub failed_attempts: u64,
     pub dead_lettered: u64,

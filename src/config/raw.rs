@@ -215,6 +215,51 @@ pub struct RawEndpoint {
     /// Concurrent deliveries to this endpoint.
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+    /// `none`: events of one instance may overtake each other (more
+    /// throughput, no per-instance order); `instance` (default) keeps order.
+    #[serde(default)]
+    pub ordering: Option<Ordering>,
+    /// Also send `X-Hub-Signature-256: sha256=<hex HMAC of the body>` keyed
+    /// with this secret, for receivers written for GitHub-style webhooks.
+    #[serde(default)]
+    pub hub_secret: Option<String>,
+    /// Allow `http://` to a host that is not loopback.
+    #[serde(default)]
+    pub allow_insecure: bool,
+    /// Endpoint health: when to stop sending and probe instead.
+    #[serde(default)]
+    pub circuit: Option<RawCircuit>,
+    /// Allow an endpoint in private or link-local address ranges (the SSRF
+    /// guard refuses them otherwise).
+    #[serde(default)]
+    pub allow_private: bool,
+}
+
+/// `circuit:` of an endpoint.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuit {
+    /// Failed attempts in a row that open the circuit (default 5).
+    #[serde(default)]
+    pub failures: Option<u32>,
+    /// While open, one probe delivery this often (default 30s).
+    #[serde(default)]
+    pub probe_every: Option<Dur>,
+    /// Disable the endpoint after failing continuously this long (off by
+    /// default; Svix disables after 5 days).
+    #[serde(default)]
+    pub disable_after: Option<Dur>,
+}
+
+/// Delivery order of an endpoint.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// Per instance, in detection order.
+    #[default]
+    Instance,
+    /// No order: every due event may be sent at once.
+    None,
 }
 
 /// One secret or several.
@@ -274,8 +319,13 @@ impl<'de> Deserialize<'de> for Secrets {
 #[schemars(rename = "Retry")]
 pub struct RawRetry {
     /// Attempts in all, the first included; then the event is dead-lettered.
+    /// Default: one more than the schedule's delays (8 with Svix's).
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// Fixed delays after the first, second, … attempt (the last repeats).
+    /// Default: Svix's `[5s, 5m, 30m, 2h, 5h, 10h, 10h]`.
+    #[serde(default)]
+    pub schedule: Option<Vec<Dur>>,
     /// Only `exponential` for now.
     #[serde(default)]
     pub backoff: Option<Backoff>,

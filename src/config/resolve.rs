@@ -17,7 +17,7 @@ use super::raw::{
     RawConnector, Secrets,
 };
 use crate::connector::format::Format;
-use crate::deliver::retry::RetryPolicy;
+use crate::deliver::retry::{Delays, RetryPolicy};
 use crate::deliver::sign::SigningKey;
 use crate::schedule::Schedule;
 use crate::template::{self, Cond, Engine, Tpl, ValueTpl};
@@ -386,6 +386,23 @@ pub struct Endpoint {
     pub timeout: Duration,
     pub retry: RetryPolicy,
     pub max_in_flight: usize,
+    pub ordering: raw::Ordering,
+    /// Secret of the optional `X-Hub-Signature-256` header.
+    pub hub_secret: Option<String>,
+    /// Private address ranges allowed (the SSRF guard is off for it).
+    pub allow_private: bool,
+    pub circuit: CircuitPolicy,
+}
+
+/// When an endpoint stops being sent to.
+#[derive(Debug, Clone)]
+pub struct CircuitPolicy {
+    /// Failed attempts in a row that open the circuit.
+    pub failures: u32,
+    /// While open, one probe this often.
+    pub probe_every: Duration,
+    /// Disable after failing continuously this long.
+    pub disable_after: Option<Duration>,
 }
 
 /// A quota shared by everything calling one host.
@@ -521,14 +538,29 @@ impl Config {
             }
             let mut retry = RetryPolicy::default();
             if let Some(r) = &ep.retry {
+                if let Some(sched) = &r.schedule {
+                    retry.delays = Delays::Schedule(sched.iter().map(|d| d.0).collect());
+                    retry.max_attempts = sched.len() as u32 + 1;
+                } else if r.first.is_some() || r.max.is_some() || r.backoff.is_some() {
+                    retry.delays = Delays::Exponential {
+                        first: r.first.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+                        max: r.max.map(|d| d.0).unwrap_or(Duration::from_secs(3600)),
+                    };
+                    retry.max_attempts = 12;
+                }
                 if let Some(n) = r.max_attempts {
                     retry.max_attempts = n.max(1);
                 }
-                if let Some(d) = r.first {
-                    retry.first = d.0;
-                }
-                if let Some(d) = r.max {
-                    retry.max = d.0;
+            }
+            if let Some(u) = &url {
+                if let Err(msg) = check_endpoint_url(u, ep.allow_insecure, ep.allow_private) {
+                    at(
+                        &mut errors,
+                        ep.url.referenced.line(),
+                        ep.url.referenced.column(),
+                        &format!("{field}.url"),
+                        msg,
+                    );
                 }
             }
             if let Some(url) = url {
@@ -541,6 +573,28 @@ impl Config {
                         timeout: ep.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(15)),
                         retry,
                         max_in_flight: ep.max_in_flight.unwrap_or(8).max(1) as usize,
+                        ordering: ep.ordering.unwrap_or_default(),
+                        hub_secret: ep.hub_secret.clone(),
+                        allow_private: ep.allow_private,
+                        circuit: CircuitPolicy {
+                            failures: ep
+                                .circuit
+                                .as_ref()
+                                .and_then(|c| c.failures)
+                                .unwrap_or(5)
+                                .max(1),
+                            probe_every: ep
+                                .circuit
+                                .as_ref()
+                                .and_then(|c| c.probe_every)
+                                .map(|d| d.0)
+                                .unwrap_or(Duration::from_secs(30)),
+                            disable_after: ep
+                                .circuit
+                                .as_ref()
+                                .and_then(|c| c.disable_after)
+                                .map(|d| d.0),
+                        },
                     }),
                 );
             }
@@ -961,6 +1015,42 @@ pub fn scalar_text(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// Transport safety of an endpoint URL: `https` unless the host is
+/// loopback (or `allow_insecure`), and no private or link-local address
+/// literal unless `allow_private` (names are checked when they resolve).
+fn check_endpoint_url(
+    url: &reqwest::Url,
+    allow_insecure: bool,
+    allow_private: bool,
+) -> Result<(), String> {
+    let host = url.host();
+    let loopback = match host {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if url.scheme() == "http" && !loopback && !allow_insecure {
+        return Err(format!(
+            "`http://` to `{}` would send events and signatures in clear text; use `https://`, or set `allow_insecure: true`",
+            url.host_str().unwrap_or("")
+        ));
+    }
+    let ip: Option<std::net::IpAddr> = match host {
+        Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+        Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+        _ => None,
+    };
+    if let Some(ip) = ip {
+        if crate::deliver::guard::is_private(ip) && !allow_private {
+            return Err(format!(
+                "{ip} is a private or link-local address; endpoints there are refused (SSRF guard) unless `allow_private: true`"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads and validates one connector file.

@@ -80,6 +80,21 @@ pub fn signature_header(keys: &[SigningKey], id: &str, timestamp: i64, body: &[u
         .join(" ")
 }
 
+/// `X-Hub-Signature-256` for receivers written for GitHub-style webhooks:
+/// `sha256=<hex HMAC-SHA256(secret, body)>`, keyed with the secret as text.
+pub fn hub_signature(secret: &str, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256=");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
 /// Checks a `webhook-signature` header against a key: true when any of its
 /// `v1` signatures matches (constant-time comparison).
 pub fn verify(key: &SigningKey, id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
@@ -123,6 +138,14 @@ mod tests {
                 br#"{"email":"test@example.com","username":"test_user"}"#
             ),
             "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="
+        );
+    }
+
+    #[test]
+    fn github_hub_signature_vector() {
+        assert_eq!(
+            hub_signature("It's a Secret to Everybody", b"Hello, World!"),
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
         );
     }
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::retry::{classify, Outcome};
-use super::sign::signature_header;
+use super::sign::{hub_signature, signature_header};
 use crate::config::Endpoint;
 use crate::status::Status;
 use crate::store::{DeadLetter, EntryKey, OutboxEntry, Store};
@@ -37,14 +37,29 @@ pub struct Worker {
 /// The user agent of deliveries and polls.
 pub const USER_AGENT_VALUE: &str = concat!("pollhook/", env!("CARGO_PKG_VERSION"));
 
-/// A client for deliveries: no redirects, no proxies from the environment
-/// surprising an operator.
-pub fn delivery_client() -> reqwest::Client {
-    reqwest::Client::builder()
+/// A client for deliveries: no redirects; with `guard`, names resolving to
+/// private or link-local addresses are refused (see [`super::guard`]).
+pub fn delivery_client(guard: bool) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(USER_AGENT_VALUE)
-        .build()
-        .expect("a TLS backend is compiled in")
+        .user_agent(USER_AGENT_VALUE);
+    if guard {
+        b = b.dns_resolver(super::guard::GuardedResolver);
+    }
+    b.build().expect("a TLS backend is compiled in")
+}
+
+/// An endpoint's health as its worker tracks it.
+#[derive(Default)]
+struct Health {
+    /// Failed attempts in a row.
+    failures: u32,
+    /// When the current run of failures began.
+    failing_since: Option<std::time::Instant>,
+    /// Circuit open: no deliveries before this, then one probe.
+    open_until: Option<std::time::Instant>,
+    /// Disabled (410 Gone, or failing too long): nothing is sent.
+    disabled: Option<String>,
 }
 
 impl Worker {
@@ -54,9 +69,30 @@ impl Worker {
         let ep = self.endpoint.clone();
         let mut in_flight: JoinSet<(EntryKey, OutboxEntry, Outcome)> = JoinSet::new();
         let mut busy: HashSet<String> = HashSet::new();
+        let mut health = Health::default();
+        let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
         loop {
             let mut next_due: Option<i64> = None;
-            if !shutdown.is_cancelled() {
+            // The circuit: while open nothing goes out; when the probe time
+            // comes, one delivery at a time until one succeeds.
+            let mut limit = ep.max_in_flight;
+            if let Some(until) = health.open_until {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if !left.is_zero() {
+                    limit = 0;
+                    next_due = Some(crate::now_ms() + left.as_millis() as i64);
+                } else {
+                    limit = 1;
+                }
+            }
+            if health.disabled.is_some() {
+                limit = 0;
+            }
+            if shutdown.is_cancelled() {
+                if in_flight.is_empty() {
+                    return;
+                }
+            } else if limit > in_flight.len() {
                 let now = crate::now_ms();
                 let mut blocked = busy.clone();
                 for item in self.store.outbox(&ep.name) {
@@ -67,8 +103,11 @@ impl Worker {
                             continue;
                         }
                     };
-                    if !blocked.insert(entry.instance.clone()) {
+                    if ordered && !blocked.insert(entry.instance.clone()) {
                         continue; // an earlier event of this instance goes first
+                    }
+                    if !ordered && busy.contains(&entry.event_id) {
+                        continue; // already in flight
                     }
                     if entry.next_attempt_ms > now {
                         next_due = Some(
@@ -77,10 +116,14 @@ impl Worker {
                         );
                         continue;
                     }
-                    if in_flight.len() >= ep.max_in_flight {
+                    if in_flight.len() >= limit {
                         break; // a completion wakes us up again
                     }
-                    busy.insert(entry.instance.clone());
+                    busy.insert(if ordered {
+                        entry.instance.clone()
+                    } else {
+                        entry.event_id.clone()
+                    });
                     let client = self.client.clone();
                     let endpoint = ep.clone();
                     in_flight.spawn(async move {
@@ -88,8 +131,6 @@ impl Worker {
                         (key, entry, outcome)
                     });
                 }
-            } else if in_flight.is_empty() {
-                return;
             }
             let sleep = async {
                 match next_due {
@@ -106,8 +147,8 @@ impl Worker {
                 Some(done) = in_flight.join_next() => {
                     match done {
                         Ok((key, entry, outcome)) => {
-                            busy.remove(&entry.instance);
-                            self.settle(key, entry, outcome).await;
+                            busy.remove(if ordered { &entry.instance } else { &entry.event_id });
+                            self.settle(key, entry, outcome, &mut health).await;
                         }
                         Err(e) => error!(endpoint = %ep.name, error = %e, "delivery task failed"),
                     }
@@ -119,11 +160,66 @@ impl Worker {
         }
     }
 
-    /// Records an attempt's outcome: delivered, rescheduled or dead-lettered.
-    async fn settle(&self, key: EntryKey, mut entry: OutboxEntry, outcome: Outcome) {
+    /// Records an attempt's outcome: delivered, rescheduled or
+    /// dead-lettered, and what it says about the endpoint's health.
+    async fn settle(
+        &self,
+        key: EntryKey,
+        mut entry: OutboxEntry,
+        outcome: Outcome,
+        health: &mut Health,
+    ) {
         let ep = &self.endpoint;
         entry.attempts += 1;
+        match &outcome {
+            Outcome::Delivered => {
+                if health.open_until.is_some() {
+                    tracing::info!(endpoint = %ep.name, "endpoint answered again: circuit closed");
+                }
+                *health = Health::default();
+            }
+            Outcome::Gone => {
+                let why = "the endpoint answered 410 Gone: disabled, nothing more is sent to it until a restart; its events stay in the outbox".to_string();
+                error!(endpoint = %ep.name, "{why}");
+                health.disabled = Some(why);
+            }
+            Outcome::Failed { .. } => {
+                health.failures += 1;
+                let since = *health
+                    .failing_since
+                    .get_or_insert_with(std::time::Instant::now);
+                if health.failures >= ep.circuit.failures {
+                    if health.open_until.is_none() {
+                        warn!(endpoint = %ep.name, failures = health.failures, probe_every = %humantime::format_duration(ep.circuit.probe_every), "endpoint keeps failing: circuit open, probing");
+                    }
+                    health.open_until = Some(std::time::Instant::now() + ep.circuit.probe_every);
+                }
+                if let Some(limit) = ep.circuit.disable_after {
+                    if since.elapsed() >= limit {
+                        let why = format!(
+                            "failing continuously for {}: disabled (circuit.disable_after), nothing more is sent until a restart",
+                            humantime::format_duration(limit)
+                        );
+                        error!(endpoint = %ep.name, "{why}");
+                        health.disabled = Some(why);
+                    }
+                }
+            }
+        }
+        self.status.endpoint(&ep.name, |s| {
+            s.consecutive_failures = health.failures;
+            s.circuit_open = health.open_until.is_some();
+            s.disabled = health.disabled.clone();
+        });
         match outcome {
+            Outcome::Gone => {
+                // Not an attempt that failed: the event waits, unharmed.
+                entry.attempts -= 1;
+                entry.last_error = Some("endpoint answered 410 Gone (disabled)".into());
+                if let Err(e) = self.store.reschedule(&key, &entry) {
+                    error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot record an attempt");
+                }
+            }
             Outcome::Delivered => {
                 debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
                 if let Err(e) = self.store.delivered(&key) {
@@ -134,13 +230,16 @@ impl Worker {
                     s.last_success_ms = Some(crate::now_ms());
                 });
             }
-            Outcome::Failed(reason) => {
+            Outcome::Failed {
+                reason,
+                retry_after,
+            } => {
                 self.status.endpoint(&ep.name, |s| {
                     s.failed_attempts += 1;
                     s.last_error = Some(reason.clone());
                 });
                 let unit: f64 = rand::random();
-                match ep.retry.delay_after(entry.attempts, unit) {
+                match ep.retry.delay_with(entry.attempts, unit, retry_after) {
                     Some(delay) => {
                         warn!(
                             endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance,
@@ -179,37 +278,73 @@ impl Worker {
     }
 }
 
-/// One signed POST. Never reads more than a little of the response.
+/// How much of a failed answer's body is kept for the error message.
+const SNIPPET_BYTES: usize = 256;
+
+/// One signed POST. Never reads more than [`SNIPPET_BYTES`] of the answer.
 async fn attempt(client: &reqwest::Client, ep: &Endpoint, entry: &OutboxEntry) -> Outcome {
     let timestamp = chrono::Utc::now().timestamp();
     let signature = signature_header(&ep.keys, &entry.event_id, timestamp, entry.body.as_bytes());
-    let result = client
+    let mut req = client
         .post(ep.url.clone())
         .timeout(ep.timeout)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(USER_AGENT, USER_AGENT_VALUE)
         .header("webhook-id", &entry.event_id)
         .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature)
-        .body(entry.body.clone())
-        .send()
-        .await;
+        .header("webhook-signature", signature);
+    if let Some(hub) = &ep.hub_secret {
+        req = req.header(
+            "x-hub-signature-256",
+            hub_signature(hub, entry.body.as_bytes()),
+        );
+    }
+    let result = req.body(entry.body.clone()).send().await;
     match result {
-        Ok(resp) => classify(resp.status().as_u16()),
-        Err(e) if e.is_timeout() => Outcome::Failed(format!(
-            "timed out after {}",
-            humantime::format_duration(ep.timeout)
-        )),
-        Err(e) if e.is_connect() => Outcome::Failed("cannot connect to the endpoint".into()),
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let mut snippet = Vec::new();
+            if !(200..300).contains(&status) {
+                while snippet.len() < SNIPPET_BYTES {
+                    match resp.chunk().await {
+                        Ok(Some(c)) => snippet.extend_from_slice(&c),
+                        _ => break,
+                    }
+                }
+                snippet.truncate(SNIPPET_BYTES);
+            }
+            let text: String = String::from_utf8_lossy(&snippet)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            classify(status, retry_after.as_deref(), text.trim())
+        }
+        Err(e) if e.is_timeout() => Outcome::Failed {
+            reason: format!("timed out after {}", humantime::format_duration(ep.timeout)),
+            retry_after: None,
+        },
         Err(e) => {
-            let mut msg = "request failed".to_string();
+            let mut detail = String::new();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
+                detail.push_str(": ");
+                detail.push_str(&s.to_string());
                 src = s.source();
             }
-            Outcome::Failed(msg)
+            let what = if e.is_connect() {
+                "cannot connect to the endpoint"
+            } else {
+                "request failed"
+            };
+            Outcome::Failed {
+                reason: format!("{what}{detail}"),
+                retry_after: None,
+            }
         }
     }
 }

@@ -35,6 +35,7 @@ endpoints:
     url: {url}
     secret: {secret}
     retry: {{ max_attempts: 1000, first: 10ms, max: 100ms }}
+    circuit: {{ probe_every: 100ms }}
 "#,
         url = rx.url,
         secret = secret()

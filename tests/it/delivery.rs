@@ -29,7 +29,7 @@ async fn a_500_then_200_is_retried_and_delivered_with_the_same_id() {
     let addr = bank.serve("127.0.0.1:0").await;
     let rx = Receiver::start(&secret(), Plan::Script(VecDeque::from([500, 503]))).await;
     let endpoints = format!(
-        "  agent:\n    url: {}\n    secret: {}\n    retry: {{ max_attempts: 5, first: 50ms, max: 200ms }}",
+        "  agent:\n    url: {}\n    secret: {}\n    retry: {{ max_attempts: 5, first: 50ms, max: 200ms }}\n    circuit: {{ probe_every: 100ms }}",
         rx.url,
         secret()
     );
@@ -72,7 +72,7 @@ async fn an_endpoint_that_always_fails_dead_letters_and_never_delays_another() {
     let dead = Receiver::start(&secret(), Plan::Always(500)).await;
     let live = Receiver::start(&secret(), Plan::Always(204)).await;
     let endpoints = format!(
-        "  dead:\n    url: {}\n    secret: {s}\n    retry: {{ max_attempts: 3, first: 100ms, max: 100ms }}\n  live:\n    url: {}\n    secret: {s}\n",
+        "  dead:\n    url: {}\n    secret: {s}\n    retry: {{ max_attempts: 3, first: 100ms, max: 100ms }}\n    circuit: {{ probe_every: 100ms }}\n  live:\n    url: {}\n    secret: {s}\n",
         dead.url,
         live.url,
         s = secret()

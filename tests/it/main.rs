@@ -12,6 +12,7 @@ mod config_errors;
 mod connectors;
 mod crash;
 mod delivery;
+mod delivery_policy;
 mod discover;
 mod language;
 mod polite;

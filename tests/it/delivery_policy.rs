@@ -1,0 +1,272 @@
+//! How the delivery worker reads a receiver's answers: `Retry-After` is
+//! honoured, redirects are failures (never followed), `410 Gone` disables
+//! the endpoint, consecutive failures open a circuit that only probes, and
+//! the GitHub-style `X-Hub-Signature-256` is sent when asked for.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+
+use crate::support::*;
+
+/// One scripted answer: a status and its headers.
+type Answer = (u16, Vec<(&'static str, String)>);
+
+/// A receiver answering from a script (then 204), recording each request.
+#[derive(Clone, Default)]
+struct Scripted {
+    script: Arc<Mutex<VecDeque<Answer>>>,
+    seen: Arc<Mutex<Vec<(Instant, HeaderMap, String)>>>,
+}
+
+impl Scripted {
+    async fn start(script: Vec<Answer>) -> (String, Scripted) {
+        let s = Scripted {
+            script: Arc::new(Mutex::new(script.into())),
+            ..Default::default()
+        };
+        let s2 = s.clone();
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: HeaderMap, body: String| {
+                let s = s2.clone();
+                async move {
+                    s.seen.lock().unwrap().push((Instant::now(), headers, body));
+                    let (code, hs) = s
+                        .script
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or((204, vec![]));
+                    let mut r: Response = StatusCode::from_u16(code).unwrap().into_response();
+                    for (k, v) in hs {
+                        r.headers_mut().insert(k, v.parse().unwrap());
+                    }
+                    r
+                }
+            }),
+        );
+        let addr = serve(app).await;
+        (format!("http://{addr}/hook"), s)
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+fn bridge(bank: &str, endpoint: &str) -> String {
+    format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{bank}", account: acc-0001 }}
+    schedule: every 50ms
+    deliver_to: [agent]
+endpoints:
+  agent:
+{endpoint}
+"#
+    )
+}
+
+async fn setup(endpoint: String) -> (Bank, Daemon) {
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let mut d = Daemon::new(
+        &bridge(&addr.to_string(), &endpoint),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/default"], 1).await;
+    (bank, d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_s_retry_after_sets_the_next_attempt() {
+    // The schedule would retry after 50 ms; the receiver asks for 2 s.
+    let (url, rx) = Scripted::start(vec![(429, vec![("retry-after", "2".into())])]).await;
+    let (bank, _d) = setup(format!(
+        "    url: {url}\n    secret: {}\n    retry: {{ schedule: [50ms] , max_attempts: 5 }}",
+        secret()
+    ))
+    .await;
+    bank.set_balance("acc-0001", 12_345);
+    wait_for("the retry", Duration::from_secs(20), || rx.count() >= 2).await;
+    let seen = rx.seen.lock().unwrap();
+    let gap = seen[1].0 - seen[0].0;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "waited {gap:?}, not 2 s"
+    );
+    assert_eq!(seen[0].1["webhook-id"], seen[1].1["webhook-id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_a_failure_and_is_never_followed() {
+    let (other, elsewhere) = Scripted::start(vec![]).await;
+    let (url, rx) = Scripted::start(vec![(307, vec![("location", other.clone())])]).await;
+    let (bank, d) = setup(format!(
+        "    url: {url}\n    secret: {}\n    retry: {{ schedule: [50ms] , max_attempts: 5 }}",
+        secret()
+    ))
+    .await;
+    bank.set_balance("acc-0001", 12_345);
+    wait_for(
+        "the retry after the redirect",
+        Duration::from_secs(20),
+        || rx.count() >= 2,
+    )
+    .await;
+    assert_eq!(elsewhere.count(), 0, "the Location was not followed");
+    let s = d.status().await;
+    assert_eq!(s["endpoints"]["agent"]["failed_attempts"], 1, "{s:#}");
+    assert_eq!(s["endpoints"]["agent"]["delivered"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_the_endpoint_and_keeps_its_events() {
+    let (url, rx) = Scripted::start(vec![(410, vec![])]).await;
+    let (bank, d) = setup(format!("    url: {url}\n    secret: {}", secret())).await;
+    bank.set_balance("acc-0001", 12_345);
+    wait_for("the 410", Duration::from_secs(20), || rx.count() >= 1).await;
+    bank.set_balance("acc-0001", 23_456);
+    let mut s = d.status().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s["endpoints"]["agent"]["queue_depth"] != 2 {
+        assert!(Instant::now() < deadline, "{s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = d.status().await;
+    }
+    assert!(
+        s["endpoints"]["agent"]["disabled"]
+            .as_str()
+            .unwrap()
+            .contains("410 Gone"),
+        "{s:#}"
+    );
+    // Polls go on; nothing more is sent.
+    let polls = s["instances"]["balances/default"]["polls_ok"]
+        .as_u64()
+        .unwrap();
+    d.wait_polls(&["balances/default"], polls + 5).await;
+    assert_eq!(rx.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_failures_open_a_circuit_that_only_probes() {
+    let script: Vec<_> = (0..100).map(|_| (500, vec![])).collect();
+    let (url, rx) = Scripted::start(script).await;
+    let (bank, d) = setup(format!(
+        "    url: {url}\n    secret: {}\n    retry: {{ schedule: [10ms], max_attempts: 1000 }}\n    circuit: {{ failures: 3, probe_every: 1s }}",
+        secret()
+    ))
+    .await;
+    bank.set_balance("acc-0001", 12_345);
+    wait_for("three failures", Duration::from_secs(20), || {
+        rx.count() >= 3
+    })
+    .await;
+    let t = Instant::now();
+    wait_for("a probe", Duration::from_secs(20), || rx.count() >= 4).await;
+    // Retries every 10 ms would have sent ~100 requests in that second.
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    let s = d.status().await;
+    assert_eq!(s["endpoints"]["agent"]["circuit_open"], true, "{s:#}");
+    assert!(
+        s["endpoints"]["agent"]["consecutive_failures"]
+            .as_u64()
+            .unwrap()
+            >= 4
+    );
+    // The receiver recovers: the next probe closes the circuit.
+    rx.script.lock().unwrap().clear();
+    wait_for("delivery", Duration::from_secs(20), || {
+        rx.seen.lock().unwrap().len() >= 5
+    })
+    .await;
+    let mut s = d.status().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s["endpoints"]["agent"]["delivered"] != 1 {
+        assert!(Instant::now() < deadline, "{s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = d.status().await;
+    }
+    assert_eq!(s["endpoints"]["agent"]["circuit_open"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_github_style_signature_is_sent_when_asked_for() {
+    let (url, rx) = Scripted::start(vec![]).await;
+    let (bank, _d) = setup(format!(
+        "    url: {url}\n    secret: {}\n    hub_secret: \"It's a Secret to Everybody\"",
+        secret()
+    ))
+    .await;
+    bank.set_balance("acc-0001", 12_345);
+    wait_for("the event", Duration::from_secs(20), || rx.count() >= 1).await;
+    let seen = rx.seen.lock().unwrap();
+    let (_, headers, body) = &seen[0];
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(b"It's a Secret to Everybody").unwrap();
+    mac.update(body.as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(headers["x-hub-signature-256"], format!("sha256={hex}"));
+    assert!(headers["webhook-signature"]
+        .to_str()
+        .unwrap()
+        .starts_with("v1,"));
+}
+
+#[test]
+fn insecure_and_private_endpoints_are_refused_at_load() {
+    let check = |url: &str, extra: &str| {
+        let bridge = format!(
+            "sources: {{}}\nendpoints:\n  agent:\n    url: {url}\n    secret: {}\n{extra}",
+            secret()
+        );
+        let d = Daemon::new(&bridge, &[]);
+        let out = d.command(&["validate"]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = check("http://agent.example.com/hook", "");
+    assert!(
+        !ok && err.contains("clear text") && err.contains("endpoints.agent.url"),
+        "{err}"
+    );
+    assert!(
+        check(
+            "http://agent.example.com/hook",
+            "    allow_insecure: true\n"
+        )
+        .0
+    );
+    let (ok, err) = check("https://169.254.169.254/latest", "");
+    assert!(!ok && err.contains("SSRF"), "{err}");
+    let (ok, err) = check("http://10.0.0.5/hook", "    allow_insecure: true\n");
+    assert!(!ok && err.contains("private"), "{err}");
+    assert!(check("https://10.0.0.5/hook", "    allow_private: true\n").0);
+    assert!(check("http://127.0.0.1:9/hook", "").0, "loopback is fine");
+    assert!(check("http://localhost:9/hook", "").0);
+}
