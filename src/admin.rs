@@ -197,6 +197,15 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             .collect(),
     );
     family(
+        "pollhook_seen_evicted_total",
+        "counter",
+        "Item ids forgotten because of seen_limit / seen_ttl (detect: new).",
+        r.instances
+            .iter()
+            .map(|(k, i)| (inst(k, i), i.seen_evicted.to_string()))
+            .collect(),
+    );
+    family(
         "pollhook_poll_consecutive_failures",
         "gauge",
         "Failed polls in a row (the instance backs off meanwhile).",

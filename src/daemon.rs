@@ -43,7 +43,22 @@ struct Shared {
 pub fn poll_client() -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(USER_AGENT_VALUE)
-        .redirect(reqwest::redirect::Policy::limited(5))
+        // Redirects within the same host only (at most 5): a redirect to
+        // another host would carry the connector's credentials (an API key
+        // header survives reqwest's cross-host stripping) past
+        // `paginate.allow_hosts` and that host's quota. A refused redirect
+        // surfaces as the 3xx answer.
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let same = attempt.previous().last().is_some_and(|prev| {
+                prev.host_str() == attempt.url().host_str()
+                    && prev.port_or_known_default() == attempt.url().port_or_known_default()
+            });
+            if attempt.previous().len() > 5 || !same {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }))
         .build()
         .expect("a TLS backend is compiled in")
 }
@@ -180,11 +195,13 @@ fn spread(key: &str) -> f64 {
 /// A `for_each: discover` source: its listing loop and one poll task per
 /// instance it finds.
 async fn discover_loop(shared: Arc<Shared>, source: Arc<Source>, shutdown: CancellationToken) {
-    let rate_limit = source.connector.rate_limit.map(|r| limiter(r, 1));
+    // DESIGN.md: a connector's `rate_limit` is its quota per instance (the
+    // listing request of a discovering source counts as one more).
+    let rate_limit = source.connector.rate_limit.map(|r| Arc::new(limiter(r, 1)));
     let env = FetchEnv {
         client: &shared.client,
         hosts: &shared.hosts,
-        rate_limit: rate_limit.as_ref(),
+        rate_limit: rate_limit.as_deref(),
         tokens: &shared.tokens,
     };
     let cx = crate::discover::DiscoverEnv {
@@ -224,7 +241,7 @@ async fn poll_loop(
         s.connector = c.name.clone();
         s.cursor = state.cursor.clone();
     });
-    let rate_limit = c.rate_limit.map(|r| limiter(r, 1));
+    let rate_limit = c.rate_limit.map(|r| Arc::new(limiter(r, 1)));
     let persisted = state
         .next_run_ms
         .and_then(chrono::DateTime::from_timestamp_millis);
@@ -260,7 +277,7 @@ async fn poll_loop(
         let env = FetchEnv {
             client: &shared.client,
             hosts: &shared.hosts,
-            rate_limit: rate_limit.as_ref(),
+            rate_limit: rate_limit.as_deref(),
             tokens: &shared.tokens,
         };
         let started = Utc::now();

@@ -45,12 +45,7 @@ pub async fn discover(
         .as_ref()
         .ok_or_else(|| PollError::Detect("the connector has no `discover:`".into()))?;
     let lister = &d.lister;
-    let base = Instance {
-        key: format!("{}/(discover)", source.name),
-        name: "(discover)".into(),
-        vars: source.base_vars.clone(),
-        secrets: vec![],
-    };
+    let base = source.discovered_instance("(discover)", &Map::new());
     let fetched = fetch(lister, &base, &InstanceState::default(), env, now).await?;
     if let Some(w) = &fetched.warning {
         // A partial list would stop every instance not on the pages read.
@@ -62,6 +57,19 @@ pub async fn discover(
     let name_tpl = lister.id.as_ref().expect("discover has a name");
     let mut out: Vec<Found> = Vec::new();
     for page in &fetched.pages {
+        // An error body is not an empty list (which would stop every instance).
+        if let (Some(parent), false) = (&lister.items_parent, fetched.xml) {
+            if parent.query(page).is_empty() {
+                return Err(PollError::Detect(format!(
+                    "the discovery answer has no list at `discover.items`: {}",
+                    serde_json::to_string(page)
+                        .unwrap_or_default()
+                        .chars()
+                        .take(120)
+                        .collect::<String>()
+                )));
+            }
+        }
         for item in items.query(page).all() {
             let mut ctx = source.base_vars.clone();
             ctx.insert("item".into(), item.clone());
@@ -183,26 +191,6 @@ pub async fn run_source<F, Fut>(
                     running.start(&f.name, token, task).await;
                     info!(source = %source.name, instance = %f.name, "instance discovered");
                 }
-                // Retention: forget the state of instances gone long enough.
-                let horizon = now.timestamp_millis() - source.retention.as_millis() as i64;
-                let expired: Vec<String> = known
-                    .removed
-                    .iter()
-                    .filter(|(_, at)| **at < horizon)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in expired {
-                    let key = format!("{}/{name}", source.name);
-                    match cx.store.remove_state(&key) {
-                        Ok(()) => {
-                            known.removed.remove(&name);
-                            info!(instance = %key, "retention passed: instance state removed");
-                        }
-                        Err(e) => {
-                            warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state")
-                        }
-                    }
-                }
                 if let Err(e) = cx.store.save_discovered(&source.name, &known) {
                     warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
                 }
@@ -221,6 +209,31 @@ pub async fn run_source<F, Fut>(
                     s.last_error = Some(msg);
                 });
             }
+        }
+        // Retention runs whatever the listing did: instances gone long
+        // enough lose their state even while discovery keeps failing.
+        let now = Utc::now();
+        let horizon = now.timestamp_millis() - source.retention.as_millis() as i64;
+        let expired: Vec<String> = known
+            .removed
+            .iter()
+            .filter(|(_, at)| **at < horizon)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            let key = format!("{}/{name}", source.name);
+            match cx.store.remove_state(&key) {
+                Ok(()) => {
+                    known.removed.remove(&name);
+                    info!(instance = %key, "retention passed: instance state removed");
+                }
+                Err(e) => {
+                    warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state")
+                }
+            }
+        }
+        if let Err(e) = cx.store.save_discovered(&source.name, &known) {
+            warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
         }
         let next = source
             .discover_schedule

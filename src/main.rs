@@ -304,7 +304,8 @@ async fn dry_run(
                 }
             }
             Err(e) => {
-                println!("   discovery failed: {e}");
+                let secrets = src.discovered_instance("-", &Default::default()).secrets;
+                println!("   discovery failed: {}", mask(&e.to_string(), &secrets));
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -312,7 +312,7 @@ pub fn advice(status: u16, headers: &HeaderMap, now: SystemTime) -> Advice {
 pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs.min(MAX_PAUSE.as_secs())));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let at = SystemTime::UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64);
@@ -323,12 +323,15 @@ pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 /// in seconds are epoch times; GitHub sends those).
 fn reset_delay(value: &str, now: SystemTime) -> Option<Duration> {
     let n: u64 = value.trim().parse().ok()?;
-    if n > 1_000_000_000 {
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(n);
-        Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let d = if n > 1_000_000_000 {
+        match SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(n)) {
+            Some(at) => at.duration_since(now).unwrap_or(Duration::ZERO),
+            None => MAX_PAUSE,
+        }
     } else {
-        Some(Duration::from_secs(n))
-    }
+        Duration::from_secs(n)
+    };
+    Some(d.min(MAX_PAUSE))
 }
 
 /// A rate limiter for `rate`, allowing `burst` at once.
@@ -442,6 +445,9 @@ mod tests {
             "a past date means now"
         );
         assert_eq!(retry_after("soon", now), None);
+        // Absurd values are capped, never a panic.
+        assert_eq!(retry_after("18446744073709551615", now), Some(MAX_PAUSE));
+        assert_eq!(reset_delay("18446744073709551615", now), Some(MAX_PAUSE));
     }
 
     #[test]

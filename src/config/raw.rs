@@ -381,7 +381,8 @@ pub struct RawConnector {
     /// Default schedule; a source may override it.
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
-    /// This connector's own quota, per instance.
+    /// This connector's own quota, per instance (DESIGN.md); quotas shared
+    /// by everything calling a host are `hosts:` in bridge.yaml.
     #[serde(default)]
     pub rate_limit: Option<Rate>,
     /// The request of one poll.

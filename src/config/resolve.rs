@@ -57,9 +57,12 @@ pub struct Connector {
     pub format: Format,
     pub paginate: Option<Paginate>,
     pub items: Option<JsonPath>,
-    /// `items` without a final `[*]`, for XML lists of one.
+    /// `items` without a final `[*]`: XML lists of one, and telling an
+    /// error body from an empty list.
     pub items_parent: Option<JsonPath>,
     pub id: Option<Tpl>,
+    /// The `id` as a value when it is a lone `{{ expr }}`, to refuse null ids.
+    pub id_value: Option<ValueTpl>,
     /// `detect: changes`: an item's version; its hash when `None`.
     pub version: Option<Tpl>,
     /// `detect: snapshot`: the watched part of the resource.
@@ -1662,6 +1665,13 @@ fn resolve_connector(
         Some(d) => resolve_discover(file, text, raw, d, &name, &param_names, &mut errors),
     };
 
+    let id_value = raw.id.as_ref().and_then(|t| {
+        match engine.value_template(&Value::String(t.value.0.clone())) {
+            Ok(v @ ValueTpl::Native(_)) => Some(v),
+            _ => None,
+        }
+    });
+
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -1695,6 +1705,7 @@ fn resolve_connector(
             .and_then(|p| p.value.0.trim().strip_suffix("[*]").map(str::to_string))
             .and_then(|p| JsonPath::parse(&p).ok()),
         items,
+        id_value,
         id,
         version,
         watch,

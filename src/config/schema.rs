@@ -8,7 +8,7 @@
 //! the types with a hand-written `Deserialize` describe themselves by hand in
 //! `raw.rs`. The schema checks shapes, not meaning: a well-formed cron line
 //! that never fires, an unknown time zone or a template calling an unknown
-//! filter pass it and are still reported by `pollhook check`.
+//! filter pass it and are still reported by `pollhook validate`.
 
 use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;

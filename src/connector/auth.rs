@@ -164,7 +164,8 @@ async fn fetch_token(
         .get("expires_in")
         .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
         .unwrap_or(3600);
-    Ok((token.to_string(), Duration::from_secs(lifetime)))
+    // Capped at a day: an absurd `expires_in` must not overflow a clock.
+    Ok((token.to_string(), Duration::from_secs(lifetime.min(86_400))))
 }
 
 /// `application/x-www-form-urlencoded`, by the URL crate's own serializer.

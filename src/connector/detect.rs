@@ -98,7 +98,13 @@ pub fn detect(
                 Some(path) => {
                     let nodes = path.query(&resource).all();
                     match nodes.len() {
-                        0 => Value::Null,
+                        // Not "the watched part became null": an error body.
+                        0 => {
+                            return Err(format!(
+                                "`watch` matches nothing in the response: {}",
+                                preview(&resource)
+                            ))
+                        }
                         1 => nodes[0].clone(),
                         _ => Value::Array(nodes.into_iter().cloned().collect()),
                     }
@@ -312,7 +318,21 @@ fn list_items(
                     other => vec![other as &Value],
                 })
                 .collect(),
-            _ => items_path.query(page).all(),
+            _ => {
+                // A JSON page without the list's parent (`{"error": …}`
+                // where `{"items": […]}` was expected) is not an empty
+                // listing: treating it as one would call every item deleted.
+                if let Some(parent) = &c.items_parent {
+                    if parent.query(page).is_empty() {
+                        return Err(format!(
+                            "page {} has no list at `items` (its parent is missing), so it is not a listing: {}",
+                            page_no + 1,
+                            preview(page)
+                        ));
+                    }
+                }
+                items_path.query(page).all()
+            }
         };
         for item in nodes {
             let mut ctx = base.clone();
@@ -321,12 +341,20 @@ fn list_items(
                 .engine
                 .render(id_tpl, &Ctx::from_serialize(&ctx))
                 .map_err(|e| format!("`id` of an item on page {}: {e}", page_no + 1))?;
-            if id.trim().is_empty() {
+            let null_id = match &c.id_value {
+                Some(v) => c
+                    .engine
+                    .render_value(v, &Ctx::from_serialize(&ctx))
+                    .map(|v| v.is_null())
+                    .unwrap_or(false),
+                None => false,
+            };
+            if id.trim().is_empty() || null_id {
                 // An empty id would make every such item "the same" (all
                 // but one lost) or, worse, none of them remembered (an
                 // event storm): refuse the whole poll instead.
                 return Err(format!(
-                    "`id` rendered empty for an item on page {}: {}",
+                    "`id` rendered empty (or null) for an item on page {}: {}",
                     page_no + 1,
                     preview(item)
                 ));
@@ -532,6 +560,18 @@ fn describe_fired(fired: &[String]) -> String {
 /// Orders cursors numerically when both are numbers, else as text (ISO 8601
 /// timestamps of one format order correctly as text).
 fn cmp_cursor(a: &str, b: &str) -> Ordering {
+    // Integers exactly (19-digit ids do not survive f64), then timestamps as
+    // instants (fractions and offsets do not sort as text), then decimals,
+    // then text.
+    if let (Ok(x), Ok(y)) = (a.trim().parse::<i128>(), b.trim().parse::<i128>()) {
+        return x.cmp(&y);
+    }
+    if let (Ok(x), Ok(y)) = (
+        chrono::DateTime::parse_from_rfc3339(a.trim()),
+        chrono::DateTime::parse_from_rfc3339(b.trim()),
+    ) {
+        return x.cmp(&y);
+    }
     match (a.parse::<f64>(), b.parse::<f64>()) {
         (Ok(x), Ok(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
         _ => a.cmp(b),
@@ -542,6 +582,26 @@ fn cmp_cursor(a: &str, b: &str) -> Ordering {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn cursors_compare_as_what_they_are() {
+        use Ordering::*;
+        assert_eq!(cmp_cursor("10", "9"), Greater);
+        assert_eq!(
+            cmp_cursor("1234567890123456789", "1234567890123456788"),
+            Greater
+        );
+        assert_eq!(
+            cmp_cursor("2026-11-29T10:00:00.5Z", "2026-11-29T10:00:00Z"),
+            Greater
+        );
+        assert_eq!(
+            cmp_cursor("2026-11-29T11:00:00+01:00", "2026-11-29T10:30:00Z"),
+            Less
+        );
+        assert_eq!(cmp_cursor("1.5", "1.25"), Greater);
+        assert_eq!(cmp_cursor("b", "a"), Greater);
+    }
 
     const LISTED: Listing = Listing {
         complete: true,

@@ -365,10 +365,16 @@ pub async fn fetch(
     for page_no in 0..max_pages {
         let first = page_no == 0;
         visited.insert(url.to_string());
-        let conditional = first && state.validator_url.as_deref() == Some(url.as_str());
+        // Only unpaged polls are conditional: a 304 on page 1 says nothing
+        // about page 2, where a change may be.
+        let conditional =
+            first && c.paginate.is_none() && state.validator_url.as_deref() == Some(url.as_str());
         let shown = url.to_string();
         let mut retried_auth = false;
         let mut throttle_retries = 0;
+        // Held until this page's body is read: `max_in_flight` counts
+        // requests whose bodies are still arriving.
+        let mut _permit = None;
         let resp = loop {
             if let (Some(o), None) = (&p.oauth, &token) {
                 token = Some(
@@ -408,7 +414,7 @@ pub async fn fetch(
                 l.until_ready().await;
             }
             let gate = env.hosts.for_url(&url);
-            let _permit = gate.acquire().await;
+            _permit = gate.acquire().await;
             let resp = req.send().await.map_err(|e| PollError::Transport {
                 url: shown.clone(),
                 detail: transport_detail(&e),

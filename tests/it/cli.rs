@@ -392,3 +392,38 @@ fn schema_prints_json_schemas_of_both_files() {
         assert_eq!(v["additionalProperties"], false, "{kind}: typos are errors");
     }
 }
+
+#[test]
+fn secrets_with_url_special_characters_are_masked_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keyed.yaml");
+    std::fs::write(
+        &file,
+        r#"
+name: keyed
+params: { base_url: { required: true }, key: { secret: true, required: true } }
+request:
+  url: "{{ base_url }}/x"
+  auth: { type: api_key, in: query, name: api_key, value: "{{ key }}" }
+detect: snapshot
+emit: [{ type: x }]
+"#,
+    )
+    .unwrap();
+    // A port nobody listens on: the error names the URL, with the key in it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(bin())
+        .current_dir(dir.path())
+        .args(["test", file.to_str().unwrap()])
+        .args(["--with", &format!("base_url=http://{closed}")])
+        .args(["--with", "key=ab/c+d=e f&g"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("api_key=***"), "{text}");
+    assert!(!text.contains("ab%2Fc") && !text.contains("ab/c"), "{text}");
+}

@@ -847,3 +847,99 @@ emit: [{{ type: row.new, data: {{ who: "{{{{ item.name }}}}", cents: "{{{{ (item
         ]
     );
 }
+
+#[tokio::test]
+async fn an_error_body_is_not_an_empty_listing_and_a_null_id_is_refused() {
+    let (base, body) = list_server().await;
+    let yaml = format!(
+        r#"
+name: tickets
+request: {{ url: "http://{base}/items" }}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: changes
+emit: [{{ type: "t.{{{{ change }}}}" }}]
+"#
+    );
+    let mut p = Poller::new(&yaml, json!({}));
+    *body.lock().unwrap() = json!({"items": [{"id": 1}, {"id": 2}]});
+    p.poll().await.unwrap();
+    // Maintenance page with a 200: an error, not "everything was deleted".
+    *body.lock().unwrap() = json!({"error": "maintenance"});
+    let err = p.poll().await.expect_err("not a listing");
+    assert!(err.contains("no list at `items`"), "{err}");
+    assert_eq!(p.state.known.len(), 2);
+    // Back: nothing happened in between.
+    *body.lock().unwrap() = json!({"items": [{"id": 1}, {"id": 2}]});
+    assert!(p.events().await.is_empty());
+    // A null id would make items collide: refused.
+    *body.lock().unwrap() = json!({"items": [{"id": 1}, {"id": null}, {"id": null}]});
+    let err = p.poll().await.expect_err("null id");
+    assert!(
+        err.contains("empty (or null)") && err.contains(r#"{"id":null}"#),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_watch_that_matches_nothing_is_an_error_not_a_null_status() {
+    let (base, body) = list_server().await;
+    let mut p = Poller::new(
+        &format!(
+            r#"
+name: st
+request: {{ url: "http://{base}/items" }}
+detect: snapshot
+watch: "$.status.indicator"
+emit: [{{ type: changed }}]
+"#
+        ),
+        json!({}),
+    );
+    *body.lock().unwrap() = json!({"status": {"indicator": "none"}});
+    p.poll().await.unwrap();
+    *body.lock().unwrap() = json!({"message": "rate limited"});
+    let err = p.poll().await.expect_err("watch missing");
+    assert!(err.contains("`watch` matches nothing"), "{err}");
+}
+
+#[tokio::test]
+async fn paged_listings_are_not_conditional_so_changes_on_later_pages_are_seen() {
+    let pages = Arc::new(Mutex::new(vec![json!([{"id": 1}]), json!([{"id": 2}])]));
+    let p2 = pages.clone();
+    let app = Router::new().route(
+        "/list",
+        get(move |headers: HeaderMap, Query(q): Q| {
+            let pages = p2.clone();
+            async move {
+                let n = num(&q, "page", 1) as usize;
+                // Page 1 never changes and always offers an ETag.
+                if n == 1 && headers.get("if-none-match").is_some_and(|v| v == "\"p1\"") {
+                    return StatusCode::NOT_MODIFIED.into_response();
+                }
+                let all = pages.lock().unwrap().clone();
+                let body = all.get(n - 1).cloned().unwrap_or(json!([]));
+                ([("etag", "\"p1\"")], axum::Json(body)).into_response()
+            }
+        }),
+    );
+    let up = serve(app).await;
+    let mut p = Poller::new(
+        &format!(
+            r#"
+name: paged
+request: {{ url: "http://{up}/list" }}
+paginate: {{ page: {{ param: page }} }}
+items: "$[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit: [{{ type: x }}]
+"#
+        ),
+        json!({}),
+    );
+    p.poll().await.unwrap();
+    pages.lock().unwrap()[1] = json!([{"id": 2}, {"id": 3}]);
+    let ev = p.events().await;
+    assert_eq!(ev.len(), 1, "the new item on page 2: {ev:?}");
+}
