@@ -1,6 +1,8 @@
-//! Admin HTTP: `/healthz`, `/readyz`, `/status` (JSON) and `/metrics`
-//! (Prometheus text). Loopback by default; shows no secrets (status holds
-//! masked errors only).
+//! Admin HTTP: `/healthz`, `/readyz`, `/status` (JSON), `/metrics`
+//! (Prometheus text), and the operator's repair tools: `POST /dlq/list`,
+//! `POST /dlq/replay`, `POST /dlq/drop`, `POST /events` (what `pollhook dlq`
+//! and `pollhook events` call while the daemon runs). Loopback by default;
+//! shows no secrets (status holds masked errors only; bodies are not shown).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -25,6 +27,8 @@ pub struct AdminState {
     /// Upstream host gates (quotas and throttling), for `/status` and metrics.
     pub hosts: Arc<crate::quota::HostGates>,
     pub endpoints: Vec<String>,
+    /// Delivery workers' wake-ups, poked after a replay.
+    pub wakes: BTreeMap<String, Arc<tokio::sync::Notify>>,
 }
 
 /// Serves until `shutdown`.
@@ -38,10 +42,70 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        // JSON bodies carry the filters (lists of sources, times), so even
+        // the read-only queries are POSTs.
+        .route("/dlq/list", axum::routing::post(dlq_list))
+        .route("/dlq/replay", axum::routing::post(dlq_replay))
+        .route("/dlq/drop", axum::routing::post(dlq_drop))
+        .route("/events", axum::routing::post(events))
         .with_state(state);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(serde_json::json!({ "error": e.to_string() })),
+    )
+        .into_response()
+}
+
+fn dlq_error(e: crate::dlq::DlqError) -> Response {
+    match e {
+        crate::dlq::DlqError::NoCriterion => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+        other => store_error(other),
+    }
+}
+
+async fn dlq_list(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>) -> Response {
+    match crate::dlq::list(&s.store, &f) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn dlq_replay(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>) -> Response {
+    match crate::dlq::replay(&s.store, &f).await {
+        Ok(endpoints) => {
+            for ep in &endpoints {
+                if let Some(w) = s.wakes.get(ep) {
+                    w.notify_one();
+                }
+            }
+            Json(serde_json::json!({ "replayed": endpoints.len() })).into_response()
+        }
+        Err(e) => dlq_error(e),
+    }
+}
+
+async fn dlq_drop(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>) -> Response {
+    match crate::dlq::drop(&s.store, &f).await {
+        Ok(n) => Json(serde_json::json!({ "dropped": n })).into_response(),
+        Err(e) => dlq_error(e),
+    }
+}
+
+async fn events(State(s): State<AdminState>, Json(q): Json<crate::dlq::EventsQuery>) -> Response {
+    match crate::dlq::events(&s.store, &q) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => store_error(e),
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {

@@ -141,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 store: store.clone(),
                 hosts: hosts.clone(),
                 endpoints: config.endpoints.keys().cloned().collect(),
+                wakes: shared.wakes.clone(),
             };
             Some(tokio::spawn(crate::admin::serve(
                 listener,

@@ -31,6 +31,7 @@ pub mod connector;
 pub mod daemon;
 pub mod deliver;
 pub mod discover;
+pub mod dlq;
 pub mod event;
 pub mod quota;
 pub mod schedule;

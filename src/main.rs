@@ -78,6 +78,27 @@ enum Command {
         #[arg(value_enum, default_value_t = SchemaKind::Bridge)]
         kind: SchemaKind,
     },
+    /// Dead letters: events whose attempts ran out. Works while the daemon
+    /// runs (through its admin server) and on a stopped store.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Recent delivery attempts (time, status code, latency, error).
+    Events {
+        /// Only this event (`webhook-id`).
+        #[arg(long)]
+        id: Option<String>,
+        /// Only this endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Most attempts shown, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Secrets for endpoints.
     Secret {
         #[command(subcommand)]
@@ -95,6 +116,43 @@ enum Command {
         #[arg(long)]
         signature: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters.
+    List(DlqArgs),
+    /// Deliver dead letters again, with their original `webhook-id`.
+    Replay(DlqArgs),
+    /// Delete dead letters for good.
+    Drop(DlqArgs),
+}
+
+#[derive(clap::Args)]
+struct DlqArgs {
+    /// One event (`webhook-id`).
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Events of this source (repeat for several).
+    #[arg(long)]
+    source: Vec<String>,
+    /// Events of the sources using this connector.
+    #[arg(long)]
+    connector: Option<String>,
+    /// Event type.
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Dead-lettered within this long (`30m`, `2h`, `7d`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Replay or drop every dead letter (needed when no criterion is given).
+    #[arg(long)]
+    all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -165,6 +223,53 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("signature does NOT match");
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Dlq { command } => {
+            let config = Config::load(&cli.config)?;
+            let (op, args) = match &command {
+                DlqCommand::List(a) => ("list", a),
+                DlqCommand::Replay(a) => ("replay", a),
+                DlqCommand::Drop(a) => ("drop", a),
+            };
+            let filter = dlq_filter(&config, args)?;
+            let out = runtime()?.block_on(operate(&config, op, &filter))?;
+            print_dlq(op, &out, args.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events {
+            id,
+            endpoint,
+            limit,
+            json,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let q = pollhook::dlq::EventsQuery {
+                id,
+                endpoint,
+                limit: Some(limit),
+            };
+            let out = runtime()?.block_on(operate(&config, "events", &q))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                let rows: Vec<pollhook::store::AttemptRecord> = serde_json::from_value(out)?;
+                for r in rows {
+                    println!(
+                        "{}  {}  {}  attempt {}  {}  {} ms  {}{}",
+                        chrono::DateTime::from_timestamp_millis(r.at_ms)
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                            .unwrap_or_default(),
+                        r.event_id,
+                        r.endpoint,
+                        r.attempt,
+                        r.status.map(|s| s.to_string()).unwrap_or("-".into()),
+                        r.latency_ms,
+                        r.outcome,
+                        r.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Schema { kind } => {
             let schema = match kind {
@@ -245,6 +350,127 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 runtime()?.block_on(dry_run(src, &hosts, instance.as_deref(), store.as_ref()))
             }
         }
+    }
+}
+
+/// The filter of a `pollhook dlq` command.
+fn dlq_filter(config: &Config, a: &DlqArgs) -> anyhow::Result<pollhook::dlq::Filter> {
+    let mut sources = a.source.clone();
+    if let Some(c) = &a.connector {
+        let using: Vec<String> = config
+            .sources
+            .iter()
+            .filter(|s| &s.connector.name == c)
+            .map(|s| s.name.clone())
+            .collect();
+        if using.is_empty() {
+            bail!("no source uses a connector named `{c}`");
+        }
+        sources.extend(using);
+    }
+    let since_ms = match &a.since {
+        Some(s) => {
+            let d = pollhook::schedule::parse_duration(s).map_err(anyhow::Error::msg)?;
+            Some(pollhook::now_ms() - d.as_millis() as i64)
+        }
+        None => None,
+    };
+    Ok(pollhook::dlq::Filter {
+        id: a.id.clone(),
+        endpoint: a.endpoint.clone(),
+        sources,
+        kind: a.kind.clone(),
+        since_ms,
+        until_ms: None,
+        all: a.all,
+    })
+}
+
+/// Runs a dead-letter or history operation: through the running daemon's
+/// admin server when there is one (the daemon holds the store), else on
+/// the stopped store directly.
+async fn operate<Q: serde::Serialize>(
+    config: &Config,
+    op: &str,
+    query: &Q,
+) -> anyhow::Result<serde_json::Value> {
+    let addr_file = config.state_dir.join("admin.addr");
+    if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+        let path = match op {
+            "events" => "events".to_string(),
+            other => format!("dlq/{other}"),
+        };
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/{path}", addr.trim()))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(query)?)
+            .send()
+            .await;
+        match resp {
+            Ok(r) => {
+                let status = r.status();
+                let bytes = r.bytes().await.context("the admin server's answer")?;
+                let body: serde_json::Value =
+                    serde_json::from_slice(&bytes).context("the admin server's answer")?;
+                if !status.is_success() {
+                    bail!(
+                        "{}",
+                        body["error"].as_str().unwrap_or("the admin server refused")
+                    );
+                }
+                return Ok(body);
+            }
+            // A stale admin.addr (the daemon was killed): use the store.
+            Err(e) if e.is_connect() => {}
+            Err(e) => return Err(e).context("cannot reach the daemon's admin server"),
+        }
+    }
+    let store = pollhook::store::Store::open(&config.state_dir).with_context(|| {
+        format!(
+            "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to use this command while it runs)",
+            config.state_dir.display()
+        )
+    })?;
+    let q = serde_json::to_value(query)?;
+    let out = match op {
+        "list" => serde_json::to_value(pollhook::dlq::list(&store, &serde_json::from_value(q)?)?)?,
+        "replay" => {
+            let n = pollhook::dlq::replay(&store, &serde_json::from_value(q)?).await?;
+            serde_json::json!({ "replayed": n.len() })
+        }
+        "drop" => {
+            let n = pollhook::dlq::drop(&store, &serde_json::from_value(q)?).await?;
+            serde_json::json!({ "dropped": n })
+        }
+        _ => serde_json::to_value(pollhook::dlq::events(&store, &serde_json::from_value(q)?)?)?,
+    };
+    store.flush()?;
+    Ok(out)
+}
+
+fn print_dlq(op: &str, out: &serde_json::Value, json: bool) {
+    if json || op != "list" {
+        println!("{}", serde_json::to_string_pretty(out).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<pollhook::dlq::Listed> = serde_json::from_value(out.clone()).unwrap_or_default();
+    if rows.is_empty() {
+        println!("no dead letters");
+    }
+    for r in rows {
+        println!(
+            "{}  {}  {}  {}  #{}  {} attempts  dead since {}  {}",
+            r.id,
+            r.endpoint,
+            r.instance,
+            r.kind,
+            r.sequence,
+            r.attempts,
+            chrono::DateTime::from_timestamp_millis(r.dead_at_ms)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default(),
+            r.last_error.unwrap_or_default()
+        );
     }
 }
 

@@ -142,6 +142,29 @@ pub struct Discovered {
     pub removed: std::collections::BTreeMap<String, i64>,
 }
 
+/// One delivery attempt, for `pollhook events`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRecord {
+    pub event_id: String,
+    pub endpoint: String,
+    pub instance: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// When it started (ms since the epoch).
+    pub at_ms: i64,
+    /// The receiver's status code, when it answered.
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    /// `delivered`, `failed`, `gone`.
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// How many attempt records are kept (the oldest go first).
+pub const ATTEMPTS_KEPT: u64 = 10_000;
+
 /// Key of an outbox or dead-letter record.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EntryKey(Vec<u8>);
@@ -170,6 +193,7 @@ pub struct Store {
     outbox: sled::Tree,
     dead: sled::Tree,
     discovered: sled::Tree,
+    attempts: sled::Tree,
 }
 
 fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -206,6 +230,7 @@ impl Store {
             outbox: tree("outbox")?,
             dead: tree("dead")?,
             discovered: tree("discovered")?,
+            attempts: tree("attempts")?,
             db,
         })
     }
@@ -392,6 +417,83 @@ impl Store {
             })?;
         self.db.flush_async().await.map_err(sled_err("flush"))?;
         Ok(())
+    }
+
+    /// Records a delivery attempt (not flushed: history, not state), and
+    /// now and then forgets the oldest beyond [`ATTEMPTS_KEPT`].
+    pub fn record_attempt(&self, rec: &AttemptRecord) -> Result<()> {
+        let id = self.db.generate_id().map_err(sled_err("attempt id"))?;
+        self.attempts
+            .insert(id.to_be_bytes(), encode(rec))
+            .map_err(sled_err("record attempt"))?;
+        if id % 100 == 0 && id > ATTEMPTS_KEPT {
+            let old: Vec<sled::IVec> = self
+                .attempts
+                .range(..(id - ATTEMPTS_KEPT).to_be_bytes())
+                .keys()
+                .filter_map(|k| k.ok())
+                .collect();
+            for k in old {
+                let _ = self.attempts.remove(k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attempt records, newest first.
+    pub fn attempts(&self) -> impl Iterator<Item = Result<AttemptRecord>> {
+        self.attempts.iter().rev().map(|r| {
+            let (k, v) = r.map_err(sled_err("scan attempts"))?;
+            decode(&k, &v)
+        })
+    }
+
+    /// Every dead letter, by endpoint then age.
+    pub fn all_dead_letters(&self) -> impl Iterator<Item = Result<(EntryKey, DeadLetter)>> {
+        self.dead.iter().map(|r| {
+            let (k, v) = r.map_err(sled_err("scan dead letters"))?;
+            Ok((EntryKey(k.to_vec()), decode(&k, &v)?))
+        })
+    }
+
+    /// Puts dead letters back at the end of their endpoint's outbox, with
+    /// their attempts reset and their `webhook-id` and body unchanged, each
+    /// in one transaction (never in both trees, never in neither).
+    pub async fn replay_dead(&self, letters: &[(EntryKey, DeadLetter)]) -> Result<usize> {
+        for (key, letter) in letters {
+            let mut entry = letter.entry.clone();
+            entry.attempts = 0;
+            entry.next_attempt_ms = 0;
+            entry.last_error = None;
+            let bytes = encode(&entry);
+            (&self.dead, &self.outbox)
+                .transaction(|(dead, ob)| {
+                    dead.remove(key.0.as_slice())?;
+                    let k = EntryKey::new(&letter.endpoint, ob.generate_id()?);
+                    ob.insert(k.0.as_slice(), bytes.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Storage(source) => StoreError::Sled {
+                        op: "replay",
+                        source,
+                    },
+                    TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+                })?;
+        }
+        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        Ok(letters.len())
+    }
+
+    /// Deletes dead letters for good.
+    pub async fn drop_dead(&self, keys: &[EntryKey]) -> Result<usize> {
+        for k in keys {
+            self.dead
+                .remove(&k.0)
+                .map_err(sled_err("drop dead letter"))?;
+        }
+        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        Ok(keys.len())
     }
 
     /// Writes everything to disk (shutdown).

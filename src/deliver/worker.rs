@@ -21,7 +21,7 @@ use super::retry::{classify, Outcome};
 use super::sign::{hub_signature, signature_header};
 use crate::config::Endpoint;
 use crate::status::Status;
-use crate::store::{DeadLetter, EntryKey, OutboxEntry, Store};
+use crate::store::{AttemptRecord, DeadLetter, EntryKey, OutboxEntry, Store};
 
 /// Everything one endpoint's worker needs.
 pub struct Worker {
@@ -67,7 +67,7 @@ impl Worker {
     /// attempts have finished (the caller bounds that wait).
     pub async fn run(self, shutdown: CancellationToken) {
         let ep = self.endpoint.clone();
-        let mut in_flight: JoinSet<(EntryKey, OutboxEntry, Outcome)> = JoinSet::new();
+        let mut in_flight: JoinSet<(EntryKey, OutboxEntry, Outcome, Answer)> = JoinSet::new();
         let mut busy: HashSet<String> = HashSet::new();
         let mut health = Health::default();
         let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
@@ -127,8 +127,15 @@ impl Worker {
                     let client = self.client.clone();
                     let endpoint = ep.clone();
                     in_flight.spawn(async move {
-                        let outcome = attempt(&client, &endpoint, &entry).await;
-                        (key, entry, outcome)
+                        let started = std::time::Instant::now();
+                        let at_ms = crate::now_ms();
+                        let (outcome, status) = attempt(&client, &endpoint, &entry).await;
+                        let answer = Answer {
+                            at_ms,
+                            status,
+                            latency: started.elapsed(),
+                        };
+                        (key, entry, outcome, answer)
                     });
                 }
             }
@@ -146,8 +153,9 @@ impl Worker {
             tokio::select! {
                 Some(done) = in_flight.join_next() => {
                     match done {
-                        Ok((key, entry, outcome)) => {
+                        Ok((key, entry, outcome, answer)) => {
                             busy.remove(if ordered { &entry.instance } else { &entry.event_id });
+                            self.record(&entry, &outcome, &answer);
                             self.settle(key, entry, outcome, &mut health).await;
                         }
                         Err(e) => error!(endpoint = %ep.name, error = %e, "delivery task failed"),
@@ -157,6 +165,30 @@ impl Worker {
                 _ = sleep => {}
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
             }
+        }
+    }
+
+    /// Keeps the attempt in the delivery history (`pollhook events`).
+    fn record(&self, entry: &OutboxEntry, outcome: &Outcome, answer: &Answer) {
+        let (kind, error) = match outcome {
+            Outcome::Delivered => ("delivered", None),
+            Outcome::Gone => ("gone", Some("410 Gone".to_string())),
+            Outcome::Failed { reason, .. } => ("failed", Some(reason.clone())),
+        };
+        let rec = AttemptRecord {
+            event_id: entry.event_id.clone(),
+            endpoint: self.endpoint.name.clone(),
+            instance: entry.instance.clone(),
+            kind: entry.kind.clone(),
+            attempt: entry.attempts + 1,
+            at_ms: answer.at_ms,
+            status: answer.status,
+            latency_ms: answer.latency.as_millis() as u64,
+            outcome: kind.into(),
+            error,
+        };
+        if let Err(e) = self.store.record_attempt(&rec) {
+            debug!(endpoint = %self.endpoint.name, error = %format!("{e:#}"), "cannot record the attempt in the history");
         }
     }
 
@@ -281,8 +313,19 @@ impl Worker {
 /// How much of a failed answer's body is kept for the error message.
 const SNIPPET_BYTES: usize = 256;
 
+/// When an attempt started, the status it got, how long it took.
+struct Answer {
+    at_ms: i64,
+    status: Option<u16>,
+    latency: Duration,
+}
+
 /// One signed POST. Never reads more than [`SNIPPET_BYTES`] of the answer.
-async fn attempt(client: &reqwest::Client, ep: &Endpoint, entry: &OutboxEntry) -> Outcome {
+async fn attempt(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    entry: &OutboxEntry,
+) -> (Outcome, Option<u16>) {
     let timestamp = chrono::Utc::now().timestamp();
     let signature = signature_header(&ep.keys, &entry.event_id, timestamp, entry.body.as_bytes());
     let mut req = client
@@ -322,12 +365,18 @@ async fn attempt(client: &reqwest::Client, ep: &Endpoint, entry: &OutboxEntry) -
                 .chars()
                 .map(|c| if c.is_control() { ' ' } else { c })
                 .collect();
-            classify(status, retry_after.as_deref(), text.trim())
+            (
+                classify(status, retry_after.as_deref(), text.trim()),
+                Some(status),
+            )
         }
-        Err(e) if e.is_timeout() => Outcome::Failed {
-            reason: format!("timed out after {}", humantime::format_duration(ep.timeout)),
-            retry_after: None,
-        },
+        Err(e) if e.is_timeout() => (
+            Outcome::Failed {
+                reason: format!("timed out after {}", humantime::format_duration(ep.timeout)),
+                retry_after: None,
+            },
+            None,
+        ),
         Err(e) => {
             let mut detail = String::new();
             let mut src = std::error::Error::source(&e);
@@ -341,10 +390,13 @@ async fn attempt(client: &reqwest::Client, ep: &Endpoint, entry: &OutboxEntry) -
             } else {
                 "request failed"
             };
-            Outcome::Failed {
-                reason: format!("{what}{detail}"),
-                retry_after: None,
-            }
+            (
+                Outcome::Failed {
+                    reason: format!("{what}{detail}"),
+                    retry_after: None,
+                },
+                None,
+            )
         }
     }
 }

@@ -270,3 +270,82 @@ fn insecure_and_private_endpoints_are_refused_at_load() {
     assert!(check("http://127.0.0.1:9/hook", "").0, "loopback is fine");
     assert!(check("http://localhost:9/hook", "").0);
 }
+
+fn cli(d: &Daemon, args: &[&str]) -> (bool, String) {
+    let out = d.command(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_replayed_with_their_ids_and_dropped_live_and_stopped() {
+    let rx = Receiver::start(&secret(), Plan::Always(500)).await;
+    let (bank, mut d) = setup(format!(
+        "    url: {}\n    secret: {}\n    retry: {{ schedule: [20ms], max_attempts: 2 }}\n    circuit: {{ failures: 1000 }}",
+        rx.url,
+        secret()
+    ))
+    .await;
+    for cents in [11_100, 22_200] {
+        bank.set_balance("acc-0001", cents);
+        let before = rx.all().len();
+        wait_for("two attempts", Duration::from_secs(20), || {
+            rx.all().len() >= before + 2
+        })
+        .await;
+    }
+    let mut s = d.status().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s["endpoints"]["agent"]["dead_letters"] != 2 {
+        assert!(Instant::now() < deadline, "{s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = d.status().await;
+    }
+    let failed_ids: Vec<String> = rx.all().iter().map(|x| x.id.clone()).collect();
+
+    // While the daemon runs: through its admin server.
+    let (ok, out) = tokio::task::block_in_place(|| cli(&d, &["dlq", "list", "--json"]));
+    assert!(ok, "{out}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 2, "{out}");
+    assert!(listed
+        .iter()
+        .all(|l| l["attempts"] == 2 && l["last_error"].as_str().unwrap().contains("500")));
+    let first = listed[0]["id"].as_str().unwrap().to_string();
+    let (ok, out) = tokio::task::block_in_place(|| cli(&d, &["events", "--id", &first]));
+    assert!(
+        ok && out.matches(" 500 ").count() == 2,
+        "two attempts, status 500: {out}"
+    );
+    let (ok, out) = tokio::task::block_in_place(|| cli(&d, &["dlq", "replay"]));
+    assert!(
+        !ok && out.contains("or --all"),
+        "no criterion, nothing replayed: {out}"
+    );
+
+    // The receiver is fixed; replay one event by id: same webhook-id.
+    rx.set_plan(Plan::Always(204));
+    let (ok, out) = tokio::task::block_in_place(|| cli(&d, &["dlq", "replay", "--id", &first]));
+    assert!(ok && out.contains("\"replayed\": 1"), "{out}");
+    wait_for("the replayed event", Duration::from_secs(20), || {
+        !rx.accepted().is_empty()
+    })
+    .await;
+    assert_eq!(rx.accepted()[0].id, first);
+    assert!(failed_ids.contains(&first));
+
+    // On the stopped store: list, then drop the rest.
+    assert!(d.terminate().success());
+    let (ok, out) = tokio::task::block_in_place(|| cli(&d, &["dlq", "list"]));
+    assert!(
+        ok && out.lines().count() == 1 && !out.contains(&first),
+        "{out}"
+    );
+    let (ok, out) =
+        tokio::task::block_in_place(|| cli(&d, &["dlq", "drop", "--endpoint", "agent"]));
+    assert!(ok && out.contains("\"dropped\": 1"), "{out}");
+    let (ok, out) = tokio::task::block_in_place(|| cli(&d, &["dlq", "list"]));
+    assert!(ok && out.contains("no dead letters"), "{out}");
+}
