@@ -349,3 +349,61 @@ async fn dead_letters_are_listed_replayed_with_their_ids_and_dropped_live_and_st
     let (ok, out) = tokio::task::block_in_place(|| cli(&d, &["dlq", "list"]));
     assert!(ok && out.contains("no dead letters"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_without_downtime() {
+    let old = secret();
+    let new = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".to_string();
+    // Two receivers, one that knows only the old key, one only the new.
+    let rx_old = Receiver::start(&old, Plan::Always(204)).await;
+    let rx_new = Receiver::start(&new, Plan::Always(204)).await;
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let endpoint = |secrets: &str| {
+        format!(
+            "    url: {}\n    secret: {secrets}\n  new:\n    url: {}\n    secret: {secrets}",
+            rx_old.url, rx_new.url
+        )
+    };
+    let bridge = |secrets: &str| {
+        bridge(&addr.to_string(), &endpoint(secrets))
+            .replace("deliver_to: [agent]", "deliver_to: [agent, new]")
+    };
+    let mut d = Daemon::new(
+        &bridge(&format!("\"{old}\"")),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/default"], 1).await;
+    let step = |cents: i64| {
+        bank.set_balance("acc-0001", cents);
+        let (rx_old, rx_new) = (rx_old.clone(), rx_new.clone());
+        let (a, b) = (rx_old.all().len(), rx_new.all().len());
+        async move {
+            wait_for("both endpoints tried", Duration::from_secs(20), || {
+                rx_old.all().len() > a && rx_new.all().len() > b
+            })
+            .await;
+        }
+    };
+    // Old key only: the old receiver verifies, the new one cannot.
+    step(10_000).await;
+    assert!(rx_old.all().last().unwrap().verified);
+    assert!(!rx_new.all().last().unwrap().verified);
+    // Rotation: both keys sign; both receivers verify the same request.
+    d.terminate();
+    std::fs::write(d.config(), bridge(&format!("[\"{new}\", \"{old}\"]"))).unwrap();
+    d.start().await;
+    step(20_000).await;
+    assert!(rx_old.all().last().unwrap().verified);
+    assert!(rx_new.all().last().unwrap().verified);
+    let sig = rx_new.all().last().unwrap().signature.clone();
+    assert_eq!(sig.split(' ').count(), 2, "{sig}");
+    // The old key retired.
+    d.terminate();
+    std::fs::write(d.config(), bridge(&format!("\"{new}\""))).unwrap();
+    d.start().await;
+    step(30_000).await;
+    assert!(!rx_old.all().last().unwrap().verified);
+    assert!(rx_new.all().last().unwrap().verified);
+}
