@@ -165,8 +165,13 @@ enum SchemaKind {
 
 #[derive(Subcommand)]
 enum SecretCommand {
-    /// Print a new random `whsec_…` secret.
-    Generate,
+    /// Print a new random `whsec_…` secret (or, with `--ed25519`, a
+    /// `whsk_…` signing key for bridge.yaml and its `whpk_…` public key for
+    /// the receiver).
+    Generate {
+        #[arg(long)]
+        ed25519: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -202,9 +207,15 @@ fn init_logging(format: LogFormat) {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Secret {
-            command: SecretCommand::Generate,
+            command: SecretCommand::Generate { ed25519 },
         } => {
-            println!("{}", SigningKey::generate());
+            if ed25519 {
+                let (sk, pk) = SigningKey::generate_ed25519();
+                println!("secret key (bridge.yaml): {sk}");
+                println!("public key (receiver):    {pk}");
+            } else {
+                println!("{}", SigningKey::generate());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {
