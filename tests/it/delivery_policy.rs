@@ -407,3 +407,44 @@ async fn key_rotation_without_downtime() {
     assert!(!rx_old.all().last().unwrap().verified);
     assert!(rx_new.all().last().unwrap().verified);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_none_lets_later_events_overtake_a_retried_one() {
+    for ordering in ["instance", "none"] {
+        let (url, rx) = Scripted::start(vec![(500, vec![])]).await;
+        let (bank, d) = setup(format!(
+            "    url: {url}\n    secret: {}\n    ordering: {ordering}\n    retry: {{ schedule: [30s] }}",
+            secret()
+        ))
+        .await;
+        bank.set_balance("acc-0001", 11_111);
+        wait_for("the failed first attempt", Duration::from_secs(20), || {
+            rx.count() >= 1
+        })
+        .await;
+        bank.set_balance("acc-0001", 22_222);
+        // The second change is detected (2 events in the outbox) …
+        let mut s = d.status().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s["instances"]["balances/default"]["events"].as_u64() < Some(2) {
+            assert!(Instant::now() < deadline, "{s:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s = d.status().await;
+        }
+        if ordering == "none" {
+            // … and delivered while the first waits for its retry.
+            wait_for("the second event", Duration::from_secs(20), || {
+                rx.count() >= 2
+            })
+            .await;
+            assert!(rx.seen.lock().unwrap()[1].2.contains("222.22"));
+        } else {
+            // … and waits behind the first (whose retry is 30 s away).
+            let polls = s["instances"]["balances/default"]["polls_ok"]
+                .as_u64()
+                .unwrap();
+            d.wait_polls(&["balances/default"], polls + 5).await;
+            assert_eq!(rx.count(), 1, "per-instance order holds");
+        }
+    }
+}
