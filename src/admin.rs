@@ -28,7 +28,7 @@ pub struct AdminState {
     pub hosts: Arc<crate::quota::HostGates>,
     pub endpoints: Vec<String>,
     /// Delivery workers' wake-ups, poked after a replay.
-    pub wakes: BTreeMap<String, Arc<tokio::sync::Notify>>,
+    pub wakes: BTreeMap<String, Arc<crate::deliver::worker::Wake>>,
 }
 
 /// Serves until `shutdown`.
@@ -85,7 +85,7 @@ async fn dlq_replay(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filte
         Ok(endpoints) => {
             for ep in &endpoints {
                 if let Some(w) = s.wakes.get(ep) {
-                    w.notify_one();
+                    w.rescan();
                 }
             }
             Json(serde_json::json!({ "replayed": endpoints.len() })).into_response()

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::Utc;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -19,7 +18,7 @@ use crate::connector::auth::TokenCache;
 use crate::connector::detect::{detect, Detection};
 use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
 use crate::connector::mask;
-use crate::deliver::worker::{delivery_client, Worker, USER_AGENT_VALUE};
+use crate::deliver::worker::{delivery_client, Wake, Worker, USER_AGENT_VALUE};
 use crate::event::{event_id, Event};
 use crate::quota::{limiter, HostGates};
 use crate::schedule::first_due;
@@ -36,7 +35,7 @@ struct Shared {
     /// OAuth2 tokens shared by every instance.
     tokens: TokenCache,
     /// Delivery workers' wake-ups, by endpoint.
-    wakes: BTreeMap<String, Arc<Notify>>,
+    wakes: BTreeMap<String, Arc<Wake>>,
 }
 
 /// The client for polling upstreams.
@@ -78,7 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let guarded = delivery_client(true);
     let unguarded = delivery_client(false);
     for ep in config.endpoints.values() {
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(Wake::default());
         wakes.insert(ep.name.clone(), wake.clone());
         status.endpoint(&ep.name, |_| {});
         let worker = Worker {
@@ -415,7 +414,7 @@ async fn poll_once(
         }
         for (ep, _) in &deliveries {
             if let Some(w) = shared.wakes.get(ep) {
-                w.notify_one();
+                w.instance(&inst.key);
             }
         }
         for ev in &events {

@@ -2,8 +2,9 @@
 //!
 //! Trees:
 //! - `state`:  instance key (`source/instance`) → [`InstanceState`] (JSON);
-//! - `outbox`: endpoint `\0` u64 (big-endian, monotonic) → [`OutboxEntry`];
-//!   keys sort in detection order per endpoint;
+//! - `outbox`: endpoint `\0` instance `\0` u64 (big-endian, monotonic) →
+//!   [`OutboxEntry`]; keys sort in detection order per endpoint and
+//!   instance, so an instance's head is one seek (no scan of the queue);
 //! - `dead`:   same key → [`DeadLetter`], events whose attempts ran out.
 //!
 //! The one invariant this module exists for: [`Store::commit_poll`] writes an
@@ -170,13 +171,21 @@ pub const ATTEMPTS_KEPT: u64 = 10_000;
 pub struct EntryKey(Vec<u8>);
 
 impl EntryKey {
-    fn new(endpoint: &str, id: u64) -> Self {
-        let mut k = Vec::with_capacity(endpoint.len() + 9);
-        k.extend_from_slice(endpoint.as_bytes());
-        k.push(0);
+    fn new(endpoint: &str, instance: &str, id: u64) -> Self {
+        let mut k = instance_prefix(endpoint, instance);
         k.extend_from_slice(&id.to_be_bytes());
         EntryKey(k)
     }
+}
+
+/// `endpoint \0 instance \0`: the prefix of one instance's queue.
+fn instance_prefix(endpoint: &str, instance: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(endpoint.len() + instance.len() + 10);
+    p.extend_from_slice(endpoint.as_bytes());
+    p.push(0);
+    p.extend_from_slice(instance.as_bytes());
+    p.push(0);
+    p
 }
 
 fn prefix(endpoint: &str) -> Vec<u8> {
@@ -194,6 +203,42 @@ pub struct Store {
     dead: sled::Tree,
     discovered: sled::Tree,
     attempts: sled::Tree,
+}
+
+/// Outboxes written before keys carried the instance (`endpoint \0 u64`)
+/// are rekeyed once, each entry in one transaction, keeping their order.
+fn migrate_outbox_keys(outbox: &sled::Tree) -> Result<()> {
+    let mut old = Vec::new();
+    for r in outbox.iter() {
+        let (k, v) = r.map_err(sled_err("scan outbox"))?;
+        let Some(sep) = k.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        if k.len() - sep - 1 == 8 {
+            old.push((k, v));
+        }
+    }
+    for (k, v) in old {
+        let entry: OutboxEntry = decode(&k, &v)?;
+        let sep = k.iter().position(|b| *b == 0).expect("found above");
+        let endpoint = String::from_utf8_lossy(&k[..sep]).into_owned();
+        let id = u64::from_be_bytes(k[sep + 1..].try_into().expect("8 bytes"));
+        let new = EntryKey::new(&endpoint, &entry.instance, id);
+        outbox
+            .transaction(|t| {
+                t.remove(&k)?;
+                t.insert(new.0.as_slice(), v.clone())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(source) => StoreError::Sled {
+                    op: "migrate outbox",
+                    source,
+                },
+                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+            })?;
+    }
+    Ok(())
 }
 
 fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -225,9 +270,11 @@ impl Store {
                 source,
             })?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_err("open tree"));
+        let outbox = tree("outbox")?;
+        migrate_outbox_keys(&outbox)?;
         Ok(Store {
             state: tree("state")?,
-            outbox: tree("outbox")?,
+            outbox,
             dead: tree("dead")?,
             discovered: tree("discovered")?,
             attempts: tree("attempts")?,
@@ -303,7 +350,7 @@ impl Store {
                 st.insert(instance.as_bytes(), state_bytes.as_slice())?;
                 let mut keys = Vec::with_capacity(encoded.len());
                 for (ep, bytes) in &encoded {
-                    let key = EntryKey::new(ep, ob.generate_id()?);
+                    let key = EntryKey::new(ep, instance, ob.generate_id()?);
                     ob.insert(key.0.as_slice(), bytes.as_slice())?;
                     keys.push((ep.clone(), key));
                 }
@@ -357,6 +404,40 @@ impl Store {
             let (k, v) = r.map_err(sled_err("scan outbox"))?;
             Ok((EntryKey(k.to_vec()), decode(&k, &v)?))
         })
+    }
+
+    /// The first pending entry of one instance for an endpoint: one seek.
+    pub fn outbox_head(
+        &self,
+        endpoint: &str,
+        instance: &str,
+    ) -> Result<Option<(EntryKey, OutboxEntry)>> {
+        match self
+            .outbox
+            .scan_prefix(instance_prefix(endpoint, instance))
+            .next()
+        {
+            None => Ok(None),
+            Some(r) => {
+                let (k, v) = r.map_err(sled_err("read outbox head"))?;
+                Ok(Some((EntryKey(k.to_vec()), decode(&k, &v)?)))
+            }
+        }
+    }
+
+    /// The instances with pending entries for an endpoint (one scan of its
+    /// queue; the worker runs it at start and after a replay).
+    pub fn outbox_instances(&self, endpoint: &str) -> Result<std::collections::BTreeSet<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        let skip = endpoint.len() + 1;
+        for k in self.outbox.scan_prefix(prefix(endpoint)).keys() {
+            let k = k.map_err(sled_err("scan outbox"))?;
+            if k.len() > skip + 9 {
+                let inst = &k[skip..k.len() - 9];
+                out.insert(String::from_utf8_lossy(inst).into_owned());
+            }
+        }
+        Ok(out)
     }
 
     /// Number of pending entries of an endpoint.
@@ -469,7 +550,8 @@ impl Store {
             (&self.dead, &self.outbox)
                 .transaction(|(dead, ob)| {
                     dead.remove(key.0.as_slice())?;
-                    let k = EntryKey::new(&letter.endpoint, ob.generate_id()?);
+                    let k =
+                        EntryKey::new(&letter.endpoint, &letter.entry.instance, ob.generate_id()?);
                     ob.insert(k.0.as_slice(), bytes.as_slice())?;
                     Ok::<_, ConflictableTransactionError<()>>(())
                 })
@@ -505,6 +587,33 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outboxes_of_the_old_key_format_are_migrated_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let t = db.open_tree("outbox").unwrap();
+            for (id, seq) in [(7u64, 1u64), (9, 2)] {
+                let mut k = b"ep\0".to_vec();
+                k.extend_from_slice(&id.to_be_bytes());
+                t.insert(k, encode(&entry(seq))).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let (_, head) = store.outbox_head("ep", "s/i").unwrap().unwrap();
+        assert_eq!(head.sequence, 1);
+        assert_eq!(
+            store
+                .outbox_instances("ep")
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["s/i"]
+        );
+        assert_eq!(store.outbox_len("ep"), 2);
+    }
 
     fn entry(seq: u64) -> OutboxEntry {
         OutboxEntry {

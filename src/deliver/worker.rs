@@ -7,7 +7,7 @@
 //! Other instances are not held up. Each endpoint has its own worker, so a
 //! dead endpoint never delays another.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,42 @@ pub struct Worker {
     pub client: reqwest::Client,
     pub status: Arc<Status>,
     /// Poked by pollers after they commit events for this endpoint.
-    pub wake: Arc<Notify>,
+    pub wake: Arc<Wake>,
+}
+
+/// How pollers (and replays) tell a worker there is work, and where.
+#[derive(Default)]
+pub struct Wake {
+    notify: Notify,
+    /// Instances with new entries since the worker last looked.
+    instances: std::sync::Mutex<HashSet<String>>,
+    /// Entries appeared that only a scan finds (a dead-letter replay).
+    rescan: std::sync::atomic::AtomicBool,
+}
+
+impl Wake {
+    /// New entries of `instance` were committed.
+    pub fn instance(&self, instance: &str) {
+        self.instances
+            .lock()
+            .expect("wake lock")
+            .insert(instance.to_string());
+        self.notify.notify_one();
+    }
+
+    /// Entries appeared anywhere (replay): look at the whole queue.
+    pub fn rescan(&self) {
+        self.rescan.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.instances.lock().expect("wake lock"))
+    }
+
+    fn take_rescan(&self) -> bool {
+        self.rescan.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// The user agent of deliveries and polls.
@@ -71,6 +106,14 @@ impl Worker {
         let mut busy: HashSet<String> = HashSet::new();
         let mut health = Health::default();
         let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
+        // Instances that may have entries for this endpoint.
+        let mut pending: BTreeSet<String> = match self.store.outbox_instances(&ep.name) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read the outbox");
+                BTreeSet::new()
+            }
+        };
         loop {
             let mut next_due: Option<i64> = None;
             // The circuit: while open nothing goes out; when the probe time
@@ -94,8 +137,41 @@ impl Worker {
                 }
             } else if limit > in_flight.len() {
                 let now = crate::now_ms();
-                let mut blocked = busy.clone();
-                for item in self.store.outbox(&ep.name) {
+                // New work since the last look: instances with fresh entries,
+                // or a rescan after a replay.
+                pending.extend(self.wake.take());
+                if self.wake.take_rescan() {
+                    match self.store.outbox_instances(&ep.name) {
+                        Ok(all) => pending.extend(all),
+                        Err(e) => {
+                            error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read the outbox")
+                        }
+                    }
+                }
+                // Ordered: only each instance's head can go, and each head
+                // is one seek, so a deep queue costs nothing per wake-up.
+                // Unordered: walk the queue until the slots are full.
+                let heads: Box<dyn Iterator<Item = _>> = if ordered {
+                    let mut emptied = Vec::new();
+                    let mut out = Vec::new();
+                    for inst in &pending {
+                        if busy.contains(inst) {
+                            continue;
+                        }
+                        match self.store.outbox_head(&ep.name, inst) {
+                            Ok(Some(x)) => out.push(Ok(x)),
+                            Ok(None) => emptied.push(inst.clone()),
+                            Err(e) => out.push(Err(e)),
+                        }
+                    }
+                    for i in emptied {
+                        pending.remove(&i);
+                    }
+                    Box::new(out.into_iter())
+                } else {
+                    Box::new(self.store.outbox(&ep.name))
+                };
+                for item in heads {
                     let (key, entry) = match item {
                         Ok(x) => x,
                         Err(e) => {
@@ -103,9 +179,6 @@ impl Worker {
                             continue;
                         }
                     };
-                    if ordered && !blocked.insert(entry.instance.clone()) {
-                        continue; // an earlier event of this instance goes first
-                    }
                     if !ordered && busy.contains(&entry.event_id) {
                         continue; // already in flight
                     }
@@ -161,7 +234,7 @@ impl Worker {
                         Err(e) => error!(endpoint = %ep.name, error = %e, "delivery task failed"),
                     }
                 }
-                _ = self.wake.notified() => {}
+                _ = self.wake.notify.notified() => {}
                 _ = sleep => {}
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
             }
