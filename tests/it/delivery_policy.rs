@@ -448,3 +448,36 @@ async fn ordering_none_lets_later_events_overtake_a_retried_one() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_longer_than_disable_after_is_disabled() {
+    let script: Vec<_> = (0..1000).map(|_| (500, vec![])).collect();
+    let (url, rx) = Scripted::start(script).await;
+    let (bank, d) = setup(format!(
+        "    url: {url}\n    secret: {}\n    retry: {{ schedule: [20ms], max_attempts: 1000 }}\n    circuit: {{ failures: 1000, disable_after: 300ms }}",
+        secret()
+    ))
+    .await;
+    bank.set_balance("acc-0001", 12_345);
+    let mut s = d.status().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s["endpoints"]["agent"]["disabled"].is_null() {
+        assert!(Instant::now() < deadline, "{s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = d.status().await;
+    }
+    assert!(
+        s["endpoints"]["agent"]["disabled"]
+            .as_str()
+            .unwrap()
+            .contains("disable_after"),
+        "{s:#}"
+    );
+    let sent = rx.count();
+    let polls = s["instances"]["balances/default"]["polls_ok"]
+        .as_u64()
+        .unwrap();
+    d.wait_polls(&["balances/default"], polls + 10).await;
+    assert_eq!(rx.count(), sent, "nothing sent once disabled");
+    assert_eq!(d.status().await["endpoints"]["agent"]["queue_depth"], 1);
+}
