@@ -158,8 +158,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         state_dir = %config.state_dir.display(),
         "pollhook running"
     );
+    // systemd: ready now (store open, workers and pollers running), and
+    // watchdog pings from a runtime task for as long as the runtime turns.
+    let notifier = Arc::new(crate::notify::Notifier::from_env());
+    notifier.send(&format!(
+        "READY=1\nSTATUS=polling {count} instances, delivering to {} endpoints",
+        config.endpoints.len()
+    ));
+    let watchdog = notifier.watchdog_interval().map(|every| {
+        let n = notifier.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => n.send("WATCHDOG=1"),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    });
     shutdown.cancelled().await;
     status.set_ready(false);
+    notifier.send("STOPPING=1\nSTATUS=shutting down: finishing in-flight work");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     info!(timeout = %humantime::format_duration(config.shutdown_timeout), "shutting down: finishing in-flight polls and deliveries");
 
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;

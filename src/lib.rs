@@ -33,6 +33,7 @@ pub mod deliver;
 pub mod discover;
 pub mod dlq;
 pub mod event;
+pub mod notify;
 pub mod quota;
 pub mod schedule;
 pub mod status;

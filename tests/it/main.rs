@@ -15,6 +15,7 @@ mod delivery;
 mod delivery_policy;
 mod discover;
 mod language;
+mod ops;
 mod polite;
 mod schedule;
 mod upstream_faults;

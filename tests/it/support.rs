@@ -180,6 +180,8 @@ pub fn secret() -> String {
 /// A config directory with the real `pollhook` binary run on it.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
+    /// Extra environment of every command (`NOTIFY_SOCKET`, …).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     pub admin: Option<String>,
@@ -200,6 +202,7 @@ impl Daemon {
         }
         Daemon {
             dir,
+            env: Vec::new(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             admin: None,
@@ -220,7 +223,8 @@ impl Daemon {
         c.arg("--config")
             .arg(self.config())
             .args(args)
-            .env("POLLHOOK_LOG", "info");
+            .env("POLLHOOK_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c
     }
 
