@@ -27,6 +27,8 @@ pub struct AdminState {
     /// Upstream host gates (quotas and throttling), for `/status` and metrics.
     pub hosts: Arc<crate::quota::HostGates>,
     pub endpoints: Vec<String>,
+    /// Required bearer token (all routes but `/healthz`).
+    pub token: Option<Arc<String>>,
     /// Delivery workers' wake-ups, poked after a replay.
     pub wakes: BTreeMap<String, Arc<crate::deliver::worker::Wake>>,
 }
@@ -38,7 +40,6 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -48,10 +49,48 @@ pub async fn serve(
         .route("/dlq/replay", axum::routing::post(dlq_replay))
         .route("/dlq/drop", axum::routing::post(dlq_drop))
         .route("/events", axum::routing::post(events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
+}
+
+/// The bearer token check; constant-time so a token cannot be guessed by
+/// timing. Liveness (`/healthz`) stays open for supervisors.
+async fn authorize(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = &s.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let want = token.as_bytes();
+        let ok = given.len() == want.len()
+            && given
+                .bytes()
+                .zip(want)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !ok {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "admin token required\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 fn store_error(e: impl std::fmt::Display) -> Response {

@@ -141,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 hosts: hosts.clone(),
                 endpoints: config.endpoints.keys().cloned().collect(),
                 wakes: shared.wakes.clone(),
+                token: config.admin_token.clone().map(Arc::new),
             };
             Some(tokio::spawn(crate::admin::serve(
                 listener,

@@ -84,6 +84,12 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// The running daemon's status as tables (instances, endpoints, hosts).
+    Status {
+        /// Print the JSON of `/status`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Recent delivery attempts (time, status code, latency, error).
     Events {
         /// Only this event (`webhook-id`).
@@ -247,6 +253,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             print_dlq(op, &out, args.json);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status { json } => {
+            let config = Config::load(&cli.config)?;
+            let s = runtime()?.block_on(fetch_status(&config))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Events {
             id,
             endpoint,
@@ -364,6 +380,161 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `GET /status` of the running daemon.
+async fn fetch_status(config: &Config) -> anyhow::Result<serde_json::Value> {
+    let addr_file = config.state_dir.join("admin.addr");
+    let addr = std::fs::read_to_string(&addr_file).with_context(|| {
+        format!(
+            "no running daemon found ({} is missing; the daemon writes it when `admin.listen` is set)",
+            addr_file.display()
+        )
+    })?;
+    let mut req = reqwest::Client::new().get(format!("http://{}/status", addr.trim()));
+    if let Some(t) = &config.admin_token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the daemon's admin server at {}", addr.trim()))?;
+    if !resp.status().is_success() {
+        bail!("the admin server answered {}", resp.status());
+    }
+    Ok(serde_json::from_slice(&resp.bytes().await?)?)
+}
+
+/// Milliseconds since the epoch as "12s ago" / "in 3s".
+fn relative(ms: &serde_json::Value) -> String {
+    let Some(ms) = ms.as_i64() else {
+        return "-".into();
+    };
+    let d = ms - pollhook::now_ms();
+    let text = humantime::format_duration(std::time::Duration::from_secs(
+        (d.unsigned_abs() / 1000).max(if d.unsigned_abs() >= 1000 { 1 } else { 0 }),
+    ))
+    .to_string();
+    let text = if text == "0s" {
+        "now".to_string()
+    } else {
+        text
+    };
+    if d >= 0 {
+        format!("in {text}")
+    } else if text == "now" {
+        text
+    } else {
+        format!("{text} ago")
+    }
+}
+
+fn print_status(s: &serde_json::Value) {
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let mut rows = vec![[
+        "INSTANCE",
+        "LAST POLL",
+        "NEXT POLL",
+        "OK",
+        "FAILED",
+        "EVENTS",
+        "INTERVAL",
+        "CURSOR",
+        "ERROR",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for (k, i) in s["instances"].as_object().into_iter().flatten() {
+        rows.push(vec![
+            k.clone(),
+            relative(&i["last_poll_ms"]),
+            relative(&i["next_poll_ms"]),
+            i["polls_ok"].to_string(),
+            i["polls_failed"].to_string(),
+            i["events"].to_string(),
+            i["effective_interval_ms"]
+                .as_u64()
+                .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+                .unwrap_or("-".into()),
+            str_of(&i["cursor"]),
+            i["last_error"]
+                .as_str()
+                .or(i["last_warning"].as_str())
+                .unwrap_or("")
+                .to_string(),
+        ]);
+    }
+    table(&rows);
+    println!();
+    let mut rows = vec![[
+        "ENDPOINT",
+        "QUEUE",
+        "DEAD",
+        "DELIVERED",
+        "FAILED",
+        "CIRCUIT",
+        "LAST ERROR",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for (k, e) in s["endpoints"].as_object().into_iter().flatten() {
+        rows.push(vec![
+            k.clone(),
+            e["queue_depth"].to_string(),
+            e["dead_letters"].to_string(),
+            e["delivered"].to_string(),
+            e["failed_attempts"].to_string(),
+            if let Some(d) = e["disabled"].as_str() {
+                format!("disabled: {d}")
+            } else if e["circuit_open"] == true {
+                "open".into()
+            } else {
+                "closed".into()
+            },
+            e["last_error"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    table(&rows);
+    if let Some(hosts) = s["hosts"].as_object().filter(|h| !h.is_empty()) {
+        println!();
+        let mut rows = vec![["HOST", "REQUESTS", "THROTTLED", "PAUSES", "PAUSED"]
+            .map(String::from)
+            .to_vec()];
+        for (k, h) in hosts {
+            rows.push(vec![
+                k.clone(),
+                h["requests"].to_string(),
+                h["throttled"].to_string(),
+                h["pauses"].to_string(),
+                h["paused_for_ms"]
+                    .as_u64()
+                    .map(|ms| format!("{ms} ms"))
+                    .unwrap_or("-".into()),
+            ]);
+        }
+        table(&rows);
+    }
+}
+
+/// Left-aligned columns.
+fn table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |x| x.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, x)| format!("{x:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
 /// The filter of a `pollhook dlq` command.
 fn dlq_filter(config: &Config, a: &DlqArgs) -> anyhow::Result<pollhook::dlq::Filter> {
     let mut sources = a.source.clone();
@@ -411,8 +582,11 @@ async fn operate<Q: serde::Serialize>(
             "events" => "events".to_string(),
             other => format!("dlq/{other}"),
         };
-        let resp = reqwest::Client::new()
-            .post(format!("http://{}/{path}", addr.trim()))
+        let mut req = reqwest::Client::new().post(format!("http://{}/{path}", addr.trim()));
+        if let Some(t) = &config.admin_token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
             .header("content-type", "application/json")
             .body(serde_json::to_vec(query)?)
             .send()

@@ -58,6 +58,10 @@ pub struct RawAdmin {
     /// `host:port` to listen on; loopback by default.
     #[schemars(with = "String")]
     pub listen: Spanned<String>,
+    /// When set, every admin route but `/healthz` needs
+    /// `Authorization: Bearer <token>` (give it as `${credential:…}`).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// One entry of `sources:`.

@@ -30,6 +30,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Admin server address, if any.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin server requires, if any.
+    pub admin_token: Option<String>,
     /// How long shutdown waits for in-flight work.
     pub shutdown_timeout: Duration,
     /// Every connector found, by name.
@@ -697,6 +699,11 @@ impl Config {
             file: file.to_path_buf(),
             state_dir,
             admin_listen,
+            admin_token: raw
+                .admin
+                .as_ref()
+                .and_then(|a| a.token.clone())
+                .filter(|t| !t.is_empty()),
             shutdown_timeout: raw
                 .shutdown_timeout
                 .map(|d| d.0)
