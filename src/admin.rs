@@ -74,14 +74,7 @@ async fn authorize(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let want = token.as_bytes();
-        let ok = given.len() == want.len()
-            && given
-                .bytes()
-                .zip(want)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !ok {
+        if !crate::deliver::sign::constant_time_eq(given.as_bytes(), token.as_bytes()) {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],

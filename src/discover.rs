@@ -62,11 +62,7 @@ pub async fn discover(
             if parent.query(page).is_empty() {
                 return Err(PollError::Detect(format!(
                     "the discovery answer has no list at `discover.items`: {}",
-                    serde_json::to_string(page)
-                        .unwrap_or_default()
-                        .chars()
-                        .take(120)
-                        .collect::<String>()
+                    crate::connector::detect::preview(page)
                 )));
             }
         }

@@ -44,3 +44,29 @@ pub mod template;
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
+
+/// reqwest's error chain without the URL (callers print it once, masked):
+/// what kind of failure, then each cause. Shared by polls, token requests
+/// and deliveries.
+pub(crate) fn transport_detail(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    if e.is_timeout() {
+        parts.push("request timed out".to_string());
+    } else if e.is_connect() {
+        parts.push("cannot connect".to_string());
+    } else if e.is_body() || e.is_decode() {
+        parts.push("error reading the response body".to_string());
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let t = s.to_string();
+        if !parts.contains(&t) {
+            parts.push(t);
+        }
+        source = s.source();
+    }
+    if parts.is_empty() {
+        parts.push("request failed".into());
+    }
+    parts.join(": ")
+}

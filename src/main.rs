@@ -752,32 +752,41 @@ async fn dry_run(
         if let Some(w) = &fetched.warning {
             println!("   warning: {}", mask(w, &inst.secrets));
         }
-        if let Some(store) = store {
-            let stored = store.load_state(&inst.key)?;
-            if stored.initialized {
-                println!(
-                    "   already has state (cursor {}): not seeded",
-                    stored.cursor.as_deref().unwrap_or("(none)")
-                );
-                continue;
-            }
-            let d = match detect(
-                &src.connector,
-                &inst.vars,
-                &stored,
-                &fetched.pages,
-                now,
-                Some(Baseline::Skip),
-                fetched.listing(),
-            ) {
-                Ok(d) => d,
-                Err(e) => {
-                    println!("   detection failed: {}", mask(&e, &inst.secrets));
-                    failed = true;
+        // Seeding detects from the stored state with the baseline skipped;
+        // a dry run from an empty state with it forced to `emit`, to show
+        // what would be sent.
+        let (from, baseline) = match store {
+            Some(store) => {
+                let stored = store.load_state(&inst.key)?;
+                if stored.initialized {
+                    println!(
+                        "   already has state (cursor {}): not seeded",
+                        stored.cursor.as_deref().unwrap_or("(none)")
+                    );
                     continue;
                 }
-            };
-            let (next, _) = pollhook::daemon::prepare_commit(src, inst, &stored, d, &fetched, now);
+                (stored, Baseline::Skip)
+            }
+            None => (state.clone(), Baseline::Emit),
+        };
+        let d = match detect(
+            &src.connector,
+            &inst.vars,
+            &from,
+            &fetched.pages,
+            now,
+            Some(baseline),
+            fetched.listing(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("   detection failed: {}", mask(&e, &inst.secrets));
+                failed = true;
+                continue;
+            }
+        };
+        if let Some(store) = store {
+            let (next, _) = pollhook::daemon::prepare_commit(src, inst, &from, d, &fetched, now);
             store.commit_poll(&inst.key, &next, &[]).await?;
             println!(
                 "   seeded: cursor {}, {} ids remembered, {} items known{}",
@@ -792,23 +801,6 @@ async fn dry_run(
             );
             continue;
         }
-        // Baseline forced to `emit`: a dry run shows what would be sent.
-        let d = match detect(
-            &src.connector,
-            &inst.vars,
-            &state,
-            &fetched.pages,
-            now,
-            Some(Baseline::Emit),
-            fetched.listing(),
-        ) {
-            Ok(d) => d,
-            Err(e) => {
-                println!("   detection failed: {}", mask(&e, &inst.secrets));
-                failed = true;
-                continue;
-            }
-        };
         for n in &d.notes {
             println!("   record {}: {}", n.record, n.outcome);
         }

@@ -1168,23 +1168,16 @@ fn resolve_connector(
                          errors: &mut Vec<ConfigError>|
      -> Option<Tpl> {
         let line = line_of(key);
-        for v in template::variables_of_template(&src.0) {
-            if !param_names.contains(&v) && !extra.contains(&v.as_str()) {
-                let mut known: Vec<String> = param_names.iter().cloned().collect();
-                known.extend(extra.iter().map(|s| s.to_string()));
-                errors.push(ConfigError::at(
-                    file,
-                    text,
-                    line,
-                    0,
-                    field,
-                    format!(
-                        "unknown variable `{v}`; expected a declared param or one of: {}",
-                        known.join(", ")
-                    ),
-                ));
-            }
-        }
+        check_vars_at(
+            file,
+            text,
+            &template::variables_of_template(&src.0),
+            &param_names,
+            extra,
+            (line, 0),
+            field,
+            errors,
+        );
         match engine.template(&src.0) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -1846,6 +1839,22 @@ fn check_vars<T>(
     field: &str,
     errors: &mut Vec<ConfigError>,
 ) {
+    let location = (at.referenced.line(), at.referenced.column());
+    check_vars_at(file, text, used, params, builtins, location, field, errors);
+}
+
+/// [`check_vars`] for a value without a span of its own (`line`, `column`).
+#[allow(clippy::too_many_arguments)]
+fn check_vars_at(
+    file: &Path,
+    text: &str,
+    used: &BTreeSet<String>,
+    params: &BTreeSet<String>,
+    builtins: &[&str],
+    (line, column): (u64, u64),
+    field: &str,
+    errors: &mut Vec<ConfigError>,
+) {
     for v in used {
         if !params.contains(v) && !builtins.contains(&v.as_str()) {
             let mut known: Vec<String> = params.iter().cloned().collect();
@@ -1853,8 +1862,8 @@ fn check_vars<T>(
             errors.push(ConfigError::at(
                 file,
                 text,
-                at.referenced.line(),
-                at.referenced.column(),
+                line,
+                column,
                 field,
                 format!(
                     "unknown variable `{v}`; expected a declared param or one of: {}",

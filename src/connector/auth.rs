@@ -123,12 +123,21 @@ async fn fetch_token(
         .timeout(Duration::from_secs(30))
         .send()
         .await
-        .map_err(|e| format!("token endpoint {}: {}", req.token_url, chain(&e)))?;
+        .map_err(|e| {
+            format!(
+                "token endpoint {}: {}",
+                req.token_url,
+                crate::transport_detail(&e)
+            )
+        })?;
     let status = resp.status();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| format!("token endpoint {}: {}", req.token_url, chain(&e)))?;
+    let bytes = resp.bytes().await.map_err(|e| {
+        format!(
+            "token endpoint {}: {}",
+            req.token_url,
+            crate::transport_detail(&e)
+        )
+    })?;
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     if !status.is_success() {
         let why = [body.get("error"), body.get("error_description")]
@@ -173,16 +182,6 @@ pub fn form_encode(pairs: &[(String, String)]) -> String {
     let mut u = reqwest::Url::parse("http://form.invalid/").expect("static URL");
     u.query_pairs_mut().extend_pairs(pairs);
     u.query().unwrap_or("").to_string()
-}
-
-fn chain(e: &reqwest::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

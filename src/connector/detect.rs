@@ -341,14 +341,14 @@ fn list_items(
                 .engine
                 .render(id_tpl, &Ctx::from_serialize(&ctx))
                 .map_err(|e| format!("`id` of an item on page {}: {e}", page_no + 1))?;
-            let null_id = match &c.id_value {
-                Some(v) => c
-                    .engine
-                    .render_value(v, &Ctx::from_serialize(&ctx))
-                    .map(|v| v.is_null())
-                    .unwrap_or(false),
-                None => false,
-            };
+            // A null renders as `None`; only then is the id evaluated as a
+            // value to tell a null from an id that is the text "None".
+            let null_id = id.eq_ignore_ascii_case("none")
+                && c.id_value.as_ref().is_some_and(|v| {
+                    c.engine
+                        .render_value(v, &Ctx::from_serialize(&ctx))
+                        .is_ok_and(|v| v.is_null())
+                });
             if id.trim().is_empty() || null_id {
                 // An empty id would make every such item "the same" (all
                 // but one lost) or, worse, none of them remembered (an
@@ -369,7 +369,7 @@ fn list_items(
 }
 
 /// A short rendering of an item for error messages.
-fn preview(v: &Value) -> String {
+pub(crate) fn preview(v: &Value) -> String {
     let s = v.to_string();
     if s.chars().count() > 120 {
         format!("{}…", s.chars().take(120).collect::<String>())

@@ -417,7 +417,7 @@ pub async fn fetch(
             _permit = gate.acquire().await;
             let resp = req.send().await.map_err(|e| PollError::Transport {
                 url: shown.clone(),
-                detail: transport_detail(&e),
+                detail: crate::transport_detail(&e),
             })?;
             // The host's throttling signals pause it for everyone. A short
             // pause is waited out within this poll (the gate holds the
@@ -657,7 +657,7 @@ async fn read_capped(
     let mut buf = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| PollError::Transport {
         url: url.to_string(),
-        detail: transport_detail(&e),
+        detail: crate::transport_detail(&e),
     })? {
         if buf.len() as u64 + chunk.len() as u64 > limit {
             return Err(PollError::TooLarge {
@@ -668,30 +668,6 @@ async fn read_capped(
         buf.extend_from_slice(&chunk);
     }
     Ok(buf)
-}
-
-/// reqwest's error chain without the URL (we print it once, masked).
-fn transport_detail(e: &reqwest::Error) -> String {
-    let mut parts = Vec::new();
-    if e.is_timeout() {
-        parts.push("request timed out".to_string());
-    } else if e.is_connect() {
-        parts.push("cannot connect".to_string());
-    } else if e.is_body() || e.is_decode() {
-        parts.push("error reading the response body".to_string());
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let t = s.to_string();
-        if !parts.contains(&t) {
-            parts.push(t);
-        }
-        source = s.source();
-    }
-    if parts.is_empty() {
-        parts.push("request failed".into());
-    }
-    parts.join(": ")
 }
 
 /// The start of a body, for error messages.

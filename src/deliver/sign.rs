@@ -165,16 +165,15 @@ pub fn hub_signature(secret: &str, body: &[u8]) -> String {
 /// `v1` signatures matches (constant-time comparison).
 pub fn verify(key: &SigningKey, id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
     let expected = key.sign(id, timestamp, body);
-    let expected = expected.as_bytes();
-    header.split(' ').any(|sig| {
-        let sig = sig.as_bytes();
-        sig.len() == expected.len()
-            && sig
-                .iter()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    })
+    header
+        .split(' ')
+        .any(|sig| constant_time_eq(sig.as_bytes(), expected.as_bytes()))
+}
+
+/// Equality whose time does not depend on where the inputs differ, for
+/// comparing secrets and signatures.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -450,26 +450,12 @@ async fn attempt(
             },
             None,
         ),
-        Err(e) => {
-            let mut detail = String::new();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                detail.push_str(": ");
-                detail.push_str(&s.to_string());
-                src = s.source();
-            }
-            let what = if e.is_connect() {
-                "cannot connect to the endpoint"
-            } else {
-                "request failed"
-            };
-            (
-                Outcome::Failed {
-                    reason: format!("{what}{detail}"),
-                    retry_after: None,
-                },
-                None,
-            )
-        }
+        Err(e) => (
+            Outcome::Failed {
+                reason: crate::transport_detail(&e),
+                retry_after: None,
+            },
+            None,
+        ),
     }
 }
