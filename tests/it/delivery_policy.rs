@@ -139,13 +139,11 @@ async fn gone_disables_the_endpoint_and_keeps_its_events() {
     bank.set_balance("acc-0001", 12_345);
     wait_for("the 410", Duration::from_secs(20), || rx.count() >= 1).await;
     bank.set_balance("acc-0001", 23_456);
-    let mut s = d.status().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s["endpoints"]["agent"]["queue_depth"] != 2 {
-        assert!(Instant::now() < deadline, "{s:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        s = d.status().await;
-    }
+    let s = d
+        .wait_status("two events queued", |s| {
+            s["endpoints"]["agent"]["queue_depth"] == 2
+        })
+        .await;
     assert!(
         s["endpoints"]["agent"]["disabled"]
             .as_str()
@@ -197,13 +195,11 @@ async fn consecutive_failures_open_a_circuit_that_only_probes() {
         rx.seen.lock().unwrap().len() >= 5
     })
     .await;
-    let mut s = d.status().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s["endpoints"]["agent"]["delivered"] != 1 {
-        assert!(Instant::now() < deadline, "{s:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        s = d.status().await;
-    }
+    let s = d
+        .wait_status("delivered after the probe", |s| {
+            s["endpoints"]["agent"]["delivered"] == 1
+        })
+        .await;
     assert_eq!(s["endpoints"]["agent"]["circuit_open"], false);
 }
 
@@ -296,13 +292,10 @@ async fn dead_letters_are_listed_replayed_with_their_ids_and_dropped_live_and_st
         })
         .await;
     }
-    let mut s = d.status().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s["endpoints"]["agent"]["dead_letters"] != 2 {
-        assert!(Instant::now() < deadline, "{s:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        s = d.status().await;
-    }
+    d.wait_status("two dead letters", |s| {
+        s["endpoints"]["agent"]["dead_letters"] == 2
+    })
+    .await;
     let failed_ids: Vec<String> = rx.all().iter().map(|x| x.id.clone()).collect();
 
     // While the daemon runs: through its admin server.
@@ -424,13 +417,11 @@ async fn ordering_none_lets_later_events_overtake_a_retried_one() {
         .await;
         bank.set_balance("acc-0001", 22_222);
         // The second change is detected (2 events in the outbox) …
-        let mut s = d.status().await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while s["instances"]["balances/default"]["events"].as_u64() < Some(2) {
-            assert!(Instant::now() < deadline, "{s:#}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            s = d.status().await;
-        }
+        let s = d
+            .wait_status("the second change detected", |s| {
+                s["instances"]["balances/default"]["events"].as_u64() >= Some(2)
+            })
+            .await;
         if ordering == "none" {
             // … and delivered while the first waits for its retry.
             wait_for("the second event", Duration::from_secs(20), || {
@@ -459,13 +450,11 @@ async fn an_endpoint_failing_longer_than_disable_after_is_disabled() {
     ))
     .await;
     bank.set_balance("acc-0001", 12_345);
-    let mut s = d.status().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s["endpoints"]["agent"]["disabled"].is_null() {
-        assert!(Instant::now() < deadline, "{s:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        s = d.status().await;
-    }
+    let s = d
+        .wait_status("disabled", |s| {
+            !s["endpoints"]["agent"]["disabled"].is_null()
+        })
+        .await;
     assert!(
         s["endpoints"]["agent"]["disabled"]
             .as_str()

@@ -65,16 +65,10 @@ endpoints:
 
     // acc-2 leaves the list: its instance stops, its state is kept.
     bank.close_account("acc-2");
-    let mut removed = false;
-    for _ in 0..500 {
-        let s = d.status().await;
-        if s["instances"].get("tx/acc-2").is_none() && s["discovery"]["tx"]["removed"] == 1 {
-            removed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(removed, "acc-2 stopped: {:#}", d.status().await);
+    d.wait_status("acc-2 stopped, its state kept", |s| {
+        s["instances"].get("tx/acc-2").is_none() && s["discovery"]["tx"]["removed"] == 1
+    })
+    .await;
     // Booked while nobody polls it; it comes back within the retention:
     // it resumes from its cursor, so these are new to it, not a baseline.
     let ids2 = bank.book("acc-2", &[-300, -400]);
@@ -90,20 +84,10 @@ endpoints:
     // acc-1 leaves for longer than the retention: its state is removed, and
     // when it comes back it starts from a new baseline.
     bank.close_account("acc-1");
-    let mut forgotten = false;
-    for _ in 0..1000 {
-        let s = d.status().await;
-        if s["instances"].get("tx/acc-1").is_none() && s["discovery"]["tx"]["removed"] == 0 {
-            forgotten = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        forgotten,
-        "acc-1's state removed after 3s: {:#}",
-        d.status().await
-    );
+    d.wait_status("acc-1's state removed after the 3 s retention", |s| {
+        s["instances"].get("tx/acc-1").is_none() && s["discovery"]["tx"]["removed"] == 0
+    })
+    .await;
     let before_baseline = bank.book("acc-1", &[-500]);
     bank.open_account("acc-1");
     d.wait_polls(&["tx/acc-1"], 1).await;

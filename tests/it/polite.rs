@@ -414,13 +414,8 @@ async fn an_adaptive_schedule_speeds_up_after_a_change_and_relaxes_while_quiet()
     d.start().await;
     let interval = |s: &Value| s["instances"]["s/i00"]["interval_ms"].as_u64();
     // Quiet: the interval grows to its max.
-    let mut s = d.status().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while interval(&s) != Some(400) {
-        assert!(Instant::now() < deadline, "never relaxed to 400 ms: {s:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        s = d.status().await;
-    }
+    d.wait_status("relaxed to 400 ms", |s| interval(s) == Some(400))
+        .await;
     // A change: back to the minimum right after it.
     fx.lock()
         .unwrap()

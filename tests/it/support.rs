@@ -271,6 +271,20 @@ impl Daemon {
         serde_json::from_slice(&reqwest::get(url).await.unwrap().bytes().await.unwrap()).unwrap()
     }
 
+    /// Waits until `/status` satisfies `done`, failing with `what` and the
+    /// last status at the deadline; returns that status.
+    pub async fn wait_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status().await;
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "never {what}: {s:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until every named instance has at least `n` successful polls.
     pub async fn wait_polls(&self, instances: &[&str], n: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
