@@ -14,7 +14,6 @@ mod bank;
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,23 +67,11 @@ async fn main() {
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(rx.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let rx_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let rx_addr = common::serve(app).await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir(dir.path().join("connectors")).unwrap();
-    std::fs::copy(
-        root.join("connectors/bank-transactions.yaml"),
-        dir.path().join("connectors/bank-transactions.yaml"),
-    )
-    .unwrap();
     let list = ids.join(", ");
-    std::fs::write(
-        dir.path().join("bridge.yaml"),
-        format!(
-            r#"state_dir: state
+    let bridge = format!(
+        r#"state_dir: state
 admin: {{ listen: "127.0.0.1:0" }}
 sources:
   transactions:
@@ -96,24 +83,10 @@ sources:
 endpoints:
   agent: {{ url: "http://{rx_addr}/hook", secret: "{SECRET}", max_in_flight: 16 }}
 "#
-        ),
-    )
-    .unwrap();
+    );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pollhook"))
-        .arg("--config")
-        .arg(dir.path().join("bridge.yaml"))
-        .arg("run")
-        .env("POLLHOOK_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    // Let every instance take its baseline.
-    let addr_file = dir.path().join("state/admin.addr");
-    while !addr_file.exists() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let daemon = common::Daemon::start("bank-transactions.yaml", &bridge, "warn").await;
+    let pid = daemon.pid;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (cpu0, _) = proc_usage(pid);
 
@@ -140,8 +113,7 @@ endpoints:
     }
     let done = Instant::now();
     let (cpu1, rss) = proc_usage(pid);
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    daemon.stop();
 
     let rx = rx.lock().unwrap();
     let mut lat: Vec<Duration> = booked

@@ -14,7 +14,6 @@ mod bank;
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,22 +70,10 @@ async fn main() {
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(rx.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let rx_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let rx_addr = common::serve(app).await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir(dir.path().join("connectors")).unwrap();
-    std::fs::copy(
-        root.join("connectors/bank-transactions.yaml"),
-        dir.path().join("connectors/bank-transactions.yaml"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("bridge.yaml"),
-        format!(
-            r#"state_dir: state
+    let bridge = format!(
+        r#"state_dir: state
 admin: {{ listen: "127.0.0.1:0" }}
 sources:
   transactions:
@@ -103,25 +90,12 @@ endpoints:
     retry: {{ schedule: [200ms], max_attempts: 1000 }}
     circuit: {{ failures: 1000000 }}
 "#,
-            list = ids.join(", ")
-        ),
-    )
-    .unwrap();
+        list = ids.join(", ")
+    );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pollhook"))
-        .arg("--config")
-        .arg(dir.path().join("bridge.yaml"))
-        .arg("run")
-        .env("POLLHOOK_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let addr_file = dir.path().join("state/admin.addr");
-    while !addr_file.exists() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let admin = std::fs::read_to_string(&addr_file).unwrap();
+    let daemon = common::Daemon::start("bank-transactions.yaml", &bridge, "error").await;
+    let pid = daemon.pid;
+    let admin = daemon.admin.clone();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The receiver is down while the outbox fills.
@@ -158,8 +132,7 @@ endpoints:
     }
     let drain = start.elapsed().as_secs_f64();
     let (cpu1, rss) = proc_usage(pid);
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    daemon.stop();
 
     let got = rx.ids.lock().unwrap().len();
     println!(

@@ -17,7 +17,6 @@ mod bank;
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,18 +78,8 @@ async fn run(quota: Option<u32>) {
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state((rx.clone(), verifier));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let rx_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let rx_addr = common::serve(app).await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir(dir.path().join("connectors")).unwrap();
-    std::fs::copy(
-        root.join("connectors/bank-balance.yaml"),
-        dir.path().join("connectors/bank-balance.yaml"),
-    )
-    .unwrap();
     let hosts = match quota {
         Some(q) => format!(
             "hosts:\n  \"127.0.0.1:{}\": {{ rate: {q}/s, burst: 1 }}",
@@ -98,10 +87,8 @@ async fn run(quota: Option<u32>) {
         ),
         None => String::new(),
     };
-    std::fs::write(
-        dir.path().join("bridge.yaml"),
-        format!(
-            r#"state_dir: state
+    let bridge = format!(
+        r#"state_dir: state
 admin: {{ listen: "127.0.0.1:0" }}
 sources:
   balances:
@@ -114,24 +101,11 @@ endpoints:
   agent: {{ url: "http://{rx_addr}/hook", secret: "{SECRET}", max_in_flight: 16 }}
 {hosts}
 "#,
-            list = ids.join(", ")
-        ),
-    )
-    .unwrap();
+        list = ids.join(", ")
+    );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pollhook"))
-        .arg("--config")
-        .arg(dir.path().join("bridge.yaml"))
-        .arg("run")
-        .env("POLLHOOK_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let addr_file = dir.path().join("state/admin.addr");
-    while !addr_file.exists() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let daemon = common::Daemon::start("bank-balance.yaml", &bridge, "error").await;
+    let pid = daemon.pid;
     // Baselines.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (cpu0, _) = proc_usage(pid);
@@ -178,8 +152,7 @@ endpoints:
     }
     let (cpu1, rss) = proc_usage(pid);
     let times = bank.request_times();
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    daemon.stop();
 
     let rx = rx.lock().unwrap();
     let mut lat: Vec<Duration> = made

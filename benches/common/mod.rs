@@ -56,3 +56,62 @@ pub fn max_per_second(times: &[Instant]) -> usize {
     }
     best
 }
+
+/// Serves `app` on a free port of 127.0.0.1 in the background.
+pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// The real `pollhook run` on a temp dir holding `bridge` and one of the
+/// repository's connector files.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub pid: u32,
+    /// The admin server's `host:port`.
+    pub admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits for its admin server (`admin.listen`
+    /// must be set in `bridge`).
+    pub async fn start(connector: &str, bridge: &str, log: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::create_dir(dir.path().join("connectors")).unwrap();
+        std::fs::copy(
+            root.join("connectors").join(connector),
+            dir.path().join("connectors").join(connector),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("bridge.yaml"), bridge).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pollhook"))
+            .arg("--config")
+            .arg(dir.path().join("bridge.yaml"))
+            .arg("run")
+            .env("POLLHOOK_LOG", log)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr_file = dir.path().join("state/admin.addr");
+        while !addr_file.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Daemon {
+            pid: child.id(),
+            child,
+            admin: std::fs::read_to_string(&addr_file).unwrap(),
+            _dir: dir,
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(mut self) {
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
