@@ -26,11 +26,9 @@ pub struct AdminState {
     pub store: Store,
     /// Upstream host gates (quotas and throttling), for `/status` and metrics.
     pub hosts: Arc<crate::quota::HostGates>,
-    pub endpoints: Vec<String>,
-    /// Required bearer token (all routes but `/healthz`).
-    pub token: Option<Arc<String>>,
-    /// Delivery workers' wake-ups, poked after a replay.
-    pub wakes: BTreeMap<String, Arc<crate::deliver::worker::Wake>>,
+    /// Endpoints, their wake-ups (poked after a replay) and the bearer
+    /// token (all routes but `/healthz`), as the last reload left them.
+    pub live: Arc<crate::daemon::Live>,
 }
 
 /// Serves until `shutdown`.
@@ -67,7 +65,8 @@ async fn authorize(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(token) = &s.token {
+    let token = s.live.admin_token.read().expect("token lock").clone();
+    if let Some(token) = token {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -116,7 +115,7 @@ async fn dlq_replay(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filte
     match crate::dlq::replay(&s.store, &f).await {
         Ok(endpoints) => {
             for ep in &endpoints {
-                if let Some(w) = s.wakes.get(ep) {
+                if let Some(w) = s.live.wake(ep) {
                     w.rescan();
                 }
             }
@@ -157,6 +156,8 @@ pub struct StatusReport {
     pub discovery: BTreeMap<String, crate::status::DiscoveryStatus>,
     /// Upstream hosts: requests, throttling answers, pauses.
     pub hosts: BTreeMap<String, crate::quota::HostReport>,
+    /// Configuration reloads.
+    pub config: crate::status::ConfigStatus,
 }
 
 /// An endpoint in `/status`.
@@ -174,16 +175,18 @@ fn report(s: &AdminState) -> StatusReport {
         instances: s.status.instances(),
         discovery: s.status.discoveries(),
         hosts: s.hosts.report(),
+        config: s.status.config(),
         endpoints: s
-            .endpoints
-            .iter()
+            .live
+            .endpoints()
+            .into_iter()
             .map(|name| {
                 (
                     name.clone(),
                     EndpointReport {
-                        status: eps.get(name).cloned().unwrap_or_default(),
-                        queue_depth: s.store.outbox_len(name),
-                        dead_letters: s.store.dead_len(name),
+                        status: eps.get(&name).cloned().unwrap_or_default(),
+                        queue_depth: s.store.outbox_len(&name),
+                        dead_letters: s.store.dead_len(&name),
                     },
                 )
             })

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::Utc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -19,6 +19,7 @@ use crate::connector::detect::{detect, Detection};
 use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
 use crate::connector::mask;
 use crate::deliver::worker::{delivery_client, Wake, Worker, USER_AGENT_VALUE};
+use crate::discover::Running;
 use crate::event::{event_id, Event};
 use crate::quota::{limiter, HostGates};
 use crate::schedule::first_due;
@@ -34,8 +35,39 @@ struct Shared {
     hosts: Arc<HostGates>,
     /// OAuth2 tokens shared by every instance.
     tokens: TokenCache,
-    /// Delivery workers' wake-ups, by endpoint.
-    wakes: BTreeMap<String, Arc<Wake>>,
+    /// What a reload may change under running tasks.
+    live: Arc<Live>,
+}
+
+/// The parts of the running configuration that pollers and the admin
+/// server read while a reload may replace them.
+#[derive(Default)]
+pub struct Live {
+    /// Delivery workers' wake-ups, by endpoint: pollers poke them after a
+    /// commit, the admin server after a replay. A restarted worker keeps
+    /// its endpoint's `Wake`.
+    pub wakes: RwLock<BTreeMap<String, Arc<Wake>>>,
+    /// The admin bearer token (`admin.token`), rotated by a reload.
+    pub admin_token: RwLock<Option<String>>,
+}
+
+impl Live {
+    pub fn wake(&self, endpoint: &str) -> Option<Arc<Wake>> {
+        self.wakes
+            .read()
+            .expect("wakes lock")
+            .get(endpoint)
+            .cloned()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.wakes
+            .read()
+            .expect("wakes lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
 }
 
 /// The client for polling upstreams.
@@ -62,38 +94,25 @@ pub fn poll_client() -> reqwest::Client {
         .expect("a TLS backend is compiled in")
 }
 
+/// How often the state of removed instances is checked for deletion.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
 /// Runs the daemon until `shutdown` is cancelled, then drains: pollers stop
 /// at their next sleep, in-flight polls and deliveries get until
 /// `shutdown_timeout`, anything unfinished stays in the store for next time.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Each `reload` notification (SIGHUP) reads the bridge file again and
+/// applies it (see [`Supervisor::reload`]).
+pub async fn run(
+    config: Config,
+    reload: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     let store = Store::open(&config.state_dir)?;
     let status = Arc::new(Status::default());
-
-    let mut wakes = BTreeMap::new();
-    let mut deliveries = JoinSet::new();
-    // Two clients: the SSRF guard on, and off for `allow_private` endpoints.
-    let guarded = delivery_client(true);
-    let unguarded = delivery_client(false);
-    for ep in config.endpoints.values() {
-        let wake = Arc::new(Wake::default());
-        wakes.insert(ep.name.clone(), wake.clone());
-        status.endpoint(&ep.name, |_| {});
-        let worker = Worker {
-            endpoint: ep.clone(),
-            store: store.clone(),
-            client: if ep.allow_private {
-                unguarded.clone()
-            } else {
-                guarded.clone()
-            },
-            status: status.clone(),
-            wake,
-        };
-        deliveries.spawn(worker.run(shutdown.clone()));
-    }
-
+    let live = Arc::new(Live::default());
+    *live.admin_token.write().expect("token lock") = config.admin_token.clone();
     let hosts = Arc::new(HostGates::new(&config.hosts));
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -101,29 +120,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         client: poll_client(),
         hosts: hosts.clone(),
         tokens: TokenCache::default(),
-        wakes,
+        live: live.clone(),
     });
-    let mut polls = JoinSet::new();
-    let mut count = 0;
-    for source in &config.sources {
-        if source.discovered {
-            polls.spawn(discover_loop(
-                shared.clone(),
-                source.clone(),
-                shutdown.clone(),
-            ));
-            continue;
-        }
-        for inst in &source.instances {
-            count += 1;
-            polls.spawn(poll_loop(
-                shared.clone(),
-                source.clone(),
-                inst.clone(),
-                shutdown.clone(),
-            ));
-        }
-    }
 
     let admin = match config.admin_listen {
         Some(addr) => {
@@ -131,28 +129,44 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 .await
                 .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
             let local = listener.local_addr()?;
-            // Where CLI commands (and tests) find the running daemon.
-            std::fs::write(config.state_dir.join("admin.addr"), local.to_string())
-                .context("cannot write admin.addr in state_dir")?;
             info!(%local, "admin server listening");
             let state = crate::admin::AdminState {
                 status: status.clone(),
                 store: store.clone(),
                 hosts: hosts.clone(),
-                endpoints: config.endpoints.keys().cloned().collect(),
-                wakes: shared.wakes.clone(),
-                token: config.admin_token.clone().map(Arc::new),
+                live: live.clone(),
             };
-            Some(tokio::spawn(crate::admin::serve(
-                listener,
-                state,
-                shutdown.clone(),
-            )))
+            let task = tokio::spawn(crate::admin::serve(listener, state, shutdown.clone()));
+            Some((task, local))
         }
         None => None,
     };
 
+    let mut sup = Supervisor {
+        shared,
+        guarded: delivery_client(true),
+        unguarded: delivery_client(false),
+        workers: Running::default(),
+        worker_fps: BTreeMap::new(),
+        pollers: Running::default(),
+        poller_fps: BTreeMap::new(),
+        config: None,
+        shutdown: shutdown.clone(),
+    };
+    sup.apply(config).await;
+    let config = sup.config.as_ref().expect("applied");
+    let count = config
+        .sources
+        .iter()
+        .map(|s| s.instances.len())
+        .sum::<usize>();
     status.set_ready(true);
+    if let Some((_, local)) = &admin {
+        // Where CLI commands (and tests) find the running daemon; written
+        // once it is ready, so its presence means `/readyz` says so.
+        std::fs::write(config.state_dir.join("admin.addr"), local.to_string())
+            .context("cannot write admin.addr in state_dir")?;
+    }
     info!(
         instances = count,
         endpoints = config.endpoints.len(),
@@ -179,34 +193,259 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         })
     });
-    shutdown.cancelled().await;
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = reload.notified() => {
+                notifier.send("RELOADING=1\nSTATUS=reloading the configuration");
+                sup.reload().await;
+                notifier.send("READY=1\nSTATUS=configuration reloaded");
+            }
+            _ = sweep.tick() => sup.sweep(),
+        }
+    }
     status.set_ready(false);
     notifier.send("STOPPING=1\nSTATUS=shutting down: finishing in-flight work");
     if let Some(w) = watchdog {
         w.abort();
     }
-    info!(timeout = %humantime::format_duration(config.shutdown_timeout), "shutting down: finishing in-flight polls and deliveries");
-
-    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-    let drain = |mut set: JoinSet<()>, what: &'static str| async move {
-        if tokio::time::timeout_at(deadline, async { while set.join_next().await.is_some() {} })
+    let timeout = sup.config.as_ref().expect("applied").shutdown_timeout;
+    info!(timeout = %humantime::format_duration(timeout), "shutting down: finishing in-flight polls and deliveries");
+    let deadline = tokio::time::Instant::now() + timeout;
+    for (set, what) in [
+        (&mut sup.pollers, "polls"),
+        (&mut sup.workers, "deliveries"),
+    ] {
+        if tokio::time::timeout_at(deadline, set.join_all())
             .await
             .is_err()
         {
             warn!("shutdown timeout: abandoning in-flight {what} (they stay in the store and resume at the next start)");
-            set.abort_all();
-            while set.join_next().await.is_some() {}
+            set.abort_all().await;
         }
-    };
-    drain(polls, "polls").await;
-    drain(deliveries, "deliveries").await;
-    if let Some(a) = admin {
+    }
+    if let Some((a, _)) = admin {
         a.abort();
     }
     store.flush()?;
-    let _ = std::fs::remove_file(config.state_dir.join("admin.addr"));
+    let _ = std::fs::remove_file(
+        sup.config
+            .as_ref()
+            .expect("applied")
+            .state_dir
+            .join("admin.addr"),
+    );
     info!("store flushed; bye");
     Ok(())
+}
+
+/// Starts, restarts and stops the daemon's tasks to match a configuration.
+struct Supervisor {
+    shared: Arc<Shared>,
+    /// Two delivery clients: the SSRF guard on, and off for `allow_private`.
+    guarded: reqwest::Client,
+    unguarded: reqwest::Client,
+    /// One delivery worker per endpoint, and the fingerprint it runs.
+    workers: Running,
+    worker_fps: BTreeMap<String, u64>,
+    /// Poll tasks (static instances) and discovery loops, by unit key (see
+    /// [`crate::reload::units`]), and the fingerprint each runs.
+    pollers: Running,
+    poller_fps: BTreeMap<String, u64>,
+    /// What runs now (`None` before the first `apply`).
+    config: Option<Config>,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    /// SIGHUP: read the bridge file again; apply it only when it is valid.
+    async fn reload(&mut self) {
+        let old = self.config.as_ref().expect("applied");
+        let file = old.file.clone();
+        info!(file = %file.display(), "reload: reading the configuration again");
+        let outcome = match Config::load(&file) {
+            Err(e) => Err(format!("{e}")),
+            Ok(new) => match crate::reload::refusal(old, &new) {
+                Some(why) => Err(why),
+                None => Ok(new),
+            },
+        };
+        match outcome {
+            Err(why) => {
+                error!("reload refused, the running configuration stays: {why}");
+                self.shared.status.reloaded(Err(why));
+            }
+            Ok(new) => {
+                let warnings = crate::reload::warnings(old, &new);
+                for w in &warnings {
+                    warn!("reload: {w}");
+                }
+                let summary = self.apply(new).await;
+                info!("reload done: {summary}");
+                self.shared.status.reloaded(Ok(warnings));
+            }
+        }
+    }
+
+    /// Makes the running tasks match `new`: unchanged units keep running
+    /// untouched, changed ones stop (finishing an in-flight poll or
+    /// delivery) and start again on their stored state, removed ones stop
+    /// and their state is kept for the source's `retention`.
+    async fn apply(&mut self, new: Config) -> String {
+        let shared = self.shared.clone();
+        let (mut started, mut restarted, mut stopped) = (0, 0, 0);
+
+        // Endpoints first, so new sources find their wake-ups.
+        let eps = crate::reload::endpoints(&new);
+        for name in self.worker_fps.keys().cloned().collect::<Vec<_>>() {
+            if !eps.contains_key(&name) {
+                self.workers.stop(&name);
+                self.worker_fps.remove(&name);
+                shared.live.wakes.write().expect("wakes lock").remove(&name);
+                shared.status.remove_endpoint(&name);
+                let queued = shared.store.outbox_len(&name);
+                warn!(endpoint = %name, queued, "endpoint removed from the configuration: its worker stops; queued events stay in the store until it comes back");
+                stopped += 1;
+            }
+        }
+        for (name, fp) in &eps {
+            if self.worker_fps.get(name) == Some(fp) {
+                continue;
+            }
+            let ep = new.endpoints[name].clone();
+            let wake = shared
+                .live
+                .wakes
+                .write()
+                .expect("wakes lock")
+                .entry(name.clone())
+                .or_default()
+                .clone();
+            shared.status.endpoint(name, |_| {});
+            let worker = Worker {
+                client: if ep.allow_private {
+                    self.unguarded.clone()
+                } else {
+                    self.guarded.clone()
+                },
+                endpoint: ep,
+                store: shared.store.clone(),
+                status: shared.status.clone(),
+                wake: wake.clone(),
+            };
+            let token = self.shutdown.child_token();
+            if self.worker_fps.insert(name.clone(), *fp).is_some() {
+                restarted += 1;
+                info!(endpoint = %name, "endpoint changed: worker restarts");
+            } else {
+                started += 1;
+            }
+            self.workers
+                .start(name, token.clone(), worker.run(token))
+                .await;
+            // Whatever the stopped worker left is the new one's to send.
+            wake.rescan();
+        }
+
+        shared.hosts.reconfigure(&new.hosts);
+        *shared.live.admin_token.write().expect("token lock") = new.admin_token.clone();
+
+        let units = crate::reload::units(&new);
+        let now = crate::now_ms();
+        for key in self.poller_fps.keys().cloned().collect::<Vec<_>>() {
+            if units.contains_key(&key) {
+                continue;
+            }
+            self.pollers.stop(&key);
+            self.poller_fps.remove(&key);
+            stopped += 1;
+            if key.contains('/') {
+                shared.status.remove_instance(&key);
+            } else {
+                shared.status.remove_source(&key);
+            }
+            info!(unit = %key, "removed from the configuration: stopped, state kept for the retention period");
+        }
+        for (key, unit) in &units {
+            if self.poller_fps.get(key) == Some(&unit.fingerprint) {
+                continue;
+            }
+            let token = self.shutdown.child_token();
+            let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                match &unit.instance {
+                    Some(inst) => Box::pin(poll_loop(
+                        shared.clone(),
+                        unit.source.clone(),
+                        inst.clone(),
+                        token.clone(),
+                    )),
+                    None => Box::pin(discover_loop(
+                        shared.clone(),
+                        unit.source.clone(),
+                        token.clone(),
+                    )),
+                };
+            if self
+                .poller_fps
+                .insert(key.clone(), unit.fingerprint)
+                .is_some()
+            {
+                restarted += 1;
+                info!(unit = %key, "changed: restarts on its stored state");
+            } else {
+                started += 1;
+            }
+            // A restarted unit waits for its old task's in-flight poll, so
+            // two tasks never commit the same state.
+            self.pollers.start(key, token, task).await;
+        }
+
+        // Stored states no unit polls any more are deleted after the
+        // retention of the source that had them (the default when that
+        // source is unknown: configuration changed while stopped); those
+        // polled again are kept.
+        let old_retention = |key: &str| {
+            let src = key.split_once('/').map_or(key, |(s, _)| s);
+            self.config
+                .as_ref()
+                .and_then(|c| c.source(src))
+                .map_or(crate::config::DEFAULT_RETENTION, |s| s.retention)
+        };
+        match shared.store.state_keys() {
+            Ok(keys) => {
+                for key in keys {
+                    let res = if crate::reload::owns(&units, &key) {
+                        shared.store.unmark_removed(&key)
+                    } else {
+                        let at = now + old_retention(&key).as_millis() as i64;
+                        shared.store.mark_removed(&key, at)
+                    };
+                    if let Err(e) = res {
+                        warn!(instance = %key, error = %format!("{e:#}"), "cannot record whether the instance is still configured");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot list stored instance states"),
+        }
+        self.config = Some(new);
+        self.sweep();
+        format!("{started} started, {restarted} restarted, {stopped} stopped, the rest untouched")
+    }
+
+    /// Deletes the state of instances removed longer than their retention.
+    fn sweep(&self) {
+        match self.shared.store.sweep_removed(crate::now_ms()) {
+            Ok(gone) => {
+                for key in gone {
+                    info!(instance = %key, "removed from the configuration longer than its retention: state deleted");
+                }
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot delete the state of removed instances")
+            }
+        }
+    }
 }
 
 /// A stable pseudo-random fraction of the key, to spread first polls of many
@@ -438,7 +677,7 @@ async fn poll_once(
             )));
         }
         for (ep, _) in &deliveries {
-            if let Some(w) = shared.wakes.get(ep) {
+            if let Some(w) = shared.live.wake(ep) {
                 w.instance(&inst.key);
             }
         }

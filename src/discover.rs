@@ -256,13 +256,13 @@ pub async fn run_source<F, Fut>(
 /// at once, so a new task waits for the old one of the same name to finish
 /// its in-flight poll.
 #[derive(Default)]
-struct Running {
+pub(crate) struct Running {
     tasks: BTreeMap<String, (CancellationToken, JoinHandle<()>)>,
     stopping: BTreeMap<String, JoinHandle<()>>,
 }
 
 impl Running {
-    async fn start<F>(&mut self, name: &str, token: CancellationToken, task: F)
+    pub(crate) async fn start<F>(&mut self, name: &str, token: CancellationToken, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
@@ -274,7 +274,7 @@ impl Running {
             .insert(name.to_string(), (token, tokio::spawn(task)));
     }
 
-    fn stop(&mut self, name: &str) {
+    pub(crate) fn stop(&mut self, name: &str) {
         if let Some((token, handle)) = self.tasks.remove(name) {
             token.cancel();
             self.stopping.insert(name.to_string(), handle);
@@ -283,11 +283,32 @@ impl Running {
         self.stopping.retain(|_, h| !h.is_finished());
     }
 
-    async fn join_all(self) {
-        for (_, (_, h)) in self.tasks {
+    /// Waits for every task (cancel their tokens first).
+    /// Cancel-safe: a task leaves the map only once it has finished, so
+    /// what a timed-out wait leaves behind is still there to abort.
+    pub(crate) async fn join_all(&mut self) {
+        while let Some(name) = self.tasks.keys().next().cloned() {
+            if let Some((_, h)) = self.tasks.get_mut(&name) {
+                let _ = h.await;
+            }
+            self.tasks.remove(&name);
+        }
+        while let Some(name) = self.stopping.keys().next().cloned() {
+            if let Some(h) = self.stopping.get_mut(&name) {
+                let _ = h.await;
+            }
+            self.stopping.remove(&name);
+        }
+    }
+
+    /// Aborts what is still running (a shutdown deadline passed).
+    pub(crate) async fn abort_all(&mut self) {
+        for (_, (_, h)) in std::mem::take(&mut self.tasks) {
+            h.abort();
             let _ = h.await;
         }
-        for (_, h) in self.stopping {
+        for (_, h) in std::mem::take(&mut self.stopping) {
+            h.abort();
             let _ = h.await;
         }
     }

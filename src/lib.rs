@@ -35,6 +35,7 @@ pub mod dlq;
 pub mod event;
 pub mod notify;
 pub mod quota;
+pub mod reload;
 pub mod schedule;
 pub mod status;
 pub mod store;

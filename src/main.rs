@@ -323,8 +323,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(watch_signals(shutdown.clone()));
-                pollhook::daemon::run(config, shutdown).await
+                let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+                tokio::spawn(watch_signals(shutdown.clone(), reload.clone()));
+                pollhook::daemon::run(config, reload, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -666,11 +667,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// SIGINT or SIGTERM: graceful shutdown. A second one: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
+/// SIGTERM/SIGINT drain and stop (a second one exits at once); SIGHUP
+/// reloads the configuration.
+async fn watch_signals(shutdown: CancellationToken, reload: std::sync::Arc<tokio::sync::Notify>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                reload.notify_one();
+            }
+        }
+    }
     tracing::info!("signal received: shutting down (send again to exit at once)");
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }

@@ -347,28 +347,39 @@ pub fn limiter(rate: Rate, burst: u32) -> DefaultDirectRateLimiter {
 /// (no quota, but its own pause, so a `Retry-After` is honoured everywhere).
 #[derive(Default)]
 pub struct HostGates {
-    configured: BTreeMap<String, Arc<HostGate>>,
+    /// Configured gates with the quota each was built from (a reload
+    /// replaces only the gates whose quota changed).
+    configured: std::sync::RwLock<BTreeMap<String, (HostQuota, Arc<HostGate>)>>,
     others: Mutex<HashMap<String, Arc<HostGate>>>,
 }
 
 impl HostGates {
     pub fn new(hosts: &BTreeMap<String, HostQuota>) -> Self {
-        let configured = hosts
-            .iter()
-            .map(|(name, q)| {
-                let name = name.to_ascii_lowercase();
-                let gate = HostGate::new(
+        let gates = HostGates::default();
+        gates.reconfigure(hosts);
+        gates
+    }
+
+    /// Applies the `hosts:` of a (re)loaded configuration: gates whose
+    /// quota is unchanged keep their state (pauses, learned pace, queue);
+    /// changed ones start afresh; requests already waiting at a replaced
+    /// gate finish there.
+    pub fn reconfigure(&self, hosts: &BTreeMap<String, HostQuota>) {
+        let mut configured = self.configured.write().expect("hosts lock");
+        let mut next = BTreeMap::new();
+        for (name, q) in hosts {
+            let name = name.to_ascii_lowercase();
+            let gate = match configured.remove(&name) {
+                Some((old, gate)) if &old == q => gate,
+                _ => Arc::new(HostGate::new(
                     name.clone(),
                     q.rate.map(|r| limiter(r, q.burst)),
                     q.max_in_flight,
-                );
-                (name, Arc::new(gate))
-            })
-            .collect();
-        HostGates {
-            configured,
-            others: Mutex::new(HashMap::new()),
+                )),
+            };
+            next.insert(name, (q.clone(), gate));
         }
+        *configured = next;
     }
 
     /// The gate of a URL's host: a configured `host:port`, then `host`,
@@ -376,13 +387,16 @@ impl HostGates {
     pub fn for_url(&self, url: &reqwest::Url) -> Arc<HostGate> {
         let host = url.host_str().unwrap_or("").to_ascii_lowercase();
         let port = url.port_or_known_default();
-        if let Some(port) = port {
-            if let Some(g) = self.configured.get(&format!("{host}:{port}")) {
+        {
+            let configured = self.configured.read().expect("hosts lock");
+            if let Some(port) = port {
+                if let Some((_, g)) = configured.get(&format!("{host}:{port}")) {
+                    return g.clone();
+                }
+            }
+            if let Some((_, g)) = configured.get(&host) {
                 return g.clone();
             }
-        }
-        if let Some(g) = self.configured.get(&host) {
-            return g.clone();
         }
         let key = match port {
             Some(p) => format!("{host}:{p}"),
@@ -400,8 +414,10 @@ impl HostGates {
     pub fn report(&self) -> BTreeMap<String, HostReport> {
         let mut out: BTreeMap<String, HostReport> = self
             .configured
+            .read()
+            .expect("hosts lock")
             .iter()
-            .map(|(k, g)| (k.clone(), g.report()))
+            .map(|(k, (_, g))| (k.clone(), g.report()))
             .collect();
         for (k, g) in self.others.lock().expect("gates lock").iter() {
             out.insert(k.clone(), g.report());

@@ -64,7 +64,26 @@ pub struct Status {
     instances: Mutex<BTreeMap<String, InstanceStatus>>,
     endpoints: Mutex<BTreeMap<String, EndpointStatus>>,
     discovery: Mutex<BTreeMap<String, DiscoveryStatus>>,
+    config: Mutex<ConfigStatus>,
     ready: AtomicBool,
+}
+
+/// The configuration's reloads (SIGHUP).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigStatus {
+    /// Reloads applied since the start.
+    pub reloads: u64,
+    /// Reloads refused (an invalid file): the running configuration stayed.
+    pub reloads_failed: u64,
+    /// When the last reload was tried (ms since the epoch).
+    pub last_reload_ms: Option<i64>,
+    /// Whether the last reload was applied.
+    pub last_reload_ok: Option<bool>,
+    /// Why the last reload was refused (file, line, field).
+    pub last_reload_error: Option<String>,
+    /// What the last applied reload warned about (changes that need a
+    /// restart, or that will emit events again).
+    pub last_reload_warnings: Vec<String>,
 }
 
 /// A `for_each: discover` source's status.
@@ -88,10 +107,18 @@ impl Status {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Adds (or resets) an instance that starts polling.
+    /// Adds an instance that starts polling. One restarted by a reload
+    /// keeps its counters, so `/metrics` counters never go backwards.
     pub fn register_instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
         let mut m = self.instances.lock().expect("status lock");
         let mut s = InstanceStatus::default();
+        if let Some(old) = m.get(key) {
+            s.polls_ok = old.polls_ok;
+            s.polls_failed = old.polls_failed;
+            s.polls_not_modified = old.polls_not_modified;
+            s.events = old.events;
+            s.seen_evicted = old.seen_evicted;
+        }
         f(&mut s);
         m.insert(key.to_string(), s);
     }
@@ -108,6 +135,43 @@ impl Status {
     /// Drops an instance that no longer runs (left a discovered list).
     pub fn remove_instance(&self, key: &str) {
         self.instances.lock().expect("status lock").remove(key);
+    }
+
+    /// Drops everything shown about a source (removed by a reload).
+    pub fn remove_source(&self, source: &str) {
+        let prefix = format!("{source}/");
+        self.instances
+            .lock()
+            .expect("status lock")
+            .retain(|k, _| !k.starts_with(&prefix));
+        self.discovery.lock().expect("status lock").remove(source);
+    }
+
+    /// Drops an endpoint removed by a reload.
+    pub fn remove_endpoint(&self, name: &str) {
+        self.endpoints.lock().expect("status lock").remove(name);
+    }
+
+    /// Records a reload: applied with its warnings, or refused and why.
+    pub fn reloaded(&self, outcome: Result<Vec<String>, String>) {
+        let mut c = self.config.lock().expect("status lock");
+        c.last_reload_ms = Some(crate::now_ms());
+        c.last_reload_ok = Some(outcome.is_ok());
+        match outcome {
+            Ok(warnings) => {
+                c.reloads += 1;
+                c.last_reload_error = None;
+                c.last_reload_warnings = warnings;
+            }
+            Err(why) => {
+                c.reloads_failed += 1;
+                c.last_reload_error = Some(why);
+            }
+        }
+    }
+
+    pub fn config(&self) -> ConfigStatus {
+        self.config.lock().expect("status lock").clone()
     }
 
     /// Updates one discovering source's status.

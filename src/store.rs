@@ -203,6 +203,9 @@ pub struct Store {
     dead: sled::Tree,
     discovered: sled::Tree,
     attempts: sled::Tree,
+    /// Instances no source polls any more (removed from the configuration):
+    /// key → when their state may be deleted (ms since the epoch).
+    removed: sled::Tree,
 }
 
 /// Outboxes written before keys carried the instance (`endpoint \0 u64`)
@@ -278,6 +281,7 @@ impl Store {
             dead: tree("dead")?,
             discovered: tree("discovered")?,
             attempts: tree("attempts")?,
+            removed: tree("removed")?,
             db,
         })
     }
@@ -310,6 +314,69 @@ impl Store {
             .remove(instance)
             .map_err(sled_err("remove state"))?;
         Ok(())
+    }
+
+    /// Keys of every stored instance state (nothing decoded).
+    pub fn state_keys(&self) -> Result<Vec<String>> {
+        self.state
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(sled_err("scan state"))?;
+                Ok(String::from_utf8_lossy(&k).to_string())
+            })
+            .collect()
+    }
+
+    /// Marks an instance that no source polls any more: its state is
+    /// deleted after `delete_at_ms` (see [`Store::expired_removed`]). A mark
+    /// already there keeps its (earlier) time.
+    pub fn mark_removed(&self, instance: &str, delete_at_ms: i64) -> Result<()> {
+        let _ = self
+            .removed
+            .compare_and_swap(
+                instance,
+                None as Option<&[u8]>,
+                Some(&delete_at_ms.to_be_bytes()),
+            )
+            .map_err(sled_err("mark removed"))?;
+        Ok(())
+    }
+
+    /// An instance polled again: its state is kept.
+    pub fn unmark_removed(&self, instance: &str) -> Result<()> {
+        self.removed
+            .remove(instance)
+            .map_err(sled_err("unmark removed"))?;
+        Ok(())
+    }
+
+    /// Instances marked removed, with when their state may be deleted.
+    pub fn removed(&self) -> Result<Vec<(String, i64)>> {
+        self.removed
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(sled_err("scan removed"))?;
+                let at = <[u8; 8]>::try_from(v.as_ref())
+                    .map(i64::from_be_bytes)
+                    .unwrap_or(0);
+                Ok((String::from_utf8_lossy(&k).to_string(), at))
+            })
+            .collect()
+    }
+
+    /// Deletes the state of removed instances whose time has come; returns
+    /// their keys. Their undelivered events stay in the outbox.
+    pub fn sweep_removed(&self, now_ms: i64) -> Result<Vec<String>> {
+        let mut gone = Vec::new();
+        for (key, at) in self.removed()? {
+            if at <= now_ms {
+                self.remove_state(&key)?;
+                self.unmark_removed(&key)?;
+                gone.push(key);
+            }
+        }
+        Ok(gone)
     }
 
     /// The stored state of an instance (default when it never polled).

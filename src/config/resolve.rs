@@ -42,6 +42,9 @@ pub struct Config {
     pub endpoints: BTreeMap<String, Arc<Endpoint>>,
     /// Host quotas by `host` or `host:port`.
     pub hosts: BTreeMap<String, HostQuota>,
+    /// The bridge file as written (after `${VAR}`), so a reload can tell
+    /// which sources and endpoints changed (see `crate::reload`).
+    pub definition: Value,
 }
 
 /// A resolved connector: how to poll one API and what counts as an event.
@@ -81,6 +84,10 @@ pub struct Connector {
     pub emit: Vec<EmitRule>,
     /// How `for_each: discover` sources list their instances.
     pub discover: Option<Discover>,
+    /// The connector as written (after `${VAR}`), so a reload can tell
+    /// whether it changed and what (see `crate::reload`). `Null` for an
+    /// inline connector: it is part of its source's definition.
+    pub definition: Value,
 }
 
 /// A connector's `discover:` block, resolved.
@@ -332,7 +339,7 @@ impl Source {
             routes: vec![],
             discovered,
             base_vars,
-            retention: Duration::from_secs(7 * 86400),
+            retention: DEFAULT_RETENTION,
             discover_schedule: connector.discover.as_ref().map(|d| d.schedule.clone()),
             connector,
         };
@@ -411,12 +418,16 @@ pub struct CircuitPolicy {
 }
 
 /// A quota shared by everything calling one host.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HostQuota {
     pub rate: Option<Rate>,
     pub burst: u32,
     pub max_in_flight: Option<u32>,
 }
+
+/// How long the state of an instance no longer polled is kept (a source's
+/// `retention`): long enough to undo a mistaken edit or outage.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
 /// Variables every request template may use besides the params.
 const REQUEST_BUILTINS: &[&str] = &["cursor", "now"];
@@ -438,6 +449,9 @@ impl Config {
         let text = interpolate(file, &original, lookup)?;
         let raw: RawBridge = serde_saphyr::from_str(&text)
             .map_err(|e| ConfigError::from_yaml(file, &original, &e))?;
+        // The same text as a plain tree: what changed on a reload is told
+        // by comparing these, not the compiled runtime types.
+        let definition: Value = serde_saphyr::from_str(&text).unwrap_or_default();
         let base = file.parent().unwrap_or(Path::new("."));
         let mut errors = Vec::new();
         let at =
@@ -712,6 +726,7 @@ impl Config {
             sources,
             endpoints,
             hosts,
+            definition,
         })
     }
 
@@ -996,10 +1011,7 @@ fn resolve_source(
         discover_schedule,
         discovered,
         base_vars,
-        retention: src
-            .retention
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(7 * 86400)),
+        retention: src.retention.map(|d| d.0).unwrap_or(DEFAULT_RETENTION),
     })
 }
 
@@ -1069,7 +1081,9 @@ pub fn load_connector(file: &Path) -> Result<Connector, ConfigErrors> {
         .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
     let raw: RawConnector =
         serde_saphyr::from_str(&text).map_err(|e| ConfigError::from_yaml(file, &text, &e))?;
-    resolve_connector(file, &text, &raw, None)
+    let mut c = resolve_connector(file, &text, &raw, None)?;
+    c.definition = serde_saphyr::from_str(&text).unwrap_or_default();
+    Ok(c)
 }
 
 /// Validates a connector. `inline_name` is the source's name for a connector
@@ -1677,6 +1691,7 @@ fn resolve_connector(
     }
     Ok(Connector {
         discover,
+        definition: Value::Null,
         name,
         file: file.to_path_buf(),
         engine,

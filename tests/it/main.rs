@@ -17,5 +17,6 @@ mod discover;
 mod language;
 mod ops;
 mod polite;
+mod reload;
 mod schedule;
 mod upstream_faults;

@@ -304,6 +304,11 @@ impl Daemon {
         }
     }
 
+    /// The running daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL: no chance to flush or finish anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
