@@ -157,3 +157,121 @@ endpoints:
         "the token is never logged"
     );
 }
+
+/// `pollhook events --json` on the stopped store: (event id, outcome).
+fn attempts(d: &Daemon) -> Vec<(String, String)> {
+    let out = d.command(&["events", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["event_id"].as_str().unwrap().to_string(),
+                r["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_deliveries_past_the_deadline_and_finishes_those_within_it() {
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    // The receiver holds the first delivery far longer than the deadline.
+    let rx = Receiver::start(&secret(), Plan::Slow(Duration::from_secs(60))).await;
+    let bridge = |timeout: &str| {
+        format!(
+            r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+shutdown_timeout: {timeout}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{addr}", account: acc-0001 }}
+    schedule: every 100ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: "{}", timeout: 120s }}
+"#,
+            rx.url,
+            secret()
+        )
+    };
+    let mut d = Daemon::new(
+        &bridge("1s"),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/default"], 2).await;
+    bank.set_balance("acc-0001", 43_210);
+    wait_for("the delivery in flight", Duration::from_secs(20), || {
+        rx.all().len() == 1
+    })
+    .await;
+    let held = rx.all()[0].id.clone();
+    let t = Instant::now();
+    let exit = tokio::task::block_in_place(|| d.terminate());
+    assert!(exit.success(), "{exit:?}\n{}", d.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "the shutdown deadline bounds the wait"
+    );
+    assert!(
+        d.log().contains("abandoning in-flight deliveries"),
+        "{}",
+        d.log()
+    );
+    // Half-sent is not sent: no attempt recorded, the event still queued.
+    assert!(tokio::task::block_in_place(|| attempts(&d)).is_empty());
+    rx.set_plan(Plan::Always(204));
+    d.start().await;
+    wait_for("the redelivery", Duration::from_secs(20), || {
+        rx.accepted().len() == 1
+    })
+    .await;
+    assert_eq!(rx.accepted()[0].id, held, "the same webhook-id");
+    d.wait_status("the outbox empty", |s| {
+        s["endpoints"]["agent"]["queue_depth"] == 0
+    })
+    .await;
+    assert!(d.terminate().success());
+
+    // Within the deadline: the in-flight delivery finishes, is counted
+    // delivered, and is not sent again after a restart.
+    std::fs::write(d.config(), bridge("30s")).unwrap();
+    rx.set_plan(Plan::Slow(Duration::from_millis(700)));
+    d.start().await;
+    d.wait_polls(&["balances/default"], 2).await;
+    bank.set_balance("acc-0001", 60_000);
+    wait_for(
+        "the second delivery in flight",
+        Duration::from_secs(20),
+        || rx.all().len() == 3,
+    )
+    .await;
+    let second = rx.all()[2].id.clone();
+    let exit = tokio::task::block_in_place(|| d.terminate());
+    assert!(exit.success(), "{exit:?}");
+    let log = d.log();
+    assert_eq!(log.matches("abandoning in-flight").count(), 1, "{log}");
+    let recorded = tokio::task::block_in_place(|| attempts(&d));
+    assert!(
+        recorded.contains(&(second.clone(), "delivered".to_string())),
+        "{recorded:?}"
+    );
+    rx.set_plan(Plan::Always(204));
+    d.start().await;
+    let polls = d.status().await["instances"]["balances/default"]["polls_ok"]
+        .as_u64()
+        .unwrap();
+    d.wait_polls(&["balances/default"], polls + 5).await;
+    assert_eq!(rx.all().len(), 3, "nothing was sent twice");
+    assert!(d.terminate().success());
+}

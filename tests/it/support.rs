@@ -61,6 +61,10 @@ pub enum Plan {
     Script(VecDeque<u16>),
     /// Fail this share of requests with 500 (deterministic xorshift).
     Flaky { fail_per_mille: u64, rng: u64 },
+    /// Hold each request this long, then answer 204. Logged on arrival with
+    /// `answered: 0`: whether the sender waited for the answer is its
+    /// business.
+    Slow(Duration),
 }
 
 struct ReceiverState {
@@ -124,9 +128,28 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
+    let (answered, hold) = record(&state, &headers, &body);
+    if let Some(d) = hold {
+        tokio::time::sleep(d).await;
+        return StatusCode::NO_CONTENT;
+    }
+    StatusCode::from_u16(answered).unwrap()
+}
+
+/// Logs a request and decides the answer (and how long to hold it).
+fn record(
+    state: &Mutex<ReceiverState>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> (u16, Option<Duration>) {
     let mut s = state.lock().unwrap();
-    let verified = s.verifier.verify(&body, &headers).is_ok();
+    let verified = s.verifier.verify(body, headers).is_ok();
+    let mut hold = None;
     let answered = match &mut s.plan {
+        Plan::Slow(d) => {
+            hold = Some(*d);
+            0
+        }
         Plan::Always(c) => *c,
         Plan::Script(q) => q.pop_front().unwrap_or(204),
         Plan::Flaky {
@@ -154,12 +177,12 @@ async fn receive(
         id: h("webhook-id"),
         timestamp: h("webhook-timestamp"),
         signature: h("webhook-signature"),
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        body: serde_json::from_slice(body).unwrap_or(Value::Null),
         raw: body.to_vec(),
         verified,
         answered,
     });
-    StatusCode::from_u16(answered).unwrap()
+    (answered, hold)
 }
 
 /// The repository's own connector files, so tests run the real connectors.
