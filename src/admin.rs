@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::status::{EndpointStatus, InstanceStatus, Status};
+use crate::status::{EndpointStatus, Histogram, InstanceStatus, Metrics, Status, BUCKETS};
 use crate::store::Store;
 
 /// What the admin handlers read.
@@ -139,11 +139,29 @@ async fn events(State(s): State<AdminState>, Json(q): Json<crate::dlq::EventsQue
     }
 }
 
+/// Ready when the configuration is loaded and every task started, the
+/// store answers, and every endpoint's delivery worker is running. The
+/// body says which check failed.
 async fn readyz(State(s): State<AdminState>) -> Response {
-    if s.status.ready() {
+    let mut problems = Vec::new();
+    if !s.status.ready() {
+        problems.push("starting or shutting down".to_string());
+    }
+    if let Err(e) = s.store.ping() {
+        problems.push(format!("store: {e}"));
+    }
+    let (alive, endpoints) = (s.status.workers_alive(), s.live.endpoints().len());
+    if alive < endpoints {
+        problems.push(format!("delivery workers: {alive} of {endpoints} running"));
+    }
+    if problems.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
+            .into_response()
     }
 }
 
@@ -199,73 +217,191 @@ async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let r = report(&s);
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    let text = exposition(&report(&s), &s.status.metrics(), &s, crate::now_ms());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Writes one metric family of the Prometheus text format.
+struct Families(String);
+
+impl Families {
+    fn family(&mut self, name: &str, kind: &str, help: &str, rows: Vec<(String, String)>) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, v) in rows {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            if labels.is_empty() {
+                let _ = writeln!(self.0, "{name} {v}");
+            } else {
+                let _ = writeln!(self.0, "{name}{{{labels}}} {v}");
+            }
         }
-    };
-    let inst = |k: &String, i: &InstanceStatus| {
-        format!(
-            "source=\"{}\",instance=\"{}\"",
-            esc(&i.source),
-            esc(k.split_once('/').map(|x| x.1).unwrap_or(k))
-        )
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, rows: Vec<(String, &Histogram)>) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (labels, h) in rows {
+            let mut cumulative = 0;
+            for (i, le) in BUCKETS.iter().enumerate() {
+                cumulative += h.counts.get(i).copied().unwrap_or(0);
+                let _ = writeln!(self.0, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(self.0, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(self.0, "{name}_sum{{{labels}}} {}", h.sum);
+            let _ = writeln!(self.0, "{name}_count{{{labels}}} {}", h.count);
+        }
+    }
+}
+
+/// `/metrics`. Instances are aggregated by source (their detail is on
+/// `/status`), so the exposition stays small with thousands of instances.
+fn exposition(r: &StatusReport, m: &Metrics, s: &AdminState, now_ms: i64) -> String {
+    let mut out = Families(String::new());
+    // Per source: (connector, polls ok, not modified, failed, evicted,
+    // failing instances, longest effective interval, oldest last success).
+    #[derive(Default)]
+    struct Src {
+        connector: String,
+        ok: u64,
+        not_modified: u64,
+        failed: u64,
+        evicted: u64,
+        failing: u64,
+        interval_ms: Option<u64>,
+        oldest_ok_ms: Option<i64>,
+        instances: u64,
+    }
+    let mut sources: BTreeMap<&str, Src> = BTreeMap::new();
+    for i in r.instances.values() {
+        let e = sources.entry(&i.source).or_default();
+        e.connector.clone_from(&i.connector);
+        e.instances += 1;
+        e.ok += i.polls_ok - i.polls_not_modified;
+        e.not_modified += i.polls_not_modified;
+        e.failed += i.polls_failed;
+        e.evicted += i.seen_evicted;
+        e.failing += u64::from(i.consecutive_failures > 0);
+        if let Some(ms) = i.effective_interval_ms {
+            e.interval_ms = Some(e.interval_ms.map_or(ms, |x| x.max(ms)));
+        }
+        if let Some(t) = i.last_ok_ms {
+            e.oldest_ok_ms = Some(e.oldest_ok_ms.map_or(t, |x| x.min(t)));
+        }
+    }
+    let src =
+        |n: &str, x: &Src| format!("source=\"{}\",connector=\"{}\"", esc(n), esc(&x.connector));
+    let per_source = |f: &dyn Fn(&Src) -> Option<String>| {
+        sources
+            .iter()
+            .filter_map(|(n, x)| f(x).map(|v| (src(n, x), v)))
+            .collect::<Vec<_>>()
     };
     let mut polls = Vec::new();
-    for (k, i) in &r.instances {
-        polls.push((
-            format!("{},outcome=\"ok\"", inst(k, i)),
-            (i.polls_ok - i.polls_not_modified).to_string(),
-        ));
-        polls.push((
-            format!("{},outcome=\"not_modified\"", inst(k, i)),
-            i.polls_not_modified.to_string(),
-        ));
-        polls.push((
-            format!("{},outcome=\"error\"", inst(k, i)),
-            i.polls_failed.to_string(),
-        ));
+    for (n, x) in &sources {
+        for (outcome, v) in [
+            ("ok", x.ok),
+            ("not_modified", x.not_modified),
+            ("error", x.failed),
+        ] {
+            polls.push((
+                format!("{},outcome=\"{outcome}\"", src(n, x)),
+                v.to_string(),
+            ));
+        }
     }
-    family(
+    out.family(
         "pollhook_polls_total",
         "counter",
-        "Polls by outcome.",
+        "Polls by outcome (not_modified: a 304 to a conditional request).",
         polls,
     );
-    family(
-        "pollhook_events_total",
-        "counter",
-        "Events detected.",
-        r.instances
+    out.histogram(
+        "pollhook_poll_duration_seconds",
+        "Time a poll took, from the first request to the commit (pages, throttling waits included).",
+        m.poll_duration
             .iter()
-            .map(|(k, i)| (inst(k, i), i.events.to_string()))
+            .map(|((src, conn), h)| {
+                (
+                    format!("source=\"{}\",connector=\"{}\"", esc(src), esc(conn)),
+                    h,
+                )
+            })
             .collect(),
     );
+    out.family(
+        "pollhook_events_total",
+        "counter",
+        "Events detected and queued for delivery, by type.",
+        m.events
+            .iter()
+            .map(|((src, kind), n)| {
+                (
+                    format!("source=\"{}\",type=\"{}\"", esc(src), esc(kind)),
+                    n.to_string(),
+                )
+            })
+            .collect(),
+    );
+    out.family(
+        "pollhook_cursor_age_seconds",
+        "gauge",
+        "Seconds since the least recently successful instance of a source last polled successfully: how stale the oldest view of the upstream is.",
+        per_source(&|x| {
+            x.oldest_ok_ms
+                .map(|t| format!("{:.3}", (now_ms - t).max(0) as f64 / 1000.0))
+        }),
+    );
+    out.family(
+        "pollhook_poll_interval_seconds",
+        "gauge",
+        "Longest time between the starts of an instance's last two polls (stretches when a host quota is scarce).",
+        per_source(&|x| x.interval_ms.map(|ms| format!("{:.3}", ms as f64 / 1000.0))),
+    );
+    out.family(
+        "pollhook_instances_failing",
+        "gauge",
+        "Instances whose last poll failed (they back off meanwhile).",
+        per_source(&|x| Some(x.failing.to_string())),
+    );
+    out.family(
+        "pollhook_seen_evicted_total",
+        "counter",
+        "Item ids forgotten because of seen_limit / seen_ttl (detect: new).",
+        per_source(&|x| Some(x.evicted.to_string())),
+    );
+    out.family(
+        "pollhook_instances",
+        "gauge",
+        "Instances polled.",
+        per_source(&|x| Some(x.instances.to_string())),
+    );
+
     let ep = |n: &String| format!("endpoint=\"{}\"", esc(n));
-    family(
+    out.family(
         "pollhook_deliveries_total",
         "counter",
-        "Delivery attempts by outcome.",
+        "Delivery attempts by outcome (dead_lettered: attempts ran out).",
         r.endpoints
             .iter()
             .flat_map(|(n, e)| {
                 [
-                    (
-                        format!("{},outcome=\"delivered\"", ep(n)),
-                        e.status.delivered.to_string(),
-                    ),
-                    (
-                        format!("{},outcome=\"failed\"", ep(n)),
-                        e.status.failed_attempts.to_string(),
-                    ),
+                    ("delivered", e.status.delivered),
+                    ("failed", e.status.failed_attempts),
+                    ("dead_lettered", e.status.dead_lettered),
                 ]
+                .map(|(o, v)| (format!("{},outcome=\"{o}\"", ep(n)), v.to_string()))
             })
             .collect(),
     );
-    family(
+    out.histogram(
+        "pollhook_delivery_attempt_duration_seconds",
+        "Round trip of a delivery attempt to the endpoint.",
+        m.attempt_duration.iter().map(|(n, h)| (ep(n), h)).collect(),
+    );
+    out.histogram(
+        "pollhook_delivery_latency_seconds",
+        "From detection to successful delivery (retries and outages included).",
+        m.delivery_lag.iter().map(|(n, h)| (ep(n), h)).collect(),
+    );
+    out.family(
         "pollhook_outbox_depth",
         "gauge",
         "Events waiting for delivery.",
@@ -274,7 +410,22 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             .map(|(n, e)| (ep(n), e.queue_depth.to_string()))
             .collect(),
     );
-    family(
+    out.family(
+        "pollhook_outbox_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest event waiting for delivery (0 when none waits).",
+        r.endpoints
+            .keys()
+            .map(|n| {
+                let age = match s.store.outbox_oldest_ms(n) {
+                    Ok(Some(t)) => (now_ms - t).max(0) as f64 / 1000.0,
+                    _ => 0.0,
+                };
+                (ep(n), format!("{age:.3}"))
+            })
+            .collect(),
+    );
+    out.family(
         "pollhook_dead_letters",
         "gauge",
         "Events whose attempts ran out.",
@@ -283,65 +434,77 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             .map(|(n, e)| (ep(n), e.dead_letters.to_string()))
             .collect(),
     );
-    family(
-        "pollhook_poll_interval_seconds",
+    out.family(
+        "pollhook_endpoint_circuit_open",
         "gauge",
-        "Time between the starts of an instance's last two polls (stretches when a host quota is scarce).",
-        r.instances
+        "1 while an endpoint's circuit is open (only probes go out) or it is disabled.",
+        r.endpoints
             .iter()
-            .filter_map(|(k, i)| {
-                i.effective_interval_ms
-                    .map(|ms| (inst(k, i), format!("{:.3}", ms as f64 / 1000.0)))
+            .map(|(n, e)| {
+                let open = e.status.circuit_open || e.status.disabled.is_some();
+                (ep(n), u8::from(open).to_string())
             })
             .collect(),
     );
-    family(
-        "pollhook_seen_evicted_total",
-        "counter",
-        "Item ids forgotten because of seen_limit / seen_ttl (detect: new).",
-        r.instances
-            .iter()
-            .map(|(k, i)| (inst(k, i), i.seen_evicted.to_string()))
-            .collect(),
-    );
-    family(
-        "pollhook_poll_consecutive_failures",
-        "gauge",
-        "Failed polls in a row (the instance backs off meanwhile).",
-        r.instances
-            .iter()
-            .map(|(k, i)| (inst(k, i), i.consecutive_failures.to_string()))
-            .collect(),
-    );
+
     let host = |n: &String| format!("host=\"{}\"", esc(n));
-    family(
+    let hosts = |f: &dyn Fn(&crate::quota::HostReport) -> String| {
+        r.hosts
+            .iter()
+            .map(|(n, h)| (host(n), f(h)))
+            .collect::<Vec<_>>()
+    };
+    out.family(
         "pollhook_upstream_requests_total",
         "counter",
         "Requests sent to an upstream host.",
-        r.hosts
-            .iter()
-            .map(|(n, h)| (host(n), h.requests.to_string()))
-            .collect(),
+        hosts(&|h| h.requests.to_string()),
     );
-    family(
+    out.family(
         "pollhook_upstream_throttled_total",
         "counter",
         "429 and 503 answers of an upstream host.",
-        r.hosts
-            .iter()
-            .map(|(n, h)| (host(n), h.throttled.to_string()))
-            .collect(),
+        hosts(&|h| h.throttled.to_string()),
     );
-    family(
+    out.family(
+        "pollhook_upstream_429_total",
+        "counter",
+        "429 Too Many Requests answers of an upstream host.",
+        hosts(&|h| h.too_many_requests.to_string()),
+    );
+    out.family(
+        "pollhook_upstream_throttled_seconds_total",
+        "counter",
+        "Time an upstream host was paused by its Retry-After / RateLimit headers or refusals.",
+        hosts(&|h| format!("{:.3}", h.paused_ms_total as f64 / 1000.0)),
+    );
+    out.family(
         "pollhook_upstream_paused",
         "gauge",
-        "1 while an upstream host is paused by its Retry-After / RateLimit headers.",
-        r.hosts
-            .iter()
-            .map(|(n, h)| (host(n), u8::from(h.paused_for_ms.is_some()).to_string()))
-            .collect(),
+        "1 while an upstream host is paused.",
+        hosts(&|h| u8::from(h.paused_for_ms.is_some()).to_string()),
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+
+    let c = &r.config;
+    out.family(
+        "pollhook_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP) by outcome.",
+        vec![
+            ("outcome=\"applied\"".into(), c.reloads.to_string()),
+            ("outcome=\"refused\"".into(), c.reloads_failed.to_string()),
+        ],
+    );
+    out.family(
+        "pollhook_config_last_reload_successful",
+        "gauge",
+        "0 when the last reload was refused (the previous configuration runs).",
+        vec![(
+            String::new(),
+            u8::from(c.last_reload_ok != Some(false)).to_string(),
+        )],
+    );
+    out.0
 }
 
 fn esc(s: &str) -> String {

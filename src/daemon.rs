@@ -553,7 +553,12 @@ async fn poll_loop(
         }
         last_start = Some(started);
         let mut changed = false;
-        match poll_once(&shared, &source, inst, &state, &env).await {
+        let took = std::time::Instant::now();
+        let outcome = poll_once(&shared, &source, inst, &state, &env).await;
+        shared
+            .status
+            .observe_poll(&source.name, &c.name, took.elapsed());
+        match outcome {
             Ok((next_state, events)) => {
                 if let Some(n) = next_state {
                     state = n;
@@ -682,6 +687,7 @@ async fn poll_once(
             }
         }
         for ev in &events {
+            shared.status.count_event(&source.name, &ev.kind);
             info!(instance = %inst.key, event = %ev.id, r#type = %ev.kind, sequence = ev.sequence, "change detected");
         }
         Some(next)

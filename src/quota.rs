@@ -102,6 +102,10 @@ pub struct HostStats {
     pub throttled: AtomicU64,
     /// Times the host was paused by its answers.
     pub pauses: AtomicU64,
+    /// `429` answers alone.
+    pub too_many: AtomicU64,
+    /// Milliseconds of pause imposed in all (overlapping pauses counted once).
+    pub paused_ms: AtomicU64,
 }
 
 /// A host's gate as `/status` shows it.
@@ -109,7 +113,11 @@ pub struct HostStats {
 pub struct HostReport {
     pub requests: u64,
     pub throttled: u64,
+    /// `429 Too Many Requests` answers.
+    pub too_many_requests: u64,
     pub pauses: u64,
+    /// Time paused in all, in milliseconds.
+    pub paused_ms_total: u64,
     /// Milliseconds until the pause ends, when paused.
     pub paused_for_ms: Option<u64>,
     /// Spacing imposed by the host's `RateLimit-*` headers or learned from
@@ -189,6 +197,9 @@ impl HostGate {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
         }
         if status == 429 {
+            self.stats.too_many.fetch_add(1, Ordering::Relaxed);
+        }
+        if status == 429 {
             let mut pace = t.recent.len().max(1) as f64 * 0.9;
             if let Some(current) = t.learned_rate() {
                 pace = pace.min(current * 0.9);
@@ -214,6 +225,14 @@ impl HostGate {
         let pause = pause.map(|p| p.min(MAX_PAUSE))?;
         let until = Instant::now() + pause;
         if t.paused_until.is_none_or(|u| u < until) {
+            let now = Instant::now();
+            let added = match t.paused_until {
+                Some(u) if u > now => until - u,
+                _ => until - now,
+            };
+            self.stats
+                .paused_ms
+                .fetch_add(added.as_millis() as u64, Ordering::Relaxed);
             t.paused_until = Some(until);
             self.stats.pauses.fetch_add(1, Ordering::Relaxed);
         }
@@ -232,7 +251,9 @@ impl HostGate {
         HostReport {
             requests: self.stats.requests.load(Ordering::Relaxed),
             throttled: self.stats.throttled.load(Ordering::Relaxed),
+            too_many_requests: self.stats.too_many.load(Ordering::Relaxed),
             pauses: self.stats.pauses.load(Ordering::Relaxed),
+            paused_ms_total: self.stats.paused_ms.load(Ordering::Relaxed),
             paused_for_ms: self.paused_for().map(|d| d.as_millis() as u64),
             spacing_ms: {
                 let t = self.throttle.lock().expect("throttle lock");

@@ -65,7 +65,64 @@ pub struct Status {
     endpoints: Mutex<BTreeMap<String, EndpointStatus>>,
     discovery: Mutex<BTreeMap<String, DiscoveryStatus>>,
     config: Mutex<ConfigStatus>,
+    metrics: Mutex<Metrics>,
     ready: AtomicBool,
+    /// Delivery workers running now (see [`WorkerGuard`]).
+    workers_alive: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a delivery worker as alive until dropped: when its task ends,
+/// panics included, `/readyz` sees one fewer than there are endpoints.
+pub struct WorkerGuard(std::sync::Arc<Status>);
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.0.workers_alive.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Upper bounds (seconds) of the histograms' buckets: from a 304 on
+/// loopback to a delivery that waited out a receiver's outage.
+pub const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+    3600.0,
+];
+
+/// A Prometheus histogram over [`BUCKETS`] (counts per bucket, not
+/// cumulative; the exposition sums them).
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, secs: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; BUCKETS.len()];
+        }
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
+/// Aggregates for `/metrics` that the per-instance status does not hold.
+/// Labelled by source and endpoint, never by instance: 10,000 instances
+/// must not make 10,000 series per family.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// Poll durations by (source, connector), whatever the outcome.
+    pub poll_duration: BTreeMap<(String, String), Histogram>,
+    /// Events detected by (source, type).
+    pub events: BTreeMap<(String, String), u64>,
+    /// Delivery attempts' HTTP round trip, by endpoint.
+    pub attempt_duration: BTreeMap<String, Histogram>,
+    /// From detection to the successful delivery, by endpoint.
+    pub delivery_lag: BTreeMap<String, Histogram>,
 }
 
 /// The configuration's reloads (SIGHUP).
@@ -105,6 +162,16 @@ impl Status {
 
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// A delivery worker starts; alive until the guard drops.
+    pub fn worker_alive(self: &std::sync::Arc<Self>) -> WorkerGuard {
+        self.workers_alive.fetch_add(1, Ordering::SeqCst);
+        WorkerGuard(self.clone())
+    }
+
+    pub fn workers_alive(&self) -> usize {
+        self.workers_alive.load(Ordering::SeqCst)
     }
 
     /// Adds an instance that starts polling. One restarted by a reload
@@ -168,6 +235,48 @@ impl Status {
                 c.last_reload_error = Some(why);
             }
         }
+    }
+
+    /// A poll of a source's instance took `took`.
+    pub fn observe_poll(&self, source: &str, connector: &str, took: std::time::Duration) {
+        let mut m = self.metrics.lock().expect("metrics lock");
+        m.poll_duration
+            .entry((source.to_string(), connector.to_string()))
+            .or_default()
+            .observe(took.as_secs_f64());
+    }
+
+    /// An event of `kind` was committed for delivery.
+    pub fn count_event(&self, source: &str, kind: &str) {
+        let mut m = self.metrics.lock().expect("metrics lock");
+        *m.events
+            .entry((source.to_string(), kind.to_string()))
+            .or_default() += 1;
+    }
+
+    /// A delivery attempt took `took`; `lag` is detection → delivered when
+    /// it succeeded.
+    pub fn observe_delivery(
+        &self,
+        endpoint: &str,
+        took: std::time::Duration,
+        lag: Option<std::time::Duration>,
+    ) {
+        let mut m = self.metrics.lock().expect("metrics lock");
+        m.attempt_duration
+            .entry(endpoint.to_string())
+            .or_default()
+            .observe(took.as_secs_f64());
+        if let Some(lag) = lag {
+            m.delivery_lag
+                .entry(endpoint.to_string())
+                .or_default()
+                .observe(lag.as_secs_f64());
+        }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.lock().expect("metrics lock").clone()
     }
 
     pub fn config(&self) -> ConfigStatus {

@@ -507,6 +507,26 @@ impl Store {
         Ok(out)
     }
 
+    /// When the oldest pending entry of an endpoint was detected (ms since
+    /// the epoch). One key scan; only each instance's head is decoded
+    /// (entries of an instance are in detection order).
+    pub fn outbox_oldest_ms(&self, endpoint: &str) -> Result<Option<i64>> {
+        let skip = endpoint.len() + 1;
+        let mut instance: Option<Vec<u8>> = None;
+        let mut oldest: Option<i64> = None;
+        for r in self.outbox.scan_prefix(prefix(endpoint)) {
+            let (k, v) = r.map_err(sled_err("scan outbox"))?;
+            let inst = k.get(skip..k.len().saturating_sub(9)).unwrap_or(&[]);
+            if instance.as_deref() == Some(inst) {
+                continue;
+            }
+            instance = Some(inst.to_vec());
+            let e: OutboxEntry = decode(&k, &v)?;
+            oldest = Some(oldest.map_or(e.created_ms, |o| o.min(e.created_ms)));
+        }
+        Ok(oldest)
+    }
+
     /// Number of pending entries of an endpoint.
     pub fn outbox_len(&self, endpoint: &str) -> usize {
         self.outbox.scan_prefix(prefix(endpoint)).keys().count()
@@ -646,6 +666,12 @@ impl Store {
     }
 
     /// Writes everything to disk (shutdown).
+    /// Whether the store answers a read (for `/readyz`).
+    pub fn ping(&self) -> Result<()> {
+        self.state.first().map_err(sled_err("read state"))?;
+        Ok(())
+    }
+
     pub fn flush(&self) -> Result<()> {
         self.db.flush().map(|_| ()).map_err(sled_err("flush"))
     }

@@ -101,6 +101,7 @@ impl Worker {
     /// Runs until `shutdown`; then stops sending and returns once in-flight
     /// attempts have finished (the caller bounds that wait).
     pub async fn run(self, shutdown: CancellationToken) {
+        let _alive = self.status.worker_alive();
         let ep = self.endpoint.clone();
         let mut in_flight: JoinSet<(EntryKey, OutboxEntry, Outcome, Answer)> = JoinSet::new();
         let mut busy: HashSet<String> = HashSet::new();
@@ -248,6 +249,10 @@ impl Worker {
             Outcome::Gone => ("gone", Some("410 Gone".to_string())),
             Outcome::Failed { reason, .. } => ("failed", Some(reason.clone())),
         };
+        let lag = matches!(outcome, Outcome::Delivered)
+            .then(|| Duration::from_millis((crate::now_ms() - entry.created_ms).max(0) as u64));
+        self.status
+            .observe_delivery(&self.endpoint.name, answer.latency, lag);
         let rec = AttemptRecord {
             event_id: entry.event_id.clone(),
             endpoint: self.endpoint.name.clone(),

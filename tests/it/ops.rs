@@ -275,3 +275,215 @@ endpoints:
     assert_eq!(rx.all().len(), 3, "nothing was sent twice");
     assert!(d.terminate().success());
 }
+
+/// `/metrics` read by a Prometheus text-format parser: every sample of
+/// `metric` whose labels include `labels`.
+fn samples<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> Vec<&'a prometheus_parse::Sample> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect()
+}
+
+fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let found = samples(scrape, metric, labels);
+    assert_eq!(found.len(), 1, "{metric} {labels:?}: {found:?}");
+    match &found[0].value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("{metric}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    // The bank refuses more than 4 requests a second; polls every 50 ms
+    // meet 429s with Retry-After.
+    let bank = Bank::new(&["acc-0001", "acc-0002"]).with_limit(4);
+    let addr = bank.serve("127.0.0.1:0").await;
+    // The agent fails its first delivery once; `down` never answers.
+    let rx = Receiver::start(&secret(), Plan::Script(vec![500].into())).await;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{addr}" }}
+    for_each: {{ account: [acc-0001, acc-0002] }}
+    schedule: every 50ms
+    deliver_to: [agent, down]
+endpoints:
+  agent: {{ url: "{}", secret: "{}", retry: {{ schedule: [50ms, 50ms] }} }}
+  down: {{ url: "http://127.0.0.1:9/", secret: "{}" }}
+"#,
+        rx.url,
+        secret(),
+        secret()
+    );
+    let mut d = Daemon::new(
+        &bridge,
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/acc-0001", "balances/acc-0002"], 2)
+        .await;
+    bank.set_balance("acc-0001", 43_210);
+    bank.set_balance("acc-0002", 1_000);
+    // acc-0001 changed; acc-0002 changed and ran low: three events.
+    wait_for("the events delivered", Duration::from_secs(30), || {
+        rx.accepted().len() == 3
+    })
+    .await;
+    let status = d
+        .wait_status("a 429 and a 304", |s| {
+            let h = &s["hosts"][addr.to_string()];
+            h["throttled"].as_u64().unwrap_or(0) >= 1
+                && s["instances"]["balances/acc-0001"]["polls_not_modified"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= 1
+        })
+        .await;
+    let body = reqwest::get(format!("http://{}/metrics", d.admin.clone().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    // Every line is a comment or a sample the parser kept.
+    let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
+    let histogram_lines: usize = scrape
+        .samples
+        .iter()
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(b) => b.len(),
+            _ => 1,
+        })
+        .sum();
+    assert_eq!(sample_lines, histogram_lines, "{body}");
+
+    let src = [("source", "balances"), ("connector", "bank-balance")];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut l = src.to_vec();
+        l.push(extra);
+        l
+    };
+    // Events by type: one balance change each, one of them below the
+    // low threshold (1000 cents < 100 EUR).
+    assert_eq!(
+        value(
+            &scrape,
+            "pollhook_events_total",
+            &[("source", "balances"), ("type", "bank.balance.changed")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "pollhook_events_total",
+            &[("source", "balances"), ("type", "bank.balance.low")]
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &scrape,
+            "pollhook_polls_total",
+            &with(("outcome", "not_modified"))
+        ) >= 1.0
+    );
+    assert!(value(&scrape, "pollhook_polls_total", &with(("outcome", "ok"))) >= 2.0);
+    assert_eq!(value(&scrape, "pollhook_instances", &src), 2.0);
+    let host = addr.to_string();
+    assert!(value(&scrape, "pollhook_upstream_429_total", &[("host", &host)]) >= 1.0);
+    assert!(
+        value(
+            &scrape,
+            "pollhook_upstream_throttled_seconds_total",
+            &[("host", &host)]
+        ) > 0.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "pollhook_upstream_requests_total",
+            &[("host", &host)]
+        ),
+        status["hosts"][&host]["requests"].as_f64().unwrap()
+    );
+    // Poll durations: a histogram with one count per poll.
+    let polls = samples(&scrape, "pollhook_poll_duration_seconds", &src);
+    let prometheus_parse::Value::Histogram(buckets) = &polls[0].value else {
+        panic!("{polls:?}")
+    };
+    let inf = buckets.iter().find(|b| b.less_than.is_infinite()).unwrap();
+    assert!(inf.count >= 4.0, "{buckets:?}");
+    assert_eq!(
+        value(&scrape, "pollhook_poll_duration_seconds_count", &src),
+        inf.count
+    );
+    // Deliveries: the agent's one failure, then all three delivered, each
+    // with its detection-to-delivery latency.
+    let agent = [("endpoint", "agent")];
+    assert_eq!(
+        value(
+            &scrape,
+            "pollhook_deliveries_total",
+            &[("endpoint", "agent"), ("outcome", "failed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "pollhook_deliveries_total",
+            &[("endpoint", "agent"), ("outcome", "delivered")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(&scrape, "pollhook_delivery_latency_seconds_count", &agent),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "pollhook_delivery_attempt_duration_seconds_count",
+            &agent
+        ),
+        4.0
+    );
+    // The dead endpoint: its events wait, the oldest for a while already.
+    assert_eq!(
+        value(&scrape, "pollhook_outbox_depth", &[("endpoint", "down")]),
+        3.0
+    );
+    assert!(
+        value(
+            &scrape,
+            "pollhook_outbox_oldest_age_seconds",
+            &[("endpoint", "down")]
+        ) > 0.0
+    );
+    assert_eq!(
+        value(&scrape, "pollhook_outbox_oldest_age_seconds", &agent),
+        0.0
+    );
+    assert!(value(&scrape, "pollhook_cursor_age_seconds", &src) < 60.0);
+    assert_eq!(
+        value(&scrape, "pollhook_config_last_reload_successful", &[]),
+        1.0
+    );
+    // Not per instance: no series names an instance.
+    assert!(!body.contains("instance="), "{body}");
+}
