@@ -47,6 +47,7 @@ pub async fn serve(
         .route("/dlq/replay", axum::routing::post(dlq_replay))
         .route("/dlq/drop", axum::routing::post(dlq_drop))
         .route("/events", axum::routing::post(events))
+        .route("/state/export", get(export))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -129,6 +130,22 @@ async fn dlq_drop(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>
     match crate::dlq::drop(&s.store, &f).await {
         Ok(n) => Json(serde_json::json!({ "dropped": n })).into_response(),
         Err(e) => dlq_error(e),
+    }
+}
+
+/// `pollhook state export` while the daemon runs.
+async fn export(State(s): State<AdminState>) -> Response {
+    let store = s.store.clone();
+    // A full scan of the store: off the async workers.
+    match tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        store.export(&mut out).map(|_| out)
+    })
+    .await
+    {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response(),
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
     }
 }
 

@@ -90,6 +90,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up or restore the store (instance states, cursors, seen sets,
+    /// outbox, dead letters, history) as JSON lines.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Recent delivery attempts (time, status code, latency, error).
     Events {
         /// Only this event (`webhook-id`).
@@ -121,6 +127,22 @@ enum Command {
         timestamp: i64,
         #[arg(long)]
         signature: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Write a backup. Works while the daemon runs (through its admin
+    /// server) and on a stopped store.
+    Export {
+        /// The file to write (atomically); standard output without it.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Restore a backup into an empty state_dir; the daemon must be stopped.
+    Import {
+        /// A file written by `pollhook state export` (`-` for standard input).
+        file: PathBuf,
     },
 }
 
@@ -240,6 +262,57 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("signature does NOT match");
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::State { command } => {
+            let config = Config::load(&cli.config)?;
+            match command {
+                StateCommand::Export { output } => {
+                    let bytes = runtime()?.block_on(export(&config))?;
+                    match output {
+                        None => {
+                            use std::io::Write as _;
+                            std::io::stdout().write_all(&bytes)?;
+                        }
+                        Some(path) => {
+                            // Written aside then renamed: a failed export
+                            // never leaves half a backup under the name.
+                            let tmp = path.with_extension("partial");
+                            std::fs::write(&tmp, &bytes)
+                                .with_context(|| format!("cannot write {}", tmp.display()))?;
+                            std::fs::rename(&tmp, &path)
+                                .with_context(|| format!("cannot write {}", path.display()))?;
+                            let lines = bytes.iter().filter(|b| **b == b'\n').count();
+                            eprintln!(
+                                "wrote {} ({} records)",
+                                path.display(),
+                                lines.saturating_sub(1)
+                            );
+                        }
+                    }
+                }
+                StateCommand::Import { file } => {
+                    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+                        format!("cannot create state_dir {}", config.state_dir.display())
+                    })?;
+                    let store =
+                        pollhook::store::Store::open(&config.state_dir).with_context(|| {
+                            format!(
+                                "cannot open the store at {} (stop the daemon before importing)",
+                                config.state_dir.display()
+                            )
+                        })?;
+                    let n = if file.as_os_str() == "-" {
+                        store.import(std::io::stdin().lock())
+                    } else {
+                        let f = std::fs::File::open(&file)
+                            .with_context(|| format!("cannot read {}", file.display()))?;
+                        store.import(std::io::BufReader::new(f))
+                    }
+                    .with_context(|| format!("cannot import {}", file.display()))?;
+                    eprintln!("imported {n} records into {}", config.state_dir.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { command } => {
             let config = Config::load(&cli.config)?;
@@ -572,6 +645,43 @@ fn dlq_filter(config: &Config, a: &DlqArgs) -> anyhow::Result<pollhook::dlq::Fil
 /// Runs a dead-letter or history operation: through the running daemon's
 /// admin server when there is one (the daemon holds the store), else on
 /// the stopped store directly.
+/// `pollhook state export`: through the running daemon's admin server,
+/// else from the stopped store.
+async fn export(config: &Config) -> anyhow::Result<Vec<u8>> {
+    if let Ok(addr) = std::fs::read_to_string(config.state_dir.join("admin.addr")) {
+        let mut req = reqwest::Client::new().get(format!("http://{}/state/export", addr.trim()));
+        if let Some(t) = &config.admin_token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {
+                return Ok(r
+                    .bytes()
+                    .await
+                    .context("the admin server's answer")?
+                    .to_vec())
+            }
+            Ok(r) => bail!(
+                "the admin server refused the export: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default().trim()
+            ),
+            // A stale admin.addr (the daemon was killed): use the store.
+            Err(e) if e.is_connect() => {}
+            Err(e) => return Err(e).context("cannot reach the daemon's admin server"),
+        }
+    }
+    let store = pollhook::store::Store::open(&config.state_dir).with_context(|| {
+        format!(
+            "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to export while it runs)",
+            config.state_dir.display()
+        )
+    })?;
+    let mut out = Vec::new();
+    store.export(&mut out)?;
+    Ok(out)
+}
+
 async fn operate<Q: serde::Serialize>(
     config: &Config,
     op: &str,
@@ -666,7 +776,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// SIGINT or SIGTERM: graceful shutdown. A second one: exit at once.
 /// SIGTERM/SIGINT drain and stop (a second one exits at once); SIGHUP
 /// reloads the configuration.
 async fn watch_signals(shutdown: CancellationToken, reload: std::sync::Arc<tokio::sync::Notify>) {

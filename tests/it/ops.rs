@@ -487,3 +487,113 @@ endpoints:
     // Not per instance: no series names an instance.
     assert!(!body.contains("instance="), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_export_while_running_and_import_elsewhere_lose_nothing() {
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    // The agent is down (503) while the backup is taken.
+    let rx = Receiver::start(&secret(), Plan::Always(503)).await;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{addr}", account: acc-0001 }}
+    schedule: every 100ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: "{}", retry: {{ schedule: [200ms, 200ms, 200ms, 200ms, 200ms, 200ms, 200ms, 200ms] }} }}
+"#,
+        rx.url,
+        secret()
+    );
+    let connectors = [("bank-balance.yaml", repo_connector("bank-balance.yaml"))];
+    let mut d1 = Daemon::new(&bridge, &connectors);
+    d1.start().await;
+    d1.wait_polls(&["balances/default"], 2).await;
+    bank.set_balance("acc-0001", 43_210);
+    wait_for("a refused delivery", Duration::from_secs(20), || {
+        !rx.all().is_empty()
+    })
+    .await;
+    let pending = rx.all()[0].id.clone();
+    let backup = d1.dir.path().join("backup.jsonl");
+    let out = tokio::task::block_in_place(|| {
+        d1.command(&["state", "export", "--output", backup.to_str().unwrap()])
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&backup).unwrap();
+    assert!(text.starts_with("{\"pollhook_state\":1"), "{text}");
+    assert!(text.contains("\"tree\":\"outbox\""), "{text}");
+    assert!(text.contains(&pending), "the queued event is in the backup");
+    assert!(d1.terminate().success());
+
+    // Another state_dir: refused when the file is bad (line named, nothing
+    // written), then imported.
+    let d2 = Daemon::new(&bridge, &connectors);
+    let import = |d: &Daemon, file: &std::path::Path| {
+        tokio::task::block_in_place(|| {
+            d.command(&["state", "import", file.to_str().unwrap()])
+                .output()
+                .unwrap()
+        })
+    };
+    let bad = d2.dir.path().join("bad.jsonl");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(
+        2,
+        r#"{"tree":"state","key":"eA==","value":{"sequence":"many"}}"#,
+    );
+    std::fs::write(&bad, lines.join("\n")).unwrap();
+    let out = import(&d2, &bad);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("line 3") && err.contains("not a state record"),
+        "{err}"
+    );
+    let out = import(&d2, &backup);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second import would mix two stores: refused.
+    let out = import(&d2, &backup);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("empty state_dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The restored daemon delivers the queued event (same webhook-id) and
+    // goes on from the stored state: the next change is sequence 2.
+    let mut d2 = d2;
+    rx.set_plan(Plan::Always(204));
+    d2.start().await;
+    wait_for(
+        "the restored event delivered",
+        Duration::from_secs(20),
+        || rx.accepted().iter().any(|d| d.id == pending),
+    )
+    .await;
+    bank.set_balance("acc-0001", 12_345);
+    wait_for("the next change", Duration::from_secs(20), || {
+        rx.accepted().iter().any(|d| d.body["sequence"] == 2)
+    })
+    .await;
+    assert!(
+        rx.accepted().iter().all(|d| d.body["sequence"] != 3),
+        "no baseline emitted again"
+    );
+}
