@@ -433,8 +433,31 @@ impl Supervisor {
         format!("{started} started, {restarted} restarted, {stopped} stopped, the rest untouched")
     }
 
-    /// Deletes the state of instances removed longer than their retention.
+    /// Store care, hourly and after each (re)load: forgets old delivery
+    /// history and dead letters past `store:` retention, and deletes the
+    /// state of instances removed longer than their retention.
     fn sweep(&self) {
+        let store = &self.shared.store;
+        let config = self.config.as_ref().expect("applied");
+        let now = crate::now_ms();
+        match store.prune_attempts(now - config.history_retention.as_millis() as i64) {
+            Ok(0) => {}
+            Ok(n) => info!(
+                attempts = n,
+                "delivery history older than store.history forgotten"
+            ),
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot prune the delivery history"),
+        }
+        if let Some(keep) = config.dead_letter_retention {
+            match store.prune_dead(now - keep.as_millis() as i64) {
+                Ok(0) => {}
+                Ok(n) => warn!(
+                    dead_letters = n,
+                    "dead letters older than store.dead_letters deleted"
+                ),
+                Err(e) => warn!(error = %format!("{e:#}"), "cannot prune dead letters"),
+            }
+        }
         match self.shared.store.sweep_removed(crate::now_ms()) {
             Ok(gone) => {
                 for key in gone {

@@ -619,6 +619,40 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets delivery attempts made before `before_ms` (history is in
+    /// time order: stops at the first newer one). Returns how many.
+    pub fn prune_attempts(&self, before_ms: i64) -> Result<usize> {
+        let mut n = 0;
+        for r in self.attempts.iter() {
+            let (k, v) = r.map_err(sled_err("scan attempts"))?;
+            let rec: AttemptRecord = decode(&k, &v)?;
+            if rec.at_ms >= before_ms {
+                break;
+            }
+            self.attempts
+                .remove(k)
+                .map_err(sled_err("prune attempts"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Deletes dead letters that died before `before_ms`. Returns how many.
+    pub fn prune_dead(&self, before_ms: i64) -> Result<usize> {
+        let mut n = 0;
+        for r in self.dead.iter() {
+            let (k, v) = r.map_err(sled_err("scan dead letters"))?;
+            let letter: DeadLetter = decode(&k, &v)?;
+            if letter.dead_at_ms < before_ms {
+                self.dead
+                    .remove(k)
+                    .map_err(sled_err("prune dead letters"))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Attempt records, newest first.
     pub fn attempts(&self) -> impl Iterator<Item = Result<AttemptRecord>> {
         self.attempts.iter().rev().map(|r| {

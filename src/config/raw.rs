@@ -48,6 +48,24 @@ pub struct RawBridge {
     /// How long shutdown waits for in-flight polls and deliveries.
     #[serde(default)]
     pub shutdown_timeout: Option<Dur>,
+    /// How long the store keeps history and dead letters.
+    #[serde(default)]
+    pub store: Option<RawStore>,
+}
+
+/// `store:`
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Store")]
+pub struct RawStore {
+    /// Delivery attempts (`pollhook events`) older than this are forgotten
+    /// (default 7d; at most 10,000 are kept in any case).
+    #[serde(default)]
+    pub history: Option<Dur>,
+    /// Dead letters older than this are deleted (default: kept until
+    /// replayed or dropped).
+    #[serde(default)]
+    pub dead_letters: Option<Dur>,
 }
 
 /// `admin:`

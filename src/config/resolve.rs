@@ -34,6 +34,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// How long shutdown waits for in-flight work.
     pub shutdown_timeout: Duration,
+    /// Delivery attempts older than this are forgotten.
+    pub history_retention: Duration,
+    /// Dead letters older than this are deleted (`None`: kept).
+    pub dead_letter_retention: Option<Duration>,
     /// Every connector found, by name.
     pub connectors: BTreeMap<String, Arc<Connector>>,
     /// Sources in name order.
@@ -722,6 +726,12 @@ impl Config {
                 .shutdown_timeout
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(10)),
+            history_retention: raw
+                .store
+                .as_ref()
+                .and_then(|s| s.history)
+                .map_or(Duration::from_secs(7 * 86400), |d| d.0),
+            dead_letter_retention: raw.store.as_ref().and_then(|s| s.dead_letters).map(|d| d.0),
             connectors,
             sources,
             endpoints,

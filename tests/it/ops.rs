@@ -597,3 +597,79 @@ endpoints:
         "no baseline emitted again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_retention_forgets_old_history_and_dead_letters() {
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let rx = Receiver::start(&secret(), Plan::Always(500)).await;
+    let bridge = |retention: &str| {
+        format!(
+            r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+{retention}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{addr}", account: acc-0001 }}
+    schedule: every 100ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: "{}", retry: {{ max_attempts: 1 }} }}
+"#,
+            rx.url,
+            secret()
+        )
+    };
+    let mut d = Daemon::new(
+        &bridge(""),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/default"], 2).await;
+    bank.set_balance("acc-0001", 43_210);
+    d.wait_status("a dead letter", |s| {
+        s["endpoints"]["agent"]["dead_letters"] == 1
+    })
+    .await;
+    assert!(d.terminate().success());
+    let dead = |d: &Daemon| {
+        let out = tokio::task::block_in_place(|| {
+            d.command(&["dlq", "list", "--all", "--json"])
+                .output()
+                .unwrap()
+        });
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(tokio::task::block_in_place(|| attempts(&d)).len(), 1);
+    assert_eq!(dead(&d), 1);
+    // Defaults keep both across a restart.
+    d.start().await;
+    assert!(d.terminate().success());
+    assert_eq!(tokio::task::block_in_place(|| attempts(&d)).len(), 1);
+    assert_eq!(dead(&d), 1);
+    // With a short retention, the next start forgets them.
+    std::fs::write(
+        d.config(),
+        bridge("store: { history: 1ms, dead_letters: 1ms }"),
+    )
+    .unwrap();
+    d.start().await;
+    assert!(d.terminate().success());
+    assert!(tokio::task::block_in_place(|| attempts(&d)).is_empty());
+    assert_eq!(dead(&d), 0);
+    let log = d.log();
+    assert!(
+        log.contains("delivery history older than store.history forgotten"),
+        "{log}"
+    );
+    assert!(
+        log.contains("dead letters older than store.dead_letters deleted"),
+        "{log}"
+    );
+}
