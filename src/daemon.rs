@@ -94,7 +94,8 @@ pub fn poll_client() -> reqwest::Client {
         .expect("a TLS backend is compiled in")
 }
 
-/// How often the state of removed instances is checked for deletion.
+/// How often store care runs (history, dead letter and removed-instance
+/// retention; see [`Supervisor::sweep`]).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// Runs the daemon until `shutdown` is cancelled, then drains: pollers stop

@@ -217,6 +217,29 @@ pub struct Store {
     /// Instances no source polls any more (removed from the configuration):
     /// key → when their state may be deleted (ms since the epoch).
     removed: sled::Tree,
+    flush: std::sync::Arc<GroupFlush>,
+}
+
+/// Group commit: one `db.flush()` at a time, on tokio's blocking pool,
+/// covering every write made before it started.
+///
+/// Why not sled's `flush_async`: in sled 0.34 each call holds an internal
+/// lock for reading while it waits for a log write queued on sled's own
+/// small thread pool (spacejam/sled#1308). 10,000 instances committing
+/// their first poll within seconds each started a flush, filled that pool,
+/// and the transactions behind the lock blocked both tokio workers of a
+/// 2-core machine: polling, `/status` and SIGTERM all froze (12 of 14 runs
+/// of `cargo bench --bench scale`). One blocking flush at a time keeps
+/// sled's pool free for its log writes, and concurrent commits share one
+/// fsync instead of queueing one each.
+#[derive(Default)]
+struct GroupFlush {
+    /// Tickets handed out: one per write that wants to be durable.
+    issued: std::sync::atomic::AtomicU64,
+    /// Every ticket up to this one is durable.
+    durable: std::sync::atomic::AtomicU64,
+    /// One flush at a time; waiters find their ticket covered by it.
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// Outboxes written before keys carried the instance (`endpoint \0 u64`)
@@ -275,6 +298,10 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir)
+            // sled's default page cache is 1 GiB; pollhook's working set
+            // (instance states, the outbox head) is far smaller, and a
+            // daemon next to agents should stay small.
+            .cache_capacity(64 * 1024 * 1024)
             // Durability comes from flushing at each commit (see commit_poll),
             // not from this background timer; keep it as a safety net.
             .flush_every_ms(Some(500))
@@ -294,7 +321,29 @@ impl Store {
             attempts: tree("attempts")?,
             removed: tree("removed")?,
             db,
+            flush: Default::default(),
         })
+    }
+
+    /// Makes every write done before the call durable, sharing one flush
+    /// with concurrent callers (see [`GroupFlush`]). The ticket is taken
+    /// after the caller's write, and a flush covers every ticket issued
+    /// before it started.
+    async fn flush_group(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.flush.issued.fetch_add(1, SeqCst) + 1;
+        let _turn = self.flush.turn.lock().await;
+        if self.flush.durable.load(SeqCst) >= ticket {
+            return Ok(());
+        }
+        let covers = self.flush.issued.load(SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .expect("flush task")
+            .map_err(sled_err("flush"))?;
+        self.flush.durable.store(covers, SeqCst);
+        Ok(())
     }
 
     /// What a discovering source found last (empty when it never did).
@@ -441,7 +490,7 @@ impl Store {
                 },
                 TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
             })?;
-        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        self.flush_group().await?;
         Ok(keys)
     }
 
@@ -594,7 +643,7 @@ impl Store {
                 },
                 TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
             })?;
-        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        self.flush_group().await?;
         Ok(())
     }
 
@@ -695,7 +744,7 @@ impl Store {
                     TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
                 })?;
         }
-        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        self.flush_group().await?;
         Ok(letters.len())
     }
 
@@ -706,7 +755,7 @@ impl Store {
                 .remove(&k.0)
                 .map_err(sled_err("drop dead letter"))?;
         }
-        self.db.flush_async().await.map_err(sled_err("flush"))?;
+        self.flush_group().await?;
         Ok(keys.len())
     }
 
@@ -856,6 +905,44 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 10,000 instances committing their first poll at once on a 2-worker
+    /// runtime (the daemon's shape on a 2-core machine) must all finish.
+    /// With sled's `flush_async` per commit this froze (see `GroupFlush`).
+    /// Run on its own thread so a stall fails the test instead of hanging it.
+    #[test]
+    fn ten_thousand_concurrent_commits_do_not_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for i in 0..10_000 {
+                    let s = store.clone();
+                    set.spawn(async move {
+                        let key = format!("src/acc-{i}");
+                        s.set_next_run(&key, 1).unwrap();
+                        let state = InstanceState {
+                            initialized: true,
+                            ..Default::default()
+                        };
+                        s.commit_poll(&key, &state, &[]).await.unwrap();
+                    });
+                }
+                while set.join_next().await.is_some() {}
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("10,000 concurrent commits stalled");
+    }
 
     #[test]
     fn outboxes_of_the_old_key_format_are_migrated_in_order() {
