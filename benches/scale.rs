@@ -1,0 +1,733 @@
+//! Scale benchmark (not a test: it measures and prints).
+//!
+//! The real binary polls 10,000 bank accounts (one `bank-balance` source,
+//! a static `for_each` list; the connector has no `discover`) `every 10s`
+//! against a loopback mock of the bank's balance endpoint, while a few
+//! hundred balances change at random per interval. Reports:
+//!
+//! - polls/s sustained (requests counted at the mock) and how many were 304s;
+//! - missed changes: every injected change must arrive at the receiver as a
+//!   signed `bank.balance.changed` event by the end of the run plus a grace
+//!   period of one interval + 5 s;
+//! - detection latency (change → webhook arrival) p50/p99/max, the p99
+//!   beyond the interval (latency − interval), and how many arrived later
+//!   than interval + 2 s;
+//! - per-instance on-time check: the largest gap between two polls of the
+//!   same account (max and p99 over accounts), accounts with a gap above
+//!   interval + 2 s;
+//! - the daemon's CPU as a share of one core, its peak RSS, and the store
+//!   size (du of the state dir), sampled each interval, with its growth
+//!   extrapolated to an hour of operation.
+//!
+//! The mock is a minimal axum handler in this file rather than the shared
+//! `examples/mock-bank/bank.rs`: that one logs every request's path in a
+//! `Vec` forever (millions of strings in a long run) and cannot tell the
+//! gaps between the polls of one account. The answer has the same shape
+//! (`account_id`, `available`, `currency`, `updated_at`; `ETag: "v<n>"`,
+//! `If-None-Match` → `304`), so `connectors/bank-balance.yaml` runs as is.
+//!
+//! `cargo bench --bench scale` (env: BENCH_INSTANCES (10000),
+//! BENCH_INTERVAL_SECS (10), BENCH_CHANGES_PER_INTERVAL (200), BENCH_SECONDS
+//! (90, the measured window after the first poll of every instance)).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::{env_or, pct, proc_usage};
+use rand::Rng;
+use serde_json::json;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// Slack above the interval that still counts as on time.
+const SLACK: Duration = Duration::from_secs(2);
+
+// ------------------------------------------------------------------ mock bank
+
+struct Account {
+    cents: i64,
+    updated_at: String,
+    version: u64,
+    last_change: Option<Instant>,
+    last_poll: Option<Instant>,
+    /// Within the measured window: the previous poll, the largest and
+    /// smallest gap between two polls, and the number of polls.
+    win_last: Option<Instant>,
+    max_gap: Duration,
+    min_gap: Duration,
+    win_polls: u32,
+}
+
+#[derive(Default)]
+struct Bank {
+    accounts: Mutex<HashMap<String, Account>>,
+    recording: std::sync::atomic::AtomicBool,
+    requests: AtomicU64,
+    not_modified: AtomicU64,
+    polled_once: AtomicU64,
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Bank {
+    fn new(ids: &[String]) -> Bank {
+        let bank = Bank::default();
+        let now = now_rfc3339();
+        let mut m = bank.accounts.lock().unwrap();
+        for id in ids {
+            m.insert(
+                id.clone(),
+                Account {
+                    cents: 50_000,
+                    updated_at: now.clone(),
+                    version: 1,
+                    last_change: None,
+                    last_poll: None,
+                    win_last: None,
+                    max_gap: Duration::ZERO,
+                    min_gap: Duration::MAX,
+                    win_polls: 0,
+                },
+            );
+        }
+        drop(m);
+        bank
+    }
+
+    /// Starts (true) or stops (false) recording poll gaps; starting forgets
+    /// what was recorded before.
+    fn record(&self, on: bool) {
+        let mut m = self.accounts.lock().unwrap();
+        if on {
+            for a in m.values_mut() {
+                a.win_last = None;
+                a.max_gap = Duration::ZERO;
+                a.min_gap = Duration::MAX;
+                a.win_polls = 0;
+            }
+        }
+        self.recording.store(on, Ordering::SeqCst);
+        drop(m);
+    }
+
+    /// Changes a balance unless the last change has not been polled yet
+    /// (a change overwritten before any poll can be seen by no poller).
+    fn change(&self, id: &str, cents: i64) -> bool {
+        let mut m = self.accounts.lock().unwrap();
+        let a = m.get_mut(id).unwrap();
+        if let (Some(c), p) = (a.last_change, a.last_poll) {
+            if p.is_none_or(|p| p <= c) {
+                return false;
+            }
+        }
+        a.cents = cents;
+        a.updated_at = now_rfc3339();
+        a.version += 1;
+        a.last_change = Some(Instant::now());
+        true
+    }
+}
+
+async fn balance(
+    State(bank): State<Arc<Bank>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let now = Instant::now();
+    bank.requests.fetch_add(1, Ordering::Relaxed);
+    let recording = bank.recording.load(Ordering::Relaxed);
+    let mut m = bank.accounts.lock().unwrap();
+    let Some(a) = m.get_mut(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no account {id}")})),
+        )
+            .into_response();
+    };
+    if a.last_poll.is_none() {
+        bank.polled_once.fetch_add(1, Ordering::Relaxed);
+    }
+    a.last_poll = Some(now);
+    if recording {
+        if let Some(prev) = a.win_last {
+            let gap = now - prev;
+            a.max_gap = a.max_gap.max(gap);
+            a.min_gap = a.min_gap.min(gap);
+        }
+        a.win_last = Some(now);
+        a.win_polls += 1;
+    }
+    let etag = format!("\"v{}\"", a.version);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
+        bank.not_modified.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    let body = json!({
+        "account_id": id,
+        "available": serde_json::Number::from_f64(a.cents as f64 / 100.0).unwrap(),
+        "currency": "EUR",
+        "updated_at": a.updated_at,
+    });
+    ([(header::ETAG, etag)], Json(body)).into_response()
+}
+
+// ------------------------------------------------------------------- receiver
+
+#[derive(Default)]
+struct Rx {
+    /// (instance, balance in cents) → first arrival.
+    arrivals: HashMap<(String, i64), Instant>,
+    /// webhook-id → deliveries accepted.
+    ids: HashMap<String, u32>,
+    other_types: u64,
+    bad: u64,
+}
+
+async fn receive(
+    State((rx, v)): State<(Arc<Mutex<Rx>>, Arc<standardwebhooks::Webhook>)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let now = Instant::now();
+    let mut rx = rx.lock().unwrap();
+    if v.verify(&body, &headers).is_err() {
+        rx.bad += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = headers["webhook-id"].to_str().unwrap().to_string();
+    *rx.ids.entry(id).or_default() += 1;
+    if e["type"] == "bank.balance.changed" {
+        let cents = (e["data"]["current"]["available"].as_f64().unwrap() * 100.0).round() as i64;
+        let inst = e["instance"].as_str().unwrap().to_string();
+        rx.arrivals.entry((inst, cents)).or_insert(now);
+    } else {
+        rx.other_types += 1;
+    }
+    StatusCode::NO_CONTENT
+}
+
+// -------------------------------------------------------------------- helpers
+
+/// (disk usage as `du` counts it, apparent size) of a directory, bytes.
+fn du(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = (0, 0);
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(md) = e.metadata() else { continue };
+        if md.is_dir() {
+            let (b, l) = du(&e.path());
+            out.0 += b;
+            out.1 += l;
+        } else {
+            out.0 += md.blocks() * 512;
+            out.1 += md.len();
+        }
+    }
+    out
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The daemon's `state_dir`: `state` beside the `--config` file it runs.
+fn state_dir_of(pid: u32) -> std::path::PathBuf {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let i = args.iter().position(|a| *a == b"--config").unwrap();
+    let config = Path::new(std::str::from_utf8(args[i + 1]).unwrap());
+    config.parent().unwrap().join("state")
+}
+
+/// No progress for this long means the daemon is stuck.
+const STALL: Duration = Duration::from_secs(30);
+
+/// SIGKILLs the daemon when dropped (also on a panic of the bench).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+/// The daemon's `/status`, or `None` when it does not answer in 10 s.
+async fn fetch_status(admin: &str) -> Option<serde_json::Value> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .ok()?;
+    let body = client
+        .get(format!("http://{admin}/status"))
+        .send()
+        .await
+        .ok()?
+        .bytes()
+        .await
+        .ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// Reports a daemon that stopped making progress, and exits: what the mock
+/// saw, whether the daemon still burns CPU or answers `/status`, and what
+/// its threads are waiting on.
+async fn stalled(what: &str, pid: u32, admin: &str, bank: &Bank) -> ! {
+    let (cpu_a, rss) = proc_usage(pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu_b, _) = proc_usage(pid);
+    let status = fetch_status(admin).await.is_some();
+    let mut threads: std::collections::BTreeMap<String, usize> = Default::default();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            let p = t.path();
+            let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+            let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+            let comm = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
+            *threads.entry(format!("{comm} in {wchan}")).or_default() += 1;
+        }
+    }
+    println!("scale benchmark: DAEMON STALLED ({what})");
+    println!(
+        "  mock: {} requests in all, {} accounts polled at least once",
+        bank.requests.load(Ordering::Relaxed),
+        bank.polled_once.load(Ordering::Relaxed)
+    );
+    println!(
+        "  daemon pid {pid}: {:.2} CPU s over the last 5 s (total {cpu_b:.1} s), RSS peak {:.1} MiB, /status {}",
+        cpu_b - cpu_a,
+        rss as f64 / 1024.0,
+        if status { "answers" } else { "does not answer within 10 s" }
+    );
+    println!(
+        "  threads: {}",
+        threads
+            .iter()
+            .map(|(k, v)| format!("{v}x {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  stacks: gdb -p <pid> -batch -ex 'thread apply all bt' (set BENCH_KEEP_STALLED=1 to keep the daemon for it; it is killed otherwise)"
+    );
+    if env_or("BENCH_KEEP_STALLED", 0) == 1 {
+        println!("  keeping pid {pid}; kill -9 it when done");
+        std::process::exit(2);
+    }
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    std::process::exit(1);
+}
+
+/// Samples the store's size each interval, and checks that the daemon
+/// still polls.
+async fn sample(
+    sizes: &mut Vec<(f64, u64)>,
+    last_req: &mut u64,
+    t0: Instant,
+    state_dir: &Path,
+    pid: u32,
+    admin: &str,
+    bank: &Bank,
+) {
+    sizes.push((t0.elapsed().as_secs_f64(), du(state_dir).0));
+    let req = bank.requests.load(Ordering::Relaxed);
+    if req == *last_req {
+        let what = format!(
+            "no poll for one interval, {:.0}s into the measured window",
+            t0.elapsed().as_secs_f64()
+        );
+        stalled(&what, pid, admin, bank).await;
+    }
+    *last_req = req;
+}
+
+/// Current RSS of a process, KiB.
+fn rss_now(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Least-squares slope of (seconds, bytes) samples, bytes per second.
+fn slope(samples: &[(f64, u64)]) -> f64 {
+    let n = samples.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mx = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let my = samples.iter().map(|s| s.1 as f64).sum::<f64>() / n;
+    let num: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 as f64 - my)).sum();
+    let den: f64 = samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+// ----------------------------------------------------------------------- main
+
+#[tokio::main]
+async fn main() {
+    let n = env_or("BENCH_INSTANCES", 10_000) as usize;
+    let interval = Duration::from_secs(env_or("BENCH_INTERVAL_SECS", 10));
+    let per_interval = env_or("BENCH_CHANGES_PER_INTERVAL", 200);
+    let seconds = env_or("BENCH_SECONDS", 90);
+    let window = Duration::from_secs(seconds);
+    let grace = interval + Duration::from_secs(5);
+
+    let ids: Vec<String> = (1..=n).map(|i| format!("acc-{i:05}")).collect();
+    let bank = Arc::new(Bank::new(&ids));
+    let bank_app = Router::new()
+        .route("/accounts/{id}/balance", get(balance))
+        .with_state(bank.clone());
+    let bank_addr = common::serve(bank_app).await;
+
+    let rx = Arc::new(Mutex::new(Rx::default()));
+    let verifier = Arc::new(standardwebhooks::Webhook::new(SECRET).unwrap());
+    let rx_app = Router::new()
+        .route("/hook", post(receive))
+        .with_state((rx.clone(), verifier));
+    let rx_addr = common::serve(rx_app).await;
+
+    // No host quota would also do (an unconfigured host is unlimited); this
+    // is what an operator would write for a bank that allows 2,000/s.
+    let bridge = format!(
+        r#"state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{bank_addr}" }}
+    for_each: {{ account: [{list}] }}
+    schedule: every {secs}s
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "http://{rx_addr}/hook", secret: "{SECRET}", max_in_flight: 16 }}
+hosts:
+  "127.0.0.1:{port}": {{ rate: 2000/s, burst: 50, max_in_flight: 64 }}
+"#,
+        list = ids.join(", "),
+        secs = interval.as_secs(),
+        port = bank_addr.port(),
+    );
+
+    let started = Instant::now();
+    let mut daemon = common::Daemon::start("bank-balance.yaml", &bridge, "error").await;
+    let pid = daemon.pid;
+    let admin = daemon.admin.clone();
+    let state_dir = state_dir_of(pid);
+    // The bench must never leave the daemon running (Daemon has no Drop).
+    let guard = KillOnDrop(pid);
+
+    // Warm-up: every instance's first (baseline) poll, then one interval
+    // so that every instance polls from its own slot.
+    let mut last_progress = (0u64, Instant::now());
+    loop {
+        let polled = bank.polled_once.load(Ordering::Relaxed);
+        if polled as usize >= n {
+            break;
+        }
+        if polled != last_progress.0 {
+            last_progress = (polled, Instant::now());
+        } else if last_progress.1.elapsed() > STALL {
+            stalled(
+                &format!(
+                    "warm-up: {polled} of {n} instances polled once after {:.0}s, none for {}s",
+                    started.elapsed().as_secs_f64(),
+                    STALL.as_secs()
+                ),
+                pid,
+                &admin,
+                &bank,
+            )
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let baseline = started.elapsed();
+    let (cpu_warm, rss_warm) = proc_usage(pid);
+    tokio::time::sleep(interval).await;
+
+    // The measured window.
+    bank.record(true);
+    let t0 = Instant::now();
+    let (cpu0, _) = proc_usage(pid);
+    let (self_cpu0, _) = proc_usage(std::process::id());
+    let req0 = bank.requests.load(Ordering::Relaxed);
+    let nm0 = bank.not_modified.load(Ordering::Relaxed);
+    let mut sizes: Vec<(f64, u64)> = vec![(0.0, du(&state_dir).0)];
+    let mut next_sample = t0 + interval;
+    let mut last_req = req0;
+
+    let total = (per_interval as f64 * window.as_secs_f64() / interval.as_secs_f64()) as usize;
+    let gap = window.div_f64(total.max(1) as f64);
+    let mut made: Vec<((String, i64), Instant)> = Vec::with_capacity(total);
+    let mut rng = rand::rng();
+    let mut skipped = 0u64;
+    for k in 0..total {
+        let at = t0 + gap * k as u32;
+        while next_sample <= at {
+            tokio::time::sleep_until(next_sample.into()).await;
+            sample(
+                &mut sizes,
+                &mut last_req,
+                t0,
+                &state_dir,
+                pid,
+                &admin,
+                &bank,
+            )
+            .await;
+            next_sample += interval;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        let cents = 100_000 + k as i64;
+        let acc = loop {
+            let a = &ids[rng.random_range(0..n)];
+            if bank.change(a, cents) {
+                break a.clone();
+            }
+            skipped += 1;
+        };
+        made.push(((acc, cents), Instant::now()));
+    }
+    let t1 = t0 + window;
+    while next_sample <= t1 {
+        tokio::time::sleep_until(next_sample.into()).await;
+        sample(
+            &mut sizes,
+            &mut last_req,
+            t0,
+            &state_dir,
+            pid,
+            &admin,
+            &bank,
+        )
+        .await;
+        next_sample += interval;
+    }
+    tokio::time::sleep_until(t1.into()).await;
+    bank.record(false);
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu1, rss_peak) = proc_usage(pid);
+    let rss_end = rss_now(pid);
+    let (self_cpu1, _) = proc_usage(std::process::id());
+    let requests = bank.requests.load(Ordering::Relaxed) - req0;
+    let not_modified = bank.not_modified.load(Ordering::Relaxed) - nm0;
+
+    // The daemon's own view (fetched after the CPU sample: /status of
+    // 10,000 instances is not free).
+    let status = fetch_status(&admin).await.unwrap_or_default();
+
+    // Grace: every change made must arrive.
+    let grace_end = Instant::now() + grace;
+    loop {
+        let arrived = {
+            let rx = rx.lock().unwrap();
+            made.iter()
+                .filter(|(k, _)| rx.arrivals.contains_key(k))
+                .count()
+        };
+        if arrived == made.len() || Instant::now() >= grace_end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (size_live, apparent_live) = du(&state_dir);
+    // As Daemon::stop, but keeping its temp dir until the store is measured,
+    // and not forever.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let term = Instant::now();
+    let exited = loop {
+        if daemon.child.try_wait().ok().flatten().is_some() {
+            break true;
+        }
+        if term.elapsed() > STALL {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let shutdown = term.elapsed();
+    drop(guard);
+    let (size_stopped, apparent_stopped) = du(&state_dir);
+
+    // ------------------------------------------------------------- numbers
+    let rx = rx.lock().unwrap();
+    let mut lat: Vec<Duration> = made
+        .iter()
+        .filter_map(|(k, t)| rx.arrivals.get(k).map(|a| a.saturating_duration_since(*t)))
+        .collect();
+    lat.sort();
+    let missed = made.len() - lat.len();
+    let beyond: Vec<Duration> = lat.iter().map(|l| l.saturating_sub(interval)).collect();
+    let late = lat.iter().filter(|l| **l > interval + SLACK).count();
+    let duplicates: u32 = rx.ids.values().map(|c| c - 1).sum();
+    let unexpected = {
+        let made_keys: std::collections::HashSet<&(String, i64)> =
+            made.iter().map(|(k, _)| k).collect();
+        rx.arrivals
+            .keys()
+            .filter(|k| !made_keys.contains(k))
+            .count()
+    };
+
+    let accounts = bank.accounts.lock().unwrap();
+    let mut max_gaps: Vec<Duration> = accounts
+        .values()
+        .filter(|a| a.win_polls >= 2)
+        .map(|a| a.max_gap)
+        .collect();
+    max_gaps.sort();
+    let min_gap = accounts
+        .values()
+        .map(|a| a.min_gap)
+        .min()
+        .unwrap_or_default();
+    let under_two = accounts.values().filter(|a| a.win_polls < 2).count();
+    let off_time = max_gaps.iter().filter(|g| **g > interval + SLACK).count();
+    let on_time = n - off_time - under_two;
+
+    let insts = status["instances"].as_object();
+    let sum = |f: &str| -> u64 {
+        insts
+            .map(|m| m.values().map(|i| i[f].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0)
+    };
+    let max_eff = insts
+        .and_then(|m| {
+            m.values()
+                .filter_map(|i| i["effective_interval_ms"].as_u64())
+                .max()
+        })
+        .unwrap_or(0);
+
+    let growth = slope(&sizes); // bytes/s over the window
+    let size_end = sizes.last().map(|s| s.1).unwrap_or(0);
+    let cpu_share = (cpu1 - cpu0) / wall;
+
+    println!(
+        "scale benchmark: {n} instances of bank-balance every {}s, {per_interval} balance changes per interval, {seconds}s measured",
+        interval.as_secs()
+    );
+    println!(
+        "  warm-up: first poll of all {n} instances after {:.1}s (daemon {:.1} CPU s, peak RSS {:.1} MiB so far); window starts one interval later",
+        baseline.as_secs_f64(),
+        cpu_warm,
+        rss_warm as f64 / 1024.0
+    );
+    println!(
+        "  polls: {:.0}/s sustained ({requests} requests in {wall:.1}s, expected {:.0}/s; {:.1}% answered 304), daemon status: {} ok, {} failed",
+        requests as f64 / wall,
+        n as f64 / interval.as_secs_f64(),
+        100.0 * not_modified as f64 / requests.max(1) as f64,
+        sum("polls_ok"),
+        sum("polls_failed"),
+    );
+    println!(
+        "  changes: {} injected, {} arrived, {missed} missed (grace {}s after the window), duplicates {duplicates}, unexpected {unexpected}, other types {}, bad signatures {} ({skipped} picks re-drawn: account's last change not polled yet)",
+        made.len(),
+        lat.len(),
+        grace.as_secs(),
+        rx.other_types,
+        rx.bad
+    );
+    println!(
+        "  detection latency (change -> webhook arrival): p50 {:.2}s, p99 {:.2}s, max {:.2}s; beyond the {}s interval: p99 {:.2}s, max {:.2}s; later than interval + {}s: {late}",
+        pct(&lat, 0.5).as_secs_f64(),
+        pct(&lat, 0.99).as_secs_f64(),
+        pct(&lat, 1.0).as_secs_f64(),
+        interval.as_secs(),
+        pct(&beyond, 0.99).as_secs_f64(),
+        pct(&beyond, 1.0).as_secs_f64(),
+        SLACK.as_secs()
+    );
+    println!(
+        "  on time: {on_time}/{n} instances never waited more than interval + {}s between polls; largest gap per instance: p50 {:.2}s, p99 {:.2}s, max {:.2}s; smallest gap {:.2}s; polled < 2 times in the window: {under_two}; daemon's largest effective_interval_ms {max_eff}",
+        SLACK.as_secs(),
+        pct(&max_gaps, 0.5).as_secs_f64(),
+        pct(&max_gaps, 0.99).as_secs_f64(),
+        pct(&max_gaps, 1.0).as_secs_f64(),
+        if min_gap == Duration::MAX { 0.0 } else { min_gap.as_secs_f64() },
+    );
+    println!(
+        "  daemon: {:.1}% of one core over the window ({:.1} CPU s / {wall:.1} s), peak RSS {:.1} MiB (at the end {:.1} MiB); the bench process itself (mock + receiver): {:.1}% of one core",
+        cpu_share * 100.0,
+        cpu1 - cpu0,
+        rss_peak as f64 / 1024.0,
+        rss_end as f64 / 1024.0,
+        (self_cpu1 - self_cpu0) / wall * 100.0
+    );
+    println!(
+        "  shutdown: {}",
+        if exited {
+            format!("SIGTERM -> exited in {:.2}s", shutdown.as_secs_f64())
+        } else {
+            format!(
+                "did not exit within {}s of SIGTERM (killed)",
+                STALL.as_secs()
+            )
+        }
+    );
+    println!(
+        "  store (du of state_dir): {:.1} MiB at window start, {:.1} MiB at window end, {:.1} MiB after the grace period ({:.1} MiB apparent), {:.1} MiB after SIGTERM ({:.1} MiB apparent)",
+        mib(sizes[0].1),
+        mib(size_end),
+        mib(size_live),
+        mib(apparent_live),
+        mib(size_stopped),
+        mib(apparent_stopped)
+    );
+    println!(
+        "  store samples each interval (s: MiB): {}",
+        sizes
+            .iter()
+            .map(|(t, b)| format!("{t:.0}: {:.1}", mib(*b)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let lo = sizes.iter().map(|s| s.1).min().unwrap_or(0);
+    let hi = sizes.iter().map(|s| s.1).max().unwrap_or(0);
+    let trend = growth * wall;
+    println!(
+        "  store growth: trend {:+.1} MiB per hour (least-squares slope of the samples), i.e. {:+.1} MiB over the window, against {:.1} MiB between the smallest and largest sample (sled's files grow and shrink in steps as it reuses segments): {}; an hour of operation extrapolates to {:.1} MiB (end size + the trend when positive, for the rest of the hour).",
+        growth * 3600.0 / (1024.0 * 1024.0),
+        trend / (1024.0 * 1024.0),
+        mib(hi - lo),
+        if trend.abs() <= (hi - lo) as f64 {
+            "the trend is within that noise; a longer BENCH_SECONDS gives a firmer figure"
+        } else {
+            "the trend exceeds that noise"
+        },
+        mib(size_end) + (growth.max(0.0) * (3600.0 - wall)) / (1024.0 * 1024.0),
+    );
+    let attempts = rx.ids.values().sum::<u32>() as f64;
+    let per_s = made.len() as f64 / wall;
+    println!(
+        "    What bounds it: each instance's state is overwritten in place (one snapshot, no history); `detect: new` seen sets are bounded (seen_limit, default 10,000, and seen_ttl); delivered events leave the outbox; the delivery history keeps at most 10,000 attempts (store.history, default 7d): {attempts:.0} so far, at {per_s:.1}/s full after {:.0} min, after which it stops growing; the rest is sled's log, whose segments are reused as records are overwritten.",
+        10_000.0 / per_s.max(0.001) / 60.0
+    );
+}
