@@ -48,6 +48,7 @@ pub async fn serve(
         .route("/dlq/drop", axum::routing::post(dlq_drop))
         .route("/events", axum::routing::post(events))
         .route("/state/export", get(export))
+        .route("/endpoints/enable", axum::routing::post(enable))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -131,6 +132,30 @@ async fn dlq_drop(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>
         Ok(n) => Json(serde_json::json!({ "dropped": n })).into_response(),
         Err(e) => dlq_error(e),
     }
+}
+
+/// `pollhook endpoint enable` while the daemon runs.
+async fn enable(State(s): State<AdminState>, Json(q): Json<EnableQuery>) -> Response {
+    let Some(wake) = s.live.wake(&q.endpoint) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no endpoint named `{}`", q.endpoint) })),
+        )
+            .into_response();
+    };
+    match s.store.enable_endpoint(&q.endpoint) {
+        Ok(was) => {
+            wake.enable();
+            Json(serde_json::json!({ "enabled": q.endpoint, "was_disabled": was })).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /endpoints/enable` body.
+#[derive(serde::Deserialize, Serialize)]
+pub struct EnableQuery {
+    pub endpoint: String,
 }
 
 /// `pollhook state export` while the daemon runs.

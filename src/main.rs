@@ -90,6 +90,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Endpoints disabled by a `410 Gone` stay so across restarts until
+    /// enabled here.
+    Endpoint {
+        #[command(subcommand)]
+        command: EndpointCommand,
+    },
     /// Back up or restore the store (instance states, cursors, seen sets,
     /// outbox, dead letters, history) as JSON lines.
     State {
@@ -127,6 +133,16 @@ enum Command {
         timestamp: i64,
         #[arg(long)]
         signature: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointCommand {
+    /// Send to an endpoint again after a `410 Gone` or
+    /// `circuit.disable_after` disabled it (its queued events go out).
+    Enable {
+        /// The endpoint's name in bridge.yaml.
+        name: String,
     },
 }
 
@@ -262,6 +278,29 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("signature does NOT match");
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Endpoint {
+            command: EndpointCommand::Enable { name },
+        } => {
+            let config = Config::load(&cli.config)?;
+            if !config.endpoints.contains_key(&name) {
+                let known: Vec<&str> = config.endpoints.keys().map(String::as_str).collect();
+                bail!(
+                    "no endpoint named `{name}` in {} (known: {})",
+                    cli.config.display(),
+                    known.join(", ")
+                );
+            }
+            let q = pollhook::admin::EnableQuery {
+                endpoint: name.clone(),
+            };
+            let out = runtime()?.block_on(operate(&config, "enable", &q))?;
+            if out["was_disabled"] == true {
+                println!("endpoint `{name}` enabled: its queued events go out");
+            } else {
+                println!("endpoint `{name}` was not disabled");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::State { command } => {
             let config = Config::load(&cli.config)?;
@@ -691,6 +730,7 @@ async fn operate<Q: serde::Serialize>(
     if let Ok(addr) = std::fs::read_to_string(&addr_file) {
         let path = match op {
             "events" => "events".to_string(),
+            "enable" => "endpoints/enable".to_string(),
             other => format!("dlq/{other}"),
         };
         let mut req = reqwest::Client::new().post(format!("http://{}/{path}", addr.trim()));
@@ -737,6 +777,10 @@ async fn operate<Q: serde::Serialize>(
         "drop" => {
             let n = pollhook::dlq::drop(&store, &serde_json::from_value(q)?).await?;
             serde_json::json!({ "dropped": n })
+        }
+        "enable" => {
+            let q: pollhook::admin::EnableQuery = serde_json::from_value(q)?;
+            serde_json::json!({ "was_disabled": store.enable_endpoint(&q.endpoint)? })
         }
         _ => serde_json::to_value(pollhook::dlq::events(&store, &serde_json::from_value(q)?)?)?,
     };

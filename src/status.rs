@@ -45,7 +45,8 @@ pub struct InstanceStatus {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EndpointStatus {
     /// Why the endpoint is disabled (a `410 Gone`, or failing longer than
-    /// `circuit.disable_after`); nothing is sent to it until a restart.
+    /// `circuit.disable_after`); nothing is sent to it until
+    /// `pollhook endpoint enable` (kept in the store across restarts).
     pub disabled: Option<String>,
     /// Failed attempts in a row opened the circuit: only probes go out.
     pub circuit_open: bool,

@@ -217,6 +217,9 @@ pub struct Store {
     /// Instances no source polls any more (removed from the configuration):
     /// key → when their state may be deleted (ms since the epoch).
     removed: sled::Tree,
+    /// Endpoints disabled by a `410 Gone` or `circuit.disable_after`:
+    /// name → why. Kept across restarts until `pollhook endpoint enable`.
+    disabled: sled::Tree,
     flush: std::sync::Arc<GroupFlush>,
 }
 
@@ -320,6 +323,7 @@ impl Store {
             discovered: tree("discovered")?,
             attempts: tree("attempts")?,
             removed: tree("removed")?,
+            disabled: tree("disabled")?,
             db,
             flush: Default::default(),
         })
@@ -374,6 +378,38 @@ impl Store {
             .remove(instance)
             .map_err(sled_err("remove state"))?;
         Ok(())
+    }
+
+    /// Records that an endpoint is disabled, and why (flushed: a restart
+    /// must not send to an endpoint that said `410 Gone`).
+    pub fn disable_endpoint(&self, endpoint: &str, why: &str) -> Result<()> {
+        self.disabled
+            .insert(endpoint, encode(&why))
+            .map_err(sled_err("disable endpoint"))?;
+        self.flush()
+    }
+
+    /// Why an endpoint is disabled, if it is.
+    pub fn endpoint_disabled(&self, endpoint: &str) -> Result<Option<String>> {
+        match self
+            .disabled
+            .get(endpoint)
+            .map_err(sled_err("read disabled"))?
+        {
+            Some(b) => decode(endpoint.as_bytes(), &b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Enables an endpoint again; whether it was disabled.
+    pub fn enable_endpoint(&self, endpoint: &str) -> Result<bool> {
+        let was = self
+            .disabled
+            .remove(endpoint)
+            .map_err(sled_err("enable endpoint"))?
+            .is_some();
+        self.flush()?;
+        Ok(was)
     }
 
     /// Keys of every stored instance state (nothing decoded).
@@ -766,8 +802,9 @@ impl Store {
     /// the two scans then leaves an old state and its new events, which
     /// the imported daemon detects again under the same event ids (a
     /// duplicate, never a loss). The other order could lose the event.
-    fn backup_trees(&self) -> [(&'static str, &sled::Tree); 6] {
+    fn backup_trees(&self) -> [(&'static str, &sled::Tree); 7] {
         [
+            ("disabled", &self.disabled),
             ("state", &self.state),
             ("discovered", &self.discovered),
             ("removed", &self.removed),
@@ -853,7 +890,7 @@ impl Store {
             }
             let tree = v["tree"].as_str().unwrap_or("");
             let Some(t) = trees.iter().position(|(n, _)| *n == tree) else {
-                return Err(bad(no, format!("unknown tree `{tree}` (expected one of state, discovered, removed, outbox, dead, attempts)")));
+                return Err(bad(no, format!("unknown tree `{tree}` (expected one of disabled, state, discovered, removed, outbox, dead, attempts)")));
             };
             let key = B64
                 .decode(v["key"].as_str().unwrap_or(""))
@@ -874,6 +911,7 @@ impl Store {
                         "discovered" => check(Discovered::deserialize(value).map(drop))?,
                         "outbox" => check(OutboxEntry::deserialize(value).map(drop))?,
                         "dead" => check(DeadLetter::deserialize(value).map(drop))?,
+                        "disabled" => check(String::deserialize(value).map(drop))?,
                         _ => check(AttemptRecord::deserialize(value).map(drop))?,
                     }
                     serde_json::to_vec(value).expect("a JSON value serializes")

@@ -42,6 +42,8 @@ pub struct Wake {
     instances: std::sync::Mutex<HashSet<String>>,
     /// Entries appeared that only a scan finds (a dead-letter replay).
     rescan: std::sync::atomic::AtomicBool,
+    /// The operator enabled the endpoint again (`pollhook endpoint enable`).
+    enable: std::sync::atomic::AtomicBool,
 }
 
 impl Wake {
@@ -58,6 +60,16 @@ impl Wake {
     pub fn rescan(&self) {
         self.rescan.store(true, std::sync::atomic::Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// The endpoint was enabled again: forget its failures and send.
+    pub fn enable(&self) {
+        self.enable.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn take_enable(&self) -> bool {
+        self.enable.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     fn take(&self) -> HashSet<String> {
@@ -106,6 +118,18 @@ impl Worker {
         let mut in_flight: JoinSet<(EntryKey, OutboxEntry, Outcome, Answer)> = JoinSet::new();
         let mut busy: HashSet<String> = HashSet::new();
         let mut health = Health::default();
+        // Disabled before a restart: stays so until enabled.
+        match self.store.endpoint_disabled(&ep.name) {
+            Ok(why) => health.disabled = why,
+            Err(e) => {
+                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read whether the endpoint is disabled")
+            }
+        }
+        if let Some(why) = &health.disabled {
+            warn!(endpoint = %ep.name, "endpoint stays disabled ({why}); `pollhook endpoint enable {}` sends again", ep.name);
+            self.status
+                .endpoint(&ep.name, |s| s.disabled = health.disabled.clone());
+        }
         let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
         // Instances that may have entries for this endpoint.
         let mut pending: BTreeSet<String> = match self.store.outbox_instances(&ep.name) {
@@ -116,6 +140,16 @@ impl Worker {
             }
         };
         loop {
+            if self.wake.take_enable() {
+                tracing::info!(endpoint = %ep.name, "endpoint enabled: sending again");
+                health = Health::default();
+                self.status.endpoint(&ep.name, |s| {
+                    s.disabled = None;
+                    s.circuit_open = false;
+                    s.consecutive_failures = 0;
+                });
+                pending.extend(self.store.outbox_instances(&ep.name).unwrap_or_default());
+            }
             let mut next_due: Option<i64> = None;
             // The circuit: while open nothing goes out; when the probe time
             // comes, one delivery at a time until one succeeds.
@@ -242,6 +276,12 @@ impl Worker {
         }
     }
 
+    fn persist_disabled(&self, why: &str) {
+        if let Err(e) = self.store.disable_endpoint(&self.endpoint.name, why) {
+            error!(endpoint = %self.endpoint.name, error = %format!("{e:#}"), "cannot record that the endpoint is disabled; a restart enables it again");
+        }
+    }
+
     /// Keeps the attempt in the delivery history (`pollhook events`).
     fn record(&self, entry: &OutboxEntry, outcome: &Outcome, answer: &Answer) {
         let (kind, error) = match outcome {
@@ -289,8 +329,9 @@ impl Worker {
                 *health = Health::default();
             }
             Outcome::Gone => {
-                let why = "the endpoint answered 410 Gone: disabled, nothing more is sent to it until a restart; its events stay in the outbox".to_string();
+                let why = "the endpoint answered 410 Gone: disabled, nothing more is sent to it until `pollhook endpoint enable`; its events stay in the outbox".to_string();
                 error!(endpoint = %ep.name, "{why}");
+                self.persist_disabled(&why);
                 health.disabled = Some(why);
             }
             Outcome::Failed { .. } => {
@@ -307,10 +348,11 @@ impl Worker {
                 if let Some(limit) = ep.circuit.disable_after {
                     if since.elapsed() >= limit {
                         let why = format!(
-                            "failing continuously for {}: disabled (circuit.disable_after), nothing more is sent until a restart",
+                            "failing continuously for {}: disabled (circuit.disable_after), nothing more is sent until `pollhook endpoint enable`",
                             humantime::format_duration(limit)
                         );
                         error!(endpoint = %ep.name, "{why}");
+                        self.persist_disabled(&why);
                         health.disabled = Some(why);
                     }
                 }

@@ -135,7 +135,7 @@ async fn a_redirect_is_a_failure_and_is_never_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_the_endpoint_and_keeps_its_events() {
     let (url, rx) = Scripted::start(vec![(410, vec![])]).await;
-    let (bank, d) = setup(format!("    url: {url}\n    secret: {}", secret())).await;
+    let (bank, mut d) = setup(format!("    url: {url}\n    secret: {}", secret())).await;
     bank.set_balance("acc-0001", 12_345);
     wait_for("the 410", Duration::from_secs(20), || rx.count() >= 1).await;
     bank.set_balance("acc-0001", 23_456);
@@ -157,6 +157,47 @@ async fn gone_disables_the_endpoint_and_keeps_its_events() {
         .unwrap();
     d.wait_polls(&["balances/default"], polls + 5).await;
     assert_eq!(rx.count(), 1);
+    // Disabled it stays, across a restart too (the receiver would now
+    // accept: nothing may reach it).
+    assert!(d.terminate().success());
+    d.start().await;
+    let s = d
+        .wait_status("disabled after the restart", |s| {
+            s["endpoints"]["agent"]["disabled"].is_string()
+        })
+        .await;
+    let polls = s["instances"]["balances/default"]["polls_ok"]
+        .as_u64()
+        .unwrap();
+    d.wait_polls(&["balances/default"], polls + 5).await;
+    assert_eq!(rx.count(), 1);
+    // Until the operator enables it: the queued events go out, in order.
+    let out = tokio::task::block_in_place(|| {
+        d.command(&["endpoint", "enable", "agent"])
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("enabled"));
+    wait_for("the queued events", Duration::from_secs(20), || {
+        rx.count() == 3
+    })
+    .await;
+    let s = d
+        .wait_status("the outbox drained", |s| {
+            s["endpoints"]["agent"]["queue_depth"] == 0
+        })
+        .await;
+    assert!(s["endpoints"]["agent"]["disabled"].is_null(), "{s:#}");
+    let out = tokio::task::block_in_place(|| {
+        d.command(&["endpoint", "enable", "nope"]).output().unwrap()
+    });
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no endpoint named `nope`"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
