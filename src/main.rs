@@ -495,21 +495,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `GET /status` of the running daemon.
 async fn fetch_status(config: &Config) -> anyhow::Result<serde_json::Value> {
-    let addr_file = config.state_dir.join("admin.addr");
-    let addr = std::fs::read_to_string(&addr_file).with_context(|| {
-        format!(
-            "no running daemon found ({} is missing; the daemon writes it when `admin.listen` is set)",
-            addr_file.display()
-        )
-    })?;
-    let mut req = reqwest::Client::new().get(format!("http://{}/status", addr.trim()));
-    if let Some(t) = &config.admin_token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the daemon's admin server at {}", addr.trim()))?;
+    let Some(resp) = to_daemon(config, reqwest::Method::GET, "status", None).await? else {
+        bail!(
+            "no running daemon found ({} is missing or stale; the daemon writes it when `admin.listen` is set)",
+            config.state_dir.join("admin.addr").display()
+        );
+    };
     if !resp.status().is_success() {
         bail!("the admin server answered {}", resp.status());
     }
@@ -684,40 +675,61 @@ fn dlq_filter(config: &Config, a: &DlqArgs) -> anyhow::Result<pollhook::dlq::Fil
 /// Runs a dead-letter or history operation: through the running daemon's
 /// admin server when there is one (the daemon holds the store), else on
 /// the stopped store directly.
+/// A request to the running daemon's admin server, with the config's token.
+/// `None` when no daemon runs: no `admin.addr`, or a stale one (the daemon
+/// was killed) that refuses the connection.
+async fn to_daemon(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+    json: Option<Vec<u8>>,
+) -> anyhow::Result<Option<reqwest::Response>> {
+    let Ok(addr) = std::fs::read_to_string(config.state_dir.join("admin.addr")) else {
+        return Ok(None);
+    };
+    let mut req = reqwest::Client::new().request(method, format!("http://{}/{path}", addr.trim()));
+    if let Some(t) = &config.admin_token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(body) = json {
+        req = req.header("content-type", "application/json").body(body);
+    }
+    match req.send().await {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(e).context("cannot reach the daemon's admin server"),
+    }
+}
+
+/// The store of a stopped daemon (a running one holds its lock).
+fn stopped_store(config: &Config, what: &str) -> anyhow::Result<pollhook::store::Store> {
+    pollhook::store::Store::open(&config.state_dir).with_context(|| {
+        format!(
+            "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to {what} while it runs)",
+            config.state_dir.display()
+        )
+    })
+}
+
 /// `pollhook state export`: through the running daemon's admin server,
 /// else from the stopped store.
 async fn export(config: &Config) -> anyhow::Result<Vec<u8>> {
-    if let Ok(addr) = std::fs::read_to_string(config.state_dir.join("admin.addr")) {
-        let mut req = reqwest::Client::new().get(format!("http://{}/state/export", addr.trim()));
-        if let Some(t) = &config.admin_token {
-            req = req.bearer_auth(t);
-        }
-        match req.send().await {
-            Ok(r) if r.status().is_success() => {
-                return Ok(r
-                    .bytes()
-                    .await
-                    .context("the admin server's answer")?
-                    .to_vec())
-            }
-            Ok(r) => bail!(
+    if let Some(r) = to_daemon(config, reqwest::Method::GET, "state/export", None).await? {
+        if !r.status().is_success() {
+            bail!(
                 "the admin server refused the export: {} {}",
                 r.status(),
                 r.text().await.unwrap_or_default().trim()
-            ),
-            // A stale admin.addr (the daemon was killed): use the store.
-            Err(e) if e.is_connect() => {}
-            Err(e) => return Err(e).context("cannot reach the daemon's admin server"),
+            );
         }
+        return Ok(r
+            .bytes()
+            .await
+            .context("the admin server's answer")?
+            .to_vec());
     }
-    let store = pollhook::store::Store::open(&config.state_dir).with_context(|| {
-        format!(
-            "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to export while it runs)",
-            config.state_dir.display()
-        )
-    })?;
     let mut out = Vec::new();
-    store.export(&mut out)?;
+    stopped_store(config, "export")?.export(&mut out)?;
     Ok(out)
 }
 
@@ -726,47 +738,26 @@ async fn operate<Q: serde::Serialize>(
     op: &str,
     query: &Q,
 ) -> anyhow::Result<serde_json::Value> {
-    let addr_file = config.state_dir.join("admin.addr");
-    if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-        let path = match op {
-            "events" => "events".to_string(),
-            "enable" => "endpoints/enable".to_string(),
-            other => format!("dlq/{other}"),
-        };
-        let mut req = reqwest::Client::new().post(format!("http://{}/{path}", addr.trim()));
-        if let Some(t) = &config.admin_token {
-            req = req.bearer_auth(t);
+    let path = match op {
+        "events" => "events".to_string(),
+        "enable" => "endpoints/enable".to_string(),
+        other => format!("dlq/{other}"),
+    };
+    let body = serde_json::to_vec(query)?;
+    if let Some(r) = to_daemon(config, reqwest::Method::POST, &path, Some(body)).await? {
+        let status = r.status();
+        let bytes = r.bytes().await.context("the admin server's answer")?;
+        let body: serde_json::Value =
+            serde_json::from_slice(&bytes).context("the admin server's answer")?;
+        if !status.is_success() {
+            bail!(
+                "{}",
+                body["error"].as_str().unwrap_or("the admin server refused")
+            );
         }
-        let resp = req
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(query)?)
-            .send()
-            .await;
-        match resp {
-            Ok(r) => {
-                let status = r.status();
-                let bytes = r.bytes().await.context("the admin server's answer")?;
-                let body: serde_json::Value =
-                    serde_json::from_slice(&bytes).context("the admin server's answer")?;
-                if !status.is_success() {
-                    bail!(
-                        "{}",
-                        body["error"].as_str().unwrap_or("the admin server refused")
-                    );
-                }
-                return Ok(body);
-            }
-            // A stale admin.addr (the daemon was killed): use the store.
-            Err(e) if e.is_connect() => {}
-            Err(e) => return Err(e).context("cannot reach the daemon's admin server"),
-        }
+        return Ok(body);
     }
-    let store = pollhook::store::Store::open(&config.state_dir).with_context(|| {
-        format!(
-            "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to use this command while it runs)",
-            config.state_dir.display()
-        )
-    })?;
+    let store = stopped_store(config, "use this command")?;
     let q = serde_json::to_value(query)?;
     let out = match op {
         "list" => serde_json::to_value(pollhook::dlq::list(&store, &serde_json::from_value(q)?)?)?,
