@@ -430,11 +430,7 @@ impl Store {
     pub fn mark_removed(&self, instance: &str, delete_at_ms: i64) -> Result<()> {
         let _ = self
             .removed
-            .compare_and_swap(
-                instance,
-                None as Option<&[u8]>,
-                Some(&delete_at_ms.to_be_bytes()),
-            )
+            .compare_and_swap(instance, None as Option<&[u8]>, Some(encode(&delete_at_ms)))
             .map_err(sled_err("mark removed"))?;
         Ok(())
     }
@@ -453,10 +449,7 @@ impl Store {
             .iter()
             .map(|r| {
                 let (k, v) = r.map_err(sled_err("scan removed"))?;
-                let at = <[u8; 8]>::try_from(v.as_ref())
-                    .map(i64::from_be_bytes)
-                    .unwrap_or(0);
-                Ok((String::from_utf8_lossy(&k).to_string(), at))
+                Ok((String::from_utf8_lossy(&k).to_string(), decode(&k, &v)?))
             })
             .collect()
     }
@@ -815,7 +808,8 @@ impl Store {
     }
 
     /// Writes a backup as JSON lines: a header, then one line per record
-    /// (`tree`, base64 `key`, and the record's JSON `value`). Readable,
+    /// (`tree`, base64 `key`, and the record's JSON `value`; every tree
+    /// stores JSON). Readable,
     /// diffable, and independent of sled's on-disk format.
     pub fn export(&self, out: &mut dyn std::io::Write) -> Result<usize> {
         let header = serde_json::json!({
@@ -828,17 +822,7 @@ impl Store {
         for (name, tree) in self.backup_trees() {
             for r in tree.iter() {
                 let (k, v) = r.map_err(sled_err("scan for export"))?;
-                let value: Value = if name == "removed" {
-                    <[u8; 8]>::try_from(v.as_ref())
-                        .map(i64::from_be_bytes)
-                        .unwrap_or(0)
-                        .into()
-                } else {
-                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                        key: String::from_utf8_lossy(&k).replace('\0', "/"),
-                        detail: e.to_string(),
-                    })?
-                };
+                let value: Value = decode(&k, &v)?;
                 let line =
                     serde_json::json!({ "tree": name, "key": B64.encode(&k), "value": value });
                 writeln!(out, "{line}").map_err(StoreError::Write)?;
@@ -899,24 +883,16 @@ impl Store {
             let check = |r: std::result::Result<(), serde_json::Error>| {
                 r.map_err(|e| bad(no, format!("`value` is not a {tree} record: {e}")))
             };
-            let bytes = match tree {
-                "removed" => value
-                    .as_i64()
-                    .ok_or_else(|| bad(no, "`value` of a removed mark is a time in ms".into()))?
-                    .to_be_bytes()
-                    .to_vec(),
-                _ => {
-                    match tree {
-                        "state" => check(InstanceState::deserialize(value).map(drop))?,
-                        "discovered" => check(Discovered::deserialize(value).map(drop))?,
-                        "outbox" => check(OutboxEntry::deserialize(value).map(drop))?,
-                        "dead" => check(DeadLetter::deserialize(value).map(drop))?,
-                        "disabled" => check(String::deserialize(value).map(drop))?,
-                        _ => check(AttemptRecord::deserialize(value).map(drop))?,
-                    }
-                    serde_json::to_vec(value).expect("a JSON value serializes")
-                }
-            };
+            match tree {
+                "state" => check(InstanceState::deserialize(value).map(drop))?,
+                "discovered" => check(Discovered::deserialize(value).map(drop))?,
+                "removed" => check(i64::deserialize(value).map(drop))?,
+                "outbox" => check(OutboxEntry::deserialize(value).map(drop))?,
+                "dead" => check(DeadLetter::deserialize(value).map(drop))?,
+                "disabled" => check(String::deserialize(value).map(drop))?,
+                _ => check(AttemptRecord::deserialize(value).map(drop))?,
+            }
+            let bytes = encode(value);
             rows.push((t, key, bytes));
         }
         for (t, key, bytes) in &rows {
