@@ -7,20 +7,7 @@ use std::time::Duration;
 use crate::support::*;
 
 fn bridge(bank: &str, endpoints: &str, deliver_to: &str) -> String {
-    format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  balances:
-    connector: bank-balance
-    with: {{ base_url: "http://{bank}", account: acc-0001 }}
-    schedule: every 50ms
-    deliver_to: {deliver_to}
-endpoints:
-{endpoints}
-"#
-    )
+    balance_bridge(bank, "50ms", deliver_to, endpoints, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,20 +61,12 @@ impl Scripted {
 }
 
 fn bridge(bank: &str, endpoint: &str) -> String {
-    format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  balances:
-    connector: bank-balance
-    with: {{ base_url: "http://{bank}", account: acc-0001 }}
-    schedule: every 50ms
-    deliver_to: [agent]
-endpoints:
-  agent:
-{endpoint}
-"#
+    balance_bridge(
+        bank,
+        "50ms",
+        "[agent]",
+        &format!("  agent:\n{endpoint}"),
+        "",
     )
 }
 

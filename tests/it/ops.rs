@@ -23,20 +23,15 @@ fn messages(sock: &UnixDatagram, until: impl Fn(&[String]) -> bool) -> Vec<Strin
 async fn sd_notify_ready_watchdog_and_stopping() {
     let bank = Bank::new(&["acc-0001"]);
     let addr = bank.serve("127.0.0.1:0").await;
-    let bridge = format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  balances:
-    connector: bank-balance
-    with: {{ base_url: "http://{addr}", account: acc-0001 }}
-    schedule: every 1s
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "http://127.0.0.1:9/", secret: "{}" }}
-"#,
-        secret()
+    let bridge = balance_bridge(
+        addr,
+        "1s",
+        "[agent]",
+        &format!(
+            "  agent: {{ url: \"http://127.0.0.1:9/\", secret: \"{}\" }}",
+            secret()
+        ),
+        "",
     );
     let mut d = Daemon::new(
         &bridge,
@@ -186,22 +181,16 @@ async fn sigterm_hands_back_deliveries_past_the_deadline_and_finishes_those_with
     // The receiver holds the first delivery far longer than the deadline.
     let rx = Receiver::start(&secret(), Plan::Slow(Duration::from_secs(60))).await;
     let bridge = |timeout: &str| {
-        format!(
-            r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-shutdown_timeout: {timeout}
-sources:
-  balances:
-    connector: bank-balance
-    with: {{ base_url: "http://{addr}", account: acc-0001 }}
-    schedule: every 100ms
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "{}", secret: "{}", timeout: 120s }}
-"#,
-            rx.url,
-            secret()
+        balance_bridge(
+            addr,
+            "100ms",
+            "[agent]",
+            &format!(
+                "  agent: {{ url: \"{}\", secret: \"{}\", timeout: 120s }}",
+                rx.url,
+                secret()
+            ),
+            &format!("shutdown_timeout: {timeout}"),
         )
     };
     let mut d = Daemon::new(
@@ -494,21 +483,16 @@ async fn state_export_while_running_and_import_elsewhere_lose_nothing() {
     let addr = bank.serve("127.0.0.1:0").await;
     // The agent is down (503) while the backup is taken.
     let rx = Receiver::start(&secret(), Plan::Always(503)).await;
-    let bridge = format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  balances:
-    connector: bank-balance
-    with: {{ base_url: "http://{addr}", account: acc-0001 }}
-    schedule: every 100ms
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "{}", secret: "{}", retry: {{ schedule: [200ms, 200ms, 200ms, 200ms, 200ms, 200ms, 200ms, 200ms] }} }}
-"#,
-        rx.url,
-        secret()
+    let bridge = balance_bridge(
+        addr,
+        "100ms",
+        "[agent]",
+        &format!(
+            "  agent: {{ url: \"{}\", secret: \"{}\", retry: {{ schedule: [200ms, 200ms, 200ms, 200ms, 200ms, 200ms, 200ms, 200ms] }} }}",
+            rx.url,
+            secret()
+        ),
+        "",
     );
     let connectors = [("bank-balance.yaml", repo_connector("bank-balance.yaml"))];
     let mut d1 = Daemon::new(&bridge, &connectors);
@@ -604,22 +588,16 @@ async fn store_retention_forgets_old_history_and_dead_letters() {
     let addr = bank.serve("127.0.0.1:0").await;
     let rx = Receiver::start(&secret(), Plan::Always(500)).await;
     let bridge = |retention: &str| {
-        format!(
-            r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-{retention}
-sources:
-  balances:
-    connector: bank-balance
-    with: {{ base_url: "http://{addr}", account: acc-0001 }}
-    schedule: every 100ms
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "{}", secret: "{}", retry: {{ max_attempts: 1 }} }}
-"#,
-            rx.url,
-            secret()
+        balance_bridge(
+            addr,
+            "100ms",
+            "[agent]",
+            &format!(
+                "  agent: {{ url: \"{}\", secret: \"{}\", retry: {{ max_attempts: 1 }} }}",
+                rx.url,
+                secret()
+            ),
+            retention,
         )
     };
     let mut d = Daemon::new(

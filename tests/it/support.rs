@@ -185,6 +185,34 @@ fn record(
     (answered, hold)
 }
 
+/// A bridge with one source, `balances`, polling `acc-0001` of the mock
+/// bank at `bank` every `every` with the repository's `bank-balance`
+/// connector and delivering to `deliver_to` (a YAML list); `endpoints` is
+/// the body of the `endpoints:` block, `extra` more top-level keys.
+pub fn balance_bridge(
+    bank: impl std::fmt::Display,
+    every: &str,
+    deliver_to: &str,
+    endpoints: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+{extra}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{bank}", account: acc-0001 }}
+    schedule: every {every}
+    deliver_to: {deliver_to}
+endpoints:
+{endpoints}
+"#
+    )
+}
+
 /// The repository's own connector files, so tests run the real connectors.
 pub fn repo_connector(name: &str) -> String {
     std::fs::read_to_string(
