@@ -25,7 +25,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+use common::SECRET;
 
 struct Rx {
     verifier: standardwebhooks::Webhook,

@@ -25,7 +25,7 @@ use axum::routing::post;
 use axum::Router;
 use common::{env_or, proc_usage};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+use common::SECRET;
 
 struct Rx {
     verifier: standardwebhooks::Webhook,

@@ -17,50 +17,10 @@ mod bank;
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::Router;
-use common::{env_or, max_per_second, pct, proc_usage};
+use common::{env_or, max_per_second, pct, proc_usage, SECRET};
 use rand::Rng;
-
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-#[derive(Default)]
-struct Rx {
-    /// (instance, balance in cents) → first arrival.
-    arrivals: HashMap<(String, i64), Instant>,
-    /// webhook-id → deliveries accepted.
-    ids: HashMap<String, u32>,
-    bad: u64,
-}
-
-async fn receive(
-    State((rx, v)): State<(Arc<Mutex<Rx>>, Arc<standardwebhooks::Webhook>)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
-    let mut rx = rx.lock().unwrap();
-    if v.verify(&body, &headers).is_err() {
-        rx.bad += 1;
-        return StatusCode::UNAUTHORIZED;
-    }
-    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let id = headers["webhook-id"].to_str().unwrap().to_string();
-    *rx.ids.entry(id).or_default() += 1;
-    if e["type"] == "bank.balance.changed" {
-        let cents = (e["data"]["current"]["available"].as_f64().unwrap() * 100.0).round() as i64;
-        let inst = e["instance"].as_str().unwrap().to_string();
-        rx.arrivals
-            .entry((inst, cents))
-            .or_insert_with(Instant::now);
-    }
-    StatusCode::NO_CONTENT
-}
 
 async fn run(quota: Option<u32>) {
     let accounts = env_or("BENCH_ACCOUNTS", 50) as usize;
@@ -73,12 +33,7 @@ async fn run(quota: Option<u32>) {
     let bank = bank::Bank::new(&refs).with_limit(limit);
     let bank_addr = bank.serve("127.0.0.1:0").await;
 
-    let rx = Arc::new(Mutex::new(Rx::default()));
-    let verifier = Arc::new(standardwebhooks::Webhook::new(SECRET).unwrap());
-    let app = Router::new()
-        .route("/hook", post(receive))
-        .with_state((rx.clone(), verifier));
-    let rx_addr = common::serve(app).await;
+    let (rx, rx_addr) = common::balance_receiver().await;
 
     let hosts = match quota {
         Some(q) => format!(

@@ -38,17 +38,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
-use common::{env_or, pct, proc_usage};
+use common::{env_or, pct, proc_usage, SECRET};
 use rand::Rng;
 use serde_json::json;
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// Slack above the interval that still counts as on time.
 const SLACK: Duration = Duration::from_secs(2);
 
@@ -189,40 +187,6 @@ async fn balance(
 
 // ------------------------------------------------------------------- receiver
 
-#[derive(Default)]
-struct Rx {
-    /// (instance, balance in cents) → first arrival.
-    arrivals: HashMap<(String, i64), Instant>,
-    /// webhook-id → deliveries accepted.
-    ids: HashMap<String, u32>,
-    other_types: u64,
-    bad: u64,
-}
-
-async fn receive(
-    State((rx, v)): State<(Arc<Mutex<Rx>>, Arc<standardwebhooks::Webhook>)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
-    let now = Instant::now();
-    let mut rx = rx.lock().unwrap();
-    if v.verify(&body, &headers).is_err() {
-        rx.bad += 1;
-        return StatusCode::UNAUTHORIZED;
-    }
-    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let id = headers["webhook-id"].to_str().unwrap().to_string();
-    *rx.ids.entry(id).or_default() += 1;
-    if e["type"] == "bank.balance.changed" {
-        let cents = (e["data"]["current"]["available"].as_f64().unwrap() * 100.0).round() as i64;
-        let inst = e["instance"].as_str().unwrap().to_string();
-        rx.arrivals.entry((inst, cents)).or_insert(now);
-    } else {
-        rx.other_types += 1;
-    }
-    StatusCode::NO_CONTENT
-}
-
 // -------------------------------------------------------------------- helpers
 
 /// (disk usage as `du` counts it, apparent size) of a directory, bytes.
@@ -339,25 +303,35 @@ async fn stalled(what: &str, pid: u32, admin: &str, bank: &Bank) -> ! {
 
 /// Samples the store's size each interval, and checks that the daemon
 /// still polls.
-async fn sample(
-    sizes: &mut Vec<(f64, u64)>,
-    last_req: &mut u64,
+struct Sampler<'a> {
+    /// (seconds into the window, store bytes).
+    sizes: Vec<(f64, u64)>,
+    last_req: u64,
+    next: Instant,
+    interval: Duration,
     t0: Instant,
-    state_dir: &Path,
+    state_dir: &'a Path,
     pid: u32,
-    admin: &str,
-    bank: &Bank,
-) {
-    sizes.push((t0.elapsed().as_secs_f64(), du(state_dir).0));
-    let req = bank.requests.load(Ordering::Relaxed);
-    if req == *last_req {
-        let what = format!(
-            "no poll for one interval, {:.0}s into the measured window",
-            t0.elapsed().as_secs_f64()
-        );
-        stalled(&what, pid, admin, bank).await;
+    admin: &'a str,
+    bank: &'a Bank,
+}
+
+impl Sampler<'_> {
+    /// Takes every sample due up to `t`, each at its time.
+    async fn until(&mut self, t: Instant) {
+        while self.next <= t {
+            tokio::time::sleep_until(self.next.into()).await;
+            let at = self.t0.elapsed().as_secs_f64();
+            self.sizes.push((at, du(self.state_dir).0));
+            let req = self.bank.requests.load(Ordering::Relaxed);
+            if req == self.last_req {
+                let what = format!("no poll for one interval, {at:.0}s into the measured window");
+                stalled(&what, self.pid, self.admin, self.bank).await;
+            }
+            self.last_req = req;
+            self.next += self.interval;
+        }
     }
-    *last_req = req;
 }
 
 /// Current RSS of a process, KiB.
@@ -406,12 +380,7 @@ async fn main() {
         .with_state(bank.clone());
     let bank_addr = common::serve(bank_app).await;
 
-    let rx = Arc::new(Mutex::new(Rx::default()));
-    let verifier = Arc::new(standardwebhooks::Webhook::new(SECRET).unwrap());
-    let rx_app = Router::new()
-        .route("/hook", post(receive))
-        .with_state((rx.clone(), verifier));
-    let rx_addr = common::serve(rx_app).await;
+    let (rx, rx_addr) = common::balance_receiver().await;
 
     // No host quota would also do (an unconfigured host is unlimited); this
     // is what an operator would write for a bank that allows 2,000/s.
@@ -479,9 +448,17 @@ hosts:
     let (self_cpu0, _) = proc_usage(std::process::id());
     let req0 = bank.requests.load(Ordering::Relaxed);
     let nm0 = bank.not_modified.load(Ordering::Relaxed);
-    let mut sizes: Vec<(f64, u64)> = vec![(0.0, du(&state_dir).0)];
-    let mut next_sample = t0 + interval;
-    let mut last_req = req0;
+    let mut sampler = Sampler {
+        sizes: vec![(0.0, du(&state_dir).0)],
+        last_req: req0,
+        next: t0 + interval,
+        interval,
+        t0,
+        state_dir: &state_dir,
+        pid,
+        admin: &admin,
+        bank: &bank,
+    };
 
     let total = (per_interval as f64 * window.as_secs_f64() / interval.as_secs_f64()) as usize;
     let gap = window.div_f64(total.max(1) as f64);
@@ -490,20 +467,7 @@ hosts:
     let mut skipped = 0u64;
     for k in 0..total {
         let at = t0 + gap * k as u32;
-        while next_sample <= at {
-            tokio::time::sleep_until(next_sample.into()).await;
-            sample(
-                &mut sizes,
-                &mut last_req,
-                t0,
-                &state_dir,
-                pid,
-                &admin,
-                &bank,
-            )
-            .await;
-            next_sample += interval;
-        }
+        sampler.until(at).await;
         tokio::time::sleep_until(at.into()).await;
         let cents = 100_000 + k as i64;
         let acc = loop {
@@ -516,20 +480,7 @@ hosts:
         made.push(((acc, cents), Instant::now()));
     }
     let t1 = t0 + window;
-    while next_sample <= t1 {
-        tokio::time::sleep_until(next_sample.into()).await;
-        sample(
-            &mut sizes,
-            &mut last_req,
-            t0,
-            &state_dir,
-            pid,
-            &admin,
-            &bank,
-        )
-        .await;
-        next_sample += interval;
-    }
+    sampler.until(t1).await;
     tokio::time::sleep_until(t1.into()).await;
     bank.record(false);
     let wall = t0.elapsed().as_secs_f64();
@@ -625,6 +576,7 @@ hosts:
         })
         .unwrap_or(0);
 
+    let sizes = sampler.sizes;
     let growth = slope(&sizes); // bytes/s over the window
     let size_end = sizes.last().map(|s| s.1).unwrap_or(0);
     let cpu_share = (cpu1 - cpu0) / wall;

@@ -2,7 +2,16 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+
+/// The agent's signing secret in every bench.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -114,4 +123,51 @@ impl Daemon {
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// What the balance benches' receiver saw.
+#[derive(Default)]
+pub struct BalanceRx {
+    /// (instance, balance in cents) → first arrival.
+    pub arrivals: HashMap<(String, i64), Instant>,
+    /// webhook-id → deliveries accepted.
+    pub ids: HashMap<String, u32>,
+    /// Verified events of another type than `bank.balance.changed`.
+    pub other_types: u64,
+    pub bad: u64,
+}
+
+/// An agent on 127.0.0.1 that verifies every webhook with the reference
+/// verifier and records when each balance change first arrived.
+pub async fn balance_receiver() -> (Arc<Mutex<BalanceRx>>, std::net::SocketAddr) {
+    let rx = Arc::new(Mutex::new(BalanceRx::default()));
+    let verifier = Arc::new(standardwebhooks::Webhook::new(SECRET).unwrap());
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive_balance))
+        .with_state((rx.clone(), verifier));
+    (rx, serve(app).await)
+}
+
+async fn receive_balance(
+    State((rx, v)): State<(Arc<Mutex<BalanceRx>>, Arc<standardwebhooks::Webhook>)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let now = Instant::now();
+    let mut rx = rx.lock().unwrap();
+    if v.verify(&body, &headers).is_err() {
+        rx.bad += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = headers["webhook-id"].to_str().unwrap().to_string();
+    *rx.ids.entry(id).or_default() += 1;
+    if e["type"] == "bank.balance.changed" {
+        let cents = (e["data"]["current"]["available"].as_f64().unwrap() * 100.0).round() as i64;
+        let inst = e["instance"].as_str().unwrap().to_string();
+        rx.arrivals.entry((inst, cents)).or_insert(now);
+    } else {
+        rx.other_types += 1;
+    }
+    StatusCode::NO_CONTENT
 }
