@@ -184,5 +184,58 @@ async fn sighup_applies_a_good_config_and_keeps_running_on_a_bad_one() {
         "{}",
         d.log()
     );
+    // The store cannot move under a running daemon: refused.
+    let v2 = bridge(&addr, &rx.url, V2);
+    std::fs::write(
+        d.config(),
+        v2.replace("state_dir: state", "state_dir: elsewhere"),
+    )
+    .unwrap();
+    hup(&d);
+    let s = d
+        .wait_status("the state_dir change refused", |s| {
+            s["config"]["reloads_failed"] == 2
+        })
+        .await;
+    assert!(
+        s["config"]["last_reload_error"]
+            .as_str()
+            .unwrap()
+            .contains("state_dir changed"),
+        "{s:#}"
+    );
+    // The admin token follows a reload.
+    std::fs::write(
+        d.config(),
+        v2.replace(
+            "admin: { listen: \"127.0.0.1:0\" }",
+            "admin: { listen: \"127.0.0.1:0\", token: rotated-t0ken }",
+        ),
+    )
+    .unwrap();
+    hup(&d);
+    let url = format!("http://{}/status", d.admin.clone().unwrap());
+    let client = reqwest::Client::new();
+    wait_for("the token required", Duration::from_secs(20), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(client.get(&url).send())
+                .unwrap()
+                .status()
+                == 401
+        })
+    })
+    .await;
+    let body = client
+        .get(&url)
+        .bearer_auth("rotated-t0ken")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(s["config"]["reloads"], 4, "{s:#}");
     assert!(d.terminate().success());
 }
