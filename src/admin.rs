@@ -1,7 +1,8 @@
 //! Admin HTTP: `/healthz`, `/readyz`, `/status` (JSON), `/metrics`
-//! (Prometheus text), and the operator's repair tools: `POST /dlq/list`,
-//! `POST /dlq/replay`, `POST /dlq/drop`, `POST /events` (what `pollhook dlq`
-//! and `pollhook events` call while the daemon runs). Loopback by default;
+//! (Prometheus text), and the operator's repair tools: every
+//! [`crate::ops`] operation at its `POST` route (what `pollhook dlq`,
+//! `events` and `endpoint enable` call while the daemon runs) and
+//! `GET /state/export`. Loopback by default;
 //! shows no secrets (status holds masked errors only; bodies are not shown).
 
 use std::collections::BTreeMap;
@@ -11,11 +12,12 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::ops::{self, Op};
 use crate::status::{EndpointStatus, Histogram, InstanceStatus, Metrics, Status, BUCKETS};
 use crate::store::Store;
 
@@ -31,6 +33,13 @@ pub struct AdminState {
     pub live: Arc<crate::daemon::Live>,
 }
 
+/// The route of an operation.
+fn route<O: Op>() -> &'static str {
+    // Leaked once per route at start: axum wants `&str` paths with the
+    // leading slash, operations name theirs without it.
+    Box::leak(format!("/{}", O::PATH).into_boxed_str())
+}
+
 /// Serves until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -43,12 +52,12 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         // JSON bodies carry the filters (lists of sources, times), so even
         // the read-only queries are POSTs.
-        .route("/dlq/list", axum::routing::post(dlq_list))
-        .route("/dlq/replay", axum::routing::post(dlq_replay))
-        .route("/dlq/drop", axum::routing::post(dlq_drop))
-        .route("/events", axum::routing::post(events))
+        .route(route::<ops::DlqList>(), post(operation::<ops::DlqList>))
+        .route(route::<ops::DlqReplay>(), post(operation::<ops::DlqReplay>))
+        .route(route::<ops::DlqDrop>(), post(operation::<ops::DlqDrop>))
+        .route(route::<ops::Events>(), post(operation::<ops::Events>))
+        .route(route::<ops::Enable>(), post(operation::<ops::Enable>))
         .route("/state/export", get(export))
-        .route("/endpoints/enable", axum::routing::post(enable))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -87,97 +96,48 @@ async fn authorize(
     next.run(req).await
 }
 
-fn store_error(e: impl std::fmt::Display) -> Response {
+/// The daemon as operator operations see it: its endpoints and their
+/// workers' wake-ups.
+struct Daemon<'a>(&'a crate::daemon::Live);
+
+impl ops::Running for Daemon<'_> {
+    fn has_endpoint(&self, name: &str) -> bool {
+        self.0.wake(name).is_some()
+    }
+    fn replayed(&self, endpoint: &str) {
+        if let Some(w) = self.0.wake(endpoint) {
+            w.rescan();
+        }
+    }
+    fn enabled(&self, endpoint: &str) {
+        if let Some(w) = self.0.wake(endpoint) {
+            w.enable();
+        }
+    }
+}
+
+fn error_response(status: u16, e: impl std::fmt::Display) -> Response {
     (
-        StatusCode::INTERNAL_SERVER_ERROR,
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         Json(serde_json::json!({ "error": e.to_string() })),
     )
         .into_response()
 }
 
-fn dlq_error(e: crate::dlq::DlqError) -> Response {
-    match e {
-        crate::dlq::DlqError::NoCriterion => (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({ "error": e.to_string() })),
-        )
-            .into_response(),
-        other => store_error(other),
+/// Every operator operation: decoded, run on the live store, answered.
+async fn operation<O: Op + 'static>(State(s): State<AdminState>, Json(op): Json<O>) -> Response {
+    match op.run(&s.store, Some(&Daemon(&s.live))).await {
+        Ok(reply) => Json(reply).into_response(),
+        Err(e) => error_response(e.status(), format!("{e:#}")),
     }
-}
-
-async fn dlq_list(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>) -> Response {
-    match crate::dlq::list(&s.store, &f) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => store_error(e),
-    }
-}
-
-async fn dlq_replay(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>) -> Response {
-    match crate::dlq::replay(&s.store, &f).await {
-        Ok(endpoints) => {
-            for ep in &endpoints {
-                if let Some(w) = s.live.wake(ep) {
-                    w.rescan();
-                }
-            }
-            Json(serde_json::json!({ "replayed": endpoints.len() })).into_response()
-        }
-        Err(e) => dlq_error(e),
-    }
-}
-
-async fn dlq_drop(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>) -> Response {
-    match crate::dlq::drop(&s.store, &f).await {
-        Ok(n) => Json(serde_json::json!({ "dropped": n })).into_response(),
-        Err(e) => dlq_error(e),
-    }
-}
-
-/// `pollhook endpoint enable` while the daemon runs.
-async fn enable(State(s): State<AdminState>, Json(q): Json<EnableQuery>) -> Response {
-    let Some(wake) = s.live.wake(&q.endpoint) else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "error": format!("no endpoint named `{}`", q.endpoint) })),
-        )
-            .into_response();
-    };
-    match s.store.enable_endpoint(&q.endpoint) {
-        Ok(was) => {
-            wake.enable();
-            Json(serde_json::json!({ "enabled": q.endpoint, "was_disabled": was })).into_response()
-        }
-        Err(e) => store_error(e),
-    }
-}
-
-/// `POST /endpoints/enable` body.
-#[derive(serde::Deserialize, Serialize)]
-pub struct EnableQuery {
-    pub endpoint: String,
 }
 
 /// `pollhook state export` while the daemon runs.
 async fn export(State(s): State<AdminState>) -> Response {
-    let store = s.store.clone();
-    // A full scan of the store: off the async workers.
-    match tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        store.export(&mut out).map(|_| out)
-    })
-    .await
-    {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response(),
-        Ok(Err(e)) => store_error(e),
-        Err(e) => store_error(e),
-    }
-}
-
-async fn events(State(s): State<AdminState>, Json(q): Json<crate::dlq::EventsQuery>) -> Response {
-    match crate::dlq::events(&s.store, &q) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => store_error(e),
+    let mut out = Vec::new();
+    match crate::store::backup::export(&s.store, &mut out).await {
+        Ok(_) => ([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response(),
+        Err(e) => error_response(500, format!("{e:#}")),
     }
 }
 
@@ -189,7 +149,7 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     if !s.status.ready() {
         problems.push("starting or shutting down".to_string());
     }
-    if let Err(e) = s.store.ping() {
+    if let Err(e) = s.store.ping().await {
         problems.push(format!("store: {e}"));
     }
     let (alive, endpoints) = (s.status.workers_alive(), s.live.endpoints().len());
@@ -220,14 +180,9 @@ pub struct StatusReport {
     pub config: crate::status::ConfigStatus,
 }
 
-/// An endpoint in `/status`.
-#[derive(Serialize)]
-pub struct EndpointReport {
-    #[serde(flatten)]
-    pub status: EndpointStatus,
-    pub queue_depth: usize,
-    pub dead_letters: usize,
-}
+/// An endpoint in `/status`: what its worker keeps (queue depth and dead
+/// letters included, so that no request scans the store).
+pub type EndpointReport = EndpointStatus;
 
 fn report(s: &AdminState) -> StatusReport {
     let eps = s.status.endpoints();
@@ -241,14 +196,8 @@ fn report(s: &AdminState) -> StatusReport {
             .endpoints()
             .into_iter()
             .map(|name| {
-                (
-                    name.clone(),
-                    EndpointReport {
-                        status: eps.get(&name).cloned().unwrap_or_default(),
-                        queue_depth: s.store.outbox_len(&name),
-                        dead_letters: s.store.dead_len(&name),
-                    },
-                )
+                let report = eps.get(&name).cloned().unwrap_or_default();
+                (name, report)
             })
             .collect(),
     }
@@ -259,7 +208,7 @@ async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let text = exposition(&report(&s), &s.status.metrics(), &s, crate::now_ms());
+    let text = exposition(&report(&s), &s.status.metrics(), crate::now_ms());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -295,7 +244,7 @@ impl Families {
 
 /// `/metrics`. Instances are aggregated by source (their detail is on
 /// `/status`), so the exposition stays small with thousands of instances.
-fn exposition(r: &StatusReport, m: &Metrics, s: &AdminState, now_ms: i64) -> String {
+fn exposition(r: &StatusReport, m: &Metrics, now_ms: i64) -> String {
     let mut out = Families(String::new());
     // Per source: (connector, polls ok, not modified, failed, evicted,
     // failing instances, longest effective interval, oldest last success).
@@ -425,9 +374,9 @@ fn exposition(r: &StatusReport, m: &Metrics, s: &AdminState, now_ms: i64) -> Str
             .iter()
             .flat_map(|(n, e)| {
                 [
-                    ("delivered", e.status.delivered),
-                    ("failed", e.status.failed_attempts),
-                    ("dead_lettered", e.status.dead_lettered),
+                    ("delivered", e.delivered),
+                    ("failed", e.failed_attempts),
+                    ("dead_lettered", e.dead_lettered),
                 ]
                 .map(|(o, v)| (format!("{},outcome=\"{o}\"", ep(n)), v.to_string()))
             })
@@ -457,10 +406,10 @@ fn exposition(r: &StatusReport, m: &Metrics, s: &AdminState, now_ms: i64) -> Str
         "gauge",
         "Age of the oldest event waiting for delivery (0 when none waits).",
         r.endpoints
-            .keys()
-            .map(|n| {
-                let age = match s.store.outbox_oldest_ms(n) {
-                    Ok(Some(t)) => (now_ms - t).max(0) as f64 / 1000.0,
+            .iter()
+            .map(|(n, e)| {
+                let age = match e.oldest_pending_ms {
+                    Some(t) if e.queue_depth > 0 => (now_ms - t).max(0) as f64 / 1000.0,
                     _ => 0.0,
                 };
                 (ep(n), format!("{age:.3}"))
@@ -483,7 +432,7 @@ fn exposition(r: &StatusReport, m: &Metrics, s: &AdminState, now_ms: i64) -> Str
         r.endpoints
             .iter()
             .map(|(n, e)| {
-                let open = e.status.circuit_open || e.status.disabled.is_some();
+                let open = e.circuit_open || e.disabled.is_some();
                 (ep(n), u8::from(open).to_string())
             })
             .collect(),

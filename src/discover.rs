@@ -17,13 +17,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use minijinja::Value as Ctx;
 use serde_json::{Map, Value};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Instance, Source};
 use crate::connector::fetch::{fetch, FetchEnv, PollError};
 use crate::connector::mask;
+use crate::daemon::Running;
 use crate::store::{Discovered, InstanceState, Store};
 
 /// One discovered instance: its name and its own param values.
@@ -150,7 +150,7 @@ pub async fn run_source<F, Fut>(
         .discover
         .as_ref()
         .expect("discovering source");
-    let mut known: Discovered = match cx.store.load_discovered(&source.name) {
+    let mut known: Discovered = match cx.store.load_discovered(&source.name).await {
         Ok(k) => k,
         Err(e) => {
             warn!(source = %source.name, error = %format!("{e:#}"), "cannot read the discovered list; starting from an empty one");
@@ -187,7 +187,7 @@ pub async fn run_source<F, Fut>(
                     running.start(&f.name, token, task).await;
                     info!(source = %source.name, instance = %f.name, "instance discovered");
                 }
-                if let Err(e) = cx.store.save_discovered(&source.name, &known) {
+                if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
                     warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
                 }
                 cx.status.discovery(&source.name, |s| {
@@ -218,7 +218,7 @@ pub async fn run_source<F, Fut>(
             .collect();
         for name in expired {
             let key = format!("{}/{name}", source.name);
-            match cx.store.remove_state(&key) {
+            match cx.store.remove_state(&key).await {
                 Ok(()) => {
                     known.removed.remove(&name);
                     info!(instance = %key, "retention passed: instance state removed");
@@ -228,7 +228,7 @@ pub async fn run_source<F, Fut>(
                 }
             }
         }
-        if let Err(e) = cx.store.save_discovered(&source.name, &known) {
+        if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
             warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
         }
         let next = source
@@ -247,71 +247,6 @@ pub async fn run_source<F, Fut>(
     }
     // Shutdown: the poll tasks see the same token; wait for them.
     running.join_all().await;
-}
-
-/// The poll tasks of a discovering source.
-///
-/// Why not a `JoinSet`: an instance that leaves and comes back (or whose
-/// params change) must not have two tasks polling and committing its state
-/// at once, so a new task waits for the old one of the same name to finish
-/// its in-flight poll.
-#[derive(Default)]
-pub(crate) struct Running {
-    tasks: BTreeMap<String, (CancellationToken, JoinHandle<()>)>,
-    stopping: BTreeMap<String, JoinHandle<()>>,
-}
-
-impl Running {
-    pub(crate) async fn start<F>(&mut self, name: &str, token: CancellationToken, task: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.stop(name);
-        if let Some(old) = self.stopping.remove(name) {
-            let _ = old.await;
-        }
-        self.tasks
-            .insert(name.to_string(), (token, tokio::spawn(task)));
-    }
-
-    pub(crate) fn stop(&mut self, name: &str) {
-        if let Some((token, handle)) = self.tasks.remove(name) {
-            token.cancel();
-            self.stopping.insert(name.to_string(), handle);
-        }
-        // Forget stopped tasks that are done.
-        self.stopping.retain(|_, h| !h.is_finished());
-    }
-
-    /// Waits for every task (cancel their tokens first).
-    /// Cancel-safe: a task leaves the map only once it has finished, so
-    /// what a timed-out wait leaves behind is still there to abort.
-    pub(crate) async fn join_all(&mut self) {
-        while let Some(name) = self.tasks.keys().next().cloned() {
-            if let Some((_, h)) = self.tasks.get_mut(&name) {
-                let _ = h.await;
-            }
-            self.tasks.remove(&name);
-        }
-        while let Some(name) = self.stopping.keys().next().cloned() {
-            if let Some(h) = self.stopping.get_mut(&name) {
-                let _ = h.await;
-            }
-            self.stopping.remove(&name);
-        }
-    }
-
-    /// Aborts what is still running (a shutdown deadline passed).
-    pub(crate) async fn abort_all(&mut self) {
-        for (_, (_, h)) in std::mem::take(&mut self.tasks) {
-            h.abort();
-            let _ = h.await;
-        }
-        for (_, h) in std::mem::take(&mut self.stopping) {
-            h.abort();
-            let _ = h.await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,13 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use pollhook::config::raw::Baseline;
 use pollhook::config::{Config, ConfigErrors};
-use pollhook::connector::detect::detect;
-use pollhook::connector::fetch::{fetch, FetchEnv};
-use pollhook::connector::mask;
 use pollhook::deliver::sign::{self, SigningKey};
-use pollhook::store::InstanceState;
+use pollhook::store::backup;
+use pollhook::{dryrun, ops};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -273,29 +270,31 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdin().read_to_end(&mut body)?;
             if sign::verify(&key, &id, timestamp, &body, &signature) {
                 println!("signature OK");
-                Ok(ExitCode::SUCCESS)
-            } else {
-                println!("signature does NOT match");
-                Ok(ExitCode::FAILURE)
+                return Ok(ExitCode::SUCCESS);
             }
+            println!("signature does NOT match");
+            // `echo` and most editors end a file with a newline the sender
+            // never signed: say so when that is the only difference.
+            let trimmed = body
+                .strip_suffix(b"\n")
+                .map(|b| b.strip_suffix(b"\r").unwrap_or(b));
+            if trimmed.is_some_and(|b| sign::verify(&key, &id, timestamp, b, &signature)) {
+                println!(
+                    "hint: it matches the body without its trailing newline, which was not part of what was signed; pass the exact bytes received (printf '%s', or curl --data-binary @file with a file that has no final newline)"
+                );
+            }
+            Ok(ExitCode::FAILURE)
         }
         Command::Endpoint {
             command: EndpointCommand::Enable { name },
         } => {
-            let config = Config::load(&cli.config)?;
-            if !config.endpoints.contains_key(&name) {
-                let known: Vec<&str> = config.endpoints.keys().map(String::as_str).collect();
-                bail!(
-                    "no endpoint named `{name}` in {} (known: {})",
-                    cli.config.display(),
-                    known.join(", ")
-                );
-            }
-            let q = pollhook::admin::EnableQuery {
+            let op = operator(&cli.config)?;
+            let rt = runtime()?;
+            let target = rt.block_on(op.target("enable an endpoint"))?;
+            let out = rt.block_on(target.run(&ops::Enable {
                 endpoint: name.clone(),
-            };
-            let out = runtime()?.block_on(operate(&config, "enable", &q))?;
-            if out["was_disabled"] == true {
+            }))?;
+            if out.was_disabled {
                 println!("endpoint `{name}` enabled: its queued events go out");
             } else {
                 println!("endpoint `{name}` was not disabled");
@@ -303,10 +302,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::State { command } => {
-            let config = Config::load(&cli.config)?;
+            let op = operator(&cli.config)?;
             match command {
                 StateCommand::Export { output } => {
-                    let bytes = runtime()?.block_on(export(&config))?;
+                    let rt = runtime()?;
+                    let target = rt.block_on(op.target("export"))?;
+                    let bytes = rt.block_on(target.export())?;
                     match output {
                         None => {
                             use std::io::Write as _;
@@ -330,44 +331,58 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 StateCommand::Import { file } => {
-                    std::fs::create_dir_all(&config.state_dir).with_context(|| {
-                        format!("cannot create state_dir {}", config.state_dir.display())
+                    std::fs::create_dir_all(&op.state_dir).with_context(|| {
+                        format!("cannot create state_dir {}", op.state_dir.display())
                     })?;
-                    let store =
-                        pollhook::store::Store::open(&config.state_dir).with_context(|| {
-                            format!(
-                                "cannot open the store at {} (stop the daemon before importing)",
-                                config.state_dir.display()
-                            )
-                        })?;
+                    let store = pollhook::store::Store::open(&op.state_dir).with_context(|| {
+                        format!(
+                            "cannot open the store at {} (stop the daemon before importing)",
+                            op.state_dir.display()
+                        )
+                    })?;
+                    let rt = runtime()?;
                     let n = if file.as_os_str() == "-" {
-                        store.import(std::io::stdin().lock())
+                        rt.block_on(backup::import(&store, std::io::stdin().lock()))
                     } else {
                         let f = std::fs::File::open(&file)
                             .with_context(|| format!("cannot read {}", file.display()))?;
-                        store.import(std::io::BufReader::new(f))
+                        rt.block_on(backup::import(&store, std::io::BufReader::new(f)))
                     }
                     .with_context(|| format!("cannot import {}", file.display()))?;
-                    eprintln!("imported {n} records into {}", config.state_dir.display());
+                    eprintln!("imported {n} records into {}", op.state_dir.display());
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { command } => {
-            let config = Config::load(&cli.config)?;
-            let (op, args) = match &command {
-                DlqCommand::List(a) => ("list", a),
-                DlqCommand::Replay(a) => ("replay", a),
-                DlqCommand::Drop(a) => ("drop", a),
+            let op = operator(&cli.config)?;
+            let (args, what) = match &command {
+                DlqCommand::List(a) => (a, "list dead letters"),
+                DlqCommand::Replay(a) => (a, "replay dead letters"),
+                DlqCommand::Drop(a) => (a, "drop dead letters"),
             };
-            let filter = dlq_filter(&config, args)?;
-            let out = runtime()?.block_on(operate(&config, op, &filter))?;
-            print_dlq(op, &out, args.json);
+            let filter = dlq_filter(&cli.config, args)?;
+            let rt = runtime()?;
+            let target = rt.block_on(op.target(what))?;
+            match command {
+                DlqCommand::List(a) => {
+                    let rows = rt.block_on(target.run(&ops::DlqList(filter)))?;
+                    if a.json {
+                        print_json(&rows);
+                    } else {
+                        print_dlq(&rows);
+                    }
+                }
+                DlqCommand::Replay(_) => {
+                    print_json(&rt.block_on(target.run(&ops::DlqReplay(filter)))?)
+                }
+                DlqCommand::Drop(_) => print_json(&rt.block_on(target.run(&ops::DlqDrop(filter)))?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
-            let config = Config::load(&cli.config)?;
-            let s = runtime()?.block_on(fetch_status(&config))?;
+            let op = operator(&cli.config)?;
+            let s = runtime()?.block_on(ops::status(&op.state_dir, op.admin_token.as_deref()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -381,17 +396,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let config = Config::load(&cli.config)?;
-            let q = pollhook::dlq::EventsQuery {
+            let op = operator(&cli.config)?;
+            let q = ops::Events(pollhook::store::AttemptQuery {
                 id,
                 endpoint,
                 limit: Some(limit),
-            };
-            let out = runtime()?.block_on(operate(&config, "events", &q))?;
+            });
+            let rt = runtime()?;
+            let target = rt.block_on(op.target("show the delivery history"))?;
+            let rows = rt.block_on(target.run(&q))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let rows: Vec<pollhook::store::AttemptRecord> = serde_json::from_value(out)?;
                 for r in rows {
                     println!(
                         "{}  {}  {}  attempt {}  {}  {} ms  {}{}",
@@ -464,7 +480,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let source = pollhook::config::Source::for_connector(connector.into(), &pairs)
                     .map_err(anyhow::Error::msg)?;
                 let hosts = pollhook::quota::HostGates::new(&Default::default());
-                runtime()?.block_on(dry_run(&source, &hosts, instance.as_deref(), None))
+                let report =
+                    runtime()?.block_on(dryrun::run(&source, &hosts, instance.as_deref(), None))?;
+                Ok(print_report(&report, false))
             } else {
                 if !with.is_empty() {
                     bail!("--with is for connector files; a source takes its params from `with:` in {}", cli.config.display());
@@ -487,32 +505,29 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     None
                 };
                 let hosts = pollhook::quota::HostGates::new(&config.hosts);
-                runtime()?.block_on(dry_run(src, &hosts, instance.as_deref(), store.as_ref()))
+                let rt = runtime()?;
+                let report = rt.block_on(dryrun::run(
+                    src,
+                    &hosts,
+                    instance.as_deref(),
+                    store.as_ref(),
+                ))?;
+                if let Some(store) = &store {
+                    rt.block_on(store.flush())?;
+                }
+                Ok(print_report(&report, seed))
             }
         }
     }
 }
 
-/// `GET /status` of the running daemon.
-async fn fetch_status(config: &Config) -> anyhow::Result<serde_json::Value> {
-    let Some(resp) = to_daemon(config, reqwest::Method::GET, "status", None).await? else {
-        bail!(
-            "no running daemon found ({} is missing or stale; the daemon writes it when `admin.listen` is set)",
-            config.state_dir.join("admin.addr").display()
-        );
-    };
-    if !resp.status().is_success() {
-        bail!("the admin server answered {}", resp.status());
-    }
-    Ok(serde_json::from_slice(&resp.bytes().await?)?)
-}
-
-/// Milliseconds since the epoch as "12s ago" / "in 3s".
-fn relative(ms: &serde_json::Value) -> String {
+/// Milliseconds since the epoch as "12s ago" / "in 3s" / "now", seen at
+/// `now_ms`.
+fn relative(ms: &serde_json::Value, now_ms: i64) -> String {
     let Some(ms) = ms.as_i64() else {
         return "-".into();
     };
-    let d = ms - pollhook::now_ms();
+    let d = ms - now_ms;
     let text = humantime::format_duration(std::time::Duration::from_secs(
         (d.unsigned_abs() / 1000).max(if d.unsigned_abs() >= 1000 { 1 } else { 0 }),
     ))
@@ -522,16 +537,17 @@ fn relative(ms: &serde_json::Value) -> String {
     } else {
         text
     };
-    if d >= 0 {
-        format!("in {text}")
-    } else if text == "now" {
+    if text == "now" {
         text
+    } else if d >= 0 {
+        format!("in {text}")
     } else {
         format!("{text} ago")
     }
 }
 
 fn print_status(s: &serde_json::Value) {
+    let now = pollhook::now_ms();
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
     let mut rows = vec![[
         "INSTANCE",
@@ -549,8 +565,8 @@ fn print_status(s: &serde_json::Value) {
     for (k, i) in s["instances"].as_object().into_iter().flatten() {
         rows.push(vec![
             k.clone(),
-            relative(&i["last_poll_ms"]),
-            relative(&i["next_poll_ms"]),
+            relative(&i["last_poll_ms"], now),
+            relative(&i["next_poll_ms"], now),
             i["polls_ok"].to_string(),
             i["polls_failed"].to_string(),
             i["events"].to_string(),
@@ -639,10 +655,34 @@ fn table(rows: &[Vec<String>]) {
     }
 }
 
-/// The filter of a `pollhook dlq` command.
-fn dlq_filter(config: &Config, a: &DlqArgs) -> anyhow::Result<pollhook::dlq::Filter> {
+/// What operator commands need of bridge.yaml: the state directory (the
+/// store, `admin.addr`) and the admin token.
+struct Operator {
+    state_dir: PathBuf,
+    admin_token: Option<String>,
+}
+
+impl Operator {
+    /// The running daemon, else the stopped store.
+    async fn target(&self, what: &str) -> Result<ops::Target, ops::OpError> {
+        ops::Target::find(&self.state_dir, self.admin_token.clone(), what).await
+    }
+}
+
+fn operator(config: &std::path::Path) -> anyhow::Result<Operator> {
+    let c = Config::load(config)?;
+    Ok(Operator {
+        state_dir: c.state_dir,
+        admin_token: c.admin_token,
+    })
+}
+
+/// The filter of a `pollhook dlq` command. Only `--connector` needs the
+/// whole configuration (which sources use it).
+fn dlq_filter(config: &std::path::Path, a: &DlqArgs) -> anyhow::Result<ops::Filter> {
     let mut sources = a.source.clone();
     if let Some(c) = &a.connector {
+        let config = Config::load(config)?;
         let using: Vec<String> = config
             .sources
             .iter()
@@ -661,7 +701,7 @@ fn dlq_filter(config: &Config, a: &DlqArgs) -> anyhow::Result<pollhook::dlq::Fil
         }
         None => None,
     };
-    Ok(pollhook::dlq::Filter {
+    Ok(ops::Filter {
         id: a.id.clone(),
         endpoint: a.endpoint.clone(),
         sources,
@@ -672,119 +712,12 @@ fn dlq_filter(config: &Config, a: &DlqArgs) -> anyhow::Result<pollhook::dlq::Fil
     })
 }
 
-/// Runs a dead-letter or history operation: through the running daemon's
-/// admin server when there is one (the daemon holds the store), else on
-/// the stopped store directly.
-/// A request to the running daemon's admin server, with the config's token.
-/// `None` when no daemon runs: no `admin.addr`, or a stale one (the daemon
-/// was killed) that refuses the connection.
-async fn to_daemon(
-    config: &Config,
-    method: reqwest::Method,
-    path: &str,
-    json: Option<Vec<u8>>,
-) -> anyhow::Result<Option<reqwest::Response>> {
-    let Ok(addr) = std::fs::read_to_string(config.state_dir.join("admin.addr")) else {
-        return Ok(None);
-    };
-    let mut req = reqwest::Client::new().request(method, format!("http://{}/{path}", addr.trim()));
-    if let Some(t) = &config.admin_token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(body) = json {
-        req = req.header("content-type", "application/json").body(body);
-    }
-    match req.send().await {
-        Ok(r) => Ok(Some(r)),
-        Err(e) if e.is_connect() => Ok(None),
-        Err(e) => Err(e).context("cannot reach the daemon's admin server"),
-    }
+/// Prints a reply as pretty JSON.
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-/// The store of a stopped daemon (a running one holds its lock).
-fn stopped_store(config: &Config, what: &str) -> anyhow::Result<pollhook::store::Store> {
-    pollhook::store::Store::open(&config.state_dir).with_context(|| {
-        format!(
-            "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to {what} while it runs)",
-            config.state_dir.display()
-        )
-    })
-}
-
-/// `pollhook state export`: through the running daemon's admin server,
-/// else from the stopped store.
-async fn export(config: &Config) -> anyhow::Result<Vec<u8>> {
-    if let Some(r) = to_daemon(config, reqwest::Method::GET, "state/export", None).await? {
-        if !r.status().is_success() {
-            bail!(
-                "the admin server refused the export: {} {}",
-                r.status(),
-                r.text().await.unwrap_or_default().trim()
-            );
-        }
-        return Ok(r
-            .bytes()
-            .await
-            .context("the admin server's answer")?
-            .to_vec());
-    }
-    let mut out = Vec::new();
-    stopped_store(config, "export")?.export(&mut out)?;
-    Ok(out)
-}
-
-async fn operate<Q: serde::Serialize>(
-    config: &Config,
-    op: &str,
-    query: &Q,
-) -> anyhow::Result<serde_json::Value> {
-    let path = match op {
-        "events" => "events".to_string(),
-        "enable" => "endpoints/enable".to_string(),
-        other => format!("dlq/{other}"),
-    };
-    let body = serde_json::to_vec(query)?;
-    if let Some(r) = to_daemon(config, reqwest::Method::POST, &path, Some(body)).await? {
-        let status = r.status();
-        let bytes = r.bytes().await.context("the admin server's answer")?;
-        let body: serde_json::Value =
-            serde_json::from_slice(&bytes).context("the admin server's answer")?;
-        if !status.is_success() {
-            bail!(
-                "{}",
-                body["error"].as_str().unwrap_or("the admin server refused")
-            );
-        }
-        return Ok(body);
-    }
-    let store = stopped_store(config, "use this command")?;
-    let q = serde_json::to_value(query)?;
-    let out = match op {
-        "list" => serde_json::to_value(pollhook::dlq::list(&store, &serde_json::from_value(q)?)?)?,
-        "replay" => {
-            let n = pollhook::dlq::replay(&store, &serde_json::from_value(q)?).await?;
-            serde_json::json!({ "replayed": n.len() })
-        }
-        "drop" => {
-            let n = pollhook::dlq::drop(&store, &serde_json::from_value(q)?).await?;
-            serde_json::json!({ "dropped": n })
-        }
-        "enable" => {
-            let q: pollhook::admin::EnableQuery = serde_json::from_value(q)?;
-            serde_json::json!({ "was_disabled": store.enable_endpoint(&q.endpoint)? })
-        }
-        _ => serde_json::to_value(pollhook::dlq::events(&store, &serde_json::from_value(q)?)?)?,
-    };
-    store.flush()?;
-    Ok(out)
-}
-
-fn print_dlq(op: &str, out: &serde_json::Value, json: bool) {
-    if json || op != "list" {
-        println!("{}", serde_json::to_string_pretty(out).unwrap_or_default());
-        return;
-    }
-    let rows: Vec<pollhook::dlq::Listed> = serde_json::from_value(out.clone()).unwrap_or_default();
+fn print_dlq(rows: &[ops::Listed]) {
     if rows.is_empty() {
         println!("no dead letters");
     }
@@ -800,7 +733,7 @@ fn print_dlq(op: &str, out: &serde_json::Value, json: bool) {
             chrono::DateTime::from_timestamp_millis(r.dead_at_ms)
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                 .unwrap_or_default(),
-            r.last_error.unwrap_or_default()
+            r.last_error.as_deref().unwrap_or_default()
         );
     }
 }
@@ -835,154 +768,101 @@ async fn watch_signals(shutdown: CancellationToken, reload: std::sync::Arc<tokio
     std::process::exit(130);
 }
 
-/// `pollhook test`: one poll per instance, from an empty state (or, with
-/// `store`, seeding it), printing the requests, what each record would do,
-/// and the exact event bodies.
-async fn dry_run(
-    src: &pollhook::config::Source,
-    hosts: &pollhook::quota::HostGates,
-    only: Option<&str>,
-    store: Option<&pollhook::store::Store>,
-) -> anyhow::Result<ExitCode> {
-    let source = src.name.as_str();
-    let client = pollhook::daemon::poll_client();
-    let tokens = pollhook::connector::auth::TokenCache::default();
-    let env = FetchEnv {
-        client: &client,
-        hosts,
-        rate_limit: None,
-        tokens: &tokens,
-    };
-    let mut failed = false;
-    let mut matched = false;
-    let mut instances = src.instances.clone();
-    if src.discovered {
-        println!("== {}: discovering instances", src.name);
-        match pollhook::discover::discover(src, &env, chrono::Utc::now()).await {
-            Ok(found) => {
-                println!("   {} instance(s) found", found.len());
-                for f in &found {
-                    let params: Vec<String> = f
-                        .with
-                        .iter()
-                        .map(|(k, v)| format!("{k}={}", pollhook::config::scalar_text(v)))
-                        .collect();
-                    println!("   - {} ({})", f.name, params.join(", "));
-                    instances.push(src.discovered_instance(&f.name, &f.with));
+/// Prints a `pollhook test` report; its exit status.
+fn print_report(r: &dryrun::Report, seeding: bool) -> ExitCode {
+    if let Some(d) = &r.discovery {
+        println!("== {}: discovering instances", r.source);
+        match &d.error {
+            Some(e) => println!("   discovery failed: {e}"),
+            None => {
+                println!("   {} instance(s) found", d.found.len());
+                for (name, params) in &d.found {
+                    println!("   - {name} ({})", params.join(", "));
                 }
-            }
-            Err(e) => {
-                let secrets = src.discovered_instance("-", &Default::default()).secrets;
-                println!("   discovery failed: {}", mask(&e.to_string(), &secrets));
-                return Ok(ExitCode::FAILURE);
             }
         }
     }
-    for inst in &instances {
-        if only.is_some_and(|o| o != inst.name) {
-            continue;
-        }
-        matched = true;
-        println!("== {} (connector {})", inst.key, src.connector.name);
-        let state = InstanceState::default();
-        let now = chrono::Utc::now();
-        let fetched = match fetch(&src.connector, inst, &state, &env, now).await {
-            Ok(f) => f,
-            Err(e) => {
-                println!("   poll failed: {}", mask(&e.to_string(), &inst.secrets));
-                failed = true;
-                continue;
-            }
-        };
-        for r in &fetched.log {
+    if !seeding {
+        println!(
+            "(dry run: from an empty state, with `baseline: emit` so that the first poll shows the events it would send; the daemon follows the connector's `baseline`)"
+        );
+    }
+    for i in &r.instances {
+        println!("== {} (connector {})", i.key, r.connector);
+        for q in &i.requests {
             println!(
                 "   {} {} -> {} ({} bytes{})",
-                r.method,
-                mask(&r.url, &inst.secrets),
-                r.status,
-                r.bytes,
-                r.items
+                q.method,
+                q.url,
+                q.status,
+                q.bytes,
+                q.records
                     .map(|n| format!(", {n} records"))
                     .unwrap_or_default()
             );
         }
-        if let Some(w) = &fetched.warning {
-            println!("   warning: {}", mask(w, &inst.secrets));
+        if let Some(w) = &i.warning {
+            println!("   warning: {w}");
         }
-        // Seeding detects from the stored state with the baseline skipped;
-        // a dry run from an empty state with it forced to `emit`, to show
-        // what would be sent.
-        let (from, baseline) = match store {
-            Some(store) => {
-                let stored = store.load_state(&inst.key)?;
-                if stored.initialized {
-                    println!(
-                        "   already has state (cursor {}): not seeded",
-                        stored.cursor.as_deref().unwrap_or("(none)")
-                    );
-                    continue;
-                }
-                (stored, Baseline::Skip)
-            }
-            None => (state.clone(), Baseline::Emit),
-        };
-        let d = match detect(
-            &src.connector,
-            &inst.vars,
-            &from,
-            &fetched.pages,
-            now,
-            Some(baseline),
-            fetched.listing(),
-        ) {
-            Ok(d) => d,
-            Err(e) => {
-                println!("   detection failed: {}", mask(&e, &inst.secrets));
-                failed = true;
-                continue;
-            }
-        };
-        if let Some(store) = store {
-            let (next, _) = pollhook::daemon::prepare_commit(src, inst, &from, d, &fetched, now);
-            store.commit_poll(&inst.key, &next, &[]).await?;
-            println!(
-                "   seeded: cursor {}, {} ids remembered, {} items known{}",
-                next.cursor.as_deref().unwrap_or("(none)"),
-                next.seen.len(),
-                next.known.len(),
-                if next.snapshot.is_some() {
-                    ", snapshot stored"
-                } else {
-                    ""
-                }
-            );
+        if let Some(e) = &i.error {
+            println!("   {e}");
             continue;
         }
-        for n in &d.notes {
-            println!("   record {}: {}", n.record, n.outcome);
+        match &i.seeded {
+            Some(dryrun::Seeded::AlreadyHad { cursor }) => {
+                println!(
+                    "   already has state (cursor {}): not seeded",
+                    cursor.as_deref().unwrap_or("(none)")
+                );
+                continue;
+            }
+            Some(dryrun::Seeded::Stored {
+                cursor,
+                seen,
+                known,
+                snapshot,
+            }) => {
+                println!(
+                    "   seeded: cursor {}, {seen} ids remembered, {known} items known{}",
+                    cursor.as_deref().unwrap_or("(none)"),
+                    if *snapshot { ", snapshot stored" } else { "" }
+                );
+                continue;
+            }
+            None => {}
         }
-        let (next, events) = pollhook::daemon::prepare_commit(src, inst, &state, d, &fetched, now);
+        for (record, outcome) in &i.notes {
+            println!("   record {record}: {outcome}");
+        }
         println!(
             "   cursor: {} -> {}",
-            state.cursor.as_deref().unwrap_or("(none)"),
-            next.cursor.as_deref().unwrap_or("(none)")
+            i.cursor_before.as_deref().unwrap_or("(none)"),
+            i.cursor_after.as_deref().unwrap_or("(none)")
         );
-        println!("   {} event(s):", events.len());
-        for e in events {
-            println!("   webhook-id {}: {}", e.id, mask(&e.body(), &inst.secrets));
+        println!("   {} event(s):", i.events.len());
+        for (id, body) in &i.events {
+            println!("   webhook-id {id}: {body}");
         }
     }
-    if !matched {
-        let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
-        bail!(
-            "source `{source}` has no instance `{}` (instances: {})",
-            only.unwrap_or(""),
-            names.join(", ")
-        );
-    }
-    Ok(if failed {
+    if r.failed() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative;
+    use serde_json::json;
+
+    #[test]
+    fn relative_times_read_naturally() {
+        let now = 1_000_000;
+        assert_eq!(relative(&json!(now + 3_000), now), "in 3s");
+        assert_eq!(relative(&json!(now - 12_000), now), "12s ago");
+        assert_eq!(relative(&json!(now + 400), now), "now");
+        assert_eq!(relative(&json!(now), now), "now");
+        assert_eq!(relative(&json!(null), now), "-");
+    }
 }

@@ -57,6 +57,14 @@ pub struct EndpointStatus {
     pub dead_lettered: u64,
     pub last_error: Option<String>,
     pub last_success_ms: Option<i64>,
+    /// Events waiting for this endpoint. Kept by its delivery worker (a
+    /// count at start, then what pollers add and deliveries remove), so
+    /// `/status` and `/metrics` never scan the outbox.
+    pub queue_depth: u64,
+    /// When the oldest waiting event was detected (ms since the epoch).
+    pub oldest_pending_ms: Option<i64>,
+    /// Dead letters of this endpoint (counted at start, then kept).
+    pub dead_letters: u64,
 }
 
 /// Everything the admin server shows.

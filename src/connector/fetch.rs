@@ -48,6 +48,10 @@ pub enum PollError {
     Auth(String),
     #[error("detection failed: {0}")]
     Detect(String),
+    /// The poll worked but its result could not be committed; nothing
+    /// was written, so the next poll detects the same changes again.
+    #[error("cannot commit to the store: {0}")]
+    Store(String),
 }
 
 impl PollError {
@@ -62,6 +66,7 @@ impl PollError {
             PollError::Paging { .. } => "paging",
             PollError::Auth(_) => "auth",
             PollError::Detect(_) => "detect",
+            PollError::Store(_) => "store",
         }
     }
 }

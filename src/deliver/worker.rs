@@ -7,7 +7,7 @@
 //! Other instances are not held up. Each endpoint has its own worker, so a
 //! dead endpoint never delays another.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +109,67 @@ struct Health {
     disabled: Option<String>,
 }
 
+/// What the worker knows of its queue, so that a wake-up costs what
+/// changed, not a scan of every pending instance.
+///
+/// Ordered delivery only ever sends an instance's head, and new entries
+/// go behind it, so a head once read stays the head until it is settled.
+/// `heads` keeps the head of each instance that is neither in flight nor
+/// unknown, `due` orders them by next attempt, `ages` by detection time
+/// (the oldest pending event, for `/status`), and `stale` lists instances
+/// whose head must be read again (new entries, a settled head, a replay).
+#[derive(Default)]
+struct Queue {
+    heads: HashMap<String, (EntryKey, OutboxEntry)>,
+    due: BTreeSet<(i64, String)>,
+    ages: BTreeSet<(i64, String)>,
+    stale: BTreeSet<String>,
+    /// Instances with an entry in flight (ordered), or event ids (unordered).
+    busy: HashSet<String>,
+}
+
+impl Queue {
+    fn put(&mut self, key: EntryKey, entry: OutboxEntry) {
+        self.due
+            .insert((entry.next_attempt_ms, entry.instance.clone()));
+        self.ages.insert((entry.created_ms, entry.instance.clone()));
+        self.heads.insert(entry.instance.clone(), (key, entry));
+    }
+
+    /// Takes the head of the instance first due at or before `now`.
+    fn pop_due(&mut self, now: i64) -> Option<(EntryKey, OutboxEntry)> {
+        let (at, inst) = self.due.first()?.clone();
+        if at > now {
+            return None;
+        }
+        self.due.remove(&(at, inst.clone()));
+        let head = self.heads.remove(&inst).expect("due heads are known");
+        self.busy.insert(inst);
+        Some(head)
+    }
+
+    /// An instance's head was settled: delivered or dead-lettered (read
+    /// the next one), or kept for a later attempt.
+    fn settled(&mut self, key: EntryKey, entry: OutboxEntry, stays: bool) {
+        self.busy.remove(&entry.instance);
+        if stays {
+            self.put(key, entry);
+        } else {
+            self.ages
+                .remove(&(entry.created_ms, entry.instance.clone()));
+            self.stale.insert(entry.instance);
+        }
+    }
+
+    fn next_due(&self) -> Option<i64> {
+        self.due.first().map(|(t, _)| *t)
+    }
+
+    fn oldest(&self) -> Option<i64> {
+        self.ages.first().map(|(t, _)| *t)
+    }
+}
+
 impl Worker {
     /// Runs until `shutdown`; then stops sending and returns once in-flight
     /// attempts have finished (the caller bounds that wait).
@@ -116,10 +177,10 @@ impl Worker {
         let _alive = self.status.worker_alive();
         let ep = self.endpoint.clone();
         let mut in_flight: JoinSet<(EntryKey, OutboxEntry, Outcome, Answer)> = JoinSet::new();
-        let mut busy: HashSet<String> = HashSet::new();
+        let mut q = Queue::default();
         let mut health = Health::default();
         // Disabled before a restart: stays so until enabled.
-        match self.store.endpoint_disabled(&ep.name) {
+        match self.store.endpoint_disabled(&ep.name).await {
             Ok(why) => health.disabled = why,
             Err(e) => {
                 error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read whether the endpoint is disabled")
@@ -131,14 +192,8 @@ impl Worker {
                 .endpoint(&ep.name, |s| s.disabled = health.disabled.clone());
         }
         let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
-        // Instances that may have entries for this endpoint.
-        let mut pending: BTreeSet<String> = match self.store.outbox_instances(&ep.name) {
-            Ok(p) => p,
-            Err(e) => {
-                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read the outbox");
-                BTreeSet::new()
-            }
-        };
+        // At start, everything is unknown: one scan.
+        self.rescan(&mut q).await;
         loop {
             if self.wake.take_enable() {
                 tracing::info!(endpoint = %ep.name, "endpoint enabled: sending again");
@@ -148,7 +203,6 @@ impl Worker {
                     s.circuit_open = false;
                     s.consecutive_failures = 0;
                 });
-                pending.extend(self.store.outbox_instances(&ep.name).unwrap_or_default());
             }
             let mut next_due: Option<i64> = None;
             // The circuit: while open nothing goes out; when the probe time
@@ -166,72 +220,45 @@ impl Worker {
             if health.disabled.is_some() {
                 limit = 0;
             }
+            // New work since the last look: instances with fresh entries,
+            // or a rescan after a replay.
+            if self.wake.take_rescan() {
+                self.rescan(&mut q).await;
+            }
+            for inst in self.wake.take() {
+                if !q.busy.contains(&inst) && !q.heads.contains_key(&inst) {
+                    q.stale.insert(inst);
+                }
+            }
             if shutdown.is_cancelled() {
                 if in_flight.is_empty() {
                     return;
                 }
             } else if limit > in_flight.len() {
                 let now = crate::now_ms();
-                // New work since the last look: instances with fresh entries,
-                // or a rescan after a replay.
-                pending.extend(self.wake.take());
-                if self.wake.take_rescan() {
-                    match self.store.outbox_instances(&ep.name) {
-                        Ok(all) => pending.extend(all),
-                        Err(e) => {
-                            error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read the outbox")
+                let sends = if ordered {
+                    self.read_heads(&mut q).await;
+                    let mut sends = Vec::new();
+                    while in_flight.len() + sends.len() < limit {
+                        match q.pop_due(now) {
+                            Some(x) => sends.push(x),
+                            None => break,
                         }
                     }
-                }
-                // Ordered: only each instance's head can go, and each head
-                // is one seek, so a deep queue costs nothing per wake-up.
-                // Unordered: walk the queue until the slots are full.
-                let heads: Box<dyn Iterator<Item = _>> = if ordered {
-                    let mut emptied = Vec::new();
-                    let mut out = Vec::new();
-                    for inst in &pending {
-                        if busy.contains(inst) {
-                            continue;
-                        }
-                        match self.store.outbox_head(&ep.name, inst) {
-                            Ok(Some(x)) => out.push(Ok(x)),
-                            Ok(None) => emptied.push(inst.clone()),
-                            Err(e) => out.push(Err(e)),
-                        }
+                    if let Some(t) = q.next_due() {
+                        next_due = Some(next_due.map_or(t, |d| d.min(t)));
                     }
-                    for i in emptied {
-                        pending.remove(&i);
-                    }
-                    Box::new(out.into_iter())
+                    sends
                 } else {
-                    Box::new(self.store.outbox(&ep.name))
+                    let (sends, due) = self
+                        .walk_unordered(&mut q, now, limit - in_flight.len())
+                        .await;
+                    if let Some(t) = due {
+                        next_due = Some(next_due.map_or(t, |d| d.min(t)));
+                    }
+                    sends
                 };
-                for item in heads {
-                    let (key, entry) = match item {
-                        Ok(x) => x,
-                        Err(e) => {
-                            error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read the outbox");
-                            continue;
-                        }
-                    };
-                    if !ordered && busy.contains(&entry.event_id) {
-                        continue; // already in flight
-                    }
-                    if entry.next_attempt_ms > now {
-                        next_due = Some(
-                            next_due
-                                .map_or(entry.next_attempt_ms, |d| d.min(entry.next_attempt_ms)),
-                        );
-                        continue;
-                    }
-                    if in_flight.len() >= limit {
-                        break; // a completion wakes us up again
-                    }
-                    busy.insert(if ordered {
-                        entry.instance.clone()
-                    } else {
-                        entry.event_id.clone()
-                    });
+                for (key, entry) in sends {
                     let client = self.client.clone();
                     let endpoint = ep.clone();
                     in_flight.spawn(async move {
@@ -246,6 +273,11 @@ impl Worker {
                         (key, entry, outcome, answer)
                     });
                 }
+            }
+            if ordered {
+                let oldest = q.oldest();
+                self.status
+                    .endpoint(&ep.name, |s| s.oldest_pending_ms = oldest);
             }
             let sleep = async {
                 match next_due {
@@ -262,9 +294,14 @@ impl Worker {
                 Some(done) = in_flight.join_next() => {
                     match done {
                         Ok((key, entry, outcome, answer)) => {
-                            busy.remove(if ordered { &entry.instance } else { &entry.event_id });
-                            self.record(&entry, &outcome, &answer);
-                            self.settle(key, entry, outcome, &mut health).await;
+                            self.record(&entry, &outcome, &answer).await;
+                            let (key, entry, stays) =
+                                self.settle(key, entry, outcome, &mut health).await;
+                            if ordered {
+                                q.settled(key, entry, stays);
+                            } else {
+                                q.busy.remove(&entry.event_id);
+                            }
                         }
                         Err(e) => error!(endpoint = %ep.name, error = %e, "delivery task failed"),
                     }
@@ -276,14 +313,101 @@ impl Worker {
         }
     }
 
-    fn persist_disabled(&self, why: &str) {
-        if let Err(e) = self.store.disable_endpoint(&self.endpoint.name, why) {
+    /// Forgets what the worker knew of its queue (but what is in flight)
+    /// and reads it again: at start, after a replay or an enable. Also
+    /// recounts the queue depth and dead letters for `/status`.
+    async fn rescan(&self, q: &mut Queue) {
+        let name = &self.endpoint.name;
+        let busy = std::mem::take(&mut q.busy);
+        *q = Queue::default();
+        match self.store.outbox_instances(name).await {
+            Ok(all) => q.stale = all.into_iter().filter(|i| !busy.contains(i)).collect(),
+            Err(e) => {
+                error!(endpoint = %name, error = %format!("{e:#}"), "cannot read the outbox")
+            }
+        }
+        q.busy = busy;
+        let stats = self.store.outbox_stats(name).await;
+        let dead = self.store.dead_letters(Some(name)).await.map(|d| d.len());
+        self.status.endpoint(name, |s| {
+            if let Ok((depth, oldest)) = stats {
+                s.queue_depth = depth;
+                s.oldest_pending_ms = oldest;
+            }
+            if let Ok(n) = dead {
+                s.dead_letters = n as u64;
+            }
+        });
+    }
+
+    /// Reads the head of every stale instance (one seek each).
+    async fn read_heads(&self, q: &mut Queue) {
+        for inst in std::mem::take(&mut q.stale) {
+            if q.busy.contains(&inst) || q.heads.contains_key(&inst) {
+                continue;
+            }
+            match self.store.outbox_head(&self.endpoint.name, &inst).await {
+                Ok(Some((key, entry))) => q.put(key, entry),
+                Ok(None) => {}
+                Err(e) => {
+                    error!(endpoint = %self.endpoint.name, instance = %inst, error = %format!("{e:#}"), "cannot read the outbox")
+                }
+            }
+        }
+    }
+
+    /// `ordering: none`: walks the queue from its start until `slots`
+    /// entries are due; also returns when the next one not yet due is.
+    async fn walk_unordered(
+        &self,
+        q: &mut Queue,
+        now: i64,
+        slots: usize,
+    ) -> (Vec<(EntryKey, OutboxEntry)>, Option<i64>) {
+        const PAGE: usize = 256;
+        let (mut sends, mut due, mut after) = (Vec::new(), None::<i64>, None);
+        while sends.len() < slots {
+            let page = match self
+                .store
+                .outbox_page(&self.endpoint.name, after.as_ref(), PAGE)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    error!(endpoint = %self.endpoint.name, error = %format!("{e:#}"), "cannot read the outbox");
+                    break;
+                }
+            };
+            let last = page.len() < PAGE;
+            after = page.last().map(|(k, _)| k.clone());
+            for (key, entry) in page {
+                if q.busy.contains(&entry.event_id) {
+                    continue;
+                }
+                if entry.next_attempt_ms > now {
+                    due = Some(due.map_or(entry.next_attempt_ms, |d| d.min(entry.next_attempt_ms)));
+                    continue;
+                }
+                if sends.len() < slots {
+                    q.busy.insert(entry.event_id.clone());
+                    sends.push((key, entry));
+                }
+            }
+            if last {
+                break;
+            }
+        }
+        (sends, due)
+    }
+
+    async fn persist_disabled(&self, why: &str) {
+        if let Err(e) = self.store.disable_endpoint(&self.endpoint.name, why).await {
             error!(endpoint = %self.endpoint.name, error = %format!("{e:#}"), "cannot record that the endpoint is disabled; a restart enables it again");
         }
     }
 
     /// Keeps the attempt in the delivery history (`pollhook events`).
-    fn record(&self, entry: &OutboxEntry, outcome: &Outcome, answer: &Answer) {
+    async fn record(&self, entry: &OutboxEntry, outcome: &Outcome, answer: &Answer) {
         let (kind, error) = match outcome {
             Outcome::Delivered => ("delivered", None),
             Outcome::Gone => ("gone", Some("410 Gone".to_string())),
@@ -305,20 +429,22 @@ impl Worker {
             outcome: kind.into(),
             error,
         };
-        if let Err(e) = self.store.record_attempt(&rec) {
+        if let Err(e) = self.store.record_attempt(&rec).await {
             debug!(endpoint = %self.endpoint.name, error = %format!("{e:#}"), "cannot record the attempt in the history");
         }
     }
 
     /// Records an attempt's outcome: delivered, rescheduled or
     /// dead-lettered, and what it says about the endpoint's health.
+    /// Returns the entry and whether it stays the head of its instance
+    /// (rescheduled) or left the outbox.
     async fn settle(
         &self,
         key: EntryKey,
         mut entry: OutboxEntry,
         outcome: Outcome,
         health: &mut Health,
-    ) {
+    ) -> (EntryKey, OutboxEntry, bool) {
         let ep = &self.endpoint;
         entry.attempts += 1;
         match &outcome {
@@ -331,7 +457,7 @@ impl Worker {
             Outcome::Gone => {
                 let why = "the endpoint answered 410 Gone: disabled, nothing more is sent to it until `pollhook endpoint enable`; its events stay in the outbox".to_string();
                 error!(endpoint = %ep.name, "{why}");
-                self.persist_disabled(&why);
+                self.persist_disabled(&why).await;
                 health.disabled = Some(why);
             }
             Outcome::Failed { .. } => {
@@ -352,7 +478,7 @@ impl Worker {
                             humantime::format_duration(limit)
                         );
                         error!(endpoint = %ep.name, "{why}");
-                        self.persist_disabled(&why);
+                        self.persist_disabled(&why).await;
                         health.disabled = Some(why);
                     }
                 }
@@ -368,19 +494,25 @@ impl Worker {
                 // Not an attempt that failed: the event waits, unharmed.
                 entry.attempts -= 1;
                 entry.last_error = Some("endpoint answered 410 Gone (disabled)".into());
-                if let Err(e) = self.store.reschedule(&key, &entry) {
+                if let Err(e) = self.store.reschedule(&key, &entry).await {
                     error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot record an attempt");
                 }
+                (key, entry, true)
             }
             Outcome::Delivered => {
                 debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
-                if let Err(e) = self.store.delivered(&key) {
+                let removed = self.store.delivered(&key).await;
+                if let Err(e) = &removed {
                     error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again");
                 }
                 self.status.endpoint(&ep.name, |s| {
                     s.delivered += 1;
                     s.last_success_ms = Some(crate::now_ms());
+                    if removed.is_ok() {
+                        s.queue_depth = s.queue_depth.saturating_sub(1);
+                    }
                 });
+                (key, entry, false)
             }
             Outcome::Failed {
                 reason,
@@ -401,9 +533,10 @@ impl Worker {
                         );
                         entry.next_attempt_ms = crate::now_ms() + delay.as_millis() as i64;
                         entry.last_error = Some(reason);
-                        if let Err(e) = self.store.reschedule(&key, &entry) {
+                        if let Err(e) = self.store.reschedule(&key, &entry).await {
                             error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot record a failed attempt");
                         }
+                        (key, entry, true)
                     }
                     None => {
                         error!(
@@ -418,11 +551,18 @@ impl Worker {
                             dead_at_ms: crate::now_ms(),
                         };
                         match self.store.dead_letter(&key, &letter).await {
-                            Ok(()) => self.status.endpoint(&ep.name, |s| s.dead_lettered += 1),
+                            Ok(()) => self.status.endpoint(&ep.name, |s| {
+                                s.dead_lettered += 1;
+                                s.dead_letters += 1;
+                                s.queue_depth = s.queue_depth.saturating_sub(1);
+                            }),
                             Err(e) => {
                                 error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox")
                             }
                         }
+                        // Read again from the store: the next head, or
+                        // this one if it could not move.
+                        (key, letter.entry, false)
                     }
                 }
             }

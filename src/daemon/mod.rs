@@ -1,0 +1,239 @@
+//! `pollhook run`: the daemon's lifecycle. It opens the store, starts the
+//! admin server, lets the [`supervisor`] start one poll task per instance
+//! ([`crate::poll`]), one discovery loop per discovering source and one
+//! delivery worker per endpoint, reloads on SIGHUP, sweeps the store
+//! hourly, and drains on shutdown.
+
+mod supervisor;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::connector::auth::TokenCache;
+use crate::deliver::worker::{delivery_client, Wake, USER_AGENT_VALUE};
+use crate::quota::HostGates;
+use crate::status::Status;
+use crate::store::Store;
+pub(crate) use supervisor::Running;
+use supervisor::Supervisor;
+
+/// What pollers share.
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) status: Arc<Status>,
+    pub(crate) client: reqwest::Client,
+    pub(crate) hosts: Arc<HostGates>,
+    /// OAuth2 tokens shared by every instance.
+    pub(crate) tokens: TokenCache,
+    /// What a reload may change under running tasks.
+    pub(crate) live: Arc<Live>,
+}
+
+/// The parts of the running configuration that pollers and the admin
+/// server read while a reload may replace them.
+#[derive(Default)]
+pub struct Live {
+    /// Delivery workers' wake-ups, by endpoint: pollers poke them after a
+    /// commit, the admin server after a replay. A restarted worker keeps
+    /// its endpoint's `Wake`.
+    pub wakes: RwLock<BTreeMap<String, Arc<Wake>>>,
+    /// The admin bearer token (`admin.token`), rotated by a reload.
+    pub admin_token: RwLock<Option<String>>,
+}
+
+impl Live {
+    pub fn wake(&self, endpoint: &str) -> Option<Arc<Wake>> {
+        self.wakes
+            .read()
+            .expect("wakes lock")
+            .get(endpoint)
+            .cloned()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.wakes
+            .read()
+            .expect("wakes lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The client for polling upstreams.
+pub fn poll_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT_VALUE)
+        // Redirects within the same host only (at most 5): a redirect to
+        // another host would carry the connector's credentials (an API key
+        // header survives reqwest's cross-host stripping) past
+        // `paginate.allow_hosts` and that host's quota. A refused redirect
+        // surfaces as the 3xx answer.
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let same = attempt.previous().last().is_some_and(|prev| {
+                prev.host_str() == attempt.url().host_str()
+                    && prev.port_or_known_default() == attempt.url().port_or_known_default()
+            });
+            if attempt.previous().len() > 5 || !same {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }))
+        .build()
+        .expect("a TLS backend is compiled in")
+}
+
+/// How often store care runs (history, dead letter and removed-instance
+/// retention; see [`crate::store::retention`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Runs the daemon until `shutdown` is cancelled, then drains: pollers stop
+/// at their next sleep, in-flight polls and deliveries get until
+/// `shutdown_timeout`, anything unfinished stays in the store for next time.
+/// Each `reload` notification (SIGHUP) reads the bridge file again and
+/// applies it (see [`Supervisor::reload`]).
+pub async fn run(
+    config: Config,
+    reload: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    let store = Store::open(&config.state_dir)?;
+    let status = Arc::new(Status::default());
+    let live = Arc::new(Live::default());
+    *live.admin_token.write().expect("token lock") = config.admin_token.clone();
+    let hosts = Arc::new(HostGates::new(&config.hosts));
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        status: status.clone(),
+        client: poll_client(),
+        hosts: hosts.clone(),
+        tokens: TokenCache::default(),
+        live: live.clone(),
+    });
+
+    let admin = match config.admin_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
+            let local = listener.local_addr()?;
+            info!(%local, "admin server listening");
+            let state = crate::admin::AdminState {
+                status: status.clone(),
+                store: store.clone(),
+                hosts: hosts.clone(),
+                live: live.clone(),
+            };
+            let task = tokio::spawn(crate::admin::serve(listener, state, shutdown.clone()));
+            Some((task, local))
+        }
+        None => None,
+    };
+
+    let mut sup = Supervisor {
+        shared,
+        guarded: delivery_client(true),
+        unguarded: delivery_client(false),
+        workers: Running::default(),
+        worker_fps: BTreeMap::new(),
+        pollers: Running::default(),
+        poller_fps: BTreeMap::new(),
+        config: None,
+        shutdown: shutdown.clone(),
+    };
+    sup.apply(config).await;
+    let config = sup.config.as_ref().expect("applied");
+    let count = config
+        .sources
+        .iter()
+        .map(|s| s.instances.len())
+        .sum::<usize>();
+    status.set_ready(true);
+    if let Some((_, local)) = &admin {
+        // Where CLI commands (and tests) find the running daemon; written
+        // once it is ready, so its presence means `/readyz` says so.
+        std::fs::write(config.state_dir.join("admin.addr"), local.to_string())
+            .context("cannot write admin.addr in state_dir")?;
+    }
+    info!(
+        instances = count,
+        endpoints = config.endpoints.len(),
+        state_dir = %config.state_dir.display(),
+        "pollhook running"
+    );
+    // systemd: ready now (store open, workers and pollers running), and
+    // watchdog pings from a runtime task for as long as the runtime turns.
+    let notifier = Arc::new(crate::notify::Notifier::from_env());
+    notifier.send(&format!(
+        "READY=1\nSTATUS=polling {count} instances, delivering to {} endpoints",
+        config.endpoints.len()
+    ));
+    let watchdog = notifier.watchdog_interval().map(|every| {
+        let n = notifier.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => n.send("WATCHDOG=1"),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    });
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = reload.notified() => {
+                notifier.send("RELOADING=1\nSTATUS=reloading the configuration");
+                sup.reload().await;
+                notifier.send("READY=1\nSTATUS=configuration reloaded");
+            }
+            _ = sweep.tick() => sup.sweep().await,
+        }
+    }
+    status.set_ready(false);
+    notifier.send("STOPPING=1\nSTATUS=shutting down: finishing in-flight work");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let timeout = sup.config.as_ref().expect("applied").shutdown_timeout;
+    info!(timeout = %humantime::format_duration(timeout), "shutting down: finishing in-flight polls and deliveries");
+    let deadline = tokio::time::Instant::now() + timeout;
+    for (set, what) in [
+        (&mut sup.pollers, "polls"),
+        (&mut sup.workers, "deliveries"),
+    ] {
+        if tokio::time::timeout_at(deadline, set.join_all())
+            .await
+            .is_err()
+        {
+            warn!("shutdown timeout: abandoning in-flight {what} (they stay in the store and resume at the next start)");
+            set.abort_all().await;
+        }
+    }
+    if let Some((a, _)) = admin {
+        a.abort();
+    }
+    store.flush().await?;
+    let _ = std::fs::remove_file(
+        sup.config
+            .as_ref()
+            .expect("applied")
+            .state_dir
+            .join("admin.addr"),
+    );
+    info!("store flushed; bye");
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! The supervisor: starts, restarts and stops the daemon's tasks to match
+//! a configuration, at start and at each reload, and keeps the store's
+//! record of which instances are still configured.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::Shared;
+use crate::config::{Config, Instance, Source};
+use crate::connector::fetch::FetchEnv;
+use crate::deliver::worker::Worker;
+use crate::poll::poll_loop;
+use crate::quota::limiter;
+
+/// Starts, restarts and stops the daemon's tasks to match a configuration.
+pub(super) struct Supervisor {
+    pub(super) shared: Arc<Shared>,
+    /// Two delivery clients: the SSRF guard on, and off for `allow_private`.
+    pub(super) guarded: reqwest::Client,
+    pub(super) unguarded: reqwest::Client,
+    /// One delivery worker per endpoint, and the fingerprint it runs.
+    pub(super) workers: Running,
+    pub(super) worker_fps: BTreeMap<String, u64>,
+    /// Poll tasks (static instances) and discovery loops, by unit key (see
+    /// [`crate::reload::units`]), and the fingerprint each runs.
+    pub(super) pollers: Running,
+    pub(super) poller_fps: BTreeMap<String, u64>,
+    /// What runs now (`None` before the first `apply`).
+    pub(super) config: Option<Config>,
+    pub(super) shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    /// SIGHUP: read the bridge file again; apply it only when it is valid.
+    pub(super) async fn reload(&mut self) {
+        let old = self.config.as_ref().expect("applied");
+        let file = old.file.clone();
+        info!(file = %file.display(), "reload: reading the configuration again");
+        let outcome = match Config::load(&file) {
+            Err(e) => Err(format!("{e}")),
+            Ok(new) => match crate::reload::refusal(old, &new) {
+                Some(why) => Err(why),
+                None => Ok(new),
+            },
+        };
+        match outcome {
+            Err(why) => {
+                error!("reload refused, the running configuration stays: {why}");
+                self.shared.status.reloaded(Err(why));
+            }
+            Ok(new) => {
+                let warnings = crate::reload::warnings(old, &new);
+                for w in &warnings {
+                    warn!("reload: {w}");
+                }
+                let summary = self.apply(new).await;
+                info!("reload done: {summary}");
+                self.shared.status.reloaded(Ok(warnings));
+            }
+        }
+    }
+
+    /// Makes the running tasks match `new`: unchanged units keep running
+    /// untouched, changed ones stop (finishing an in-flight poll or
+    /// delivery) and start again on their stored state, removed ones stop
+    /// and their state is kept for the source's `retention`.
+    pub(super) async fn apply(&mut self, new: Config) -> String {
+        let shared = self.shared.clone();
+        let (mut started, mut restarted, mut stopped) = (0, 0, 0);
+
+        // Endpoints first, so new sources find their wake-ups.
+        let eps = crate::reload::endpoints(&new);
+        for name in self.worker_fps.keys().cloned().collect::<Vec<_>>() {
+            if !eps.contains_key(&name) {
+                self.workers.stop(&name);
+                self.worker_fps.remove(&name);
+                shared.live.wakes.write().expect("wakes lock").remove(&name);
+                shared.status.remove_endpoint(&name);
+                let queued = shared
+                    .status
+                    .endpoints()
+                    .get(&name)
+                    .map_or(0, |s| s.queue_depth);
+                warn!(endpoint = %name, queued, "endpoint removed from the configuration: its worker stops; queued events stay in the store until it comes back");
+                stopped += 1;
+            }
+        }
+        for (name, fp) in &eps {
+            if self.worker_fps.get(name) == Some(fp) {
+                continue;
+            }
+            let ep = new.endpoints[name].clone();
+            let wake = shared
+                .live
+                .wakes
+                .write()
+                .expect("wakes lock")
+                .entry(name.clone())
+                .or_default()
+                .clone();
+            shared.status.endpoint(name, |_| {});
+            let worker = Worker {
+                client: if ep.allow_private {
+                    self.unguarded.clone()
+                } else {
+                    self.guarded.clone()
+                },
+                endpoint: ep,
+                store: shared.store.clone(),
+                status: shared.status.clone(),
+                wake: wake.clone(),
+            };
+            let token = self.shutdown.child_token();
+            if self.worker_fps.insert(name.clone(), *fp).is_some() {
+                restarted += 1;
+                info!(endpoint = %name, "endpoint changed: worker restarts");
+            } else {
+                started += 1;
+            }
+            self.workers
+                .start(name, token.clone(), worker.run(token))
+                .await;
+            // Whatever the stopped worker left is the new one's to send.
+            wake.rescan();
+        }
+
+        shared.hosts.reconfigure(&new.hosts);
+        *shared.live.admin_token.write().expect("token lock") = new.admin_token.clone();
+
+        let units = crate::reload::units(&new);
+        let now = crate::now_ms();
+        for key in self.poller_fps.keys().cloned().collect::<Vec<_>>() {
+            if units.contains_key(&key) {
+                continue;
+            }
+            self.pollers.stop(&key);
+            self.poller_fps.remove(&key);
+            stopped += 1;
+            if key.contains('/') {
+                shared.status.remove_instance(&key);
+            } else {
+                shared.status.remove_source(&key);
+            }
+            info!(unit = %key, "removed from the configuration: stopped, state kept for the retention period");
+        }
+        for (key, unit) in &units {
+            if self.poller_fps.get(key) == Some(&unit.fingerprint) {
+                continue;
+            }
+            let token = self.shutdown.child_token();
+            let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                match &unit.instance {
+                    Some(inst) => Box::pin(poll_loop(
+                        shared.clone(),
+                        unit.source.clone(),
+                        inst.clone(),
+                        token.clone(),
+                    )),
+                    None => Box::pin(discover_loop(
+                        shared.clone(),
+                        unit.source.clone(),
+                        token.clone(),
+                    )),
+                };
+            if self
+                .poller_fps
+                .insert(key.clone(), unit.fingerprint)
+                .is_some()
+            {
+                restarted += 1;
+                info!(unit = %key, "changed: restarts on its stored state");
+            } else {
+                started += 1;
+            }
+            // A restarted unit waits for its old task's in-flight poll, so
+            // two tasks never commit the same state.
+            self.pollers.start(key, token, task).await;
+        }
+
+        // Stored states no unit polls any more are deleted after the
+        // retention of the source that had them (the default when that
+        // source is unknown: configuration changed while stopped); those
+        // polled again are kept.
+        let old_retention = |key: &str| {
+            let src = key.split_once('/').map_or(key, |(s, _)| s);
+            self.config
+                .as_ref()
+                .and_then(|c| c.source(src))
+                .map_or(crate::config::DEFAULT_RETENTION, |s| s.retention)
+        };
+        match shared.store.state_keys().await {
+            Ok(keys) => {
+                for key in keys {
+                    let res = if crate::reload::owns(&units, &key) {
+                        shared.store.unmark_removed(&key).await
+                    } else {
+                        let at = now + old_retention(&key).as_millis() as i64;
+                        shared.store.mark_removed(&key, at).await
+                    };
+                    if let Err(e) = res {
+                        warn!(instance = %key, error = %format!("{e:#}"), "cannot record whether the instance is still configured");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot list stored instance states"),
+        }
+        self.config = Some(new);
+        self.sweep().await;
+        format!("{started} started, {restarted} restarted, {stopped} stopped, the rest untouched")
+    }
+
+    /// Store care, hourly and after each (re)load: forgets old delivery
+    /// history and dead letters past `store:` retention, and deletes the
+    /// state of instances removed longer than their retention.
+    pub(super) async fn sweep(&self) {
+        let config = self.config.as_ref().expect("applied");
+        let policy = crate::store::retention::Policy {
+            history: config.history_retention,
+            dead_letters: config.dead_letter_retention,
+        };
+        let (swept, errors) =
+            crate::store::retention::sweep(&self.shared.store, policy, crate::now_ms()).await;
+        if swept.attempts > 0 {
+            info!(
+                attempts = swept.attempts,
+                "delivery history older than store.history forgotten"
+            );
+        }
+        if swept.dead_letters > 0 {
+            warn!(
+                dead_letters = swept.dead_letters,
+                "dead letters older than store.dead_letters deleted"
+            );
+        }
+        for key in swept.states {
+            info!(instance = %key, "removed from the configuration longer than its retention: state deleted");
+        }
+        for e in errors {
+            warn!("{e}");
+        }
+    }
+}
+
+/// A `for_each: discover` source: its listing loop and one poll task per
+/// instance it finds.
+pub(super) async fn discover_loop(
+    shared: Arc<Shared>,
+    source: Arc<Source>,
+    shutdown: CancellationToken,
+) {
+    // A connector's `rate_limit` is its quota per instance (the
+    // listing request of a discovering source counts as one more).
+    let rate_limit = source.connector.rate_limit.map(|r| Arc::new(limiter(r, 1)));
+    let env = FetchEnv {
+        client: &shared.client,
+        hosts: &shared.hosts,
+        rate_limit: rate_limit.as_deref(),
+        tokens: &shared.tokens,
+    };
+    let cx = crate::discover::DiscoverEnv {
+        store: &shared.store,
+        status: &shared.status,
+        env,
+    };
+    let spawn = |inst: Instance, token: CancellationToken| {
+        poll_loop(shared.clone(), source.clone(), inst, token)
+    };
+    crate::discover::run_source(source.clone(), cx, spawn, shutdown).await;
+}
+
+/// Named tasks that can be stopped, replaced and drained: the poll tasks
+/// and discovery loops of the supervisor, the delivery workers, and the
+/// instance tasks of a discovering source.
+///
+/// Why not a `JoinSet`: an instance that leaves and comes back (or whose
+/// params change) must not have two tasks polling and committing its state
+/// at once, so a new task waits for the old one of the same name to finish
+/// its in-flight poll.
+#[derive(Default)]
+pub struct Running {
+    tasks: BTreeMap<String, (CancellationToken, JoinHandle<()>)>,
+    stopping: BTreeMap<String, JoinHandle<()>>,
+}
+
+impl Running {
+    pub async fn start<F>(&mut self, name: &str, token: CancellationToken, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.stop(name);
+        if let Some(old) = self.stopping.remove(name) {
+            let _ = old.await;
+        }
+        self.tasks
+            .insert(name.to_string(), (token, tokio::spawn(task)));
+    }
+
+    pub fn stop(&mut self, name: &str) {
+        if let Some((token, handle)) = self.tasks.remove(name) {
+            token.cancel();
+            self.stopping.insert(name.to_string(), handle);
+        }
+        // Forget stopped tasks that are done.
+        self.stopping.retain(|_, h| !h.is_finished());
+    }
+
+    /// Waits for every task (cancel their tokens first).
+    /// Cancel-safe: a task leaves the map only once it has finished, so
+    /// what a timed-out wait leaves behind is still there to abort.
+    pub async fn join_all(&mut self) {
+        while let Some(name) = self.tasks.keys().next().cloned() {
+            if let Some((_, h)) = self.tasks.get_mut(&name) {
+                let _ = h.await;
+            }
+            self.tasks.remove(&name);
+        }
+        while let Some(name) = self.stopping.keys().next().cloned() {
+            if let Some(h) = self.stopping.get_mut(&name) {
+                let _ = h.await;
+            }
+            self.stopping.remove(&name);
+        }
+    }
+
+    /// Aborts what is still running (a shutdown deadline passed).
+    pub async fn abort_all(&mut self) {
+        for (_, (_, h)) in std::mem::take(&mut self.tasks) {
+            h.abort();
+            let _ = h.await;
+        }
+        for (_, h) in std::mem::take(&mut self.stopping) {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The poll stage: one task per instance, from its schedule to its
+//! commit. `poll_loop` sleeps until the instance is due, `poll_once`
+//! fetches, detects and commits (state and outbox in one store
+//! transaction), and `prepare_commit` (pure) turns a detection into the
+//! state to commit and the events with their sequence numbers and ids.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Instance, Source};
+use crate::connector::detect::{detect, Detection};
+use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
+use crate::connector::mask;
+use crate::daemon::Shared;
+use crate::event::{event_id, Event};
+use crate::quota::limiter;
+use crate::schedule::first_due;
+use crate::schedule::{adapt, error_backoff};
+use crate::store::{InstanceState, OutboxEntry};
+
+/// A stable pseudo-random fraction of the key, to spread first polls of many
+/// instances across their interval instead of firing all at once.
+pub(crate) fn spread(key: &str) -> f64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % 10_000) as f64 / 10_000.0
+}
+
+/// Polls one instance until `shutdown`: on its schedule, backing off
+/// while it fails, resuming from its stored state.
+pub(crate) async fn poll_loop(
+    shared: Arc<Shared>,
+    source: Arc<Source>,
+    inst: Instance,
+    shutdown: CancellationToken,
+) {
+    let inst = &inst;
+    let c = &source.connector;
+    let mut state = loop {
+        match shared.store.load_state(&inst.key).await {
+            Ok(s) => break s,
+            Err(e) => {
+                error!(instance = %inst.key, error = %format!("{e:#}"), "cannot read the instance state; retrying in 5s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    shared.status.register_instance(&inst.key, |s| {
+        s.source = source.name.clone();
+        s.instance = inst.name.clone();
+        s.connector = c.name.clone();
+        s.cursor = state.cursor.clone();
+    });
+    let rate_limit = c.rate_limit.map(|r| Arc::new(limiter(r, 1)));
+    let persisted = state
+        .next_run_ms
+        .and_then(chrono::DateTime::from_timestamp_millis);
+    let first = first_due(persisted, Utc::now(), &source.schedule, spread(&inst.key));
+    let Some(mut due) = first else {
+        warn!(instance = %inst.key, "schedule has no future run; instance stops");
+        return;
+    };
+    // This instance's slot within the interval (see `Schedule::next_slot`).
+    let phase = spread(&inst.key);
+    let mut interval = match source.schedule.kind {
+        crate::schedule::ScheduleKind::Every(d) => d,
+        crate::schedule::ScheduleKind::Cron(_) => Duration::ZERO,
+    };
+    let mut failures: u32 = 0;
+    let mut last_start: Option<chrono::DateTime<Utc>> = None;
+    loop {
+        shared
+            .status
+            .instance(&inst.key, |s| s.next_poll_ms = Some(due.timestamp_millis()));
+        // Persisted so that the next start knows whether a run was missed.
+        // The in-memory copy follows, so a commit_poll of this state does not
+        // write back an older value.
+        state.next_run_ms = Some(due.timestamp_millis());
+        if let Err(e) = shared
+            .store
+            .set_next_run(&inst.key, due.timestamp_millis())
+            .await
+        {
+            warn!(instance = %inst.key, error = %format!("{e:#}"), "cannot record the next run time");
+        }
+        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let env = FetchEnv {
+            client: &shared.client,
+            hosts: &shared.hosts,
+            rate_limit: rate_limit.as_deref(),
+            tokens: &shared.tokens,
+        };
+        let started = Utc::now();
+        if let Some(prev) = last_start {
+            let ms = (started - prev).num_milliseconds().max(0) as u64;
+            shared
+                .status
+                .instance(&inst.key, |s| s.effective_interval_ms = Some(ms));
+        }
+        last_start = Some(started);
+        let mut changed = false;
+        let took = std::time::Instant::now();
+        let outcome = poll_once(&shared, &source, inst, &state, &env).await;
+        shared
+            .status
+            .observe_poll(&source.name, &c.name, took.elapsed());
+        match outcome {
+            Ok((next_state, events)) => {
+                if let Some(n) = next_state {
+                    state = n;
+                }
+                changed = events > 0;
+                failures = 0;
+            }
+            Err(e) => {
+                failures += 1;
+                let msg = mask(&e.to_string(), &inst.secrets);
+                warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), failures, "poll failed: {msg}");
+                shared.status.instance(&inst.key, |s| {
+                    s.polls_failed += 1;
+                    s.last_poll_ms = Some(crate::now_ms());
+                    s.last_error = Some(msg);
+                });
+            }
+        }
+        let now = Utc::now();
+        let next = match source.schedule.adaptive {
+            Some((min, max)) => {
+                interval = adapt(interval, changed, min, max);
+                let after = due.max(now);
+                source
+                    .schedule
+                    .in_window(after + chrono::Duration::from_std(interval).unwrap_or_default())
+            }
+            None => source.schedule.next_slot(now, phase),
+        };
+        let Some(mut next) = next else {
+            warn!(instance = %inst.key, "schedule has no future run; instance stops");
+            return;
+        };
+        // A failing upstream is asked again later and later (never sooner
+        // than the schedule says), then the schedule resumes on success.
+        let backoff = error_backoff(failures, MAX_ERROR_BACKOFF, rand::random::<f64>());
+        if !backoff.is_zero() {
+            let retry = now + chrono::Duration::from_std(backoff).unwrap_or_default();
+            if retry > next {
+                next = source.schedule.in_window(retry).unwrap_or(retry);
+            }
+        }
+        shared.status.instance(&inst.key, |s| {
+            s.consecutive_failures = failures;
+            s.interval_ms = source
+                .schedule
+                .adaptive
+                .map(|_| interval.as_millis() as u64);
+        });
+        due = source.schedule.jittered(next, rand::random::<f64>());
+    }
+}
+
+/// The longest wait between attempts of a failing instance.
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(300);
+
+/// One poll of one instance; returns the new state when one was committed.
+async fn poll_once(
+    shared: &Shared,
+    source: &Source,
+    inst: &Instance,
+    state: &InstanceState,
+    env: &FetchEnv<'_>,
+) -> Result<(Option<InstanceState>, usize), PollError> {
+    let c = &source.connector;
+    let now = Utc::now();
+    let fetched = fetch(c, inst, state, env, now).await?;
+    if fetched.not_modified {
+        shared.status.instance(&inst.key, |s| {
+            s.polls_ok += 1;
+            s.polls_not_modified += 1;
+            s.last_poll_ms = Some(crate::now_ms());
+            s.last_ok_ms = s.last_poll_ms;
+            s.last_error = None;
+        });
+        return Ok((None, 0));
+    }
+    let detection = detect(
+        c,
+        &inst.vars,
+        state,
+        &fetched.pages,
+        now,
+        None,
+        fetched.listing(),
+    )
+    .map_err(PollError::Detect)?;
+    if let Some(w) = &fetched.warning {
+        warn!(instance = %inst.key, connector = %c.name, "{}", mask(w, &inst.secrets));
+    }
+    let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
+    let committed = if &next != state || !events.is_empty() {
+        let mut deliveries = Vec::new();
+        for ev in &events {
+            let body = ev.body();
+            for route in source.routes.iter().filter(|r| r.accepts(&ev.kind)) {
+                deliveries.push((
+                    route.endpoint.clone(),
+                    OutboxEntry {
+                        event_id: ev.id.clone(),
+                        instance: inst.key.clone(),
+                        kind: ev.kind.clone(),
+                        sequence: ev.sequence,
+                        body: body.clone(),
+                        attempts: 0,
+                        next_attempt_ms: 0,
+                        created_ms: now.timestamp_millis(),
+                        last_error: None,
+                    },
+                ));
+            }
+        }
+        if let Err(e) = shared
+            .store
+            .commit_poll(&inst.key, &next, &deliveries)
+            .await
+        {
+            // Nothing was written: the next poll detects the same changes again.
+            return Err(PollError::Store(format!("{e:#}")));
+        }
+        for (ep, e) in &deliveries {
+            // The worker's depth gauge counts what pollers add (see
+            // `EndpointStatus::queue_depth`).
+            shared.status.endpoint(ep, |s| {
+                s.queue_depth += 1;
+                s.oldest_pending_ms = Some(
+                    s.oldest_pending_ms
+                        .map_or(e.created_ms, |o| o.min(e.created_ms)),
+                );
+            });
+            if let Some(w) = shared.live.wake(ep) {
+                w.instance(&inst.key);
+            }
+        }
+        for ev in &events {
+            shared.status.count_event(&source.name, &ev.kind);
+            info!(instance = %inst.key, event = %ev.id, r#type = %ev.kind, sequence = ev.sequence, "change detected");
+        }
+        Some(next)
+    } else {
+        None
+    };
+    let cursor = committed.as_ref().map(|s| s.cursor.clone());
+    let evicted = committed.as_ref().map(|s| s.seen_evicted);
+    shared.status.instance(&inst.key, |s| {
+        s.polls_ok += 1;
+        s.events += events.len() as u64;
+        s.last_poll_ms = Some(crate::now_ms());
+        s.last_ok_ms = s.last_poll_ms;
+        s.last_error = None;
+        s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
+        if let Some(c) = cursor {
+            s.cursor = c;
+        }
+        if let Some(n) = evicted {
+            s.seen_evicted = n;
+        }
+    });
+    Ok((committed, events.len()))
+}
+
+/// Turns a detection into the state to commit and the events, with their
+/// sequence numbers and deterministic ids.
+pub fn prepare_commit(
+    source: &Source,
+    inst: &Instance,
+    prev: &InstanceState,
+    detection: Detection,
+    fetched: &Fetched,
+    now: chrono::DateTime<Utc>,
+) -> (InstanceState, Vec<Event>) {
+    let mut next = detection.state;
+    if fetched.first_url.is_some() {
+        next.etag = fetched.etag.clone();
+        next.last_modified = fetched.last_modified.clone();
+        next.validator_url = if next.etag.is_some() || next.last_modified.is_some() {
+            fetched.first_url.clone()
+        } else {
+            None
+        };
+    }
+    let mut seq = prev.sequence;
+    let events = detection
+        .events
+        .into_iter()
+        .map(|d| {
+            seq += 1;
+            Event {
+                id: event_id(&source.name, &inst.name, &d.kind, &d.change_key),
+                kind: d.kind,
+                timestamp: now,
+                source: source.name.clone(),
+                instance: inst.name.clone(),
+                sequence: seq,
+                data: d.data,
+            }
+        })
+        .collect();
+    next.sequence = seq;
+    (next, events)
+}

@@ -1,0 +1,503 @@
+//! The conformance suite of the storage seam: what every backend must do,
+//! written once. Each check takes a [`Fixture`] (a fresh, empty store that
+//! can be closed and opened again) and the `suite!` macro at the end runs
+//! every check against every backend.
+
+use std::future::Future;
+
+use super::backup;
+use super::retention;
+use super::*;
+
+/// A fresh store of one backend, and the means to reopen it (a restart).
+pub trait Fixture: Sized {
+    fn open() -> impl Future<Output = Self>;
+    fn store(&self) -> Store;
+    /// Closes the store (every clone of [`Fixture::store`] must be dropped
+    /// first) and opens it again on the same data.
+    fn reopen(&mut self) -> impl Future<Output = ()>;
+}
+
+pub struct SledFixture {
+    dir: tempfile::TempDir,
+    store: Option<Store>,
+}
+
+impl Fixture for SledFixture {
+    async fn open() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Some(Store::open(dir.path()).unwrap());
+        SledFixture { dir, store }
+    }
+    fn store(&self) -> Store {
+        self.store.clone().unwrap()
+    }
+    async fn reopen(&mut self) {
+        self.store.take();
+        self.store = Some(Store::open(self.dir.path()).unwrap());
+    }
+}
+
+fn entry(instance: &str, seq: u64) -> OutboxEntry {
+    OutboxEntry {
+        event_id: format!("msg_{instance}_{seq}"),
+        instance: instance.into(),
+        kind: "t".into(),
+        sequence: seq,
+        body: format!("{{\"n\":{seq}}}"),
+        attempts: 0,
+        next_attempt_ms: 0,
+        created_ms: 1000 + seq as i64,
+        last_error: None,
+    }
+}
+
+fn attempt(n: u64, at_ms: i64) -> AttemptRecord {
+    AttemptRecord {
+        event_id: format!("msg_{n}"),
+        endpoint: if n % 2 == 0 { "a" } else { "b" }.into(),
+        instance: "s/i".into(),
+        kind: "t".into(),
+        attempt: 1,
+        at_ms,
+        status: Some(200),
+        latency_ms: 1,
+        outcome: "delivered".into(),
+        error: None,
+    }
+}
+
+async fn sequences(store: &Store, endpoint: &str) -> Vec<(String, u64)> {
+    store
+        .outbox_page(endpoint, None, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| (e.instance, e.sequence))
+        .collect()
+}
+
+pub async fn commit_writes_state_and_outbox_together_durably<F: Fixture>() {
+    let mut f = F::open().await;
+    let state = InstanceState {
+        cursor: Some("c1".into()),
+        initialized: true,
+        sequence: 2,
+        ..Default::default()
+    };
+    let d = vec![
+        ("a".to_string(), entry("s/i", 1)),
+        ("b".to_string(), entry("s/i", 1)),
+        ("a".to_string(), entry("s/i", 2)),
+    ];
+    let keys = f.store().commit_poll("s/i", &state, &d).await.unwrap();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(
+        (keys[0].endpoint.as_str(), keys[1].endpoint.as_str()),
+        ("a", "b")
+    );
+    assert!(keys[0].seq < keys[2].seq, "keys follow detection order");
+    f.reopen().await;
+    let store = f.store();
+    assert_eq!(store.load_state("s/i").await.unwrap(), state);
+    assert_eq!(
+        sequences(&store, "a").await,
+        [("s/i".into(), 1), ("s/i".into(), 2)]
+    );
+    assert_eq!(store.outbox_stats("b").await.unwrap(), (1, Some(1001)));
+    // A prefix of another endpoint's name does not leak in.
+    assert_eq!(store.outbox_stats("").await.unwrap(), (0, None));
+    assert_eq!(
+        store.load_state("s/never").await.unwrap(),
+        InstanceState::default()
+    );
+}
+
+pub async fn next_run_is_kept_apart_from_the_state<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    store.set_next_run("s/new", 7).await.unwrap();
+    assert_eq!(
+        store.load_state("s/new").await.unwrap().next_run_ms,
+        Some(7)
+    );
+    let state = InstanceState {
+        cursor: Some("c1".into()),
+        sequence: 3,
+        ..Default::default()
+    };
+    store.commit_poll("s/i", &state, &[]).await.unwrap();
+    store.set_next_run("s/i", 42).await.unwrap();
+    // A commit of a state that does not know the new time keeps it.
+    store.commit_poll("s/i", &state, &[]).await.unwrap();
+    store.flush().await.unwrap();
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    let want = InstanceState {
+        next_run_ms: Some(42),
+        ..state
+    };
+    assert_eq!(store.load_state("s/i").await.unwrap(), want);
+    let mut keys = store.state_keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys, ["s/i", "s/new"]);
+    store.remove_state("s/i").await.unwrap();
+    assert_eq!(
+        store.load_state("s/i").await.unwrap(),
+        InstanceState::default()
+    );
+    assert_eq!(
+        store.all_states().await.unwrap().len(),
+        0,
+        "s/new has no state"
+    );
+}
+
+pub async fn the_outbox_keeps_lanes_in_order<F: Fixture>() {
+    let f = F::open().await;
+    let store = f.store();
+    for (inst, seq) in [("s/x", 1), ("s/y", 1), ("s/x", 2), ("s/y", 2), ("s/x", 3)] {
+        let st = InstanceState::default();
+        store
+            .commit_poll(inst, &st, &[("ep".into(), entry(inst, seq))])
+            .await
+            .unwrap();
+    }
+    store
+        .commit_poll(
+            "s/z",
+            &InstanceState::default(),
+            &[("ep2".into(), entry("s/z", 1))],
+        )
+        .await
+        .unwrap();
+    let inst: Vec<String> = store
+        .outbox_instances("ep")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(inst, ["s/x", "s/y"]);
+    let (kx, hx) = store.outbox_head("ep", "s/x").await.unwrap().unwrap();
+    assert_eq!((hx.sequence, kx.instance.as_str()), (1, "s/x"));
+    // Pages resume after the key given and stay within the endpoint.
+    let first = store.outbox_page("ep", None, 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let rest = store
+        .outbox_page("ep", Some(&first[1].0), 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 3);
+    let per_lane = |inst: &str| -> Vec<u64> {
+        first
+            .iter()
+            .chain(&rest)
+            .filter(|(k, _)| k.instance == inst)
+            .map(|(_, e)| e.sequence)
+            .collect()
+    };
+    assert_eq!(per_lane("s/x"), [1, 2, 3]);
+    assert_eq!(per_lane("s/y"), [1, 2]);
+    // A failed attempt stays at the head with its new count.
+    let mut again = hx.clone();
+    again.attempts = 1;
+    again.next_attempt_ms = 99;
+    store.reschedule(&kx, &again).await.unwrap();
+    assert_eq!(
+        store.outbox_head("ep", "s/x").await.unwrap().unwrap().1,
+        again
+    );
+    // Delivered: the next one is the head.
+    store.delivered(&kx).await.unwrap();
+    assert_eq!(
+        store
+            .outbox_head("ep", "s/x")
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+            .sequence,
+        2
+    );
+    assert_eq!(store.outbox_stats("ep").await.unwrap(), (4, Some(1001)));
+    assert!(store.outbox_head("ep", "s/none").await.unwrap().is_none());
+}
+
+pub async fn dead_letters_move_replay_and_drop<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    let keys = store
+        .commit_poll(
+            "s/i",
+            &InstanceState::default(),
+            &[("a".into(), entry("s/i", 1)), ("a".into(), entry("s/i", 2))],
+        )
+        .await
+        .unwrap();
+    let mut dead = entry("s/i", 1);
+    dead.attempts = 5;
+    dead.last_error = Some("500".into());
+    let letter = DeadLetter {
+        endpoint: "a".into(),
+        entry: dead,
+        dead_at_ms: 10,
+    };
+    store.dead_letter(&keys[0], &letter).await.unwrap();
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    assert_eq!(store.outbox_stats("a").await.unwrap().0, 1);
+    let letters = store.dead_letters(Some("a")).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1, letter);
+    assert!(store.dead_letters(Some("b")).await.unwrap().is_empty());
+    // Replay: back at the end of the queue, same id and body, attempts reset.
+    assert_eq!(store.replay_dead(&letters).await.unwrap(), 1);
+    assert!(store.dead_letters(None).await.unwrap().is_empty());
+    let q = store.outbox_page("a", None, 10).await.unwrap();
+    assert_eq!(q.len(), 2);
+    let back = &q[1].1;
+    assert_eq!(
+        (
+            back.event_id.as_str(),
+            back.attempts,
+            back.last_error.clone()
+        ),
+        ("msg_s/i_1", 0, None)
+    );
+    assert_eq!(back.body, entry("s/i", 1).body);
+    // Drop: gone for good.
+    store.dead_letter(&q[0].0, &letter).await.unwrap();
+    let letters = store.dead_letters(None).await.unwrap();
+    let ks: Vec<EntryKey> = letters.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(store.drop_dead(&ks).await.unwrap(), 1);
+    assert!(store.dead_letters(None).await.unwrap().is_empty());
+}
+
+/// 12,000 attempts, a restart, 300 more: the newest 10,000 are kept, the
+/// history continues. (sled's shared id generator jumps after a reopen;
+/// pruning by those ids erased the history before the restart.)
+pub async fn history_keeps_the_newest_attempts_across_restarts<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    for n in 0..12_000 {
+        store.record_attempt(&attempt(n, n as i64)).await.unwrap();
+    }
+    store.flush().await.unwrap();
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    for n in 12_000..12_300 {
+        store.record_attempt(&attempt(n, n as i64)).await.unwrap();
+    }
+    let all = store
+        .attempts(&AttemptQuery {
+            limit: Some(usize::MAX),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Pruning runs every 100 records: at most 99 more than the bound.
+    assert!(
+        (ATTEMPTS_KEPT as usize..ATTEMPTS_KEPT as usize + 100).contains(&all.len()),
+        "{} attempts kept",
+        all.len()
+    );
+    assert_eq!(all[0].event_id, "msg_12299", "newest first");
+    let oldest = &all[all.len() - 1];
+    assert!(oldest.at_ms <= 12_300 - ATTEMPTS_KEPT as i64, "{oldest:?}");
+    let ones = store
+        .attempts(&AttemptQuery {
+            endpoint: Some("b".into()),
+            limit: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = ones.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids, ["msg_12299", "msg_12297", "msg_12295"]);
+}
+
+pub async fn small_records_round_trip<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    let mut d = Discovered::default();
+    d.instances.insert("acc-1".into(), serde_json::Map::new());
+    d.removed.insert("acc-0".into(), 5);
+    store.save_discovered("src", &d).await.unwrap();
+    assert_eq!(
+        store.load_discovered("none").await.unwrap(),
+        Discovered::default()
+    );
+    store.mark_removed("s/a", 100).await.unwrap();
+    store.mark_removed("s/a", 200).await.unwrap(); // keeps the earlier time
+    store.mark_removed("s/b", 300).await.unwrap();
+    store.unmark_removed("s/b").await.unwrap();
+    store.disable_endpoint("ep", "410 Gone").await.unwrap();
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    assert_eq!(store.load_discovered("src").await.unwrap(), d);
+    assert_eq!(store.removed().await.unwrap(), [("s/a".to_string(), 100)]);
+    assert_eq!(
+        store.endpoint_disabled("ep").await.unwrap().as_deref(),
+        Some("410 Gone")
+    );
+    assert!(store.enable_endpoint("ep").await.unwrap());
+    assert!(!store.enable_endpoint("ep").await.unwrap());
+    assert_eq!(store.endpoint_disabled("ep").await.unwrap(), None);
+    store.ping().await.unwrap();
+}
+
+pub async fn retention_forgets_what_is_old<F: Fixture>() {
+    let f = F::open().await;
+    let store = f.store();
+    for n in 0..10 {
+        store
+            .record_attempt(&attempt(n, n as i64 * 100))
+            .await
+            .unwrap();
+    }
+    let keys = store
+        .commit_poll(
+            "s/i",
+            &InstanceState::default(),
+            &[("a".into(), entry("s/i", 1)), ("a".into(), entry("s/i", 2))],
+        )
+        .await
+        .unwrap();
+    for (k, at) in keys.iter().zip([100, 900]) {
+        let letter = DeadLetter {
+            endpoint: "a".into(),
+            entry: entry("s/i", k.seq),
+            dead_at_ms: at,
+        };
+        store.dead_letter(k, &letter).await.unwrap();
+    }
+    store.mark_removed("s/old", 400).await.unwrap();
+    store.mark_removed("s/i", 2000).await.unwrap();
+    let policy = retention::Policy {
+        history: std::time::Duration::from_millis(500),
+        dead_letters: Some(std::time::Duration::from_millis(500)),
+    };
+    let (swept, errors) = retention::sweep(&store, policy, 1000).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        swept,
+        retention::Swept {
+            attempts: 5,
+            dead_letters: 1,
+            states: vec!["s/old".into()],
+        }
+    );
+    let left = store.attempts(&AttemptQuery::default()).await.unwrap();
+    assert_eq!(left.len(), 5);
+    assert_eq!(store.dead_letters(None).await.unwrap()[0].1.dead_at_ms, 900);
+    assert_eq!(store.removed().await.unwrap(), [("s/i".to_string(), 2000)]);
+}
+
+pub async fn backups_round_trip_into_an_empty_store<F: Fixture>() {
+    let f = F::open().await;
+    let store = f.store();
+    let state = InstanceState {
+        cursor: Some("c".into()),
+        initialized: true,
+        sequence: 3,
+        ..Default::default()
+    };
+    let keys = store
+        .commit_poll(
+            "s/i",
+            &state,
+            &[
+                ("a".into(), entry("s/i", 1)),
+                ("a".into(), entry("s/i", 2)),
+                ("a".into(), entry("s/i", 3)),
+            ],
+        )
+        .await
+        .unwrap();
+    store.set_next_run("s/i", 77).await.unwrap();
+    let letter = DeadLetter {
+        endpoint: "a".into(),
+        entry: entry("s/i", 1),
+        dead_at_ms: 5,
+    };
+    store.dead_letter(&keys[0], &letter).await.unwrap();
+    store.record_attempt(&attempt(1, 1)).await.unwrap();
+    store.mark_removed("s/gone", 9).await.unwrap();
+    store.disable_endpoint("a", "why").await.unwrap();
+    store
+        .save_discovered("s", &Discovered::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let n = backup::export(&store, &mut out).await.unwrap();
+    assert_eq!(n, 8);
+    let text = String::from_utf8(out.clone()).unwrap();
+    let state_line = text.lines().position(|l| l.contains("\"tree\":\"state\""));
+    let outbox_line = text.lines().position(|l| l.contains("\"tree\":\"outbox\""));
+    assert!(state_line < outbox_line, "state before the outbox:\n{text}");
+    // Into a non-empty store: refused, nothing written.
+    let e = backup::import(&store, out.as_slice()).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotEmpty { .. }), "{e}");
+
+    let g = F::open().await;
+    let copy = g.store();
+    assert_eq!(backup::import(&copy, out.as_slice()).await.unwrap(), 8);
+    assert_eq!(
+        copy.load_state("s/i").await.unwrap(),
+        InstanceState {
+            next_run_ms: Some(77),
+            ..state
+        }
+    );
+    assert_eq!(
+        sequences(&copy, "a").await,
+        [("s/i".into(), 2), ("s/i".into(), 3)]
+    );
+    assert_eq!(copy.dead_letters(None).await.unwrap()[0].1, letter);
+    assert_eq!(
+        copy.attempts(&AttemptQuery::default()).await.unwrap().len(),
+        1
+    );
+    assert_eq!(copy.removed().await.unwrap(), [("s/gone".to_string(), 9)]);
+    assert_eq!(
+        copy.endpoint_disabled("a").await.unwrap().as_deref(),
+        Some("why")
+    );
+    // The copy exports the same records.
+    let mut again = Vec::new();
+    backup::export(&copy, &mut again).await.unwrap();
+    let body = |t: &str| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(body(&String::from_utf8(again).unwrap()), body(&text));
+}
+
+/// Runs every check against one backend's fixture.
+macro_rules! suite {
+    ($backend:ident, $fixture:ty) => {
+        mod $backend {
+            suite!(@checks $fixture;
+                commit_writes_state_and_outbox_together_durably,
+                next_run_is_kept_apart_from_the_state,
+                the_outbox_keeps_lanes_in_order,
+                dead_letters_move_replay_and_drop,
+                history_keeps_the_newest_attempts_across_restarts,
+                small_records_round_trip,
+                retention_forgets_what_is_old,
+                backups_round_trip_into_an_empty_store
+            );
+        }
+    };
+    (@checks $fixture:ty; $($check:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                super::$check::<$fixture>().await;
+            }
+        )*
+    };
+}
+
+suite!(sled, super::SledFixture);

@@ -1,0 +1,396 @@
+//! The store: everything pollhook remembers, behind one seam.
+//!
+//! [`Backend`] is the set of operations the daemon needs, written once as a
+//! trait with the records beside it ([`records`]); [`Store`] is the handle
+//! the rest of the crate holds, dispatching to the configured backend.
+//! Backends: [`sled`] (embedded, the default). What is written once for
+//! every backend: backups ([`backup`]) and retention ([`retention`]), on
+//! top of the seam; and the conformance suite (`conformance.rs`), which
+//! every backend must pass.
+//!
+//! The one invariant this module exists for: [`Backend::commit_poll`]
+//! writes an instance's new state (cursor, seen ids, snapshot) and the
+//! outbox entries of the events that state change produced in ONE
+//! transaction, durable before it returns. A crash either loses both (the
+//! next poll detects the change again) or keeps both (the outbox delivers
+//! it). A cursor never moves past an undelivered change.
+//!
+//! Every operation is async: a backend that blocks (sled's flushes, scans
+//! and transactions) runs that part on tokio's blocking pool, never on the
+//! async workers that poll and deliver.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::Path;
+
+pub mod backup;
+mod records;
+pub mod retention;
+pub mod sled;
+
+#[cfg(test)]
+mod conformance;
+
+pub use records::*;
+
+/// Store errors name the operation; the backend's own error is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("store {op} failed")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("store record {key} is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("backup line {line}: {detail}")]
+    Backup { line: usize, detail: String },
+    #[error("cannot write the backup")]
+    Write(#[source] std::io::Error),
+    #[error("the store already holds {records} records: import goes into an empty store (move the current one away first)")]
+    NotEmpty { records: usize },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The operations pollhook needs from a store. Each backend implements all
+/// of them with the same meaning; `conformance.rs` checks that it does.
+///
+/// Writes not said to be durable may be lost in a crash, and the doc of
+/// each says why that is harmless.
+pub trait Backend: Clone + Send + Sync + 'static {
+    // --- instance state -------------------------------------------------
+
+    /// The stored state of an instance (default when it never polled),
+    /// with its next run time.
+    fn load_state(&self, instance: &str) -> impl Future<Output = Result<InstanceState>> + Send;
+
+    /// Every stored instance state (backups, tests).
+    fn all_states(&self) -> impl Future<Output = Result<Vec<(String, InstanceState)>>> + Send;
+
+    /// Keys of every instance with a state or a next run time.
+    fn state_keys(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// THE transaction: the instance's new state and its events' outbox
+    /// entries (endpoint, entry), atomically and durably. Returns each
+    /// entry's key, in the order given.
+    fn commit_poll(
+        &self,
+        instance: &str,
+        state: &InstanceState,
+        deliveries: &[(String, OutboxEntry)],
+    ) -> impl Future<Output = Result<Vec<EntryKey>>> + Send;
+
+    /// When an instance's next poll is due, kept apart from its state so
+    /// that it costs one small write per poll whatever the state's size.
+    /// Not durable: losing it means one poll at start (or none, `skip`).
+    fn set_next_run(
+        &self,
+        instance: &str,
+        next_run_ms: i64,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Forgets an instance's state and next run. Its undelivered events
+    /// stay in the outbox.
+    fn remove_state(&self, instance: &str) -> impl Future<Output = Result<()>> + Send;
+
+    // --- discovery and removed instances ---------------------------------
+
+    /// What a discovering source found last (empty when it never did).
+    fn load_discovered(&self, source: &str) -> impl Future<Output = Result<Discovered>> + Send;
+
+    /// Records what a discovering source found. Not durable: losing it
+    /// means the next discovery finds the same again.
+    fn save_discovered(
+        &self,
+        source: &str,
+        d: &Discovered,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Marks an instance no source polls any more; its state may be
+    /// deleted after `delete_at_ms`. A mark already there keeps its time.
+    fn mark_removed(
+        &self,
+        instance: &str,
+        delete_at_ms: i64,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// An instance polled again: its state is kept.
+    fn unmark_removed(&self, instance: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Instances marked removed, with when their state may be deleted.
+    fn removed(&self) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
+
+    // --- endpoints --------------------------------------------------------
+
+    /// Records that an endpoint is disabled and why. Durable: a restart
+    /// must not send to an endpoint that said `410 Gone`.
+    fn disable_endpoint(
+        &self,
+        endpoint: &str,
+        why: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Why an endpoint is disabled, if it is.
+    fn endpoint_disabled(
+        &self,
+        endpoint: &str,
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Enables an endpoint again (durable); whether it was disabled.
+    fn enable_endpoint(&self, endpoint: &str) -> impl Future<Output = Result<bool>> + Send;
+
+    // --- the outbox -------------------------------------------------------
+
+    /// The instances with pending entries for an endpoint.
+    fn outbox_instances(
+        &self,
+        endpoint: &str,
+    ) -> impl Future<Output = Result<BTreeSet<String>>> + Send;
+
+    /// The first pending entry of one instance for an endpoint.
+    fn outbox_head(
+        &self,
+        endpoint: &str,
+        instance: &str,
+    ) -> impl Future<Output = Result<Option<(EntryKey, OutboxEntry)>>> + Send;
+
+    /// Up to `limit` pending entries of an endpoint after `after` (from the
+    /// start when `None`), in detection order per instance.
+    fn outbox_page(
+        &self,
+        endpoint: &str,
+        after: Option<&EntryKey>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(EntryKey, OutboxEntry)>>> + Send;
+
+    /// How many entries an endpoint has pending, and when the oldest was
+    /// detected. A scan: workers call it at start, not per scrape.
+    fn outbox_stats(
+        &self,
+        endpoint: &str,
+    ) -> impl Future<Output = Result<(u64, Option<i64>)>> + Send;
+
+    /// A delivered entry leaves the outbox. Not durable: a lost removal
+    /// means a redelivery with the same `webhook-id`, which receivers drop.
+    fn delivered(&self, key: &EntryKey) -> impl Future<Output = Result<()>> + Send;
+
+    /// A failed attempt: the entry stays with its new attempt count and time.
+    fn reschedule(
+        &self,
+        key: &EntryKey,
+        entry: &OutboxEntry,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The last attempt failed: the entry moves to the dead letters in one
+    /// durable transaction (never in both, never in neither).
+    fn dead_letter(
+        &self,
+        key: &EntryKey,
+        letter: &DeadLetter,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    // --- dead letters -----------------------------------------------------
+
+    /// Dead letters, of one endpoint or all, by endpoint then age.
+    fn dead_letters(
+        &self,
+        endpoint: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<(EntryKey, DeadLetter)>>> + Send;
+
+    /// Puts dead letters back at the end of their endpoint's outbox with
+    /// attempts reset and the same `webhook-id` and body, each in one
+    /// durable transaction. Returns how many.
+    fn replay_dead(
+        &self,
+        letters: &[(EntryKey, DeadLetter)],
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Deletes dead letters for good (durable). Returns how many.
+    fn drop_dead(&self, keys: &[EntryKey]) -> impl Future<Output = Result<usize>> + Send;
+
+    // --- delivery history ---------------------------------------------------
+
+    /// Records a delivery attempt (not durable: history, not state) and
+    /// keeps at most [`ATTEMPTS_KEPT`], the oldest going first.
+    fn record_attempt(&self, rec: &AttemptRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// Up to `q.limit` attempts of one event and/or endpoint (all when
+    /// `None`), newest first.
+    fn attempts(&self, q: &AttemptQuery)
+        -> impl Future<Output = Result<Vec<AttemptRecord>>> + Send;
+
+    /// Forgets attempts made before `before_ms`. Returns how many.
+    fn prune_attempts(&self, before_ms: i64) -> impl Future<Output = Result<usize>> + Send;
+
+    // --- backups and care ---------------------------------------------------
+
+    /// One page of one kind of record, for backups (see [`backup`]).
+    fn export_page(
+        &self,
+        kind: RecordKind,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Page>> + Send;
+
+    /// How many records the store holds (an import needs zero).
+    fn count_records(&self) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Writes records read from a backup, in order (outbox entries keep
+    /// their relative order), then makes them durable.
+    fn import_records(&self, records: Vec<Record>) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Whether the store answers a read (for `/readyz`).
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes every write so far durable (shutdown, CLI operations).
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The store the daemon holds: one of the backends. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    Sled(sled::SledStore),
+}
+
+/// Calls the same operation on whichever backend the store is.
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $call:expr) => {
+        match $self {
+            Store::Sled($b) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (or creates) the embedded store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        Ok(Store::Sled(sled::SledStore::open(dir)?))
+    }
+
+    pub async fn load_state(&self, instance: &str) -> Result<InstanceState> {
+        dispatch!(self, b => b.load_state(instance).await)
+    }
+    pub async fn all_states(&self) -> Result<Vec<(String, InstanceState)>> {
+        dispatch!(self, b => b.all_states().await)
+    }
+    pub async fn state_keys(&self) -> Result<Vec<String>> {
+        dispatch!(self, b => b.state_keys().await)
+    }
+    pub async fn commit_poll(
+        &self,
+        instance: &str,
+        state: &InstanceState,
+        deliveries: &[(String, OutboxEntry)],
+    ) -> Result<Vec<EntryKey>> {
+        dispatch!(self, b => b.commit_poll(instance, state, deliveries).await)
+    }
+    pub async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
+        dispatch!(self, b => b.set_next_run(instance, next_run_ms).await)
+    }
+    pub async fn remove_state(&self, instance: &str) -> Result<()> {
+        dispatch!(self, b => b.remove_state(instance).await)
+    }
+    pub async fn load_discovered(&self, source: &str) -> Result<Discovered> {
+        dispatch!(self, b => b.load_discovered(source).await)
+    }
+    pub async fn save_discovered(&self, source: &str, d: &Discovered) -> Result<()> {
+        dispatch!(self, b => b.save_discovered(source, d).await)
+    }
+    pub async fn mark_removed(&self, instance: &str, delete_at_ms: i64) -> Result<()> {
+        dispatch!(self, b => b.mark_removed(instance, delete_at_ms).await)
+    }
+    pub async fn unmark_removed(&self, instance: &str) -> Result<()> {
+        dispatch!(self, b => b.unmark_removed(instance).await)
+    }
+    pub async fn removed(&self) -> Result<Vec<(String, i64)>> {
+        dispatch!(self, b => b.removed().await)
+    }
+    pub async fn disable_endpoint(&self, endpoint: &str, why: &str) -> Result<()> {
+        dispatch!(self, b => b.disable_endpoint(endpoint, why).await)
+    }
+    pub async fn endpoint_disabled(&self, endpoint: &str) -> Result<Option<String>> {
+        dispatch!(self, b => b.endpoint_disabled(endpoint).await)
+    }
+    pub async fn enable_endpoint(&self, endpoint: &str) -> Result<bool> {
+        dispatch!(self, b => b.enable_endpoint(endpoint).await)
+    }
+    pub async fn outbox_instances(&self, endpoint: &str) -> Result<BTreeSet<String>> {
+        dispatch!(self, b => b.outbox_instances(endpoint).await)
+    }
+    pub async fn outbox_head(
+        &self,
+        endpoint: &str,
+        instance: &str,
+    ) -> Result<Option<(EntryKey, OutboxEntry)>> {
+        dispatch!(self, b => b.outbox_head(endpoint, instance).await)
+    }
+    pub async fn outbox_page(
+        &self,
+        endpoint: &str,
+        after: Option<&EntryKey>,
+        limit: usize,
+    ) -> Result<Vec<(EntryKey, OutboxEntry)>> {
+        dispatch!(self, b => b.outbox_page(endpoint, after, limit).await)
+    }
+    pub async fn outbox_stats(&self, endpoint: &str) -> Result<(u64, Option<i64>)> {
+        dispatch!(self, b => b.outbox_stats(endpoint).await)
+    }
+    pub async fn delivered(&self, key: &EntryKey) -> Result<()> {
+        dispatch!(self, b => b.delivered(key).await)
+    }
+    pub async fn reschedule(&self, key: &EntryKey, entry: &OutboxEntry) -> Result<()> {
+        dispatch!(self, b => b.reschedule(key, entry).await)
+    }
+    pub async fn dead_letter(&self, key: &EntryKey, letter: &DeadLetter) -> Result<()> {
+        dispatch!(self, b => b.dead_letter(key, letter).await)
+    }
+    pub async fn dead_letters(
+        &self,
+        endpoint: Option<&str>,
+    ) -> Result<Vec<(EntryKey, DeadLetter)>> {
+        dispatch!(self, b => b.dead_letters(endpoint).await)
+    }
+    pub async fn replay_dead(&self, letters: &[(EntryKey, DeadLetter)]) -> Result<usize> {
+        dispatch!(self, b => b.replay_dead(letters).await)
+    }
+    pub async fn drop_dead(&self, keys: &[EntryKey]) -> Result<usize> {
+        dispatch!(self, b => b.drop_dead(keys).await)
+    }
+    pub async fn record_attempt(&self, rec: &AttemptRecord) -> Result<()> {
+        dispatch!(self, b => b.record_attempt(rec).await)
+    }
+    pub async fn attempts(&self, q: &AttemptQuery) -> Result<Vec<AttemptRecord>> {
+        dispatch!(self, b => b.attempts(q).await)
+    }
+    pub async fn prune_attempts(&self, before_ms: i64) -> Result<usize> {
+        dispatch!(self, b => b.prune_attempts(before_ms).await)
+    }
+    pub async fn export_page(
+        &self,
+        kind: RecordKind,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Page> {
+        dispatch!(self, b => b.export_page(kind, after, limit).await)
+    }
+    pub async fn count_records(&self) -> Result<usize> {
+        dispatch!(self, b => b.count_records().await)
+    }
+    pub async fn import_records(&self, records: Vec<Record>) -> Result<usize> {
+        dispatch!(self, b => b.import_records(records).await)
+    }
+    pub async fn ping(&self) -> Result<()> {
+        dispatch!(self, b => b.ping().await)
+    }
+    pub async fn flush(&self) -> Result<()> {
+        dispatch!(self, b => b.flush().await)
+    }
+}

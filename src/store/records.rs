@@ -1,0 +1,270 @@
+//! The records the store keeps, whatever the backend: what an instance
+//! remembers, what waits for an endpoint, what died, what was tried. They
+//! are plain serde types so that every backend stores the same JSON and a
+//! backup taken from one imports into another.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What an instance remembers between polls.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct InstanceState {
+    /// False until the first successful poll committed (the baseline).
+    #[serde(default)]
+    pub initialized: bool,
+    /// Where the next poll resumes, offered to templates as `cursor`.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// `snapshot`: the last value seen.
+    #[serde(default)]
+    pub snapshot: Option<Value>,
+    /// `snapshot`: how many changes were seen; part of event ids, so that
+    /// A→B, B→A, A→B gives three distinct ids.
+    #[serde(default)]
+    pub generation: u64,
+    /// `new`: ids seen, oldest first, bounded by the connector's `seen_limit`.
+    #[serde(default)]
+    pub seen: VecDeque<String>,
+    /// When each id of `seen` was first seen (ms since the epoch), for
+    /// `seen_ttl`. Shorter than `seen` in states written before it existed.
+    #[serde(default)]
+    pub seen_at: VecDeque<i64>,
+    /// `new`: ids dropped from `seen` because of its bound.
+    #[serde(default)]
+    pub seen_evicted: u64,
+    /// `changes`: the last version of every item of the listing, by id.
+    #[serde(default)]
+    pub known: std::collections::BTreeMap<String, KnownItem>,
+    /// Sequence number of the last event of this instance.
+    #[serde(default)]
+    pub sequence: u64,
+    /// Conditional request validators of the last 200 response, and the URL
+    /// they belong to.
+    #[serde(default)]
+    pub etag: Option<String>,
+    #[serde(default)]
+    pub last_modified: Option<String>,
+    #[serde(default)]
+    pub validator_url: Option<String>,
+    /// When the next poll is due (ms since the epoch), so that a restart
+    /// neither polls early nor forgets runs missed while stopped (the
+    /// schedule's `catch_up`). Advisory: written by [`super::Store::set_next_run`]
+    /// without a flush.
+    #[serde(default)]
+    pub next_run_ms: Option<i64>,
+}
+
+/// `changes`: what is remembered of one item.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KnownItem {
+    /// Its version (the `version` template, or the item's hash).
+    pub version: String,
+    /// The item itself: the `previous` of its next update or deletion.
+    pub item: Value,
+}
+
+/// One event waiting for one endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutboxEntry {
+    /// The `webhook-id`.
+    pub event_id: String,
+    /// `source/instance` it came from: deliveries of one instance keep order.
+    pub instance: String,
+    /// Event type.
+    pub kind: String,
+    /// Per-instance sequence number.
+    pub sequence: u64,
+    /// The exact body to send.
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Not before this time (ms since the epoch).
+    pub next_attempt_ms: i64,
+    /// When it was detected (ms since the epoch).
+    pub created_ms: i64,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// An event whose attempts ran out. Kept, never dropped silently.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeadLetter {
+    pub endpoint: String,
+    pub entry: OutboxEntry,
+    pub dead_at_ms: i64,
+}
+
+/// What a `for_each: discover` source last found, so that its instances
+/// poll at start even when the discovery request fails, and removed ones
+/// keep their state for the retention period.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Discovered {
+    /// Instance name → its discovered param values.
+    #[serde(default)]
+    pub instances: std::collections::BTreeMap<String, serde_json::Map<String, Value>>,
+    /// Instances that left the list → when (ms since the epoch).
+    #[serde(default)]
+    pub removed: std::collections::BTreeMap<String, i64>,
+}
+
+/// One delivery attempt, for `pollhook events`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRecord {
+    pub event_id: String,
+    pub endpoint: String,
+    pub instance: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// When it started (ms since the epoch).
+    pub at_ms: i64,
+    /// The receiver's status code, when it answered.
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    /// `delivered`, `failed`, `gone`.
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// Which attempts `pollhook events` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AttemptQuery {
+    /// One event (`webhook-id`).
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Most records (default 50).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl AttemptQuery {
+    /// Does an attempt match? Pure.
+    pub fn matches(&self, r: &AttemptRecord) -> bool {
+        self.id.as_ref().is_none_or(|i| *i == r.event_id)
+            && self.endpoint.as_ref().is_none_or(|e| *e == r.endpoint)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.unwrap_or(50)
+    }
+}
+
+/// How many attempt records are kept (the oldest go first).
+pub const ATTEMPTS_KEPT: u64 = 10_000;
+
+/// Where an outbox entry or dead letter sits: its endpoint's queue, its
+/// instance's lane in that queue, and its place in detection order.
+///
+/// Backend-neutral on purpose: sled turns it into an ordered byte key,
+/// a database into a primary key; callers only pass it back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntryKey {
+    pub endpoint: String,
+    pub instance: String,
+    /// Increases with detection order within the store (not dense).
+    pub seq: u64,
+}
+
+/// One record of a backup (`pollhook state export`), in the order they are
+/// written. The format is the same for every backend, so a backup is also
+/// how state moves from one backend to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "tree", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Record {
+    Disabled {
+        endpoint: String,
+        why: String,
+    },
+    State {
+        instance: String,
+        value: InstanceState,
+    },
+    Discovered {
+        source: String,
+        value: Discovered,
+    },
+    Removed {
+        instance: String,
+        delete_at_ms: i64,
+    },
+    /// Outbox entries of one endpoint, in detection order.
+    Outbox {
+        endpoint: String,
+        value: OutboxEntry,
+    },
+    Dead {
+        value: DeadLetter,
+    },
+    Attempt {
+        value: AttemptRecord,
+    },
+}
+
+/// The kinds of [`Record`], in backup order. Instance state (and what says
+/// which instances exist) comes before the outbox, because an export is
+/// not a snapshot across kinds: a poll committing between the two scans
+/// then leaves an old state and its new events, which the imported daemon
+/// detects again under the same event ids (a duplicate, never a loss).
+/// The other order could lose the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Disabled,
+    State,
+    Discovered,
+    Removed,
+    Outbox,
+    Dead,
+    Attempt,
+}
+
+impl RecordKind {
+    /// Every kind, in backup order.
+    pub const ALL: [RecordKind; 7] = [
+        RecordKind::Disabled,
+        RecordKind::State,
+        RecordKind::Discovered,
+        RecordKind::Removed,
+        RecordKind::Outbox,
+        RecordKind::Dead,
+        RecordKind::Attempt,
+    ];
+
+    /// The `tree` name in backups.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordKind::Disabled => "disabled",
+            RecordKind::State => "state",
+            RecordKind::Discovered => "discovered",
+            RecordKind::Removed => "removed",
+            RecordKind::Outbox => "outbox",
+            RecordKind::Dead => "dead",
+            RecordKind::Attempt => "attempts",
+        }
+    }
+}
+
+impl Record {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Record::Disabled { .. } => RecordKind::Disabled,
+            Record::State { .. } => RecordKind::State,
+            Record::Discovered { .. } => RecordKind::Discovered,
+            Record::Removed { .. } => RecordKind::Removed,
+            Record::Outbox { .. } => RecordKind::Outbox,
+            Record::Dead { .. } => RecordKind::Dead,
+            Record::Attempt { .. } => RecordKind::Attempt,
+        }
+    }
+}
+
+/// A page of records and where the next one starts (`None`: the last page).
+/// The cursor is opaque: only the backend that gave it reads it.
+pub struct Page {
+    pub records: Vec<Record>,
+    pub next: Option<Vec<u8>>,
+}

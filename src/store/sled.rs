@@ -1,0 +1,939 @@
+//! The embedded backend (sled 0.34). The only file that knows sled.
+//!
+//! Trees (every value is JSON, so backups need no per-tree codec):
+//! - `state`:    instance key (`source/instance`) → [`InstanceState`];
+//! - `next_run`: instance key → next due time (ms), apart from the state so
+//!   that the per-poll write is 8 bytes, not the whole seen set;
+//! - `outbox`:   endpoint `\0` instance `\0` u64 (big-endian, monotonic) →
+//!   [`OutboxEntry`]; keys sort in detection order per endpoint and
+//!   instance, so an instance's head is one seek (no scan of the queue);
+//! - `dead`:     same key → [`DeadLetter`];
+//! - `attempts`: u64 (big-endian, dense: see [`SledStore::record_attempt`])
+//!   → [`AttemptRecord`];
+//! - `discovered`, `removed`, `disabled`: by source, instance, endpoint.
+//!
+//! Blocking work (transactions, scans, flushes) runs on tokio's blocking
+//! pool; point reads and writes of a few bytes, which sled serves from its
+//! page cache, run inline.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::records::*;
+use super::{Backend, Result, StoreError};
+
+fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+    move |source| StoreError::Backend {
+        op,
+        source: Box::new(source),
+    }
+}
+
+fn tx_err(op: &'static str) -> impl FnOnce(TransactionError<()>) -> StoreError {
+    move |e| match e {
+        TransactionError::Storage(source) => StoreError::Backend {
+            op,
+            source: Box::new(source),
+        },
+        TransactionError::Abort(()) => unreachable!("the transactions never abort"),
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        detail: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("store records always serialize")
+}
+
+fn text(k: &[u8]) -> String {
+    String::from_utf8_lossy(k).into_owned()
+}
+
+/// Runs blocking sled work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("store task panicked")
+}
+
+/// `endpoint \0 instance \0`: the prefix of one instance's queue.
+fn instance_prefix(endpoint: &str, instance: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(endpoint.len() + instance.len() + 10);
+    p.extend_from_slice(endpoint.as_bytes());
+    p.push(0);
+    p.extend_from_slice(instance.as_bytes());
+    p.push(0);
+    p
+}
+
+/// `endpoint \0`: the prefix of one endpoint's queue.
+fn prefix(endpoint: &str) -> Vec<u8> {
+    let mut p = endpoint.as_bytes().to_vec();
+    p.push(0);
+    p
+}
+
+fn key_bytes(k: &EntryKey) -> Vec<u8> {
+    let mut b = instance_prefix(&k.endpoint, &k.instance);
+    b.extend_from_slice(&k.seq.to_be_bytes());
+    b
+}
+
+/// The inverse of [`key_bytes`]. Endpoint names cannot hold `\0`, and the
+/// last 9 bytes are `\0` + the sequence, so the instance is what lies
+/// between.
+fn parse_key(b: &[u8]) -> Result<EntryKey> {
+    let bad = || StoreError::Corrupt {
+        key: text(b).replace('\0', "/"),
+        detail: "not an outbox key".into(),
+    };
+    let sep = b.iter().position(|c| *c == 0).ok_or_else(bad)?;
+    if b.len() < sep + 1 + 9 || b[b.len() - 9] != 0 {
+        return Err(bad());
+    }
+    Ok(EntryKey {
+        endpoint: text(&b[..sep]),
+        instance: text(&b[sep + 1..b.len() - 9]),
+        seq: u64::from_be_bytes(b[b.len() - 8..].try_into().expect("8 bytes")),
+    })
+}
+
+/// The sled store. Cheap to clone (sled handles are reference-counted).
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    state: sled::Tree,
+    next_run: sled::Tree,
+    outbox: sled::Tree,
+    dead: sled::Tree,
+    discovered: sled::Tree,
+    attempts: sled::Tree,
+    /// Instances no source polls any more (removed from the configuration):
+    /// key → when their state may be deleted (ms since the epoch).
+    removed: sled::Tree,
+    /// Endpoints disabled by a `410 Gone` or `circuit.disable_after`:
+    /// name → why. Kept across restarts until `pollhook endpoint enable`.
+    disabled: sled::Tree,
+    /// The next attempt record's key. Its own dense counter, not sled's
+    /// `generate_id`: that one is shared with the outbox and jumps by
+    /// about 2,000,000 at every reopen, so pruning "everything older than
+    /// the last id minus 10,000" erased the whole history after a restart.
+    next_attempt: Arc<AtomicU64>,
+    flush: Arc<GroupFlush>,
+}
+
+/// Group commit: one `db.flush()` at a time, on tokio's blocking pool,
+/// covering every write made before it started.
+///
+/// Why not sled's `flush_async`: in sled 0.34 each call holds an internal
+/// lock for reading while it waits for a log write queued on sled's own
+/// small thread pool (spacejam/sled#1308). 10,000 instances committing
+/// their first poll within seconds each started a flush, filled that pool,
+/// and the transactions behind the lock blocked both tokio workers of a
+/// 2-core machine: polling, `/status` and SIGTERM all froze (12 of 14 runs
+/// of `cargo bench --bench scale`). One blocking flush at a time keeps
+/// sled's pool free for its log writes, and concurrent commits share one
+/// fsync instead of queueing one each.
+#[derive(Default)]
+struct GroupFlush {
+    /// Tickets handed out: one per write that wants to be durable.
+    issued: AtomicU64,
+    /// Every ticket up to this one is durable.
+    durable: AtomicU64,
+    /// One flush at a time; waiters find their ticket covered by it.
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// Outboxes written before keys carried the instance (`endpoint \0 u64`)
+/// are rekeyed once, each entry in one transaction, keeping their order.
+fn migrate_outbox_keys(outbox: &sled::Tree) -> Result<()> {
+    let mut old = Vec::new();
+    for r in outbox.iter() {
+        let (k, v) = r.map_err(sled_err("scan outbox"))?;
+        let Some(sep) = k.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        if k.len() - sep - 1 == 8 {
+            old.push((k, v));
+        }
+    }
+    for (k, v) in old {
+        let entry: OutboxEntry = decode(&k, &v)?;
+        let sep = k.iter().position(|b| *b == 0).expect("found above");
+        let new = key_bytes(&EntryKey {
+            endpoint: text(&k[..sep]),
+            instance: entry.instance.clone(),
+            seq: u64::from_be_bytes(k[sep + 1..].try_into().expect("8 bytes")),
+        });
+        outbox
+            .transaction(|t| {
+                t.remove(&k)?;
+                t.insert(new.as_slice(), v.clone())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_err("migrate outbox"))?;
+    }
+    Ok(())
+}
+
+/// The key of the newest attempt record (0 when there is none).
+fn last_attempt_id(attempts: &sled::Tree) -> Result<u64> {
+    Ok(match attempts.last().map_err(sled_err("read attempts"))? {
+        Some((k, _)) if k.len() == 8 => u64::from_be_bytes(k.as_ref().try_into().expect("8")),
+        _ => 0,
+    })
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<SledStore> {
+        let db = sled::Config::new()
+            .path(dir)
+            // sled's default page cache is 1 GiB; pollhook's working set
+            // (instance states, the outbox head) is far smaller, and a
+            // daemon next to agents should stay small.
+            .cache_capacity(64 * 1024 * 1024)
+            // Durability comes from flushing at each commit (see commit_poll),
+            // not from this background timer; keep it as a safety net.
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.display().to_string(),
+                source: Box::new(source),
+            })?;
+        let tree = |name: &str| db.open_tree(name).map_err(sled_err("open tree"));
+        let outbox = tree("outbox")?;
+        migrate_outbox_keys(&outbox)?;
+        let attempts = tree("attempts")?;
+        let next_attempt = Arc::new(AtomicU64::new(last_attempt_id(&attempts)? + 1));
+        Ok(SledStore {
+            state: tree("state")?,
+            next_run: tree("next_run")?,
+            outbox,
+            dead: tree("dead")?,
+            discovered: tree("discovered")?,
+            attempts,
+            removed: tree("removed")?,
+            disabled: tree("disabled")?,
+            db,
+            next_attempt,
+            flush: Default::default(),
+        })
+    }
+
+    /// Makes every write done before the call durable, sharing one flush
+    /// with concurrent callers (see [`GroupFlush`]). The ticket is taken
+    /// after the caller's write, and a flush covers every ticket issued
+    /// before it started.
+    async fn flush_group(&self) -> Result<()> {
+        let ticket = self.flush.issued.fetch_add(1, SeqCst) + 1;
+        let _turn = self.flush.turn.lock().await;
+        if self.flush.durable.load(SeqCst) >= ticket {
+            return Ok(());
+        }
+        let covers = self.flush.issued.load(SeqCst);
+        let db = self.db.clone();
+        blocking(move || db.flush().map_err(sled_err("flush"))).await?;
+        self.flush.durable.store(covers, SeqCst);
+        Ok(())
+    }
+
+    fn tree(&self, kind: RecordKind) -> &sled::Tree {
+        match kind {
+            RecordKind::Disabled => &self.disabled,
+            RecordKind::State => &self.state,
+            RecordKind::Discovered => &self.discovered,
+            RecordKind::Removed => &self.removed,
+            RecordKind::Outbox => &self.outbox,
+            RecordKind::Dead => &self.dead,
+            RecordKind::Attempt => &self.attempts,
+        }
+    }
+
+    /// The state as stored, with its next run from its own tree. (States
+    /// written before that tree existed carry their own `next_run_ms`,
+    /// used until the poller records a new one.)
+    fn read_state(&self, key: &[u8], bytes: Option<&[u8]>) -> Result<InstanceState> {
+        let mut s: InstanceState = match bytes {
+            Some(b) => decode(key, b)?,
+            None => InstanceState::default(),
+        };
+        if let Some(b) = self.next_run.get(key).map_err(sled_err("read next run"))? {
+            s.next_run_ms = Some(decode(key, &b)?);
+        }
+        Ok(s)
+    }
+}
+
+impl Backend for SledStore {
+    async fn load_state(&self, instance: &str) -> Result<InstanceState> {
+        let b = self.state.get(instance).map_err(sled_err("read state"))?;
+        self.read_state(instance.as_bytes(), b.as_deref())
+    }
+
+    async fn all_states(&self) -> Result<Vec<(String, InstanceState)>> {
+        let me = self.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for r in me.state.iter() {
+                let (k, v) = r.map_err(sled_err("scan state"))?;
+                out.push((text(&k), me.read_state(&k, Some(&v))?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn state_keys(&self) -> Result<Vec<String>> {
+        let me = self.clone();
+        blocking(move || {
+            let mut keys = BTreeSet::new();
+            for t in [&me.state, &me.next_run] {
+                for k in t.iter().keys() {
+                    keys.insert(text(&k.map_err(sled_err("scan state"))?));
+                }
+            }
+            Ok(keys.into_iter().collect())
+        })
+        .await
+    }
+
+    async fn commit_poll(
+        &self,
+        instance: &str,
+        state: &InstanceState,
+        deliveries: &[(String, OutboxEntry)],
+    ) -> Result<Vec<EntryKey>> {
+        // The next run lives in its own tree; the state record never
+        // carries it (a stale copy there would be misleading in backups).
+        let stored = InstanceState {
+            next_run_ms: None,
+            ..state.clone()
+        };
+        let state_bytes = encode(&stored);
+        let encoded: Vec<(String, Vec<u8>)> = deliveries
+            .iter()
+            .map(|(ep, e)| (ep.clone(), encode(e)))
+            .collect();
+        let me = self.clone();
+        let instance = instance.to_string();
+        let keys = blocking(move || {
+            (&me.state, &me.outbox)
+                .transaction(|(st, ob)| {
+                    st.insert(instance.as_bytes(), state_bytes.as_slice())?;
+                    let mut keys = Vec::with_capacity(encoded.len());
+                    for (ep, bytes) in &encoded {
+                        let key = EntryKey {
+                            endpoint: ep.clone(),
+                            instance: instance.clone(),
+                            seq: ob.generate_id()?,
+                        };
+                        ob.insert(key_bytes(&key), bytes.as_slice())?;
+                        keys.push(key);
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(keys)
+                })
+                .map_err(tx_err("commit poll"))
+        })
+        .await?;
+        self.flush_group().await?;
+        Ok(keys)
+    }
+
+    async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
+        self.next_run
+            .insert(instance, encode(&next_run_ms))
+            .map_err(sled_err("record next run"))?;
+        Ok(())
+    }
+
+    async fn remove_state(&self, instance: &str) -> Result<()> {
+        self.state
+            .remove(instance)
+            .map_err(sled_err("remove state"))?;
+        self.next_run
+            .remove(instance)
+            .map_err(sled_err("remove next run"))?;
+        Ok(())
+    }
+
+    async fn load_discovered(&self, source: &str) -> Result<Discovered> {
+        match self
+            .discovered
+            .get(source)
+            .map_err(sled_err("read discovered"))?
+        {
+            Some(b) => decode(source.as_bytes(), &b),
+            None => Ok(Discovered::default()),
+        }
+    }
+
+    async fn save_discovered(&self, source: &str, d: &Discovered) -> Result<()> {
+        self.discovered
+            .insert(source, encode(d))
+            .map_err(sled_err("write discovered"))?;
+        Ok(())
+    }
+
+    async fn mark_removed(&self, instance: &str, delete_at_ms: i64) -> Result<()> {
+        let _ = self
+            .removed
+            .compare_and_swap(instance, None as Option<&[u8]>, Some(encode(&delete_at_ms)))
+            .map_err(sled_err("mark removed"))?;
+        Ok(())
+    }
+
+    async fn unmark_removed(&self, instance: &str) -> Result<()> {
+        self.removed
+            .remove(instance)
+            .map_err(sled_err("unmark removed"))?;
+        Ok(())
+    }
+
+    async fn removed(&self) -> Result<Vec<(String, i64)>> {
+        let me = self.clone();
+        blocking(move || {
+            me.removed
+                .iter()
+                .map(|r| {
+                    let (k, v) = r.map_err(sled_err("scan removed"))?;
+                    Ok((text(&k), decode(&k, &v)?))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn disable_endpoint(&self, endpoint: &str, why: &str) -> Result<()> {
+        self.disabled
+            .insert(endpoint, encode(&why))
+            .map_err(sled_err("disable endpoint"))?;
+        self.flush_group().await
+    }
+
+    async fn endpoint_disabled(&self, endpoint: &str) -> Result<Option<String>> {
+        match self
+            .disabled
+            .get(endpoint)
+            .map_err(sled_err("read disabled"))?
+        {
+            Some(b) => decode(endpoint.as_bytes(), &b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn enable_endpoint(&self, endpoint: &str) -> Result<bool> {
+        let was = self
+            .disabled
+            .remove(endpoint)
+            .map_err(sled_err("enable endpoint"))?
+            .is_some();
+        self.flush_group().await?;
+        Ok(was)
+    }
+
+    async fn outbox_instances(&self, endpoint: &str) -> Result<BTreeSet<String>> {
+        let me = self.clone();
+        let p = prefix(endpoint);
+        blocking(move || {
+            let mut out = BTreeSet::new();
+            // One seek per instance: after finding an instance, jump past
+            // its whole lane (`\0` + 1 = `\x01` ends its prefix).
+            let mut from = p.clone();
+            loop {
+                let Some(r) = me.outbox.range(from.clone()..).keys().next() else {
+                    break;
+                };
+                let k = r.map_err(sled_err("scan outbox"))?;
+                if !k.starts_with(&p) {
+                    break;
+                }
+                let key = parse_key(&k)?;
+                let mut next = instance_prefix(&key.endpoint, &key.instance);
+                *next.last_mut().expect("prefix ends with \\0") = 1;
+                out.insert(key.instance);
+                from = next;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn outbox_head(
+        &self,
+        endpoint: &str,
+        instance: &str,
+    ) -> Result<Option<(EntryKey, OutboxEntry)>> {
+        match self
+            .outbox
+            .scan_prefix(instance_prefix(endpoint, instance))
+            .next()
+        {
+            None => Ok(None),
+            Some(r) => {
+                let (k, v) = r.map_err(sled_err("read outbox head"))?;
+                Ok(Some((parse_key(&k)?, decode(&k, &v)?)))
+            }
+        }
+    }
+
+    async fn outbox_page(
+        &self,
+        endpoint: &str,
+        after: Option<&EntryKey>,
+        limit: usize,
+    ) -> Result<Vec<(EntryKey, OutboxEntry)>> {
+        let me = self.clone();
+        let p = prefix(endpoint);
+        let from = match after {
+            Some(k) => {
+                let mut b = key_bytes(k);
+                b.push(0); // strictly after
+                b
+            }
+            None => p.clone(),
+        };
+        blocking(move || {
+            let mut out = Vec::new();
+            for r in me.outbox.range(from..) {
+                let (k, v) = r.map_err(sled_err("scan outbox"))?;
+                if !k.starts_with(&p) || out.len() >= limit {
+                    break;
+                }
+                out.push((parse_key(&k)?, decode(&k, &v)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn outbox_stats(&self, endpoint: &str) -> Result<(u64, Option<i64>)> {
+        let me = self.clone();
+        let p = prefix(endpoint);
+        blocking(move || {
+            let (mut n, mut oldest, mut lane): (u64, Option<i64>, Option<Vec<u8>>) =
+                (0, None, None);
+            for r in me.outbox.scan_prefix(&p) {
+                let (k, v) = r.map_err(sled_err("scan outbox"))?;
+                n += 1;
+                // Entries of an instance are in detection order: only each
+                // lane's head is decoded.
+                let this = &k[..k.len().saturating_sub(8)];
+                if lane.as_deref() == Some(this) {
+                    continue;
+                }
+                lane = Some(this.to_vec());
+                let e: OutboxEntry = decode(&k, &v)?;
+                oldest = Some(oldest.map_or(e.created_ms, |o| o.min(e.created_ms)));
+            }
+            Ok((n, oldest))
+        })
+        .await
+    }
+
+    async fn delivered(&self, key: &EntryKey) -> Result<()> {
+        self.outbox
+            .remove(key_bytes(key))
+            .map_err(sled_err("remove delivered"))?;
+        Ok(())
+    }
+
+    async fn reschedule(&self, key: &EntryKey, entry: &OutboxEntry) -> Result<()> {
+        self.outbox
+            .insert(key_bytes(key), encode(entry))
+            .map_err(sled_err("reschedule"))?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, key: &EntryKey, letter: &DeadLetter) -> Result<()> {
+        let bytes = encode(letter);
+        let k = key_bytes(key);
+        let me = self.clone();
+        blocking(move || {
+            (&me.outbox, &me.dead)
+                .transaction(|(ob, dead)| {
+                    ob.remove(k.as_slice())?;
+                    dead.insert(k.as_slice(), bytes.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                })
+                .map_err(tx_err("dead-letter"))
+        })
+        .await?;
+        self.flush_group().await
+    }
+
+    async fn dead_letters(&self, endpoint: Option<&str>) -> Result<Vec<(EntryKey, DeadLetter)>> {
+        let me = self.clone();
+        let p = endpoint.map(prefix).unwrap_or_default();
+        blocking(move || {
+            me.dead
+                .scan_prefix(p)
+                .map(|r| {
+                    let (k, v) = r.map_err(sled_err("scan dead letters"))?;
+                    Ok((parse_key(&k)?, decode(&k, &v)?))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn replay_dead(&self, letters: &[(EntryKey, DeadLetter)]) -> Result<usize> {
+        let me = self.clone();
+        let letters = letters.to_vec();
+        let n = letters.len();
+        blocking(move || {
+            for (key, letter) in &letters {
+                let mut entry = letter.entry.clone();
+                entry.attempts = 0;
+                entry.next_attempt_ms = 0;
+                entry.last_error = None;
+                let bytes = encode(&entry);
+                let old = key_bytes(key);
+                (&me.dead, &me.outbox)
+                    .transaction(|(dead, ob)| {
+                        dead.remove(old.as_slice())?;
+                        let k = EntryKey {
+                            endpoint: letter.endpoint.clone(),
+                            instance: letter.entry.instance.clone(),
+                            seq: ob.generate_id()?,
+                        };
+                        ob.insert(key_bytes(&k), bytes.as_slice())?;
+                        Ok::<_, ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(tx_err("replay"))?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.flush_group().await?;
+        Ok(n)
+    }
+
+    async fn drop_dead(&self, keys: &[EntryKey]) -> Result<usize> {
+        for k in keys {
+            self.dead
+                .remove(key_bytes(k))
+                .map_err(sled_err("drop dead letter"))?;
+        }
+        self.flush_group().await?;
+        Ok(keys.len())
+    }
+
+    /// Keys come from a dense counter of this tree's own, so "the last id
+    /// minus [`ATTEMPTS_KEPT`]" is exactly the oldest record to keep,
+    /// before and after a restart.
+    async fn record_attempt(&self, rec: &AttemptRecord) -> Result<()> {
+        let id = self.next_attempt.fetch_add(1, SeqCst);
+        self.attempts
+            .insert(id.to_be_bytes(), encode(rec))
+            .map_err(sled_err("record attempt"))?;
+        if id % 100 == 0 && id > ATTEMPTS_KEPT {
+            let me = self.clone();
+            blocking(move || {
+                let old: Vec<sled::IVec> = me
+                    .attempts
+                    .range(..(id - ATTEMPTS_KEPT + 1).to_be_bytes())
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .collect();
+                for k in old {
+                    me.attempts.remove(k).map_err(sled_err("prune attempts"))?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn attempts(&self, q: &AttemptQuery) -> Result<Vec<AttemptRecord>> {
+        let me = self.clone();
+        let q = q.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for r in me.attempts.iter().rev() {
+                let (k, v) = r.map_err(sled_err("scan attempts"))?;
+                let rec: AttemptRecord = decode(&k, &v)?;
+                if q.matches(&rec) {
+                    out.push(rec);
+                    if out.len() >= q.limit() {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn prune_attempts(&self, before_ms: i64) -> Result<usize> {
+        let me = self.clone();
+        blocking(move || {
+            // History is in time order: stop at the first newer one.
+            let mut n = 0;
+            for r in me.attempts.iter() {
+                let (k, v) = r.map_err(sled_err("scan attempts"))?;
+                let rec: AttemptRecord = decode(&k, &v)?;
+                if rec.at_ms >= before_ms {
+                    break;
+                }
+                me.attempts.remove(k).map_err(sled_err("prune attempts"))?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn export_page(
+        &self,
+        kind: RecordKind,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Page> {
+        let me = self.clone();
+        blocking(move || {
+            let tree = me.tree(kind);
+            let range = match &after {
+                Some(a) => {
+                    let mut from = a.clone();
+                    from.push(0);
+                    tree.range(from..)
+                }
+                None => tree.iter(),
+            };
+            let mut records = Vec::new();
+            let mut last = None;
+            for r in range {
+                if records.len() >= limit {
+                    return Ok(Page {
+                        records,
+                        next: last,
+                    });
+                }
+                let (k, v) = r.map_err(sled_err("scan for export"))?;
+                records.push(match kind {
+                    RecordKind::Disabled => Record::Disabled {
+                        endpoint: text(&k),
+                        why: decode(&k, &v)?,
+                    },
+                    RecordKind::State => Record::State {
+                        instance: text(&k),
+                        value: me.read_state(&k, Some(&v))?,
+                    },
+                    RecordKind::Discovered => Record::Discovered {
+                        source: text(&k),
+                        value: decode(&k, &v)?,
+                    },
+                    RecordKind::Removed => Record::Removed {
+                        instance: text(&k),
+                        delete_at_ms: decode(&k, &v)?,
+                    },
+                    RecordKind::Outbox => Record::Outbox {
+                        endpoint: parse_key(&k)?.endpoint,
+                        value: decode(&k, &v)?,
+                    },
+                    RecordKind::Dead => Record::Dead {
+                        value: decode(&k, &v)?,
+                    },
+                    RecordKind::Attempt => Record::Attempt {
+                        value: decode(&k, &v)?,
+                    },
+                });
+                last = Some(k.to_vec());
+            }
+            Ok(Page {
+                records,
+                next: None,
+            })
+        })
+        .await
+    }
+
+    async fn count_records(&self) -> Result<usize> {
+        let me = self.clone();
+        blocking(move || {
+            Ok(RecordKind::ALL
+                .iter()
+                .map(|k| me.tree(*k).len())
+                .sum::<usize>()
+                + me.next_run.len())
+        })
+        .await
+    }
+
+    async fn import_records(&self, records: Vec<Record>) -> Result<usize> {
+        let me = self.clone();
+        let n = records.len();
+        blocking(move || {
+            for r in records {
+                let ins = |t: &sled::Tree, k: Vec<u8>, v: Vec<u8>| {
+                    t.insert(k, v).map(drop).map_err(sled_err("import"))
+                };
+                match r {
+                    Record::Disabled { endpoint, why } => {
+                        ins(&me.disabled, endpoint.into_bytes(), encode(&why))?
+                    }
+                    Record::State { instance, value } => {
+                        if let Some(t) = value.next_run_ms {
+                            ins(&me.next_run, instance.clone().into_bytes(), encode(&t))?;
+                        }
+                        let value = InstanceState {
+                            next_run_ms: None,
+                            ..value
+                        };
+                        ins(&me.state, instance.into_bytes(), encode(&value))?
+                    }
+                    Record::Discovered { source, value } => {
+                        ins(&me.discovered, source.into_bytes(), encode(&value))?
+                    }
+                    Record::Removed {
+                        instance,
+                        delete_at_ms,
+                    } => ins(&me.removed, instance.into_bytes(), encode(&delete_at_ms))?,
+                    Record::Outbox { endpoint, value } => {
+                        let key = EntryKey {
+                            endpoint,
+                            instance: value.instance.clone(),
+                            seq: me.db.generate_id().map_err(sled_err("import"))?,
+                        };
+                        ins(&me.outbox, key_bytes(&key), encode(&value))?
+                    }
+                    Record::Dead { value } => {
+                        let key = EntryKey {
+                            endpoint: value.endpoint.clone(),
+                            instance: value.entry.instance.clone(),
+                            seq: me.db.generate_id().map_err(sled_err("import"))?,
+                        };
+                        ins(&me.dead, key_bytes(&key), encode(&value))?
+                    }
+                    Record::Attempt { value } => {
+                        let id = me.next_attempt.fetch_add(1, SeqCst);
+                        ins(&me.attempts, id.to_be_bytes().to_vec(), encode(&value))?
+                    }
+                }
+            }
+            me.db.flush().map_err(sled_err("flush"))?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.state.first().map_err(sled_err("read state"))?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.flush_group().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_sort_by_lane_then_detection() {
+        let k = |i: &str, seq| EntryKey {
+            endpoint: "ep".into(),
+            instance: i.into(),
+            seq,
+        };
+        for key in [k("s/a", 1), k("s/a\0b", u64::MAX), k("", 0)] {
+            assert_eq!(parse_key(&key_bytes(&key)).unwrap(), key);
+        }
+        assert!(key_bytes(&k("s/a", 9)) < key_bytes(&k("s/a", 10)));
+        assert!(key_bytes(&k("s/a", u64::MAX)) < key_bytes(&k("s/b", 0)));
+        assert!(parse_key(b"ep\0short").is_err());
+    }
+
+    #[test]
+    fn outboxes_of_the_old_key_format_are_migrated_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let t = db.open_tree("outbox").unwrap();
+            for (id, seq) in [(7u64, 1u64), (9, 2)] {
+                let mut k = b"ep\0".to_vec();
+                k.extend_from_slice(&id.to_be_bytes());
+                let e = OutboxEntry {
+                    event_id: format!("msg_{seq}"),
+                    instance: "s/i".into(),
+                    kind: "t".into(),
+                    sequence: seq,
+                    body: "{}".into(),
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    created_ms: 0,
+                    last_error: None,
+                };
+                t.insert(k, encode(&e)).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = SledStore::open(dir.path()).unwrap();
+            let (_, head) = store.outbox_head("ep", "s/i").await.unwrap().unwrap();
+            assert_eq!(head.sequence, 1);
+            let inst: Vec<String> = store
+                .outbox_instances("ep")
+                .await
+                .unwrap()
+                .into_iter()
+                .collect();
+            assert_eq!(inst, ["s/i"]);
+            assert_eq!(store.outbox_stats("ep").await.unwrap().0, 2);
+        });
+    }
+
+    /// 10,000 instances committing their first poll at once on a 2-worker
+    /// runtime (the daemon's shape on a 2-core machine) must all finish.
+    /// With sled's `flush_async` per commit this froze (see `GroupFlush`).
+    /// Run on its own thread so a stall fails the test instead of hanging it.
+    #[test]
+    fn ten_thousand_concurrent_commits_do_not_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for i in 0..10_000 {
+                    let s = store.clone();
+                    set.spawn(async move {
+                        let key = format!("src/acc-{i}");
+                        s.set_next_run(&key, 1).await.unwrap();
+                        let state = InstanceState {
+                            initialized: true,
+                            ..Default::default()
+                        };
+                        s.commit_poll(&key, &state, &[]).await.unwrap();
+                    });
+                }
+                while set.join_next().await.is_some() {}
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("10,000 concurrent commits stalled");
+    }
+}
