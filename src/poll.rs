@@ -234,8 +234,7 @@ async fn poll_once(
             .commit_poll(&inst.key, &next, &deliveries)
             .await
         {
-            // Nothing was written: the next poll detects the same changes again.
-            return Err(PollError::Store(format!("{e:#}")));
+            return Err(commit_failed(&e));
         }
         for (ep, e) in &deliveries {
             // The worker's depth gauge counts what pollers add (see
@@ -278,6 +277,14 @@ async fn poll_once(
     Ok((committed, events.len()))
 }
 
+/// A commit that failed is the store's failure, not the upstream's nor
+/// detection's: the status and logs say `store`, so an operator looks at
+/// the disk (or database), not at the connector. Nothing was written, so
+/// the next poll detects the same changes again.
+fn commit_failed(e: &crate::store::StoreError) -> PollError {
+    PollError::Store(format!("{e:#}"))
+}
+
 /// Turns a detection into the state to commit and the events, with their
 /// sequence numbers and deterministic ids.
 pub fn prepare_commit(
@@ -317,4 +324,23 @@ pub fn prepare_commit(
         .collect();
     next.sequence = seq;
     (next, events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_commit_is_a_store_error() {
+        let e = crate::store::StoreError::Backend {
+            op: "commit poll",
+            source: "No space left on device".into(),
+        };
+        let p = commit_failed(&e);
+        assert_eq!(p.kind(), "store");
+        assert_eq!(
+            p.to_string(),
+            "cannot commit to the store: store commit poll failed: No space left on device"
+        );
+    }
 }

@@ -428,6 +428,15 @@ pub fn first_due(
     let fraction = spread_fraction.clamp(0.0, 1.0);
     let spread_over =
         |d: Duration| now + chrono::Duration::from_std(d.mul_f64(fraction)).unwrap_or_default();
+    // A short `every` polls first at the instance's own slot (see
+    // [`Schedule::next_slot`]), which comes within one period: the prompt
+    // poll and every later one then keep the same spacing. Spreading from
+    // `now` instead put first polls at other phases than the later ones,
+    // and 50 instances on `every 1s` made 84 requests in the first second.
+    let slot = match schedule.kind {
+        ScheduleKind::Every(d) if d <= PROMPT_SPREAD => schedule.next_slot(now, fraction),
+        _ => None,
+    };
     match (persisted, schedule.catch_up) {
         (Some(p), _) if p > now => {
             let cap = schedule
@@ -439,11 +448,13 @@ pub fn first_due(
             };
             schedule.in_window(p)
         }
+        (_, CatchUp::Once) if slot.is_some() => slot,
         (_, CatchUp::Once) => {
             schedule.in_window(spread_over(schedule.period(now).min(PROMPT_SPREAD)))
         }
         (Some(_), CatchUp::Skip) => schedule.next_after(now),
         (None, CatchUp::Skip) => match schedule.kind {
+            ScheduleKind::Every(_) if slot.is_some() => slot,
             ScheduleKind::Every(d) => schedule.in_window(spread_over(d)),
             ScheduleKind::Cron(_) => schedule.next_after(now),
         },
@@ -828,6 +839,34 @@ mod tests {
         let mut s = Schedule::parse("0 9 * * *").unwrap();
         s.catch_up = CatchUp::Skip;
         assert_eq!(first_due(None, now, &s, 0.5), Some(utc(2026, 11, 24, 9, 0)));
+    }
+
+    /// 50 instances on `every 1s`, started at an instant off the second:
+    /// each first poll is on the instance's slot, one period before its
+    /// second, so no 1-second window holds more than N/T + 1 polls.
+    #[test]
+    fn first_polls_of_short_periods_keep_each_instance_on_its_slot() {
+        let s = Schedule::parse("every 1s").unwrap();
+        let now = utc(2026, 11, 23, 12, 0) + chrono::Duration::milliseconds(437);
+        let mut polls = Vec::new();
+        for i in 0..50 {
+            let phase = i as f64 / 50.0 + 0.003;
+            let first = first_due(None, now, &s, phase).unwrap();
+            assert_eq!(Some(first), s.next_slot(now, phase), "instance {i}");
+            let mut t = first;
+            for _ in 0..5 {
+                polls.push(t);
+                let next = s.next_slot(t, phase).unwrap();
+                assert_eq!(next - t, chrono::Duration::seconds(1), "instance {i}");
+                t = next;
+            }
+        }
+        for start in 0..5_000 {
+            let from = now + chrono::Duration::milliseconds(start);
+            let to = from + chrono::Duration::seconds(1);
+            let n = polls.iter().filter(|p| **p >= from && **p < to).count();
+            assert!(n <= 51, "{n} polls in the second from {from}");
+        }
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub enum StoreError {
     Backup { line: usize, detail: String },
     #[error("cannot write the backup")]
     Write(#[source] std::io::Error),
-    #[error("the store already holds {records} records: import goes into an empty store (move the current one away first)")]
+    #[error("the store already holds {records} records: import goes into an empty store (a new, empty state_dir: move the current one away first)")]
     NotEmpty { records: usize },
 }
 

@@ -516,7 +516,7 @@ async fn state_export_while_running_and_import_elsewhere_lose_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&backup).unwrap();
-    assert!(text.starts_with("{\"pollhook_state\":1"), "{text}");
+    assert!(text.starts_with("{\"pollhook_state\":2"), "{text}");
     assert!(text.contains("\"tree\":\"outbox\""), "{text}");
     assert!(text.contains(&pending), "the queued event is in the backup");
     assert!(d1.terminate().success());
@@ -535,7 +535,7 @@ async fn state_export_while_running_and_import_elsewhere_lose_nothing() {
     let mut lines: Vec<&str> = text.lines().collect();
     lines.insert(
         2,
-        r#"{"tree":"state","key":"eA==","value":{"sequence":"many"}}"#,
+        r#"{"tree":"state","instance":"x","value":{"sequence":"many"}}"#,
     );
     std::fs::write(&bad, lines.join("\n")).unwrap();
     let out = import(&d2, &bad);

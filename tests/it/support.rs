@@ -235,6 +235,9 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    /// The thread copying the daemon's stderr into `log`: joined after an
+    /// exit, so that `log()` then holds the last lines too.
+    reader: Option<std::thread::JoinHandle<()>>,
     pub admin: Option<String>,
 }
 
@@ -256,6 +259,7 @@ impl Daemon {
             env: Vec::new(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
+            reader: None,
             admin: None,
         }
     }
@@ -292,11 +296,11 @@ impl Daemon {
             .expect("spawn pollhook");
         let stderr = child.stderr.take().unwrap();
         let log = self.log.clone();
-        std::thread::spawn(move || {
+        self.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 log.lock().unwrap().push_str(&(line + "\n"));
             }
-        });
+        }));
         self.child = Some(child);
         let log = self.log.clone();
         wait_for(
@@ -366,13 +370,23 @@ impl Daemon {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+        self.drain_log();
+    }
+
+    /// Waits until everything the exited daemon wrote is in `log`.
+    fn drain_log(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
     }
 
     /// SIGTERM, then wait for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap()
+        let status = c.wait().unwrap();
+        self.drain_log();
+        status
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,76 @@
+//! The daemon's everyday cost (not a test: it measures): the bank example's
+//! shape at rest, 50 balances polled every second with a change now and
+//! then. Reports the daemon's share of one core and its peak RSS, the
+//! requests in the busiest 1-second window from the very start (first
+//! polls included: the target is N/T + 1), and the changes delivered.
+//!
+//! `cargo bench --bench idle` (env: BENCH_ACCOUNTS, BENCH_SECONDS).
+
+#[path = "../examples/mock-bank/bank.rs"]
+mod bank;
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{env_or, max_per_second, proc_usage, SECRET};
+
+#[tokio::main]
+async fn main() {
+    let accounts = env_or("BENCH_ACCOUNTS", 50) as usize;
+    let seconds = env_or("BENCH_SECONDS", 60);
+
+    let ids: Vec<String> = (1..=accounts).map(|i| format!("acc-{i:04}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let bank = bank::Bank::new(&refs);
+    let bank_addr = bank.serve("127.0.0.1:0").await;
+    let (rx, rx_addr) = common::balance_receiver().await;
+    let bridge = format!(
+        r#"state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{bank_addr}" }}
+    for_each: {{ account: [{list}] }}
+    schedule: every 1s
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "http://{rx_addr}/hook", secret: "{SECRET}" }}
+"#,
+        list = ids.join(", ")
+    );
+    let daemon = common::Daemon::start("bank-balance.yaml", &bridge, "error").await;
+    let pid = daemon.pid;
+    // The first polls, then the steady state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu0, _) = proc_usage(pid);
+    let start = Instant::now();
+    let mut changes = 0;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let acc = &ids[changes % ids.len()];
+        bank.set_balance(acc, 100_000 + changes as i64);
+        changes += 1;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (cpu1, rss) = proc_usage(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let times = bank.request_times();
+    daemon.stop();
+    let delivered = rx.lock().unwrap().arrivals.len();
+    println!(
+        "idle benchmark: {accounts} accounts every 1s, one change every 2s, {seconds}s measured"
+    );
+    println!(
+        "  daemon: {:.2}% of one core, peak RSS {:.1} MiB",
+        (cpu1 - cpu0) / wall * 100.0,
+        rss as f64 / 1024.0
+    );
+    println!(
+        "  requests {} ; busiest 1-second window from the start {} (target N/T + 1 = {})",
+        times.len(),
+        max_per_second(&times),
+        accounts + 1
+    );
+    println!("  changes delivered {delivered}/{changes}");
+}
