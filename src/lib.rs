@@ -18,12 +18,17 @@
 //! - [`template`]: the Jinja-style template engine used by every connector.
 //! - [`schedule`]: `every <duration>` and cron schedules (pure).
 //! - [`connector`]: building requests, fetching pages, and detection.
+//! - [`poll`]: one instance's loop: schedule, fetch, detect, commit.
 //! - [`event`]: the wire format, defined once.
-//! - [`store`]: the only module that knows sled.
+//! - [`store`]: the storage seam and its backends; the only module that
+//!   knows sled.
 //! - [`deliver`]: signing and retry policy (pure) and the delivery workers.
 //! - [`discover`]: `for_each: discover`, instances found at run time.
-//! - [`daemon`]: wires everything together for `pollhook run`.
-//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! - [`daemon`]: `pollhook run`: lifecycle, the supervisor, shutdown.
+//! - [`ops`]: operator operations (dead letters, history, enable, backups),
+//!   typed, shared by the admin server and the CLI.
+//! - [`dryrun`]: `pollhook test`, as a typed report.
+//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, operations.
 
 pub mod admin;
 pub mod config;

@@ -20,7 +20,29 @@ fn secret_generate_prints_a_valid_whsec_secret() {
 
 #[test]
 fn verify_checks_the_reference_vector() {
-    let run = |sig: &str| {
+    let run = |sig: &str| verify(sig, br#"{"test": 2432232314}"#).0;
+    assert!(run("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
+    assert!(!run("v1,AAAA9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
+}
+
+/// A body saved with a final newline (as `echo` and editors do) fails,
+/// and the command says why.
+#[test]
+fn verify_explains_a_trailing_newline() {
+    let good = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+    let (ok, out) = verify(good, b"{\"test\": 2432232314}\n");
+    assert!(!ok, "{out}");
+    assert!(out.contains("does NOT match"), "{out}");
+    assert!(out.contains("without its trailing newline"), "{out}");
+    // A plain mismatch gets no such hint.
+    let (ok, out) = verify(good, b"{\"test\": 1}\n");
+    assert!(!ok);
+    assert!(!out.contains("trailing newline"), "{out}");
+}
+
+/// Runs `pollhook verify` on the reference vector's key, id and time.
+fn verify(sig: &str, body: &[u8]) -> (bool, String) {
+    {
         let mut child = Command::new(bin())
             .args([
                 "verify",
@@ -37,16 +59,13 @@ fn verify_checks_the_reference_vector() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(br#"{"test": 2432232314}"#)
-            .unwrap();
-        child.wait_with_output().unwrap().status.success()
-    };
-    assert!(run("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
-    assert!(!run("v1,AAAA9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
+        child.stdin.take().unwrap().write_all(body).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,6 +126,8 @@ endpoints:
     );
     assert!(stdout.contains("webhook-id msg_"), "{stdout}");
     assert!(stdout.contains("cursor: (none) -> cur_"), "{stdout}");
+    // The dry run forces `baseline: emit`, and says so.
+    assert!(stdout.contains("with `baseline: emit`"), "{stdout}");
     assert!(
         !stdout.contains("tok-123456"),
         "secrets are masked: {stdout}"
