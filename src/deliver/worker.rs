@@ -502,9 +502,6 @@ impl Worker {
             Outcome::Delivered => {
                 debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
                 let removed = self.store.delivered(&key).await;
-                if let Err(e) = &removed {
-                    error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again");
-                }
                 self.status.endpoint(&ep.name, |s| {
                     s.delivered += 1;
                     s.last_success_ms = Some(crate::now_ms());
@@ -512,7 +509,13 @@ impl Worker {
                         s.queue_depth = s.queue_depth.saturating_sub(1);
                     }
                 });
-                (key, entry, false)
+                match removed {
+                    Ok(()) => (key, entry, false),
+                    Err(e) => {
+                        error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again in {}s", STORE_RETRY.as_secs());
+                        (key, store_retry(entry), true)
+                    }
+                }
             }
             Outcome::Failed {
                 reason,
@@ -551,23 +554,37 @@ impl Worker {
                             dead_at_ms: crate::now_ms(),
                         };
                         match self.store.dead_letter(&key, &letter).await {
-                            Ok(()) => self.status.endpoint(&ep.name, |s| {
-                                s.dead_lettered += 1;
-                                s.dead_letters += 1;
-                                s.queue_depth = s.queue_depth.saturating_sub(1);
-                            }),
+                            Ok(()) => {
+                                self.status.endpoint(&ep.name, |s| {
+                                    s.dead_lettered += 1;
+                                    s.dead_letters += 1;
+                                    s.queue_depth = s.queue_depth.saturating_sub(1);
+                                });
+                                (key, letter.entry, false)
+                            }
                             Err(e) => {
-                                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox")
+                                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox and is tried again in {}s", STORE_RETRY.as_secs());
+                                (key, store_retry(letter.entry), true)
                             }
                         }
-                        // Read again from the store: the next head, or
-                        // this one if it could not move.
-                        (key, letter.entry, false)
                     }
                 }
             }
         }
     }
+}
+
+/// How long an entry waits when its outcome could not be recorded (the
+/// store failed). Without a wait, an entry the store cannot remove would
+/// be read again as the head at once and sent again in a tight loop: a
+/// probe saw 97,799 deliveries of 9,000 events in 12 s on a full disk.
+const STORE_RETRY: Duration = Duration::from_secs(5);
+
+/// The entry, due again after [`STORE_RETRY`] (in memory only: the store
+/// could not take it).
+fn store_retry(mut entry: OutboxEntry) -> OutboxEntry {
+    entry.next_attempt_ms = crate::now_ms() + STORE_RETRY.as_millis() as i64;
+    entry
 }
 
 /// How much of a failed answer's body is kept for the error message.
