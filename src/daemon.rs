@@ -483,7 +483,7 @@ fn spread(key: &str) -> f64 {
 /// A `for_each: discover` source: its listing loop and one poll task per
 /// instance it finds.
 async fn discover_loop(shared: Arc<Shared>, source: Arc<Source>, shutdown: CancellationToken) {
-    // DESIGN.md: a connector's `rate_limit` is its quota per instance (the
+    // A connector's `rate_limit` is its quota per instance (CONTRACT.md; the
     // listing request of a discovering source counts as one more).
     let rate_limit = source.connector.rate_limit.map(|r| Arc::new(limiter(r, 1)));
     let env = FetchEnv {
