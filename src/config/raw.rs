@@ -403,7 +403,7 @@ pub struct RawConnector {
     /// Default schedule; a source may override it.
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
-    /// This connector's own quota, per instance (DESIGN.md); quotas shared
+    /// This connector's own quota, per instance (CONTRACT.md); quotas shared
     /// by everything calling a host are `hosts:` in bridge.yaml.
     #[serde(default)]
     pub rate_limit: Option<Rate>,
