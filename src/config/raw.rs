@@ -47,7 +47,7 @@ pub struct RawBridge {
     pub hosts: BTreeMap<String, RawHost>,
     /// How long shutdown waits for in-flight polls and deliveries.
     #[serde(default)]
-    pub shutdown_timeout: Option<Dur>,
+    pub shutdown_timeout: Option<Timeout>,
     /// How long the store keeps history and dead letters.
     #[serde(default)]
     pub store: Option<RawStore>,
@@ -61,11 +61,11 @@ pub struct RawStore {
     /// Delivery attempts (`pollhook events`) older than this are forgotten
     /// (default 7d; at most 10,000 are kept in any case).
     #[serde(default)]
-    pub history: Option<Dur>,
+    pub history: Option<NonZeroDur>,
     /// Dead letters older than this are deleted (default: kept until
     /// replayed or dropped).
     #[serde(default)]
-    pub dead_letters: Option<Dur>,
+    pub dead_letters: Option<NonZeroDur>,
 }
 
 /// `admin:`
@@ -230,7 +230,7 @@ pub struct RawEndpoint {
     pub secret: Spanned<Secrets>,
     /// Per-attempt request timeout.
     #[serde(default)]
-    pub timeout: Option<Dur>,
+    pub timeout: Option<Timeout>,
     /// Retry policy.
     #[serde(default)]
     pub retry: Option<RawRetry>,
@@ -266,11 +266,11 @@ pub struct RawCircuit {
     pub failures: Option<u32>,
     /// While open, one probe delivery this often (default 30s).
     #[serde(default)]
-    pub probe_every: Option<Dur>,
+    pub probe_every: Option<NonZeroDur>,
     /// Disable the endpoint after failing continuously this long (off by
     /// default; Svix disables after 5 days).
     #[serde(default)]
-    pub disable_after: Option<Dur>,
+    pub disable_after: Option<NonZeroDur>,
 }
 
 /// Delivery order of an endpoint.
@@ -353,10 +353,10 @@ pub struct RawRetry {
     pub backoff: Option<Backoff>,
     /// Delay before the second attempt.
     #[serde(default)]
-    pub first: Option<Dur>,
+    pub first: Option<NonZeroDur>,
     /// Cap on any one delay.
     #[serde(default)]
-    pub max: Option<Dur>,
+    pub max: Option<NonZeroDur>,
 }
 
 /// Backoff shapes.
@@ -450,7 +450,7 @@ pub struct RawConnector {
     /// How long an item id is remembered (`detect: new`); unbounded in age
     /// when absent (the count bound still holds).
     #[serde(default)]
-    pub seen_ttl: Option<Dur>,
+    pub seen_ttl: Option<NonZeroDur>,
     /// Event rules.
     pub emit: Vec<RawEmit>,
 }
@@ -509,12 +509,14 @@ pub struct RawRequest {
     #[serde(default)]
     #[schemars(with = "Option<BTreeMap<String, TemplateSrc>>")]
     pub form: Option<Spanned<BTreeMap<String, TemplateSrc>>>,
-    /// Authentication.
+    /// Authentication. Spanned so that errors in its fields, which serde's
+    /// tagged enums do not locate, can be pointed at within it.
     #[serde(default)]
-    pub auth: Option<RawAuth>,
+    #[schemars(with = "Option<RawAuth>")]
+    pub auth: Option<Spanned<RawAuth>>,
     /// Request timeout (default 30s).
     #[serde(default)]
-    pub timeout: Option<Dur>,
+    pub timeout: Option<Timeout>,
     /// Largest response body accepted, in bytes (default 10 MiB).
     #[serde(default)]
     pub max_response_bytes: Option<u64>,
@@ -738,6 +740,51 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// Longest timeout accepted: a request (poll, token, delivery) or a drain
+/// that takes longer is stuck, and a far deadline is where `Instant`
+/// arithmetic overflows (`10 years`).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A timeout: more than 0 (a zero timeout fails every request) and at most
+/// [`MAX_TIMEOUT`].
+#[derive(Debug, Clone, Copy)]
+pub struct Timeout(pub Duration);
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        let t = parse_duration(&s).map_err(de::Error::custom)?;
+        if t.is_zero() || t > MAX_TIMEOUT {
+            return Err(de::Error::custom(format!(
+                "expected a timeout more than 0 and at most 1h, such as `30s`, got `{}`",
+                s.trim()
+            )));
+        }
+        Ok(Timeout(t))
+    }
+}
+
+/// A delay, interval or age that must be more than 0: a zero probe or retry
+/// delay would spin on a failing endpoint, a zero `seen_ttl` would forget
+/// every id at once and emit it again, a zero retention would delete what
+/// it is meant to keep.
+#[derive(Debug, Clone, Copy)]
+pub struct NonZeroDur(pub Duration);
+
+impl<'de> Deserialize<'de> for NonZeroDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        let t = parse_duration(&s).map_err(de::Error::custom)?;
+        if t.is_zero() {
+            return Err(de::Error::custom(format!(
+                "expected a duration more than 0, such as `30s`, got `{}`",
+                s.trim()
+            )));
+        }
+        Ok(NonZeroDur(t))
+    }
+}
+
 /// A rate such as `60/min`, `10/s`, `5/2s`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -932,6 +979,34 @@ impl JsonSchema for Dur {
             "description": "A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`); `0` alone is zero.",
             "anyOf": [duration_string_schema(), { "const": 0 }],
             "examples": ["30s", "5m", "250ms", "1h 30m"],
+        })
+    }
+}
+
+impl JsonSchema for Timeout {
+    fn schema_name() -> Cow<'static, str> {
+        "Timeout".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A timeout: a duration more than 0 and at most 1h, e.g. `30s`.",
+            "allOf": [duration_string_schema(), { "not": { "pattern": r"^\s*0+\s*[a-zA-Zµ]*\s*$" } }],
+            "examples": ["10s", "30s", "2m"],
+        })
+    }
+}
+
+impl JsonSchema for NonZeroDur {
+    fn schema_name() -> Cow<'static, str> {
+        "NonZeroDuration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A duration more than 0: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`).",
+            "allOf": [duration_string_schema(), { "not": { "pattern": r"^\s*0+\s*[a-zA-Zµ]*\s*$" } }],
+            "examples": ["30s", "5m", "7d"],
         })
     }
 }

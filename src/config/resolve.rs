@@ -1349,7 +1349,11 @@ fn resolve_connector(
                 errors,
             )
         };
-    let auth = match &req.auth {
+    let auth_at = req
+        .auth
+        .as_ref()
+        .map_or((0, 0), |a| (a.referenced.line(), a.referenced.column()));
+    let auth = match req.auth.as_ref().map(|a| &a.value) {
         None => None,
         Some(raw::RawAuth::Bearer { token }) => {
             cp(&mut engine, token, "token", &mut errors).map(Auth::Bearer)
@@ -1369,11 +1373,15 @@ fn resolve_connector(
             if *location == KeyLocation::Header
                 && reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
             {
+                // The auth block's own `name:`, not the file's first one
+                // (the connector's name).
+                let (line, column) = super::error::key_in_node(text, auth_at.0, auth_at.1, "name")
+                    .unwrap_or(auth_at);
                 errors.push(ConfigError::at(
                     file,
                     text,
-                    line_of("name"),
-                    0,
+                    line,
+                    column,
                     "request.auth.name",
                     format!("`{name}` is not a valid header name"),
                 ));
