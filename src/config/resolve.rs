@@ -691,19 +691,10 @@ impl Config {
 
         let admin_listen = match &raw.admin {
             None => None,
-            Some(a) => match a.listen.value.parse::<SocketAddr>() {
+            Some(a) => match super::operator::parse_listen(file, &original, &a.listen) {
                 Ok(addr) => Some(addr),
-                Err(_) => {
-                    at(
-                        &mut errors,
-                        a.listen.referenced.line(),
-                        a.listen.referenced.column(),
-                        "admin.listen",
-                        format!(
-                            "expected `ip:port` such as `127.0.0.1:9464`, got `{}`",
-                            a.listen.value
-                        ),
-                    );
+                Err(e) => {
+                    errors.push(e);
                     None
                 }
             },
@@ -712,7 +703,7 @@ impl Config {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let state_dir = base.join(raw.state_dir.as_deref().unwrap_or("state"));
+        let state_dir = super::operator::state_dir_of(file, raw.state_dir.as_deref());
         Ok(Config {
             file: file.to_path_buf(),
             state_dir,
