@@ -7,11 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use pollhook::config::raw::Baseline;
 use pollhook::config::{Config, ConfigErrors};
 use pollhook::connector::detect::detect;
 use pollhook::connector::fetch::{fetch, FetchEnv};
 use pollhook::connector::mask;
+use pollhook::connector::spec::Baseline;
 use pollhook::deliver::sign::{self, SigningKey};
 use pollhook::store::InstanceState;
 use tokio_util::sync::CancellationToken;

@@ -4,7 +4,10 @@
 //! ignored setting. Values with a syntax of their own (durations, rates,
 //! schedules, JSONPaths, templates) are parsed *while deserializing*, so their
 //! errors carry the YAML location. These types never leave `config`: they are
-//! validated into the types of `config::resolve`.
+//! validated into the runtime types (`crate::connector::spec`,
+//! `crate::deliver::policy`, `crate::quota`, `config::resolve`). A few plain
+//! value types (`Rate`, `DetectMode`, …) live in their runtime module and
+//! are deserialized here directly: they carry no YAML.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -16,6 +19,9 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::connector::spec::{Baseline, ClientAuth, DetectMode, KeyLocation};
+use crate::deliver::policy::Ordering;
+use crate::quota::Rate;
 use crate::schedule::{self, parse_duration, Schedule};
 use crate::template;
 
@@ -271,17 +277,6 @@ pub struct RawCircuit {
     /// default; Svix disables after 5 days).
     #[serde(default)]
     pub disable_after: Option<NonZeroDur>,
-}
-
-/// Delivery order of an endpoint.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Ordering {
-    /// Per instance, in detection order.
-    #[default]
-    Instance,
-    /// No order: every due event may be sent at once.
-    None,
 }
 
 /// One secret or several.
@@ -563,24 +558,6 @@ pub enum RawAuth {
     },
 }
 
-/// Where an API key goes.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyLocation {
-    #[default]
-    Header,
-    Query,
-}
-
-/// How OAuth2 client credentials reach the token endpoint.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
-    #[default]
-    Basic,
-    Body,
-}
-
 /// `response:`
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -685,27 +662,6 @@ pub struct RawCursor {
     pub lookback: Option<Dur>,
 }
 
-/// Detection modes.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DetectMode {
-    /// One resource; an event when it (or its `watch`ed part) changes.
-    Snapshot,
-    /// A list; an event per item id never seen.
-    New,
-    /// A list; created / updated / deleted per item id.
-    Changes,
-}
-
-/// First-run behaviour.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Baseline {
-    #[default]
-    Skip,
-    Emit,
-}
-
 /// One `emit:` rule.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -782,40 +738,6 @@ impl<'de> Deserialize<'de> for NonZeroDur {
             )));
         }
         Ok(NonZeroDur(t))
-    }
-}
-
-/// A rate such as `60/min`, `10/s`, `5/2s`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Requests per `per`.
-    pub count: u32,
-    /// The window.
-    pub per: Duration,
-}
-
-impl Rate {
-    /// Parses `N/unit`, where unit is `s`, `min`, `h`, `day` or a duration.
-    pub fn parse(text: &str) -> Result<Rate, String> {
-        let expected =
-            || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
-        let (n, unit) = text.split_once('/').ok_or_else(expected)?;
-        let count: u32 = n.trim().parse().map_err(|_| expected())?;
-        if count == 0 {
-            return Err(format!("{}: the count must be at least 1", expected()));
-        }
-        let unit = unit.trim();
-        let per = match unit {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "d" | "day" => Duration::from_secs(86400),
-            other => parse_duration(other).map_err(|_| expected())?,
-        };
-        if per.is_zero() {
-            return Err(expected());
-        }
-        Ok(Rate { count, per })
     }
 }
 

@@ -19,7 +19,7 @@ use tracing::{debug, error, warn};
 
 use super::retry::{classify, Outcome};
 use super::sign::{hub_signature, signature_header};
-use crate::config::Endpoint;
+use crate::deliver::policy::{Endpoint, Ordering};
 use crate::status::Status;
 use crate::store::{AttemptRecord, DeadLetter, EntryKey, OutboxEntry, Store};
 
@@ -130,7 +130,7 @@ impl Worker {
             self.status
                 .endpoint(&ep.name, |s| s.disabled = health.disabled.clone());
         }
-        let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
+        let ordered = ep.ordering == Ordering::Instance;
         // Instances that may have entries for this endpoint.
         let mut pending: BTreeSet<String> = match self.store.outbox_instances(&ep.name) {
             Ok(p) => p,
