@@ -685,20 +685,30 @@ pub struct RawEmit {
 
 // ------------------------------------------------------- values with a syntax
 
-/// A duration such as `30s`, `5m`, `250ms`.
+/// Longest duration accepted anywhere: longer is a typo, and adding it to
+/// an `Instant` (a probe, a retry, a deadline) would overflow and panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// A duration such as `30s`, `5m`, `250ms`; at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy)]
 pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = string_like(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+        bounded(
+            &s,
+            Duration::ZERO,
+            MAX_DURATION,
+            "a duration of at most 10 years",
+        )
+        .map(Dur)
+        .map_err(de::Error::custom)
     }
 }
 
 /// Longest timeout accepted: a request (poll, token, delivery) or a drain
-/// that takes longer is stuck, and a far deadline is where `Instant`
-/// arithmetic overflows (`10 years`).
+/// that takes longer is stuck.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// A timeout: more than 0 (a zero timeout fails every request) and at most
@@ -709,14 +719,10 @@ pub struct Timeout(pub Duration);
 impl<'de> Deserialize<'de> for Timeout {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = string_like(d)?;
-        let t = parse_duration(&s).map_err(de::Error::custom)?;
-        if t.is_zero() || t > MAX_TIMEOUT {
-            return Err(de::Error::custom(format!(
-                "expected a timeout more than 0 and at most 1h, such as `30s`, got `{}`",
-                s.trim()
-            )));
-        }
-        Ok(Timeout(t))
+        let range = "a timeout more than 0 and at most 1h, such as `30s`";
+        bounded(&s, Duration::from_nanos(1), MAX_TIMEOUT, range)
+            .map(Timeout)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -730,15 +736,21 @@ pub struct NonZeroDur(pub Duration);
 impl<'de> Deserialize<'de> for NonZeroDur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = string_like(d)?;
-        let t = parse_duration(&s).map_err(de::Error::custom)?;
-        if t.is_zero() {
-            return Err(de::Error::custom(format!(
-                "expected a duration more than 0, such as `30s`, got `{}`",
-                s.trim()
-            )));
-        }
-        Ok(NonZeroDur(t))
+        let range = "a duration more than 0 and at most 10 years, such as `30s`";
+        bounded(&s, Duration::from_nanos(1), MAX_DURATION, range)
+            .map(NonZeroDur)
+            .map_err(de::Error::custom)
     }
+}
+
+/// Parses a duration and checks it lies in `min..=max`, saying `range`
+/// (what was expected) otherwise.
+fn bounded(text: &str, min: Duration, max: Duration, range: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < min || d > max {
+        return Err(format!("expected {range}, got `{}`", text.trim()));
+    }
+    Ok(d)
 }
 
 impl<'de> Deserialize<'de> for Rate {
@@ -898,7 +910,7 @@ impl JsonSchema for Dur {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
-            "description": "A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`); `0` alone is zero.",
+            "description": "A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`); `0` alone is zero. At most 10 years.",
             "anyOf": [duration_string_schema(), { "const": 0 }],
             "examples": ["30s", "5m", "250ms", "1h 30m"],
         })
@@ -926,7 +938,7 @@ impl JsonSchema for NonZeroDur {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
-            "description": "A duration more than 0: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`).",
+            "description": "A duration more than 0 and at most 10 years: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`).",
             "allOf": [duration_string_schema(), { "not": { "pattern": r"^\s*0+\s*[a-zA-Zµ]*\s*$" } }],
             "examples": ["30s", "5m", "7d"],
         })
@@ -1199,5 +1211,28 @@ mod tests {
         assert_eq!(Rate::parse("5/2s").unwrap().per, Duration::from_secs(2));
         assert!(Rate::parse("0/s").is_err());
         assert!(Rate::parse("fast").unwrap_err().contains("expected a rate"));
+    }
+
+    fn parse<T: for<'de> Deserialize<'de>>(v: &str) -> Result<T, String> {
+        serde_saphyr::from_str::<T>(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(parse::<Dur>("0").unwrap().0, Duration::ZERO);
+        assert!(parse::<Dur>("10y").is_ok());
+        // Past this, adding it to an `Instant` panics.
+        let e = parse::<Dur>("100000000 years").unwrap_err();
+        assert!(e.contains("at most 10 years"), "{e}");
+        assert!(parse::<Timeout>("1h").is_ok());
+        for bad in ["0", "0s", "61m", "10 years"] {
+            let e = parse::<Timeout>(bad).unwrap_err();
+            assert!(e.contains("more than 0 and at most 1h"), "{bad}: {e}");
+        }
+        assert!(parse::<NonZeroDur>("1ms").is_ok());
+        for bad in ["0ms", "11y"] {
+            let e = parse::<NonZeroDur>(bad).unwrap_err();
+            assert!(e.contains("more than 0 and at most 10 years"), "{bad}: {e}");
+        }
     }
 }
