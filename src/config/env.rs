@@ -38,7 +38,7 @@ pub fn interpolate(
 const FAILED: &str = "~";
 
 /// [`interpolate`] that substitutes what it can: each failed substitution
-/// leaves [`FAILED`] and an error (whose `field` names where it was).
+/// leaves `~` and an error (whose `field` names where it was).
 /// Operator commands read a few fields of bridge.yaml and must not fail on
 /// a variable only the daemon's other fields use (see `config::operator`).
 pub fn interpolate_partial(

@@ -1,13 +1,16 @@
 //! Configuration: `bridge.yaml` and connector files.
 //!
-//! Three stages, each in its own file:
+//! Three stages:
 //! - [`env`]: `${VAR}` substitution on the text (keeps line numbers);
 //! - [`raw`]: serde types as written, with location-carrying errors;
-//! - [`resolve`]: validation into the runtime types below, which are all
-//!   the rest of pollhook ever sees.
+//! - [`resolve`]: validation into the runtime types, which are all the rest
+//!   of pollhook ever sees. `Config` and the source types are here; the
+//!   others live with their users (`crate::connector::spec`,
+//!   `crate::deliver::policy`, `crate::quota`), so the dependency goes one
+//!   way: `config` builds them, and nothing outside `config` names `raw`.
 //!
-//! - [`operator`]: the few fields operator commands need, readable without
-//!   the daemon's whole environment.
+//! Besides, [`operator`] reads the few fields operator commands need,
+//! without the daemon's whole environment.
 //!
 //! Nothing here does network I/O; loading reads files and the environment.
 

@@ -1,9 +1,9 @@
 //! Validation of the raw YAML into the runtime types.
 //!
-//! Split by what is resolved: [`bridge`] (connector files, endpoints, host
-//! quotas), [`source`] (sources, `for_each`, routes), [`connector`] (request
+//! Split by what is resolved: `bridge` (connector files, endpoints, host
+//! quotas), `source` (sources, `for_each`, routes), `connector` (request
 //! and auth, paging and cursor, detection and emit rules, `discover`). Every
-//! problem of a file goes to one [`diag::Diag`], so a load reports them all.
+//! problem of a file goes to one `Diag`, so a load reports them all.
 //!
 //! The runtime types live with their users (`crate::connector::spec`,
 //! `crate::deliver::policy`, `crate::quota`); `Config` and the source types
