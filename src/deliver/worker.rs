@@ -17,9 +17,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::policy::{Endpoint, Ordering};
 use super::retry::{classify, Outcome};
 use super::sign::{hub_signature, signature_header};
-use crate::deliver::policy::{Endpoint, Ordering};
 use crate::status::Status;
 use crate::store::{AttemptRecord, DeadLetter, EntryKey, OutboxEntry, Store};
 

@@ -63,7 +63,7 @@ pub(super) fn load_connectors(
                         connectors.insert(c.name.clone(), Arc::new(c));
                     }
                 }
-                Err(e) => diag.extend_under("", e),
+                Err(e) => diag.extend(e),
             }
         }
     }

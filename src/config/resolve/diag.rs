@@ -47,6 +47,11 @@ impl<'a> Diag<'a> {
         self.errors.push(error);
     }
 
+    /// Errors found in another file (a connector file named by bridge.yaml).
+    pub fn extend(&mut self, errors: ConfigErrors) {
+        self.errors.extend(errors.0);
+    }
+
     /// Errors of a nested resolution (an inline or `discover` connector),
     /// their fields under `prefix` (e.g. `discover.`).
     pub fn extend_under(&mut self, prefix: &str, errors: ConfigErrors) {
