@@ -6,12 +6,12 @@
 
 use chrono::Utc;
 
-use crate::config::raw::Baseline;
 use crate::config::Source;
 use crate::connector::auth::TokenCache;
 use crate::connector::detect::detect;
 use crate::connector::fetch::{fetch, FetchEnv};
 use crate::connector::mask;
+use crate::connector::spec::Baseline;
 use crate::quota::HostGates;
 use crate::store::{InstanceState, Store};
 

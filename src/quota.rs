@@ -34,8 +34,49 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::raw::Rate;
-use crate::config::HostQuota;
+use crate::schedule::parse_duration;
+
+/// A quota shared by everything calling one host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostQuota {
+    pub rate: Option<Rate>,
+    pub burst: u32,
+    pub max_in_flight: Option<u32>,
+}
+
+/// A rate such as `60/min`, `10/s`, `5/2s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Requests per `per`.
+    pub count: u32,
+    /// The window.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `N/unit`, where unit is `s`, `min`, `h`, `day` or a duration.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let expected =
+            || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
+        let (n, unit) = text.split_once('/').ok_or_else(expected)?;
+        let count: u32 = n.trim().parse().map_err(|_| expected())?;
+        if count == 0 {
+            return Err(format!("{}: the count must be at least 1", expected()));
+        }
+        let unit = unit.trim();
+        let per = match unit {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86400),
+            other => parse_duration(other).map_err(|_| expected())?,
+        };
+        if per.is_zero() {
+            return Err(expected());
+        }
+        Ok(Rate { count, per })
+    }
+}
 
 /// The longest pause a host's headers can impose; a longer `Retry-After`
 /// (or a reset an hour away) is capped here and re-learned on the next answer.

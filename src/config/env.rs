@@ -24,6 +24,28 @@ pub fn interpolate(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigErrors> {
+    let (out, errors) = interpolate_partial(file, text, lookup);
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// What a substitution that failed leaves in the text: `~` is YAML's null
+/// in any position (a plain value, a flow list or map entry) and plain text
+/// inside quotes or next to other characters, so the text still parses.
+const FAILED: &str = "~";
+
+/// [`interpolate`] that substitutes what it can: each failed substitution
+/// leaves `~` and an error (whose `field` names where it was).
+/// Operator commands read a few fields of bridge.yaml and must not fail on
+/// a variable only the daemon's other fields use (see `config::operator`).
+pub fn interpolate_partial(
+    file: &Path,
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> (String, Vec<ConfigError>) {
     let mut out = String::with_capacity(text.len());
     let mut errors = Vec::new();
     for (n, line) in text.split_inclusive('\n').enumerate() {
@@ -65,11 +87,15 @@ pub fn interpolate(
             if let Some((scheme, arg)) = name.split_once(':') {
                 match read_secret(scheme, arg, lookup) {
                     Ok(value) => out.push_str(&value),
-                    Err(msg) => errors.push(ConfigError::at(file, text, line_no, column, "", msg)),
+                    Err(msg) => {
+                        out.push_str(FAILED);
+                        errors.push(ConfigError::at(file, text, line_no, column, "", msg));
+                    }
                 }
             } else if name.is_empty()
                 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             {
+                out.push_str(FAILED);
                 errors.push(ConfigError::at(
                     file,
                     text,
@@ -80,25 +106,24 @@ pub fn interpolate(
                 ));
             } else {
                 match lookup(name).or_else(|| default.map(str::to_string)) {
-                    Some(value) if value.contains('\n') => errors.push(ConfigError::at(
-                        file,
-                        text,
-                        line_no,
-                        column,
-                        "",
-                        format!("environment variable `{name}` contains a newline, which a config value cannot hold"),
-                    )),
-                    Some(value) => out.push_str(&value),
-                    None => errors.push(ConfigError::at(
-                        file,
-                        text,
-                        line_no,
-                        column,
-                        "",
-                        format!(
-                            "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
-                        ),
-                    )),
+                    Some(value) if !value.contains('\n') => out.push_str(&value),
+                    found => {
+                        out.push_str(FAILED);
+                        errors.push(ConfigError::at(
+                            file,
+                            text,
+                            line_no,
+                            column,
+                            "",
+                            if found.is_some() {
+                                format!("environment variable `{name}` contains a newline, which a config value cannot hold")
+                            } else {
+                                format!(
+                                    "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
+                                )
+                            },
+                        ));
+                    }
                 }
             }
             rest = &after[end + 1..];
@@ -106,11 +131,7 @@ pub fn interpolate(
         out.push_str(rest);
         out.push_str(comment);
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(ConfigErrors(errors))
-    }
+    (out, errors)
 }
 
 /// `${file:PATH}` and `${credential:NAME}`.

@@ -193,30 +193,64 @@ fn indent_of(line: &str) -> usize {
     line.len() - t.len()
 }
 
-/// The `key:` tokens of a line, left to right (quotes stripped).
+/// The keys open at the end of `line`, outermost first (quotes stripped).
+///
+/// Flow maps nest: in `{ a: { x: 1 }, b: 2 }` the `b` is a sibling of `a`,
+/// so a key is dropped when a `,` or a later key at its own depth follows,
+/// and when the map holding it closes. Without that, every earlier key of a
+/// flow map would read as a parent (`rate.burst` for `{ rate: …, burst: x }`).
 fn keys_in(line: &str) -> Vec<String> {
-    let mut keys = Vec::new();
-    let bytes: Vec<char> = line.chars().collect();
+    scan_keys(line).0.into_iter().map(|(k, _)| k).collect()
+}
+
+/// Keys of a line with their 1-based columns: those open at its end (see
+/// [`keys_in`]) and every key written on it, in order.
+type Keys = Vec<(String, u64)>;
+
+fn scan_keys(line: &str) -> (Keys, Keys) {
+    let mut all = Vec::new();
+    // (flow depth, key, column)
+    let mut open: Vec<(usize, String, u64)> = Vec::new();
+    let chars: Vec<char> = line.chars().collect();
+    let mut depth = 0usize;
     let mut start = 0;
     let mut in_quote: Option<char> = None;
-    for (i, &c) in bytes.iter().enumerate() {
+    for (i, &c) in chars.iter().enumerate() {
         match in_quote {
             Some(q) if c == q => in_quote = None,
             Some(_) => {}
             None => match c {
                 '"' | '\'' => in_quote = Some(c),
-                '#' if i == 0 || bytes[i - 1] == ' ' => break,
-                '{' | ',' | '[' => start = i + 1,
-                ':' if i + 1 == bytes.len() || bytes[i + 1] == ' ' => {
-                    let key: String = bytes[start..i].iter().collect();
-                    let key = key
+                '#' if i == 0 || chars[i - 1] == ' ' => break,
+                '{' | '[' => {
+                    depth += 1;
+                    start = i + 1;
+                }
+                '}' | ']' => {
+                    depth = depth.saturating_sub(1);
+                    open.retain(|(d, _, _)| *d <= depth);
+                    start = i + 1;
+                }
+                // A comma separates entries only inside a flow collection;
+                // in a block value it is just text.
+                ',' if depth > 0 => {
+                    open.retain(|(d, _, _)| *d < depth);
+                    start = i + 1;
+                }
+                ':' if i + 1 == chars.len() || chars[i + 1] == ' ' => {
+                    let raw: String = chars[start..i].iter().collect();
+                    let lead = raw.len() - raw.trim_start_matches([' ', '-']).len();
+                    let key = raw
                         .trim()
                         .trim_start_matches("- ")
                         .trim()
                         .trim_matches(['"', '\''])
                         .to_string();
                     if !key.is_empty() {
-                        keys.push(key);
+                        open.retain(|(d, _, _)| *d < depth);
+                        let column = raw[..lead].chars().count() + start + 1;
+                        all.push((key.clone(), column as u64));
+                        open.push((depth, key, column as u64));
                     }
                     start = i + 1;
                 }
@@ -224,7 +258,39 @@ fn keys_in(line: &str) -> Vec<String> {
             },
         }
     }
-    keys
+    let open = open.into_iter().map(|(_, k, c)| (k, c)).collect();
+    (open, all)
+}
+
+/// Where `key:` is written inside the YAML node that starts at
+/// `line`:`column` (a map, block or flow): its line and column.
+///
+/// For values whose type carries no location of its own (fields of a
+/// tagged enum such as `request.auth`): searching the whole file for the
+/// key would find the first `name:` of the file, usually another one.
+pub fn key_in_node(source: &str, line: u64, column: u64, key: &str) -> Option<(u64, u64)> {
+    let lines: Vec<&str> = source.lines().collect();
+    let first = (line as usize).checked_sub(1)?;
+    let node_indent = (column as usize).saturating_sub(1);
+    for (i, text) in lines.iter().enumerate().skip(first) {
+        let t = text.trim_start();
+        if i > first {
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if indent_of(text) < node_indent {
+                return None;
+            }
+        }
+        let found = scan_keys(text)
+            .1
+            .into_iter()
+            .find(|(k, c)| k == key && (i > first || *c as usize > node_indent));
+        if let Some((_, c)) = found {
+            return Some((i as u64 + 1, c));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -242,6 +308,35 @@ mod tests {
         );
         assert_eq!(yaml_path_at(DOC, 8, 14), "hosts.h.rate");
         assert_eq!(yaml_path_at(DOC, 1, 12), "state_dir");
+    }
+
+    #[test]
+    fn earlier_keys_of_a_flow_map_are_siblings_not_parents() {
+        let doc = "hosts: { 127.0.0.1: { rate: 10/s, burst: x } }\nendpoints:\n  x:\n    retry: { max_attempts: 3, backoff: exponential, first: 1s, max: bad }\n";
+        let burst = doc.find("x }").unwrap() as u64 + 1;
+        assert_eq!(yaml_path_at(doc, 1, burst), "hosts.127.0.0.1.burst");
+        let line4 = doc.lines().nth(3).unwrap();
+        let bad = line4.find("bad").unwrap() as u64 + 1;
+        assert_eq!(yaml_path_at(doc, 4, bad), "endpoints.x.retry.max");
+        // A closed inner map is left: `b` is a sibling of `a`, not inside it.
+        let doc = "m: { a: { x: 1 }, b: oops }\n";
+        let col = doc.find("oops").unwrap() as u64 + 1;
+        assert_eq!(yaml_path_at(doc, 1, col), "m.b");
+        // Lists in flow maps keep their key.
+        let doc = "f: { account: [a, b, c], other: 1 }\n";
+        let col = doc.find("c]").unwrap() as u64 + 1;
+        assert_eq!(yaml_path_at(doc, 1, col), "f.account");
+    }
+
+    #[test]
+    fn keys_are_found_inside_their_node_only() {
+        let doc = "name: conn\nrequest:\n  auth:\n    type: api_key\n    name: X Bad\n  url: u\nflow: { type: k, name: n }\n";
+        // The block map starts at `type:` (line 4, column 5).
+        assert_eq!(key_in_node(doc, 4, 5, "name"), Some((5, 5)));
+        assert_eq!(key_in_node(doc, 4, 5, "url"), None, "outside the node");
+        let col = doc.lines().nth(6).unwrap().find('{').unwrap() as u64 + 1;
+        assert_eq!(key_in_node(doc, 7, col, "name"), Some((7, 18)));
+        assert_eq!(key_in_node(doc, 7, col, "flow"), None, "left of the node");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! ignored setting. Values with a syntax of their own (durations, rates,
 //! schedules, JSONPaths, templates) are parsed *while deserializing*, so their
 //! errors carry the YAML location. These types never leave `config`: they are
-//! validated into the types of `config::resolve`.
+//! validated into the runtime types (`crate::connector::spec`,
+//! `crate::deliver::policy`, `crate::quota`, `config::resolve`). A few plain
+//! value types (`Rate`, `DetectMode`, …) live in their runtime module and
+//! are deserialized here directly: they carry no YAML.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -16,6 +19,9 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::connector::spec::{Baseline, ClientAuth, DetectMode, KeyLocation};
+use crate::deliver::policy::Ordering;
+use crate::quota::Rate;
 use crate::schedule::{self, parse_duration, Schedule};
 use crate::template;
 
@@ -47,7 +53,7 @@ pub struct RawBridge {
     pub hosts: BTreeMap<String, RawHost>,
     /// How long shutdown waits for in-flight polls and deliveries.
     #[serde(default)]
-    pub shutdown_timeout: Option<Dur>,
+    pub shutdown_timeout: Option<Timeout>,
     /// How long the store keeps history and dead letters.
     #[serde(default)]
     pub store: Option<RawStore>,
@@ -61,11 +67,11 @@ pub struct RawStore {
     /// Delivery attempts (`pollhook events`) older than this are forgotten
     /// (default 7d; at most 10,000 are kept in any case).
     #[serde(default)]
-    pub history: Option<Dur>,
+    pub history: Option<NonZeroDur>,
     /// Dead letters older than this are deleted (default: kept until
     /// replayed or dropped).
     #[serde(default)]
-    pub dead_letters: Option<Dur>,
+    pub dead_letters: Option<NonZeroDur>,
 }
 
 /// `admin:`
@@ -230,7 +236,7 @@ pub struct RawEndpoint {
     pub secret: Spanned<Secrets>,
     /// Per-attempt request timeout.
     #[serde(default)]
-    pub timeout: Option<Dur>,
+    pub timeout: Option<Timeout>,
     /// Retry policy.
     #[serde(default)]
     pub retry: Option<RawRetry>,
@@ -266,22 +272,11 @@ pub struct RawCircuit {
     pub failures: Option<u32>,
     /// While open, one probe delivery this often (default 30s).
     #[serde(default)]
-    pub probe_every: Option<Dur>,
+    pub probe_every: Option<NonZeroDur>,
     /// Disable the endpoint after failing continuously this long (off by
     /// default; Svix disables after 5 days).
     #[serde(default)]
-    pub disable_after: Option<Dur>,
-}
-
-/// Delivery order of an endpoint.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Ordering {
-    /// Per instance, in detection order.
-    #[default]
-    Instance,
-    /// No order: every due event may be sent at once.
-    None,
+    pub disable_after: Option<NonZeroDur>,
 }
 
 /// One secret or several.
@@ -353,10 +348,10 @@ pub struct RawRetry {
     pub backoff: Option<Backoff>,
     /// Delay before the second attempt.
     #[serde(default)]
-    pub first: Option<Dur>,
+    pub first: Option<NonZeroDur>,
     /// Cap on any one delay.
     #[serde(default)]
-    pub max: Option<Dur>,
+    pub max: Option<NonZeroDur>,
 }
 
 /// Backoff shapes.
@@ -450,7 +445,7 @@ pub struct RawConnector {
     /// How long an item id is remembered (`detect: new`); unbounded in age
     /// when absent (the count bound still holds).
     #[serde(default)]
-    pub seen_ttl: Option<Dur>,
+    pub seen_ttl: Option<NonZeroDur>,
     /// Event rules.
     pub emit: Vec<RawEmit>,
 }
@@ -509,12 +504,14 @@ pub struct RawRequest {
     #[serde(default)]
     #[schemars(with = "Option<BTreeMap<String, TemplateSrc>>")]
     pub form: Option<Spanned<BTreeMap<String, TemplateSrc>>>,
-    /// Authentication.
+    /// Authentication. Spanned so that errors in its fields, which serde's
+    /// tagged enums do not locate, can be pointed at within it.
     #[serde(default)]
-    pub auth: Option<RawAuth>,
+    #[schemars(with = "Option<RawAuth>")]
+    pub auth: Option<Spanned<RawAuth>>,
     /// Request timeout (default 30s).
     #[serde(default)]
-    pub timeout: Option<Dur>,
+    pub timeout: Option<Timeout>,
     /// Largest response body accepted, in bytes (default 10 MiB).
     #[serde(default)]
     pub max_response_bytes: Option<u64>,
@@ -559,24 +556,6 @@ pub enum RawAuth {
         #[serde(default)]
         client_auth: ClientAuth,
     },
-}
-
-/// Where an API key goes.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyLocation {
-    #[default]
-    Header,
-    Query,
-}
-
-/// How OAuth2 client credentials reach the token endpoint.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
-    #[default]
-    Basic,
-    Body,
 }
 
 /// `response:`
@@ -683,27 +662,6 @@ pub struct RawCursor {
     pub lookback: Option<Dur>,
 }
 
-/// Detection modes.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DetectMode {
-    /// One resource; an event when it (or its `watch`ed part) changes.
-    Snapshot,
-    /// A list; an event per item id never seen.
-    New,
-    /// A list; created / updated / deleted per item id.
-    Changes,
-}
-
-/// First-run behaviour.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Baseline {
-    #[default]
-    Skip,
-    Emit,
-}
-
 /// One `emit:` rule.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -727,49 +685,72 @@ pub struct RawEmit {
 
 // ------------------------------------------------------- values with a syntax
 
-/// A duration such as `30s`, `5m`, `250ms`.
+/// Longest duration accepted anywhere: longer is a typo, and adding it to
+/// an `Instant` (a probe, a retry, a deadline) would overflow and panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// A duration such as `30s`, `5m`, `250ms`; at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy)]
 pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = string_like(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+        bounded(
+            &s,
+            Duration::ZERO,
+            MAX_DURATION,
+            "a duration of at most 10 years",
+        )
+        .map(Dur)
+        .map_err(de::Error::custom)
     }
 }
 
-/// A rate such as `60/min`, `10/s`, `5/2s`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Requests per `per`.
-    pub count: u32,
-    /// The window.
-    pub per: Duration,
+/// Longest timeout accepted: a request (poll, token, delivery) or a drain
+/// that takes longer is stuck.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A timeout: more than 0 (a zero timeout fails every request) and at most
+/// [`MAX_TIMEOUT`].
+#[derive(Debug, Clone, Copy)]
+pub struct Timeout(pub Duration);
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        let range = "a timeout more than 0 and at most 1h, such as `30s`";
+        bounded(&s, Duration::from_nanos(1), MAX_TIMEOUT, range)
+            .map(Timeout)
+            .map_err(de::Error::custom)
+    }
 }
 
-impl Rate {
-    /// Parses `N/unit`, where unit is `s`, `min`, `h`, `day` or a duration.
-    pub fn parse(text: &str) -> Result<Rate, String> {
-        let expected =
-            || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
-        let (n, unit) = text.split_once('/').ok_or_else(expected)?;
-        let count: u32 = n.trim().parse().map_err(|_| expected())?;
-        if count == 0 {
-            return Err(format!("{}: the count must be at least 1", expected()));
-        }
-        let unit = unit.trim();
-        let per = match unit {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "d" | "day" => Duration::from_secs(86400),
-            other => parse_duration(other).map_err(|_| expected())?,
-        };
-        if per.is_zero() {
-            return Err(expected());
-        }
-        Ok(Rate { count, per })
+/// A delay, interval or age that must be more than 0: a zero probe or retry
+/// delay would spin on a failing endpoint, a zero `seen_ttl` would forget
+/// every id at once and emit it again, a zero retention would delete what
+/// it is meant to keep.
+#[derive(Debug, Clone, Copy)]
+pub struct NonZeroDur(pub Duration);
+
+impl<'de> Deserialize<'de> for NonZeroDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        let range = "a duration more than 0 and at most 10 years, such as `30s`";
+        bounded(&s, Duration::from_nanos(1), MAX_DURATION, range)
+            .map(NonZeroDur)
+            .map_err(de::Error::custom)
     }
+}
+
+/// Parses a duration and checks it lies in `min..=max`, saying `range`
+/// (what was expected) otherwise.
+fn bounded(text: &str, min: Duration, max: Duration, range: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < min || d > max {
+        return Err(format!("expected {range}, got `{}`", text.trim()));
+    }
+    Ok(d)
 }
 
 impl<'de> Deserialize<'de> for Rate {
@@ -929,9 +910,37 @@ impl JsonSchema for Dur {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
-            "description": "A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`); `0` alone is zero.",
+            "description": "A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`); `0` alone is zero. At most 10 years.",
             "anyOf": [duration_string_schema(), { "const": 0 }],
             "examples": ["30s", "5m", "250ms", "1h 30m"],
+        })
+    }
+}
+
+impl JsonSchema for Timeout {
+    fn schema_name() -> Cow<'static, str> {
+        "Timeout".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A timeout: a duration more than 0 and at most 1h, e.g. `30s`.",
+            "allOf": [duration_string_schema(), { "not": { "pattern": r"^\s*0+\s*[a-zA-Zµ]*\s*$" } }],
+            "examples": ["10s", "30s", "2m"],
+        })
+    }
+}
+
+impl JsonSchema for NonZeroDur {
+    fn schema_name() -> Cow<'static, str> {
+        "NonZeroDuration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A duration more than 0 and at most 10 years: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`).",
+            "allOf": [duration_string_schema(), { "not": { "pattern": r"^\s*0+\s*[a-zA-Zµ]*\s*$" } }],
+            "examples": ["30s", "5m", "7d"],
         })
     }
 }
@@ -1202,5 +1211,28 @@ mod tests {
         assert_eq!(Rate::parse("5/2s").unwrap().per, Duration::from_secs(2));
         assert!(Rate::parse("0/s").is_err());
         assert!(Rate::parse("fast").unwrap_err().contains("expected a rate"));
+    }
+
+    fn parse<T: for<'de> Deserialize<'de>>(v: &str) -> Result<T, String> {
+        serde_saphyr::from_str::<T>(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(parse::<Dur>("0").unwrap().0, Duration::ZERO);
+        assert!(parse::<Dur>("10y").is_ok());
+        // Past this, adding it to an `Instant` panics.
+        let e = parse::<Dur>("100000000 years").unwrap_err();
+        assert!(e.contains("at most 10 years"), "{e}");
+        assert!(parse::<Timeout>("1h").is_ok());
+        for bad in ["0", "0s", "61m", "10 years"] {
+            let e = parse::<Timeout>(bad).unwrap_err();
+            assert!(e.contains("more than 0 and at most 1h"), "{bad}: {e}");
+        }
+        assert!(parse::<NonZeroDur>("1ms").is_ok());
+        for bad in ["0ms", "11y"] {
+            let e = parse::<NonZeroDur>(bad).unwrap_err();
+            assert!(e.contains("more than 0 and at most 10 years"), "{bad}: {e}");
+        }
     }
 }

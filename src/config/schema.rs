@@ -350,6 +350,10 @@ endpoints:
             ("ten seconds", false),
             ("10 parsecs", false),
         ] {
+            conn("cursor.lookback", d, ok);
+        }
+        // Timeouts: more than 0 (the 1h cap is the parser's alone).
+        for (d, ok) in [("10s", true), ("1h", true), ("0", false), ("0s", false)] {
             conn("request.timeout", d, ok);
         }
         for (r, ok) in [

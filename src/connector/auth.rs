@@ -16,7 +16,7 @@ use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::config::raw::ClientAuth;
+use crate::connector::spec::ClientAuth;
 
 /// A rendered token request.
 pub struct TokenRequest {

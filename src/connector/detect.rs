@@ -10,8 +10,7 @@ use minijinja::Value as Ctx;
 use serde_json::{json, Map, Value};
 
 use super::fetch::cursor_text;
-use crate::config::raw::{Baseline, DetectMode};
-use crate::config::{Connector, CursorSpec, EventType};
+use crate::connector::spec::{Baseline, Connector, CursorSpec, DetectMode, EventType};
 use crate::event::value_hash;
 use crate::store::{InstanceState, KnownItem};
 

@@ -15,8 +15,8 @@ use serde_json::{Map, Value};
 use super::auth::{form_encode, TokenCache, TokenRequest};
 use super::detect::Listing;
 use super::format::{link_next, parse_body, Format};
-use crate::config::raw::KeyLocation;
-use crate::config::{Auth, Body, Connector, Instance, PageStyle};
+use crate::config::Instance;
+use crate::connector::spec::{Auth, Body, Connector, KeyLocation, PageStyle};
 use crate::quota::HostGates;
 use crate::store::InstanceState;
 

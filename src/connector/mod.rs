@@ -5,6 +5,7 @@ pub mod auth;
 pub mod detect;
 pub mod fetch;
 pub mod format;
+pub mod spec;
 
 /// Replaces every secret value in `text` with `***`. Applied to every
 /// message that leaves a poll (errors, logs, `pollhook test` output).

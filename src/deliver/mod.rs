@@ -2,6 +2,7 @@
 //! [`worker`] drives one endpoint's outbox.
 
 pub mod guard;
+pub mod policy;
 pub mod retry;
 pub mod sign;
 pub mod worker;

@@ -17,9 +17,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::policy::{Endpoint, Ordering};
 use super::retry::{classify, Outcome};
 use super::sign::{hub_signature, signature_header};
-use crate::config::Endpoint;
 use crate::status::Status;
 use crate::store::{AttemptRecord, DeadLetter, EntryKey, OutboxEntry, Store};
 
@@ -191,7 +191,7 @@ impl Worker {
             self.status
                 .endpoint(&ep.name, |s| s.disabled = health.disabled.clone());
         }
-        let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
+        let ordered = ep.ordering == Ordering::Instance;
         // At start, everything is unknown: one scan.
         self.rescan(&mut q).await;
         loop {

@@ -320,3 +320,110 @@ fn secrets_can_come_from_systemd_credentials() {
         "{err}"
     );
 }
+
+#[test]
+fn a_bad_api_key_header_name_points_at_the_api_key_name() {
+    // The connector's own `name:` is line 3; the api_key's `name:` is the
+    // one to fix (line 16 in block style, the `auth:` line in flow style).
+    let conn = repo_connector("bank-balance.yaml");
+    let block = conn.replace(
+        "  auth: { type: bearer, token: \"{{ token }}\" }\n",
+        "  auth:\n    type: api_key\n    name: X Bad Header\n    value: \"{{ token }}\"\n",
+    );
+    let line = block
+        .lines()
+        .position(|l| l.contains("X Bad Header"))
+        .unwrap()
+        + 1;
+    expect_error(
+        GOOD_BRIDGE,
+        &block,
+        &[
+            &format!("bank-balance.yaml:{line}:"),
+            "field `request.auth.name`",
+            "`X Bad Header` is not a valid header name",
+        ],
+    );
+    let flow = conn.replace(
+        "  auth: { type: bearer, token: \"{{ token }}\" }\n",
+        "  auth: { type: api_key, name: \"X Bad\", value: \"{{ token }}\" }\n",
+    );
+    let line = flow.lines().position(|l| l.contains("X Bad")).unwrap() + 1;
+    expect_error(
+        GOOD_BRIDGE,
+        &flow,
+        &[
+            &format!("bank-balance.yaml:{line}:"),
+            "field `request.auth.name`",
+        ],
+    );
+}
+
+#[test]
+fn errors_inside_flow_maps_name_only_the_enclosing_keys() {
+    let conn = repo_connector("bank-balance.yaml");
+    expect_error(
+        &format!("{GOOD_BRIDGE}hosts: {{ 127.0.0.1: {{ rate: 10/s, burst: x }} }}\n"),
+        &conn,
+        &["bridge.yaml:13:", "field `hosts.127.0.0.1.burst`"],
+    );
+    expect_error(
+        &GOOD_BRIDGE.replace(
+            "    timeout: 10s\n",
+            "    timeout: 10s\n    retry: { max_attempts: 3, backoff: exponential, first: 1s, max: bad }\n",
+        ),
+        &conn,
+        &["bridge.yaml:13:", "field `endpoints.agent.retry.max`"],
+    );
+}
+
+#[test]
+fn zero_and_absurd_timeouts_are_refused_with_the_accepted_range() {
+    let conn = repo_connector("bank-balance.yaml");
+    for bad in ["0s", "0", "10 years"] {
+        expect_error(
+            &GOOD_BRIDGE.replace("timeout: 10s", &format!("timeout: {bad}")),
+            &conn,
+            &[
+                "bridge.yaml:12:",
+                "field `endpoints.agent.timeout`",
+                "more than 0 and at most 1h",
+            ],
+        );
+        let line = conn.lines().position(|l| l == "  timeout: 10s").unwrap() + 1;
+        expect_error(
+            GOOD_BRIDGE,
+            &conn.replace("  timeout: 10s", &format!("  timeout: {bad}")),
+            &[
+                &format!("bank-balance.yaml:{line}:"),
+                "field `request.timeout`",
+                "more than 0 and at most 1h",
+            ],
+        );
+    }
+    // Zero where it would spin: retry and circuit delays, the seen-id age.
+    expect_error(
+        &GOOD_BRIDGE.replace(
+            "    timeout: 10s\n",
+            "    timeout: 10s\n    circuit: { probe_every: 0s }\n",
+        ),
+        &conn,
+        &[
+            "bridge.yaml:13:",
+            "field `endpoints.agent.circuit.probe_every`",
+            "more than 0",
+        ],
+    );
+    expect_error(
+        &GOOD_BRIDGE.replace(
+            "    timeout: 10s\n",
+            "    timeout: 10s\n    retry: { first: 0s }\n",
+        ),
+        &conn,
+        &[
+            "bridge.yaml:13:",
+            "field `endpoints.agent.retry.first`",
+            "more than 0",
+        ],
+    );
+}

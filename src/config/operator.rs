@@ -1,0 +1,342 @@
+//! What operator commands (`status`, `dlq`, `events`, `state export`,
+//! `endpoint enable`) need of bridge.yaml: where the store is and how to
+//! reach the running daemon's admin server.
+//!
+//! They must work where the daemon's full environment is missing: from an
+//! operator's shell, a `${BANK_URL}` only the sources use is unset, and so
+//! are `$STATE_DIRECTORY` and `$CREDENTIALS_DIRECTORY`, which systemd sets
+//! for the service alone. So only the fields read here have to resolve; the
+//! rest of the file is not validated (`pollhook validate` does that).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::env::interpolate_partial;
+use super::error::{ConfigError, ConfigErrors};
+
+/// The part of bridge.yaml operator commands use.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// The bridge file it was read from.
+    pub file: PathBuf,
+    /// Directory of the embedded store (and of `admin.addr`).
+    pub state_dir: PathBuf,
+    /// `admin.listen`, if set.
+    pub admin_listen: Option<SocketAddr>,
+    /// `admin.token`, if set, non-empty and readable.
+    pub admin_token: Option<String>,
+    /// Why `admin.token` could not be read (an unset variable, a missing
+    /// credential). Not an error by itself: commands on a stopped store need
+    /// no token; one that reaches a daemon which answers 401 should say this.
+    pub admin_token_error: Option<ConfigErrors>,
+    /// Endpoint names, to check a name given on the command line.
+    pub endpoints: BTreeSet<String>,
+    /// Source name → the name of its connector (`dlq --connector`). An
+    /// inline connector is named by its `name:`, else after its source.
+    pub sources: BTreeMap<String, String>,
+}
+
+/// Where systemd puts the directories of the example unit
+/// (`examples/systemd/pollhook.service`), used when the variable naming
+/// them is unset (an operator's shell) and the directory exists.
+#[derive(Debug, Clone)]
+pub struct SystemdDirs {
+    /// `$STATE_DIRECTORY` of `StateDirectory=pollhook`.
+    pub state_directory: PathBuf,
+    /// `$CREDENTIALS_DIRECTORY` of the `pollhook.service` unit (readable by
+    /// root while the service runs).
+    pub credentials_directory: PathBuf,
+}
+
+impl Default for SystemdDirs {
+    fn default() -> Self {
+        SystemdDirs {
+            state_directory: PathBuf::from("/var/lib/pollhook"),
+            credentials_directory: PathBuf::from("/run/credentials/pollhook.service"),
+        }
+    }
+}
+
+/// Reads what operator commands need of `file`, from the process
+/// environment (see [`load_operator_with_env`]).
+pub fn load_operator(file: &Path) -> Result<OperatorConfig, ConfigErrors> {
+    load_operator_with_env(
+        file,
+        &|name| std::env::var(name).ok(),
+        &SystemdDirs::default(),
+    )
+}
+
+/// [`load_operator`] with an explicit environment and systemd directories.
+///
+/// Only `state_dir`, `admin.listen` and `admin.token` are interpolated for
+/// real: a variable used elsewhere may be unset. An unset
+/// `$STATE_DIRECTORY` / `$CREDENTIALS_DIRECTORY` falls back to `systemd`'s
+/// directory when it exists. `state_dir` and `admin.listen` are needed by
+/// every command, so a problem there is an error; a problem with
+/// `admin.token` is kept in [`OperatorConfig::admin_token_error`].
+pub fn load_operator_with_env(
+    file: &Path,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    systemd: &SystemdDirs,
+) -> Result<OperatorConfig, ConfigErrors> {
+    let original = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+    let fallback = |dir: &Path| {
+        dir.is_dir()
+            .then(|| dir.to_str().map(str::to_string))
+            .flatten()
+    };
+    let lookup = |name: &str| {
+        lookup(name).or_else(|| match name {
+            "STATE_DIRECTORY" => fallback(&systemd.state_directory),
+            "CREDENTIALS_DIRECTORY" => fallback(&systemd.credentials_directory),
+            _ => None,
+        })
+    };
+    let (text, failed) = interpolate_partial(file, &original, &lookup);
+    let failed_at = |field: &str| -> Vec<ConfigError> {
+        failed
+            .iter()
+            .filter(|e| e.field == field)
+            .cloned()
+            .collect()
+    };
+    let raw: RawOperator =
+        serde_saphyr::from_str(&text).map_err(|e| ConfigError::from_yaml(file, &original, &e))?;
+
+    let mut errors = failed_at("state_dir");
+    for e in &mut errors {
+        if e.message.contains("`STATE_DIRECTORY`") {
+            e.message.push_str(&format!(
+                "; systemd sets it for the service only: give the unit's state directory, e.g. `STATE_DIRECTORY={} pollhook …`",
+                systemd.state_directory.display()
+            ));
+        }
+    }
+    errors.extend(failed_at("admin.listen"));
+    let admin = raw.admin.unwrap_or_default();
+    let admin_listen = match &admin.listen {
+        Some(l) if errors.is_empty() => match parse_listen(file, &original, l) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        _ => None,
+    };
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let token_errors = failed_at("admin.token");
+    let (admin_token, admin_token_error) = if token_errors.is_empty() {
+        (admin.token.filter(|t| !t.is_empty()), None)
+    } else {
+        (None, Some(ConfigErrors(token_errors)))
+    };
+    let sources = raw
+        .sources
+        .into_iter()
+        .filter_map(|(name, s)| {
+            let connector = match s.connector {
+                serde_json::Value::String(c) => c,
+                serde_json::Value::Object(m) => m
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .map_or_else(|| name.clone(), str::to_string),
+                _ => return None,
+            };
+            Some((name, connector))
+        })
+        .collect();
+    Ok(OperatorConfig {
+        state_dir: state_dir_of(file, raw.state_dir.as_deref()),
+        file: file.to_path_buf(),
+        admin_listen,
+        admin_token,
+        admin_token_error,
+        endpoints: raw.endpoints.into_keys().collect(),
+        sources,
+    })
+}
+
+/// `state_dir`, relative to the bridge file's directory; `state` by default.
+pub(super) fn state_dir_of(file: &Path, state_dir: Option<&str>) -> PathBuf {
+    file.parent()
+        .unwrap_or(Path::new("."))
+        .join(state_dir.unwrap_or("state"))
+}
+
+/// `admin.listen` as an address.
+pub(super) fn parse_listen(
+    file: &Path,
+    text: &str,
+    listen: &Spanned<String>,
+) -> Result<SocketAddr, ConfigError> {
+    listen.value.parse::<SocketAddr>().map_err(|_| {
+        ConfigError::at(
+            file,
+            text,
+            listen.referenced.line(),
+            listen.referenced.column(),
+            "admin.listen",
+            format!(
+                "expected `ip:port` such as `127.0.0.1:9464`, got `{}`",
+                listen.value
+            ),
+        )
+    })
+}
+
+/// The fields read, nothing else: unknown fields are ignored on purpose
+/// (the daemon's `RawBridge` denies them), so that a file a newer or older
+/// daemon accepts still serves operator commands.
+#[derive(Deserialize)]
+struct RawOperator {
+    #[serde(default)]
+    state_dir: Option<String>,
+    #[serde(default)]
+    admin: Option<RawOperatorAdmin>,
+    #[serde(default)]
+    sources: BTreeMap<String, RawOperatorSource>,
+    #[serde(default)]
+    endpoints: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawOperatorAdmin {
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawOperatorSource {
+    #[serde(default)]
+    connector: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BRIDGE: &str = "state_dir: ${STATE_DIRECTORY}
+admin: { listen: \"127.0.0.1:9464\", token: \"${credential:admin_token}\" }
+connectors: [\"connectors/*.yaml\"]
+sources:
+  balances:
+    connector: bank-balance
+    with: { base_url: \"${BANK_URL}\", account: acc-1 }
+    deliver_to: [agent]
+  oneoff:
+    connector: { request: { url: \"${ONEOFF_URL}\" }, detect: snapshot, emit: [{ type: t }] }
+    deliver_to: [agent]
+endpoints:
+  agent: { url: \"${AGENT_URL}\", secret: \"${credential:agent_secret}\" }
+  audit: { url: [${A}, ${B}], secret: x }
+";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        file: PathBuf,
+        systemd: SystemdDirs,
+    }
+
+    fn fixture(bridge: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bridge.yaml");
+        std::fs::write(&file, bridge).unwrap();
+        let systemd = SystemdDirs {
+            state_directory: dir.path().join("var-lib-pollhook"),
+            credentials_directory: dir.path().join("run-credentials"),
+        };
+        Fixture { dir, file, systemd }
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, String)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |n| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn only_the_operator_fields_need_their_variables() {
+        let f = fixture(BRIDGE);
+        let creds = f.dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(creds.join("admin_token"), "t0ken\n").unwrap();
+        let vars = [
+            ("STATE_DIRECTORY", "/srv/state".to_string()),
+            ("CREDENTIALS_DIRECTORY", creds.display().to_string()),
+        ];
+        // BANK_URL, ONEOFF_URL, AGENT_URL, A, B and the agent_secret
+        // credential are all missing: no matter.
+        let op = load_operator_with_env(&f.file, &env(&vars), &f.systemd).unwrap();
+        assert_eq!(op.state_dir, PathBuf::from("/srv/state"));
+        assert_eq!(op.admin_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(op.admin_token.as_deref(), Some("t0ken"));
+        assert!(op.admin_token_error.is_none());
+        assert_eq!(
+            op.endpoints.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["agent", "audit"]
+        );
+        assert_eq!(op.sources["balances"], "bank-balance");
+        assert_eq!(op.sources["oneoff"], "oneoff", "inline: the source's name");
+    }
+
+    #[test]
+    fn systemd_directories_fall_back_when_unset_and_present() {
+        let f = fixture(BRIDGE);
+        // Neither variable set nor directory present: state_dir is an
+        // error naming the variable and the way out; the token is not.
+        let err = load_operator_with_env(&f.file, &env(&[]), &f.systemd)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bridge.yaml:1:")
+                && err.contains("field `state_dir`")
+                && err.contains("`STATE_DIRECTORY` is not set")
+                && err.contains("STATE_DIRECTORY=")
+                && !err.contains("admin"),
+            "{err}"
+        );
+        // The systemd directories exist (as they do on the service's host).
+        std::fs::create_dir(&f.systemd.state_directory).unwrap();
+        let op = load_operator_with_env(&f.file, &env(&[]), &f.systemd).unwrap();
+        assert_eq!(op.state_dir, f.systemd.state_directory);
+        assert_eq!(op.admin_token, None);
+        let why = op.admin_token_error.unwrap().to_string();
+        assert!(
+            why.contains("field `admin.token`") && why.contains("CREDENTIALS_DIRECTORY"),
+            "{why}"
+        );
+        std::fs::create_dir(&f.systemd.credentials_directory).unwrap();
+        std::fs::write(f.systemd.credentials_directory.join("admin_token"), "s").unwrap();
+        let op = load_operator_with_env(&f.file, &env(&[]), &f.systemd).unwrap();
+        assert_eq!(op.admin_token.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn defaults_relative_paths_and_bad_listen() {
+        let f = fixture("sources: {}\n");
+        let op = load_operator_with_env(&f.file, &env(&[]), &f.systemd).unwrap();
+        assert_eq!(op.state_dir, f.dir.path().join("state"));
+        assert_eq!((op.admin_listen, op.admin_token), (None, None));
+        let f = fixture("state_dir: data\nadmin:\n  listen: ${LISTEN:-nowhere}\n  token: \"\"\n");
+        let err = load_operator_with_env(&f.file, &env(&[]), &f.systemd)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bridge.yaml:3:") && err.contains("expected `ip:port`"),
+            "{err}"
+        );
+        let vars = [("LISTEN", "127.0.0.1:1".to_string())];
+        let op = load_operator_with_env(&f.file, &env(&vars), &f.systemd).unwrap();
+        assert_eq!(op.state_dir, f.dir.path().join("data"));
+        assert_eq!(op.admin_token, None, "an empty token is no token");
+    }
+}

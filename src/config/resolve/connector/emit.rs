@@ -1,0 +1,113 @@
+//! `detect:` (which fields each mode needs) and the `emit:` rules.
+
+use serde_saphyr::Spanned;
+
+use super::Cx;
+use crate::config::raw::{RawConnector, TemplateSrc};
+use crate::connector::spec::{DetectMode, EmitRule, EventType};
+use crate::template;
+
+/// Reports fields the detection mode needs but lacks, or cannot use.
+pub(super) fn check_detect(cx: &mut Cx, raw: &RawConnector) {
+    let mut problem = |msg: &str| cx.diag.at_span(&raw.detect, "detect", msg);
+    match raw.detect.value {
+        DetectMode::New | DetectMode::Changes => {
+            if raw.items.is_none() {
+                problem("`detect: new` and `detect: changes` need `items:` (a JSONPath to the list, e.g. `$.transactions[*]`)");
+            }
+            if raw.id.is_none() {
+                problem("`detect: new` and `detect: changes` need `id:` (a template naming what makes an item unique, e.g. `{{ item.id }}`)");
+            }
+            if raw.watch.is_some() {
+                problem("`watch` belongs to `detect: snapshot`");
+            }
+            if raw.detect.value == DetectMode::New && raw.version.is_some() {
+                problem(
+                    "`version` belongs to `detect: changes` (`detect: new` emits each id once)",
+                );
+            }
+        }
+        DetectMode::Snapshot => {
+            if raw.items.is_some()
+                || raw.id.is_some()
+                || raw.cursor.is_some()
+                || raw.paginate.is_some()
+                || raw.version.is_some()
+            {
+                problem("`detect: snapshot` watches one resource: `items`, `id`, `version`, `cursor` and `paginate` belong to `detect: new` / `changes`");
+            }
+        }
+    }
+    if raw.emit.is_empty() {
+        problem("`emit:` is empty: give at least one `- type: …` rule");
+    }
+}
+
+/// The `emit:` rules, their templates over the mode's variables.
+pub(super) fn emit_rules(cx: &mut Cx, raw: &RawConnector) -> Vec<EmitRule> {
+    let vars: &[&str] = match raw.detect.value {
+        DetectMode::New => &["item", "cursor", "now"],
+        DetectMode::Changes => &["item", "previous", "change", "changed", "cursor", "now"],
+        DetectMode::Snapshot => &["previous", "current", "resource", "now"],
+    };
+    let mut emit = Vec::new();
+    for (i, e) in raw.emit.iter().enumerate() {
+        let when = e.when.as_ref().and_then(|w| {
+            let field = format!("emit[{i}].when");
+            cx.check_vars(
+                &template::variables_of_condition(&w.value.0),
+                vars,
+                w,
+                &field,
+            );
+            match cx.engine.condition(&w.value.0) {
+                Ok(c) => Some(c),
+                Err(msg) => {
+                    cx.diag.at_span(w, &field, msg);
+                    None
+                }
+            }
+        });
+        let data = e.data.as_ref().and_then(|d| {
+            cx.check_vars(
+                &template::variables_of_value(&d.value.0),
+                vars,
+                d,
+                &format!("emit[{i}].data"),
+            );
+            cx.engine.value_template(&d.value.0).ok()
+        });
+        if let Some(kind) = event_type(cx, &e.kind, &format!("emit[{i}].type"), vars) {
+            emit.push(EmitRule { kind, when, data });
+        }
+    }
+    emit
+}
+
+/// An event type: fixed, or a template rendered per change.
+fn event_type(
+    cx: &mut Cx,
+    kind: &Spanned<String>,
+    field: &str,
+    vars: &[&str],
+) -> Option<EventType> {
+    let src = kind.value.trim().to_string();
+    if src.contains("{{") || src.contains("{%") {
+        let spanned = Spanned {
+            value: TemplateSrc(src.clone()),
+            referenced: kind.referenced,
+            defined: kind.defined,
+        };
+        cx.template(&spanned, field, vars)
+            .map(|t| EventType::Template(t, src))
+    } else if src.is_empty() || src.contains(char::is_whitespace) {
+        cx.diag.at_span(
+            kind,
+            field,
+            "expected an event type such as `bank.balance.changed` (no spaces)",
+        );
+        None
+    } else {
+        Some(EventType::Fixed(src))
+    }
+}

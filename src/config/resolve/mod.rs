@@ -1,0 +1,199 @@
+//! Validation of the raw YAML into the runtime types.
+//!
+//! Split by what is resolved: `bridge` (connector files, endpoints, host
+//! quotas), `source` (sources, `for_each`, routes), `connector` (request
+//! and auth, paging and cursor, detection and emit rules, `discover`). Every
+//! problem of a file goes to one `Diag`, so a load reports them all.
+//!
+//! The runtime types live with their users (`crate::connector::spec`,
+//! `crate::deliver::policy`, `crate::quota`); `Config` and the source types
+//! are here, being what the daemon is handed.
+
+mod bridge;
+mod connector;
+mod diag;
+mod source;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use self::diag::Diag;
+use super::env::interpolate;
+use super::error::{ConfigError, ConfigErrors};
+use super::operator::{parse_listen, state_dir_of};
+use super::raw::{ConnectorRef, RawBridge, RawConnector};
+use crate::connector::spec::Connector;
+use crate::deliver::policy::Endpoint;
+use crate::quota::HostQuota;
+
+pub use source::{scalar_text, Instance, Route, Source, DEFAULT_RETENTION};
+
+/// A whole, valid configuration.
+pub struct Config {
+    /// The bridge file it was read from.
+    pub file: PathBuf,
+    /// Directory of the embedded store.
+    pub state_dir: PathBuf,
+    /// Admin server address, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin server requires, if any.
+    pub admin_token: Option<String>,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_timeout: Duration,
+    /// Delivery attempts older than this are forgotten.
+    pub history_retention: Duration,
+    /// Dead letters older than this are deleted (`None`: kept).
+    pub dead_letter_retention: Option<Duration>,
+    /// Every connector found, by name.
+    pub connectors: BTreeMap<String, Arc<Connector>>,
+    /// Sources in name order.
+    pub sources: Vec<Arc<Source>>,
+    /// Endpoints by name.
+    pub endpoints: BTreeMap<String, Arc<Endpoint>>,
+    /// Host quotas by `host` or `host:port`.
+    pub hosts: BTreeMap<String, HostQuota>,
+    /// The bridge file as written (after `${VAR}`), so a reload can tell
+    /// which sources and endpoints changed (see `crate::reload`).
+    pub definition: Value,
+}
+
+impl Config {
+    /// Reads and validates `bridge.yaml` and every connector it names.
+    /// Environment variables come from the process environment.
+    pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_env(file, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with an explicit environment (tests).
+    pub fn load_with_env(
+        file: &Path,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let original = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+        let text = interpolate(file, &original, lookup)?;
+        let raw: RawBridge = serde_saphyr::from_str(&text)
+            .map_err(|e| ConfigError::from_yaml(file, &original, &e))?;
+        // The same text as a plain tree: what changed on a reload is told
+        // by comparing these, not the compiled runtime types.
+        let definition: Value = serde_saphyr::from_str(&text).unwrap_or_default();
+        // Messages quote the text as written: `${VAR}` values stay unseen.
+        let mut diag = Diag::new(file, &original);
+        let connectors = bridge::load_connectors(&mut diag, &raw);
+        let mut endpoints = BTreeMap::new();
+        for (name, ep) in &raw.endpoints {
+            if let Some(e) = bridge::resolve_endpoint(&mut diag, name, ep) {
+                endpoints.insert(name.clone(), Arc::new(e));
+            }
+        }
+        let sources = resolve_sources(&mut diag, &raw, &connectors);
+        let hosts = raw
+            .hosts
+            .iter()
+            .map(|(name, h)| (name.clone(), bridge::host_quota(h)))
+            .collect();
+        let admin_listen =
+            raw.admin
+                .as_ref()
+                .and_then(|a| match parse_listen(file, &original, &a.listen) {
+                    Ok(addr) => Some(addr),
+                    Err(e) => {
+                        diag.push(e);
+                        None
+                    }
+                });
+        diag.finish(|| Config {
+            file: file.to_path_buf(),
+            state_dir: state_dir_of(file, raw.state_dir.as_deref()),
+            admin_listen,
+            admin_token: raw
+                .admin
+                .as_ref()
+                .and_then(|a| a.token.clone())
+                .filter(|t| !t.is_empty()),
+            shutdown_timeout: raw
+                .shutdown_timeout
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(10)),
+            history_retention: raw
+                .store
+                .as_ref()
+                .and_then(|s| s.history)
+                .map_or(Duration::from_secs(7 * 86400), |d| d.0),
+            dead_letter_retention: raw.store.as_ref().and_then(|s| s.dead_letters).map(|d| d.0),
+            connectors,
+            sources,
+            endpoints,
+            hosts,
+            definition,
+        })
+    }
+
+    /// The source called `name`.
+    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+/// `sources:`, each with its named connector or its inline one.
+fn resolve_sources(
+    diag: &mut Diag,
+    raw: &RawBridge,
+    connectors: &BTreeMap<String, Arc<Connector>>,
+) -> Vec<Arc<Source>> {
+    let mut sources = Vec::new();
+    for (name, src) in &raw.sources {
+        let connector = match &src.connector.value {
+            ConnectorRef::Name(wanted) => match connectors.get(wanted) {
+                Some(c) => c.clone(),
+                None => {
+                    let known: Vec<&str> = connectors.keys().map(String::as_str).collect();
+                    diag.at_span(
+                        &src.connector,
+                        &format!("sources.{name}.connector"),
+                        format!(
+                            "no connector named `{wanted}` (known: {})",
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                    continue;
+                }
+            },
+            // A one-off connector: validated like a file's, with locations
+            // in the bridge file, named after the source.
+            ConnectorRef::Inline(rc) => {
+                match connector::resolve_connector(diag.file, diag.text, rc, Some(name)) {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => {
+                        diag.extend_under(&format!("sources.{name}.connector."), e);
+                        continue;
+                    }
+                }
+            }
+        };
+        if let Some(s) = source::resolve_source(diag, name, src, connector, &raw.endpoints) {
+            sources.push(Arc::new(s));
+        }
+    }
+    sources
+}
+
+/// Reads and validates one connector file.
+pub fn load_connector(file: &Path) -> Result<Connector, ConfigErrors> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+    let raw: RawConnector =
+        serde_saphyr::from_str(&text).map_err(|e| ConfigError::from_yaml(file, &text, &e))?;
+    let mut c = connector::resolve_connector(file, &text, &raw, None)?;
+    c.definition = serde_saphyr::from_str(&text).unwrap_or_default();
+    Ok(c)
+}

@@ -1,0 +1,570 @@
+//! Sources: a connector run for someone, fanned out into instances, and
+//! routed to endpoints. The types are what the daemon schedules; the
+//! functions below resolve `sources:` of bridge.yaml into them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::diag::Diag;
+use crate::config::raw::{self, DeliverTo, RawSource};
+use crate::connector::spec::{Connector, EventType};
+use crate::schedule::Schedule;
+
+/// A source: a connector run for someone, with its instances.
+pub struct Source {
+    pub name: String,
+    pub connector: Arc<Connector>,
+    pub schedule: Schedule,
+    /// Static instances (`for_each` lists, or the one `default`); empty for
+    /// `for_each: discover`, whose instances are found at run time.
+    pub instances: Vec<Instance>,
+    pub routes: Vec<Route>,
+    /// `for_each: discover`.
+    pub discovered: bool,
+    /// Params' defaults with the source's `with` values: the variables of
+    /// every instance before its own values.
+    pub base_vars: Map<String, Value>,
+    /// How long the state of an instance that left the discovered list is kept.
+    pub retention: Duration,
+    /// `for_each: discover`: when the list is refreshed.
+    pub discover_schedule: Option<Schedule>,
+}
+
+impl Source {
+    /// An instance of a `for_each: discover` source with its discovered param
+    /// values (typed like the params' defaults).
+    pub fn discovered_instance(&self, name: &str, with: &Map<String, Value>) -> Instance {
+        let mut vars = self.base_vars.clone();
+        for (k, v) in with {
+            let default = self
+                .connector
+                .params
+                .get(k)
+                .and_then(|p| p.default.as_ref());
+            vars.insert(k.clone(), coerce(v, default));
+        }
+        let secrets = secrets_of(&self.connector, &vars);
+        Instance {
+            key: format!("{}/{name}", self.name),
+            name: name.to_string(),
+            vars,
+            secrets,
+        }
+    }
+}
+
+impl Source {
+    /// A one-instance source for trying a connector file without a bridge
+    /// (`pollhook test connector.yaml --with key=value`). Param values are
+    /// checked like a source's `with:` and typed like their defaults; when
+    /// the connector can `discover` the params still missing, the source
+    /// discovers its instances.
+    pub fn for_connector(
+        connector: Arc<Connector>,
+        with: &[(String, String)],
+    ) -> Result<Source, String> {
+        let file = connector.file.display().to_string();
+        let mut base_vars = Map::new();
+        for (k, p) in &connector.params {
+            if let Some(d) = &p.default {
+                base_vars.insert(k.clone(), d.clone());
+            }
+        }
+        for (k, v) in with {
+            let Some(p) = connector.params.get(k) else {
+                return Err(format!(
+                    "--with {k}=…: connector `{}` ({file}) declares no param `{k}`; declared: {}",
+                    connector.name,
+                    connector
+                        .params
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            base_vars.insert(
+                k.clone(),
+                coerce(&Value::String(v.clone()), p.default.as_ref()),
+            );
+        }
+        let discoverable: BTreeSet<&str> = connector
+            .discover
+            .as_ref()
+            .map(|d| d.with.iter().map(|(k, _)| k.as_str()).collect())
+            .unwrap_or_default();
+        let missing: Vec<&String> = connector
+            .params
+            .iter()
+            .filter(|(k, p)| p.required && !base_vars.contains_key(*k))
+            .map(|(k, _)| k)
+            .collect();
+        let discovered =
+            !missing.is_empty() && missing.iter().all(|k| discoverable.contains(k.as_str()));
+        if !missing.is_empty() && !discovered {
+            return Err(format!(
+                "connector `{}` ({file}) requires {}; give {}",
+                connector.name,
+                missing
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                missing
+                    .iter()
+                    .map(|k| format!("--with {k}=…"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+        let name = connector.name.clone();
+        let mut source = Source {
+            name: name.clone(),
+            schedule: connector
+                .schedule
+                .clone()
+                .unwrap_or_else(|| Schedule::parse("every 1m").expect("valid")),
+            instances: vec![],
+            routes: vec![],
+            discovered,
+            base_vars,
+            retention: DEFAULT_RETENTION,
+            discover_schedule: connector.discover.as_ref().map(|d| d.schedule.clone()),
+            connector,
+        };
+        if !discovered {
+            let inst = source.discovered_instance("default", &Map::new());
+            source.instances.push(inst);
+        }
+        Ok(source)
+    }
+}
+
+/// Values of secret params, to mask.
+fn secrets_of(c: &Connector, vars: &Map<String, Value>) -> Vec<String> {
+    c.params
+        .iter()
+        .filter(|(_, p)| p.secret)
+        .filter_map(|(k, _)| vars.get(k).map(scalar_text))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// One source × `for_each` entry: polled on its own, with its own state.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// `source/instance`, the key of its state and its name in logs.
+    pub key: String,
+    /// The instance part (`acc-0001`, or `default` without `for_each`).
+    pub name: String,
+    /// Template variables: the connector's params with this instance's values.
+    pub vars: Map<String, Value>,
+    /// Values of secret params, to mask wherever text is shown.
+    pub secrets: Vec<String>,
+}
+
+/// Which events go to one endpoint.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub endpoint: String,
+    /// `None`: every type.
+    pub types: Option<BTreeSet<String>>,
+}
+
+impl Route {
+    pub fn accepts(&self, kind: &str) -> bool {
+        self.types.as_ref().is_none_or(|t| t.contains(kind))
+    }
+}
+
+/// How long the state of an instance no longer polled is kept (a source's
+/// `retention`): long enough to undo a mistaken edit or outage.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
+
+/// Resolves one entry of `sources:` against its connector; `None` when it
+/// has errors (reported at the source's lines of bridge.yaml).
+pub(super) fn resolve_source(
+    diag: &mut Diag,
+    name: &str,
+    src: &RawSource,
+    connector: Arc<Connector>,
+    endpoints: &BTreeMap<String, raw::RawEndpoint>,
+) -> Option<Source> {
+    let field = format!("sources.{name}");
+    let mark = diag.mark();
+    let given = given_values(diag, &field, src, &connector);
+    let discovered = matches!(
+        src.for_each.as_ref().map(|f| &f.value),
+        Some(raw::ForEach::Discover)
+    );
+    if discovered && connector.discover.is_none() {
+        let fe = src.for_each.as_ref().expect("matched");
+        diag.at_span(
+            fe,
+            &format!("{field}.for_each"),
+            format!(
+                "connector `{}` ({}) has no `discover:` block to list instances with",
+                connector.name,
+                connector.file.display()
+            ),
+        );
+    }
+    let combos = for_each_combinations(diag, &field, src, &connector);
+    let mut base_vars = defaults(&connector);
+    base_vars.extend(given.clone());
+    let instances = if discovered {
+        vec![]
+    } else {
+        instances_of(name, &connector, &given, combos)
+    };
+    check_required(
+        diag, &field, src, &connector, &instances, discovered, &base_vars,
+    );
+    let schedule = schedule_of(diag, &field, src, &connector);
+    let routes = routes_of(diag, &field, src, &connector, endpoints);
+    if diag.failed_since(mark) {
+        return None;
+    }
+    let discover_schedule = src
+        .discover_schedule
+        .as_ref()
+        .map(|s| s.0.clone())
+        .or_else(|| connector.discover.as_ref().map(|d| d.schedule.clone()));
+    Some(Source {
+        name: name.to_string(),
+        connector,
+        schedule: schedule.expect("checked above"),
+        instances,
+        routes,
+        discover_schedule,
+        discovered,
+        base_vars,
+        retention: src.retention.map(|d| d.0).unwrap_or(DEFAULT_RETENTION),
+    })
+}
+
+/// The params' defaults.
+fn defaults(connector: &Connector) -> Map<String, Value> {
+    let mut vars = Map::new();
+    for (k, p) in &connector.params {
+        if let Some(d) = &p.default {
+            vars.insert(k.clone(), d.clone());
+        }
+    }
+    vars
+}
+
+/// `with` values, checked against the declared params and typed like
+/// their defaults.
+fn given_values(
+    diag: &mut Diag,
+    field: &str,
+    src: &RawSource,
+    connector: &Connector,
+) -> Map<String, Value> {
+    let mut given = Map::new();
+    for (k, v) in &src.with {
+        match connector.params.get(k) {
+            None => diag.at_span(
+                v,
+                &format!("{field}.with.{k}"),
+                format!(
+                    "connector `{}` ({}) declares no param `{k}`; declared: {}",
+                    connector.name,
+                    connector.file.display(),
+                    connector
+                        .params
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Some(p) => {
+                given.insert(k.clone(), coerce(&v.value, p.default.as_ref()));
+            }
+        }
+    }
+    given
+}
+
+/// `for_each` lists: one combination of param values per instance (the
+/// cartesian product of the lists); one empty combination without lists.
+fn for_each_combinations(
+    diag: &mut Diag,
+    field: &str,
+    src: &RawSource,
+    connector: &Connector,
+) -> Vec<Vec<(String, Value)>> {
+    let mut combos: Vec<Vec<(String, Value)>> = vec![vec![]];
+    let Some(fe) = &src.for_each else {
+        return combos;
+    };
+    let raw::ForEach::Static(lists) = &fe.value else {
+        return combos;
+    };
+    for (k, values) in lists {
+        let key_field = format!("{field}.for_each.{k}");
+        let Some(p) = connector.params.get(k) else {
+            diag.at_span(
+                fe,
+                &key_field,
+                format!(
+                    "connector `{}` ({}) declares no param `{k}`",
+                    connector.name,
+                    connector.file.display()
+                ),
+            );
+            continue;
+        };
+        if values.is_empty() {
+            diag.at_span(fe, &key_field, "expected a non-empty list");
+            continue;
+        }
+        if let Some(bad) = values
+            .iter()
+            .find(|v| v.is_array() || v.is_object() || v.is_null())
+        {
+            diag.at_span(
+                fe,
+                &key_field,
+                format!("expected a list of scalars, found `{bad}`"),
+            );
+            continue;
+        }
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((k.clone(), coerce(v, p.default.as_ref())));
+                    c
+                })
+            })
+            .collect();
+    }
+    combos
+}
+
+/// One instance per combination, named after its values (`default`
+/// without `for_each`); duplicate combinations make one instance.
+fn instances_of(
+    source: &str,
+    connector: &Connector,
+    given: &Map<String, Value>,
+    combos: Vec<Vec<(String, Value)>>,
+) -> Vec<Instance> {
+    let mut instances = Vec::new();
+    let mut names = BTreeSet::new();
+    for combo in combos {
+        let mut vars = defaults(connector);
+        vars.extend(given.clone());
+        let inst_name = if combo.is_empty() {
+            "default".to_string()
+        } else {
+            combo
+                .iter()
+                .map(|(_, v)| scalar_text(v))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        for (k, v) in combo {
+            vars.insert(k, v);
+        }
+        if !names.insert(inst_name.clone()) {
+            continue; // duplicates in the list: one instance
+        }
+        let secrets = secrets_of(connector, &vars);
+        instances.push(Instance {
+            key: format!("{source}/{inst_name}"),
+            name: inst_name,
+            vars,
+            secrets,
+        });
+    }
+    instances
+}
+
+/// Every required param has a value: from `with`, `for_each`, or (for
+/// `for_each: discover`) the connector's discovery.
+fn check_required(
+    diag: &mut Diag,
+    field: &str,
+    src: &RawSource,
+    connector: &Connector,
+    instances: &[Instance],
+    discovered: bool,
+    base_vars: &Map<String, Value>,
+) {
+    let discovered_keys: BTreeSet<&str> = connector
+        .discover
+        .as_ref()
+        .filter(|_| discovered)
+        .map(|d| d.with.iter().map(|(k, _)| k.as_str()).collect())
+        .unwrap_or_default();
+    let Some(first) = instances
+        .first()
+        .map(|i| &i.vars)
+        .or(discovered.then_some(base_vars))
+    else {
+        return;
+    };
+    for (k, p) in &connector.params {
+        if p.required && !first.contains_key(k) && !discovered_keys.contains(k.as_str()) {
+            diag.at_span(
+                &src.connector,
+                &format!("{field}.with"),
+                format!(
+                    "connector `{}` requires param `{k}` ({}:{}); give it in `with:` or `for_each:`",
+                    connector.name,
+                    connector.file.display(),
+                    p.line
+                ),
+            );
+        }
+    }
+}
+
+/// The source's schedule, else the connector's default.
+fn schedule_of(
+    diag: &mut Diag,
+    field: &str,
+    src: &RawSource,
+    connector: &Connector,
+) -> Option<Schedule> {
+    match (&src.schedule, &connector.schedule) {
+        (Some(s), _) => Some(s.0.clone()),
+        (None, Some(s)) => Some(s.clone()),
+        (None, None) => {
+            diag.at(
+                src.connector.referenced.line(),
+                0,
+                &format!("{field}.schedule"),
+                format!(
+                    "connector `{}` has no default schedule; give `schedule:` (e.g. `every 1m`)",
+                    connector.name
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `deliver_to`: endpoints that exist, and event types the connector emits.
+fn routes_of(
+    diag: &mut Diag,
+    field: &str,
+    src: &RawSource,
+    connector: &Connector,
+    endpoints: &BTreeMap<String, raw::RawEndpoint>,
+) -> Vec<Route> {
+    let routes: Vec<Route> = match &src.deliver_to.value {
+        DeliverTo::All(v) => v
+            .iter()
+            .map(|e| Route {
+                endpoint: e.clone(),
+                types: None,
+            })
+            .collect(),
+        DeliverTo::ByType(m) => m
+            .iter()
+            .map(|(e, t)| Route {
+                endpoint: e.clone(),
+                types: Some(t.iter().cloned().collect()),
+            })
+            .collect(),
+    };
+    let at = &src.deliver_to;
+    if routes.is_empty() {
+        diag.at_span(
+            at,
+            &format!("{field}.deliver_to"),
+            "expected at least one endpoint",
+        );
+    }
+    let emitted: BTreeSet<&str> = connector.emit.iter().map(|e| e.kind.source()).collect();
+    // A templated type (`ticket.{{ change }}`) can be anything: no check.
+    let templated = connector
+        .emit
+        .iter()
+        .any(|e| matches!(e.kind, EventType::Template(..)));
+    for r in &routes {
+        if !endpoints.contains_key(&r.endpoint) {
+            diag.at_span(
+                at,
+                &format!("{field}.deliver_to"),
+                format!(
+                    "no endpoint named `{}` (defined: {})",
+                    r.endpoint,
+                    if endpoints.is_empty() {
+                        "none".into()
+                    } else {
+                        endpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            );
+        }
+        for t in r.types.iter().flatten() {
+            if !templated && !emitted.contains(t.as_str()) {
+                diag.at_span(
+                    at,
+                    &format!("{field}.deliver_to.{}", r.endpoint),
+                    format!(
+                        "connector `{}` never emits `{t}` (it emits: {})",
+                        connector.name,
+                        emitted.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    routes
+}
+
+/// Gives a value the type of the param's default: `"50"` from `${VAR}`
+/// becomes `50` when the default is a number, `"true"` becomes `true`.
+fn coerce(v: &Value, default: Option<&Value>) -> Value {
+    match (v, default) {
+        (Value::String(s), Some(Value::Number(_))) => s
+            .parse::<serde_json::Number>()
+            .map(Value::Number)
+            .unwrap_or_else(|_| v.clone()),
+        (Value::String(s), Some(Value::Bool(_))) => s
+            .parse::<bool>()
+            .map(Value::Bool)
+            .unwrap_or_else(|_| v.clone()),
+        _ => v.clone(),
+    }
+}
+
+/// A scalar as plain text (strings without quotes).
+pub fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coercion_follows_the_default_type() {
+        assert_eq!(
+            coerce(&Value::from("50"), Some(&Value::from(100))),
+            Value::from(50)
+        );
+        assert_eq!(
+            coerce(&Value::from("x"), Some(&Value::from(100))),
+            Value::from("x")
+        );
+        assert_eq!(
+            coerce(&Value::from("true"), Some(&Value::from(false))),
+            Value::from(true)
+        );
+    }
+}

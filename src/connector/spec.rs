@@ -1,0 +1,235 @@
+//! A connector as the runtime sees it: built by `config` from the YAML
+//! (every template compiled, every cross-reference checked), read by
+//! [`super::fetch`], [`super::detect`], [`super::auth`] and `discover`.
+//! Living here rather than in `config` keeps the dependency one way:
+//! `config` builds these, the runtime never looks at the YAML types.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json_path::JsonPath;
+
+use crate::connector::format::Format;
+use crate::quota::Rate;
+use crate::schedule::Schedule;
+use crate::template::{Cond, Engine, Tpl, ValueTpl};
+
+/// A resolved connector: how to poll one API and what counts as an event.
+pub struct Connector {
+    pub name: String,
+    /// The file it came from, for messages.
+    pub file: PathBuf,
+    /// Its compiled templates.
+    pub engine: Engine,
+    pub params: BTreeMap<String, Param>,
+    pub schedule: Option<Schedule>,
+    pub rate_limit: Option<Rate>,
+    pub request: RequestSpec,
+    /// How response bodies are read.
+    pub format: Format,
+    pub paginate: Option<Paginate>,
+    pub items: Option<JsonPath>,
+    /// `items` without a final `[*]`: XML lists of one, and telling an
+    /// error body from an empty list.
+    pub items_parent: Option<JsonPath>,
+    pub id: Option<Tpl>,
+    /// The `id` as a value when it is a lone `{{ expr }}`, to refuse null ids.
+    pub id_value: Option<ValueTpl>,
+    /// `detect: changes`: an item's version; its hash when `None`.
+    pub version: Option<Tpl>,
+    /// `detect: snapshot`: the watched part of the resource.
+    pub watch: Option<JsonPath>,
+    pub cursor: Option<CursorSpec>,
+    /// Requests see `cursor` moved back by this much.
+    pub lookback: Option<Duration>,
+    pub detect: DetectMode,
+    pub baseline: Baseline,
+    /// Most item ids remembered per instance (`detect: new`).
+    pub seen_limit: usize,
+    /// Longest an item id is remembered (`detect: new`).
+    pub seen_ttl: Option<Duration>,
+    pub emit: Vec<EmitRule>,
+    /// How `for_each: discover` sources list their instances.
+    pub discover: Option<Discover>,
+    /// The connector as written (after `${VAR}`), so a reload can tell
+    /// whether it changed and what (see `crate::reload`). `Null` for an
+    /// inline connector: it is part of its source's definition.
+    pub definition: Value,
+}
+
+/// A connector's `discover:` block, resolved.
+pub struct Discover {
+    /// The listing request as a connector of its own: its request, paging,
+    /// `items`, and its `id` is the instance name template. Reusing the
+    /// connector machinery means discovery pages, authenticates and reads
+    /// XML exactly like polls do.
+    pub lister: Box<Connector>,
+    /// Param values per instance, templates over `item` in `lister.engine`.
+    pub with: Vec<(String, Tpl)>,
+    /// How often the list is refreshed.
+    pub schedule: Schedule,
+}
+
+/// A declared parameter.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub required: bool,
+    pub secret: bool,
+    pub default: Option<Value>,
+    /// Line in the connector file, for "missing param" messages.
+    pub line: u64,
+}
+
+/// The request of one poll, compiled.
+pub struct RequestSpec {
+    pub method: reqwest::Method,
+    pub url: Tpl,
+    pub query: Vec<(String, Tpl)>,
+    pub headers: Vec<(String, Tpl)>,
+    pub body: Option<Body>,
+    pub auth: Option<Auth>,
+    pub timeout: Duration,
+    pub max_response_bytes: u64,
+}
+
+/// A request body.
+pub enum Body {
+    /// Text as rendered (SOAP, hand-written JSON); JSON content type by default.
+    Raw(Tpl),
+    /// A JSON document rendered from a value template.
+    Json(ValueTpl),
+    /// `application/x-www-form-urlencoded` fields.
+    Form(Vec<(String, Tpl)>),
+}
+
+/// Request authentication.
+pub enum Auth {
+    Bearer(Tpl),
+    Basic(Tpl, Option<Tpl>),
+    ApiKey {
+        location: KeyLocation,
+        name: String,
+        value: Tpl,
+    },
+    OAuth2(OAuth2),
+}
+
+/// OAuth2 client credentials.
+pub struct OAuth2 {
+    pub token_url: Tpl,
+    pub client_id: Tpl,
+    pub client_secret: Tpl,
+    pub scope: Option<Tpl>,
+    pub params: Vec<(String, Tpl)>,
+    pub client_auth: ClientAuth,
+}
+
+/// Following more pages within one poll.
+pub struct Paginate {
+    pub style: PageStyle,
+    /// Stop after a page for which this is true (`page`, `count`).
+    pub stop_when: Option<Cond>,
+    pub max_pages: u32,
+    /// Hosts a next URL may point to besides the first request's.
+    pub allow_hosts: Vec<String>,
+}
+
+/// How the next page is asked for.
+pub enum PageStyle {
+    /// An opaque cursor in the body, sent back in a query parameter.
+    Cursor { from: JsonPath, param: String },
+    /// The next page's URL in the body.
+    NextUrl(JsonPath),
+    /// RFC 8288 `Link: <…>; rel="next"`.
+    Link,
+    /// `?page=N` (and an optional page size).
+    Page {
+        param: String,
+        start: u64,
+        size: Option<(Option<String>, u64)>,
+    },
+    /// `?offset=N&limit=M`.
+    Offset {
+        param: String,
+        limit_param: Option<String>,
+        limit: u64,
+    },
+}
+
+/// Where the next poll resumes.
+pub enum CursorSpec {
+    /// An opaque value the API gives, at a JSONPath of the last page.
+    From(JsonPath),
+    /// The greatest value of a template over the items.
+    Max(Tpl),
+}
+
+/// One `emit:` rule.
+pub struct EmitRule {
+    pub kind: EventType,
+    pub when: Option<Cond>,
+    /// `data` template; the default data when `None`.
+    pub data: Option<ValueTpl>,
+}
+
+/// An event type, fixed or rendered per change.
+pub enum EventType {
+    Fixed(String),
+    /// The template and its source (for messages and routing checks).
+    Template(Tpl, String),
+}
+
+impl EventType {
+    /// The type as written in the connector.
+    pub fn source(&self) -> &str {
+        match self {
+            EventType::Fixed(s) | EventType::Template(_, s) => s,
+        }
+    }
+}
+
+// Plain values, deserialized straight from the YAML by `config::raw` (they
+// carry nothing of it), so their doc comments are also the JSON Schema's.
+
+/// Where an API key goes.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyLocation {
+    #[default]
+    Header,
+    Query,
+}
+
+/// How OAuth2 client credentials reach the token endpoint.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    Basic,
+    Body,
+}
+
+/// Detection modes.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DetectMode {
+    /// One resource; an event when it (or its `watch`ed part) changes.
+    Snapshot,
+    /// A list; an event per item id never seen.
+    New,
+    /// A list; created / updated / deleted per item id.
+    Changes,
+}
+
+/// First-run behaviour.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    #[default]
+    Skip,
+    Emit,
+}
