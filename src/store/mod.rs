@@ -33,19 +33,19 @@ mod conformance;
 
 pub use records::*;
 
-/// Store errors name the operation; the backend's own error is the source.
+/// Store errors name the operation and say the backend's own error: most
+/// are logged or shown on `/status` with `{}` alone, where a `#[source]`
+/// would be lost, and "no space left on device" is what an operator needs.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the store at {path}")]
+    #[error("cannot open the store at {path}: {source}")]
     Open {
         path: String,
-        #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("store {op} failed")]
+    #[error("store {op} failed: {source}")]
     Backend {
         op: &'static str,
-        #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("store record {key} is corrupt: {detail}")]
