@@ -330,14 +330,24 @@ pub fn advice(status: u16, headers: &HeaderMap, now: SystemTime) -> Advice {
 
 /// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3). A date
 /// in the past means "now" (zero).
+///
+/// The date is read by `httpdate`, which accepts the three forms RFC 9110
+/// §5.6.7 obliges a recipient to accept (IMF-fixdate, and the obsolete
+/// RFC 850 and asctime forms still sent by old servers); an RFC 2822 parser
+/// knows only the first, so a throttled upstream's pause was ignored.
+/// Two-digit RFC 850 years are resolved without a clock (70–99 are 19xx),
+/// so the function stays pure: `now` is the only time it sees.
 pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs.min(MAX_PAUSE.as_secs())));
     }
-    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64);
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_PAUSE),
+    )
 }
 
 /// A reset value: seconds from now, or an epoch time (values past year 2001
@@ -482,9 +492,41 @@ mod tests {
             "a past date means now"
         );
         assert_eq!(retry_after("soon", now), None);
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 10:00:30", now),
+            None,
+            "no zone"
+        );
         // Absurd values are capped, never a panic.
         assert_eq!(retry_after("18446744073709551615", now), Some(MAX_PAUSE));
         assert_eq!(reset_delay("18446744073709551615", now), Some(MAX_PAUSE));
+    }
+
+    #[test]
+    fn retry_after_reads_the_three_http_date_forms() {
+        // Sun, 06 Nov 1994 08:49:37 GMT = 784111777; ask 90 s before it.
+        let now = at(784_111_777 - 90);
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",  // IMF-fixdate
+            "Sunday, 06-Nov-94 08:49:37 GMT", // RFC 850
+            "Sun Nov  6 08:49:37 1994",       // asctime
+        ] {
+            assert_eq!(
+                retry_after(form, now),
+                Some(Duration::from_secs(90)),
+                "{form}"
+            );
+            assert_eq!(
+                retry_after(form, at(784_111_777 + 5)),
+                Some(Duration::ZERO),
+                "{form}: past means now"
+            );
+        }
+        // A date years ahead is capped like delay-seconds are.
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT", at(0)),
+            Some(MAX_PAUSE)
+        );
     }
 
     #[test]

@@ -486,7 +486,12 @@ async fn attempt(
                 .map(|c| if c.is_control() { ' ' } else { c })
                 .collect();
             (
-                classify(status, retry_after.as_deref(), text.trim()),
+                classify(
+                    status,
+                    retry_after.as_deref(),
+                    text.trim(),
+                    std::time::SystemTime::now(),
+                ),
                 Some(status),
             )
         }
