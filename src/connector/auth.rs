@@ -1,15 +1,15 @@
 //! OAuth2 client-credentials tokens (RFC 6749 §4.4), shared by every
 //! instance that uses the same token endpoint and client.
 //!
-//! Why a cache shared across instances: a source with 1,000 accounts must not
-//! ask the identity provider for 1,000 tokens per poll round. One token per
-//! (token URL, client id, scope, params) is fetched, reused until shortly before it
-//! expires, and fetched again once when the API answers 401 (revoked or
-//! rotated early). The key holds every field that can change what the
-//! token is good for: the extra form `params` too (an `audience` or
+//! Why a cache shared across instances: a source with 1,000 accounts must
+//! not ask the identity provider for 1,000 tokens per poll round. One token
+//! per (token URL, client id, scope, params) is fetched, reused until
+//! shortly before it expires, and fetched again once when the API answers
+//! 401 (revoked or rotated early). The key holds every field that can change
+//! what a token is good for, the extra form `params` too (an `audience` or
 //! `resource` names the API a token is for), so two connectors that differ
-//! only there never share a token. A per-key async lock makes concurrent instances wait for
-//! one fetch instead of stampeding the token endpoint.
+//! only there never share a token. A per-key async lock makes concurrent
+//! instances wait for one fetch instead of stampeding the token endpoint.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
