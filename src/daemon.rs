@@ -24,7 +24,7 @@ use crate::event::{event_id, Event};
 use crate::quota::{limiter, HostGates};
 use crate::schedule::first_due;
 use crate::schedule::{adapt, error_backoff};
-use crate::status::Status;
+use crate::status::{PollOutcome, Status};
 use crate::store::{InstanceState, OutboxEntry, Store};
 
 /// What pollers share.
@@ -594,11 +594,12 @@ async fn poll_loop(
                 failures += 1;
                 let msg = mask(&e.to_string(), &inst.secrets);
                 warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), failures, "poll failed: {msg}");
-                shared.status.instance(&inst.key, |s| {
-                    s.polls_failed += 1;
-                    s.last_poll_ms = Some(crate::now_ms());
-                    s.last_error = Some(msg);
-                });
+                shared
+                    .status
+                    .polled(&inst.key, &source.name, &c.name, PollOutcome::Failed, |s| {
+                        s.last_poll_ms = Some(crate::now_ms());
+                        s.last_error = Some(msg);
+                    });
             }
         }
         let now = Utc::now();
@@ -651,13 +652,17 @@ async fn poll_once(
     let now = Utc::now();
     let fetched = fetch(c, inst, state, env, now).await?;
     if fetched.not_modified {
-        shared.status.instance(&inst.key, |s| {
-            s.polls_ok += 1;
-            s.polls_not_modified += 1;
-            s.last_poll_ms = Some(crate::now_ms());
-            s.last_ok_ms = s.last_poll_ms;
-            s.last_error = None;
-        });
+        shared.status.polled(
+            &inst.key,
+            &source.name,
+            &c.name,
+            PollOutcome::NotModified,
+            |s| {
+                s.last_poll_ms = Some(crate::now_ms());
+                s.last_ok_ms = s.last_poll_ms;
+                s.last_error = None;
+            },
+        );
         return Ok((None, 0));
     }
     let detection = detect(
@@ -695,11 +700,23 @@ async fn poll_once(
                 ));
             }
         }
+        // Counted as waiting before the commit, so a worker never
+        // delivers an entry that its endpoint's backlog does not hold yet.
+        let mut backlog = std::collections::BTreeMap::<&str, u64>::new();
+        for (ep, _) in &deliveries {
+            *backlog.entry(ep.as_str()).or_default() += 1;
+        }
+        for (ep, n) in &backlog {
+            shared.status.queued(ep, *n, now.timestamp_millis());
+        }
         if let Err(e) = shared
             .store
             .commit_poll(&inst.key, &next, &deliveries)
             .await
         {
+            for (ep, n) in &backlog {
+                shared.status.unqueued(ep, *n, now.timestamp_millis());
+            }
             // Nothing was written: the next poll detects the same changes again.
             return Err(PollError::Detect(format!(
                 "cannot commit to the store: {e:#}"
@@ -720,20 +737,21 @@ async fn poll_once(
     };
     let cursor = committed.as_ref().map(|s| s.cursor.clone());
     let evicted = committed.as_ref().map(|s| s.seen_evicted);
-    shared.status.instance(&inst.key, |s| {
-        s.polls_ok += 1;
-        s.events += events.len() as u64;
-        s.last_poll_ms = Some(crate::now_ms());
-        s.last_ok_ms = s.last_poll_ms;
-        s.last_error = None;
-        s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
-        if let Some(c) = cursor {
-            s.cursor = c;
-        }
-        if let Some(n) = evicted {
-            s.seen_evicted = n;
-        }
-    });
+    shared
+        .status
+        .polled(&inst.key, &source.name, &c.name, PollOutcome::Ok, |s| {
+            s.events += events.len() as u64;
+            s.last_poll_ms = Some(crate::now_ms());
+            s.last_ok_ms = s.last_poll_ms;
+            s.last_error = None;
+            s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
+            if let Some(c) = cursor {
+                s.cursor = c;
+            }
+            if let Some(n) = evicted {
+                s.seen_evicted = n;
+            }
+        });
     Ok((committed, events.len()))
 }
 

@@ -56,8 +56,9 @@ pub struct HostGate {
     turn: tokio::sync::Mutex<()>,
     /// Throttling learned from the host's answers.
     throttle: Mutex<Throttle>,
-    /// Counters for status and metrics.
-    pub stats: HostStats,
+    /// Counters for status and metrics; shared with every gate this host
+    /// had (see [`HostGates`]).
+    pub stats: Arc<HostStats>,
 }
 
 #[derive(Default)]
@@ -130,6 +131,7 @@ impl HostGate {
         name: String,
         limiter: Option<DefaultDirectRateLimiter>,
         in_flight: Option<u32>,
+        stats: Arc<HostStats>,
     ) -> Self {
         HostGate {
             name,
@@ -137,7 +139,7 @@ impl HostGate {
             in_flight: in_flight.map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
             turn: tokio::sync::Mutex::new(()),
             throttle: Mutex::new(Throttle::default()),
-            stats: HostStats::default(),
+            stats,
         }
     }
 
@@ -382,6 +384,11 @@ pub struct HostGates {
     /// replaces only the gates whose quota changed).
     configured: std::sync::RwLock<BTreeMap<String, (HostQuota, Arc<HostGate>)>>,
     others: Mutex<HashMap<String, Arc<HostGate>>>,
+    /// Every host's counters since the start, by name. A reload that
+    /// changes a host's quota builds a new gate, and one that drops the
+    /// host drops its gate; the counters stay here and go on, so
+    /// `pollhook_upstream_*_total` never go backwards.
+    stats: Mutex<BTreeMap<String, Arc<HostStats>>>,
 }
 
 impl HostGates {
@@ -406,6 +413,7 @@ impl HostGates {
                     name.clone(),
                     q.rate.map(|r| limiter(r, q.burst)),
                     q.max_in_flight,
+                    self.host_stats(&name),
                 )),
             };
             next.insert(name, (q.clone(), gate));
@@ -437,8 +445,27 @@ impl HostGates {
             .lock()
             .expect("gates lock")
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(HostGate::new(key, None, None)))
+            .or_insert_with(|| {
+                let stats = self.host_stats(&key);
+                Arc::new(HostGate::new(key, None, None, stats))
+            })
             .clone()
+    }
+
+    /// The counters of a host, created on first use.
+    fn host_stats(&self, name: &str) -> Arc<HostStats> {
+        self.stats
+            .lock()
+            .expect("host stats lock")
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Every host's counters since the start (hosts no longer configured
+    /// included), for `/metrics`.
+    pub fn counters(&self) -> BTreeMap<String, Arc<HostStats>> {
+        self.stats.lock().expect("host stats lock").clone()
     }
 
     /// Every gate's report, by host.
@@ -607,7 +634,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
-        let gate = HostGate::new("h".into(), None, None);
+        let gate = HostGate::new("h".into(), None, None, Default::default());
         let t0 = Instant::now();
         gate.acquire().await;
         assert_eq!(
@@ -638,7 +665,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_without_published_limits_slows_the_pace_then_it_creeps_back() {
-        let gate = HostGate::new("h".into(), None, None);
+        let gate = HostGate::new("h".into(), None, None, Default::default());
         // 20 requests within a second, then a 429.
         for _ in 0..20 {
             gate.acquire().await;
@@ -671,6 +698,7 @@ mod tests {
             "h".into(),
             Some(limiter(Rate::parse("10/s").unwrap(), 1)),
             None,
+            Default::default(),
         ));
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();

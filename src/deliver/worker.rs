@@ -20,7 +20,7 @@ use tracing::{debug, error, warn};
 use super::retry::{classify, Outcome};
 use super::sign::{hub_signature, signature_header};
 use crate::config::Endpoint;
-use crate::status::Status;
+use crate::status::{DeliveryOutcome, Status};
 use crate::store::{AttemptRecord, DeadLetter, EntryKey, OutboxEntry, Store};
 
 /// Everything one endpoint's worker needs.
@@ -130,6 +130,7 @@ impl Worker {
             self.status
                 .endpoint(&ep.name, |s| s.disabled = health.disabled.clone());
         }
+        self.resync_backlog();
         let ordered = ep.ordering == crate::config::raw::Ordering::Instance;
         // Instances that may have entries for this endpoint.
         let mut pending: BTreeSet<String> = match self.store.outbox_instances(&ep.name) {
@@ -176,6 +177,8 @@ impl Worker {
                 // or a rescan after a replay.
                 pending.extend(self.wake.take());
                 if self.wake.take_rescan() {
+                    // Entries came back from the dead letters: recount.
+                    self.resync_backlog();
                     match self.store.outbox_instances(&ep.name) {
                         Ok(all) => pending.extend(all),
                         Err(e) => {
@@ -274,6 +277,20 @@ impl Worker {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
             }
         }
+    }
+
+    /// Sets the endpoint's backlog in `/status` (waiting events and their
+    /// detection times, dead letters) from the store: one scan when the
+    /// worker starts or after a replay, so that scrapes never scan.
+    fn resync_backlog(&self) {
+        let name = &self.endpoint.name;
+        let pending: Vec<i64> = self
+            .store
+            .outbox(name)
+            .filter_map(|r| r.ok().map(|(_, e)| e.created_ms))
+            .collect();
+        let dead = self.store.dead_len(name) as u64;
+        self.status.set_backlog(name, pending, dead);
     }
 
     fn persist_disabled(&self, why: &str) {
@@ -377,19 +394,21 @@ impl Worker {
                 if let Err(e) = self.store.delivered(&key) {
                     error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again");
                 }
-                self.status.endpoint(&ep.name, |s| {
-                    s.delivered += 1;
-                    s.last_success_ms = Some(crate::now_ms());
-                });
+                self.status.delivery(
+                    &ep.name,
+                    entry.created_ms,
+                    DeliveryOutcome::Delivered,
+                    |s| s.last_success_ms = Some(crate::now_ms()),
+                );
             }
             Outcome::Failed {
                 reason,
                 retry_after,
             } => {
-                self.status.endpoint(&ep.name, |s| {
-                    s.failed_attempts += 1;
-                    s.last_error = Some(reason.clone());
-                });
+                self.status
+                    .delivery(&ep.name, entry.created_ms, DeliveryOutcome::Failed, |s| {
+                        s.last_error = Some(reason.clone())
+                    });
                 let unit: f64 = rand::random();
                 match ep.retry.delay_with(entry.attempts, unit, retry_after) {
                     Some(delay) => {
@@ -417,8 +436,14 @@ impl Worker {
                             entry,
                             dead_at_ms: crate::now_ms(),
                         };
+                        let created_ms = letter.entry.created_ms;
                         match self.store.dead_letter(&key, &letter).await {
-                            Ok(()) => self.status.endpoint(&ep.name, |s| s.dead_lettered += 1),
+                            Ok(()) => self.status.delivery(
+                                &ep.name,
+                                created_ms,
+                                DeliveryOutcome::DeadLettered,
+                                |_| {},
+                            ),
                             Err(e) => {
                                 error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox")
                             }

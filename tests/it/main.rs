@@ -15,6 +15,7 @@ mod delivery;
 mod delivery_policy;
 mod discover;
 mod language;
+mod metrics;
 mod oauth;
 mod ops;
 mod polite;

@@ -257,9 +257,7 @@ async fn sigterm_hands_back_deliveries_past_the_deadline_and_finishes_those_with
     );
     rx.set_plan(Plan::Always(204));
     d.start().await;
-    let polls = d.status().await["instances"]["balances/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "balances/default");
     d.wait_polls(&["balances/default"], polls + 5).await;
     assert_eq!(rx.all().len(), 3, "nothing was sent twice");
     assert!(d.terminate().success());
