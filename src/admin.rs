@@ -135,7 +135,12 @@ async fn dlq_replay(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filte
 
 async fn dlq_drop(State(s): State<AdminState>, Json(f): Json<crate::dlq::Filter>) -> Response {
     match crate::dlq::drop(&s.store, &f).await {
-        Ok(n) => Json(serde_json::json!({ "dropped": n })).into_response(),
+        Ok(n) => {
+            if n > 0 {
+                s.status.recount_dead_letters(&s.store);
+            }
+            Json(serde_json::json!({ "dropped": n })).into_response()
+        }
         Err(e) => dlq_error(e),
     }
 }

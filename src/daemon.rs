@@ -452,10 +452,13 @@ impl Supervisor {
         if let Some(keep) = config.dead_letter_retention {
             match store.prune_dead(now - keep.as_millis() as i64) {
                 Ok(0) => {}
-                Ok(n) => warn!(
-                    dead_letters = n,
-                    "dead letters older than store.dead_letters deleted"
-                ),
+                Ok(n) => {
+                    warn!(
+                        dead_letters = n,
+                        "dead letters older than store.dead_letters deleted"
+                    );
+                    self.shared.status.recount_dead_letters(store);
+                }
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot prune dead letters"),
             }
         }

@@ -716,4 +716,30 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), (0..20).collect::<Vec<_>>());
     }
+
+    #[tokio::test]
+    async fn host_counters_survive_a_reload_that_replaces_or_drops_the_gate() {
+        let quota = |max| {
+            BTreeMap::from([(
+                "api.example".to_string(),
+                HostQuota {
+                    rate: None,
+                    burst: 1,
+                    max_in_flight: Some(max),
+                },
+            )])
+        };
+        let gates = HostGates::new(&quota(2));
+        let url = reqwest::Url::parse("https://api.example/x").unwrap();
+        drop(gates.for_url(&url).acquire().await);
+        gates.reconfigure(&quota(3)); // a new gate for the new quota
+        let gate = gates.for_url(&url);
+        drop(gate.acquire().await);
+        gate.observe(429, &headers(&[("retry-after", "0")]));
+        assert_eq!(gates.report()["api.example"].requests, 2);
+        gates.reconfigure(&BTreeMap::new()); // no longer configured
+        let c = &gates.counters()["api.example"];
+        assert_eq!(c.requests.load(Ordering::Relaxed), 2);
+        assert_eq!(c.too_many.load(Ordering::Relaxed), 1);
+    }
 }

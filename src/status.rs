@@ -685,6 +685,23 @@ impl Status {
         e.pending = times;
     }
 
+    /// Counts the dead letters of every known endpoint in the store again,
+    /// after some were deleted (`pollhook dlq drop`, retention): rare, so a
+    /// scan per endpoint is fine there, where it would not be per scrape.
+    pub fn recount_dead_letters(&self, store: &crate::store::Store) {
+        let names: Vec<String> = self
+            .endpoints
+            .lock()
+            .expect("status lock")
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            let n = store.dead_len(&name) as u64;
+            self.endpoint(&name, |s| s.dead_letters = n);
+        }
+    }
+
     /// A copy of every instance's status. The map's lock is held only to
     /// copy its `Arc`s; each instance is then copied under its own lock.
     pub fn instances(&self) -> BTreeMap<String, InstanceStatus> {
@@ -718,5 +735,83 @@ impl Status {
             .iter()
             .map(|(k, e)| (k.clone(), e.status.clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_follows_events_in_and_out_and_knows_the_oldest() {
+        let s = Status::default();
+        s.set_backlog("ep", [300, 100, 100], 2);
+        let ep = |s: &Status| s.endpoints()["ep"].clone();
+        assert_eq!(ep(&s).queue_depth, 3);
+        assert_eq!(ep(&s).oldest_pending_ms, Some(100));
+        assert_eq!(ep(&s).dead_letters, 2);
+        s.queued("ep", 2, 400);
+        s.queued("ep", 1, 50);
+        s.unqueued("ep", 1, 50); // that commit failed
+        assert_eq!(ep(&s).queue_depth, 5);
+        assert_eq!(ep(&s).oldest_pending_ms, Some(100));
+        // Out of order (ordering: none), then a dead letter.
+        s.delivery("ep", 300, DeliveryOutcome::Delivered, |_| {});
+        s.delivery("ep", 100, DeliveryOutcome::Delivered, |_| {});
+        assert_eq!(ep(&s).oldest_pending_ms, Some(100), "one left at 100");
+        s.delivery("ep", 100, DeliveryOutcome::Failed, |_| {});
+        assert_eq!(ep(&s).queue_depth, 3, "a failed attempt stays queued");
+        s.delivery("ep", 100, DeliveryOutcome::DeadLettered, |_| {});
+        assert_eq!(ep(&s).oldest_pending_ms, Some(400));
+        assert_eq!(ep(&s).dead_letters, 3);
+        assert_eq!(
+            (
+                ep(&s).delivered,
+                ep(&s).failed_attempts,
+                ep(&s).dead_lettered
+            ),
+            (2, 1, 1)
+        );
+        s.delivery("ep", 400, DeliveryOutcome::Delivered, |_| {});
+        s.delivery("ep", 400, DeliveryOutcome::Delivered, |_| {});
+        assert_eq!(ep(&s).queue_depth, 0);
+        assert_eq!(ep(&s).oldest_pending_ms, None);
+    }
+
+    fn exposition(s: &Status) -> String {
+        let mut r = Registry::default();
+        s.metrics().register_sources(&mut r);
+        s.metrics().register_deliveries(&mut r);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &r).unwrap();
+        out
+    }
+
+    #[test]
+    fn counters_outlive_the_instances_and_endpoints_they_counted() {
+        let s = Status::default();
+        s.register_instance("src/a", |i| {
+            i.source = "src".into();
+            i.connector = "c".into();
+        });
+        s.polled("src/a", "src", "c", PollOutcome::Ok, |i| i.seen_evicted = 4);
+        s.polled("src/a", "src", "c", PollOutcome::NotModified, |_| {});
+        s.endpoint("ep", |_| {});
+        s.delivery("ep", 0, DeliveryOutcome::Failed, |_| {});
+        let i = &s.instances()["src/a"];
+        assert_eq!((i.polls_ok, i.polls_not_modified), (1, 1));
+        s.remove_source("src");
+        s.remove_endpoint("ep");
+        let text = exposition(&s);
+        for line in [
+            r#"pollhook_polls_total{source="src",connector="c",outcome="ok"} 1"#,
+            r#"pollhook_polls_total{source="src",connector="c",outcome="not_modified"} 1"#,
+            r#"pollhook_polls_total{source="src",connector="c",outcome="error"} 0"#,
+            r#"pollhook_seen_evicted_total{source="src",connector="c"} 4"#,
+            r#"pollhook_deliveries_total{endpoint="ep",outcome="failed"} 1"#,
+            r#"pollhook_deliveries_total{endpoint="ep",outcome="delivered"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }
