@@ -177,3 +177,69 @@ async fn status_and_metrics_count_a_304_as_not_modified_not_as_ok() {
     }
     assert!(d.terminate().success());
 }
+
+fn cli(d: &Daemon, args: &[&str]) -> String {
+    let out = tokio::task::block_in_place(|| d.command(args).output().unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_in_status_follows_dead_letters_dropped_and_replayed_live() {
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let rx = Receiver::start(&secret(), Plan::Always(500)).await;
+    let endpoint = format!(
+        "  agent: {{ url: \"{}\", secret: \"{}\", retry: {{ max_attempts: 1 }}, circuit: {{ failures: 1000 }} }}",
+        rx.url,
+        secret()
+    );
+    let mut d = Daemon::new(
+        &balance_bridge(addr, "50ms", "[agent]", &endpoint, ""),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/default"], 2).await;
+    bank.set_balance("acc-0001", 43_210);
+    d.wait_status("one dead letter", |s| {
+        s["endpoints"]["agent"]["dead_letters"] == 1
+    })
+    .await;
+    bank.set_balance("acc-0001", 54_321);
+    let s = d
+        .wait_status("two dead letters", |s| {
+            s["endpoints"]["agent"]["dead_letters"] == 2
+        })
+        .await;
+    assert_eq!(s["endpoints"]["agent"]["queue_depth"], 0, "{s:#}");
+    assert!(s["endpoints"]["agent"]["oldest_pending_ms"].is_null());
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&cli(&d, &["dlq", "list", "--json"])).unwrap();
+    let (first, second) = (
+        listed[0]["id"].as_str().unwrap(),
+        listed[1]["id"].as_str().unwrap(),
+    );
+    cli(&d, &["dlq", "drop", "--id", first]);
+    d.wait_status("one dead letter after the drop", |s| {
+        s["endpoints"]["agent"]["dead_letters"] == 1
+    })
+    .await;
+    rx.set_plan(Plan::Always(204));
+    cli(&d, &["dlq", "replay", "--id", second]);
+    wait_for("the replayed event", Duration::from_secs(20), || {
+        rx.accepted().iter().any(|x| x.id == second)
+    })
+    .await;
+    let s = d
+        .wait_status("nothing left", |s| {
+            s["endpoints"]["agent"]["dead_letters"] == 0
+                && s["endpoints"]["agent"]["queue_depth"] == 0
+        })
+        .await;
+    assert!(s["endpoints"]["agent"]["oldest_pending_ms"].is_null());
+    assert!(d.terminate().success());
+}

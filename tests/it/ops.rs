@@ -636,6 +636,11 @@ async fn store_retention_forgets_old_history_and_dead_letters() {
     )
     .unwrap();
     d.start().await;
+    // /status counts dead letters in memory: it follows the deletion.
+    d.wait_status("the dead letter forgotten in /status", |s| {
+        s["endpoints"]["agent"]["dead_letters"] == 0
+    })
+    .await;
     assert!(d.terminate().success());
     assert!(tokio::task::block_in_place(|| attempts(&d)).is_empty());
     assert_eq!(dead(&d), 0);
