@@ -6,7 +6,7 @@
 //! shows no secrets (status holds masked errors only; bodies are not shown).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -14,11 +14,17 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use prometheus_client::encoding::prometheus_text::{encode, CONTENT_TYPE};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::{self, Op};
-use crate::status::{EndpointStatus, Histogram, InstanceStatus, Metrics, Status, BUCKETS};
+use crate::status::{EndpointLabels, EndpointStatus, InstanceStatus, SourceLabels, Status};
 use crate::store::Store;
 
 /// What the admin handlers read.
@@ -104,7 +110,7 @@ impl ops::Running for Daemon<'_> {
     fn has_endpoint(&self, name: &str) -> bool {
         self.0.wake(name).is_some()
     }
-    fn replayed(&self, endpoint: &str) {
+    fn changed(&self, endpoint: &str) {
         if let Some(w) = self.0.wake(endpoint) {
             w.rescan();
         }
@@ -171,7 +177,9 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 #[derive(Serialize)]
 pub struct StatusReport {
     pub instances: BTreeMap<String, InstanceStatus>,
-    pub endpoints: BTreeMap<String, EndpointReport>,
+    /// Endpoints with their backlog (`queue_depth`, `oldest_pending_ms`,
+    /// `dead_letters`), kept in memory: a scrape never scans the store.
+    pub endpoints: BTreeMap<String, EndpointStatus>,
     /// `for_each: discover` sources.
     pub discovery: BTreeMap<String, crate::status::DiscoveryStatus>,
     /// Upstream hosts: requests, throttling answers, pauses.
@@ -180,26 +188,27 @@ pub struct StatusReport {
     pub config: crate::status::ConfigStatus,
 }
 
-/// An endpoint in `/status`: what its worker keeps (queue depth and dead
-/// letters included, so that no request scans the store).
-pub type EndpointReport = EndpointStatus;
+/// The configured endpoints' status (an endpoint that has not reported
+/// yet shows zeros).
+fn endpoints(s: &AdminState) -> BTreeMap<String, EndpointStatus> {
+    let mut eps = s.status.endpoints();
+    s.live
+        .endpoints()
+        .into_iter()
+        .map(|name| {
+            let e = eps.remove(&name).unwrap_or_default();
+            (name, e)
+        })
+        .collect()
+}
 
 fn report(s: &AdminState) -> StatusReport {
-    let eps = s.status.endpoints();
     StatusReport {
         instances: s.status.instances(),
         discovery: s.status.discoveries(),
         hosts: s.hosts.report(),
         config: s.status.config(),
-        endpoints: s
-            .live
-            .endpoints()
-            .into_iter()
-            .map(|name| {
-                let report = eps.get(&name).cloned().unwrap_or_default();
-                (name, report)
-            })
-            .collect(),
+        endpoints: endpoints(s),
     }
 }
 
@@ -208,298 +217,196 @@ async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let text = exposition(&report(&s), &s.status.metrics(), crate::now_ms());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-/// Writes one metric family of the Prometheus text format.
-struct Families(String);
-
-impl Families {
-    fn family(&mut self, name: &str, kind: &str, help: &str, rows: Vec<(String, String)>) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in rows {
-            if labels.is_empty() {
-                let _ = writeln!(self.0, "{name} {v}");
-            } else {
-                let _ = writeln!(self.0, "{name}{{{labels}}} {v}");
-            }
-        }
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, rows: Vec<(String, &Histogram)>) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (labels, h) in rows {
-            let mut cumulative = 0;
-            for (i, le) in BUCKETS.iter().enumerate() {
-                cumulative += h.counts.get(i).copied().unwrap_or(0);
-                let _ = writeln!(self.0, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-            }
-            let _ = writeln!(self.0, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(self.0, "{name}_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(self.0, "{name}_count{{{labels}}} {}", h.count);
-        }
+    match exposition(&s, crate::now_ms()) {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(e) => error_response(500, e),
     }
 }
 
-/// `/metrics`. Instances are aggregated by source (their detail is on
-/// `/status`), so the exposition stays small with thousands of instances.
-fn exposition(r: &StatusReport, m: &Metrics, now_ms: i64) -> String {
-    let mut out = Families(String::new());
-    // Per source: (connector, polls ok, not modified, failed, evicted,
-    // failing instances, longest effective interval, oldest last success).
+/// A gauge of seconds (or any fraction).
+type Seconds = Gauge<f64, AtomicU64>;
+
+/// `/metrics` in the Prometheus text format (0.0.4), by prometheus-client.
+///
+/// Counters and histograms are the families that `Status` and the host
+/// gates increment as things happen, so they never go backwards. Gauges
+/// describe the present and are built here, per scrape, from in-memory
+/// status only (no store scan). Instances are aggregated by source (their
+/// detail is on `/status`), so the exposition stays small with thousands
+/// of instances; each instance is read under its own lock, never copied.
+fn exposition(s: &AdminState, now_ms: i64) -> Result<String, std::fmt::Error> {
+    let mut r = Registry::default();
+    let m = s.status.metrics();
+
+    // Per source: failing instances, longest effective interval, oldest
+    // last success, instances.
     #[derive(Default)]
     struct Src {
-        connector: String,
-        ok: u64,
-        not_modified: u64,
-        failed: u64,
-        evicted: u64,
-        failing: u64,
+        failing: i64,
         interval_ms: Option<u64>,
         oldest_ok_ms: Option<i64>,
-        instances: u64,
+        instances: i64,
     }
-    let mut sources: BTreeMap<&str, Src> = BTreeMap::new();
-    for i in r.instances.values() {
-        let e = sources.entry(&i.source).or_default();
-        e.connector.clone_from(&i.connector);
+    let mut sources: BTreeMap<SourceLabels, Src> = BTreeMap::new();
+    let mut key = SourceLabels {
+        source: String::new(),
+        connector: String::new(),
+    };
+    s.status.each_instance(|i| {
+        key.source.clone_from(&i.source);
+        key.connector.clone_from(&i.connector);
+        if !sources.contains_key(&key) {
+            sources.insert(key.clone(), Src::default());
+        }
+        let e = sources.get_mut(&key).expect("inserted");
         e.instances += 1;
-        e.ok += i.polls_ok - i.polls_not_modified;
-        e.not_modified += i.polls_not_modified;
-        e.failed += i.polls_failed;
-        e.evicted += i.seen_evicted;
-        e.failing += u64::from(i.consecutive_failures > 0);
+        e.failing += i64::from(i.consecutive_failures > 0);
         if let Some(ms) = i.effective_interval_ms {
             e.interval_ms = Some(e.interval_ms.map_or(ms, |x| x.max(ms)));
         }
         if let Some(t) = i.last_ok_ms {
             e.oldest_ok_ms = Some(e.oldest_ok_ms.map_or(t, |x| x.min(t)));
         }
-    }
-    let src =
-        |n: &str, x: &Src| format!("source=\"{}\",connector=\"{}\"", esc(n), esc(&x.connector));
-    let per_source = |f: &dyn Fn(&Src) -> Option<String>| {
-        sources
-            .iter()
-            .filter_map(|(n, x)| f(x).map(|v| (src(n, x), v)))
-            .collect::<Vec<_>>()
-    };
-    let mut polls = Vec::new();
-    for (n, x) in &sources {
-        for (outcome, v) in [
-            ("ok", x.ok),
-            ("not_modified", x.not_modified),
-            ("error", x.failed),
-        ] {
-            polls.push((
-                format!("{},outcome=\"{outcome}\"", src(n, x)),
-                v.to_string(),
-            ));
+    });
+    let age = |t: i64| (now_ms - t).max(0) as f64 / 1000.0;
+
+    m.register_sources(&mut r);
+    let cursor_age = Family::<SourceLabels, Seconds>::default();
+    let interval = Family::<SourceLabels, Seconds>::default();
+    let failing = Family::<SourceLabels, Gauge>::default();
+    let instances = Family::<SourceLabels, Gauge>::default();
+    for (l, x) in &sources {
+        if let Some(t) = x.oldest_ok_ms {
+            cursor_age.get_or_create(l).set(age(t));
         }
+        if let Some(ms) = x.interval_ms {
+            interval.get_or_create(l).set(ms as f64 / 1000.0);
+        }
+        failing.get_or_create(l).set(x.failing);
+        instances.get_or_create(l).set(x.instances);
     }
-    out.family(
-        "pollhook_polls_total",
-        "counter",
-        "Polls by outcome (not_modified: a 304 to a conditional request).",
-        polls,
-    );
-    out.histogram(
-        "pollhook_poll_duration_seconds",
-        "Time a poll took, from the first request to the commit (pages, throttling waits included).",
-        m.poll_duration
-            .iter()
-            .map(|((src, conn), h)| {
-                (
-                    format!("source=\"{}\",connector=\"{}\"", esc(src), esc(conn)),
-                    h,
-                )
-            })
-            .collect(),
-    );
-    out.family(
-        "pollhook_events_total",
-        "counter",
-        "Events detected and queued for delivery, by type.",
-        m.events
-            .iter()
-            .map(|((src, kind), n)| {
-                (
-                    format!("source=\"{}\",type=\"{}\"", esc(src), esc(kind)),
-                    n.to_string(),
-                )
-            })
-            .collect(),
-    );
-    out.family(
+    r.register(
         "pollhook_cursor_age_seconds",
-        "gauge",
         "Seconds since the least recently successful instance of a source last polled successfully: how stale the oldest view of the upstream is.",
-        per_source(&|x| {
-            x.oldest_ok_ms
-                .map(|t| format!("{:.3}", (now_ms - t).max(0) as f64 / 1000.0))
-        }),
+        cursor_age,
     );
-    out.family(
+    r.register(
         "pollhook_poll_interval_seconds",
-        "gauge",
         "Longest time between the starts of an instance's last two polls (stretches when a host quota is scarce).",
-        per_source(&|x| x.interval_ms.map(|ms| format!("{:.3}", ms as f64 / 1000.0))),
+        interval,
     );
-    out.family(
+    r.register(
         "pollhook_instances_failing",
-        "gauge",
         "Instances whose last poll failed (they back off meanwhile).",
-        per_source(&|x| Some(x.failing.to_string())),
+        failing,
     );
-    out.family(
-        "pollhook_seen_evicted_total",
-        "counter",
-        "Item ids forgotten because of seen_limit / seen_ttl (detect: new).",
-        per_source(&|x| Some(x.evicted.to_string())),
-    );
-    out.family(
-        "pollhook_instances",
-        "gauge",
-        "Instances polled.",
-        per_source(&|x| Some(x.instances.to_string())),
-    );
+    r.register("pollhook_instances", "Instances polled.", instances);
 
-    let ep = |n: &String| format!("endpoint=\"{}\"", esc(n));
-    out.family(
-        "pollhook_deliveries_total",
-        "counter",
-        "Delivery attempts by outcome (dead_lettered: attempts ran out).",
-        r.endpoints
-            .iter()
-            .flat_map(|(n, e)| {
-                [
-                    ("delivered", e.delivered),
-                    ("failed", e.failed_attempts),
-                    ("dead_lettered", e.dead_lettered),
-                ]
-                .map(|(o, v)| (format!("{},outcome=\"{o}\"", ep(n)), v.to_string()))
-            })
-            .collect(),
-    );
-    out.histogram(
-        "pollhook_delivery_attempt_duration_seconds",
-        "Round trip of a delivery attempt to the endpoint.",
-        m.attempt_duration.iter().map(|(n, h)| (ep(n), h)).collect(),
-    );
-    out.histogram(
-        "pollhook_delivery_latency_seconds",
-        "From detection to successful delivery (retries and outages included).",
-        m.delivery_lag.iter().map(|(n, h)| (ep(n), h)).collect(),
-    );
-    out.family(
+    m.register_deliveries(&mut r);
+    let depth = Family::<EndpointLabels, Gauge>::default();
+    let oldest = Family::<EndpointLabels, Seconds>::default();
+    let dead = Family::<EndpointLabels, Gauge>::default();
+    let open = Family::<EndpointLabels, Gauge>::default();
+    for (name, e) in endpoints(s) {
+        let l = EndpointLabels { endpoint: name };
+        depth.get_or_create(&l).set(e.queue_depth as i64);
+        oldest
+            .get_or_create(&l)
+            .set(e.oldest_pending_ms.map_or(0.0, age));
+        dead.get_or_create(&l).set(e.dead_letters as i64);
+        open.get_or_create(&l)
+            .set(i64::from(e.circuit_open || e.disabled.is_some()));
+    }
+    r.register(
         "pollhook_outbox_depth",
-        "gauge",
         "Events waiting for delivery.",
-        r.endpoints
-            .iter()
-            .map(|(n, e)| (ep(n), e.queue_depth.to_string()))
-            .collect(),
+        depth,
     );
-    out.family(
+    r.register(
         "pollhook_outbox_oldest_age_seconds",
-        "gauge",
         "Age of the oldest event waiting for delivery (0 when none waits).",
-        r.endpoints
-            .iter()
-            .map(|(n, e)| {
-                let age = match e.oldest_pending_ms {
-                    Some(t) if e.queue_depth > 0 => (now_ms - t).max(0) as f64 / 1000.0,
-                    _ => 0.0,
-                };
-                (ep(n), format!("{age:.3}"))
-            })
-            .collect(),
+        oldest,
     );
-    out.family(
+    r.register(
         "pollhook_dead_letters",
-        "gauge",
         "Events whose attempts ran out.",
-        r.endpoints
-            .iter()
-            .map(|(n, e)| (ep(n), e.dead_letters.to_string()))
-            .collect(),
+        dead,
     );
-    out.family(
+    r.register(
         "pollhook_endpoint_circuit_open",
-        "gauge",
         "1 while an endpoint's circuit is open (only probes go out) or it is disabled.",
-        r.endpoints
-            .iter()
-            .map(|(n, e)| {
-                let open = e.circuit_open || e.disabled.is_some();
-                (ep(n), u8::from(open).to_string())
-            })
-            .collect(),
+        open,
     );
 
-    let host = |n: &String| format!("host=\"{}\"", esc(n));
-    let hosts = |f: &dyn Fn(&crate::quota::HostReport) -> String| {
-        r.hosts
-            .iter()
-            .map(|(n, h)| (host(n), f(h)))
-            .collect::<Vec<_>>()
-    };
-    out.family(
-        "pollhook_upstream_requests_total",
-        "counter",
+    // Host counters live as long as the process (see `HostGates`), so
+    // reading them at the scrape cannot make them go backwards.
+    let requests = Family::<HostLabels, Counter>::default();
+    let throttled = Family::<HostLabels, Counter>::default();
+    let too_many = Family::<HostLabels, Counter>::default();
+    let paused_secs = Family::<HostLabels, Counter<f64, AtomicU64>>::default();
+    for (host, st) in s.hosts.counters() {
+        let l = HostLabels { host };
+        requests
+            .get_or_create(&l)
+            .inc_by(st.requests.load(Ordering::Relaxed));
+        throttled
+            .get_or_create(&l)
+            .inc_by(st.throttled.load(Ordering::Relaxed));
+        too_many
+            .get_or_create(&l)
+            .inc_by(st.too_many.load(Ordering::Relaxed));
+        paused_secs
+            .get_or_create(&l)
+            .inc_by(st.paused_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+    }
+    let paused = Family::<HostLabels, Gauge>::default();
+    for (host, h) in s.hosts.report() {
+        paused
+            .get_or_create(&HostLabels { host })
+            .set(i64::from(h.paused_for_ms.is_some()));
+    }
+    r.register(
+        "pollhook_upstream_requests",
         "Requests sent to an upstream host.",
-        hosts(&|h| h.requests.to_string()),
+        requests,
     );
-    out.family(
-        "pollhook_upstream_throttled_total",
-        "counter",
+    r.register(
+        "pollhook_upstream_throttled",
         "429 and 503 answers of an upstream host.",
-        hosts(&|h| h.throttled.to_string()),
+        throttled,
     );
-    out.family(
-        "pollhook_upstream_429_total",
-        "counter",
+    r.register(
+        "pollhook_upstream_429",
         "429 Too Many Requests answers of an upstream host.",
-        hosts(&|h| h.too_many_requests.to_string()),
+        too_many,
     );
-    out.family(
-        "pollhook_upstream_throttled_seconds_total",
-        "counter",
+    r.register(
+        "pollhook_upstream_throttled_seconds",
         "Time an upstream host was paused by its Retry-After / RateLimit headers or refusals.",
-        hosts(&|h| format!("{:.3}", h.paused_ms_total as f64 / 1000.0)),
+        paused_secs,
     );
-    out.family(
+    r.register(
         "pollhook_upstream_paused",
-        "gauge",
         "1 while an upstream host is paused.",
-        hosts(&|h| u8::from(h.paused_for_ms.is_some()).to_string()),
+        paused,
     );
 
-    let c = &r.config;
-    out.family(
-        "pollhook_config_reloads_total",
-        "counter",
-        "Configuration reloads (SIGHUP) by outcome.",
-        vec![
-            ("outcome=\"applied\"".into(), c.reloads.to_string()),
-            ("outcome=\"refused\"".into(), c.reloads_failed.to_string()),
-        ],
-    );
-    out.family(
+    m.register_config(&mut r);
+    let last_ok = Gauge::<i64>::default();
+    last_ok.set(i64::from(s.status.config().last_reload_ok != Some(false)));
+    r.register(
         "pollhook_config_last_reload_successful",
-        "gauge",
         "0 when the last reload was refused (the previous configuration runs).",
-        vec![(
-            String::new(),
-            u8::from(c.last_reload_ok != Some(false)).to_string(),
-        )],
+        last_ok,
     );
-    out.0
+
+    let mut out = String::new();
+    encode(&mut out, &r)?;
+    Ok(out)
 }
 
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A host's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    host: String,
 }

@@ -49,8 +49,9 @@ impl OpError {
 pub trait Running: Send + Sync {
     /// Endpoints the daemon runs (an enable of another is refused).
     fn has_endpoint(&self, name: &str) -> bool;
-    /// Dead letters went back to `endpoint`'s outbox: look again.
-    fn replayed(&self, endpoint: &str);
+    /// `endpoint`'s outbox or dead letters changed outside its worker (a
+    /// replay, a drop): its worker counts its backlog and looks again.
+    fn changed(&self, endpoint: &str);
     /// `endpoint` was enabled: send again.
     fn enabled(&self, endpoint: &str);
 }
@@ -201,7 +202,7 @@ impl Op for DlqReplay {
             let endpoints: std::collections::BTreeSet<&str> =
                 letters.iter().map(|(_, d)| d.endpoint.as_str()).collect();
             for ep in endpoints {
-                r.replayed(ep);
+                r.changed(ep);
             }
         }
         Ok(Replayed {
@@ -222,7 +223,7 @@ pub struct Dropped {
 impl Op for DlqDrop {
     type Reply = Dropped;
     const PATH: &'static str = "dlq/drop";
-    async fn run(&self, store: &Store, _: Option<&dyn Running>) -> Result<Dropped, OpError> {
+    async fn run(&self, store: &Store, running: Option<&dyn Running>) -> Result<Dropped, OpError> {
         self.0.destructive()?;
         let keys: Vec<EntryKey> = self
             .0
@@ -231,9 +232,15 @@ impl Op for DlqDrop {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        Ok(Dropped {
-            dropped: store.drop_dead(&keys).await?,
-        })
+        let dropped = store.drop_dead(&keys).await?;
+        if let Some(r) = running {
+            let endpoints: std::collections::BTreeSet<&str> =
+                keys.iter().map(|k| k.endpoint.as_str()).collect();
+            for ep in endpoints {
+                r.changed(ep);
+            }
+        }
+        Ok(Dropped { dropped })
     }
 }
 

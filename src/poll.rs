@@ -21,6 +21,7 @@ use crate::event::{event_id, Event};
 use crate::quota::limiter;
 use crate::schedule::first_due;
 use crate::schedule::{adapt, error_backoff};
+use crate::status::PollOutcome;
 use crate::store::{InstanceState, OutboxEntry};
 
 /// A stable pseudo-random fraction of the key, to spread first polls of many
@@ -128,11 +129,12 @@ pub(crate) async fn poll_loop(
                 failures += 1;
                 let msg = mask(&e.to_string(), &inst.secrets);
                 warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), failures, "poll failed: {msg}");
-                shared.status.instance(&inst.key, |s| {
-                    s.polls_failed += 1;
-                    s.last_poll_ms = Some(crate::now_ms());
-                    s.last_error = Some(msg);
-                });
+                shared
+                    .status
+                    .polled(&inst.key, &source.name, &c.name, PollOutcome::Failed, |s| {
+                        s.last_poll_ms = Some(crate::now_ms());
+                        s.last_error = Some(msg);
+                    });
             }
         }
         let now = Utc::now();
@@ -185,13 +187,17 @@ async fn poll_once(
     let now = Utc::now();
     let fetched = fetch(c, inst, state, env, now).await?;
     if fetched.not_modified {
-        shared.status.instance(&inst.key, |s| {
-            s.polls_ok += 1;
-            s.polls_not_modified += 1;
-            s.last_poll_ms = Some(crate::now_ms());
-            s.last_ok_ms = s.last_poll_ms;
-            s.last_error = None;
-        });
+        shared.status.polled(
+            &inst.key,
+            &source.name,
+            &c.name,
+            PollOutcome::NotModified,
+            |s| {
+                s.last_poll_ms = Some(crate::now_ms());
+                s.last_ok_ms = s.last_poll_ms;
+                s.last_error = None;
+            },
+        );
         return Ok((None, 0));
     }
     let detection = detect(
@@ -229,23 +235,26 @@ async fn poll_once(
                 ));
             }
         }
+        // Counted as waiting before the commit, so a worker never
+        // delivers an entry that its endpoint's backlog does not hold yet.
+        let mut backlog = std::collections::BTreeMap::<&str, u64>::new();
+        for (ep, _) in &deliveries {
+            *backlog.entry(ep.as_str()).or_default() += 1;
+        }
+        for (ep, n) in &backlog {
+            shared.status.queued(ep, *n, now.timestamp_millis());
+        }
         if let Err(e) = shared
             .store
             .commit_poll(&inst.key, &next, &deliveries)
             .await
         {
+            for (ep, n) in &backlog {
+                shared.status.unqueued(ep, *n, now.timestamp_millis());
+            }
             return Err(commit_failed(&e));
         }
-        for (ep, e) in &deliveries {
-            // The worker's depth gauge counts what pollers add (see
-            // `EndpointStatus::queue_depth`).
-            shared.status.endpoint(ep, |s| {
-                s.queue_depth += 1;
-                s.oldest_pending_ms = Some(
-                    s.oldest_pending_ms
-                        .map_or(e.created_ms, |o| o.min(e.created_ms)),
-                );
-            });
+        for (ep, _) in &deliveries {
             if let Some(w) = shared.live.wake(ep) {
                 w.instance(&inst.key);
             }
@@ -260,20 +269,21 @@ async fn poll_once(
     };
     let cursor = committed.as_ref().map(|s| s.cursor.clone());
     let evicted = committed.as_ref().map(|s| s.seen_evicted);
-    shared.status.instance(&inst.key, |s| {
-        s.polls_ok += 1;
-        s.events += events.len() as u64;
-        s.last_poll_ms = Some(crate::now_ms());
-        s.last_ok_ms = s.last_poll_ms;
-        s.last_error = None;
-        s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
-        if let Some(c) = cursor {
-            s.cursor = c;
-        }
-        if let Some(n) = evicted {
-            s.seen_evicted = n;
-        }
-    });
+    shared
+        .status
+        .polled(&inst.key, &source.name, &c.name, PollOutcome::Ok, |s| {
+            s.events += events.len() as u64;
+            s.last_poll_ms = Some(crate::now_ms());
+            s.last_ok_ms = s.last_poll_ms;
+            s.last_error = None;
+            s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
+            if let Some(c) = cursor {
+                s.cursor = c;
+            }
+            if let Some(n) = evicted {
+                s.seen_evicted = n;
+            }
+        });
     Ok((committed, events.len()))
 }
 

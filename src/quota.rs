@@ -97,8 +97,9 @@ pub struct HostGate {
     turn: tokio::sync::Mutex<()>,
     /// Throttling learned from the host's answers.
     throttle: Mutex<Throttle>,
-    /// Counters for status and metrics.
-    pub stats: HostStats,
+    /// Counters for status and metrics; shared with every gate this host
+    /// had (see [`HostGates`]).
+    pub stats: Arc<HostStats>,
 }
 
 #[derive(Default)]
@@ -171,6 +172,7 @@ impl HostGate {
         name: String,
         limiter: Option<DefaultDirectRateLimiter>,
         in_flight: Option<u32>,
+        stats: Arc<HostStats>,
     ) -> Self {
         HostGate {
             name,
@@ -178,7 +180,7 @@ impl HostGate {
             in_flight: in_flight.map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
             turn: tokio::sync::Mutex::new(()),
             throttle: Mutex::new(Throttle::default()),
-            stats: HostStats::default(),
+            stats,
         }
     }
 
@@ -371,14 +373,24 @@ pub fn advice(status: u16, headers: &HeaderMap, now: SystemTime) -> Advice {
 
 /// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3). A date
 /// in the past means "now" (zero).
+///
+/// The date is read by `httpdate`, which accepts the three forms RFC 9110
+/// §5.6.7 obliges a recipient to accept (IMF-fixdate, and the obsolete
+/// RFC 850 and asctime forms still sent by old servers); an RFC 2822 parser
+/// knows only the first, so a throttled upstream's pause was ignored.
+/// Two-digit RFC 850 years are resolved without a clock (70–99 are 19xx),
+/// so the function stays pure: `now` is the only time it sees.
 pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs.min(MAX_PAUSE.as_secs())));
     }
-    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64);
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_PAUSE),
+    )
 }
 
 /// A reset value: seconds from now, or an epoch time (values past year 2001
@@ -413,6 +425,11 @@ pub struct HostGates {
     /// replaces only the gates whose quota changed).
     configured: std::sync::RwLock<BTreeMap<String, (HostQuota, Arc<HostGate>)>>,
     others: Mutex<HashMap<String, Arc<HostGate>>>,
+    /// Every host's counters since the start, by name. A reload that
+    /// changes a host's quota builds a new gate, and one that drops the
+    /// host drops its gate; the counters stay here and go on, so
+    /// `pollhook_upstream_*_total` never go backwards.
+    stats: Mutex<BTreeMap<String, Arc<HostStats>>>,
 }
 
 impl HostGates {
@@ -437,6 +454,7 @@ impl HostGates {
                     name.clone(),
                     q.rate.map(|r| limiter(r, q.burst)),
                     q.max_in_flight,
+                    self.host_stats(&name),
                 )),
             };
             next.insert(name, (q.clone(), gate));
@@ -468,8 +486,27 @@ impl HostGates {
             .lock()
             .expect("gates lock")
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(HostGate::new(key, None, None)))
+            .or_insert_with(|| {
+                let stats = self.host_stats(&key);
+                Arc::new(HostGate::new(key, None, None, stats))
+            })
             .clone()
+    }
+
+    /// The counters of a host, created on first use.
+    fn host_stats(&self, name: &str) -> Arc<HostStats> {
+        self.stats
+            .lock()
+            .expect("host stats lock")
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Every host's counters since the start (hosts no longer configured
+    /// included), for `/metrics`.
+    pub fn counters(&self) -> BTreeMap<String, Arc<HostStats>> {
+        self.stats.lock().expect("host stats lock").clone()
     }
 
     /// Every gate's report, by host.
@@ -523,9 +560,41 @@ mod tests {
             "a past date means now"
         );
         assert_eq!(retry_after("soon", now), None);
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 10:00:30", now),
+            None,
+            "no zone"
+        );
         // Absurd values are capped, never a panic.
         assert_eq!(retry_after("18446744073709551615", now), Some(MAX_PAUSE));
         assert_eq!(reset_delay("18446744073709551615", now), Some(MAX_PAUSE));
+    }
+
+    #[test]
+    fn retry_after_reads_the_three_http_date_forms() {
+        // Sun, 06 Nov 1994 08:49:37 GMT = 784111777; ask 90 s before it.
+        let now = at(784_111_777 - 90);
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",  // IMF-fixdate
+            "Sunday, 06-Nov-94 08:49:37 GMT", // RFC 850
+            "Sun Nov  6 08:49:37 1994",       // asctime
+        ] {
+            assert_eq!(
+                retry_after(form, now),
+                Some(Duration::from_secs(90)),
+                "{form}"
+            );
+            assert_eq!(
+                retry_after(form, at(784_111_777 + 5)),
+                Some(Duration::ZERO),
+                "{form}: past means now"
+            );
+        }
+        // A date years ahead is capped like delay-seconds are.
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT", at(0)),
+            Some(MAX_PAUSE)
+        );
     }
 
     #[test]
@@ -606,7 +675,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
-        let gate = HostGate::new("h".into(), None, None);
+        let gate = HostGate::new("h".into(), None, None, Default::default());
         let t0 = Instant::now();
         gate.acquire().await;
         assert_eq!(
@@ -637,7 +706,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_without_published_limits_slows_the_pace_then_it_creeps_back() {
-        let gate = HostGate::new("h".into(), None, None);
+        let gate = HostGate::new("h".into(), None, None, Default::default());
         // 20 requests within a second, then a 429.
         for _ in 0..20 {
             gate.acquire().await;
@@ -670,6 +739,7 @@ mod tests {
             "h".into(),
             Some(limiter(Rate::parse("10/s").unwrap(), 1)),
             None,
+            Default::default(),
         ));
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
@@ -686,5 +756,31 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(*order.lock().unwrap(), (0..20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn host_counters_survive_a_reload_that_replaces_or_drops_the_gate() {
+        let quota = |max| {
+            BTreeMap::from([(
+                "api.example".to_string(),
+                HostQuota {
+                    rate: None,
+                    burst: 1,
+                    max_in_flight: Some(max),
+                },
+            )])
+        };
+        let gates = HostGates::new(&quota(2));
+        let url = reqwest::Url::parse("https://api.example/x").unwrap();
+        drop(gates.for_url(&url).acquire().await);
+        gates.reconfigure(&quota(3)); // a new gate for the new quota
+        let gate = gates.for_url(&url);
+        drop(gate.acquire().await);
+        gate.observe(429, &headers(&[("retry-after", "0")]));
+        assert_eq!(gates.report()["api.example"].requests, 2);
+        gates.reconfigure(&BTreeMap::new()); // no longer configured
+        let c = &gates.counters()["api.example"];
+        assert_eq!(c.requests.load(Ordering::Relaxed), 2);
+        assert_eq!(c.too_many.load(Ordering::Relaxed), 1);
     }
 }

@@ -4,8 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 /// One instance's polling status.
@@ -16,7 +21,8 @@ pub struct InstanceStatus {
     pub connector: String,
     /// When the last poll ended (ms since the epoch).
     pub last_poll_ms: Option<i64>,
-    /// When the last successful poll ended.
+    /// When the last successful poll ended (a `304` included: the upstream
+    /// answered, and said nothing changed).
     pub last_ok_ms: Option<i64>,
     /// When the next poll is due.
     pub next_poll_ms: Option<i64>,
@@ -34,8 +40,12 @@ pub struct InstanceStatus {
     pub interval_ms: Option<u64>,
     /// Failed polls in a row; the instance backs off while this grows.
     pub consecutive_failures: u32,
+    /// Polls that read an answer (a `304` is not one: see
+    /// `polls_not_modified`). The three poll counters are disjoint and
+    /// match `pollhook_polls_total`'s three outcomes.
     pub polls_ok: u64,
     pub polls_failed: u64,
+    /// Polls answered `304 Not Modified` to a conditional request.
     pub polls_not_modified: u64,
     pub events: u64,
     pub cursor: Option<String>,
@@ -57,24 +67,86 @@ pub struct EndpointStatus {
     pub dead_lettered: u64,
     pub last_error: Option<String>,
     pub last_success_ms: Option<i64>,
-    /// Events waiting for this endpoint. Kept by its delivery worker (a
-    /// count at start, then what pollers add and deliveries remove), so
-    /// `/status` and `/metrics` never scan the outbox.
+    /// Events in the outbox waiting for this endpoint. Kept in memory
+    /// (pollers add what they commit, the worker removes what it delivers
+    /// or dead-letters, and sets it from the store when it starts or
+    /// rescans) so that `/status` and `/metrics` never scan the store.
     pub queue_depth: u64,
-    /// When the oldest waiting event was detected (ms since the epoch).
+    /// When the oldest of those events was detected (ms since the epoch).
     pub oldest_pending_ms: Option<i64>,
-    /// Dead letters of this endpoint (counted at start, then kept).
+    /// Events of this endpoint in the dead-letter tree (same upkeep).
     pub dead_letters: u64,
+}
+
+/// An endpoint's status and, beside it, what its `oldest_pending_ms` is
+/// derived from.
+#[derive(Debug, Default)]
+struct EndpointEntry {
+    status: EndpointStatus,
+    /// Detection times of the waiting events, with how many events share
+    /// each (a commit's events share one): the oldest is the first key, and
+    /// stays exact as events leave in any order.
+    pending: BTreeMap<i64, u64>,
+}
+
+impl EndpointEntry {
+    fn add_pending(&mut self, created_ms: i64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        *self.pending.entry(created_ms).or_default() += n;
+        self.status.queue_depth += n;
+        self.status.oldest_pending_ms = self.pending.keys().next().copied();
+    }
+
+    fn remove_pending(&mut self, created_ms: i64) {
+        if let Some(n) = self.pending.get_mut(&created_ms) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending.remove(&created_ms);
+            }
+        }
+        self.status.queue_depth = self.status.queue_depth.saturating_sub(1);
+        if self.status.queue_depth == 0 {
+            self.pending.clear();
+        }
+        self.status.oldest_pending_ms = self.pending.keys().next().copied();
+    }
+}
+
+/// How a poll ended, for `/status` and `pollhook_polls_total` alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollOutcome {
+    /// The upstream answered and the answer was read.
+    Ok,
+    /// `304 Not Modified`: nothing was read.
+    NotModified,
+    Failed,
+}
+
+/// How a delivery attempt ended, for `/status` and
+/// `pollhook_deliveries_total` alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Delivered: the event left the outbox.
+    Delivered,
+    /// Failed; it will be tried again.
+    Failed,
+    /// Failed for the last time: the event moved to the dead letters.
+    DeadLettered,
 }
 
 /// Everything the admin server shows.
 #[derive(Default)]
 pub struct Status {
-    instances: Mutex<BTreeMap<String, InstanceStatus>>,
-    endpoints: Mutex<BTreeMap<String, EndpointStatus>>,
+    /// Instances by key. Each entry has its own lock, so `/status` and
+    /// `/metrics` hold the map's lock only to copy the `Arc`s, and read
+    /// each instance while its poller may update another.
+    instances: Mutex<BTreeMap<Arc<str>, Arc<Mutex<InstanceStatus>>>>,
+    endpoints: Mutex<BTreeMap<String, EndpointEntry>>,
     discovery: Mutex<BTreeMap<String, DiscoveryStatus>>,
     config: Mutex<ConfigStatus>,
-    metrics: Mutex<Metrics>,
+    metrics: Metrics,
     ready: AtomicBool,
     /// Delivery workers running now (see [`WorkerGuard`]).
     workers_alive: std::sync::atomic::AtomicUsize,
@@ -97,41 +169,148 @@ pub const BUCKETS: &[f64] = &[
     3600.0,
 ];
 
-/// A Prometheus histogram over [`BUCKETS`] (counts per bucket, not
-/// cumulative; the exposition sums them).
-#[derive(Debug, Clone, Default)]
-pub struct Histogram {
-    pub counts: Vec<u64>,
-    pub count: u64,
-    pub sum: f64,
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS.iter().copied())
 }
 
-impl Histogram {
-    pub fn observe(&mut self, secs: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; BUCKETS.len()];
+/// A source's series: labelled by source and connector.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+    pub connector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PollLabels {
+    source: String,
+    connector: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    source: String,
+    r#type: String,
+}
+
+/// An endpoint's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    endpoint: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The counters and histograms of `/metrics`, incremented where the event
+/// happens and never recomputed from the status maps: a reload removes
+/// instances and endpoints from those maps, but a Prometheus counter must
+/// not go backwards for the life of the process (a drop reads as a
+/// restart, and `rate()` turns it into a spike). A series, once created,
+/// stays. Labelled by source, endpoint or host, never by instance: 10,000
+/// instances must not make 10,000 series per family.
+///
+/// Gauges are not here: they describe the present (what runs now, what
+/// waits) and are read at scrape time from the status (see `admin.rs`).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    polls: Family<PollLabels, Counter>,
+    /// Poll durations by (source, connector), whatever the outcome.
+    poll_duration: Histograms<SourceLabels>,
+    /// Events detected by (source, type).
+    events: Family<EventLabels, Counter>,
+    seen_evicted: Family<SourceLabels, Counter>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    /// Delivery attempts' HTTP round trip, by endpoint.
+    attempt_duration: Histograms<EndpointLabels>,
+    /// From detection to the successful delivery, by endpoint.
+    delivery_lag: Histograms<EndpointLabels>,
+    reloads: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reloads: Family<OutcomeLabels, Counter> = Family::default();
+        for outcome in ["applied", "refused"] {
+            reloads.get_or_create(&OutcomeLabels { outcome }).inc_by(0);
         }
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.counts[i] += 1;
+        Metrics {
+            polls: Family::default(),
+            poll_duration: Family::new_with_constructor(histogram),
+            events: Family::default(),
+            seen_evicted: Family::default(),
+            deliveries: Family::default(),
+            attempt_duration: Family::new_with_constructor(histogram),
+            delivery_lag: Family::new_with_constructor(histogram),
+            reloads,
         }
-        self.count += 1;
-        self.sum += secs;
     }
 }
 
-/// Aggregates for `/metrics` that the per-instance status does not hold.
-/// Labelled by source and endpoint, never by instance: 10,000 instances
-/// must not make 10,000 series per family.
-#[derive(Debug, Clone, Default)]
-pub struct Metrics {
-    /// Poll durations by (source, connector), whatever the outcome.
-    pub poll_duration: BTreeMap<(String, String), Histogram>,
-    /// Events detected by (source, type).
-    pub events: BTreeMap<(String, String), u64>,
-    /// Delivery attempts' HTTP round trip, by endpoint.
-    pub attempt_duration: BTreeMap<String, Histogram>,
-    /// From detection to the successful delivery, by endpoint.
-    pub delivery_lag: BTreeMap<String, Histogram>,
+impl Metrics {
+    /// Registers the source families (polls, events), in the exposition's
+    /// order. The families are shared (`Clone` shares the series), so a
+    /// registry can be built per scrape beside that scrape's gauges.
+    pub fn register_sources(&self, r: &mut Registry) {
+        r.register(
+            "pollhook_polls",
+            "Polls by outcome (not_modified: a 304 to a conditional request).",
+            self.polls.clone(),
+        );
+        r.register(
+            "pollhook_poll_duration_seconds",
+            "Time a poll took, from the first request to the commit (pages, throttling waits included).",
+            self.poll_duration.clone(),
+        );
+        r.register(
+            "pollhook_events",
+            "Events detected and queued for delivery, by type.",
+            self.events.clone(),
+        );
+        r.register(
+            "pollhook_seen_evicted",
+            "Item ids forgotten because of seen_limit / seen_ttl (detect: new).",
+            self.seen_evicted.clone(),
+        );
+    }
+
+    /// Registers the delivery families.
+    pub fn register_deliveries(&self, r: &mut Registry) {
+        r.register(
+            "pollhook_deliveries",
+            "Delivery attempts by outcome (dead_lettered: attempts ran out).",
+            self.deliveries.clone(),
+        );
+        r.register(
+            "pollhook_delivery_attempt_duration_seconds",
+            "Round trip of a delivery attempt to the endpoint.",
+            self.attempt_duration.clone(),
+        );
+        r.register(
+            "pollhook_delivery_latency_seconds",
+            "From detection to successful delivery (retries and outages included).",
+            self.delivery_lag.clone(),
+        );
+    }
+
+    /// Registers the reload counter.
+    pub fn register_config(&self, r: &mut Registry) {
+        r.register(
+            "pollhook_config_reloads",
+            "Configuration reloads (SIGHUP) by outcome.",
+            self.reloads.clone(),
+        );
+    }
 }
 
 /// The configuration's reloads (SIGHUP).
@@ -183,12 +362,19 @@ impl Status {
         self.workers_alive.load(Ordering::SeqCst)
     }
 
+    /// The counter families of `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Adds an instance that starts polling. One restarted by a reload
-    /// keeps its counters, so `/metrics` counters never go backwards.
+    /// keeps its counters, so `/status` counters never go backwards while
+    /// the instance runs (`/metrics` counters never do: see [`Metrics`]).
     pub fn register_instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
-        let mut m = self.instances.lock().expect("status lock");
         let mut s = InstanceStatus::default();
-        if let Some(old) = m.get(key) {
+        let old = self.entry(key);
+        if let Some(old) = &old {
+            let old = old.lock().expect("status lock");
             s.polls_ok = old.polls_ok;
             s.polls_failed = old.polls_failed;
             s.polls_not_modified = old.polls_not_modified;
@@ -196,15 +382,97 @@ impl Status {
             s.seen_evicted = old.seen_evicted;
         }
         f(&mut s);
-        m.insert(key.to_string(), s);
+        // Every outcome's series exists from the first poll on, at zero.
+        for outcome in ["ok", "not_modified", "error"] {
+            self.metrics
+                .polls
+                .get_or_create(&PollLabels {
+                    source: s.source.clone(),
+                    connector: s.connector.clone(),
+                    outcome,
+                })
+                .inc_by(0);
+        }
+        self.metrics
+            .seen_evicted
+            .get_or_create(&SourceLabels {
+                source: s.source.clone(),
+                connector: s.connector.clone(),
+            })
+            .inc_by(0);
+        match old {
+            // Replaced in place: a copy taken by a scrape stays consistent.
+            Some(old) => *old.lock().expect("status lock") = s,
+            None => {
+                self.instances
+                    .lock()
+                    .expect("status lock")
+                    .insert(Arc::from(key), Arc::new(Mutex::new(s)));
+            }
+        }
+    }
+
+    fn entry(&self, key: &str) -> Option<Arc<Mutex<InstanceStatus>>> {
+        self.instances
+            .lock()
+            .expect("status lock")
+            .get(key)
+            .cloned()
     }
 
     /// Updates one instance's status. An instance that was removed (it left
     /// a discovered list while a poll was in flight) is not brought back.
     pub fn instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
-        let mut m = self.instances.lock().expect("status lock");
-        if let Some(s) = m.get_mut(key) {
+        if let Some(e) = self.entry(key) {
+            f(&mut e.lock().expect("status lock"));
+        }
+    }
+
+    /// A poll of `key` (of `source`, by `connector`) ended with `outcome`:
+    /// counted in the instance's status and in `pollhook_polls_total` at
+    /// once, so the two always agree; then `f` updates the rest of the
+    /// status. A `seen_evicted` that `f` raises is added to
+    /// `pollhook_seen_evicted_total`.
+    pub fn polled(
+        &self,
+        key: &str,
+        source: &str,
+        connector: &str,
+        outcome: PollOutcome,
+        f: impl FnOnce(&mut InstanceStatus),
+    ) {
+        let label = match outcome {
+            PollOutcome::Ok => "ok",
+            PollOutcome::NotModified => "not_modified",
+            PollOutcome::Failed => "error",
+        };
+        self.metrics
+            .polls
+            .get_or_create(&PollLabels {
+                source: source.to_string(),
+                connector: connector.to_string(),
+                outcome: label,
+            })
+            .inc();
+        let mut evicted = 0;
+        self.instance(key, |s| {
+            match outcome {
+                PollOutcome::Ok => s.polls_ok += 1,
+                PollOutcome::NotModified => s.polls_not_modified += 1,
+                PollOutcome::Failed => s.polls_failed += 1,
+            }
+            let before = s.seen_evicted;
             f(s);
+            evicted = s.seen_evicted.saturating_sub(before);
+        });
+        if evicted > 0 {
+            self.metrics
+                .seen_evicted
+                .get_or_create(&SourceLabels {
+                    source: source.to_string(),
+                    connector: connector.to_string(),
+                })
+                .inc_by(evicted);
         }
     }
 
@@ -233,6 +501,15 @@ impl Status {
         let mut c = self.config.lock().expect("status lock");
         c.last_reload_ms = Some(crate::now_ms());
         c.last_reload_ok = Some(outcome.is_ok());
+        let label = if outcome.is_ok() {
+            "applied"
+        } else {
+            "refused"
+        };
+        self.metrics
+            .reloads
+            .get_or_create(&OutcomeLabels { outcome: label })
+            .inc();
         match outcome {
             Ok(warnings) => {
                 c.reloads += 1;
@@ -248,19 +525,24 @@ impl Status {
 
     /// A poll of a source's instance took `took`.
     pub fn observe_poll(&self, source: &str, connector: &str, took: std::time::Duration) {
-        let mut m = self.metrics.lock().expect("metrics lock");
-        m.poll_duration
-            .entry((source.to_string(), connector.to_string()))
-            .or_default()
+        self.metrics
+            .poll_duration
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+                connector: connector.to_string(),
+            })
             .observe(took.as_secs_f64());
     }
 
     /// An event of `kind` was committed for delivery.
     pub fn count_event(&self, source: &str, kind: &str) {
-        let mut m = self.metrics.lock().expect("metrics lock");
-        *m.events
-            .entry((source.to_string(), kind.to_string()))
-            .or_default() += 1;
+        self.metrics
+            .events
+            .get_or_create(&EventLabels {
+                source: source.to_string(),
+                r#type: kind.to_string(),
+            })
+            .inc();
     }
 
     /// A delivery attempt took `took`; `lag` is detection → delivered when
@@ -271,21 +553,19 @@ impl Status {
         took: std::time::Duration,
         lag: Option<std::time::Duration>,
     ) {
-        let mut m = self.metrics.lock().expect("metrics lock");
-        m.attempt_duration
-            .entry(endpoint.to_string())
-            .or_default()
+        let l = EndpointLabels {
+            endpoint: endpoint.to_string(),
+        };
+        self.metrics
+            .attempt_duration
+            .get_or_create(&l)
             .observe(took.as_secs_f64());
         if let Some(lag) = lag {
-            m.delivery_lag
-                .entry(endpoint.to_string())
-                .or_default()
+            self.metrics
+                .delivery_lag
+                .get_or_create(&l)
                 .observe(lag.as_secs_f64());
         }
-    }
-
-    pub fn metrics(&self) -> Metrics {
-        self.metrics.lock().expect("metrics lock").clone()
     }
 
     pub fn config(&self) -> ConfigStatus {
@@ -302,17 +582,238 @@ impl Status {
         self.discovery.lock().expect("status lock").clone()
     }
 
-    /// Updates one endpoint's status.
+    /// Updates one endpoint's status (created at zero when new, with its
+    /// delivery counters' series).
     pub fn endpoint(&self, name: &str, f: impl FnOnce(&mut EndpointStatus)) {
         let mut m = self.endpoints.lock().expect("status lock");
-        f(m.entry(name.to_string()).or_default());
+        let e = match m.get_mut(name) {
+            Some(e) => e,
+            None => {
+                for outcome in ["delivered", "failed", "dead_lettered"] {
+                    self.metrics
+                        .deliveries
+                        .get_or_create(&DeliveryLabels {
+                            endpoint: name.to_string(),
+                            outcome,
+                        })
+                        .inc_by(0);
+                }
+                m.entry(name.to_string()).or_default()
+            }
+        };
+        f(&mut e.status);
     }
 
+    /// A delivery attempt of an event detected at `created_ms` ended with
+    /// `outcome`: counted in the endpoint's status and in
+    /// `pollhook_deliveries_total` at once; an event that left the outbox
+    /// (delivered or dead-lettered) leaves `queue_depth`. Then `f` updates
+    /// the rest of the status.
+    pub fn delivery(
+        &self,
+        name: &str,
+        created_ms: i64,
+        outcome: DeliveryOutcome,
+        f: impl FnOnce(&mut EndpointStatus),
+    ) {
+        let label = match outcome {
+            DeliveryOutcome::Delivered => "delivered",
+            DeliveryOutcome::Failed => "failed",
+            DeliveryOutcome::DeadLettered => "dead_lettered",
+        };
+        self.metrics
+            .deliveries
+            .get_or_create(&DeliveryLabels {
+                endpoint: name.to_string(),
+                outcome: label,
+            })
+            .inc();
+        let mut m = self.endpoints.lock().expect("status lock");
+        let e = m.entry(name.to_string()).or_default();
+        match outcome {
+            DeliveryOutcome::Delivered => {
+                e.status.delivered += 1;
+                e.remove_pending(created_ms);
+            }
+            DeliveryOutcome::Failed => e.status.failed_attempts += 1,
+            DeliveryOutcome::DeadLettered => {
+                e.status.dead_lettered += 1;
+                e.status.dead_letters += 1;
+                e.remove_pending(created_ms);
+            }
+        }
+        f(&mut e.status);
+    }
+
+    /// A poller is about to commit `n` events detected at `created_ms` for
+    /// `endpoint`. Counted before the commit, so that the worker can never
+    /// deliver one before it was counted; [`Status::unqueued`] takes them
+    /// back if the commit fails.
+    pub fn queued(&self, endpoint: &str, n: u64, created_ms: i64) {
+        let mut m = self.endpoints.lock().expect("status lock");
+        m.entry(endpoint.to_string())
+            .or_default()
+            .add_pending(created_ms, n);
+    }
+
+    /// The commit announced by [`Status::queued`] failed.
+    pub fn unqueued(&self, endpoint: &str, n: u64, created_ms: i64) {
+        let mut m = self.endpoints.lock().expect("status lock");
+        if let Some(e) = m.get_mut(endpoint) {
+            for _ in 0..n {
+                e.remove_pending(created_ms);
+            }
+        }
+    }
+
+    /// Sets an endpoint's backlog from the store: the detection time of
+    /// every waiting event, and the dead letters. The worker calls this
+    /// when it starts and when entries appeared that only a scan finds (a
+    /// replay), never on a scrape.
+    pub fn set_backlog(&self, endpoint: &str, pending: impl IntoIterator<Item = i64>, dead: u64) {
+        let mut times: BTreeMap<i64, u64> = BTreeMap::new();
+        let mut depth = 0;
+        for t in pending {
+            *times.entry(t).or_default() += 1;
+            depth += 1;
+        }
+        let mut m = self.endpoints.lock().expect("status lock");
+        let e = m.entry(endpoint.to_string()).or_default();
+        e.status.queue_depth = depth;
+        e.status.oldest_pending_ms = times.keys().next().copied();
+        e.status.dead_letters = dead;
+        e.pending = times;
+    }
+
+    /// Counts the dead letters of every known endpoint in the store again,
+    /// after some were deleted (`pollhook dlq drop`, retention): rare, so a
+    /// scan per endpoint is fine there, where it would not be per scrape.
+    pub async fn recount_dead_letters(&self, store: &crate::store::Store) {
+        let names: Vec<String> = self
+            .endpoints
+            .lock()
+            .expect("status lock")
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            if let Ok(dead) = store.dead_letters(Some(&name)).await {
+                let n = dead.len() as u64;
+                self.endpoint(&name, |s| s.dead_letters = n);
+            }
+        }
+    }
+
+    /// A copy of every instance's status. The map's lock is held only to
+    /// copy its `Arc`s; each instance is then copied under its own lock.
     pub fn instances(&self) -> BTreeMap<String, InstanceStatus> {
-        self.instances.lock().expect("status lock").clone()
+        self.instance_entries()
+            .into_iter()
+            .map(|(k, e)| (k.to_string(), e.lock().expect("status lock").clone()))
+            .collect()
+    }
+
+    /// Reads every instance in turn (key order) without copying it: what
+    /// `/metrics` aggregates per source.
+    pub fn each_instance(&self, mut f: impl FnMut(&InstanceStatus)) {
+        for (_, e) in self.instance_entries() {
+            f(&e.lock().expect("status lock"));
+        }
+    }
+
+    fn instance_entries(&self) -> Vec<(Arc<str>, Arc<Mutex<InstanceStatus>>)> {
+        self.instances
+            .lock()
+            .expect("status lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn endpoints(&self) -> BTreeMap<String, EndpointStatus> {
-        self.endpoints.lock().expect("status lock").clone()
+        self.endpoints
+            .lock()
+            .expect("status lock")
+            .iter()
+            .map(|(k, e)| (k.clone(), e.status.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_follows_events_in_and_out_and_knows_the_oldest() {
+        let s = Status::default();
+        s.set_backlog("ep", [300, 100, 100], 2);
+        let ep = |s: &Status| s.endpoints()["ep"].clone();
+        assert_eq!(ep(&s).queue_depth, 3);
+        assert_eq!(ep(&s).oldest_pending_ms, Some(100));
+        assert_eq!(ep(&s).dead_letters, 2);
+        s.queued("ep", 2, 400);
+        s.queued("ep", 1, 50);
+        s.unqueued("ep", 1, 50); // that commit failed
+        assert_eq!(ep(&s).queue_depth, 5);
+        assert_eq!(ep(&s).oldest_pending_ms, Some(100));
+        // Out of order (ordering: none), then a dead letter.
+        s.delivery("ep", 300, DeliveryOutcome::Delivered, |_| {});
+        s.delivery("ep", 100, DeliveryOutcome::Delivered, |_| {});
+        assert_eq!(ep(&s).oldest_pending_ms, Some(100), "one left at 100");
+        s.delivery("ep", 100, DeliveryOutcome::Failed, |_| {});
+        assert_eq!(ep(&s).queue_depth, 3, "a failed attempt stays queued");
+        s.delivery("ep", 100, DeliveryOutcome::DeadLettered, |_| {});
+        assert_eq!(ep(&s).oldest_pending_ms, Some(400));
+        assert_eq!(ep(&s).dead_letters, 3);
+        assert_eq!(
+            (
+                ep(&s).delivered,
+                ep(&s).failed_attempts,
+                ep(&s).dead_lettered
+            ),
+            (2, 1, 1)
+        );
+        s.delivery("ep", 400, DeliveryOutcome::Delivered, |_| {});
+        s.delivery("ep", 400, DeliveryOutcome::Delivered, |_| {});
+        assert_eq!(ep(&s).queue_depth, 0);
+        assert_eq!(ep(&s).oldest_pending_ms, None);
+    }
+
+    fn exposition(s: &Status) -> String {
+        let mut r = Registry::default();
+        s.metrics().register_sources(&mut r);
+        s.metrics().register_deliveries(&mut r);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &r).unwrap();
+        out
+    }
+
+    #[test]
+    fn counters_outlive_the_instances_and_endpoints_they_counted() {
+        let s = Status::default();
+        s.register_instance("src/a", |i| {
+            i.source = "src".into();
+            i.connector = "c".into();
+        });
+        s.polled("src/a", "src", "c", PollOutcome::Ok, |i| i.seen_evicted = 4);
+        s.polled("src/a", "src", "c", PollOutcome::NotModified, |_| {});
+        s.endpoint("ep", |_| {});
+        s.delivery("ep", 0, DeliveryOutcome::Failed, |_| {});
+        let i = &s.instances()["src/a"];
+        assert_eq!((i.polls_ok, i.polls_not_modified), (1, 1));
+        s.remove_source("src");
+        s.remove_endpoint("ep");
+        let text = exposition(&s);
+        for line in [
+            r#"pollhook_polls_total{source="src",connector="c",outcome="ok"} 1"#,
+            r#"pollhook_polls_total{source="src",connector="c",outcome="not_modified"} 1"#,
+            r#"pollhook_polls_total{source="src",connector="c",outcome="error"} 0"#,
+            r#"pollhook_seen_evicted_total{source="src",connector="c"} 4"#,
+            r#"pollhook_deliveries_total{endpoint="ep",outcome="failed"} 1"#,
+            r#"pollhook_deliveries_total{endpoint="ep",outcome="delivered"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }

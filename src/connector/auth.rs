@@ -1,12 +1,15 @@
 //! OAuth2 client-credentials tokens (RFC 6749 §4.4), shared by every
 //! instance that uses the same token endpoint and client.
 //!
-//! Why a cache shared across instances: a source with 1,000 accounts must not
-//! ask the identity provider for 1,000 tokens per poll round. One token per
-//! (token URL, client id, scope) is fetched, reused until shortly before it
-//! expires, and fetched again once when the API answers 401 (revoked or
-//! rotated early). A per-key async lock makes concurrent instances wait for
-//! one fetch instead of stampeding the token endpoint.
+//! Why a cache shared across instances: a source with 1,000 accounts must
+//! not ask the identity provider for 1,000 tokens per poll round. One token
+//! per (token URL, client id, scope, params) is fetched, reused until
+//! shortly before it expires, and fetched again once when the API answers
+//! 401 (revoked or rotated early). The key holds every field that can change
+//! what a token is good for, the extra form `params` too (an `audience` or
+//! `resource` names the API a token is for), so two connectors that differ
+//! only there never share a token. A per-key async lock makes concurrent
+//! instances wait for one fetch instead of stampeding the token endpoint.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,13 +32,19 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
+    /// The cache key: everything sent to the token endpoint but the secret.
+    /// `params` are sorted, so their order in the YAML does not split the
+    /// cache. JSON keeps the parts apart whatever characters they hold.
     fn key(&self) -> String {
-        format!(
-            "{}\0{}\0{}",
+        let mut params: Vec<&(String, String)> = self.params.iter().collect();
+        params.sort();
+        serde_json::json!([
             self.token_url,
             self.client_id,
-            self.scope.as_deref().unwrap_or("")
-        )
+            self.scope.as_deref().unwrap_or(""),
+            params,
+        ])
+        .to_string()
     }
 }
 
@@ -47,7 +56,7 @@ struct Cached {
     refresh_at: Instant,
 }
 
-/// Tokens by (token URL, client, scope).
+/// Tokens by (token URL, client, scope, params).
 #[derive(Default)]
 pub struct TokenCache {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
@@ -199,6 +208,34 @@ mod tests {
             Duration::from_secs(90)
         );
         assert_eq!(refresh_after(Duration::ZERO), Duration::ZERO);
+    }
+
+    fn request(params: &[(&str, &str)]) -> TokenRequest {
+        TokenRequest {
+            token_url: "https://idp/token".into(),
+            client_id: "app".into(),
+            client_secret: "s".into(),
+            scope: Some("read".into()),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            client_auth: ClientAuth::Basic,
+        }
+    }
+
+    #[test]
+    fn the_cache_key_holds_the_params_in_any_order() {
+        let a = request(&[("audience", "billing"), ("resource", "r")]);
+        assert_ne!(
+            a.key(),
+            request(&[("audience", "ledger"), ("resource", "r")]).key()
+        );
+        assert_ne!(a.key(), request(&[]).key());
+        assert_eq!(
+            a.key(),
+            request(&[("resource", "r"), ("audience", "billing")]).key()
+        );
     }
 
     #[test]

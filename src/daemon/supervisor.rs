@@ -235,6 +235,10 @@ impl Supervisor {
                 dead_letters = swept.dead_letters,
                 "dead letters older than store.dead_letters deleted"
             );
+            self.shared
+                .status
+                .recount_dead_letters(&self.shared.store)
+                .await;
         }
         for key in swept.states {
             info!(instance = %key, "removed from the configuration longer than its retention: state deleted");

@@ -109,8 +109,15 @@ pub enum Outcome {
 
 /// Classifies an HTTP answer. Only 2xx is success; a 3xx is a failure too,
 /// since redirects are never followed (a webhook must not be re-sent to
-/// wherever a `Location` header points). `Retry-After` counts on 429 and 503.
-pub fn classify(status: u16, retry_after: Option<&str>, snippet: &str) -> Outcome {
+/// wherever a `Location` header points). `Retry-After` counts on 429 and 503;
+/// in its HTTP-date form it is read against `now`, which is passed in so
+/// that classification stays pure (invariant 4) and testable with a date.
+pub fn classify(
+    status: u16,
+    retry_after: Option<&str>,
+    snippet: &str,
+    now: std::time::SystemTime,
+) -> Outcome {
     match status {
         200..=299 => Outcome::Delivered,
         410 => Outcome::Gone,
@@ -121,8 +128,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, snippet: &str) -> Outcom
                 format!("endpoint answered HTTP {status}: {snippet}")
             },
             retry_after: match status {
-                429 | 503 => retry_after
-                    .and_then(|v| crate::quota::retry_after(v, std::time::SystemTime::now())),
+                429 | 503 => retry_after.and_then(|v| crate::quota::retry_after(v, now)),
                 _ => None,
             },
         },
@@ -202,34 +208,56 @@ mod tests {
         assert!((2.39..2.4).contains(&hi), "{hi}");
     }
 
+    fn now() -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(784_111_777 - 42)
+    }
+
+    #[test]
+    fn a_receiver_s_retry_after_date_is_read_in_every_http_date_form() {
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                classify(503, Some(form), "", now()),
+                Outcome::Failed {
+                    reason: "endpoint answered HTTP 503".into(),
+                    retry_after: Some(Duration::from_secs(42))
+                },
+                "{form}"
+            );
+        }
+    }
+
     #[test]
     fn only_2xx_is_delivered_410_is_gone_and_retry_after_counts_on_429_503() {
-        assert_eq!(classify(200, None, ""), Outcome::Delivered);
-        assert_eq!(classify(204, None, ""), Outcome::Delivered);
-        assert_eq!(classify(410, None, ""), Outcome::Gone);
+        assert_eq!(classify(200, None, "", now()), Outcome::Delivered);
+        assert_eq!(classify(204, None, "", now()), Outcome::Delivered);
+        assert_eq!(classify(410, None, "", now()), Outcome::Gone);
         assert!(matches!(
-            classify(301, Some("5"), ""),
+            classify(301, Some("5"), "", now()),
             Outcome::Failed {
                 retry_after: None,
                 ..
             }
         ));
         assert_eq!(
-            classify(429, Some("7"), "busy"),
+            classify(429, Some("7"), "busy", now()),
             Outcome::Failed {
                 reason: "endpoint answered HTTP 429: busy".into(),
                 retry_after: Some(Duration::from_secs(7))
             }
         );
         assert!(matches!(
-            classify(503, Some("2"), ""),
+            classify(503, Some("2"), "", now()),
             Outcome::Failed {
                 retry_after: Some(_),
                 ..
             }
         ));
         assert!(matches!(
-            classify(500, Some("2"), ""),
+            classify(500, Some("2"), "", now()),
             Outcome::Failed {
                 retry_after: None,
                 ..

@@ -20,7 +20,7 @@ use tracing::{debug, error, warn};
 use super::policy::{Endpoint, Ordering};
 use super::retry::{classify, Outcome};
 use super::sign::{hub_signature, signature_header};
-use crate::status::Status;
+use crate::status::{DeliveryOutcome, Status};
 use crate::store::{AttemptRecord, DeadLetter, EntryKey, OutboxEntry, Store};
 
 /// Everything one endpoint's worker needs.
@@ -115,14 +115,12 @@ struct Health {
 /// Ordered delivery only ever sends an instance's head, and new entries
 /// go behind it, so a head once read stays the head until it is settled.
 /// `heads` keeps the head of each instance that is neither in flight nor
-/// unknown, `due` orders them by next attempt, `ages` by detection time
-/// (the oldest pending event, for `/status`), and `stale` lists instances
+/// unknown, `due` orders them by next attempt, and `stale` lists instances
 /// whose head must be read again (new entries, a settled head, a replay).
 #[derive(Default)]
 struct Queue {
     heads: HashMap<String, (EntryKey, OutboxEntry)>,
     due: BTreeSet<(i64, String)>,
-    ages: BTreeSet<(i64, String)>,
     stale: BTreeSet<String>,
     /// Instances with an entry in flight (ordered), or event ids (unordered).
     busy: HashSet<String>,
@@ -132,7 +130,6 @@ impl Queue {
     fn put(&mut self, key: EntryKey, entry: OutboxEntry) {
         self.due
             .insert((entry.next_attempt_ms, entry.instance.clone()));
-        self.ages.insert((entry.created_ms, entry.instance.clone()));
         self.heads.insert(entry.instance.clone(), (key, entry));
     }
 
@@ -155,18 +152,12 @@ impl Queue {
         if stays {
             self.put(key, entry);
         } else {
-            self.ages
-                .remove(&(entry.created_ms, entry.instance.clone()));
             self.stale.insert(entry.instance);
         }
     }
 
     fn next_due(&self) -> Option<i64> {
         self.due.first().map(|(t, _)| *t)
-    }
-
-    fn oldest(&self) -> Option<i64> {
-        self.ages.first().map(|(t, _)| *t)
     }
 }
 
@@ -274,11 +265,6 @@ impl Worker {
                     });
                 }
             }
-            if ordered {
-                let oldest = q.oldest();
-                self.status
-                    .endpoint(&ep.name, |s| s.oldest_pending_ms = oldest);
-            }
             let sleep = async {
                 match next_due {
                     Some(t) => {
@@ -327,17 +313,38 @@ impl Worker {
             }
         }
         q.busy = busy;
-        let stats = self.store.outbox_stats(name).await;
-        let dead = self.store.dead_letters(Some(name)).await.map(|d| d.len());
-        self.status.endpoint(name, |s| {
-            if let Ok((depth, oldest)) = stats {
-                s.queue_depth = depth;
-                s.oldest_pending_ms = oldest;
+        self.resync_backlog().await;
+    }
+
+    /// Sets the endpoint's backlog in `/status` (waiting events and their
+    /// detection times, dead letters) from the store: one scan when the
+    /// worker starts or after a replay, so that scrapes never scan.
+    async fn resync_backlog(&self) {
+        const PAGE: usize = 1000;
+        let name = &self.endpoint.name;
+        let mut pending = Vec::new();
+        let mut after: Option<EntryKey> = None;
+        loop {
+            match self.store.outbox_page(name, after.as_ref(), PAGE).await {
+                Ok(page) => {
+                    pending.extend(page.iter().map(|(_, e)| e.created_ms));
+                    if page.len() < PAGE {
+                        break;
+                    }
+                    after = page.last().map(|(k, _)| k.clone());
+                }
+                Err(e) => {
+                    error!(endpoint = %name, error = %format!("{e:#}"), "cannot count the outbox");
+                    return;
+                }
             }
-            if let Ok(n) = dead {
-                s.dead_letters = n as u64;
+        }
+        match self.store.dead_letters(Some(name)).await {
+            Ok(dead) => self.status.set_backlog(name, pending, dead.len() as u64),
+            Err(e) => {
+                error!(endpoint = %name, error = %format!("{e:#}"), "cannot count the dead letters")
             }
-        });
+        }
     }
 
     /// Reads the head of every stale instance (one seek each).
@@ -501,17 +508,19 @@ impl Worker {
             }
             Outcome::Delivered => {
                 debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
-                let removed = self.store.delivered(&key).await;
-                self.status.endpoint(&ep.name, |s| {
-                    s.delivered += 1;
-                    s.last_success_ms = Some(crate::now_ms());
-                    if removed.is_ok() {
-                        s.queue_depth = s.queue_depth.saturating_sub(1);
+                match self.store.delivered(&key).await {
+                    Ok(()) => {
+                        self.status.delivery(
+                            &ep.name,
+                            entry.created_ms,
+                            DeliveryOutcome::Delivered,
+                            |s| s.last_success_ms = Some(crate::now_ms()),
+                        );
+                        (key, entry, false)
                     }
-                });
-                match removed {
-                    Ok(()) => (key, entry, false),
                     Err(e) => {
+                        // Still waiting as far as the store knows: counted
+                        // when its removal is recorded.
                         error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again in {}s", STORE_RETRY.as_secs());
                         (key, store_retry(entry), true)
                     }
@@ -521,10 +530,10 @@ impl Worker {
                 reason,
                 retry_after,
             } => {
-                self.status.endpoint(&ep.name, |s| {
-                    s.failed_attempts += 1;
-                    s.last_error = Some(reason.clone());
-                });
+                self.status
+                    .delivery(&ep.name, entry.created_ms, DeliveryOutcome::Failed, |s| {
+                        s.last_error = Some(reason.clone())
+                    });
                 let unit: f64 = rand::random();
                 match ep.retry.delay_with(entry.attempts, unit, retry_after) {
                     Some(delay) => {
@@ -553,13 +562,15 @@ impl Worker {
                             entry,
                             dead_at_ms: crate::now_ms(),
                         };
+                        let created_ms = letter.entry.created_ms;
                         match self.store.dead_letter(&key, &letter).await {
                             Ok(()) => {
-                                self.status.endpoint(&ep.name, |s| {
-                                    s.dead_lettered += 1;
-                                    s.dead_letters += 1;
-                                    s.queue_depth = s.queue_depth.saturating_sub(1);
-                                });
+                                self.status.delivery(
+                                    &ep.name,
+                                    created_ms,
+                                    DeliveryOutcome::DeadLettered,
+                                    |_| {},
+                                );
                                 (key, letter.entry, false)
                             }
                             Err(e) => {
@@ -643,7 +654,12 @@ async fn attempt(
                 .map(|c| if c.is_control() { ' ' } else { c })
                 .collect();
             (
-                classify(status, retry_after.as_deref(), text.trim()),
+                classify(
+                    status,
+                    retry_after.as_deref(),
+                    text.trim(),
+                    std::time::SystemTime::now(),
+                ),
                 Some(status),
             )
         }

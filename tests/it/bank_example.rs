@@ -70,9 +70,7 @@ async fn balance_changes_reach_the_agent_and_thresholds_fire_only_on_crossings()
         .await;
     }
     // A few more polls: nothing else may arrive.
-    let before = d.status().await["instances"]["balances/acc-0001"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let before = polls_of(&d.status().await, "balances/acc-0001");
     d.wait_polls(&["balances/acc-0001"], before + 5).await;
 
     let changed = rx.accepted_of("bank.balance.changed");
@@ -152,9 +150,7 @@ async fn new_transactions_across_pages_once_each_and_a_restart_resumes_from_the_
         || rx.accepted().len() >= 250,
     )
     .await;
-    let polls = d.status().await["instances"]["transactions/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "transactions/default");
     d.wait_polls(&["transactions/default"], polls + 5).await;
     let got: Vec<String> = rx
         .accepted()
@@ -203,9 +199,7 @@ async fn new_transactions_across_pages_once_each_and_a_restart_resumes_from_the_
         first_after.contains(&format!("since={cursor}")),
         "resumed from the stored cursor: {first_after}"
     );
-    let polls = d.status().await["instances"]["transactions/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "transactions/default");
     d.wait_polls(&["transactions/default"], polls + 5).await;
     let got: Vec<String> = rx.accepted()[250..]
         .iter()

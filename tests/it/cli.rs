@@ -338,9 +338,7 @@ endpoints:
         || !rx.accepted().is_empty(),
     )
     .await;
-    let polls = d.status().await["instances"]["tx/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "tx/default");
     d.wait_polls(&["tx/default"], polls + 3).await;
     let got: Vec<String> = rx
         .accepted()

@@ -130,9 +130,7 @@ async fn github_issues_created_updated_closed_once_each_across_link_pages() {
     })
     .await;
     // More polls over the overlapping lookback window: nothing repeats.
-    let polls = d.status().await["instances"]["issues/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "issues/default");
     d.wait_polls(&["issues/default"], polls + 5).await;
     assert_eq!(
         kinds(&rx),
@@ -217,9 +215,7 @@ async fn rss_feed_items_arrive_once_from_a_feed_of_one_then_many() {
         rx.accepted().len() >= 2
     })
     .await;
-    let polls = d.status().await["instances"]["news/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "news/default");
     d.wait_polls(&["news/default"], polls + 3).await;
     let got = rx.accepted();
     assert_eq!(got.len(), 2);
@@ -312,9 +308,7 @@ async fn statuspage_degraded_and_recovered_but_not_on_page_updates() {
     d.wait_polls(&["acme/default"], 2).await;
     // The page's updated_at moves: not a status change.
     status.lock().unwrap().2 = 2;
-    let polls = d.status().await["instances"]["acme/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "acme/default");
     d.wait_polls(&["acme/default"], polls + 3).await;
     assert!(rx.all().is_empty());
     *status.lock().unwrap() = ("major", "Partial outage", 3);

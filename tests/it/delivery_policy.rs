@@ -144,9 +144,7 @@ async fn gone_disables_the_endpoint_and_keeps_its_events() {
         "{s:#}"
     );
     // Polls go on; nothing more is sent.
-    let polls = s["instances"]["balances/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&s, "balances/default");
     d.wait_polls(&["balances/default"], polls + 5).await;
     assert_eq!(rx.count(), 1);
     // Disabled it stays, across a restart too (the receiver would now
@@ -158,9 +156,7 @@ async fn gone_disables_the_endpoint_and_keeps_its_events() {
             s["endpoints"]["agent"]["disabled"].is_string()
         })
         .await;
-    let polls = s["instances"]["balances/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&s, "balances/default");
     d.wait_polls(&["balances/default"], polls + 5).await;
     assert_eq!(rx.count(), 1);
     // Until the operator enables it: the queued events go out, in order.
@@ -464,9 +460,7 @@ async fn ordering_none_lets_later_events_overtake_a_retried_one() {
             assert!(rx.seen.lock().unwrap()[1].2.contains("222.22"));
         } else {
             // … and waits behind the first (whose retry is 30 s away).
-            let polls = s["instances"]["balances/default"]["polls_ok"]
-                .as_u64()
-                .unwrap();
+            let polls = polls_of(&s, "balances/default");
             d.wait_polls(&["balances/default"], polls + 5).await;
             assert_eq!(rx.count(), 1, "per-instance order holds");
         }
@@ -496,9 +490,7 @@ async fn an_endpoint_failing_longer_than_disable_after_is_disabled() {
         "{s:#}"
     );
     let sent = rx.count();
-    let polls = s["instances"]["balances/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&s, "balances/default");
     d.wait_polls(&["balances/default"], polls + 10).await;
     assert_eq!(rx.count(), sent, "nothing sent once disabled");
     assert_eq!(d.status().await["endpoints"]["agent"]["queue_depth"], 1);

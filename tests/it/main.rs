@@ -16,6 +16,8 @@ mod delivery_policy;
 mod discover;
 mod docs;
 mod language;
+mod metrics;
+mod oauth;
 mod ops;
 mod polite;
 mod reload;

@@ -257,9 +257,7 @@ async fn sigterm_hands_back_deliveries_past_the_deadline_and_finishes_those_with
     );
     rx.set_plan(Plan::Always(204));
     d.start().await;
-    let polls = d.status().await["instances"]["balances/default"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "balances/default");
     d.wait_polls(&["balances/default"], polls + 5).await;
     assert_eq!(rx.all().len(), 3, "nothing was sent twice");
     assert!(d.terminate().success());
@@ -638,6 +636,11 @@ async fn store_retention_forgets_old_history_and_dead_letters() {
     )
     .unwrap();
     d.start().await;
+    // /status counts dead letters in memory: it follows the deletion.
+    d.wait_status("the dead letter forgotten in /status", |s| {
+        s["endpoints"]["agent"]["dead_letters"] == 0
+    })
+    .await;
     assert!(d.terminate().success());
     assert!(tokio::task::block_in_place(|| attempts(&d)).is_empty());
     assert_eq!(dead(&d), 0);

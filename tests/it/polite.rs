@@ -319,9 +319,7 @@ async fn a_503_storm_with_an_http_date_pauses_every_instance_then_recovers() {
         stormed.len()
     );
     assert_eq!(rx.accepted()[0].body["data"]["id"], "after-storm");
-    let polls = d.status().await["instances"]["s/i00"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "s/i00");
     d.wait_polls(&["s/i00"], polls + 5).await;
 }
 

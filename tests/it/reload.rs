@@ -99,9 +99,7 @@ async fn sighup_applies_a_good_config_and_keeps_running_on_a_bad_one() {
         ),
     )
     .unwrap();
-    let before = d.status().await["instances"]["balances/acc-0001"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let before = polls_of(&d.status().await, "balances/acc-0001");
     hup(&d);
     let s = d
         .wait_status("the bad reload refused", |s| {

@@ -228,6 +228,14 @@ pub fn secret() -> String {
     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_string()
 }
 
+/// An instance's successful polls in a `/status`: those that read an
+/// answer (`polls_ok`) and those answered `304 Not Modified`, which
+/// `/status` counts apart.
+pub fn polls_of(status: &Value, instance: &str) -> u64 {
+    let i = &status["instances"][instance];
+    i["polls_ok"].as_u64().unwrap_or(0) + i["polls_not_modified"].as_u64().unwrap_or(0)
+}
+
 /// A config directory with the real `pollhook` binary run on it.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
@@ -340,15 +348,13 @@ impl Daemon {
         }
     }
 
-    /// Waits until every named instance has at least `n` successful polls.
+    /// Waits until every named instance has at least `n` successful polls
+    /// (see [`polls_of`]).
     pub async fn wait_polls(&self, instances: &[&str], n: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let s = self.status().await;
-            if instances
-                .iter()
-                .all(|i| s["instances"][i]["polls_ok"].as_u64().unwrap_or(0) >= n)
-            {
+            if instances.iter().all(|i| polls_of(&s, i) >= n) {
                 return;
             }
             assert!(

@@ -91,9 +91,7 @@ endpoints:
         || rx.accepted().len() == 1,
     )
     .await;
-    let polls = d.status().await["instances"]["probe/ok"]["polls_ok"]
-        .as_u64()
-        .unwrap();
+    let polls = polls_of(&d.status().await, "probe/ok");
     d.wait_polls(&["probe/ok"], polls + 3).await;
 
     let s = d.status().await;
