@@ -85,7 +85,9 @@ pub(crate) async fn poll_loop(
         // The in-memory copy follows, so a commit_poll of this state does not
         // write back an older value.
         state.next_run_ms = Some(due.timestamp_millis());
-        if let Err(e) = shared
+        if !source.schedule.keeps_next_run() {
+            // A restart finds this instance's slot without it.
+        } else if let Err(e) = shared
             .store
             .set_next_run(&inst.key, due.timestamp_millis())
             .await

@@ -384,6 +384,15 @@ impl Schedule {
         }
     }
 
+    /// Whether a restart needs the stored next run time. A short `every`
+    /// (at most [`PROMPT_SPREAD`]) starts at the instance's next slot
+    /// whatever was stored (see [`first_due`]), so writing the time at
+    /// every poll would be a store write per poll for nothing: 50 writes a
+    /// second for the bank example's 50 balances every second.
+    pub fn keeps_next_run(&self) -> bool {
+        !matches!(self.kind, ScheduleKind::Every(d) if d <= PROMPT_SPREAD)
+    }
+
     /// The nominal period, for status and for spreading first polls: the
     /// interval itself, or the gap between the next two cron times.
     pub fn period(&self, now: DateTime<Utc>) -> Duration {
@@ -839,6 +848,38 @@ mod tests {
         let mut s = Schedule::parse("0 9 * * *").unwrap();
         s.catch_up = CatchUp::Skip;
         assert_eq!(first_due(None, now, &s, 0.5), Some(utc(2026, 11, 24, 9, 0)));
+    }
+
+    /// What `keeps_next_run` claims: for short periods, the first due time
+    /// is the same with or without a stored one (so it need not be stored);
+    /// for longer ones it is not.
+    #[test]
+    fn short_periods_need_no_stored_next_run() {
+        let now = utc(2026, 11, 23, 12, 0) + chrono::Duration::milliseconds(437);
+        for text in ["every 1s", "every 5s"] {
+            let s = Schedule::parse(text).unwrap();
+            assert!(!s.keeps_next_run(), "{text}");
+            for stored in [
+                now - chrono::Duration::hours(3),
+                s.next_slot(now, 0.3).unwrap(),
+            ] {
+                assert_eq!(
+                    first_due(Some(stored), now, &s, 0.3),
+                    first_due(None, now, &s, 0.3),
+                    "{text}, stored {stored}"
+                );
+            }
+        }
+        for text in ["every 6s", "every 1h", "*/5 * * * *"] {
+            let s = Schedule::parse(text).unwrap();
+            assert!(s.keeps_next_run(), "{text}");
+        }
+        let s = Schedule::parse("every 1h").unwrap();
+        let ahead = now + chrono::Duration::minutes(40);
+        assert_ne!(
+            first_due(Some(ahead), now, &s, 0.3),
+            first_due(None, now, &s, 0.3)
+        );
     }
 
     /// 50 instances on `every 1s`, started at an instant off the second:
