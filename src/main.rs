@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use pollhook::config::{Config, ConfigErrors};
+use pollhook::config::{Config, ConfigErrors, OperatorConfig};
 use pollhook::deliver::sign::{self, SigningKey};
 use pollhook::store::backup;
 use pollhook::{dryrun, ops};
@@ -289,11 +289,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             command: EndpointCommand::Enable { name },
         } => {
             let op = operator(&cli.config)?;
+            if !op.endpoints.contains(&name) {
+                let known: Vec<&str> = op.endpoints.iter().map(String::as_str).collect();
+                bail!(
+                    "no endpoint named `{name}` in {} (known: {})",
+                    cli.config.display(),
+                    known.join(", ")
+                );
+            }
             let rt = runtime()?;
-            let target = rt.block_on(op.target("enable an endpoint"))?;
-            let out = rt.block_on(target.run(&ops::Enable {
-                endpoint: name.clone(),
-            }))?;
+            let target = rt.block_on(target(&op, "enable an endpoint"))?;
+            let out = rt
+                .block_on(target.run(&ops::Enable {
+                    endpoint: name.clone(),
+                }))
+                .map_err(|e| op_error(&op, e))?;
             if out.was_disabled {
                 println!("endpoint `{name}` enabled: its queued events go out");
             } else {
@@ -306,8 +316,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             match command {
                 StateCommand::Export { output } => {
                     let rt = runtime()?;
-                    let target = rt.block_on(op.target("export"))?;
-                    let bytes = rt.block_on(target.export())?;
+                    let target = rt.block_on(target(&op, "export"))?;
+                    let bytes = rt.block_on(target.export()).map_err(|e| op_error(&op, e))?;
                     match output {
                         None => {
                             use std::io::Write as _;
@@ -361,28 +371,36 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 DlqCommand::Replay(a) => (a, "replay dead letters"),
                 DlqCommand::Drop(a) => (a, "drop dead letters"),
             };
-            let filter = dlq_filter(&cli.config, args)?;
+            let filter = dlq_filter(&op, args)?;
             let rt = runtime()?;
-            let target = rt.block_on(op.target(what))?;
+            let target = rt.block_on(target(&op, what))?;
             match command {
                 DlqCommand::List(a) => {
-                    let rows = rt.block_on(target.run(&ops::DlqList(filter)))?;
+                    let rows = rt
+                        .block_on(target.run(&ops::DlqList(filter)))
+                        .map_err(|e| op_error(&op, e))?;
                     if a.json {
                         print_json(&rows);
                     } else {
                         print_dlq(&rows);
                     }
                 }
-                DlqCommand::Replay(_) => {
-                    print_json(&rt.block_on(target.run(&ops::DlqReplay(filter)))?)
-                }
-                DlqCommand::Drop(_) => print_json(&rt.block_on(target.run(&ops::DlqDrop(filter)))?),
+                DlqCommand::Replay(_) => print_json(
+                    &rt.block_on(target.run(&ops::DlqReplay(filter)))
+                        .map_err(|e| op_error(&op, e))?,
+                ),
+                DlqCommand::Drop(_) => print_json(
+                    &rt.block_on(target.run(&ops::DlqDrop(filter)))
+                        .map_err(|e| op_error(&op, e))?,
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
             let op = operator(&cli.config)?;
-            let s = runtime()?.block_on(ops::status(&op.state_dir, op.admin_token.as_deref()))?;
+            let s = runtime()?
+                .block_on(ops::status(&op.state_dir, op.admin_token.as_deref()))
+                .map_err(|e| op_error(&op, e))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -403,8 +421,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 limit: Some(limit),
             });
             let rt = runtime()?;
-            let target = rt.block_on(op.target("show the delivery history"))?;
-            let rows = rt.block_on(target.run(&q))?;
+            let target = rt.block_on(target(&op, "show the delivery history"))?;
+            let rows = rt.block_on(target.run(&q)).map_err(|e| op_error(&op, e))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -554,6 +572,7 @@ fn print_status(s: &serde_json::Value) {
         "LAST POLL",
         "NEXT POLL",
         "OK",
+        "304",
         "FAILED",
         "EVENTS",
         "INTERVAL",
@@ -568,6 +587,7 @@ fn print_status(s: &serde_json::Value) {
             relative(&i["last_poll_ms"], now),
             relative(&i["next_poll_ms"], now),
             i["polls_ok"].to_string(),
+            i["polls_not_modified"].to_string(),
             i["polls_failed"].to_string(),
             i["events"].to_string(),
             i["effective_interval_ms"]
@@ -655,39 +675,39 @@ fn table(rows: &[Vec<String>]) {
     }
 }
 
-/// What operator commands need of bridge.yaml: the state directory (the
-/// store, `admin.addr`) and the admin token.
-struct Operator {
-    state_dir: PathBuf,
-    admin_token: Option<String>,
+/// What operator commands read of bridge.yaml: the state directory (the
+/// store, `admin.addr`), the admin token, the endpoint and source names.
+/// Only those fields' `${VAR}`s are resolved, so `status` or `dlq` work
+/// without the variables the daemon's sources need.
+fn operator(config: &std::path::Path) -> anyhow::Result<OperatorConfig> {
+    Ok(pollhook::config::load_operator(config)?)
 }
 
-impl Operator {
-    /// The running daemon, else the stopped store.
-    async fn target(&self, what: &str) -> Result<ops::Target, ops::OpError> {
-        ops::Target::find(&self.state_dir, self.admin_token.clone(), what).await
+/// The running daemon (through its admin server), else the stopped store.
+async fn target(op: &OperatorConfig, what: &str) -> anyhow::Result<ops::Target> {
+    Ok(ops::Target::find(&op.state_dir, op.admin_token.clone(), what).await?)
+}
+
+/// An operation's failure, with why the admin token could not be read
+/// when the daemon refused for want of it.
+fn op_error(op: &OperatorConfig, e: ops::OpError) -> anyhow::Error {
+    match (&e, &op.admin_token_error) {
+        (ops::OpError::Daemon(m), Some(why)) if m.contains("token") => {
+            anyhow::anyhow!("{e}; the admin token could not be read: {why}")
+        }
+        _ => e.into(),
     }
 }
 
-fn operator(config: &std::path::Path) -> anyhow::Result<Operator> {
-    let c = Config::load(config)?;
-    Ok(Operator {
-        state_dir: c.state_dir,
-        admin_token: c.admin_token,
-    })
-}
-
-/// The filter of a `pollhook dlq` command. Only `--connector` needs the
-/// whole configuration (which sources use it).
-fn dlq_filter(config: &std::path::Path, a: &DlqArgs) -> anyhow::Result<ops::Filter> {
+/// The filter of a `pollhook dlq` command.
+fn dlq_filter(op: &OperatorConfig, a: &DlqArgs) -> anyhow::Result<ops::Filter> {
     let mut sources = a.source.clone();
     if let Some(c) = &a.connector {
-        let config = Config::load(config)?;
-        let using: Vec<String> = config
+        let using: Vec<String> = op
             .sources
             .iter()
-            .filter(|s| &s.connector.name == c)
-            .map(|s| s.name.clone())
+            .filter(|(_, connector)| *connector == c)
+            .map(|(s, _)| s.clone())
             .collect();
         if using.is_empty() {
             bail!("no source uses a connector named `{c}`");

@@ -446,3 +446,58 @@ emit: [{ type: x }]
     assert!(text.contains("api_key=***"), "{text}");
     assert!(!text.contains("ab%2Fc") && !text.contains("ab/c"), "{text}");
 }
+
+/// Operator commands read only what they need of bridge.yaml: the state
+/// directory and the admin token. A variable only the daemon's sources
+/// use (the demo's `BANK_URL`) need not be set to list dead letters, read
+/// the history, export a backup or enable an endpoint of a stopped daemon.
+#[test]
+fn operator_commands_need_only_the_state_dir_and_admin_settings() {
+    let bridge = format!(
+        r#"
+state_dir: state
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "${{POLLHOOK_TEST_UNSET_BANK_URL}}", account: acc-1 }}
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "${{POLLHOOK_TEST_UNSET_AGENT_URL}}", secret: "{}" }}
+"#,
+        secret()
+    );
+    let d = Daemon::new(
+        &bridge,
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    // The daemon itself needs them, and says which.
+    let out = d.command(&["validate"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("POLLHOOK_TEST_UNSET_BANK_URL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for args in [
+        &["dlq", "list"][..],
+        &["events"],
+        &["state", "export"],
+        &["endpoint", "enable", "agent"],
+    ] {
+        let out = d.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // `status` needs a running daemon, and says so (not a missing variable).
+    let out = d.command(&["status"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no running daemon"), "{err}");
+    // An unknown endpoint is named.
+    let out = d.command(&["endpoint", "enable", "nope"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no endpoint named `nope`"), "{err}");
+}
