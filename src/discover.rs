@@ -33,6 +33,11 @@ pub struct Found {
     pub with: Map<String, Value>,
 }
 
+/// The most instances one discovering source may start: each is a task
+/// and a state, and a listing gone wrong (an API answering every record it
+/// has) must be an error of the source, not a daemon running out of memory.
+pub const MAX_DISCOVERED: usize = 50_000;
+
 /// Lists a discovering source's instances once.
 pub async fn discover(
     source: &Source,
@@ -56,6 +61,7 @@ pub async fn discover(
     let items = lister.items.as_ref().expect("discover has items");
     let name_tpl = lister.id.as_ref().expect("discover has a name");
     let mut out: Vec<Found> = Vec::new();
+    let mut names = std::collections::HashSet::new();
     for page in &fetched.pages {
         // An error body is not an empty list (which would stop every instance).
         if let (Some(parent), false) = (&lister.items_parent, fetched.xml) {
@@ -92,7 +98,12 @@ pub async fn discover(
                     .map_err(|e| PollError::Detect(format!("discover.with.{k}: {e}")))?;
                 with.insert(k.clone(), Value::String(v));
             }
-            if !out.iter().any(|f| f.name == name) {
+            if names.insert(name.clone()) {
+                if out.len() == MAX_DISCOVERED {
+                    return Err(PollError::Detect(format!(
+                        "the discovery listing has more than {MAX_DISCOVERED} instances: refused (instances left unchanged); list less, or split the source"
+                    )));
+                }
                 out.push(Found { name, with });
             }
         }

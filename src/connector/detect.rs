@@ -150,8 +150,14 @@ pub fn detect(
         }
         DetectMode::New => {
             let items = list_items(c, &base, pages, listing.xml)?;
+            // Ids of this listing are never forgotten: only ids that left
+            // it are bounded (by `seen_ttl` and `seen_limit`). A listing
+            // larger than the bound cannot be remembered at all, and is
+            // an error rather than old items announced again every poll.
+            let listed: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            check_listing_fits(listed.len(), c.seen_limit, "seen_limit")?;
             let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
-            expire_seen(c, &mut state, &mut seen, now);
+            expire_seen(c, &mut state, &mut seen, now, &listed);
             for it in &items {
                 if !seen.insert(it.id.clone()) {
                     out.note(&it.id, "seen before");
@@ -159,11 +165,6 @@ pub fn detect(
                 }
                 state.seen.push_back(it.id.clone());
                 state.seen_at.push_back(now.timestamp_millis());
-                while state.seen.len() > c.seen_limit {
-                    state.seen.pop_front();
-                    state.seen_at.pop_front();
-                    state.seen_evicted += 1;
-                }
                 if first_run && baseline == Baseline::Skip {
                     out.note(
                         &it.id,
@@ -176,10 +177,15 @@ pub fn detect(
                 let fired = fire(c, &ctx, &it.id, &it.item, &mut out.events, false)?;
                 out.note(&it.id, describe_fired(&fired));
             }
+            forget_beyond(&mut state, c.seen_limit, &listed);
             advance_cursor(c, &base, prev, &mut state, pages, &items)?;
         }
         DetectMode::Changes => {
             let items = list_items(c, &base, pages, listing.xml)?;
+            // Every item of the listing is kept with its version; one too
+            // large to keep is an error, never a storm of `created`.
+            let distinct: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            check_listing_fits(distinct.len(), c.seen_limit, "seen_limit")?;
             let mut present = HashSet::new();
             for it in &items {
                 if !present.insert(it.id.clone()) {
@@ -377,12 +383,25 @@ pub(crate) fn preview(v: &Value) -> String {
     }
 }
 
-/// Forgets ids older than `seen_ttl`, counting them as evictions.
+/// A listing of `n` distinct items must fit the bound of what an instance
+/// remembers, or detection cannot tell old items from new ones. Pure.
+fn check_listing_fits(n: usize, limit: usize, field: &str) -> Result<(), String> {
+    if n > limit {
+        return Err(format!(
+            "the listing has {n} distinct items, more than `{field}` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `{field}` or list less (a cursor, a filter)"
+        ));
+    }
+    Ok(())
+}
+
+/// Forgets ids older than `seen_ttl` that are not in the current listing,
+/// counting them as evictions.
 fn expire_seen(
     c: &Connector,
     state: &mut InstanceState,
     seen: &mut HashSet<String>,
     now: DateTime<Utc>,
+    listed: &HashSet<&str>,
 ) {
     // States written before `seen_at` existed: their ids count as seen now.
     while state.seen_at.len() < state.seen.len() {
@@ -390,12 +409,45 @@ fn expire_seen(
     }
     let Some(ttl) = c.seen_ttl else { return };
     let oldest = now.timestamp_millis() - ttl.as_millis() as i64;
-    while state.seen_at.front().is_some_and(|t| *t < oldest) {
-        state.seen_at.pop_front();
-        if let Some(id) = state.seen.pop_front() {
-            seen.remove(&id);
+    retain_seen(state, |id, at| {
+        let keep = at >= oldest || listed.contains(id);
+        if !keep {
+            seen.remove(id);
         }
-        state.seen_evicted += 1;
+        keep
+    });
+}
+
+/// Keeps at most `limit` ids, forgetting the oldest of those that are not
+/// in the current listing (which fits the limit: see
+/// [`check_listing_fits`]).
+fn forget_beyond(state: &mut InstanceState, limit: usize, listed: &HashSet<&str>) {
+    let mut excess = state.seen.len().saturating_sub(limit);
+    if excess == 0 {
+        return;
+    }
+    retain_seen(state, |id, _| {
+        if excess > 0 && !listed.contains(id) {
+            excess -= 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// Keeps the seen ids (and their times, in step) for which `keep` says so,
+/// in order; counts the others as evictions. One pass.
+fn retain_seen(state: &mut InstanceState, mut keep: impl FnMut(&str, i64) -> bool) {
+    let ids = std::mem::take(&mut state.seen);
+    let times = std::mem::take(&mut state.seen_at);
+    for (id, at) in ids.into_iter().zip(times) {
+        if keep(&id, at) {
+            state.seen.push_back(id);
+            state.seen_at.push_back(at);
+        } else {
+            state.seen_evicted += 1;
+        }
     }
 }
 
@@ -693,6 +745,90 @@ emit: [{ type: created }]
         )
         .unwrap_err();
         assert!(err.contains("when"), "{err}");
+    }
+
+    /// The probe: a listing larger than `seen_limit` re-announced old items
+    /// on every poll. Ids still listed are never forgotten, and a listing
+    /// that cannot be remembered is an error, not events.
+    #[test]
+    fn ids_still_listed_are_never_forgotten_and_a_listing_too_large_is_an_error() {
+        let c = connector(&NEW.replace("cursor: { max: \"{{ item.n }}\" }\n", ""));
+        let page = |ids: &[&str]| json!({ "tx": ids.iter().map(|i| json!({"id": i, "n": 1})).collect::<Vec<_>>() });
+        let d0 = run(&c, &InstanceState::default(), page(&["a", "b"]));
+        // "a" is the oldest seen id and still listed; two new ones push
+        // the set past its limit of 3: "b" (gone from the listing) goes.
+        let d1 = run(&c, &d0.state, page(&["a", "c", "d"]));
+        assert_eq!(d1.events.len(), 2);
+        assert_eq!(d1.state.seen, ["a", "c", "d"]);
+        assert_eq!(d1.state.seen_evicted, 1);
+        // The same listing again: nothing is new.
+        let d2 = run(&c, &d1.state, page(&["a", "c", "d"]));
+        assert!(d2.events.is_empty(), "{:?}", d2.events);
+        // Four items cannot be remembered in three: an error, no events.
+        let err = detect(
+            &c,
+            &vars(),
+            &d2.state,
+            &[page(&["a", "c", "d", "e"])],
+            Utc::now(),
+            None,
+            LISTED,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("4 distinct items, more than `seen_limit` (3)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn seen_ttl_forgets_only_ids_that_left_the_listing() {
+        let c = connector(&format!(
+            "{}seen_ttl: 1h\n",
+            NEW.replace("cursor: { max: \"{{ item.n }}\" }\n", "")
+        ));
+        let page = |ids: &[&str]| json!({ "tx": ids.iter().map(|i| json!({"id": i, "n": 1})).collect::<Vec<_>>() });
+        let t0 = Utc::now();
+        let d0 = detect(
+            &c,
+            &vars(),
+            &InstanceState::default(),
+            &[page(&["a", "b"])],
+            t0,
+            None,
+            LISTED,
+        )
+        .unwrap();
+        let later = t0 + chrono::Duration::hours(2);
+        let d1 = detect(&c, &vars(), &d0.state, &[page(&["a"])], later, None, LISTED).unwrap();
+        assert_eq!(d1.state.seen, ["a"], "b left and is old; a is listed");
+        assert!(d1.events.is_empty());
+    }
+
+    #[test]
+    fn changes_refuses_a_listing_larger_than_it_can_remember() {
+        let c = connector(
+            r#"
+name: ch
+request: { url: "http://x/" }
+items: "$.tx[*]"
+id: "{{ item.id }}"
+detect: changes
+seen_limit: 2
+emit: [{ type: "x.{{ change }}" }]
+"#,
+        );
+        let err = detect(
+            &c,
+            &vars(),
+            &InstanceState::default(),
+            &[json!({"tx": [{"id": 1}, {"id": 2}, {"id": 3}]})],
+            Utc::now(),
+            None,
+            LISTED,
+        )
+        .unwrap_err();
+        assert!(err.contains("3 distinct items"), "{err}");
     }
 
     #[test]

@@ -132,3 +132,80 @@ endpoints:
     );
     assert!(d.terminate().success(), "still running, exits cleanly");
 }
+
+/// A listing larger than `seen_limit` (the probe: 10,100 items for 10,000)
+/// re-announced old items as new on every poll. Now it is an error on the
+/// instance's status and nothing is emitted; a listing that fits again is
+/// detected as usual, with no old item announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_larger_than_seen_limit_is_an_error_not_an_event_storm() {
+    let size = Arc::new(AtomicU64::new(40));
+    let app = Router::new()
+        .route(
+            "/items",
+            get(|State(n): State<Arc<AtomicU64>>| async move {
+                let items: Vec<_> = (0..n.load(Ordering::SeqCst))
+                    .map(|i| serde_json::json!({ "id": format!("it-{i}") }))
+                    .collect();
+                axum::Json(serde_json::json!({ "items": items }))
+            }),
+        )
+        .with_state(size.clone());
+    let addr = serve(app).await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let connector = r#"
+name: listing
+params: { base_url: { required: true } }
+request: { url: "{{ base_url }}/items" }
+items: "$.items[*]"
+id: "{{ item.id }}"
+detect: new
+seen_limit: 50
+emit: [{ type: item.created }]
+"#;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  list:
+    connector: listing
+    with: {{ base_url: "http://{addr}" }}
+    schedule: every 200ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: "{}" }}
+"#,
+        rx.url,
+        secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("listing.yaml", connector.to_string())]);
+    d.start().await;
+    d.wait_polls(&["list/default"], 2).await;
+    // 60 listed, 50 rememberable: an error, over and over, and no event.
+    size.store(60, Ordering::SeqCst);
+    d.wait_status("the listing refused", |s| {
+        s["instances"]["list/default"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("60 distinct items, more than `seen_limit` (50)"))
+    })
+    .await;
+    let failed = d.status().await["instances"]["list/default"]["polls_failed"]
+        .as_u64()
+        .unwrap();
+    d.wait_status("more refused polls", |s| {
+        s["instances"]["list/default"]["polls_failed"].as_u64() > Some(failed + 2)
+    })
+    .await;
+    assert!(rx.all().is_empty(), "no event: {:?}", rx.all().len());
+    // Back to 45: the 5 new items (it-40..44) are announced, nothing else.
+    size.store(45, Ordering::SeqCst);
+    wait_for("the new items", Duration::from_secs(20), || {
+        rx.accepted().len() >= 5
+    })
+    .await;
+    let polls = polls_of(&d.status().await, "list/default");
+    d.wait_polls(&["list/default"], polls + 3).await;
+    assert_eq!(rx.accepted().len(), 5, "only the new items");
+    assert!(d.terminate().success());
+}
