@@ -161,13 +161,105 @@ pub fn hub_signature(secret: &str, body: &[u8]) -> String {
     out
 }
 
-/// Checks a `webhook-signature` header against a key: true when any of its
-/// `v1` signatures matches (constant-time comparison).
-pub fn verify(key: &SigningKey, id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
-    let expected = key.sign(id, timestamp, body);
-    header
-        .split(' ')
-        .any(|sig| constant_time_eq(sig.as_bytes(), expected.as_bytes()))
+/// What a receiver verifies with: the shared `whsec_` secret (`v1`), or
+/// an Ed25519 `whpk_` public key (`v1a`; a `whsk_` secret key is accepted
+/// too and stands for its public key).
+pub enum VerifyKey {
+    Hmac(SigningKey),
+    Ed25519(ed25519_dalek::VerifyingKey),
+}
+
+impl VerifyKey {
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let text = text.trim();
+        if let Some(b64) = text.strip_prefix("whpk_") {
+            let bytes = B64.decode(b64).map_err(|_| KeyError::NotBase64)?;
+            let raw: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| KeyError::BadEd25519Length(bytes.len()))?;
+            let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
+                .map_err(|_| KeyError::BadEd25519Length(bytes.len()))?;
+            return Ok(VerifyKey::Ed25519(key));
+        }
+        match SigningKey::parse(text)? {
+            SigningKey::Ed25519(k) => Ok(VerifyKey::Ed25519(k.verifying_key())),
+            hmac => Ok(VerifyKey::Hmac(hmac)),
+        }
+    }
+}
+
+/// Why a message was not accepted.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum Rejected {
+    #[error("signature does NOT match")]
+    Mismatch,
+    /// Outside the replay window (Standard Webhooks: 5 minutes by default).
+    #[error("timestamp {timestamp} is {skew}s away from now, more than the {tolerance}s tolerance (a replayed or delayed message; --tolerance changes it)")]
+    Stale {
+        timestamp: i64,
+        skew: i64,
+        tolerance: i64,
+    },
+}
+
+/// The tolerance of Standard Webhooks verifiers for `webhook-timestamp`.
+pub const DEFAULT_TOLERANCE_SECS: i64 = 5 * 60;
+
+/// Verifies a message as a Standard Webhooks receiver does: the timestamp
+/// within `tolerance_secs` of `now_secs` (replay protection), then any of
+/// the header's space-separated signatures (`v1` HMAC compared in
+/// constant time, `v1a` Ed25519). Pure: the time is passed in.
+pub fn verify(
+    key: &VerifyKey,
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+    header: &str,
+    now_secs: i64,
+    tolerance_secs: i64,
+) -> Result<(), Rejected> {
+    let skew = (now_secs - timestamp).abs();
+    if skew > tolerance_secs {
+        return Err(Rejected::Stale {
+            timestamp,
+            skew,
+            tolerance: tolerance_secs,
+        });
+    }
+    let ok = match key {
+        VerifyKey::Hmac(k) => {
+            let expected = k.sign(id, timestamp, body);
+            header
+                .split(' ')
+                .any(|sig| constant_time_eq(sig.as_bytes(), expected.as_bytes()))
+        }
+        VerifyKey::Ed25519(k) => {
+            let mut msg = Vec::with_capacity(id.len() + body.len() + 24);
+            msg.extend_from_slice(id.as_bytes());
+            msg.push(b'.');
+            msg.extend_from_slice(timestamp.to_string().as_bytes());
+            msg.push(b'.');
+            msg.extend_from_slice(body);
+            header.split(' ').any(|sig| {
+                let Some(b64) = sig.strip_prefix("v1a,") else {
+                    return false;
+                };
+                let Ok(bytes) = B64.decode(b64) else {
+                    return false;
+                };
+                let Ok(sig) = ed25519_dalek::Signature::from_slice(&bytes) else {
+                    return false;
+                };
+                k.verify_strict(&msg, &sig).is_ok()
+            })
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejected::Mismatch)
+    }
 }
 
 /// Equality whose time does not depend on where the inputs differ, for
@@ -179,6 +271,71 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const VECTOR_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    const VECTOR_TS: i64 = 1614265330;
+    const VECTOR_BODY: &[u8] = br#"{"test": 2432232314}"#;
+
+    #[test]
+    fn verify_applies_the_tolerance_on_both_sides() {
+        let key = VerifyKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let sig = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+        let v = |now: i64| verify(&key, VECTOR_ID, VECTOR_TS, VECTOR_BODY, sig, now, 300);
+        assert_eq!(v(VECTOR_TS), Ok(()));
+        assert_eq!(v(VECTOR_TS + 300), Ok(()));
+        assert_eq!(v(VECTOR_TS - 300), Ok(()));
+        assert_eq!(
+            v(VECTOR_TS + 301),
+            Err(Rejected::Stale {
+                timestamp: VECTOR_TS,
+                skew: 301,
+                tolerance: 300
+            })
+        );
+        assert!(matches!(v(VECTOR_TS - 301), Err(Rejected::Stale { .. })));
+        // Any of several signatures; a wrong one alone is a mismatch.
+        let two = format!("v1,AAAA {sig}");
+        assert_eq!(
+            verify(
+                &key,
+                VECTOR_ID,
+                VECTOR_TS,
+                VECTOR_BODY,
+                &two,
+                VECTOR_TS,
+                300
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            verify(&key, VECTOR_ID, VECTOR_TS, b"{}", sig, VECTOR_TS, 300),
+            Err(Rejected::Mismatch)
+        );
+    }
+
+    #[test]
+    fn verify_takes_a_whpk_public_key_for_v1a() {
+        let (sk, pk) = SigningKey::generate_ed25519();
+        let signer = SigningKey::parse(&sk).unwrap();
+        let header = signer.sign("msg_1", 100, b"{}");
+        for key in [&pk, &sk] {
+            let k = VerifyKey::parse(key).unwrap();
+            assert_eq!(verify(&k, "msg_1", 100, b"{}", &header, 100, 300), Ok(()));
+            assert_eq!(
+                verify(&k, "msg_1", 100, b"{ }", &header, 100, 300),
+                Err(Rejected::Mismatch)
+            );
+        }
+        // A v1 HMAC signature never passes for an Ed25519 key.
+        let hmac = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let k = VerifyKey::parse(&pk).unwrap();
+        let h = hmac.sign("msg_1", 100, b"{}");
+        assert_eq!(
+            verify(&k, "msg_1", 100, b"{}", &h, 100, 300),
+            Err(Rejected::Mismatch)
+        );
+        assert!(VerifyKey::parse("whpk_AAAA").is_err());
+    }
 
     #[test]
     fn standard_webhooks_reference_vector() {
@@ -248,9 +405,13 @@ mod tests {
         let b = SigningKey::parse(&SigningKey::generate()).unwrap();
         let h = signature_header(&[a.clone(), b.clone()], "msg_1", 5, b"{}");
         assert_eq!(h.split(' ').count(), 2);
-        assert!(verify(&a, "msg_1", 5, b"{}", &h));
-        assert!(verify(&b, "msg_1", 5, b"{}", &h));
-        assert!(!verify(&a, "msg_1", 6, b"{}", &h));
+        let (a, b) = (VerifyKey::Hmac(a), VerifyKey::Hmac(b));
+        assert_eq!(verify(&a, "msg_1", 5, b"{}", &h, 5, 300), Ok(()));
+        assert_eq!(verify(&b, "msg_1", 5, b"{}", &h, 5, 300), Ok(()));
+        assert_eq!(
+            verify(&a, "msg_1", 6, b"{}", &h, 6, 300),
+            Err(Rejected::Mismatch)
+        );
     }
 
     #[test]

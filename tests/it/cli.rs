@@ -25,6 +25,54 @@ fn verify_checks_the_reference_vector() {
     assert!(!run("v1,AAAA9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
 }
 
+/// The reference vector is from 2021: with the Standard Webhooks tolerance
+/// (5 minutes, the default) it is a replay, and said to be one.
+#[test]
+fn verify_refuses_a_timestamp_outside_the_tolerance() {
+    let (ok, out) = verify_with(
+        &[],
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+        br#"{"test": 2432232314}"#,
+    );
+    assert!(!ok);
+    assert!(out.contains("more than the 300s tolerance"), "{out}");
+}
+
+/// An Ed25519 endpoint's receiver holds only the `whpk_` public key.
+#[test]
+fn verify_checks_v1a_with_a_public_key() {
+    let out = Command::new(bin())
+        .args(["secret", "generate", "--ed25519"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = |prefix: &str| {
+        text.split_whitespace()
+            .find(|w| w.starts_with(prefix))
+            .unwrap()
+            .to_string()
+    };
+    let (sk, pk) = (key("whsk_"), key("whpk_"));
+    let now = chrono::Utc::now().timestamp();
+    let sig = pollhook::deliver::sign::SigningKey::parse(&sk)
+        .unwrap()
+        .sign("msg_1", now, b"{}");
+    let run = |body: &[u8]| {
+        let mut child = Command::new(bin())
+            .args(["verify", "--secret", &pk, "--id", "msg_1", "--timestamp"])
+            .arg(now.to_string())
+            .args(["--signature", &sig])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(body).unwrap();
+        child.wait_with_output().unwrap().status.success()
+    };
+    assert!(run(b"{}"));
+    assert!(!run(b"{ }"));
+}
+
 /// A body saved with a final newline (as `echo` and editors do) fails,
 /// and the command says why.
 #[test]
@@ -40,8 +88,13 @@ fn verify_explains_a_trailing_newline() {
     assert!(!out.contains("trailing newline"), "{out}");
 }
 
-/// Runs `pollhook verify` on the reference vector's key, id and time.
+/// Runs `pollhook verify` on the reference vector's key, id and time (a
+/// tolerance wide enough for a vector of 2021).
 fn verify(sig: &str, body: &[u8]) -> (bool, String) {
+    verify_with(&["--tolerance", "100000d"], sig, body)
+}
+
+fn verify_with(extra: &[&str], sig: &str, body: &[u8]) -> (bool, String) {
     {
         let mut child = Command::new(bin())
             .args([
@@ -55,6 +108,7 @@ fn verify(sig: &str, body: &[u8]) -> (bool, String) {
                 "--signature",
                 sig,
             ])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
