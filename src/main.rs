@@ -368,11 +368,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     })?;
                     let rt = runtime()?;
                     let n = if file.as_os_str() == "-" {
-                        rt.block_on(backup::import(&store, std::io::stdin().lock()))
+                        rt.block_on(backup::import(
+                            &store,
+                            std::io::stdin().lock(),
+                            Some(&op.endpoints),
+                        ))
                     } else {
                         let f = std::fs::File::open(&file)
                             .with_context(|| format!("cannot read {}", file.display()))?;
-                        rt.block_on(backup::import(&store, std::io::BufReader::new(f)))
+                        rt.block_on(backup::import(
+                            &store,
+                            std::io::BufReader::new(f),
+                            Some(&op.endpoints),
+                        ))
                     }
                     .with_context(|| format!("cannot import {}", file.display()))?;
                     eprintln!("imported {n} records into {}", op.state_dir.display());

@@ -6,6 +6,9 @@
 //! Readable, diffable, and independent of any backend's on-disk format, so
 //! it is also how state moves from one backend to another.
 
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufRead as _, Read as _};
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::Deserialize;
@@ -51,43 +54,78 @@ pub async fn export(store: &Store, out: &mut (dyn std::io::Write + Send)) -> Res
 }
 
 /// Reads a backup into `store`, which must be empty. Every line is checked
-/// (its kind known, its record readable) before anything is written, so a
-/// bad file changes nothing. Returns how many records.
-pub async fn import(store: &Store, input: impl std::io::BufRead) -> Result<usize> {
+/// (see [`parse`]) before anything is written, so a bad file changes
+/// nothing. Returns how many records.
+pub async fn import(
+    store: &Store,
+    input: impl std::io::BufRead,
+    endpoints: Option<&BTreeSet<String>>,
+) -> Result<usize> {
     let records = store.count_records().await?;
     if records > 0 {
         return Err(StoreError::NotEmpty { records });
     }
-    let rows = parse(input)?;
+    let rows = parse(input, endpoints)?;
     let n = store.import_records(rows).await?;
     store.flush().await?;
     Ok(n)
 }
 
-/// Reads and checks every line of a backup (pure but for reading).
-pub fn parse(input: impl std::io::BufRead) -> Result<Vec<Record>> {
+/// The longest line a backup may have. An outbox line holds an event's
+/// body (itself capped well below this), escaped; a longer line is not a
+/// backup pollhook wrote, and is refused before it is read whole.
+pub const MAX_LINE: usize = 32 * 1024 * 1024;
+
+/// Reads and checks every line of a backup: the header first (blank lines
+/// aside), each record readable as its kind, no record twice (the same
+/// instance, source or endpoint, or the same event queued twice for one
+/// endpoint), instance keys of the form `source/instance`, and, when
+/// `endpoints` is given, outbox entries, dead letters and disabled marks
+/// only for endpoints of the configuration (an entry for another would
+/// wait forever).
+pub fn parse(
+    mut input: impl std::io::BufRead,
+    endpoints: Option<&BTreeSet<String>>,
+) -> Result<Vec<Record>> {
     let bad = |line: usize, detail: String| StoreError::Backup { line, detail };
     let mut format = None;
     let mut rows = Vec::new();
-    for (i, line) in input.lines().enumerate() {
-        let no = i + 1;
-        let line = line.map_err(|e| bad(no, e.to_string()))?;
+    let mut unique: HashSet<(RecordKind, String, String)> = HashSet::new();
+    let mut buf = Vec::new();
+    let mut no = 0;
+    loop {
+        no += 1;
+        buf.clear();
+        let n = (&mut input)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| bad(no, e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        if buf.len() > MAX_LINE {
+            return Err(bad(
+                no,
+                format!(
+                    "longer than {} MiB: not a pollhook backup line",
+                    MAX_LINE >> 20
+                ),
+            ));
+        }
+        let line = std::str::from_utf8(&buf).map_err(|e| bad(no, format!("not UTF-8: {e}")))?;
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value =
-            serde_json::from_str(&line).map_err(|e| bad(no, format!("not JSON: {e}")))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(no, format!("not JSON: {e}")))?;
         let Some(f) = format else {
             match v["pollhook_state"].as_u64() {
                 Some(f @ (1 | BACKUP_FORMAT)) => format = Some(f),
-                Some(other) => {
-                    return Err(bad(
-                        no,
-                        format!(
+                Some(other) => return Err(bad(
+                    no,
+                    format!(
                         "backup format {other}; this pollhook reads formats 1 and {BACKUP_FORMAT}"
                     ),
-                    ))
-                }
+                )),
                 None => {
                     return Err(bad(
                         no,
@@ -112,9 +150,66 @@ pub fn parse(input: impl std::io::BufRead) -> Result<Vec<Record>> {
                 }
             })?
         };
+        check(&record, endpoints, &mut unique).map_err(|d| bad(no, d))?;
         rows.push(record);
     }
+    if format.is_none() {
+        return Err(bad(1, "empty: not a pollhook state backup".into()));
+    }
     Ok(rows)
+}
+
+/// One record's checks beyond its shape (see [`parse`]).
+fn check(
+    r: &Record,
+    endpoints: Option<&BTreeSet<String>>,
+    unique: &mut HashSet<(RecordKind, String, String)>,
+) -> std::result::Result<(), String> {
+    let instance_key = |k: &str| match k.split_once('/') {
+        Some((s, i)) if !s.is_empty() && !i.is_empty() && !k.contains('\0') => Ok(()),
+        _ => Err(format!("`{k}` is not an instance key (`source/instance`)")),
+    };
+    let endpoint = |e: &str| {
+        match endpoints {
+        Some(known) if !known.contains(e) => Err(format!(
+            "endpoint `{e}` is not in the configuration (known: {}): its events could never be sent",
+            known.iter().cloned().collect::<Vec<_>>().join(", ")
+        )),
+        _ if e.is_empty() || e.contains('\0') => Err(format!("`{e}` is not an endpoint name")),
+        _ => Ok(()),
+    }
+    };
+    let (a, b) = match r {
+        Record::Disabled { endpoint: e, .. } => {
+            endpoint(e)?;
+            (e.clone(), String::new())
+        }
+        Record::State { instance, .. } | Record::Removed { instance, .. } => {
+            instance_key(instance)?;
+            (instance.clone(), String::new())
+        }
+        Record::Discovered { source, .. } => (source.clone(), String::new()),
+        Record::Outbox { endpoint: e, value } => {
+            endpoint(e)?;
+            instance_key(&value.instance)?;
+            (e.clone(), value.event_id.clone())
+        }
+        Record::Dead { value } => {
+            endpoint(&value.endpoint)?;
+            instance_key(&value.entry.instance)?;
+            (value.endpoint.clone(), value.entry.event_id.clone())
+        }
+        Record::Attempt { .. } => return Ok(()),
+    };
+    if !unique.insert((r.kind(), a.clone(), b.clone())) {
+        let what = if b.is_empty() {
+            a
+        } else {
+            format!("{b} for {a}")
+        };
+        return Err(format!("a second {} record of {what}", r.kind().name()));
+    }
+    Ok(())
 }
 
 fn kinds() -> String {
@@ -176,25 +271,73 @@ mod tests {
     #[test]
     fn a_bad_line_is_named_and_nothing_is_returned() {
         let text = "{\"pollhook_state\":2}\n{\"tree\":\"state\",\"instance\":\"s/i\",\"value\":{}}\n{\"tree\":\"bogus\"}\n";
-        let e = parse(text.as_bytes()).unwrap_err().to_string();
+        let e = parse(text.as_bytes(), None).unwrap_err().to_string();
         assert!(
             e.contains("line 3") && e.contains("unknown tree `bogus`"),
             "{e}"
         );
-        let e = parse("{\"tree\":\"state\"}\n".as_bytes())
+        let e = parse("{\"tree\":\"state\"}\n".as_bytes(), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("no `pollhook_state` header"), "{e}");
-        let e = parse("{\"pollhook_state\":9}\n".as_bytes())
+        let e = parse("{\"pollhook_state\":9}\n".as_bytes(), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("format 9"), "{e}");
         let text = "{\"pollhook_state\":2}\n{\"tree\":\"removed\",\"instance\":\"s/i\",\"delete_at_ms\":\"x\"}\n";
-        let e = parse(text.as_bytes()).unwrap_err().to_string();
+        let e = parse(text.as_bytes(), None).unwrap_err().to_string();
         assert!(
             e.contains("line 2") && e.contains("not a removed record"),
             "{e}"
         );
+    }
+
+    const OUTBOX: &str = r#"{"tree":"outbox","endpoint":"agent","value":{"event_id":"msg_1","instance":"s/i","kind":"t","sequence":1,"body":"{}","attempts":0,"next_attempt_ms":0,"created_ms":0,"last_error":null}}"#;
+
+    /// The probe's import gaps: a blank first line before records, the
+    /// same record twice, an entry for an endpoint the configuration does
+    /// not have, a malformed instance key, a huge line.
+    #[test]
+    fn imports_are_checked_whole_before_anything_is_written() {
+        let header = "{\"pollhook_state\":2}";
+        let err = |text: &str, eps: Option<&BTreeSet<String>>| {
+            parse(text.as_bytes(), eps).unwrap_err().to_string()
+        };
+        let e = err(&format!("\n{OUTBOX}\n"), None);
+        assert!(
+            e.contains("line 2") && e.contains("no `pollhook_state` header"),
+            "{e}"
+        );
+        assert!(err("", None).contains("empty"));
+        let e = err(&format!("{header}\n{OUTBOX}\n{OUTBOX}\n"), None);
+        assert!(
+            e.contains("line 3") && e.contains("a second outbox record of msg_1 for agent"),
+            "{e}"
+        );
+        let state = r#"{"tree":"state","instance":"s/i","value":{}}"#;
+        let e = err(&format!("{header}\n{state}\n{state}\n"), None);
+        assert!(e.contains("a second state record of s/i"), "{e}");
+        let known: BTreeSet<String> = ["other".to_string()].into();
+        let e = err(&format!("{header}\n{OUTBOX}\n"), Some(&known));
+        assert!(
+            e.contains("endpoint `agent` is not in the configuration (known: other)"),
+            "{e}"
+        );
+        let e = err(
+            &format!("{header}\n{}\n", OUTBOX.replace("s/i", "si")),
+            None,
+        );
+        assert!(e.contains("`si` is not an instance key"), "{e}");
+        let huge = format!("{header}\n{}\n", "x".repeat(MAX_LINE + 10));
+        let e = err(&huge, None);
+        assert!(
+            e.contains("line 2") && e.contains("longer than 32 MiB"),
+            "{e}"
+        );
+        // Blank lines between records are fine.
+        let known: BTreeSet<String> = ["agent".to_string()].into();
+        let ok = parse(format!("\n{header}\n\n{OUTBOX}\n").as_bytes(), Some(&known)).unwrap();
+        assert_eq!(ok.len(), 1);
     }
 
     #[test]
@@ -204,7 +347,7 @@ mod tests {
             "{{\"pollhook_state\":1}}\n{{\"tree\":\"outbox\",\"key\":\"{key}\",\"value\":{{\"event_id\":\"msg_1\",\"instance\":\"s/i\",\"kind\":\"t\",\"sequence\":1,\"body\":\"{{}}\",\"attempts\":0,\"next_attempt_ms\":0,\"created_ms\":0,\"last_error\":null}}}}\n{{\"tree\":\"removed\",\"key\":\"{}\",\"value\":5}}\n",
             B64.encode("s/old")
         );
-        let rows = parse(text.as_bytes()).unwrap();
+        let rows = parse(text.as_bytes(), None).unwrap();
         assert!(
             matches!(&rows[0], Record::Outbox { endpoint, value } if endpoint == "ep" && value.event_id == "msg_1")
         );

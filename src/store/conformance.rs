@@ -440,12 +440,17 @@ pub async fn backups_round_trip_into_an_empty_store<F: Fixture>() {
     let outbox_line = text.lines().position(|l| l.contains("\"tree\":\"outbox\""));
     assert!(state_line < outbox_line, "state before the outbox:\n{text}");
     // Into a non-empty store: refused, nothing written.
-    let e = backup::import(&store, out.as_slice()).await.unwrap_err();
+    let e = backup::import(&store, out.as_slice(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::NotEmpty { .. }), "{e}");
 
     let g = F::open().await;
     let copy = g.store();
-    assert_eq!(backup::import(&copy, out.as_slice()).await.unwrap(), 8);
+    assert_eq!(
+        backup::import(&copy, out.as_slice(), None).await.unwrap(),
+        8
+    );
     assert_eq!(
         copy.load_state("s/i").await.unwrap(),
         InstanceState {

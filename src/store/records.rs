@@ -211,7 +211,7 @@ pub enum Record {
 /// then leaves an old state and its new events, which the imported daemon
 /// detects again under the same event ids (a duplicate, never a loss).
 /// The other order could lose the event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RecordKind {
     Disabled,
     State,
