@@ -158,6 +158,9 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     if let Err(e) = s.store.ping().await {
         problems.push(format!("store: {e}"));
     }
+    if let Some(e) = s.status.store_health().error {
+        problems.push(format!("store unavailable: {e}"));
+    }
     let (alive, endpoints) = (s.status.workers_alive(), s.live.endpoints().len());
     if alive < endpoints {
         problems.push(format!("delivery workers: {alive} of {endpoints} running"));
@@ -186,6 +189,8 @@ pub struct StatusReport {
     pub hosts: BTreeMap<String, crate::quota::HostReport>,
     /// Configuration reloads.
     pub config: crate::status::ConfigStatus,
+    /// Whether the store takes writes.
+    pub store: crate::status::StoreHealth,
 }
 
 /// The configured endpoints' status (an endpoint that has not reported
@@ -208,6 +213,7 @@ fn report(s: &AdminState) -> StatusReport {
         discovery: s.status.discoveries(),
         hosts: s.hosts.report(),
         config: s.status.config(),
+        store: s.status.store_health(),
         endpoints: endpoints(s),
     }
 }

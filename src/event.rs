@@ -9,6 +9,13 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// The largest event body pollhook sends. Well under the default upstream
+/// body cap (10 MiB): a 9 MB item emitted whole is a 9 MB webhook, retried
+/// for hours by every endpoint, and a probe saw the daemon's memory grow
+/// from 101 to 477 MB while one was retried. Receivers and their proxies
+/// commonly refuse bodies past 1 MiB anyway.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
 /// One event, as the agent receives it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {

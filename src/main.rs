@@ -491,13 +491,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run => {
             let config = Config::load(&cli.config)?;
-            runtime()?.block_on(async {
+            let rt = runtime()?;
+            let outcome = rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 let reload = std::sync::Arc::new(tokio::sync::Notify::new());
                 tokio::spawn(watch_signals(shutdown.clone(), reload.clone()));
                 pollhook::daemon::run(config, reload, shutdown).await
-            })?;
-            Ok(ExitCode::SUCCESS)
+            });
+            // Work still on the blocking pool (a store call that never
+            // returns, on a failed disk) must not keep the process alive.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            match outcome {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) if e.is::<pollhook::daemon::StoreGaveUp>() => {
+                    eprintln!("error: {e:#}");
+                    Ok(ExitCode::from(pollhook::daemon::STORE_EXIT))
+                }
+                Err(e) => Err(e),
+            }
         }
         Command::Test {
             target,

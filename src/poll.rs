@@ -216,6 +216,20 @@ async fn poll_once(
         warn!(instance = %inst.key, connector = %c.name, "{}", mask(w, &inst.secrets));
     }
     let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
+    // An event too large to send is an error of the instance, committed
+    // nowhere: the cursor stays, nothing is lost, the operator maps `data:`
+    // to a smaller part of the item.
+    for ev in &events {
+        let size = ev.body().len();
+        if size > crate::event::MAX_EVENT_BYTES {
+            return Err(PollError::Detect(format!(
+                "event {} ({}) is {size} bytes, more than the {} KiB an event may carry: nothing emitted; map `data:` to a smaller part of the item",
+                ev.id,
+                ev.kind,
+                crate::event::MAX_EVENT_BYTES / 1024
+            )));
+        }
+    }
     let committed = if &next != state || !events.is_empty() {
         let mut deliveries = Vec::new();
         for ev in &events {
@@ -254,8 +268,11 @@ async fn poll_once(
             for (ep, n) in &backlog {
                 shared.status.unqueued(ep, *n, now.timestamp_millis());
             }
-            return Err(commit_failed(&e));
+            let e = commit_failed(&e);
+            shared.status.store_failed(&e.to_string());
+            return Err(e);
         }
+        shared.status.store_ok();
         for (ep, _) in &deliveries {
             if let Some(w) = shared.live.wake(ep) {
                 w.instance(&inst.key);

@@ -148,8 +148,24 @@ pub struct Status {
     config: Mutex<ConfigStatus>,
     metrics: Metrics,
     ready: AtomicBool,
+    /// Whether the store takes writes (see [`StoreHealth`]).
+    store: Mutex<StoreHealth>,
     /// Delivery workers running now (see [`WorkerGuard`]).
     workers_alive: std::sync::atomic::AtomicUsize,
+}
+
+/// Whether the store takes writes, as the last writes found it: a failed
+/// commit or outcome sets it, the next successful one clears it. `/readyz`
+/// is not ready while it fails, `/status` shows why (a full disk), and the
+/// daemon gives up after a while (see `daemon::run`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreHealth {
+    /// Why the last write failed, while writes fail.
+    pub error: Option<String>,
+    /// When the current run of failures began (ms since the epoch).
+    pub failing_since_ms: Option<i64>,
+    /// Failed writes since the start.
+    pub failures: u64,
 }
 
 /// Counts a delivery worker as alive until dropped: when its task ends,
@@ -344,6 +360,29 @@ pub struct DiscoveryStatus {
 }
 
 impl Status {
+    /// A store write failed with `error`.
+    pub fn store_failed(&self, error: &str) {
+        let mut h = self.store.lock().expect("status lock");
+        h.failures += 1;
+        h.failing_since_ms.get_or_insert_with(crate::now_ms);
+        h.error = Some(error.to_string());
+    }
+
+    /// A store write succeeded.
+    pub fn store_ok(&self) {
+        let mut h = self.store.lock().expect("status lock");
+        if h.error.is_some() {
+            h.error = None;
+            h.failing_since_ms = None;
+            drop(h);
+            tracing::info!("the store takes writes again");
+        }
+    }
+
+    pub fn store_health(&self) -> StoreHealth {
+        self.store.lock().expect("status lock").clone()
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::connector::auth::TokenCache;
@@ -192,9 +192,27 @@ pub async fn run(
         })
     });
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let give_up = store_give_up();
+    let mut store_check = tokio::time::interval(Duration::from_secs(1));
+    let mut gave_up: Option<String> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = store_check.tick() => {
+                let h = status.store_health();
+                if let (Some(since), Some(e)) = (h.failing_since_ms, h.error) {
+                    let failing = Duration::from_millis((crate::now_ms() - since).max(0) as u64);
+                    if failing >= give_up {
+                        error!(
+                            "the store has refused writes for {}: {e}; stopping (exit status {STORE_EXIT}) so that the service manager starts pollhook again on a fresh store handle (Restart=on-failure); nothing detected is lost",
+                            humantime::format_duration(give_up)
+                        );
+                        gave_up = Some(e);
+                        shutdown.cancel();
+                        break;
+                    }
+                }
+            }
             _ = reload.notified() => {
                 notifier.send("RELOADING=1\nSTATUS=reloading the configuration");
                 sup.reload().await;
@@ -226,7 +244,6 @@ pub async fn run(
     if let Some((a, _)) = admin {
         a.abort();
     }
-    store.flush().await?;
     let _ = std::fs::remove_file(
         sup.config
             .as_ref()
@@ -234,6 +251,39 @@ pub async fn run(
             .state_dir
             .join("admin.addr"),
     );
+    if let Some(e) = gave_up {
+        // No final flush: a store that refuses writes may not return from
+        // one, and what it holds is durable up to its last good commit.
+        // sled also flushes when its last handle is dropped, which hung
+        // this exit on a full disk: one handle is leaked on purpose, the
+        // process is about to end.
+        std::mem::forget(store);
+        return Err(StoreGaveUp(e).into());
+    }
+    store.flush().await?;
     info!("store flushed; bye");
     Ok(())
+}
+
+/// The exit status of a daemon that stopped because its store refused
+/// writes (`EX_TEMPFAIL`): a failure the unit's `Restart=on-failure` acts
+/// on. sled stops taking writes after its first I/O error (a full disk),
+/// and only a new handle recovers, so giving up and being restarted is
+/// how pollhook recovers without an operator once space returns.
+pub const STORE_EXIT: u8 = 75;
+
+/// The daemon stopped because the store refused writes for too long.
+#[derive(Debug, thiserror::Error)]
+#[error("the store refused writes for too long: {0}")]
+pub struct StoreGaveUp(pub String);
+
+/// How long the store may refuse writes before the daemon stops with
+/// [`STORE_EXIT`]: 30 s, or `POLLHOOK_STORE_GIVE_UP` (a duration, for tests
+/// and impatient operators). Meanwhile `/readyz` says not ready and
+/// `/status` says why.
+fn store_give_up() -> Duration {
+    std::env::var("POLLHOOK_STORE_GIVE_UP")
+        .ok()
+        .and_then(|v| crate::schedule::parse_duration(&v).ok())
+        .unwrap_or(Duration::from_secs(30))
 }

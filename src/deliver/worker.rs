@@ -510,6 +510,7 @@ impl Worker {
                 debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
                 match self.store.delivered(&key).await {
                     Ok(()) => {
+                        self.status.store_ok();
                         self.status.delivery(
                             &ep.name,
                             entry.created_ms,
@@ -519,6 +520,7 @@ impl Worker {
                         (key, entry, false)
                     }
                     Err(e) => {
+                        self.status.store_failed(&e.to_string());
                         // Still waiting as far as the store knows: counted
                         // when its removal is recorded.
                         error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again in {}s", STORE_RETRY.as_secs());
@@ -574,6 +576,7 @@ impl Worker {
                                 (key, letter.entry, false)
                             }
                             Err(e) => {
+                                self.status.store_failed(&e.to_string());
                                 error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox and is tried again in {}s", STORE_RETRY.as_secs());
                                 (key, store_retry(letter.entry), true)
                             }

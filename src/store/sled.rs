@@ -12,8 +12,10 @@
 //!   → [`AttemptRecord`];
 //! - `discovered`, `removed`, `disabled`: by source, instance, endpoint.
 //!
-//! Blocking work (transactions, scans, flushes) runs on tokio's blocking
-//! pool; point reads and writes of a few bytes, which sled serves from its
+//! Every write, and blocking reads (scans), run on tokio's blocking pool:
+//! on a full disk a sled write can wait for log space that never comes,
+//! and one inline write then held an async worker (on 2 cores, half the
+//! daemon; with both, shutdown itself). Point reads, served from sled's
 //! page cache, run inline.
 
 use std::collections::BTreeSet;
@@ -352,20 +354,25 @@ impl Backend for SledStore {
     }
 
     async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
-        self.next_run
-            .insert(instance, encode(&next_run_ms))
-            .map_err(sled_err("record next run"))?;
-        Ok(())
+        let (t, k) = (self.next_run.clone(), instance.to_string());
+        blocking(move || {
+            t.insert(k, encode(&next_run_ms))
+                .map_err(sled_err("record next run"))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn remove_state(&self, instance: &str) -> Result<()> {
-        self.state
-            .remove(instance)
-            .map_err(sled_err("remove state"))?;
-        self.next_run
-            .remove(instance)
-            .map_err(sled_err("remove next run"))?;
-        Ok(())
+        let (me, k) = (self.clone(), instance.to_string());
+        blocking(move || {
+            me.state.remove(&k).map_err(sled_err("remove state"))?;
+            me.next_run
+                .remove(&k)
+                .map_err(sled_err("remove next run"))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn load_discovered(&self, source: &str) -> Result<Discovered> {
@@ -380,25 +387,32 @@ impl Backend for SledStore {
     }
 
     async fn save_discovered(&self, source: &str, d: &Discovered) -> Result<()> {
-        self.discovered
-            .insert(source, encode(d))
-            .map_err(sled_err("write discovered"))?;
-        Ok(())
+        let (t, k, v) = (self.discovered.clone(), source.to_string(), encode(d));
+        blocking(move || {
+            t.insert(k, v).map_err(sled_err("write discovered"))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn mark_removed(&self, instance: &str, delete_at_ms: i64) -> Result<()> {
-        let _ = self
-            .removed
-            .compare_and_swap(instance, None as Option<&[u8]>, Some(encode(&delete_at_ms)))
-            .map_err(sled_err("mark removed"))?;
-        Ok(())
+        let (t, k) = (self.removed.clone(), instance.to_string());
+        blocking(move || {
+            let _ = t
+                .compare_and_swap(k, None as Option<&[u8]>, Some(encode(&delete_at_ms)))
+                .map_err(sled_err("mark removed"))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn unmark_removed(&self, instance: &str) -> Result<()> {
-        self.removed
-            .remove(instance)
-            .map_err(sled_err("unmark removed"))?;
-        Ok(())
+        let (t, k) = (self.removed.clone(), instance.to_string());
+        blocking(move || {
+            t.remove(k).map_err(sled_err("unmark removed"))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn removed(&self) -> Result<Vec<(String, i64)>> {
@@ -416,9 +430,12 @@ impl Backend for SledStore {
     }
 
     async fn disable_endpoint(&self, endpoint: &str, why: &str) -> Result<()> {
-        self.disabled
-            .insert(endpoint, encode(&why))
-            .map_err(sled_err("disable endpoint"))?;
+        let (t, k, v) = (self.disabled.clone(), endpoint.to_string(), encode(&why));
+        blocking(move || {
+            t.insert(k, v).map_err(sled_err("disable endpoint"))?;
+            Ok(())
+        })
+        .await?;
         self.flush_group().await
     }
 
@@ -434,11 +451,9 @@ impl Backend for SledStore {
     }
 
     async fn enable_endpoint(&self, endpoint: &str) -> Result<bool> {
-        let was = self
-            .disabled
-            .remove(endpoint)
-            .map_err(sled_err("enable endpoint"))?
-            .is_some();
+        let (t, k) = (self.disabled.clone(), endpoint.to_string());
+        let was = blocking(move || Ok(t.remove(k).map_err(sled_err("enable endpoint"))?.is_some()))
+            .await?;
         self.flush_group().await?;
         Ok(was)
     }
@@ -543,17 +558,21 @@ impl Backend for SledStore {
     }
 
     async fn delivered(&self, key: &EntryKey) -> Result<()> {
-        self.outbox
-            .remove(key_bytes(key))
-            .map_err(sled_err("remove delivered"))?;
-        Ok(())
+        let (t, k) = (self.outbox.clone(), key_bytes(key));
+        blocking(move || {
+            t.remove(k).map_err(sled_err("remove delivered"))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn reschedule(&self, key: &EntryKey, entry: &OutboxEntry) -> Result<()> {
-        self.outbox
-            .insert(key_bytes(key), encode(entry))
-            .map_err(sled_err("reschedule"))?;
-        Ok(())
+        let (t, k, v) = (self.outbox.clone(), key_bytes(key), encode(entry));
+        blocking(move || {
+            t.insert(k, v).map_err(sled_err("reschedule"))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn dead_letter(&self, key: &EntryKey, letter: &DeadLetter) -> Result<()> {
@@ -621,11 +640,14 @@ impl Backend for SledStore {
     }
 
     async fn drop_dead(&self, keys: &[EntryKey]) -> Result<usize> {
-        for k in keys {
-            self.dead
-                .remove(key_bytes(k))
-                .map_err(sled_err("drop dead letter"))?;
-        }
+        let (t, ks): (_, Vec<Vec<u8>>) = (self.dead.clone(), keys.iter().map(key_bytes).collect());
+        blocking(move || {
+            for k in ks {
+                t.remove(k).map_err(sled_err("drop dead letter"))?;
+            }
+            Ok(())
+        })
+        .await?;
         self.flush_group().await?;
         Ok(keys.len())
     }
@@ -635,12 +657,13 @@ impl Backend for SledStore {
     /// before and after a restart.
     async fn record_attempt(&self, rec: &AttemptRecord) -> Result<()> {
         let id = self.next_attempt.fetch_add(1, SeqCst);
-        self.attempts
-            .insert(id.to_be_bytes(), encode(rec))
-            .map_err(sled_err("record attempt"))?;
-        if id % 100 == 0 && id > ATTEMPTS_KEPT {
-            let me = self.clone();
-            blocking(move || {
+        let me = self.clone();
+        let v = encode(rec);
+        blocking(move || {
+            me.attempts
+                .insert(id.to_be_bytes(), v)
+                .map_err(sled_err("record attempt"))?;
+            if id % 100 == 0 && id > ATTEMPTS_KEPT {
                 let old: Vec<sled::IVec> = me
                     .attempts
                     .range(..(id - ATTEMPTS_KEPT + 1).to_be_bytes())
@@ -650,11 +673,10 @@ impl Backend for SledStore {
                 for k in old {
                     me.attempts.remove(k).map_err(sled_err("prune attempts"))?;
                 }
-                Ok(())
-            })
-            .await?;
-        }
-        Ok(())
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn attempts(&self, q: &AttemptQuery) -> Result<Vec<AttemptRecord>> {

@@ -14,6 +14,7 @@ mod crash;
 mod delivery;
 mod delivery_policy;
 mod discover;
+mod disk_full;
 mod docs;
 mod language;
 mod metrics;

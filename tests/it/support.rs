@@ -395,6 +395,26 @@ impl Daemon {
         status
     }
 
+    /// Waits (blocking) for the daemon to exit by itself; panics past
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        let c = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                self.drain_log();
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not exit within {timeout:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
