@@ -477,11 +477,13 @@ pub async fn fetch(
             out.first_url = Some(url.to_string());
         }
         if !(200..300).contains(&status) {
-            let bytes = read_capped(resp, 512, &shown).await.unwrap_or_default();
+            let bytes = read_capped(resp, SNIPPET_READ as u64, &shown)
+                .await
+                .unwrap_or_default();
             return Err(PollError::Status {
                 url: shown,
                 status,
-                snippet: snippet(&bytes),
+                snippet: snippet(&bytes, &inst.secrets),
             });
         }
         let bytes = read_capped(resp, c.request.max_response_bytes, &shown).await?;
@@ -490,7 +492,7 @@ pub async fn fetch(
             parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
                 url: shown.clone(),
                 detail,
-                snippet: snippet(&bytes),
+                snippet: snippet(&bytes, &inst.secrets),
             })?;
         out.xml |= format == Format::Xml;
         let count = c.items.as_ref().map(|items| items.query(&page).len());
@@ -675,14 +677,29 @@ async fn read_capped(
     Ok(buf)
 }
 
-/// The start of a body, for error messages.
-fn snippet(bytes: &[u8]) -> String {
+/// Bytes of a body read for an error message: more than is shown, so that
+/// a secret crossing the shown length is still whole when masked.
+const SNIPPET_READ: usize = 512;
+/// Characters of a body an error message shows.
+const SNIPPET_SHOWN: usize = 80;
+
+/// The start of a body, for error messages, with the instance's secrets
+/// masked. Masked *before* it is cut: cutting first would leave the head of
+/// a secret that crosses the cut, which no later masking recognises.
+fn snippet(bytes: &[u8], secrets: &[String]) -> String {
     if bytes.is_empty() {
         return String::new();
     }
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]);
+    let read = &bytes[..bytes.len().min(SNIPPET_READ)];
+    let text = String::from_utf8_lossy(read);
+    let text = if bytes.len() >= SNIPPET_READ {
+        super::mask_cut(&text, secrets)
+    } else {
+        super::mask(&text, secrets)
+    };
     let text: String = text
         .chars()
+        .take(SNIPPET_SHOWN)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     format!("; body starts with: {}", text.trim())

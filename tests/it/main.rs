@@ -14,6 +14,7 @@ mod crash;
 mod delivery;
 mod delivery_policy;
 mod discover;
+mod hostile;
 mod language;
 mod ops;
 mod polite;
