@@ -204,7 +204,17 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
             detail: "rendered to a value that is not a valid header".into(),
         })
     };
-    let url_text = render(&c.request.url, "request.url")?;
+    // URL templates encode the values they interpolate (see
+    // `Engine::render_url`): a param cannot move the request elsewhere.
+    let render_url = |tpl, field: &str| {
+        c.engine
+            .render_url(tpl, ctx)
+            .map_err(|detail| PollError::Template {
+                field: field.to_string(),
+                detail,
+            })
+    };
+    let url_text = render_url(&c.request.url, "request.url")?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| PollError::Template {
         field: "request.url".into(),
         detail: format!("`{url_text}` is not a URL: {e}"),
@@ -270,7 +280,7 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
                 params.push((k.clone(), render(t, &format!("request.auth.params.{k}"))?));
             }
             oauth = Some(TokenRequest {
-                token_url: render(&o.token_url, "request.auth.token_url")?,
+                token_url: render_url(&o.token_url, "request.auth.token_url")?,
                 client_id: render(&o.client_id, "request.auth.client_id")?,
                 client_secret: render(&o.client_secret, "request.auth.client_secret")?,
                 scope: o
