@@ -3,7 +3,8 @@
 //! instance, never freeze, crash or fool the daemon, its logs or its masks.
 
 use std::process::Command;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::RawQuery;
 use axum::http::{StatusCode, Uri};
@@ -68,4 +69,171 @@ emit: [{ type: x }]
     assert!(out.contains("HTTP 401"), "{out}");
     assert!(out.contains("key=***"), "the echo is masked: {out}");
     assert!(!out.contains("qkS"), "no part of the secret shows: {out}");
+}
+
+/// An upstream that answers any path with `{"value": 1}` and records the
+/// paths (as sent, still encoded) it was asked for.
+async fn recording_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let app = Router::new().fallback({
+        let seen = seen.clone();
+        move |uri: Uri| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(uri.to_string());
+                axum::Json(serde_json::json!({ "value": 1, "accounts": [] }))
+            }
+        }
+    });
+    (serve(app).await, seen)
+}
+
+/// A connector whose URL template runs 10^8 loop iterations over a
+/// 10,000-character param.
+fn runaway_connector() -> String {
+    format!(
+        r#"
+name: runaway
+params:
+  base_url: {{ required: true }}
+  pad: {{ default: "{}" }}
+  n: {{ default: "0" }}
+request:
+  url: "{{{{ base_url }}}}/x{{% for a in pad %}}{{% for b in pad %}}{{% endfor %}}{{% endfor %}}"
+detect: snapshot
+emit: [{{ type: x }}]
+"#,
+        "p".repeat(10_000)
+    )
+}
+
+const PROBE: &str = r#"
+name: probe
+params: { base_url: { required: true }, acct: { required: true } }
+request: { url: "{{ base_url }}/accounts/{{ acct }}/balance" }
+detect: snapshot
+emit: [{ type: probe.changed, when: "current.value != previous.value" }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_url_template_is_an_error_of_its_instance_only() {
+    let (addr, seen) = recording_upstream().await;
+
+    // `pollhook test` ends, with the template error.
+    let started = Instant::now();
+    let (ok, out) = try_connector(&runaway_connector(), &[format!("base_url=http://{addr}")]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("template error in request.url") && out.contains("template limit"),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Under `run`, the other instances poll, `/healthz` answers, SIGTERM ends it.
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  runaway:
+    connector: runaway
+    with: {{ base_url: "http://{addr}" }}
+    for_each: {{ n: ["1", "2"] }}
+    schedule: every 50ms
+    deliver_to: [agent]
+  good:
+    connector: probe
+    with: {{ base_url: "http://{addr}", acct: a1 }}
+    schedule: every 50ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{url}", secret: "{secret}" }}
+"#,
+        url = rx.url,
+        secret = secret()
+    );
+    let mut d = Daemon::new(
+        &bridge,
+        &[
+            ("runaway.yaml", runaway_connector()),
+            ("probe.yaml", PROBE.to_string()),
+        ],
+    );
+    d.start().await;
+    let s = d
+        .wait_status("the runaway instances failing with a template error", |s| {
+            s["instances"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with("runaway/"))
+                .filter(|(_, v)| {
+                    v["polls_failed"].as_u64().unwrap_or(0) >= 1
+                        && v["last_error"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains("template limit")
+                })
+                .count()
+                == 2
+        })
+        .await;
+    let good_before = s["instances"]["good/default"]["polls_ok"]
+        .as_u64()
+        .unwrap_or(0);
+    // Meanwhile, and after: the good instance polls and /healthz answers
+    // quickly while the runaway renders keep coming back.
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = reqwest::get(format!("http://{}/healthz", d.admin.as_ref().unwrap()))
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.wait_polls(&["good/default"], good_before + 5).await;
+    assert!(
+        seen.lock().unwrap().iter().all(|u| !u.starts_with("/x")),
+        "the runaway URL was never requested"
+    );
+    let t = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let st = d.terminate();
+        (st, d)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_param_value_cannot_leave_its_url_path_segment() {
+    let (addr, seen) = recording_upstream().await;
+    let (ok, out) = try_connector(
+        PROBE,
+        &[
+            format!("base_url=http://{addr}"),
+            "acct=../../admin/delete?all=1#".into(),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        ["/accounts/..%2F..%2Fadmin%2Fdelete%3Fall%3D1%23/balance"],
+        "{out}"
+    );
 }
