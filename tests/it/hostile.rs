@@ -237,3 +237,84 @@ async fn a_param_value_cannot_leave_its_url_path_segment() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_names_cannot_forge_log_lines_nor_values_leave_their_segment() {
+    let forged = "evil\n\x1b[31mERROR pollhook: forged";
+    let listing = serde_json::json!({
+        "value": 1,
+        "accounts": [
+            { "id": "good", "acct": "../../admin/delete?all=1#" },
+            { "id": forged, "acct": "x" },
+        ]
+    });
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let app = Router::new().fallback({
+        let seen = seen.clone();
+        move |uri: Uri| {
+            let (seen, listing) = (seen.clone(), listing.clone());
+            async move {
+                seen.lock().unwrap().push(uri.to_string());
+                axum::Json(listing)
+            }
+        }
+    });
+    let addr = serve(app).await;
+    let connector = r#"
+name: disc
+params: { base_url: { required: true }, acct: { required: true } }
+request: { url: "{{ base_url }}/accounts/{{ acct }}/balance" }
+detect: snapshot
+emit: [{ type: probe.changed, when: "current.value != previous.value" }]
+discover:
+  request: { url: "{{ base_url }}/accounts" }
+  items: "$.accounts[*]"
+  name: "{{ item.id }}"
+  with: { acct: "{{ item.acct }}" }
+  schedule: every 10m
+"#;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  disc:
+    connector: disc
+    with: {{ base_url: "http://{addr}" }}
+    for_each: discover
+    discover_schedule: every 100ms
+    schedule: every 50ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{url}", secret: "{secret}" }}
+"#,
+        url = rx.url,
+        secret = secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("disc.yaml", connector.to_string())]);
+    d.start().await;
+    d.wait_polls(&["disc/good"], 2).await;
+    wait_for("the skip warning", Duration::from_secs(20), || {
+        d.log().contains("control characters")
+    })
+    .await;
+    let s = d.status().await;
+    let instances: Vec<&String> = s["instances"].as_object().unwrap().keys().collect();
+    assert_eq!(instances, ["disc/good"], "{s:#}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.contains(&"/accounts/..%2F..%2Fadmin%2Fdelete%3Fall%3D1%23/balance".to_string()),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|u| !u.starts_with("/admin")), "{seen:?}");
+    d.terminate();
+    let log = d.log();
+    assert!(!log.contains('\x1b'), "{log}");
+    for line in log.lines().filter(|l| l.contains("forged")) {
+        assert!(
+            line.contains("WARN") && line.contains(r"evil\n\u{1b}[31mERROR"),
+            "a line forged or unescaped: {line}\n{log}"
+        );
+    }
+}
