@@ -345,6 +345,14 @@ pub async fn fetch(
     let vars = request_context(c, inst, state, now);
     let ctx = Ctx::from_serialize(&vars);
     let p = prepare(c, &ctx)?;
+    // What an error body may echo: the secret params, and the basic auth
+    // credential as sent (whole, so a short password is masked too).
+    let mut secrets = inst.secrets.clone();
+    if let Some((u, pw)) = &p.basic {
+        use base64::Engine as _;
+        let pair = format!("{u}:{}", pw.as_deref().unwrap_or(""));
+        secrets.push(base64::engine::general_purpose::STANDARD.encode(pair));
+    }
     let mut url = p.url.clone();
     let first_host = host_of(&url);
 
@@ -493,7 +501,7 @@ pub async fn fetch(
             return Err(PollError::Status {
                 url: shown,
                 status,
-                snippet: snippet(&bytes, &inst.secrets),
+                snippet: snippet(&bytes, &secrets),
             });
         }
         let bytes = read_capped(resp, c.request.max_response_bytes, &shown).await?;
@@ -502,7 +510,7 @@ pub async fn fetch(
             parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
                 url: shown.clone(),
                 detail,
-                snippet: snippet(&bytes, &inst.secrets),
+                snippet: snippet(&bytes, &secrets),
             })?;
         out.xml |= format == Format::Xml;
         let count = c.items.as_ref().map(|items| items.query(&page).len());

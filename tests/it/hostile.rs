@@ -318,3 +318,34 @@ endpoints:
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echoed_basic_auth_header_is_masked() {
+    async fn refuse(headers: axum::http::HeaderMap) -> impl IntoResponse {
+        let auth = headers["authorization"].to_str().unwrap().to_string();
+        (StatusCode::FORBIDDEN, format!("denied: {auth}"))
+    }
+    let addr = serve(Router::new().route("/x", get(refuse))).await;
+    let connector = r#"
+name: basic
+params: { base_url: { required: true }, user: { required: true }, pw: { secret: true, required: true } }
+request:
+  url: "{{ base_url }}/x"
+  auth: { type: basic, username: "{{ user }}", password: "{{ pw }}" }
+detect: snapshot
+emit: [{ type: x }]
+"#;
+    let (ok, out) = try_connector(
+        connector,
+        &[
+            format!("base_url=http://{addr}"),
+            "user=someone".into(),
+            "pw=pw1".into(),
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("denied: Basic ***"), "{out}");
+    // base64("someone:pw1")
+    assert!(!out.contains("c29tZW9uZTpwdzE"), "{out}");
+}
