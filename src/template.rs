@@ -7,7 +7,6 @@
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
-use std::sync::OnceLock;
 
 use minijinja::value::Rest;
 use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
@@ -19,21 +18,15 @@ use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
 /// across them.
 pub struct Engine {
     env: Environment<'static>,
-    /// The same templates with [`HEAVY_FUEL`], made on first need (see
-    /// [`Engine::run`]).
-    heavy: OnceLock<Environment<'static>>,
     next: usize,
 }
 
-/// Instructions a render may run on the async worker that asked for it.
-/// Every template of the repository's connectors needs a few hundred at
-/// most; a render that needs more is re-run off the async workers.
-const LIGHT_FUEL: u64 = 20_000;
-/// Instructions a render may run at all. Templates are written by
-/// connector authors, not trusted: a loop nested over a 10,000-character
-/// string is 10^8 instructions and would hold a thread for minutes. This
-/// bound is about a second of one core.
-pub const HEAVY_FUEL: u64 = 10_000_000;
+/// Instructions one render may run. Templates are written by connector
+/// authors, not trusted: a loop nested over a 10,000-character string is
+/// 10^8 instructions and would hold a thread for minutes. Every template of
+/// the repository's connectors needs a few hundred at most; this bound is
+/// well under a second of one core (about 1.5 s in a debug build).
+pub const FUEL: u64 = 10_000_000;
 /// Bytes a render may write, and the longest string the growing filters
 /// (`replace`, `join`, `center`, `indent`) may build: above the default
 /// `max_response_bytes` (10 MiB), so `{{ item | tojson }}` of a whole page
@@ -129,7 +122,7 @@ fn environment() -> Environment<'static> {
     // templates escape through the formatter instead (see `url_formatter`).
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_keep_trailing_newline(true);
-    env.set_fuel(Some(LIGHT_FUEL));
+    env.set_fuel(Some(FUEL));
     env.set_recursion_limit(RECURSION_LIMIT);
     env.set_formatter(url_formatter);
     env.add_filter("replace", replace_checked);
@@ -443,7 +436,6 @@ impl Engine {
     pub fn new() -> Self {
         Engine {
             env: environment(),
-            heavy: OnceLock::new(),
             next: 0,
         }
     }
@@ -479,23 +471,16 @@ impl Engine {
         self.run(&tpl.0, ctx, true)
     }
 
-    /// One bounded render. It starts where it was asked for (an async
-    /// worker, usually) with [`LIGHT_FUEL`], which every ordinary template
-    /// fits in; one that runs out is rendered again with [`HEAVY_FUEL`]
-    /// under `block_in_place`, so that while it runs the worker's other
-    /// tasks (other instances, `/healthz`, the signal handler) move to
-    /// another thread. Rendering is pure, so running it twice is safe.
+    /// One bounded render, under `block_in_place` when on a worker of a
+    /// multi-threaded runtime (the daemon, `pollhook test`): fuel bounds
+    /// the instructions, not what one instruction costs (`'x' * 10**8` is
+    /// one), so a hostile template can still take a while; meanwhile the
+    /// worker's other tasks (other instances, `/healthz`, the signal
+    /// handler) move to another thread instead of waiting behind it. It
+    /// costs well under a microsecond a render (measured with a busy
+    /// runtime), next to the render itself.
     fn run(&self, name: &str, ctx: &Value, url: bool) -> Result<String, String> {
-        match render_with(&self.env, name, ctx, url) {
-            Err(e) if e.kind() == ErrorKind::OutOfFuel => {}
-            other => return other.map_err(|e| self.explain(&e)),
-        }
-        let heavy = self.heavy.get_or_init(|| {
-            let mut env = self.env.clone();
-            env.set_fuel(Some(HEAVY_FUEL));
-            env
-        });
-        let render = || render_with(heavy, name, ctx, url);
+        let render = || render_with(&self.env, name, ctx, url);
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let result = if multi_thread {
@@ -509,7 +494,7 @@ impl Engine {
     fn explain(&self, e: &Error) -> String {
         match e.kind() {
             ErrorKind::OutOfFuel => format!(
-                "the template ran more than {HEAVY_FUEL} instructions and was stopped (template limit)"
+                "the template ran more than {FUEL} instructions and was stopped (template limit)"
             ),
             _ => describe(e),
         }
