@@ -18,12 +18,13 @@ const MIN_SECRET: usize = 3;
 /// Why more than a plain `replace`: a secret comes back from upstreams and
 /// URLs in whatever encoding they chose, not the one pollhook sent. A
 /// `/` may be raw, `%2F`, `%2f` or `%252F` (double-encoded), a space `+`
-/// or `%20`, a JSON echo writes `\/` or `\u002F`, and any mix of these in
+/// or `%20`, a JSON echo writes `\/`, `\"` or `\u002F`, and any mix of these in
 /// one value (partially encoded). So the text is matched byte by byte of
 /// the secret, each byte in any of its spellings. Basic auth puts the
 /// secret in base64 (`user:pass`), where its spelling depends on where it
 /// starts: every alignment is looked for, and the whole base64 word that
-/// holds it is masked (so the user part goes too).
+/// holds it is masked (so the user part goes too). And a secret's head
+/// right before `…` (how previews mark a cut) is masked as well.
 pub fn mask(text: &str, secrets: &[String]) -> String {
     mask_ranges(text, secrets, false)
 }
@@ -110,11 +111,21 @@ fn match_at(text: &[u8], i: usize, secret: &[u8], cut: bool) -> Option<usize> {
             }
         }
         if next.is_empty() {
-            // At the end, or at an escape the cut left unfinished (`%2`).
+            // A secret's head where the text was cut: at the end of a text
+            // read up to a cap (`cut`), or before the `…` that marks a cut
+            // anywhere (item previews in detection errors).
+            let marked = states
+                .iter()
+                .copied()
+                .filter(|&p| text[p..].starts_with("…".as_bytes()))
+                .max();
             let at_end = states.iter().any(|&p| {
                 p == text.len() || (text.len() - p < 6 && matches!(text[p], b'%' | b'\\'))
             });
-            return (cut && at_end && k >= MIN_SECRET).then_some(text.len());
+            if k < MIN_SECRET {
+                return None;
+            }
+            return marked.or((cut && at_end).then_some(text.len()));
         }
         states = next;
     }
@@ -144,7 +155,7 @@ fn spellings_at(text: &[u8], p: usize, b: u8) -> Vec<usize> {
     if b == b' ' && rest.first() == Some(&b'+') {
         out.push(1);
     }
-    if b == b'/' && rest.starts_with(b"\\/") {
+    if matches!(b, b'/' | b'"' | b'\\') && rest.first() == Some(&b'\\') && rest.get(1) == Some(&b) {
         out.push(2);
     }
     if b.is_ascii()
@@ -244,6 +255,17 @@ mod tests {
         // Secret first (a secret user name).
         let b64 = base64::engine::general_purpose::URL_SAFE.encode("hunter2-secret!:pw");
         assert_eq!(mask(&format!("[{b64}]"), &s), "[***]");
+    }
+
+    #[test]
+    fn a_secret_cut_before_an_ellipsis_is_masked() {
+        let s = vec!["tok-0123456789".to_string()];
+        assert_eq!(
+            mask(r#"no list: {"error":"bad key tok-0123…; retry"#, &s),
+            r#"no list: {"error":"bad key ***…; retry"#
+        );
+        let q = vec![r#"a"b\c"#.to_string()];
+        assert_eq!(mask(r#"{"k":"a\"b\\c"}"#, &q), r#"{"k":"***"}"#);
     }
 
     #[test]
