@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::collections::BTreeSet;
 
-use minijinja::value::Rest;
+use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
 
 /// Compiled templates of one connector.
@@ -129,6 +129,7 @@ fn environment() -> Environment<'static> {
     env.add_filter("join", join_checked);
     env.add_filter("center", center_checked);
     env.add_filter("indent", indent_checked);
+    env.add_filter("tojson", tojson_checked);
     // `| raw`: this value is URL text already (see `url_formatter`).
     env.add_filter("raw", |v: Value| Value::from_safe_string(v.to_string()));
     env.add_filter("path", path_filter);
@@ -235,6 +236,28 @@ fn indent_checked(
         out.push_str(line);
     }
     Ok(out)
+}
+
+/// Deeper JSON indentation than this is no formatting anyone needs, and
+/// minijinja builds the indentation string from the number as given (an
+/// `indent=10**10` would abort the process).
+const MAX_JSON_INDENT: usize = 64;
+
+fn tojson_checked(value: &Value, indent: Option<Value>, args: Kwargs) -> Result<Value, Error> {
+    let width = match &indent {
+        Some(w) => Some(w.clone()),
+        None => args.peek::<Option<Value>>("indent")?,
+    };
+    if width
+        .and_then(|w| w.as_usize())
+        .is_some_and(|w| w > MAX_JSON_INDENT)
+    {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson indent above {MAX_JSON_INDENT} (template limit)"),
+        ));
+    }
+    minijinja::filters::tojson(value, indent, args)
 }
 
 /// Where the text being rendered on this thread stands, when it is a URL
@@ -667,6 +690,8 @@ mod tests {
             "{{ range(100000) | join(s) }}",
             "{{ s | center(2000000000) }}",
             "{{ s | indent(2000000000) }}",
+            "{{ 1 | tojson(indent=10000000000) }}",
+            "{{ 1 | tojson(10000000000) }}",
         ] {
             let t = e.template(t).unwrap();
             let err = e.render(&t, &c).unwrap_err();
@@ -690,9 +715,9 @@ mod tests {
         assert!(e.render(&rec, &c).is_err());
         // Ordinary templates and ordinary filters still work.
         let ok = e
-            .template("{{ 'a-b' | replace('-', '+') }} {{ [1, 2] | join(',') }} [{{ 'x' | center(3) }}] {{ 'a\nb' | indent(2) }}")
+            .template("{{ 'a-b' | replace('-', '+') }} {{ [1, 2] | join(',') }} [{{ 'x' | center(3) }}] {{ 'a\nb' | indent(2) }} {{ [1] | tojson(indent=1) }}")
             .unwrap();
-        assert_eq!(e.render(&ok, &c).unwrap(), "a+b 1,2 [ x ] a\n  b");
+        assert_eq!(e.render(&ok, &c).unwrap(), "a+b 1,2 [ x ] a\n  b [\n 1\n]");
     }
 
     #[test]
