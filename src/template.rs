@@ -130,6 +130,7 @@ fn environment() -> Environment<'static> {
     env.add_filter("center", center_checked);
     env.add_filter("indent", indent_checked);
     env.add_filter("tojson", tojson_checked);
+    env.add_filter("format", format_checked);
     // `| raw`: this value is URL text already (see `url_formatter`).
     env.add_filter("raw", |v: Value| Value::from_safe_string(v.to_string()));
     env.add_filter("path", path_filter);
@@ -258,6 +259,23 @@ fn tojson_checked(value: &Value, indent: Option<Value>, args: Kwargs) -> Result<
         ));
     }
     minijinja::filters::tojson(value, indent, args)
+}
+
+/// `format` pads to the widths its format string gives, building the
+/// padding whole: a width or precision of seven digits or more is refused
+/// (`'%10000000000s' | format(1)` would abort the process).
+fn format_checked(state: &State, fmt: &Value, args: Rest<Value>) -> Result<Value, Error> {
+    if let Some(f) = fmt.as_str() {
+        let longest = f
+            .split(|c: char| !c.is_ascii_digit())
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        if longest > 6 {
+            return Err(too_long("format"));
+        }
+    }
+    minijinja::filters::format(state, fmt, args)
 }
 
 /// Where the text being rendered on this thread stands, when it is a URL
@@ -692,6 +710,7 @@ mod tests {
             "{{ s | indent(2000000000) }}",
             "{{ 1 | tojson(indent=10000000000) }}",
             "{{ 1 | tojson(10000000000) }}",
+            "{{ '%10000000000s' | format(1) }}",
         ] {
             let t = e.template(t).unwrap();
             let err = e.render(&t, &c).unwrap_err();
@@ -715,9 +734,12 @@ mod tests {
         assert!(e.render(&rec, &c).is_err());
         // Ordinary templates and ordinary filters still work.
         let ok = e
-            .template("{{ 'a-b' | replace('-', '+') }} {{ [1, 2] | join(',') }} [{{ 'x' | center(3) }}] {{ 'a\nb' | indent(2) }} {{ [1] | tojson(indent=1) }}")
+            .template("{{ 'a-b' | replace('-', '+') }} {{ [1, 2] | join(',') }} [{{ 'x' | center(3) }}] {{ 'a\nb' | indent(2) }} {{ [1] | tojson(indent=1) }} {{ '%3s|%s' | format(1, 'b') }}")
             .unwrap();
-        assert_eq!(e.render(&ok, &c).unwrap(), "a+b 1,2 [ x ] a\n  b [\n 1\n]");
+        assert_eq!(
+            e.render(&ok, &c).unwrap(),
+            "a+b 1,2 [ x ] a\n  b [\n 1\n]   1|b"
+        );
     }
 
     #[test]
