@@ -274,6 +274,11 @@ discover:
   schedule: every 10m
 "#;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let bridge = format!(
         r#"
 state_dir: state
@@ -284,6 +289,14 @@ sources:
     with: {{ base_url: "http://{addr}" }}
     for_each: discover
     discover_schedule: every 100ms
+    schedule: every 50ms
+    deliver_to: [agent]
+  # A value that reaches a log line as it is (the instance name of a
+  # failing poll): the log formatter, not the call site, escapes it.
+  named:
+    connector: disc
+    with: {{ base_url: "http://{closed}" }}
+    for_each: {{ acct: ["op\n\x1b[31mERROR pollhook: forged too"] }}
     schedule: every 50ms
     deliver_to: [agent]
 endpoints:
@@ -299,8 +312,19 @@ endpoints:
         d.log().contains("control characters")
     })
     .await;
+    wait_for(
+        "the named instance's failure",
+        Duration::from_secs(20),
+        || d.log().contains("forged too"),
+    )
+    .await;
     let s = d.status().await;
-    let instances: Vec<&String> = s["instances"].as_object().unwrap().keys().collect();
+    let instances: Vec<&String> = s["instances"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("disc/"))
+        .collect();
     assert_eq!(instances, ["disc/good"], "{s:#}");
     let seen = seen.lock().unwrap().clone();
     assert!(
@@ -313,7 +337,9 @@ endpoints:
     assert!(!log.contains('\x1b'), "{log}");
     for line in log.lines().filter(|l| l.contains("forged")) {
         assert!(
-            line.contains("WARN") && line.contains(r"evil\n\u{1b}[31mERROR"),
+            line.contains("WARN")
+                && (line.contains(r"evil\n\u{1b}[31mERROR")
+                    || line.contains(r"op\n\u{1b}[31mERROR")),
             "a line forged or unescaped: {line}\n{log}"
         );
     }
