@@ -46,6 +46,12 @@ fn mask_ranges(text: &str, secrets: &[String], cut: bool) -> String {
         }
         let mut i = 0;
         while i < bytes.len() {
+            // Every spelling of the first byte starts with it, `%`, `+`
+            // (a space) or `\` (a JSON escape): skip the rest quickly.
+            if !matches!(bytes[i], b'%' | b'+' | b'\\') && bytes[i] != s[0] {
+                i += 1;
+                continue;
+            }
             match match_at(bytes, i, s, cut) {
                 Some(end) if end > i => {
                     ranges.push((i, end));
