@@ -85,6 +85,14 @@ pub async fn discover(
                 .render(name_tpl, &ctx)
                 .map_err(|e| PollError::Detect(format!("discover.name: {e}")))?;
             let name = name.trim().to_string();
+            // A name is logged, shown and used as a key: one with control
+            // characters (a newline and an escape forged a log line) is
+            // upstream garbage or an attack, skipped rather than failing
+            // the whole listing.
+            if name.contains(crate::logfmt::is_unsafe_char) {
+                warn!(source = %source.name, name = ?name, "discover.name rendered a name with control characters; that item is skipped");
+                continue;
+            }
             if name.is_empty() || name.contains('/') {
                 return Err(PollError::Detect(format!(
                     "discover.name rendered `{name}` for {item}: an instance name must be non-empty and without `/`"

@@ -29,6 +29,7 @@
 //!   typed, shared by the admin server and the CLI.
 //! - [`dryrun`]: `pollhook test`, as a typed report.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, operations.
+//! - [`logfmt`]: text log fields with control characters escaped.
 
 pub mod admin;
 pub mod config;
@@ -38,6 +39,7 @@ pub mod deliver;
 pub mod discover;
 pub mod dryrun;
 pub mod event;
+pub mod logfmt;
 pub mod notify;
 pub mod ops;
 pub mod poll;

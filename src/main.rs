@@ -246,7 +246,8 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.init(),
+        // Outside data must not forge lines (see `pollhook::logfmt`).
+        LogFormat::Text => builder.fmt_fields(pollhook::logfmt::EscapedFields).init(),
         LogFormat::Json => builder.json().init(),
     }
 }

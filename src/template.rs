@@ -5,9 +5,11 @@
 //! [`check_template`]) and compiled once into an [`Engine`] per connector, so
 //! the poll loop only renders.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 
-use minijinja::{Environment, UndefinedBehavior, Value};
+use minijinja::value::{Kwargs, Rest};
+use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
 
 /// Compiled templates of one connector.
 ///
@@ -18,6 +20,21 @@ pub struct Engine {
     env: Environment<'static>,
     next: usize,
 }
+
+/// Instructions one render may run. Templates are written by connector
+/// authors, not trusted: a loop nested over a 10,000-character string is
+/// 10^8 instructions and would hold a thread for minutes. Every template of
+/// the repository's connectors needs a few hundred at most; this bound is
+/// about 1.5 s of one core in a debug build (measured), less in release.
+pub const FUEL: u64 = 10_000_000;
+/// Bytes a render may write, and the longest string the growing filters
+/// (`replace`, `join`, `center`, `indent`, `format`) may build: above the default
+/// `max_response_bytes` (10 MiB), so `{{ item | tojson }}` of a whole page
+/// still renders, and far below what would threaten the process.
+pub const MAX_OUTPUT: usize = 16 * 1024 * 1024;
+/// Nesting of macro calls and data: deep enough for any real template,
+/// shallow enough that no render can exhaust a thread's stack.
+const RECURSION_LIMIT: usize = 64;
 
 /// A handle to a compiled template of an [`Engine`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,13 +110,285 @@ impl Default for Engine {
 ///
 /// Strict undefined: a typo such as `{{ acount }}` is an error, not an empty
 /// string in a URL; `default(...)` and `is defined` still work.
+///
+/// Bounded, because connector files come from anyone: fuel bounds the
+/// instructions of one render, a recursion limit its depth, and the
+/// filters that multiply a string's length check the length first (an
+/// unchecked `replace` chain allocated 8 GB and aborted the process).
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
-    // No auto-escaping: these are URLs, JSON and headers, not HTML.
+    // No auto-escaping: these are URLs, JSON and headers, not HTML. URL
+    // templates escape through the formatter instead (see `url_formatter`).
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_keep_trailing_newline(true);
+    env.set_fuel(Some(FUEL));
+    env.set_recursion_limit(RECURSION_LIMIT);
+    env.set_formatter(url_formatter);
+    env.add_filter("replace", replace_checked);
+    env.add_filter("join", join_checked);
+    env.add_filter("center", center_checked);
+    env.add_filter("indent", indent_checked);
+    env.add_filter("tojson", tojson_checked);
+    env.add_filter("format", format_checked);
+    // `| raw`: this value is URL text already (see `url_formatter`).
+    env.add_filter("raw", |v: Value| Value::from_safe_string(v.to_string()));
+    env.add_filter("path", path_filter);
     env
+}
+
+fn too_long(what: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{what} would build a string longer than {MAX_OUTPUT} bytes (template limit)"),
+    )
+}
+
+fn replace_checked(v: String, from: String, to: String) -> Result<String, Error> {
+    if !from.is_empty() && to.len() > from.len() {
+        let grows = (to.len() - from.len()).saturating_mul(v.matches(from.as_str()).count());
+        if v.len().saturating_add(grows) > MAX_OUTPUT {
+            return Err(too_long("replace"));
+        }
+    } else if from.is_empty()
+        && v.len().saturating_add(1).saturating_mul(to.len().max(1)) > MAX_OUTPUT
+    {
+        return Err(too_long("replace"));
+    }
+    Ok(v.replace(from.as_str(), &to))
+}
+
+fn join_checked(v: Value, joiner: Option<String>, rest: Rest<Value>) -> Result<String, Error> {
+    if !rest.is_empty() {
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "join takes a separator",
+        ));
+    }
+    let joiner = joiner.unwrap_or_default();
+    if v.is_undefined() || v.is_none() {
+        return Ok(String::new());
+    }
+    if let Some(s) = v.as_str() {
+        let n = s.chars().count();
+        if s.len().saturating_add(joiner.len().saturating_mul(n)) > MAX_OUTPUT {
+            return Err(too_long("join"));
+        }
+    }
+    let mut out = String::new();
+    for (i, item) in v.try_iter()?.enumerate() {
+        if i > 0 {
+            out.push_str(&joiner);
+        }
+        use std::fmt::Write;
+        let _ = write!(out, "{item}");
+        if out.len() > MAX_OUTPUT {
+            return Err(too_long("join"));
+        }
+    }
+    Ok(out)
+}
+
+fn center_checked(v: String, width: Option<usize>) -> Result<String, Error> {
+    let width = width.unwrap_or(80);
+    if width > MAX_OUTPUT {
+        return Err(too_long("center"));
+    }
+    let len = v.chars().count();
+    if len >= width {
+        return Ok(v);
+    }
+    let left = (width - len) / 2;
+    Ok(format!(
+        "{}{v}{}",
+        " ".repeat(left),
+        " ".repeat(width - len - left)
+    ))
+}
+
+fn indent_checked(
+    v: String,
+    width: Value,
+    first: Option<bool>,
+    blank: Option<bool>,
+) -> Result<String, Error> {
+    let pad = match width.as_str() {
+        Some(s) => s.to_string(),
+        None => " ".repeat(
+            width
+                .as_usize()
+                .filter(|w| *w <= MAX_OUTPUT)
+                .ok_or_else(|| too_long("indent"))?,
+        ),
+    };
+    let lines = v.lines().count().max(1);
+    if v.len().saturating_add(pad.len().saturating_mul(lines)) > MAX_OUTPUT {
+        return Err(too_long("indent"));
+    }
+    let (first, blank) = (first.unwrap_or(false), blank.unwrap_or(false));
+    let mut out = String::new();
+    for (i, line) in v.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        if (i > 0 || first) && (blank || !line.trim().is_empty()) {
+            out.push_str(&pad);
+        }
+        out.push_str(line);
+    }
+    Ok(out)
+}
+
+/// Deeper JSON indentation than this is no formatting anyone needs, and
+/// minijinja builds the indentation string from the number as given (an
+/// `indent=10**10` would abort the process).
+const MAX_JSON_INDENT: usize = 64;
+
+fn tojson_checked(value: &Value, indent: Option<Value>, args: Kwargs) -> Result<Value, Error> {
+    let width = match &indent {
+        Some(w) => Some(w.clone()),
+        None => args.peek::<Option<Value>>("indent")?,
+    };
+    if width
+        .and_then(|w| w.as_usize())
+        .is_some_and(|w| w > MAX_JSON_INDENT)
+    {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson indent above {MAX_JSON_INDENT} (template limit)"),
+        ));
+    }
+    minijinja::filters::tojson(value, indent, args)
+}
+
+/// `format` pads to the widths its format string gives, building the
+/// padding whole: a width or precision of seven digits or more is refused
+/// (`'%10000000000s' | format(1)` would abort the process).
+fn format_checked(state: &State, fmt: &Value, args: Rest<Value>) -> Result<Value, Error> {
+    if let Some(f) = fmt.as_str() {
+        let longest = f
+            .split(|c: char| !c.is_ascii_digit())
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        if longest > 6 {
+            return Err(too_long("format"));
+        }
+    }
+    minijinja::filters::format(state, fmt, args)
+}
+
+/// Where the text being rendered on this thread stands, when it is a URL
+/// (`None` otherwise): whether anything but blanks was written yet, and
+/// whether the query (or fragment) began.
+#[derive(Clone, Copy, Debug, Default)]
+struct UrlPos {
+    started: bool,
+    query: bool,
+}
+
+thread_local! {
+    /// Set for the length of one URL render by [`Engine::render_url`]; the
+    /// formatter reads it. A render never leaves its thread, so a
+    /// thread-local is exactly the render's own state.
+    static URL_POS: Cell<Option<UrlPos>> = const { Cell::new(None) };
+}
+
+/// Bytes of a value that stay as they are in a URL: RFC 3986's unreserved
+/// characters and the sub-delimiters that mean nothing in a path segment
+/// or a query value. Everything else (`/ ? # & = + %`, spaces, controls) is
+/// percent-encoded, so a value cannot leave its path segment or its query
+/// value (`../../admin/delete?all=1#` stays one segment).
+fn url_keeps(b: u8, slash: bool) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~:@!$'()*,".contains(&b) || (slash && b == b'/')
+}
+
+fn url_encode(text: &str, slash: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        if url_keeps(b, slash) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A path segment made only of dots is `.` or `..` to every URL parser,
+/// encoded or not (`%2E%2E` included): no encoding keeps it in place.
+fn dot_segment_error(text: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!(
+            "`{text}` cannot go into a URL path: `.` and `..` segments move the request elsewhere"
+        ),
+    )
+}
+
+fn is_dot_segment(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b == b'.') && s.len() <= 2
+}
+
+/// How `{{ value }}` is written. Outside URL templates: as text (what
+/// minijinja does without auto-escaping). In a URL template, a value after
+/// the start is percent-encoded as one path segment or query value (see
+/// [`url_keeps`]); a value that begins the URL (`{{ base_url }}/…`) is a
+/// whole URL by design and stays as it is, and so does a value marked
+/// `| raw` (or `| safe`) by a connector that means it.
+fn url_formatter(out: &mut minijinja::Output, state: &State, value: &Value) -> Result<(), Error> {
+    let Some(pos) = URL_POS.with(Cell::get) else {
+        return minijinja::escape_formatter(out, state, value);
+    };
+    if !pos.started || value.is_safe() || value.is_undefined() {
+        return minijinja::escape_formatter(out, state, value);
+    }
+    let text = value.to_string();
+    if !pos.query && is_dot_segment(&text) {
+        return Err(dot_segment_error(&text));
+    }
+    out.write_str(&url_encode(&text, false))
+        .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the URL"))
+}
+
+/// `| path`: a value that is several path segments (`owner/repo`): `/`
+/// stays, everything else is encoded as by default, and `.`/`..`
+/// segments are refused.
+fn path_filter(v: Value) -> Result<Value, Error> {
+    let text = v.to_string();
+    if text.split('/').any(is_dot_segment) {
+        return Err(dot_segment_error(&text));
+    }
+    Ok(Value::from_safe_string(url_encode(&text, true)))
+}
+
+/// The writer of every render: refuses to grow past [`MAX_OUTPUT`], and
+/// follows the position in a URL for [`url_formatter`].
+struct Sink {
+    buf: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > MAX_OUTPUT {
+            self.over = true;
+            return Err(std::io::Error::other("template output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        URL_POS.with(|c| {
+            if let Some(mut p) = c.get() {
+                p.started |= b.iter().any(|c| !c.is_ascii_whitespace());
+                p.query |= b.iter().any(|c| matches!(c, b'?' | b'#'));
+                c.set(Some(p));
+            }
+        });
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The template a condition compiles to: rendering it yields `1` exactly when
@@ -156,6 +445,34 @@ pub fn describe(e: &minijinja::Error) -> String {
     out
 }
 
+/// Renders template `name` of `env` into a bounded [`Sink`], as a URL when
+/// `url` says so.
+fn render_with(
+    env: &Environment<'static>,
+    name: &str,
+    ctx: &Value,
+    url: bool,
+) -> Result<String, Error> {
+    let t = env.get_template(name)?;
+    let mut sink = Sink {
+        buf: Vec::new(),
+        over: false,
+    };
+    URL_POS.with(|c| c.set(url.then(UrlPos::default)));
+    let result = t.render_captured_to(ctx, &mut sink).map(|_| ());
+    URL_POS.with(|c| c.set(None));
+    match result {
+        Ok(_) => String::from_utf8(sink.buf).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                "the template wrote invalid UTF-8",
+            )
+        }),
+        Err(_) if sink.over => Err(too_long("the template's output")),
+        Err(e) => Err(e),
+    }
+}
+
 impl Engine {
     pub fn new() -> Self {
         Engine {
@@ -185,8 +502,43 @@ impl Engine {
 
     /// Renders a template with `ctx`.
     pub fn render(&self, tpl: &Tpl, ctx: &Value) -> Result<String, String> {
-        let t = self.env.get_template(&tpl.0).map_err(|e| describe(&e))?;
-        t.render(ctx).map_err(|e| describe(&e))
+        self.run(&tpl.0, ctx, false)
+    }
+
+    /// Renders a URL template with `ctx`: values after the start are
+    /// percent-encoded (see `url_formatter`), so a param or a discovered
+    /// value cannot redirect the request to another path.
+    pub fn render_url(&self, tpl: &Tpl, ctx: &Value) -> Result<String, String> {
+        self.run(&tpl.0, ctx, true)
+    }
+
+    /// One bounded render, under `block_in_place` when on a worker of a
+    /// multi-threaded runtime (the daemon, `pollhook test`): fuel bounds
+    /// the instructions, not what one instruction costs (`'x' * 10**8` is
+    /// one), so a hostile template can still take a while; meanwhile the
+    /// worker's other tasks (other instances, `/healthz`, the signal
+    /// handler) move to another thread instead of waiting behind it. It
+    /// costs well under a microsecond a render (measured with a busy
+    /// runtime), next to the render itself.
+    fn run(&self, name: &str, ctx: &Value, url: bool) -> Result<String, String> {
+        let render = || render_with(&self.env, name, ctx, url);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let result = if multi_thread {
+            tokio::task::block_in_place(render)
+        } else {
+            render()
+        };
+        result.map_err(|e| self.explain(&e))
+    }
+
+    fn explain(&self, e: &Error) -> String {
+        match e.kind() {
+            ErrorKind::OutOfFuel => format!(
+                "the template ran more than {FUEL} instructions and was stopped (template limit)"
+            ),
+            _ => describe(e),
+        }
     }
 
     /// Compiles a value template (see [`ValueTpl`]).
@@ -237,8 +589,7 @@ impl Engine {
 
     /// Evaluates a condition with `ctx`.
     pub fn test(&self, cond: &Cond, ctx: &Value) -> Result<bool, String> {
-        let t = self.env.get_template(&cond.0).map_err(|e| describe(&e))?;
-        Ok(t.render(ctx).map_err(|e| describe(&e))? == "1")
+        Ok(self.run(&cond.0, ctx, false)? == "1")
     }
 }
 
@@ -318,5 +669,148 @@ mod tests {
         assert!(check_condition("a <").is_err());
         let vars = variables_of_template("{{ base_url }}/{{ item.id }}");
         assert!(vars.contains("base_url") && vars.contains("item"));
+    }
+
+    fn ctx(v: serde_json::Value) -> Value {
+        Value::from_serialize(v)
+    }
+
+    #[test]
+    fn runaway_templates_are_stopped_with_a_clear_error() {
+        let mut e = Engine::new();
+        let long = "x".repeat(10_000);
+        let c = ctx(serde_json::json!({ "s": long }));
+        // 10^8 iterations: stopped by fuel, in about a second at most.
+        let loops = e
+            .template("{% for a in s %}{% for b in s %}{{ '' }}{% endfor %}{% endfor %}")
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = e.render(&loops, &c).unwrap_err();
+        assert!(
+            err.contains("instructions") && err.contains("template limit"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        // A chain of `replace` multiplying the length (8 GB unchecked).
+        let chain = e
+            .template("{{ s | replace('x', s) | replace('x', s) | replace('x', s) }}")
+            .unwrap();
+        let err = e.render(&chain, &c).unwrap_err();
+        assert!(
+            err.contains("replace") && err.contains("template limit"),
+            "{err}"
+        );
+        for t in [
+            "{{ range(100000) | join(s) }}",
+            "{{ s | center(2000000000) }}",
+            "{{ s | indent(2000000000) }}",
+            "{{ 1 | tojson(indent=10000000000) }}",
+            "{{ 1 | tojson(10000000000) }}",
+            "{{ '%10000000000s' | format(1) }}",
+        ] {
+            let t = e.template(t).unwrap();
+            let err = e.render(&t, &c).unwrap_err();
+            assert!(err.contains("template limit"), "{err}");
+        }
+        // Output past the cap, in a loop that fits the fuel.
+        let big = e
+            .template("{% for i in range(2000) %}{{ s }}{% endfor %}")
+            .unwrap();
+        let err = e.render(&big, &c).unwrap_err();
+        assert!(err.contains("longer than"), "{err}");
+        // A condition is a render too.
+        let cond = e
+            .condition("(s | replace('x', s) | replace('x', s)) != ''")
+            .unwrap();
+        assert!(e.test(&cond, &c).unwrap_err().contains("template limit"));
+        // Unbounded recursion.
+        let rec = e
+            .template("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
+            .unwrap();
+        assert!(e.render(&rec, &c).is_err());
+        // Ordinary templates and ordinary filters still work.
+        let ok = e
+            .template("{{ 'a-b' | replace('-', '+') }} {{ [1, 2] | join(',') }} [{{ 'x' | center(3) }}] {{ 'a\nb' | indent(2) }} {{ [1] | tojson(indent=1) }} {{ '%3s|%s' | format(1, 'b') }}")
+            .unwrap();
+        assert_eq!(
+            e.render(&ok, &c).unwrap(),
+            "a+b 1,2 [ x ] a\n  b [\n 1\n]   1|b"
+        );
+    }
+
+    #[test]
+    fn heavy_renders_on_a_runtime_do_not_starve_it() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut e = Engine::new();
+            let t = e
+                .template("{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}")
+                .unwrap();
+            let e = std::sync::Arc::new(e);
+            let c = ctx(serde_json::json!({ "s": "x".repeat(10_000) }));
+            let render = tokio::spawn({
+                let e = e.clone();
+                async move { e.render(&t, &c) }
+            });
+            // With the only worker rendering, this timer still fires: the
+            // render moved off the worker.
+            let ticks = tokio::spawn(async {
+                let mut n = 0;
+                for _ in 0..5 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    n += 1;
+                }
+                n
+            });
+            assert_eq!(ticks.await.unwrap(), 5);
+            assert!(render.await.unwrap().is_err());
+        });
+    }
+
+    #[test]
+    fn url_values_stay_in_their_segment_unless_they_begin_the_url() {
+        let mut e = Engine::new();
+        let url = e
+            .template("{{ base_url }}/accounts/{{ acct }}/balance?since={{ since }}")
+            .unwrap();
+        let c = ctx(serde_json::json!({
+            "base_url": "http://bank:8080/v2?x=1",
+            "acct": "../../admin/delete?all=1#",
+            "since": "2026-01-01T00:00:00+01:00&limit=1",
+        }));
+        assert_eq!(
+            e.render_url(&url, &c).unwrap(),
+            "http://bank:8080/v2?x=1/accounts/..%2F..%2Fadmin%2Fdelete%3Fall%3D1%23/balance?since=2026-01-01T00:00:00%2B01:00%26limit%3D1"
+        );
+        // The same template outside URLs, and opting out, write the text.
+        assert!(e
+            .render(&url, &c)
+            .unwrap()
+            .contains("/accounts/../../admin"));
+        let raw = e
+            .template("{{ base_url }}/{{ path | raw }}/{{ repo | path }}")
+            .unwrap();
+        let c = ctx(serde_json::json!({
+            "base_url": "http://h", "path": "a/b?c", "repo": "owner/na me"
+        }));
+        assert_eq!(
+            e.render_url(&raw, &c).unwrap(),
+            "http://h/a/b?c/owner/na%20me"
+        );
+        // Leading blanks are not a start; `.`/`..` cannot be a segment.
+        let lead = e.template("  {{ base_url }}/{{ acct }}").unwrap();
+        let dots = ctx(serde_json::json!({ "base_url": "http://h", "acct": ".." }));
+        assert!(e.render_url(&lead, &dots).unwrap_err().contains("`..`"));
+        let c = ctx(serde_json::json!({ "base_url": "http://h", "repo": "a/../b" }));
+        let p = e.template("{{ base_url }}/{{ repo | path }}").unwrap();
+        assert!(e.render_url(&p, &c).is_err());
     }
 }

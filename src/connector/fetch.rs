@@ -204,7 +204,17 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
             detail: "rendered to a value that is not a valid header".into(),
         })
     };
-    let url_text = render(&c.request.url, "request.url")?;
+    // URL templates encode the values they interpolate (see
+    // `Engine::render_url`): a param cannot move the request elsewhere.
+    let render_url = |tpl, field: &str| {
+        c.engine
+            .render_url(tpl, ctx)
+            .map_err(|detail| PollError::Template {
+                field: field.to_string(),
+                detail,
+            })
+    };
+    let url_text = render_url(&c.request.url, "request.url")?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| PollError::Template {
         field: "request.url".into(),
         detail: format!("`{url_text}` is not a URL: {e}"),
@@ -270,7 +280,7 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
                 params.push((k.clone(), render(t, &format!("request.auth.params.{k}"))?));
             }
             oauth = Some(TokenRequest {
-                token_url: render(&o.token_url, "request.auth.token_url")?,
+                token_url: render_url(&o.token_url, "request.auth.token_url")?,
                 client_id: render(&o.client_id, "request.auth.client_id")?,
                 client_secret: render(&o.client_secret, "request.auth.client_secret")?,
                 scope: o
@@ -335,6 +345,14 @@ pub async fn fetch(
     let vars = request_context(c, inst, state, now);
     let ctx = Ctx::from_serialize(&vars);
     let p = prepare(c, &ctx)?;
+    // What an error body may echo: the secret params, and the basic auth
+    // credential as sent (whole, so a short password is masked too).
+    let mut secrets = inst.secrets.clone();
+    if let Some((u, pw)) = &p.basic {
+        use base64::Engine as _;
+        let pair = format!("{u}:{}", pw.as_deref().unwrap_or(""));
+        secrets.push(base64::engine::general_purpose::STANDARD.encode(pair));
+    }
     let mut url = p.url.clone();
     let first_host = host_of(&url);
 
@@ -477,11 +495,13 @@ pub async fn fetch(
             out.first_url = Some(url.to_string());
         }
         if !(200..300).contains(&status) {
-            let bytes = read_capped(resp, 512, &shown).await.unwrap_or_default();
+            let bytes = read_capped(resp, SNIPPET_READ as u64, &shown)
+                .await
+                .unwrap_or_default();
             return Err(PollError::Status {
                 url: shown,
                 status,
-                snippet: snippet(&bytes),
+                snippet: snippet(&bytes, &secrets),
             });
         }
         let bytes = read_capped(resp, c.request.max_response_bytes, &shown).await?;
@@ -490,7 +510,7 @@ pub async fn fetch(
             parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
                 url: shown.clone(),
                 detail,
-                snippet: snippet(&bytes),
+                snippet: snippet(&bytes, &secrets),
             })?;
         out.xml |= format == Format::Xml;
         let count = c.items.as_ref().map(|items| items.query(&page).len());
@@ -675,14 +695,29 @@ async fn read_capped(
     Ok(buf)
 }
 
-/// The start of a body, for error messages.
-fn snippet(bytes: &[u8]) -> String {
+/// Bytes of a body read for an error message: more than is shown, so that
+/// a secret crossing the shown length is still whole when masked.
+const SNIPPET_READ: usize = 512;
+/// Characters of a body an error message shows.
+const SNIPPET_SHOWN: usize = 80;
+
+/// The start of a body, for error messages, with the instance's secrets
+/// masked. Masked *before* it is cut: cutting first would leave the head of
+/// a secret that crosses the cut, which no later masking recognises.
+fn snippet(bytes: &[u8], secrets: &[String]) -> String {
     if bytes.is_empty() {
         return String::new();
     }
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]);
+    let read = &bytes[..bytes.len().min(SNIPPET_READ)];
+    let text = String::from_utf8_lossy(read);
+    let text = if bytes.len() >= SNIPPET_READ {
+        super::mask_cut(&text, secrets)
+    } else {
+        super::mask(&text, secrets)
+    };
     let text: String = text
         .chars()
+        .take(SNIPPET_SHOWN)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     format!("; body starts with: {}", text.trim())

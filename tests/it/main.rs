@@ -16,6 +16,7 @@ mod delivery_policy;
 mod discover;
 mod disk_full;
 mod docs;
+mod hostile;
 mod language;
 mod metrics;
 mod oauth;
