@@ -214,8 +214,7 @@ pub fn interpolate_partial(
             }
         }
         let (range, text_of_range) = match s.style {
-            ScalarStyle::Literal | ScalarStyle::Folded => match block_header(text, s.range.start)
-            {
+            ScalarStyle::Literal | ScalarStyle::Folded => match block_header(text, s.range.start) {
                 Some(h) => (h..s.range.end, &text[h..s.range.end]),
                 None => {
                     errors.push(error_at(
@@ -298,8 +297,9 @@ fn block_header(text: &str, content: usize) -> Option<usize> {
                     (b[i] == b'|' || b[i] == b'>')
                         && (i == 0 || b[i - 1] == b' ' || b[i - 1] == b'\t')
                         && {
-                            let rest = line[i + 1..]
-                                .trim_start_matches(|c: char| c == '-' || c == '+' || c.is_ascii_digit());
+                            let rest = line[i + 1..].trim_start_matches(|c: char| {
+                                c == '-' || c == '+' || c.is_ascii_digit()
+                            });
                             rest.is_empty() || rest.starts_with([' ', '\t', '\r'])
                         }
                 })
@@ -583,7 +583,10 @@ mod tests {
     fn multi_line_scalars_keep_their_line_count() {
         let lookup = |n: &str| (n == "V").then(|| "x\"\ny: 1 \\".to_string());
         for (text, want) in [
-            ("a: |\n  one ${V}\n  two\n\nb: 1\n", "one x\"\ny: 1 \\\ntwo\n"),
+            (
+                "a: |\n  one ${V}\n  two\n\nb: 1\n",
+                "one x\"\ny: 1 \\\ntwo\n",
+            ),
             ("a: >-\n  one ${V}\n  two\nb: 1\n", "one x\"\ny: 1 \\ two"),
             ("a: | # c\n\n  one ${V}\nb: 1\n", "\none x\"\ny: 1 \\\n"),
             ("a: \"one\n  ${V} two\"\nb: 1\n", "one x\"\ny: 1 \\ two"),

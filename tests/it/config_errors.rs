@@ -473,7 +473,10 @@ fn a_substituted_value_cannot_inject_keys() {
         let bridge = flow(context);
         assert!(bridge.contains(context), "{bridge}");
         let (ok, err) = validate_with_env(&bridge, &[("AGENT_URL", value)]);
-        assert!(!ok, "{context}: the injected `allow_private: true` was obeyed");
+        assert!(
+            !ok,
+            "{context}: the injected `allow_private: true` was obeyed"
+        );
         assert!(
             err.contains("bridge.yaml:9:") && err.contains("private or link-local"),
             "{context}: {err}"
@@ -485,7 +488,11 @@ fn a_substituted_value_cannot_inject_keys() {
 /// `#`, `: `) is read as it is, in quotes or not.
 #[test]
 fn a_secret_file_with_special_characters_is_one_value() {
-    for context in ["\"${file:{dir}/acc}\"", "${file:{dir}/acc}", "'${file:{dir}/acc}'"] {
+    for context in [
+        "\"${file:{dir}/acc}\"",
+        "${file:{dir}/acc}",
+        "'${file:{dir}/acc}'",
+    ] {
         let d = Daemon::new(
             &GOOD_BRIDGE.replace("account: acc-0001", &format!("account: {context}")),
             &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
@@ -554,7 +561,9 @@ fn a_non_loopback_admin_listen_needs_a_token() {
         );
         for token in ["t0ken", "none"] {
             let (ok, err) = validate_with_env(
-                &with_admin(&format!("admin: {{ listen: \"{listen}\", token: {token} }}")),
+                &with_admin(&format!(
+                    "admin: {{ listen: \"{listen}\", token: {token} }}"
+                )),
                 &[],
             );
             assert!(ok, "{listen} with token {token}: {err}");
