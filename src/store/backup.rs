@@ -120,14 +120,12 @@ pub fn parse(
         let Some(f) = format else {
             match v["pollhook_state"].as_u64() {
                 Some(f @ (1 | BACKUP_FORMAT)) => format = Some(f),
-                Some(other) => {
-                    return Err(bad(
-                        no,
-                        format!(
+                Some(other) => return Err(bad(
+                    no,
+                    format!(
                         "backup format {other}; this pollhook reads formats 1 and {BACKUP_FORMAT}"
                     ),
-                    ))
-                }
+                )),
                 None => {
                     return Err(bad(
                         no,
