@@ -291,13 +291,20 @@ fn block_header(text: &str, content: usize) -> Option<usize> {
         let start = before[..end].rfind('\n').map_or(0, |i| i + 1);
         let line = &before[start..end];
         if !line.trim().is_empty() {
-            let b = line.as_bytes();
+            // The last indicator before a comment: a key may hold ` | `.
+            let code = &line[..[" #", "\t#"]
+                .iter()
+                .filter_map(|c| line.find(c))
+                .min()
+                .unwrap_or(line.len())];
+            let b = code.as_bytes();
             return (0..b.len())
+                .rev()
                 .find(|&i| {
                     (b[i] == b'|' || b[i] == b'>')
                         && (i == 0 || b[i - 1] == b' ' || b[i - 1] == b'\t')
                         && {
-                            let rest = line[i + 1..].trim_start_matches(|c: char| {
+                            let rest = code[i + 1..].trim_start_matches(|c: char| {
                                 c == '-' || c == '+' || c.is_ascii_digit()
                             });
                             rest.is_empty() || rest.starts_with([' ', '\t', '\r'])
@@ -592,12 +599,15 @@ mod tests {
             ("a: \"one\n  ${V} two\"\nb: 1\n", "one x\"\ny: 1 \\ two"),
             ("a: one\n  ${V} two\nb: 1\n", "one x\"\ny: 1 \\ two"),
             ("l:\n  - |\n    ${V}\n    z\nb: 1\n", ""),
+            ("a | b: | # c | d\n  ${V}\nb: 1\n", "x\"\ny: 1 \\\n"),
         ] {
             let out = interpolate(Path::new("b.yaml"), text, &lookup).unwrap();
             assert_eq!(out.lines().count(), text.lines().count(), "{out}");
             let v = parse(&out);
             assert_eq!(v["b"], 1, "{out}");
-            if want.is_empty() {
+            if text.starts_with("a | b") {
+                assert_eq!(v["a | b"], want, "{out}");
+            } else if want.is_empty() {
                 assert_eq!(v["l"][0], "x\"\ny: 1 \\\nz\n", "{out}");
             } else {
                 assert_eq!(v["a"], want, "{text:?}:\n{out}");
