@@ -1,9 +1,35 @@
 //! `${VAR}` and `${VAR:-default}` substitution from the environment.
 //!
-//! Done on the text, before YAML parsing, line by line: line numbers stay
-//! those of the file, so a missing variable is reported at its line, and the
-//! YAML parser's later locations stay exact. Comments are left alone, so a
-//! commented-out `${OLD_VAR}` needs no value. `$${` writes a literal `${`.
+//! A substituted value is exactly one YAML scalar, whatever it holds:
+//! quotes, backslashes, newlines, `#`, `: `, `{`, `]`, leading spaces, an
+//! alias `*x`, a tag `!!binary`. Pasting values into the text (as this
+//! module once did) let a value close its quotes and write keys of its
+//! own (`", allow_private: true, hub_secret: "x`), and a backslash from a
+//! `${file:…}` broke a double-quoted string. So substitution is done on the
+//! parsed scalars, in four steps:
+//!
+//! 1. every `${…}` (and `$${`) of the text is masked by a placeholder of
+//!    the same byte length: a private-use character the file does not
+//!    contain, one per reference, padded with `_`. A placeholder is a plain
+//!    scalar's character in every context (flow or block, quoted or not),
+//!    so `[${A}, ${B}]` still parses, and every byte offset, line and
+//!    column of the masked text is the file's own;
+//! 2. the masked text is parsed into events (serde-saphyr's own parser),
+//!    which give each scalar's decoded value, style and source span;
+//! 3. in each scalar holding placeholders, they are replaced by their
+//!    values in the *decoded* value (so no value is ever read as YAML);
+//! 4. that scalar's span is written back as a double-quoted scalar with
+//!    every special character escaped, on as many lines as the original
+//!    span (a multi-line scalar keeps its line count with escaped line
+//!    breaks), so every later line number stays exact. Only a plain
+//!    scalar whose new value is a bare word of `[A-Za-z0-9_.+-]` (a
+//!    number, a boolean, a word) stays plain, so `port: ${PORT}` is still
+//!    a number; a value that would read as null (`~`, `null`, empty) is
+//!    quoted, so a substituted value is never "absent".
+//!
+//! Everything outside scalars is left as written: a `${OLD_VAR}` in a
+//! comment needs no value. `$${` writes a literal `${`. Errors point at the
+//! `${` in the file; their excerpts show the file as written, never a value.
 //!
 //! Secrets that should not live in the environment come from files:
 //! `${file:/run/secrets/bank_token}` reads a file, and
@@ -13,7 +39,11 @@
 //! newline is dropped, as `echo secret > file` writes one. Errors name the
 //! file, never its content.
 
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::Path;
+
+use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
 
 use super::error::{ConfigError, ConfigErrors};
 
@@ -32,13 +62,25 @@ pub fn interpolate(
     }
 }
 
-/// What a substitution that failed leaves in the text: `~` is YAML's null
-/// in any position (a plain value, a flow list or map entry) and plain text
-/// inside quotes or next to other characters, so the text still parses.
-const FAILED: &str = "~";
+/// One `${…}` or `$${` of the text.
+struct Reference<'t> {
+    /// Its bytes in the text.
+    range: Range<usize>,
+    /// `None` for `$${` (a literal `${`), else what is between the braces.
+    inner: Option<&'t str>,
+}
+
+/// A scalar of the masked text holding placeholders.
+struct Scalar {
+    range: Range<usize>,
+    value: String,
+    style: ScalarStyle,
+    /// Column (0-based, in characters) where its content starts.
+    column: usize,
+}
 
 /// [`interpolate`] that substitutes what it can: each failed substitution
-/// leaves `~` and an error (whose `field` names where it was).
+/// leaves an empty value and an error (whose `field` names where it was).
 /// Operator commands read a few fields of bridge.yaml and must not fail on
 /// a variable only the daemon's other fields use (see `config::operator`).
 pub fn interpolate_partial(
@@ -46,92 +88,304 @@ pub fn interpolate_partial(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> (String, Vec<ConfigError>) {
-    let mut out = String::with_capacity(text.len());
-    let mut errors = Vec::new();
-    for (n, line) in text.split_inclusive('\n').enumerate() {
-        let line_no = n as u64 + 1;
-        let (code, comment) = split_comment(line);
-        let mut rest = code;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let after = &rest[i..];
-            if let Some(r) = after.strip_prefix("$${") {
-                out.push_str("${");
-                rest = r;
-                continue;
-            }
-            if !after.starts_with("${") {
-                out.push('$');
-                rest = &after[1..];
-                continue;
-            }
-            let Some(end) = after.find('}') else {
-                errors.push(ConfigError::at(
-                    file,
-                    text,
-                    line_no,
-                    (code.len() - rest.len() + i + 1) as u64,
-                    "",
-                    "unterminated `${`: expected `${VAR}` or `${VAR:-default}`",
-                ));
-                out.push_str(after);
-                rest = "";
-                break;
-            };
-            let inner = &after[2..end];
-            let (name, default) = match inner.split_once(":-") {
-                Some((n, d)) => (n, Some(d)),
-                None => (inner, None),
-            };
-            let column = (code.len() - rest.len() + i + 1) as u64;
-            if let Some((scheme, arg)) = name.split_once(':') {
-                match read_secret(scheme, arg, lookup) {
-                    Ok(value) => out.push_str(&value),
-                    Err(msg) => {
-                        out.push_str(FAILED);
-                        errors.push(ConfigError::at(file, text, line_no, column, "", msg));
-                    }
-                }
-            } else if name.is_empty()
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                out.push_str(FAILED);
-                errors.push(ConfigError::at(
-                    file,
-                    text,
-                    line_no,
-                    column,
-                    "",
-                    format!("`${{{inner}}}`: expected a variable name of letters, digits and `_`"),
-                ));
-            } else {
-                match lookup(name).or_else(|| default.map(str::to_string)) {
-                    Some(value) if !value.contains('\n') => out.push_str(&value),
-                    found => {
-                        out.push_str(FAILED);
-                        errors.push(ConfigError::at(
-                            file,
-                            text,
-                            line_no,
-                            column,
-                            "",
-                            if found.is_some() {
-                                format!("environment variable `{name}` contains a newline, which a config value cannot hold")
-                            } else {
-                                format!(
-                                    "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
-                                )
-                            },
-                        ));
-                    }
-                }
-            }
-            rest = &after[end + 1..];
-        }
-        out.push_str(rest);
-        out.push_str(comment);
+    let error_at = |offset: usize, message: String| {
+        let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[..offset].matches('\n').count() as u64 + 1;
+        ConfigError::at(
+            file,
+            text,
+            line,
+            (offset - line_start + 1) as u64,
+            "",
+            message,
+        )
+    };
+    let (refs, unterminated) = references(text);
+    if refs.is_empty() && unterminated.is_empty() {
+        return (text.to_string(), Vec::new());
     }
+    // 1. Mask.
+    let used: BTreeSet<char> = text.chars().collect();
+    let markers: Vec<char> = ('\u{E000}'..='\u{F8FF}')
+        .filter(|c| !used.contains(c))
+        .take(refs.len())
+        .collect();
+    if markers.len() < refs.len() {
+        let at = refs[markers.len()].range.start;
+        return (
+            text.to_string(),
+            vec![error_at(
+                at,
+                format!(
+                    "too many `${{…}}` references ({}); a file can hold {}",
+                    refs.len(),
+                    markers.len()
+                ),
+            )],
+        );
+    }
+    let mut masked = String::with_capacity(text.len());
+    let mut last = 0;
+    for (r, m) in refs.iter().zip(&markers) {
+        masked.push_str(&text[last..r.range.start]);
+        masked.push(*m);
+        masked.extend(std::iter::repeat_n('_', r.range.len() - m.len_utf8()));
+        last = r.range.end;
+    }
+    masked.push_str(&text[last..]);
+    let index: HashMap<char, usize> = markers.iter().enumerate().map(|(i, m)| (*m, i)).collect();
+
+    // 2. Parse.
+    let mut scalars = Vec::new();
+    let mut parser = Parser::new_from_str(&masked);
+    while let Some(event) = parser.next_event() {
+        match event {
+            Ok((Event::Scalar(value, style, _, _), span)) => {
+                let Some(range) = span.byte_range() else {
+                    continue;
+                };
+                if value.chars().any(|c| index.contains_key(&c)) {
+                    scalars.push(Scalar {
+                        range,
+                        value: value.into_owned(),
+                        style,
+                        column: span.start.col(),
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Nothing is substituted in a file that is not YAML: the
+                // error is the parser's, at its place in the file.
+                let mut errors: Vec<ConfigError> = unterminated
+                    .iter()
+                    .map(|&at| error_at(at, UNTERMINATED.to_string()))
+                    .collect();
+                let m = e.marker();
+                errors.push(ConfigError::at(
+                    file,
+                    text,
+                    m.line() as u64,
+                    m.col() as u64 + 1,
+                    "",
+                    e.info().to_string(),
+                ));
+                return (text.to_string(), errors);
+            }
+        }
+    }
+    let mut errors: Vec<ConfigError> = unterminated
+        .iter()
+        .filter(|&&at| scalars.iter().any(|s| s.range.contains(&at)))
+        .map(|&at| error_at(at, UNTERMINATED.to_string()))
+        .collect();
+
+    // 3. and 4. Substitute in the decoded values; write the scalars back.
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    for s in &scalars {
+        let mut value = String::with_capacity(s.value.len());
+        let mut chars = s.value.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            let Some(&k) = index.get(&c) else {
+                value.push(c);
+                continue;
+            };
+            let r = &refs[k];
+            let pad = r.range.len() - c.len_utf8();
+            let after = i + c.len_utf8();
+            if !s.range.contains(&r.range.start)
+                || s.value.get(after..after + pad) != Some(&"_".repeat(pad))
+            {
+                // Not a placeholder of this scalar (an escape such as
+                // `"\uE000"` wrote the character): the character itself.
+                value.push(c);
+                continue;
+            }
+            for _ in 0..pad {
+                chars.next();
+            }
+            match r.inner {
+                None => value.push_str("${"),
+                Some(inner) => match resolve(inner, lookup) {
+                    Ok(v) => value.push_str(&v),
+                    Err(message) => errors.push(error_at(r.range.start, message)),
+                },
+            }
+        }
+        let (range, text_of_range) = match s.style {
+            ScalarStyle::Literal | ScalarStyle::Folded => match block_header(text, s.range.start) {
+                Some(h) => (h..s.range.end, &text[h..s.range.end]),
+                None => {
+                    errors.push(error_at(
+                        s.range.start,
+                        "`${…}` in a block scalar whose `|` or `>` cannot be found; write the value in quotes".to_string(),
+                    ));
+                    continue;
+                }
+            },
+            _ => (s.range.clone(), &text[s.range.clone()]),
+        };
+        // Trailing blank lines of a block scalar stay as they are.
+        let content = text_of_range.trim_end();
+        out.push_str(&text[last..range.start]);
+        out.push_str(&emit(
+            &value,
+            s.style,
+            content.matches('\n').count(),
+            s.column.max(1),
+        ));
+        last = range.start + content.len();
+    }
+    out.push_str(&text[last..]);
     (out, errors)
+}
+
+const UNTERMINATED: &str = "unterminated `${`: expected `${VAR}` or `${VAR:-default}`";
+
+/// Every `${…}` and `$${` of `text` (a reference ends at the first `}` of
+/// its line), and where each `${` without a `}` starts.
+fn references(text: &str) -> (Vec<Reference<'_>>, Vec<usize>) {
+    let mut refs = Vec::new();
+    let mut unterminated = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'$' {
+            i += 1;
+        } else if text[i..].starts_with("$${") {
+            refs.push(Reference {
+                range: i..i + 3,
+                inner: None,
+            });
+            i += 3;
+        } else if text[i..].starts_with("${") {
+            let line_end = text[i..].find('\n').map_or(text.len(), |n| i + n);
+            match text[i + 2..line_end].find('}') {
+                Some(n) => {
+                    let end = i + 2 + n + 1;
+                    refs.push(Reference {
+                        range: i..end,
+                        inner: Some(&text[i + 2..end - 1]),
+                    });
+                    i = end;
+                }
+                None => {
+                    unterminated.push(i);
+                    i += 2;
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    (refs, unterminated)
+}
+
+/// Where the `|` or `>` of the block scalar whose content starts at
+/// `content` is: on the last non-blank line above it.
+fn block_header(text: &str, content: usize) -> Option<usize> {
+    let before = &text[..text[..content].rfind('\n')?];
+    let mut end = before.len();
+    loop {
+        let start = before[..end].rfind('\n').map_or(0, |i| i + 1);
+        let line = &before[start..end];
+        if !line.trim().is_empty() {
+            // The last indicator before a comment: a key may hold ` | `.
+            let code = &line[..[" #", "\t#"]
+                .iter()
+                .filter_map(|c| line.find(c))
+                .min()
+                .unwrap_or(line.len())];
+            let b = code.as_bytes();
+            return (0..b.len())
+                .rev()
+                .find(|&i| {
+                    (b[i] == b'|' || b[i] == b'>')
+                        && (i == 0 || b[i - 1] == b' ' || b[i - 1] == b'\t')
+                        && {
+                            let rest = code[i + 1..].trim_start_matches(|c: char| {
+                                c == '-' || c == '+' || c.is_ascii_digit()
+                            });
+                            rest.is_empty() || rest.starts_with([' ', '\t', '\r'])
+                        }
+                })
+                .map(|i| start + i);
+        }
+        if start == 0 {
+            return None;
+        }
+        end = start - 1;
+    }
+}
+
+/// A scalar holding exactly `value`, on `lines + 1` lines (continuation
+/// lines indented by `indent` spaces, deeper than the node's parent).
+fn emit(value: &str, style: ScalarStyle, lines: usize, indent: usize) -> String {
+    if lines == 0 && style == ScalarStyle::Plain && is_bare_word(value) {
+        return value.to_string();
+    }
+    let mut out = String::with_capacity(value.len() + 2 + lines * (indent + 2));
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            // Outside YAML's printable set, or a line break to YAML 1.1
+            // (NEL, LS, PS), or a byte order mark.
+            '\u{0}'..='\u{1f}'
+            | '\u{7f}'..='\u{9f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{feff}'
+            | '\u{fffe}'
+            | '\u{ffff}' => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    // An escaped line break (`\` at the end of a line) adds nothing to the
+    // value; the next line's indentation is dropped too.
+    for _ in 0..lines {
+        out.push_str("\\\n");
+        out.extend(std::iter::repeat_n(' ', indent));
+    }
+    out.push('"');
+    out
+}
+
+/// Whether `value` written plainly is itself and nothing more: a number, a
+/// boolean or a word, never null, a document marker or an indicator.
+fn is_bare_word(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '-'))
+        && value != "-"
+        && !value.starts_with("---")
+        && !value.starts_with("...")
+        && !matches!(value, "null" | "Null" | "NULL")
+}
+
+/// The value of `${inner}`.
+fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let (name, default) = match inner.split_once(":-") {
+        Some((n, d)) => (n, Some(d)),
+        None => (inner, None),
+    };
+    if let Some((scheme, arg)) = name.split_once(':') {
+        return read_secret(scheme, arg, lookup);
+    }
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "`${{{inner}}}`: expected a variable name of letters, digits and `_`"
+        ));
+    }
+    lookup(name).or_else(|| default.map(str::to_string)).ok_or_else(|| {
+        format!("environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)")
+    })
 }
 
 /// `${file:PATH}` and `${credential:NAME}`.
@@ -169,33 +423,7 @@ fn read_secret(
             value.pop();
         }
     }
-    if value.contains('\n') {
-        return Err(format!(
-            "secret file {} holds several lines; a config value cannot",
-            path.display()
-        ));
-    }
     Ok(value)
-}
-
-/// Splits a line into code and a trailing `# comment` (a `#` at the start or
-/// after whitespace, outside quotes).
-fn split_comment(line: &str) -> (&str, &str) {
-    let mut quote: Option<char> = None;
-    let mut prev = ' ';
-    for (i, c) in line.char_indices() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None => match c {
-                '"' | '\'' => quote = Some(c),
-                '#' if prev == ' ' || prev == '\t' => return line.split_at(i),
-                _ => {}
-            },
-        }
-        prev = c;
-    }
-    (line, "")
 }
 
 #[cfg(test)]
@@ -216,7 +444,7 @@ mod tests {
         let out = interpolate(Path::new("b.yaml"), text, &env).unwrap();
         assert_eq!(
             out,
-            "a: http://127.0.0.1:8081/x\nb: 7\nc: ''\nd: ${LITERAL} $5\n# e: ${COMMENTED}\nf: 1 # ${ALSO}\n"
+            "a: \"http://127.0.0.1:8081/x\"\nb: 7\nc: \"\"\nd: \"${LITERAL} $5\"\n# e: ${COMMENTED}\nf: 1 # ${ALSO}\n"
         );
     }
 
@@ -253,5 +481,137 @@ mod tests {
         assert!(s.contains("bridge.yaml:4:13"), "{s}");
         assert!(s.contains("endpoints.agent.secret"), "{s}");
         assert!(s.contains("`AGENT_SECRET` is not set"), "{s}");
+    }
+
+    /// Values that would be YAML if pasted into the text.
+    const HOSTILE: &[&str] = &[
+        "\", allow_private: true, hub_secret: \"x",
+        "', allow_private: true, x: '",
+        "a\\b\\\"c",
+        "line one\nallow_private: true",
+        "x # not a comment",
+        "k: v",
+        "{ a: 1 }",
+        "]",
+        "[1, 2",
+        "  leading and trailing  ",
+        "*alias",
+        "&anchor v",
+        "!!binary aGk=",
+        "- item",
+        "---",
+        "...",
+        "~",
+        "null",
+        "",
+        "|",
+        "> folded",
+        "%YAML 1.2",
+        "@reserved `tick`",
+        "tab\tand\rcr",
+        "\u{85}nel\u{2028}ls\u{feff}bom\u{7}bell\u{0}nul",
+        "${NESTED}",
+        "caf\u{e9} \u{1f980} \u{e000}",
+    ];
+
+    fn parse(text: &str) -> serde_json::Value {
+        serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn a_value_is_one_scalar_in_every_context() {
+        let contexts = [
+            ("a: \"${V}\"\nb: 1\n", "a"),
+            ("a: '${V}'\nb: 1\n", "a"),
+            ("a: ${V}\nb: 1\n", "a"),
+            ("m: { a: ${V}, z: 2 }\nb: 1\n", "m"),
+            ("m: { a: \"${V}\", z: 2 }\nb: 1\n", "m"),
+            ("s: [${V}, 2]\nb: 1\n", "s"),
+            ("s:\n  - ${V}\nb: 1\n", "s"),
+            ("${V}: 3\nb: 1\n", ""),
+        ];
+        for value in HOSTILE {
+            let lookup = |n: &str| (n == "V").then(|| value.to_string());
+            for (text, key) in contexts {
+                let out = interpolate(Path::new("b.yaml"), text, &lookup).unwrap();
+                let v = parse(&out);
+                assert_eq!(out.lines().count(), text.lines().count(), "{out}");
+                assert_eq!(v["b"], 1, "{value:?} in {text:?}:\n{out}");
+                let got = match key {
+                    "a" => v["a"].clone(),
+                    "m" => {
+                        assert_eq!(v["m"].as_object().unwrap().len(), 2, "{out}");
+                        assert_eq!(v["m"]["z"], 2, "{out}");
+                        v["m"]["a"].clone()
+                    }
+                    "s" => {
+                        let s = v["s"].as_array().unwrap();
+                        assert!(s.len() == 1 || s.len() == 2 && s[1] == 2, "{out}");
+                        s[0].clone()
+                    }
+                    _ => {
+                        let m = v.as_object().unwrap();
+                        assert_eq!(m.len(), 2, "{out}");
+                        let k = m.keys().find(|k| *k != "b").unwrap();
+                        assert_eq!(m[k], 3, "{out}");
+                        serde_json::Value::String(k.clone())
+                    }
+                };
+                assert_eq!(
+                    got,
+                    serde_json::Value::String(value.to_string()),
+                    "{value:?} in {text:?}:\n{out}"
+                );
+                assert_eq!(v.as_object().unwrap().len(), 2, "{out}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_words_keep_their_type_and_text_around_stays() {
+        let lookup = |n: &str| match n {
+            "PORT" => Some("8080".to_string()),
+            "ON" => Some("true".to_string()),
+            "HOST" => Some("h\"x".to_string()),
+            _ => None,
+        };
+        let text = "p: ${PORT}\non: ${ON}\nq: \"${PORT}\"\nurl: http://${HOST}:${PORT}/x # ${C}\nl: [${PORT}, \"a${ON}\"]\n";
+        let out = interpolate(Path::new("b.yaml"), text, &lookup).unwrap();
+        let v = parse(&out);
+        assert_eq!(v["p"], 8080);
+        assert_eq!(v["on"], true);
+        assert_eq!(v["q"], "8080");
+        assert_eq!(v["url"], "http://h\"x:8080/x");
+        assert_eq!(v["l"], serde_json::json!([8080, "atrue"]));
+        assert!(out.contains("# ${C}"), "{out}");
+    }
+
+    #[test]
+    fn multi_line_scalars_keep_their_line_count() {
+        let lookup = |n: &str| (n == "V").then(|| "x\"\ny: 1 \\".to_string());
+        for (text, want) in [
+            (
+                "a: |\n  one ${V}\n  two\n\nb: 1\n",
+                "one x\"\ny: 1 \\\ntwo\n",
+            ),
+            ("a: >-\n  one ${V}\n  two\nb: 1\n", "one x\"\ny: 1 \\ two"),
+            ("a: | # c\n\n  one ${V}\nb: 1\n", "\none x\"\ny: 1 \\\n"),
+            ("a: \"one\n  ${V} two\"\nb: 1\n", "one x\"\ny: 1 \\ two"),
+            ("a: one\n  ${V} two\nb: 1\n", "one x\"\ny: 1 \\ two"),
+            ("l:\n  - |\n    ${V}\n    z\nb: 1\n", ""),
+            ("a | b: | # c | d\n  ${V}\nb: 1\n", "x\"\ny: 1 \\\n"),
+        ] {
+            let out = interpolate(Path::new("b.yaml"), text, &lookup).unwrap();
+            assert_eq!(out.lines().count(), text.lines().count(), "{out}");
+            let v = parse(&out);
+            assert_eq!(v["b"], 1, "{out}");
+            if text.starts_with("a | b") {
+                assert_eq!(v["a | b"], want, "{out}");
+            } else if want.is_empty() {
+                assert_eq!(v["l"][0], "x\"\ny: 1 \\\nz\n", "{out}");
+            } else {
+                assert_eq!(v["a"], want, "{text:?}:\n{out}");
+            }
+        }
     }
 }

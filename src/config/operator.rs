@@ -27,7 +27,7 @@ pub struct OperatorConfig {
     pub state_dir: PathBuf,
     /// `admin.listen`, if set.
     pub admin_listen: Option<SocketAddr>,
-    /// `admin.token`, if set, non-empty and readable.
+    /// `admin.token`, if set, readable, and not `none`.
     pub admin_token: Option<String>,
     /// Why `admin.token` could not be read (an unset variable, a missing
     /// credential). Not an error by itself: commands on a stopped store need
@@ -133,9 +133,15 @@ pub fn load_operator_with_env(
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
+    // Read as the daemon reads it (`token: none`, an empty token refused),
+    // but a problem is not an error here: see `admin_token_error`.
     let token_errors = failed_at("admin.token");
     let (admin_token, admin_token_error) = if token_errors.is_empty() {
-        (admin.token.filter(|t| !t.is_empty()), None)
+        match admin_auth(file, &original, admin.token.as_ref()) {
+            Ok(AdminAuth::Token(t)) => (Some(t), None),
+            Ok(_) => (None, None),
+            Err(e) => (None, Some(ConfigErrors(vec![e]))),
+        }
     } else {
         (None, Some(ConfigErrors(token_errors)))
     };
@@ -193,6 +199,78 @@ pub(super) fn parse_listen(
     })
 }
 
+/// What `admin.token` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum AdminAuth {
+    /// No `token:` at all: fine on loopback, refused on any other address.
+    Unset,
+    /// `token: none`: no authentication, on purpose.
+    Disabled,
+    /// Every admin route but `/healthz` needs this bearer token.
+    Token(String),
+}
+
+/// Reads `admin.token`. An empty token (an unset `${ADMIN_TOKEN:-}`, a
+/// bare `token:`) is an error rather than no authentication: a missing
+/// secret must never open the admin routes silently. A token that cannot
+/// be sent in an `Authorization` header (a control character, such as the
+/// newline of a two-line secret file) is refused too.
+pub(super) fn admin_auth(
+    file: &Path,
+    text: &str,
+    token: Option<&Spanned<Option<String>>>,
+) -> Result<AdminAuth, ConfigError> {
+    let Some(token) = token else {
+        return Ok(AdminAuth::Unset);
+    };
+    let error = |message: &str| {
+        ConfigError::at(
+            file,
+            text,
+            token.referenced.line(),
+            token.referenced.column(),
+            "admin.token",
+            message,
+        )
+    };
+    match token.value.as_deref() {
+        Some("none") => Ok(AdminAuth::Disabled),
+        None => Err(error(EMPTY_TOKEN)),
+        Some(t) if t.trim().is_empty() => Err(error(EMPTY_TOKEN)),
+        Some(t) if t.chars().any(char::is_control) => Err(error(
+            "holds a control character (a newline?), which an `Authorization` header cannot carry",
+        )),
+        Some(t) => Ok(AdminAuth::Token(t.to_string())),
+    }
+}
+
+const EMPTY_TOKEN: &str = "empty (as an unset `${VAR:-}` gives), which would turn authentication off: give a token (e.g. `\"${credential:admin_token}\"`), or write `token: none` to run without one";
+
+/// The admin server on an address other hosts can reach must ask for a
+/// token, or be told explicitly (`token: none`) that it need not: its
+/// routes replay, drop and export events.
+pub(super) fn check_listen_auth(
+    file: &Path,
+    text: &str,
+    listen: &Spanned<String>,
+    addr: SocketAddr,
+    auth: &AdminAuth,
+) -> Result<(), ConfigError> {
+    if *auth != AdminAuth::Unset || addr.ip().to_canonical().is_loopback() {
+        return Ok(());
+    }
+    Err(ConfigError::at(
+        file,
+        text,
+        listen.referenced.line(),
+        listen.referenced.column(),
+        "admin.listen",
+        format!(
+            "`{addr}` is not a loopback address, and the admin server has no `token`: anyone who reaches it could replay, drop and export events; set `admin.token` (e.g. `\"${{credential:admin_token}}\"`), or write `token: none` to serve it without authentication on purpose"
+        ),
+    ))
+}
+
 /// The fields read, nothing else: unknown fields are ignored on purpose
 /// (the daemon's `RawBridge` denies them), so that a file a newer or older
 /// daemon accepts still serves operator commands.
@@ -212,8 +290,8 @@ struct RawOperator {
 struct RawOperatorAdmin {
     #[serde(default)]
     listen: Option<Spanned<String>>,
-    #[serde(default)]
-    token: Option<String>,
+    #[serde(default, deserialize_with = "super::raw::present")]
+    token: Option<Spanned<Option<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -337,6 +415,17 @@ endpoints:
         let vars = [("LISTEN", "127.0.0.1:1".to_string())];
         let op = load_operator_with_env(&f.file, &env(&vars), &f.systemd).unwrap();
         assert_eq!(op.state_dir, f.dir.path().join("data"));
-        assert_eq!(op.admin_token, None, "an empty token is no token");
+        assert_eq!(op.admin_token, None);
+        let why = op.admin_token_error.unwrap().to_string();
+        assert!(
+            why.contains("bridge.yaml:4:") && why.contains("token: none"),
+            "an empty token is an error, not no token: {why}"
+        );
+        let f = fixture("admin: { listen: \"0.0.0.0:1\", token: none }\n");
+        let op = load_operator_with_env(&f.file, &env(&[]), &f.systemd).unwrap();
+        assert_eq!(
+            (op.admin_token, op.admin_token_error.is_none()),
+            (None, true)
+        );
     }
 }

@@ -84,8 +84,23 @@ pub struct RawAdmin {
     pub listen: Spanned<String>,
     /// When set, every admin route but `/healthz` needs
     /// `Authorization: Bearer <token>` (give it as `${credential:…}`).
-    #[serde(default)]
-    pub token: Option<String>,
+    /// Required when `listen` is not a loopback address: the admin routes
+    /// replay, drop and export events. An empty token is an error, not "no
+    /// authentication", so that an unset `${ADMIN_TOKEN:-}` cannot turn
+    /// authentication off; to run without a token on purpose, write
+    /// `token: none`.
+    #[serde(default, deserialize_with = "present")]
+    #[schemars(with = "Option<String>")]
+    pub token: Option<Spanned<Option<String>>>,
+}
+
+/// A field that is present, even as null (`token:`), is `Some`: only an
+/// absent field is `None` (with `#[serde(default)]`), so the two can be
+/// told apart.
+pub(crate) fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// One entry of `sources:`.

@@ -427,3 +427,153 @@ fn zero_and_absurd_timeouts_are_refused_with_the_accepted_range() {
         ],
     );
 }
+
+/// Runs `pollhook validate` on `bridge` with `env` set, returning
+/// (success, stderr).
+fn validate_with_env(bridge: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let d = Daemon::new(
+        bridge,
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    let mut c = d.command(&["validate"]);
+    c.env_remove("ADMIN_TOKEN");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A `${VAR}` value is one scalar whatever it holds: a value that closes
+/// the quotes and writes more keys writes nothing but characters of the
+/// value. Here it tries to turn the SSRF guard off for a private address.
+#[test]
+fn a_substituted_value_cannot_inject_keys() {
+    let flow = |url: &str| {
+        GOOD_BRIDGE.replace(
+            "  agent:\n    url: http://127.0.0.1:2/hook\n    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n    timeout: 10s\n",
+            &format!("  agent: {{ url: {url}, secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw }}\n"),
+        )
+    };
+    for (context, value) in [
+        (
+            "\"${AGENT_URL}\"",
+            "https://10.0.0.1/\", allow_private: true, hub_secret: \"x",
+        ),
+        (
+            "'${AGENT_URL}'",
+            "https://10.0.0.1/', allow_private: true, hub_secret: 'x",
+        ),
+        ("${AGENT_URL}", "https://10.0.0.1/, allow_private: true"),
+        ("${AGENT_URL}", "https://10.0.0.1/\n    allow_private: true"),
+    ] {
+        let bridge = flow(context);
+        assert!(bridge.contains(context), "{bridge}");
+        let (ok, err) = validate_with_env(&bridge, &[("AGENT_URL", value)]);
+        assert!(
+            !ok,
+            "{context}: the injected `allow_private: true` was obeyed"
+        );
+        assert!(
+            err.contains("bridge.yaml:9:") && err.contains("private or link-local"),
+            "{context}: {err}"
+        );
+    }
+}
+
+/// A secret file holding YAML's special characters (a backslash, quotes,
+/// `#`, `: `) is read as it is, in quotes or not.
+#[test]
+fn a_secret_file_with_special_characters_is_one_value() {
+    for context in [
+        "\"${file:{dir}/acc}\"",
+        "${file:{dir}/acc}",
+        "'${file:{dir}/acc}'",
+    ] {
+        let d = Daemon::new(
+            &GOOD_BRIDGE.replace("account: acc-0001", &format!("account: {context}")),
+            &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+        );
+        let dir = d.dir.path().display().to_string();
+        std::fs::write(d.dir.path().join("acc"), "a\\b\"c' #d: {e}, *f\n").unwrap();
+        let bridge = std::fs::read_to_string(d.config()).unwrap();
+        std::fs::write(d.config(), bridge.replace("{dir}", &dir)).unwrap();
+        let out = d.command(&["validate"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{context}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// An admin token that came out empty (an unset `${ADMIN_TOKEN:-}`) is an
+/// error, not authentication turned off; `token: none` says it on purpose.
+#[test]
+fn an_empty_admin_token_is_refused_and_none_is_explicit() {
+    let with_admin = |admin: &str| GOOD_BRIDGE.replace("sources:", &format!("{admin}\nsources:"));
+    for admin in [
+        "admin: { listen: \"127.0.0.1:0\", token: \"${ADMIN_TOKEN:-}\" }",
+        "admin:\n  listen: 127.0.0.1:0\n  token: ${ADMIN_TOKEN:-}",
+        "admin:\n  listen: 127.0.0.1:0\n  token:",
+    ] {
+        let (ok, err) = validate_with_env(&with_admin(admin), &[]);
+        assert!(!ok, "{admin}: an empty token was accepted");
+        assert!(
+            err.contains("bridge.yaml:2:") || err.contains("bridge.yaml:4:"),
+            "{admin}: {err}"
+        );
+        assert!(
+            err.contains("field `admin.token`") && err.contains("token: none"),
+            "{admin}: {err}"
+        );
+    }
+    for admin in [
+        "admin: { listen: \"127.0.0.1:0\", token: none }",
+        "admin: { listen: \"127.0.0.1:0\" }",
+        "admin: { listen: \"127.0.0.1:0\", token: \"${ADMIN_TOKEN}\" }",
+    ] {
+        let (ok, err) = validate_with_env(&with_admin(admin), &[("ADMIN_TOKEN", "t0ken")]);
+        assert!(ok, "{admin}: {err}");
+    }
+}
+
+/// An admin server reachable from other hosts needs a token, or an explicit
+/// `token: none`.
+#[test]
+fn a_non_loopback_admin_listen_needs_a_token() {
+    let with_admin = |admin: &str| GOOD_BRIDGE.replace("sources:", &format!("{admin}\nsources:"));
+    for listen in ["0.0.0.0:9464", "192.168.1.5:9464", "[::]:9464"] {
+        let (ok, err) = validate_with_env(
+            &with_admin(&format!("admin: {{ listen: \"{listen}\" }}")),
+            &[],
+        );
+        assert!(!ok, "{listen} without a token was accepted");
+        assert!(
+            err.contains("bridge.yaml:2:")
+                && err.contains("field `admin.listen`")
+                && err.contains("not a loopback address")
+                && err.contains("token: none"),
+            "{listen}: {err}"
+        );
+        for token in ["t0ken", "none"] {
+            let (ok, err) = validate_with_env(
+                &with_admin(&format!(
+                    "admin: {{ listen: \"{listen}\", token: {token} }}"
+                )),
+                &[],
+            );
+            assert!(ok, "{listen} with token {token}: {err}");
+        }
+    }
+    for listen in ["127.0.0.1:9464", "[::1]:9464", "127.0.0.2:1"] {
+        let (ok, err) = validate_with_env(
+            &with_admin(&format!("admin: {{ listen: \"{listen}\" }}")),
+            &[],
+        );
+        assert!(ok, "{listen}: {err}");
+    }
+}

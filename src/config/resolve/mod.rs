@@ -25,7 +25,7 @@ use serde_json::Value;
 use self::diag::Diag;
 use super::env::interpolate;
 use super::error::{ConfigError, ConfigErrors};
-use super::operator::{parse_listen, state_dir_of};
+use super::operator::{admin_auth, check_listen_auth, parse_listen, state_dir_of, AdminAuth};
 use super::raw::{ConnectorRef, RawBridge, RawConnector};
 use crate::connector::spec::Connector;
 use crate::deliver::policy::Endpoint;
@@ -41,7 +41,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Admin server address, if any.
     pub admin_listen: Option<SocketAddr>,
-    /// Bearer token the admin server requires, if any.
+    /// Bearer token the admin server requires: `None` only when
+    /// `admin.token` is absent on a loopback address or says `none`.
     pub admin_token: Option<String>,
     /// How long shutdown waits for in-flight work.
     pub shutdown_timeout: Duration,
@@ -97,25 +98,34 @@ impl Config {
             .iter()
             .map(|(name, h)| (name.clone(), bridge::host_quota(h)))
             .collect();
-        let admin_listen =
-            raw.admin
-                .as_ref()
-                .and_then(|a| match parse_listen(file, &original, &a.listen) {
-                    Ok(addr) => Some(addr),
-                    Err(e) => {
-                        diag.push(e);
-                        None
+        let mut admin_listen = None;
+        let mut admin_token = None;
+        if let Some(admin) = &raw.admin {
+            let auth = admin_auth(file, &original, admin.token.as_ref());
+            match parse_listen(file, &original, &admin.listen) {
+                Ok(addr) => {
+                    admin_listen = Some(addr);
+                    if let Ok(auth) = &auth {
+                        if let Err(e) =
+                            check_listen_auth(file, &original, &admin.listen, addr, auth)
+                        {
+                            diag.push(e);
+                        }
                     }
-                });
+                }
+                Err(e) => diag.push(e),
+            }
+            match auth {
+                Ok(AdminAuth::Token(t)) => admin_token = Some(t),
+                Ok(_) => {}
+                Err(e) => diag.push(e),
+            }
+        }
         diag.finish(|| Config {
             file: file.to_path_buf(),
             state_dir: state_dir_of(file, raw.state_dir.as_deref()),
             admin_listen,
-            admin_token: raw
-                .admin
-                .as_ref()
-                .and_then(|a| a.token.clone())
-                .filter(|t| !t.is_empty()),
+            admin_token,
             shutdown_timeout: raw
                 .shutdown_timeout
                 .map(|d| d.0)
