@@ -797,6 +797,10 @@ fn print_dlq(rows: &[ops::Listed]) {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Store writes and template rendering use the blocking pool. Its
+        // default of 512 threads, each with its own malloc arena, costs
+        // memory for no gain on a disk that takes one write at a time.
+        .max_blocking_threads(32)
         .build()?)
 }
 

@@ -115,7 +115,11 @@ pub(crate) async fn poll_loop(
         last_start = Some(started);
         let mut changed = false;
         let took = std::time::Instant::now();
-        let outcome = poll_once(&shared, &source, inst, &state, &env).await;
+        // Boxed: a task's future is as large as its largest state, and a
+        // poll in flight (HTTP, paging, detection) is kilobytes. Inline,
+        // every sleeping instance would carry that size; boxed, only the
+        // ones polling do (10,000 instances: tens of MiB).
+        let outcome = Box::pin(poll_once(&shared, &source, inst, &state, &env)).await;
         shared
             .status
             .observe_poll(&source.name, &c.name, took.elapsed());

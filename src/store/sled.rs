@@ -203,9 +203,10 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir)
             // sled's default page cache is 1 GiB; pollhook's working set
-            // (instance states, the outbox head) is far smaller, and a
-            // daemon next to agents should stay small.
-            .cache_capacity(64 * 1024 * 1024)
+            // (instance states, the outbox heads) is far smaller, and a
+            // daemon next to agents should stay small. Reads past the cache
+            // are rare (a state is read once per instance start).
+            .cache_capacity(16 * 1024 * 1024)
             // Durability comes from flushing at each commit (see commit_poll),
             // not from this background timer; keep it as a safety net.
             .flush_every_ms(Some(500))
