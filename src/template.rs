@@ -17,9 +17,22 @@ use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
 /// connector, and a reload swaps whole connectors, so nothing is shared
 /// across them.
 pub struct Engine {
+    /// Every template, with [`FUEL`]: where a render that outgrew
+    /// [`INLINE_FUEL`] runs again, off the async workers.
     env: Environment<'static>,
+    /// The same templates with [`INLINE_FUEL`]: every render runs here
+    /// first, on the calling thread. Handing every render to another
+    /// thread (`block_in_place`) cost the 50-balance bank example a third
+    /// of its CPU in thread switches; a template that needs more than a
+    /// fraction of a millisecond is the exception worth moving.
+    inline: Environment<'static>,
     next: usize,
 }
+
+/// Instructions a render may run on the async worker that asked for it
+/// (well under a millisecond); past them, it runs again with [`FUEL`] off
+/// the workers. The repository's templates need a few hundred.
+pub const INLINE_FUEL: u64 = 20_000;
 
 /// Instructions one render may run. Templates are written by connector
 /// authors, not trusted: a loop nested over a 10,000-character string is
@@ -475,8 +488,11 @@ fn render_with(
 
 impl Engine {
     pub fn new() -> Self {
+        let mut inline = environment();
+        inline.set_fuel(Some(INLINE_FUEL));
         Engine {
             env: environment(),
+            inline,
             next: 0,
         }
     }
@@ -485,6 +501,9 @@ impl Engine {
         let name = format!("t{}", self.next);
         self.next += 1;
         self.env
+            .add_template_owned(name.clone(), source.clone())
+            .map_err(|e| describe(&e))?;
+        self.inline
             .add_template_owned(name.clone(), source)
             .map_err(|e| describe(&e))?;
         Ok(name)
@@ -512,15 +531,22 @@ impl Engine {
         self.run(&tpl.0, ctx, true)
     }
 
-    /// One bounded render, under `block_in_place` when on a worker of a
-    /// multi-threaded runtime (the daemon, `pollhook test`): fuel bounds
-    /// the instructions, not what one instruction costs (`'x' * 10**8` is
-    /// one), so a hostile template can still take a while; meanwhile the
-    /// worker's other tasks (other instances, `/healthz`, the signal
-    /// handler) move to another thread instead of waiting behind it. It
-    /// costs well under a microsecond a render (measured with a busy
-    /// runtime), next to the render itself.
+    /// One bounded render: on the calling thread with [`INLINE_FUEL`], and
+    /// when that runs out, again with [`FUEL`] under `block_in_place` (on a
+    /// worker of a multi-threaded runtime: the daemon, `pollhook test`):
+    /// fuel bounds the instructions, not what one instruction costs
+    /// (`'x' * 10**8` is one), so a hostile template can still take a
+    /// while; meanwhile the worker's other tasks (other instances,
+    /// `/healthz`, the signal handler) move to another thread instead of
+    /// waiting behind it.
+    ///
+    /// Templates are pure, so the inline attempt that ran out of its small
+    /// fuel changes nothing and the second render gives the same output.
     fn run(&self, name: &str, ctx: &Value, url: bool) -> Result<String, String> {
+        match render_with(&self.inline, name, ctx, url) {
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {}
+            done => return done.map_err(|e| self.explain(&e)),
+        }
         let render = || render_with(&self.env, name, ctx, url);
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
