@@ -177,7 +177,9 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 /// `/status` body.
-#[derive(Serialize)]
+/// Shared with `pollhook status`, which reads it back (see
+/// [`crate::ops::status`]).
+#[derive(Serialize, serde::Deserialize)]
 pub struct StatusReport {
     pub instances: BTreeMap<String, InstanceStatus>,
     /// Endpoints with their backlog (`queue_depth`, `oldest_pending_ms`,

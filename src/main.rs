@@ -577,8 +577,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Milliseconds since the epoch as "12s ago" / "in 3s" / "now", seen at
 /// `now_ms`.
-fn relative(ms: &serde_json::Value, now_ms: i64) -> String {
-    let Some(ms) = ms.as_i64() else {
+fn relative(ms: Option<i64>, now_ms: i64) -> String {
+    let Some(ms) = ms else {
         return "-".into();
     };
     let d = ms - now_ms;
@@ -600,9 +600,8 @@ fn relative(ms: &serde_json::Value, now_ms: i64) -> String {
     }
 }
 
-fn print_status(s: &serde_json::Value) {
+fn print_status(s: &pollhook::admin::StatusReport) {
     let now = pollhook::now_ms();
-    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
     let mut rows = vec![[
         "INSTANCE",
         "LAST POLL",
@@ -617,25 +616,23 @@ fn print_status(s: &serde_json::Value) {
     ]
     .map(String::from)
     .to_vec()];
-    for (k, i) in s["instances"].as_object().into_iter().flatten() {
+    for (k, i) in &s.instances {
         rows.push(vec![
             k.clone(),
-            relative(&i["last_poll_ms"], now),
-            relative(&i["next_poll_ms"], now),
-            i["polls_ok"].to_string(),
-            i["polls_not_modified"].to_string(),
-            i["polls_failed"].to_string(),
-            i["events"].to_string(),
-            i["effective_interval_ms"]
-                .as_u64()
+            relative(i.last_poll_ms, now),
+            relative(i.next_poll_ms, now),
+            i.polls_ok.to_string(),
+            i.polls_not_modified.to_string(),
+            i.polls_failed.to_string(),
+            i.events.to_string(),
+            i.effective_interval_ms
                 .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                 .unwrap_or("-".into()),
-            str_of(&i["cursor"]),
-            i["last_error"]
-                .as_str()
-                .or(i["last_warning"].as_str())
-                .unwrap_or("")
-                .to_string(),
+            i.cursor.clone().unwrap_or("-".into()),
+            i.last_error
+                .clone()
+                .or(i.last_warning.clone())
+                .unwrap_or_default(),
         ]);
     }
     table(&rows);
@@ -651,42 +648,45 @@ fn print_status(s: &serde_json::Value) {
     ]
     .map(String::from)
     .to_vec()];
-    for (k, e) in s["endpoints"].as_object().into_iter().flatten() {
+    for (k, e) in &s.endpoints {
         rows.push(vec![
             k.clone(),
-            e["queue_depth"].to_string(),
-            e["dead_letters"].to_string(),
-            e["delivered"].to_string(),
-            e["failed_attempts"].to_string(),
-            if let Some(d) = e["disabled"].as_str() {
+            e.queue_depth.to_string(),
+            e.dead_letters.to_string(),
+            e.delivered.to_string(),
+            e.failed_attempts.to_string(),
+            if let Some(d) = &e.disabled {
                 format!("disabled: {d}")
-            } else if e["circuit_open"] == true {
+            } else if e.circuit_open {
                 "open".into()
             } else {
                 "closed".into()
             },
-            e["last_error"].as_str().unwrap_or("").to_string(),
+            e.last_error.clone().unwrap_or_default(),
         ]);
     }
     table(&rows);
-    if let Some(hosts) = s["hosts"].as_object().filter(|h| !h.is_empty()) {
+    if !s.hosts.is_empty() {
         println!();
         let mut rows = vec![["HOST", "REQUESTS", "THROTTLED", "PAUSES", "PAUSED"]
             .map(String::from)
             .to_vec()];
-        for (k, h) in hosts {
+        for (k, h) in &s.hosts {
             rows.push(vec![
                 k.clone(),
-                h["requests"].to_string(),
-                h["throttled"].to_string(),
-                h["pauses"].to_string(),
-                h["paused_for_ms"]
-                    .as_u64()
+                h.requests.to_string(),
+                h.throttled.to_string(),
+                h.pauses.to_string(),
+                h.paused_for_ms
                     .map(|ms| format!("{ms} ms"))
                     .unwrap_or("-".into()),
             ]);
         }
         table(&rows);
+    }
+    if let Some(e) = &s.store.error {
+        println!();
+        println!("STORE UNAVAILABLE: {e}");
     }
 }
 
@@ -914,15 +914,14 @@ fn print_report(r: &dryrun::Report, seeding: bool) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::relative;
-    use serde_json::json;
 
     #[test]
     fn relative_times_read_naturally() {
         let now = 1_000_000;
-        assert_eq!(relative(&json!(now + 3_000), now), "in 3s");
-        assert_eq!(relative(&json!(now - 12_000), now), "12s ago");
-        assert_eq!(relative(&json!(now + 400), now), "now");
-        assert_eq!(relative(&json!(now), now), "now");
-        assert_eq!(relative(&json!(null), now), "-");
+        assert_eq!(relative(Some(now + 3_000), now), "in 3s");
+        assert_eq!(relative(Some(now - 12_000), now), "12s ago");
+        assert_eq!(relative(Some(now + 400), now), "now");
+        assert_eq!(relative(Some(now), now), "now");
+        assert_eq!(relative(None, now), "-");
     }
 }

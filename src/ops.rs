@@ -372,7 +372,10 @@ impl Target {
 
 /// `GET /status` of the running daemon (there is no status of a stopped
 /// one: status is what the daemon knows in memory).
-pub async fn status(state_dir: &Path, token: Option<&str>) -> Result<serde_json::Value, OpError> {
+pub async fn status(
+    state_dir: &Path,
+    token: Option<&str>,
+) -> Result<crate::admin::StatusReport, OpError> {
     let Some(addr) = running_daemon(state_dir, token).await else {
         return Err(OpError::NotRunning(format!(
             "no running daemon found ({} is missing or stale; the daemon writes it when `admin.listen` is set)",

@@ -151,7 +151,7 @@ pub struct HostStats {
 }
 
 /// A host's gate as `/status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct HostReport {
     pub requests: u64,
     pub throttled: u64,

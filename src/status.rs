@@ -11,10 +11,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One instance's polling status.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub source: String,
     pub instance: String,
@@ -52,7 +52,7 @@ pub struct InstanceStatus {
 }
 
 /// One endpoint's delivery status.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EndpointStatus {
     /// Why the endpoint is disabled (a `410 Gone`, or failing longer than
     /// `circuit.disable_after`); nothing is sent to it until
@@ -158,7 +158,7 @@ pub struct Status {
 /// commit or outcome sets it, the next successful one clears it. `/readyz`
 /// is not ready while it fails, `/status` shows why (a full disk), and the
 /// daemon gives up after a while (see `daemon::run`).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StoreHealth {
     /// Why the last write failed, while writes fail.
     pub error: Option<String>,
@@ -330,7 +330,7 @@ impl Metrics {
 }
 
 /// The configuration's reloads (SIGHUP).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfigStatus {
     /// Reloads applied since the start.
     pub reloads: u64,
@@ -348,7 +348,7 @@ pub struct ConfigStatus {
 }
 
 /// A `for_each: discover` source's status.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DiscoveryStatus {
     /// Instances running now.
     pub instances: usize,
