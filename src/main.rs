@@ -222,6 +222,7 @@ enum SecretCommand {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match real_main(cli) {
@@ -791,6 +792,23 @@ fn print_dlq(rows: &[ops::Listed]) {
                 .unwrap_or_default(),
             r.last_error.as_deref().unwrap_or_default()
         );
+    }
+}
+
+/// glibc gives each thread that allocates its own malloc arena, and keeps
+/// what each arena once held. With two async workers, sled's threads and
+/// the blocking pool, that was 20 of 132 MiB at 10,000 instances (the
+/// scale bench with `MALLOC_ARENA_MAX=2`: 113 MiB). Two arenas serve two
+/// cores. Called first thing in `main`, before any thread starts; an
+/// operator's `MALLOC_ARENA_MAX` still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tunable of the allocator; no thread
+        // but this one exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
 }
 
