@@ -3,7 +3,8 @@
 //! [`Backend`] is the set of operations the daemon needs, written once as a
 //! trait with the records beside it ([`records`]); [`Store`] is the handle
 //! the rest of the crate holds, dispatching to the configured backend.
-//! Backends: [`sled`] (embedded, the default). What is written once for
+//! Backends: [`sled`] (embedded, the default) and [`postgres`] (a shared
+//! PostgreSQL database). What is written once for
 //! every backend: backups ([`backup`]) and retention ([`retention`]), on
 //! top of the seam; and the conformance suite (`conformance.rs`), which
 //! every backend must pass.
@@ -24,6 +25,7 @@ use std::future::Future;
 use std::path::Path;
 
 pub mod backup;
+pub mod postgres;
 mod records;
 pub mod retention;
 pub mod sled;
@@ -258,6 +260,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
 #[derive(Clone)]
 pub enum Store {
     Sled(sled::SledStore),
+    Postgres(postgres::PgStore),
 }
 
 /// Calls the same operation on whichever backend the store is.
@@ -265,6 +268,7 @@ macro_rules! dispatch {
     ($self:ident, $b:ident => $call:expr) => {
         match $self {
             Store::Sled($b) => $call,
+            Store::Postgres($b) => $call,
         }
     };
 }
@@ -273,6 +277,12 @@ impl Store {
     /// Opens (or creates) the embedded store in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         Ok(Store::Sled(sled::SledStore::open(dir)?))
+    }
+
+    /// Connects to PostgreSQL at `url` and uses the PostgreSQL schema
+    /// `schema` (created, and migrated to this version, if needed).
+    pub async fn open_postgres(url: &str, schema: &str) -> Result<Store> {
+        Ok(Store::Postgres(postgres::PgStore::open(url, schema).await?))
     }
 
     pub async fn load_state(&self, instance: &str) -> Result<InstanceState> {
