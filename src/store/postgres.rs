@@ -129,10 +129,53 @@ const MIGRATION_LOCK: i32 = 0x706f_6c6c;
 /// few round trips; 16 keeps the server's backends few per daemon.
 const POOL_SIZE: usize = 16;
 
+/// A driver or pool error whose text is its whole chain of causes.
+///
+/// tokio-postgres says only "db error" or "error connecting to server" in
+/// its `Display` and keeps the server's message ("relation … does not
+/// exist", "could not extend file: No space left on device") and the I/O
+/// cause in `source()`; store errors are mostly shown with `{}` alone, so
+/// the chain is spelled out here once. The original stays the `source`.
+#[derive(Debug)]
+struct PgError {
+    text: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.source.as_ref())
+    }
+}
+
+fn chain(
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    Box::new(PgError {
+        text,
+        source: Box::new(e),
+    })
+}
+
 fn pg_err(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
-    move |source| StoreError::Backend {
+    move |e| StoreError::Backend {
         op,
-        source: Box::new(source),
+        source: chain(e),
     }
 }
 
@@ -201,7 +244,7 @@ impl PgStore {
                     .into(),
             ));
         }
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| open_err(Box::new(e)))?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| open_err(chain(e)))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -224,7 +267,7 @@ impl PgStore {
             .wait_timeout(Some(Duration::from_secs(30)))
             .create_timeout(Some(Duration::from_secs(15)))
             .build()
-            .map_err(|e| open_err(Box::new(e)))?;
+            .map_err(|e| open_err(chain(e)))?;
         let store = PgStore {
             pool,
             attempts_recorded: Arc::new(AtomicU64::new(0)),
@@ -239,7 +282,7 @@ impl PgStore {
     async fn client(&self) -> Result<Object> {
         self.pool.get().await.map_err(|e| StoreError::Backend {
             op: "connect",
-            source: Box::new(e),
+            source: chain(e),
         })
     }
 
@@ -1145,6 +1188,9 @@ pub(crate) mod testing {
 
     /// Whether PostgreSQL answers at [`url`]; when it does not, says so
     /// and why, so a skipped test is never mistaken for a passed one.
+    /// With `POLLHOOK_TEST_REQUIRE_POSTGRES` set (CI, where `.ci/run`
+    /// started the server), a missing server fails the test instead: a
+    /// server that did not start must not turn into a green run.
     pub async fn available(test: &str) -> bool {
         let url = url();
         let tried = tokio::time::timeout(
@@ -1158,9 +1204,15 @@ pub(crate) mod testing {
                 drop(conn);
                 return true;
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => super::chain(e).to_string(),
             Err(_) => "no answer in 5 s".to_string(),
         };
+        if std::env::var_os("POLLHOOK_TEST_REQUIRE_POSTGRES").is_some_and(|v| !v.is_empty()) {
+            panic!(
+                "{test}: no PostgreSQL at {}: {why} (POLLHOOK_TEST_REQUIRE_POSTGRES is set)",
+                super::redact(&url)
+            );
+        }
         eprintln!(
             "SKIPPED {test} (no PostgreSQL at {}: {why}; set POLLHOOK_TEST_DATABASE_URL)",
             super::redact(&url)
@@ -1217,6 +1269,26 @@ mod tests {
         for bad in ["", "1a", "Pollhook", "a-b", "a\"; DROP", &"a".repeat(64)] {
             assert!(!valid_schema(bad), "{bad}");
         }
+    }
+
+    /// Store errors are shown with `{}`: they must say the cause, not only
+    /// tokio-postgres' "error connecting to server", and never the password.
+    #[tokio::test]
+    async fn open_errors_say_why_without_the_password() {
+        let e = PgStore::open("postgres://u:hunter2@127.0.0.1:1/db", "pollhook")
+            .await
+            .err()
+            .expect("nothing listens on port 1")
+            .to_string();
+        assert!(e.contains("refused"), "{e}");
+        assert!(e.contains("u:***@127.0.0.1:1/db"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = PgStore::open("postgres://u@127.0.0.1:1/db", "Bad-Name")
+            .await
+            .err()
+            .expect("a bad schema name")
+            .to_string();
+        assert!(e.contains("lower-case identifier"), "{e}");
     }
 
     /// Two processes starting together on an empty schema: the advisory
