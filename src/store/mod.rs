@@ -256,6 +256,46 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// Where the store is, as `store:` in bridge.yaml says: what the daemon
+/// and the operator commands on a stopped daemon open.
+#[derive(Clone, PartialEq)]
+pub enum Location {
+    /// The embedded store in this directory (`state_dir`).
+    Sled(std::path::PathBuf),
+    /// A PostgreSQL database and the schema of pollhook's tables.
+    Postgres { url: String, schema: String },
+}
+
+impl Location {
+    /// Opens the store there.
+    pub async fn open(&self) -> Result<Store> {
+        match self {
+            Location::Sled(dir) => Store::open(dir),
+            Location::Postgres { url, schema } => Store::open_postgres(url, schema).await,
+        }
+    }
+}
+
+/// For logs and messages: the URL's password is never shown.
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sled(dir) => write!(f, "{}", dir.display()),
+            Location::Postgres { url, schema } => {
+                write!(f, "{} (schema {schema})", postgres::redact(url))
+            }
+        }
+    }
+}
+
+/// As [`Display`](std::fmt::Display): a `{:?}` must not leak the password
+/// either.
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({self})")
+    }
+}
+
 /// The store the daemon holds: one of the backends. Cheap to clone.
 #[derive(Clone)]
 pub enum Store {

@@ -190,8 +190,8 @@ fn encode<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("store records always serialize")
 }
 
-/// The URL without its password, for errors.
-fn redact(url: &str) -> String {
+/// The URL without its password, for errors and logs.
+pub(crate) fn redact(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
@@ -206,7 +206,7 @@ fn redact(url: &str) -> String {
 
 /// A schema name is put in SQL text (DDL and `search_path` cannot take
 /// parameters), so only plain lower-case identifiers are accepted.
-fn valid_schema(schema: &str) -> bool {
+pub fn valid_schema(schema: &str) -> bool {
     let mut chars = schema.chars();
     matches!(chars.next(), Some('a'..='z' | '_'))
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
