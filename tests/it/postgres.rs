@@ -118,7 +118,17 @@ async fn the_daemon_on_postgres_commits_there_and_delivers() {
     );
     let s = d.status().await;
     assert_eq!(s["endpoints"]["agent"]["queue_depth"], 0, "{s}");
-    d.terminate();
+    assert!(d.terminate().success());
+    // Operator commands on the stopped daemon open the same PostgreSQL
+    // store, not an empty sled store in state_dir.
+    let out = d.command(&["state", "export"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"tree\":\"state\"") && text.contains("balances/default"),
+        "{text}\n{stderr}"
+    );
 }
 
 #[test]
