@@ -1291,6 +1291,65 @@ mod tests {
         assert!(e.contains("lower-case identifier"), "{e}");
     }
 
+    /// Many more concurrent commits than pooled connections: they queue for
+    /// a connection, none is lost, keys are distinct and each lane keeps
+    /// its order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_share_the_pool_and_all_land() {
+        if !testing::available("concurrent_commits_share_the_pool_and_all_land").await {
+            return;
+        }
+        let schema = testing::fresh_schema();
+        let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+        let check = async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..200 {
+                let store = store.clone();
+                tasks.spawn(async move {
+                    let inst = format!("s/{i}");
+                    let e = |n: u64| OutboxEntry {
+                        event_id: format!("msg_{i}_{n}"),
+                        instance: inst.clone(),
+                        kind: "t".into(),
+                        sequence: n,
+                        body: "{}".into(),
+                        attempts: 0,
+                        next_attempt_ms: 0,
+                        created_ms: n as i64,
+                        last_error: None,
+                    };
+                    let st = InstanceState {
+                        sequence: 2,
+                        ..Default::default()
+                    };
+                    store
+                        .commit_poll(&inst, &st, &[("ep".into(), e(1)), ("ep".into(), e(2))])
+                        .await
+                        .unwrap()
+                });
+            }
+            let mut seqs = BTreeSet::new();
+            while let Some(keys) = tasks.join_next().await {
+                let keys = keys.unwrap();
+                assert!(keys[0].seq < keys[1].seq);
+                seqs.extend(keys.iter().map(|k| k.seq));
+            }
+            assert_eq!(seqs.len(), 400, "distinct keys");
+            assert_eq!(store.outbox_stats("ep").await.unwrap(), (400, Some(1)));
+            assert_eq!(store.state_keys().await.unwrap().len(), 200);
+            let page = store.outbox_page("ep", None, usize::MAX).await.unwrap();
+            for pair in page.chunks(2) {
+                assert_eq!(pair[0].0.instance, pair[1].0.instance);
+                assert_eq!((pair[0].1.sequence, pair[1].1.sequence), (1, 2));
+            }
+        };
+        let outcome = tokio::spawn(check).await;
+        testing::drop_schema(&schema);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
     /// Two processes starting together on an empty schema: the advisory
     /// lock lets one migrate while the other waits, and both open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
