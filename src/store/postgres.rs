@@ -172,6 +172,9 @@ fn chain(
     })
 }
 
+/// How long [`Backend::ping`] waits for the server.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn pg_err(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     move |e| StoreError::Backend {
         op,
@@ -1159,8 +1162,16 @@ impl Backend for PgStore {
         Ok(n)
     }
 
+    /// Bounded: `/readyz` must answer "not ready" soon when the server is
+    /// gone, not after the pool's connect and wait timeouts.
     async fn ping(&self) -> Result<()> {
-        self.query("ping", "SELECT 1", &[]).await.map(drop)
+        match tokio::time::timeout(PING_TIMEOUT, self.query("ping", "SELECT 1", &[])).await {
+            Ok(r) => r.map(drop),
+            Err(_) => Err(StoreError::Backend {
+                op: "ping",
+                source: format!("no answer from PostgreSQL in {} s", PING_TIMEOUT.as_secs()).into(),
+            }),
+        }
     }
 
     /// Nothing to do: every commit that must be durable already is (see
