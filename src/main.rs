@@ -362,13 +362,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     std::fs::create_dir_all(&op.state_dir).with_context(|| {
                         format!("cannot create state_dir {}", op.state_dir.display())
                     })?;
-                    let store = pollhook::store::Store::open(&op.state_dir).with_context(|| {
-                        format!(
-                            "cannot open the store at {} (stop the daemon before importing)",
-                            op.state_dir.display()
-                        )
-                    })?;
                     let rt = runtime()?;
+                    let store = rt
+                        .block_on(op.store.open())
+                        .context("cannot open the store (stop the daemon before importing)")?;
                     let n = if file.as_os_str() == "-" {
                         rt.block_on(backup::import(
                             &store,
@@ -385,7 +382,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         ))
                     }
                     .with_context(|| format!("cannot import {}", file.display()))?;
-                    eprintln!("imported {n} records into {}", op.state_dir.display());
+                    eprintln!("imported {n} records into {}", op.store);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -551,16 +548,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         names.join(", ")
                     );
                 };
+                let rt = runtime()?;
                 let store = if seed {
                     std::fs::create_dir_all(&config.state_dir)?;
-                    Some(pollhook::store::Store::open(&config.state_dir).context(
+                    Some(rt.block_on(config.store.open()).context(
                         "--seed opens the store: is the daemon running? (stop it first)",
                     )?)
                 } else {
                     None
                 };
                 let hosts = pollhook::quota::HostGates::new(&config.hosts);
-                let rt = runtime()?;
                 let report = rt.block_on(dryrun::run(
                     src,
                     &hosts,
@@ -722,7 +719,7 @@ fn operator(config: &std::path::Path) -> anyhow::Result<OperatorConfig> {
 
 /// The running daemon (through its admin server), else the stopped store.
 async fn target(op: &OperatorConfig, what: &str) -> anyhow::Result<ops::Target> {
-    Ok(ops::Target::find(&op.state_dir, op.admin_token.clone(), what).await?)
+    Ok(ops::Target::find(&op.state_dir, &op.store, op.admin_token.clone(), what).await?)
 }
 
 /// An operation's failure, with why the admin token could not be read

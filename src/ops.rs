@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{AttemptQuery, AttemptRecord, DeadLetter, EntryKey, Store, StoreError};
+use crate::store::{
+    AttemptQuery, AttemptRecord, DeadLetter, EntryKey, Location, Store, StoreError,
+};
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -304,17 +306,18 @@ pub enum Target {
 
 impl Target {
     /// The running daemon when `state_dir/admin.addr` names one that
-    /// answers, else the store in `state_dir` (which a running daemon
-    /// would hold locked: `what` says what needs `admin.listen`).
+    /// answers, else the store at `store` (which a running daemon would
+    /// hold locked if it is sled: `what` says what needs `admin.listen`).
     pub async fn find(
         state_dir: &Path,
+        store: &Location,
         token: Option<String>,
         what: &str,
     ) -> Result<Target, OpError> {
         if let Some(addr) = running_daemon(state_dir, token.as_deref()).await {
             return Ok(Target::Daemon { addr, token });
         }
-        Ok(Target::Store(stopped_store(state_dir, what)?))
+        Ok(Target::Store(stopped_store(store, what).await?))
     }
 
     /// Runs `op` here.
@@ -449,13 +452,14 @@ fn refusal(status: reqwest::StatusCode, body: &[u8]) -> String {
     }
 }
 
-/// The store of a stopped daemon (a running one holds its lock).
-pub fn stopped_store(state_dir: &Path, what: &str) -> Result<Store, OpError> {
-    Store::open(state_dir).map_err(|e| {
-        OpError::NotRunning(format!(
+/// The store of a stopped daemon (a running one holds sled's lock).
+pub async fn stopped_store(store: &Location, what: &str) -> Result<Store, OpError> {
+    store.open().await.map_err(|e| match store {
+        Location::Sled(dir) => OpError::NotRunning(format!(
             "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to {what} while it runs): {e:#}",
-            state_dir.display()
-        ))
+            dir.display()
+        )),
+        Location::Postgres { .. } => OpError::NotRunning(format!("{e:#}")),
     })
 }
 

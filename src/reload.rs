@@ -121,11 +121,19 @@ pub fn owns(units: &BTreeMap<String, Unit>, state_key: &str) -> bool {
 
 /// Why the new configuration cannot be applied without a restart.
 pub fn refusal(old: &Config, new: &Config) -> Option<String> {
-    (old.state_dir != new.state_dir).then(|| {
-        format!(
+    if old.state_dir != new.state_dir {
+        return Some(format!(
             "state_dir changed ({} → {}): a reload cannot move the store; restart pollhook",
             old.state_dir.display(),
             new.state_dir.display()
+        ));
+    }
+    // The running tasks hold the open store: another backend, database or
+    // schema is another store, which only a restart opens.
+    (old.store != new.store).then(|| {
+        format!(
+            "store changed ({} → {}): a reload cannot move the store; restart pollhook",
+            old.store, new.store
         )
     })
 }

@@ -25,6 +25,8 @@ pub struct OperatorConfig {
     pub file: PathBuf,
     /// Directory of the embedded store (and of `admin.addr`).
     pub state_dir: PathBuf,
+    /// The store (`store.backend`): what commands on a stopped daemon open.
+    pub store: crate::store::Location,
     /// `admin.listen`, if set.
     pub admin_listen: Option<SocketAddr>,
     /// `admin.token`, if set, readable, and not `none`.
@@ -73,8 +75,9 @@ pub fn load_operator(file: &Path) -> Result<OperatorConfig, ConfigErrors> {
 
 /// [`load_operator`] with an explicit environment and systemd directories.
 ///
-/// Only `state_dir`, `admin.listen` and `admin.token` are interpolated for
-/// real: a variable used elsewhere may be unset. An unset
+/// Only `state_dir`, `admin.listen`, `admin.token` and, with
+/// `store.backend: postgres`, `store.url` and `store.schema` are
+/// interpolated for real: a variable used elsewhere may be unset. An unset
 /// `$STATE_DIRECTORY` / `$CREDENTIALS_DIRECTORY` falls back to `systemd`'s
 /// directory when it exists. `state_dir` and `admin.listen` are needed by
 /// every command, so a problem there is an error; a problem with
@@ -119,6 +122,12 @@ pub fn load_operator_with_env(
         }
     }
     errors.extend(failed_at("admin.listen"));
+    let store_raw = raw.store.unwrap_or_default();
+    let postgres = store_raw.backend.as_deref() == Some("postgres");
+    if postgres {
+        errors.extend(failed_at("store.url"));
+        errors.extend(failed_at("store.schema"));
+    }
     let admin = raw.admin.unwrap_or_default();
     let admin_listen = match &admin.listen {
         Some(l) if errors.is_empty() => match parse_listen(file, &original, l) {
@@ -160,8 +169,24 @@ pub fn load_operator_with_env(
             Some((name, connector))
         })
         .collect();
+    // Checked by the daemon's `Config::load`; here only read, so an
+    // unusable value fails when the store is opened, with the store's error.
+    let store = match (postgres, store_raw.url) {
+        (true, Some(url)) => crate::store::Location::Postgres {
+            url,
+            schema: store_raw.schema.unwrap_or_else(|| "pollhook".into()),
+        },
+        (true, None) => {
+            return Err(ConfigErrors(vec![ConfigError::file(
+                file,
+                "store: `backend: postgres` needs `url`",
+            )]))
+        }
+        (false, _) => crate::store::Location::Sled(state_dir_of(file, raw.state_dir.as_deref())),
+    };
     Ok(OperatorConfig {
         state_dir: state_dir_of(file, raw.state_dir.as_deref()),
+        store,
         file: file.to_path_buf(),
         admin_listen,
         admin_token,
@@ -281,9 +306,22 @@ struct RawOperator {
     #[serde(default)]
     admin: Option<RawOperatorAdmin>,
     #[serde(default)]
+    store: Option<RawOperatorStore>,
+    #[serde(default)]
     sources: BTreeMap<String, RawOperatorSource>,
     #[serde(default)]
     endpoints: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// `store:`: where it is (retention settings are the daemon's).
+#[derive(Deserialize, Default)]
+struct RawOperatorStore {
+    #[serde(default)]
+    backend: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    schema: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

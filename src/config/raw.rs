@@ -72,6 +72,32 @@ pub struct RawStore {
     /// replayed or dropped).
     #[serde(default)]
     pub dead_letters: Option<NonZeroDur>,
+    /// `sled` (the default: the embedded store in `state_dir`) or
+    /// `postgres` (a PostgreSQL database at `url`).
+    #[serde(default)]
+    #[schemars(with = "Option<StoreBackend>")]
+    pub backend: Option<Spanned<StoreBackend>>,
+    /// `postgres`: the connection URL,
+    /// `postgres://user:password@host:port/database` (give the password
+    /// as `${credential:…}`). No TLS yet: a local or private-network
+    /// server.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub url: Option<Spanned<String>>,
+    /// `postgres`: the PostgreSQL schema holding pollhook's tables
+    /// (default `pollhook`; created and migrated at start). A lower-case
+    /// identifier.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub schema: Option<Spanned<String>>,
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    Sled,
+    Postgres,
 }
 
 /// `admin:`

@@ -107,7 +107,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
-    let store = Store::open(&config.state_dir)?;
+    // The error names the place (a PostgreSQL URL without its password).
+    let store = config.store.open().await?;
     let status = Arc::new(Status::default());
     let live = Arc::new(Live::default());
     *live.admin_token.write().expect("token lock") = config.admin_token.clone();
@@ -169,6 +170,7 @@ pub async fn run(
         instances = count,
         endpoints = config.endpoints.len(),
         state_dir = %config.state_dir.display(),
+        store = %config.store,
         "pollhook running"
     );
     // systemd: ready now (store open, workers and pollers running), and

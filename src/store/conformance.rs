@@ -11,6 +11,11 @@ use super::*;
 
 /// A fresh store of one backend, and the means to reopen it (a restart).
 pub trait Fixture: Sized {
+    /// Whether the backend can run here (a server backend needs its
+    /// server); when not, the check says it skipped and returns.
+    fn available(_check: &str) -> impl Future<Output = bool> {
+        async { true }
+    }
     fn open() -> impl Future<Output = Self>;
     fn store(&self) -> Store;
     /// Closes the store (every clone of [`Fixture::store`] must be dropped
@@ -35,6 +40,44 @@ impl Fixture for SledFixture {
     async fn reopen(&mut self) {
         self.store.take();
         self.store = Some(Store::open(self.dir.path()).unwrap());
+    }
+}
+
+/// A fresh PostgreSQL schema of its own (`pollhook_test_<random>`) on the
+/// server at `POLLHOOK_TEST_DATABASE_URL`, dropped when the fixture goes.
+pub struct PgFixture {
+    schema: String,
+    store: Option<Store>,
+}
+
+impl Fixture for PgFixture {
+    async fn available(check: &str) -> bool {
+        super::postgres::testing::available(check).await
+    }
+    async fn open() -> Self {
+        let schema = super::postgres::testing::fresh_schema();
+        let mut f = PgFixture {
+            schema,
+            store: None,
+        };
+        f.reopen().await;
+        f
+    }
+    fn store(&self) -> Store {
+        self.store.clone().unwrap()
+    }
+    /// Drops the pool (every connection) and connects again.
+    async fn reopen(&mut self) {
+        self.store.take();
+        let url = super::postgres::testing::url();
+        self.store = Some(Store::open_postgres(&url, &self.schema).await.unwrap());
+    }
+}
+
+impl Drop for PgFixture {
+    fn drop(&mut self) {
+        self.store.take();
+        super::postgres::testing::drop_schema(&self.schema);
     }
 }
 
@@ -499,6 +542,10 @@ macro_rules! suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
+                use super::Fixture as _;
+                if !<$fixture>::available(stringify!($check)).await {
+                    return;
+                }
                 super::$check::<$fixture>().await;
             }
         )*
@@ -506,3 +553,4 @@ macro_rules! suite {
 }
 
 suite!(sled, super::SledFixture);
+suite!(postgres, super::PgFixture);

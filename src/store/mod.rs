@@ -3,7 +3,8 @@
 //! [`Backend`] is the set of operations the daemon needs, written once as a
 //! trait with the records beside it ([`records`]); [`Store`] is the handle
 //! the rest of the crate holds, dispatching to the configured backend.
-//! Backends: [`sled`] (embedded, the default). What is written once for
+//! Backends: [`sled`] (embedded, the default) and [`postgres`] (a shared
+//! PostgreSQL database). What is written once for
 //! every backend: backups ([`backup`]) and retention ([`retention`]), on
 //! top of the seam; and the conformance suite (`conformance.rs`), which
 //! every backend must pass.
@@ -24,6 +25,7 @@ use std::future::Future;
 use std::path::Path;
 
 pub mod backup;
+pub mod postgres;
 mod records;
 pub mod retention;
 pub mod sled;
@@ -254,10 +256,51 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// Where the store is, as `store:` in bridge.yaml says: what the daemon
+/// and the operator commands on a stopped daemon open.
+#[derive(Clone, PartialEq)]
+pub enum Location {
+    /// The embedded store in this directory (`state_dir`).
+    Sled(std::path::PathBuf),
+    /// A PostgreSQL database and the schema of pollhook's tables.
+    Postgres { url: String, schema: String },
+}
+
+impl Location {
+    /// Opens the store there.
+    pub async fn open(&self) -> Result<Store> {
+        match self {
+            Location::Sled(dir) => Store::open(dir),
+            Location::Postgres { url, schema } => Store::open_postgres(url, schema).await,
+        }
+    }
+}
+
+/// For logs and messages: the URL's password is never shown.
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sled(dir) => write!(f, "{}", dir.display()),
+            Location::Postgres { url, schema } => {
+                write!(f, "{} (schema {schema})", postgres::redact(url))
+            }
+        }
+    }
+}
+
+/// As [`Display`](std::fmt::Display): a `{:?}` must not leak the password
+/// either.
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({self})")
+    }
+}
+
 /// The store the daemon holds: one of the backends. Cheap to clone.
 #[derive(Clone)]
 pub enum Store {
     Sled(sled::SledStore),
+    Postgres(postgres::PgStore),
 }
 
 /// Calls the same operation on whichever backend the store is.
@@ -265,6 +308,7 @@ macro_rules! dispatch {
     ($self:ident, $b:ident => $call:expr) => {
         match $self {
             Store::Sled($b) => $call,
+            Store::Postgres($b) => $call,
         }
     };
 }
@@ -273,6 +317,12 @@ impl Store {
     /// Opens (or creates) the embedded store in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         Ok(Store::Sled(sled::SledStore::open(dir)?))
+    }
+
+    /// Connects to PostgreSQL at `url` and uses the PostgreSQL schema
+    /// `schema` (created, and migrated to this version, if needed).
+    pub async fn open_postgres(url: &str, schema: &str) -> Result<Store> {
+        Ok(Store::Postgres(postgres::PgStore::open(url, schema).await?))
     }
 
     pub async fn load_state(&self, instance: &str) -> Result<InstanceState> {

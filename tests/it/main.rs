@@ -22,6 +22,7 @@ mod metrics;
 mod oauth;
 mod ops;
 mod polite;
+mod postgres;
 mod reload;
 mod schedule;
 mod upstream_faults;

@@ -37,8 +37,11 @@ pub use source::{scalar_text, Instance, Route, Source, DEFAULT_RETENTION};
 pub struct Config {
     /// The bridge file it was read from.
     pub file: PathBuf,
-    /// Directory of the embedded store.
+    /// Directory of the embedded store, and of `admin.addr` whatever the
+    /// backend.
     pub state_dir: PathBuf,
+    /// The store the daemon opens (`store.backend`).
+    pub store: crate::store::Location,
     /// Admin server address, if any.
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token the admin server requires: `None` only when
@@ -93,6 +96,7 @@ impl Config {
             }
         }
         let sources = resolve_sources(&mut diag, &raw, &connectors);
+        let store = store_location(&mut diag, file, &raw);
         let hosts = raw
             .hosts
             .iter()
@@ -124,6 +128,7 @@ impl Config {
         diag.finish(|| Config {
             file: file.to_path_buf(),
             state_dir: state_dir_of(file, raw.state_dir.as_deref()),
+            store,
             admin_listen,
             admin_token,
             shutdown_timeout: raw
@@ -147,6 +152,68 @@ impl Config {
     /// The source called `name`.
     pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
         self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+/// `store:`: the embedded store in `state_dir`, or PostgreSQL, which needs
+/// a `url`; `url` and `schema` under `sled` are refused (a setting that
+/// does nothing is a mistake).
+fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store::Location {
+    use super::raw::StoreBackend;
+    use crate::store::{postgres, Location};
+    let sled = Location::Sled(state_dir_of(file, raw.state_dir.as_deref()));
+    let Some(st) = &raw.store else {
+        return sled;
+    };
+    match st.backend.as_ref().map(|b| b.value) {
+        None | Some(StoreBackend::Sled) => {
+            for (name, v) in [("url", &st.url), ("schema", &st.schema)] {
+                if let Some(v) = v {
+                    diag.at_span(
+                        v,
+                        &format!("store.{name}"),
+                        "only for `backend: postgres` (the embedded store lives in `state_dir`)",
+                    );
+                }
+            }
+            sled
+        }
+        Some(StoreBackend::Postgres) => {
+            let schema = match &st.schema {
+                Some(s) if !postgres::valid_schema(&s.value) => {
+                    diag.at_span(
+                        s,
+                        "store.schema",
+                        "a PostgreSQL schema name here is a lower-case identifier: [a-z_][a-z0-9_]*, at most 63 bytes",
+                    );
+                    String::new()
+                }
+                Some(s) => s.value.clone(),
+                None => "pollhook".to_string(),
+            };
+            let url = match &st.url {
+                Some(u) if u.value.trim().is_empty() => {
+                    diag.at_span(
+                        u,
+                        "store.url",
+                        "empty: `backend: postgres` needs the database's URL",
+                    );
+                    String::new()
+                }
+                Some(u) => u.value.clone(),
+                None => {
+                    let line = diag.line_of("backend");
+                    diag.at(
+                        line,
+                        0,
+                        "store.url",
+                        "`backend: postgres` needs `url: postgres://user@host:5432/database`",
+                    );
+                    String::new()
+                }
+            };
+            Location::Postgres { url, schema }
+        }
     }
 }
 

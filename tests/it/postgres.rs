@@ -1,0 +1,159 @@
+//! The daemon on the PostgreSQL store (`store: { backend: postgres }`):
+//! a change is detected, committed to PostgreSQL and delivered.
+//!
+//! Needs a server at `POLLHOOK_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`); without one it says
+//! `SKIPPED` and passes, unless `POLLHOOK_TEST_REQUIRE_POSTGRES` is set
+//! (CI). Each run uses a fresh schema and drops it afterwards.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+fn url() -> String {
+    std::env::var("POLLHOOK_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn connect() -> Option<tokio_postgres::Client> {
+    let url = url();
+    let tried = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_postgres::connect(&url, tokio_postgres::NoTls),
+    )
+    .await;
+    match tried {
+        Ok(Ok((client, conn))) => {
+            tokio::spawn(conn);
+            Some(client)
+        }
+        other => {
+            let why = match other {
+                Ok(Err(e)) => format!("{e}: {:?}", std::error::Error::source(&e)),
+                _ => "no answer in 5 s".into(),
+            };
+            if std::env::var_os("POLLHOOK_TEST_REQUIRE_POSTGRES").is_some_and(|v| !v.is_empty()) {
+                panic!("no PostgreSQL at {url}: {why} (POLLHOOK_TEST_REQUIRE_POSTGRES is set)");
+            }
+            eprintln!("SKIPPED (no PostgreSQL at {url}: {why}; set POLLHOOK_TEST_DATABASE_URL)");
+            None
+        }
+    }
+}
+
+/// Drops the test's schema however the test ends.
+struct Schema(String);
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let (url, schema) = (url(), self.0.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    let conn = tokio::spawn(conn);
+                    let _ = c
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                        .await;
+                    drop(c);
+                    let _ = conn.await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_on_postgres_commits_there_and_delivers() {
+    let Some(db) = connect().await else {
+        return;
+    };
+    let schema = Schema(format!("pollhook_it_{:016x}", rand::random::<u64>()));
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let endpoints = format!("  agent:\n    url: {}\n    secret: {}", rx.url, secret());
+    let store = format!(
+        "store: {{ backend: postgres, url: \"{}\", schema: {} }}",
+        url(),
+        schema.0
+    );
+    let mut d = Daemon::new(
+        &balance_bridge(addr, "50ms", "[agent]", &endpoints, &store),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/default"], 1).await;
+    bank.set_balance("acc-0001", 42_000);
+    wait_for(
+        "the change to be delivered",
+        Duration::from_secs(20),
+        || !rx.accepted().is_empty(),
+    )
+    .await;
+    let got = rx.accepted();
+    assert!(got.iter().all(|e| e.verified), "signed as usual");
+    // The state is in PostgreSQL, not in a sled store in state_dir.
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT count(*), bool_and((value->>'initialized')::bool) FROM \"{}\".state",
+                schema.0
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1, "one instance state");
+    assert!(row.get::<_, bool>(1), "its baseline committed");
+    assert!(
+        !d.state_dir().join("db").exists() && !d.state_dir().join("conf").exists(),
+        "no sled store was created in state_dir"
+    );
+    let s = d.status().await;
+    assert_eq!(s["endpoints"]["agent"]["queue_depth"], 0, "{s}");
+    assert!(d.terminate().success());
+    // Operator commands on the stopped daemon open the same PostgreSQL
+    // store, not an empty sled store in state_dir.
+    let out = d.command(&["state", "export"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"tree\":\"state\"") && text.contains("balances/default"),
+        "{text}\n{stderr}"
+    );
+}
+
+#[test]
+fn postgres_settings_are_checked() {
+    let bridge =
+        |store: &str| format!("state_dir: state\n{store}\nsources: {{}}\nendpoints: {{}}\n");
+    for (store, wanted) in [
+        ("store:\n  backend: postgres", "store.url"),
+        (
+            "store:\n  backend: postgres\n  url: postgres://h/db\n  schema: Bad-Name",
+            "lower-case identifier",
+        ),
+        (
+            "store:\n  url: postgres://h/db",
+            "only for `backend: postgres`",
+        ),
+        ("store:\n  backend: mysql", "backend"),
+    ] {
+        let d = Daemon::new(&bridge(store), &[]);
+        let out = d.command(&["validate"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{store} was accepted");
+        assert!(
+            err.contains(wanted),
+            "{store}: error lacks `{wanted}`:\n{err}"
+        );
+    }
+}
