@@ -194,7 +194,10 @@ pub async fn run(
         })
     });
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    let give_up = store_give_up();
+    // Only sled needs a new handle to recover (it refuses every write after
+    // its first I/O error); a database comes back by itself, and the
+    // daemon waits for it, not ready meanwhile.
+    let give_up = matches!(store, Store::Sled(_)).then(store_give_up);
     let mut store_check = tokio::time::interval(Duration::from_secs(1));
     let mut gave_up: Option<String> = None;
     loop {
@@ -204,7 +207,7 @@ pub async fn run(
                 let h = status.store_health();
                 if let (Some(since), Some(e)) = (h.failing_since_ms, h.error) {
                     let failing = Duration::from_millis((crate::now_ms() - since).max(0) as u64);
-                    if failing >= give_up {
+                    if let Some(give_up) = give_up.filter(|g| failing >= *g) {
                         error!(
                             "the store has refused writes for {}: {e}; stopping (exit status {STORE_EXIT}) so that the service manager starts pollhook again on a fresh store handle (Restart=on-failure); nothing detected is lost",
                             humantime::format_duration(give_up)
