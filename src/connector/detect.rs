@@ -799,10 +799,35 @@ emit: [{ type: created }]
             LISTED,
         )
         .unwrap();
+        // Half an hour later "b" has left the listing but is younger than
+        // the ttl: kept.
+        let soon = t0 + chrono::Duration::minutes(30);
+        let d1 = detect(&c, &vars(), &d0.state, &[page(&["a"])], soon, None, LISTED).unwrap();
+        assert_eq!(d1.state.seen, ["a", "b"], "b is young");
         let later = t0 + chrono::Duration::hours(2);
-        let d1 = detect(&c, &vars(), &d0.state, &[page(&["a"])], later, None, LISTED).unwrap();
+        let d1 = detect(&c, &vars(), &d1.state, &[page(&["a"])], later, None, LISTED).unwrap();
         assert_eq!(d1.state.seen, ["a"], "b left and is old; a is listed");
+        assert_eq!(d1.state.seen_at.len(), 1);
         assert!(d1.events.is_empty());
+        // A state from before `seen_at` existed: its ids count as seen now,
+        // none is dropped for want of a time, none is announced again.
+        let legacy = InstanceState {
+            seen_at: Default::default(),
+            ..d0.state.clone()
+        };
+        let d2 = detect(
+            &c,
+            &vars(),
+            &legacy,
+            &[page(&["a", "b"])],
+            later,
+            None,
+            LISTED,
+        )
+        .unwrap();
+        assert!(d2.events.is_empty(), "{:?}", d2.events);
+        assert_eq!(d2.state.seen, ["a", "b"]);
+        assert_eq!(d2.state.seen_at.len(), 2);
     }
 
     #[test]
