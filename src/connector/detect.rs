@@ -828,6 +828,12 @@ emit: [{ type: created }]
         assert!(d2.events.is_empty(), "{:?}", d2.events);
         assert_eq!(d2.state.seen, ["a", "b"]);
         assert_eq!(d2.state.seen_at.len(), 2);
+        // Times shorter than ids: the missing ones are the oldest ids', and
+        // the times there stay with their ids ("b" is old and unlisted).
+        let mut partial = d0.state.clone();
+        partial.seen_at = [t0.timestamp_millis()].into();
+        let d3 = detect(&c, &vars(), &partial, &[page(&["a"])], later, None, LISTED).unwrap();
+        assert_eq!(d3.state.seen, ["a"], "b keeps its own (old) time");
     }
 
     #[test]
