@@ -431,6 +431,41 @@ fn num_cursor(after: &Option<Vec<u8>>) -> i64 {
         .map_or(i64::MIN, i64::from_be_bytes)
 }
 
+/// One row of an export query (see `export_page`) as its record.
+fn record_of(kind: RecordKind, r: &tokio_postgres::Row) -> Result<Record> {
+    let numbered_key = |table: &str| format!("{table}/{}", r.get::<_, i64>(0));
+    Ok(match kind {
+        RecordKind::Disabled => Record::Disabled {
+            endpoint: r.get(0),
+            why: r.get(1),
+        },
+        RecordKind::State => {
+            let instance: String = r.get(0);
+            let value = PgStore::state_of(&instance, Some(r.get(1)), r.get(2))?;
+            Record::State { instance, value }
+        }
+        RecordKind::Discovered => {
+            let source: String = r.get(0);
+            let value = decode(&source, r.get(1))?;
+            Record::Discovered { source, value }
+        }
+        RecordKind::Removed => Record::Removed {
+            instance: r.get(0),
+            delete_at_ms: r.get(1),
+        },
+        RecordKind::Outbox => Record::Outbox {
+            endpoint: r.get(1),
+            value: decode(&numbered_key("outbox"), r.get(2))?,
+        },
+        RecordKind::Dead => Record::Dead {
+            value: decode(&numbered_key("dead"), r.get(1))?,
+        },
+        RecordKind::Attempt => Record::Attempt {
+            value: decode(&numbered_key("attempts"), r.get(1))?,
+        },
+    })
+}
+
 impl Backend for PgStore {
     async fn load_state(&self, instance: &str) -> Result<InstanceState> {
         let rows = self
@@ -886,161 +921,65 @@ impl Backend for PgStore {
         after: Option<Vec<u8>>,
         limit_n: usize,
     ) -> Result<Page> {
-        const OP: &str = "scan for export";
-        let lim = limit(limit_n);
-        let text = text_cursor(&after);
-        let num = num_cursor(&after);
-        let (records, next): (Vec<Record>, Option<Vec<u8>>) = match kind {
-            RecordKind::Disabled => {
-                let rows = self
-                    .query(
-                        OP,
-                        "SELECT endpoint, why FROM disabled WHERE $1::text IS NULL OR endpoint > $1
-                         ORDER BY endpoint LIMIT $2",
-                        &[&text, &lim],
-                    )
-                    .await?;
-                let last = rows.last().map(|r| r.get::<_, String>(0).into_bytes());
-                let recs = rows
-                    .iter()
-                    .map(|r| Record::Disabled {
-                        endpoint: r.get(0),
-                        why: r.get(1),
-                    })
-                    .collect();
-                (recs, last)
-            }
-            RecordKind::State => {
-                let rows = self
-                    .query(
-                        OP,
-                        "SELECT s.instance, s.value::text, n.at_ms FROM state s
-                         LEFT JOIN next_run n ON n.instance = s.instance
-                         WHERE $1::text IS NULL OR s.instance > $1
-                         ORDER BY s.instance LIMIT $2",
-                        &[&text, &lim],
-                    )
-                    .await?;
-                let last = rows.last().map(|r| r.get::<_, String>(0).into_bytes());
-                let recs = rows
-                    .iter()
-                    .map(|r| {
-                        let instance: String = r.get(0);
-                        let value = Self::state_of(&instance, Some(r.get(1)), r.get(2))?;
-                        Ok(Record::State { instance, value })
-                    })
-                    .collect::<Result<_>>()?;
-                (recs, last)
-            }
-            RecordKind::Discovered => {
-                let rows = self
-                    .query(
-                        OP,
-                        "SELECT source, value::text FROM discovered
-                         WHERE $1::text IS NULL OR source > $1 ORDER BY source LIMIT $2",
-                        &[&text, &lim],
-                    )
-                    .await?;
-                let last = rows.last().map(|r| r.get::<_, String>(0).into_bytes());
-                let recs = rows
-                    .iter()
-                    .map(|r| {
-                        let source: String = r.get(0);
-                        let value = decode(&source, r.get(1))?;
-                        Ok(Record::Discovered { source, value })
-                    })
-                    .collect::<Result<_>>()?;
-                (recs, last)
-            }
-            RecordKind::Removed => {
-                let rows = self
-                    .query(
-                        OP,
-                        "SELECT instance, delete_at_ms FROM removed
-                         WHERE $1::text IS NULL OR instance > $1 ORDER BY instance LIMIT $2",
-                        &[&text, &lim],
-                    )
-                    .await?;
-                let last = rows.last().map(|r| r.get::<_, String>(0).into_bytes());
-                let recs = rows
-                    .iter()
-                    .map(|r| Record::Removed {
-                        instance: r.get(0),
-                        delete_at_ms: r.get(1),
-                    })
-                    .collect();
-                (recs, last)
-            }
-            // Numbered records page by their number: the outbox in
-            // detection order across the whole store, which import keeps.
-            RecordKind::Outbox => {
-                let rows = self
-                    .query(
-                        OP,
-                        "SELECT seq, endpoint, value::text FROM outbox WHERE seq > $1
-                         ORDER BY seq LIMIT $2",
-                        &[&num, &lim],
-                    )
-                    .await?;
-                let last = rows
-                    .last()
-                    .map(|r| r.get::<_, i64>(0).to_be_bytes().to_vec());
-                let recs = rows
-                    .iter()
-                    .map(|r| {
-                        let endpoint: String = r.get(1);
-                        let key = format!("outbox/{}", r.get::<_, i64>(0));
-                        let value = decode(&key, r.get(2))?;
-                        Ok(Record::Outbox { endpoint, value })
-                    })
-                    .collect::<Result<_>>()?;
-                (recs, last)
-            }
-            RecordKind::Dead => {
-                let rows = self
-                    .query(
-                        OP,
-                        "SELECT seq, value::text FROM dead WHERE seq > $1 ORDER BY seq LIMIT $2",
-                        &[&num, &lim],
-                    )
-                    .await?;
-                let last = rows
-                    .last()
-                    .map(|r| r.get::<_, i64>(0).to_be_bytes().to_vec());
-                let recs = rows
-                    .iter()
-                    .map(|r| {
-                        let key = format!("dead/{}", r.get::<_, i64>(0));
-                        Ok(Record::Dead {
-                            value: decode(&key, r.get(1))?,
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                (recs, last)
-            }
-            RecordKind::Attempt => {
-                let rows = self
-                    .query(
-                        OP,
-                        "SELECT id, value::text FROM attempts WHERE id > $1 ORDER BY id LIMIT $2",
-                        &[&num, &lim],
-                    )
-                    .await?;
-                let last = rows
-                    .last()
-                    .map(|r| r.get::<_, i64>(0).to_be_bytes().to_vec());
-                let recs = rows
-                    .iter()
-                    .map(|r| {
-                        let key = format!("attempts/{}", r.get::<_, i64>(0));
-                        Ok(Record::Attempt {
-                            value: decode(&key, r.get(1))?,
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                (recs, last)
-            }
+        // Every query's first column is what pages are cut on: a name for
+        // the named records, a number for the numbered ones (the outbox in
+        // detection order across the whole store, which import keeps).
+        let (sql, numbered) = match kind {
+            RecordKind::Disabled => (
+                "SELECT endpoint, why FROM disabled WHERE $1::text IS NULL OR endpoint > $1
+                 ORDER BY endpoint LIMIT $2",
+                false,
+            ),
+            RecordKind::State => (
+                "SELECT s.instance, s.value::text, n.at_ms FROM state s
+                 LEFT JOIN next_run n ON n.instance = s.instance
+                 WHERE $1::text IS NULL OR s.instance > $1
+                 ORDER BY s.instance LIMIT $2",
+                false,
+            ),
+            RecordKind::Discovered => (
+                "SELECT source, value::text FROM discovered
+                 WHERE $1::text IS NULL OR source > $1 ORDER BY source LIMIT $2",
+                false,
+            ),
+            RecordKind::Removed => (
+                "SELECT instance, delete_at_ms FROM removed
+                 WHERE $1::text IS NULL OR instance > $1 ORDER BY instance LIMIT $2",
+                false,
+            ),
+            RecordKind::Outbox => (
+                "SELECT seq, endpoint, value::text FROM outbox WHERE seq > $1
+                 ORDER BY seq LIMIT $2",
+                true,
+            ),
+            RecordKind::Dead => (
+                "SELECT seq, value::text FROM dead WHERE seq > $1 ORDER BY seq LIMIT $2",
+                true,
+            ),
+            RecordKind::Attempt => (
+                "SELECT id, value::text FROM attempts WHERE id > $1 ORDER BY id LIMIT $2",
+                true,
+            ),
         };
+        let lim = limit(limit_n);
+        let (text, num) = (text_cursor(&after), num_cursor(&after));
+        let params: [&(dyn ToSql + Sync); 2] = if numbered {
+            [&num, &lim]
+        } else {
+            [&text, &lim]
+        };
+        let rows = self.query("scan for export", sql, &params).await?;
+        let next = rows.last().map(|r| {
+            if numbered {
+                r.get::<_, i64>(0).to_be_bytes().to_vec()
+            } else {
+                r.get::<_, String>(0).into_bytes()
+            }
+        });
+        let records = rows
+            .iter()
+            .map(|r| record_of(kind, r))
+            .collect::<Result<Vec<_>>>()?;
         // A short page is the last one; a full one may be followed by more.
         let next = if records.len() < limit_n { None } else { next };
         Ok(Page { records, next })
