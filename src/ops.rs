@@ -200,16 +200,20 @@ impl Op for DlqReplay {
         self.0.destructive()?;
         let letters = self.0.matching(store).await?;
         store.replay_dead(&letters).await?;
-        if let Some(r) = running {
-            let endpoints: std::collections::BTreeSet<&str> =
-                letters.iter().map(|(_, d)| d.endpoint.as_str()).collect();
-            for ep in endpoints {
-                r.changed(ep);
-            }
-        }
+        tell_changed(running, letters.iter().map(|(k, _)| k.endpoint.as_str()));
         Ok(Replayed {
             replayed: letters.len(),
         })
+    }
+}
+
+/// Tells the running daemon (if the operation ran there) which endpoints'
+/// outboxes or dead letters changed, once each.
+fn tell_changed<'a>(running: Option<&dyn Running>, endpoints: impl Iterator<Item = &'a str>) {
+    if let Some(r) = running {
+        for ep in endpoints.collect::<std::collections::BTreeSet<_>>() {
+            r.changed(ep);
+        }
     }
 }
 
@@ -235,13 +239,7 @@ impl Op for DlqDrop {
             .map(|(k, _)| k)
             .collect();
         let dropped = store.drop_dead(&keys).await?;
-        if let Some(r) = running {
-            let endpoints: std::collections::BTreeSet<&str> =
-                keys.iter().map(|k| k.endpoint.as_str()).collect();
-            for ep in endpoints {
-                r.changed(ep);
-            }
-        }
+        tell_changed(running, keys.iter().map(|k| k.endpoint.as_str()));
         Ok(Dropped { dropped })
     }
 }
@@ -333,15 +331,7 @@ impl Target {
                 let req = request(addr, token.as_deref(), reqwest::Method::POST, O::PATH)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body);
-                let resp = req.send().await.map_err(unreachable_daemon)?;
-                let status = resp.status();
-                let bytes = resp.bytes().await.map_err(unreachable_daemon)?;
-                if !status.is_success() {
-                    return Err(OpError::Daemon(refusal(status, &bytes)));
-                }
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    OpError::Daemon(format!("the admin server's answer is not understood: {e}"))
-                })
+                understood(&answer(req).await?)
             }
         }
     }
@@ -355,19 +345,13 @@ impl Target {
                 Ok(out)
             }
             Target::Daemon { addr, token } => {
-                let resp = request(addr, token.as_deref(), reqwest::Method::GET, "state/export")
-                    .send()
-                    .await
-                    .map_err(unreachable_daemon)?;
-                let status = resp.status();
-                let bytes = resp.bytes().await.map_err(unreachable_daemon)?;
-                if !status.is_success() {
-                    return Err(OpError::Daemon(format!(
-                        "the admin server refused the export: {}",
-                        refusal(status, &bytes)
-                    )));
-                }
-                Ok(bytes.to_vec())
+                let req = request(addr, token.as_deref(), reqwest::Method::GET, "state/export");
+                answer(req).await.map_err(|e| match e {
+                    OpError::Daemon(why) => {
+                        OpError::Daemon(format!("the admin server refused the export: {why}"))
+                    }
+                    other => other,
+                })
             }
         }
     }
@@ -385,16 +369,24 @@ pub async fn status(
             addr_file(state_dir).display()
         )));
     };
-    let resp = request(&addr, token, reqwest::Method::GET, "status")
-        .send()
-        .await
-        .map_err(unreachable_daemon)?;
+    understood(&answer(request(&addr, token, reqwest::Method::GET, "status")).await?)
+}
+
+/// Sends a request to the admin server: the body of a success, else the
+/// server's refusal.
+async fn answer(req: reqwest::RequestBuilder) -> Result<Vec<u8>, OpError> {
+    let resp = req.send().await.map_err(unreachable_daemon)?;
     let status = resp.status();
     let bytes = resp.bytes().await.map_err(unreachable_daemon)?;
     if !status.is_success() {
         return Err(OpError::Daemon(refusal(status, &bytes)));
     }
-    serde_json::from_slice(&bytes)
+    Ok(bytes.to_vec())
+}
+
+/// A JSON reply of the admin server as its type.
+fn understood<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, OpError> {
+    serde_json::from_slice(bytes)
         .map_err(|e| OpError::Daemon(format!("the admin server's answer is not understood: {e}")))
 }
 
