@@ -220,11 +220,13 @@ async fn poll_once(
         warn!(instance = %inst.key, connector = %c.name, "{}", mask(w, &inst.secrets));
     }
     let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
-    // An event too large to send is an error of the instance, committed
-    // nowhere: the cursor stays, nothing is lost, the operator maps `data:`
-    // to a smaller part of the item.
-    for ev in &events {
-        let size = ev.body().len();
+    // Each body is serialized once (invariant 5) and checked here: an event
+    // too large to send is an error of the instance, committed nowhere: the
+    // cursor stays, nothing is lost, the operator maps `data:` to a smaller
+    // part of the item.
+    let bodies: Vec<String> = events.iter().map(Event::body).collect();
+    for (ev, body) in events.iter().zip(&bodies) {
+        let size = body.len();
         if size > crate::event::MAX_EVENT_BYTES {
             return Err(PollError::Detect(format!(
                 "event {} ({}) is {size} bytes, more than the {} KiB an event may carry: nothing emitted; map `data:` to a smaller part of the item",
@@ -236,8 +238,7 @@ async fn poll_once(
     }
     let committed = if &next != state || !events.is_empty() {
         let mut deliveries = Vec::new();
-        for ev in &events {
-            let body = ev.body();
+        for (ev, body) in events.iter().zip(&bodies) {
             for route in source.routes.iter().filter(|r| r.accepts(&ev.kind)) {
                 deliveries.push((
                     route.endpoint.clone(),
