@@ -209,3 +209,72 @@ endpoints:
     assert_eq!(rx.accepted().len(), 5, "only the new items");
     assert!(d.terminate().success());
 }
+
+/// An event over 1 MiB (a probe's 9 MB item was emitted whole and retried
+/// for hours) is an error of its instance: nothing is emitted or
+/// committed, and the next change that fits is detected as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_the_cap_is_an_error_not_a_webhook() {
+    let pad = Arc::new(AtomicU64::new(1));
+    let app = Router::new()
+        .route(
+            "/big",
+            get(|State(n): State<Arc<AtomicU64>>| async move {
+                let n = n.load(Ordering::SeqCst);
+                // 600 KB each side: previous + current is over 1 MiB.
+                let len = if n == 2 || n == 3 { 600_000 } else { 10 };
+                axum::Json(serde_json::json!({ "v": n, "pad": "x".repeat(len) }))
+            }),
+        )
+        .with_state(pad.clone());
+    let addr = serve(app).await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let connector = r#"
+name: big
+params: { base_url: { required: true } }
+request: { url: "{{ base_url }}/big" }
+detect: snapshot
+emit: [{ type: big.changed }]
+"#;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  big:
+    connector: big
+    with: {{ base_url: "http://{addr}" }}
+    schedule: every 200ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: "{}" }}
+"#,
+        rx.url,
+        secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("big.yaml", connector.to_string())]);
+    d.start().await;
+    d.wait_polls(&["big/default"], 2).await;
+    // 10 bytes of pad to 600 KB: previous (small) + current (600 KB) fits;
+    // then 600 KB to another 600 KB does not.
+    pad.store(2, Ordering::SeqCst);
+    wait_for("the first change", Duration::from_secs(20), || {
+        rx.accepted().len() == 1
+    })
+    .await;
+    pad.store(3, Ordering::SeqCst);
+    d.wait_status("the oversized event refused", |s| {
+        s["instances"]["big/default"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("more than the 1024 KiB an event may carry"))
+    })
+    .await;
+    assert_eq!(rx.accepted().len(), 1, "nothing emitted over the cap");
+    // Back to a small value: detected and delivered.
+    pad.store(4, Ordering::SeqCst);
+    wait_for("the next change", Duration::from_secs(20), || {
+        rx.accepted().len() == 2
+    })
+    .await;
+    assert!(d.terminate().success());
+}
