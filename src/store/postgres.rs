@@ -1138,8 +1138,8 @@ pub(crate) mod testing {
 
     /// Whether PostgreSQL answers at [`url`]; when it does not, says so
     /// and why, so a skipped test is never mistaken for a passed one.
-    /// With `POLLHOOK_TEST_REQUIRE_POSTGRES` set (CI, where `.ci/run`
-    /// started the server), a missing server fails the test instead: a
+    /// With `POLLHOOK_TEST_REQUIRE_POSTGRES` set or `CI=true` (CI, where
+    /// `.ci/run` started the server), a missing server fails the test: a
     /// server that did not start must not turn into a green run.
     pub async fn available(test: &str) -> bool {
         let url = url();
@@ -1157,9 +1157,11 @@ pub(crate) mod testing {
             Ok(Err(e)) => super::chain(e).to_string(),
             Err(_) => "no answer in 5 s".to_string(),
         };
-        if std::env::var_os("POLLHOOK_TEST_REQUIRE_POSTGRES").is_some_and(|v| !v.is_empty()) {
+        if std::env::var_os("POLLHOOK_TEST_REQUIRE_POSTGRES").is_some_and(|v| !v.is_empty())
+            || std::env::var("CI").is_ok_and(|v| v == "true")
+        {
             panic!(
-                "{test}: no PostgreSQL at {}: {why} (POLLHOOK_TEST_REQUIRE_POSTGRES is set)",
+                "{test}: no PostgreSQL at {}: {why} (POLLHOOK_TEST_REQUIRE_POSTGRES or CI=true is set)",
                 super::redact(&url)
             );
         }

@@ -4,7 +4,7 @@
 //! Needs a server at `POLLHOOK_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`); without one it says
 //! `SKIPPED` and passes, unless `POLLHOOK_TEST_REQUIRE_POSTGRES` is set
-//! (CI). Each run uses a fresh schema and drops it afterwards.
+//! or `CI=true`. Each run uses a fresh schema and drops it afterwards.
 
 use std::time::Duration;
 
@@ -34,8 +34,10 @@ async fn connect() -> Option<tokio_postgres::Client> {
                 Ok(Err(e)) => format!("{e}: {:?}", std::error::Error::source(&e)),
                 _ => "no answer in 5 s".into(),
             };
-            if std::env::var_os("POLLHOOK_TEST_REQUIRE_POSTGRES").is_some_and(|v| !v.is_empty()) {
-                panic!("no PostgreSQL at {url}: {why} (POLLHOOK_TEST_REQUIRE_POSTGRES is set)");
+            if std::env::var_os("POLLHOOK_TEST_REQUIRE_POSTGRES").is_some_and(|v| !v.is_empty())
+                || std::env::var("CI").is_ok_and(|v| v == "true")
+            {
+                panic!("no PostgreSQL at {url}: {why} (POLLHOOK_TEST_REQUIRE_POSTGRES or CI=true is set)");
             }
             eprintln!("SKIPPED (no PostgreSQL at {url}: {why}; set POLLHOOK_TEST_DATABASE_URL)");
             None
