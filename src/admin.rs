@@ -37,6 +37,8 @@ pub struct AdminState {
     /// Endpoints, their wake-ups (poked after a replay) and the bearer
     /// token (all routes but `/healthz`), as the last reload left them.
     pub live: Arc<crate::daemon::Live>,
+    /// This node's name in a cluster (PostgreSQL store).
+    pub node: Option<String>,
 }
 
 /// The route of an operation.
@@ -193,6 +195,25 @@ pub struct StatusReport {
     pub config: crate::status::ConfigStatus,
     /// Whether the store takes writes.
     pub store: crate::status::StoreHealth,
+    /// In a cluster (PostgreSQL store): this node, every node with its
+    /// last heartbeat, and the leases (each instance's `node` says who
+    /// holds it). Read from the store at each request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterReport>,
+}
+
+/// The cluster as `/status` shows it.
+#[derive(Serialize, serde::Deserialize, Debug, Clone, Default)]
+pub struct ClusterReport {
+    /// The node that answered.
+    pub node: String,
+    pub nodes: Vec<crate::store::postgres::cluster::NodeRow>,
+    /// Leases that no node holds now (none in a healthy cluster, but for
+    /// a lease time after a node died).
+    pub unheld: Vec<String>,
+    /// Why the cluster could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The configured endpoints' status (an endpoint that has not reported
@@ -217,11 +238,35 @@ fn report(s: &AdminState) -> StatusReport {
         config: s.status.config(),
         store: s.status.store_health(),
         endpoints: endpoints(s),
+        cluster: None,
     }
 }
 
 async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
-    Json(report(&s))
+    let mut r = report(&s);
+    if let (Some(node), Some(pg)) = (&s.node, s.store.postgres()) {
+        let mut c = ClusterReport {
+            node: node.clone(),
+            ..Default::default()
+        };
+        match tokio::try_join!(pg.nodes(), pg.leases()) {
+            Ok((nodes, leases)) => {
+                c.nodes = nodes;
+                for l in leases {
+                    let owner = l.owner.filter(|_| l.left_ms > 0);
+                    if let Some(i) = r.instances.get_mut(&l.key) {
+                        i.node = owner.clone();
+                    }
+                    if owner.is_none() {
+                        c.unheld.push(l.key);
+                    }
+                }
+            }
+            Err(e) => c.error = Some(e.to_string()),
+        }
+        r.cluster = Some(c);
+    }
+    Json(r)
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {

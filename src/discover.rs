@@ -119,6 +119,52 @@ pub async fn discover(
     Ok(out)
 }
 
+/// A node that does not list the source (cluster): starts and stops
+/// instance tasks as the listing node's stored list says.
+async fn follow<F, Fut>(
+    source: &Arc<Source>,
+    cx: &DiscoverEnv<'_>,
+    known: &mut Discovered,
+    running: &mut Running,
+    spawn: &F,
+    shutdown: &CancellationToken,
+) where
+    F: Fn(Instance, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stored = match cx.store.load_discovered(&source.name).await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(source = %source.name, error = %format!("{e:#}"), "cannot read the discovered list");
+            return;
+        }
+    };
+    let found: Vec<Found> = stored
+        .instances
+        .iter()
+        .map(|(name, with)| Found {
+            name: name.clone(),
+            with: with.clone(),
+        })
+        .collect();
+    let change = diff(&known.instances, &found);
+    for name in &change.stop {
+        running.stop(name);
+        cx.status
+            .remove_instance(&format!("{}/{name}", source.name));
+    }
+    for f in &change.start {
+        let token = shutdown.child_token();
+        let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
+        running.start(&f.name, token, task).await;
+    }
+    cx.status.discovery(&source.name, |s| {
+        s.instances = stored.instances.len();
+        s.removed = stored.removed.len();
+    });
+    *known = stored;
+}
+
 /// The changes between two listings.
 #[derive(Debug, Default, PartialEq)]
 pub struct Diff {
@@ -149,6 +195,9 @@ pub struct DiscoverEnv<'a> {
     pub store: &'a Store,
     pub status: &'a crate::status::Status,
     pub env: FetchEnv<'a>,
+    /// In a cluster, one node lists the source (the holder of its
+    /// discovery lease); the others follow the list it stores.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The daemon's loop for one discovering source, until `shutdown`.
@@ -185,7 +234,28 @@ pub async fn run_source<F, Fut>(
         let task = spawn(source.discovered_instance(name, with), token.clone());
         running.start(name, token, task).await;
     }
+    let lease_key = crate::cluster::discover_key(&source.name);
+    if let Some(c) = &cx.cluster {
+        c.want(&lease_key);
+    }
     loop {
+        // In a cluster, only the holder of the discovery lease lists; the
+        // others start and stop instance tasks (which wait for their own
+        // leases) as the stored list says.
+        let busy = match &cx.cluster {
+            None => None,
+            Some(c) => match c.begin(&lease_key) {
+                crate::cluster::Begin::Held(b) => Some(b),
+                _ => {
+                    follow(&source, &cx, &mut known, &mut running, &spawn, &shutdown).await;
+                    tokio::select! {
+                        _ = c.next_change(c.lease) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            },
+        };
         let now = Utc::now();
         match discover(&source, &cx.env, now).await {
             Ok(found) => {
@@ -250,6 +320,7 @@ pub async fn run_source<F, Fut>(
         if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
             warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
         }
+        drop(busy);
         let next = source
             .discover_schedule
             .as_ref()

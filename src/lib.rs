@@ -32,6 +32,7 @@
 //! - [`logfmt`]: text log fields with control characters escaped.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod connector;
 pub mod daemon;
@@ -39,6 +40,7 @@ pub mod deliver;
 pub mod discover;
 pub mod dryrun;
 pub mod event;
+pub mod gcra;
 pub mod logfmt;
 pub mod notify;
 pub mod ops;

@@ -18,7 +18,7 @@ use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
 use crate::connector::mask;
 use crate::daemon::Shared;
 use crate::event::{event_id, Event};
-use crate::quota::limiter;
+use crate::quota::RateLimit;
 use crate::schedule::first_due;
 use crate::schedule::{adapt, error_backoff};
 use crate::status::PollOutcome;
@@ -32,15 +32,69 @@ pub(crate) fn spread(key: &str) -> f64 {
     (h.finish() % 10_000) as f64 / 10_000.0
 }
 
+/// Why [`poll_held`] returned.
+enum Stop {
+    /// Shutdown, or the schedule has no future run.
+    Done,
+    /// This node no longer holds the instance's lease (cluster), or lost
+    /// it and took it again under a new epoch: start over from the store.
+    Lost,
+}
+
 /// Polls one instance until `shutdown`: on its schedule, backing off
-/// while it fails, resuming from its stored state.
+/// while it fails, resuming from its stored state. In a cluster, only
+/// while this node holds the instance's lease: it waits for the lease,
+/// reads the state the last holder committed, and polls until the lease
+/// passes to another node.
 pub(crate) async fn poll_loop(
     shared: Arc<Shared>,
     source: Arc<Source>,
     inst: Instance,
     shutdown: CancellationToken,
 ) {
-    let inst = &inst;
+    let Some(cluster) = shared.cluster.clone() else {
+        poll_held(&shared, &source, &inst, None, &shutdown).await;
+        return;
+    };
+    cluster.want(&inst.key);
+    // Every node lists every instance; `/status` says which node holds it.
+    shared.status.register_instance(&inst.key, |s| {
+        s.source = source.name.clone();
+        s.instance = inst.name.clone();
+        s.connector = source.connector.name.clone();
+    });
+    let mut fenced_at: Option<i64> = None;
+    loop {
+        let epoch = tokio::select! {
+            e = cluster.until_held(&inst.key) => e,
+            _ = shutdown.cancelled() => return,
+        };
+        if fenced_at == Some(epoch) {
+            // The store refused this epoch; this node has not heard yet
+            // that the lease moved. Its next round will say so.
+            tokio::select! {
+                _ = cluster.next_change(cluster.lease / 3) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        tracing::debug!(instance = %inst.key, epoch, node = %cluster.node, "lease held: polling here");
+        match poll_held(&shared, &source, &inst, Some((&cluster, epoch)), &shutdown).await {
+            Stop::Done => return,
+            Stop::Lost => fenced_at = Some(epoch),
+        }
+    }
+}
+
+/// Polls while this node may: always alone, under one lease epoch in a
+/// cluster.
+async fn poll_held(
+    shared: &Arc<Shared>,
+    source: &Arc<Source>,
+    inst: &Instance,
+    lease: Option<(&Arc<crate::cluster::Cluster>, i64)>,
+    shutdown: &CancellationToken,
+) -> Stop {
     let c = &source.connector;
     let mut state = loop {
         match shared.store.load_state(&inst.key).await {
@@ -49,7 +103,7 @@ pub(crate) async fn poll_loop(
                 error!(instance = %inst.key, error = %format!("{e:#}"), "cannot read the instance state; retrying in 5s");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return Stop::Done,
                 }
             }
         }
@@ -60,14 +114,16 @@ pub(crate) async fn poll_loop(
         s.connector = c.name.clone();
         s.cursor = state.cursor.clone();
     });
-    let rate_limit = c.rate_limit.map(|r| Arc::new(limiter(r, 1)));
+    let rate_limit = c
+        .rate_limit
+        .map(|r| Arc::new(RateLimit::new(r, &inst.key, &shared.store)));
     let persisted = state
         .next_run_ms
         .and_then(chrono::DateTime::from_timestamp_millis);
     let first = first_due(persisted, Utc::now(), &source.schedule, spread(&inst.key));
     let Some(mut due) = first else {
         warn!(instance = %inst.key, "schedule has no future run; instance stops");
-        return;
+        return Stop::Done;
     };
     // This instance's slot within the interval (see `Schedule::next_slot`).
     let phase = spread(&inst.key);
@@ -97,8 +153,30 @@ pub(crate) async fn poll_loop(
         let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Stop::Done,
         }
+        // In a cluster, the poll runs under the lease it started with;
+        // while it runs, the lease is not given back.
+        let busy = match lease {
+            None => None,
+            Some((cluster, epoch)) => loop {
+                match cluster.begin(&inst.key) {
+                    crate::cluster::Begin::Held(b) if b.epoch == epoch => break Some(b),
+                    crate::cluster::Begin::Held(_) | crate::cluster::Begin::NotHeld => {
+                        return Stop::Lost
+                    }
+                    crate::cluster::Begin::Lapsing => {
+                        // Renewal is late (the database is slow or away):
+                        // no poll on a lease that may be lapsing.
+                        tokio::select! {
+                            _ = cluster.next_change(Duration::from_secs(1)) => {}
+                            _ = shutdown.cancelled() => return Stop::Done,
+                        }
+                    }
+                }
+            },
+        };
+        let fence = busy.as_ref().map(|b| b.fence());
         let env = FetchEnv {
             client: &shared.client,
             hosts: &shared.hosts,
@@ -119,7 +197,16 @@ pub(crate) async fn poll_loop(
         // poll in flight (HTTP, paging, detection) is kilobytes. Inline,
         // every sleeping instance would carry that size; boxed, only the
         // ones polling do (10,000 instances: tens of MiB).
-        let outcome = Box::pin(poll_once(&shared, &source, inst, &state, &env)).await;
+        let outcome = Box::pin(poll_once(
+            shared,
+            source,
+            inst,
+            &state,
+            &env,
+            fence.as_ref(),
+        ))
+        .await;
+        drop(busy);
         shared
             .status
             .observe_poll(&source.name, &c.name, took.elapsed());
@@ -130,6 +217,10 @@ pub(crate) async fn poll_loop(
                 }
                 changed = events > 0;
                 failures = 0;
+            }
+            Err(PollError::Fenced(msg)) => {
+                info!(instance = %inst.key, "{msg}");
+                return Stop::Lost;
             }
             Err(e) => {
                 failures += 1;
@@ -156,7 +247,7 @@ pub(crate) async fn poll_loop(
         };
         let Some(mut next) = next else {
             warn!(instance = %inst.key, "schedule has no future run; instance stops");
-            return;
+            return Stop::Done;
         };
         // A failing upstream is asked again later and later (never sooner
         // than the schedule says), then the schedule resumes on success.
@@ -188,6 +279,7 @@ async fn poll_once(
     inst: &Instance,
     state: &InstanceState,
     env: &FetchEnv<'_>,
+    fence: Option<&crate::store::Fence>,
 ) -> Result<(Option<InstanceState>, usize), PollError> {
     let c = &source.connector;
     let now = Utc::now();
@@ -267,11 +359,14 @@ async fn poll_once(
         }
         if let Err(e) = shared
             .store
-            .commit_poll(&inst.key, &next, &deliveries)
+            .commit_fenced(&inst.key, &next, &deliveries, fence)
             .await
         {
             for (ep, n) in &backlog {
                 shared.status.unqueued(ep, *n, now.timestamp_millis());
+            }
+            if let crate::store::StoreError::Fenced { .. } = e {
+                return Err(PollError::Fenced(e.to_string()));
             }
             let e = commit_failed(&e);
             shared.status.store_failed(&e.to_string());

@@ -87,6 +87,10 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
 const FIRST_BLIND_PAUSE: Duration = Duration::from_secs(1);
 const MAX_BLIND_PAUSE: Duration = Duration::from_secs(60);
 
+/// How long a pace shared through the cluster holds unless renewed by
+/// another throttling answer.
+const SHARED_PACE_FOR: Duration = Duration::from_secs(60);
+
 /// The gate of one host.
 pub struct HostGate {
     /// `host` or `host:port`, for status and metrics.
@@ -100,6 +104,12 @@ pub struct HostGate {
     /// Counters for status and metrics; shared with every gate this host
     /// had (see [`HostGates`]).
     pub stats: Arc<HostStats>,
+    /// The configured rate and burst, booked in the cluster's store so
+    /// that the nodes together keep them (see [`crate::gcra`]).
+    shared_rate: Option<(Rate, u32)>,
+    /// The cluster this node is part of, if any: its quota bookings and
+    /// shared pauses.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 #[derive(Default)]
@@ -120,6 +130,8 @@ struct Throttle {
     learned: Option<(f64, Instant)>,
     /// Send times within the last second, to know the pace at a refusal.
     recent: std::collections::VecDeque<Instant>,
+    /// A pace another node of the cluster learned, and until when it holds.
+    shared_gap: Option<(Duration, Instant)>,
 }
 
 impl Throttle {
@@ -133,6 +145,20 @@ impl Throttle {
     fn learned_gap(&self) -> Option<Duration> {
         self.learned_rate()
             .map(|r| Duration::from_secs_f64(1.0 / r))
+    }
+
+    /// The least time between requests: the host's `RateLimit-*` spacing,
+    /// the pace learned from its refusals, or one shared by another node.
+    fn gap(&self) -> Option<Duration> {
+        let shared = self
+            .shared_gap
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(g, _)| g);
+        self.spacing
+            .into_iter()
+            .chain(self.learned_gap())
+            .chain(shared)
+            .max()
     }
 }
 
@@ -170,17 +196,71 @@ pub struct HostReport {
 impl HostGate {
     fn new(
         name: String,
-        limiter: Option<DefaultDirectRateLimiter>,
-        in_flight: Option<u32>,
+        quota: Option<&HostQuota>,
         stats: Arc<HostStats>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Self {
+        let rate = quota.and_then(|q| q.rate.map(|r| (r, q.burst)));
         HostGate {
             name,
-            limiter,
-            in_flight: in_flight.map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
+            limiter: rate.map(|(r, b)| limiter(r, b)),
+            in_flight: quota
+                .and_then(|q| q.max_in_flight)
+                .map(|n| Arc::new(Semaphore::new(n.max(1) as usize))),
             turn: tokio::sync::Mutex::new(()),
             throttle: Mutex::new(Throttle::default()),
             stats,
+            shared_rate: rate,
+            cluster,
+        }
+    }
+
+    /// In a cluster: books this request's slot of the host's quota in the
+    /// store, so that no second carries more than the rate and burst
+    /// whatever the number of nodes, and waits for it. The interval is the
+    /// configured rate's, widened by a pace the host imposed; a host with
+    /// neither books nothing (no round trip). When the store does not
+    /// answer, the node's own limiter is all that holds (the database
+    /// being away, the node's leases lapse and its polls stop soon).
+    async fn book(&self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let gap = self.throttle.lock().expect("throttle lock").gap();
+        let rate = self
+            .shared_rate
+            .map(|(r, b)| (r.per.as_secs_f64() * 1000.0 / f64::from(r.count), b));
+        let (interval, burst) = match (rate, gap) {
+            (Some((iv, b)), g) => (iv.max(g.map_or(0.0, |g| g.as_secs_f64() * 1000.0)), b),
+            (None, Some(g)) => (g.as_secs_f64() * 1000.0, 1),
+            (None, None) => return,
+        };
+        match cluster
+            .store()
+            .book(&format!("host:{}", self.name), interval, burst, false)
+            .await
+        {
+            Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(host = %self.name, error = %e, "cannot book the cluster's quota for this host; the node's own limit holds")
+            }
+        }
+    }
+
+    /// Applies a pause and pace that a node of the cluster shared (not
+    /// counted as this node's pauses).
+    pub fn apply_shared(&self, paused_for: Duration, gap: Option<Duration>) {
+        let mut t = self.throttle.lock().expect("throttle lock");
+        let now = Instant::now();
+        if !paused_for.is_zero() {
+            let until = now + paused_for;
+            if t.paused_until.is_none_or(|u| u < until) {
+                t.paused_until = Some(until);
+            }
+        }
+        if let Some(g) = gap {
+            t.shared_gap = Some((g, now + SHARED_PACE_FOR));
         }
     }
 
@@ -195,7 +275,7 @@ impl HostGate {
         loop {
             let wait_until = {
                 let t = self.throttle.lock().expect("throttle lock");
-                let gap = t.spacing.into_iter().chain(t.learned_gap()).max();
+                let gap = t.gap();
                 let spaced = match (gap, t.last_sent) {
                     (Some(s), Some(last)) => Some(last + s),
                     _ => None,
@@ -210,6 +290,7 @@ impl HostGate {
         if let Some(l) = &self.limiter {
             l.until_ready().await;
         }
+        self.book().await;
         let permit = match &self.in_flight {
             Some(s) => Some(s.clone().acquire_owned().await.expect("never closed")),
             None => None,
@@ -265,7 +346,21 @@ impl HostGate {
         } else if a.clears_spacing {
             t.spacing = None;
         }
-        let pause = pause.map(|p| p.min(MAX_PAUSE))?;
+        let pause = pause.map(|p| p.min(MAX_PAUSE));
+        if let Some(c) = &self.cluster {
+            // What one node learns, every node applies (at once, through
+            // the store's notice).
+            if pause.is_some() || a.spacing.is_some() || status == 429 {
+                let gap = t.gap().map(|g| (g, SHARED_PACE_FOR));
+                let (store, host) = (c.store().clone(), self.name.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.share_pace(&host, pause, gap).await {
+                        tracing::warn!(host = %host, error = %e, "cannot share the host's pause with the cluster");
+                    }
+                });
+            }
+        }
+        let pause = pause?;
         let until = Instant::now() + pause;
         if t.paused_until.is_none_or(|u| u < until) {
             let now = Instant::now();
@@ -300,11 +395,7 @@ impl HostGate {
             paused_for_ms: self.paused_for().map(|d| d.as_millis() as u64),
             spacing_ms: {
                 let t = self.throttle.lock().expect("throttle lock");
-                t.spacing
-                    .into_iter()
-                    .chain(t.learned_gap())
-                    .max()
-                    .map(|d| d.as_millis() as u64)
+                t.gap().map(|d| d.as_millis() as u64)
             },
         }
     }
@@ -408,6 +499,61 @@ fn reset_delay(value: &str, now: SystemTime) -> Option<Duration> {
     Some(d.min(MAX_PAUSE))
 }
 
+/// A connector's `rate_limit` for one instance: in memory when requests
+/// may come often, in the store when they are few (an interval of
+/// [`STORED_INTERVAL`] or more, such as `4/1d`), so that restarts, and the
+/// instance moving to another node, cannot spend the window again.
+pub enum RateLimit {
+    Local(DefaultDirectRateLimiter),
+    Stored {
+        store: crate::store::Store,
+        /// The quota's key in the store (`rate:<instance>`).
+        key: String,
+        interval_ms: f64,
+    },
+}
+
+/// A connector rate with at least this long between requests is counted
+/// in the store: one durable write per request costs nothing at that
+/// pace, and it is what long windows (`4/1d`, `100/1h`) need.
+pub const STORED_INTERVAL: Duration = Duration::from_secs(10);
+
+impl RateLimit {
+    /// The limit of `rate` for the quota `key` (an instance's key).
+    pub fn new(rate: Rate, key: &str, store: &crate::store::Store) -> RateLimit {
+        let interval = rate.per / rate.count;
+        if interval >= STORED_INTERVAL {
+            RateLimit::Stored {
+                store: store.clone(),
+                key: format!("rate:{key}"),
+                interval_ms: interval.as_secs_f64() * 1000.0,
+            }
+        } else {
+            RateLimit::Local(limiter(rate, 1))
+        }
+    }
+
+    /// Waits for the next request's turn. A stored quota that cannot be
+    /// booked is an error: the request does not go.
+    pub async fn until_ready(&self) -> Result<(), crate::store::StoreError> {
+        match self {
+            RateLimit::Local(l) => {
+                l.until_ready().await;
+                Ok(())
+            }
+            RateLimit::Stored {
+                store,
+                key,
+                interval_ms,
+            } => {
+                let wait = store.reserve(key, *interval_ms, 1).await?;
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A rate limiter for `rate`, allowing `burst` at once.
 pub fn limiter(rate: Rate, burst: u32) -> DefaultDirectRateLimiter {
     let period = rate.per / rate.count;
@@ -430,13 +576,39 @@ pub struct HostGates {
     /// host drops its gate; the counters stay here and go on, so
     /// `pollhook_upstream_*_total` never go backwards.
     stats: Mutex<BTreeMap<String, Arc<HostStats>>>,
+    /// The cluster, when the store is shared: quotas and pauses hold for
+    /// every node.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl HostGates {
     pub fn new(hosts: &BTreeMap<String, HostQuota>) -> Self {
-        let gates = HostGates::default();
+        Self::in_cluster(hosts, None)
+    }
+
+    /// Gates whose quotas and pauses are shared by `cluster`'s nodes.
+    pub fn in_cluster(
+        hosts: &BTreeMap<String, HostQuota>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Self {
+        let gates = HostGates {
+            cluster,
+            ..HostGates::default()
+        };
         gates.reconfigure(hosts);
         gates
+    }
+
+    /// Applies a pause or pace another node shared to `host`'s gate.
+    pub fn apply_shared(&self, host: &str, paused_for: Duration, gap: Option<Duration>) {
+        let gate = {
+            let configured = self.configured.read().expect("hosts lock");
+            configured.get(host).map(|(_, g)| g.clone())
+        };
+        let gate = gate.or_else(|| self.others.lock().expect("gates lock").get(host).cloned());
+        if let Some(g) = gate {
+            g.apply_shared(paused_for, gap);
+        }
     }
 
     /// Applies the `hosts:` of a (re)loaded configuration: gates whose
@@ -452,9 +624,9 @@ impl HostGates {
                 Some((old, gate)) if &old == q => gate,
                 _ => Arc::new(HostGate::new(
                     name.clone(),
-                    q.rate.map(|r| limiter(r, q.burst)),
-                    q.max_in_flight,
+                    Some(q),
                     self.host_stats(&name),
+                    self.cluster.clone(),
                 )),
             };
             next.insert(name, (q.clone(), gate));
@@ -488,7 +660,7 @@ impl HostGates {
             .entry(key.clone())
             .or_insert_with(|| {
                 let stats = self.host_stats(&key);
-                Arc::new(HostGate::new(key, None, None, stats))
+                Arc::new(HostGate::new(key, None, stats, self.cluster.clone()))
             })
             .clone()
     }
@@ -675,7 +847,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
-        let gate = HostGate::new("h".into(), None, None, Default::default());
+        let gate = HostGate::new("h".into(), None, Default::default(), None);
         let t0 = Instant::now();
         gate.acquire().await;
         assert_eq!(
@@ -706,7 +878,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_without_published_limits_slows_the_pace_then_it_creeps_back() {
-        let gate = HostGate::new("h".into(), None, None, Default::default());
+        let gate = HostGate::new("h".into(), None, Default::default(), None);
         // 20 requests within a second, then a 429.
         for _ in 0..20 {
             gate.acquire().await;
@@ -735,11 +907,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiters_pass_in_arrival_order() {
+        let quota = HostQuota {
+            rate: Some(Rate::parse("10/s").unwrap()),
+            burst: 1,
+            max_in_flight: None,
+        };
         let gate = Arc::new(HostGate::new(
             "h".into(),
-            Some(limiter(Rate::parse("10/s").unwrap(), 1)),
-            None,
+            Some(&quota),
             Default::default(),
+            None,
         ));
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();

@@ -19,6 +19,10 @@ pub struct InstanceStatus {
     pub source: String,
     pub instance: String,
     pub connector: String,
+    /// In a cluster: the node holding the instance's lease now (it polls
+    /// it and delivers its events); `None` when no node does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// When the last poll ended (ms since the epoch).
     pub last_poll_ms: Option<i64>,
     /// When the last successful poll ended (a `304` included: the upstream

@@ -90,6 +90,27 @@ pub struct RawStore {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub schema: Option<Spanned<String>>,
+    /// `postgres`: how long a node owns an instance (polls it, delivers
+    /// its events) without renewing its lease (default 15s, from 1s to
+    /// 10m). A dead node's instances move to the others after this long;
+    /// shorter means faster failover and more renewals per second.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub lease: Option<Spanned<LeaseDur>>,
+}
+
+/// `store.lease`: a duration from 1s to 10m.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseDur(pub Duration);
+
+impl<'de> Deserialize<'de> for LeaseDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = string_like(d)?;
+        let range = "a lease from 1s to 10m, such as `15s`";
+        bounded(&s, Duration::from_secs(1), Duration::from_secs(600), range)
+            .map(LeaseDur)
+            .map_err(de::Error::custom)
+    }
 }
 
 /// `store.backend`.

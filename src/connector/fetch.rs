@@ -52,6 +52,10 @@ pub enum PollError {
     /// was written, so the next poll detects the same changes again.
     #[error("cannot commit to the store: {0}")]
     Store(String),
+    /// A cluster node lost the instance's lease during the poll: its
+    /// commit was refused, and the node that holds the lease now polls.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl PollError {
@@ -67,6 +71,7 @@ impl PollError {
             PollError::Auth(_) => "auth",
             PollError::Detect(_) => "detect",
             PollError::Store(_) => "store",
+            PollError::Fenced(_) => "fenced",
         }
     }
 }
@@ -175,7 +180,7 @@ pub struct FetchEnv<'a> {
     /// Host quotas; each request (page) passes its host's gate.
     pub hosts: &'a HostGates,
     /// This instance's connector `rate_limit`.
-    pub rate_limit: Option<&'a governor::DefaultDirectRateLimiter>,
+    pub rate_limit: Option<&'a crate::quota::RateLimit>,
     /// OAuth2 tokens, shared by every instance.
     pub tokens: &'a TokenCache,
 }
@@ -434,7 +439,9 @@ pub async fn fetch(
             }
             // Politeness: the connector's own quota, then the host's.
             if let Some(l) = env.rate_limit {
-                l.until_ready().await;
+                l.until_ready().await.map_err(|e| {
+                    PollError::Store(format!("cannot book the connector's rate_limit: {e}"))
+                })?;
             }
             let gate = env.hosts.for_url(&url);
             _permit = gate.acquire().await;

@@ -34,6 +34,9 @@ pub(crate) struct Shared {
     pub(crate) tokens: TokenCache,
     /// What a reload may change under running tasks.
     pub(crate) live: Arc<Live>,
+    /// The cluster this node is part of (a PostgreSQL store): which
+    /// instances it polls and delivers for. `None`: it owns everything.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The parts of the running configuration that pollers and the admin
@@ -112,7 +115,10 @@ pub async fn run(
     let status = Arc::new(Status::default());
     let live = Arc::new(Live::default());
     *live.admin_token.write().expect("token lock") = config.admin_token.clone();
-    let hosts = Arc::new(HostGates::new(&config.hosts));
+    let cluster = store
+        .postgres()
+        .map(|pg| crate::cluster::Cluster::new(pg.clone(), config.lease));
+    let hosts = Arc::new(HostGates::in_cluster(&config.hosts, cluster.clone()));
     let shared = Arc::new(Shared {
         store: store.clone(),
         status: status.clone(),
@@ -120,6 +126,18 @@ pub async fn run(
         hosts: hosts.clone(),
         tokens: TokenCache::default(),
         live: live.clone(),
+        cluster: cluster.clone(),
+    });
+    // The cluster keeps its leases until every poll and delivery is done
+    // (its own token, cancelled after them), then gives them back.
+    let cluster_stop = CancellationToken::new();
+    let cluster_task = cluster.clone().map(|c| {
+        tokio::spawn(c.run(
+            live.clone(),
+            hosts.clone(),
+            status.clone(),
+            cluster_stop.clone(),
+        ))
     });
 
     let admin = match config.admin_listen {
@@ -134,6 +152,7 @@ pub async fn run(
                 store: store.clone(),
                 hosts: hosts.clone(),
                 live: live.clone(),
+                node: cluster.as_ref().map(|c| c.node.clone()),
             };
             let task = tokio::spawn(crate::admin::serve(listener, state, shutdown.clone()));
             Some((task, local))
@@ -245,6 +264,10 @@ pub async fn run(
             warn!("shutdown timeout: abandoning in-flight {what} (they stay in the store and resume at the next start)");
             set.abort_all().await;
         }
+    }
+    cluster_stop.cancel();
+    if let Some(t) = cluster_task {
+        let _ = t.await;
     }
     if let Some((a, _)) = admin {
         a.abort();

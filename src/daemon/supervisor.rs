@@ -14,7 +14,6 @@ use crate::config::{Config, Instance, Source};
 use crate::connector::fetch::FetchEnv;
 use crate::deliver::worker::Worker;
 use crate::poll::poll_loop;
-use crate::quota::limiter;
 
 /// Starts, restarts and stops the daemon's tasks to match a configuration.
 pub(super) struct Supervisor {
@@ -113,6 +112,7 @@ impl Supervisor {
                 store: shared.store.clone(),
                 status: shared.status.clone(),
                 wake: wake.clone(),
+                cluster: shared.cluster.clone(),
             };
             let token = self.shutdown.child_token();
             if self.worker_fps.insert(name.clone(), *fp).is_some() {
@@ -258,7 +258,13 @@ pub(super) async fn discover_loop(
 ) {
     // A connector's `rate_limit` is its quota per instance (the
     // listing request of a discovering source counts as one more).
-    let rate_limit = source.connector.rate_limit.map(|r| Arc::new(limiter(r, 1)));
+    let rate_limit = source.connector.rate_limit.map(|r| {
+        Arc::new(crate::quota::RateLimit::new(
+            r,
+            &crate::cluster::discover_key(&source.name),
+            &shared.store,
+        ))
+    });
     let env = FetchEnv {
         client: &shared.client,
         hosts: &shared.hosts,
@@ -269,6 +275,7 @@ pub(super) async fn discover_loop(
         store: &shared.store,
         status: &shared.status,
         env,
+        cluster: shared.cluster.clone(),
     };
     let spawn = |inst: Instance, token: CancellationToken| {
         poll_loop(shared.clone(), source.clone(), inst, token)

@@ -32,7 +32,20 @@ pub struct Worker {
     pub status: Arc<Status>,
     /// Poked by pollers after they commit events for this endpoint.
     pub wake: Arc<Wake>,
+    /// In a cluster, this node delivers only the lanes of instances whose
+    /// lease it holds (see `crate::cluster`); `None`: every lane.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
+
+/// A delivery in flight, with the lease it runs under (cluster), kept
+/// until its outcome is recorded.
+type Flight = (
+    EntryKey,
+    OutboxEntry,
+    Outcome,
+    Answer,
+    Option<crate::cluster::Busy>,
+);
 
 /// How pollers (and replays) tell a worker there is work, and where.
 #[derive(Default)]
@@ -167,7 +180,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let _alive = self.status.worker_alive();
         let ep = self.endpoint.clone();
-        let mut in_flight: JoinSet<(EntryKey, OutboxEntry, Outcome, Answer)> = JoinSet::new();
+        let mut in_flight: JoinSet<Flight> = JoinSet::new();
         let mut q = Queue::default();
         let mut health = Health::default();
         // Disabled before a restart: stays so until enabled.
@@ -250,6 +263,23 @@ impl Worker {
                     sends
                 };
                 for (key, entry) in sends {
+                    // In a cluster, only under the instance's lease; a
+                    // lane this node no longer holds is forgotten here and
+                    // read again if the lease comes back (a rescan).
+                    let busy = match &self.cluster {
+                        None => None,
+                        Some(c) => match c.begin(&entry.instance) {
+                            crate::cluster::Begin::Held(b) => Some(b),
+                            _ => {
+                                q.busy.remove(if ordered {
+                                    &entry.instance
+                                } else {
+                                    &entry.event_id
+                                });
+                                continue;
+                            }
+                        },
+                    };
                     let client = self.client.clone();
                     let endpoint = ep.clone();
                     in_flight.spawn(async move {
@@ -261,7 +291,7 @@ impl Worker {
                             status,
                             latency: started.elapsed(),
                         };
-                        (key, entry, outcome, answer)
+                        (key, entry, outcome, answer, busy)
                     });
                 }
             }
@@ -279,10 +309,11 @@ impl Worker {
             tokio::select! {
                 Some(done) = in_flight.join_next() => {
                     match done {
-                        Ok((key, entry, outcome, answer)) => {
+                        Ok((key, entry, outcome, answer, busy)) => {
                             self.record(&entry, &outcome, &answer).await;
                             let (key, entry, stays) =
                                 self.settle(key, entry, outcome, &mut health).await;
+                            drop(busy);
                             if ordered {
                                 q.settled(key, entry, stays);
                             } else {
@@ -353,6 +384,9 @@ impl Worker {
             if q.busy.contains(&inst) || q.heads.contains_key(&inst) {
                 continue;
             }
+            if self.cluster.as_ref().is_some_and(|c| !c.holds(&inst)) {
+                continue;
+            }
             match self.store.outbox_head(&self.endpoint.name, &inst).await {
                 Ok(Some((key, entry))) => q.put(key, entry),
                 Ok(None) => {}
@@ -389,6 +423,13 @@ impl Worker {
             after = page.last().map(|(k, _)| k.clone());
             for (key, entry) in page {
                 if q.busy.contains(&entry.event_id) {
+                    continue;
+                }
+                if self
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| !c.holds(&entry.instance))
+                {
                     continue;
                 }
                 if entry.next_attempt_ms > now {

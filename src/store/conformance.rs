@@ -39,7 +39,22 @@ impl Fixture for SledFixture {
     }
     async fn reopen(&mut self) {
         self.store.take();
-        self.store = Some(Store::open(self.dir.path()).unwrap());
+        // sled's flusher thread lets go of the directory's lock a moment
+        // after the last handle drops: wait for it, with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(self.dir.path()) {
+                Ok(s) => {
+                    self.store = Some(s);
+                    return;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot reopen the store: {e}"),
+            }
+        }
     }
 }
 

@@ -56,6 +56,8 @@ pub enum StoreError {
     Backup { line: usize, detail: String },
     #[error("cannot write the backup")]
     Write(#[source] std::io::Error),
+    #[error("commit of {instance} refused: this node no longer holds its lease (epoch {epoch}); the node that took it over polls it now")]
+    Fenced { instance: String, epoch: i64 },
     #[error("the store already holds {records} records: import goes into an empty store (a new, empty state_dir: move the current one away first)")]
     NotEmpty { records: usize },
 }
@@ -83,12 +85,31 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// THE transaction: the instance's new state and its events' outbox
     /// entries (endpoint, entry), atomically and durably. Returns each
     /// entry's key, in the order given.
+    ///
+    /// With a `fence` (a cluster's lease), the transaction first checks,
+    /// under the lease row's lock, that the lease is still the fence's
+    /// owner's with the same epoch, and otherwise writes nothing and
+    /// fails with [`StoreError::Fenced`]. A backend with one writer (sled)
+    /// has no leases and ignores it.
     fn commit_poll(
         &self,
         instance: &str,
         state: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
+        fence: Option<&Fence>,
     ) -> impl Future<Output = Result<Vec<EntryKey>>> + Send;
+
+    /// Books the next slot of a stored rate quota (see [`crate::gcra`]):
+    /// one request every `interval_ms`, `burst` at once after an idle
+    /// spell. Returns how long the caller waits before its request goes.
+    /// Durable: the booking survives a restart, which is the point of
+    /// storing it (a `4/1d` quota must not be spent again by restarting).
+    fn reserve(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+    ) -> impl Future<Output = Result<std::time::Duration>> + Send;
 
     /// When an instance's next poll is due, kept apart from its state so
     /// that it costs one small write per poll whatever the state's size.
@@ -340,7 +361,32 @@ impl Store {
         state: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
     ) -> Result<Vec<EntryKey>> {
-        dispatch!(self, b => b.commit_poll(instance, state, deliveries).await)
+        dispatch!(self, b => b.commit_poll(instance, state, deliveries, None).await)
+    }
+    /// [`Store::commit_poll`] under a cluster lease (see [`Fence`]).
+    pub async fn commit_fenced(
+        &self,
+        instance: &str,
+        state: &InstanceState,
+        deliveries: &[(String, OutboxEntry)],
+        fence: Option<&Fence>,
+    ) -> Result<Vec<EntryKey>> {
+        dispatch!(self, b => b.commit_poll(instance, state, deliveries, fence).await)
+    }
+    pub async fn reserve(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+    ) -> Result<std::time::Duration> {
+        dispatch!(self, b => b.reserve(key, interval_ms, burst).await)
+    }
+    /// The PostgreSQL store, when it is one (the cluster's operations).
+    pub fn postgres(&self) -> Option<&postgres::PgStore> {
+        match self {
+            Store::Postgres(p) => Some(p),
+            Store::Sled(_) => None,
+        }
     }
     pub async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
         dispatch!(self, b => b.set_next_run(instance, next_run_ms).await)

@@ -58,6 +58,8 @@ use tokio_postgres::NoTls;
 use super::records::*;
 use super::{Backend, Result, StoreError};
 
+pub mod cluster;
+
 /// The schema's versions, applied in order at open, each in the same
 /// transaction as its `schema_migrations` row.
 ///
@@ -66,10 +68,11 @@ use super::{Backend, Result, StoreError};
 /// tree, and the list runs under *our* advisory lock in *our* transaction
 /// (refinery takes no lock across processes, so two daemons starting
 /// together could both apply version 1). Never edit a released version:
-/// add the next one (leases will be `ALTER TABLE state ADD COLUMN owner …`).
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+/// add the next one.
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE SEQUENCE entry_seq;
 CREATE TABLE state (
     instance text COLLATE "C" PRIMARY KEY,
@@ -118,7 +121,43 @@ CREATE TABLE disabled (
     why text NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- The database's clock, for leases, heartbeats and quotas: one clock for
+-- every node, so that skew between machines never matters.
+CREATE FUNCTION now_ms() RETURNS bigint LANGUAGE sql VOLATILE
+    AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
+-- Nodes of the cluster and their last heartbeat.
+CREATE TABLE nodes (
+    node text COLLATE "C" PRIMARY KEY,
+    started_ms bigint NOT NULL,
+    heartbeat_ms bigint NOT NULL,
+    info json NOT NULL
+);
+-- Who polls (and delivers for) an instance, or runs a source's discovery:
+-- the owner, the epoch (raised at every claim: the fencing token) and
+-- when the lease lapses unless renewed.
+CREATE TABLE lease (
+    instance text COLLATE "C" PRIMARY KEY,
+    owner text COLLATE "C",
+    epoch bigint NOT NULL DEFAULT 0,
+    until_ms bigint NOT NULL DEFAULT 0
+);
+CREATE INDEX lease_owner ON lease (owner);
+-- Stored rate quotas (see gcra.rs) and a host's pauses and pace, shared
+-- by every node.
+CREATE TABLE quota (
+    key text COLLATE "C" PRIMARY KEY,
+    tat_ms double precision NOT NULL DEFAULT 0,
+    paused_until_ms bigint NOT NULL DEFAULT 0,
+    gap_ms bigint NOT NULL DEFAULT 0,
+    gap_until_ms bigint NOT NULL DEFAULT 0
+);
+"#,
+    ),
+];
 
 /// The first key of the two-key advisory lock that serialises migrations
 /// (the second is the schema's hash): "pollhook" in ASCII, so it does not
@@ -230,6 +269,12 @@ pub struct PgStore {
     /// values lost at a server restart), so "every id divisible by 100"
     /// could skip pruning for a long time.
     attempts_recorded: Arc<AtomicU64>,
+    /// The connection settings, for the `LISTEN` connection, which lives
+    /// outside the pool (see [`PgStore::listen`]).
+    config: Arc<tokio_postgres::Config>,
+    /// The `NOTIFY` channel of this schema: new outbox entries and shared
+    /// host pauses are announced there (see [`Notice`]).
+    channel: Arc<str>,
 }
 
 impl PgStore {
@@ -258,7 +303,7 @@ impl PgStore {
             config.application_name("pollhook");
         }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -274,6 +319,8 @@ impl PgStore {
         let store = PgStore {
             pool,
             attempts_recorded: Arc::new(AtomicU64::new(0)),
+            config: Arc::new(config),
+            channel: channel_of(schema).into(),
         };
         store
             .migrate(schema)
@@ -514,6 +561,7 @@ impl Backend for PgStore {
         instance: &str,
         state: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
+        fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
         const OP: &str = "commit poll";
         let stored = encode(&InstanceState {
@@ -522,6 +570,27 @@ impl Backend for PgStore {
         });
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err(OP))?;
+        if let Some(f) = fence {
+            // The lease row's lock is held to the commit: a claim by
+            // another node (which raises the epoch) waits for this
+            // transaction, or this one sees the raised epoch and stops.
+            let st = tx
+                .prepare_cached(
+                    "SELECT 1 FROM lease WHERE instance = $1 AND owner = $2 AND epoch = $3 FOR UPDATE",
+                )
+                .await
+                .map_err(pg_err(OP))?;
+            let held = tx
+                .query_opt(&st, &[&instance, &f.owner, &f.epoch])
+                .await
+                .map_err(pg_err(OP))?;
+            if held.is_none() {
+                return Err(StoreError::Fenced {
+                    instance: instance.to_string(),
+                    epoch: f.epoch,
+                });
+            }
+        }
         let st = tx
             .prepare_cached(
                 "INSERT INTO state (instance, value) VALUES ($1, $2::text::json)
@@ -547,8 +616,35 @@ impl Backend for PgStore {
                 .map_err(pg_err(OP))?;
             keys.push(entry_key(ep.clone(), instance.to_string(), row.get(0)));
         }
+        if !deliveries.is_empty() {
+            // Every instance with entries has a lease row (who delivers
+            // them), and the nodes hear of the new entries at commit.
+            tx.execute(
+                "INSERT INTO lease (instance) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&instance],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+            let endpoints: BTreeSet<&str> = deliveries.iter().map(|(ep, _)| ep.as_str()).collect();
+            for ep in endpoints {
+                let notice = Notice::Outbox {
+                    endpoint: ep.to_string(),
+                    instance: instance.to_string(),
+                };
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&&*self.channel, &notice.encode()],
+                )
+                .await
+                .map_err(pg_err(OP))?;
+            }
+        }
         tx.commit().await.map_err(pg_err(OP))?;
         Ok(keys)
+    }
+
+    async fn reserve(&self, key: &str, interval_ms: f64, burst: u32) -> Result<Duration> {
+        self.book(key, interval_ms, burst, true).await
     }
 
     async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
@@ -847,6 +943,22 @@ impl Backend for PgStore {
                     &entry.created_ms,
                     &encode(&entry),
                 ],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+            tx.execute(
+                "INSERT INTO lease (instance) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&letter.entry.instance],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+            let notice = Notice::Outbox {
+                endpoint: letter.endpoint.clone(),
+                instance: letter.entry.instance.clone(),
+            };
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&&*self.channel, &notice.encode()],
             )
             .await
             .map_err(pg_err(OP))?;
@@ -1209,6 +1321,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn notices_read_back_and_channels_fit_a_name() {
+        for n in [
+            Notice::Outbox {
+                endpoint: "agent".into(),
+                instance: "bank/acc-1".into(),
+            },
+            Notice::Pace("api.example.com:8443".into()),
+        ] {
+            assert_eq!(Notice::decode(&n.encode()), Some(n));
+        }
+        assert_eq!(Notice::decode("x\ty"), None);
+        assert_eq!(Notice::decode("o\tonly"), None);
+        assert_eq!(Notice::decode("p\th\textra"), None);
+        assert_eq!(channel_of("pollhook"), "pollhook_pollhook");
+        let long = channel_of(&"a".repeat(63));
+        assert!(long.len() <= 63, "{long}");
+        assert_ne!(long, channel_of(&"b".repeat(63)));
+    }
+
+    #[test]
     fn urls_lose_their_password_and_schemas_must_be_plain() {
         assert_eq!(
             redact("postgres://u:secret@h:5432/db"),
@@ -1275,7 +1407,12 @@ mod tests {
                         ..Default::default()
                     };
                     store
-                        .commit_poll(&inst, &st, &[("ep".into(), e(1)), ("ep".into(), e(2))])
+                        .commit_poll(
+                            &inst,
+                            &st,
+                            &[("ep".into(), e(1)), ("ep".into(), e(2))],
+                            None,
+                        )
                         .await
                         .unwrap()
                 });
@@ -1340,4 +1477,49 @@ mod tests {
             std::panic::resume_unwind(e.into_panic());
         }
     }
+}
+
+/// What nodes tell each other through `NOTIFY` on the schema's channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// New outbox entries of `instance` for `endpoint` (a commit, a replay).
+    Outbox { endpoint: String, instance: String },
+    /// A host's shared pause or pace changed (see `PgStore::share_pace`).
+    Pace(String),
+}
+
+impl Notice {
+    /// One line: `o\t<endpoint>\t<instance>` or `p\t<host>` (names never
+    /// hold a tab: configuration names are identifiers, hosts are hosts).
+    fn encode(&self) -> String {
+        match self {
+            Notice::Outbox { endpoint, instance } => format!("o\t{endpoint}\t{instance}"),
+            Notice::Pace(host) => format!("p\t{host}"),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Notice> {
+        let mut parts = text.splitn(3, '\t');
+        match (parts.next()?, parts.next()?, parts.next()) {
+            ("o", endpoint, Some(instance)) => Some(Notice::Outbox {
+                endpoint: endpoint.to_string(),
+                instance: instance.to_string(),
+            }),
+            ("p", host, None) => Some(Notice::Pace(host.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// The schema's `NOTIFY` channel: `pollhook_<schema>`, within the 63 bytes
+/// of a PostgreSQL name (a long schema name is hashed, stably).
+fn channel_of(schema: &str) -> String {
+    let name = format!("pollhook_{schema}");
+    if name.len() <= 63 {
+        return name;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(schema.as_bytes());
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("pollhook_{hex}")
 }

@@ -268,3 +268,16 @@ pub struct Page {
     pub records: Vec<Record>,
     pub next: Option<Vec<u8>>,
 }
+
+/// The lease a node held on an instance when its poll began (clusters on
+/// PostgreSQL). A commit under a fence succeeds only if the lease is still
+/// `owner`'s with the same `epoch`: a node paused or cut off past its
+/// lease, whose instance another node has since taken (and polled, and
+/// committed), can never write its stale cursor or events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The node that polled.
+    pub owner: String,
+    /// The lease's epoch, raised by one at every claim.
+    pub epoch: i64,
+}

@@ -22,6 +22,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -127,6 +128,10 @@ pub struct SledStore {
     /// Endpoints disabled by a `410 Gone` or `circuit.disable_after`:
     /// name → why. Kept across restarts until `pollhook endpoint enable`.
     disabled: sled::Tree,
+    /// Stored rate quotas (a connector's long-window `rate_limit`): key →
+    /// the quota's theoretical arrival time (see [`crate::gcra`]), so that
+    /// a restart cannot spend a day's quota again.
+    quota: sled::Tree,
     /// The next attempt record's key. Its own dense counter, not sled's
     /// `generate_id`: that one is shared with the outbox and jumps by
     /// about 2,000,000 at every reopen, so pruning "everything older than
@@ -229,6 +234,7 @@ impl SledStore {
             attempts,
             removed: tree("removed")?,
             disabled: tree("disabled")?,
+            quota: tree("quota")?,
             db,
             next_attempt,
             flush: Default::default(),
@@ -317,6 +323,8 @@ impl Backend for SledStore {
         instance: &str,
         state: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
+        // One process writes a sled store: there are no leases to check.
+        _fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
         // The next run lives in its own tree; the state record never
         // carries it (a stale copy there would be misleading in backups).
@@ -352,6 +360,30 @@ impl Backend for SledStore {
         .await?;
         self.flush_group().await?;
         Ok(keys)
+    }
+
+    async fn reserve(&self, key: &str, interval_ms: f64, burst: u32) -> Result<Duration> {
+        let (t, k) = (self.quota.clone(), key.to_string());
+        let now = crate::now_ms() as f64;
+        let start = blocking(move || {
+            // Compare-and-swap: concurrent bookings of one key each get
+            // their own slot.
+            let mut start = now;
+            t.fetch_and_update(k.as_bytes(), |old| {
+                let tat = old
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0.0, f64::from_be_bytes);
+                let (s, next) = crate::gcra::reserve(now, tat, 0.0, interval_ms, burst);
+                start = s;
+                Some(next.to_be_bytes().to_vec())
+            })
+            .map_err(sled_err("book quota"))?;
+            Ok(start)
+        })
+        .await?;
+        // Durable before the request goes (see the trait).
+        self.flush_group().await?;
+        Ok(Duration::from_millis((start - now).max(0.0) as u64))
     }
 
     async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
@@ -948,7 +980,7 @@ mod tests {
                             initialized: true,
                             ..Default::default()
                         };
-                        s.commit_poll(&key, &state, &[]).await.unwrap();
+                        s.commit_poll(&key, &state, &[], None).await.unwrap();
                     });
                 }
                 while set.join_next().await.is_some() {}

@@ -51,6 +51,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Delivery attempts older than this are forgotten.
     pub history_retention: Duration,
+    /// PostgreSQL: how long a node's lease on an instance lasts unrenewed
+    /// (`store.lease`; see `crate::cluster`).
+    pub lease: Duration,
     /// Dead letters older than this are deleted (`None`: kept).
     pub dead_letter_retention: Option<Duration>,
     /// Every connector found, by name.
@@ -141,6 +144,11 @@ impl Config {
                 .and_then(|s| s.history)
                 .map_or(Duration::from_secs(7 * 86400), |d| d.0),
             dead_letter_retention: raw.store.as_ref().and_then(|s| s.dead_letters).map(|d| d.0),
+            lease: raw
+                .store
+                .as_ref()
+                .and_then(|s| s.lease.as_ref())
+                .map_or(DEFAULT_LEASE, |d| d.value.0),
             connectors,
             sources,
             endpoints,
@@ -154,6 +162,9 @@ impl Config {
         self.sources.iter().find(|s| s.name == name)
     }
 }
+
+/// `store.lease` when not given.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 
 /// `store:`: the embedded store in `state_dir`, or PostgreSQL, which needs
 /// a `url`; `url` and `schema` under `sled` are refused (a setting that
@@ -175,6 +186,13 @@ fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store
                         "only for `backend: postgres` (the embedded store lives in `state_dir`)",
                     );
                 }
+            }
+            if let Some(v) = &st.lease {
+                diag.at_span(
+                    v,
+                    "store.lease",
+                    "only for `backend: postgres` (one process owns an embedded store: nothing to lease)",
+                );
             }
             sled
         }

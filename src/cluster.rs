@@ -1,0 +1,483 @@
+//! Several nodes on one PostgreSQL store: who polls and delivers what.
+//!
+//! Every node runs the same configuration. Each instance (and each
+//! discovering source's listing) has a **lease** in the store: an owner, an
+//! epoch raised at every claim, and a time it lapses unless renewed. A node
+//! polls an instance, and delivers its outbox entries, only while it holds
+//! that instance's lease; a poll's commit is **fenced** by the epoch it
+//! started under (see [`crate::store::Fence`]), so a node that was paused
+//! or cut off past its lease can never write a stale cursor or events.
+//!
+//! One task per node ([`Cluster::run`]) keeps the leases, every third of
+//! the lease time: a heartbeat; renewal of what it holds; then claims (or
+//! gives back) leases until it holds its share, `ceil(leases / nodes)`
+//! ([`plan`], pure). Claims use `FOR UPDATE SKIP LOCKED`, so nodes claiming
+//! at once take different rows; a node that dies stops renewing, and its
+//! leases lapse and are claimed by the others within the lease time. A
+//! node gives back only leases it is not using (no poll or delivery in
+//! flight), so a joining node takes its share without a double poll.
+//!
+//! What the node believes it holds is kept here with a *local* expiry,
+//! measured from before the renewal was sent and shortened by a margin:
+//! a node that was stopped (SIGSTOP, a VM pause) and wakes up finds its
+//! leases expired by its own clock before it asks anything, so it never
+//! starts a poll on a lease that another node may have taken meanwhile.
+//!
+//! Delivery follows the instance's lease: the holder delivers its lanes,
+//! so per-instance order holds across nodes (only the head is in flight,
+//! anywhere), and a dead node's in-flight delivery is retried by the next
+//! holder with the same `webhook-id`. New outbox entries are announced by
+//! `NOTIFY` at commit; the listener wakes the local worker if this node
+//! holds the lane.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::daemon::Live;
+use crate::quota::HostGates;
+use crate::status::Status;
+use crate::store::postgres::{Notice, PgStore};
+use crate::store::Fence;
+
+/// What a node does with its leases in one round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Claim up to this many more.
+    Claim(usize),
+    /// Give back this many (a node joined).
+    Release(usize),
+    Hold,
+}
+
+/// The node's share of `total` leases among `nodes` live nodes is
+/// `ceil(total / nodes)`: the shares cover every lease, and no node holds
+/// more than one above another's. Pure.
+pub fn plan(held: usize, total: usize, nodes: usize) -> Plan {
+    let share = total.div_ceil(nodes.max(1));
+    if held < share {
+        Plan::Claim(share - held)
+    } else if held > share {
+        Plan::Release(held - share)
+    } else {
+        Plan::Hold
+    }
+}
+
+/// The lease key of a discovering source's listing: one node per cluster
+/// lists it. (Instance keys are `source/instance`; no source name holds a
+/// colon.)
+pub fn discover_key(source: &str) -> String {
+    format!("discover:{source}")
+}
+
+/// A lease this node holds, as it believes.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: i64,
+    /// When it lapses by this node's clock, with a margin (see the module doc).
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Leases {
+    held: HashMap<String, Held>,
+    /// Polls and deliveries in flight per key: these are never given back.
+    busy: HashMap<String, u32>,
+}
+
+/// The share of the lease a node counts on: renewal starts the clock
+/// before the request leaves, and this keeps a fifth for clock-rate
+/// differences and scheduling delays.
+const LOCAL_SHARE: f64 = 0.8;
+
+/// One node of a cluster.
+pub struct Cluster {
+    /// This node's name: host, process id and a random suffix (or
+    /// `POLLHOOK_NODE_NAME`), unique per process so that a restarted node
+    /// never inherits leases it cannot know it held.
+    pub node: String,
+    store: PgStore,
+    /// How long a lease lasts without renewal (`store.lease`).
+    pub lease: Duration,
+    started_ms: i64,
+    leases: Mutex<Leases>,
+    /// Raised whenever the held set changes: poll loops waiting for their
+    /// lease look again.
+    changed: watch::Sender<u64>,
+    /// Keys this node's configuration has (instances, discoveries), and
+    /// those not yet given a lease row.
+    wanted: Mutex<(BTreeSet<String>, Vec<String>)>,
+    /// Asks for a round now (new keys).
+    kick: Notify,
+}
+
+/// What [`Cluster::begin`] found.
+pub enum Begin {
+    /// Held, with time to spare: go ahead while holding the guard.
+    Held(Busy),
+    /// Held, but the local lease is (nearly) out: renewal is late (the
+    /// database is slow or away). Wait and ask again.
+    Lapsing,
+    /// Not this node's.
+    NotHeld,
+}
+
+/// A poll or delivery in flight under a lease: the lease is not given
+/// back while one exists.
+pub struct Busy {
+    cluster: Arc<Cluster>,
+    key: String,
+    pub epoch: i64,
+}
+
+impl Busy {
+    /// The fence of a commit made under this lease.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            owner: self.cluster.node.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut l = self.cluster.leases.lock().expect("lease lock");
+        if let Some(n) = l.busy.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                l.busy.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn node_name() -> String {
+    if let Ok(n) = std::env::var("POLLHOOK_NODE_NAME") {
+        if !n.trim().is_empty() {
+            return format!("{}-{:04x}", n.trim(), rand::random::<u16>());
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+impl Cluster {
+    pub fn new(store: PgStore, lease: Duration) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            node: node_name(),
+            store,
+            lease,
+            started_ms: crate::now_ms(),
+            leases: Mutex::new(Leases::default()),
+            changed: watch::Sender::new(0),
+            wanted: Mutex::new((BTreeSet::new(), Vec::new())),
+            kick: Notify::new(),
+        })
+    }
+
+    /// This configuration has `key` (an instance, a discovery): give it a
+    /// lease row so that some node claims it.
+    pub fn want(&self, key: &str) {
+        let mut w = self.wanted.lock().expect("wanted lock");
+        if w.0.insert(key.to_string()) {
+            w.1.push(key.to_string());
+            self.kick.notify_one();
+        }
+    }
+
+    /// Whether this node holds `key` now (by its own clock).
+    pub fn holds(&self, key: &str) -> bool {
+        let l = self.leases.lock().expect("lease lock");
+        l.held.get(key).is_some_and(|h| h.expires > Instant::now())
+    }
+
+    /// The epoch this node holds `key` under, if it does.
+    pub fn epoch(&self, key: &str) -> Option<i64> {
+        let l = self.leases.lock().expect("lease lock");
+        l.held.get(key).map(|h| h.epoch)
+    }
+
+    /// Starts a poll or delivery of `key` under its lease, if this node
+    /// holds it with at least a quarter of the lease left.
+    pub fn begin(self: &Arc<Self>, key: &str) -> Begin {
+        let mut l = self.leases.lock().expect("lease lock");
+        let Some(h) = l.held.get(key).copied() else {
+            return Begin::NotHeld;
+        };
+        if h.expires.saturating_duration_since(Instant::now()) < self.lease / 4 {
+            return Begin::Lapsing;
+        }
+        *l.busy.entry(key.to_string()).or_default() += 1;
+        Begin::Held(Busy {
+            cluster: self.clone(),
+            key: key.to_string(),
+            epoch: h.epoch,
+        })
+    }
+
+    /// Waits until this node holds `key`; returns the epoch.
+    pub async fn until_held(&self, key: &str) -> i64 {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if let Some(epoch) = self.epoch(key) {
+                return epoch;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Waits for the next change of the held set (or `max`).
+    pub async fn next_change(&self, max: Duration) {
+        let mut rx = self.changed.subscribe();
+        let _ = tokio::time::timeout(max, rx.changed()).await;
+    }
+
+    /// How many leases this node holds.
+    pub fn held_count(&self) -> usize {
+        self.leases.lock().expect("lease lock").held.len()
+    }
+
+    /// One round: heartbeat, renew, then claim or give back towards the
+    /// node's share. Returns whether it gained leases.
+    async fn round(&self) -> crate::store::Result<bool> {
+        let lease_ms = self.lease.as_millis() as i64;
+        let local = self.lease.mul_f64(LOCAL_SHARE);
+        let new: Vec<String> = std::mem::take(&mut self.wanted.lock().expect("wanted lock").1);
+        if !new.is_empty() {
+            if let Err(e) = self.store.ensure_leases(&new).await {
+                self.wanted.lock().expect("wanted lock").1.extend(new);
+                return Err(e);
+            }
+        }
+        let nodes = self
+            .store
+            .heartbeat(&self.node, self.started_ms, lease_ms)
+            .await?;
+        let sent = Instant::now();
+        let renewed = self.store.renew(&self.node, lease_ms).await?;
+        let total = self.store.lease_count().await?;
+        let before: BTreeSet<(String, i64)> = {
+            let l = self.leases.lock().expect("lease lock");
+            l.held.iter().map(|(k, h)| (k.clone(), h.epoch)).collect()
+        };
+        {
+            let mut l = self.leases.lock().expect("lease lock");
+            l.held = renewed
+                .into_iter()
+                .map(|(k, epoch)| {
+                    (
+                        k,
+                        Held {
+                            epoch,
+                            expires: sent + local,
+                        },
+                    )
+                })
+                .collect();
+        }
+        let held = self.held_count();
+        match plan(held, total as usize, nodes as usize) {
+            Plan::Claim(n) => {
+                let sent = Instant::now();
+                let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
+                let mut l = self.leases.lock().expect("lease lock");
+                for (k, epoch) in got {
+                    l.held.insert(
+                        k,
+                        Held {
+                            epoch,
+                            expires: sent + local,
+                        },
+                    );
+                }
+            }
+            Plan::Release(n) => {
+                let give: Vec<String> = {
+                    let mut l = self.leases.lock().expect("lease lock");
+                    let idle: Vec<String> = l
+                        .held
+                        .keys()
+                        .filter(|k| !l.busy.contains_key(*k))
+                        .take(n)
+                        .cloned()
+                        .collect();
+                    for k in &idle {
+                        l.held.remove(k);
+                    }
+                    idle
+                };
+                if !give.is_empty() {
+                    info!(node = %self.node, leases = give.len(), "giving leases back for another node's share");
+                    self.store.release(&self.node, &give).await?;
+                }
+            }
+            Plan::Hold => {}
+        }
+        let after: BTreeSet<(String, i64)> = {
+            let l = self.leases.lock().expect("lease lock");
+            l.held.iter().map(|(k, h)| (k.clone(), h.epoch)).collect()
+        };
+        let gained = after.difference(&before).next().is_some();
+        let lost = before.difference(&after).count();
+        if gained || lost > 0 {
+            self.changed.send_modify(|g| *g += 1);
+        }
+        if lost > 0 {
+            info!(node = %self.node, lost, held = after.len(), "leases lost or given back");
+        }
+        Ok(gained)
+    }
+
+    /// Keeps this node's leases until `stop`, then gives them all back and
+    /// leaves (the others take over at once rather than after the lease
+    /// time). Also listens for the other nodes' notices: new outbox
+    /// entries wake the local worker; a host's shared pause or pace is
+    /// applied to the local gate.
+    pub async fn run(
+        self: Arc<Self>,
+        live: Arc<Live>,
+        hosts: Arc<HostGates>,
+        status: Arc<Status>,
+        stop: CancellationToken,
+    ) {
+        info!(node = %self.node, lease = %humantime::format_duration(self.lease), "cluster node started");
+        let (tx, mut notices) = mpsc::channel::<Notice>(1024);
+        let listener = {
+            let store = self.store.clone();
+            let live = live.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = store.listen(tx.clone()).await {
+                        warn!(error = %e, "cluster notices: listening again in 1s (new entries are found by a rescan meanwhile)");
+                    }
+                    rescan_all(&live);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            })
+        };
+        let mut tick = tokio::time::interval(self.lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = self.kick.notified() => {}
+                Some(n) = notices.recv() => {
+                    match n {
+                        Notice::Outbox { endpoint, instance } => {
+                            if self.holds(&instance) {
+                                if let Some(w) = live.wake(&endpoint) {
+                                    w.instance(&instance);
+                                }
+                            }
+                        }
+                        Notice::Pace(_) => self.apply_paces(&hosts).await,
+                    }
+                    continue;
+                }
+            }
+            match self.round().await {
+                Ok(gained) => {
+                    if failing {
+                        info!(node = %self.node, "cluster store answers again; leases kept");
+                        status.store_ok();
+                        failing = false;
+                    }
+                    if gained {
+                        rescan_all(&live);
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    warn!(node = %self.node, error = %msg, "cannot keep the leases: polls and deliveries pause as they lapse, and resume when the database answers");
+                    status.store_failed(&msg);
+                    failing = true;
+                }
+            }
+            self.apply_paces(&hosts).await;
+        }
+        listener.abort();
+        let all: Vec<String> = {
+            let mut l = self.leases.lock().expect("lease lock");
+            l.held.drain().map(|(k, _)| k).collect()
+        };
+        self.changed.send_modify(|g| *g += 1);
+        if let Err(e) = self.store.release(&self.node, &all).await {
+            warn!(error = %e, "cannot give the leases back; they lapse after the lease time");
+        }
+        let _ = self.store.leave(&self.node).await;
+        info!(node = %self.node, leases = all.len(), "left the cluster");
+    }
+
+    /// Applies the hosts' shared pauses and paces to the local gates.
+    async fn apply_paces(&self, hosts: &HostGates) {
+        match self.store.paces().await {
+            Ok(paces) => {
+                for p in paces {
+                    hosts.apply_shared(&p.host, p.paused_for, p.gap);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the hosts' shared pauses"),
+        }
+    }
+
+    /// The store, for the cluster's shared quotas.
+    pub fn store(&self) -> &PgStore {
+        &self.store
+    }
+}
+
+/// Every local worker looks at its whole queue again (leases gained, or
+/// notices possibly missed).
+fn rescan_all(live: &Live) {
+    for ep in live.endpoints() {
+        if let Some(w) = live.wake(&ep) {
+            w.rescan();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_node_aims_at_its_share_rounded_up() {
+        assert_eq!(plan(0, 10, 1), Plan::Claim(10));
+        assert_eq!(plan(0, 10, 3), Plan::Claim(4));
+        assert_eq!(plan(4, 10, 3), Plan::Hold);
+        // A node joined: the one holding everything gives back the excess.
+        assert_eq!(plan(10, 10, 2), Plan::Release(5));
+        assert_eq!(plan(5, 10, 2), Plan::Hold);
+        assert_eq!(plan(6, 10, 2), Plan::Release(1));
+        // No live node counted yet (its own heartbeat is the first): as one.
+        assert_eq!(plan(0, 3, 0), Plan::Claim(3));
+        assert_eq!(plan(0, 0, 2), Plan::Hold);
+    }
+
+    #[test]
+    fn discovery_keys_never_collide_with_instance_keys() {
+        assert_eq!(discover_key("accounts"), "discover:accounts");
+        assert!(!discover_key("a").contains('/'));
+    }
+}

@@ -1,0 +1,362 @@
+//! What several nodes on one PostgreSQL store share beyond the seam:
+//! heartbeats, leases, host quotas and pauses, and `LISTEN/NOTIFY`. The
+//! policy (how many leases to hold, when to renew) is `crate::cluster`'s;
+//! this file is its SQL.
+//!
+//! Every time here is the database's (`now_ms()`, created by migration 2):
+//! nodes on several machines agree on when a lease lapses however their
+//! own clocks drift.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{pg_err, Notice, PgStore};
+use crate::store::{Result, StoreError};
+
+/// A node of the cluster as the `nodes` table has it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeRow {
+    pub node: String,
+    pub started_ms: i64,
+    /// Milliseconds since its last heartbeat, by the database's clock.
+    pub heartbeat_age_ms: i64,
+    /// Leases it holds now (instances and discoveries).
+    pub leases: i64,
+}
+
+/// A lease as the `lease` table has it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeaseRow {
+    pub key: String,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Milliseconds until it lapses (negative: lapsed).
+    pub left_ms: i64,
+}
+
+/// A host's shared pause and pace, by the database's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostPace {
+    pub host: String,
+    pub paused_for: Duration,
+    pub gap: Option<Duration>,
+}
+
+impl PgStore {
+    /// Records that `node` is alive, and returns how many nodes are (a
+    /// heartbeat younger than `alive_ms`). Nodes silent for an hour are
+    /// forgotten.
+    pub async fn heartbeat(&self, node: &str, started_ms: i64, alive_ms: i64) -> Result<i64> {
+        self.exec_relaxed(
+            "heartbeat",
+            "WITH gone AS (DELETE FROM nodes WHERE heartbeat_ms < now_ms() - 3600000)
+             INSERT INTO nodes (node, started_ms, heartbeat_ms, info) VALUES ($1, $2, now_ms(), '{}')
+             ON CONFLICT (node) DO UPDATE SET heartbeat_ms = now_ms()",
+            &[&node, &started_ms],
+        )
+        .await?;
+        let rows = self
+            .query(
+                "count nodes",
+                "SELECT count(*) FROM nodes WHERE heartbeat_ms > now_ms() - $1",
+                &[&alive_ms],
+            )
+            .await?;
+        Ok(rows[0].get(0))
+    }
+
+    /// A node that stops says so: its row goes, so the others count one
+    /// node fewer at once.
+    pub async fn leave(&self, node: &str) -> Result<()> {
+        self.exec("leave", "DELETE FROM nodes WHERE node = $1", &[&node])
+            .await
+            .map(drop)
+    }
+
+    /// Makes sure every key has a lease row (unowned when new).
+    pub async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
+        self.exec_relaxed(
+            "add leases",
+            "INSERT INTO lease (instance) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            &[&keys],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Extends every lease `node` holds by `lease_ms`; returns them with
+    /// their epochs. A lease that lapsed but that nobody claimed is still
+    /// the node's (same epoch: nobody else polled in between).
+    pub async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
+        let rows = self
+            .query(
+                "renew leases",
+                "UPDATE lease SET until_ms = now_ms() + $2 WHERE owner = $1 RETURNING instance, epoch",
+                &[&node, &lease_ms],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// How many leases there are (instances with work, and discoveries).
+    pub async fn lease_count(&self) -> Result<i64> {
+        let rows = self
+            .query("count leases", "SELECT count(*) FROM lease", &[])
+            .await?;
+        Ok(rows[0].get(0))
+    }
+
+    /// Claims up to `n` leases that nobody holds or that lapsed, raising
+    /// their epochs. `FOR UPDATE SKIP LOCKED`: nodes claiming at once take
+    /// different rows, and a row whose owner is committing under it (the
+    /// fenced commit locks it) is left alone.
+    pub async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
+        let rows = self
+            .query(
+                "claim leases",
+                "WITH free AS (
+                     SELECT instance FROM lease
+                     WHERE owner IS NULL OR until_ms < now_ms()
+                     ORDER BY until_ms, instance
+                     LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 UPDATE lease l SET owner = $1, epoch = l.epoch + 1, until_ms = now_ms() + $2
+                 FROM free WHERE l.instance = free.instance
+                 RETURNING l.instance, l.epoch",
+                &[&node, &lease_ms, &n],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Gives leases back (a node shedding load for a newcomer, or
+    /// stopping): the next claim by any node takes them at once.
+    pub async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
+        self.exec(
+            "release leases",
+            "UPDATE lease SET owner = NULL, until_ms = 0 WHERE owner = $1 AND instance = ANY($2)",
+            &[&node, &keys],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Forgets lease rows of keys that have no reason to exist any more:
+    /// not configured (`keep`), no outbox entries.
+    pub async fn prune_leases(&self, keep: &BTreeSet<String>) -> Result<u64> {
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        self.exec(
+            "prune leases",
+            "DELETE FROM lease l WHERE NOT (l.instance = ANY($1))
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.instance = l.instance)",
+            &[&keep],
+        )
+        .await
+    }
+
+    /// The nodes, newest heartbeat first, with the leases each holds.
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let rows = self
+            .query(
+                "read nodes",
+                "SELECT n.node, n.started_ms, now_ms() - n.heartbeat_ms,
+                        (SELECT count(*) FROM lease l WHERE l.owner = n.node AND l.until_ms > now_ms())
+                 FROM nodes n ORDER BY n.heartbeat_ms DESC, n.node",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| NodeRow {
+                node: r.get(0),
+                started_ms: r.get(1),
+                heartbeat_age_ms: r.get(2),
+                leases: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Every lease.
+    pub async fn leases(&self) -> Result<Vec<LeaseRow>> {
+        let rows = self
+            .query(
+                "read leases",
+                "SELECT instance, owner, epoch, until_ms - now_ms() FROM lease ORDER BY instance",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LeaseRow {
+                key: r.get(0),
+                owner: r.get(1),
+                epoch: r.get(2),
+                left_ms: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Books a slot of a quota shared through the database (see
+    /// [`crate::gcra`]): `FOR UPDATE` serialises the nodes on the row,
+    /// and the database's clock is the only one used. The host's shared
+    /// pause and pace (see [`PgStore::share_pace`]) hold the slot back
+    /// and widen the interval. `durable`: committed with the server's
+    /// `synchronous_commit` (a long-window quota) or without waiting for
+    /// the disk (a host's per-second rate, where a crash losing the last
+    /// few bookings costs nothing).
+    pub async fn book(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+        durable: bool,
+    ) -> Result<Duration> {
+        const OP: &str = "book quota";
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err(OP))?;
+        if !durable {
+            tx.batch_execute("SET LOCAL synchronous_commit TO off")
+                .await
+                .map_err(pg_err(OP))?;
+        }
+        let ensure = tx
+            .prepare_cached("INSERT INTO quota (key) VALUES ($1) ON CONFLICT DO NOTHING")
+            .await
+            .map_err(pg_err(OP))?;
+        tx.execute(&ensure, &[&key]).await.map_err(pg_err(OP))?;
+        let read = tx
+            .prepare_cached(
+                "SELECT tat_ms, paused_until_ms::float8,
+                        CASE WHEN gap_until_ms > now_ms() THEN gap_ms ELSE 0 END::float8,
+                        now_ms()::float8
+                 FROM quota WHERE key = $1 FOR UPDATE",
+            )
+            .await
+            .map_err(pg_err(OP))?;
+        let row = tx.query_one(&read, &[&key]).await.map_err(pg_err(OP))?;
+        let (tat, paused, gap, now): (f64, f64, f64, f64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (start, next) = crate::gcra::reserve(now, tat, paused, interval_ms.max(gap), burst);
+        let write = tx
+            .prepare_cached("UPDATE quota SET tat_ms = $2 WHERE key = $1")
+            .await
+            .map_err(pg_err(OP))?;
+        tx.execute(&write, &[&key, &next])
+            .await
+            .map_err(pg_err(OP))?;
+        tx.commit().await.map_err(pg_err(OP))?;
+        Ok(Duration::from_millis((start - now).max(0.0) as u64))
+    }
+
+    /// Shares what one node learned of a host: a pause (`Retry-After`)
+    /// and a pace (least time between requests) valid for `gap_for`. Every
+    /// node applies it (see [`PgStore::paces`]), at once through `NOTIFY`.
+    pub async fn share_pace(
+        &self,
+        host: &str,
+        pause: Option<Duration>,
+        gap: Option<(Duration, Duration)>,
+    ) -> Result<()> {
+        let pause_ms = pause.map_or(0, |p| p.as_millis() as i64);
+        let (gap_ms, gap_for_ms) = gap.map_or((0, 0), |(g, f)| {
+            (g.as_millis() as i64, f.as_millis() as i64)
+        });
+        let key = format!("host:{host}");
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err("share pause"))?;
+        tx.execute(
+            "INSERT INTO quota AS q (key, paused_until_ms, gap_ms, gap_until_ms)
+             VALUES ($1, now_ms() + $2, $3, CASE WHEN $3 > 0 THEN now_ms() + $4 ELSE 0 END)
+             ON CONFLICT (key) DO UPDATE SET
+                 paused_until_ms = greatest(q.paused_until_ms, EXCLUDED.paused_until_ms),
+                 gap_ms = CASE WHEN $3 > 0 THEN $3 ELSE q.gap_ms END,
+                 gap_until_ms = CASE WHEN $3 > 0 THEN EXCLUDED.gap_until_ms ELSE q.gap_until_ms END",
+            &[&key, &pause_ms, &gap_ms, &gap_for_ms],
+        )
+        .await
+        .map_err(pg_err("share pause"))?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&&*self.channel, &Notice::Pace(host.to_string()).encode()],
+        )
+        .await
+        .map_err(pg_err("share pause"))?;
+        tx.commit().await.map_err(pg_err("share pause"))
+    }
+
+    /// Hosts paused or paced now, as any node shared them.
+    pub async fn paces(&self) -> Result<Vec<HostPace>> {
+        let rows = self
+            .query(
+                "read host pauses",
+                "SELECT substr(key, 6), greatest(paused_until_ms - now_ms(), 0),
+                        CASE WHEN gap_until_ms > now_ms() THEN gap_ms ELSE 0 END
+                 FROM quota WHERE key LIKE 'host:%'
+                   AND (paused_until_ms > now_ms() OR gap_until_ms > now_ms())",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| HostPace {
+                host: r.get(0),
+                paused_for: Duration::from_millis(r.get::<_, i64>(1) as u64),
+                gap: Some(r.get::<_, i64>(2))
+                    .filter(|g| *g > 0)
+                    .map(|g| Duration::from_millis(g as u64)),
+            })
+            .collect())
+    }
+
+    /// Listens on this schema's channel on a connection of its own (a
+    /// pooled one would be recycled, and its `LISTEN` lost): every notice
+    /// goes to `tx` until the connection drops or `tx` closes. The caller
+    /// listens again after an error (and rescans: notices sent while
+    /// nobody listened are gone).
+    pub async fn listen(&self, tx: tokio::sync::mpsc::Sender<Notice>) -> Result<()> {
+        let (client, mut conn) = self
+            .config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(pg_err("listen: connect"))?;
+        let sql = format!("LISTEN \"{}\"", self.channel);
+        {
+            let listen = client.batch_execute(&sql);
+            // The connection must be driven for LISTEN to complete.
+            tokio::pin!(listen);
+            loop {
+                tokio::select! {
+                    r = &mut listen => { r.map_err(pg_err("listen"))?; break; }
+                    m = std::future::poll_fn(|cx| conn.poll_message(cx)) => match m {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(pg_err("listen")(e)),
+                        None => return Err(closed()),
+                    }
+                }
+            }
+        }
+        while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if let Some(notice) = Notice::decode(n.payload()) {
+                        if tx.send(notice).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(pg_err("listen")(e)),
+            }
+        }
+        drop(client);
+        Err(closed())
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Backend {
+        op: "listen",
+        source: "the connection closed".into(),
+    }
+}
