@@ -537,6 +537,37 @@ pub async fn backups_round_trip_into_an_empty_store<F: Fixture>() {
     assert_eq!(body(&String::from_utf8(again).unwrap()), body(&text));
 }
 
+/// A stored quota books slots in order and remembers them across a
+/// reopen: `1/1h` asked three times, with a restart in between, gives one
+/// request now and the next ones an hour apart.
+pub async fn stored_quotas_survive_a_reopen<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    let hour = 3_600_000.0;
+    let first = store.reserve("rate:s/i", hour, 1).await.unwrap();
+    assert!(first < std::time::Duration::from_secs(1), "{first:?}");
+    // Another key is another quota.
+    let other = store.reserve("rate:s/j", hour, 1).await.unwrap();
+    assert!(other < std::time::Duration::from_secs(1), "{other:?}");
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    let second = store.reserve("rate:s/i", hour, 1).await.unwrap();
+    let third = store.reserve("rate:s/i", hour, 1).await.unwrap();
+    let near = |d: std::time::Duration, h: f64| (d.as_secs_f64() - h * 3600.0).abs() < 60.0;
+    assert!(near(second, 1.0), "{second:?}");
+    assert!(near(third, 2.0), "{third:?}");
+    // A burst lets that many go at once.
+    for _ in 0..3 {
+        let d = store.reserve("rate:burst", hour, 3).await.unwrap();
+        assert!(d < std::time::Duration::from_secs(1), "{d:?}");
+    }
+    assert!(near(
+        store.reserve("rate:burst", hour, 3).await.unwrap(),
+        1.0
+    ));
+}
+
 /// Runs every check against one backend's fixture.
 macro_rules! suite {
     ($backend:ident, $fixture:ty) => {
@@ -549,7 +580,8 @@ macro_rules! suite {
                 history_keeps_the_newest_attempts_across_restarts,
                 small_records_round_trip,
                 retention_forgets_what_is_old,
-                backups_round_trip_into_an_empty_store
+                backups_round_trip_into_an_empty_store,
+                stored_quotas_survive_a_reopen
             );
         }
     };

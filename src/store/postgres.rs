@@ -1439,6 +1439,160 @@ mod tests {
         }
     }
 
+    /// Leases: a claim takes only free or lapsed rows and raises the epoch;
+    /// a commit fenced by a stale epoch writes nothing; renewal keeps a
+    /// lapsed lease nobody claimed under the same epoch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_are_claimed_once_and_stale_commits_are_refused() {
+        if !testing::available("leases_are_claimed_once_and_stale_commits_are_refused").await {
+            return;
+        }
+        let schema = testing::fresh_schema();
+        let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+        let check = async move {
+            let keys: Vec<String> = (0..4).map(|i| format!("s/{i}")).collect();
+            store.ensure_leases(&keys).await.unwrap();
+            store.ensure_leases(&keys).await.unwrap();
+            assert_eq!(store.lease_count().await.unwrap(), 4);
+            // Two nodes claiming at once never take the same row.
+            let (a, b) = tokio::join!(store.claim("a", 60_000, 3), store.claim("b", 60_000, 3));
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert_eq!(a.len() + b.len(), 4, "{a:?} {b:?}");
+            let ka: BTreeSet<_> = a.iter().map(|x| x.0.clone()).collect();
+            assert!(b.iter().all(|x| !ka.contains(&x.0)), "{a:?} {b:?}");
+            assert!(a.iter().chain(&b).all(|x| x.1 == 1), "first epoch is 1");
+            // Nothing is free now.
+            assert!(store.claim("c", 60_000, 4).await.unwrap().is_empty());
+            let (key, epoch) = a[0].clone();
+            let state = |cursor: &str| InstanceState {
+                cursor: Some(cursor.into()),
+                ..Default::default()
+            };
+            let fence = |owner: &str, epoch: i64| Fence {
+                owner: owner.into(),
+                epoch,
+            };
+            store
+                .commit_poll(&key, &state("mine"), &[], Some(&fence("a", epoch)))
+                .await
+                .unwrap();
+            // "a" stalls past its lease: it lapses and "c" claims it.
+            store
+                .exec(
+                    "test",
+                    "UPDATE lease SET until_ms = 0 WHERE instance = $1",
+                    &[&key],
+                )
+                .await
+                .unwrap();
+            let got = store.claim("c", 60_000, 1).await.unwrap();
+            assert_eq!(got, vec![(key.clone(), epoch + 1)]);
+            let e = store
+                .commit_poll(&key, &state("stale"), &[], Some(&fence("a", epoch)))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+            assert!(e.to_string().contains("no longer holds its lease"), "{e}");
+            assert_eq!(
+                store.load_state(&key).await.unwrap().cursor.as_deref(),
+                Some("mine"),
+                "the stale commit wrote nothing"
+            );
+            store
+                .commit_poll(&key, &state("new"), &[], Some(&fence("c", epoch + 1)))
+                .await
+                .unwrap();
+            // "a" renews: it keeps what it still holds, not the lost one.
+            let renewed: BTreeSet<_> = store
+                .renew("a", 60_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|x| x.0)
+                .collect();
+            assert!(
+                !renewed.contains(&key) && renewed.len() == a.len() - 1,
+                "{renewed:?}"
+            );
+            // Released leases are claimable at once, with a new epoch.
+            store
+                .release("b", &b.iter().map(|x| x.0.clone()).collect::<Vec<_>>())
+                .await
+                .unwrap();
+            let again = store.claim("c", 60_000, 10).await.unwrap();
+            assert_eq!(again.len(), b.len());
+            assert!(again.iter().all(|x| x.1 == 2));
+            // Heartbeats count live nodes; a node that leaves is not counted.
+            assert_eq!(store.heartbeat("a", 1, 60_000).await.unwrap(), 1);
+            assert_eq!(store.heartbeat("c", 1, 60_000).await.unwrap(), 2);
+            store.leave("a").await.unwrap();
+            assert_eq!(store.heartbeat("c", 1, 60_000).await.unwrap(), 1);
+            let nodes = store.nodes().await.unwrap();
+            assert_eq!(nodes.len(), 1);
+            assert_eq!(nodes[0].leases as usize, 1 + b.len(), "{nodes:?}");
+        };
+        let outcome = tokio::spawn(check).await;
+        testing::drop_schema(&schema);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    /// A host's quota booked by several nodes at once: the starts it hands
+    /// out keep the rate and burst together, and a shared pause holds them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host_bookings_keep_the_rate_across_stores_and_pauses_hold_them() {
+        if !testing::available("host_bookings_keep_the_rate_across_stores_and_pauses_hold_them")
+            .await
+        {
+            return;
+        }
+        let schema = testing::fresh_schema();
+        let a = PgStore::open(&testing::url(), &schema).await.unwrap();
+        let b = PgStore::open(&testing::url(), &schema).await.unwrap();
+        let check = async move {
+            // 20/s, burst 5, booked 30 times from two stores at once. Each
+            // start is when the booking returned plus the wait it was given.
+            let t0 = std::time::Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..30 {
+                let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tasks.spawn(async move {
+                    let w = s.book("host:h", 50.0, 5, false).await.unwrap();
+                    (t0.elapsed() + w).as_millis()
+                });
+            }
+            let mut starts: Vec<u128> = Vec::new();
+            while let Some(w) = tasks.join_next().await {
+                starts.push(w.unwrap());
+            }
+            starts.sort();
+            // 5 at once, then one per 50 ms: the last starts ~1.25 s after
+            // the first.
+            assert!(starts[29] - starts[0] >= 1200, "{starts:?}");
+            // (10 ms of slack for measuring on this side of the round trip.)
+            for (i, s) in starts.iter().enumerate() {
+                let within = starts[i..].iter().filter(|x| **x < s + 990).count();
+                assert!(within <= 25, "{within} starts in a second: {starts:?}");
+            }
+            // A pause shared by one node holds the other's next booking.
+            a.share_pace("p", Some(Duration::from_secs(30)), None)
+                .await
+                .unwrap();
+            let w = b.book("host:p", 10.0, 1, false).await.unwrap();
+            assert!(w >= Duration::from_secs(29), "{w:?}");
+            let paces = b.paces().await.unwrap();
+            assert_eq!(paces.len(), 1, "{paces:?}");
+            assert_eq!(paces[0].host, "p");
+            assert!(paces[0].paused_for >= Duration::from_secs(29));
+        };
+        let outcome = tokio::spawn(check).await;
+        testing::drop_schema(&schema);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
     /// Two processes starting together on an empty schema: the advisory
     /// lock lets one migrate while the other waits, and both open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -267,11 +267,12 @@ impl PgStore {
         let tx = c.transaction().await.map_err(pg_err("share pause"))?;
         tx.execute(
             "INSERT INTO quota AS q (key, paused_until_ms, gap_ms, gap_until_ms)
-             VALUES ($1, now_ms() + $2, $3, CASE WHEN $3 > 0 THEN now_ms() + $4 ELSE 0 END)
+             VALUES ($1, now_ms() + $2::bigint, $3::bigint,
+                     CASE WHEN $3::bigint > 0 THEN now_ms() + $4::bigint ELSE 0 END)
              ON CONFLICT (key) DO UPDATE SET
                  paused_until_ms = greatest(q.paused_until_ms, EXCLUDED.paused_until_ms),
-                 gap_ms = CASE WHEN $3 > 0 THEN $3 ELSE q.gap_ms END,
-                 gap_until_ms = CASE WHEN $3 > 0 THEN EXCLUDED.gap_until_ms ELSE q.gap_until_ms END",
+                 gap_ms = CASE WHEN $3::bigint > 0 THEN $3::bigint ELSE q.gap_ms END,
+                 gap_until_ms = CASE WHEN $3::bigint > 0 THEN EXCLUDED.gap_until_ms ELSE q.gap_until_ms END",
             &[&key, &pause_ms, &gap_ms, &gap_for_ms],
         )
         .await
