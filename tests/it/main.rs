@@ -8,6 +8,7 @@ mod support;
 
 mod bank_example;
 mod cli;
+mod cluster;
 mod config_errors;
 mod connectors;
 mod crash;

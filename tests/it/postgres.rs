@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn url() -> String {
+pub fn url() -> String {
     std::env::var("POLLHOOK_TEST_DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-async fn connect() -> Option<tokio_postgres::Client> {
+pub async fn connect() -> Option<tokio_postgres::Client> {
     let url = url();
     let tried = tokio::time::timeout(
         Duration::from_secs(5),
@@ -46,7 +46,14 @@ async fn connect() -> Option<tokio_postgres::Client> {
 }
 
 /// Drops the test's schema however the test ends.
-struct Schema(String);
+pub struct Schema(pub String);
+
+impl Schema {
+    /// A new schema name of this run's own.
+    pub fn fresh() -> Schema {
+        Schema(format!("pollhook_it_{:016x}", rand::random::<u64>()))
+    }
+}
 
 impl Drop for Schema {
     fn drop(&mut self) {

@@ -1,0 +1,566 @@
+//! Several `pollhook run` processes on one PostgreSQL store: leases,
+//! fencing, failover, a cluster-wide host quota, and a database that goes
+//! away under load.
+//!
+//! The upstream here (a "ledger": a list of items per account) counts, per
+//! account, requests in flight at once: two nodes polling one instance at
+//! the same time would show as an overlap. The receiver verifies every
+//! delivery with the reference Standard Webhooks library.
+//!
+//! Needs PostgreSQL (see `postgres.rs`); each test uses a schema of its own.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::postgres::{connect, url, Schema};
+use crate::support::*;
+
+/// The upstream: items per account, requests counted at arrival.
+#[derive(Default)]
+struct Ledger {
+    items: Mutex<BTreeMap<String, Vec<u64>>>,
+    in_flight: Mutex<HashMap<String, u32>>,
+    /// Requests that arrived while another one of the same account was
+    /// being answered.
+    overlaps: AtomicU64,
+    /// Every request's arrival, by account.
+    arrivals: Mutex<Vec<(Instant, String)>>,
+    /// While set, requests wait (and are counted in `held`).
+    hold: AtomicBool,
+    held: AtomicU64,
+}
+
+impl Ledger {
+    fn add(&self, account: &str) {
+        let mut items = self.items.lock().unwrap();
+        let list = items.entry(account.to_string()).or_default();
+        list.push(list.len() as u64 + 1);
+    }
+
+    fn requests(&self, account: &str) -> usize {
+        let a = self.arrivals.lock().unwrap();
+        a.iter().filter(|(_, acc)| acc == account).count()
+    }
+}
+
+/// A request being answered; counted out however it ends (a killed
+/// node's connection drops the handler midway).
+struct InFlight(Arc<Ledger>, String);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.in_flight.lock().unwrap().get_mut(&self.1).unwrap() -= 1;
+    }
+}
+
+async fn items(State(l): State<Arc<Ledger>>, Path(acc): Path<String>) -> Json<Value> {
+    {
+        let mut f = l.in_flight.lock().unwrap();
+        let n = f.entry(acc.clone()).or_default();
+        if *n > 0 {
+            l.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        *n += 1;
+    }
+    let _counted = InFlight(l.clone(), acc.clone());
+    l.arrivals
+        .lock()
+        .unwrap()
+        .push((Instant::now(), acc.clone()));
+    if l.hold.load(Ordering::SeqCst) {
+        l.held.fetch_add(1, Ordering::SeqCst);
+        // Bounded: the test releases the hold within seconds.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while l.hold.load(Ordering::SeqCst) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Long enough for two pollers of one instance to overlap.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let list: Vec<Value> = l
+        .items
+        .lock()
+        .unwrap()
+        .get(&acc)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| json!({ "id": format!("{acc}-{n:03}"), "n": n }))
+        .collect();
+    Json(json!({ "items": list }))
+}
+
+async fn start_ledger() -> (Arc<Ledger>, SocketAddr) {
+    let l = Arc::new(Ledger::default());
+    let app = Router::new()
+        .route("/acc/{acc}/items", get(items))
+        .with_state(l.clone());
+    (l, serve(app).await)
+}
+
+const CONNECTOR: &str = r#"
+name: ledger
+params:
+  base_url: { required: true }
+  account: { required: true }
+request:
+  url: "{{ base_url }}/acc/{{ account }}/items"
+  timeout: 60s
+items: "$.items[*]"
+id: "{{ item.id }}"
+detect: new
+baseline: emit
+emit:
+  - type: ledger.item.created
+"#;
+
+fn accounts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("a{i:02}")).collect()
+}
+
+/// The bridge every node runs: `accounts` of the ledger at `ledger`,
+/// polled every `every`, on the PostgreSQL store at `db_url`.
+fn bridge(
+    ledger: SocketAddr,
+    accounts: &[String],
+    every: &str,
+    rx: &Receiver,
+    db_url: &str,
+    schema: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+store: {{ backend: postgres, url: "{db_url}", schema: {schema}, lease: 2s }}
+{extra}
+sources:
+  ledger:
+    connector: ledger
+    with: {{ base_url: "http://{ledger}" }}
+    for_each: {{ account: [{}] }}
+    schedule: every {every}
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: {} }}
+"#,
+        accounts.join(", "),
+        rx.url,
+        secret()
+    )
+}
+
+fn node(bridge: &str) -> Daemon {
+    Daemon::new(bridge, &[("ledger.yaml", CONNECTOR.to_string())])
+}
+
+/// What the receiver got, checked: every delivery verified; one body per
+/// webhook-id (a second commit of a change, by a stale node, would carry
+/// another sequence or time); one webhook-id per item; per instance, items
+/// first arrive in order. Returns the items delivered.
+fn check_deliveries(rx: &Receiver) -> BTreeSet<String> {
+    let all = rx.all();
+    assert!(all.iter().all(|d| d.verified), "every delivery verifies");
+    let mut body_of: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut id_of: HashMap<String, String> = HashMap::new();
+    let mut last_n: HashMap<String, u64> = HashMap::new();
+    let mut first_seen: BTreeSet<String> = BTreeSet::new();
+    for d in &all {
+        let prev = body_of.entry(d.id.clone()).or_insert_with(|| d.raw.clone());
+        assert_eq!(
+            prev,
+            &d.raw,
+            "webhook-id {} delivered with two bodies:\n{}\n{}",
+            d.id,
+            String::from_utf8_lossy(prev),
+            String::from_utf8_lossy(&d.raw)
+        );
+        let item = d.body["data"]["id"].as_str().unwrap().to_string();
+        let id = id_of.entry(item.clone()).or_insert_with(|| d.id.clone());
+        assert_eq!(id, &d.id, "item {item} under two webhook-ids");
+        if first_seen.insert(d.id.clone()) {
+            let inst = d.body["instance"].as_str().unwrap().to_string();
+            let n = d.body["data"]["n"].as_u64().unwrap();
+            let last = last_n.entry(inst.clone()).or_default();
+            assert!(n > *last, "{inst}: item {n} arrived after item {last}");
+            *last = n;
+        }
+    }
+    id_of.into_keys().collect()
+}
+
+/// How many distinct items the receiver accepted.
+fn distinct_items(rx: &Receiver) -> usize {
+    rx.accepted()
+        .iter()
+        .filter_map(|d| d.body["data"]["id"].as_str().map(str::to_string))
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+/// Three nodes, 120 changes, nodes SIGKILLed and restarted in turn: every
+/// change delivered, none under two ids or two bodies, per-instance order
+/// kept, and no instance ever polled by two nodes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_everything_while_nodes_are_killed_in_turn() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(12);
+    let b = bridge(addr, &accs, "100ms", &rx, &url(), &schema.0, "");
+    let mut nodes: Vec<Daemon> = (0..3).map(|_| node(&b)).collect();
+    for n in &mut nodes {
+        n.start().await;
+    }
+    wait_for("every account polled", Duration::from_secs(30), || {
+        accs.iter().all(|a| ledger.requests(a) > 0)
+    })
+    .await;
+    // The work is shared: each node holds about a third of the leases.
+    nodes[0]
+        .wait_status("three nodes sharing the leases", |s| {
+            let live: Vec<&Value> = s["cluster"]["nodes"]
+                .as_array()
+                .map(|n| {
+                    n.iter()
+                        .filter(|n| n["leases"].as_i64() > Some(0))
+                        .collect()
+                })
+                .unwrap_or_default();
+            live.len() == 3 && live.iter().all(|n| n["leases"].as_i64() <= Some(5))
+        })
+        .await;
+    let mut expected = 0;
+    for round in 0..10 {
+        for a in &accs {
+            ledger.add(a);
+            expected += 1;
+        }
+        if round % 3 == 2 {
+            let victim = (round / 3) % 3;
+            nodes[victim].kill();
+            // Changes keep coming while it is dead, then it comes back.
+            for a in &accs {
+                ledger.add(a);
+                expected += 1;
+            }
+            let killed_at = Instant::now();
+            wait_for(
+                "the dead node's instances to be polled by the others",
+                Duration::from_secs(30),
+                || {
+                    let arrivals = ledger.arrivals.lock().unwrap();
+                    accs.iter()
+                        .all(|a| arrivals.iter().any(|(t, acc)| acc == a && *t > killed_at))
+                },
+            )
+            .await;
+            nodes[victim].start().await;
+        }
+        // Paces the changes so that they spread over the kills (the checks
+        // below wait on conditions, not on this).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let want: BTreeSet<String> = accs
+        .iter()
+        .flat_map(|a| {
+            let n = ledger.items.lock().unwrap()[a].len() as u64;
+            (1..=n).map(move |i| format!("{a}-{i:03}"))
+        })
+        .collect();
+    assert_eq!(want.len(), expected);
+    assert!(expected >= 100);
+    wait_for(
+        "every change to be delivered",
+        Duration::from_secs(90),
+        || {
+            let got: BTreeSet<String> = rx
+                .accepted()
+                .iter()
+                .filter_map(|d| d.body["data"]["id"].as_str().map(str::to_string))
+                .collect();
+            got == want
+        },
+    )
+    .await;
+    assert_eq!(check_deliveries(&rx), want);
+    assert_eq!(
+        ledger.overlaps.load(Ordering::SeqCst),
+        0,
+        "an instance was polled by two nodes at once"
+    );
+    for n in &mut nodes {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+}
+
+/// A node stopped (SIGSTOP) in the middle of a poll, past its lease:
+/// another node takes the instance, polls and delivers the change; when
+/// the stopped node resumes (SIGCONT), its commit is refused and nothing
+/// is emitted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_lease_cannot_commit_when_it_resumes() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(1);
+    let b = bridge(addr, &accs, "200ms", &rx, &url(), &schema.0, "");
+    let (mut a, mut b) = (node(&b), node(&b));
+    a.start().await;
+    wait_for("a's first poll", Duration::from_secs(30), || {
+        ledger.requests("a00") >= 2
+    })
+    .await;
+    b.start().await;
+    b.wait_status("b to see the cluster", |s| {
+        s["cluster"]["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 2)
+    })
+    .await;
+    // The next request (a's: it holds the only lease) is held at the
+    // upstream; with a new item to find.
+    ledger.add("a00");
+    ledger.hold.store(true, Ordering::SeqCst);
+    wait_for(
+        "a's poll to reach the upstream",
+        Duration::from_secs(30),
+        || ledger.held.load(Ordering::SeqCst) >= 1,
+    )
+    .await;
+    let pid = a.pid().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // The answer waits in a's socket; a sees it when it wakes.
+    ledger.hold.store(false, Ordering::SeqCst);
+    wait_for(
+        "b to take over and deliver the change",
+        Duration::from_secs(30),
+        || rx.accepted().len() == 1,
+    )
+    .await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_for(
+        "a to find its commit refused",
+        Duration::from_secs(30),
+        || a.log().contains("no longer holds its lease"),
+    )
+    .await;
+    // Whatever a does next (it may hold the lease again later), nothing
+    // new happened upstream: still one event, one body.
+    ledger.add("a00");
+    wait_for("the next change", Duration::from_secs(30), || {
+        distinct_items(&rx) >= 2
+    })
+    .await;
+    let got = check_deliveries(&rx);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(rx.accepted().len(), 2, "nothing delivered twice");
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
+
+/// A host quota of 20/s with a burst of 5, three nodes each wanting far
+/// more: no second at the upstream carries more than 25 requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_quota_holds_across_three_nodes() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(9);
+    let hosts = format!(
+        "hosts:\n  \"127.0.0.1:{}\": {{ rate: 20/s, burst: 5 }}",
+        addr.port()
+    );
+    // Every 50 ms for 9 accounts: 180 requests/s wanted.
+    let b = bridge(addr, &accs, "50ms", &rx, &url(), &schema.0, &hosts);
+    let mut nodes: Vec<Daemon> = (0..3).map(|_| node(&b)).collect();
+    for n in &mut nodes {
+        n.start().await;
+    }
+    nodes[0]
+        .wait_status("three nodes holding leases", |s| {
+            s["cluster"]["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().filter(|n| n["leases"].as_i64() > Some(0)).count() == 3)
+        })
+        .await;
+    let from = Instant::now();
+    wait_for("4 s of requests", Duration::from_secs(60), || {
+        ledger
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .count()
+            >= 80
+    })
+    .await;
+    for n in &mut nodes {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    let times: Vec<Instant> = ledger
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    let mut worst = 0;
+    for (i, t) in times.iter().enumerate() {
+        let within = times[i..]
+            .iter()
+            .filter(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .count();
+        worst = worst.max(within);
+    }
+    assert!(worst <= 25, "{worst} requests within one second");
+    // And the quota is used, not starved: 80 requests came in at most
+    // about 4 s (20/s).
+    assert!(worst >= 15, "only {worst} in the busiest second");
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut (every
+/// connection dropped, new ones closed at once) and restore: the database
+/// going away and coming back, as the nodes see it.
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (u, c) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy { addr, up, conns }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn readyz(d: &Daemon) -> (u16, String) {
+    let r = reqwest::get(format!("http://{}/readyz", d.admin.as_ref().unwrap()))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The database goes away under load and comes back: the nodes say so on
+/// `/readyz`, pause, and resume; every change is delivered once, under one
+/// id and one body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_going_away_under_load_loses_nothing() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let real: url::Url = url().parse().unwrap();
+    let target: SocketAddr = format!(
+        "{}:{}",
+        real.host_str().unwrap(),
+        real.port().unwrap_or(5432)
+    )
+    .parse()
+    .unwrap();
+    let proxy = Proxy::start(target).await;
+    let mut via = real.clone();
+    via.set_port(Some(proxy.addr.port())).unwrap();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(4);
+    let b = bridge(addr, &accs, "100ms", &rx, via.as_str(), &schema.0, "");
+    let (mut a, mut b) = (node(&b), node(&b));
+    a.start().await;
+    b.start().await;
+    let delivered = |n: usize| {
+        let rx = &rx;
+        move || distinct_items(rx) >= n
+    };
+    for acc in &accs {
+        ledger.add(acc);
+    }
+    wait_for("the first changes", Duration::from_secs(30), delivered(4)).await;
+    proxy.cut();
+    for acc in &accs {
+        ledger.add(acc);
+    }
+    for d in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = readyz(d).await;
+            if code == 503 && body.contains("store") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still ready: {code} {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Past the lease: every node's leases have lapsed by its own clock.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+    for acc in &accs {
+        ledger.add(acc);
+    }
+    wait_for(
+        "every change after the outage",
+        Duration::from_secs(60),
+        delivered(12),
+    )
+    .await;
+    for d in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while readyz(d).await.0 != 200 {
+            assert!(Instant::now() < deadline, "{:?}", readyz(d).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let got = check_deliveries(&rx);
+    assert_eq!(got.len(), 12, "{got:?}");
+    assert!(a.terminate().success(), "{}", a.log());
+    assert!(b.terminate().success(), "{}", b.log());
+    assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
+}
