@@ -392,6 +392,11 @@ impl Cluster {
                             }
                         }
                         Notice::Pace(_) => self.apply_paces(&hosts).await,
+                        Notice::Endpoint(name) => {
+                            if let Some(w) = live.wake(&name) {
+                                w.recheck();
+                            }
+                        }
                     }
                     continue;
                 }

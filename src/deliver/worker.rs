@@ -57,6 +57,9 @@ pub struct Wake {
     rescan: std::sync::atomic::AtomicBool,
     /// The operator enabled the endpoint again (`pollhook endpoint enable`).
     enable: std::sync::atomic::AtomicBool,
+    /// Another node of the cluster disabled or enabled the endpoint: read
+    /// which it is now from the store.
+    recheck: std::sync::atomic::AtomicBool,
 }
 
 impl Wake {
@@ -79,6 +82,18 @@ impl Wake {
     pub fn enable(&self) {
         self.enable.store(true, std::sync::atomic::Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// The endpoint's disabled flag changed in the store (cluster).
+    pub fn recheck(&self) {
+        self.recheck
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn take_recheck(&self) -> bool {
+        self.recheck
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     fn take_enable(&self) -> bool {
@@ -199,6 +214,21 @@ impl Worker {
         // At start, everything is unknown: one scan.
         self.rescan(&mut q).await;
         loop {
+            if self.wake.take_recheck() {
+                match self.store.endpoint_disabled(&ep.name).await {
+                    Ok(None) if health.disabled.is_some() => self.wake.enable(),
+                    Ok(Some(why)) if health.disabled.is_none() => {
+                        warn!(endpoint = %ep.name, "endpoint disabled by another node ({why}); `pollhook endpoint enable {}` sends again", ep.name);
+                        self.status
+                            .endpoint(&ep.name, |s| s.disabled = Some(why.clone()));
+                        health.disabled = Some(why);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read whether the endpoint is disabled")
+                    }
+                }
+            }
             if self.wake.take_enable() {
                 tracing::info!(endpoint = %ep.name, "endpoint enabled: sending again");
                 health = Health::default();

@@ -406,6 +406,29 @@ impl PgStore {
         c.execute(&st, params).await.map_err(pg_err(op))
     }
 
+    /// One statement and a notice to every node, committed together
+    /// (durably): the nodes hear of the change only if it happened.
+    async fn exec_notify(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        notice: Notice,
+    ) -> Result<u64> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err(op))?;
+        let st = tx.prepare_cached(sql).await.map_err(pg_err(op))?;
+        let n = tx.execute(&st, params).await.map_err(pg_err(op))?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&&*self.channel, &notice.encode()],
+        )
+        .await
+        .map_err(pg_err(op))?;
+        tx.commit().await.map_err(pg_err(op))?;
+        Ok(n)
+    }
+
     /// One statement committed with `synchronous_commit = off`: for the
     /// writes the seam says may be lost in a crash (see the module doc).
     async fn exec_relaxed(
@@ -727,11 +750,12 @@ impl Backend for PgStore {
     }
 
     async fn disable_endpoint(&self, endpoint: &str, why: &str) -> Result<()> {
-        self.exec(
+        self.exec_notify(
             "disable endpoint",
             "INSERT INTO disabled (endpoint, why) VALUES ($1, $2)
              ON CONFLICT (endpoint) DO UPDATE SET why = EXCLUDED.why",
             &[&endpoint, &why],
+            Notice::Endpoint(endpoint.to_string()),
         )
         .await
         .map(drop)
@@ -750,10 +774,11 @@ impl Backend for PgStore {
 
     async fn enable_endpoint(&self, endpoint: &str) -> Result<bool> {
         let n = self
-            .exec(
+            .exec_notify(
                 "enable endpoint",
                 "DELETE FROM disabled WHERE endpoint = $1",
                 &[&endpoint],
+                Notice::Endpoint(endpoint.to_string()),
             )
             .await?;
         Ok(n > 0)
@@ -1328,6 +1353,7 @@ mod tests {
                 instance: "bank/acc-1".into(),
             },
             Notice::Pace("api.example.com:8443".into()),
+            Notice::Endpoint("agent".into()),
         ] {
             assert_eq!(Notice::decode(&n.encode()), Some(n));
         }
@@ -1640,6 +1666,9 @@ pub enum Notice {
     Outbox { endpoint: String, instance: String },
     /// A host's shared pause or pace changed (see `PgStore::share_pace`).
     Pace(String),
+    /// An endpoint was disabled or enabled again: every node's worker
+    /// reads which it is now.
+    Endpoint(String),
 }
 
 impl Notice {
@@ -1649,6 +1678,7 @@ impl Notice {
         match self {
             Notice::Outbox { endpoint, instance } => format!("o\t{endpoint}\t{instance}"),
             Notice::Pace(host) => format!("p\t{host}"),
+            Notice::Endpoint(name) => format!("e\t{name}"),
         }
     }
 
@@ -1660,6 +1690,7 @@ impl Notice {
                 instance: instance.to_string(),
             }),
             ("p", host, None) => Some(Notice::Pace(host.to_string())),
+            ("e", name, None) => Some(Notice::Endpoint(name.to_string())),
             _ => None,
         }
     }

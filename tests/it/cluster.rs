@@ -33,6 +33,8 @@ struct Ledger {
     overlaps: AtomicU64,
     /// Every request's arrival, by account.
     arrivals: Mutex<Vec<(Instant, String)>>,
+    /// Arrivals of the account listing (`GET /acc`, discovery).
+    listings: Mutex<Vec<Instant>>,
     /// While set, requests wait (and are counted in `held`).
     hold: AtomicBool,
     held: AtomicU64,
@@ -98,9 +100,23 @@ async fn items(State(l): State<Arc<Ledger>>, Path(acc): Path<String>) -> Json<Va
     Json(json!({ "items": list }))
 }
 
+/// The account listing: every account with items (or opened empty).
+async fn listing(State(l): State<Arc<Ledger>>) -> Json<Value> {
+    l.listings.lock().unwrap().push(Instant::now());
+    let accounts: Vec<Value> = l
+        .items
+        .lock()
+        .unwrap()
+        .keys()
+        .map(|a| json!({ "account_id": a }))
+        .collect();
+    Json(json!({ "accounts": accounts }))
+}
+
 async fn start_ledger() -> (Arc<Ledger>, SocketAddr) {
     let l = Arc::new(Ledger::default());
     let app = Router::new()
+        .route("/acc", get(listing))
         .route("/acc/{acc}/items", get(items))
         .with_state(l.clone());
     (l, serve(app).await)
@@ -196,6 +212,177 @@ fn check_deliveries(rx: &Receiver) -> BTreeSet<String> {
         }
     }
     id_of.into_keys().collect()
+}
+
+/// Discovery runs on one node of the cluster: listings never come from
+/// several nodes at once (each lists every second; three listing
+/// independently would arrive about three times a second). Accounts it
+/// finds are polled by whichever node holds them; when the listing node is
+/// killed, another lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_runs_once_for_the_cluster() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    for a in accounts(3) {
+        ledger.items.lock().unwrap().insert(a, Vec::new());
+    }
+    let connector = format!(
+        "{CONNECTOR}discover:\n  request: {{ url: \"{{{{ base_url }}}}/acc\" }}\n  items: \"$.accounts[*]\"\n  name: \"{{{{ item.account_id }}}}\"\n  with: {{ account: \"{{{{ item.account_id }}}}\" }}\n  schedule: every 1s\n"
+    );
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+store: {{ backend: postgres, url: "{}", schema: {}, lease: 2s }}
+sources:
+  ledger:
+    connector: ledger
+    with: {{ base_url: "http://{addr}" }}
+    for_each: discover
+    schedule: every 200ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: {} }}
+"#,
+        url(),
+        schema.0,
+        rx.url,
+        secret()
+    );
+    let mut nodes: Vec<Daemon> = (0..3)
+        .map(|_| Daemon::new(&bridge, &[("ledger.yaml", connector.clone())]))
+        .collect();
+    for n in &mut nodes {
+        n.start().await;
+    }
+    let listings_since = |from: Instant| -> Vec<Instant> {
+        let l = ledger.listings.lock().unwrap();
+        l.iter().filter(|t| **t >= from).copied().collect()
+    };
+    let spaced = |times: &[Instant]| {
+        times
+            .windows(2)
+            .all(|w| w[1].duration_since(w[0]) >= Duration::from_millis(500))
+    };
+    let from = Instant::now();
+    wait_for("five listings", Duration::from_secs(30), || {
+        listings_since(from).len() >= 5
+    })
+    .await;
+    let seen = listings_since(from);
+    assert!(spaced(&seen), "listings from several nodes: {seen:?}");
+    // A new account is found by the listing node and polled by its holder.
+    ledger.add("a99");
+    wait_for("the new account's item", Duration::from_secs(30), || {
+        distinct_items(&rx) >= 1
+    })
+    .await;
+    // The listing node dies: another one lists, still alone.
+    let lister = {
+        let pg = connect().await.unwrap();
+        let row = pg
+            .query_one(
+                &format!(
+                    "SELECT owner FROM \"{}\".lease WHERE instance = 'discover:ledger'",
+                    schema.0
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, Option<String>>(0).unwrap()
+    };
+    let mut killed = false;
+    for n in &mut nodes {
+        let st = n.status().await;
+        if st["cluster"]["node"].as_str() == Some(lister.as_str()) {
+            n.kill();
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "the listing node {lister} is one of ours");
+    let from = Instant::now();
+    wait_for(
+        "listings from another node",
+        Duration::from_secs(30),
+        || listings_since(from).len() >= 4,
+    )
+    .await;
+    let seen = listings_since(from);
+    assert!(spaced(&seen), "listings from several nodes: {seen:?}");
+    ledger.add("a99");
+    wait_for("the account's next item", Duration::from_secs(30), || {
+        distinct_items(&rx) >= 2
+    })
+    .await;
+    check_deliveries(&rx);
+}
+
+/// An endpoint disabled on one node (it answered `410 Gone`) is disabled
+/// on every node; `pollhook endpoint enable` through one node's admin
+/// server enables it on all, and everything waiting is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_disable_and_enable_reach_every_node() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Script(vec![410].into())).await;
+    let accs = accounts(6);
+    let b = bridge(addr, &accs, "100ms", &rx, &url(), &schema.0, "");
+    let (mut a, mut b) = (node(&b), node(&b));
+    a.start().await;
+    b.start().await;
+    for d in [&a, &b] {
+        d.wait_status("both nodes holding leases", |s| {
+            s["cluster"]["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().filter(|n| n["leases"].as_i64() > Some(0)).count() == 2)
+        })
+        .await;
+    }
+    // One change: its delivery meets the 410, on whichever node holds it.
+    ledger.add("a00");
+    wait_for("the 410", Duration::from_secs(30), || !rx.all().is_empty()).await;
+    for d in [&a, &b] {
+        d.wait_status("the endpoint disabled on every node", |s| {
+            s["endpoints"]["agent"]["disabled"].is_string()
+        })
+        .await;
+    }
+    for acc in &accs {
+        ledger.add(acc);
+    }
+    let out = a
+        .command(&["endpoint", "enable", "agent"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "every change, from both nodes",
+        Duration::from_secs(30),
+        || distinct_items(&rx) == 7,
+    )
+    .await;
+    for d in [&a, &b] {
+        d.wait_status("the endpoint enabled on every node", |s| {
+            s["endpoints"]["agent"]["disabled"].is_null()
+        })
+        .await;
+    }
+    check_deliveries(&rx);
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
 }
 
 /// How many distinct items the receiver accepted.
