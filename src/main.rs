@@ -600,8 +600,10 @@ fn relative(ms: Option<i64>, now_ms: i64) -> String {
 
 fn print_status(s: &pollhook::admin::StatusReport) {
     let now = pollhook::now_ms();
+    let clustered = s.cluster.is_some();
     let mut rows = vec![[
         "INSTANCE",
+        "NODE",
         "LAST POLL",
         "NEXT POLL",
         "OK",
@@ -617,6 +619,7 @@ fn print_status(s: &pollhook::admin::StatusReport) {
     for (k, i) in &s.instances {
         rows.push(vec![
             k.clone(),
+            i.node.clone().unwrap_or("-".into()),
             relative(i.last_poll_ms, now),
             relative(i.next_poll_ms, now),
             i.polls_ok.to_string(),
@@ -632,6 +635,12 @@ fn print_status(s: &pollhook::admin::StatusReport) {
                 .or(i.last_warning.clone())
                 .unwrap_or_default(),
         ]);
+    }
+    if !clustered {
+        // One process: no node column.
+        for r in &mut rows {
+            r.remove(1);
+        }
     }
     table(&rows);
     println!();
@@ -681,6 +690,32 @@ fn print_status(s: &pollhook::admin::StatusReport) {
             ]);
         }
         table(&rows);
+    }
+    if let Some(c) = &s.cluster {
+        println!();
+        let mut rows = vec![["NODE", "LEASES", "HEARTBEAT", "STARTED"]
+            .map(String::from)
+            .to_vec()];
+        for n in &c.nodes {
+            let name = if n.node == c.node {
+                format!("{} (this node)", n.node)
+            } else {
+                n.node.clone()
+            };
+            rows.push(vec![
+                name,
+                n.leases.to_string(),
+                relative(Some(now - n.heartbeat_age_ms), now),
+                relative(Some(n.started_ms), now),
+            ]);
+        }
+        table(&rows);
+        if !c.unheld.is_empty() {
+            println!("not held by any node now: {}", c.unheld.join(", "));
+        }
+        if let Some(e) = &c.error {
+            println!("cannot read the cluster: {e}");
+        }
     }
     if let Some(e) = &s.store.error {
         println!();

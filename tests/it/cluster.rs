@@ -381,6 +381,25 @@ async fn endpoint_disable_and_enable_reach_every_node() {
         .await;
     }
     check_deliveries(&rx);
+    // `pollhook status` shows the nodes and which one holds each instance.
+    let out = a.command(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = a.status().await;
+    let me = s["cluster"]["node"].as_str().unwrap();
+    let other = b.status().await["cluster"]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains(&format!("{me} (this node)")), "{text}");
+    assert!(text.contains(&other), "{text}");
+    assert!(text.contains("NODE") && text.contains("LEASES"), "{text}");
+    let holder = s["instances"]["ledger/a00"]["node"].as_str().unwrap();
+    assert!(holder == me || holder == other, "{s}");
     assert!(a.terminate().success());
     assert!(b.terminate().success());
 }
