@@ -166,3 +166,82 @@ fn postgres_settings_are_checked() {
         );
     }
 }
+
+/// The documented move from the embedded store to PostgreSQL: `state
+/// export` of the stopped sled daemon, `store:` switched to postgres,
+/// `state import`, start. The instance resumes where it was (no event
+/// again, its sequence goes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_store_moves_to_postgres_by_export_and_import() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let bank = Bank::new(&["acc-0001"]);
+    let addr = bank.serve("127.0.0.1:0").await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let endpoints = format!("  agent:\n    url: {}\n    secret: {}", rx.url, secret());
+    let mut d = Daemon::new(
+        &balance_bridge(addr, "50ms", "[agent]", &endpoints, ""),
+        &[("bank-balance.yaml", repo_connector("bank-balance.yaml"))],
+    );
+    d.start().await;
+    d.wait_polls(&["balances/default"], 1).await;
+    bank.set_balance("acc-0001", 900_000);
+    wait_for("the first change", Duration::from_secs(20), || {
+        !rx.accepted().is_empty()
+    })
+    .await;
+    assert!(d.terminate().success());
+    let seen: Vec<_> = rx
+        .accepted()
+        .iter()
+        .map(|d| (d.id.clone(), d.body.clone()))
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let backup = d.dir.path().join("backup.jsonl");
+    let out = d
+        .command(&["state", "export", "-o", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = format!(
+        "store: {{ backend: postgres, url: \"{}\", schema: {} }}",
+        url(),
+        schema.0
+    );
+    std::fs::write(
+        d.config(),
+        balance_bridge(addr, "50ms", "[agent]", &endpoints, &store),
+    )
+    .unwrap();
+    let out = d
+        .command(&["state", "import", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.start().await;
+    let before = polls_of(&d.status().await, "balances/default");
+    d.wait_polls(&["balances/default"], before + 3).await;
+    assert_eq!(rx.accepted().len(), 1, "nothing detected again");
+    bank.set_balance("acc-0001", 800_000);
+    wait_for("the next change", Duration::from_secs(20), || {
+        rx.accepted().len() == 2
+    })
+    .await;
+    let got = rx.accepted();
+    assert_eq!(got[1].body["sequence"], 2, "the sequence goes on");
+    assert_eq!(
+        got[1].body["data"]["previous"],
+        got[0].body["data"]["current"]
+    );
+    assert!(d.terminate().success());
+}
