@@ -7,7 +7,8 @@
 //! removal), checking every event arrived, verified, once or more with one
 //! id. Also prints the daemon's CPU seconds and peak RSS.
 //!
-//! `cargo bench --bench delivery`.
+//! `cargo bench --bench delivery`; `BENCH_STORE=postgres` runs it on a
+//! fresh schema of PostgreSQL (`BENCH_DATABASE_URL`).
 
 #[path = "../examples/mock-bank/bank.rs"]
 mod bank;
@@ -72,9 +73,12 @@ async fn main() {
         .with_state(rx.clone());
     let rx_addr = common::serve(app).await;
 
+    let pg = common::BenchStore::from_env();
+    let store = pg.as_ref().map(|p| p.yaml()).unwrap_or_default();
     let bridge = format!(
         r#"state_dir: state
 admin: {{ listen: "127.0.0.1:0" }}
+{store}
 sources:
   transactions:
     connector: bank-transactions
@@ -123,6 +127,7 @@ endpoints:
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let (cpu0, _) = proc_usage(pid);
+    let commits0 = pg.as_ref().map(|p| p.commits());
     // Back up: time the drain.
     rx.up.store(true, Ordering::SeqCst);
     let start = Instant::now();
@@ -132,12 +137,17 @@ endpoints:
     }
     let drain = start.elapsed().as_secs_f64();
     let (cpu1, rss) = proc_usage(pid);
+    let commits = pg
+        .as_ref()
+        .zip(commits0)
+        .map(|(p, c0)| p.commits() - c0);
     daemon.stop();
 
     let got = rx.ids.lock().unwrap().len();
     println!(
-        "delivery benchmark: {} events in the outbox ({accounts} instances), receiver down then up",
-        depth
+        "delivery benchmark: {} events in the outbox ({accounts} instances) on {}, receiver down then up",
+        depth,
+        if pg.is_some() { "PostgreSQL" } else { "sled" }
     );
     println!(
         "  delivered {got}/{} distinct ({} deliveries, bad signatures {}) in {drain:.2}s: {:.0} events/s out of a deep outbox",
@@ -151,4 +161,10 @@ endpoints:
         cpu1 - cpu0,
         rss as f64 / 1024.0
     );
+    if let Some(c) = commits {
+        println!(
+            "  PostgreSQL transactions during the drain: {c} ({:.0}/s)",
+            c as f64 / drain
+        );
+    }
 }

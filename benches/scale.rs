@@ -26,6 +26,11 @@
 //! (`account_id`, `available`, `currency`, `updated_at`; `ETag: "v<n>"`,
 //! `If-None-Match` → `304`), so `connectors/bank-balance.yaml` runs as is.
 //!
+//! On PostgreSQL: `BENCH_STORE=postgres BENCH_NODES=2 cargo bench --bench
+//! scale` starts that many daemons on one fresh schema (a cluster sharing
+//! the instances); CPU and RSS are then per node, the store's size is the
+//! schema's, and PostgreSQL's committed transactions per second are shown.
+//!
 //! `cargo bench --bench scale` (env: BENCH_INSTANCES (10000),
 //! BENCH_INTERVAL_SECS (10), BENCH_CHANGES_PER_INTERVAL (200), BENCH_SECONDS
 //! (90, the measured window after the first poll of every instance)).
@@ -306,11 +311,12 @@ async fn stalled(what: &str, pid: u32, admin: &str, bank: &Bank) -> ! {
 struct Sampler<'a> {
     /// (seconds into the window, store bytes).
     sizes: Vec<(f64, u64)>,
+    /// The store's size now, bytes.
+    size: &'a dyn Fn() -> u64,
     last_req: u64,
     next: Instant,
     interval: Duration,
     t0: Instant,
-    state_dir: &'a Path,
     pid: u32,
     admin: &'a str,
     bank: &'a Bank,
@@ -322,7 +328,7 @@ impl Sampler<'_> {
         while self.next <= t {
             tokio::time::sleep_until(self.next.into()).await;
             let at = self.t0.elapsed().as_secs_f64();
-            self.sizes.push((at, du(self.state_dir).0));
+            self.sizes.push((at, (self.size)()));
             let req = self.bank.requests.load(Ordering::Relaxed);
             if req == self.last_req {
                 let what = format!("no poll for one interval, {at:.0}s into the measured window");
@@ -384,9 +390,14 @@ async fn main() {
 
     // No host quota would also do (an unconfigured host is unlimited); this
     // is what an operator would write for a bank that allows 2,000/s.
+    let pg = common::BenchStore::from_env();
+    let nodes = env_or("BENCH_NODES", 1).max(1) as usize;
+    assert!(nodes == 1 || pg.is_some(), "BENCH_NODES needs BENCH_STORE=postgres");
+    let store = pg.as_ref().map(|p| p.yaml()).unwrap_or_default();
     let bridge = format!(
         r#"state_dir: state
 admin: {{ listen: "127.0.0.1:0" }}
+{store}
 sources:
   balances:
     connector: bank-balance
@@ -405,12 +416,20 @@ hosts:
     );
 
     let started = Instant::now();
-    let mut daemon = common::Daemon::start("bank-balance.yaml", &bridge, "error").await;
-    let pid = daemon.pid;
-    let admin = daemon.admin.clone();
+    let mut daemons = Vec::new();
+    for _ in 0..nodes {
+        daemons.push(common::Daemon::start("bank-balance.yaml", &bridge, "error").await);
+    }
+    let pids: Vec<u32> = daemons.iter().map(|d| d.pid).collect();
+    let pid = pids[0];
+    let admin = daemons[0].admin.clone();
     let state_dir = state_dir_of(pid);
-    // The bench must never leave the daemon running (Daemon has no Drop).
-    let guard = KillOnDrop(pid);
+    // The bench must never leave a daemon running (Daemon has no Drop).
+    let guards: Vec<KillOnDrop> = pids.iter().map(|p| KillOnDrop(*p)).collect();
+    let size = || match &pg {
+        Some(p) => p.size_bytes(),
+        None => du(&state_dir).0,
+    };
 
     // Warm-up: every instance's first (baseline) poll, then one interval
     // so that every instance polls from its own slot.
@@ -439,22 +458,25 @@ hosts:
     }
     let baseline = started.elapsed();
     let (cpu_warm, rss_warm) = proc_usage(pid);
+    let commits_warm = pg.as_ref().map(|p| p.commits());
     tokio::time::sleep(interval).await;
 
     // The measured window.
     bank.record(true);
     let t0 = Instant::now();
     let (cpu0, _) = proc_usage(pid);
+    let node_cpu0: Vec<f64> = pids.iter().map(|p| proc_usage(*p).0).collect();
+    let commits0 = pg.as_ref().map(|p| p.commits());
     let (self_cpu0, _) = proc_usage(std::process::id());
     let req0 = bank.requests.load(Ordering::Relaxed);
     let nm0 = bank.not_modified.load(Ordering::Relaxed);
     let mut sampler = Sampler {
-        sizes: vec![(0.0, du(&state_dir).0)],
+        sizes: vec![(0.0, size())],
+        size: &size,
         last_req: req0,
         next: t0 + interval,
         interval,
         t0,
-        state_dir: &state_dir,
         pid,
         admin: &admin,
         bank: &bank,
@@ -485,6 +507,18 @@ hosts:
     bank.record(false);
     let wall = t0.elapsed().as_secs_f64();
     let (cpu1, rss_peak) = proc_usage(pid);
+    let node_usage: Vec<(f64, u64, u64)> = pids
+        .iter()
+        .map(|p| {
+            let (c, r) = proc_usage(*p);
+            (c, r, rss_now(*p))
+        })
+        .collect();
+    let commits = pg
+        .as_ref()
+        .zip(commits0)
+        .map(|(p, c0)| p.commits() - c0);
+    let _ = commits_warm;
     let rss_end = rss_now(pid);
     let (self_cpu1, _) = proc_usage(std::process::id());
     let requests = bank.requests.load(Ordering::Relaxed) - req0;
@@ -508,13 +542,21 @@ hosts:
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (size_live, apparent_live) = du(&state_dir);
+    let (size_live, apparent_live) = match &pg {
+        Some(p) => (p.size_bytes(), p.size_bytes()),
+        None => du(&state_dir),
+    };
     // As Daemon::stop, but keeping its temp dir until the store is measured,
     // and not forever.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    for p in &pids {
+        unsafe { libc::kill(*p as i32, libc::SIGTERM) };
+    }
     let term = Instant::now();
     let exited = loop {
-        if daemon.child.try_wait().ok().flatten().is_some() {
+        if daemons
+            .iter_mut()
+            .all(|d| d.child.try_wait().ok().flatten().is_some())
+        {
             break true;
         }
         if term.elapsed() > STALL {
@@ -523,8 +565,11 @@ hosts:
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let shutdown = term.elapsed();
-    drop(guard);
-    let (size_stopped, apparent_stopped) = du(&state_dir);
+    drop(guards);
+    let (size_stopped, apparent_stopped) = match &pg {
+        Some(p) => (p.size_bytes(), p.size_bytes()),
+        None => du(&state_dir),
+    };
 
     // ------------------------------------------------------------- numbers
     let rx = rx.lock().unwrap();
@@ -582,8 +627,12 @@ hosts:
     let cpu_share = (cpu1 - cpu0) / wall;
 
     println!(
-        "scale benchmark: {n} instances of bank-balance every {}s, {per_interval} balance changes per interval, {seconds}s measured",
-        interval.as_secs()
+        "scale benchmark: {n} instances of bank-balance every {}s, {per_interval} balance changes per interval, {seconds}s measured, {}",
+        interval.as_secs(),
+        match &pg {
+            Some(_) => format!("{nodes} node(s) on PostgreSQL"),
+            None => "one node on sled".to_string(),
+        }
     );
     println!(
         "  warm-up: first poll of all {n} instances after {:.1}s (daemon {:.1} CPU s, peak RSS {:.1} MiB so far); window starts one interval later",
@@ -633,6 +682,22 @@ hosts:
         rss_end as f64 / 1024.0,
         (self_cpu1 - self_cpu0) / wall * 100.0
     );
+    if nodes > 1 || pg.is_some() {
+        for (i, ((c1, peak, end), c0)) in node_usage.iter().zip(&node_cpu0).enumerate() {
+            println!(
+                "  node {i}: {:.1}% of one core, peak RSS {:.1} MiB (at the end {:.1} MiB)",
+                (c1 - c0) / wall * 100.0,
+                *peak as f64 / 1024.0,
+                *end as f64 / 1024.0
+            );
+        }
+    }
+    if let Some(c) = commits {
+        println!(
+            "  PostgreSQL: {c} transactions committed in the window ({:.0}/s, every client of the database)",
+            c as f64 / wall
+        );
+    }
     println!(
         "  shutdown: {}",
         if exited {

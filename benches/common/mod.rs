@@ -171,3 +171,65 @@ async fn receive_balance(
     }
     StatusCode::NO_CONTENT
 }
+
+/// `BENCH_STORE=postgres`: the daemons share a fresh schema of the
+/// PostgreSQL server at `BENCH_DATABASE_URL` (default the test server's),
+/// dropped when this goes. Sizes and counts are read with `psql`.
+pub struct BenchStore {
+    pub url: String,
+    pub schema: String,
+}
+
+impl BenchStore {
+    pub fn from_env() -> Option<BenchStore> {
+        if std::env::var("BENCH_STORE").ok()?.as_str() != "postgres" {
+            return None;
+        }
+        let url = std::env::var("BENCH_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("pollhook_bench_{:08x}", rand::random::<u32>());
+        Some(BenchStore { url, schema })
+    }
+
+    /// The `store:` line of the bridge.
+    pub fn yaml(&self) -> String {
+        format!(
+            "store: {{ backend: postgres, url: \"{}\", schema: {}, lease: 15s }}\n",
+            self.url, self.schema
+        )
+    }
+
+    fn psql(&self, sql: &str) -> String {
+        let out = std::process::Command::new("psql")
+            .arg(&self.url)
+            .args(["-Atc", sql])
+            .output()
+            .expect("psql");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Bytes of the schema's tables and indexes.
+    pub fn size_bytes(&self) -> u64 {
+        self.psql(&format!(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = '{}' AND c.relkind = 'r'",
+            self.schema
+        ))
+        .parse()
+        .unwrap_or(0)
+    }
+
+    /// Transactions committed in the database so far (every client's).
+    pub fn commits(&self) -> u64 {
+        self.psql("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for BenchStore {
+    fn drop(&mut self) {
+        self.psql(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema));
+    }
+}
