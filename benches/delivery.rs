@@ -137,10 +137,7 @@ endpoints:
     }
     let drain = start.elapsed().as_secs_f64();
     let (cpu1, rss) = proc_usage(pid);
-    let commits = pg
-        .as_ref()
-        .zip(commits0)
-        .map(|(p, c0)| p.commits() - c0);
+    let commits = pg.as_ref().zip(commits0).map(|(p, c0)| p.commits() - c0);
     daemon.stop();
 
     let got = rx.ids.lock().unwrap().len();

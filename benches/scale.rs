@@ -392,7 +392,10 @@ async fn main() {
     // is what an operator would write for a bank that allows 2,000/s.
     let pg = common::BenchStore::from_env();
     let nodes = env_or("BENCH_NODES", 1).max(1) as usize;
-    assert!(nodes == 1 || pg.is_some(), "BENCH_NODES needs BENCH_STORE=postgres");
+    assert!(
+        nodes == 1 || pg.is_some(),
+        "BENCH_NODES needs BENCH_STORE=postgres"
+    );
     let store = pg.as_ref().map(|p| p.yaml()).unwrap_or_default();
     let bridge = format!(
         r#"state_dir: state
@@ -514,10 +517,7 @@ hosts:
             (c, r, rss_now(*p))
         })
         .collect();
-    let commits = pg
-        .as_ref()
-        .zip(commits0)
-        .map(|(p, c0)| p.commits() - c0);
+    let commits = pg.as_ref().zip(commits0).map(|(p, c0)| p.commits() - c0);
     let _ = commits_warm;
     let rss_end = rss_now(pid);
     let (self_cpu1, _) = proc_usage(std::process::id());

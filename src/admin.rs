@@ -39,6 +39,8 @@ pub struct AdminState {
     pub live: Arc<crate::daemon::Live>,
     /// This node's name in a cluster (PostgreSQL store).
     pub node: Option<String>,
+    /// The dashboard's templates and CSRF value (`GET /`).
+    pub dashboard: Arc<crate::dashboard::Dashboard>,
 }
 
 /// The route of an operation.
@@ -66,11 +68,17 @@ pub async fn serve(
         .route(route::<ops::Events>(), post(operation::<ops::Events>))
         .route(route::<ops::Enable>(), post(operation::<ops::Enable>))
         .route("/state/export", get(export))
+        .route("/ui/replay", post(crate::dashboard::replay))
+        .route("/ui/drop", post(crate::dashboard::drop_letter))
+        .route("/ui/enable", post(crate::dashboard::enable))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
         ))
         .route("/healthz", get(|| async { "ok\n" }))
+        // The dashboard asks for the token itself (a sign-in form).
+        .route("/", get(crate::dashboard::page))
+        .route("/login", post(crate::dashboard::login))
         .with_state(state);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -85,14 +93,9 @@ async fn authorize(
     next: axum::middleware::Next,
 ) -> Response {
     let token = s.live.admin_token.read().expect("token lock").clone();
-    if let Some(token) = token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !crate::deliver::sign::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+    if token.is_some() {
+        // The bearer token, or the dashboard's session cookie.
+        if !crate::dashboard::authorized(token.as_deref(), req.headers()) {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -106,7 +109,7 @@ async fn authorize(
 
 /// The daemon as operator operations see it: its endpoints and their
 /// workers' wake-ups.
-struct Daemon<'a>(&'a crate::daemon::Live);
+pub(crate) struct Daemon<'a>(pub(crate) &'a crate::daemon::Live);
 
 impl ops::Running for Daemon<'_> {
     fn has_endpoint(&self, name: &str) -> bool {
@@ -243,7 +246,13 @@ fn report(s: &AdminState) -> StatusReport {
 }
 
 async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
-    let mut r = report(&s);
+    Json(full_report(&s).await)
+}
+
+/// `/status`: the in-memory report, and in a cluster the nodes and leases
+/// read from the store.
+pub(crate) async fn full_report(s: &AdminState) -> StatusReport {
+    let mut r = report(s);
     if let (Some(node), Some(pg)) = (&s.node, s.store.postgres()) {
         let mut c = ClusterReport {
             node: node.clone(),
@@ -266,7 +275,7 @@ async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
         }
         r.cluster = Some(c);
     }
-    Json(r)
+    r
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {

@@ -217,6 +217,7 @@ async fn poll_held(
                 }
                 changed = events > 0;
                 failures = 0;
+                shared.ops.instance_ok(&inst.key, &c.name);
             }
             Err(PollError::Fenced(msg)) => {
                 info!(instance = %inst.key, "{msg}");
@@ -226,6 +227,9 @@ async fn poll_held(
                 failures += 1;
                 let msg = mask(&e.to_string(), &inst.secrets);
                 warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), failures, "poll failed: {msg}");
+                shared
+                    .ops
+                    .instance_failed(&inst.key, &c.name, e.kind(), &msg);
                 shared
                     .status
                     .polled(&inst.key, &source.name, &c.name, PollOutcome::Failed, |s| {

@@ -110,6 +110,8 @@ pub struct HostGate {
     /// The cluster this node is part of, if any: its quota bookings and
     /// shared pauses.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Where a long pause is announced (`pollhook.quota.throttled`).
+    ops: Option<Arc<crate::opsevents::Ops>>,
 }
 
 #[derive(Default)]
@@ -199,6 +201,7 @@ impl HostGate {
         quota: Option<&HostQuota>,
         stats: Arc<HostStats>,
         cluster: Option<Arc<crate::cluster::Cluster>>,
+        ops: Option<Arc<crate::opsevents::Ops>>,
     ) -> Self {
         let rate = quota.and_then(|q| q.rate.map(|r| (r, q.burst)));
         HostGate {
@@ -212,6 +215,7 @@ impl HostGate {
             stats,
             shared_rate: rate,
             cluster,
+            ops,
         }
     }
 
@@ -361,6 +365,11 @@ impl HostGate {
             }
         }
         let pause = pause?;
+        if let Some(ops) = &self.ops {
+            if a.pause.is_some() {
+                ops.host_paused(&self.name, status, pause);
+            }
+        }
         let until = Instant::now() + pause;
         if t.paused_until.is_none_or(|u| u < until) {
             let now = Instant::now();
@@ -579,20 +588,24 @@ pub struct HostGates {
     /// The cluster, when the store is shared: quotas and pauses hold for
     /// every node.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Operational events (long pauses).
+    ops: Option<Arc<crate::opsevents::Ops>>,
 }
 
 impl HostGates {
     pub fn new(hosts: &BTreeMap<String, HostQuota>) -> Self {
-        Self::in_cluster(hosts, None)
+        Self::in_cluster(hosts, None, None)
     }
 
     /// Gates whose quotas and pauses are shared by `cluster`'s nodes.
     pub fn in_cluster(
         hosts: &BTreeMap<String, HostQuota>,
         cluster: Option<Arc<crate::cluster::Cluster>>,
+        ops: Option<Arc<crate::opsevents::Ops>>,
     ) -> Self {
         let gates = HostGates {
             cluster,
+            ops,
             ..HostGates::default()
         };
         gates.reconfigure(hosts);
@@ -627,6 +640,7 @@ impl HostGates {
                     Some(q),
                     self.host_stats(&name),
                     self.cluster.clone(),
+                    self.ops.clone(),
                 )),
             };
             next.insert(name, (q.clone(), gate));
@@ -660,7 +674,13 @@ impl HostGates {
             .entry(key.clone())
             .or_insert_with(|| {
                 let stats = self.host_stats(&key);
-                Arc::new(HostGate::new(key, None, stats, self.cluster.clone()))
+                Arc::new(HostGate::new(
+                    key,
+                    None,
+                    stats,
+                    self.cluster.clone(),
+                    self.ops.clone(),
+                ))
             })
             .clone()
     }
@@ -847,7 +867,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
-        let gate = HostGate::new("h".into(), None, Default::default(), None);
+        let gate = HostGate::new("h".into(), None, Default::default(), None, None);
         let t0 = Instant::now();
         gate.acquire().await;
         assert_eq!(
@@ -878,7 +898,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_without_published_limits_slows_the_pace_then_it_creeps_back() {
-        let gate = HostGate::new("h".into(), None, Default::default(), None);
+        let gate = HostGate::new("h".into(), None, Default::default(), None, None);
         // 20 requests within a second, then a 429.
         for _ in 0..20 {
             gate.acquire().await;
@@ -916,6 +936,7 @@ mod tests {
             "h".into(),
             Some(&quota),
             Default::default(),
+            None,
             None,
         ));
         let order = Arc::new(Mutex::new(Vec::new()));

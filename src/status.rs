@@ -156,6 +156,19 @@ pub struct Status {
     store: Mutex<StoreHealth>,
     /// Delivery workers running now (see [`WorkerGuard`]).
     workers_alive: std::sync::atomic::AtomicUsize,
+    /// Polls, events and deliveries per minute over the last hour, for the
+    /// dashboard's chart.
+    activity: Mutex<std::collections::VecDeque<Minute>>,
+}
+
+/// What happened in one minute (the dashboard's chart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Minute {
+    /// Minutes since the epoch.
+    pub minute: i64,
+    pub polls: u64,
+    pub events: u64,
+    pub deliveries: u64,
 }
 
 /// Whether the store takes writes, as the last writes found it: a failed
@@ -476,6 +489,32 @@ impl Status {
     /// once, so the two always agree; then `f` updates the rest of the
     /// status. A `seen_evicted` that `f` raises is added to
     /// `pollhook_seen_evicted_total`.
+    /// Counts into the current minute of the activity (an hour is kept).
+    fn bump(&self, f: impl FnOnce(&mut Minute)) {
+        let minute = crate::now_ms().div_euclid(60_000);
+        let mut a = self.activity.lock().expect("status lock");
+        if a.back().is_none_or(|m| m.minute != minute) {
+            a.push_back(Minute {
+                minute,
+                ..Minute::default()
+            });
+            while a.len() > 60 {
+                a.pop_front();
+            }
+        }
+        f(a.back_mut().expect("pushed above"));
+    }
+
+    /// The last hour's activity, oldest minute first.
+    pub fn activity(&self) -> Vec<Minute> {
+        self.activity
+            .lock()
+            .expect("status lock")
+            .iter()
+            .copied()
+            .collect()
+    }
+
     pub fn polled(
         &self,
         key: &str,
@@ -484,6 +523,7 @@ impl Status {
         outcome: PollOutcome,
         f: impl FnOnce(&mut InstanceStatus),
     ) {
+        self.bump(|m| m.polls += 1);
         let label = match outcome {
             PollOutcome::Ok => "ok",
             PollOutcome::NotModified => "not_modified",
@@ -579,6 +619,7 @@ impl Status {
 
     /// An event of `kind` was committed for delivery.
     pub fn count_event(&self, source: &str, kind: &str) {
+        self.bump(|m| m.events += 1);
         self.metrics
             .events
             .get_or_create(&EventLabels {
@@ -673,6 +714,9 @@ impl Status {
             .inc();
         let mut m = self.endpoints.lock().expect("status lock");
         let e = m.entry(name.to_string()).or_default();
+        if matches!(outcome, DeliveryOutcome::Delivered) {
+            self.bump(|m| m.deliveries += 1);
+        }
         match outcome {
             DeliveryOutcome::Delivered => {
                 e.status.delivered += 1;

@@ -230,6 +230,9 @@ impl BenchStore {
 
 impl Drop for BenchStore {
     fn drop(&mut self) {
-        self.psql(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema));
+        self.psql(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        ));
     }
 }

@@ -57,6 +57,35 @@ pub struct RawBridge {
     /// How long the store keeps history and dead letters.
     #[serde(default)]
     pub store: Option<RawStore>,
+    /// pollhook's own events (an instance failing, an endpoint disabled, an
+    /// event dead-lettered, a host throttling) and where they go.
+    #[serde(default)]
+    pub operations: Option<RawOperations>,
+}
+
+/// `operations:`
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Operations")]
+pub struct RawOperations {
+    /// Endpoints that receive operational events (`pollhook.*`).
+    #[schemars(with = "Vec<String>")]
+    pub deliver_to: Spanned<Vec<String>>,
+    /// An instance is announced failing after this many failed polls in a
+    /// row (default 5)...
+    #[serde(default)]
+    pub failing_after: Option<u32>,
+    /// ...or after failing for this long (default 5m), whichever first.
+    #[serde(default)]
+    pub failing_for: Option<NonZeroDur>,
+    /// A host pausing pollhook (`429`/`503` with `Retry-After`) for at least
+    /// this long is announced (default 30s).
+    #[serde(default)]
+    pub throttled_after: Option<NonZeroDur>,
+    /// At most this many operational events a minute (default 30); the
+    /// rest are summarized in one `pollhook.ops.suppressed` event.
+    #[serde(default)]
+    pub max_per_minute: Option<u32>,
 }
 
 /// `store:`

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     /// The cluster this node is part of (a PostgreSQL store): which
     /// instances it polls and delivers for. `None`: it owns everything.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// pollhook's own events (`operations:`).
+    pub(crate) ops: Arc<crate::opsevents::Ops>,
 }
 
 /// The parts of the running configuration that pollers and the admin
@@ -118,7 +120,13 @@ pub async fn run(
     let cluster = store
         .postgres()
         .map(|pg| crate::cluster::Cluster::new(pg.clone(), config.lease));
-    let hosts = Arc::new(HostGates::in_cluster(&config.hosts, cluster.clone()));
+    let ops = Arc::new(crate::opsevents::Ops::default());
+    ops.configure(config.operations.clone());
+    let hosts = Arc::new(HostGates::in_cluster(
+        &config.hosts,
+        cluster.clone(),
+        Some(ops.clone()),
+    ));
     let shared = Arc::new(Shared {
         store: store.clone(),
         status: status.clone(),
@@ -127,7 +135,12 @@ pub async fn run(
         tokens: TokenCache::default(),
         live: live.clone(),
         cluster: cluster.clone(),
+        ops: ops.clone(),
     });
+    let ops_task = tokio::spawn(
+        ops.clone()
+            .run(store.clone(), live.clone(), shutdown.clone()),
+    );
     // The cluster keeps its leases until every poll and delivery is done
     // (its own token, cancelled after them), then gives them back.
     let cluster_stop = CancellationToken::new();
@@ -153,6 +166,7 @@ pub async fn run(
                 hosts: hosts.clone(),
                 live: live.clone(),
                 node: cluster.as_ref().map(|c| c.node.clone()),
+                dashboard: Default::default(),
             };
             let task = tokio::spawn(crate::admin::serve(listener, state, shutdown.clone()));
             Some((task, local))
@@ -265,6 +279,7 @@ pub async fn run(
             set.abort_all().await;
         }
     }
+    ops_task.abort();
     cluster_stop.cancel();
     if let Some(t) = cluster_task {
         let _ = t.await;

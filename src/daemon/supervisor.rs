@@ -70,6 +70,7 @@ impl Supervisor {
     pub(super) async fn apply(&mut self, new: Config) -> String {
         let shared = self.shared.clone();
         let (mut started, mut restarted, mut stopped) = (0, 0, 0);
+        shared.ops.configure(new.operations.clone());
 
         // Endpoints first, so new sources find their wake-ups.
         let eps = crate::reload::endpoints(&new);
@@ -113,6 +114,7 @@ impl Supervisor {
                 status: shared.status.clone(),
                 wake: wake.clone(),
                 cluster: shared.cluster.clone(),
+                ops: shared.ops.clone(),
             };
             let token = self.shutdown.child_token();
             if self.worker_fps.insert(name.clone(), *fp).is_some() {

@@ -35,6 +35,8 @@ pub struct Worker {
     /// In a cluster, this node delivers only the lanes of instances whose
     /// lease it holds (see `crate::cluster`); `None`: every lane.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Where this endpoint's troubles are announced (`operations:`).
+    pub ops: Arc<crate::opsevents::Ops>,
 }
 
 /// A delivery in flight, with the lease it runs under (cluster), kept
@@ -214,9 +216,12 @@ impl Worker {
         // At start, everything is unknown: one scan.
         self.rescan(&mut q).await;
         loop {
+            // Some(true): enabled here (announced); Some(false): enabled by
+            // another node (which announced it).
+            let mut enable: Option<bool> = None;
             if self.wake.take_recheck() {
                 match self.store.endpoint_disabled(&ep.name).await {
-                    Ok(None) if health.disabled.is_some() => self.wake.enable(),
+                    Ok(None) if health.disabled.is_some() => enable = Some(false),
                     Ok(Some(why)) if health.disabled.is_none() => {
                         warn!(endpoint = %ep.name, "endpoint disabled by another node ({why}); `pollhook endpoint enable {}` sends again", ep.name);
                         self.status
@@ -230,7 +235,13 @@ impl Worker {
                 }
             }
             if self.wake.take_enable() {
+                enable = Some(true);
+            }
+            if let Some(announce) = enable {
                 tracing::info!(endpoint = %ep.name, "endpoint enabled: sending again");
+                if announce && health.disabled.is_some() {
+                    self.ops.endpoint_enabled(&ep.name);
+                }
                 health = Health::default();
                 self.status.endpoint(&ep.name, |s| {
                     s.disabled = None;
@@ -529,6 +540,7 @@ impl Worker {
             Outcome::Delivered => {
                 if health.open_until.is_some() {
                     tracing::info!(endpoint = %ep.name, "endpoint answered again: circuit closed");
+                    self.ops.circuit(&ep.name, false, 0);
                 }
                 *health = Health::default();
             }
@@ -536,6 +548,9 @@ impl Worker {
                 let why = "the endpoint answered 410 Gone: disabled, nothing more is sent to it until `pollhook endpoint enable`; its events stay in the outbox".to_string();
                 error!(endpoint = %ep.name, "{why}");
                 self.persist_disabled(&why).await;
+                if health.disabled.is_none() {
+                    self.ops.endpoint_disabled(&ep.name, &why);
+                }
                 health.disabled = Some(why);
             }
             Outcome::Failed { .. } => {
@@ -546,6 +561,7 @@ impl Worker {
                 if health.failures >= ep.circuit.failures {
                     if health.open_until.is_none() {
                         warn!(endpoint = %ep.name, failures = health.failures, probe_every = %humantime::format_duration(ep.circuit.probe_every), "endpoint keeps failing: circuit open, probing");
+                        self.ops.circuit(&ep.name, true, health.failures);
                     }
                     health.open_until = Some(std::time::Instant::now() + ep.circuit.probe_every);
                 }
@@ -557,6 +573,9 @@ impl Worker {
                         );
                         error!(endpoint = %ep.name, "{why}");
                         self.persist_disabled(&why).await;
+                        if health.disabled.is_none() {
+                            self.ops.endpoint_disabled(&ep.name, &why);
+                        }
                         health.disabled = Some(why);
                     }
                 }
@@ -638,6 +657,14 @@ impl Worker {
                         let created_ms = letter.entry.created_ms;
                         match self.store.dead_letter(&key, &letter).await {
                             Ok(()) => {
+                                self.ops.dead_lettered(
+                                    &ep.name,
+                                    &letter.entry.event_id,
+                                    &letter.entry.kind,
+                                    &letter.entry.instance,
+                                    letter.entry.attempts,
+                                    letter.entry.last_error.as_deref(),
+                                );
                                 self.status.delivery(
                                     &ep.name,
                                     created_ms,

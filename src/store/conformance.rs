@@ -568,6 +568,43 @@ pub async fn stored_quotas_survive_a_reopen<F: Fixture>() {
     ));
 }
 
+/// Entries queued without a state (operational events) go at the end of
+/// their lane, in order, and survive a reopen.
+pub async fn queued_entries_join_their_lane_in_order<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    let e = |n: u64| OutboxEntry {
+        event_id: format!("msg_ops_{n}"),
+        instance: "pollhook/ops".into(),
+        kind: "pollhook.instance.failing".into(),
+        sequence: n,
+        body: "{}".into(),
+        attempts: 0,
+        next_attempt_ms: 0,
+        created_ms: n as i64,
+        last_error: None,
+    };
+    store
+        .enqueue(&[("ops".into(), e(1)), ("other".into(), e(1))])
+        .await
+        .unwrap();
+    store.enqueue(&[("ops".into(), e(2))]).await.unwrap();
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    let page = store.outbox_page("ops", None, 10).await.unwrap();
+    let seqs: Vec<u64> = page.iter().map(|(_, e)| e.sequence).collect();
+    assert_eq!(seqs, [1, 2]);
+    assert!(page.iter().all(|(k, _)| k.instance == "pollhook/ops"));
+    let head = store
+        .outbox_head("ops", "pollhook/ops")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head.1.event_id, "msg_ops_1");
+    assert_eq!(store.outbox_stats("other").await.unwrap().0, 1);
+}
+
 /// Runs every check against one backend's fixture.
 macro_rules! suite {
     ($backend:ident, $fixture:ty) => {
@@ -581,7 +618,8 @@ macro_rules! suite {
                 small_records_round_trip,
                 retention_forgets_what_is_old,
                 backups_round_trip_into_an_empty_store,
-                stored_quotas_survive_a_reopen
+                stored_quotas_survive_a_reopen,
+                queued_entries_join_their_lane_in_order
             );
         }
     };

@@ -99,6 +99,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
         fence: Option<&Fence>,
     ) -> impl Future<Output = Result<Vec<EntryKey>>> + Send;
 
+    /// Queues entries that no instance state goes with (pollhook's own
+    /// operational events, lane `pollhook/ops`), each at the end of its
+    /// endpoint's lane of the entry's `instance`, in one durable
+    /// transaction.
+    fn enqueue(
+        &self,
+        deliveries: &[(String, OutboxEntry)],
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Books the next slot of a stored rate quota (see [`crate::gcra`]):
     /// one request every `interval_ms`, `burst` at once after an idle
     /// spell. Returns how long the caller waits before its request goes.
@@ -380,6 +389,9 @@ impl Store {
         burst: u32,
     ) -> Result<std::time::Duration> {
         dispatch!(self, b => b.reserve(key, interval_ms, burst).await)
+    }
+    pub async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {
+        dispatch!(self, b => b.enqueue(deliveries).await)
     }
     /// The PostgreSQL store, when it is one (the cluster's operations).
     pub fn postgres(&self) -> Option<&postgres::PgStore> {

@@ -168,6 +168,9 @@ const MIGRATION_LOCK: i32 = 0x706f_6c6c;
 /// few round trips; 16 keeps the server's backends few per daemon.
 const POOL_SIZE: usize = 16;
 
+/// Connections for the relaxed writes (see [`PgStore::exec_relaxed`]).
+const RELAXED_POOL_SIZE: usize = 8;
+
 /// A driver or pool error whose text is its whole chain of causes.
 ///
 /// tokio-postgres says only "db error" or "error connecting to server" in
@@ -264,6 +267,11 @@ fn limit(n: usize) -> i64 {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Connections whose session commits with `synchronous_commit = off`,
+    /// for the writes the seam says may be lost in a crash: each is one
+    /// autocommitted statement, one round trip (a `SET LOCAL` in a
+    /// transaction would be four: the delivery path's bottleneck).
+    relaxed: Pool,
     /// Attempts recorded by this process, to prune every 100th. Not the
     /// row id: identity values have gaps (rolled back inserts, cached
     /// values lost at a server restart), so "every id divisible by 100"
@@ -302,22 +310,29 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("pollhook");
         }
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_secs(15)))
-            .build()
-            .map_err(|e| open_err(chain(e)))?;
+        let build = |config: tokio_postgres::Config, size: usize| {
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(Duration::from_secs(30)))
+                .create_timeout(Some(Duration::from_secs(15)))
+                .build()
+                .map_err(|e| open_err(chain(e)))
+        };
+        let pool = build(config.clone(), POOL_SIZE)?;
+        let mut relaxed_config = config.clone();
+        relaxed_config.options(format!("-c search_path={schema} -c synchronous_commit=off"));
+        let relaxed = build(relaxed_config, RELAXED_POOL_SIZE)?;
         let store = PgStore {
             pool,
+            relaxed,
             attempts_recorded: Arc::new(AtomicU64::new(0)),
             config: Arc::new(config),
             channel: channel_of(schema).into(),
@@ -430,22 +445,20 @@ impl PgStore {
     }
 
     /// One statement committed with `synchronous_commit = off`: for the
-    /// writes the seam says may be lost in a crash (see the module doc).
+    /// writes the seam says may be lost in a crash (see the module doc),
+    /// autocommitted on a connection of the relaxed pool.
     async fn exec_relaxed(
         &self,
         op: &'static str,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg_err(op))?;
-        tx.batch_execute("SET LOCAL synchronous_commit TO off")
-            .await
-            .map_err(pg_err(op))?;
-        let st = tx.prepare_cached(sql).await.map_err(pg_err(op))?;
-        let n = tx.execute(&st, params).await.map_err(pg_err(op))?;
-        tx.commit().await.map_err(pg_err(op))?;
-        Ok(n)
+        let c = self.relaxed.get().await.map_err(|e| StoreError::Backend {
+            op: "connect",
+            source: chain(e),
+        })?;
+        let st = c.prepare_cached(sql).await.map_err(pg_err(op))?;
+        c.execute(&st, params).await.map_err(pg_err(op))
     }
 
     async fn query(
@@ -664,6 +677,39 @@ impl Backend for PgStore {
         }
         tx.commit().await.map_err(pg_err(OP))?;
         Ok(keys)
+    }
+
+    async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {
+        const OP: &str = "queue";
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err(OP))?;
+        let mut lanes = BTreeSet::new();
+        for (ep, e) in deliveries {
+            tx.execute(
+                "INSERT INTO outbox (endpoint, instance, created_ms, value)
+                 VALUES ($1, $2, $3, $4::text::json)",
+                &[ep, &e.instance, &e.created_ms, &encode(e)],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+            lanes.insert((ep.clone(), e.instance.clone()));
+        }
+        for (endpoint, instance) in lanes {
+            tx.execute(
+                "INSERT INTO lease (instance) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&instance],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+            let notice = Notice::Outbox { endpoint, instance };
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&&*self.channel, &notice.encode()],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+        }
+        tx.commit().await.map_err(pg_err(OP))
     }
 
     async fn reserve(&self, key: &str, interval_ms: f64, burst: u32) -> Result<Duration> {

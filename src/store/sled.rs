@@ -362,6 +362,36 @@ impl Backend for SledStore {
         Ok(keys)
     }
 
+    async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {
+        let encoded: Vec<(EntryKey, Vec<u8>)> = deliveries
+            .iter()
+            .map(|(ep, e)| {
+                let key = EntryKey {
+                    endpoint: ep.clone(),
+                    instance: e.instance.clone(),
+                    seq: 0,
+                };
+                (key, encode(e))
+            })
+            .collect();
+        let ob = self.outbox.clone();
+        blocking(move || {
+            ob.transaction(|t| {
+                for (key, bytes) in &encoded {
+                    let key = EntryKey {
+                        seq: t.generate_id()?,
+                        ..key.clone()
+                    };
+                    t.insert(key_bytes(&key), bytes.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_err("queue"))
+        })
+        .await?;
+        self.flush_group().await
+    }
+
     async fn reserve(&self, key: &str, interval_ms: f64, burst: u32) -> Result<Duration> {
         let (t, k) = (self.quota.clone(), key.to_string());
         let now = crate::now_ms() as f64;

@@ -21,6 +21,7 @@ mod hostile;
 mod language;
 mod metrics;
 mod oauth;
+mod operations;
 mod ops;
 mod polite;
 mod postgres;

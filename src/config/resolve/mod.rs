@@ -51,6 +51,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Delivery attempts older than this are forgotten.
     pub history_retention: Duration,
+    /// `operations:`: where pollhook's own events go (none: nowhere).
+    pub operations: crate::opsevents::OpsPolicy,
     /// PostgreSQL: how long a node's lease on an instance lasts unrenewed
     /// (`store.lease`; see `crate::cluster`).
     pub lease: Duration,
@@ -100,6 +102,7 @@ impl Config {
         }
         let sources = resolve_sources(&mut diag, &raw, &connectors);
         let store = store_location(&mut diag, file, &raw);
+        let operations = operations(&mut diag, &raw, &endpoints);
         let hosts = raw
             .hosts
             .iter()
@@ -144,6 +147,7 @@ impl Config {
                 .and_then(|s| s.history)
                 .map_or(Duration::from_secs(7 * 86400), |d| d.0),
             dead_letter_retention: raw.store.as_ref().and_then(|s| s.dead_letters).map(|d| d.0),
+            operations,
             lease: raw
                 .store
                 .as_ref()
@@ -161,6 +165,64 @@ impl Config {
     pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
         self.sources.iter().find(|s| s.name == name)
     }
+}
+
+/// `operations:`: endpoints that exist; the defaults otherwise. The
+/// window of the per-minute bound is a minute (`POLLHOOK_OPS_WINDOW`
+/// shortens it, for tests).
+fn operations(
+    diag: &mut Diag,
+    raw: &RawBridge,
+    endpoints: &BTreeMap<String, Arc<Endpoint>>,
+) -> crate::opsevents::OpsPolicy {
+    let mut p = crate::opsevents::OpsPolicy::default();
+    let Some(o) = &raw.operations else {
+        return p;
+    };
+    if o.deliver_to.value.is_empty() {
+        diag.at_span(
+            &o.deliver_to,
+            "operations.deliver_to",
+            "expected at least one endpoint",
+        );
+    }
+    for ep in &o.deliver_to.value {
+        if !endpoints.contains_key(ep) {
+            let known: Vec<&str> = endpoints.keys().map(String::as_str).collect();
+            diag.at_span(
+                &o.deliver_to,
+                "operations.deliver_to",
+                format!(
+                    "no endpoint named `{ep}` (defined: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+    p.deliver_to = o.deliver_to.value.clone();
+    if let Some(n) = o.failing_after {
+        p.failing_after = n.max(1);
+    }
+    if let Some(d) = o.failing_for {
+        p.failing_for = d.0;
+    }
+    if let Some(d) = o.throttled_after {
+        p.throttled_after = d.0;
+    }
+    if let Some(n) = o.max_per_minute {
+        p.max_per_window = n;
+    }
+    if let Some(w) = std::env::var("POLLHOOK_OPS_WINDOW")
+        .ok()
+        .and_then(|w| crate::schedule::parse_duration(&w).ok())
+    {
+        p.window = w;
+    }
+    p
 }
 
 /// `store.lease` when not given.

@@ -1,0 +1,729 @@
+//! The dashboard: `GET /` on the admin server, one server-rendered page
+//! (minijinja templates embedded in the binary, no front-end build, no
+//! script) that refreshes itself, and the operator's actions from it
+//! (`POST ui/replay`, `ui/drop`, `ui/enable`).
+//!
+//! **Access.** With `admin.token` set, the page asks for the token once
+//! (`POST login`) and keeps a session cookie: `HttpOnly`,
+//! `SameSite=Strict`, holding a hash of the token (never the token), so it
+//! stops working when the token is rotated. The admin server's bearer check
+//! accepts that cookie too (see `admin::authorize`).
+//!
+//! **Cross-site requests.** Every form carries a per-process random
+//! `csrf` value that another site cannot read (the same-origin policy), and
+//! a POST whose `Origin` is not this server is refused: a page elsewhere
+//! cannot make the operator's browser replay or drop anything, token or
+//! not (a loopback dashboard without a token needs this most).
+//!
+//! **Scale.** Instances are aggregated per source first, then listed
+//! filtered (source, state, name) and paged, 100 a page: 10,000 instances
+//! cost one pass over the in-memory status, not 10,000 table rows.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::Form;
+use minijinja::{context, Environment};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::admin::AdminState;
+use crate::ops::{self, Op};
+
+/// Instances per page.
+const PAGE: usize = 100;
+/// Dead letters shown.
+const DEAD_SHOWN: usize = 100;
+/// The session cookie.
+pub const COOKIE: &str = "pollhook_session";
+
+/// The templates and this process's CSRF value.
+pub struct Dashboard {
+    env: Environment<'static>,
+    csrf: String,
+    /// Seconds between the page's own refreshes.
+    refresh: u32,
+}
+
+impl Default for Dashboard {
+    fn default() -> Self {
+        let mut env = Environment::new();
+        // `.html` names: every value is HTML-escaped.
+        env.add_template("page.html", include_str!("page.html"))
+            .expect("the dashboard template compiles");
+        env.add_template("login.html", include_str!("login.html"))
+            .expect("the login template compiles");
+        let csrf: String = (0..16)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        Dashboard {
+            env,
+            csrf,
+            refresh: 10,
+        }
+    }
+}
+
+/// The session cookie's value for `token`: a hash, so the browser never
+/// holds the token itself.
+pub fn session_of(token: &str) -> String {
+    let d = sha2::Sha256::digest(format!("pollhook dashboard session\0{token}").as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The session cookie's value in a request, if any.
+pub fn session_in(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Whether a request may see the dashboard: no token configured, or the
+/// bearer token, or the session cookie of the current token.
+pub fn authorized(token: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let eq = crate::deliver::sign::constant_time_eq;
+    eq(bearer.as_bytes(), token.as_bytes())
+        || session_in(headers).is_some_and(|s| eq(s.as_bytes(), session_of(token).as_bytes()))
+}
+
+/// A POST from a page of another site: its `Origin` (sent by browsers on
+/// every POST) names another host than the one it was sent to.
+pub fn cross_site(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .trim_end_matches('/');
+    origin == "null" || !origin_host.eq_ignore_ascii_case(host)
+}
+
+/// The page's query: filters and the page of instances.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+pub struct Filter {
+    #[serde(default)]
+    pub q: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub page: usize,
+    #[serde(default)]
+    pub dead_endpoint: String,
+    #[serde(default)]
+    pub dead_source: String,
+    /// A message about the last action.
+    #[serde(default)]
+    pub flash: String,
+}
+
+/// The states an instance is shown in.
+pub const STATES: [&str; 5] = ["ok", "failing", "backing off", "waiting", "elsewhere"];
+
+/// An instance's state for the page. Pure. `elsewhere`: another node of
+/// the cluster holds it.
+pub fn state_of(i: &crate::status::InstanceStatus, this_node: Option<&str>) -> &'static str {
+    if let (Some(me), Some(holder)) = (this_node, i.node.as_deref()) {
+        if me != holder {
+            return "elsewhere";
+        }
+    }
+    match (i.last_poll_ms, i.consecutive_failures) {
+        (None, _) => "waiting",
+        (Some(_), 0) => "ok",
+        // Two failures in a row and the schedule's error back-off has
+        // begun to stretch the interval.
+        (Some(_), 1) => "failing",
+        _ => "backing off",
+    }
+}
+
+/// `3.2s ago`, `in 4s`, `-`.
+fn ago(ms: Option<i64>, now: i64) -> String {
+    let Some(t) = ms else { return "-".into() };
+    let d = (now - t) as f64 / 1000.0;
+    let text = |s: f64| {
+        if s < 60.0 {
+            format!("{s:.1}s")
+        } else if s < 3600.0 {
+            format!("{:.0}m", s / 60.0)
+        } else {
+            format!("{:.1}h", s / 3600.0)
+        }
+    };
+    if d >= 0.0 {
+        format!("{} ago", text(d))
+    } else {
+        format!("in {}", text(-d))
+    }
+}
+
+/// The activity chart: polls, events and deliveries per minute over the
+/// last hour, as an inline SVG (three lines over 60 minutes). Pure.
+pub fn chart(buckets: &[crate::status::Minute], now_ms: i64) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 120.0;
+    let this_minute = now_ms.div_euclid(60_000);
+    let mut cols = [[0u64; 3]; 60];
+    for b in buckets {
+        let back = this_minute - b.minute;
+        if (0..60).contains(&back) {
+            cols[59 - back as usize] = [b.polls, b.events, b.deliveries];
+        }
+    }
+    let max = cols.iter().flatten().copied().max().unwrap_or(0).max(1) as f64;
+    let mut out = format!(
+        r#"<svg id="activity-chart" width="{W}" height="{}" viewBox="0 0 {W} {}" role="img" aria-label="polls, events and deliveries per minute">"#,
+        H + 30.0,
+        H + 30.0
+    );
+    out.push_str(&format!(
+        r##"<line x1="0" y1="{H}" x2="{W}" y2="{H}" stroke="#d0d7de"/>"##
+    ));
+    for (k, (name, colour)) in [
+        ("polls", "#0969da"),
+        ("events", "#1a7f37"),
+        ("deliveries", "#8250df"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let points: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let x = i as f64 * W / 59.0;
+                let y = H - (c[k] as f64 / max) * (H - 10.0);
+                format!("{x:.1},{y:.1}")
+            })
+            .collect();
+        let total: u64 = cols.iter().map(|c| c[k]).sum();
+        out.push_str(&format!(
+            r#"<polyline class="series-{name}" fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
+            points.join(" ")
+        ));
+        out.push_str(&format!(
+            r#"<text x="{}" y="{}" style="fill:{colour}">{name}: {total} in the hour</text>"#,
+            k as f64 * 200.0,
+            H + 22.0
+        ));
+    }
+    out.push_str(&format!(
+        r#"<text x="{}" y="10">peak {max:.0}/min</text></svg>"#,
+        W - 90.0
+    ));
+    out
+}
+
+#[derive(Serialize)]
+struct SourceRow {
+    name: String,
+    connector: String,
+    instances: usize,
+    ok: usize,
+    failing: usize,
+    waiting: usize,
+    events: u64,
+    last_poll: String,
+    #[serde(skip)]
+    last_poll_ms: Option<i64>,
+}
+
+impl Dashboard {
+    fn login(&self, error: Option<&str>) -> Response {
+        let html = self
+            .env
+            .get_template("login.html")
+            .and_then(|t| t.render(context! { csrf => &self.csrf, error => error }));
+        match html {
+            Ok(h) => Html(h).into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        }
+    }
+
+    /// The page, rendered from the daemon's status and store.
+    async fn render(&self, s: &AdminState, f: &Filter) -> Result<String, String> {
+        let now = crate::now_ms();
+        let report = crate::admin::full_report(s).await;
+        let me = s.node.as_deref();
+        // Sources first: one pass over every instance.
+        let mut sources: BTreeMap<String, SourceRow> = BTreeMap::new();
+        let mut matching = Vec::new();
+        for (key, i) in &report.instances {
+            let state = state_of(i, me);
+            let row = sources
+                .entry(i.source.clone())
+                .or_insert_with(|| SourceRow {
+                    name: i.source.clone(),
+                    connector: i.connector.clone(),
+                    instances: 0,
+                    ok: 0,
+                    failing: 0,
+                    waiting: 0,
+                    events: 0,
+                    last_poll: String::new(),
+                    last_poll_ms: None,
+                });
+            row.instances += 1;
+            match state {
+                "ok" => row.ok += 1,
+                "failing" | "backing off" => row.failing += 1,
+                "waiting" => row.waiting += 1,
+                _ => {}
+            }
+            row.events += i.events;
+            row.last_poll_ms = row.last_poll_ms.max(i.last_poll_ms);
+            let keep = (f.source.is_empty() || f.source == i.source)
+                && (f.state.is_empty() || f.state == state)
+                && (f.q.is_empty() || key.contains(&f.q));
+            if keep {
+                matching.push((key, i, state));
+            }
+        }
+        for row in sources.values_mut() {
+            row.last_poll = ago(row.last_poll_ms, now);
+        }
+        let pages = matching.len().div_ceil(PAGE).max(1);
+        let page = f.page.min(pages - 1);
+        let from = page * PAGE;
+        let instances: Vec<_> = matching
+            .iter()
+            .skip(from)
+            .take(PAGE)
+            .map(|(key, i, state)| {
+                context! {
+                    key => key,
+                    state => state,
+                    node => i.node,
+                    last_poll => ago(i.last_poll_ms, now),
+                    next_poll => ago(i.next_poll_ms, now),
+                    interval => i.effective_interval_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or("-".into()),
+                    ok => i.polls_ok,
+                    not_modified => i.polls_not_modified,
+                    failed => i.polls_failed,
+                    events => i.events,
+                    cursor => i.cursor,
+                    error => i.last_error.clone().or(i.last_warning.clone()),
+                }
+            })
+            .collect();
+        let link = |p: usize| {
+            let q = Filter {
+                page: p,
+                flash: String::new(),
+                ..f.clone()
+            };
+            serde_urlencoded::to_string(&q).unwrap_or_default()
+        };
+        let shown = context! {
+            from => if matching.is_empty() { 0 } else { from + 1 },
+            to => (from + PAGE).min(matching.len()),
+            matching => matching.len(),
+            prev => (page > 0).then(|| link(page - 1)),
+            next => (page + 1 < pages).then(|| link(page + 1)),
+        };
+        let mut endpoints = Vec::new();
+        for (name, e) in &report.endpoints {
+            let attempts = s
+                .store
+                .attempts(&crate::store::AttemptQuery {
+                    endpoint: Some(name.clone()),
+                    limit: Some(5),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_default();
+            let state = if e.disabled.is_some() {
+                "disabled"
+            } else if e.circuit_open {
+                "open"
+            } else {
+                "ok"
+            };
+            endpoints.push(context! {
+                name => name,
+                state => state,
+                disabled => e.disabled,
+                queue => e.queue_depth,
+                oldest => ago(e.oldest_pending_ms, now),
+                dead => e.dead_letters,
+                delivered => e.delivered,
+                failed => e.failed_attempts,
+                last_error => e.last_error,
+                attempts => attempts.iter().map(|a| context! {
+                    at => ago(Some(a.at_ms), now),
+                    status => a.status.map_or("-".to_string(), |c| c.to_string()),
+                    latency_ms => a.latency_ms,
+                    outcome => a.outcome,
+                }).collect::<Vec<_>>(),
+            });
+        }
+        let hosts: Vec<_> = report
+            .hosts
+            .iter()
+            .map(|(name, h)| {
+                context! {
+                    name => name,
+                    requests => h.requests,
+                    throttled => h.throttled,
+                    too_many => h.too_many_requests,
+                    pauses => h.pauses,
+                    paused => h.paused_for_ms.map(|ms| format!("{:.1}s more", ms as f64 / 1000.0)),
+                    pace => h.spacing_ms.map(|ms| format!("one per {ms} ms")),
+                }
+            })
+            .collect();
+        let all_dead = s
+            .store
+            .dead_letters(None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let dead_total = all_dead.len();
+        let dead: Vec<_> = all_dead
+            .iter()
+            .filter(|(_, d)| {
+                (f.dead_endpoint.is_empty() || f.dead_endpoint == d.endpoint)
+                    && (f.dead_source.is_empty()
+                        || d.entry.instance.split('/').next() == Some(f.dead_source.as_str()))
+            })
+            .take(DEAD_SHOWN)
+            .map(|(_, d)| {
+                context! {
+                    id => d.entry.event_id,
+                    kind => d.entry.kind,
+                    instance => d.entry.instance,
+                    endpoint => d.endpoint,
+                    attempts => d.entry.attempts,
+                    dead_at => ago(Some(d.dead_at_ms), now),
+                    error => d.entry.last_error,
+                }
+            })
+            .collect();
+        let cluster = report.cluster.as_ref().map(|c| {
+            context! {
+                nodes => c.nodes.iter().map(|n| context! {
+                    node => n.node,
+                    leases => n.leases,
+                    heartbeat => ago(Some(now - n.heartbeat_age_ms), now),
+                    started => ago(Some(n.started_ms), now),
+                }).collect::<Vec<_>>(),
+            }
+        });
+        let activity = s.status.activity();
+        let instance_total = report.instances.len();
+        self.env
+            .get_template("page.html")
+            .and_then(|t| {
+                t.render(context! {
+                    node => me,
+                    now => chrono::DateTime::from_timestamp_millis(now).map(|t| t.format("%H:%M:%S UTC").to_string()),
+                    refresh => self.refresh,
+                    flash => (!f.flash.is_empty()).then_some(&f.flash),
+                    store_error => report.store.error,
+                    reload_error => report.config.last_reload_error,
+                    instance_total => instance_total,
+                    sources => sources.into_values().collect::<Vec<_>>(),
+                    states => STATES,
+                    filter => f,
+                    instances => instances,
+                    shown => shown,
+                    endpoints => endpoints,
+                    hosts => hosts,
+                    dead => dead,
+                    dead_total => dead_total,
+                    cluster => cluster,
+                    csrf => &self.csrf,
+                    chart => minijinja::Value::from_safe_string(chart(&activity, now)),
+                })
+            })
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+fn token_of(s: &AdminState) -> Option<String> {
+    s.live.admin_token.read().expect("token lock").clone()
+}
+
+/// `GET /`: the page, or the sign-in form when a token is needed.
+pub async fn page(
+    State(s): State<AdminState>,
+    Query(f): Query<Filter>,
+    headers: HeaderMap,
+) -> Response {
+    let token = token_of(&s);
+    if !authorized(token.as_deref(), &headers) {
+        return s.dashboard.login(None);
+    }
+    match s.dashboard.render(&s, &f).await {
+        Ok(h) => Html(h).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct Login {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /login`: the token once, a session cookie in return.
+pub async fn login(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Form(l): Form<Login>,
+) -> Response {
+    if cross_site(&headers) || l.csrf != s.dashboard.csrf {
+        return (StatusCode::FORBIDDEN, "cross-site request refused\n").into_response();
+    }
+    let Some(token) = token_of(&s) else {
+        return Redirect::to("./").into_response();
+    };
+    if !crate::deliver::sign::constant_time_eq(l.token.as_bytes(), token.as_bytes()) {
+        let mut r = s.dashboard.login(Some("That is not the admin token."));
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        return r;
+    }
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (
+                header::SET_COOKIE,
+                format!(
+                    "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
+                    session_of(&token)
+                ),
+            ),
+            (header::LOCATION, "./".to_string()),
+        ],
+    )
+        .into_response()
+}
+
+/// A form action: the CSRF value, and which dead letter or endpoint.
+#[derive(Deserialize)]
+pub struct Action {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    endpoint: Option<String>,
+}
+
+/// Runs an action's operation (the same `ops` the CLI uses) and goes back
+/// to the page with what happened.
+async fn act<O: Op>(
+    s: &AdminState,
+    headers: &HeaderMap,
+    a: &Action,
+    op: O,
+    said: impl FnOnce(O::Reply) -> String,
+    anchor: &str,
+) -> Response {
+    if cross_site(headers) || a.csrf != s.dashboard.csrf {
+        return (StatusCode::FORBIDDEN, "cross-site request refused\n").into_response();
+    }
+    let daemon = crate::admin::Daemon(&s.live);
+    let flash = match op.run(&s.store, Some(&daemon)).await {
+        Ok(r) => said(r),
+        Err(e) => format!("failed: {e:#}"),
+    };
+    let q = serde_urlencoded::to_string([("flash", flash)]).unwrap_or_default();
+    Redirect::to(&format!("./?{q}#{anchor}")).into_response()
+}
+
+fn letter_filter(a: &Action) -> ops::Filter {
+    ops::Filter {
+        id: a.id.clone().filter(|i| !i.is_empty()),
+        endpoint: a.endpoint.clone().filter(|e| !e.is_empty()),
+        ..Default::default()
+    }
+}
+
+/// `POST /ui/replay`: one dead letter back in its outbox, same id.
+pub async fn replay(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Form(a): Form<Action>,
+) -> Response {
+    let op = ops::DlqReplay(letter_filter(&a));
+    act(
+        &s,
+        &headers,
+        &a,
+        op,
+        |r| format!("replayed {}", r.replayed),
+        "dead",
+    )
+    .await
+}
+
+/// `POST /ui/drop`: one dead letter deleted.
+pub async fn drop_letter(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Form(a): Form<Action>,
+) -> Response {
+    let op = ops::DlqDrop(letter_filter(&a));
+    act(
+        &s,
+        &headers,
+        &a,
+        op,
+        |r| format!("dropped {}", r.dropped),
+        "dead",
+    )
+    .await
+}
+
+/// `POST /ui/enable`: an endpoint sends again.
+pub async fn enable(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Form(a): Form<Action>,
+) -> Response {
+    let op = ops::Enable {
+        endpoint: a.endpoint.clone().unwrap_or_default(),
+    };
+    act(
+        &s,
+        &headers,
+        &a,
+        op,
+        |r| format!("endpoint {} enabled", r.enabled),
+        "endpoints",
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_session_is_a_hash_of_the_token_and_only_it_opens_the_page() {
+        let s = session_of("tok");
+        assert_ne!(s, "tok");
+        assert_eq!(s.len(), 64);
+        assert!(authorized(None, &HeaderMap::new()));
+        assert!(!authorized(Some("tok"), &HeaderMap::new()));
+        assert!(authorized(
+            Some("tok"),
+            &headers(&[("authorization", "Bearer tok")])
+        ));
+        assert!(!authorized(
+            Some("tok"),
+            &headers(&[("authorization", "Bearer nope")])
+        ));
+        let cookie = format!("a=b; {COOKIE}={s}");
+        assert!(authorized(Some("tok"), &headers(&[("cookie", &cookie)])));
+        // The token itself as a cookie, or the session of another token: no.
+        assert!(!authorized(
+            Some("tok"),
+            &headers(&[("cookie", &format!("{COOKIE}=tok"))])
+        ));
+        assert!(!authorized(Some("new"), &headers(&[("cookie", &cookie)])));
+    }
+
+    #[test]
+    fn posts_from_another_origin_are_cross_site() {
+        let h = |o: &str| headers(&[("host", "127.0.0.1:9464"), ("origin", o)]);
+        assert!(!cross_site(&headers(&[("host", "127.0.0.1:9464")])));
+        assert!(!cross_site(&h("http://127.0.0.1:9464")));
+        assert!(cross_site(&h("http://evil.example")));
+        assert!(cross_site(&h("http://127.0.0.1:9465")));
+        assert!(cross_site(&h("null")));
+    }
+
+    #[test]
+    fn instance_states() {
+        use crate::status::InstanceStatus;
+        let mut i = InstanceStatus::default();
+        assert_eq!(state_of(&i, None), "waiting");
+        i.last_poll_ms = Some(1);
+        assert_eq!(state_of(&i, None), "ok");
+        i.consecutive_failures = 1;
+        assert_eq!(state_of(&i, None), "failing");
+        i.consecutive_failures = 2;
+        assert_eq!(state_of(&i, None), "backing off");
+        i.node = Some("b".into());
+        assert_eq!(state_of(&i, Some("a")), "elsewhere");
+        assert_eq!(state_of(&i, Some("b")), "backing off");
+    }
+
+    #[test]
+    fn the_chart_draws_the_last_hour_and_says_the_totals() {
+        use crate::status::Minute;
+        let now = 100 * 60_000 + 5_000;
+        let svg = chart(
+            &[
+                Minute {
+                    minute: 100,
+                    polls: 10,
+                    events: 2,
+                    deliveries: 2,
+                },
+                Minute {
+                    minute: 99,
+                    polls: 5,
+                    events: 0,
+                    deliveries: 1,
+                },
+                // Older than an hour: left out.
+                Minute {
+                    minute: 30,
+                    polls: 1000,
+                    events: 0,
+                    deliveries: 0,
+                },
+            ],
+            now,
+        );
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+        assert!(svg.contains("polls: 15 in the hour"), "{svg}");
+        assert!(svg.contains("events: 2 in the hour"), "{svg}");
+        assert!(svg.contains("deliveries: 3 in the hour"), "{svg}");
+        assert!(svg.contains("peak 10/min"), "{svg}");
+    }
+
+    #[test]
+    fn times_read_as_ago_and_in() {
+        assert_eq!(ago(None, 0), "-");
+        assert_eq!(ago(Some(0), 1_500), "1.5s ago");
+        assert_eq!(ago(Some(4_000), 0), "in 4.0s");
+        assert_eq!(ago(Some(0), 120_000), "2m ago");
+        assert_eq!(ago(Some(0), 7_200_000), "2.0h ago");
+    }
+}
