@@ -139,7 +139,7 @@ pub struct Filter {
 }
 
 /// The states an instance is shown in.
-pub const STATES: [&str; 5] = ["ok", "failing", "backing off", "waiting", "elsewhere"];
+pub const STATES: [&str; 4] = ["ok", "failing", "waiting", "elsewhere"];
 
 /// An instance's state for the page. Pure. `elsewhere`: another node of
 /// the cluster holds it.
@@ -152,10 +152,9 @@ pub fn state_of(i: &crate::status::InstanceStatus, this_node: Option<&str>) -> &
     match (i.last_poll_ms, i.consecutive_failures) {
         (None, _) => "waiting",
         (Some(_), 0) => "ok",
-        // Two failures in a row and the schedule's error back-off has
-        // begun to stretch the interval.
-        (Some(_), 1) => "failing",
-        _ => "backing off",
+        // Its next poll (shown beside) is pushed back by the error
+        // back-off as the failures add up.
+        _ => "failing",
     }
 }
 
@@ -239,6 +238,8 @@ pub fn chart(buckets: &[crate::status::Minute], now_ms: i64) -> String {
 #[derive(Serialize)]
 struct SourceRow {
     name: String,
+    /// The query that filters the instances by this source.
+    link: String,
     connector: String,
     instances: usize,
     ok: usize,
@@ -275,6 +276,7 @@ impl Dashboard {
             let row = sources
                 .entry(i.source.clone())
                 .or_insert_with(|| SourceRow {
+                    link: serde_urlencoded::to_string([("source", &i.source)]).unwrap_or_default(),
                     name: i.source.clone(),
                     connector: i.connector.clone(),
                     instances: 0,
@@ -288,7 +290,7 @@ impl Dashboard {
             row.instances += 1;
             match state {
                 "ok" => row.ok += 1,
-                "failing" | "backing off" => row.failing += 1,
+                "failing" => row.failing += 1,
                 "waiting" => row.waiting += 1,
                 _ => {}
             }
@@ -457,7 +459,12 @@ impl Dashboard {
                     chart => minijinja::Value::from_safe_string(chart(&activity, now)),
                 })
             })
-            .map_err(|e| format!("{e:#}"))
+            .map_err(|e| {
+                // The detail (with the template's variables) goes to the
+                // log, not to the browser.
+                tracing::error!(error = %format!("{e:#}"), "cannot render the dashboard");
+                format!("cannot render the dashboard: {e}")
+            })
     }
 }
 
@@ -552,7 +559,8 @@ async fn act<O: Op>(
         Err(e) => format!("failed: {e:#}"),
     };
     let q = serde_urlencoded::to_string([("flash", flash)]).unwrap_or_default();
-    Redirect::to(&format!("./?{q}#{anchor}")).into_response()
+    // Relative, so the page also works behind a proxy under a path.
+    Redirect::to(&format!("../?{q}#{anchor}")).into_response()
 }
 
 fn letter_filter(a: &Action) -> ops::Filter {
@@ -676,11 +684,11 @@ mod tests {
         assert_eq!(state_of(&i, None), "ok");
         i.consecutive_failures = 1;
         assert_eq!(state_of(&i, None), "failing");
-        i.consecutive_failures = 2;
-        assert_eq!(state_of(&i, None), "backing off");
+        i.consecutive_failures = 7;
+        assert_eq!(state_of(&i, None), "failing");
         i.node = Some("b".into());
         assert_eq!(state_of(&i, Some("a")), "elsewhere");
-        assert_eq!(state_of(&i, Some("b")), "backing off");
+        assert_eq!(state_of(&i, Some("b")), "failing");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod cluster;
 mod config_errors;
 mod connectors;
 mod crash;
+mod dashboard;
 mod delivery;
 mod delivery_policy;
 mod discover;
