@@ -527,6 +527,21 @@ hosts:
     // The daemon's own view (fetched after the CPU sample: /status of
     // 10,000 instances is not free).
     let status = fetch_status(&admin).await.unwrap_or_default();
+    // The dashboard at this size: the first page of instances, and one
+    // source filtered to a state.
+    let page_times = {
+        let client = reqwest::Client::new();
+        let mut out = Vec::new();
+        for path in ["/", "/?state=failing", "/?page=50"] {
+            let t = Instant::now();
+            let bytes = match client.get(format!("http://{admin}{path}")).send().await {
+                Ok(r) => r.bytes().await.map(|b| b.len()).unwrap_or(0),
+                Err(_) => 0,
+            };
+            out.push((path, t.elapsed(), bytes));
+        }
+        out
+    };
 
     // Grace: every change made must arrive.
     let grace_end = Instant::now() + grace;
@@ -698,6 +713,14 @@ hosts:
             c as f64 / wall
         );
     }
+    println!(
+        "  dashboard (GET, {n} instances): {}",
+        page_times
+            .iter()
+            .map(|(p, t, b)| format!("{p} {:.0} ms ({:.0} KiB)", t.as_secs_f64() * 1000.0, *b as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "  shutdown: {}",
         if exited {
