@@ -717,7 +717,11 @@ hosts:
         "  dashboard (GET, {n} instances): {}",
         page_times
             .iter()
-            .map(|(p, t, b)| format!("{p} {:.0} ms ({:.0} KiB)", t.as_secs_f64() * 1000.0, *b as f64 / 1024.0))
+            .map(|(p, t, b)| format!(
+                "{p} {:.0} ms ({:.0} KiB)",
+                t.as_secs_f64() * 1000.0,
+                *b as f64 / 1024.0
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     );

@@ -104,7 +104,9 @@ pub async fn run(
     hosts: &HostGates,
     only: Option<&str>,
     store: Option<&Store>,
+    user_agent: Option<&str>,
 ) -> Result<Report, DryRunError> {
+    let user_agent: Option<std::sync::Arc<str>> = user_agent.map(Into::into);
     let client = crate::daemon::poll_client();
     let tokens = TokenCache::default();
     let env = FetchEnv {
@@ -112,6 +114,7 @@ pub async fn run(
         hosts,
         rate_limit: None,
         tokens: &tokens,
+        user_agent: user_agent.clone(),
     };
     let mut report = Report {
         source: src.name.clone(),

@@ -38,9 +38,39 @@ pub fn reserve(now: f64, tat: f64, paused_until: f64, interval: f64, burst: u32)
     (start, next)
 }
 
+/// A request that takes its slot only if the quota allows it now (the
+/// check governor makes): `Ok(tat)`, the quota's new theoretical arrival
+/// time, or `Err(wait)`, how long until it would, with nothing taken. For
+/// a connector's long-window `rate_limit`, where the poll is put off
+/// rather than held for hours (and a put-off poll books nothing).
+pub fn take(now: f64, tat: f64, interval: f64, burst: u32) -> Result<f64, f64> {
+    let tolerance = interval * f64::from(burst.max(1) - 1);
+    let allowed_at = tat - tolerance;
+    if now >= allowed_at {
+        Ok(tat.max(now) + interval)
+    } else {
+        Err(allowed_at - now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_allows_the_burst_then_says_how_long_to_wait() {
+        let mut tat = 0.0;
+        for _ in 0..2 {
+            tat = take(1000.0, tat, 100.0, 2).unwrap();
+        }
+        assert_eq!(tat, 1200.0);
+        assert_eq!(take(1000.0, tat, 100.0, 2), Err(100.0));
+        // Nothing was taken: the wait does not grow by asking.
+        assert_eq!(take(1050.0, tat, 100.0, 2), Err(50.0));
+        assert_eq!(take(1100.0, tat, 100.0, 2), Ok(1300.0));
+        // An idle quota: from now.
+        assert_eq!(take(5000.0, 1300.0, 100.0, 1), Ok(5100.0));
+    }
 
     /// Books `n` requests all asked for at `now`, returning their starts.
     fn book(n: usize, now: f64, interval: f64, burst: u32) -> Vec<f64> {

@@ -42,6 +42,7 @@ pub mod discover;
 pub mod dryrun;
 pub mod event;
 pub mod gcra;
+pub mod hints;
 pub mod logfmt;
 pub mod notify;
 pub mod ops;

@@ -532,8 +532,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let source = pollhook::config::Source::for_connector(connector.into(), &pairs)
                     .map_err(anyhow::Error::msg)?;
                 let hosts = pollhook::quota::HostGates::new(&Default::default());
-                let report =
-                    runtime()?.block_on(dryrun::run(&source, &hosts, instance.as_deref(), None))?;
+                let report = runtime()?.block_on(dryrun::run(
+                    &source,
+                    &hosts,
+                    instance.as_deref(),
+                    None,
+                    None,
+                ))?;
                 Ok(print_report(&report, false))
             } else {
                 if !with.is_empty() {
@@ -563,6 +568,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     &hosts,
                     instance.as_deref(),
                     store.as_ref(),
+                    config.user_agent.as_deref(),
                 ))?;
                 if let Some(store) = &store {
                     rt.block_on(store.flush())?;

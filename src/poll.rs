@@ -182,6 +182,7 @@ async fn poll_held(
             hosts: &shared.hosts,
             rate_limit: rate_limit.as_deref(),
             tokens: &shared.tokens,
+            user_agent: shared.live.user_agent(),
         };
         let started = Utc::now();
         if let Some(prev) = last_start {
@@ -192,6 +193,7 @@ async fn poll_held(
         }
         last_start = Some(started);
         let mut changed = false;
+        let mut floor: Option<crate::hints::Floor> = None;
         let took = std::time::Instant::now();
         // Boxed: a task's future is as large as its largest state, and a
         // poll in flight (HTTP, paging, detection) is kilobytes. Inline,
@@ -211,13 +213,29 @@ async fn poll_held(
             .status
             .observe_poll(&source.name, &c.name, took.elapsed());
         match outcome {
-            Ok((next_state, events)) => {
+            Ok((next_state, events, hint)) => {
                 if let Some(n) = next_state {
                     state = n;
                 }
+                floor = hint;
                 changed = events > 0;
                 failures = 0;
                 shared.ops.instance_ok(&inst.key, &c.name);
+            }
+            Err(PollError::Deferred { wait }) => {
+                // Not a failure: the connector's long-window quota has no
+                // request left before `wait`. The next poll is then.
+                tracing::debug!(instance = %inst.key, wait = ?wait, "poll put off by the connector's rate_limit");
+                floor = Some(crate::hints::Floor {
+                    at_least: wait,
+                    reason: format!(
+                        "rate_limit {}: next request allowed in {}",
+                        c.rate_limit
+                            .map(|r| format!("{}/{}", r.count, humantime::format_duration(r.per)))
+                            .unwrap_or_default(),
+                        humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                    ),
+                });
             }
             Err(PollError::Fenced(msg)) => {
                 info!(instance = %inst.key, "{msg}");
@@ -253,6 +271,18 @@ async fn poll_held(
             warn!(instance = %inst.key, "schedule has no future run; instance stops");
             return Stop::Done;
         };
+        // The API asked not to be polled again so soon (`X-Poll-Interval`,
+        // `Cache-Control: max-age`, `Expires`): a floor under the schedule.
+        if let Some(f) = &floor {
+            let earliest = now + chrono::Duration::from_std(f.at_least).unwrap_or_default();
+            if next < earliest {
+                next = source.schedule.in_window(earliest).unwrap_or(earliest);
+            }
+        }
+        shared.status.instance(&inst.key, |s| {
+            s.interval_floor_ms = floor.as_ref().map(|f| f.at_least.as_millis() as u64);
+            s.interval_reason = floor.as_ref().map(|f| f.reason.clone());
+        });
         // A failing upstream is asked again later and later (never sooner
         // than the schedule says), then the schedule resumes on success.
         let backoff = error_backoff(failures, MAX_ERROR_BACKOFF, rand::random::<f64>());
@@ -284,7 +314,7 @@ async fn poll_once(
     state: &InstanceState,
     env: &FetchEnv<'_>,
     fence: Option<&crate::store::Fence>,
-) -> Result<(Option<InstanceState>, usize), PollError> {
+) -> Result<(Option<InstanceState>, usize, Option<crate::hints::Floor>), PollError> {
     let c = &source.connector;
     let now = Utc::now();
     let fetched = fetch(c, inst, state, env, now).await?;
@@ -300,7 +330,7 @@ async fn poll_once(
                 s.last_error = None;
             },
         );
-        return Ok((None, 0));
+        return Ok((None, 0, fetched.floor));
     }
     let detection = detect(
         c,
@@ -407,7 +437,7 @@ async fn poll_once(
                 s.seen_evicted = n;
             }
         });
-    Ok((committed, events.len()))
+    Ok((committed, events.len(), fetched.floor.clone()))
 }
 
 /// A commit that failed is the store's failure, not the upstream's nor

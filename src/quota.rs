@@ -542,9 +542,11 @@ impl RateLimit {
         }
     }
 
-    /// Waits for the next request's turn. A stored quota that cannot be
-    /// booked is an error: the request does not go.
-    pub async fn until_ready(&self) -> Result<(), crate::store::StoreError> {
+    /// Waits for the next request's turn. A stored quota whose next slot
+    /// is further than [`WAIT_IN_POLL`] away is not waited for: the poll
+    /// is put off until then (`Err(Deferred)`), nothing taken. A quota the
+    /// store cannot answer for is an error: the request does not go.
+    pub async fn until_ready(&self) -> Result<(), Deferred> {
         match self {
             RateLimit::Local(l) => {
                 l.until_ready().await;
@@ -554,13 +556,29 @@ impl RateLimit {
                 store,
                 key,
                 interval_ms,
-            } => {
-                let wait = store.reserve(key, *interval_ms, 1).await?;
-                tokio::time::sleep(wait).await;
-                Ok(())
-            }
+            } => loop {
+                match store.take_quota(key, *interval_ms, 1).await {
+                    Ok(None) => return Ok(()),
+                    Ok(Some(wait)) if wait <= WAIT_IN_POLL => tokio::time::sleep(wait).await,
+                    Ok(Some(wait)) => return Err(Deferred::Until(wait)),
+                    Err(e) => return Err(Deferred::Store(e.to_string())),
+                }
+            },
         }
     }
+}
+
+/// The longest a poll waits for its connector's stored quota; a longer
+/// wait puts the poll off instead (a shutdown must not wait for it).
+pub const WAIT_IN_POLL: Duration = Duration::from_secs(5);
+
+/// Why a stored quota did not let a request go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Deferred {
+    /// Not before this long.
+    Until(Duration),
+    /// The store could not say.
+    Store(String),
 }
 
 /// A rate limiter for `rate`, allowing `burst` at once.

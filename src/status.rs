@@ -19,6 +19,14 @@ pub struct InstanceStatus {
     pub source: String,
     pub instance: String,
     pub connector: String,
+    /// The least time between polls that the API asked for
+    /// (`X-Poll-Interval`, `Cache-Control: max-age`, `Expires`), when it
+    /// did, and which header said so: why the interval is longer than the
+    /// schedule's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_floor_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_reason: Option<String>,
     /// In a cluster: the node holding the instance's lease now (it polls
     /// it and delivers its events); `None` when no node does.
     #[serde(default, skip_serializing_if = "Option::is_none")]

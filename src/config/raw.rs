@@ -57,6 +57,11 @@ pub struct RawBridge {
     /// How long the store keeps history and dead letters.
     #[serde(default)]
     pub store: Option<RawStore>,
+    /// The `User-Agent` of every poll (default `pollhook/<version>`); a
+    /// connector's `request.user_agent` overrides it. Public APIs often
+    /// ask for contact details: `"acme-agents/1.0 (ops@acme.example)"`.
+    #[serde(default)]
+    pub user_agent: Option<String>,
     /// pollhook's own events (an instance failing, an endpoint disabled, an
     /// event dead-lettered, a host throttling) and where they go.
     #[serde(default)]
@@ -493,6 +498,11 @@ pub struct RawConnector {
     /// by everything calling a host are `hosts:` in bridge.yaml.
     #[serde(default)]
     pub rate_limit: Option<Rate>,
+    /// Honour what the API says about polling it (`X-Poll-Interval`,
+    /// `Cache-Control: max-age`, `Expires`) as a floor under the schedule
+    /// (default true).
+    #[serde(default)]
+    pub poll_hints: Option<bool>,
     /// The request of one poll.
     pub request: RawRequest,
     /// How `for_each: discover` sources find their instances.
@@ -606,6 +616,13 @@ pub struct RawRequest {
     /// Largest response body accepted, in bytes (default 10 MiB).
     #[serde(default)]
     pub max_response_bytes: Option<u64>,
+    /// The `User-Agent` of this connector's requests (a template: e.g.
+    /// `"{{ app }} ({{ contact }})"`), instead of the bridge's
+    /// `user_agent`. Some public APIs refuse requests without a descriptive
+    /// one with contact details.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub user_agent: Option<Spanned<TemplateSrc>>,
 }
 
 /// `request.auth:`

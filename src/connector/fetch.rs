@@ -8,9 +8,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use minijinja::Value as Ctx;
 use reqwest::header::{
     HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, LAST_MODIFIED, LINK,
+    IF_NONE_MATCH, LAST_MODIFIED, LINK, USER_AGENT,
 };
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 use super::auth::{form_encode, TokenCache, TokenRequest};
 use super::detect::Listing;
@@ -52,6 +53,11 @@ pub enum PollError {
     /// was written, so the next poll detects the same changes again.
     #[error("cannot commit to the store: {0}")]
     Store(String),
+    /// The connector's `rate_limit` (counted in the store) allows no
+    /// request before `wait`: the poll is put off, nothing was sent. Not
+    /// a failure.
+    #[error("the connector's rate_limit allows the next request in {}", humantime::format_duration(Duration::from_secs(wait.as_secs())))]
+    Deferred { wait: Duration },
     /// A cluster node lost the instance's lease during the poll: its
     /// commit was refused, and the node that holds the lease now polls.
     #[error("{0}")]
@@ -72,6 +78,7 @@ impl PollError {
             PollError::Detect(_) => "detect",
             PollError::Store(_) => "store",
             PollError::Fenced(_) => "fenced",
+            PollError::Deferred { .. } => "deferred",
         }
     }
 }
@@ -95,6 +102,9 @@ pub struct Fetched {
     pub warning: Option<String>,
     /// Some page was XML.
     pub xml: bool,
+    /// What the first answer said about polling again (`X-Poll-Interval`,
+    /// `Cache-Control`, `Expires`), when the connector honours it.
+    pub floor: Option<crate::hints::Floor>,
 }
 
 impl Fetched {
@@ -183,6 +193,8 @@ pub struct FetchEnv<'a> {
     pub rate_limit: Option<&'a crate::quota::RateLimit>,
     /// OAuth2 tokens, shared by every instance.
     pub tokens: &'a TokenCache,
+    /// The bridge's `user_agent`, for connectors that set none.
+    pub user_agent: Option<Arc<str>>,
 }
 
 /// The rendered request, before paging changes its URL.
@@ -417,6 +429,11 @@ pub async fn fetch(
                 .request(c.request.method.clone(), url.clone())
                 .headers(p.headers.clone())
                 .timeout(c.request.timeout);
+            if !p.headers.contains_key(USER_AGENT) {
+                if let Some(ua) = &env.user_agent {
+                    req = req.header(USER_AGENT, ua.as_ref());
+                }
+            }
             if let Some((u, pw)) = &p.basic {
                 req = req.basic_auth(u, pw.as_ref());
             }
@@ -439,9 +456,17 @@ pub async fn fetch(
             }
             // Politeness: the connector's own quota, then the host's.
             if let Some(l) = env.rate_limit {
-                l.until_ready().await.map_err(|e| {
-                    PollError::Store(format!("cannot book the connector's rate_limit: {e}"))
-                })?;
+                match l.until_ready().await {
+                    Ok(()) => {}
+                    Err(crate::quota::Deferred::Until(wait)) => {
+                        return Err(PollError::Deferred { wait })
+                    }
+                    Err(crate::quota::Deferred::Store(e)) => {
+                        return Err(PollError::Store(format!(
+                            "cannot take a request from the connector's rate_limit: {e}"
+                        )))
+                    }
+                }
             }
             let gate = env.hosts.for_url(&url);
             _permit = gate.acquire().await;
@@ -478,6 +503,9 @@ pub async fn fetch(
             break resp;
         };
         let status = resp.status().as_u16();
+        if first && c.poll_hints {
+            out.floor = crate::hints::floor(resp.headers(), std::time::SystemTime::now());
+        }
         if status == 304 && conditional {
             out.log.push(RequestLog {
                 method: c.request.method.to_string(),

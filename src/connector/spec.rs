@@ -28,6 +28,8 @@ pub struct Connector {
     pub params: BTreeMap<String, Param>,
     pub schedule: Option<Schedule>,
     pub rate_limit: Option<Rate>,
+    /// Whether the API's polling hints floor the schedule (see `hints`).
+    pub poll_hints: bool,
     pub request: RequestSpec,
     /// How response bodies are read.
     pub format: Format,

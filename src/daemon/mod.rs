@@ -51,6 +51,8 @@ pub struct Live {
     pub wakes: RwLock<BTreeMap<String, Arc<Wake>>>,
     /// The admin bearer token (`admin.token`), rotated by a reload.
     pub admin_token: RwLock<Option<String>>,
+    /// The bridge's `user_agent` for polls, changed by a reload.
+    pub user_agent: RwLock<Option<Arc<str>>>,
 }
 
 impl Live {
@@ -60,6 +62,10 @@ impl Live {
             .expect("wakes lock")
             .get(endpoint)
             .cloned()
+    }
+
+    pub fn user_agent(&self) -> Option<Arc<str>> {
+        self.user_agent.read().expect("user agent lock").clone()
     }
 
     pub fn endpoints(&self) -> Vec<String> {

@@ -71,6 +71,8 @@ impl Supervisor {
         let shared = self.shared.clone();
         let (mut started, mut restarted, mut stopped) = (0, 0, 0);
         shared.ops.configure(new.operations.clone());
+        *shared.live.user_agent.write().expect("user agent lock") =
+            new.user_agent.as_deref().map(Arc::from);
 
         // Endpoints first, so new sources find their wake-ups.
         let eps = crate::reload::endpoints(&new);
@@ -272,6 +274,7 @@ pub(super) async fn discover_loop(
         hosts: &shared.hosts,
         rate_limit: rate_limit.as_deref(),
         tokens: &shared.tokens,
+        user_agent: shared.live.user_agent(),
     };
     let cx = crate::discover::DiscoverEnv {
         store: &shared.store,

@@ -108,17 +108,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
         deliveries: &[(String, OutboxEntry)],
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Books the next slot of a stored rate quota (see [`crate::gcra`]):
-    /// one request every `interval_ms`, `burst` at once after an idle
-    /// spell. Returns how long the caller waits before its request goes.
-    /// Durable: the booking survives a restart, which is the point of
-    /// storing it (a `4/1d` quota must not be spent again by restarting).
-    fn reserve(
+    /// Takes a request's slot of a stored rate quota if it allows one now
+    /// (see [`crate::gcra::take`]): one request every `interval_ms`,
+    /// `burst` at once after an idle spell. `None`: taken, go; `Some(wait)`:
+    /// not before `wait`, nothing taken. Durable: what was taken survives a
+    /// restart, which is the point of storing it (a `4/1d` quota must not
+    /// be spent again by restarting).
+    fn take_quota(
         &self,
         key: &str,
         interval_ms: f64,
         burst: u32,
-    ) -> impl Future<Output = Result<std::time::Duration>> + Send;
+    ) -> impl Future<Output = Result<Option<std::time::Duration>>> + Send;
 
     /// When an instance's next poll is due, kept apart from its state so
     /// that it costs one small write per poll whatever the state's size.
@@ -382,13 +383,13 @@ impl Store {
     ) -> Result<Vec<EntryKey>> {
         dispatch!(self, b => b.commit_poll(instance, state, deliveries, fence).await)
     }
-    pub async fn reserve(
+    pub async fn take_quota(
         &self,
         key: &str,
         interval_ms: f64,
         burst: u32,
-    ) -> Result<std::time::Duration> {
-        dispatch!(self, b => b.reserve(key, interval_ms, burst).await)
+    ) -> Result<Option<std::time::Duration>> {
+        dispatch!(self, b => b.take_quota(key, interval_ms, burst).await)
     }
     pub async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {
         dispatch!(self, b => b.enqueue(deliveries).await)

@@ -168,6 +168,11 @@ const MIGRATION_LOCK: i32 = 0x706f_6c6c;
 /// few round trips; 16 keeps the server's backends few per daemon.
 const POOL_SIZE: usize = 16;
 
+/// Attempts written together (see `PgStore::pending_attempts`).
+const ATTEMPT_BATCH: usize = 64;
+/// The longest an attempt waits for its batch while others come.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(200);
+
 /// Connections for the relaxed writes (see [`PgStore::exec_relaxed`]).
 const RELAXED_POOL_SIZE: usize = 8;
 
@@ -277,6 +282,12 @@ pub struct PgStore {
     /// values lost at a server restart), so "every id divisible by 100"
     /// could skip pruning for a long time.
     attempts_recorded: Arc<AtomicU64>,
+    /// Attempts not written yet, and when the oldest came: history is not
+    /// durable (the seam says so), so attempts are written in batches, one
+    /// multi-row insert per [`ATTEMPT_BATCH`] or [`ATTEMPT_DELAY`],
+    /// instead of one round trip per delivery. Reads of the history
+    /// (`attempts`, exports, pruning, `flush`) write the batch first.
+    pending_attempts: Arc<std::sync::Mutex<(Vec<AttemptRecord>, Option<std::time::Instant>)>>,
     /// The connection settings, for the `LISTEN` connection, which lives
     /// outside the pool (see [`PgStore::listen`]).
     config: Arc<tokio_postgres::Config>,
@@ -334,6 +345,7 @@ impl PgStore {
             pool,
             relaxed,
             attempts_recorded: Arc::new(AtomicU64::new(0)),
+            pending_attempts: Arc::default(),
             config: Arc::new(config),
             channel: channel_of(schema).into(),
         };
@@ -470,6 +482,51 @@ impl PgStore {
         let c = self.client().await?;
         let st = c.prepare_cached(sql).await.map_err(pg_err(op))?;
         c.query(&st, params).await.map_err(pg_err(op))
+    }
+
+    /// Writes the attempts waiting for their batch (one round trip), and
+    /// keeps the newest [`ATTEMPTS_KEPT`] every 100 attempts or so.
+    async fn write_attempts(&self) -> Result<()> {
+        let batch = {
+            let mut p = self.pending_attempts.lock().expect("attempts lock");
+            p.1 = None;
+            std::mem::take(&mut p.0)
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut events = Vec::with_capacity(batch.len());
+        let mut endpoints = Vec::with_capacity(batch.len());
+        let mut ats = Vec::with_capacity(batch.len());
+        let mut values = Vec::with_capacity(batch.len());
+        for rec in &batch {
+            events.push(rec.event_id.as_str());
+            endpoints.push(rec.endpoint.as_str());
+            ats.push(rec.at_ms);
+            values.push(encode(rec));
+        }
+        self.exec_relaxed(
+            "record attempts",
+            "INSERT INTO attempts (event_id, endpoint, at_ms, value)
+             SELECT e, p, a, v::json
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY AS t(e, p, a, v, n)
+             ORDER BY n",
+            &[&events, &endpoints, &ats, &values],
+        )
+        .await?;
+        let before = self.attempts_recorded.fetch_add(batch.len() as u64, SeqCst);
+        if before / 100 != (before + batch.len() as u64) / 100 {
+            // Keeps the newest ATTEMPTS_KEPT by rank, not by id arithmetic
+            // (ids have gaps): one index walk from the newest end.
+            self.exec_relaxed(
+                "prune attempts",
+                "DELETE FROM attempts WHERE id <= (
+                     SELECT id FROM attempts ORDER BY id DESC OFFSET $1 LIMIT 1)",
+                &[&(ATTEMPTS_KEPT as i64)],
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     fn state_of(
@@ -712,8 +769,42 @@ impl Backend for PgStore {
         tx.commit().await.map_err(pg_err(OP))
     }
 
-    async fn reserve(&self, key: &str, interval_ms: f64, burst: u32) -> Result<Duration> {
-        self.book(key, interval_ms, burst, true).await
+    async fn take_quota(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+    ) -> Result<Option<Duration>> {
+        const OP: &str = "take quota";
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err(OP))?;
+        tx.execute(
+            "INSERT INTO quota (key) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&key],
+        )
+        .await
+        .map_err(pg_err(OP))?;
+        let row = tx
+            .query_one(
+                "SELECT tat_ms, now_ms()::float8 FROM quota WHERE key = $1 FOR UPDATE",
+                &[&key],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+        let (tat, now): (f64, f64) = (row.get(0), row.get(1));
+        match crate::gcra::take(now, tat, interval_ms, burst) {
+            Ok(next) => {
+                tx.execute(
+                    "UPDATE quota SET tat_ms = $2 WHERE key = $1",
+                    &[&key, &next],
+                )
+                .await
+                .map_err(pg_err(OP))?;
+                tx.commit().await.map_err(pg_err(OP))?;
+                Ok(None)
+            }
+            Err(wait) => Ok(Some(Duration::from_millis(wait.max(0.0).ceil() as u64))),
+        }
     }
 
     async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
@@ -1051,28 +1142,20 @@ impl Backend for PgStore {
     }
 
     async fn record_attempt(&self, rec: &AttemptRecord) -> Result<()> {
-        self.exec_relaxed(
-            "record attempt",
-            "INSERT INTO attempts (event_id, endpoint, at_ms, value)
-             VALUES ($1, $2, $3, $4::text::json)",
-            &[&rec.event_id, &rec.endpoint, &rec.at_ms, &encode(rec)],
-        )
-        .await?;
-        if (self.attempts_recorded.fetch_add(1, SeqCst) + 1) % 100 == 0 {
-            // Keeps the newest ATTEMPTS_KEPT by rank, not by id arithmetic
-            // (ids have gaps): one index walk from the newest end.
-            self.exec_relaxed(
-                "prune attempts",
-                "DELETE FROM attempts WHERE id <= (
-                     SELECT id FROM attempts ORDER BY id DESC OFFSET $1 LIMIT 1)",
-                &[&(ATTEMPTS_KEPT as i64)],
-            )
-            .await?;
+        let due = {
+            let mut p = self.pending_attempts.lock().expect("attempts lock");
+            p.0.push(rec.clone());
+            let first = *p.1.get_or_insert_with(std::time::Instant::now);
+            p.0.len() >= ATTEMPT_BATCH || first.elapsed() >= ATTEMPT_DELAY
+        };
+        if due {
+            self.write_attempts().await?;
         }
         Ok(())
     }
 
     async fn attempts(&self, q: &AttemptQuery) -> Result<Vec<AttemptRecord>> {
+        self.write_attempts().await?;
         let rows = self
             .query(
                 "scan attempts",
@@ -1088,6 +1171,7 @@ impl Backend for PgStore {
     }
 
     async fn prune_attempts(&self, before_ms: i64) -> Result<usize> {
+        self.write_attempts().await?;
         let n = self
             .exec(
                 "prune attempts",
@@ -1104,6 +1188,9 @@ impl Backend for PgStore {
         after: Option<Vec<u8>>,
         limit_n: usize,
     ) -> Result<Page> {
+        if kind == RecordKind::Attempt {
+            self.write_attempts().await?;
+        }
         // Every query's first column is what pages are cut on: a name for
         // the named records, a number for the numbered ones (the outbox in
         // detection order across the whole store, which import keeps).
@@ -1296,10 +1383,10 @@ impl Backend for PgStore {
         }
     }
 
-    /// Nothing to do: every commit that must be durable already is (see
-    /// the module doc).
+    /// Every commit that must be durable already is (see the module
+    /// doc); what waits is the history's last batch.
     async fn flush(&self) -> Result<()> {
-        Ok(())
+        self.write_attempts().await
     }
 }
 

@@ -392,28 +392,42 @@ impl Backend for SledStore {
         self.flush_group().await
     }
 
-    async fn reserve(&self, key: &str, interval_ms: f64, burst: u32) -> Result<Duration> {
+    async fn take_quota(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+    ) -> Result<Option<Duration>> {
         let (t, k) = (self.quota.clone(), key.to_string());
         let now = crate::now_ms() as f64;
-        let start = blocking(move || {
-            // Compare-and-swap: concurrent bookings of one key each get
-            // their own slot.
-            let mut start = now;
+        let wait = blocking(move || {
+            // Compare-and-swap: two takers of one key never both get the
+            // last slot.
+            let mut wait = None;
             t.fetch_and_update(k.as_bytes(), |old| {
                 let tat = old
                     .and_then(|b| b.try_into().ok())
                     .map_or(0.0, f64::from_be_bytes);
-                let (s, next) = crate::gcra::reserve(now, tat, 0.0, interval_ms, burst);
-                start = s;
-                Some(next.to_be_bytes().to_vec())
+                match crate::gcra::take(now, tat, interval_ms, burst) {
+                    Ok(next) => {
+                        wait = None;
+                        Some(next.to_be_bytes().to_vec())
+                    }
+                    Err(w) => {
+                        wait = Some(w);
+                        old.map(|b| b.to_vec())
+                    }
+                }
             })
-            .map_err(sled_err("book quota"))?;
-            Ok(start)
+            .map_err(sled_err("take quota"))?;
+            Ok(wait)
         })
         .await?;
-        // Durable before the request goes (see the trait).
-        self.flush_group().await?;
-        Ok(Duration::from_millis((start - now).max(0.0) as u64))
+        if wait.is_none() {
+            // Durable before the request goes (see the trait).
+            self.flush_group().await?;
+        }
+        Ok(wait.map(|w| Duration::from_millis(w.max(0.0).ceil() as u64)))
     }
 
     async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {

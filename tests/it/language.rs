@@ -86,6 +86,7 @@ impl Poller {
             hosts: &self.hosts,
             rate_limit: None,
             tokens: &self.tokens,
+            user_agent: None,
         };
         fetch(&self.c, &self.inst, &self.state, &env, chrono::Utc::now())
             .await

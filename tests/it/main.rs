@@ -18,6 +18,7 @@ mod delivery_policy;
 mod discover;
 mod disk_full;
 mod docs;
+mod etiquette;
 mod hostile;
 mod language;
 mod metrics;

@@ -104,6 +104,7 @@ async fn connectors_differing_only_in_token_params_get_their_own_tokens() {
         hosts: &hosts,
         rate_limit: None,
         tokens: &tokens,
+        user_agent: None,
     };
     let conns: Vec<_> = ["billing", "ledger"]
         .iter()

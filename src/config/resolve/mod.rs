@@ -51,6 +51,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Delivery attempts older than this are forgotten.
     pub history_retention: Duration,
+    /// The `User-Agent` of polls (`user_agent`), when set.
+    pub user_agent: Option<String>,
     /// `operations:`: where pollhook's own events go (none: nowhere).
     pub operations: crate::opsevents::OpsPolicy,
     /// PostgreSQL: how long a node's lease on an instance lasts unrenewed
@@ -103,6 +105,17 @@ impl Config {
         let sources = resolve_sources(&mut diag, &raw, &connectors);
         let store = store_location(&mut diag, file, &raw);
         let operations = operations(&mut diag, &raw, &endpoints);
+        if let Some(ua) = &raw.user_agent {
+            if ua.trim().is_empty() || reqwest::header::HeaderValue::from_str(ua).is_err() {
+                let line = diag.line_of("user_agent");
+                diag.at(
+                    line,
+                    0,
+                    "user_agent",
+                    "expected a User-Agent header value: printable text on one line, such as `acme-agents/1.0 (ops@acme.example)`",
+                );
+            }
+        }
         let hosts = raw
             .hosts
             .iter()
@@ -148,6 +161,7 @@ impl Config {
                 .map_or(Duration::from_secs(7 * 86400), |d| d.0),
             dead_letter_retention: raw.store.as_ref().and_then(|s| s.dead_letters).map(|d| d.0),
             operations,
+            user_agent: raw.user_agent.clone(),
             lease: raw
                 .store
                 .as_ref()

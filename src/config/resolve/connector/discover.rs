@@ -73,6 +73,8 @@ fn lister_of(raw: &RawConnector, d: &RawDiscover, name: &str) -> RawConnector {
         params: raw.params.clone(),
         schedule: None,
         rate_limit: raw.rate_limit,
+        // A listing's schedule is the discovery's own.
+        poll_hints: Some(false),
         request: d.request.clone(),
         discover: None,
         response: d.response.clone(),

@@ -157,6 +157,7 @@ pub(crate) fn resolve_connector(
         params,
         schedule: raw.schedule.as_ref().map(|s| s.0.clone()),
         rate_limit: raw.rate_limit,
+        poll_hints: raw.poll_hints.unwrap_or(true),
         request: request.expect("no errors"),
         format: raw
             .response

@@ -34,6 +34,22 @@ pub(super) fn resolve_request(cx: &mut Cx, req: &RawRequest) -> Option<RequestSp
             headers.push((k.clone(), t));
         }
     }
+    if let Some(ua) = &req.user_agent {
+        if req
+            .headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("user-agent"))
+        {
+            cx.diag.at(
+                ua.referenced.line(),
+                0,
+                "request.user_agent",
+                "give the User-Agent once: `user_agent` or `headers.User-Agent`, not both",
+            );
+        } else if let Some(t) = cx.template(ua, "request.user_agent", REQUEST_BUILTINS) {
+            headers.push(("User-Agent".to_string(), t));
+        }
+    }
     let body = body(cx, req);
     let method = method(cx, req);
     let auth = auth(cx, req);

@@ -1,0 +1,289 @@
+//! What an API asks of pollers: how often (`X-Poll-Interval`,
+//! `Cache-Control: max-age`) as a floor under the schedule, shown on
+//! `/status` as the reason; who is asking (`user_agent`, bridge-wide or
+//! per connector); and long-window rate limits that restarts cannot
+//! overspend.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::support::*;
+
+/// An upstream that answers with `headers` and records each request's
+/// arrival and User-Agent.
+#[derive(Default)]
+struct Api {
+    headers: Mutex<Vec<(&'static str, String)>>,
+    seen: Mutex<Vec<(Instant, String)>>,
+}
+
+async fn answer(State(api): State<Arc<Api>>, req: HeaderMap) -> impl IntoResponse {
+    let ua = req
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    api.seen.lock().unwrap().push((Instant::now(), ua));
+    let mut h = HeaderMap::new();
+    for (k, v) in api.headers.lock().unwrap().iter() {
+        h.insert(*k, v.parse().unwrap());
+    }
+    (h, Json(json!({ "items": [] })))
+}
+
+async fn start_api(headers: &[(&'static str, &str)]) -> (Arc<Api>, std::net::SocketAddr) {
+    let api = Arc::new(Api::default());
+    *api.headers.lock().unwrap() = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let addr = serve(
+        Router::new()
+            .route("/items", get(answer))
+            .with_state(api.clone()),
+    )
+    .await;
+    (api, addr)
+}
+
+fn connector(extra: &str) -> String {
+    format!(
+        r#"
+name: api
+params:
+  base_url: {{ required: true }}
+  contact: {{ default: "nobody@example.com" }}
+request:
+  url: "{{{{ base_url }}}}/items"
+{extra}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit:
+  - type: item.created
+"#
+    )
+}
+
+fn bridge(addr: std::net::SocketAddr, every: &str, top: &str) -> String {
+    format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+{top}
+sources:
+  api:
+    connector: api
+    with: {{ base_url: "http://{addr}" }}
+    schedule: every {every}
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "http://127.0.0.1:9/hook", secret: {} }}
+"#,
+        secret()
+    )
+}
+
+/// The gaps between consecutive requests.
+fn gaps(api: &Api) -> Vec<Duration> {
+    let seen = api.seen.lock().unwrap();
+    seen.windows(2).map(|w| w[1].0 - w[0].0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_poll_interval_floors_the_schedule_and_status_says_why() {
+    let (api, addr) = start_api(&[("x-poll-interval", "1")]).await;
+    let mut d = Daemon::new(&bridge(addr, "100ms", ""), &[("api.yaml", connector(""))]);
+    d.start().await;
+    wait_for("four polls", Duration::from_secs(30), || {
+        api.seen.lock().unwrap().len() >= 4
+    })
+    .await;
+    let g = gaps(&api);
+    assert!(
+        g.iter().all(|g| *g >= Duration::from_millis(950)),
+        "every 100ms asked, 1 s between polls wanted: {g:?}"
+    );
+    let s = d.status().await;
+    let i = &s["instances"]["api/default"];
+    assert_eq!(i["interval_floor_ms"], 1000, "{i}");
+    assert_eq!(i["interval_reason"], "X-Poll-Interval: 1", "{i}");
+    assert!(d.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_control_max_age_floors_it_too_unless_the_connector_says_no() {
+    let (api, addr) = start_api(&[("cache-control", "public, max-age=1")]).await;
+    let mut d = Daemon::new(&bridge(addr, "100ms", ""), &[("api.yaml", connector(""))]);
+    d.start().await;
+    wait_for("three polls", Duration::from_secs(30), || {
+        api.seen.lock().unwrap().len() >= 3
+    })
+    .await;
+    assert!(gaps(&api).iter().all(|g| *g >= Duration::from_millis(950)));
+    assert!(d.terminate().success());
+
+    // `poll_hints: false`: the schedule alone.
+    let (api, addr) =
+        start_api(&[("cache-control", "max-age=60"), ("x-poll-interval", "60")]).await;
+    let mut d = Daemon::new(
+        &bridge(addr, "100ms", ""),
+        &[("api.yaml", connector("poll_hints: false"))],
+    );
+    d.start().await;
+    wait_for(
+        "five polls, at the schedule's pace",
+        Duration::from_secs(30),
+        || api.seen.lock().unwrap().len() >= 5,
+    )
+    .await;
+    let s = d.status().await;
+    assert!(
+        s["instances"]["api/default"]["interval_reason"].is_null(),
+        "{s}"
+    );
+    assert!(d.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_agent_is_the_bridges_unless_the_connector_sets_its_own() {
+    let (api, addr) = start_api(&[]).await;
+    let mut d = Daemon::new(
+        &bridge(
+            addr,
+            "100ms",
+            "user_agent: \"acme-agents/1.0 (ops@acme.example)\"",
+        ),
+        &[("api.yaml", connector(""))],
+    );
+    d.start().await;
+    wait_for("a poll", Duration::from_secs(30), || {
+        !api.seen.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(
+        api.seen.lock().unwrap()[0].1,
+        "acme-agents/1.0 (ops@acme.example)"
+    );
+    assert!(d.terminate().success());
+
+    // Without one: pollhook's own.
+    let (api, addr) = start_api(&[]).await;
+    let mut d = Daemon::new(&bridge(addr, "100ms", ""), &[("api.yaml", connector(""))]);
+    d.start().await;
+    wait_for("a poll", Duration::from_secs(30), || {
+        !api.seen.lock().unwrap().is_empty()
+    })
+    .await;
+    assert!(api.seen.lock().unwrap()[0].1.starts_with("pollhook/"));
+    assert!(d.terminate().success());
+
+    // The connector's own, a template of its params, wins.
+    let (api, addr) = start_api(&[]).await;
+    let mut d = Daemon::new(
+        &bridge(addr, "100ms", "user_agent: bridge-wide"),
+        &[(
+            "api.yaml",
+            connector("  user_agent: \"weather-bot ({{ contact }})\""),
+        )],
+    );
+    d.start().await;
+    wait_for("a poll", Duration::from_secs(30), || {
+        !api.seen.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(
+        api.seen.lock().unwrap()[0].1,
+        "weather-bot (nobody@example.com)"
+    );
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn a_user_agent_given_twice_or_unusable_is_a_config_error() {
+    let d = Daemon::new(
+        &bridge("127.0.0.1:9".parse().unwrap(), "1m", ""),
+        &[(
+            "api.yaml",
+            connector("  user_agent: a\n  headers: { User-Agent: b }"),
+        )],
+    );
+    let out = d.command(&["validate"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("request.user_agent") && err.contains("not both"),
+        "{err}"
+    );
+
+    let d = Daemon::new(
+        &bridge("127.0.0.1:9".parse().unwrap(), "1m", "user_agent: \"\""),
+        &[("api.yaml", connector(""))],
+    );
+    let out = d.command(&["validate"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("user_agent") && err.contains("User-Agent header value"),
+        "{err}"
+    );
+}
+
+/// `rate_limit: 1/1h` (a long window, counted in the store): restarted
+/// three times, the daemon still made one request, not four. A second
+/// source without a limit, due at the same moments, shows each run had
+/// the time to poll (its requests are told apart by their User-Agent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_window_rate_limit_survives_restarts() {
+    let (api, addr) = start_api(&[]).await;
+    let limited =
+        connector("  user_agent: limited").replace("request:", "rate_limit: 1/1h\nrequest:");
+    let free = connector("  user_agent: free").replace("name: api", "name: free");
+    let bridge = bridge(addr, "100ms", "").replace(
+        "endpoints:",
+        &format!(
+            "  free:\n    connector: free\n    with: {{ base_url: \"http://{addr}\" }}\n    schedule: every 100ms\n    deliver_to: [agent]\nendpoints:"
+        ),
+    );
+    let mut d = Daemon::new(&bridge, &[("api.yaml", limited), ("free.yaml", free)]);
+    let count = |ua: &str| {
+        api.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, u)| u == ua)
+            .count()
+    };
+    for run in 0..4 {
+        if run > 0 {
+            assert!(d.terminate().success());
+        }
+        let before = count("free");
+        d.start().await;
+        wait_for("the free source's polls", Duration::from_secs(30), || {
+            count("free") >= before + 3
+        })
+        .await;
+        if run == 0 {
+            assert_eq!(count("limited"), 1, "the first run's one request");
+        }
+    }
+    // Put off, not failing, and `/status` says why.
+    let s = d
+        .wait_status("the limited instance put off", |s| {
+            s["instances"]["api/default"]["interval_reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("rate_limit 1/1h"))
+        })
+        .await;
+    assert_eq!(
+        s["instances"]["api/default"]["consecutive_failures"], 0,
+        "{s}"
+    );
+    assert!(d.terminate().success());
+    assert_eq!(count("limited"), 1, "restarts spent the hour's quota");
+}
