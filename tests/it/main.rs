@@ -7,6 +7,7 @@ mod bank;
 mod support;
 
 mod bank_example;
+mod catalog;
 mod cli;
 mod cluster;
 mod config_errors;
