@@ -331,7 +331,9 @@ fn github_notifications(up: Upstream) -> Router {
                     let chunk: Vec<&Value> = list.iter().skip((page - 1) * 2).take(2).copied().collect();
                     let mut resp = axum::Json(chunk).into_response();
                     let h = resp.headers_mut();
-                    h.insert("x-poll-interval", "60".parse().unwrap());
+                    // GitHub says 60; one second keeps the test short and
+                    // still shows the daemon honouring it.
+                    h.insert("x-poll-interval", "1".parse().unwrap());
                     h.insert(
                         "last-modified",
                         "Mon, 30 Nov 2026 10:05:00 GMT".parse().unwrap(),
@@ -419,6 +421,11 @@ async fn github_notifications_follow_link_pages_and_announce_new_and_updated_thr
     assert!(hits
         .iter()
         .all(|h| !h.headers.contains_key("if-modified-since")));
+    // GitHub's X-Poll-Interval floors the schedule, and /status says so.
+    assert_eq!(
+        d.status().await["instances"]["gh/default"]["interval_reason"],
+        "X-Poll-Interval: 1"
+    );
     assert_eq!(
         d.status().await["instances"]["gh/default"]["cursor"],
         "2026-11-30T10:05:00Z"
