@@ -89,6 +89,11 @@ struct Leases {
     held: HashMap<String, Held>,
     /// Polls and deliveries in flight per key: these are never given back.
     busy: HashMap<String, u32>,
+    /// Leases to give back once their poll or delivery in flight is done
+    /// (a node joined and every lease here was busy: an instance waiting
+    /// on a scarce host quota is in a poll most of the time). Nothing new
+    /// starts under them.
+    draining: std::collections::HashSet<String>,
 }
 
 /// The share of the lease a node counts on: renewal starts the clock
@@ -204,9 +209,13 @@ impl Cluster {
         l.held.get(key).is_some_and(|h| h.expires > Instant::now())
     }
 
-    /// The epoch this node holds `key` under, if it does.
+    /// The epoch this node holds `key` under, if it does and is not
+    /// giving it back.
     pub fn epoch(&self, key: &str) -> Option<i64> {
         let l = self.leases.lock().expect("lease lock");
+        if l.draining.contains(key) {
+            return None;
+        }
         l.held.get(key).map(|h| h.epoch)
     }
 
@@ -217,6 +226,9 @@ impl Cluster {
         let Some(h) = l.held.get(key).copied() else {
             return Begin::NotHeld;
         };
+        if l.draining.contains(key) {
+            return Begin::NotHeld;
+        }
         if h.expires.saturating_duration_since(Instant::now()) < self.lease / 4 {
             return Begin::Lapsing;
         }
@@ -291,8 +303,10 @@ impl Cluster {
                 .collect();
         }
         let held = self.held_count();
+        let draining_before = self.leases.lock().expect("lease lock").draining.clone();
         match plan(held, total as usize, nodes as usize) {
             Plan::Claim(n) => {
+                self.leases.lock().expect("lease lock").draining.clear();
                 let sent = Instant::now();
                 let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
                 let mut l = self.leases.lock().expect("lease lock");
@@ -309,16 +323,24 @@ impl Cluster {
             Plan::Release(n) => {
                 let give: Vec<String> = {
                     let mut l = self.leases.lock().expect("lease lock");
-                    let idle: Vec<String> = l
-                        .held
-                        .keys()
-                        .filter(|k| !l.busy.contains_key(*k))
-                        .take(n)
-                        .cloned()
-                        .collect();
+                    // Draining ones first (they were chosen before), then
+                    // idle ones; busy ones are marked to drain.
+                    let mut order: Vec<String> = l.draining.iter().cloned().collect();
+                    order.extend(l.held.keys().filter(|k| !l.draining.contains(*k)).cloned());
+                    let mut idle = Vec::new();
+                    let mut drain = Vec::new();
+                    for k in order.into_iter().take(n) {
+                        if l.busy.contains_key(&k) {
+                            drain.push(k);
+                        } else {
+                            idle.push(k);
+                        }
+                    }
                     for k in &idle {
                         l.held.remove(k);
+                        l.draining.remove(k);
                     }
+                    l.draining.extend(drain);
                     idle
                 };
                 if !give.is_empty() {
@@ -326,21 +348,31 @@ impl Cluster {
                     self.store.release(&self.node, &give).await?;
                 }
             }
-            Plan::Hold => {}
+            Plan::Hold => {
+                // At its share again (a node left): nothing to give back.
+                self.leases.lock().expect("lease lock").draining.clear();
+            }
         }
+        let draining_changed = {
+            // Whatever is no longer held needs no draining.
+            let mut l = self.leases.lock().expect("lease lock");
+            let Leases { held, draining, .. } = &mut *l;
+            draining.retain(|k| held.contains_key(k));
+            *draining != draining_before
+        };
         let after: BTreeSet<(String, i64)> = {
             let l = self.leases.lock().expect("lease lock");
             l.held.iter().map(|(k, h)| (k.clone(), h.epoch)).collect()
         };
         let gained = after.difference(&before).next().is_some();
         let lost = before.difference(&after).count();
-        if gained || lost > 0 {
+        if gained || lost > 0 || draining_changed {
             self.changed.send_modify(|g| *g += 1);
         }
         if lost > 0 {
             info!(node = %self.node, lost, held = after.len(), "leases lost or given back");
         }
-        Ok(gained)
+        Ok(gained || draining_changed)
     }
 
     /// Keeps this node's leases until `stop`, then gives them all back and

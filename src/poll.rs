@@ -37,8 +37,10 @@ enum Stop {
     /// Shutdown, or the schedule has no future run.
     Done,
     /// This node no longer holds the instance's lease (cluster), or lost
-    /// it and took it again under a new epoch: start over from the store.
-    Lost,
+    /// it and took it again under a new epoch, or is giving it back: start
+    /// over from the store once it holds it. `fenced`: the store refused
+    /// a commit under this epoch.
+    Lost { fenced: bool },
 }
 
 /// Polls one instance until `shutdown`: on its schedule, backing off
@@ -81,7 +83,11 @@ pub(crate) async fn poll_loop(
         tracing::debug!(instance = %inst.key, epoch, node = %cluster.node, "lease held: polling here");
         match poll_held(&shared, &source, &inst, Some((&cluster, epoch)), &shutdown).await {
             Stop::Done => return,
-            Stop::Lost => fenced_at = Some(epoch),
+            Stop::Lost { fenced } => {
+                if fenced {
+                    fenced_at = Some(epoch);
+                }
+            }
         }
     }
 }
@@ -163,7 +169,7 @@ async fn poll_held(
                 match cluster.begin(&inst.key) {
                     crate::cluster::Begin::Held(b) if b.epoch == epoch => break Some(b),
                     crate::cluster::Begin::Held(_) | crate::cluster::Begin::NotHeld => {
-                        return Stop::Lost
+                        return Stop::Lost { fenced: false }
                     }
                     crate::cluster::Begin::Lapsing => {
                         // Renewal is late (the database is slow or away):
@@ -239,7 +245,7 @@ async fn poll_held(
             }
             Err(PollError::Fenced(msg)) => {
                 info!(instance = %inst.key, "{msg}");
-                return Stop::Lost;
+                return Stop::Lost { fenced: true };
             }
             Err(e) => {
                 failures += 1;
