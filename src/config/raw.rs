@@ -663,6 +663,13 @@ pub enum RawAuth {
         /// (default, RFC 6749's recommendation) or `body`.
         #[serde(default)]
         client_auth: ClientAuth,
+        /// The `refresh_token` grant (RFC 6749 §6) instead of client
+        /// credentials: the refresh token the operator seeds once (from a
+        /// file or credential). When the provider rotates it, the newest
+        /// one is kept in the store (never in logs or exports) and used
+        /// after a restart; a new seed here replaces it.
+        #[serde(default)]
+        refresh_token: Option<TemplateSrc>,
     },
 }
 

@@ -1,5 +1,16 @@
-//! OAuth2 client-credentials tokens (RFC 6749 §4.4), shared by every
-//! instance that uses the same token endpoint and client.
+//! OAuth2 tokens, shared by every instance that uses the same token
+//! endpoint and client: client credentials (RFC 6749 §4.4), or the
+//! `refresh_token` grant (§6) with rotating refresh tokens.
+//!
+//! Rotation: a provider that rotates answers each refresh with a new
+//! refresh token and forgets the old one. The newest is written to the
+//! store (its own records: never in logs, never in backups) before the
+//! access token is used, and read back after a restart; the seed in the
+//! configuration is only used until then, or when the operator changes it
+//! (the stored token remembers which seed it descends from). An
+//! `invalid_grant` answer means the chain is broken (revoked, or a
+//! rotation lost in a crash): the slot then fails at once with that error
+//! until the seed changes, instead of asking the provider at every poll.
 //!
 //! Why a cache shared across instances: a source with 1,000 accounts must
 //! not ask the identity provider for 1,000 tokens per poll round. One token
@@ -20,6 +31,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::connector::spec::ClientAuth;
+use sha2::Digest;
 
 /// A rendered token request.
 pub struct TokenRequest {
@@ -29,6 +41,8 @@ pub struct TokenRequest {
     pub scope: Option<String>,
     pub params: Vec<(String, String)>,
     pub client_auth: ClientAuth,
+    /// The `refresh_token` grant's seed; `None`: client credentials.
+    pub refresh_seed: Option<String>,
 }
 
 impl TokenRequest {
@@ -43,9 +57,39 @@ impl TokenRequest {
             self.client_id,
             self.scope.as_deref().unwrap_or(""),
             params,
+            self.refresh_seed.as_deref().map(seed_id),
         ])
         .to_string()
     }
+
+    /// Where the rotated refresh token of this client is stored (not the
+    /// seed: a new seed must find the stored one and replace it).
+    fn credential_key(&self) -> String {
+        let d = sha2::Sha256::digest(
+            serde_json::json!([self.token_url, self.client_id])
+                .to_string()
+                .as_bytes(),
+        );
+        format!("oauth2-refresh:{}", hex(&d[..16]))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A short digest naming a seed without holding it.
+fn seed_id(seed: &str) -> String {
+    hex(&sha2::Sha256::digest(seed.as_bytes())[..12])
+}
+
+/// What the store keeps of a rotating refresh token.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Rotated {
+    /// The seed it descends from (`seed_id`): another seed in the
+    /// configuration replaces it.
+    seed: String,
+    token: String,
 }
 
 #[derive(Clone)]
@@ -56,13 +100,33 @@ struct Cached {
     refresh_at: Instant,
 }
 
-/// Tokens by (token URL, client, scope, params).
+/// A slot of the cache: a token, or the error that stopped its grant.
+#[derive(Clone)]
+enum Slot {
+    Token(Cached),
+    /// `invalid_grant` on a refresh: no more requests until the seed
+    /// changes (a new key).
+    Broken(String),
+}
+
+/// Tokens by (token URL, client, scope, params, seed).
 #[derive(Default)]
 pub struct TokenCache {
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Slot>>>>>,
+    /// Where rotated refresh tokens are kept (the daemon's store); without
+    /// one (`pollhook test`), a rotation lives as long as the process.
+    store: Option<crate::store::Store>,
 }
 
 impl TokenCache {
+    /// A cache that keeps rotated refresh tokens in `store`.
+    pub fn with_store(store: crate::store::Store) -> TokenCache {
+        TokenCache {
+            store: Some(store),
+            ..TokenCache::default()
+        }
+    }
+
     /// A valid token. `rejected` is a token the API just answered 401 to:
     /// if the cache still holds it, a new one is fetched (once, however many
     /// instances saw the 401 at the same time).
@@ -80,18 +144,77 @@ impl TokenCache {
             .or_default()
             .clone();
         let mut cached = slot.lock().await;
-        if let Some(c) = cached.as_ref() {
-            if Instant::now() < c.refresh_at && rejected != Some(c.token.as_str()) {
+        match cached.as_ref() {
+            Some(Slot::Broken(e)) => return Err(e.clone()),
+            Some(Slot::Token(c))
+                if Instant::now() < c.refresh_at && rejected != Some(c.token.as_str()) =>
+            {
                 return Ok(c.token.clone());
             }
+            _ => {}
         }
-        let (token, lifetime) = fetch_token(client, req).await?;
-        *cached = Some(Cached {
-            token: token.clone(),
-            refresh_at: Instant::now() + refresh_after(lifetime),
-        });
-        Ok(token)
+        let Some(seed) = &req.refresh_seed else {
+            let got = fetch_token(client, req, None).await?;
+            *cached = Some(Slot::Token(Cached {
+                token: got.access.clone(),
+                refresh_at: Instant::now() + refresh_after(got.lifetime),
+            }));
+            return Ok(got.access);
+        };
+        // The refresh token to use: the newest stored one descending from
+        // this seed, else the seed.
+        let key = req.credential_key();
+        let stored: Option<Rotated> = match &self.store {
+            Some(s) => s
+                .load_credential(&key)
+                .await
+                .map_err(|e| format!("cannot read the stored refresh token: {e}"))?
+                .and_then(|t| serde_json::from_str::<Rotated>(&t).ok()),
+            None => None,
+        };
+        let current = match stored {
+            Some(r) if r.seed == seed_id(seed) => r.token,
+            _ => seed.clone(),
+        };
+        let got = match fetch_token(client, req, Some(&current)).await {
+            Ok(g) => g,
+            Err(e) if e.contains("invalid_grant") => {
+                let e = format!(
+                    "{e}: the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)"
+                );
+                *cached = Some(Slot::Broken(e.clone()));
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(next) = got.refresh.as_ref().filter(|n| **n != current) {
+            // Kept before the access token is used: the provider forgot
+            // the old one already.
+            if let Some(s) = &self.store {
+                let record = serde_json::to_string(&Rotated {
+                    seed: seed_id(seed),
+                    token: next.clone(),
+                })
+                .expect("serializes");
+                s.save_credential(&key, &record)
+                    .await
+                    .map_err(|e| format!("cannot keep the rotated refresh token: {e}"))?;
+            }
+        }
+        *cached = Some(Slot::Token(Cached {
+            token: got.access.clone(),
+            refresh_at: Instant::now() + refresh_after(got.lifetime),
+        }));
+        Ok(got.access)
     }
+}
+
+/// What a token endpoint gave.
+struct Granted {
+    access: String,
+    lifetime: Duration,
+    /// A new refresh token (rotation).
+    refresh: Option<String>,
 }
 
 /// How long a token with this lifetime is used: up to 60 s (or a tenth of
@@ -106,8 +229,15 @@ pub fn refresh_after(lifetime: Duration) -> Duration {
 async fn fetch_token(
     client: &reqwest::Client,
     req: &TokenRequest,
-) -> Result<(String, Duration), String> {
-    let mut form = vec![("grant_type".to_string(), "client_credentials".to_string())];
+    refresh: Option<&str>,
+) -> Result<Granted, String> {
+    let mut form = match refresh {
+        Some(r) => vec![
+            ("grant_type".to_string(), "refresh_token".to_string()),
+            ("refresh_token".to_string(), r.to_string()),
+        ],
+        None => vec![("grant_type".to_string(), "client_credentials".to_string())],
+    };
     if let Some(s) = req.scope.as_ref().filter(|s| !s.is_empty()) {
         form.push(("scope".into(), s.clone()));
     }
@@ -183,7 +313,15 @@ async fn fetch_token(
         .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
         .unwrap_or(3600);
     // Capped at a day: an absurd `expires_in` must not overflow a clock.
-    Ok((token.to_string(), Duration::from_secs(lifetime.min(86_400))))
+    Ok(Granted {
+        access: token.to_string(),
+        lifetime: Duration::from_secs(lifetime.min(86_400)),
+        refresh: body
+            .get("refresh_token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
+    })
 }
 
 /// `application/x-www-form-urlencoded`, by the URL crate's own serializer.
@@ -221,6 +359,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             client_auth: ClientAuth::Basic,
+            refresh_seed: None,
         }
     }
 

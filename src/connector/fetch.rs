@@ -307,6 +307,11 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
                     .transpose()?,
                 params,
                 client_auth: o.client_auth,
+                refresh_seed: o
+                    .refresh_token
+                    .as_ref()
+                    .map(|t| render(t, "request.auth.refresh_token"))
+                    .transpose()?,
             });
         }
     }

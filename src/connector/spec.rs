@@ -128,6 +128,8 @@ pub struct OAuth2 {
     pub scope: Option<Tpl>,
     pub params: Vec<(String, Tpl)>,
     pub client_auth: ClientAuth,
+    /// The `refresh_token` grant's seed (else client credentials).
+    pub refresh_token: Option<Tpl>,
 }
 
 /// Following more pages within one poll.

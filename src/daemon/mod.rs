@@ -138,7 +138,7 @@ pub async fn run(
         status: status.clone(),
         client: poll_client(),
         hosts: hosts.clone(),
-        tokens: TokenCache::default(),
+        tokens: TokenCache::with_store(store.clone()),
         live: live.clone(),
         cluster: cluster.clone(),
         ops: ops.clone(),

@@ -99,6 +99,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
         fence: Option<&Fence>,
     ) -> impl Future<Output = Result<Vec<EntryKey>>> + Send;
 
+    /// A credential pollhook keeps for itself (an OAuth2 provider's
+    /// rotated refresh token). Never exported in backups.
+    fn load_credential(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Keeps a credential, durably before it returns (a rotated refresh
+    /// token lost in a crash breaks the grant).
+    fn save_credential(&self, key: &str, value: &str) -> impl Future<Output = Result<()>> + Send;
+
     /// Queues entries that no instance state goes with (pollhook's own
     /// operational events, lane `pollhook/ops`), each at the end of its
     /// endpoint's lane of the entry's `instance`, in one durable
@@ -390,6 +398,12 @@ impl Store {
         burst: u32,
     ) -> Result<Option<std::time::Duration>> {
         dispatch!(self, b => b.take_quota(key, interval_ms, burst).await)
+    }
+    pub async fn load_credential(&self, key: &str) -> Result<Option<String>> {
+        dispatch!(self, b => b.load_credential(key).await)
+    }
+    pub async fn save_credential(&self, key: &str, value: &str) -> Result<()> {
+        dispatch!(self, b => b.save_credential(key, value).await)
     }
     pub async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {
         dispatch!(self, b => b.enqueue(deliveries).await)

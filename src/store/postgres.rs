@@ -157,6 +157,17 @@ CREATE TABLE quota (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+-- Credentials pollhook keeps for itself (rotated OAuth2 refresh tokens);
+-- never exported.
+CREATE TABLE credentials (
+    key text COLLATE "C" PRIMARY KEY,
+    value text NOT NULL
+);
+"#,
+    ),
 ];
 
 /// The first key of the two-key advisory lock that serialises migrations
@@ -734,6 +745,28 @@ impl Backend for PgStore {
         }
         tx.commit().await.map_err(pg_err(OP))?;
         Ok(keys)
+    }
+
+    async fn load_credential(&self, key: &str) -> Result<Option<String>> {
+        let rows = self
+            .query(
+                "read credential",
+                "SELECT value FROM credentials WHERE key = $1",
+                &[&key],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    async fn save_credential(&self, key: &str, value: &str) -> Result<()> {
+        self.exec(
+            "keep credential",
+            "INSERT INTO credentials (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&key, &value],
+        )
+        .await
+        .map(drop)
     }
 
     async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {

@@ -132,6 +132,9 @@ pub struct SledStore {
     /// the quota's theoretical arrival time (see [`crate::gcra`]), so that
     /// a restart cannot spend a day's quota again.
     quota: sled::Tree,
+    /// Credentials pollhook keeps (rotated OAuth2 refresh tokens): key →
+    /// value. Not in backups.
+    credentials: sled::Tree,
     /// The next attempt record's key. Its own dense counter, not sled's
     /// `generate_id`: that one is shared with the outbox and jumps by
     /// about 2,000,000 at every reopen, so pruning "everything older than
@@ -235,6 +238,7 @@ impl SledStore {
             removed: tree("removed")?,
             disabled: tree("disabled")?,
             quota: tree("quota")?,
+            credentials: tree("credentials")?,
             db,
             next_attempt,
             flush: Default::default(),
@@ -360,6 +364,27 @@ impl Backend for SledStore {
         .await?;
         self.flush_group().await?;
         Ok(keys)
+    }
+
+    async fn load_credential(&self, key: &str) -> Result<Option<String>> {
+        let (t, k) = (self.credentials.clone(), key.to_string());
+        blocking(move || {
+            Ok(t.get(k.as_bytes())
+                .map_err(sled_err("read credential"))?
+                .map(|v| text(&v)))
+        })
+        .await
+    }
+
+    async fn save_credential(&self, key: &str, value: &str) -> Result<()> {
+        let (t, k, v) = (self.credentials.clone(), key.to_string(), value.to_string());
+        blocking(move || {
+            t.insert(k.as_bytes(), v.as_bytes())
+                .map_err(sled_err("keep credential"))?;
+            Ok(())
+        })
+        .await?;
+        self.flush_group().await
     }
 
     async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {

@@ -175,6 +175,7 @@ fn auth(cx: &mut Cx, req: &RawRequest) -> Option<Auth> {
             scope,
             params,
             client_auth,
+            refresh_token,
         } => {
             let token_url = tpl(cx, token_url, "token_url");
             let client_id = tpl(cx, client_id, "client_id");
@@ -186,6 +187,10 @@ fn auth(cx: &mut Cx, req: &RawRequest) -> Option<Auth> {
                     ps.push((k.clone(), t));
                 }
             }
+            let refresh = match refresh_token {
+                Some(r) => Some(tpl(cx, r, "refresh_token")?),
+                None => None,
+            };
             Some(Auth::OAuth2(OAuth2 {
                 token_url: token_url?,
                 client_id: client_id?,
@@ -193,6 +198,7 @@ fn auth(cx: &mut Cx, req: &RawRequest) -> Option<Auth> {
                 scope,
                 params: ps,
                 client_auth: *client_auth,
+                refresh_token: refresh,
             }))
         }
     }
