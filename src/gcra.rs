@@ -70,6 +70,13 @@ mod tests {
         assert_eq!(take(1100.0, tat, 100.0, 2), Ok(1300.0));
         // An idle quota: from now.
         assert_eq!(take(5000.0, 1300.0, 100.0, 1), Ok(5100.0));
+        // A burst of 3: three at once, the fourth one interval later.
+        let mut tat = 0.0;
+        for _ in 0..3 {
+            tat = take(0.0, tat, 100.0, 3).unwrap();
+        }
+        assert_eq!(take(0.0, tat, 100.0, 3), Err(100.0));
+        assert_eq!(take(99.0, tat, 100.0, 3), Err(1.0));
     }
 
     /// Books `n` requests all asked for at `now`, returning their starts.
