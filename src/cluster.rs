@@ -503,6 +503,8 @@ mod tests {
         assert_eq!(plan(0, 10, 1), Plan::Claim(10));
         assert_eq!(plan(0, 10, 3), Plan::Claim(4));
         assert_eq!(plan(4, 10, 3), Plan::Hold);
+        // Holding some already: only the rest of the share.
+        assert_eq!(plan(2, 10, 3), Plan::Claim(2));
         // A node joined: the one holding everything gives back the excess.
         assert_eq!(plan(10, 10, 2), Plan::Release(5));
         assert_eq!(plan(5, 10, 2), Plan::Hold);
