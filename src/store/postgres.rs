@@ -444,6 +444,48 @@ impl PgStore {
         c.execute(&st, params).await.map_err(pg_err(op))
     }
 
+    /// Tells every node `notice` when `tx` commits (and never if it does not).
+    async fn notify(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        op: &'static str,
+        notice: &Notice,
+    ) -> Result<()> {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&&*self.channel, &notice.encode()],
+        )
+        .await
+        .map(drop)
+        .map_err(pg_err(op))
+    }
+
+    /// New outbox entries of `instance` for `endpoints`, in `tx`: the lane
+    /// has a lease row (so some node delivers it), and the nodes hear of
+    /// the entries at commit.
+    async fn announce_lane(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        op: &'static str,
+        instance: &str,
+        endpoints: impl IntoIterator<Item = &str>,
+    ) -> Result<()> {
+        tx.execute(
+            "INSERT INTO lease (instance) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&instance],
+        )
+        .await
+        .map_err(pg_err(op))?;
+        for endpoint in endpoints {
+            let notice = Notice::Outbox {
+                endpoint: endpoint.to_string(),
+                instance: instance.to_string(),
+            };
+            self.notify(tx, op, &notice).await?;
+        }
+        Ok(())
+    }
+
     /// One statement and a notice to every node, committed together
     /// (durably): the nodes hear of the change only if it happened.
     async fn exec_notify(
@@ -457,12 +499,7 @@ impl PgStore {
         let tx = c.transaction().await.map_err(pg_err(op))?;
         let st = tx.prepare_cached(sql).await.map_err(pg_err(op))?;
         let n = tx.execute(&st, params).await.map_err(pg_err(op))?;
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&&*self.channel, &notice.encode()],
-        )
-        .await
-        .map_err(pg_err(op))?;
+        self.notify(&tx, op, &notice).await?;
         tx.commit().await.map_err(pg_err(op))?;
         Ok(n)
     }
@@ -721,27 +758,8 @@ impl Backend for PgStore {
             keys.push(entry_key(ep.clone(), instance.to_string(), row.get(0)));
         }
         if !deliveries.is_empty() {
-            // Every instance with entries has a lease row (who delivers
-            // them), and the nodes hear of the new entries at commit.
-            tx.execute(
-                "INSERT INTO lease (instance) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&instance],
-            )
-            .await
-            .map_err(pg_err(OP))?;
             let endpoints: BTreeSet<&str> = deliveries.iter().map(|(ep, _)| ep.as_str()).collect();
-            for ep in endpoints {
-                let notice = Notice::Outbox {
-                    endpoint: ep.to_string(),
-                    instance: instance.to_string(),
-                };
-                tx.execute(
-                    "SELECT pg_notify($1, $2)",
-                    &[&&*self.channel, &notice.encode()],
-                )
-                .await
-                .map_err(pg_err(OP))?;
-            }
+            self.announce_lane(&tx, OP, instance, endpoints).await?;
         }
         tx.commit().await.map_err(pg_err(OP))?;
         Ok(keys)
@@ -784,20 +802,9 @@ impl Backend for PgStore {
             .map_err(pg_err(OP))?;
             lanes.insert((ep.clone(), e.instance.clone()));
         }
-        for (endpoint, instance) in lanes {
-            tx.execute(
-                "INSERT INTO lease (instance) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&instance],
-            )
-            .await
-            .map_err(pg_err(OP))?;
-            let notice = Notice::Outbox { endpoint, instance };
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&&*self.channel, &notice.encode()],
-            )
-            .await
-            .map_err(pg_err(OP))?;
+        for (endpoint, instance) in &lanes {
+            self.announce_lane(&tx, OP, instance, [endpoint.as_str()])
+                .await?;
         }
         tx.commit().await.map_err(pg_err(OP))
     }
@@ -1141,22 +1148,8 @@ impl Backend for PgStore {
             )
             .await
             .map_err(pg_err(OP))?;
-            tx.execute(
-                "INSERT INTO lease (instance) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&letter.entry.instance],
-            )
-            .await
-            .map_err(pg_err(OP))?;
-            let notice = Notice::Outbox {
-                endpoint: letter.endpoint.clone(),
-                instance: letter.entry.instance.clone(),
-            };
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&&*self.channel, &notice.encode()],
-            )
-            .await
-            .map_err(pg_err(OP))?;
+            self.announce_lane(&tx, OP, &letter.entry.instance, [letter.endpoint.as_str()])
+                .await?;
             tx.commit().await.map_err(pg_err(OP))?;
         }
         Ok(letters.len())

@@ -277,12 +277,8 @@ impl PgStore {
         )
         .await
         .map_err(pg_err("share pause"))?;
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&&*self.channel, &Notice::Pace(host.to_string()).encode()],
-        )
-        .await
-        .map_err(pg_err("share pause"))?;
+        self.notify(&tx, "share pause", &Notice::Pace(host.to_string()))
+            .await?;
         tx.commit().await.map_err(pg_err("share pause"))
     }
 
