@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -38,6 +39,9 @@ struct Ledger {
     /// While set, requests wait (and are counted in `held`).
     hold: AtomicBool,
     held: AtomicU64,
+    /// The `User-Agent` of every held request, in arrival order: which
+    /// node sent it, when each node is given its own.
+    held_by: Mutex<Vec<String>>,
 }
 
 impl Ledger {
@@ -63,7 +67,11 @@ impl Drop for InFlight {
     }
 }
 
-async fn items(State(l): State<Arc<Ledger>>, Path(acc): Path<String>) -> Json<Value> {
+async fn items(
+    State(l): State<Arc<Ledger>>,
+    Path(acc): Path<String>,
+    headers: HeaderMap,
+) -> Json<Value> {
     {
         let mut f = l.in_flight.lock().unwrap();
         let n = f.entry(acc.clone()).or_default();
@@ -78,6 +86,11 @@ async fn items(State(l): State<Arc<Ledger>>, Path(acc): Path<String>) -> Json<Va
         .unwrap()
         .push((Instant::now(), acc.clone()));
     if l.hold.load(Ordering::SeqCst) {
+        let ua = headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        l.held_by.lock().unwrap().push(ua.to_string());
         l.held.fetch_add(1, Ordering::SeqCst);
         // Bounded: the test releases the hold within seconds.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -525,8 +538,13 @@ async fn a_node_paused_past_its_lease_cannot_commit_when_it_resumes() {
     let (ledger, addr) = start_ledger().await;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
     let accs = accounts(1);
-    let b = bridge(addr, &accs, "200ms", &rx, &url(), &schema.0, "");
-    let (mut a, mut b) = (node(&b), node(&b));
+    // Each node says who it is in its User-Agent, so the test knows which
+    // one sent the request it holds.
+    let config = |who: &str| {
+        let extra = format!("user_agent: node-{who}");
+        bridge(addr, &accs, "200ms", &rx, &url(), &schema.0, &extra)
+    };
+    let (mut a, mut b) = (node(&config("a")), node(&config("b")));
     a.start().await;
     wait_for("a's first poll", Duration::from_secs(30), || {
         ledger.requests("a00") >= 2
@@ -539,10 +557,10 @@ async fn a_node_paused_past_its_lease_cannot_commit_when_it_resumes() {
             .is_some_and(|n| n.len() == 2)
     })
     .await;
-    // The next request is held at the upstream, with a new item to find.
-    // Its poller is whoever holds the lease then (a, unless a busy machine
-    // made a miss a renewal): that one is stopped.
-    ledger.add("a00");
+    // The next request is held at the upstream. Only once it is held does
+    // the upstream get a new item (the held request reads the items when
+    // it is let go): a request that slipped in before the hold must not
+    // find the change first.
     ledger.hold.store(true, Ordering::SeqCst);
     wait_for(
         "a poll to reach the upstream",
@@ -550,27 +568,15 @@ async fn a_node_paused_past_its_lease_cannot_commit_when_it_resumes() {
         || ledger.held.load(Ordering::SeqCst) >= 1,
     )
     .await;
-    let owner: String = {
-        let pg = connect().await.unwrap();
-        pg.query_one(
-            &format!(
-                "SELECT owner FROM \"{}\".lease WHERE instance = 'ledger/a00'",
-                schema.0
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-    };
-    let a_name = a.status().await["cluster"]["node"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (stale, taker) = if owner == a_name {
-        (&mut a, &mut b)
-    } else {
-        (&mut b, &mut a)
+    ledger.add("a00");
+    // Its poller is whoever held the lease when it began (a, unless a busy
+    // machine made a miss a renewal): that one is stopped. Should it have
+    // lost the lease since, its commit is refused all the same.
+    let sender = ledger.held_by.lock().unwrap()[0].clone();
+    let (stale, taker) = match sender.as_str() {
+        "node-a" => (&mut a, &mut b),
+        "node-b" => (&mut b, &mut a),
+        other => panic!("a held request from {other:?}"),
     };
     let pid = stale.pid().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
