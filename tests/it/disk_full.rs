@@ -104,11 +104,14 @@ endpoints:
     d.env.push(("POLLHOOK_STORE_GIVE_UP".into(), "4s".into()));
     d.start().await;
     // The store fills: the instance says so, and so do /status and /readyz.
+    // (The store's health may turn first, from a delivery or an attempt
+    // record that could not be written: wait for both.)
     let s = d
-        .wait_status("the store full", |s| {
+        .wait_status("the store full and the instance failing", |s| {
             s["store"]["error"]
                 .as_str()
                 .is_some_and(|e| e.to_lowercase().contains("no space left"))
+                && s["instances"]["big/default"]["last_error"].is_string()
         })
         .await;
     let err = s["instances"]["big/default"]["last_error"]
