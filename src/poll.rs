@@ -260,6 +260,18 @@ async fn poll_held(
                         s.last_poll_ms = Some(crate::now_ms());
                         s.last_error = Some(msg);
                     });
+                if matches!(e, PollError::Store(_)) {
+                    // A commit whose outcome is unknown (a connection lost
+                    // after the server committed) may have landed: the
+                    // next commit is written as a change from what the
+                    // store holds (see `StateWrite`), so that is read again.
+                    if let Ok(s) = shared.store.load_state(&inst.key).await {
+                        state = InstanceState {
+                            next_run_ms: state.next_run_ms,
+                            ..s
+                        };
+                    }
+                }
             }
         }
         let now = Utc::now();
@@ -399,7 +411,7 @@ async fn poll_once(
         }
         if let Err(e) = shared
             .store
-            .commit_fenced(&inst.key, &next, &deliveries, fence)
+            .commit_fenced(&inst.key, state, &next, &deliveries, fence)
             .await
         {
             for (ep, n) in &backlog {

@@ -21,6 +21,11 @@ pub trait Fixture: Sized {
     /// Closes the store (every clone of [`Fixture::store`] must be dropped
     /// first) and opens it again on the same data.
     fn reopen(&mut self) -> impl Future<Output = ()>;
+    /// The length of an instance's state record as the backend stores it.
+    fn state_record_len(&self, instance: &str) -> impl Future<Output = usize>;
+    /// Writes a state record the way versions before per-id records did
+    /// (sets inline); it must read back whole after [`Fixture::reopen`].
+    fn write_legacy_state(&self, instance: &str, json: &str) -> impl Future<Output = ()>;
 }
 
 pub struct SledFixture {
@@ -56,6 +61,18 @@ impl Fixture for SledFixture {
             }
         }
     }
+    async fn state_record_len(&self, instance: &str) -> usize {
+        match self.store() {
+            Store::Sled(s) => s.state_record_len(instance),
+            Store::Postgres(_) => unreachable!(),
+        }
+    }
+    async fn write_legacy_state(&self, instance: &str, json: &str) {
+        match self.store() {
+            Store::Sled(s) => s.write_legacy_state(instance, json),
+            Store::Postgres(_) => unreachable!(),
+        }
+    }
 }
 
 /// A fresh PostgreSQL schema of its own (`pollhook_test_<random>`) on the
@@ -86,6 +103,18 @@ impl Fixture for PgFixture {
         self.store.take();
         let url = super::postgres::testing::url();
         self.store = Some(Store::open_postgres(&url, &self.schema).await.unwrap());
+    }
+    async fn state_record_len(&self, instance: &str) -> usize {
+        match self.store() {
+            Store::Postgres(s) => s.state_record_len(instance).await,
+            Store::Sled(_) => unreachable!(),
+        }
+    }
+    async fn write_legacy_state(&self, instance: &str, json: &str) {
+        match self.store() {
+            Store::Postgres(s) => s.write_legacy_state(instance, json).await,
+            Store::Sled(_) => unreachable!(),
+        }
     }
 }
 
@@ -133,6 +162,117 @@ async fn sequences(store: &Store, endpoint: &str) -> Vec<(String, u64)> {
         .into_iter()
         .map(|(_, e)| (e.instance, e.sequence))
         .collect()
+}
+
+/// A state with `n` seen ids and `n / 10` known items of about 100 bytes.
+fn big_state(n: usize) -> InstanceState {
+    let mut s = InstanceState {
+        initialized: true,
+        cursor: Some("c1".into()),
+        sequence: 7,
+        ..Default::default()
+    };
+    for i in 0..n {
+        s.seen.push_back(format!("id-{i:06}"));
+        s.seen_at.push_back(1_000 + i as i64);
+    }
+    for i in 0..n / 10 {
+        s.known.insert(
+            format!("k-{i:05}"),
+            KnownItem {
+                version: "v1".into(),
+                item: serde_json::json!({ "n": i, "pad": "x".repeat(90) }),
+            },
+        );
+    }
+    s
+}
+
+/// Seen ids and known items are records of their own: the state record
+/// stays small however many there are, a poll's commit changes only the
+/// ones that came, went or changed, and the state reads back whole (also
+/// after a restart, in a backup, and gone with the state).
+pub async fn seen_ids_and_known_items_are_records_of_their_own<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    let big = big_state(5_000);
+    store
+        .commit_fenced("s/i", &InstanceState::default(), &big, &[], None)
+        .await
+        .unwrap();
+    let len = f.state_record_len("s/i").await;
+    assert!(len < 300, "the state record holds the sets ({len} bytes)");
+    assert_eq!(store.load_state("s/i").await.unwrap(), big);
+    // One id forgotten, one new; one item changed, one gone, one new.
+    let mut next = big.clone();
+    next.seen.pop_front();
+    next.seen_at.pop_front();
+    next.seen.push_back("id-new".into());
+    next.seen_at.push_back(999_999);
+    next.known.get_mut("k-00007").unwrap().version = "v2".into();
+    next.known.remove("k-00008");
+    next.known.insert(
+        "k-new".into(),
+        KnownItem {
+            version: "v1".into(),
+            item: serde_json::json!({ "new": true }),
+        },
+    );
+    next.cursor = Some("c2".into());
+    store
+        .commit_fenced("s/i", &big, &next, &[("ep".into(), entry("s/i", 8))], None)
+        .await
+        .unwrap();
+    assert_eq!(store.load_state("s/i").await.unwrap(), next);
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    assert_eq!(store.load_state("s/i").await.unwrap(), next);
+    assert_eq!(
+        store.all_states().await.unwrap(),
+        vec![("s/i".to_string(), next.clone())]
+    );
+    // A whole write replaces the sets (an import, a seeded baseline).
+    let small = big_state(20);
+    store.commit_poll("s/i", &small, &[]).await.unwrap();
+    assert_eq!(store.load_state("s/i").await.unwrap(), small);
+    store.remove_state("s/i").await.unwrap();
+    assert_eq!(
+        store.load_state("s/i").await.unwrap(),
+        InstanceState::default()
+    );
+    store.commit_poll("s/i", &small, &[]).await.unwrap();
+    assert_eq!(store.load_state("s/i").await.unwrap(), small);
+}
+
+/// A state written before seen ids and known items had records of their
+/// own (inline, `seen_at` shorter than `seen`) reads back whole after the
+/// split; the ids without a time count as seen at the split.
+pub async fn states_written_before_the_split_keep_their_sets<F: Fixture>() {
+    let mut f = F::open().await;
+    let before = crate::now_ms();
+    f.write_legacy_state(
+        "s/old",
+        r#"{"initialized":true,"cursor":"c","seen":["a","b","c"],"seen_at":[5,6],
+            "seen_evicted":2,"known":{"x":{"version":"1","item":{"n":1}}},"sequence":3}"#,
+    )
+    .await;
+    f.reopen().await;
+    let store = f.store();
+    let s = store.load_state("s/old").await.unwrap();
+    let times: std::collections::BTreeMap<&str, i64> = s
+        .seen
+        .iter()
+        .map(String::as_str)
+        .zip(s.seen_at.iter().copied())
+        .collect();
+    assert_eq!(times.len(), 3, "{s:?}");
+    assert_eq!((times["b"], times["c"]), (5, 6));
+    assert!(times["a"] >= before, "{s:?}");
+    assert_eq!(s.known["x"].version, "1");
+    assert_eq!((s.sequence, s.seen_evicted), (3, 2));
+    assert_eq!(s.cursor.as_deref(), Some("c"));
+    assert!(f.state_record_len("s/old").await < 200);
 }
 
 pub async fn commit_writes_state_and_outbox_together_durably<F: Fixture>() {
@@ -615,7 +755,9 @@ macro_rules! suite {
                 retention_forgets_what_is_old,
                 backups_round_trip_into_an_empty_store,
                 stored_quotas_survive_a_reopen,
-                queued_entries_join_their_lane_in_order
+                queued_entries_join_their_lane_in_order,
+                seen_ids_and_known_items_are_records_of_their_own,
+                states_written_before_the_split_keep_their_sets
             );
         }
     };

@@ -82,9 +82,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Keys of every instance with a state or a next run time.
     fn state_keys(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
 
-    /// THE transaction: the instance's new state and its events' outbox
-    /// entries (endpoint, entry), atomically and durably. Returns each
-    /// entry's key, in the order given.
+    /// THE transaction: the instance's new state (its record and the
+    /// changes to its per-id records, see [`StateWrite`]) and its events'
+    /// outbox entries (endpoint, entry), atomically and durably. Returns
+    /// each entry's key, in the order given.
     ///
     /// With a `fence` (a cluster's lease), the transaction first checks,
     /// under the lease row's lock, that the lease is still the fence's
@@ -94,7 +95,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn commit_poll(
         &self,
         instance: &str,
-        state: &InstanceState,
+        write: &StateWrite,
         deliveries: &[(String, OutboxEntry)],
         fence: Option<&Fence>,
     ) -> impl Future<Output = Result<Vec<EntryKey>>> + Send;
@@ -373,23 +374,32 @@ impl Store {
     pub async fn state_keys(&self) -> Result<Vec<String>> {
         dispatch!(self, b => b.state_keys().await)
     }
+    /// Commits `state` whole, replacing what the store had of the
+    /// instance (a seeded baseline, tests). Polls commit what changed
+    /// with [`Store::commit_fenced`].
     pub async fn commit_poll(
         &self,
         instance: &str,
         state: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
     ) -> Result<Vec<EntryKey>> {
-        dispatch!(self, b => b.commit_poll(instance, state, deliveries, None).await)
+        let w = StateWrite::whole(state, crate::now_ms());
+        dispatch!(self, b => b.commit_poll(instance, &w, deliveries, None).await)
     }
-    /// [`Store::commit_poll`] under a cluster lease (see [`Fence`]).
+    /// A poll's commit: `next` written as what changed since `prev` (the
+    /// state this poller loaded or last committed: the store's, since it
+    /// is the instance's only writer), under a cluster lease if any (see
+    /// [`Fence`]).
     pub async fn commit_fenced(
         &self,
         instance: &str,
-        state: &InstanceState,
+        prev: &InstanceState,
+        next: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
         fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
-        dispatch!(self, b => b.commit_poll(instance, state, deliveries, fence).await)
+        let w = StateWrite::between(prev, next, crate::now_ms());
+        dispatch!(self, b => b.commit_poll(instance, &w, deliveries, fence).await)
     }
     pub async fn take_quota(
         &self,

@@ -45,7 +45,7 @@
 //! a private network. TLS is a connector away (`tokio-postgres-rustls`)
 //! when a deployment needs it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,6 +166,54 @@ CREATE TABLE credentials (
     key text COLLATE "C" PRIMARY KEY,
     value text NOT NULL
 );
+"#,
+    ),
+    (
+        4,
+        r#"
+-- Seen ids (`new`) and known items (`changes`), one row each, apart from
+-- the state record: a commit writes the rows that changed, not the whole
+-- set (see records::StateWrite).
+CREATE TABLE seen (
+    instance text COLLATE "C" NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    at_ms bigint NOT NULL,
+    PRIMARY KEY (instance, id)
+);
+CREATE TABLE known (
+    instance text COLLATE "C" NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    value json NOT NULL,
+    PRIMARY KEY (instance, id)
+);
+"#,
+    ),
+    (
+        5,
+        r#"
+-- States written before carry their sets inline: they move out. Times are
+-- aligned at the back of `seen` (ids older than `seen_at` count as seen
+-- now, as detection counts them).
+INSERT INTO seen (instance, id, at_ms)
+SELECT s.instance, e.id,
+       CASE WHEN e.n > d.missing
+            THEN (s.value->'seen_at'->>((e.n - 1 - d.missing)::int))::bigint
+            ELSE now_ms() END
+FROM state s
+CROSS JOIN LATERAL (
+    SELECT json_array_length(s.value->'seen')
+         - COALESCE(json_array_length(s.value->'seen_at'), 0) AS missing
+) d
+CROSS JOIN LATERAL json_array_elements_text(s.value->'seen') WITH ORDINALITY AS e(id, n)
+WHERE json_typeof(s.value->'seen') = 'array'
+ON CONFLICT (instance, id) DO NOTHING;
+INSERT INTO known (instance, id, value)
+SELECT s.instance, k.key, k.value
+FROM state s CROSS JOIN LATERAL json_each(s.value->'known') k
+WHERE json_typeof(s.value->'known') = 'object'
+ON CONFLICT (instance, id) DO NOTHING;
+UPDATE state SET value = (value::jsonb - 'seen' - 'seen_at' - 'known')::json
+WHERE value->'seen' IS NOT NULL OR value->'seen_at' IS NOT NULL OR value->'known' IS NOT NULL;
 "#,
     ),
 ];
@@ -577,20 +625,143 @@ impl PgStore {
         Ok(())
     }
 
-    fn state_of(
-        instance: &str,
-        value: Option<&str>,
-        next_run: Option<i64>,
-    ) -> Result<InstanceState> {
-        let mut s: InstanceState = match value {
+    /// The length of an instance's state record as stored (tests: what a
+    /// commit rewrites).
+    #[cfg(test)]
+    pub(crate) async fn state_record_len(&self, instance: &str) -> usize {
+        let rows = self
+            .query(
+                "read state",
+                "SELECT length(value::text) FROM state WHERE instance = $1",
+                &[&instance],
+            )
+            .await
+            .unwrap();
+        rows.first().map_or(0, |r| r.get::<_, i32>(0) as usize)
+    }
+
+    /// Writes a state record as a version before the split wrote it, then
+    /// applies the migration that splits such records (tests).
+    #[cfg(test)]
+    pub(crate) async fn write_legacy_state(&self, instance: &str, json: &str) {
+        let c = self.client().await.unwrap();
+        c.execute(
+            "INSERT INTO state (instance, value) VALUES ($1, $2::text::json)",
+            &[&instance, &json],
+        )
+        .await
+        .unwrap();
+        let split = MIGRATIONS.iter().find(|(v, _)| *v == 5).unwrap().1;
+        c.batch_execute(split).await.unwrap();
+    }
+
+    /// A state from a row of `state_columns!()` starting at column `at`.
+    fn state_of(instance: &str, r: &tokio_postgres::Row, at: usize) -> Result<InstanceState> {
+        let core: InstanceState = match r.get::<_, Option<&str>>(at) {
             Some(v) => decode(instance, v)?,
             None => InstanceState::default(),
         };
+        let seen: Vec<(String, i64)> = match r.get::<_, Option<&str>>(at + 2) {
+            Some(v) => decode(instance, v)?,
+            None => Vec::new(),
+        };
+        let known: BTreeMap<String, KnownItem> = match r.get::<_, Option<&str>>(at + 3) {
+            Some(v) => decode(instance, v)?,
+            None => BTreeMap::new(),
+        };
+        let mut s = assemble(core, seen, known.into_iter().collect());
+        let next_run: Option<i64> = r.get(at + 1);
         if next_run.is_some() {
             s.next_run_ms = next_run;
         }
         Ok(s)
     }
+
+    /// Writes an instance's state within `tx`: its record and the changes
+    /// to its per-id rows (`seen`, `known`), a few statements whatever
+    /// the number of ids (arrays, not one statement per id).
+    async fn write_state(
+        tx: &deadpool_postgres::Transaction<'_>,
+        op: &'static str,
+        instance: &str,
+        w: &StateWrite,
+    ) -> Result<()> {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO state (instance, value) VALUES ($1, $2::text::json)
+                 ON CONFLICT (instance) DO UPDATE SET value = EXCLUDED.value",
+            )
+            .await
+            .map_err(pg_err(op))?;
+        tx.execute(&st, &[&instance, &encode(&w.core)])
+            .await
+            .map_err(pg_err(op))?;
+        let run = |sql: &'static str, params: Vec<Box<dyn ToSql + Sync + Send>>| async move {
+            let st = tx.prepare_cached(sql).await.map_err(pg_err(op))?;
+            let refs: Vec<&(dyn ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            tx.execute(&st, &refs).await.map_err(pg_err(op)).map(drop)
+        };
+        let inst = || Box::new(instance.to_string()) as Box<dyn ToSql + Sync + Send>;
+        if w.replace {
+            run("DELETE FROM seen WHERE instance = $1", vec![inst()]).await?;
+            run("DELETE FROM known WHERE instance = $1", vec![inst()]).await?;
+        }
+        if !w.seen_del.is_empty() {
+            run(
+                "DELETE FROM seen WHERE instance = $1 AND id = ANY($2)",
+                vec![inst(), Box::new(w.seen_del.clone())],
+            )
+            .await?;
+        }
+        if !w.known_del.is_empty() {
+            run(
+                "DELETE FROM known WHERE instance = $1 AND id = ANY($2)",
+                vec![inst(), Box::new(w.known_del.clone())],
+            )
+            .await?;
+        }
+        if !w.seen_put.is_empty() {
+            let (ids, ats): (Vec<String>, Vec<i64>) = w.seen_put.iter().cloned().unzip();
+            run(
+                "INSERT INTO seen (instance, id, at_ms)
+                 SELECT $1, u.id, u.at FROM unnest($2::text[], $3::bigint[]) AS u(id, at)
+                 ON CONFLICT (instance, id) DO UPDATE SET at_ms = EXCLUDED.at_ms",
+                vec![inst(), Box::new(ids), Box::new(ats)],
+            )
+            .await?;
+        }
+        if !w.known_put.is_empty() {
+            let (ids, items): (Vec<String>, Vec<String>) = w
+                .known_put
+                .iter()
+                .map(|(id, item)| (id.clone(), encode(item)))
+                .unzip();
+            run(
+                "INSERT INTO known (instance, id, value)
+                 SELECT $1, u.id, u.v::json FROM unnest($2::text[], $3::text[]) AS u(id, v)
+                 ON CONFLICT (instance, id) DO UPDATE SET value = EXCLUDED.value",
+                vec![inst(), Box::new(ids), Box::new(items)],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A state's columns for [`PgStore::state_of`], for a query over `state s`
+/// with `next_run n` joined: the record, the next run, the seen ids as
+/// `[[id, at_ms], …]` and the known items as `{id: item}`.
+macro_rules! state_columns {
+    () => {
+        "s.value::text, n.at_ms,
+         (SELECT json_agg(json_build_array(e.id, e.at_ms))::text
+            FROM seen e WHERE e.instance = s.instance),
+         (SELECT json_object_agg(k.id, k.value)::text
+            FROM known k WHERE k.instance = s.instance)"
+    };
 }
 
 fn entry_key(endpoint: String, instance: String, seq: i64) -> EntryKey {
@@ -629,7 +800,7 @@ fn record_of(kind: RecordKind, r: &tokio_postgres::Row) -> Result<Record> {
         },
         RecordKind::State => {
             let instance: String = r.get(0);
-            let value = PgStore::state_of(&instance, Some(r.get(1)), r.get(2))?;
+            let value = PgStore::state_of(&instance, r, 1)?;
             Record::State { instance, value }
         }
         RecordKind::Discovered => {
@@ -660,27 +831,33 @@ impl Backend for PgStore {
             .query(
                 "read state",
                 "SELECT (SELECT value::text FROM state WHERE instance = $1),
-                        (SELECT at_ms FROM next_run WHERE instance = $1)",
+                        (SELECT at_ms FROM next_run WHERE instance = $1),
+                        (SELECT json_agg(json_build_array(id, at_ms))::text
+                           FROM seen WHERE instance = $1),
+                        (SELECT json_object_agg(id, value)::text FROM known WHERE instance = $1)",
                 &[&instance],
             )
             .await?;
-        let row = &rows[0];
-        Self::state_of(instance, row.get::<_, Option<&str>>(0), row.get(1))
+        Self::state_of(instance, &rows[0], 0)
     }
 
     async fn all_states(&self) -> Result<Vec<(String, InstanceState)>> {
         let rows = self
             .query(
                 "scan state",
-                "SELECT s.instance, s.value::text, n.at_ms FROM state s
-                 LEFT JOIN next_run n ON n.instance = s.instance ORDER BY s.instance",
+                concat!(
+                    "SELECT s.instance, ",
+                    state_columns!(),
+                    " FROM state s LEFT JOIN next_run n ON n.instance = s.instance
+                      ORDER BY s.instance"
+                ),
                 &[],
             )
             .await?;
         rows.iter()
             .map(|r| {
                 let k: String = r.get(0);
-                let s = Self::state_of(&k, Some(r.get(1)), r.get(2))?;
+                let s = Self::state_of(&k, r, 1)?;
                 Ok((k, s))
             })
             .collect()
@@ -700,15 +877,11 @@ impl Backend for PgStore {
     async fn commit_poll(
         &self,
         instance: &str,
-        state: &InstanceState,
+        write: &StateWrite,
         deliveries: &[(String, OutboxEntry)],
         fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
         const OP: &str = "commit poll";
-        let stored = encode(&InstanceState {
-            next_run_ms: None,
-            ..state.clone()
-        });
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err(OP))?;
         if let Some(f) = fence {
@@ -732,16 +905,7 @@ impl Backend for PgStore {
                 });
             }
         }
-        let st = tx
-            .prepare_cached(
-                "INSERT INTO state (instance, value) VALUES ($1, $2::text::json)
-                 ON CONFLICT (instance) DO UPDATE SET value = EXCLUDED.value",
-            )
-            .await
-            .map_err(pg_err(OP))?;
-        tx.execute(&st, &[&instance, &stored])
-            .await
-            .map_err(pg_err(OP))?;
+        Self::write_state(&tx, OP, instance, write).await?;
         let ins = tx
             .prepare_cached(
                 "INSERT INTO outbox (endpoint, instance, created_ms, value)
@@ -861,7 +1025,9 @@ impl Backend for PgStore {
     async fn remove_state(&self, instance: &str) -> Result<()> {
         self.exec(
             "remove state",
-            "WITH s AS (DELETE FROM state WHERE instance = $1)
+            "WITH s AS (DELETE FROM state WHERE instance = $1),
+                  e AS (DELETE FROM seen WHERE instance = $1),
+                  k AS (DELETE FROM known WHERE instance = $1)
              DELETE FROM next_run WHERE instance = $1",
             &[&instance],
         )
@@ -1227,10 +1393,13 @@ impl Backend for PgStore {
                 false,
             ),
             RecordKind::State => (
-                "SELECT s.instance, s.value::text, n.at_ms FROM state s
-                 LEFT JOIN next_run n ON n.instance = s.instance
-                 WHERE $1::text IS NULL OR s.instance > $1
-                 ORDER BY s.instance LIMIT $2",
+                concat!(
+                    "SELECT s.instance, ",
+                    state_columns!(),
+                    " FROM state s LEFT JOIN next_run n ON n.instance = s.instance
+                      WHERE $1::text IS NULL OR s.instance > $1
+                      ORDER BY s.instance LIMIT $2"
+                ),
                 false,
             ),
             RecordKind::Discovered => (
@@ -1286,6 +1455,7 @@ impl Backend for PgStore {
             .query(
                 "count records",
                 "SELECT (SELECT count(*) FROM state) + (SELECT count(*) FROM next_run)
+                      + (SELECT count(*) FROM seen) + (SELECT count(*) FROM known)
                       + (SELECT count(*) FROM outbox) + (SELECT count(*) FROM dead)
                       + (SELECT count(*) FROM attempts) + (SELECT count(*) FROM discovered)
                       + (SELECT count(*) FROM removed) + (SELECT count(*) FROM disabled)",
@@ -1321,16 +1491,9 @@ impl Backend for PgStore {
                         .await
                         .map_err(pg_err(OP))?;
                     }
-                    let value = encode(&InstanceState {
-                        next_run_ms: None,
-                        ..value
-                    });
-                    tx.execute(
-                        "INSERT INTO state (instance, value) VALUES ($1, $2::text::json)
-                         ON CONFLICT (instance) DO UPDATE SET value = EXCLUDED.value",
-                        &[&instance, &value],
-                    )
-                    .await
+                    let w = StateWrite::whole(&value, crate::now_ms());
+                    Self::write_state(&tx, OP, &instance, &w).await?;
+                    Ok(1)
                 }
                 Record::Discovered { source, value } => {
                     tx.execute(
@@ -1594,7 +1757,7 @@ mod tests {
                     store
                         .commit_poll(
                             &inst,
-                            &st,
+                            &StateWrite::whole(&st, 0),
                             &[("ep".into(), e(1)), ("ep".into(), e(2))],
                             None,
                         )
@@ -1658,7 +1821,12 @@ mod tests {
                 epoch,
             };
             store
-                .commit_poll(&key, &state("mine"), &[], Some(&fence("a", epoch)))
+                .commit_poll(
+                    &key,
+                    &StateWrite::whole(&state("mine"), 0),
+                    &[],
+                    Some(&fence("a", epoch)),
+                )
                 .await
                 .unwrap();
             // "a" stalls past its lease: it lapses and "c" claims it.
@@ -1673,7 +1841,12 @@ mod tests {
             let got = store.claim("c", 60_000, 1).await.unwrap();
             assert_eq!(got, vec![(key.clone(), epoch + 1)]);
             let e = store
-                .commit_poll(&key, &state("stale"), &[], Some(&fence("a", epoch)))
+                .commit_poll(
+                    &key,
+                    &StateWrite::whole(&state("stale"), 0),
+                    &[],
+                    Some(&fence("a", epoch)),
+                )
                 .await
                 .unwrap_err();
             assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
@@ -1684,7 +1857,12 @@ mod tests {
                 "the stale commit wrote nothing"
             );
             store
-                .commit_poll(&key, &state("new"), &[], Some(&fence("c", epoch + 1)))
+                .commit_poll(
+                    &key,
+                    &StateWrite::whole(&state("new"), 0),
+                    &[],
+                    Some(&fence("c", epoch + 1)),
+                )
                 .await
                 .unwrap();
             // "a" renews: it keeps what it still holds, not the lost one.

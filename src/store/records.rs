@@ -3,7 +3,7 @@
 //! are plain serde types so that every backend stores the same JSON and a
 //! backup taken from one imports into another.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -25,18 +25,21 @@ pub struct InstanceState {
     #[serde(default)]
     pub generation: u64,
     /// `new`: ids seen, oldest first, bounded by the connector's `seen_limit`.
-    #[serde(default)]
+    /// Stored as one record per id, apart from the state record (see
+    /// [`StateWrite`]).
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub seen: VecDeque<String>,
     /// When each id of `seen` was first seen (ms since the epoch), for
     /// `seen_ttl`. Shorter than `seen` in states written before it existed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub seen_at: VecDeque<i64>,
     /// `new`: ids dropped from `seen` because of its bound.
     #[serde(default)]
     pub seen_evicted: u64,
     /// `changes`: the last version of every item of the listing, by id.
-    #[serde(default)]
-    pub known: std::collections::BTreeMap<String, KnownItem>,
+    /// Stored as one record per id, like `seen`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub known: BTreeMap<String, KnownItem>,
     /// Sequence number of the last event of this instance.
     #[serde(default)]
     pub sequence: u64,
@@ -63,6 +66,143 @@ pub struct KnownItem {
     pub version: String,
     /// The item itself: the `previous` of its next update or deletion.
     pub item: Value,
+}
+
+/// What a commit writes of an instance's state: the state record itself,
+/// small (cursor, sequence, validators, snapshot), and the changes to its
+/// per-id records (`seen` ids with their times, `known` items).
+///
+/// Why apart: a listing of 10,000 items keeps 10,000 seen ids (`new`) or
+/// 10,000 whole items (`changes`). Kept inside the state record, every
+/// poll that found one new item rewrote all of them (hundreds of KB to
+/// MBs); as records of their own, a commit writes what changed. Pure: the
+/// delta is computed in memory from the state the poller holds (which is
+/// what the store holds: one writer per instance) and the next one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateWrite {
+    /// The state without `seen`, `seen_at`, `known` and `next_run_ms`.
+    pub core: InstanceState,
+    /// Every per-id record of the instance goes first (a whole state is
+    /// written: an import, a seeded baseline, a state from before the
+    /// split).
+    pub replace: bool,
+    /// Seen ids to write, with when they were first seen.
+    pub seen_put: Vec<(String, i64)>,
+    /// Seen ids forgotten.
+    pub seen_del: Vec<String>,
+    /// Known items to write (new or changed).
+    pub known_put: Vec<(String, KnownItem)>,
+    /// Known items gone from the listing.
+    pub known_del: Vec<String>,
+}
+
+impl StateWrite {
+    /// The whole state, replacing whatever per-id records the instance had.
+    /// Ids a state written before `seen_at` existed has no time for count
+    /// as seen at `now_ms` (as detection counts them).
+    pub fn whole(state: &InstanceState, now_ms: i64) -> StateWrite {
+        StateWrite {
+            core: core_of(state),
+            replace: true,
+            seen_put: seen_pairs(state, now_ms),
+            seen_del: Vec::new(),
+            known_put: state
+                .known
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            known_del: Vec::new(),
+        }
+    }
+
+    /// What turns the stored `prev` into `next`: only the ids and items
+    /// that were added, changed or dropped.
+    pub fn between(prev: &InstanceState, next: &InstanceState, now_ms: i64) -> StateWrite {
+        let before: HashMap<String, i64> = seen_pairs(prev, now_ms).into_iter().collect();
+        let after = seen_pairs(next, now_ms);
+        let kept: HashSet<&str> = after.iter().map(|(id, _)| id.as_str()).collect();
+        let seen_del = before
+            .keys()
+            .filter(|id| !kept.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let seen_put = after
+            .iter()
+            .filter(|(id, at)| before.get(id) != Some(at))
+            .cloned()
+            .collect();
+        let known_put = next
+            .known
+            .iter()
+            .filter(|(id, item)| prev.known.get(*id) != Some(*item))
+            .map(|(id, item)| (id.clone(), item.clone()))
+            .collect();
+        let known_del = prev
+            .known
+            .keys()
+            .filter(|id| !next.known.contains_key(*id))
+            .cloned()
+            .collect();
+        StateWrite {
+            core: core_of(next),
+            replace: false,
+            seen_put,
+            seen_del,
+            known_put,
+            known_del,
+        }
+    }
+}
+
+/// The state record's part of a state: no per-id sets, no next run (kept
+/// apart too, written every poll).
+pub fn core_of(state: &InstanceState) -> InstanceState {
+    InstanceState {
+        seen: VecDeque::new(),
+        seen_at: VecDeque::new(),
+        known: BTreeMap::new(),
+        next_run_ms: None,
+        ..state.clone()
+    }
+}
+
+/// Each seen id with its time; ids without one (states written before
+/// `seen_at`: the times are the newest ones, aligned at the back) get
+/// `now_ms`.
+fn seen_pairs(state: &InstanceState, now_ms: i64) -> Vec<(String, i64)> {
+    let missing = state.seen.len().saturating_sub(state.seen_at.len());
+    state
+        .seen
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let at = if i < missing {
+                now_ms
+            } else {
+                state.seen_at[i - missing]
+            };
+            (id.clone(), at)
+        })
+        .collect()
+}
+
+/// A state from its record and its per-id records (in any order). Seen
+/// ids come back oldest first, ids first seen together in id order: the
+/// order detection keeps them in, but for ties, which it does not depend
+/// on.
+pub fn assemble(
+    core: InstanceState,
+    mut seen: Vec<(String, i64)>,
+    known: Vec<(String, KnownItem)>,
+) -> InstanceState {
+    let mut s = core;
+    if s.seen.is_empty() && s.known.is_empty() {
+        seen.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        s.seen_at = seen.iter().map(|(_, at)| *at).collect();
+        s.seen = seen.into_iter().map(|(id, _)| id).collect();
+        s.known = known.into_iter().collect();
+    }
+    s
 }
 
 /// One event waiting for one endpoint.

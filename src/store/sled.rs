@@ -1,7 +1,10 @@
 //! The embedded backend (sled 0.34). The only file that knows sled.
 //!
 //! Trees (every value is JSON, so backups need no per-tree codec):
-//! - `state`:    instance key (`source/instance`) → [`InstanceState`];
+//! - `state`:    instance key (`source/instance`) → [`InstanceState`]
+//!   without its per-id sets (see [`StateWrite`]);
+//! - `seen`:     instance `\0` id → when it was first seen (ms), `new`;
+//! - `known`:    instance `\0` id → [`KnownItem`], `changes`;
 //! - `next_run`: instance key → next due time (ms), apart from the state so
 //!   that the per-poll write is 8 bytes, not the whole seen set;
 //! - `outbox`:   endpoint `\0` instance `\0` u64 (big-endian, monotonic) →
@@ -70,6 +73,58 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .expect("store task panicked")
 }
 
+/// `instance \0`: the prefix of an instance's per-id records.
+fn member_prefix(instance: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(instance.len() + 1);
+    p.extend_from_slice(instance.as_bytes());
+    p.push(0);
+    p
+}
+
+/// `instance \0 id`: one per-id record (instance keys hold no 0 byte).
+fn member_key(instance: &str, id: &str) -> Vec<u8> {
+    let mut k = member_prefix(instance);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// A [`StateWrite`] as the bytes it writes.
+struct EncodedWrite {
+    state_key: Vec<u8>,
+    core: Vec<u8>,
+    seen_put: Vec<(Vec<u8>, Vec<u8>)>,
+    seen_del: Vec<Vec<u8>>,
+    known_put: Vec<(Vec<u8>, Vec<u8>)>,
+    known_del: Vec<Vec<u8>>,
+}
+
+impl EncodedWrite {
+    /// Applies the write within a transaction over `state`, `seen` and
+    /// `known`. Deletions first: a replacing write deletes every record
+    /// and puts back the ones it keeps.
+    fn apply(
+        &self,
+        st: &sled::transaction::TransactionalTree,
+        se: &sled::transaction::TransactionalTree,
+        kn: &sled::transaction::TransactionalTree,
+    ) -> std::result::Result<(), ConflictableTransactionError<()>> {
+        st.insert(self.state_key.as_slice(), self.core.as_slice())?;
+        for k in &self.seen_del {
+            se.remove(k.as_slice())?;
+        }
+        for k in &self.known_del {
+            kn.remove(k.as_slice())?;
+        }
+        for (k, v) in &self.seen_put {
+            se.insert(k.as_slice(), v.as_slice())?;
+        }
+        for (k, v) in &self.known_put {
+            kn.insert(k.as_slice(), v.as_slice())?;
+        }
+        Ok(())
+    }
+}
+
 /// `endpoint \0 instance \0`: the prefix of one instance's queue.
 fn instance_prefix(endpoint: &str, instance: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(endpoint.len() + instance.len() + 10);
@@ -118,6 +173,11 @@ pub struct SledStore {
     db: sled::Db,
     state: sled::Tree,
     next_run: sled::Tree,
+    /// Seen ids (`new`), one record each: a commit writes the ids that
+    /// came and went, not the whole set (see [`StateWrite`]).
+    seen: sled::Tree,
+    /// Known items (`changes`), one record each, for the same reason.
+    known: sled::Tree,
     outbox: sled::Tree,
     dead: sled::Tree,
     discovered: sled::Tree,
@@ -228,9 +288,11 @@ impl SledStore {
         migrate_outbox_keys(&outbox)?;
         let attempts = tree("attempts")?;
         let next_attempt = Arc::new(AtomicU64::new(last_attempt_id(&attempts)? + 1));
-        Ok(SledStore {
+        let store = SledStore {
             state: tree("state")?,
             next_run: tree("next_run")?,
+            seen: tree("seen")?,
+            known: tree("known")?,
             outbox,
             dead: tree("dead")?,
             discovered: tree("discovered")?,
@@ -242,7 +304,87 @@ impl SledStore {
             db,
             next_attempt,
             flush: Default::default(),
-        })
+        };
+        store.split_inline_states()?;
+        Ok(store)
+    }
+
+    /// States written before seen ids and known items had records of
+    /// their own carry them inline: they are split once, each state in one
+    /// transaction.
+    fn split_inline_states(&self) -> Result<()> {
+        let mut inline = Vec::new();
+        for r in self.state.iter() {
+            let (k, v) = r.map_err(sled_err("scan state"))?;
+            let s: InstanceState = decode(&k, &v)?;
+            if !s.seen.is_empty() || !s.seen_at.is_empty() || !s.known.is_empty() {
+                inline.push((text(&k), s));
+            }
+        }
+        for (instance, s) in inline {
+            let w = self.encode_write(&instance, &StateWrite::whole(&s, crate::now_ms()))?;
+            self.write_state(&w)?;
+        }
+        Ok(())
+    }
+
+    /// The length of an instance's state record as stored (tests: what a
+    /// commit rewrites).
+    #[cfg(test)]
+    pub(crate) fn state_record_len(&self, instance: &str) -> usize {
+        self.state.get(instance).unwrap().map_or(0, |v| v.len())
+    }
+
+    /// Writes a state record as a version before the split wrote it
+    /// (tests); the next open splits it.
+    #[cfg(test)]
+    pub(crate) fn write_legacy_state(&self, instance: &str, json: &str) {
+        self.state.insert(instance, json.as_bytes()).unwrap();
+        self.db.flush().unwrap();
+    }
+
+    /// Encodes `w` for `instance`. A replacing write also deletes the
+    /// instance's current per-id records, read here: a store has one
+    /// writer per instance, so none come between this read and the
+    /// transaction. Blocking (a scan).
+    fn encode_write(&self, instance: &str, w: &StateWrite) -> Result<EncodedWrite> {
+        let enc = |ids: &[String]| ids.iter().map(|id| member_key(instance, id)).collect();
+        let mut e = EncodedWrite {
+            state_key: instance.as_bytes().to_vec(),
+            core: encode(&w.core),
+            seen_put: w
+                .seen_put
+                .iter()
+                .map(|(id, at)| (member_key(instance, id), encode(at)))
+                .collect(),
+            seen_del: enc(&w.seen_del),
+            known_put: w
+                .known_put
+                .iter()
+                .map(|(id, item)| (member_key(instance, id), encode(item)))
+                .collect(),
+            known_del: enc(&w.known_del),
+        };
+        if w.replace {
+            let prefix = member_prefix(instance);
+            for (tree, del) in [
+                (&self.seen, &mut e.seen_del),
+                (&self.known, &mut e.known_del),
+            ] {
+                for k in tree.scan_prefix(&prefix).keys() {
+                    del.push(k.map_err(sled_err("scan state"))?.to_vec());
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    /// Writes a state alone (imports, the split of old states), in one
+    /// transaction. Blocking.
+    fn write_state(&self, e: &EncodedWrite) -> Result<()> {
+        (&self.state, &self.seen, &self.known)
+            .transaction(|(st, se, kn)| e.apply(st, se, kn))
+            .map_err(tx_err("write state"))
     }
 
     /// Makes every write done before the call durable, sharing one flush
@@ -277,11 +419,25 @@ impl SledStore {
     /// The state as stored, with its next run from its own tree. (States
     /// written before that tree existed carry their own `next_run_ms`,
     /// used until the poller records a new one.)
+    /// An instance's state from its record, its per-id records and its
+    /// next run. Blocking (scans).
     fn read_state(&self, key: &[u8], bytes: Option<&[u8]>) -> Result<InstanceState> {
-        let mut s: InstanceState = match bytes {
+        let core: InstanceState = match bytes {
             Some(b) => decode(key, b)?,
             None => InstanceState::default(),
         };
+        let prefix = member_prefix(&text(key));
+        let mut seen = Vec::new();
+        for r in self.seen.scan_prefix(&prefix) {
+            let (k, v) = r.map_err(sled_err("read seen ids"))?;
+            seen.push((text(&k[prefix.len()..]), decode(&k, &v)?));
+        }
+        let mut known = Vec::new();
+        for r in self.known.scan_prefix(&prefix) {
+            let (k, v) = r.map_err(sled_err("read known items"))?;
+            known.push((text(&k[prefix.len()..]), decode(&k, &v)?));
+        }
+        let mut s = assemble(core, seen, known);
         if let Some(b) = self.next_run.get(key).map_err(sled_err("read next run"))? {
             s.next_run_ms = Some(decode(key, &b)?);
         }
@@ -291,8 +447,12 @@ impl SledStore {
 
 impl Backend for SledStore {
     async fn load_state(&self, instance: &str) -> Result<InstanceState> {
-        let b = self.state.get(instance).map_err(sled_err("read state"))?;
-        self.read_state(instance.as_bytes(), b.as_deref())
+        let (me, instance) = (self.clone(), instance.to_string());
+        blocking(move || {
+            let b = me.state.get(&instance).map_err(sled_err("read state"))?;
+            me.read_state(instance.as_bytes(), b.as_deref())
+        })
+        .await
     }
 
     async fn all_states(&self) -> Result<Vec<(String, InstanceState)>> {
@@ -325,28 +485,23 @@ impl Backend for SledStore {
     async fn commit_poll(
         &self,
         instance: &str,
-        state: &InstanceState,
+        write: &StateWrite,
         deliveries: &[(String, OutboxEntry)],
         // One process writes a sled store: there are no leases to check.
         _fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
-        // The next run lives in its own tree; the state record never
-        // carries it (a stale copy there would be misleading in backups).
-        let stored = InstanceState {
-            next_run_ms: None,
-            ..state.clone()
-        };
-        let state_bytes = encode(&stored);
         let encoded: Vec<(String, Vec<u8>)> = deliveries
             .iter()
             .map(|(ep, e)| (ep.clone(), encode(e)))
             .collect();
         let me = self.clone();
         let instance = instance.to_string();
+        let write = write.clone();
         let keys = blocking(move || {
-            (&me.state, &me.outbox)
-                .transaction(|(st, ob)| {
-                    st.insert(instance.as_bytes(), state_bytes.as_slice())?;
+            let w = me.encode_write(&instance, &write)?;
+            (&me.state, &me.seen, &me.known, &me.outbox)
+                .transaction(|(st, se, kn, ob)| {
+                    w.apply(st, se, kn)?;
                     let mut keys = Vec::with_capacity(encoded.len());
                     for (ep, bytes) in &encoded {
                         let key = EntryKey {
@@ -472,6 +627,13 @@ impl Backend for SledStore {
             me.next_run
                 .remove(&k)
                 .map_err(sled_err("remove next run"))?;
+            let prefix = member_prefix(&k);
+            for tree in [&me.seen, &me.known] {
+                for key in tree.scan_prefix(&prefix).keys() {
+                    let key = key.map_err(sled_err("remove state"))?;
+                    tree.remove(key).map_err(sled_err("remove state"))?;
+                }
+            }
             Ok(())
         })
         .await
@@ -892,7 +1054,9 @@ impl Backend for SledStore {
                 .iter()
                 .map(|k| me.tree(*k).len())
                 .sum::<usize>()
-                + me.next_run.len())
+                + me.next_run.len()
+                + me.seen.len()
+                + me.known.len())
         })
         .await
     }
@@ -913,11 +1077,8 @@ impl Backend for SledStore {
                         if let Some(t) = value.next_run_ms {
                             ins(&me.next_run, instance.clone().into_bytes(), encode(&t))?;
                         }
-                        let value = InstanceState {
-                            next_run_ms: None,
-                            ..value
-                        };
-                        ins(&me.state, instance.into_bytes(), encode(&value))?
+                        let w = StateWrite::whole(&value, crate::now_ms());
+                        me.write_state(&me.encode_write(&instance, &w)?)?
                     }
                     Record::Discovered { source, value } => {
                         ins(&me.discovered, source.into_bytes(), encode(&value))?
@@ -1049,7 +1210,9 @@ mod tests {
                             initialized: true,
                             ..Default::default()
                         };
-                        s.commit_poll(&key, &state, &[], None).await.unwrap();
+                        s.commit_poll(&key, &StateWrite::whole(&state, 0), &[], None)
+                            .await
+                            .unwrap();
                     });
                 }
                 while set.join_next().await.is_some() {}
