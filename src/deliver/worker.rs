@@ -41,12 +41,17 @@ pub struct Worker {
 
 /// A delivery in flight, with the lease it runs under (cluster), kept
 /// until its outcome is recorded.
+/// A finished attempt: the entry, its outcome, the answer, the lease it
+/// ran under, and for a delivered entry whether its removal from the
+/// outbox worked and (ordered lanes) the lane's next head.
 type Flight = (
     EntryKey,
     OutboxEntry,
     Outcome,
     Answer,
     Option<crate::cluster::Busy>,
+    Option<Result<(), crate::store::StoreError>>,
+    Option<(EntryKey, OutboxEntry)>,
 );
 
 /// How pollers (and replays) tell a worker there is work, and where.
@@ -323,6 +328,7 @@ impl Worker {
                     };
                     let client = self.client.clone();
                     let endpoint = ep.clone();
+                    let store = self.store.clone();
                     in_flight.spawn(async move {
                         let started = std::time::Instant::now();
                         let at_ms = crate::now_ms();
@@ -332,7 +338,20 @@ impl Worker {
                             status,
                             latency: started.elapsed(),
                         };
-                        (key, entry, outcome, answer, busy)
+                        // A delivered entry leaves the outbox here, beside
+                        // the other deliveries in flight, not in the loop
+                        // one after another; an ordered lane's next head
+                        // comes back with it (one round trip on PostgreSQL).
+                        let (removed, next) = match outcome {
+                            Outcome::Delivered if ordered => match store.delivered_next(&key).await
+                            {
+                                Ok(next) => (Some(Ok(())), next),
+                                Err(e) => (Some(Err(e)), None),
+                            },
+                            Outcome::Delivered => (Some(store.delivered(&key).await), None),
+                            _ => (None, None),
+                        };
+                        (key, entry, outcome, answer, busy, removed, next)
                     });
                 }
             }
@@ -350,13 +369,21 @@ impl Worker {
             tokio::select! {
                 Some(done) = in_flight.join_next() => {
                     match done {
-                        Ok((key, entry, outcome, answer, busy)) => {
+                        Ok((key, entry, outcome, answer, busy, removed, next)) => {
                             self.record(&entry, &outcome, &answer).await;
                             let (key, entry, stays) =
-                                self.settle(key, entry, outcome, &mut health).await;
+                                self.settle(key, entry, outcome, removed, &mut health).await;
                             drop(busy);
                             if ordered {
                                 q.settled(key, entry, stays);
+                                // The next head came with the removal: no
+                                // read. (An emptied lane is read again: an
+                                // entry committed meanwhile may have woken
+                                // the worker while the lane was busy.)
+                                if let (false, Some((k, e))) = (stays, next) {
+                                    q.stale.remove(&e.instance);
+                                    q.put(k, e);
+                                }
                             } else {
                                 q.busy.remove(&entry.event_id);
                             }
@@ -532,6 +559,7 @@ impl Worker {
         key: EntryKey,
         mut entry: OutboxEntry,
         outcome: Outcome,
+        removed: Option<Result<(), crate::store::StoreError>>,
         health: &mut Health,
     ) -> (EntryKey, OutboxEntry, bool) {
         let ep = &self.endpoint;
@@ -598,7 +626,11 @@ impl Worker {
             }
             Outcome::Delivered => {
                 debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
-                match self.store.delivered(&key).await {
+                let removed = match removed {
+                    Some(r) => r,
+                    None => self.store.delivered(&key).await,
+                };
+                match removed {
                     Ok(()) => {
                         self.status.store_ok();
                         self.status.delivery(

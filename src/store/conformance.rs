@@ -352,6 +352,39 @@ pub async fn next_run_is_kept_apart_from_the_state<F: Fixture>() {
     );
 }
 
+/// Removing a lane's head returns the lane's next head (the worker sends
+/// it without reading the lane again), never an entry of another lane or
+/// endpoint, and nothing once the lane is empty.
+pub async fn a_delivered_head_brings_its_lanes_next_one<F: Fixture>() {
+    let f = F::open().await;
+    let store = f.store();
+    for (inst, seq) in [("s/x", 1), ("s/y", 1), ("s/x", 2), ("s/x", 3)] {
+        let st = InstanceState::default();
+        store
+            .commit_poll(inst, &st, &[("ep".into(), entry(inst, seq))])
+            .await
+            .unwrap();
+    }
+    let st = InstanceState::default();
+    store
+        .commit_poll("s/x", &st, &[("ep2".into(), entry("s/x", 9))])
+        .await
+        .unwrap();
+    let (mut key, head) = store.outbox_head("ep", "s/x").await.unwrap().unwrap();
+    assert_eq!(head.sequence, 1);
+    let mut got = Vec::new();
+    while let Some((k, e)) = store.delivered_next(&key).await.unwrap() {
+        assert_eq!((k.endpoint.as_str(), k.instance.as_str()), ("ep", "s/x"));
+        assert_eq!(store.outbox_head("ep", "s/x").await.unwrap().unwrap().0, k);
+        got.push(e.sequence);
+        key = k;
+    }
+    assert_eq!(got, [2, 3]);
+    assert!(store.outbox_head("ep", "s/x").await.unwrap().is_none());
+    assert_eq!(sequences(&store, "ep").await, [("s/y".to_string(), 1)]);
+    assert_eq!(sequences(&store, "ep2").await, [("s/x".to_string(), 9)]);
+}
+
 pub async fn the_outbox_keeps_lanes_in_order<F: Fixture>() {
     let f = F::open().await;
     let store = f.store();
@@ -757,6 +790,7 @@ macro_rules! suite {
                 stored_quotas_survive_a_reopen,
                 queued_entries_join_their_lane_in_order,
                 seen_ids_and_known_items_are_records_of_their_own,
+                a_delivered_head_brings_its_lanes_next_one,
                 states_written_before_the_split_keep_their_sets
             );
         }

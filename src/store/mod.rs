@@ -224,6 +224,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// means a redelivery with the same `webhook-id`, which receivers drop.
     fn delivered(&self, key: &EntryKey) -> impl Future<Output = Result<()>> + Send;
 
+    /// [`Backend::delivered`] for the head of its lane, returning the
+    /// lane's next head (as [`Backend::outbox_head`] would): what an
+    /// ordered worker sends next, in one round trip where the backend can.
+    fn delivered_next(
+        &self,
+        key: &EntryKey,
+    ) -> impl Future<Output = Result<Option<(EntryKey, OutboxEntry)>>> + Send;
+
     /// A failed attempt: the entry stays with its new attempt count and time.
     fn reschedule(
         &self,
@@ -478,6 +486,9 @@ impl Store {
     }
     pub async fn delivered(&self, key: &EntryKey) -> Result<()> {
         dispatch!(self, b => b.delivered(key).await)
+    }
+    pub async fn delivered_next(&self, key: &EntryKey) -> Result<Option<(EntryKey, OutboxEntry)>> {
+        dispatch!(self, b => b.delivered_next(key).await)
     }
     pub async fn reschedule(&self, key: &EntryKey, entry: &OutboxEntry) -> Result<()> {
         dispatch!(self, b => b.reschedule(key, entry).await)

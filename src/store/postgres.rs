@@ -1218,6 +1218,37 @@ impl Backend for PgStore {
         .map(drop)
     }
 
+    async fn delivered_next(&self, key: &EntryKey) -> Result<Option<(EntryKey, OutboxEntry)>> {
+        // One statement: the delete and the read of the next head. The
+        // read sees the lane as it was before the delete (one snapshot),
+        // hence `seq > $1` rather than "the first".
+        let c = self.relaxed.get().await.map_err(|e| StoreError::Backend {
+            op: "remove delivered",
+            source: chain(e),
+        })?;
+        let st = c
+            .prepare_cached(
+                "WITH d AS (DELETE FROM outbox WHERE seq = $1)
+                 SELECT seq, value::text FROM outbox
+                 WHERE endpoint = $2 AND instance = $3 AND seq > $1
+                 ORDER BY seq LIMIT 1",
+            )
+            .await
+            .map_err(pg_err("remove delivered"))?;
+        let rows = c
+            .query(&st, &[&(key.seq as i64), &key.endpoint, &key.instance])
+            .await
+            .map_err(pg_err("remove delivered"))?;
+        match rows.first() {
+            None => Ok(None),
+            Some(r) => {
+                let next = entry_key(key.endpoint.clone(), key.instance.clone(), r.get(0));
+                let e = decode(&key_name(&next), r.get(1))?;
+                Ok(Some((next, e)))
+            }
+        }
+    }
+
     async fn reschedule(&self, key: &EntryKey, entry: &OutboxEntry) -> Result<()> {
         // An upsert, like sled's insert: the entry is where its key says.
         self.exec_relaxed(

@@ -157,12 +157,23 @@ impl StateWrite {
 /// The state record's part of a state: no per-id sets, no next run (kept
 /// apart too, written every poll).
 pub fn core_of(state: &InstanceState) -> InstanceState {
+    // Field by field, not `..state.clone()`: that would clone the sets
+    // only to drop them (10,000 items for a `changes` listing), and a new
+    // field must be placed on one side or the other here.
     InstanceState {
+        initialized: state.initialized,
+        cursor: state.cursor.clone(),
+        snapshot: state.snapshot.clone(),
+        generation: state.generation,
         seen: VecDeque::new(),
         seen_at: VecDeque::new(),
+        seen_evicted: state.seen_evicted,
         known: BTreeMap::new(),
+        sequence: state.sequence,
+        etag: state.etag.clone(),
+        last_modified: state.last_modified.clone(),
+        validator_url: state.validator_url.clone(),
         next_run_ms: None,
-        ..state.clone()
     }
 }
 
@@ -420,4 +431,102 @@ pub struct Fence {
     pub owner: String,
     /// The lease's epoch, raised by one at every claim.
     pub epoch: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(seen: &[(&str, i64)], known: &[(&str, &str)]) -> InstanceState {
+        InstanceState {
+            cursor: Some("c".into()),
+            seen: seen.iter().map(|(id, _)| id.to_string()).collect(),
+            seen_at: seen.iter().map(|(_, at)| *at).collect(),
+            known: known
+                .iter()
+                .map(|(id, v)| {
+                    let item = KnownItem {
+                        version: v.to_string(),
+                        item: Value::Null,
+                    };
+                    (id.to_string(), item)
+                })
+                .collect(),
+            next_run_ms: Some(5),
+            ..Default::default()
+        }
+    }
+
+    fn ids(v: &[(String, impl Clone)]) -> Vec<&str> {
+        let mut ids: Vec<&str> = v.iter().map(|(id, _)| id.as_str()).collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn a_change_writes_only_what_came_went_or_changed() {
+        let prev = state(&[("a", 1), ("b", 2), ("c", 3)], &[("x", "1"), ("y", "1")]);
+        let next = state(&[("b", 2), ("c", 4), ("d", 5)], &[("x", "2"), ("z", "1")]);
+        let w = StateWrite::between(&prev, &next, 99);
+        assert!(!w.replace);
+        assert_eq!(w.seen_put, [("c".to_string(), 4), ("d".to_string(), 5)]);
+        assert_eq!(w.seen_del, ["a"]);
+        assert_eq!(ids(&w.known_put), ["x", "z"]);
+        assert_eq!(w.known_del, ["y"]);
+        assert_eq!(w.core, core_of(&next));
+    }
+
+    #[test]
+    fn an_unchanged_state_writes_no_member() {
+        let s = state(&[("a", 1), ("b", 2)], &[("x", "1")]);
+        let w = StateWrite::between(&s, &s, 99);
+        assert!(w.seen_put.is_empty() && w.seen_del.is_empty());
+        assert!(w.known_put.is_empty() && w.known_del.is_empty());
+    }
+
+    #[test]
+    fn the_state_record_holds_no_set_and_no_next_run() {
+        let s = state(&[("a", 1)], &[("x", "1")]);
+        let core = core_of(&s);
+        assert!(core.seen.is_empty() && core.seen_at.is_empty() && core.known.is_empty());
+        assert_eq!(core.next_run_ms, None);
+        assert_eq!(core.cursor.as_deref(), Some("c"));
+        // Empty sets are not even spelled out.
+        let json = serde_json::to_string(&core).unwrap();
+        assert!(
+            !json.contains("seen\"") && !json.contains("known"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn a_whole_write_replaces_and_times_the_ids_that_had_none() {
+        // Written before `seen_at`: the oldest id has no time.
+        let mut s = state(&[("a", 0), ("b", 7)], &[("x", "1")]);
+        s.seen_at.pop_front();
+        let w = StateWrite::whole(&s, 99);
+        assert!(w.replace);
+        assert_eq!(w.seen_put, [("a".to_string(), 99), ("b".to_string(), 7)]);
+        assert_eq!(ids(&w.known_put), ["x"]);
+        // The same state as a change from nothing writes the same members.
+        let from_nothing = StateWrite::between(&InstanceState::default(), &s, 99);
+        assert_eq!(from_nothing.seen_put, w.seen_put);
+        assert!(!from_nothing.replace);
+    }
+
+    #[test]
+    fn assembled_ids_come_back_oldest_first_ties_by_id() {
+        let core = core_of(&state(&[], &[]));
+        let seen = vec![("b".into(), 2), ("z".into(), 1), ("a".into(), 2)];
+        let s = assemble(core, seen, vec![]);
+        assert_eq!(s.seen, ["z", "a", "b"]);
+        assert_eq!(s.seen_at, [1, 2, 2]);
+    }
+
+    #[test]
+    fn a_state_record_still_holding_its_sets_is_read_as_it_is() {
+        let inline = state(&[("a", 1)], &[("x", "1")]);
+        let s = assemble(inline.clone(), vec![("b".into(), 2)], vec![]);
+        assert_eq!(s, inline);
+    }
 }

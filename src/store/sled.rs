@@ -830,6 +830,11 @@ impl Backend for SledStore {
         .await
     }
 
+    async fn delivered_next(&self, key: &EntryKey) -> Result<Option<(EntryKey, OutboxEntry)>> {
+        self.delivered(key).await?;
+        self.outbox_head(&key.endpoint, &key.instance).await
+    }
+
     async fn reschedule(&self, key: &EntryKey, entry: &OutboxEntry) -> Result<()> {
         let (t, k, v) = (self.outbox.clone(), key_bytes(key), encode(entry));
         blocking(move || {
