@@ -118,18 +118,17 @@ impl StateWrite {
     /// What turns the stored `prev` into `next`: only the ids and items
     /// that were added, changed or dropped.
     pub fn between(prev: &InstanceState, next: &InstanceState, now_ms: i64) -> StateWrite {
-        let before: HashMap<String, i64> = seen_pairs(prev, now_ms).into_iter().collect();
-        let after = seen_pairs(next, now_ms);
-        let kept: HashSet<&str> = after.iter().map(|(id, _)| id.as_str()).collect();
+        // Borrowed: only the ids written are copied.
+        let before: HashMap<&str, i64> = seen_times(prev, now_ms).collect();
+        let kept: HashSet<&str> = next.seen.iter().map(String::as_str).collect();
         let seen_del = before
             .keys()
-            .filter(|id| !kept.contains(id.as_str()))
-            .cloned()
+            .filter(|id| !kept.contains(*id))
+            .map(|id| id.to_string())
             .collect();
-        let seen_put = after
-            .iter()
+        let seen_put = seen_times(next, now_ms)
             .filter(|(id, at)| before.get(id) != Some(at))
-            .cloned()
+            .map(|(id, at)| (id.to_string(), at))
             .collect();
         let known_put = next
             .known
@@ -181,20 +180,22 @@ pub fn core_of(state: &InstanceState) -> InstanceState {
 /// `seen_at`: the times are the newest ones, aligned at the back) get
 /// `now_ms`.
 fn seen_pairs(state: &InstanceState, now_ms: i64) -> Vec<(String, i64)> {
-    let missing = state.seen.len().saturating_sub(state.seen_at.len());
-    state
-        .seen
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let at = if i < missing {
-                now_ms
-            } else {
-                state.seen_at[i - missing]
-            };
-            (id.clone(), at)
-        })
+    seen_times(state, now_ms)
+        .map(|(id, at)| (id.to_string(), at))
         .collect()
+}
+
+/// [`seen_pairs`], borrowed.
+fn seen_times(state: &InstanceState, now_ms: i64) -> impl Iterator<Item = (&str, i64)> {
+    let missing = state.seen.len().saturating_sub(state.seen_at.len());
+    state.seen.iter().enumerate().map(move |(i, id)| {
+        let at = if i < missing {
+            now_ms
+        } else {
+            state.seen_at[i - missing]
+        };
+        (id.as_str(), at)
+    })
 }
 
 /// A state from its record and its per-id records (in any order). Seen
