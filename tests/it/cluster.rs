@@ -42,6 +42,12 @@ struct Ledger {
     /// The `User-Agent` of every held request, in arrival order: which
     /// node sent it, when each node is given its own.
     held_by: Mutex<Vec<String>>,
+    /// Every request's arrival and `User-Agent`.
+    agents: Mutex<Vec<(Instant, String)>>,
+    /// While set, the next request is refused with a 429 and
+    /// `Retry-After: 6` (and the flag cleared); when and to whom is kept.
+    refuse: AtomicBool,
+    refused: Mutex<Option<(Instant, String)>>,
 }
 
 impl Ledger {
@@ -71,7 +77,22 @@ async fn items(
     State(l): State<Arc<Ledger>>,
     Path(acc): Path<String>,
     headers: HeaderMap,
-) -> Json<Value> {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let ua = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    l.agents.lock().unwrap().push((Instant::now(), ua.clone()));
+    if l.refuse.swap(false, Ordering::SeqCst) {
+        *l.refused.lock().unwrap() = Some((Instant::now(), ua));
+        return (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "6")],
+        )
+            .into_response();
+    }
     {
         let mut f = l.in_flight.lock().unwrap();
         let n = f.entry(acc.clone()).or_default();
@@ -86,11 +107,7 @@ async fn items(
         .unwrap()
         .push((Instant::now(), acc.clone()));
     if l.hold.load(Ordering::SeqCst) {
-        let ua = headers
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        l.held_by.lock().unwrap().push(ua.to_string());
+        l.held_by.lock().unwrap().push(ua);
         l.held.fetch_add(1, Ordering::SeqCst);
         // Bounded: the test releases the hold within seconds.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -110,7 +127,7 @@ async fn items(
         .into_iter()
         .map(|n| json!({ "id": format!("{acc}-{n:03}"), "n": n }))
         .collect();
-    Json(json!({ "items": list }))
+    Json(json!({ "items": list })).into_response()
 }
 
 /// The account listing: every account with items (or opened empty).
@@ -607,6 +624,68 @@ async fn a_node_paused_past_its_lease_cannot_commit_when_it_resumes() {
     assert_eq!(got.len(), 2, "{got:?}");
     assert!(stale.terminate().success());
     assert!(taker.terminate().success());
+}
+
+/// A `Retry-After` given to one node pauses the host for every node: once
+/// the pause has reached the others (a notice through the store), no node
+/// asks the host until it ends; then both ask again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_given_to_one_node_pauses_every_node() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(6);
+    let config = |who: &str| {
+        let extra = format!("user_agent: node-{who}");
+        bridge(addr, &accs, "200ms", &rx, &url(), &schema.0, &extra)
+    };
+    let (mut a, mut b) = (node(&config("a")), node(&config("b")));
+    a.start().await;
+    b.start().await;
+    let asked_by = |who: &str, after: Instant| {
+        ledger
+            .agents
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, ua)| *t > after && ua == who)
+    };
+    let start = Instant::now();
+    wait_for("both nodes to poll", Duration::from_secs(60), || {
+        asked_by("node-a", start) && asked_by("node-b", start)
+    })
+    .await;
+    ledger.refuse.store(true, Ordering::SeqCst);
+    wait_for("a 429 to be given", Duration::from_secs(30), || {
+        ledger.refused.lock().unwrap().is_some()
+    })
+    .await;
+    let (at, to) = ledger.refused.lock().unwrap().clone().unwrap();
+    // The pause ends 6 s after the answer; both nodes ask again after it.
+    let end = at + Duration::from_secs(6);
+    wait_for("both nodes to ask again", Duration::from_secs(60), || {
+        asked_by("node-a", end) && asked_by("node-b", end)
+    })
+    .await;
+    // A second for the notice to reach the other node (a request it had
+    // already sent may still arrive), and a margin for clocks at the end.
+    let during: Vec<(Duration, String)> = ledger
+        .agents
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| *t > at + Duration::from_secs(1) && *t < end - Duration::from_millis(300))
+        .map(|(t, ua)| (*t - at, ua.clone()))
+        .collect();
+    assert!(
+        during.is_empty(),
+        "requests during the pause {to} was given: {during:?}"
+    );
+    assert!(a.terminate().success(), "{}", a.log());
+    assert!(b.terminate().success(), "{}", b.log());
 }
 
 /// A host quota of 20/s with a burst of 5, three nodes each wanting far
