@@ -529,5 +529,12 @@ mod tests {
         let inline = state(&[("a", 1)], &[("x", "1")]);
         let s = assemble(inline.clone(), vec![("b".into(), 2)], vec![]);
         assert_eq!(s, inline);
+        // Either set inline is enough (a `new` state has no known items).
+        let seen_only = state(&[("a", 1)], &[]);
+        let s = assemble(seen_only.clone(), vec![("b".into(), 2)], vec![]);
+        assert_eq!(s, seen_only);
+        let known_only = state(&[], &[("x", "1")]);
+        let s = assemble(known_only.clone(), vec![("b".into(), 2)], vec![]);
+        assert_eq!(s, known_only);
     }
 }
