@@ -580,10 +580,17 @@ mod tests {
         assert_eq!(e.failed("s/i", 0, &p), None);
         assert_eq!(e.failed("s/i", 1, &p), None);
         assert_eq!(e.succeeded("s/i", 2), None);
-        // Forgotten episodes start again.
-        e.failed("s/j", 0, &p);
+        // A forgotten episode is over: no recovery is announced for it,
+        // and failures start counting again.
+        for t in 0..3 {
+            e.failed("s/j", t, &p);
+        }
         e.forget("s/j");
-        assert_eq!(e.failed("s/j", 10, &p), None);
+        assert_eq!(e.succeeded("s/j", 10), None);
+        e.failed("s/j", 20, &p);
+        e.forget("s/j");
+        assert_eq!(e.failed("s/j", 30, &p), None);
+        assert_eq!(e.failed("s/j", 40, &p), None);
     }
 
     #[test]
