@@ -209,6 +209,21 @@ fn node(bridge: &str) -> Daemon {
     Daemon::new(bridge, &[("ledger.yaml", CONNECTOR.to_string())])
 }
 
+/// Two nodes polling every 200 ms, each saying who it is in its
+/// User-Agent (`node-a`, `node-b`), so the upstream knows which one asked.
+fn named_nodes(
+    ledger: SocketAddr,
+    accs: &[String],
+    rx: &Receiver,
+    schema: &str,
+) -> (Daemon, Daemon) {
+    let config = |who: &str| {
+        let extra = format!("user_agent: node-{who}");
+        bridge(ledger, accs, "200ms", rx, &url(), schema, &extra)
+    };
+    (node(&config("a")), node(&config("b")))
+}
+
 /// What the receiver got, checked: every delivery verified; one body per
 /// webhook-id (a second commit of a change, by a stale node, would carry
 /// another sequence or time); one webhook-id per item; per instance, items
@@ -555,13 +570,7 @@ async fn a_node_paused_past_its_lease_cannot_commit_when_it_resumes() {
     let (ledger, addr) = start_ledger().await;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
     let accs = accounts(1);
-    // Each node says who it is in its User-Agent, so the test knows which
-    // one sent the request it holds.
-    let config = |who: &str| {
-        let extra = format!("user_agent: node-{who}");
-        bridge(addr, &accs, "200ms", &rx, &url(), &schema.0, &extra)
-    };
-    let (mut a, mut b) = (node(&config("a")), node(&config("b")));
+    let (mut a, mut b) = named_nodes(addr, &accs, &rx, &schema.0);
     a.start().await;
     wait_for("a's first poll", Duration::from_secs(30), || {
         ledger.requests("a00") >= 2
@@ -638,11 +647,7 @@ async fn a_retry_after_given_to_one_node_pauses_every_node() {
     let (ledger, addr) = start_ledger().await;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
     let accs = accounts(6);
-    let config = |who: &str| {
-        let extra = format!("user_agent: node-{who}");
-        bridge(addr, &accs, "200ms", &rx, &url(), &schema.0, &extra)
-    };
-    let (mut a, mut b) = (node(&config("a")), node(&config("b")));
+    let (mut a, mut b) = named_nodes(addr, &accs, &rx, &schema.0);
     a.start().await;
     b.start().await;
     let asked_by = |who: &str, after: Instant| {
