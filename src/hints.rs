@@ -73,14 +73,25 @@ pub fn floor(headers: &HeaderMap, now: SystemTime) -> Option<Floor> {
             }
         }
     }
-    found
-        .into_iter()
-        .filter(|(d, _)| !d.is_zero())
-        .max_by_key(|(d, _)| *d)
-        .map(|(d, reason)| Floor {
-            at_least: d.min(MAX_FLOOR),
-            reason,
-        })
+    // The longest wins; on a tie, the first found: `X-Poll-Interval`, the
+    // one header that is about polling (GitHub sends `X-Poll-Interval: 60`
+    // with `Cache-Control: max-age=60`), so the reason names it.
+    let (d, reason) = found.into_iter().filter(|(d, _)| !d.is_zero()).fold(
+        None::<(Duration, String)>,
+        |best, (d, r)| match best {
+            Some((b, _)) if b >= d => best,
+            _ => Some((d, r)),
+        },
+    )?;
+    let reason = if d > MAX_FLOOR {
+        format!("{reason} (at most a day is honoured)")
+    } else {
+        reason
+    };
+    Some(Floor {
+        at_least: d.min(MAX_FLOOR),
+        reason,
+    })
 }
 
 #[cfg(test)]
@@ -130,6 +141,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.at_least, Duration::from_secs(60));
+        assert_eq!(f.reason, "X-Poll-Interval: 60");
+        // GitHub's answers: the same 60 s from both; the reason names the
+        // header that is about polling, whatever the order.
+        for pairs in [
+            [
+                ("Cache-Control", "private, max-age=60, s-maxage=60"),
+                ("X-Poll-Interval", "60"),
+            ],
+            [
+                ("X-Poll-Interval", "60"),
+                ("Cache-Control", "private, max-age=60, s-maxage=60"),
+            ],
+        ] {
+            let f = floor(&h(&pairs), at(0)).unwrap();
+            assert_eq!(f.reason, "X-Poll-Interval: 60", "{pairs:?}");
+        }
     }
 
     #[test]
@@ -159,5 +186,9 @@ mod tests {
         // A year is capped at a day.
         let f = floor(&h(&[("Cache-Control", "max-age=31536000")]), now).unwrap();
         assert_eq!(f.at_least, MAX_FLOOR);
+        assert_eq!(
+            f.reason,
+            "Cache-Control: max-age=31536000 (at most a day is honoured)"
+        );
     }
 }

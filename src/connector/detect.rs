@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use chrono::{DateTime, SecondsFormat, Utc};
 use minijinja::Value as Ctx;
 use serde_json::{json, Map, Value};
+use serde_json_path::JsonPath;
 
 use super::fetch::cursor_text;
 use crate::connector::spec::{Baseline, Connector, CursorSpec, DetectMode, EventType};
@@ -119,7 +120,7 @@ pub fn detect(
                     ctx.insert("current".into(), current.clone());
                     ctx.insert("resource".into(), resource.clone());
                     let data = json!({ "previous": p, "current": current });
-                    let fired = fire(c, &ctx, &key, &data, &mut out.events, false)?;
+                    let (fired, _) = fire(c, &ctx, &key, &data, &mut out.events, false)?;
                     out.note("snapshot", describe_fired(&fired));
                     state.snapshot = Some(current);
                 }
@@ -133,11 +134,15 @@ pub fn detect(
                         ctx.insert("resource".into(), resource.clone());
                         let data = json!({ "previous": Value::Null, "current": current });
                         let key = format!("0:{}", value_hash(&current));
-                        let fired = fire(c, &ctx, &key, &data, &mut out.events, true)?;
-                        out.note(
-                            "snapshot",
-                            format!("first value; {}", describe_fired(&fired)),
-                        );
+                        let (fired, skipped) = fire(c, &ctx, &key, &data, &mut out.events, true)?;
+                        let mut what = format!("first value; {}", describe_first(&fired));
+                        if !skipped.is_empty() {
+                            what.push_str(&format!(
+                                "; not emitted without a previous value: {}",
+                                skipped.join(", ")
+                            ));
+                        }
+                        out.note("snapshot", what);
                     } else {
                         out.note(
                             "snapshot",
@@ -174,7 +179,7 @@ pub fn detect(
                 }
                 let mut ctx = base.clone();
                 ctx.insert("item".into(), it.item.clone());
-                let fired = fire(c, &ctx, &it.id, &it.item, &mut out.events, false)?;
+                let (fired, _) = fire(c, &ctx, &it.id, &it.item, &mut out.events, false)?;
                 out.note(&it.id, describe_fired(&fired));
             }
             forget_beyond(&mut state, c.seen_limit, &listed);
@@ -241,7 +246,7 @@ pub fn detect(
                     json!({ "previous": previous, "current": it.item, "changed": changed })
                 };
                 let key = format!("{change}:{}:{version}", it.id);
-                let fired = fire(c, &ctx, &key, &data, &mut out.events, false)?;
+                let (fired, _) = fire(c, &ctx, &key, &data, &mut out.events, false)?;
                 out.note(&it.id, format!("{change}; {}", describe_fired(&fired)));
             }
             // Deletions: only from a complete listing of everything (an
@@ -262,7 +267,7 @@ pub fn detect(
                     ctx.insert("previous".into(), k.item.clone());
                     ctx.insert("changed".into(), json!([]));
                     let key = format!("deleted:{id}:{}", k.version);
-                    let fired = fire(c, &ctx, &key, &k.item, &mut out.events, false)?;
+                    let (fired, _) = fire(c, &ctx, &key, &k.item, &mut out.events, false)?;
                     out.note(&id, format!("deleted; {}", describe_fired(&fired)));
                 }
             } else if !complete {
@@ -313,32 +318,19 @@ fn list_items(
     let id_tpl = c.id.as_ref().ok_or("a list mode without `id`")?;
     let mut out = Vec::new();
     for (page_no, page) in pages.iter().enumerate() {
-        let nodes: Vec<&Value> = match (&c.items_parent, xml) {
-            (Some(parent), true) => parent
-                .query(page)
-                .all()
-                .into_iter()
-                .flat_map(|n| match n {
-                    Value::Array(a) => a.iter().collect::<Vec<_>>(),
-                    other => vec![other as &Value],
-                })
-                .collect(),
-            _ => {
-                // A JSON page without the list's parent (`{"error": …}`
-                // where `{"items": […]}` was expected) is not an empty
-                // listing: treating it as one would call every item deleted.
-                if let Some(parent) = &c.items_parent {
-                    if parent.query(page).is_empty() {
-                        return Err(format!(
-                            "page {} has no list at `items` (its parent is missing), so it is not a listing: {}",
-                            page_no + 1,
-                            preview(page)
-                        ));
-                    }
-                }
-                items_path.query(page).all()
+        // A JSON page without the list's parent (`{"error": …}` where
+        // `{"items": […]}` was expected) is not an empty listing: treating
+        // it as one would call every item deleted.
+        if let (Some(parent), false) = (&c.items_parent, xml) {
+            if parent.query(page).is_empty() {
+                return Err(format!(
+                    "page {} has no list at `items` (its parent is missing), so it is not a listing: {}",
+                    page_no + 1,
+                    preview(page)
+                ));
             }
-        };
+        }
+        let nodes = items_of(c, items_path, page, xml);
         for item in nodes {
             let mut ctx = base.clone();
             ctx.insert("item".into(), item.clone());
@@ -371,6 +363,26 @@ fn list_items(
         }
     }
     Ok(out)
+}
+
+/// The items `items` finds on one page: what detection lists and what
+/// `pollhook test` counts as records, so both agree. On XML, an `items`
+/// path ending in `[*]` also takes a lone element as a list of one (XML
+/// cannot say "a list of one"; a feed with one `<entry>` is one record, not
+/// the entry's child elements).
+pub fn items_of<'a>(c: &Connector, items: &JsonPath, page: &'a Value, xml: bool) -> Vec<&'a Value> {
+    match (&c.items_parent, xml) {
+        (Some(parent), true) => parent
+            .query(page)
+            .all()
+            .into_iter()
+            .flat_map(|n| match n {
+                Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                other => vec![other],
+            })
+            .collect(),
+        _ => items.query(page).all(),
+    }
 }
 
 /// A short rendering of an item for error messages.
@@ -543,8 +555,9 @@ pub fn changed_fields(before: &Value, after: &Value) -> Vec<String> {
 }
 
 /// Evaluates every emit rule; pushes an event per rule that fires. With
-/// `lenient`, a rule whose `when` cannot be evaluated (a baseline snapshot
-/// has no `previous`) does not fire instead of failing the poll.
+/// `lenient` (a baseline snapshot, which has no `previous`), a rule whose
+/// `when`, `type` or `data` cannot be evaluated does not fire instead of
+/// failing the poll; the second list says which and why.
 fn fire(
     c: &Connector,
     ctx: &Map<String, Value>,
@@ -552,9 +565,10 @@ fn fire(
     default_data: &Value,
     events: &mut Vec<Detected>,
     lenient: bool,
-) -> Result<Vec<String>, String> {
+) -> Result<(Vec<String>, Vec<String>), String> {
     let ctx = Ctx::from_serialize(ctx);
     let mut fired = Vec::new();
+    let mut skipped = Vec::new();
     for rule in &c.emit {
         let ok = match &rule.when {
             None => true,
@@ -570,10 +584,14 @@ fn fire(
         let kind = match &rule.kind {
             EventType::Fixed(k) => k.clone(),
             EventType::Template(t, src) => {
-                let k = c
-                    .engine
-                    .render(t, &ctx)
-                    .map_err(|e| format!("`type: {src}`: {e}"))?;
+                let k = match c.engine.render(t, &ctx) {
+                    Ok(k) => k,
+                    Err(e) if lenient => {
+                        skipped.push(format!("`{src}` (its `type`: {e})"));
+                        continue;
+                    }
+                    Err(e) => return Err(format!("`type: {src}`: {e}")),
+                };
                 let k = k.trim().to_string();
                 if k.is_empty() || k.contains(char::is_whitespace) {
                     return Err(format!(
@@ -585,10 +603,14 @@ fn fire(
         };
         let data = match &rule.data {
             None => default_data.clone(),
-            Some(t) => c
-                .engine
-                .render_value(t, &ctx)
-                .map_err(|e| format!("`data` of `{kind}`: {e}"))?,
+            Some(t) => match c.engine.render_value(t, &ctx) {
+                Ok(d) => d,
+                Err(e) if lenient => {
+                    skipped.push(format!("{kind} (its `data`: {e})"));
+                    continue;
+                }
+                Err(e) => return Err(format!("`data` of `{kind}`: {e}")),
+            },
         };
         fired.push(kind.clone());
         events.push(Detected {
@@ -597,7 +619,16 @@ fn fire(
             data,
         });
     }
-    Ok(fired)
+    Ok((fired, skipped))
+}
+
+/// What a baseline snapshot emitted.
+fn describe_first(fired: &[String]) -> String {
+    if fired.is_empty() {
+        "no rule fires without a previous value: nothing emitted".into()
+    } else {
+        format!("emits {}", fired.join(", "))
+    }
 }
 
 fn describe_fired(fired: &[String]) -> String {

@@ -35,7 +35,7 @@ pub enum PollError {
         status: u16,
         snippet: String,
     },
-    #[error("{url}: response larger than the {limit}-byte cap (request.max_response_bytes)")]
+    #[error("{url}: response larger than the {limit}-byte cap (request.max_response_bytes, counted after decompression)")]
     TooLarge { url: String, limit: u64 },
     #[error("{url}: response is {detail}{snippet}")]
     BadBody {
@@ -553,7 +553,11 @@ pub async fn fetch(
                 snippet: snippet(&bytes, &secrets),
             })?;
         out.xml |= format == Format::Xml;
-        let count = c.items.as_ref().map(|items| items.query(&page).len());
+        // Counted as detection lists them (a lone XML entry is one record).
+        let count = c
+            .items
+            .as_ref()
+            .map(|items| super::detect::items_of(c, items, &page, format == Format::Xml).len());
         out.log.push(RequestLog {
             method: c.request.method.to_string(),
             url: shown.clone(),

@@ -28,6 +28,7 @@ mod operations;
 mod ops;
 mod polite;
 mod postgres;
+mod real_apis;
 mod reload;
 mod schedule;
 mod upstream_faults;
