@@ -174,6 +174,8 @@ const REEMITTING: &[(&str, &str)] = &[
     ),
     ("version", "every known item may look updated once"),
     ("watch", "every instance may emit one change"),
+    ("watch_key", "every instance may emit one change"),
+    ("watch_value", "every instance may emit one change"),
 ];
 
 /// The connector of a source as written (file or inline).

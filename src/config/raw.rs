@@ -531,6 +531,18 @@ pub struct RawConnector {
     #[serde(default)]
     #[schemars(with = "Option<JsonPathSrc>")]
     pub watch: Option<Spanned<JsonPathSrc>>,
+    /// `detect: snapshot`: the `watch`ed list is a set, compared as a map
+    /// keyed by this template over each `item` (e.g. `{{ item.type }}`), so
+    /// the same items in another order are no change, and `previous` and
+    /// `current` are keyed, not positional.
+    #[serde(default)]
+    #[schemars(with = "Option<TemplateSrc>")]
+    pub watch_key: Option<Spanned<TemplateSrc>>,
+    /// With `watch_key`: what of each item is watched (a value template over
+    /// `item`, e.g. `"{{ item.amount }}"`); the whole item when absent.
+    #[serde(default)]
+    #[schemars(with = "Option<ValueSrc>")]
+    pub watch_value: Option<Spanned<ValueSrc>>,
     /// Where the next poll resumes.
     #[serde(default)]
     pub cursor: Option<RawCursor>,

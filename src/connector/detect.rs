@@ -105,7 +105,8 @@ pub fn detect(
                                 preview(&resource)
                             ))
                         }
-                        1 => nodes[0].clone(),
+                        1 if c.watch_key.is_none() => nodes[0].clone(),
+                        _ if c.watch_key.is_some() => keyed(c, &base, &nodes)?,
                         _ => Value::Array(nodes.into_iter().cloned().collect()),
                     }
                 }
@@ -299,6 +300,44 @@ impl Out {
             outcome: outcome.into(),
         });
     }
+}
+
+/// A watched list as a set (`watch_key`): a map from each item's key to
+/// its watched value (`watch_value`, or the item), keys in sorted order, so
+/// the same items in another order are the same value (and the same hash).
+/// `nodes` are what `watch` matched: the items, or one list of them.
+fn keyed(c: &Connector, base: &Map<String, Value>, nodes: &[&Value]) -> Result<Value, String> {
+    let key_tpl = c.watch_key.as_ref().expect("called with a watch_key");
+    let items: Vec<&Value> = match nodes {
+        [Value::Array(a)] => a.iter().collect(),
+        _ => nodes.to_vec(),
+    };
+    let mut map = std::collections::BTreeMap::new();
+    for item in items {
+        let mut ctx = base.clone();
+        ctx.insert("item".into(), item.clone());
+        let ctx = Ctx::from_serialize(&ctx);
+        let key = c
+            .engine
+            .render(key_tpl, &ctx)
+            .map_err(|e| format!("`watch_key` of {}: {e}", preview(item)))?;
+        if key.trim().is_empty() {
+            return Err(format!("`watch_key` rendered empty for {}", preview(item)));
+        }
+        let value = match &c.watch_value {
+            None => item.clone(),
+            Some(t) => c
+                .engine
+                .render_value(t, &ctx)
+                .map_err(|e| format!("`watch_value` of {}: {e}", preview(item)))?,
+        };
+        if map.insert(key.clone(), value).is_some() {
+            return Err(format!(
+                "`watch_key` gives `{key}` to two items of the watched list: a key must tell the items apart (e.g. add a second field)"
+            ));
+        }
+    }
+    Ok(Value::Object(map.into_iter().collect()))
 }
 
 /// One item of a listing with its rendered id.
@@ -776,6 +815,88 @@ emit: [{ type: created }]
         )
         .unwrap_err();
         assert!(err.contains("when"), "{err}");
+    }
+
+    const KEYED: &str = r#"
+name: k
+request: { url: "http://x/" }
+detect: snapshot
+watch: "$.balances"
+watch_key: "{{ item.type }}"
+watch_value: "{{ item.amount }}"
+emit:
+  - type: changed
+    data: { before: "{{ previous }}", after: "{{ current }}" }
+"#;
+
+    #[test]
+    fn a_keyed_watch_ignores_order_and_keys_previous() {
+        let c = connector(KEYED);
+        let page = |pairs: &[(&str, i64)]| json!({ "balances": pairs.iter().map(|(t, a)| json!({"type": t, "amount": a, "date": "x"})).collect::<Vec<_>>() });
+        let d0 = run(&c, &InstanceState::default(), page(&[("a", 1), ("b", 2)]));
+        assert_eq!(d0.state.snapshot, Some(json!({"a": 1, "b": 2})));
+        // Reordered (and another field moved): no change, no write.
+        let d1 = run(&c, &d0.state, page(&[("b", 2), ("a", 1)]));
+        assert!(d1.events.is_empty() && !d1.changed(&d0.state));
+        let d2 = run(&c, &d1.state, page(&[("b", 3), ("a", 1)]));
+        assert_eq!(
+            d2.events[0].data,
+            json!({"before": {"a": 1, "b": 2}, "after": {"a": 1, "b": 3}})
+        );
+        // The same set in either order has the same change key.
+        let d3 = run(&c, &d0.state, page(&[("a", 1), ("b", 3)]));
+        assert_eq!(d2.events[0].change_key, d3.events[0].change_key);
+        // An empty list is a value; two items with one key an error.
+        let d4 = run(&c, &d2.state, page(&[]));
+        assert_eq!(d4.state.snapshot, Some(json!({})));
+        let err = detect(
+            &c,
+            &vars(),
+            &d0.state,
+            &[page(&[("a", 1), ("a", 2)])],
+            Utc::now(),
+            None,
+            LISTED,
+        )
+        .unwrap_err();
+        assert!(err.contains("`watch_key` gives `a` to two items"), "{err}");
+    }
+
+    /// A first value emitted as the baseline has no `previous`: a rule
+    /// whose `data` needs it does not fire (and says so); the others do.
+    #[test]
+    fn a_baseline_snapshot_skips_rules_that_need_previous() {
+        let c = connector(
+            r#"
+name: s
+request: { url: "http://x/" }
+detect: snapshot
+emit:
+  - type: changed
+    data: { was: "{{ previous.v }}" }
+  - type: seen
+    data: { now: "{{ current.v }}" }
+"#,
+        );
+        let d = detect(
+            &c,
+            &vars(),
+            &InstanceState::default(),
+            &[json!({"v": 1})],
+            Utc::now(),
+            Some(Baseline::Emit),
+            LISTED,
+        )
+        .unwrap();
+        let kinds: Vec<_> = d.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["seen"]);
+        assert!(
+            d.notes[0]
+                .outcome
+                .contains("not emitted without a previous value: changed"),
+            "{:?}",
+            d.notes
+        );
     }
 
     /// The probe: a listing larger than `seen_limit` re-announced old items

@@ -45,6 +45,10 @@ pub struct Connector {
     pub version: Option<Tpl>,
     /// `detect: snapshot`: the watched part of the resource.
     pub watch: Option<JsonPath>,
+    /// `detect: snapshot`: the watched list as a map keyed by this
+    /// (`watch_key`), each item's watched value (`watch_value`) or itself.
+    pub watch_key: Option<Tpl>,
+    pub watch_value: Option<ValueTpl>,
     pub cursor: Option<CursorSpec>,
     /// Requests see `cursor` moved back by this much.
     pub lookback: Option<Duration>,

@@ -1101,7 +1101,8 @@ async fn psd2_balance_changes_and_booked_transactions_within_four_reads_a_day() 
     );
     assert_eq!(
         balance[0]["data"]["previous_amounts"],
-        json!([{"currency": "EUR", "amount": "1543.21"}, {"currency": "EUR", "amount": "1498.71"}])
+        json!({"closingBooked": {"currency": "EUR", "amount": "1543.21"},
+               "expected": {"currency": "EUR", "amount": "1498.71"}})
     );
     let booked = of("psd2.transaction.booked");
     assert_eq!(booked.len(), 2, "{got:#?}");

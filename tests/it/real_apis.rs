@@ -470,3 +470,96 @@ endpoints:
     assert_eq!(i["interval_floor_ms"], 1000, "{s:#}");
     assert!(d.terminate().success());
 }
+
+// ------------------------------------------------------ order is no change
+
+fn psd2_fixture(name: &str) -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/psd2")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// A bank that lists an account's balances in another order from one
+/// answer to the next (stage 0: as documented; 1: the same balances
+/// reversed; 2: new amounts, reversed).
+async fn reordering_bank(State(stage): State<Arc<AtomicU64>>) -> impl IntoResponse {
+    let stage = stage.load(Ordering::SeqCst);
+    let mut body = psd2_fixture(if stage < 2 {
+        "balances-before.json"
+    } else {
+        "balances-after.json"
+    });
+    if stage >= 1 {
+        body["balances"].as_array_mut().unwrap().reverse();
+    }
+    axum::Json(body)
+}
+
+/// The PSD2 balances connector sent a false `changed` when the bank listed
+/// the same balances in another order. Its balances are a set now
+/// (`watch_key: balanceType`): reordered, nothing is sent; a real change
+/// is sent once, with amounts keyed by balance type, not by position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psd2_balances_listed_in_another_order_are_no_change() {
+    let stage = Arc::new(AtomicU64::new(0));
+    let addr = serve(
+        Router::new()
+            .route("/v1/accounts/{id}/balances", get(reordering_bank))
+            .with_state(stage.clone()),
+    )
+    .await;
+    let connector = repo_connector("psd2-balances.yaml");
+    assert!(connector.contains("\nrate_limit: 4/1d\n"));
+    // PSD2's 4 reads a day would allow one poll: a test rate instead.
+    let connector = connector.replace("\nrate_limit: 4/1d\n", "\nrate_limit: 100/s\n");
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let bridge = format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  balances:
+    connector: psd2-balances
+    with: {{ base_url: "http://{addr}", account_id: 3dc3d5b3-7023-4848-9853-f5400a64e80f, consent_id: c-1, token: t-1 }}
+    schedule: every 50ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{url}", secret: "{secret}" }}
+"#,
+        url = rx.url,
+        secret = secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("psd2-balances.yaml", connector)]);
+    d.start().await;
+    d.wait_polls(&["balances/default"], 2).await;
+    stage.store(1, Ordering::SeqCst);
+    let polls = polls_of(&d.status().await, "balances/default");
+    d.wait_polls(&["balances/default"], polls + 5).await;
+    assert!(rx.all().is_empty(), "reordered: {:#?}", rx.all());
+
+    stage.store(2, Ordering::SeqCst);
+    wait_for("the change", Duration::from_secs(20), || {
+        !rx.accepted().is_empty()
+    })
+    .await;
+    let polls = polls_of(&d.status().await, "balances/default");
+    d.wait_polls(&["balances/default"], polls + 3).await;
+    let got = rx.accepted();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    let data = &got[0].body["data"];
+    assert_eq!(got[0].body["type"], "psd2.balance.changed");
+    assert_eq!(
+        data["previous_amounts"],
+        json!({"closingBooked": {"currency": "EUR", "amount": "1543.21"},
+               "expected": {"currency": "EUR", "amount": "1498.71"}})
+    );
+    assert_eq!(
+        data["amounts"],
+        json!({"closingBooked": {"currency": "EUR", "amount": "1286.54"},
+               "expected": {"currency": "EUR", "amount": "1241.04"}})
+    );
+    // The balances themselves as the bank listed them.
+    assert_eq!(data["balances"][0]["balanceType"], "expected");
+    assert!(d.terminate().success());
+}

@@ -83,6 +83,8 @@ fn lister_of(raw: &RawConnector, d: &RawDiscover, name: &str) -> RawConnector {
         id: Some(d.name.clone()),
         version: None,
         watch: None,
+        watch_key: None,
+        watch_value: None,
         cursor: None,
         detect: Spanned {
             value: DetectMode::New,

@@ -18,8 +18,8 @@ pub(super) fn check_detect(cx: &mut Cx, raw: &RawConnector) {
             if raw.id.is_none() {
                 problem("`detect: new` and `detect: changes` need `id:` (a template naming what makes an item unique, e.g. `{{ item.id }}`)");
             }
-            if raw.watch.is_some() {
-                problem("`watch` belongs to `detect: snapshot`");
+            if raw.watch.is_some() || raw.watch_key.is_some() || raw.watch_value.is_some() {
+                problem("`watch`, `watch_key` and `watch_value` belong to `detect: snapshot`");
             }
             if raw.detect.value == DetectMode::New && raw.version.is_some() {
                 problem(
@@ -35,6 +35,14 @@ pub(super) fn check_detect(cx: &mut Cx, raw: &RawConnector) {
                 || raw.version.is_some()
             {
                 problem("`detect: snapshot` watches one resource: `items`, `id`, `version`, `cursor` and `paginate` belong to `detect: new` / `changes`");
+            }
+            if raw.watch_key.is_some() && raw.watch.is_none() {
+                problem("`watch_key` keys the list that `watch` selects: give `watch:` (e.g. `$.balances[*]`)");
+            }
+            if raw.watch_value.is_some() && raw.watch_key.is_none() {
+                problem(
+                    "`watch_value` picks what of each item `watch_key` keys: give `watch_key:` too",
+                );
             }
         }
     }

@@ -134,6 +134,25 @@ pub(crate) fn resolve_connector(
     let (cursor, lookback) = paging::cursor(&mut cx, raw);
     let items = raw.items.as_ref().map(|p| checked_path(&p.value.0));
     let watch = raw.watch.as_ref().map(|p| checked_path(&p.value.0));
+    let watch_key = raw
+        .watch_key
+        .as_ref()
+        .and_then(|t| cx.template(t, "watch_key", ITEM_VARS));
+    let watch_value = raw.watch_value.as_ref().and_then(|v| {
+        cx.check_vars(
+            &template::variables_of_value(&v.value.0),
+            ITEM_VARS,
+            v,
+            "watch_value",
+        );
+        match cx.engine.value_template(&v.value.0) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                cx.diag.at_span(v, "watch_value", e);
+                None
+            }
+        }
+    });
     let paginate = paging::paginate(&mut cx, raw, items.is_some());
     emit::check_detect(&mut cx, raw);
     let emit = emit::emit_rules(&mut cx, raw);
@@ -175,6 +194,8 @@ pub(crate) fn resolve_connector(
         id,
         version,
         watch,
+        watch_key,
+        watch_value,
         cursor,
         lookback,
         detect: raw.detect.value,
