@@ -136,14 +136,7 @@ pub fn detect(
                         let data = json!({ "previous": Value::Null, "current": current });
                         let key = format!("0:{}", value_hash(&current));
                         let (fired, skipped) = fire(c, &ctx, &key, &data, &mut out.events, true)?;
-                        let mut what = format!("first value; {}", describe_first(&fired));
-                        if !skipped.is_empty() {
-                            what.push_str(&format!(
-                                "; not emitted without a previous value: {}",
-                                skipped.join(", ")
-                            ));
-                        }
-                        out.note("snapshot", what);
+                        out.note("snapshot", describe_first(&fired, &skipped));
                     } else {
                         out.note(
                             "snapshot",
@@ -661,13 +654,24 @@ fn fire(
     Ok((fired, skipped))
 }
 
-/// What a baseline snapshot emitted.
-fn describe_first(fired: &[String]) -> String {
-    if fired.is_empty() {
-        "no rule fires without a previous value: nothing emitted".into()
+/// What a baseline snapshot emitted, and which rules could not fire
+/// without a previous value.
+fn describe_first(fired: &[String], skipped: &[String]) -> String {
+    let emitted = if fired.is_empty() {
+        "nothing emitted".to_string()
     } else {
         format!("emits {}", fired.join(", "))
+    };
+    if skipped.is_empty() {
+        if fired.is_empty() {
+            return "first value; no rule fires without a previous value: nothing emitted".into();
+        }
+        return format!("first value; {emitted}");
     }
+    format!(
+        "first value; {emitted}; needing a previous value, which a first value has not, so not emitted: {}",
+        skipped.join(", ")
+    )
 }
 
 fn describe_fired(fired: &[String]) -> String {
@@ -862,6 +866,34 @@ emit:
         assert!(err.contains("`watch_key` gives `a` to two items"), "{err}");
     }
 
+    #[test]
+    fn watch_key_needs_watch_and_snapshot() {
+        let load = |yaml: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("c.yaml");
+            std::fs::write(&p, yaml).unwrap();
+            match crate::config::resolve::load_connector(Path::new(&p)) {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            }
+        };
+        let err = load(&KEYED.replace("watch: \"$.balances\"\n", ""));
+        assert!(
+            err.contains("`watch_key` keys the list that `watch` selects"),
+            "{err}"
+        );
+        let err = load(&KEYED.replace("watch_key: \"{{ item.type }}\"\n", ""));
+        assert!(
+            err.contains("`watch_value` picks what of each item"),
+            "{err}"
+        );
+        let err = load(&KEYED.replace(
+            "watch_key: \"{{ item.type }}\"",
+            "watch_key: \"{{ itme.type }}\"",
+        ));
+        assert!(err.contains("watch_key") && err.contains("itme"), "{err}");
+    }
+
     /// A first value emitted as the baseline has no `previous`: a rule
     /// whose `data` needs it does not fire (and says so); the others do.
     #[test]
@@ -893,7 +925,7 @@ emit:
         assert!(
             d.notes[0]
                 .outcome
-                .contains("not emitted without a previous value: changed"),
+                .contains("needing a previous value, which a first value has not, so not emitted: changed (its `data`"),
             "{:?}",
             d.notes
         );

@@ -265,7 +265,7 @@ async fn the_readmes_status_page_example_runs_with_pollhook_test() {
     .await;
     assert!(ok, "{out}");
     assert!(
-        out.contains("not emitted without a previous value: status.changed"),
+        out.contains("so not emitted: status.changed (its `data`: undefined value"),
         "{out}"
     );
     assert!(dry_events(&out).is_empty(), "{out}");
