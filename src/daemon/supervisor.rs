@@ -133,7 +133,9 @@ impl Supervisor {
         }
 
         shared.hosts.reconfigure(&new.hosts);
-        *shared.live.admin_token.write().expect("token lock") = new.admin_token.clone();
+        shared
+            .live
+            .set_admin(new.admin_token.clone(), new.admin_allowed_hosts.clone());
 
         let units = crate::reload::units(&new);
         let now = crate::now_ms();
