@@ -547,3 +547,29 @@ async fn a_variable_that_says_none_is_a_token_not_the_absence_of_one() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn allowed_hosts_are_names_without_scheme_or_port() {
+    let bridge = |hosts: &str| {
+        format!(
+            "state_dir: state\nadmin:\n  listen: \"127.0.0.1:0\"\n  allowed_hosts: {hosts}\nsources: {{}}\nendpoints: {{}}\n"
+        )
+    };
+    let d = Daemon::new(&bridge(r#"["http://ops.example:8080"]"#), &[]);
+    let out = d.command(&["validate"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bridge.yaml:4:")
+            && err.contains("admin.allowed_hosts")
+            && err.contains("without scheme, port or path"),
+        "{err}"
+    );
+    let d = Daemon::new(&bridge("[ops.example, \"::1\"]"), &[]);
+    let out = d.command(&["validate"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
