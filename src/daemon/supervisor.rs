@@ -52,7 +52,9 @@ impl Supervisor {
                 self.shared.status.reloaded(Err(why));
             }
             Ok(new) => {
-                let warnings = crate::reload::warnings(old, &new);
+                let mut warnings = crate::reload::warnings(old, &new);
+                // What `validate` warns about (`token: none` beyond loopback).
+                warnings.extend(new.warnings.iter().cloned());
                 for w in &warnings {
                     warn!("reload: {w}");
                 }
