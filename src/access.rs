@@ -226,8 +226,13 @@ impl Failures {
     /// `Some(wait)` while `client` may not try (a correct token included).
     pub fn blocked(&self, client: IpAddr, now: Instant) -> Option<Duration> {
         let tat = *self.tat.lock().expect("failures lock").get(&client)?;
-        let allowed_from = tat.checked_sub(FAILURE_PERIOD * (FAILURES_BURST - 1))?;
-        (allowed_from > now).then(|| allowed_from - now)
+        // Blocked while the theoretical arrival time is more than the
+        // burst ahead (no `Instant` arithmetic below zero: a machine may
+        // have booted minutes ago).
+        let ahead = tat.checked_duration_since(now)?;
+        ahead
+            .checked_sub(FAILURE_PERIOD * (FAILURES_BURST - 1))
+            .filter(|wait| !wait.is_zero())
     }
 
     /// Counts a failure; true when it used the client's last attempt (the
