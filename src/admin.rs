@@ -4,13 +4,18 @@
 //! `events` and `endpoint enable` call while the daemon runs) and
 //! `GET /state/export`. Loopback by default;
 //! shows no secrets (status holds masked errors only; bodies are not shown).
+//!
+//! Every request passes [`guard`] first (its `Host` and `Origin`, see
+//! [`crate::access`]; every answer gets the security headers), then, but
+//! for `/healthz` and the dashboard's own pages, [`authorize`].
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -41,6 +46,8 @@ pub struct AdminState {
     pub node: Option<String>,
     /// The dashboard's templates and CSRF value (`GET /`).
     pub dashboard: Arc<crate::dashboard::Dashboard>,
+    /// The address the server listens on (its IP is a `Host` it answers).
+    pub listen: SocketAddr,
 }
 
 /// The route of an operation.
@@ -79,32 +86,147 @@ pub async fn serve(
         // The dashboard asks for the token itself (a sign-in form).
         .route("/", get(crate::dashboard::page))
         .route("/login", post(crate::dashboard::login))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state);
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
 }
 
-/// The bearer token check; constant-time so a token cannot be guessed by
-/// timing. Liveness (`/healthz`) stays open for supervisors.
-async fn authorize(
+/// Before anything else: a `Host` this server answers to and an `Origin`
+/// that is this server (DNS rebinding, cross-site requests; liveness,
+/// `/healthz`, stays open); after: the security headers on every answer.
+async fn guard(
     State(s): State<AdminState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let token = s.live.admin_token.read().expect("token lock").clone();
-    if token.is_some() {
-        // The bearer token, or the dashboard's session cookie.
-        if !crate::dashboard::authorized(token.as_deref(), req.headers()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "admin token required\n",
+    let mut response = match refusal(&s, &req) {
+        Some(r) => r,
+        None => next.run(req).await,
+    };
+    let h = response.headers_mut();
+    for (name, value) in crate::access::HEADERS {
+        h.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    if let Ok(csp) = HeaderValue::from_str(s.dashboard.csp()) {
+        h.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    response
+}
+
+/// Why [`guard`] refuses a request, if it does.
+fn refusal(s: &AdminState, req: &axum::extract::Request) -> Option<Response> {
+    if req.uri().path() == "/healthz" {
+        return None;
+    }
+    let headers = req.headers();
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let allowed = s.live.admin_hosts();
+    let shown = |v: &str| v.chars().take(100).collect::<String>();
+    if !crate::access::host_allowed(host, s.listen.ip(), &allowed) {
+        tracing::debug!(host = ?host.map(shown), "admin request for another host refused");
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Host `{}` is not this admin server: name its IP address (as `{}`), `localhost`, or a name listed in `admin.allowed_hosts`\n",
+                    host.map(shown).unwrap_or_default(),
+                    s.listen
+                ),
             )
-                .into_response();
+                .into_response(),
+        );
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    let origin = origin.to_str().unwrap_or("null");
+    if crate::access::origin_allowed(origin, host, &allowed) {
+        return None;
+    }
+    tracing::debug!(origin = %shown(origin), "cross-site admin request refused");
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            format!(
+                "cross-site request refused: Origin `{}` is not this admin server (a proxy's name must be listed in `admin.allowed_hosts`)\n",
+                shown(origin)
+            ),
+        )
+            .into_response(),
+    )
+}
+
+/// The bearer token check (or the dashboard's session); constant-time so
+/// a token cannot be guessed by timing, and a client that keeps sending
+/// wrong tokens waits (see [`crate::access::Failures`]). Liveness
+/// (`/healthz`) stays open for supervisors.
+async fn authorize(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use crate::dashboard::Credentials;
+    let token = s.live.admin_token.read().expect("token lock").clone();
+    let now = std::time::Instant::now();
+    let client = crate::access::client_of(peer);
+    let has_bearer = req.headers().contains_key(header::AUTHORIZATION);
+    if has_bearer && token.is_some() {
+        if let Some(wait) = s.live.failures.blocked(client, now) {
+            return too_many(wait);
         }
     }
-    next.run(req).await
+    match crate::dashboard::credentials(token.as_deref(), &s.live.sessions, req.headers(), now) {
+        Credentials::NotNeeded | Credentials::Good => next.run(req).await,
+        Credentials::Missing => unauthorized(),
+        Credentials::Wrong => {
+            failed_attempt(&s, peer, req.uri().path(), now);
+            unauthorized()
+        }
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "admin token required\n",
+    )
+        .into_response()
+}
+
+/// 429 to a client that failed too often, with how long it waits.
+pub(crate) fn too_many(wait: std::time::Duration) -> Response {
+    let secs = wait.as_secs().max(1);
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, secs.to_string())],
+        format!("too many failed admin token attempts from this address: try again in {secs} s\n"),
+    )
+        .into_response()
+}
+
+/// Counts and logs a wrong token (never the token itself).
+pub(crate) fn failed_attempt(
+    s: &AdminState,
+    peer: SocketAddr,
+    path: &str,
+    now: std::time::Instant,
+) {
+    let client = crate::access::client_of(peer);
+    let last = s.live.failures.failed(client, now);
+    tracing::warn!(client = %peer.ip(), route = %path, "admin token refused");
+    if last {
+        tracing::warn!(
+            client = %peer.ip(),
+            "too many failed admin token attempts: this client may try once every {} s",
+            crate::access::FAILURE_PERIOD.as_secs()
+        );
+    }
 }
 
 /// The daemon as operator operations see it: its endpoints and their

@@ -163,15 +163,28 @@ impl Drop for Busy {
     }
 }
 
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length, and its last
+    // byte stays 0, so the name is terminated even if truncated.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    if rc != 0 {
+        return None;
+    }
+    let name = std::ffi::CStr::from_bytes_until_nul(&buf).ok()?;
+    let name = name.to_str().ok()?.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
 fn node_name() -> String {
     if let Ok(n) = std::env::var("POLLHOOK_NODE_NAME") {
         if !n.trim().is_empty() {
             return format!("{}-{:04x}", n.trim(), rand::random::<u16>());
         }
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "node".into());
+    // gethostname(2) rather than /proc/sys/kernel/hostname, which the
+    // packaged unit's `ProcSubset=pid` hides.
+    let host = hostname().unwrap_or_else(|| "node".into());
     format!(
         "{host}-{}-{:04x}",
         std::process::id(),

@@ -31,6 +31,7 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, operations.
 //! - [`logfmt`]: text log fields with control characters escaped.
 
+pub mod access;
 pub mod admin;
 pub mod cluster;
 pub mod config;

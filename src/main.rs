@@ -478,6 +478,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate => {
             let config = Config::load(&cli.config)?;
             let instances: usize = config.sources.iter().map(|s| s.instances.len()).sum();
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: OK ({} connectors, {} sources, {} instances, {} endpoints)",
                 cli.config.display(),

@@ -259,7 +259,7 @@ pub(super) fn admin_auth(
         )
     };
     match token.value.as_deref() {
-        Some("none") => Ok(AdminAuth::Disabled),
+        Some("none") if written_as_none(text, token) => Ok(AdminAuth::Disabled),
         None => Err(error(EMPTY_TOKEN)),
         Some(t) if t.trim().is_empty() => Err(error(EMPTY_TOKEN)),
         Some(t) if t.chars().any(char::is_control) => Err(error(
@@ -267,6 +267,29 @@ pub(super) fn admin_auth(
         )),
         Some(t) => Ok(AdminAuth::Token(t.to_string())),
     }
+}
+
+/// Whether the file itself says `token: none` (plain or quoted), rather
+/// than a `${VAR}` whose value is `none`: a substituted value is always a
+/// literal token, so a variable cannot turn authentication off.
+fn written_as_none(text: &str, token: &Spanned<Option<String>>) -> bool {
+    let (line, column) = (token.referenced.line(), token.referenced.column());
+    let Some(line) = text.lines().nth((line as usize).saturating_sub(1)) else {
+        return false;
+    };
+    let rest: String = line
+        .chars()
+        .skip((column as usize).saturating_sub(1))
+        .collect();
+    let rest = rest.trim_start();
+    ["none", "\"none\"", "'none'"].iter().any(|w| {
+        rest.strip_prefix(w).is_some_and(|after| {
+            after
+                .chars()
+                .next()
+                .is_none_or(|c| c.is_whitespace() || matches!(c, ',' | '}' | '#' | '"' | '\''))
+        })
+    })
 }
 
 const EMPTY_TOKEN: &str = "empty (as an unset `${VAR:-}` gives), which would turn authentication off: give a token (e.g. `\"${credential:admin_token}\"`), or write `token: none` to run without one";
@@ -459,6 +482,24 @@ endpoints:
             why.contains("bridge.yaml:4:") && why.contains("token: none"),
             "an empty token is an error, not no token: {why}"
         );
+        let f = fixture("admin: { listen: \"0.0.0.0:1\", token: none }\n");
+        let op = load_operator_with_env(&f.file, &env(&[]), &f.systemd).unwrap();
+        assert_eq!(op.admin_token, None);
+        let f = fixture("admin:\n  listen: \"127.0.0.1:1\"\n  token: 'none' # on purpose\n");
+        let op = load_operator_with_env(&f.file, &env(&[]), &f.systemd).unwrap();
+        assert_eq!(op.admin_token, None);
+        // A variable whose value is `none` gives the token `none`: only the
+        // file itself may turn authentication off.
+        for bridge in [
+            "admin: { listen: \"127.0.0.1:1\", token: \"${T}\" }\n",
+            "admin: { listen: \"127.0.0.1:1\", token: ${T} }\n",
+            "admin:\n  listen: \"127.0.0.1:1\"\n  token: none${T2:-}\n",
+        ] {
+            let f = fixture(bridge);
+            let vars = [("T", "none".to_string())];
+            let op = load_operator_with_env(&f.file, &env(&vars), &f.systemd).unwrap();
+            assert_eq!(op.admin_token.as_deref(), Some("none"), "{bridge}");
+        }
         let f = fixture("admin: { listen: \"0.0.0.0:1\", token: none }\n");
         let op = load_operator_with_env(&f.file, &env(&[]), &f.systemd).unwrap();
         assert_eq!(

@@ -169,10 +169,18 @@ pub struct RawAdmin {
     /// replay, drop and export events. An empty token is an error, not "no
     /// authentication", so that an unset `${ADMIN_TOKEN:-}` cannot turn
     /// authentication off; to run without a token on purpose, write
-    /// `token: none`.
+    /// `token: none` in the file itself (a `${VAR}` whose value is `none`
+    /// is the token `none`).
     #[serde(default, deserialize_with = "present")]
     #[schemars(with = "Option<String>")]
     pub token: Option<Spanned<Option<String>>>,
+    /// Host names a browser may use for the admin server besides IP
+    /// addresses and `localhost` (a reverse proxy's name, say): a request
+    /// whose `Host` names anything else is refused, so a site whose name
+    /// is rebound to this machine (DNS rebinding) cannot read or act.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub allowed_hosts: Vec<Spanned<String>>,
 }
 
 /// A field that is present, even as null (`token:`), is `Some`: only an

@@ -53,9 +53,31 @@ pub struct Live {
     pub admin_token: RwLock<Option<String>>,
     /// The bridge's `user_agent` for polls, changed by a reload.
     pub user_agent: RwLock<Option<Arc<str>>>,
+    /// `admin.allowed_hosts`, changed by a reload.
+    pub admin_hosts: RwLock<Vec<String>>,
+    /// The dashboard's sessions: all end when the token changes.
+    pub sessions: crate::access::Sessions,
+    /// Failed admin token attempts per client.
+    pub failures: crate::access::Failures,
 }
 
 impl Live {
+    /// Sets the admin token and allowed hosts of a (re)loaded
+    /// configuration; a changed token ends every dashboard session.
+    pub fn set_admin(&self, token: Option<String>, hosts: Vec<String>) {
+        let mut current = self.admin_token.write().expect("token lock");
+        if *current != token {
+            self.sessions.end_all();
+        }
+        *current = token;
+        drop(current);
+        *self.admin_hosts.write().expect("hosts lock") = hosts;
+    }
+
+    pub fn admin_hosts(&self) -> Vec<String> {
+        self.admin_hosts.read().expect("hosts lock").clone()
+    }
+
     pub fn wake(&self, endpoint: &str) -> Option<Arc<Wake>> {
         self.wakes
             .read()
@@ -122,7 +144,13 @@ pub async fn run(
     let store = config.store.open().await?;
     let status = Arc::new(Status::default());
     let live = Arc::new(Live::default());
-    *live.admin_token.write().expect("token lock") = config.admin_token.clone();
+    live.set_admin(
+        config.admin_token.clone(),
+        config.admin_allowed_hosts.clone(),
+    );
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let cluster = store
         .postgres()
         .map(|pg| crate::cluster::Cluster::new(pg.clone(), config.lease));
@@ -173,6 +201,7 @@ pub async fn run(
                 live: live.clone(),
                 node: cluster.as_ref().map(|c| c.node.clone()),
                 dashboard: Default::default(),
+                listen: local,
             };
             let task = tokio::spawn(crate::admin::serve(listener, state, shutdown.clone()));
             Some((task, local))

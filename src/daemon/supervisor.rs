@@ -52,7 +52,9 @@ impl Supervisor {
                 self.shared.status.reloaded(Err(why));
             }
             Ok(new) => {
-                let warnings = crate::reload::warnings(old, &new);
+                let mut warnings = crate::reload::warnings(old, &new);
+                // What `validate` warns about (`token: none` beyond loopback).
+                warnings.extend(new.warnings.iter().cloned());
                 for w in &warnings {
                     warn!("reload: {w}");
                 }
@@ -133,7 +135,9 @@ impl Supervisor {
         }
 
         shared.hosts.reconfigure(&new.hosts);
-        *shared.live.admin_token.write().expect("token lock") = new.admin_token.clone();
+        shared
+            .live
+            .set_admin(new.admin_token.clone(), new.admin_allowed_hosts.clone());
 
         let units = crate::reload::units(&new);
         let now = crate::now_ms();

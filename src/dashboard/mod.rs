@@ -5,15 +5,19 @@
 //!
 //! **Access.** With `admin.token` set, the page asks for the token once
 //! (`POST login`) and keeps a session cookie: `HttpOnly`,
-//! `SameSite=Strict`, holding a hash of the token (never the token), so it
-//! stops working when the token is rotated. The admin server's bearer check
-//! accepts that cookie too (see `admin::authorize`).
+//! `SameSite=Strict`, holding a random session id (never the token) that
+//! lasts [`crate::access::SESSION_LIFETIME`], ends with the process, and
+//! ends when a reload changes the token. The admin server's bearer check
+//! accepts that cookie too (see `admin::authorize`). A wrong token is
+//! logged and counted against the client (`access::Failures`).
 //!
 //! **Cross-site requests.** Every form carries a per-process random
 //! `csrf` value that another site cannot read (the same-origin policy), and
 //! a POST whose `Origin` is not this server is refused: a page elsewhere
 //! cannot make the operator's browser replay or drop anything, token or
-//! not (a loopback dashboard without a token needs this most).
+//! not (a loopback dashboard without a token needs this most). The pages
+//! are served with a content security policy allowing nothing but their
+//! own stylesheets (by hash), and may not be framed (`crate::access`).
 //!
 //! **Scale.** Instances are aggregated per source first, then listed
 //! filtered (source, state, name) and paged, 100 a page: 10,000 instances
@@ -21,13 +25,12 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Form;
 use minijinja::{context, Environment};
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use crate::admin::AdminState;
 use crate::ops::{self, Op};
@@ -43,6 +46,9 @@ pub const COOKIE: &str = "pollhook_session";
 pub struct Dashboard {
     env: Environment<'static>,
     csrf: String,
+    /// The admin server's `Content-Security-Policy`: the templates'
+    /// stylesheets by hash.
+    csp: String,
     /// Seconds between the page's own refreshes.
     refresh: u32,
 }
@@ -58,19 +64,32 @@ impl Default for Dashboard {
         let csrf: String = (0..16)
             .map(|_| format!("{:02x}", rand::random::<u8>()))
             .collect();
+        let csp = crate::access::csp(&[
+            stylesheet(include_str!("page.html")),
+            stylesheet(include_str!("login.html")),
+        ]);
         Dashboard {
             env,
             csrf,
+            csp,
             refresh: 10,
         }
     }
 }
 
-/// The session cookie's value for `token`: a hash, so the browser never
-/// holds the token itself.
-pub fn session_of(token: &str) -> String {
-    let d = sha2::Sha256::digest(format!("pollhook dashboard session\0{token}").as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
+impl Dashboard {
+    /// The `Content-Security-Policy` of the admin server's answers.
+    pub fn csp(&self) -> &str {
+        &self.csp
+    }
+}
+
+/// The text of a template's `<style>` element (static: no template
+/// expressions), which the CSP allows by hash.
+fn stylesheet(html: &'static str) -> &'static str {
+    let start = html.find("<style>").expect("the template has a stylesheet") + "<style>".len();
+    let len = html[start..].find("</style>").expect("the stylesheet ends");
+    &html[start..start + len]
 }
 
 /// The session cookie's value in a request, if any.
@@ -85,37 +104,58 @@ pub fn session_in(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// Whether a request may see the dashboard: no token configured, or the
-/// bearer token, or the session cookie of the current token.
-pub fn authorized(token: Option<&str>, headers: &HeaderMap) -> bool {
-    let Some(token) = token else {
-        return true;
-    };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let eq = crate::deliver::sign::constant_time_eq;
-    eq(bearer.as_bytes(), token.as_bytes())
-        || session_in(headers).is_some_and(|s| eq(s.as_bytes(), session_of(token).as_bytes()))
+/// What a request's credentials say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credentials {
+    /// No token is configured.
+    NotNeeded,
+    /// The bearer token, or a live session.
+    Good,
+    /// Neither a bearer token nor a live session (a session may have
+    /// expired or ended: not an attempt at guessing).
+    Missing,
+    /// A bearer token that is not the admin token: a failed attempt.
+    Wrong,
 }
 
-/// A POST from a page of another site: its `Origin` (sent by browsers on
-/// every POST) names another host than the one it was sent to.
-pub fn cross_site(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+/// Whether a request may see the dashboard and the admin routes: no token
+/// configured, or the bearer token (compared in constant time), or the
+/// cookie of a live session.
+pub fn credentials(
+    token: Option<&str>,
+    sessions: &crate::access::Sessions,
+    headers: &HeaderMap,
+    now: std::time::Instant,
+) -> Credentials {
+    let Some(token) = token else {
+        return Credentials::NotNeeded;
+    };
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        let bearer = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        return if crate::deliver::sign::constant_time_eq(bearer.as_bytes(), token.as_bytes()) {
+            Credentials::Good
+        } else {
+            Credentials::Wrong
+        };
+    }
+    match session_in(headers) {
+        Some(id) if sessions.valid(&id, now) => Credentials::Good,
+        _ => Credentials::Missing,
+    }
+}
+
+/// A request from a page of another site: its `Origin` (sent by browsers
+/// on every POST) is not this server (see [`crate::access::origin_allowed`]).
+pub fn cross_site(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
         return false;
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let origin_host = origin
-        .split_once("://")
-        .map_or(origin, |(_, rest)| rest)
-        .trim_end_matches('/');
-    origin == "null" || !origin_host.eq_ignore_ascii_case(host)
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    !crate::access::origin_allowed(origin.to_str().unwrap_or("null"), host, allowed)
 }
 
 /// The page's query: filters and the page of instances.
@@ -223,7 +263,7 @@ pub fn chart(buckets: &[crate::status::Minute], now_ms: i64) -> String {
             points.join(" ")
         ));
         out.push_str(&format!(
-            r#"<text x="{}" y="{}" style="fill:{colour}">{name}: {total} in the hour</text>"#,
+            r#"<text x="{}" y="{}" class="legend-{name}">{name}: {total} in the hour</text>"#,
             k as f64 * 200.0,
             H + 22.0
         ));
@@ -479,7 +519,11 @@ pub async fn page(
     headers: HeaderMap,
 ) -> Response {
     let token = token_of(&s);
-    if !authorized(token.as_deref(), &headers) {
+    let now = std::time::Instant::now();
+    if !matches!(
+        credentials(token.as_deref(), &s.live.sessions, &headers, now),
+        Credentials::NotNeeded | Credentials::Good
+    ) {
         return s.dashboard.login(None);
     }
     match s.dashboard.render(&s, &f).await {
@@ -496,31 +540,48 @@ pub struct Login {
     csrf: String,
 }
 
-/// `POST /login`: the token once, a session cookie in return.
+/// `POST /login`: the token once, a session cookie in return. A wrong
+/// token is logged and counted against the client, which waits once it
+/// failed too often (see `crate::access::Failures`).
 pub async fn login(
     State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     Form(l): Form<Login>,
 ) -> Response {
-    if cross_site(&headers) || l.csrf != s.dashboard.csrf {
+    if cross_site(&headers, &s.live.admin_hosts()) || l.csrf != s.dashboard.csrf {
         return (StatusCode::FORBIDDEN, "cross-site request refused\n").into_response();
     }
     let Some(token) = token_of(&s) else {
         return Redirect::to("./").into_response();
     };
+    let now = std::time::Instant::now();
+    if let Some(wait) = s.live.failures.blocked(crate::access::client_of(peer), now) {
+        let secs = wait.as_secs().max(1);
+        let mut r = s.dashboard.login(Some(&format!(
+            "Too many failed attempts from this address: try again in {secs} s."
+        )));
+        *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
     if !crate::deliver::sign::constant_time_eq(l.token.as_bytes(), token.as_bytes()) {
+        crate::admin::failed_attempt(&s, peer, "/login", now);
         let mut r = s.dashboard.login(Some("That is not the admin token."));
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
     }
+    let session = s.live.sessions.open(now);
     (
         StatusCode::SEE_OTHER,
         [
             (
                 header::SET_COOKIE,
                 format!(
-                    "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
-                    session_of(&token)
+                    "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+                    crate::access::SESSION_LIFETIME.as_secs()
                 ),
             ),
             (header::LOCATION, "./".to_string()),
@@ -550,7 +611,7 @@ async fn act<O: Op>(
     said: impl FnOnce(O::Reply) -> String,
     anchor: &str,
 ) -> Response {
-    if cross_site(headers) || a.csrf != s.dashboard.csrf {
+    if cross_site(headers, &s.live.admin_hosts()) || a.csrf != s.dashboard.csrf {
         return (StatusCode::FORBIDDEN, "cross-site request refused\n").into_response();
     }
     let daemon = crate::admin::Daemon(&s.live);
@@ -641,38 +702,57 @@ mod tests {
     }
 
     #[test]
-    fn the_session_is_a_hash_of_the_token_and_only_it_opens_the_page() {
-        let s = session_of("tok");
-        assert_ne!(s, "tok");
-        assert_eq!(s.len(), 64);
-        assert!(authorized(None, &HeaderMap::new()));
-        assert!(!authorized(Some("tok"), &HeaderMap::new()));
-        assert!(authorized(
-            Some("tok"),
-            &headers(&[("authorization", "Bearer tok")])
-        ));
-        assert!(!authorized(
-            Some("tok"),
-            &headers(&[("authorization", "Bearer nope")])
-        ));
-        let cookie = format!("a=b; {COOKIE}={s}");
-        assert!(authorized(Some("tok"), &headers(&[("cookie", &cookie)])));
-        // The token itself as a cookie, or the session of another token: no.
-        assert!(!authorized(
-            Some("tok"),
-            &headers(&[("cookie", &format!("{COOKIE}=tok"))])
-        ));
-        assert!(!authorized(Some("new"), &headers(&[("cookie", &cookie)])));
+    fn only_the_token_or_a_live_session_opens_the_page() {
+        use Credentials::*;
+        let sessions = crate::access::Sessions::default();
+        let now = std::time::Instant::now();
+        let c = |token: Option<&str>, h: &HeaderMap| credentials(token, &sessions, h, now);
+        assert_eq!(c(None, &HeaderMap::new()), NotNeeded);
+        assert_eq!(c(Some("tok"), &HeaderMap::new()), Missing);
+        let bearer = |t: &str| headers(&[("authorization", &format!("Bearer {t}"))]);
+        assert_eq!(c(Some("tok"), &bearer("tok")), Good);
+        assert_eq!(c(Some("tok"), &bearer("nope")), Wrong);
+        let id = sessions.open(now);
+        let cookie = format!("a=b; {COOKIE}={id}");
+        assert_eq!(c(Some("tok"), &headers(&[("cookie", &cookie)])), Good);
+        // The token itself as a cookie, or an unknown session: no, and
+        // not counted as a failed attempt.
+        let token_cookie = format!("{COOKIE}=tok");
+        assert_eq!(
+            c(Some("tok"), &headers(&[("cookie", &token_cookie)])),
+            Missing
+        );
+        sessions.end_all();
+        assert_eq!(c(Some("tok"), &headers(&[("cookie", &cookie)])), Missing);
     }
 
     #[test]
     fn posts_from_another_origin_are_cross_site() {
         let h = |o: &str| headers(&[("host", "127.0.0.1:9464"), ("origin", o)]);
-        assert!(!cross_site(&headers(&[("host", "127.0.0.1:9464")])));
-        assert!(!cross_site(&h("http://127.0.0.1:9464")));
-        assert!(cross_site(&h("http://evil.example")));
-        assert!(cross_site(&h("http://127.0.0.1:9465")));
-        assert!(cross_site(&h("null")));
+        let none: &[String] = &[];
+        assert!(!cross_site(&headers(&[("host", "127.0.0.1:9464")]), none));
+        assert!(!cross_site(&h("http://127.0.0.1:9464"), none));
+        assert!(cross_site(&h("http://evil.example"), none));
+        assert!(cross_site(&h("http://127.0.0.1:9465"), none));
+        assert!(cross_site(&h("null"), none));
+        assert!(!cross_site(
+            &h("https://ops.example"),
+            &["ops.example".to_string()]
+        ));
+    }
+
+    #[test]
+    fn the_stylesheets_are_the_templates_own() {
+        let page = stylesheet(include_str!("page.html"));
+        assert!(
+            page.contains(".legend-polls") && !page.contains("<style"),
+            "{page}"
+        );
+        assert!(
+            !page.contains("{{") && !page.contains("{%"),
+            "static: hashed once"
+        );
+        assert!(Dashboard::default().csp().matches("'sha256-").count() == 2);
     }
 
     #[test]

@@ -296,6 +296,25 @@ endpoints:
     let dead_row = format!("tr[data-event=\"{dead_id}\"]");
     assert!(text(c, &dead_row).await.contains("news/good"));
     assert!(text(c, "#sources-table").await.contains("news"));
+    // The stylesheet applies under the page's content security policy
+    // (a wrong hash would leave the failing state and the chart's legend
+    // in the default black).
+    let css = |css: &'static str, property: &'static str| async move {
+        c.find(Locator::Css(css))
+            .await
+            .unwrap()
+            .css_value(property)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        css("tr[data-instance=\"news/bad\"] .state", "color").await,
+        "rgba(207, 34, 46, 1)"
+    );
+    assert_eq!(
+        css("#activity-chart .legend-polls", "fill").await,
+        "rgb(9, 105, 218)"
+    );
     assert!(
         !c.source().await.unwrap().contains(TOKEN),
         "the page shows no secret"
@@ -346,11 +365,11 @@ endpoints:
     assert!(text(c, "#flash").await.contains("endpoint gone enabled"));
 
     // A form posted from another site is refused, signed in or not.
-    let cookie = format!(
-        "{}={}",
-        pollhook::dashboard::COOKIE,
-        pollhook::dashboard::session_of(TOKEN)
-    );
+    let session = c
+        .get_named_cookie(pollhook::dashboard::COOKIE)
+        .await
+        .expect("the session cookie");
+    let cookie = format!("{}={}", session.name(), session.value());
     let cross = reqwest::Client::new()
         .post(format!("{admin}/ui/drop"))
         .header("cookie", &cookie)

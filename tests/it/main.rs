@@ -6,6 +6,7 @@
 mod bank;
 mod support;
 
+mod admin_access;
 mod bank_example;
 mod catalog;
 mod cli;

@@ -47,6 +47,11 @@ pub struct Config {
     /// Bearer token the admin server requires: `None` only when
     /// `admin.token` is absent on a loopback address or says `none`.
     pub admin_token: Option<String>,
+    /// `admin.allowed_hosts`, lower case (see `crate::access`).
+    pub admin_allowed_hosts: Vec<String>,
+    /// What `validate` and the daemon's start warn about (`file:line:
+    /// field: message`); nothing here stops the daemon.
+    pub warnings: Vec<String>,
     /// How long shutdown waits for in-flight work.
     pub shutdown_timeout: Duration,
     /// Delivery attempts older than this are forgotten.
@@ -123,7 +128,15 @@ impl Config {
             .collect();
         let mut admin_listen = None;
         let mut admin_token = None;
+        let mut admin_allowed_hosts = Vec::new();
+        let mut warnings = Vec::new();
         if let Some(admin) = &raw.admin {
+            for h in &admin.allowed_hosts {
+                match crate::access::allowed_host_entry(&h.value) {
+                    Ok(name) => admin_allowed_hosts.push(name),
+                    Err(e) => diag.at_span(h, "admin.allowed_hosts", e),
+                }
+            }
             let auth = admin_auth(file, &original, admin.token.as_ref());
             match parse_listen(file, &original, &admin.listen) {
                 Ok(addr) => {
@@ -133,6 +146,13 @@ impl Config {
                             check_listen_auth(file, &original, &admin.listen, addr, auth)
                         {
                             diag.push(e);
+                        }
+                        if *auth == AdminAuth::Disabled && !addr.ip().to_canonical().is_loopback() {
+                            warnings.push(format!(
+                                "{}:{}: admin.token: `none` on `{addr}`, which is not a loopback address: anyone who reaches it can replay, drop and export events; set a token unless something in front of it (a firewall, a proxy that authenticates) keeps everyone else out",
+                                file.display(),
+                                admin.token.as_ref().map_or(0, |t| t.referenced.line()),
+                            ));
                         }
                     }
                 }
@@ -150,6 +170,8 @@ impl Config {
             store,
             admin_listen,
             admin_token,
+            admin_allowed_hosts,
+            warnings,
             shutdown_timeout: raw
                 .shutdown_timeout
                 .map(|d| d.0)
