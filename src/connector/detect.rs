@@ -151,11 +151,12 @@ pub fn detect(
         DetectMode::New => {
             let items = list_items(c, &base, pages, listing.xml)?;
             // Ids of this listing are never forgotten: only ids that left
-            // it are bounded (by `seen_ttl` and `seen_limit`). A listing
-            // larger than the bound cannot be remembered at all, and is
-            // an error rather than old items announced again every poll.
+            // it are bounded (by `seen_ttl` and `seen_limit`), so a listing
+            // larger than `seen_limit` is remembered whole. Only one beyond
+            // what an instance may hold in memory at all is an error,
+            // rather than old items announced again every poll.
             let listed: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
-            check_listing_fits(listed.len(), c.seen_limit, "seen_limit")?;
+            check_listing_fits(listed.len(), MAX_LISTED_IDS)?;
             let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
             expire_seen(c, &mut state, &mut seen, now, &listed);
             for it in &items {
@@ -185,7 +186,13 @@ pub fn detect(
             // Every item of the listing is kept with its version; one too
             // large to keep is an error, never a storm of `created`.
             let distinct: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
-            check_listing_fits(distinct.len(), c.seen_limit, "seen_limit")?;
+            if distinct.len() > c.seen_limit {
+                let n = distinct.len();
+                let limit = c.seen_limit;
+                return Err(format!(
+                    "the listing has {n} distinct items, more than `seen_limit` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `seen_limit` or list less (a cursor, a filter)"
+                ));
+            }
             let mut present = HashSet::new();
             for it in &items {
                 if !present.insert(it.id.clone()) {
@@ -383,12 +390,20 @@ pub(crate) fn preview(v: &Value) -> String {
     }
 }
 
-/// A listing of `n` distinct items must fit the bound of what an instance
-/// remembers, or detection cannot tell old items from new ones. Pure.
-fn check_listing_fits(n: usize, limit: usize, field: &str) -> Result<(), String> {
+/// The most distinct ids one listing of a `detect: new` instance may have.
+/// Every id of the latest listing is remembered whatever `seen_limit` says
+/// (which bounds only the ids that left it), so this is the hard bound on
+/// what an instance holds in memory and writes: ten times the default
+/// `seen_limit`, a few tens of MB at most while a poll runs.
+pub const MAX_LISTED_IDS: usize = 100_000;
+
+/// A listing of `n` distinct items must fit the hard bound of what an
+/// instance remembers, or detection cannot tell old items from new ones.
+/// Pure.
+fn check_listing_fits(n: usize, limit: usize) -> Result<(), String> {
     if n > limit {
         return Err(format!(
-            "the listing has {n} distinct items, more than `{field}` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `{field}` or list less (a cursor, a filter)"
+            "the listing has {n} distinct items, more than the {limit} an instance can remember: nothing is emitted (old items would look new); list less (a cursor, a filter)"
         ));
     }
     Ok(())
@@ -418,11 +433,15 @@ fn expire_seen(
     });
 }
 
-/// Keeps at most `limit` ids, forgetting the oldest of those that are not
-/// in the current listing (which fits the limit: see
-/// [`check_listing_fits`]).
+/// Keeps every id of the current listing and at most `limit` of the ids
+/// that left it, forgetting the oldest of those first.
 fn forget_beyond(state: &mut InstanceState, limit: usize, listed: &HashSet<&str>) {
-    let mut excess = state.seen.len().saturating_sub(limit);
+    let unlisted = state
+        .seen
+        .iter()
+        .filter(|id| !listed.contains(id.as_str()))
+        .count();
+    let mut excess = unlisted.saturating_sub(limit);
     if excess == 0 {
         return;
     }
@@ -747,36 +766,38 @@ emit: [{ type: created }]
         assert!(err.contains("when"), "{err}");
     }
 
-    /// The probe: a listing larger than `seen_limit` re-announced old items
-    /// on every poll. Ids still listed are never forgotten, and a listing
-    /// that cannot be remembered is an error, not events.
+    /// The probes: a listing larger than `seen_limit` re-announced old
+    /// items on every poll, then (refused whole) announced nothing at all.
+    /// Ids still listed are always remembered; `seen_limit` bounds the ids
+    /// that left the listing; only a listing beyond the hard bound is an
+    /// error.
     #[test]
-    fn ids_still_listed_are_never_forgotten_and_a_listing_too_large_is_an_error() {
+    fn a_listing_is_remembered_whole_and_seen_limit_bounds_the_ids_that_left_it() {
         let c = connector(&NEW.replace("cursor: { max: \"{{ item.n }}\" }\n", ""));
         let page = |ids: &[&str]| json!({ "tx": ids.iter().map(|i| json!({"id": i, "n": 1})).collect::<Vec<_>>() });
         let d0 = run(&c, &InstanceState::default(), page(&["a", "b"]));
-        // "a" is the oldest seen id and still listed; two new ones push
-        // the set past its limit of 3: "b" (gone from the listing) goes.
+        // "b" left the listing: one unlisted id, within the limit of 3.
         let d1 = run(&c, &d0.state, page(&["a", "c", "d"]));
         assert_eq!(d1.events.len(), 2);
-        assert_eq!(d1.state.seen, ["a", "c", "d"]);
-        assert_eq!(d1.state.seen_evicted, 1);
-        // The same listing again: nothing is new.
-        let d2 = run(&c, &d1.state, page(&["a", "c", "d"]));
-        assert!(d2.events.is_empty(), "{:?}", d2.events);
-        // Four items cannot be remembered in three: an error, no events.
-        let err = detect(
-            &c,
-            &vars(),
-            &d2.state,
-            &[page(&["a", "c", "d", "e"])],
-            Utc::now(),
-            None,
-            LISTED,
-        )
-        .unwrap_err();
+        assert_eq!(d1.state.seen, ["a", "b", "c", "d"]);
+        assert_eq!(d1.state.seen_evicted, 0);
+        // Five listed, more than the limit of 3: all new, all announced,
+        // all remembered; of the four that left, the oldest goes.
+        let d2 = run(&c, &d1.state, page(&["e", "f", "g", "h", "i"]));
+        assert_eq!(d2.events.len(), 5);
+        assert_eq!(d2.state.seen, ["b", "c", "d", "e", "f", "g", "h", "i"]);
+        assert_eq!(d2.state.seen_evicted, 1);
+        // The same listing again: nothing is new; one more item: one event.
+        let d3 = run(&c, &d2.state, page(&["e", "f", "g", "h", "i"]));
+        assert!(d3.events.is_empty(), "{:?}", d3.events);
+        let d4 = run(&c, &d3.state, page(&["e", "f", "g", "h", "i", "j"]));
+        let keys: Vec<_> = d4.events.iter().map(|e| e.change_key.as_str()).collect();
+        assert_eq!(keys, ["j"]);
+        // Beyond the hard bound: an error, no events.
+        assert!(check_listing_fits(MAX_LISTED_IDS, MAX_LISTED_IDS).is_ok());
+        let err = check_listing_fits(MAX_LISTED_IDS + 1, MAX_LISTED_IDS).unwrap_err();
         assert!(
-            err.contains("4 distinct items, more than `seen_limit` (3)"),
+            err.contains("100001 distinct items, more than the 100000 an instance can remember"),
             "{err}"
         );
     }
@@ -890,8 +911,17 @@ emit: [{ type: "x.{{ change }}" }]
         );
         assert_eq!(d2.events.len(), 1);
         assert_eq!(d2.state.cursor.as_deref(), Some("10"), "never backwards");
-        assert_eq!(d2.state.seen.len(), 3);
-        assert_eq!(d2.state.seen_evicted, 1);
+        // "a" and "b" left the listing: two, within `seen_limit` (3).
+        assert_eq!(d2.state.seen, ["a", "b", "c", "d"]);
+        assert_eq!(d2.state.seen_evicted, 0);
+        let d3 = run(&c, &d2.state, json!({"tx": [{"id": "e", "n": 11}]}));
+        assert_eq!(d3.events.len(), 1);
+        assert_eq!(
+            d3.state.seen,
+            ["b", "c", "d", "e"],
+            "four left: the oldest goes"
+        );
+        assert_eq!(d3.state.seen_evicted, 1);
     }
 
     #[test]

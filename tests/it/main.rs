@@ -16,6 +16,7 @@ mod crash;
 mod dashboard;
 mod delivery;
 mod delivery_policy;
+mod depth;
 mod discover;
 mod disk_full;
 mod docs;
