@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use super::fetch::cursor_text;
 use crate::connector::spec::{Baseline, Connector, CursorSpec, DetectMode, EventType};
 use crate::event::value_hash;
-use crate::store::{InstanceState, KnownItem};
+use crate::store::{nested_deeper_than, InstanceState, KnownItem, MAX_DEPTH};
 
 /// A change found by detection, before it gets a sequence number and an id.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +41,10 @@ pub struct Detection {
     pub events: Vec<Detected>,
     /// Per-record explanations.
     pub notes: Vec<Note>,
+    /// Items refused whole (nested deeper than [`MAX_DEPTH`]): why, one
+    /// line each. The other items went on; the poll reports these as an
+    /// error of the instance.
+    pub refused: Vec<String>,
 }
 
 impl Detection {
@@ -109,6 +113,13 @@ pub fn detect(
                     }
                 }
             };
+            if nested_deeper_than(&current, MAX_DEPTH) {
+                return Err(format!(
+                    "the {} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused, nothing emitted: {}",
+                    if c.watch.is_some() { "watched value" } else { "resource" },
+                    preview(&current)
+                ));
+            }
             match &prev.snapshot {
                 Some(p) if *p == current => out.note("snapshot", "unchanged"),
                 Some(p) => {
@@ -149,13 +160,18 @@ pub fn detect(
             }
         }
         DetectMode::New => {
-            let items = list_items(c, &base, pages, listing.xml)?;
+            let items = list_items(c, &base, pages, listing.xml, &mut out)?;
+            let refused_ids = std::mem::take(&mut out.refused_ids);
             // Ids of this listing are never forgotten: only ids that left
             // it are bounded (by `seen_ttl` and `seen_limit`), so a listing
             // larger than `seen_limit` is remembered whole. Only one beyond
             // what an instance may hold in memory at all is an error,
             // rather than old items announced again every poll.
-            let listed: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            let listed: HashSet<&str> = items
+                .iter()
+                .map(|it| it.id.as_str())
+                .chain(refused_ids.iter().map(String::as_str))
+                .collect();
             check_listing_fits(listed.len(), MAX_LISTED_IDS)?;
             let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
             expire_seen(c, &mut state, &mut seen, now, &listed);
@@ -182,10 +198,15 @@ pub fn detect(
             advance_cursor(c, &base, prev, &mut state, pages, &items)?;
         }
         DetectMode::Changes => {
-            let items = list_items(c, &base, pages, listing.xml)?;
+            let items = list_items(c, &base, pages, listing.xml, &mut out)?;
+            let refused_ids = std::mem::take(&mut out.refused_ids);
             // Every item of the listing is kept with its version; one too
             // large to keep is an error, never a storm of `created`.
-            let distinct: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            let distinct: HashSet<&str> = items
+                .iter()
+                .map(|it| it.id.as_str())
+                .chain(refused_ids.iter().map(String::as_str))
+                .collect();
             if distinct.len() > c.seen_limit {
                 let n = distinct.len();
                 let limit = c.seen_limit;
@@ -193,7 +214,9 @@ pub fn detect(
                     "the listing has {n} distinct items, more than `seen_limit` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `seen_limit` or list less (a cursor, a filter)"
                 ));
             }
-            let mut present = HashSet::new();
+            // A refused item is still listed: it keeps its known version
+            // and is not deleted.
+            let mut present: HashSet<String> = refused_ids.iter().cloned().collect();
             for it in &items {
                 if !present.insert(it.id.clone()) {
                     out.note(&it.id, "listed twice in this poll: the first one counts");
@@ -285,6 +308,7 @@ pub fn detect(
         state,
         events: out.events,
         notes: out.notes,
+        refused: out.refused,
     })
 }
 
@@ -292,6 +316,9 @@ pub fn detect(
 struct Out {
     events: Vec<Detected>,
     notes: Vec<Note>,
+    refused: Vec<String>,
+    /// Ids of the refused items: still listed.
+    refused_ids: Vec<String>,
 }
 
 impl Out {
@@ -309,16 +336,19 @@ struct Listed {
     item: Value,
 }
 
-/// The items of every page, in order, each with its id.
+/// The items of every page, in order, each with its id. An item nested
+/// deeper than [`MAX_DEPTH`] is left out, noted and counted as refused in
+/// `out`: one such item must not stop the instance's other items.
 fn list_items(
     c: &Connector,
     base: &Map<String, Value>,
     pages: &[Value],
     xml: bool,
+    out: &mut Out,
 ) -> Result<Vec<Listed>, String> {
     let items_path = c.items.as_ref().ok_or("a list mode without `items`")?;
     let id_tpl = c.id.as_ref().ok_or("a list mode without `id`")?;
-    let mut out = Vec::new();
+    let mut listed = Vec::new();
     for (page_no, page) in pages.iter().enumerate() {
         let nodes: Vec<&Value> = match (&c.items_parent, xml) {
             (Some(parent), true) => parent
@@ -371,13 +401,23 @@ fn list_items(
                     preview(item)
                 ));
             }
-            out.push(Listed {
+            if nested_deeper_than(item, MAX_DEPTH) {
+                let why = format!(
+                    "item {id} on page {} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused (the other items go on)",
+                    page_no + 1
+                );
+                out.note(&id, why.clone());
+                out.refused.push(why);
+                out.refused_ids.push(id);
+                continue;
+            }
+            listed.push(Listed {
                 id,
                 item: item.clone(),
             });
         }
     }
-    Ok(out)
+    Ok(listed)
 }
 
 /// A short rendering of an item for error messages.
@@ -800,6 +840,80 @@ emit: [{ type: created }]
             err.contains("100001 distinct items, more than the 100000 an instance can remember"),
             "{err}"
         );
+    }
+
+    /// `{"a": …}` nested `n` deep, with an id.
+    fn deep_item(id: &str, n: usize) -> Value {
+        let inner = (1..n).fold(json!(1), |v, _| json!({ "a": v }));
+        json!({ "id": id, "n": 1, "a": inner })
+    }
+
+    /// Issue 19: an item nested too deep was stored and then stopped the
+    /// daemon. It is refused, with a reason; the other items go on, and
+    /// a known item that is refused is neither changed nor deleted.
+    #[test]
+    fn an_item_nested_too_deep_is_refused_and_the_others_go_on() {
+        let c = connector(&NEW.replace("cursor: { max: \"{{ item.n }}\" }\n", ""));
+        let d0 = run(&c, &InstanceState::default(), json!({"tx": []}));
+        let page = json!({"tx": [
+            deep_item("ok", MAX_DEPTH - 1),
+            deep_item("limit", MAX_DEPTH),
+            deep_item("over", MAX_DEPTH + 1),
+        ]});
+        let d1 = run(&c, &d0.state, page.clone());
+        let keys: Vec<_> = d1.events.iter().map(|e| e.change_key.as_str()).collect();
+        assert_eq!(keys, ["ok", "limit"]);
+        assert_eq!(d1.state.seen, ["ok", "limit"]);
+        assert_eq!(d1.refused.len(), 1);
+        assert!(
+            d1.refused[0].contains("item over on page 1 is nested deeper than 64 levels"),
+            "{:?}",
+            d1.refused
+        );
+        // Listed again: refused again, nothing else.
+        let d2 = run(&c, &d1.state, page);
+        assert!(d2.events.is_empty() && d2.refused.len() == 1);
+
+        let ch = connector(
+            r#"
+name: ch
+request: { url: "http://x/" }
+items: "$.tx[*]"
+id: "{{ item.id }}"
+detect: changes
+emit: [{ type: "x.{{ change }}" }]
+"#,
+        );
+        let d0 = run(
+            &ch,
+            &InstanceState::default(),
+            json!({"tx": [{"id": "k", "v": 1}]}),
+        );
+        let d1 = run(
+            &ch,
+            &d0.state,
+            json!({"tx": [deep_item("k", MAX_DEPTH + 1)]}),
+        );
+        assert!(d1.events.is_empty(), "not deleted: {:?}", d1.events);
+        assert_eq!(d1.state.known, d0.state.known, "the last version kept");
+        assert_eq!(d1.refused.len(), 1);
+
+        let snap = connector(SNAP);
+        let err = detect(
+            &snap,
+            &vars(),
+            &InstanceState::default(),
+            &[deep_item("s", MAX_DEPTH + 1)],
+            Utc::now(),
+            None,
+            LISTED,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("the resource is nested deeper than 64"),
+            "{err}"
+        );
+        run(&snap, &InstanceState::default(), deep_item("s", MAX_DEPTH));
     }
 
     #[test]
