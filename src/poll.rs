@@ -460,8 +460,14 @@ async fn poll_once(
             if let crate::store::StoreError::Fenced { .. } = e {
                 return Err(PollError::Fenced(e.to_string()));
             }
+            let refused = matches!(e, crate::store::StoreError::Refused { .. });
             let e = commit_failed(&e);
-            shared.status.store_failed(&e.to_string());
+            if !refused {
+                shared.status.store_failed(&e.to_string());
+            }
+            // Else the store refused this instance's data (a value the
+            // database cannot hold): the instance's failure, not the
+            // node's; `/readyz` stays as the other writes find it.
             return Err(e);
         }
         shared.status.store_ok();

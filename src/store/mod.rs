@@ -45,6 +45,9 @@ pub enum StoreError {
         path: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Another process (a running daemon) has the embedded store open.
+    #[error("cannot open the store at {path}: another process (a running daemon) has it open")]
+    Locked { path: String },
     #[error("store {op} failed: {source}")]
     Backend {
         op: &'static str,

@@ -263,10 +263,10 @@ impl std::error::Error for PgError {
 fn chain(
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> Box<dyn std::error::Error + Send + Sync> {
-    let mut text = e.to_string();
+    let mut text = one_line(&e.to_string());
     let mut cause = e.source();
     while let Some(c) = cause {
-        let more = c.to_string();
+        let more = one_line(&c.to_string());
         if !text.contains(&more) {
             text = format!("{text}: {more}");
         }
@@ -278,13 +278,42 @@ fn chain(
     })
 }
 
+/// The server's message on one line: a `DETAIL` or `HINT` comes on lines
+/// of their own, which would split a log line or a `last_error`.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Whether the server refused the data it was given rather than failed:
+/// a data exception (class 22: an invalid byte, a value too long), an
+/// integrity constraint (23), a program limit (54: an index row too
+/// large). The other writes go on; see [`StoreError::Refused`].
+fn refused_data(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| matches!(&c.code()[..2], "22" | "23" | "54"))
+}
+
 /// How long [`Backend::ping`] waits for the server.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn pg_err(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
-    move |e| StoreError::Backend {
-        op,
-        source: chain(e),
+    move |e| {
+        if refused_data(&e) {
+            StoreError::Refused {
+                op,
+                what: "what it was given".into(),
+                detail: chain(e).to_string(),
+            }
+        } else {
+            StoreError::Backend {
+                op,
+                source: chain(e),
+            }
+        }
     }
 }
 

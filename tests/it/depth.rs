@@ -350,3 +350,187 @@ async fn deep_items_are_refused_alone_and_what_is_stored_reads_back_on_postgres(
     deep_items_are_refused_alone_and_what_is_stored_reads_back(|| store(&first), || store(&second))
         .await;
 }
+
+/// An id of `n` characters that does not compress (PostgreSQL compresses
+/// long index entries before it measures them).
+fn incompressible_id(n: usize) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(
+                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                    [(x % 62) as usize],
+            )
+        })
+        .collect()
+}
+
+/// Issue 19: on PostgreSQL one instance's failing commit (an id longer
+/// than an index row may be) turned `/readyz` to 503 for the whole node,
+/// and the server's message reached `last_error` on several lines
+/// (`DETAIL`, `HINT`). Readiness is about the node: it stays ready while
+/// that instance fails and the other one delivers; the error is one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_failing_commit_leaves_the_node_ready() {
+    use crate::postgres::{connect, url, Schema};
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let n = Arc::new(AtomicU64::new(1));
+    let app = Router::new()
+        .route(
+            "/good",
+            get(|State(n): State<Arc<AtomicU64>>| async move {
+                let items: Vec<_> = (0..n.load(Ordering::SeqCst))
+                    .map(|i| serde_json::json!({ "id": format!("g-{i}") }))
+                    .collect();
+                axum::Json(serde_json::json!({ "items": items }))
+            }),
+        )
+        .route(
+            "/bad",
+            get(|| async {
+                axum::Json(serde_json::json!({ "items": [{ "id": incompressible_id(12_000) }] }))
+            }),
+        )
+        .with_state(n.clone());
+    let addr = serve(app).await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let connector = r#"
+name: listing
+params: { base_url: { required: true }, path: { required: true } }
+request: { url: "{{ base_url }}/{{ path }}" }
+items: "$.items[*]"
+id: "{{ item.id }}"
+detect: new
+baseline: emit
+emit: [{ type: item.created }]
+"#;
+    let bridge = format!(
+        r#"
+state_dir: state
+store: {{ backend: postgres, url: "{}", schema: {} }}
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  good:
+    connector: listing
+    with: {{ base_url: "http://{addr}", path: good }}
+    schedule: every 200ms
+    deliver_to: [agent]
+  bad:
+    connector: listing
+    with: {{ base_url: "http://{addr}", path: bad }}
+    schedule: every 200ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: "{}" }}
+"#,
+        url(),
+        schema.0,
+        rx.url,
+        secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("listing.yaml", connector.to_string())]);
+    d.start().await;
+    d.wait_polls(&["good/default"], 1).await;
+    let readyz = format!("http://{}/readyz", d.admin.as_ref().unwrap());
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Three polls of the bad instance, the node ready all along.
+    loop {
+        let r = client.get(&readyz).send().await.unwrap();
+        let code = r.status();
+        assert_eq!(code, 200, "not ready: {}", r.text().await.unwrap());
+        let s = d.status().await;
+        let bad = &s["instances"]["bad/default"];
+        if let Some(e) = bad["last_error"].as_str() {
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        let polls =
+            bad["polls_failed"].as_u64().unwrap_or(0) + bad["polls_ok"].as_u64().unwrap_or(0);
+        if polls >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bad instance never polled 3 times: {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other instance commits and delivers as usual.
+    n.store(2, Ordering::SeqCst);
+    wait_for(
+        "the good instance's new item",
+        Duration::from_secs(30),
+        || rx.accepted().iter().any(|e| e.body["data"]["id"] == "g-1"),
+    )
+    .await;
+    let r = client.get(&readyz).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(d.terminate().success());
+}
+
+/// A stopped `state export` on a store that cannot be opened said "a
+/// running daemon holds it" when none ran. It says what is wrong; only a
+/// store another process has open is blamed on a running daemon (see
+/// `store::sled`'s unit test of the lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_export_says_what_is_wrong_with_the_store() {
+    let app = Router::new().route(
+        "/items",
+        get(|| async { axum::Json(serde_json::json!({ "items": [{ "id": "a" }] })) }),
+    );
+    let addr = serve(app).await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let connector = r#"
+name: listing
+params: { base_url: { required: true } }
+request: { url: "{{ base_url }}/items" }
+items: "$.items[*]"
+id: "{{ item.id }}"
+detect: new
+emit: [{ type: item.created }]
+"#;
+    // No admin server: commands cannot go through the daemon.
+    let bridge = format!(
+        r#"
+state_dir: state
+sources:
+  list:
+    connector: listing
+    with: {{ base_url: "http://{addr}" }}
+    schedule: every 200ms
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{}", secret: "{}" }}
+"#,
+        rx.url,
+        secret()
+    );
+    let d = Daemon::new(&bridge, &[("listing.yaml", connector.to_string())]);
+    let export = |d: &Daemon| {
+        let out = tokio::task::block_in_place(|| d.command(&["state", "export"]).output().unwrap());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // A store made by a stopped daemon, then spoilt.
+    let (ok, err) = export(&d);
+    assert!(ok, "{err}");
+    // The store's log file replaced by a directory: it cannot be opened.
+    let db = d.state_dir().join("db");
+    std::fs::remove_file(&db).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    let (ok, err) = export(&d);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot open the store at") && err.contains("Is a directory"),
+        "{err}"
+    );
+    assert!(!err.contains("running daemon"), "no daemon runs: {err}");
+}
