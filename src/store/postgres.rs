@@ -1727,6 +1727,40 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
+    /// The server's refusal of the data it was given (here a duplicate
+    /// key, whose `DETAIL` is a line of its own) is `Refused`, on one line;
+    /// a failure of the server or the query is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_data_is_told_apart_on_one_line() {
+        if !testing::available("refused_data_is_told_apart_on_one_line").await {
+            return;
+        }
+        let (c, conn) = tokio_postgres::connect(&testing::url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let e = c
+            .batch_execute("CREATE TEMP TABLE t (k int PRIMARY KEY); INSERT INTO t VALUES (1), (1)")
+            .await
+            .unwrap_err();
+        let e = pg_err("commit poll")(e);
+        assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+        let text = e.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(
+            text.contains("already exists"),
+            "the DETAIL is kept: {text}"
+        );
+        let e = c
+            .batch_execute("SELECT * FROM no_such_table")
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            pg_err("load state")(e),
+            StoreError::Backend { .. }
+        ));
+    }
+
     #[test]
     fn notices_read_back_and_channels_fit_a_name() {
         for n in [
