@@ -534,3 +534,66 @@ endpoints:
     );
     assert!(!err.contains("running daemon"), "no daemon runs: {err}");
 }
+
+/// Issue 19, part 4: `state import` took an outbox entry whose body is not
+/// JSON, and ids holding a newline. Both are refused, naming the line, and
+/// nothing is written: the good backup imports afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_refuses_a_body_that_is_not_json_and_ids_with_newlines() {
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let bridge = format!(
+        "state_dir: state\nsources: {{}}\nendpoints:\n  agent: {{ url: \"{}\", secret: \"{}\" }}\n",
+        rx.url,
+        secret()
+    );
+    let d = Daemon::new(&bridge, &[]);
+    let entry = |id: &str, instance: &str, body: &str| {
+        serde_json::json!({
+            "tree": "outbox", "endpoint": "agent",
+            "value": {
+                "event_id": id, "instance": instance, "kind": "t", "sequence": 1,
+                "body": body, "attempts": 0, "next_attempt_ms": 0, "created_ms": 0,
+                "last_error": null
+            }
+        })
+        .to_string()
+    };
+    let import = |lines: &[String]| {
+        let file = d.dir.path().join("backup.jsonl");
+        let text = format!("{{\"pollhook_state\":2}}\n{}\n", lines.join("\n"));
+        std::fs::write(&file, text).unwrap();
+        let out = tokio::task::block_in_place(|| {
+            d.command(&["state", "import", file.to_str().unwrap()])
+                .output()
+                .unwrap()
+        });
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let good = entry("msg_1", "s/i", r#"{"type":"t"}"#);
+    for (bad, wanted) in [
+        (
+            entry("msg_2", "s/i", "not json"),
+            "the body of event msg_2 is not JSON",
+        ),
+        (
+            entry("msg\n2", "s/i", "{}"),
+            r#""msg\n2" is not an event id"#,
+        ),
+        (
+            entry("msg_2", "s/i\nforged", "{}"),
+            "is not an instance key",
+        ),
+    ] {
+        let (ok, err) = import(&[good.clone(), bad]);
+        assert!(!ok, "imported: {wanted}");
+        assert!(
+            err.contains("backup line 3") && err.contains(wanted),
+            "{err}"
+        );
+    }
+    let (ok, err) = import(&[good]);
+    assert!(ok, "nothing was written before: {err}");
+}
