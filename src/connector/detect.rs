@@ -434,7 +434,7 @@ pub(crate) fn preview(v: &Value) -> String {
 /// Every id of the latest listing is remembered whatever `seen_limit` says
 /// (which bounds only the ids that left it), so this is the hard bound on
 /// what an instance holds in memory and writes: ten times the default
-/// `seen_limit`, a few tens of MB at most while a poll runs.
+/// `seen_limit`.
 pub const MAX_LISTED_IDS: usize = 100_000;
 
 /// A listing of `n` distinct items must fit the hard bound of what an
