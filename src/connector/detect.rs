@@ -172,7 +172,7 @@ pub fn detect(
                 .map(|it| it.id.as_str())
                 .chain(refused_ids.iter().map(String::as_str))
                 .collect();
-            check_listing_fits(listed.len(), MAX_LISTED_IDS)?;
+            check_listing_fits(listed.len(), MAX_LISTED_IDS.max(c.seen_limit))?;
             let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
             expire_seen(c, &mut state, &mut seen, now, &listed);
             for it in &items {
@@ -434,7 +434,7 @@ pub(crate) fn preview(v: &Value) -> String {
 /// Every id of the latest listing is remembered whatever `seen_limit` says
 /// (which bounds only the ids that left it), so this is the hard bound on
 /// what an instance holds in memory and writes: ten times the default
-/// `seen_limit`.
+/// `seen_limit` (or `seen_limit`, when one is set higher).
 pub const MAX_LISTED_IDS: usize = 100_000;
 
 /// A listing of `n` distinct items must fit the hard bound of what an
