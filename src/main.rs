@@ -363,9 +363,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         format!("cannot create state_dir {}", op.state_dir.display())
                     })?;
                     let rt = runtime()?;
-                    let store = rt
-                        .block_on(op.store.open())
-                        .context("cannot open the store (stop the daemon before importing)")?;
+                    let store = rt.block_on(op.store.open()).map_err(|e| match e {
+                        pollhook::store::StoreError::Locked { .. } => {
+                            anyhow::anyhow!("{e} (stop the daemon before importing)")
+                        }
+                        e => anyhow::Error::new(e),
+                    })?;
                     let n = if file.as_os_str() == "-" {
                         rt.block_on(backup::import(
                             &store,

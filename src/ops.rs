@@ -444,14 +444,19 @@ fn refusal(status: reqwest::StatusCode, body: &[u8]) -> String {
     }
 }
 
-/// The store of a stopped daemon (a running one holds sled's lock).
+/// The store of a stopped daemon (a running one holds sled's lock). Only
+/// that lock is blamed on a running daemon; any other failure (a record
+/// that cannot be read, permissions) is said as it is.
 pub async fn stopped_store(store: &Location, what: &str) -> Result<Store, OpError> {
-    store.open().await.map_err(|e| match store {
-        Location::Sled(dir) => OpError::NotRunning(format!(
-            "cannot open the store at {} (a running daemon holds it; give it `admin.listen` to {what} while it runs): {e:#}",
-            dir.display()
+    store.open().await.map_err(|e| match e {
+        StoreError::Locked { .. } => OpError::NotRunning(format!(
+            "{e} (give the daemon `admin.listen` to {what} while it runs)"
         )),
-        Location::Postgres { .. } => OpError::NotRunning(format!("{e:#}")),
+        e @ StoreError::Open { .. } => OpError::NotRunning(format!("{e:#}")),
+        e => OpError::NotRunning(match store {
+            Location::Sled(dir) => format!("cannot open the store at {}: {e:#}", dir.display()),
+            Location::Postgres { .. } => format!("{e:#}"),
+        }),
     })
 }
 

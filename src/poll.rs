@@ -219,14 +219,28 @@ async fn poll_held(
             .status
             .observe_poll(&source.name, &c.name, took.elapsed());
         match outcome {
-            Ok((next_state, events, hint)) => {
+            Ok(Polled {
+                state: next_state,
+                events,
+                floor: hint,
+                refused,
+            }) => {
                 if let Some(n) = next_state {
                     state = n;
                 }
                 floor = hint;
                 changed = events > 0;
                 failures = 0;
-                shared.ops.instance_ok(&inst.key, &c.name);
+                match refused {
+                    // Committed, but not whole: an error of the instance
+                    // (on its status and as an operational event) that
+                    // backs nothing off, the other items went on.
+                    Some(msg) => {
+                        warn!(instance = %inst.key, connector = %c.name, "item refused: {msg}");
+                        shared.ops.instance_failed(&inst.key, &c.name, "item", &msg);
+                    }
+                    None => shared.ops.instance_ok(&inst.key, &c.name),
+                }
             }
             Err(PollError::Deferred { wait }) => {
                 // Not a failure: the connector's long-window quota has no
@@ -324,7 +338,20 @@ async fn poll_held(
 /// The longest wait between attempts of a failing instance.
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(300);
 
-/// One poll of one instance; returns the new state when one was committed.
+/// What a poll that went through did.
+struct Polled {
+    /// The new state, when one was committed.
+    state: Option<InstanceState>,
+    /// Events committed.
+    events: usize,
+    /// The least wait the API asked for.
+    floor: Option<crate::hints::Floor>,
+    /// Why items were refused (nested too deep), secrets masked: the rest
+    /// was committed, and this is the instance's error.
+    refused: Option<String>,
+}
+
+/// One poll of one instance.
 async fn poll_once(
     shared: &Shared,
     source: &Source,
@@ -332,7 +359,7 @@ async fn poll_once(
     state: &InstanceState,
     env: &FetchEnv<'_>,
     fence: Option<&crate::store::Fence>,
-) -> Result<(Option<InstanceState>, usize, Option<crate::hints::Floor>), PollError> {
+) -> Result<Polled, PollError> {
     let c = &source.connector;
     let now = Utc::now();
     let fetched = fetch(c, inst, state, env, now).await?;
@@ -348,7 +375,12 @@ async fn poll_once(
                 s.last_error = None;
             },
         );
-        return Ok((None, 0, fetched.floor));
+        return Ok(Polled {
+            state: None,
+            events: 0,
+            floor: fetched.floor,
+            refused: None,
+        });
     }
     let detection = detect(
         c,
@@ -363,6 +395,14 @@ async fn poll_once(
     if let Some(w) = &fetched.warning {
         warn!(instance = %inst.key, connector = %c.name, "{}", mask(w, &inst.secrets));
     }
+    let refused = match detection.refused.as_slice() {
+        [] => None,
+        [one] => Some(mask(one, &inst.secrets)),
+        [first, more @ ..] => Some(mask(
+            &format!("{first}; and {} more items refused", more.len()),
+            &inst.secrets,
+        )),
+    };
     let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
     // Each body is serialized once (invariant 5) and checked here: an event
     // too large to send is an error of the instance, committed nowhere: the
@@ -420,8 +460,14 @@ async fn poll_once(
             if let crate::store::StoreError::Fenced { .. } = e {
                 return Err(PollError::Fenced(e.to_string()));
             }
+            let refused = matches!(e, crate::store::StoreError::Refused { .. });
             let e = commit_failed(&e);
-            shared.status.store_failed(&e.to_string());
+            if !refused {
+                shared.status.store_failed(&e.to_string());
+            }
+            // Else the store refused this instance's data (a value the
+            // database cannot hold): the instance's failure, not the
+            // node's; `/readyz` stays as the other writes find it.
             return Err(e);
         }
         shared.status.store_ok();
@@ -446,7 +492,7 @@ async fn poll_once(
             s.events += events.len() as u64;
             s.last_poll_ms = Some(crate::now_ms());
             s.last_ok_ms = s.last_poll_ms;
-            s.last_error = None;
+            s.last_error = refused.clone();
             s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
             if let Some(c) = cursor {
                 s.cursor = c;
@@ -455,7 +501,12 @@ async fn poll_once(
                 s.seen_evicted = n;
             }
         });
-    Ok((committed, events.len(), fetched.floor.clone()))
+    Ok(Polled {
+        state: committed,
+        events: events.len(),
+        floor: fetched.floor.clone(),
+        refused,
+    })
 }
 
 /// A commit that failed is the store's failure, not the upstream's nor

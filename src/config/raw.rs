@@ -560,7 +560,9 @@ pub struct RawConnector {
     /// First run: remember what exists (`skip`, default) or emit it (`emit`).
     #[serde(default)]
     pub baseline: Option<Baseline>,
-    /// How many item ids an instance remembers (`detect: new`).
+    /// How many item ids an instance remembers after they left the listing
+    /// (`detect: new`; every id of the latest listing is remembered), or how
+    /// many items a listing may have (`detect: changes`).
     #[serde(default)]
     pub seen_limit: Option<usize>,
     /// How long an item id is remembered (`detect: new`); unbounded in age

@@ -13,7 +13,7 @@ use serde_json_path::JsonPath;
 use super::fetch::cursor_text;
 use crate::connector::spec::{Baseline, Connector, CursorSpec, DetectMode, EventType};
 use crate::event::value_hash;
-use crate::store::{InstanceState, KnownItem};
+use crate::store::{nested_deeper_than, InstanceState, KnownItem, MAX_DEPTH};
 
 /// A change found by detection, before it gets a sequence number and an id.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +42,10 @@ pub struct Detection {
     pub events: Vec<Detected>,
     /// Per-record explanations.
     pub notes: Vec<Note>,
+    /// Items refused whole (nested deeper than [`MAX_DEPTH`]): why, one
+    /// line each. The other items went on; the poll reports these as an
+    /// error of the instance.
+    pub refused: Vec<String>,
 }
 
 impl Detection {
@@ -111,6 +115,13 @@ pub fn detect(
                     }
                 }
             };
+            if nested_deeper_than(&current, MAX_DEPTH) {
+                return Err(format!(
+                    "the {} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused, nothing emitted: {}",
+                    if c.watch.is_some() { "watched value" } else { "resource" },
+                    preview(&current)
+                ));
+            }
             match &prev.snapshot {
                 Some(p) if *p == current => out.note("snapshot", "unchanged"),
                 Some(p) => {
@@ -148,13 +159,19 @@ pub fn detect(
             }
         }
         DetectMode::New => {
-            let items = list_items(c, &base, pages, listing.xml)?;
+            let items = list_items(c, &base, pages, listing.xml, &mut out)?;
+            let refused_ids = std::mem::take(&mut out.refused_ids);
             // Ids of this listing are never forgotten: only ids that left
-            // it are bounded (by `seen_ttl` and `seen_limit`). A listing
-            // larger than the bound cannot be remembered at all, and is
-            // an error rather than old items announced again every poll.
-            let listed: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
-            check_listing_fits(listed.len(), c.seen_limit, "seen_limit")?;
+            // it are bounded (by `seen_ttl` and `seen_limit`), so a listing
+            // larger than `seen_limit` is remembered whole. Only one beyond
+            // what an instance may hold in memory at all is an error,
+            // rather than old items announced again every poll.
+            let listed: HashSet<&str> = items
+                .iter()
+                .map(|it| it.id.as_str())
+                .chain(refused_ids.iter().map(String::as_str))
+                .collect();
+            check_listing_fits(listed.len(), MAX_LISTED_IDS.max(c.seen_limit))?;
             let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
             expire_seen(c, &mut state, &mut seen, now, &listed);
             for it in &items {
@@ -180,12 +197,25 @@ pub fn detect(
             advance_cursor(c, &base, prev, &mut state, pages, &items)?;
         }
         DetectMode::Changes => {
-            let items = list_items(c, &base, pages, listing.xml)?;
+            let items = list_items(c, &base, pages, listing.xml, &mut out)?;
+            let refused_ids = std::mem::take(&mut out.refused_ids);
             // Every item of the listing is kept with its version; one too
             // large to keep is an error, never a storm of `created`.
-            let distinct: HashSet<&str> = items.iter().map(|it| it.id.as_str()).collect();
-            check_listing_fits(distinct.len(), c.seen_limit, "seen_limit")?;
-            let mut present = HashSet::new();
+            let distinct: HashSet<&str> = items
+                .iter()
+                .map(|it| it.id.as_str())
+                .chain(refused_ids.iter().map(String::as_str))
+                .collect();
+            if distinct.len() > c.seen_limit {
+                let n = distinct.len();
+                let limit = c.seen_limit;
+                return Err(format!(
+                    "the listing has {n} distinct items, more than `seen_limit` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `seen_limit` or list less (a cursor, a filter)"
+                ));
+            }
+            // A refused item is still listed: it keeps its known version
+            // and is not deleted.
+            let mut present: HashSet<String> = refused_ids.iter().cloned().collect();
             for it in &items {
                 if !present.insert(it.id.clone()) {
                     out.note(&it.id, "listed twice in this poll: the first one counts");
@@ -277,6 +307,7 @@ pub fn detect(
         state,
         events: out.events,
         notes: out.notes,
+        refused: out.refused,
     })
 }
 
@@ -284,6 +315,9 @@ pub fn detect(
 struct Out {
     events: Vec<Detected>,
     notes: Vec<Note>,
+    refused: Vec<String>,
+    /// Ids of the refused items: still listed.
+    refused_ids: Vec<String>,
 }
 
 impl Out {
@@ -339,16 +373,19 @@ struct Listed {
     item: Value,
 }
 
-/// The items of every page, in order, each with its id.
+/// The items of every page, in order, each with its id. An item nested
+/// deeper than [`MAX_DEPTH`] is left out, noted and counted as refused in
+/// `out`: one such item must not stop the instance's other items.
 fn list_items(
     c: &Connector,
     base: &Map<String, Value>,
     pages: &[Value],
     xml: bool,
+    out: &mut Out,
 ) -> Result<Vec<Listed>, String> {
     let items_path = c.items.as_ref().ok_or("a list mode without `items`")?;
     let id_tpl = c.id.as_ref().ok_or("a list mode without `id`")?;
-    let mut out = Vec::new();
+    let mut listed = Vec::new();
     for (page_no, page) in pages.iter().enumerate() {
         // A JSON page without the list's parent (`{"error": …}` where
         // `{"items": […]}` was expected) is not an empty listing: treating
@@ -388,13 +425,23 @@ fn list_items(
                     preview(item)
                 ));
             }
-            out.push(Listed {
+            if nested_deeper_than(item, MAX_DEPTH) {
+                let why = format!(
+                    "item {id} on page {} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused (the other items go on)",
+                    page_no + 1
+                );
+                out.note(&id, why.clone());
+                out.refused.push(why);
+                out.refused_ids.push(id);
+                continue;
+            }
+            listed.push(Listed {
                 id,
                 item: item.clone(),
             });
         }
     }
-    Ok(out)
+    Ok(listed)
 }
 
 /// The items `items` finds on one page: what detection lists and what
@@ -427,12 +474,20 @@ pub(crate) fn preview(v: &Value) -> String {
     }
 }
 
-/// A listing of `n` distinct items must fit the bound of what an instance
-/// remembers, or detection cannot tell old items from new ones. Pure.
-fn check_listing_fits(n: usize, limit: usize, field: &str) -> Result<(), String> {
+/// The most distinct ids one listing of a `detect: new` instance may have.
+/// Every id of the latest listing is remembered whatever `seen_limit` says
+/// (which bounds only the ids that left it), so this is the hard bound on
+/// what an instance holds in memory and writes: ten times the default
+/// `seen_limit` (or `seen_limit`, when one is set higher).
+pub const MAX_LISTED_IDS: usize = 100_000;
+
+/// A listing of `n` distinct items must fit the hard bound of what an
+/// instance remembers, or detection cannot tell old items from new ones.
+/// Pure.
+fn check_listing_fits(n: usize, limit: usize) -> Result<(), String> {
     if n > limit {
         return Err(format!(
-            "the listing has {n} distinct items, more than `{field}` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `{field}` or list less (a cursor, a filter)"
+            "the listing has {n} distinct items, more than the {limit} an instance can remember: nothing is emitted (old items would look new); list less (a cursor, a filter)"
         ));
     }
     Ok(())
@@ -462,11 +517,15 @@ fn expire_seen(
     });
 }
 
-/// Keeps at most `limit` ids, forgetting the oldest of those that are not
-/// in the current listing (which fits the limit: see
-/// [`check_listing_fits`]).
+/// Keeps every id of the current listing and at most `limit` of the ids
+/// that left it, forgetting the oldest of those first.
 fn forget_beyond(state: &mut InstanceState, limit: usize, listed: &HashSet<&str>) {
-    let mut excess = state.seen.len().saturating_sub(limit);
+    let unlisted = state
+        .seen
+        .iter()
+        .filter(|id| !listed.contains(id.as_str()))
+        .count();
+    let mut excess = unlisted.saturating_sub(limit);
     if excess == 0 {
         return;
     }
@@ -931,38 +990,114 @@ emit:
         );
     }
 
-    /// The probe: a listing larger than `seen_limit` re-announced old items
-    /// on every poll. Ids still listed are never forgotten, and a listing
-    /// that cannot be remembered is an error, not events.
+    /// The probes: a listing larger than `seen_limit` re-announced old
+    /// items on every poll, then (refused whole) announced nothing at all.
+    /// Ids still listed are always remembered; `seen_limit` bounds the ids
+    /// that left the listing; only a listing beyond the hard bound is an
+    /// error.
     #[test]
-    fn ids_still_listed_are_never_forgotten_and_a_listing_too_large_is_an_error() {
+    fn a_listing_is_remembered_whole_and_seen_limit_bounds_the_ids_that_left_it() {
         let c = connector(&NEW.replace("cursor: { max: \"{{ item.n }}\" }\n", ""));
         let page = |ids: &[&str]| json!({ "tx": ids.iter().map(|i| json!({"id": i, "n": 1})).collect::<Vec<_>>() });
         let d0 = run(&c, &InstanceState::default(), page(&["a", "b"]));
-        // "a" is the oldest seen id and still listed; two new ones push
-        // the set past its limit of 3: "b" (gone from the listing) goes.
+        // "b" left the listing: one unlisted id, within the limit of 3.
         let d1 = run(&c, &d0.state, page(&["a", "c", "d"]));
         assert_eq!(d1.events.len(), 2);
-        assert_eq!(d1.state.seen, ["a", "c", "d"]);
-        assert_eq!(d1.state.seen_evicted, 1);
-        // The same listing again: nothing is new.
-        let d2 = run(&c, &d1.state, page(&["a", "c", "d"]));
-        assert!(d2.events.is_empty(), "{:?}", d2.events);
-        // Four items cannot be remembered in three: an error, no events.
+        assert_eq!(d1.state.seen, ["a", "b", "c", "d"]);
+        assert_eq!(d1.state.seen_evicted, 0);
+        // Five listed, more than the limit of 3: all new, all announced,
+        // all remembered; of the four that left, the oldest goes.
+        let d2 = run(&c, &d1.state, page(&["e", "f", "g", "h", "i"]));
+        assert_eq!(d2.events.len(), 5);
+        assert_eq!(d2.state.seen, ["b", "c", "d", "e", "f", "g", "h", "i"]);
+        assert_eq!(d2.state.seen_evicted, 1);
+        // The same listing again: nothing is new; one more item: one event.
+        let d3 = run(&c, &d2.state, page(&["e", "f", "g", "h", "i"]));
+        assert!(d3.events.is_empty(), "{:?}", d3.events);
+        let d4 = run(&c, &d3.state, page(&["e", "f", "g", "h", "i", "j"]));
+        let keys: Vec<_> = d4.events.iter().map(|e| e.change_key.as_str()).collect();
+        assert_eq!(keys, ["j"]);
+        // Beyond the hard bound: an error, no events.
+        assert!(check_listing_fits(MAX_LISTED_IDS, MAX_LISTED_IDS).is_ok());
+        let err = check_listing_fits(MAX_LISTED_IDS + 1, MAX_LISTED_IDS).unwrap_err();
+        assert!(
+            err.contains("100001 distinct items, more than the 100000 an instance can remember"),
+            "{err}"
+        );
+    }
+
+    /// `{"a": …}` nested `n` deep, with an id.
+    fn deep_item(id: &str, n: usize) -> Value {
+        let inner = (1..n).fold(json!(1), |v, _| json!({ "a": v }));
+        json!({ "id": id, "n": 1, "a": inner })
+    }
+
+    /// Issue 19: an item nested too deep was stored and then stopped the
+    /// daemon. It is refused, with a reason; the other items go on, and
+    /// a known item that is refused is neither changed nor deleted.
+    #[test]
+    fn an_item_nested_too_deep_is_refused_and_the_others_go_on() {
+        let c = connector(&NEW.replace("cursor: { max: \"{{ item.n }}\" }\n", ""));
+        let d0 = run(&c, &InstanceState::default(), json!({"tx": []}));
+        let page = json!({"tx": [
+            deep_item("ok", MAX_DEPTH - 1),
+            deep_item("limit", MAX_DEPTH),
+            deep_item("over", MAX_DEPTH + 1),
+        ]});
+        let d1 = run(&c, &d0.state, page.clone());
+        let keys: Vec<_> = d1.events.iter().map(|e| e.change_key.as_str()).collect();
+        assert_eq!(keys, ["ok", "limit"]);
+        assert_eq!(d1.state.seen, ["ok", "limit"]);
+        assert_eq!(d1.refused.len(), 1);
+        assert!(
+            d1.refused[0].contains("item over on page 1 is nested deeper than 64 levels"),
+            "{:?}",
+            d1.refused
+        );
+        // Listed again: refused again, nothing else.
+        let d2 = run(&c, &d1.state, page);
+        assert!(d2.events.is_empty() && d2.refused.len() == 1);
+
+        let ch = connector(
+            r#"
+name: ch
+request: { url: "http://x/" }
+items: "$.tx[*]"
+id: "{{ item.id }}"
+detect: changes
+emit: [{ type: "x.{{ change }}" }]
+"#,
+        );
+        let d0 = run(
+            &ch,
+            &InstanceState::default(),
+            json!({"tx": [{"id": "k", "v": 1}]}),
+        );
+        let d1 = run(
+            &ch,
+            &d0.state,
+            json!({"tx": [deep_item("k", MAX_DEPTH + 1)]}),
+        );
+        assert!(d1.events.is_empty(), "not deleted: {:?}", d1.events);
+        assert_eq!(d1.state.known, d0.state.known, "the last version kept");
+        assert_eq!(d1.refused.len(), 1);
+
+        let snap = connector(SNAP);
         let err = detect(
-            &c,
+            &snap,
             &vars(),
-            &d2.state,
-            &[page(&["a", "c", "d", "e"])],
+            &InstanceState::default(),
+            &[deep_item("s", MAX_DEPTH + 1)],
             Utc::now(),
             None,
             LISTED,
         )
         .unwrap_err();
         assert!(
-            err.contains("4 distinct items, more than `seen_limit` (3)"),
+            err.contains("the resource is nested deeper than 64"),
             "{err}"
         );
+        run(&snap, &InstanceState::default(), deep_item("s", MAX_DEPTH));
     }
 
     #[test]
@@ -1074,8 +1209,17 @@ emit: [{ type: "x.{{ change }}" }]
         );
         assert_eq!(d2.events.len(), 1);
         assert_eq!(d2.state.cursor.as_deref(), Some("10"), "never backwards");
-        assert_eq!(d2.state.seen.len(), 3);
-        assert_eq!(d2.state.seen_evicted, 1);
+        // "a" and "b" left the listing: two, within `seen_limit` (3).
+        assert_eq!(d2.state.seen, ["a", "b", "c", "d"]);
+        assert_eq!(d2.state.seen_evicted, 0);
+        let d3 = run(&c, &d2.state, json!({"tx": [{"id": "e", "n": 11}]}));
+        assert_eq!(d3.events.len(), 1);
+        assert_eq!(
+            d3.state.seen,
+            ["b", "c", "d", "e"],
+            "four left: the oldest goes"
+        );
+        assert_eq!(d3.state.seen_evicted, 1);
     }
 
     #[test]

@@ -167,9 +167,35 @@ fn check(
     endpoints: Option<&BTreeSet<String>>,
     unique: &mut HashSet<(RecordKind, String, String)>,
 ) -> std::result::Result<(), String> {
+    // Names and ids are single lines without control characters:
+    // pollhook never makes others (discovered names with them are
+    // skipped), and one would forge a log line or a header.
+    let name = |n: &str| !n.is_empty() && !n.chars().any(char::is_control);
     let instance_key = |k: &str| match k.split_once('/') {
-        Some((s, i)) if !s.is_empty() && !i.is_empty() && !k.contains('\0') => Ok(()),
-        _ => Err(format!("`{k}` is not an instance key (`source/instance`)")),
+        Some((s, i)) if !s.is_empty() && !i.is_empty() && name(k) => Ok(()),
+        _ => Err(format!("{k:?} is not an instance key (`source/instance`)")),
+    };
+    let event = |e: &OutboxEntry| {
+        if !name(&e.event_id) {
+            return Err(format!("{:?} is not an event id", e.event_id));
+        }
+        // The body is sent as it is: it must be the event's JSON.
+        match serde_json::from_str::<Value>(&e.body) {
+            Ok(Value::Object(_)) => Ok(()),
+            Ok(_) => Err(format!(
+                "the body of event {} is not a JSON object",
+                e.event_id
+            )),
+            Err(err) => Err(format!(
+                "the body of event {} is not JSON: {err}",
+                e.event_id
+            )),
+        }
+    };
+    let deep = |what: String| {
+        Err(format!(
+            "{what} is nested deeper than {MAX_DEPTH} levels, the most the store keeps"
+        ))
     };
     let endpoint = |e: &str| {
         match endpoints {
@@ -177,7 +203,7 @@ fn check(
             "endpoint `{e}` is not in the configuration (known: {}): its events could never be sent",
             known.iter().cloned().collect::<Vec<_>>().join(", ")
         )),
-        _ if e.is_empty() || e.contains('\0') => Err(format!("`{e}` is not an endpoint name")),
+        _ if !name(e) => Err(format!("{e:?} is not an endpoint name")),
         _ => Ok(()),
     }
     };
@@ -186,19 +212,42 @@ fn check(
             endpoint(e)?;
             (e.clone(), String::new())
         }
-        Record::State { instance, .. } | Record::Removed { instance, .. } => {
+        Record::State { instance, value } => {
+            instance_key(instance)?;
+            if value
+                .snapshot
+                .as_ref()
+                .is_some_and(|v| nested_deeper_than(v, MAX_DEPTH))
+            {
+                return deep(format!("the snapshot of {instance}"));
+            }
+            for (id, k) in &value.known {
+                if nested_deeper_than(&k.item, MAX_DEPTH) {
+                    return deep(format!("item {id:?} of {instance}"));
+                }
+            }
+            (instance.clone(), String::new())
+        }
+        Record::Removed { instance, .. } => {
             instance_key(instance)?;
             (instance.clone(), String::new())
         }
-        Record::Discovered { source, .. } => (source.clone(), String::new()),
+        Record::Discovered { source, .. } => {
+            if !name(source) {
+                return Err(format!("{source:?} is not a source name"));
+            }
+            (source.clone(), String::new())
+        }
         Record::Outbox { endpoint: e, value } => {
             endpoint(e)?;
             instance_key(&value.instance)?;
+            event(value)?;
             (e.clone(), value.event_id.clone())
         }
         Record::Dead { value } => {
             endpoint(&value.endpoint)?;
             instance_key(&value.entry.instance)?;
+            event(&value.entry)?;
             (value.endpoint.clone(), value.entry.event_id.clone())
         }
         Record::Attempt { .. } => return Ok(()),
@@ -329,7 +378,7 @@ mod tests {
             &format!("{header}\n{}\n", OUTBOX.replace("s/i", "si")),
             None,
         );
-        assert!(e.contains("`si` is not an instance key"), "{e}");
+        assert!(e.contains("\"si\" is not an instance key"), "{e}");
         let huge = format!("{header}\n{}\n", "x".repeat(MAX_LINE + 10));
         let e = err(&huge, None);
         assert!(
@@ -340,6 +389,76 @@ mod tests {
         let known: BTreeSet<String> = ["agent".to_string()].into();
         let ok = parse(format!("\n{header}\n\n{OUTBOX}\n").as_bytes(), Some(&known)).unwrap();
         assert_eq!(ok.len(), 1);
+    }
+
+    /// The probes: an outbox entry whose body is not JSON and ids holding
+    /// a newline were imported; an item nested deeper than the store reads
+    /// back would be. Each is refused with its line.
+    #[test]
+    fn bodies_ids_and_depths_are_checked_with_their_line() {
+        let header = "{\"pollhook_state\":2}";
+        let err = |record: String| {
+            parse(format!("{header}\n{record}\n").as_bytes(), None)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(OUTBOX.replace(r#""body":"{}""#, r#""body":"not json""#));
+        assert!(
+            e.contains("line 2") && e.contains("the body of event msg_1 is not JSON"),
+            "{e}"
+        );
+        let e = err(OUTBOX.replace(r#""body":"{}""#, r#""body":"[1]""#));
+        assert!(e.contains("not a JSON object"), "{e}");
+        let e = err(OUTBOX.replace("msg_1", "msg\\n1"));
+        assert!(
+            e.contains("line 2") && e.contains(r#""msg\n1" is not an event id"#),
+            "{e}"
+        );
+        let e = err(OUTBOX.replace("s/i", "s/i\\nforged"));
+        assert!(e.contains("is not an instance key"), "{e}");
+        let e = err(OUTBOX.replace(r#""endpoint":"agent""#, r#""endpoint":"a\ngent""#));
+        assert!(e.contains("is not an endpoint name"), "{e}");
+        let deep = |n: usize| {
+            let item = super::super::records::tests::nested(n);
+            let state = InstanceState {
+                snapshot: Some(item.clone()),
+                ..Default::default()
+            };
+            let known = InstanceState {
+                known: [(
+                    "x".to_string(),
+                    KnownItem {
+                        version: "1".into(),
+                        item,
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            };
+            [state, known].map(|value| {
+                serde_json::to_string(&Record::State {
+                    instance: "s/i".into(),
+                    value,
+                })
+                .unwrap()
+            })
+        };
+        for line in deep(MAX_DEPTH) {
+            assert_eq!(
+                parse(format!("{header}\n{line}\n").as_bytes(), None)
+                    .unwrap()
+                    .len(),
+                1
+            );
+        }
+        let [snapshot, known] = deep(MAX_DEPTH + 1);
+        let e = err(snapshot);
+        assert!(
+            e.contains("line 2") && e.contains("the snapshot of s/i is nested deeper than 64"),
+            "{e}"
+        );
+        let e = err(known);
+        assert!(e.contains(r#"item "x" of s/i is nested deeper"#), "{e}");
     }
 
     #[test]

@@ -774,6 +774,95 @@ pub async fn queued_entries_join_their_lane_in_order<F: Fixture>() {
     assert_eq!(store.outbox_stats("other").await.unwrap().0, 1);
 }
 
+/// One depth limit for the store and its backups (issue 19: an item 127
+/// deep was stored but not read back, which stopped the daemon and the
+/// export; one 125 deep was read back but its backup not imported). A
+/// snapshot and a known item at [`MAX_DEPTH`] are written, read back after
+/// a reopen, exported and imported; one level more is refused before
+/// anything is written, as the failure of that write alone.
+pub async fn values_at_the_depth_limit_round_trip_and_deeper_are_refused<F: Fixture>() {
+    let nested = |n: usize| {
+        (0..n).fold(
+            serde_json::Value::from(1),
+            |v, _| serde_json::json!({ "a": v }),
+        )
+    };
+    let state = |n: usize| InstanceState {
+        initialized: true,
+        snapshot: Some(nested(n)),
+        known: [(
+            "deep".to_string(),
+            KnownItem {
+                version: "1".into(),
+                item: nested(n),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let mut f = F::open().await;
+    let store = f.store();
+    let at_limit = state(MAX_DEPTH);
+    let below = state(MAX_DEPTH - 1);
+    store
+        .commit_fenced("s/below", &InstanceState::default(), &below, &[], None)
+        .await
+        .unwrap();
+    store
+        .commit_fenced(
+            "s/deep",
+            &InstanceState::default(),
+            &at_limit,
+            &[("a".into(), entry("s/deep", 1))],
+            None,
+        )
+        .await
+        .unwrap();
+    for over in [
+        InstanceState {
+            known: Default::default(),
+            ..state(MAX_DEPTH + 1)
+        },
+        InstanceState {
+            snapshot: None,
+            ..state(MAX_DEPTH + 1)
+        },
+    ] {
+        let e = store
+            .commit_fenced(
+                "s/over",
+                &InstanceState::default(),
+                &over,
+                &[("a".into(), entry("s/over", 1))],
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+        assert!(e.to_string().contains("s/over"), "{e}");
+        let e = store.commit_poll("s/over", &over, &[]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+    }
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    assert_eq!(store.load_state("s/deep").await.unwrap(), at_limit);
+    assert_eq!(store.load_state("s/below").await.unwrap(), below);
+    assert_eq!(
+        store.load_state("s/over").await.unwrap(),
+        InstanceState::default(),
+        "nothing of a refused commit was written"
+    );
+    assert_eq!(sequences(&store, "a").await, [("s/deep".to_string(), 1)]);
+    let mut out = Vec::new();
+    backup::export(&store, &mut out).await.unwrap();
+    let g = F::open().await;
+    let copy = g.store();
+    backup::import(&copy, out.as_slice(), None).await.unwrap();
+    assert_eq!(copy.load_state("s/deep").await.unwrap(), at_limit);
+    assert_eq!(copy.load_state("s/below").await.unwrap(), below);
+}
+
 /// Runs every check against one backend's fixture.
 macro_rules! suite {
     ($backend:ident, $fixture:ty) => {
@@ -791,7 +880,8 @@ macro_rules! suite {
                 queued_entries_join_their_lane_in_order,
                 seen_ids_and_known_items_are_records_of_their_own,
                 a_delivered_head_brings_its_lanes_next_one,
-                states_written_before_the_split_keep_their_sets
+                states_written_before_the_split_keep_their_sets,
+                values_at_the_depth_limit_round_trip_and_deeper_are_refused
             );
         }
     };

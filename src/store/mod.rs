@@ -45,6 +45,9 @@ pub enum StoreError {
         path: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Another process (a running daemon) has the embedded store open.
+    #[error("cannot open the store at {path}: another process (a running daemon) has it open")]
+    Locked { path: String },
     #[error("store {op} failed: {source}")]
     Backend {
         op: &'static str,
@@ -60,6 +63,15 @@ pub enum StoreError {
     Fenced { instance: String, epoch: i64 },
     #[error("the store already holds {records} records: import goes into an empty store (a new, empty state_dir: move the current one away first)")]
     NotEmpty { records: usize },
+    /// The store refused what it was given (a value nested too deep, a
+    /// key the database cannot hold): the failure of the instance or
+    /// record that brought it, not of the store, which takes other writes.
+    #[error("store {op} refused {what}: {detail}")]
+    Refused {
+        op: &'static str,
+        what: String,
+        detail: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -392,6 +404,7 @@ impl Store {
         deliveries: &[(String, OutboxEntry)],
     ) -> Result<Vec<EntryKey>> {
         let w = StateWrite::whole(state, crate::now_ms());
+        w.check_depth(instance)?;
         dispatch!(self, b => b.commit_poll(instance, &w, deliveries, None).await)
     }
     /// A poll's commit: `next` written as what changed since `prev` (the
@@ -407,6 +420,7 @@ impl Store {
         fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
         let w = StateWrite::between(prev, next, crate::now_ms());
+        w.check_depth(instance)?;
         dispatch!(self, b => b.commit_poll(instance, &w, deliveries, fence).await)
     }
     pub async fn take_quota(

@@ -263,10 +263,10 @@ impl std::error::Error for PgError {
 fn chain(
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> Box<dyn std::error::Error + Send + Sync> {
-    let mut text = e.to_string();
+    let mut text = one_line(&e.to_string());
     let mut cause = e.source();
     while let Some(c) = cause {
-        let more = c.to_string();
+        let more = one_line(&c.to_string());
         if !text.contains(&more) {
             text = format!("{text}: {more}");
         }
@@ -278,13 +278,42 @@ fn chain(
     })
 }
 
+/// The server's message on one line: a `DETAIL` or `HINT` comes on lines
+/// of their own, which would split a log line or a `last_error`.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Whether the server refused the data it was given rather than failed:
+/// a data exception (class 22: an invalid byte, a value too long), an
+/// integrity constraint (23), a program limit (54: an index row too
+/// large). The other writes go on; see [`StoreError::Refused`].
+fn refused_data(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| matches!(&c.code()[..2], "22" | "23" | "54"))
+}
+
 /// How long [`Backend::ping`] waits for the server.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn pg_err(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
-    move |e| StoreError::Backend {
-        op,
-        source: chain(e),
+    move |e| {
+        if refused_data(&e) {
+            StoreError::Refused {
+                op,
+                what: "what it was given".into(),
+                detail: chain(e).to_string(),
+            }
+        } else {
+            StoreError::Backend {
+                op,
+                source: chain(e),
+            }
+        }
     }
 }
 
@@ -1697,6 +1726,40 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server's refusal of the data it was given (here a duplicate
+    /// key, whose `DETAIL` is a line of its own) is `Refused`, on one line;
+    /// a failure of the server or the query is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_data_is_told_apart_on_one_line() {
+        if !testing::available("refused_data_is_told_apart_on_one_line").await {
+            return;
+        }
+        let (c, conn) = tokio_postgres::connect(&testing::url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let e = c
+            .batch_execute("CREATE TEMP TABLE t (k int PRIMARY KEY); INSERT INTO t VALUES (1), (1)")
+            .await
+            .unwrap_err();
+        let e = pg_err("commit poll")(e);
+        assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+        let text = e.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(
+            text.contains("already exists"),
+            "the DETAIL is kept: {text}"
+        );
+        let e = c
+            .batch_execute("SELECT * FROM no_such_table")
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            pg_err("load state")(e),
+            StoreError::Backend { .. }
+        ));
+    }
 
     #[test]
     fn notices_read_back_and_channels_fit_a_name() {

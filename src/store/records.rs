@@ -59,6 +59,35 @@ pub struct InstanceState {
     pub next_run_ms: Option<i64>,
 }
 
+/// The deepest an item, a snapshot or any other value pollhook keeps may
+/// be nested: arrays and objects one inside the other, `{"a": {}}` being
+/// 2. ONE limit for detection (a deeper item is refused at poll time),
+/// the store (which refuses to write a deeper value) and backups (which
+/// refuse to import one), chosen so that every wrapper around a value (a
+/// state record, a known item, a backup line: 4 levels at most) stays far
+/// under serde_json's recursion limit of 128 when the record is read back.
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether `v` is nested deeper than `limit` (see [`MAX_DEPTH`]): without
+/// recursion (a hostile value cannot exhaust the stack here), stopping at
+/// the first container past `limit`. Pure.
+pub fn nested_deeper_than(v: &Value, limit: usize) -> bool {
+    // Values still to look into, with the depth of their container.
+    let mut todo: Vec<(&Value, usize)> = vec![(v, 0)];
+    while let Some((v, above)) = todo.pop() {
+        let children: Vec<&Value> = match v {
+            Value::Array(a) => a.iter().collect(),
+            Value::Object(o) => o.values().collect(),
+            _ => continue,
+        };
+        if above + 1 > limit {
+            return true;
+        }
+        todo.extend(children.into_iter().map(|c| (c, above + 1)));
+    }
+    false
+}
+
 /// `changes`: what is remembered of one item.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct KnownItem {
@@ -150,6 +179,31 @@ impl StateWrite {
             known_put,
             known_del,
         }
+    }
+}
+
+impl StateWrite {
+    /// Every value it writes is nested at most [`MAX_DEPTH`] deep, so that
+    /// the store reads back (and backups import) whatever it wrote.
+    /// Detection refuses deeper items first; this is the store's own
+    /// guard, whoever writes.
+    pub fn check_depth(&self, instance: &str) -> Result<(), super::StoreError> {
+        let refused = |what: String| super::StoreError::Refused {
+            op: "commit poll",
+            what,
+            detail: format!("nested deeper than {MAX_DEPTH} levels, the most the store keeps"),
+        };
+        if let Some(v) = &self.core.snapshot {
+            if nested_deeper_than(v, MAX_DEPTH) {
+                return Err(refused(format!("the snapshot of {instance}")));
+            }
+        }
+        for (id, k) in &self.known_put {
+            if nested_deeper_than(&k.item, MAX_DEPTH) {
+                return Err(refused(format!("item {id} of {instance}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -435,7 +489,7 @@ pub struct Fence {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn state(seen: &[(&str, i64)], known: &[(&str, &str)]) -> InstanceState {
@@ -462,6 +516,45 @@ mod tests {
         let mut ids: Vec<&str> = v.iter().map(|(id, _)| id.as_str()).collect();
         ids.sort();
         ids
+    }
+
+    /// `{"a": …}` nested `n` deep around a scalar.
+    pub(crate) fn nested(n: usize) -> Value {
+        (0..n).fold(Value::from(1), |v, _| serde_json::json!({ "a": v }))
+    }
+
+    #[test]
+    fn depth_counts_arrays_and_objects_one_inside_the_other() {
+        assert!(!nested_deeper_than(&Value::from(1), 0));
+        assert!(nested_deeper_than(&serde_json::json!([]), 0));
+        assert!(!nested_deeper_than(&serde_json::json!([{}]), 2));
+        assert!(nested_deeper_than(&serde_json::json!([1, {"b": [[]]}]), 3));
+        assert!(!nested_deeper_than(&nested(MAX_DEPTH), MAX_DEPTH));
+        assert!(nested_deeper_than(&nested(MAX_DEPTH + 1), MAX_DEPTH));
+        // Every wrapper the store and backups put around a value at the
+        // limit still reads back under serde_json's recursion limit.
+        let item = KnownItem {
+            version: "1".into(),
+            item: nested(MAX_DEPTH),
+        };
+        let state = InstanceState {
+            snapshot: Some(nested(MAX_DEPTH)),
+            known: [("id".to_string(), item)].into(),
+            ..Default::default()
+        };
+        let line = serde_json::to_string(&Record::State {
+            instance: "s/i".into(),
+            value: state.clone(),
+        })
+        .unwrap();
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            back,
+            Record::State {
+                instance: "s/i".into(),
+                value: state
+            }
+        );
     }
 
     #[test]

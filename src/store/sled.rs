@@ -279,9 +279,17 @@ impl SledStore {
             // not from this background timer; keep it as a safety net.
             .flush_every_ms(Some(500))
             .open()
-            .map_err(|source| StoreError::Open {
-                path: dir.display().to_string(),
-                source: Box::new(source),
+            .map_err(|source| match &source {
+                // sled says so only in its message (`Error::Io`, kind Other).
+                sled::Error::Io(e) if e.to_string().starts_with("could not acquire lock") => {
+                    StoreError::Locked {
+                        path: dir.display().to_string(),
+                    }
+                }
+                _ => StoreError::Open {
+                    path: dir.display().to_string(),
+                    source: Box::new(source),
+                },
             })?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_err("open tree"));
         let outbox = tree("outbox")?;
@@ -1133,6 +1141,15 @@ impl Backend for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_open_elsewhere_is_locked_and_said_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = SledStore::open(dir.path()).unwrap();
+        let e = SledStore::open(dir.path()).err().expect("opened twice");
+        assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains("a running daemon"), "{e}");
+    }
 
     #[test]
     fn keys_round_trip_and_sort_by_lane_then_detection() {

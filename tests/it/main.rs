@@ -17,6 +17,7 @@ mod crash;
 mod dashboard;
 mod delivery;
 mod delivery_policy;
+mod depth;
 mod discover;
 mod disk_full;
 mod docs;
