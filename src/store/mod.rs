@@ -58,11 +58,36 @@ pub enum StoreError {
     Write(#[source] std::io::Error),
     #[error("commit of {instance} refused: this node no longer holds its lease (epoch {epoch}); the node that took it over polls it now")]
     Fenced { instance: String, epoch: i64 },
+    #[error("instance `{name}…` ({len} bytes) refused: a name longer than {max} bytes cannot be a store key", max = MAX_NAME_BYTES)]
+    NameTooLong { name: String, len: usize },
     #[error("the store already holds {records} records: import goes into an empty store (a new, empty state_dir: move the current one away first)")]
     NotEmpty { records: usize },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The longest instance name (`source/instance`) a store takes, in bytes.
+/// A name is a key of several records and an index entry on PostgreSQL
+/// (at most ~2,700 bytes), and it travels in notices (8,000 bytes); names
+/// come from upstream with `for_each: discover`, so they are bounded here,
+/// alike for every backend, and discovery refuses longer ones first.
+pub const MAX_NAME_BYTES: usize = 1024;
+
+/// Refuses an instance name longer than [`MAX_NAME_BYTES`], naming its
+/// start (the error is logged and shown: never the whole of it).
+fn check_name(instance: &str) -> Result<()> {
+    if instance.len() <= MAX_NAME_BYTES {
+        return Ok(());
+    }
+    let mut cut = 64;
+    while !instance.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Err(StoreError::NameTooLong {
+        name: instance[..cut].to_string(),
+        len: instance.len(),
+    })
+}
 
 /// The operations pollhook needs from a store. Each backend implements all
 /// of them with the same meaning; `conformance.rs` checks that it does.
@@ -391,6 +416,7 @@ impl Store {
         state: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
     ) -> Result<Vec<EntryKey>> {
+        check_name(instance)?;
         let w = StateWrite::whole(state, crate::now_ms());
         dispatch!(self, b => b.commit_poll(instance, &w, deliveries, None).await)
     }
@@ -406,6 +432,7 @@ impl Store {
         deliveries: &[(String, OutboxEntry)],
         fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
+        check_name(instance)?;
         let w = StateWrite::between(prev, next, crate::now_ms());
         dispatch!(self, b => b.commit_poll(instance, &w, deliveries, fence).await)
     }
@@ -434,6 +461,7 @@ impl Store {
         }
     }
     pub async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
+        check_name(instance)?;
         dispatch!(self, b => b.set_next_run(instance, next_run_ms).await)
     }
     pub async fn remove_state(&self, instance: &str) -> Result<()> {
@@ -446,6 +474,7 @@ impl Store {
         dispatch!(self, b => b.save_discovered(source, d).await)
     }
     pub async fn mark_removed(&self, instance: &str, delete_at_ms: i64) -> Result<()> {
+        check_name(instance)?;
         dispatch!(self, b => b.mark_removed(instance, delete_at_ms).await)
     }
     pub async fn unmark_removed(&self, instance: &str) -> Result<()> {

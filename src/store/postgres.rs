@@ -69,6 +69,25 @@ pub mod cluster;
 /// (refinery takes no lock across processes, so two daemons starting
 /// together could both apply version 1). Never edit a released version:
 /// add the next one.
+/// Moves the rows of the tables of migration 4 (`seen`, `known`, keyed by
+/// the id as text) into those of migration 6 (`seen_ids`, `known_items`,
+/// keyed by its hash) and drops them. A macro, so that tests can replay it
+/// after migration 5 (see `PgStore::write_legacy_state`).
+macro_rules! move_ids {
+    () => {
+        r#"
+INSERT INTO seen_ids (instance, key, id, at_ms)
+SELECT instance, sha256(convert_to(id, 'UTF8')), convert_to(id, 'UTF8'), at_ms FROM seen
+ON CONFLICT (instance, key) DO NOTHING;
+INSERT INTO known_items (instance, key, id, value)
+SELECT instance, sha256(convert_to(id, 'UTF8')), convert_to(id, 'UTF8'), value FROM known
+ON CONFLICT (instance, key) DO NOTHING;
+DROP TABLE seen;
+DROP TABLE known;
+"#
+    };
+}
+
 const MIGRATIONS: &[(i32, &str)] = &[
     (
         1,
@@ -215,6 +234,37 @@ ON CONFLICT (instance, id) DO NOTHING;
 UPDATE state SET value = (value::jsonb - 'seen' - 'seen_at' - 'known')::json
 WHERE value->'seen' IS NOT NULL OR value->'seen_at' IS NOT NULL OR value->'known' IS NOT NULL;
 "#,
+    ),
+    (
+        6,
+        concat!(
+            r#"
+-- Item ids come from upstream: any length, any character (a NUL, which
+-- `text` cannot hold; 3,000 bytes, more than a btree entry can). They
+-- move to tables keyed by the id's SHA-256 (32 bytes, whatever the id),
+-- the id itself kept as bytes in a column no index covers.
+CREATE TABLE seen_ids (
+    instance text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    id bytea NOT NULL,
+    at_ms bigint NOT NULL,
+    PRIMARY KEY (instance, key)
+);
+CREATE TABLE known_items (
+    instance text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    id bytea NOT NULL,
+    value json NOT NULL,
+    PRIMARY KEY (instance, key)
+);
+-- Texts that come from outside and are no key (why a receiver disabled
+-- an endpoint; a refresh token a token server rotated) are kept as bytes,
+-- NUL and all.
+ALTER TABLE disabled ALTER COLUMN why TYPE bytea USING convert_to(why, 'UTF8');
+ALTER TABLE credentials ALTER COLUMN value TYPE bytea USING convert_to(value, 'UTF8');
+"#,
+            move_ids!()
+        ),
     ),
 ];
 
@@ -651,8 +701,12 @@ impl PgStore {
         )
         .await
         .unwrap();
-        let split = MIGRATIONS.iter().find(|(v, _)| *v == 5).unwrap().1;
-        c.batch_execute(split).await.unwrap();
+        // The tables of the time (migration 4), split into (5), then
+        // moved to today's (6).
+        let sql = |v: i32| MIGRATIONS.iter().find(|m| m.0 == v).unwrap().1;
+        c.batch_execute(sql(4)).await.unwrap();
+        c.batch_execute(sql(5)).await.unwrap();
+        c.batch_execute(move_ids!()).await.unwrap();
     }
 
     /// A state from a row of `state_columns!()` starting at column `at`.
@@ -662,11 +716,23 @@ impl PgStore {
             None => InstanceState::default(),
         };
         let seen: Vec<(String, i64)> = match r.get::<_, Option<&str>>(at + 2) {
-            Some(v) => decode(instance, v)?,
+            Some(v) => decode::<Vec<(String, i64)>>(instance, v)?
+                .into_iter()
+                .map(|(id, t)| Ok((id_of(instance, &id)?, t)))
+                .collect::<Result<_>>()?,
             None => Vec::new(),
         };
+        // Each item's value is its own JSON text, so the aggregate adds no
+        // nesting: a value as deep as sled takes is read back here too.
         let known: BTreeMap<String, KnownItem> = match r.get::<_, Option<&str>>(at + 3) {
-            Some(v) => decode(instance, v)?,
+            Some(v) => decode::<Vec<(String, String)>>(instance, v)?
+                .into_iter()
+                .map(|(id, item)| {
+                    let id = id_of(instance, &id)?;
+                    let item = decode(&format!("{instance}/{id}"), &item)?;
+                    Ok((id, item))
+                })
+                .collect::<Result<_>>()?,
             None => BTreeMap::new(),
         };
         let mut s = assemble(core, seen, known.into_iter().collect());
@@ -705,45 +771,66 @@ impl PgStore {
             tx.execute(&st, &refs).await.map_err(pg_err(op)).map(drop)
         };
         let inst = || Box::new(instance.to_string()) as Box<dyn ToSql + Sync + Send>;
+        let keys = |ids: &mut dyn Iterator<Item = &String>| {
+            Box::new(ids.map(|id| id_key(id)).collect::<Vec<_>>()) as Box<dyn ToSql + Sync + Send>
+        };
         if w.replace {
-            run("DELETE FROM seen WHERE instance = $1", vec![inst()]).await?;
-            run("DELETE FROM known WHERE instance = $1", vec![inst()]).await?;
+            run("DELETE FROM seen_ids WHERE instance = $1", vec![inst()]).await?;
+            run("DELETE FROM known_items WHERE instance = $1", vec![inst()]).await?;
         }
         if !w.seen_del.is_empty() {
             run(
-                "DELETE FROM seen WHERE instance = $1 AND id = ANY($2)",
-                vec![inst(), Box::new(w.seen_del.clone())],
+                "DELETE FROM seen_ids WHERE instance = $1 AND key = ANY($2)",
+                vec![inst(), keys(&mut w.seen_del.iter())],
             )
             .await?;
         }
         if !w.known_del.is_empty() {
             run(
-                "DELETE FROM known WHERE instance = $1 AND id = ANY($2)",
-                vec![inst(), Box::new(w.known_del.clone())],
+                "DELETE FROM known_items WHERE instance = $1 AND key = ANY($2)",
+                vec![inst(), keys(&mut w.known_del.iter())],
             )
             .await?;
         }
         if !w.seen_put.is_empty() {
-            let (ids, ats): (Vec<String>, Vec<i64>) = w.seen_put.iter().cloned().unzip();
+            let ids: Vec<Vec<u8>> = w
+                .seen_put
+                .iter()
+                .map(|(id, _)| id.as_bytes().to_vec())
+                .collect();
+            let ats: Vec<i64> = w.seen_put.iter().map(|(_, at)| *at).collect();
             run(
-                "INSERT INTO seen (instance, id, at_ms)
-                 SELECT $1, u.id, u.at FROM unnest($2::text[], $3::bigint[]) AS u(id, at)
-                 ON CONFLICT (instance, id) DO UPDATE SET at_ms = EXCLUDED.at_ms",
-                vec![inst(), Box::new(ids), Box::new(ats)],
+                "INSERT INTO seen_ids (instance, key, id, at_ms)
+                 SELECT $1, u.k, u.id, u.at
+                 FROM unnest($2::bytea[], $3::bytea[], $4::bigint[]) AS u(k, id, at)
+                 ON CONFLICT (instance, key) DO UPDATE SET at_ms = EXCLUDED.at_ms",
+                vec![
+                    inst(),
+                    keys(&mut w.seen_put.iter().map(|(id, _)| id)),
+                    Box::new(ids),
+                    Box::new(ats),
+                ],
             )
             .await?;
         }
         if !w.known_put.is_empty() {
-            let (ids, items): (Vec<String>, Vec<String>) = w
+            let ids: Vec<Vec<u8>> = w
                 .known_put
                 .iter()
-                .map(|(id, item)| (id.clone(), encode(item)))
-                .unzip();
+                .map(|(id, _)| id.as_bytes().to_vec())
+                .collect();
+            let items: Vec<String> = w.known_put.iter().map(|(_, item)| encode(item)).collect();
             run(
-                "INSERT INTO known (instance, id, value)
-                 SELECT $1, u.id, u.v::json FROM unnest($2::text[], $3::text[]) AS u(id, v)
-                 ON CONFLICT (instance, id) DO UPDATE SET value = EXCLUDED.value",
-                vec![inst(), Box::new(ids), Box::new(items)],
+                "INSERT INTO known_items (instance, key, id, value)
+                 SELECT $1, u.k, u.id, u.v::json
+                 FROM unnest($2::bytea[], $3::bytea[], $4::text[]) AS u(k, id, v)
+                 ON CONFLICT (instance, key) DO UPDATE SET value = EXCLUDED.value",
+                vec![
+                    inst(),
+                    keys(&mut w.known_put.iter().map(|(id, _)| id)),
+                    Box::new(ids),
+                    Box::new(items),
+                ],
             )
             .await?;
         }
@@ -757,11 +844,44 @@ impl PgStore {
 macro_rules! state_columns {
     () => {
         "s.value::text, n.at_ms,
-         (SELECT json_agg(json_build_array(e.id, e.at_ms))::text
-            FROM seen e WHERE e.instance = s.instance),
-         (SELECT json_object_agg(k.id, k.value)::text
-            FROM known k WHERE k.instance = s.instance)"
+         (SELECT json_agg(json_build_array(encode(e.id, 'hex'), e.at_ms))::text
+            FROM seen_ids e WHERE e.instance = s.instance),
+         (SELECT json_agg(json_build_array(encode(k.id, 'hex'), k.value::text))::text
+            FROM known_items k WHERE k.instance = s.instance)"
     };
+}
+
+/// The key of a seen id's or known item's row: the id's SHA-256, 32
+/// bytes whatever the id holds (see migration 6).
+fn id_key(id: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(id.as_bytes()).to_vec()
+}
+
+/// A text kept as bytes (see migration 6).
+fn text_of(key: &str, bytes: &[u8]) -> Result<String> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| StoreError::Corrupt {
+        key: key.to_string(),
+        detail: "not UTF-8".into(),
+    })
+}
+
+/// An id read back as `encode(id, 'hex')`.
+fn id_of(instance: &str, hex: &str) -> Result<String> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        key: instance.to_string(),
+        detail: format!("a seen id or known item: {detail}"),
+    };
+    let digit = |c: u8| (c as char).to_digit(16).ok_or_else(|| corrupt("not hex"));
+    let bytes = hex
+        .as_bytes()
+        .chunks(2)
+        .map(|p| match p {
+            [h, l] => Ok((digit(*h)? * 16 + digit(*l)?) as u8),
+            _ => Err(corrupt("odd hex")),
+        })
+        .collect::<Result<Vec<u8>>>()?;
+    String::from_utf8(bytes).map_err(|_| corrupt("not UTF-8"))
 }
 
 fn entry_key(endpoint: String, instance: String, seq: i64) -> EntryKey {
@@ -796,7 +916,7 @@ fn record_of(kind: RecordKind, r: &tokio_postgres::Row) -> Result<Record> {
     Ok(match kind {
         RecordKind::Disabled => Record::Disabled {
             endpoint: r.get(0),
-            why: r.get(1),
+            why: text_of(&format!("disabled/{}", r.get::<_, &str>(0)), r.get(1))?,
         },
         RecordKind::State => {
             let instance: String = r.get(0);
@@ -832,9 +952,10 @@ impl Backend for PgStore {
                 "read state",
                 "SELECT (SELECT value::text FROM state WHERE instance = $1),
                         (SELECT at_ms FROM next_run WHERE instance = $1),
-                        (SELECT json_agg(json_build_array(id, at_ms))::text
-                           FROM seen WHERE instance = $1),
-                        (SELECT json_object_agg(id, value)::text FROM known WHERE instance = $1)",
+                        (SELECT json_agg(json_build_array(encode(id, 'hex'), at_ms))::text
+                           FROM seen_ids WHERE instance = $1),
+                        (SELECT json_agg(json_build_array(encode(id, 'hex'), value::text))::text
+                           FROM known_items WHERE instance = $1)",
                 &[&instance],
             )
             .await?;
@@ -937,7 +1058,9 @@ impl Backend for PgStore {
                 &[&key],
             )
             .await?;
-        Ok(rows.first().map(|r| r.get(0)))
+        rows.first()
+            .map(|r| text_of("a credential", r.get(0)))
+            .transpose()
     }
 
     async fn save_credential(&self, key: &str, value: &str) -> Result<()> {
@@ -945,7 +1068,7 @@ impl Backend for PgStore {
             "keep credential",
             "INSERT INTO credentials (key, value) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            &[&key, &value],
+            &[&key, &value.as_bytes()],
         )
         .await
         .map(drop)
@@ -1026,8 +1149,8 @@ impl Backend for PgStore {
         self.exec(
             "remove state",
             "WITH s AS (DELETE FROM state WHERE instance = $1),
-                  e AS (DELETE FROM seen WHERE instance = $1),
-                  k AS (DELETE FROM known WHERE instance = $1)
+                  e AS (DELETE FROM seen_ids WHERE instance = $1),
+                  k AS (DELETE FROM known_items WHERE instance = $1)
              DELETE FROM next_run WHERE instance = $1",
             &[&instance],
         )
@@ -1097,7 +1220,7 @@ impl Backend for PgStore {
             "disable endpoint",
             "INSERT INTO disabled (endpoint, why) VALUES ($1, $2)
              ON CONFLICT (endpoint) DO UPDATE SET why = EXCLUDED.why",
-            &[&endpoint, &why],
+            &[&endpoint, &why.as_bytes()],
             Notice::Endpoint(endpoint.to_string()),
         )
         .await
@@ -1112,7 +1235,9 @@ impl Backend for PgStore {
                 &[&endpoint],
             )
             .await?;
-        Ok(rows.first().map(|r| r.get(0)))
+        rows.first()
+            .map(|r| text_of(&format!("disabled/{endpoint}"), r.get(0)))
+            .transpose()
     }
 
     async fn enable_endpoint(&self, endpoint: &str) -> Result<bool> {
@@ -1486,7 +1611,7 @@ impl Backend for PgStore {
             .query(
                 "count records",
                 "SELECT (SELECT count(*) FROM state) + (SELECT count(*) FROM next_run)
-                      + (SELECT count(*) FROM seen) + (SELECT count(*) FROM known)
+                      + (SELECT count(*) FROM seen_ids) + (SELECT count(*) FROM known_items)
                       + (SELECT count(*) FROM outbox) + (SELECT count(*) FROM dead)
                       + (SELECT count(*) FROM attempts) + (SELECT count(*) FROM discovered)
                       + (SELECT count(*) FROM removed) + (SELECT count(*) FROM disabled)",
@@ -1508,7 +1633,7 @@ impl Backend for PgStore {
                     tx.execute(
                         "INSERT INTO disabled (endpoint, why) VALUES ($1, $2)
                          ON CONFLICT (endpoint) DO UPDATE SET why = EXCLUDED.why",
-                        &[&endpoint, &why],
+                        &[&endpoint, &why.as_bytes()],
                     )
                     .await
                 }
@@ -2037,6 +2162,9 @@ pub enum Notice {
     /// An endpoint was disabled or enabled again: every node's worker
     /// reads which it is now.
     Endpoint(String),
+    /// Lease rows of removed instances were pruned: a node whose
+    /// configuration still has one adds it back.
+    Leases,
 }
 
 impl Notice {
@@ -2047,10 +2175,14 @@ impl Notice {
             Notice::Outbox { endpoint, instance } => format!("o\t{endpoint}\t{instance}"),
             Notice::Pace(host) => format!("p\t{host}"),
             Notice::Endpoint(name) => format!("e\t{name}"),
+            Notice::Leases => "l".to_string(),
         }
     }
 
     fn decode(text: &str) -> Option<Notice> {
+        if text == "l" {
+            return Some(Notice::Leases);
+        }
         let mut parts = text.splitn(3, '\t');
         match (parts.next()?, parts.next()?, parts.next()) {
             ("o", endpoint, Some(instance)) => Some(Notice::Outbox {
