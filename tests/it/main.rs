@@ -30,4 +30,5 @@ mod polite;
 mod postgres;
 mod reload;
 mod schedule;
+mod store_keys;
 mod upstream_faults;
