@@ -383,3 +383,132 @@ async fn lease_rows_of_removed_instances_are_pruned() {
     // A stop is no removal: the rows stay for the next start.
     assert_eq!(keys(&leases(&db, &schema).await), want);
 }
+
+/// A node gives leases back while they are busy (a poll that takes a
+/// second, a delivery the receiver holds for a second), first to a node
+/// that joins, then all of them as it stops (SIGTERM): what is in flight
+/// finishes where it started, no instance is polled by two nodes at once,
+/// every item is delivered, and none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_leases_are_drained_without_losing_or_repeating_anything() {
+    let Some(db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (up, addr) = start_upstream().await;
+    *up.delay.lock().unwrap() = Duration::from_millis(1000);
+    let accounts = ["k1", "k2", "k3", "k4"];
+    for acc in accounts {
+        up.accounts
+            .lock()
+            .unwrap()
+            .insert(acc.into(), vec![format!("{acc}-0")]);
+    }
+    let rx = Receiver::start(&secret(), Plan::Slow(Duration::from_millis(1000))).await;
+    let config = bridge(
+        addr,
+        &pg_store(&schema),
+        "{ account: [k1, k2, k3, k4] }",
+        &rx,
+    );
+    let files = [("items.yaml", CONNECTOR.to_string())];
+    // Items keep coming, one every 150 ms, round the accounts.
+    let adding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let adder = {
+        let (up, adding) = (up.clone(), adding.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while adding.load(Ordering::SeqCst) {
+                n += 1;
+                let acc = accounts[n % accounts.len()];
+                up.accounts
+                    .lock()
+                    .unwrap()
+                    .get_mut(acc)
+                    .unwrap()
+                    .push(format!("{acc}-{n}"));
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    let owners = || async {
+        leases(&db, &schema)
+            .await
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("src/"))
+            .filter_map(|(_, o)| o)
+            .collect::<BTreeSet<String>>()
+    };
+    let mut a = Daemon::new(&config, &files);
+    a.start().await;
+    wait_for(
+        "deliveries from the first node",
+        Duration::from_secs(30),
+        || rx.all().len() >= 4,
+    )
+    .await;
+    // A second node joins while every lease of the first is busy.
+    let mut b = Daemon::new(&config, &files);
+    b.start().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while owners().await.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leases were never shared: {:?}\n{}",
+            leases(&db, &schema).await,
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.log().contains("giving leases back"), "{}", a.log());
+    // Both nodes deliver for a while; then the first stops mid-flight.
+    let seen = rx.all().len();
+    wait_for("more deliveries from both", Duration::from_secs(30), || {
+        rx.all().len() >= seen + 8
+    })
+    .await;
+    assert!(a.terminate().success());
+    // The second node takes everything over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while owners().await.len() != 1 || leases(&db, &schema).await.values().any(|o| o.is_none()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            leases(&db, &schema).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    adding.store(false, Ordering::SeqCst);
+    adder.await.unwrap();
+    let all_items: BTreeSet<String> = up
+        .accounts
+        .lock()
+        .unwrap()
+        .values()
+        .flatten()
+        .cloned()
+        .collect();
+    let received = |rx: &Receiver| -> BTreeSet<String> {
+        rx.all()
+            .iter()
+            .filter_map(|d| d.body["data"]["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    wait_for("every item delivered", Duration::from_secs(90), || {
+        received(&rx) == all_items
+    })
+    .await;
+    assert!(rx.all().iter().all(|d| d.verified));
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for d in rx.all() {
+        *per_id.entry(d.id.clone()).or_default() += 1;
+    }
+    let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered twice: {twice:?}\n{}", b.log());
+    assert_eq!(
+        up.overlaps.load(Ordering::SeqCst),
+        0,
+        "an instance polled by two nodes at once"
+    );
+    assert!(b.terminate().success());
+}
