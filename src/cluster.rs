@@ -17,6 +17,13 @@
 //! node gives back only leases it is not using (no poll or delivery in
 //! flight), so a joining node takes its share without a double poll.
 //!
+//! The lease rows of instances removed by a reload or by discovery (their
+//! tasks ended while the daemon runs) are pruned by the node that had
+//! them once nobody uses them and their outbox is empty
+//! ([`Cluster::unwant`]); a node whose configuration still wants one (not
+//! reloaded yet) hears of the pruning and adds it back. A stop prunes
+//! nothing.
+//!
 //! What the node believes it holds is kept here with a *local* expiry,
 //! measured from before the renewal was sent and shortened by a margin:
 //! a node that was stopped (SIGSTOP, a VM pause) and wakes up finds its

@@ -21,6 +21,10 @@
 //!   it had in the outbox; imported ones draw a new one from `entry_seq`,
 //!   so a key never names two entries);
 //! - `attempts`: an identity id (newest = largest) → [`AttemptRecord`];
+//! - `seen_ids`, `known_items`: an instance's seen ids and known items,
+//!   one row each, keyed by (instance, SHA-256 of the id), the id kept as
+//!   bytes: an id from upstream may hold a NUL (which `text` cannot) or be
+//!   longer than a btree entry (~2,700 bytes), and must stop nothing;
 //! - `discovered`, `removed`, `disabled`: by source, instance, endpoint.
 //!
 //! Key columns use `COLLATE "C"`: byte order, the order sled's keys have,
@@ -1832,6 +1836,7 @@ mod tests {
             },
             Notice::Pace("api.example.com:8443".into()),
             Notice::Endpoint("agent".into()),
+            Notice::Leases,
         ] {
             assert_eq!(Notice::decode(&n.encode()), Some(n));
         }
