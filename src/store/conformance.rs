@@ -927,9 +927,10 @@ pub async fn hostile_ids_and_values_round_trip<F: Fixture>() {
     );
 }
 
-/// Names are bounded ([`MAX_NAME_BYTES`]): a longer instance name is
-/// refused by every backend alike, with an error naming it (cut short),
-/// and nothing of it is written; the other instances are untouched.
+/// Names are bounded ([`MAX_NAME_BYTES`]) and hold no NUL: another
+/// instance name is refused by every backend alike, with an error naming
+/// it (cut short), and nothing of it is written; the other instances are
+/// untouched.
 pub async fn an_overlong_instance_name_is_refused_alike<F: Fixture>() {
     let f = F::open().await;
     let store = f.store();
@@ -965,7 +966,7 @@ pub async fn an_overlong_instance_name_is_refused_alike<F: Fixture>() {
         store.mark_removed(&name, 5).await,
     ] {
         let e = r.unwrap_err();
-        assert!(matches!(e, StoreError::NameTooLong { .. }), "{e}");
+        assert!(matches!(e, StoreError::BadName { .. }), "{e}");
         let text = e.to_string();
         assert!(
             text.contains("s/nnnn") && text.contains("9002 bytes"),
@@ -973,6 +974,13 @@ pub async fn an_overlong_instance_name_is_refused_alike<F: Fixture>() {
         );
         assert!(text.len() < 400, "{text}");
     }
+    // A NUL would run into the next part of a key: refused alike too.
+    let e = store
+        .commit_fenced("s/a\0b", &InstanceState::default(), &s, &[], None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("s/a\\0b"), "{e}");
+    assert!(e.to_string().contains("NUL"), "{e}");
     assert_eq!(store.state_keys().await.unwrap(), ["s/ok"]);
     assert_eq!(store.outbox_stats("ep").await.unwrap().0, 1);
     assert!(store.removed().await.unwrap().is_empty());

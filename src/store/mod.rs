@@ -58,8 +58,8 @@ pub enum StoreError {
     Write(#[source] std::io::Error),
     #[error("commit of {instance} refused: this node no longer holds its lease (epoch {epoch}); the node that took it over polls it now")]
     Fenced { instance: String, epoch: i64 },
-    #[error("instance `{name}…` ({len} bytes) refused: a name longer than {max} bytes cannot be a store key", max = MAX_NAME_BYTES)]
-    NameTooLong { name: String, len: usize },
+    #[error("instance `{name}` refused: {why}")]
+    BadName { name: String, why: String },
     #[error("the store already holds {records} records: import goes into an empty store (a new, empty state_dir: move the current one away first)")]
     NotEmpty { records: usize },
 }
@@ -73,19 +73,29 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// alike for every backend, and discovery refuses longer ones first.
 pub const MAX_NAME_BYTES: usize = 1024;
 
-/// Refuses an instance name longer than [`MAX_NAME_BYTES`], naming its
-/// start (the error is logged and shown: never the whole of it).
+/// Refuses an instance name longer than [`MAX_NAME_BYTES`] or holding a
+/// NUL (no store keeps it apart from the next part of a key), alike for
+/// every backend, naming its start (the error is logged and shown: never
+/// the whole of a long one).
 fn check_name(instance: &str) -> Result<()> {
-    if instance.len() <= MAX_NAME_BYTES {
+    let why = if instance.len() > MAX_NAME_BYTES {
+        format!(
+            "{} bytes, a name longer than {MAX_NAME_BYTES} bytes cannot be a store key",
+            instance.len()
+        )
+    } else if instance.contains('\0') {
+        "a name with a NUL byte cannot be a store key".to_string()
+    } else {
         return Ok(());
-    }
-    let mut cut = 64;
+    };
+    let mut cut = instance.len().min(64);
     while !instance.is_char_boundary(cut) {
         cut -= 1;
     }
-    Err(StoreError::NameTooLong {
-        name: instance[..cut].to_string(),
-        len: instance.len(),
+    let more = if cut < instance.len() { "…" } else { "" };
+    Err(StoreError::BadName {
+        name: format!("{}{more}", instance[..cut].escape_debug()),
+        why,
     })
 }
 
