@@ -1948,6 +1948,112 @@ mod tests {
         }
     }
 
+    /// Pruning deletes the rows of removed keys that nobody else holds and
+    /// whose outbox is empty, says which stay, and tells every node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pruning_keeps_rows_held_elsewhere_or_with_queued_events() {
+        if !testing::available("pruning_keeps_rows_held_elsewhere_or_with_queued_events").await {
+            return;
+        }
+        let schema = testing::fresh_schema();
+        let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+        let check = async move {
+            let keys: Vec<String> = ["s/free", "s/mine", "s/theirs", "s/queued", "s/kept"]
+                .map(String::from)
+                .into();
+            store.ensure_leases(&keys).await.unwrap();
+            // "a" holds everything but s/free; "b" then takes s/theirs.
+            store.claim("a", 60_000, 4).await.unwrap();
+            store
+                .release("a", &["s/free".to_string(), "s/theirs".to_string()])
+                .await
+                .unwrap();
+            store
+                .exec(
+                    "test",
+                    "UPDATE lease SET owner = 'b', until_ms = now_ms() + 60000 WHERE instance = 's/theirs'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let e = OutboxEntry {
+                event_id: "msg_q".into(),
+                instance: "s/queued".into(),
+                kind: "t".into(),
+                sequence: 1,
+                body: "{}".into(),
+                attempts: 0,
+                next_attempt_ms: 0,
+                created_ms: 1,
+                last_error: None,
+            };
+            store
+                .commit_poll(
+                    "s/queued",
+                    &StateWrite::whole(&InstanceState::default(), 0),
+                    &[("ep".into(), e)],
+                    None,
+                )
+                .await
+                .unwrap();
+            let (tx, mut notices) = tokio::sync::mpsc::channel(16);
+            let listener = {
+                let store = store.clone();
+                tokio::spawn(async move { store.listen(tx).await })
+            };
+            // LISTEN is in place once a notice sent after it arrives.
+            loop {
+                store.share_pace("h", None, None).await.unwrap();
+                if let Ok(Some(_)) =
+                    tokio::time::timeout(Duration::from_millis(200), notices.recv()).await
+                {
+                    break;
+                }
+            }
+            let gone: Vec<String> = keys[..4].to_vec();
+            let (pruned, kept) = store.prune_leases("a", &gone).await.unwrap();
+            assert_eq!(pruned, 2);
+            assert_eq!(
+                kept,
+                ["s/queued", "s/theirs"]
+                    .map(String::from)
+                    .into_iter()
+                    .collect()
+            );
+            let left: BTreeSet<String> = store
+                .leases()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.key)
+                .collect();
+            assert_eq!(
+                left,
+                ["s/kept", "s/queued", "s/theirs"]
+                    .map(String::from)
+                    .into_iter()
+                    .collect()
+            );
+            let heard = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if notices.recv().await == Some(Notice::Leases) {
+                        return;
+                    }
+                }
+            })
+            .await;
+            assert!(heard.is_ok(), "no notice of the pruning");
+            // Nothing to prune: no notice, nothing gone.
+            assert_eq!(store.prune_leases("a", &[]).await.unwrap().0, 0);
+            listener.abort();
+        };
+        let outcome = tokio::spawn(check).await;
+        testing::drop_schema(&schema);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
     /// Leases: a claim takes only free or lapsed rows and raises the epoch;
     /// a commit fenced by a stale epoch writes nothing; renewal keeps a
     /// lapsed lease nobody claimed under the same epoch.
