@@ -1948,6 +1948,82 @@ mod tests {
         }
     }
 
+    /// A schema at version 5 (ids as text keys, texts as text) upgrades at
+    /// open: its seen ids, known items, disabled endpoints and credentials
+    /// read back as they were, and take what version 5 could not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_5_schema_upgrades_with_its_records() {
+        if !testing::available("a_version_5_schema_upgrades_with_its_records").await {
+            return;
+        }
+        let schema = testing::fresh_schema();
+        let (url, schema2) = (testing::url(), schema.clone());
+        let check = async move {
+            let schema = schema2;
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            let conn = tokio::spawn(conn);
+            c.batch_execute(&format!(
+                "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+                 CREATE TABLE schema_migrations (
+                     version integer PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now());"
+            ))
+            .await
+            .unwrap();
+            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 5) {
+                c.batch_execute(sql).await.unwrap();
+                c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])
+                    .await
+                    .unwrap();
+            }
+            c.batch_execute(
+                r#"INSERT INTO state (instance, value) VALUES ('s/i', '{"initialized":true,"sequence":2}');
+                   INSERT INTO seen (instance, id, at_ms) VALUES ('s/i', 'a', 1), ('s/i', 'é', 2);
+                   INSERT INTO known (instance, id, value) VALUES ('s/i', 'k', '{"version":"1","item":{"n":1}}');
+                   INSERT INTO disabled (endpoint, why) VALUES ('ep', '410 Gone');
+                   INSERT INTO credentials (key, value) VALUES ('oauth2-refresh:x', 'tok');"#,
+            )
+            .await
+            .unwrap();
+            drop(c);
+            let _ = conn.await;
+            let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+            let s = store.load_state("s/i").await.unwrap();
+            assert_eq!(s.seen, ["a", "é"]);
+            assert_eq!(s.seen_at, [1, 2]);
+            assert_eq!(s.known["k"].item, serde_json::json!({ "n": 1 }));
+            assert_eq!(s.sequence, 2);
+            assert_eq!(
+                store.endpoint_disabled("ep").await.unwrap().as_deref(),
+                Some("410 Gone")
+            );
+            assert_eq!(
+                store
+                    .load_credential("oauth2-refresh:x")
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some("tok")
+            );
+            // The same ids written again are the same rows (same keys).
+            let mut next = s.clone();
+            next.seen_at = [7, 8].into();
+            next.seen.push_back("n\0ul".into());
+            next.seen_at.push_back(9);
+            store
+                .commit_poll("s/i", &StateWrite::between(&s, &next, 10), &[], None)
+                .await
+                .unwrap();
+            assert_eq!(store.load_state("s/i").await.unwrap(), next);
+            assert_eq!(store.count_records().await.unwrap(), 1 + 3 + 1 + 1);
+        };
+        let outcome = tokio::spawn(check).await;
+        testing::drop_schema(&schema);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
     /// Pruning deletes the rows of removed keys that nobody else holds and
     /// whose outbox is empty, says which stay, and tells every node.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
