@@ -453,6 +453,10 @@ impl Cluster {
                         l.held.remove(k);
                         l.draining.remove(k);
                     }
+                    let fresh = drain.iter().filter(|k| !l.draining.contains(*k)).count();
+                    if fresh > 0 {
+                        info!(node = %self.node, leases = fresh, "leases busy (a poll or delivery in flight): given back once it ends, nothing new starts under them");
+                    }
                     l.draining.extend(drain);
                     idle
                 };

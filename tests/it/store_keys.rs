@@ -460,7 +460,9 @@ async fn busy_leases_are_drained_without_losing_or_repeating_anything() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Some were busy when they had to go, and went once done.
     assert!(a.log().contains("giving leases back"), "{}", a.log());
+    assert!(a.log().contains("leases busy"), "{}", a.log());
     // Both nodes deliver for a while; then the first stops mid-flight.
     let seen = rx.all().len();
     wait_for("more deliveries from both", Duration::from_secs(30), || {
