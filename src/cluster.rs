@@ -17,6 +17,13 @@
 //! node gives back only leases it is not using (no poll or delivery in
 //! flight), so a joining node takes its share without a double poll.
 //!
+//! The lease rows of instances removed by a reload or by discovery (their
+//! tasks ended while the daemon runs) are pruned by the node that had
+//! them once nobody uses them and their outbox is empty
+//! ([`Cluster::unwant`]); a node whose configuration still wants one (not
+//! reloaded yet) hears of the pruning and adds it back. A stop prunes
+//! nothing.
+//!
 //! What the node believes it holds is kept here with a *local* expiry,
 //! measured from before the renewal was sent and shortened by a margin:
 //! a node that was stopped (SIGSTOP, a VM pause) and wakes up finds its
@@ -118,8 +125,29 @@ pub struct Cluster {
     /// Keys this node's configuration has (instances, discoveries), and
     /// those not yet given a lease row.
     wanted: Mutex<(BTreeSet<String>, Vec<String>)>,
+    /// Keys no longer wanted (an instance removed by a reload or by
+    /// discovery, a source removed), since when: their lease rows are
+    /// pruned (see [`Cluster::prune`]).
+    gone: Mutex<HashMap<String, Instant>>,
+    /// The daemon's shutdown: tasks that end then are not removed, and
+    /// their rows are kept for the next start and the other nodes.
+    shutdown: CancellationToken,
+    /// Rounds since the last prune.
+    since_prune: std::sync::atomic::AtomicU32,
     /// Asks for a round now (new keys).
     kick: Notify,
+}
+
+/// A task's claim on its key: dropped when the task ends.
+pub struct Wanted {
+    cluster: Arc<Cluster>,
+    key: String,
+}
+
+impl Drop for Wanted {
+    fn drop(&mut self) {
+        self.cluster.unwant(&self.key);
+    }
 }
 
 /// What [`Cluster::begin`] found.
@@ -193,7 +221,7 @@ fn node_name() -> String {
 }
 
 impl Cluster {
-    pub fn new(store: PgStore, lease: Duration) -> Arc<Cluster> {
+    pub fn new(store: PgStore, lease: Duration, shutdown: CancellationToken) -> Arc<Cluster> {
         Arc::new(Cluster {
             node: node_name(),
             store,
@@ -202,6 +230,9 @@ impl Cluster {
             leases: Mutex::new(Leases::default()),
             changed: watch::Sender::new(0),
             wanted: Mutex::new((BTreeSet::new(), Vec::new())),
+            gone: Mutex::new(HashMap::new()),
+            shutdown,
+            since_prune: Default::default(),
             kick: Notify::new(),
         })
     }
@@ -210,10 +241,80 @@ impl Cluster {
     /// lease row so that some node claims it.
     pub fn want(&self, key: &str) {
         let mut w = self.wanted.lock().expect("wanted lock");
+        self.gone.lock().expect("gone lock").remove(key);
         if w.0.insert(key.to_string()) {
             w.1.push(key.to_string());
             self.kick.notify_one();
         }
+    }
+
+    /// Wants `key` (see [`Cluster::want`]) until the guard drops (see
+    /// [`Cluster::unwant`]).
+    pub fn want_while(self: &Arc<Self>, key: &str) -> Wanted {
+        self.want(key);
+        Wanted {
+            cluster: self.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    /// `key`'s task ended: unless the daemon is stopping, the
+    /// configuration no longer has it (removed by a reload, by
+    /// discovery, or with its source), and its lease row is pruned once
+    /// its outbox is empty.
+    pub fn unwant(&self, key: &str) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let mut w = self.wanted.lock().expect("wanted lock");
+        if w.0.remove(key) {
+            w.1.retain(|k| k != key);
+            self.gone
+                .lock()
+                .expect("gone lock")
+                .insert(key.to_string(), Instant::now());
+        }
+    }
+
+    /// Deletes the lease rows of keys gone for at least a round (a task
+    /// restarted by a reload wants its key again at once: its row stays)
+    /// that nobody else holds, that this node is not using, and that have
+    /// no outbox entries left (those are still delivered under the lease,
+    /// and tried again every 30 rounds). Tells the other nodes, which add
+    /// back rows they still want (a node not yet reloaded).
+    async fn prune(&self) -> crate::store::Result<()> {
+        let round = self.lease / 3;
+        let due: Vec<String> = {
+            let gone = self.gone.lock().expect("gone lock");
+            let l = self.leases.lock().expect("lease lock");
+            let fresh = gone.values().any(|t| t.elapsed() < round * 3);
+            let rounds = self
+                .since_prune
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if gone.is_empty() || (!fresh && rounds < 30) {
+                return Ok(());
+            }
+            gone.iter()
+                .filter(|(k, t)| t.elapsed() >= round && !l.busy.contains_key(*k))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.since_prune
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let (pruned, kept) = self.store.prune_leases(&self.node, &due).await?;
+        let mut gone = self.gone.lock().expect("gone lock");
+        for k in &due {
+            if !kept.contains(k) {
+                gone.remove(k);
+            }
+        }
+        if pruned > 0 {
+            info!(node = %self.node, pruned, waiting = kept.len(), "lease rows of removed instances pruned");
+        }
+        Ok(())
     }
 
     /// Whether this node holds `key` now (by its own clock).
@@ -283,16 +384,28 @@ impl Cluster {
         let lease_ms = self.lease.as_millis() as i64;
         let local = self.lease.mul_f64(LOCAL_SHARE);
         let new: Vec<String> = std::mem::take(&mut self.wanted.lock().expect("wanted lock").1);
-        if !new.is_empty() {
-            if let Err(e) = self.store.ensure_leases(&new).await {
-                self.wanted.lock().expect("wanted lock").1.extend(new);
-                return Err(e);
+        if !new.is_empty() && self.store.ensure_leases(&new).await.is_err() {
+            // One by one: a key the database refuses must not hold up the
+            // others, nor the renewal of every lease this node holds.
+            let mut again = Vec::new();
+            for k in new {
+                if let Err(e) = self.store.ensure_leases(std::slice::from_ref(&k)).await {
+                    let start: String = k.chars().take(64).collect();
+                    warn!(node = %self.node, key = %start, bytes = k.len(), error = %format!("{e:#}"), "cannot add this lease: it is not polled until it can be (tried again every round)");
+                    again.push(k);
+                }
             }
+            self.wanted.lock().expect("wanted lock").1.extend(again);
         }
         let nodes = self
             .store
             .heartbeat(&self.node, self.started_ms, lease_ms)
             .await?;
+        if !self.shutdown.is_cancelled() {
+            if let Err(e) = self.prune().await {
+                warn!(node = %self.node, error = %format!("{e:#}"), "cannot prune the leases of removed instances (tried again next round)");
+            }
+        }
         let sent = Instant::now();
         let renewed = self.store.renew(&self.node, lease_ms).await?;
         let total = self.store.lease_count().await?;
@@ -352,6 +465,10 @@ impl Cluster {
                     for k in &idle {
                         l.held.remove(k);
                         l.draining.remove(k);
+                    }
+                    let fresh = drain.iter().filter(|k| !l.draining.contains(*k)).count();
+                    if fresh > 0 {
+                        info!(node = %self.node, leases = fresh, "leases busy (a poll or delivery in flight): given back once it ends, nothing new starts under them");
                     }
                     l.draining.extend(drain);
                     idle
@@ -441,6 +558,16 @@ impl Cluster {
                             if let Some(w) = live.wake(&name) {
                                 w.recheck();
                             }
+                        }
+                        Notice::Leases => {
+                            // Another node pruned rows: add back any this
+                            // node still wants (its configuration differs
+                            // until it is reloaded too).
+                            let mut w = self.wanted.lock().expect("wanted lock");
+                            let all: Vec<String> = w.0.iter().cloned().collect();
+                            w.1 = all;
+                            drop(w);
+                            self.kick.notify_one();
                         }
                     }
                     continue;

@@ -93,6 +93,21 @@ pub async fn discover(
                 warn!(source = %source.name, name = ?name, "discover.name rendered a name with control characters; that item is skipped");
                 continue;
             }
+            // A name is a store key (an index entry, on PostgreSQL) and
+            // the upstream decides its length: a longer one is refused,
+            // that item alone, and named (its start) so it can be found.
+            let key_len = source.name.len() + 1 + name.len();
+            if key_len > crate::store::MAX_NAME_BYTES {
+                let start: String = name.chars().take(64).collect();
+                warn!(
+                    source = %source.name,
+                    name = %start,
+                    bytes = name.len(),
+                    "discover.name rendered a name too long for an instance (`source/name` at most {} bytes); that item is skipped",
+                    crate::store::MAX_NAME_BYTES
+                );
+                continue;
+            }
             if name.is_empty() || name.contains('/') {
                 return Err(PollError::Detect(format!(
                     "discover.name rendered `{name}` for {item}: an instance name must be non-empty and without `/`"
@@ -235,9 +250,7 @@ pub async fn run_source<F, Fut>(
         running.start(name, token, task).await;
     }
     let lease_key = crate::cluster::discover_key(&source.name);
-    if let Some(c) = &cx.cluster {
-        c.want(&lease_key);
-    }
+    let _wanted = cx.cluster.as_ref().map(|c| c.want_while(&lease_key));
     loop {
         // In a cluster, only the holder of the discovery lease lists; the
         // others start and stop instance tasks (which wait for their own

@@ -58,7 +58,9 @@ pub(crate) async fn poll_loop(
         poll_held(&shared, &source, &inst, None, &shutdown).await;
         return;
     };
-    cluster.want(&inst.key);
+    // Unwanted when this task ends: removed (its lease row is pruned),
+    // unless the daemon is stopping.
+    let _wanted = cluster.want_while(&inst.key);
     // Every node lists every instance; `/status` says which node holds it.
     shared.status.register_instance(&inst.key, |s| {
         s.source = source.name.clone();

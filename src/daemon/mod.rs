@@ -153,7 +153,7 @@ pub async fn run(
     }
     let cluster = store
         .postgres()
-        .map(|pg| crate::cluster::Cluster::new(pg.clone(), config.lease));
+        .map(|pg| crate::cluster::Cluster::new(pg.clone(), config.lease, shutdown.clone()));
     let ops = Arc::new(crate::opsevents::Ops::default());
     ops.configure(config.operations.clone());
     let hosts = Arc::new(HostGates::in_cluster(

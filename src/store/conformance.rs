@@ -863,6 +863,218 @@ pub async fn values_at_the_depth_limit_round_trip_and_deeper_are_refused<F: Fixt
     assert_eq!(copy.load_state("s/below").await.unwrap(), below);
 }
 
+/// Ids and values that come from upstream, as hostile as they come: a
+/// NUL, control characters, 64 KiB, every plane of Unicode, values nested
+/// deep. Both backends take them, give them back as written (after a
+/// restart, changed and removed as deltas, in a backup), and agree.
+pub async fn hostile_ids_and_values_round_trip<F: Fixture>() {
+    let mut f = F::open().await;
+    let store = f.store();
+    let long = "x".repeat(64 * 1024);
+    let ids: Vec<String> = vec![
+        "a\0b".into(),
+        "\0".into(),
+        "\u{1}\u{7}\u{1b}[31m\r\n\t\u{7f}".into(),
+        format!("{long}-1"),
+        format!("{long}-2"),
+        "y".repeat(3_000),
+        "é ü \u{10FFFF} 🎉 \u{202e}".into(),
+        " ".into(),
+    ];
+    // As deep as the store takes a value ([`MAX_DEPTH`]): the known item
+    // holds it one level down.
+    let mut deep = serde_json::json!("\0 bottom");
+    for _ in 0..MAX_DEPTH - 1 {
+        deep = serde_json::json!([deep]);
+    }
+    let mut s = InstanceState {
+        initialized: true,
+        cursor: Some(format!("\0{long}")),
+        etag: Some("\"\u{1}\"".into()),
+        snapshot: Some(deep.clone()),
+        sequence: 1,
+        ..Default::default()
+    };
+    for (n, id) in ids.iter().enumerate() {
+        s.seen.push_back(id.clone());
+        s.seen_at.push_back(n as i64);
+        s.known.insert(
+            id.clone(),
+            KnownItem {
+                version: format!("v\0{n}"),
+                item: serde_json::json!({ "id": id, "deep": deep, "text": long }),
+            },
+        );
+    }
+    let mut e = entry("s/i", 1);
+    e.body = serde_json::json!({ "data": format!("\0{long}\u{1b}") }).to_string();
+    e.last_error = Some("\0\r\nerror".into());
+    store
+        .commit_fenced(
+            "s/i",
+            &InstanceState::default(),
+            &s,
+            &[("ep".into(), e.clone())],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.load_state("s/i").await.unwrap(), s);
+    // Changed as deltas: two ids go, one comes, one item changes.
+    let mut next = s.clone();
+    next.seen.retain(|id| id != "\0" && !id.ends_with("-1"));
+    next.seen_at = (0..next.seen.len() as i64).collect();
+    next.seen.push_back("new\0".into());
+    next.seen_at.push_back(99);
+    next.known.remove("a\0b");
+    next.known.get_mut(&format!("{long}-2")).unwrap().version = "v\0changed".into();
+    next.sequence = 2;
+    store
+        .commit_fenced("s/i", &s, &next, &[], None)
+        .await
+        .unwrap();
+    let mut letter_entry = e.clone();
+    letter_entry.sequence = 2;
+    letter_entry.event_id = "msg_s/i_2".into();
+    store
+        .enqueue(&[("ep".into(), letter_entry.clone())])
+        .await
+        .unwrap();
+    let mut a = attempt(1, 1);
+    a.error = Some(format!("\0{long}"));
+    store.record_attempt(&a).await.unwrap();
+    store
+        .disable_endpoint("ep2", "410 Gone: \0\u{1b}[2J")
+        .await
+        .unwrap();
+    store
+        .save_credential("oauth2-refresh:k", "tok\0en\u{7f}")
+        .await
+        .unwrap();
+    let mut d = Discovered::default();
+    d.instances.insert(
+        "acc".into(),
+        serde_json::Map::from_iter([("p".to_string(), serde_json::json!("\0"))]),
+    );
+    store.save_discovered("src", &d).await.unwrap();
+    store.flush().await.unwrap();
+    drop(store);
+    f.reopen().await;
+    let store = f.store();
+    assert_eq!(store.load_state("s/i").await.unwrap(), next);
+    assert_eq!(
+        store.all_states().await.unwrap(),
+        vec![("s/i".to_string(), next.clone())]
+    );
+    let head = store.outbox_head("ep", "s/i").await.unwrap().unwrap();
+    assert_eq!(head.1, e);
+    assert_eq!(
+        store.attempts(&AttemptQuery::default()).await.unwrap(),
+        [a.clone()]
+    );
+    assert_eq!(
+        store.endpoint_disabled("ep2").await.unwrap().as_deref(),
+        Some("410 Gone: \0\u{1b}[2J")
+    );
+    assert_eq!(
+        store
+            .load_credential("oauth2-refresh:k")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("tok\0en\u{7f}")
+    );
+    assert_eq!(store.load_discovered("src").await.unwrap(), d);
+    // An export cursor is bytes: one that is not UTF-8 (past every
+    // name here) reads an empty page, not an error.
+    let page = store
+        .export_page(RecordKind::State, Some(b"s/\xff".to_vec()), 10)
+        .await
+        .unwrap();
+    assert!(page.records.is_empty() && page.next.is_none());
+    // A backup carries them into another store of the same backend.
+    let mut out = Vec::new();
+    backup::export(&store, &mut out).await.unwrap();
+    let g = F::open().await;
+    let copy = g.store();
+    backup::import(&copy, out.as_slice(), None).await.unwrap();
+    assert_eq!(copy.load_state("s/i").await.unwrap(), next);
+    assert_eq!(
+        copy.outbox_page("ep", None, usize::MAX)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>(),
+        [e, letter_entry]
+    );
+    // Gone with the state.
+    store.remove_state("s/i").await.unwrap();
+    assert_eq!(
+        store.load_state("s/i").await.unwrap(),
+        InstanceState::default()
+    );
+}
+
+/// Names are bounded ([`MAX_NAME_BYTES`]) and hold no NUL: another
+/// instance name is refused by every backend alike, with an error naming
+/// it (cut short), and nothing of it is written; the other instances are
+/// untouched.
+pub async fn an_overlong_instance_name_is_refused_alike<F: Fixture>() {
+    let f = F::open().await;
+    let store = f.store();
+    let name = format!("s/{}", "n".repeat(9_000));
+    let s = InstanceState {
+        initialized: true,
+        sequence: 1,
+        ..Default::default()
+    };
+    let e = store
+        .commit_fenced(
+            "s/ok",
+            &InstanceState::default(),
+            &s,
+            &[("ep".into(), entry("s/ok", 1))],
+            None,
+        )
+        .await;
+    e.unwrap();
+    for r in [
+        store
+            .commit_fenced(
+                &name,
+                &InstanceState::default(),
+                &s,
+                &[("ep".into(), entry(&name, 1))],
+                None,
+            )
+            .await
+            .map(drop),
+        store.commit_poll(&name, &s, &[]).await.map(drop),
+        store.set_next_run(&name, 5).await,
+        store.mark_removed(&name, 5).await,
+    ] {
+        let e = r.unwrap_err();
+        assert!(matches!(e, StoreError::BadName { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("s/nnnn") && text.contains("9002 bytes"),
+            "{text}"
+        );
+        assert!(text.len() < 400, "{text}");
+    }
+    // A NUL would run into the next part of a key: refused alike too.
+    let e = store
+        .commit_fenced("s/a\0b", &InstanceState::default(), &s, &[], None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("s/a\\0b"), "{e}");
+    assert!(e.to_string().contains("NUL"), "{e}");
+    assert_eq!(store.state_keys().await.unwrap(), ["s/ok"]);
+    assert_eq!(store.outbox_stats("ep").await.unwrap().0, 1);
+    assert!(store.removed().await.unwrap().is_empty());
+}
+
 /// Runs every check against one backend's fixture.
 macro_rules! suite {
     ($backend:ident, $fixture:ty) => {
@@ -881,7 +1093,9 @@ macro_rules! suite {
                 seen_ids_and_known_items_are_records_of_their_own,
                 a_delivered_head_brings_its_lanes_next_one,
                 states_written_before_the_split_keep_their_sets,
-                values_at_the_depth_limit_round_trip_and_deeper_are_refused
+                values_at_the_depth_limit_round_trip_and_deeper_are_refused,
+                hostile_ids_and_values_round_trip,
+                an_overlong_instance_name_is_refused_alike
             );
         }
     };

@@ -61,6 +61,8 @@ pub enum StoreError {
     Write(#[source] std::io::Error),
     #[error("commit of {instance} refused: this node no longer holds its lease (epoch {epoch}); the node that took it over polls it now")]
     Fenced { instance: String, epoch: i64 },
+    #[error("instance `{name}` refused: {why}")]
+    BadName { name: String, why: String },
     #[error("the store already holds {records} records: import goes into an empty store (a new, empty state_dir: move the current one away first)")]
     NotEmpty { records: usize },
     /// The store refused what it was given (a value nested too deep, a
@@ -75,6 +77,39 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The longest instance name (`source/instance`) a store takes, in bytes.
+/// A name is a key of several records and an index entry on PostgreSQL
+/// (at most ~2,700 bytes), and it travels in notices (8,000 bytes); names
+/// come from upstream with `for_each: discover`, so they are bounded here,
+/// alike for every backend, and discovery refuses longer ones first.
+pub const MAX_NAME_BYTES: usize = 1024;
+
+/// Refuses an instance name longer than [`MAX_NAME_BYTES`] or holding a
+/// NUL (no store keeps it apart from the next part of a key), alike for
+/// every backend, naming its start (the error is logged and shown: never
+/// the whole of a long one).
+fn check_name(instance: &str) -> Result<()> {
+    let why = if instance.len() > MAX_NAME_BYTES {
+        format!(
+            "{} bytes, a name longer than {MAX_NAME_BYTES} bytes cannot be a store key",
+            instance.len()
+        )
+    } else if instance.contains('\0') {
+        "a name with a NUL byte cannot be a store key".to_string()
+    } else {
+        return Ok(());
+    };
+    let mut cut = instance.len().min(64);
+    while !instance.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let more = if cut < instance.len() { "…" } else { "" };
+    Err(StoreError::BadName {
+        name: format!("{}{more}", instance[..cut].escape_debug()),
+        why,
+    })
+}
 
 /// The operations pollhook needs from a store. Each backend implements all
 /// of them with the same meaning; `conformance.rs` checks that it does.
@@ -403,6 +438,7 @@ impl Store {
         state: &InstanceState,
         deliveries: &[(String, OutboxEntry)],
     ) -> Result<Vec<EntryKey>> {
+        check_name(instance)?;
         let w = StateWrite::whole(state, crate::now_ms());
         w.check_depth(instance)?;
         dispatch!(self, b => b.commit_poll(instance, &w, deliveries, None).await)
@@ -419,6 +455,7 @@ impl Store {
         deliveries: &[(String, OutboxEntry)],
         fence: Option<&Fence>,
     ) -> Result<Vec<EntryKey>> {
+        check_name(instance)?;
         let w = StateWrite::between(prev, next, crate::now_ms());
         w.check_depth(instance)?;
         dispatch!(self, b => b.commit_poll(instance, &w, deliveries, fence).await)
@@ -448,6 +485,7 @@ impl Store {
         }
     }
     pub async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
+        check_name(instance)?;
         dispatch!(self, b => b.set_next_run(instance, next_run_ms).await)
     }
     pub async fn remove_state(&self, instance: &str) -> Result<()> {
@@ -460,6 +498,7 @@ impl Store {
         dispatch!(self, b => b.save_discovered(source, d).await)
     }
     pub async fn mark_removed(&self, instance: &str, delete_at_ms: i64) -> Result<()> {
+        check_name(instance)?;
         dispatch!(self, b => b.mark_removed(instance, delete_at_ms).await)
     }
     pub async fn unmark_removed(&self, instance: &str) -> Result<()> {

@@ -21,6 +21,10 @@
 //!   it had in the outbox; imported ones draw a new one from `entry_seq`,
 //!   so a key never names two entries);
 //! - `attempts`: an identity id (newest = largest) → [`AttemptRecord`];
+//! - `seen_ids`, `known_items`: an instance's seen ids and known items,
+//!   one row each, keyed by (instance, SHA-256 of the id), the id kept as
+//!   bytes: an id from upstream may hold a NUL (which `text` cannot) or be
+//!   longer than a btree entry (~2,700 bytes), and must stop nothing;
 //! - `discovered`, `removed`, `disabled`: by source, instance, endpoint.
 //!
 //! Key columns use `COLLATE "C"`: byte order, the order sled's keys have,
@@ -69,6 +73,25 @@ pub mod cluster;
 /// (refinery takes no lock across processes, so two daemons starting
 /// together could both apply version 1). Never edit a released version:
 /// add the next one.
+/// Moves the rows of the tables of migration 4 (`seen`, `known`, keyed by
+/// the id as text) into those of migration 6 (`seen_ids`, `known_items`,
+/// keyed by its hash) and drops them. A macro, so that tests can replay it
+/// after migration 5 (see `PgStore::write_legacy_state`).
+macro_rules! move_ids {
+    () => {
+        r#"
+INSERT INTO seen_ids (instance, key, id, at_ms)
+SELECT instance, sha256(convert_to(id, 'UTF8')), convert_to(id, 'UTF8'), at_ms FROM seen
+ON CONFLICT (instance, key) DO NOTHING;
+INSERT INTO known_items (instance, key, id, value)
+SELECT instance, sha256(convert_to(id, 'UTF8')), convert_to(id, 'UTF8'), value FROM known
+ON CONFLICT (instance, key) DO NOTHING;
+DROP TABLE seen;
+DROP TABLE known;
+"#
+    };
+}
+
 const MIGRATIONS: &[(i32, &str)] = &[
     (
         1,
@@ -215,6 +238,37 @@ ON CONFLICT (instance, id) DO NOTHING;
 UPDATE state SET value = (value::jsonb - 'seen' - 'seen_at' - 'known')::json
 WHERE value->'seen' IS NOT NULL OR value->'seen_at' IS NOT NULL OR value->'known' IS NOT NULL;
 "#,
+    ),
+    (
+        6,
+        concat!(
+            r#"
+-- Item ids come from upstream: any length, any character (a NUL, which
+-- `text` cannot hold; 3,000 bytes, more than a btree entry can). They
+-- move to tables keyed by the id's SHA-256 (32 bytes, whatever the id),
+-- the id itself kept as bytes in a column no index covers.
+CREATE TABLE seen_ids (
+    instance text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    id bytea NOT NULL,
+    at_ms bigint NOT NULL,
+    PRIMARY KEY (instance, key)
+);
+CREATE TABLE known_items (
+    instance text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    id bytea NOT NULL,
+    value json NOT NULL,
+    PRIMARY KEY (instance, key)
+);
+-- Texts that come from outside and are no key (why a receiver disabled
+-- an endpoint; a refresh token a token server rotated) are kept as bytes,
+-- NUL and all.
+ALTER TABLE disabled ALTER COLUMN why TYPE bytea USING convert_to(why, 'UTF8');
+ALTER TABLE credentials ALTER COLUMN value TYPE bytea USING convert_to(value, 'UTF8');
+"#,
+            move_ids!()
+        ),
     ),
 ];
 
@@ -680,8 +734,12 @@ impl PgStore {
         )
         .await
         .unwrap();
-        let split = MIGRATIONS.iter().find(|(v, _)| *v == 5).unwrap().1;
-        c.batch_execute(split).await.unwrap();
+        // The tables of the time (migration 4), split into (5), then
+        // moved to today's (6).
+        let sql = |v: i32| MIGRATIONS.iter().find(|m| m.0 == v).unwrap().1;
+        c.batch_execute(sql(4)).await.unwrap();
+        c.batch_execute(sql(5)).await.unwrap();
+        c.batch_execute(move_ids!()).await.unwrap();
     }
 
     /// A state from a row of `state_columns!()` starting at column `at`.
@@ -691,11 +749,23 @@ impl PgStore {
             None => InstanceState::default(),
         };
         let seen: Vec<(String, i64)> = match r.get::<_, Option<&str>>(at + 2) {
-            Some(v) => decode(instance, v)?,
+            Some(v) => decode::<Vec<(String, i64)>>(instance, v)?
+                .into_iter()
+                .map(|(id, t)| Ok((id_of(instance, &id)?, t)))
+                .collect::<Result<_>>()?,
             None => Vec::new(),
         };
+        // Each item's value is its own JSON text, so the aggregate adds no
+        // nesting: a value as deep as sled takes is read back here too.
         let known: BTreeMap<String, KnownItem> = match r.get::<_, Option<&str>>(at + 3) {
-            Some(v) => decode(instance, v)?,
+            Some(v) => decode::<Vec<(String, String)>>(instance, v)?
+                .into_iter()
+                .map(|(id, item)| {
+                    let id = id_of(instance, &id)?;
+                    let item = decode(&format!("{instance}/{id}"), &item)?;
+                    Ok((id, item))
+                })
+                .collect::<Result<_>>()?,
             None => BTreeMap::new(),
         };
         let mut s = assemble(core, seen, known.into_iter().collect());
@@ -734,45 +804,66 @@ impl PgStore {
             tx.execute(&st, &refs).await.map_err(pg_err(op)).map(drop)
         };
         let inst = || Box::new(instance.to_string()) as Box<dyn ToSql + Sync + Send>;
+        let keys = |ids: &mut dyn Iterator<Item = &String>| {
+            Box::new(ids.map(|id| id_key(id)).collect::<Vec<_>>()) as Box<dyn ToSql + Sync + Send>
+        };
         if w.replace {
-            run("DELETE FROM seen WHERE instance = $1", vec![inst()]).await?;
-            run("DELETE FROM known WHERE instance = $1", vec![inst()]).await?;
+            run("DELETE FROM seen_ids WHERE instance = $1", vec![inst()]).await?;
+            run("DELETE FROM known_items WHERE instance = $1", vec![inst()]).await?;
         }
         if !w.seen_del.is_empty() {
             run(
-                "DELETE FROM seen WHERE instance = $1 AND id = ANY($2)",
-                vec![inst(), Box::new(w.seen_del.clone())],
+                "DELETE FROM seen_ids WHERE instance = $1 AND key = ANY($2)",
+                vec![inst(), keys(&mut w.seen_del.iter())],
             )
             .await?;
         }
         if !w.known_del.is_empty() {
             run(
-                "DELETE FROM known WHERE instance = $1 AND id = ANY($2)",
-                vec![inst(), Box::new(w.known_del.clone())],
+                "DELETE FROM known_items WHERE instance = $1 AND key = ANY($2)",
+                vec![inst(), keys(&mut w.known_del.iter())],
             )
             .await?;
         }
         if !w.seen_put.is_empty() {
-            let (ids, ats): (Vec<String>, Vec<i64>) = w.seen_put.iter().cloned().unzip();
+            let ids: Vec<Vec<u8>> = w
+                .seen_put
+                .iter()
+                .map(|(id, _)| id.as_bytes().to_vec())
+                .collect();
+            let ats: Vec<i64> = w.seen_put.iter().map(|(_, at)| *at).collect();
             run(
-                "INSERT INTO seen (instance, id, at_ms)
-                 SELECT $1, u.id, u.at FROM unnest($2::text[], $3::bigint[]) AS u(id, at)
-                 ON CONFLICT (instance, id) DO UPDATE SET at_ms = EXCLUDED.at_ms",
-                vec![inst(), Box::new(ids), Box::new(ats)],
+                "INSERT INTO seen_ids (instance, key, id, at_ms)
+                 SELECT $1, u.k, u.id, u.at
+                 FROM unnest($2::bytea[], $3::bytea[], $4::bigint[]) AS u(k, id, at)
+                 ON CONFLICT (instance, key) DO UPDATE SET at_ms = EXCLUDED.at_ms",
+                vec![
+                    inst(),
+                    keys(&mut w.seen_put.iter().map(|(id, _)| id)),
+                    Box::new(ids),
+                    Box::new(ats),
+                ],
             )
             .await?;
         }
         if !w.known_put.is_empty() {
-            let (ids, items): (Vec<String>, Vec<String>) = w
+            let ids: Vec<Vec<u8>> = w
                 .known_put
                 .iter()
-                .map(|(id, item)| (id.clone(), encode(item)))
-                .unzip();
+                .map(|(id, _)| id.as_bytes().to_vec())
+                .collect();
+            let items: Vec<String> = w.known_put.iter().map(|(_, item)| encode(item)).collect();
             run(
-                "INSERT INTO known (instance, id, value)
-                 SELECT $1, u.id, u.v::json FROM unnest($2::text[], $3::text[]) AS u(id, v)
-                 ON CONFLICT (instance, id) DO UPDATE SET value = EXCLUDED.value",
-                vec![inst(), Box::new(ids), Box::new(items)],
+                "INSERT INTO known_items (instance, key, id, value)
+                 SELECT $1, u.k, u.id, u.v::json
+                 FROM unnest($2::bytea[], $3::bytea[], $4::text[]) AS u(k, id, v)
+                 ON CONFLICT (instance, key) DO UPDATE SET value = EXCLUDED.value",
+                vec![
+                    inst(),
+                    keys(&mut w.known_put.iter().map(|(id, _)| id)),
+                    Box::new(ids),
+                    Box::new(items),
+                ],
             )
             .await?;
         }
@@ -786,11 +877,44 @@ impl PgStore {
 macro_rules! state_columns {
     () => {
         "s.value::text, n.at_ms,
-         (SELECT json_agg(json_build_array(e.id, e.at_ms))::text
-            FROM seen e WHERE e.instance = s.instance),
-         (SELECT json_object_agg(k.id, k.value)::text
-            FROM known k WHERE k.instance = s.instance)"
+         (SELECT json_agg(json_build_array(encode(e.id, 'hex'), e.at_ms))::text
+            FROM seen_ids e WHERE e.instance = s.instance),
+         (SELECT json_agg(json_build_array(encode(k.id, 'hex'), k.value::text))::text
+            FROM known_items k WHERE k.instance = s.instance)"
     };
+}
+
+/// The key of a seen id's or known item's row: the id's SHA-256, 32
+/// bytes whatever the id holds (see migration 6).
+fn id_key(id: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(id.as_bytes()).to_vec()
+}
+
+/// A text kept as bytes (see migration 6).
+fn text_of(key: &str, bytes: &[u8]) -> Result<String> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| StoreError::Corrupt {
+        key: key.to_string(),
+        detail: "not UTF-8".into(),
+    })
+}
+
+/// An id read back as `encode(id, 'hex')`.
+fn id_of(instance: &str, hex: &str) -> Result<String> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        key: instance.to_string(),
+        detail: format!("a seen id or known item: {detail}"),
+    };
+    let digit = |c: u8| (c as char).to_digit(16).ok_or_else(|| corrupt("not hex"));
+    let bytes = hex
+        .as_bytes()
+        .chunks(2)
+        .map(|p| match p {
+            [h, l] => Ok((digit(*h)? * 16 + digit(*l)?) as u8),
+            _ => Err(corrupt("odd hex")),
+        })
+        .collect::<Result<Vec<u8>>>()?;
+    String::from_utf8(bytes).map_err(|_| corrupt("not UTF-8"))
 }
 
 fn entry_key(endpoint: String, instance: String, seq: i64) -> EntryKey {
@@ -825,7 +949,7 @@ fn record_of(kind: RecordKind, r: &tokio_postgres::Row) -> Result<Record> {
     Ok(match kind {
         RecordKind::Disabled => Record::Disabled {
             endpoint: r.get(0),
-            why: r.get(1),
+            why: text_of(&format!("disabled/{}", r.get::<_, &str>(0)), r.get(1))?,
         },
         RecordKind::State => {
             let instance: String = r.get(0);
@@ -861,9 +985,10 @@ impl Backend for PgStore {
                 "read state",
                 "SELECT (SELECT value::text FROM state WHERE instance = $1),
                         (SELECT at_ms FROM next_run WHERE instance = $1),
-                        (SELECT json_agg(json_build_array(id, at_ms))::text
-                           FROM seen WHERE instance = $1),
-                        (SELECT json_object_agg(id, value)::text FROM known WHERE instance = $1)",
+                        (SELECT json_agg(json_build_array(encode(id, 'hex'), at_ms))::text
+                           FROM seen_ids WHERE instance = $1),
+                        (SELECT json_agg(json_build_array(encode(id, 'hex'), value::text))::text
+                           FROM known_items WHERE instance = $1)",
                 &[&instance],
             )
             .await?;
@@ -966,7 +1091,9 @@ impl Backend for PgStore {
                 &[&key],
             )
             .await?;
-        Ok(rows.first().map(|r| r.get(0)))
+        rows.first()
+            .map(|r| text_of("a credential", r.get(0)))
+            .transpose()
     }
 
     async fn save_credential(&self, key: &str, value: &str) -> Result<()> {
@@ -974,7 +1101,7 @@ impl Backend for PgStore {
             "keep credential",
             "INSERT INTO credentials (key, value) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            &[&key, &value],
+            &[&key, &value.as_bytes()],
         )
         .await
         .map(drop)
@@ -1055,8 +1182,8 @@ impl Backend for PgStore {
         self.exec(
             "remove state",
             "WITH s AS (DELETE FROM state WHERE instance = $1),
-                  e AS (DELETE FROM seen WHERE instance = $1),
-                  k AS (DELETE FROM known WHERE instance = $1)
+                  e AS (DELETE FROM seen_ids WHERE instance = $1),
+                  k AS (DELETE FROM known_items WHERE instance = $1)
              DELETE FROM next_run WHERE instance = $1",
             &[&instance],
         )
@@ -1126,7 +1253,7 @@ impl Backend for PgStore {
             "disable endpoint",
             "INSERT INTO disabled (endpoint, why) VALUES ($1, $2)
              ON CONFLICT (endpoint) DO UPDATE SET why = EXCLUDED.why",
-            &[&endpoint, &why],
+            &[&endpoint, &why.as_bytes()],
             Notice::Endpoint(endpoint.to_string()),
         )
         .await
@@ -1141,7 +1268,9 @@ impl Backend for PgStore {
                 &[&endpoint],
             )
             .await?;
-        Ok(rows.first().map(|r| r.get(0)))
+        rows.first()
+            .map(|r| text_of(&format!("disabled/{endpoint}"), r.get(0)))
+            .transpose()
     }
 
     async fn enable_endpoint(&self, endpoint: &str) -> Result<bool> {
@@ -1515,7 +1644,7 @@ impl Backend for PgStore {
             .query(
                 "count records",
                 "SELECT (SELECT count(*) FROM state) + (SELECT count(*) FROM next_run)
-                      + (SELECT count(*) FROM seen) + (SELECT count(*) FROM known)
+                      + (SELECT count(*) FROM seen_ids) + (SELECT count(*) FROM known_items)
                       + (SELECT count(*) FROM outbox) + (SELECT count(*) FROM dead)
                       + (SELECT count(*) FROM attempts) + (SELECT count(*) FROM discovered)
                       + (SELECT count(*) FROM removed) + (SELECT count(*) FROM disabled)",
@@ -1537,7 +1666,7 @@ impl Backend for PgStore {
                     tx.execute(
                         "INSERT INTO disabled (endpoint, why) VALUES ($1, $2)
                          ON CONFLICT (endpoint) DO UPDATE SET why = EXCLUDED.why",
-                        &[&endpoint, &why],
+                        &[&endpoint, &why.as_bytes()],
                     )
                     .await
                 }
@@ -1770,6 +1899,7 @@ mod tests {
             },
             Notice::Pace("api.example.com:8443".into()),
             Notice::Endpoint("agent".into()),
+            Notice::Leases,
         ] {
             assert_eq!(Notice::decode(&n.encode()), Some(n));
         }
@@ -1873,6 +2003,188 @@ mod tests {
                 assert_eq!(pair[0].0.instance, pair[1].0.instance);
                 assert_eq!((pair[0].1.sequence, pair[1].1.sequence), (1, 2));
             }
+        };
+        let outcome = tokio::spawn(check).await;
+        testing::drop_schema(&schema);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    /// A schema at version 5 (ids as text keys, texts as text) upgrades at
+    /// open: its seen ids, known items, disabled endpoints and credentials
+    /// read back as they were, and take what version 5 could not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_5_schema_upgrades_with_its_records() {
+        if !testing::available("a_version_5_schema_upgrades_with_its_records").await {
+            return;
+        }
+        let schema = testing::fresh_schema();
+        let (url, schema2) = (testing::url(), schema.clone());
+        let check = async move {
+            let schema = schema2;
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            let conn = tokio::spawn(conn);
+            c.batch_execute(&format!(
+                "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+                 CREATE TABLE schema_migrations (
+                     version integer PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now());"
+            ))
+            .await
+            .unwrap();
+            for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 <= 5) {
+                c.batch_execute(sql).await.unwrap();
+                c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])
+                    .await
+                    .unwrap();
+            }
+            c.batch_execute(
+                r#"INSERT INTO state (instance, value) VALUES ('s/i', '{"initialized":true,"sequence":2}');
+                   INSERT INTO seen (instance, id, at_ms) VALUES ('s/i', 'a', 1), ('s/i', 'é', 2);
+                   INSERT INTO known (instance, id, value) VALUES ('s/i', 'k', '{"version":"1","item":{"n":1}}');
+                   INSERT INTO disabled (endpoint, why) VALUES ('ep', '410 Gone');
+                   INSERT INTO credentials (key, value) VALUES ('oauth2-refresh:x', 'tok');"#,
+            )
+            .await
+            .unwrap();
+            drop(c);
+            let _ = conn.await;
+            let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+            let s = store.load_state("s/i").await.unwrap();
+            assert_eq!(s.seen, ["a", "é"]);
+            assert_eq!(s.seen_at, [1, 2]);
+            assert_eq!(s.known["k"].item, serde_json::json!({ "n": 1 }));
+            assert_eq!(s.sequence, 2);
+            assert_eq!(
+                store.endpoint_disabled("ep").await.unwrap().as_deref(),
+                Some("410 Gone")
+            );
+            assert_eq!(
+                store
+                    .load_credential("oauth2-refresh:x")
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some("tok")
+            );
+            // The same ids written again are the same rows (same keys).
+            let mut next = s.clone();
+            next.seen_at = [7, 8].into();
+            next.seen.push_back("n\0ul".into());
+            next.seen_at.push_back(9);
+            store
+                .commit_poll("s/i", &StateWrite::between(&s, &next, 10), &[], None)
+                .await
+                .unwrap();
+            assert_eq!(store.load_state("s/i").await.unwrap(), next);
+            assert_eq!(store.count_records().await.unwrap(), 1 + 3 + 1 + 1);
+        };
+        let outcome = tokio::spawn(check).await;
+        testing::drop_schema(&schema);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    /// Pruning deletes the rows of removed keys that nobody else holds and
+    /// whose outbox is empty, says which stay, and tells every node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pruning_keeps_rows_held_elsewhere_or_with_queued_events() {
+        if !testing::available("pruning_keeps_rows_held_elsewhere_or_with_queued_events").await {
+            return;
+        }
+        let schema = testing::fresh_schema();
+        let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+        let check = async move {
+            let keys: Vec<String> = ["s/free", "s/mine", "s/theirs", "s/queued", "s/kept"]
+                .map(String::from)
+                .into();
+            store.ensure_leases(&keys).await.unwrap();
+            // "a" holds everything but s/free; "b" then takes s/theirs.
+            store.claim("a", 60_000, 4).await.unwrap();
+            store
+                .release("a", &["s/free".to_string(), "s/theirs".to_string()])
+                .await
+                .unwrap();
+            store
+                .exec(
+                    "test",
+                    "UPDATE lease SET owner = 'b', until_ms = now_ms() + 60000 WHERE instance = 's/theirs'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let e = OutboxEntry {
+                event_id: "msg_q".into(),
+                instance: "s/queued".into(),
+                kind: "t".into(),
+                sequence: 1,
+                body: "{}".into(),
+                attempts: 0,
+                next_attempt_ms: 0,
+                created_ms: 1,
+                last_error: None,
+            };
+            store
+                .commit_poll(
+                    "s/queued",
+                    &StateWrite::whole(&InstanceState::default(), 0),
+                    &[("ep".into(), e)],
+                    None,
+                )
+                .await
+                .unwrap();
+            let (tx, mut notices) = tokio::sync::mpsc::channel(16);
+            let listener = {
+                let store = store.clone();
+                tokio::spawn(async move { store.listen(tx).await })
+            };
+            // LISTEN is in place once a notice sent after it arrives.
+            loop {
+                store.share_pace("h", None, None).await.unwrap();
+                if let Ok(Some(_)) =
+                    tokio::time::timeout(Duration::from_millis(200), notices.recv()).await
+                {
+                    break;
+                }
+            }
+            let gone: Vec<String> = keys[..4].to_vec();
+            let (pruned, kept) = store.prune_leases("a", &gone).await.unwrap();
+            assert_eq!(pruned, 2);
+            assert_eq!(
+                kept,
+                ["s/queued", "s/theirs"]
+                    .map(String::from)
+                    .into_iter()
+                    .collect()
+            );
+            let left: BTreeSet<String> = store
+                .leases()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.key)
+                .collect();
+            assert_eq!(
+                left,
+                ["s/kept", "s/queued", "s/theirs"]
+                    .map(String::from)
+                    .into_iter()
+                    .collect()
+            );
+            let heard = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if notices.recv().await == Some(Notice::Leases) {
+                        return;
+                    }
+                }
+            })
+            .await;
+            assert!(heard.is_ok(), "no notice of the pruning");
+            // Nothing to prune: no notice, nothing gone.
+            assert_eq!(store.prune_leases("a", &[]).await.unwrap().0, 0);
+            listener.abort();
         };
         let outcome = tokio::spawn(check).await;
         testing::drop_schema(&schema);
@@ -2100,6 +2412,9 @@ pub enum Notice {
     /// An endpoint was disabled or enabled again: every node's worker
     /// reads which it is now.
     Endpoint(String),
+    /// Lease rows of removed instances were pruned: a node whose
+    /// configuration still has one adds it back.
+    Leases,
 }
 
 impl Notice {
@@ -2110,10 +2425,14 @@ impl Notice {
             Notice::Outbox { endpoint, instance } => format!("o\t{endpoint}\t{instance}"),
             Notice::Pace(host) => format!("p\t{host}"),
             Notice::Endpoint(name) => format!("e\t{name}"),
+            Notice::Leases => "l".to_string(),
         }
     }
 
     fn decode(text: &str) -> Option<Notice> {
+        if text == "l" {
+            return Some(Notice::Leases);
+        }
         let mut parts = text.splitn(3, '\t');
         match (parts.next()?, parts.next()?, parts.next()) {
             ("o", endpoint, Some(instance)) => Some(Notice::Outbox {

@@ -5,7 +5,10 @@
 //! space returns a restarted daemon delivers every committed event and the
 //! latest value: nothing is lost.
 //!
-//! Needs root (it mounts a tmpfs); elsewhere it says it was skipped.
+//! Needs root (it mounts a tmpfs). Where it cannot mount one it prints
+//! `SKIPPED` and passes, unless `CI` is set (or
+//! `POLLHOOK_TEST_REQUIRE_TMPFS`, which `.ci/run` sets as root): there a
+//! skip fails the run, so the test can never pass by not running.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +58,36 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Whether a skip must fail the test: on CI (`CI` set to anything but
+/// `false`), or when asked to by `POLLHOOK_TEST_REQUIRE_TMPFS`.
+fn skip_fails(ci: Option<&str>, require: Option<&str>) -> bool {
+    ci.is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+        || require.is_some_and(|v| !v.is_empty())
+}
+
+/// Says the test was skipped and why; fails it where it must run.
+fn skipped(why: &str) {
+    let msg = format!(
+        "a_full_disk_is_reported_and_survived_without_losing_anything: cannot mount a tmpfs (needs root): {why}"
+    );
+    let ci = std::env::var("CI").ok();
+    let require = std::env::var("POLLHOOK_TEST_REQUIRE_TMPFS").ok();
+    if skip_fails(ci.as_deref(), require.as_deref()) {
+        panic!("SKIPPED {msg}; CI or POLLHOOK_TEST_REQUIRE_TMPFS is set: this test must run here (as root)");
+    }
+    eprintln!("SKIPPED {msg}");
+}
+
+#[test]
+fn a_skip_fails_on_ci_and_when_required() {
+    assert!(skip_fails(Some("true"), None));
+    assert!(skip_fails(Some("1"), None));
+    assert!(skip_fails(None, Some("1")));
+    assert!(!skip_fails(None, None));
+    assert!(!skip_fails(Some("false"), None));
+    assert!(!skip_fails(Some(""), Some("")));
+}
+
 /// Each request is a new 200 KB snapshot until `last`, then stays.
 async fn value(State((n, last)): State<(Arc<AtomicU64>, u64)>) -> axum::Json<serde_json::Value> {
     let v = (n.fetch_add(1, Ordering::SeqCst) + 1).min(last);
@@ -97,7 +130,7 @@ endpoints:
     let disk = match Tmpfs::mount(&d.state_dir(), "4m") {
         Ok(t) => t,
         Err(why) => {
-            eprintln!("SKIPPED a_full_disk_is_reported_and_survived_without_losing_anything: cannot mount a tmpfs (needs root): {why}");
+            skipped(&why);
             return;
         }
     };

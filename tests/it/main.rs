@@ -33,4 +33,5 @@ mod postgres;
 mod real_apis;
 mod reload;
 mod schedule;
+mod store_keys;
 mod upstream_faults;

@@ -142,17 +142,44 @@ impl PgStore {
         .map(drop)
     }
 
-    /// Forgets lease rows of keys that have no reason to exist any more:
-    /// not configured (`keep`), no outbox entries.
-    pub async fn prune_leases(&self, keep: &BTreeSet<String>) -> Result<u64> {
-        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
-        self.exec(
-            "prune leases",
-            "DELETE FROM lease l WHERE NOT (l.instance = ANY($1))
-               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.instance = l.instance)",
-            &[&keep],
-        )
-        .await
+    /// Deletes the lease rows of `keys` (no longer configured) that no
+    /// other node holds and that have no outbox entries left, and tells
+    /// every node. Returns how many went, and the keys whose rows stay.
+    pub async fn prune_leases(
+        &self,
+        node: &str,
+        keys: &[String],
+    ) -> Result<(u64, BTreeSet<String>)> {
+        const OP: &str = "prune leases";
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err(OP))?;
+        let rows = tx
+            .query(
+                "WITH d AS (
+                     DELETE FROM lease l WHERE l.instance = ANY($1)
+                       AND (l.owner IS NULL OR l.owner = $2 OR l.until_ms < now_ms())
+                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.instance = l.instance)
+                     RETURNING l.instance)
+                 SELECT l.instance, l.instance IN (SELECT instance FROM d)
+                 FROM lease l WHERE l.instance = ANY($1)",
+                &[&keys, &node],
+            )
+            .await
+            .map_err(pg_err(OP))?;
+        let mut pruned = 0;
+        let mut kept = BTreeSet::new();
+        for r in &rows {
+            if r.get::<_, bool>(1) {
+                pruned += 1;
+            } else {
+                kept.insert(r.get(0));
+            }
+        }
+        if pruned > 0 {
+            self.notify(&tx, OP, &Notice::Leases).await?;
+        }
+        tx.commit().await.map_err(pg_err(OP))?;
+        Ok((pruned, kept))
     }
 
     /// The nodes, newest heartbeat first, with the leases each holds.
