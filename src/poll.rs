@@ -462,13 +462,17 @@ async fn poll_once(
             if let crate::store::StoreError::Fenced { .. } = e {
                 return Err(PollError::Fenced(e.to_string()));
             }
-            let refused = matches!(e, crate::store::StoreError::Refused { .. });
+            let refused = matches!(
+                e,
+                crate::store::StoreError::Refused { .. } | crate::store::StoreError::BadName { .. }
+            );
             let e = commit_failed(&e);
             if !refused {
                 shared.status.store_failed(&e.to_string());
             }
             // Else the store refused this instance's data (a value the
-            // database cannot hold): the instance's failure, not the
+            // database cannot hold, a name no key may be): the instance's
+            // failure, not the
             // node's; `/readyz` stays as the other writes find it.
             return Err(e);
         }

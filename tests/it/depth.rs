@@ -368,11 +368,13 @@ fn incompressible_id(n: usize) -> String {
         .collect()
 }
 
-/// Issue 19: on PostgreSQL one instance's failing commit (an id longer
-/// than an index row may be) turned `/readyz` to 503 for the whole node,
-/// and the server's message reached `last_error` on several lines
-/// (`DETAIL`, `HINT`). Readiness is about the node: it stays ready while
-/// that instance fails and the other one delivers; the error is one line.
+/// Issue 19: on PostgreSQL one instance's failing commit (then an id
+/// longer than an index row may be; since ids are keyed by their hash,
+/// an instance name longer than a store key may be) turned `/readyz` to
+/// 503 for the whole node, and the server's message reached `last_error`
+/// on several lines (`DETAIL`, `HINT`). Readiness is about the node: it
+/// stays ready while that instance's commits are refused and the other
+/// one delivers; the error is one line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_instance_failing_commit_leaves_the_node_ready() {
     use crate::postgres::{connect, url, Schema};
@@ -380,6 +382,9 @@ async fn one_instance_failing_commit_leaves_the_node_ready() {
         return;
     };
     let schema = Schema::fresh();
+    // A name past what a store key may hold (`store::MAX_NAME_BYTES`).
+    let long = incompressible_id(1_100);
+    let bad_key = format!("bad/{long}");
     let n = Arc::new(AtomicU64::new(1));
     let app = Router::new()
         .route(
@@ -393,16 +398,14 @@ async fn one_instance_failing_commit_leaves_the_node_ready() {
         )
         .route(
             "/bad",
-            get(|| async {
-                axum::Json(serde_json::json!({ "items": [{ "id": incompressible_id(12_000) }] }))
-            }),
+            get(|| async { axum::Json(serde_json::json!({ "items": [{ "id": "b-0" }] })) }),
         )
         .with_state(n.clone());
     let addr = serve(app).await;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
     let connector = r#"
 name: listing
-params: { base_url: { required: true }, path: { required: true } }
+params: { base_url: { required: true }, path: { required: true }, tag: { default: "" } }
 request: { url: "{{ base_url }}/{{ path }}" }
 items: "$.items[*]"
 id: "{{ item.id }}"
@@ -424,6 +427,7 @@ sources:
   bad:
     connector: listing
     with: {{ base_url: "http://{addr}", path: bad }}
+    for_each: {{ tag: ["{long}"] }}
     schedule: every 200ms
     deliver_to: [agent]
 endpoints:
@@ -432,7 +436,8 @@ endpoints:
         url(),
         schema.0,
         rx.url,
-        secret()
+        secret(),
+        long = long,
     );
     let mut d = Daemon::new(&bridge, &[("listing.yaml", connector.to_string())]);
     d.start().await;
@@ -446,13 +451,15 @@ endpoints:
         let code = r.status();
         assert_eq!(code, 200, "not ready: {}", r.text().await.unwrap());
         let s = d.status().await;
-        let bad = &s["instances"]["bad/default"];
+        let bad = &s["instances"][bad_key.as_str()];
         if let Some(e) = bad["last_error"].as_str() {
             assert!(!e.contains('\n'), "one line: {e}");
+            assert!(e.contains("refused"), "the commit was refused: {e}");
+            assert!(e.len() < 600, "the name is cut short: {e}");
         }
-        let polls =
-            bad["polls_failed"].as_u64().unwrap_or(0) + bad["polls_ok"].as_u64().unwrap_or(0);
-        if polls >= 3 {
+        // Every poll's commit is refused: only failed polls count.
+        assert_eq!(bad["polls_ok"].as_u64().unwrap_or(0), 0, "{bad:#}");
+        if bad["polls_failed"].as_u64().unwrap_or(0) >= 3 {
             break;
         }
         assert!(
