@@ -444,6 +444,14 @@ impl Ops {
     }
 }
 
+/// The host gates tell the operational events of the pauses hosts impose
+/// (quota owns the seam; it knows nothing of `Ops`).
+impl crate::quota::PauseListener for Ops {
+    fn host_paused(&self, host: &str, status: u16, pause: Duration) {
+        Ops::host_paused(self, host, status, pause);
+    }
+}
+
 fn summary_event(s: &BTreeMap<String, u64>, now: i64) -> OpsEvent {
     let total: u64 = s.values().sum();
     OpsEvent {

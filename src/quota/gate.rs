@@ -1,86 +1,19 @@
-//! Politeness: per-host quotas (rate, burst, requests in flight) shared by
-//! every source calling the host, per-instance connector rate limits, and
-//! the host's own throttling signals (`Retry-After`, `RateLimit-*`).
-//!
-//! Rate limiting is governor's GCRA, which never lets more than `burst`
-//! requests through at once and holds the rate over any window. Two things
-//! are added around it, each for a reason:
-//!
-//! - **A FIFO turn per host.** governor's `until_ready` lets waiters race:
-//!   whoever wakes first wins, so under scarcity some instances can lose
-//!   again and again. Requests instead take a turn in a fair (FIFO) tokio
-//!   mutex and pass the limiter one at a time in arrival order; an instance
-//!   that was just served queues behind everyone already waiting, which
-//!   makes scarcity round-robin and stretches every instance's effective
-//!   interval evenly.
-//! - **A host pause and a spacing.** A `429`/`503` with `Retry-After`, or
-//!   `RateLimit-Remaining: 0`, pauses the host for every connector and
-//!   instance until then; `RateLimit-Remaining`/`-Reset` also spread the
-//!   remaining requests over the time to the reset, so that pollhook slows
-//!   down before the upstream has to refuse anything.
-//!
-//! The header arithmetic ([`retry_after`], [`advice`]) is pure and tested
-//! beside the code; time comes in as arguments.
+//! The gate of each host: a FIFO turn, governor's limiter, a cap on
+//! requests in flight, and the pauses and spacing learned from the host's
+//! answers; in a cluster, each request booked in the store and pauses
+//! shared with the other nodes (see the module doc of `quota`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::DefaultDirectRateLimiter;
 use reqwest::header::HeaderMap;
-use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::schedule::parse_duration;
-
-/// A quota shared by everything calling one host.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostQuota {
-    pub rate: Option<Rate>,
-    pub burst: u32,
-    pub max_in_flight: Option<u32>,
-}
-
-/// A rate such as `60/min`, `10/s`, `5/2s`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Requests per `per`.
-    pub count: u32,
-    /// The window.
-    pub per: Duration,
-}
-
-impl Rate {
-    /// Parses `N/unit`, where unit is `s`, `min`, `h`, `day` or a duration.
-    pub fn parse(text: &str) -> Result<Rate, String> {
-        let expected =
-            || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
-        let (n, unit) = text.split_once('/').ok_or_else(expected)?;
-        let count: u32 = n.trim().parse().map_err(|_| expected())?;
-        if count == 0 {
-            return Err(format!("{}: the count must be at least 1", expected()));
-        }
-        let unit = unit.trim();
-        let per = match unit {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "d" | "day" => Duration::from_secs(86400),
-            other => parse_duration(other).map_err(|_| expected())?,
-        };
-        if per.is_zero() {
-            return Err(expected());
-        }
-        Ok(Rate { count, per })
-    }
-}
-
-/// The longest pause a host's headers can impose; a longer `Retry-After`
-/// (or a reset an hour away) is capped here and re-learned on the next answer.
-pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
+use super::{advice, limiter, HostQuota, HostReport, HostStats, PauseListener, Rate, MAX_PAUSE};
 
 /// Pause after a `429` that says nothing about when to come back: doubles per
 /// consecutive `429` up to [`MAX_BLIND_PAUSE`], reset by any other answer.
@@ -111,7 +44,7 @@ pub struct HostGate {
     /// shared pauses.
     cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Where a long pause is announced (`pollhook.quota.throttled`).
-    ops: Option<Arc<crate::opsevents::Ops>>,
+    ops: Option<Arc<dyn PauseListener>>,
 }
 
 #[derive(Default)]
@@ -163,45 +96,13 @@ impl Throttle {
             .max()
     }
 }
-
-/// What a host's gate counted.
-#[derive(Default)]
-pub struct HostStats {
-    pub requests: AtomicU64,
-    /// `429` and `503` answers.
-    pub throttled: AtomicU64,
-    /// Times the host was paused by its answers.
-    pub pauses: AtomicU64,
-    /// `429` answers alone.
-    pub too_many: AtomicU64,
-    /// Milliseconds of pause imposed in all (overlapping pauses counted once).
-    pub paused_ms: AtomicU64,
-}
-
-/// A host's gate as `/status` shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct HostReport {
-    pub requests: u64,
-    pub throttled: u64,
-    /// `429 Too Many Requests` answers.
-    pub too_many_requests: u64,
-    pub pauses: u64,
-    /// Time paused in all, in milliseconds.
-    pub paused_ms_total: u64,
-    /// Milliseconds until the pause ends, when paused.
-    pub paused_for_ms: Option<u64>,
-    /// Spacing imposed by the host's `RateLimit-*` headers or learned from
-    /// its refusals, if any.
-    pub spacing_ms: Option<u64>,
-}
-
 impl HostGate {
     fn new(
         name: String,
         quota: Option<&HostQuota>,
         stats: Arc<HostStats>,
         cluster: Option<Arc<crate::cluster::Cluster>>,
-        ops: Option<Arc<crate::opsevents::Ops>>,
+        ops: Option<Arc<dyn PauseListener>>,
     ) -> Self {
         let rate = quota.and_then(|q| q.rate.map(|r| (r, q.burst)));
         HostGate {
@@ -409,187 +310,6 @@ impl HostGate {
         }
     }
 }
-
-/// What a host's answer asks of its clients.
-#[derive(Debug, Default, PartialEq)]
-pub struct Advice {
-    /// Send nothing for this long.
-    pub pause: Option<Duration>,
-    /// Leave at least this long between requests.
-    pub spacing: Option<Duration>,
-    /// The answer carried rate-limit headers that allow a normal pace.
-    pub clears_spacing: bool,
-}
-
-/// Reads `Retry-After` (on `429`/`503`) and the rate-limit headers:
-/// `RateLimit-Remaining`/`RateLimit-Reset` (IETF draft, reset in seconds),
-/// the combined `RateLimit: …, remaining=N, reset=S` (or `r=`/`t=`) form,
-/// and `X-RateLimit-Remaining`/`X-RateLimit-Reset` (GitHub style, reset as
-/// an epoch time, or seconds when small). Pure.
-pub fn advice(status: u16, headers: &HeaderMap, now: SystemTime) -> Advice {
-    let mut out = Advice::default();
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if status == 429 || status == 503 {
-        out.pause = get("retry-after").and_then(|v| retry_after(v, now));
-    }
-    let mut remaining = get("ratelimit-remaining")
-        .or(get("x-ratelimit-remaining"))
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let mut reset = get("ratelimit-reset")
-        .or(get("x-ratelimit-reset"))
-        .and_then(|v| reset_delay(v, now));
-    if let Some(combined) = get("ratelimit") {
-        for part in combined.split([',', ';']) {
-            let Some((k, v)) = part.trim().split_once('=') else {
-                continue;
-            };
-            let v = v.trim().trim_matches('"');
-            match k.trim() {
-                "remaining" | "r" => remaining = remaining.or(v.parse().ok()),
-                "reset" | "t" => reset = reset.or(v.parse().ok().map(Duration::from_secs)),
-                _ => {}
-            }
-        }
-    }
-    match (remaining, reset) {
-        (Some(0), Some(r)) => {
-            out.pause = Some(out.pause.map_or(r, |p| p.max(r)));
-        }
-        (Some(n), Some(r)) => {
-            // Spread what is left evenly over the time to the reset; with
-            // plenty left this is a negligible gap.
-            let gap = r / (n.min(u32::MAX as u64) as u32);
-            if gap >= Duration::from_millis(1) {
-                out.spacing = Some(gap.min(MAX_PAUSE));
-            } else {
-                out.clears_spacing = true;
-            }
-        }
-        (Some(_), None) => out.clears_spacing = true,
-        _ => {}
-    }
-    out
-}
-
-/// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3). A date
-/// in the past means "now" (zero).
-///
-/// The date is read by `httpdate`, which accepts the three forms RFC 9110
-/// §5.6.7 obliges a recipient to accept (IMF-fixdate, and the obsolete
-/// RFC 850 and asctime forms still sent by old servers); an RFC 2822 parser
-/// knows only the first, so a throttled upstream's pause was ignored.
-/// Two-digit RFC 850 years are resolved without a clock (70–99 are 19xx),
-/// so the function stays pure: `now` is the only time it sees.
-pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(MAX_PAUSE.as_secs())));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(
-        at.duration_since(now)
-            .unwrap_or(Duration::ZERO)
-            .min(MAX_PAUSE),
-    )
-}
-
-/// A reset value: seconds from now, or an epoch time (values past year 2001
-/// in seconds are epoch times; GitHub sends those).
-fn reset_delay(value: &str, now: SystemTime) -> Option<Duration> {
-    let n: u64 = value.trim().parse().ok()?;
-    let d = if n > 1_000_000_000 {
-        match SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(n)) {
-            Some(at) => at.duration_since(now).unwrap_or(Duration::ZERO),
-            None => MAX_PAUSE,
-        }
-    } else {
-        Duration::from_secs(n)
-    };
-    Some(d.min(MAX_PAUSE))
-}
-
-/// A connector's `rate_limit` for one instance: in memory when requests
-/// may come often, in the store when they are few (an interval of
-/// [`STORED_INTERVAL`] or more, such as `4/1d`), so that restarts, and the
-/// instance moving to another node, cannot spend the window again.
-pub enum RateLimit {
-    Local(DefaultDirectRateLimiter),
-    Stored {
-        store: crate::store::Store,
-        /// The quota's key in the store (`rate:<instance>`).
-        key: String,
-        interval_ms: f64,
-    },
-}
-
-/// A connector rate with at least this long between requests is counted
-/// in the store: one durable write per request costs nothing at that
-/// pace, and it is what long windows (`4/1d`, `100/1h`) need.
-pub const STORED_INTERVAL: Duration = Duration::from_secs(10);
-
-impl RateLimit {
-    /// The limit of `rate` for the quota `key` (an instance's key).
-    pub fn new(rate: Rate, key: &str, store: &crate::store::Store) -> RateLimit {
-        let interval = rate.per / rate.count;
-        if interval >= STORED_INTERVAL {
-            RateLimit::Stored {
-                store: store.clone(),
-                key: format!("rate:{key}"),
-                interval_ms: interval.as_secs_f64() * 1000.0,
-            }
-        } else {
-            RateLimit::Local(limiter(rate, 1))
-        }
-    }
-
-    /// Waits for the next request's turn. A stored quota whose next slot
-    /// is further than [`WAIT_IN_POLL`] away is not waited for: the poll
-    /// is put off until then (`Err(Deferred)`), nothing taken. A quota the
-    /// store cannot answer for is an error: the request does not go.
-    pub async fn until_ready(&self) -> Result<(), Deferred> {
-        match self {
-            RateLimit::Local(l) => {
-                l.until_ready().await;
-                Ok(())
-            }
-            RateLimit::Stored {
-                store,
-                key,
-                interval_ms,
-            } => loop {
-                match store.take_quota(key, *interval_ms, 1).await {
-                    Ok(None) => return Ok(()),
-                    Ok(Some(wait)) if wait <= WAIT_IN_POLL => tokio::time::sleep(wait).await,
-                    Ok(Some(wait)) => return Err(Deferred::Until(wait)),
-                    Err(e) => return Err(Deferred::Store(e.to_string())),
-                }
-            },
-        }
-    }
-}
-
-/// The longest a poll waits for its connector's stored quota; a longer
-/// wait puts the poll off instead (a shutdown must not wait for it).
-pub const WAIT_IN_POLL: Duration = Duration::from_secs(5);
-
-/// Why a stored quota did not let a request go.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Deferred {
-    /// Not before this long.
-    Until(Duration),
-    /// The store could not say.
-    Store(String),
-}
-
-/// A rate limiter for `rate`, allowing `burst` at once.
-pub fn limiter(rate: Rate, burst: u32) -> DefaultDirectRateLimiter {
-    let period = rate.per / rate.count;
-    let quota = Quota::with_period(period.max(std::time::Duration::from_nanos(1)))
-        .expect("period is positive")
-        .allow_burst(NonZeroU32::new(burst.max(1)).expect("burst >= 1"));
-    RateLimiter::direct(quota)
-}
-
 /// Gates of every host: the configured ones, and one per other host met
 /// (no quota, but its own pause, so a `Retry-After` is honoured everywhere).
 #[derive(Default)]
@@ -607,7 +327,7 @@ pub struct HostGates {
     /// every node.
     cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Operational events (long pauses).
-    ops: Option<Arc<crate::opsevents::Ops>>,
+    ops: Option<Arc<dyn PauseListener>>,
 }
 
 impl HostGates {
@@ -619,7 +339,7 @@ impl HostGates {
     pub fn in_cluster(
         hosts: &BTreeMap<String, HostQuota>,
         cluster: Option<Arc<crate::cluster::Cluster>>,
-        ops: Option<Arc<crate::opsevents::Ops>>,
+        ops: Option<Arc<dyn PauseListener>>,
     ) -> Self {
         let gates = HostGates {
             cluster,
@@ -738,150 +458,7 @@ impl HostGates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderName, HeaderValue};
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-    }
-
-    #[test]
-    fn retry_after_seconds_and_http_dates() {
-        // Sun, 29 Nov 2026 10:00:00 GMT = 1795946400.
-        let now = at(1_795_946_400);
-        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
-        assert_eq!(
-            retry_after("Sun, 29 Nov 2026 10:00:30 GMT", now),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            retry_after("Sun, 29 Nov 2026 09:00:00 GMT", now),
-            Some(Duration::ZERO),
-            "a past date means now"
-        );
-        assert_eq!(retry_after("soon", now), None);
-        assert_eq!(
-            retry_after("Sun, 29 Nov 2026 10:00:30", now),
-            None,
-            "no zone"
-        );
-        // Absurd values are capped, never a panic.
-        assert_eq!(retry_after("18446744073709551615", now), Some(MAX_PAUSE));
-        assert_eq!(reset_delay("18446744073709551615", now), Some(MAX_PAUSE));
-    }
-
-    #[test]
-    fn retry_after_reads_the_three_http_date_forms() {
-        // Sun, 06 Nov 1994 08:49:37 GMT = 784111777; ask 90 s before it.
-        let now = at(784_111_777 - 90);
-        for form in [
-            "Sun, 06 Nov 1994 08:49:37 GMT",  // IMF-fixdate
-            "Sunday, 06-Nov-94 08:49:37 GMT", // RFC 850
-            "Sun Nov  6 08:49:37 1994",       // asctime
-        ] {
-            assert_eq!(
-                retry_after(form, now),
-                Some(Duration::from_secs(90)),
-                "{form}"
-            );
-            assert_eq!(
-                retry_after(form, at(784_111_777 + 5)),
-                Some(Duration::ZERO),
-                "{form}: past means now"
-            );
-        }
-        // A date years ahead is capped like delay-seconds are.
-        assert_eq!(
-            retry_after("Sun, 06 Nov 1994 08:49:37 GMT", at(0)),
-            Some(MAX_PAUSE)
-        );
-    }
-
-    #[test]
-    fn throttling_answers_pause_and_rate_headers_space() {
-        let now = at(1_795_946_400);
-        assert_eq!(
-            advice(429, &headers(&[("retry-after", "5")]), now).pause,
-            Some(Duration::from_secs(5))
-        );
-        assert_eq!(
-            advice(
-                503,
-                &headers(&[("retry-after", "Sun, 29 Nov 2026 10:00:02 GMT")]),
-                now
-            )
-            .pause,
-            Some(Duration::from_secs(2))
-        );
-        // Retry-After on a 200 means nothing.
-        assert_eq!(
-            advice(200, &headers(&[("retry-after", "5")]), now),
-            Advice::default()
-        );
-        // Nothing left: pause until the reset (seconds, or GitHub's epoch).
-        assert_eq!(
-            advice(
-                200,
-                &headers(&[("ratelimit-remaining", "0"), ("ratelimit-reset", "7")]),
-                now
-            )
-            .pause,
-            Some(Duration::from_secs(7))
-        );
-        assert_eq!(
-            advice(
-                200,
-                &headers(&[
-                    ("x-ratelimit-remaining", "0"),
-                    ("x-ratelimit-reset", "1795946460")
-                ]),
-                now
-            )
-            .pause,
-            Some(Duration::from_secs(60))
-        );
-        // 10 left over 20 s: one every 2 s.
-        assert_eq!(
-            advice(
-                200,
-                &headers(&[("ratelimit-remaining", "10"), ("ratelimit-reset", "20")]),
-                now
-            )
-            .spacing,
-            Some(Duration::from_secs(2))
-        );
-        // The combined header.
-        assert_eq!(
-            advice(
-                200,
-                &headers(&[("ratelimit", "limit=100, remaining=4, reset=8")]),
-                now
-            )
-            .spacing,
-            Some(Duration::from_secs(2))
-        );
-        assert_eq!(
-            advice(200, &headers(&[("ratelimit", "\"default\";r=0;t=3")]), now).pause,
-            Some(Duration::from_secs(3))
-        );
-        // Plenty left: no spacing, and an earlier one is cleared.
-        let a = advice(
-            200,
-            &headers(&[("ratelimit-remaining", "100000"), ("ratelimit-reset", "1")]),
-            now,
-        );
-        assert!(a.spacing.is_none() && a.clears_spacing);
-    }
+    use crate::quota::advice::tests::headers;
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
