@@ -30,4 +30,5 @@ mod polite;
 mod postgres;
 mod reload;
 mod schedule;
+mod secrets;
 mod upstream_faults;
