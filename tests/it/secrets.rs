@@ -45,3 +45,62 @@ fn the_ssrf_guard_refuses_every_special_purpose_block_iana_does_not_call_reachab
         assert!(ok, "{url}: {err}");
     }
 }
+
+/// A bridge with one source, `s`, on the connector file `c.yaml`, with
+/// `with` (a YAML flow map) and `extra` top-level keys.
+fn one_source_bridge(with: &str, every: &str, extra: &str) -> String {
+    format!(
+        r#"
+state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+{extra}
+sources:
+  s:
+    connector: c
+    with: {with}
+    schedule: every {every}
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "http://127.0.0.1:9/hook", secret: {} }}
+"#,
+        secret()
+    )
+}
+
+#[test]
+fn validate_refuses_an_absurd_max_pages() {
+    let connector = |max: &str| {
+        format!(
+            r#"
+name: c
+request: {{ url: "http://127.0.0.1:9/items" }}
+paginate:
+  next_url: $.next
+  max_pages: {max}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit: [{{ type: t.new }}]
+"#
+        )
+    };
+    let run = |max: &str| {
+        let d = Daemon::new(
+            &one_source_bridge("{}", "1m", ""),
+            &[("c.yaml", connector(max))],
+        );
+        let out = d.command(&["validate"]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run("1000000");
+    assert!(
+        !ok && err.contains("paginate.max_pages") && err.contains("1000"),
+        "{err}"
+    );
+    assert!(err.contains("c.yaml:6"), "names the line: {err}");
+    let (ok, err) = run("1000");
+    assert!(ok, "{err}");
+}
