@@ -86,17 +86,90 @@ pub fn mask_cut(text: &str, secrets: &[String]) -> String {
 }
 
 fn mask_ranges(text: &str, secrets: &[String], cut: bool) -> String {
-    let bytes = text.as_bytes();
-    let mut ranges: Vec<(usize, usize)> = Vec::new();
     let learned = LEARNED
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut lower: Option<String> = None;
-    let mut reach: Vec<Vec<usize>> = Vec::new();
+    let mut found = Finder::new(text, cut);
+    let mut ranges = Vec::new();
     for s in secrets.iter().chain(learned.order.iter()) {
-        let s = s.as_bytes();
-        if s.len() < MIN_SECRET {
+        found.ranges(s.as_bytes(), &mut ranges);
+    }
+    drop(learned);
+    splice(text, ranges, |_| "***")
+}
+
+/// Replaces each of `values` (in any spelling [`mask`] knows) with what
+/// stands for it, e.g. the `${VAR}` reference a config value came from.
+/// Only the pairs given count, not the secrets learned at run time.
+pub fn replace_values(text: &str, values: &[(String, String)]) -> String {
+    let mut found = Finder::new(text, false);
+    let mut ranges = Vec::new();
+    for (i, (value, _)) in values.iter().enumerate() {
+        let before = ranges.len();
+        found.ranges(value.as_bytes(), &mut ranges);
+        for r in &mut ranges[before..] {
+            r.2 = i;
+        }
+    }
+    splice(text, ranges, |i| values[i].1.as_str())
+}
+
+/// `text` with each range (start, end, which) replaced by `with(which)`;
+/// overlapping ranges are merged into the first one's.
+fn splice<'a>(
+    text: &str,
+    mut ranges: Vec<(usize, usize, usize)>,
+    with: impl Fn(usize) -> &'a str,
+) -> String {
+    if ranges.is_empty() {
+        return text.to_string();
+    }
+    ranges.sort();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (start, end, which) in ranges {
+        if end <= at {
             continue;
+        }
+        if start > at {
+            out.push_str(&text[at..start]);
+            out.push_str(with(which));
+        } else if at == 0 && start == 0 {
+            out.push_str(with(which));
+        }
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// Finds the spellings of secrets in one text.
+struct Finder<'t> {
+    text: &'t str,
+    cut: bool,
+    /// The text in lower case, for hex words (made at the first use).
+    lower: Option<String>,
+    /// Scratch space of [`match_at`].
+    reach: Vec<Vec<usize>>,
+}
+
+impl<'t> Finder<'t> {
+    fn new(text: &'t str, cut: bool) -> Self {
+        Finder {
+            text,
+            cut,
+            lower: None,
+            reach: Vec::new(),
+        }
+    }
+
+    /// Adds the byte ranges of `text` that spell `s` to `ranges` (the
+    /// third field 0).
+    fn ranges(&mut self, s: &[u8], ranges: &mut Vec<(usize, usize, usize)>) {
+        let text = self.text;
+        let bytes = text.as_bytes();
+        if s.len() < MIN_SECRET {
+            return;
         }
         let mut i = 0;
         while i < bytes.len() {
@@ -109,9 +182,9 @@ fn mask_ranges(text: &str, secrets: &[String], cut: bool) -> String {
                 i += 1;
                 continue;
             }
-            match match_at(bytes, i, s, cut, &mut reach) {
+            match match_at(bytes, i, s, self.cut, &mut self.reach) {
                 Some(end) if end > i => {
-                    ranges.push((i, end));
+                    ranges.push((i, end, 0));
                     i = end;
                 }
                 _ => i += 1,
@@ -123,7 +196,7 @@ fn mask_ranges(text: &str, secrets: &[String], cut: bool) -> String {
             .chain(std::iter::once((hex(s), true)));
         for (core, is_hex) in words {
             let haystack: &str = if is_hex {
-                lower.get_or_insert_with(|| text.to_ascii_lowercase())
+                self.lower.get_or_insert_with(|| text.to_ascii_lowercase())
             } else {
                 text
             };
@@ -145,32 +218,11 @@ fn mask_ranges(text: &str, secrets: &[String], cut: bool) -> String {
                     .iter()
                     .position(|c| !in_word(c))
                     .map_or(bytes.len(), |p| end + p);
-                ranges.push((word_start, word_end));
+                ranges.push((word_start, word_end, 0));
                 from = end;
             }
         }
     }
-    drop(learned);
-    if ranges.is_empty() {
-        return text.to_string();
-    }
-    ranges.sort();
-    let mut out = String::with_capacity(text.len());
-    let mut at = 0;
-    for (start, end) in ranges {
-        if end <= at {
-            continue;
-        }
-        if start > at {
-            out.push_str(&text[at..start]);
-            out.push_str("***");
-        } else if at == 0 && start == 0 {
-            out.push_str("***");
-        }
-        at = end;
-    }
-    out.push_str(&text[at..]);
-    out
 }
 
 /// Lower-case hex of `bytes`.

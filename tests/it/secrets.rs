@@ -418,3 +418,65 @@ emit: [{{ type: t.new }}]
     );
     assert!(d.terminate().success());
 }
+
+/// A config error about a value given through `${VAR}` or `${file:…}`
+/// names the reference, never the value.
+#[test]
+fn config_errors_name_the_reference_never_the_substituted_value() {
+    let check = |listen: &str, endpoint: &str, want: &[&str]| {
+        let bridge = format!(
+            "state_dir: state\nadmin: {{ listen: \"{listen}\" }}\nsources: {{}}\nendpoints:\n  agent:\n{endpoint}"
+        );
+        let mut d = Daemon::new(&bridge, &[]);
+        let file = d.dir.path().join("agent-secret");
+        std::fs::write(&file, "hunter2-File-Secret-Value\n").unwrap();
+        let bridge = bridge.replace("SECRET_FILE", file.to_str().unwrap());
+        std::fs::write(d.config(), &bridge).unwrap();
+        d.env = vec![
+            ("LISTEN_AT".into(), "listen-Env-Secret-Value".into()),
+            ("TIMEOUT".into(), "timeout-Env-Secret-Value".into()),
+        ];
+        let out = d.command(&["validate"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{err}");
+        for value in [
+            "hunter2-File-Secret-Value",
+            "listen-Env-Secret-Value",
+            "timeout-Env-Secret-Value",
+        ] {
+            assert!(
+                !err.to_lowercase().contains(&value.to_lowercase()),
+                "{value} shown:\n{err}"
+            );
+        }
+        for w in want {
+            assert!(err.contains(w), "{w}:\n{err}");
+        }
+    };
+    let ok_endpoint = format!(
+        "    url: http://127.0.0.1:9/hook\n    secret: {}\n",
+        secret()
+    );
+    // A type error while parsing.
+    check(
+        "127.0.0.1:0",
+        &format!("{ok_endpoint}    timeout: \"${{TIMEOUT}}\"\n"),
+        &["endpoints.agent.timeout", "got `${TIMEOUT}`"],
+    );
+    // Errors found while validating.
+    check(
+        "${LISTEN_AT}",
+        &ok_endpoint,
+        &["admin.listen", "got `${LISTEN_AT}`"],
+    );
+    check(
+        "127.0.0.1:0",
+        "    url: http://127.0.0.1:9/hook\n    secret: \"${file:SECRET_FILE}\"\n",
+        &["endpoints.agent.secret"],
+    );
+    check(
+        "127.0.0.1:0",
+        &format!("{ok_endpoint}    timeout: \"${{file:SECRET_FILE}}\"\n"),
+        &["endpoints.agent.timeout", "got `${file:/"],
+    );
+}
