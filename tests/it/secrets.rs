@@ -480,3 +480,61 @@ fn config_errors_name_the_reference_never_the_substituted_value() {
         &["endpoints.agent.timeout", "got `${file:/"],
     );
 }
+
+/// The peak resident memory of a process, in bytes (Linux).
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// `~` (and `*`, `+`) are bounded while a template runs: a header that
+/// doubles a 10 MB string five times (320 MB) fails its poll with a clear
+/// error, quickly, without the daemon ever holding the string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_concatenation_is_bounded_while_it_builds() {
+    use axum::routing::get;
+    let api = serve(axum::Router::new().route(
+        "/items",
+        get(|| async { axum::Json(serde_json::json!({ "items": [] })) }),
+    ))
+    .await;
+    let doubling = format!(
+        "{{% set s = 'x' * 10000000 %}}{}{{{{ s | length }}}}",
+        "{% set s = s ~ s %}".repeat(5)
+    );
+    let connector = format!(
+        r#"
+name: c
+request:
+  url: "http://{api}/items"
+  headers: {{ X-Size: "{doubling}" }}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit: [{{ type: t.new }}]
+"#
+    );
+    let mut d = Daemon::new(&one_source_bridge("{}", "1h", ""), &[("c.yaml", connector)]);
+    d.start().await;
+    let s = d
+        .wait_status("the poll ended", |s| {
+            s["instances"]["s/default"]["last_error"].is_string()
+                || s["instances"]["s/default"]["polls_ok"].as_u64() > Some(0)
+        })
+        .await;
+    let e = s["instances"]["s/default"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        e.contains("request.headers.X-Size") && e.contains("template limit"),
+        "{s}"
+    );
+    let peak = peak_rss(d.pid().unwrap());
+    assert!(peak < 200 << 20, "peak RSS {} MiB", peak >> 20);
+    assert!(d.terminate().success());
+}
