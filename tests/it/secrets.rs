@@ -538,3 +538,66 @@ emit: [{{ type: t.new }}]
     assert!(peak < 200 << 20, "peak RSS {} MiB", peak >> 20);
     assert!(d.terminate().success());
 }
+
+/// An upstream that always has a next page gets at most `max_pages`
+/// requests per poll, and every page waits its turn at the host's quota
+/// like a first request: at `rate: 10/s, burst: 1`, no 1 s window holds
+/// more than 11 requests, however many pages the poll wants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_goes_through_the_host_quota() {
+    use axum::extract::{Query, State};
+    use axum::routing::get;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let seen: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let api = serve(
+        axum::Router::new()
+            .route(
+                "/items",
+                get(
+                    |State(seen): State<Arc<Mutex<Vec<Instant>>>>,
+                     Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                        seen.lock().unwrap().push(Instant::now());
+                        let n: u64 = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(0);
+                        axum::Json(serde_json::json!({
+                            "items": [{ "id": n }],
+                            "next": format!("/items?page={}", n + 1),
+                        }))
+                    },
+                ),
+            )
+            .with_state(seen.clone()),
+    )
+    .await;
+    let connector = format!(
+        r#"
+name: c
+request: {{ url: "http://{api}/items" }}
+paginate: {{ next_url: $.next, max_pages: 1000 }}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit: [{{ type: t.new }}]
+"#
+    );
+    let hosts = format!("hosts:\n  \"{api}\": {{ rate: 10/s, burst: 1 }}\n");
+    let mut d = Daemon::new(
+        &one_source_bridge("{}", "1h", &hosts),
+        &[("c.yaml", connector)],
+    );
+    d.start().await;
+    wait_for("25 pages", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 25
+    })
+    .await;
+    let times = seen.lock().unwrap().clone();
+    for (i, t) in times.iter().enumerate() {
+        let in_window = times[i..]
+            .iter()
+            .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .count();
+        assert!(in_window <= 11, "{in_window} requests within 1 s");
+    }
+    // Mid-poll: nothing to drain that this test looks at.
+    d.kill();
+}
