@@ -8,6 +8,7 @@
 use std::cell::Cell;
 use std::collections::BTreeSet;
 
+use minijinja::machinery::ast;
 use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
 
@@ -147,8 +148,367 @@ fn environment() -> Environment<'static> {
     // `| raw`: this value is URL text already (see `url_formatter`).
     env.add_filter("raw", |v: Value| Value::from_safe_string(v.to_string()));
     env.add_filter("path", path_filter);
+    env.add_filter(BOUND_FILTER, bounded_value);
     env
 }
+
+/// The filter every `~`, `*` and `+` of a template passes its result
+/// through (see [`bounded_source`]); not a name a template can write by
+/// accident.
+const BOUND_FILTER: &str = "__pollhook_bounded";
+
+/// Refuses a string (or sized list) longer than [`MAX_OUTPUT`].
+fn bounded_value(v: Value) -> Result<Value, Error> {
+    let size = match v.as_str() {
+        Some(s) => Some(s.len()),
+        None => v.len(),
+    };
+    if size.is_some_and(|n| n > MAX_OUTPUT) {
+        return Err(too_long("`~`, `*` or `+`"));
+    }
+    Ok(v)
+}
+
+/// The instructions of `t`'s root and blocks.
+fn instructions_of<'a>(
+    t: &'a minijinja::Template<'a, 'a>,
+) -> impl Iterator<Item = &'a minijinja::machinery::Instructions<'a>> {
+    let c = minijinja::machinery::get_compiled_template(t);
+    std::iter::once(&c.instructions).chain(c.blocks.values())
+}
+
+fn grows(i: Option<&minijinja::machinery::Instruction<'_>>) -> bool {
+    use minijinja::machinery::Instruction;
+    matches!(
+        i,
+        Some(Instruction::StringConcat | Instruction::Mul | Instruction::Add)
+    )
+}
+
+/// The spans (byte ranges) of every `~`, `*` and `+` expression of a
+/// template and of their operands.
+#[derive(Default)]
+struct Growing {
+    /// (expression, left operand, right operand).
+    ops: Vec<[(usize, usize); 3]>,
+}
+
+impl Growing {
+    fn stmts(&mut self, stmts: &[ast::Stmt<'_>]) {
+        stmts.iter().for_each(|s| self.stmt(s));
+    }
+
+    fn stmt(&mut self, s: &ast::Stmt<'_>) {
+        use ast::Stmt as S;
+        match s {
+            S::Template(t) => self.stmts(&t.children),
+            S::EmitExpr(e) => self.expr(&e.expr),
+            S::EmitRaw(_) => {}
+            S::ForLoop(f) => {
+                self.expr(&f.target);
+                self.expr(&f.iter);
+                self.opt(&f.filter_expr);
+                self.stmts(&f.body);
+                self.stmts(&f.else_body);
+            }
+            S::IfCond(i) => {
+                self.expr(&i.expr);
+                self.stmts(&i.true_body);
+                self.stmts(&i.false_body);
+            }
+            S::WithBlock(w) => {
+                for (a, b) in &w.assignments {
+                    self.expr(a);
+                    self.expr(b);
+                }
+                self.stmts(&w.body);
+            }
+            S::Set(x) => {
+                self.expr(&x.target);
+                self.expr(&x.expr);
+            }
+            S::SetBlock(x) => {
+                self.expr(&x.target);
+                self.opt(&x.filter);
+                self.stmts(&x.body);
+            }
+            S::AutoEscape(a) => {
+                self.expr(&a.enabled);
+                self.stmts(&a.body);
+            }
+            S::FilterBlock(f) => {
+                self.expr(&f.filter);
+                self.stmts(&f.body);
+            }
+            S::Block(b) => self.stmts(&b.body),
+            S::Import(i) => {
+                self.expr(&i.expr);
+                self.expr(&i.name);
+            }
+            S::FromImport(i) => {
+                self.expr(&i.expr);
+                for (a, b) in &i.names {
+                    self.expr(a);
+                    self.opt(b);
+                }
+            }
+            S::Extends(e) => self.expr(&e.name),
+            S::Include(i) => self.expr(&i.name),
+            S::Macro(m) => self.macro_decl(m),
+            S::CallBlock(c) => {
+                self.call(&c.call);
+                self.macro_decl(&c.macro_decl);
+            }
+            S::Do(d) => self.call(&d.call),
+        }
+    }
+
+    fn macro_decl(&mut self, m: &ast::Macro<'_>) {
+        m.args.iter().for_each(|e| self.expr(e));
+        m.defaults.iter().for_each(|e| self.expr(e));
+        self.stmts(&m.body);
+    }
+
+    fn call(&mut self, c: &ast::Call<'_>) {
+        self.expr(&c.expr);
+        self.args(&c.args);
+    }
+
+    fn args(&mut self, args: &[ast::CallArg<'_>]) {
+        for a in args {
+            match a {
+                ast::CallArg::Pos(e)
+                | ast::CallArg::Kwarg(_, e)
+                | ast::CallArg::PosSplat(e)
+                | ast::CallArg::KwargSplat(e) => self.expr(e),
+            }
+        }
+    }
+
+    fn opt(&mut self, e: &Option<ast::Expr<'_>>) {
+        if let Some(e) = e {
+            self.expr(e);
+        }
+    }
+
+    fn expr(&mut self, e: &ast::Expr<'_>) {
+        use ast::Expr as E;
+        let range =
+            |sp: minijinja::machinery::Span| (sp.start_offset as usize, sp.end_offset as usize);
+        match e {
+            E::Var(_) | E::Const(_) => {}
+            E::Slice(x) => {
+                self.expr(&x.expr);
+                self.opt(&x.start);
+                self.opt(&x.stop);
+                self.opt(&x.step);
+            }
+            E::UnaryOp(x) => self.expr(&x.expr),
+            E::BinOp(x) => {
+                if matches!(
+                    x.op,
+                    ast::BinOpKind::Concat | ast::BinOpKind::Mul | ast::BinOpKind::Add
+                ) {
+                    let (left, right) = (extent(&x.left), extent(&x.right));
+                    let own = range(x.span());
+                    let whole = (own.0.min(left.0), own.1.max(right.1));
+                    self.ops.push([whole, left, right]);
+                }
+                self.expr(&x.left);
+                self.expr(&x.right);
+            }
+            E::Compare(x) => {
+                self.expr(&x.expr);
+                x.ops.iter().for_each(|o| self.expr(&o.expr));
+            }
+            E::IfExpr(x) => {
+                self.expr(&x.test_expr);
+                self.expr(&x.true_expr);
+                self.opt(&x.false_expr);
+            }
+            E::Filter(x) => {
+                self.opt(&x.expr);
+                self.args(&x.args);
+            }
+            E::Test(x) => {
+                self.expr(&x.expr);
+                self.args(&x.args);
+            }
+            E::GetAttr(x) => self.expr(&x.expr),
+            E::GetItem(x) => {
+                self.expr(&x.expr);
+                self.expr(&x.subscript_expr);
+            }
+            E::Call(x) => self.call(x),
+            E::List(x) => x.items.iter().for_each(|e| self.expr(e)),
+            E::Map(x) => {
+                x.keys.iter().for_each(|e| self.expr(e));
+                x.values.iter().for_each(|e| self.expr(e));
+            }
+        }
+    }
+}
+
+/// The bytes an expression covers: its span and every child's. A postfix
+/// node's own span starts at its operator (`| upper` of `b | upper`), not
+/// at the expression it applies to.
+fn extent(e: &ast::Expr<'_>) -> (usize, usize) {
+    use ast::Expr as E;
+    let sp = e.span();
+    let mut r = (sp.start_offset as usize, sp.end_offset as usize);
+    let mut add = |c: &ast::Expr<'_>| {
+        let x = extent(c);
+        r = (r.0.min(x.0), r.1.max(x.1));
+    };
+    let args = |args: &[ast::CallArg<'_>], add: &mut dyn FnMut(&ast::Expr<'_>)| {
+        for a in args {
+            match a {
+                ast::CallArg::Pos(e)
+                | ast::CallArg::Kwarg(_, e)
+                | ast::CallArg::PosSplat(e)
+                | ast::CallArg::KwargSplat(e) => add(e),
+            }
+        }
+    };
+    match e {
+        E::Var(_) | E::Const(_) => {}
+        E::Slice(x) => {
+            add(&x.expr);
+            [&x.start, &x.stop, &x.step]
+                .into_iter()
+                .flatten()
+                .for_each(&mut add);
+        }
+        E::UnaryOp(x) => add(&x.expr),
+        E::BinOp(x) => {
+            add(&x.left);
+            add(&x.right);
+        }
+        E::Compare(x) => {
+            add(&x.expr);
+            x.ops.iter().for_each(|o| add(&o.expr));
+        }
+        E::IfExpr(x) => {
+            add(&x.test_expr);
+            add(&x.true_expr);
+            x.false_expr.iter().for_each(&mut add);
+        }
+        E::Filter(x) => {
+            x.expr.iter().for_each(&mut add);
+            args(&x.args, &mut add);
+        }
+        E::Test(x) => {
+            add(&x.expr);
+            args(&x.args, &mut add);
+        }
+        E::GetAttr(x) => add(&x.expr),
+        E::GetItem(x) => {
+            add(&x.expr);
+            add(&x.subscript_expr);
+        }
+        E::Call(x) => {
+            add(&x.expr);
+            args(&x.args, &mut add);
+        }
+        E::List(x) => x.items.iter().for_each(&mut add),
+        E::Map(x) => {
+            x.keys.iter().for_each(&mut add);
+            x.values.iter().for_each(&mut add);
+        }
+    }
+    r
+}
+
+/// `source` with every `~`, `*` and `+` bounded: its operands and its
+/// result pass through [`BOUND_FILTER`], so `a ~ b` becomes
+/// `((((a) | f) ~ ((b) | f)) | f)`.
+///
+/// Why: minijinja has no hook on its operators, and fuel counts
+/// instructions, not bytes: `s ~ s` repeated, or doubled in a loop through
+/// a `namespace`, is one instruction per doubling and built 2 GB in 13 s;
+/// and an operation on constants is folded while the template compiles,
+/// so nested ones would build the same at load. Checked after each
+/// operation, no string outgrows twice the cap (or minijinja's own 100 MB
+/// limit of one `*`) before the render fails, and the filter on the
+/// operands keeps every such operation from being folded. The expressions
+/// are found in the template's syntax tree (minijinja's
+/// `unstable_machinery`; every node carries its byte span), and the
+/// rewrite is compiled again to check that every operator instruction is
+/// followed by the filter: a template that escaped the rewrite is refused.
+fn bounded_source(source: &str) -> Result<String, String> {
+    let ast = match minijinja::machinery::parse(
+        source,
+        "<template>",
+        Default::default(),
+        Default::default(),
+    ) {
+        Ok(ast) => ast,
+        Err(e) => return Err(describe(&e)),
+    };
+    let mut found = Growing::default();
+    found.stmt(&ast);
+    if found.ops.is_empty() {
+        return Ok(source.to_string());
+    }
+    let out = wrap(source, &found)?;
+    // Every operator of the rewrite is bounded, or the template is refused.
+    let env = environment();
+    let t = env.template_from_str(&out).map_err(|e| describe(&e))?;
+    let checked = instructions_of(&t).all(|instrs| {
+        (0..instrs.len() as u32).all(|idx| {
+            !grows(instrs.get(idx))
+                || matches!(
+                    instrs.get(idx + 1),
+                    Some(minijinja::machinery::Instruction::ApplyFilter(name, ..)) if *name == BOUND_FILTER
+                )
+        })
+    });
+    if checked {
+        Ok(out)
+    } else {
+        Err(UNBOUNDED.to_string())
+    }
+}
+
+/// [`bounded_source`] for a lone expression (a `when` condition), for the
+/// load-time checks (its render goes through [`bounded_source`]).
+fn bounded_expr(expr: &str) -> Result<String, String> {
+    let ast = minijinja::machinery::parse_expr(expr).map_err(|e| describe(&e))?;
+    let mut found = Growing::default();
+    found.expr(&ast);
+    wrap(expr, &found)
+}
+
+/// `source` with each span of `found` wrapped in `((…) | f)`.
+fn wrap(source: &str, found: &Growing) -> Result<String, String> {
+    let mut spans: Vec<(usize, usize)> = found.ops.iter().flatten().copied().collect();
+    spans.sort();
+    spans.dedup();
+    // Insertions: at the same offset, closings before openings; inner
+    // closings first, outer openings first.
+    let close = format!(") | {BOUND_FILTER})");
+    let mut edits: Vec<(usize, u8, usize, &str)> = Vec::new();
+    for &(start, end) in &spans {
+        edits.push((start, 1, usize::MAX - end, "(("));
+        edits.push((end, 0, usize::MAX - start, close.as_str()));
+    }
+    edits.sort();
+    let mut out = String::with_capacity(source.len() + edits.len() * 24);
+    let mut at = 0;
+    for (offset, _, _, text) in edits {
+        let Some(piece) = source.get(at..offset) else {
+            return Err(UNBOUNDED.to_string());
+        };
+        out.push_str(piece);
+        out.push_str(text);
+        at = offset;
+    }
+    out.push_str(&source[at..]);
+    Ok(out)
+}
+
+const UNBOUNDED: &str =
+    "pollhook cannot bound the `~`, `*` or `+` of this template (template limit)";
 
 fn too_long(what: &str) -> Error {
     Error::new(
@@ -411,33 +771,44 @@ fn condition_source(expr: &str) -> String {
 }
 
 /// Checks a template's syntax; the error says what is wrong.
+/// Every check compiles the bounded rewrite (see [`bounded_source`]), never
+/// the text as written, whose constant operations would be folded while it
+/// compiles.
 pub fn check_template(source: &str) -> Result<(), String> {
+    let source = bounded_source(source)?;
     environment()
-        .template_from_str(source)
+        .template_from_str(&source)
         .map(|_| ())
         .map_err(|e| describe(&e))
 }
 
 /// Checks a condition's syntax.
 pub fn check_condition(expr: &str) -> Result<(), String> {
+    let expr = bounded_expr(expr)?;
     environment()
-        .compile_expression(expr)
+        .compile_expression(&expr)
         .map(|_| ())
         .map_err(|e| describe(&e))
 }
 
 /// Top-level variables a template reads, to catch typos at load time.
 pub fn variables_of_template(source: &str) -> BTreeSet<String> {
+    let Ok(source) = bounded_source(source) else {
+        return BTreeSet::new();
+    };
     environment()
-        .template_from_str(source)
+        .template_from_str(&source)
         .map(|t| t.undeclared_variables(false).into_iter().collect())
         .unwrap_or_default()
 }
 
 /// Top-level variables a condition reads.
 pub fn variables_of_condition(expr: &str) -> BTreeSet<String> {
+    let Ok(expr) = bounded_expr(expr) else {
+        return BTreeSet::new();
+    };
     environment()
-        .compile_expression(expr)
+        .compile_expression(&expr)
         .map(|t| t.undeclared_variables(false).into_iter().collect())
         .unwrap_or_default()
 }
@@ -498,6 +869,7 @@ impl Engine {
     }
 
     fn add(&mut self, source: String) -> Result<String, String> {
+        let source = bounded_source(&source)?;
         let name = format!("t{}", self.next);
         self.next += 1;
         self.env
@@ -765,6 +1137,62 @@ mod tests {
         assert_eq!(
             e.render(&ok, &c).unwrap(),
             "a+b 1,2 [ x ] a\n  b [\n 1\n]   1|b"
+        );
+    }
+
+    #[test]
+    fn concatenation_and_repetition_are_bounded_while_they_build() {
+        let mut e = Engine::new();
+        let c = ctx(serde_json::json!({ "cik": "320193", "a": "x", "b": "y", "l": [1, 2] }));
+        let doubling = |op: &str, n: usize| {
+            let mut t = "{% set s = 'x' * 10000000 %}".to_string();
+            for _ in 0..n {
+                t.push_str(&format!("{{% set s = s {op} s %}}"));
+            }
+            t + "{{ s | length }}"
+        };
+        for t in [
+            doubling("~", 8),
+            doubling("+", 8),
+            "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}".to_string(),
+            "{% macro f(s, n) %}{% if n %}{{ f(s ~ s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}{{ f('x' * 1000000, 5) }}".to_string(),
+            "{{ ('x' * 99000000) | length }}".to_string(),
+            // Constants: folded while compiling, unless bounded.
+            "{{ ((('x' * 99999999) ~ ('x' * 99999999)) ~ (('x' * 99999999) ~ ('x' * 99999999))) ~ ((('x' * 99999999) ~ ('x' * 99999999)) ~ (('x' * 99999999) ~ ('x' * 99999999))) }}".to_string(),
+        ] {
+            let started = std::time::Instant::now();
+            check_template(&t).unwrap();
+            let tpl = e.template(&t).unwrap();
+            let err = e.render(&tpl, &c).unwrap_err();
+            assert!(err.contains("template limit"), "{t}: {err}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_millis(900),
+                "{t}: {:?}",
+                started.elapsed()
+            );
+        }
+        // Ordinary uses are unchanged.
+        for (t, want) in [
+            ("{{ ('0000000000' ~ cik)[-10:] }}", "0000320193"),
+            ("{{ a ~ b ~ a }}", "xyx"),
+            ("{{ a ~ b | upper }}", "xY"),
+            ("{{ 1 + 2 * 3 }}", "7"),
+            ("{{ (l + [3]) | join(',') }}", "1,2,3"),
+            ("{{ 'ab' * 2 }}", "abab"),
+            ("{% if (a ~ b) == 'xy' %}yes{% endif %}", "yes"),
+            ("{% for x in l + l %}{{ x }}{% endfor %}", "1212"),
+        ] {
+            let tpl = e.template(t).unwrap();
+            assert_eq!(e.render(&tpl, &c).unwrap(), want, "{t}");
+        }
+        let cond = e.condition("a ~ b == 'xy'").unwrap();
+        assert!(e.test(&cond, &c).unwrap());
+        let v = e
+            .value_template(&serde_json::json!({ "n": "{{ 2 * 21 }}", "s": "{{ a ~ b }}" }))
+            .unwrap();
+        assert_eq!(
+            e.render_value(&v, &c).unwrap(),
+            serde_json::json!({ "n": 42, "s": "xy" })
         );
     }
 

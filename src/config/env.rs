@@ -369,6 +369,20 @@ fn is_bare_word(value: &str) -> bool {
         && !matches!(value, "null" | "Null" | "NULL")
 }
 
+/// Every value the references of `text` stand for, each with its
+/// reference as written (`${BANK_TOKEN}`, `${file:/run/secrets/t}`): what
+/// error messages must say instead of the value (see
+/// `ConfigErrors::scrub`). References that cannot be resolved have no value.
+pub fn substitutions(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+    let (refs, _) = references(text);
+    refs.iter()
+        .filter_map(|r| {
+            let value = resolve(r.inner?, lookup).ok()?;
+            Some((value, text[r.range.clone()].to_string()))
+        })
+        .collect()
+}
+
 /// The value of `${inner}`.
 fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let (name, default) = match inner.split_once(":-") {

@@ -113,6 +113,21 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// Replaces, in every message, each substituted value (in any spelling
+    /// `connector::mask` knows) by the reference it came from: `(value,
+    /// reference)` pairs from `env::substitutions`. Excerpts show the file
+    /// as written already.
+    pub fn scrub(&mut self, substitutions: &[(String, String)]) {
+        if substitutions.is_empty() {
+            return;
+        }
+        for e in &mut self.0 {
+            e.message = crate::connector::replace_values(&e.message, substitutions);
+        }
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {

@@ -43,6 +43,9 @@ pub struct TokenRequest {
     pub client_auth: ClientAuth,
     /// The `refresh_token` grant's seed; `None`: client credentials.
     pub refresh_seed: Option<String>,
+    /// The most bytes of an answer read (the connector's
+    /// `request.max_response_bytes`, like every poll's body).
+    pub max_body: u64,
 }
 
 impl TokenRequest {
@@ -173,7 +176,10 @@ impl TokenCache {
             None => None,
         };
         let current = match stored {
-            Some(r) if r.seed == seed_id(seed) => r.token,
+            Some(r) if r.seed == seed_id(seed) => {
+                crate::connector::learn(&r.token);
+                r.token
+            }
             _ => seed.clone(),
         };
         let got = match fetch_token(client, req, Some(&current)).await {
@@ -270,19 +276,28 @@ async fn fetch_token(
             )
         })?;
     let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| {
-        format!(
-            "token endpoint {}: {}",
-            req.token_url,
-            crate::transport_detail(&e)
-        )
-    })?;
+    let bytes = read_capped(resp, req.max_body)
+        .await
+        .map_err(|e| format!("token endpoint {}: {e}", req.token_url))?;
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    // Every token the answer holds is a secret from this moment on, before
+    // anything can say something about it.
+    for key in ["access_token", "refresh_token", "id_token"] {
+        if let Some(t) = body.get(key).and_then(Value::as_str) {
+            crate::connector::learn(t);
+        }
+    }
     if !status.is_success() {
+        // What the server says may echo what it was sent.
+        let sent: Vec<String> = std::iter::once(req.client_secret.clone())
+            .chain(refresh.map(str::to_string))
+            .chain(req.refresh_seed.clone())
+            .collect();
         let why = [body.get("error"), body.get("error_description")]
             .into_iter()
             .flatten()
             .filter_map(Value::as_str)
+            .map(|t| crate::connector::mask(t, &sent))
             .collect::<Vec<_>>()
             .join(": ");
         return Err(format!(
@@ -324,6 +339,29 @@ async fn fetch_token(
     })
 }
 
+/// A token endpoint's answer, refusing more than `limit` bytes: checked
+/// against `Content-Length` first, then while streaming, so a lying or
+/// missing length cannot make pollhook buffer an unbounded body.
+async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, String> {
+    let too_large =
+        || format!("answer larger than the {limit}-byte cap (request.max_response_bytes)");
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| crate::transport_detail(&e))?
+    {
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
 /// `application/x-www-form-urlencoded`, by the URL crate's own serializer.
 pub fn form_encode(pairs: &[(String, String)]) -> String {
     let mut u = reqwest::Url::parse("http://form.invalid/").expect("static URL");
@@ -360,6 +398,7 @@ mod tests {
                 .collect(),
             client_auth: ClientAuth::Basic,
             refresh_seed: None,
+            max_body: 1024,
         }
     }
 

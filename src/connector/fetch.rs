@@ -204,6 +204,9 @@ struct Prepared {
     basic: Option<(String, Option<String>)>,
     body: Option<String>,
     oauth: Option<TokenRequest>,
+    /// Every credential as rendered (token, password, API key, client
+    /// secret, refresh token): masked wherever text is shown.
+    credentials: Vec<String>,
 }
 
 fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
@@ -255,10 +258,12 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
     }
     let mut basic = None;
     let mut oauth = None;
+    let mut credentials = Vec::new();
     match &c.request.auth {
         None => {}
         Some(Auth::Bearer(t)) => {
             let token = render(t, "request.auth.token")?;
+            credentials.push(token.clone());
             if !token.is_empty() {
                 let mut v = header_value(&format!("Bearer {token}"), "request.auth.token")?;
                 v.set_sensitive(true);
@@ -271,6 +276,7 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
                 .as_ref()
                 .map(|p| render(p, "request.auth.password"))
                 .transpose()?;
+            credentials.extend(pass.clone());
             basic = Some((user, pass));
         }
         Some(Auth::ApiKey {
@@ -279,6 +285,7 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
             value,
         }) => {
             let v = render(value, "request.auth.value")?;
+            credentials.push(v.clone());
             match location {
                 KeyLocation::Header => {
                     let mut hv = header_value(&v, "request.auth.value")?;
@@ -296,7 +303,7 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
             for (k, t) in &o.params {
                 params.push((k.clone(), render(t, &format!("request.auth.params.{k}"))?));
             }
-            oauth = Some(TokenRequest {
+            let o = TokenRequest {
                 token_url: render_url(&o.token_url, "request.auth.token_url")?,
                 client_id: render(&o.client_id, "request.auth.client_id")?,
                 client_secret: render(&o.client_secret, "request.auth.client_secret")?,
@@ -312,7 +319,11 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
                     .as_ref()
                     .map(|t| render(t, "request.auth.refresh_token"))
                     .transpose()?,
-            });
+                max_body: c.request.max_response_bytes,
+            };
+            credentials.push(o.client_secret.clone());
+            credentials.extend(o.refresh_seed.clone());
+            oauth = Some(o);
         }
     }
     if !pairs.is_empty() {
@@ -353,6 +364,7 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
         basic,
         body,
         oauth,
+        credentials,
     })
 }
 
@@ -370,6 +382,19 @@ pub async fn fetch(
     // What an error body may echo: the secret params, and the basic auth
     // credential as sent (whole, so a short password is masked too).
     let mut secrets = inst.secrets.clone();
+    // A credential that is not made of the instance's secret params (a
+    // literal in the connector, a param not marked secret) is masked
+    // everywhere from now on, whoever shows a text.
+    for cred in &p.credentials {
+        let from_params = inst
+            .secrets
+            .iter()
+            .any(|s| s.len() >= 3 && cred.contains(s.as_str()));
+        if !from_params {
+            super::learn(cred);
+        }
+        secrets.push(cred.clone());
+    }
     if let Some((u, pw)) = &p.basic {
         use base64::Engine as _;
         let pair = format!("{u}:{}", pw.as_deref().unwrap_or(""));

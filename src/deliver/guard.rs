@@ -13,24 +13,166 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
+/// One block of a special-purpose registry: its first address, prefix
+/// length, whether a delivery may reach it (IANA's "Globally Reachable"),
+/// and its name in the registry.
+type Row<A> = (A, u8, bool, &'static str);
+
+/// The IANA IPv4 Special-Purpose Address Registry (RFC 6890 and its
+/// updates), plus multicast (`224/4`, its own registry). The most specific
+/// block holding an address decides; an address in no block is public.
+/// Every block the registry does not mark globally reachable is refused,
+/// the deprecated 6to4 relay anycast too (`N/A`: no one should send there).
+const V4: &[Row<[u8; 4]>] = &[
+    ([0, 0, 0, 0], 8, false, "this network"),
+    ([10, 0, 0, 0], 8, false, "private-use"),
+    ([100, 64, 0, 0], 10, false, "shared address space (CGN)"),
+    // Loopback is refused by the registry, allowed here: agents run next
+    // to pollhook (`is_private` answers it before the table).
+    ([127, 0, 0, 0], 8, false, "loopback"),
+    ([169, 254, 0, 0], 16, false, "link-local"),
+    ([172, 16, 0, 0], 12, false, "private-use"),
+    ([192, 0, 0, 0], 24, false, "IETF protocol assignments"),
+    ([192, 0, 0, 0], 29, false, "IPv4 service continuity prefix"),
+    ([192, 0, 0, 8], 32, false, "IPv4 dummy address"),
+    ([192, 0, 0, 9], 32, true, "port control protocol anycast"),
+    ([192, 0, 0, 10], 32, true, "TURN anycast"),
+    ([192, 0, 0, 170], 32, false, "NAT64/DNS64 discovery"),
+    ([192, 0, 0, 171], 32, false, "NAT64/DNS64 discovery"),
+    ([192, 0, 2, 0], 24, false, "documentation (TEST-NET-1)"),
+    ([192, 31, 196, 0], 24, true, "AS112-v4"),
+    ([192, 52, 193, 0], 24, true, "AMT"),
+    ([192, 88, 99, 0], 24, false, "deprecated 6to4 relay anycast"),
+    ([192, 88, 99, 2], 32, true, "6a44 relay anycast"),
+    ([192, 168, 0, 0], 16, false, "private-use"),
+    ([192, 175, 48, 0], 24, true, "AS112 direct delegation"),
+    ([198, 18, 0, 0], 15, false, "benchmarking"),
+    ([198, 51, 100, 0], 24, false, "documentation (TEST-NET-2)"),
+    ([203, 0, 113, 0], 24, false, "documentation (TEST-NET-3)"),
+    ([224, 0, 0, 0], 4, false, "multicast"),
+    ([240, 0, 0, 0], 4, false, "reserved"),
+    ([255, 255, 255, 255], 32, false, "limited broadcast"),
+];
+
+/// The IANA IPv6 Special-Purpose Address Registry (RFC 6890 and its
+/// updates), plus what is not public unicast outside it: the rest of
+/// `::/16`, site-local `fec0::/10` (deprecated, still routed by some
+/// stacks) and multicast `ff00::/8`. Forms that carry an IPv4 address
+/// (IPv4-mapped, NAT64 `64:ff9b::/96`, 6to4, Teredo) are judged by that
+/// address before the table (see [`embedded_v4`]). ORCHIDv2 is refused
+/// although the registry calls it reachable: ORCHIDs are identifiers that
+/// RFC 7343 keeps off the IP layer, so no agent listens there.
+const V6: &[Row<[u16; 8]>] = &[
+    ([0, 0, 0, 0, 0, 0, 0, 0], 16, false, "reserved (::/16)"),
+    ([0, 0, 0, 0, 0, 0, 0, 0], 128, false, "unspecified"),
+    ([0, 0, 0, 0, 0, 0, 0, 1], 128, false, "loopback"),
+    (
+        [0x64, 0xff9b, 1, 0, 0, 0, 0, 0],
+        48,
+        false,
+        "NAT64 local use",
+    ),
+    ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, false, "discard-only"),
+    ([0x100, 0, 0, 1, 0, 0, 0, 0], 64, false, "dummy IPv6 prefix"),
+    (
+        [0x2001, 0, 0, 0, 0, 0, 0, 0],
+        23,
+        false,
+        "IETF protocol assignments",
+    ),
+    (
+        [0x2001, 1, 0, 0, 0, 0, 0, 1],
+        128,
+        true,
+        "port control protocol anycast",
+    ),
+    ([0x2001, 1, 0, 0, 0, 0, 0, 2], 128, true, "TURN anycast"),
+    (
+        [0x2001, 1, 0, 0, 0, 0, 0, 3],
+        128,
+        true,
+        "DNS-SD SRP anycast",
+    ),
+    ([0x2001, 2, 0, 0, 0, 0, 0, 0], 48, false, "benchmarking"),
+    ([0x2001, 3, 0, 0, 0, 0, 0, 0], 32, true, "AMT"),
+    ([0x2001, 4, 0x112, 0, 0, 0, 0, 0], 48, true, "AS112-v6"),
+    (
+        [0x2001, 0x10, 0, 0, 0, 0, 0, 0],
+        28,
+        false,
+        "deprecated ORCHID",
+    ),
+    ([0x2001, 0x20, 0, 0, 0, 0, 0, 0], 28, false, "ORCHIDv2"),
+    (
+        [0x2001, 0x30, 0, 0, 0, 0, 0, 0],
+        28,
+        true,
+        "drone remote ID (DET)",
+    ),
+    (
+        [0x2001, 0xdb8, 0, 0, 0, 0, 0, 0],
+        32,
+        false,
+        "documentation",
+    ),
+    (
+        [0x2620, 0x4f, 0x8000, 0, 0, 0, 0, 0],
+        48,
+        true,
+        "AS112 direct delegation",
+    ),
+    ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, false, "documentation"),
+    (
+        [0x5f00, 0, 0, 0, 0, 0, 0, 0],
+        16,
+        false,
+        "segment routing (SRv6) SIDs",
+    ),
+    ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, false, "unique-local"),
+    ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, false, "link-local"),
+    (
+        [0xfec0, 0, 0, 0, 0, 0, 0, 0],
+        10,
+        false,
+        "site-local (deprecated)",
+    ),
+    ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, false, "multicast"),
+];
+
+/// The most specific row holding `addr` (bits as an integer of `width`
+/// bits), if any.
+fn lookup<A: Copy>(
+    rows: &'static [Row<A>],
+    addr: u128,
+    width: u8,
+    bits: impl Fn(A) -> u128,
+) -> Option<&'static Row<A>> {
+    rows.iter()
+        .filter(|r| {
+            let shift = width - r.1;
+            r.1 == 0 || (addr >> shift) == (bits(r.0) >> shift)
+        })
+        .max_by_key(|r| r.1)
+}
+
+fn v4_row(v4: Ipv4Addr) -> Option<&'static Row<[u8; 4]>> {
+    lookup(V4, u32::from(v4) as u128, 32, |a| {
+        u32::from_be_bytes(a) as u128
+    })
+}
+
+fn v6_row(v6: Ipv6Addr) -> Option<&'static Row<[u16; 8]>> {
+    lookup(V6, u128::from(v6), 128, |a| u128::from(Ipv6Addr::from(a)))
+}
+
 /// True for every address a delivery must not reach without
-/// `allow_private`: anything that is not a public unicast address, except
-/// loopback.
-///
-/// IPv4: `0.0.0.0/8` ("this network": `0.x` reaches the local host on
-/// Linux), RFC 1918, carrier-grade NAT (`100.64/10`), link-local
-/// (`169.254/16`), IETF protocol assignments (`192.0.0.0/24`), the
-/// documentation nets, benchmarking (`198.18/15`), the 6to4 relay anycast,
-/// multicast (`224/4`) and reserved (`240/4`, broadcast included).
-///
-/// IPv6: unspecified, unique-local (`fc00::/7`), link-local (`fe80::/10`),
-/// site-local (`fec0::/10`, deprecated but still routed by some stacks),
-/// multicast, discard (`100::/64`), documentation, the NAT64 local-use
-/// prefix (`64:ff9b:1::/48`), and every form that embeds an IPv4 address
-/// (IPv4-mapped, IPv4-compatible, SIIT, NAT64 `64:ff9b::/96`, 6to4
-/// `2002::/16`, Teredo): those are judged by the IPv4 address they carry,
-/// because that is where the packets end up (`[::ffff:10.0.0.1]` and
-/// `[64:ff9b::a9fe:a9fe]` reach 10.0.0.1 and 169.254.169.254).
+/// `allow_private`: every block of the IANA special-purpose registries not
+/// marked globally reachable ([`V4`], [`V6`]), and multicast, except
+/// loopback. An IPv6 address that carries an IPv4 address (IPv4-mapped,
+/// IPv4-compatible, SIIT, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`, Teredo)
+/// is judged by the IPv4 address, because that is where the packets end
+/// up (`[::ffff:10.0.0.1]` and `[64:ff9b::a9fe:a9fe]` reach 10.0.0.1 and
+/// 169.254.169.254).
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_private_v4(v4),
@@ -39,21 +181,7 @@ pub fn is_private(ip: IpAddr) -> bool {
 }
 
 fn is_private_v4(v4: Ipv4Addr) -> bool {
-    let o = v4.octets();
-    if v4.is_loopback() {
-        return false;
-    }
-    o[0] == 0
-        || v4.is_private()
-        || v4.is_link_local()
-        || (o[0] == 100 && (64..128).contains(&o[1]))
-        || (o[0], o[1], o[2]) == (192, 0, 0)
-        || (o[0], o[1], o[2]) == (192, 0, 2)
-        || (o[0], o[1], o[2]) == (192, 88, 99)
-        || (o[0] == 198 && (o[1] & 0xfe) == 18)
-        || (o[0], o[1], o[2]) == (198, 51, 100)
-        || (o[0], o[1], o[2]) == (203, 0, 113)
-        || o[0] >= 224
+    !v4.is_loopback() && v4_row(v4).is_some_and(|r| !r.2)
 }
 
 fn is_private_v6(v6: Ipv6Addr) -> bool {
@@ -66,17 +194,8 @@ fn is_private_v6(v6: Ipv6Addr) -> bool {
     if let Some(v4) = embedded_v4(v6) {
         return is_private_v4(v4);
     }
-    let seg = v6.segments();
-    (seg[0] & 0xfe00) == 0xfc00 // unique-local fc00::/7
-        || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-        || (seg[0] & 0xffc0) == 0xfec0 // site-local fec0::/10
-        || (seg[0] & 0xff00) == 0xff00 // multicast ff00::/8
-        || seg[..4] == [0x100, 0, 0, 0] // discard 100::/64
-        || seg[..2] == [0x2001, 0xdb8] // documentation 2001:db8::/32
-        || seg[..3] == [0x64, 0xff9b, 1] // NAT64 local use 64:ff9b:1::/48
-        || seg[0] == 0 // the rest of ::/16: reserved, never public unicast
+    v6_row(v6).is_some_and(|r| !r.2)
 }
-
 /// The IPv4 address an IPv6 address carries, in the forms that route to it.
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
@@ -182,6 +301,100 @@ mod tests {
         ("64:ff9b::808:808", false),
         ("2002:808:808::1", false),
     ];
+
+    /// One address per registry row (inside it, in no more specific row),
+    /// with whether the registry says it is reachable; written from the
+    /// registries, not from the table, which must agree with them.
+    const REGISTRY: &[(&str, bool)] = &[
+        ("0.0.0.9", false),
+        ("10.20.30.40", false),
+        ("100.127.255.254", false),
+        ("127.1.2.3", true), // loopback: refused by the registry, allowed here
+        ("169.254.1.1", false),
+        ("172.31.255.255", false),
+        ("192.0.0.200", false),
+        ("192.0.0.1", false),
+        ("192.0.0.8", false),
+        ("192.0.0.9", true),
+        ("192.0.0.10", true),
+        ("192.0.0.170", false),
+        ("192.0.0.171", false),
+        ("192.0.2.255", false),
+        ("192.31.196.1", true),
+        ("192.52.193.1", true),
+        ("192.88.99.1", false),
+        ("192.88.99.2", true),
+        ("192.168.255.1", false),
+        ("192.175.48.1", true),
+        ("198.19.0.1", false),
+        ("198.51.100.1", false),
+        ("203.0.113.255", false),
+        ("230.1.2.3", false),
+        ("250.1.2.3", false),
+        ("255.255.255.255", false),
+        ("0:1::1", false),
+        ("::", false),
+        ("::1", true), // loopback, allowed
+        ("64:ff9b:1:ffff::1", false),
+        ("100::ffff", false),
+        ("100:0:0:1::5", false),
+        ("2001:1ff::1", false),
+        ("2001:1::1", true),
+        ("2001:1::2", true),
+        ("2001:1::3", true),
+        ("2001:2::1", false),
+        ("2001:2:0:ffff::1", false),
+        ("2001:3:1::1", true),
+        ("2001:4:112::1", true),
+        ("2001:10::1", false),
+        ("2001:20::1", false),
+        ("2001:2f:ffff::1", false),
+        ("2001:30::1", true),
+        ("2001:db8:1::1", false),
+        ("2620:4f:8000::1", true),
+        ("3fff::1", false),
+        ("3fff:fff:ffff::1", false),
+        ("5f00::1", false),
+        ("5f00:ffff::1", false),
+        ("fc00::1", false),
+        ("fe80::1", false),
+        ("fec0::1", false),
+        ("ff0e::1", false),
+    ];
+
+    #[test]
+    fn every_registry_row_has_its_verdict() {
+        let mut covered = std::collections::BTreeSet::new();
+        for (ip, reachable) in REGISTRY {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(is_private(ip), !reachable, "{ip}");
+            let row = match ip {
+                IpAddr::V4(a) => v4_row(a).map(|r| (4, r.0.map(u16::from).to_vec(), r.1)),
+                IpAddr::V6(a) => v6_row(a).map(|r| (6, r.0.to_vec(), r.1)),
+            };
+            assert!(row.is_some(), "{ip} is in no row");
+            covered.insert(row);
+        }
+        // Every row of both tables was the one deciding for some address.
+        assert_eq!(
+            covered.len(),
+            V4.len() + V6.len(),
+            "a row without its address"
+        );
+    }
+
+    #[test]
+    fn the_registries_reachable_blocks_around_refused_ones_stay_reachable() {
+        for ip in [
+            "2001:3::1",
+            "2001:200::1",
+            "3fff:1000::1",
+            "5eff::1",
+            "5f01::1",
+        ] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+    }
 
     #[test]
     fn the_guard_refuses_every_non_public_range_in_every_form() {

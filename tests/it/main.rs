@@ -33,5 +33,6 @@ mod postgres;
 mod real_apis;
 mod reload;
 mod schedule;
+mod secrets;
 mod store_keys;
 mod upstream_faults;

@@ -85,8 +85,22 @@ impl Config {
         Self::load_with_env(file, &|name| std::env::var(name).ok())
     }
 
-    /// [`Config::load`] with an explicit environment (tests).
+    /// [`Config::load`] with an explicit environment (tests). Errors name
+    /// the `${…}` reference a value came from, never the value (a type
+    /// error quoting a token given as `${BANK_TOKEN}` says `${BANK_TOKEN}`).
     pub fn load_with_env(
+        file: &Path,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        Self::load_as_given(file, lookup).map_err(|mut errors| {
+            if let Ok(original) = std::fs::read_to_string(file) {
+                errors.scrub(&super::env::substitutions(&original, lookup));
+            }
+            errors
+        })
+    }
+
+    fn load_as_given(
         file: &Path,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {

@@ -116,7 +116,12 @@ pub(crate) fn resolve_connector(
             String::new()
         }
     };
-    let params = params_of(&diag, raw);
+    let mut params = params_of(&diag, raw);
+    for k in request::credential_params(&raw.request) {
+        if let Some(p) = params.get_mut(&k) {
+            p.secret = true;
+        }
+    }
     let mut cx = Cx {
         diag,
         engine: Engine::new(),

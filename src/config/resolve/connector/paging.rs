@@ -31,6 +31,12 @@ pub(super) fn cursor(cx: &mut Cx, raw: &RawConnector) -> (Option<CursorSpec>, Op
     (cursor, lookback)
 }
 
+/// Pages read in one poll when `paginate.max_pages` is not given.
+pub const DEFAULT_MAX_PAGES: u32 = 100;
+/// The most `paginate.max_pages` may say: each page is a request, and an
+/// upstream that always has a next page gets them all every poll.
+pub const MAX_PAGES: u32 = 1000;
+
 /// `paginate:`, exactly one style; `page` and `offset` need `items`.
 pub(super) fn paginate(cx: &mut Cx, raw: &RawConnector, has_items: bool) -> Option<Paginate> {
     let p = raw.paginate.as_ref()?;
@@ -99,10 +105,25 @@ pub(super) fn paginate(cx: &mut Cx, raw: &RawConnector, has_items: bool) -> Opti
             "`page` and `offset` paging need `items:` to see when a page is empty",
         );
     }
+    let max_pages = p.max_pages.unwrap_or(DEFAULT_MAX_PAGES).max(1);
+    if max_pages > MAX_PAGES {
+        let at = match cx.diag.line_of("max_pages") {
+            0 => line,
+            l => l,
+        };
+        cx.diag.at(
+            at,
+            0,
+            "paginate.max_pages",
+            format!(
+                "{max_pages} pages in one poll is more than the {MAX_PAGES} allowed: an upstream that always has a next page would get that many requests per poll (default {DEFAULT_MAX_PAGES})"
+            ),
+        );
+    }
     Some(Paginate {
         style,
         stop_when,
-        max_pages: p.max_pages.unwrap_or(100).max(1),
+        max_pages: max_pages.min(MAX_PAGES),
         allow_hosts: p
             .allow_hosts
             .iter()

@@ -1,5 +1,6 @@
 //! `request:`: method, URL, query, headers, body and authentication.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::{Cx, REQUEST_BUILTINS};
@@ -127,6 +128,32 @@ fn method(cx: &mut Cx, req: &RawRequest) -> reqwest::Method {
             reqwest::Method::GET
         }
     }
+}
+
+/// The params a credential is made of (a bearer token, a basic password,
+/// an API key, an OAuth2 client secret or refresh token): masked like
+/// params marked `secret: true`, whether or not they are, since an API
+/// that echoes a credential does not ask whether its param said so.
+pub(super) fn credential_params(req: &RawRequest) -> BTreeSet<String> {
+    let Some(auth) = &req.auth else {
+        return BTreeSet::new();
+    };
+    let credentials: Vec<&TemplateSrc> = match &auth.value {
+        RawAuth::Bearer { token } => vec![token],
+        RawAuth::Basic { password, .. } => password.iter().collect(),
+        RawAuth::ApiKey { value, .. } => vec![value],
+        RawAuth::Oauth2 {
+            client_secret,
+            refresh_token,
+            ..
+        } => std::iter::once(client_secret)
+            .chain(refresh_token.iter())
+            .collect(),
+    };
+    credentials
+        .into_iter()
+        .flat_map(|t| template::variables_of_template(&t.0))
+        .collect()
 }
 
 /// `request.auth`.
