@@ -191,6 +191,11 @@ fn grows(i: Option<&minijinja::machinery::Instruction<'_>>) -> bool {
 struct Growing {
     /// (expression, left operand, right operand).
     ops: Vec<[(usize, usize); 3]>,
+    /// The statements that capture output (`{% set %}…{% endset %}`,
+    /// `{% filter %}`, macros, `{% call %}`): minijinja renders their body
+    /// into a buffer of its own, past the output cap, so a loop inside one
+    /// could still build gigabytes; such a template is refused.
+    captures: Vec<&'static str>,
 }
 
 impl Growing {
@@ -228,6 +233,7 @@ impl Growing {
                 self.expr(&x.expr);
             }
             S::SetBlock(x) => {
+                self.captures.push("`{% set %}…{% endset %}`");
                 self.expr(&x.target);
                 self.opt(&x.filter);
                 self.stmts(&x.body);
@@ -237,6 +243,7 @@ impl Growing {
                 self.stmts(&a.body);
             }
             S::FilterBlock(f) => {
+                self.captures.push("`{% filter %}`");
                 self.expr(&f.filter);
                 self.stmts(&f.body);
             }
@@ -254,8 +261,12 @@ impl Growing {
             }
             S::Extends(e) => self.expr(&e.name),
             S::Include(i) => self.expr(&i.name),
-            S::Macro(m) => self.macro_decl(m),
+            S::Macro(m) => {
+                self.captures.push("`{% macro %}`");
+                self.macro_decl(m)
+            }
             S::CallBlock(c) => {
+                self.captures.push("`{% call %}`");
                 self.call(&c.call);
                 self.macro_decl(&c.macro_decl);
             }
@@ -447,6 +458,12 @@ fn bounded_source(source: &str) -> Result<String, String> {
     };
     let mut found = Growing::default();
     found.stmt(&ast);
+    if let Some(kind) = found.captures.first() {
+        return Err(format!(
+            "{kind} is not allowed: what it captures is outside the {} MiB output cap (template limit); use `{{% set x = … %}}`",
+            MAX_OUTPUT / (1024 * 1024)
+        ));
+    }
     if found.ops.is_empty() {
         return Ok(source.to_string());
     }
@@ -1125,11 +1142,11 @@ mod tests {
             .condition("(s | replace('x', s) | replace('x', s)) != ''")
             .unwrap();
         assert!(e.test(&cond, &c).unwrap_err().contains("template limit"));
-        // Unbounded recursion.
-        let rec = e
+        // Unbounded recursion: macros (which capture their output beyond
+        // the output cap) are refused at load.
+        assert!(e
             .template("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
-            .unwrap();
-        assert!(e.render(&rec, &c).is_err());
+            .is_err());
         // Ordinary templates and ordinary filters still work.
         let ok = e
             .template("{{ 'a-b' | replace('-', '+') }} {{ [1, 2] | join(',') }} [{{ 'x' | center(3) }}] {{ 'a\nb' | indent(2) }} {{ [1] | tojson(indent=1) }} {{ '%3s|%s' | format(1, 'b') }}")
@@ -1138,6 +1155,24 @@ mod tests {
             e.render(&ok, &c).unwrap(),
             "a+b 1,2 [ x ] a\n  b [\n 1\n]   1|b"
         );
+    }
+
+    #[test]
+    fn output_captured_beyond_the_cap_is_refused_at_load() {
+        // Each of these renders its body into minijinja's own buffer, which
+        // the output cap does not reach: a loop inside built gigabytes.
+        for (t, kind) in [
+            ("{% set s %}{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}{% endset %}{{ s | length }}", "{% set %}"),
+            ("{% filter upper %}{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}{% endfilter %}", "{% filter %}"),
+            ("{% macro f() %}{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}{% endmacro %}{{ f() | length }}", "{% macro %}"),
+            ("{% macro f() %}{{ caller() }}{% endmacro %}{% call f() %}x{% endcall %}", "{% macro %}"),
+        ] {
+            let err = check_template(t).unwrap_err();
+            assert!(err.contains(kind) && err.contains("template limit"), "{t}: {err}");
+            assert!(Engine::new().template(t).is_err(), "{t}");
+        }
+        // An inline `set` is no capture.
+        check_template("{% set s = 'ab' %}{{ s }}").unwrap();
     }
 
     #[test]
@@ -1155,7 +1190,6 @@ mod tests {
             doubling("~", 8),
             doubling("+", 8),
             "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}".to_string(),
-            "{% macro f(s, n) %}{% if n %}{{ f(s ~ s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}{{ f('x' * 1000000, 5) }}".to_string(),
             "{{ ('x' * 99000000) | length }}".to_string(),
             // Constants: folded while compiling, unless bounded.
             "{{ ((('x' * 99999999) ~ ('x' * 99999999)) ~ (('x' * 99999999) ~ ('x' * 99999999))) ~ ((('x' * 99999999) ~ ('x' * 99999999)) ~ (('x' * 99999999) ~ ('x' * 99999999))) }}".to_string(),

@@ -105,6 +105,53 @@ emit: [{{ type: t.new }}]
     assert!(ok, "{err}");
 }
 
+/// Output captured by `{% set %}…{% endset %}`, `{% filter %}`, macros or
+/// `{% call %}` is rendered into minijinja's own buffer, beyond the output
+/// cap: a loop inside one built gigabytes. `validate` refuses them, naming
+/// the file, line and field; an inline `{% set x = … %}` is still fine.
+#[test]
+fn validate_refuses_templates_that_capture_output_beyond_the_cap() {
+    let connector = |body: &str| {
+        format!(
+            r#"
+name: c
+request:
+  url: "http://127.0.0.1:9/items"
+  headers: {{ X-Big: "{body}" }}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit: [{{ type: t.new }}]
+"#
+        )
+    };
+    let run = |body: &str| {
+        let d = Daemon::new(
+            &one_source_bridge("{}", "1m", ""),
+            &[("c.yaml", connector(body))],
+        );
+        let out = d.command(&["validate"]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for body in [
+        "{% set s %}{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}{% endset %}{{ s | length }}",
+        "{% filter upper %}{% for i in range(1000) %}x{% endfor %}{% endfilter %}",
+        "{% macro f() %}{% for i in range(1000) %}x{% endfor %}{% endmacro %}{{ f() }}",
+    ] {
+        let (ok, err) = run(body);
+        assert!(!ok, "{body}: accepted");
+        assert!(
+            err.contains("template limit") && err.contains("c.yaml:5") && err.contains("X-Big"),
+            "{body}: {err}"
+        );
+    }
+    let (ok, err) = run("{% set s = 'ab' %}{{ s }}");
+    assert!(ok, "{err}");
+}
+
 /// An access token only the token endpoint knows: pollhook learns it at
 /// run time.
 const TOKEN: &str = "at-Qm7Zk2Wp9Lx4Rv";
