@@ -478,6 +478,19 @@ async fn wrong_tokens_are_logged_and_a_client_that_keeps_guessing_waits() {
     assert_eq!(guess(TOKEN, "127.0.0.2").await.status(), 200);
     // A wrong token on the sign-in form counts and is logged as well.
     assert_eq!(sign_in(&d, "guess-two", "127.0.0.2").await.status(), 401);
+    // The daemon's log reaches the test through a pipe: wait for the last
+    // lines rather than read it at once (it lagged under a loaded machine).
+    wait_for(
+        "every failed attempt in the log",
+        Duration::from_secs(20),
+        || {
+            let log = d.log();
+            log.matches("admin token refused").count() >= 11
+                && log.contains("route=/login")
+                && log.contains("too many failed admin token attempts")
+        },
+    )
+    .await;
     let log = d.log();
     assert!(
         log.matches("admin token refused").count() >= 11,
