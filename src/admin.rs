@@ -332,7 +332,7 @@ pub struct StatusReport {
 pub struct ClusterReport {
     /// The node that answered.
     pub node: String,
-    pub nodes: Vec<crate::store::postgres::cluster::NodeRow>,
+    pub nodes: Vec<crate::store::postgres::coordination::NodeRow>,
     /// Leases that no node holds now (none in a healthy cluster, but for
     /// a lease time after a node died).
     pub unheld: Vec<String>,
