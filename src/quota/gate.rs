@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{advice, limiter, HostQuota, HostReport, HostStats, PauseListener, Rate, MAX_PAUSE};
+use crate::store::Coordination;
 
 /// Pause after a `429` that says nothing about when to come back: doubles per
 /// consecutive `429` up to [`MAX_BLIND_PAUSE`], reset by any other answer.

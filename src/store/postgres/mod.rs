@@ -59,6 +59,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
+use super::coordination::Notice;
 use super::records::*;
 use super::{Backend, Result, StoreError};
 
@@ -872,21 +873,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests;
 
-/// What nodes tell each other through `NOTIFY` on the schema's channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Notice {
-    /// New outbox entries of `instance` for `endpoint` (a commit, a replay).
-    Outbox { endpoint: String, instance: String },
-    /// A host's shared pause or pace changed (see `PgStore::share_pace`).
-    Pace(String),
-    /// An endpoint was disabled or enabled again: every node's worker
-    /// reads which it is now.
-    Endpoint(String),
-    /// Lease rows of removed instances were pruned: a node whose
-    /// configuration still has one adds it back.
-    Leases,
-}
-
+/// A [`Notice`] as `NOTIFY` sends it on the schema's channel.
 impl Notice {
     /// One line: `o\t<endpoint>\t<instance>` or `p\t<host>` (names never
     /// hold a tab: configuration names are identifiers, hosts are hosts).

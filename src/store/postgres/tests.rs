@@ -1,4 +1,5 @@
 use super::*;
+use crate::store::Coordination;
 
 /// The server's refusal of the data it was given (here a duplicate
 /// key, whose `DETAIL` is a line of its own) is `Refused`, on one line;
