@@ -34,6 +34,8 @@ pub mod sled;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod coordination_conformance;
 
 pub use coordination::{Coordination, Coordinator, HostPace, LeaseRow, NodeRow, Notice};
 pub use postgres::valid_schema;
