@@ -159,7 +159,7 @@ pub async fn run(
     ops.configure(config.operations.clone());
     let hosts = Arc::new(HostGates::in_cluster(
         &config.hosts,
-        cluster.clone(),
+        cluster.as_ref().map(|c| c.store().clone()),
         Some(ops.clone()),
     ));
     let shared = Arc::new(Shared {
