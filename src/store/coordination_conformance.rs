@@ -303,6 +303,37 @@ async fn membership_follows_heartbeats<F: CoordFixture>() {
     assert_eq!(b.heartbeat("b", 2, 200).await.unwrap(), 1);
 }
 
+/// Pruning deletes the leases of removed keys that nobody else holds
+/// (free, its own, or lapsed) and keeps one another node holds.
+async fn pruning_keeps_leases_held_by_another_node<F: CoordFixture>() {
+    let f = F::open().await;
+    let (a, b) = (f.handle().await, f.handle().await);
+    let k = keys(5);
+    a.ensure_leases(&k).await.unwrap();
+    // Two live leases of b's, one of a's, one of c's that lapses, one free.
+    let held_by_b: BTreeSet<String> = b
+        .claim("b", 60_000, 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    assert_eq!(a.claim("a", 60_000, 1).await.unwrap().len(), 1);
+    assert_eq!(b.claim("c", 200, 1).await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (pruned, kept) = a.prune_leases("a", &k).await.unwrap();
+    assert_eq!(pruned, 3);
+    assert_eq!(kept, held_by_b);
+    let left: BTreeSet<String> = b
+        .leases()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    assert_eq!(left, held_by_b);
+}
+
 /// Runs every check against one coordination's fixture.
 macro_rules! suite {
     ($name:ident, $fixture:ty) => {
@@ -313,7 +344,8 @@ macro_rules! suite {
                 a_stale_fencing_token_is_refused,
                 bookings_never_exceed_the_quota,
                 a_wake_up_is_delivered,
-                membership_follows_heartbeats
+                membership_follows_heartbeats,
+                pruning_keeps_leases_held_by_another_node
             );
         }
     };

@@ -334,3 +334,43 @@ impl Coordination for SingleNode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that fell more than the backlog behind is told so (an
+    /// error: its caller rescans), as after a lost `LISTEN` connection.
+    #[tokio::test]
+    async fn a_listener_too_far_behind_fails_and_is_not_left_waiting() {
+        let c = std::sync::Arc::new(SingleNode::default());
+        let (tx, mut rx) = mpsc::channel(1);
+        let listener = {
+            let c = c.clone();
+            tokio::spawn(async move { c.listen(tx).await })
+        };
+        while c.wake.receiver_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        for i in 0..WAKE_BACKLOG + 10 {
+            c.notify(Notice::Pace(format!("h{i}")));
+        }
+        let ended = loop {
+            if listener.is_finished() {
+                break listener.await.unwrap();
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(10), rx.recv()).await;
+        };
+        assert!(ended.is_err(), "{ended:?}");
+    }
+
+    /// Nodes silent for an hour are forgotten at the next heartbeat.
+    #[tokio::test]
+    async fn silent_nodes_are_forgotten() {
+        let c = SingleNode::default();
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.table().nodes.get_mut("a").unwrap().heartbeat_ms -= FORGET_MS + 1.0;
+        assert_eq!(c.heartbeat("b", 1, i64::MAX / 2).await.unwrap(), 1);
+        assert_eq!(c.nodes().await.unwrap().len(), 1);
+    }
+}
