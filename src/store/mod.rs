@@ -9,6 +9,11 @@
 //! top of the seam; and the conformance suite (`conformance.rs`), which
 //! every backend must pass.
 //!
+//! Beside it, the coordination seam ([`Coordination`], `coordination.rs`):
+//! what the nodes sharing a store agree on (leases, bookings, wake-ups),
+//! with a PostgreSQL implementation and an in-process one ([`SingleNode`])
+//! for sled; [`Store::coordination`] gives the one that fits.
+//!
 //! The one invariant this module exists for: [`Backend::commit_poll`]
 //! writes an instance's new state (cursor, seen ids, snapshot) and the
 //! outbox entries of the events that state change produced in ONE

@@ -237,7 +237,7 @@ pub struct PgStore {
     /// (`attempts`, exports, pruning, `flush`) write the batch first.
     pending_attempts: Arc<std::sync::Mutex<(Vec<AttemptRecord>, Option<std::time::Instant>)>>,
     /// The connection settings, for the `LISTEN` connection, which lives
-    /// outside the pool (see [`PgStore::listen`]).
+    /// outside the pool (see `Coordination::listen`).
     config: Arc<tokio_postgres::Config>,
     /// The `NOTIFY` channel of this schema: new outbox entries and shared
     /// host pauses are announced there (see [`Notice`]).
