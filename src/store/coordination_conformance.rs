@@ -106,8 +106,11 @@ async fn leases_are_exclusive<F: CoordFixture>() {
     // Given back, a lease is free for the next claim at once.
     let give: Vec<String> = ka.iter().take(1).cloned().collect();
     a.release("a", &give).await.unwrap();
-    // Only by its holder.
-    b.release("a", &[]).await.unwrap();
+    // Only by its holder: another node naming them frees nothing.
+    let all_of_a: Vec<String> = ka.iter().cloned().collect();
+    b.release("b", &all_of_a).await.unwrap();
+    assert!(a.claim("c", 60_000, 6).await.unwrap().len() == 1);
+    a.release("c", &give).await.unwrap();
     let got = b.claim("b", 60_000, 6).await.unwrap();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0, give[0]);
