@@ -332,7 +332,7 @@ pub struct StatusReport {
 pub struct ClusterReport {
     /// The node that answered.
     pub node: String,
-    pub nodes: Vec<crate::store::postgres::cluster::NodeRow>,
+    pub nodes: Vec<crate::store::NodeRow>,
     /// Leases that no node holds now (none in a healthy cluster, but for
     /// a lease time after a node died).
     pub unheld: Vec<String>,
@@ -375,12 +375,14 @@ async fn status(State(s): State<AdminState>) -> Json<StatusReport> {
 /// read from the store.
 pub(crate) async fn full_report(s: &AdminState) -> StatusReport {
     let mut r = report(s);
-    if let (Some(node), Some(pg)) = (&s.node, s.store.postgres()) {
+    if let Some(node) = &s.node {
+        use crate::store::Coordination;
+        let coordination = s.store.coordination();
         let mut c = ClusterReport {
             node: node.clone(),
             ..Default::default()
         };
-        match tokio::try_join!(pg.nodes(), pg.leases()) {
+        match tokio::try_join!(coordination.nodes(), coordination.leases()) {
             Ok((nodes, leases)) => {
                 c.nodes = nodes;
                 for l in leases {

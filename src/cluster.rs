@@ -49,8 +49,7 @@ use tracing::{info, warn};
 use crate::daemon::Live;
 use crate::quota::HostGates;
 use crate::status::Status;
-use crate::store::postgres::{Notice, PgStore};
-use crate::store::Fence;
+use crate::store::{Coordination, Coordinator, Fence, Notice};
 
 /// What a node does with its leases in one round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +113,7 @@ pub struct Cluster {
     /// `POLLHOOK_NODE_NAME`), unique per process so that a restarted node
     /// never inherits leases it cannot know it held.
     pub node: String,
-    store: PgStore,
+    store: Coordinator,
     /// How long a lease lasts without renewal (`store.lease`).
     pub lease: Duration,
     started_ms: i64,
@@ -221,7 +220,7 @@ fn node_name() -> String {
 }
 
 impl Cluster {
-    pub fn new(store: PgStore, lease: Duration, shutdown: CancellationToken) -> Arc<Cluster> {
+    pub fn new(store: Coordinator, lease: Duration, shutdown: CancellationToken) -> Arc<Cluster> {
         Arc::new(Cluster {
             node: node_name(),
             store,
@@ -618,8 +617,8 @@ impl Cluster {
         }
     }
 
-    /// The store, for the cluster's shared quotas.
-    pub fn store(&self) -> &PgStore {
+    /// The coordination, for the cluster's shared quotas.
+    pub fn store(&self) -> &Coordinator {
         &self.store
     }
 }

@@ -151,14 +151,15 @@ pub async fn run(
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let cluster = store
-        .postgres()
-        .map(|pg| crate::cluster::Cluster::new(pg.clone(), config.lease, shutdown.clone()));
+    let coordination = store.coordination();
+    let cluster = coordination
+        .is_shared()
+        .then(|| crate::cluster::Cluster::new(coordination, config.lease, shutdown.clone()));
     let ops = Arc::new(crate::opsevents::Ops::default());
     ops.configure(config.operations.clone());
     let hosts = Arc::new(HostGates::in_cluster(
         &config.hosts,
-        cluster.clone(),
+        cluster.as_ref().map(|c| c.store().clone()),
         Some(ops.clone()),
     ));
     let shared = Arc::new(Shared {

@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{advice, limiter, HostQuota, HostReport, HostStats, PauseListener, Rate, MAX_PAUSE};
+use crate::store::{Coordination, Coordinator};
 
 /// Pause after a `429` that says nothing about when to come back: doubles per
 /// consecutive `429` up to [`MAX_BLIND_PAUSE`], reset by any other answer.
@@ -40,9 +41,9 @@ pub struct HostGate {
     /// The configured rate and burst, booked in the cluster's store so
     /// that the nodes together keep them (see [`crate::gcra`]).
     shared_rate: Option<(Rate, u32)>,
-    /// The cluster this node is part of, if any: its quota bookings and
-    /// shared pauses.
-    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The coordination of the cluster this node is part of, if any: its
+    /// quota bookings and shared pauses.
+    cluster: Option<Coordinator>,
     /// Where a long pause is announced (`pollhook.quota.throttled`).
     ops: Option<Arc<dyn PauseListener>>,
 }
@@ -101,7 +102,7 @@ impl HostGate {
         name: String,
         quota: Option<&HostQuota>,
         stats: Arc<HostStats>,
-        cluster: Option<Arc<crate::cluster::Cluster>>,
+        cluster: Option<Coordinator>,
         ops: Option<Arc<dyn PauseListener>>,
     ) -> Self {
         let rate = quota.and_then(|q| q.rate.map(|r| (r, q.burst)));
@@ -141,7 +142,6 @@ impl HostGate {
             (None, None) => return,
         };
         match cluster
-            .store()
             .book(&format!("host:{}", self.name), interval, burst, false)
             .await
         {
@@ -257,7 +257,7 @@ impl HostGate {
             // the store's notice).
             if pause.is_some() || a.spacing.is_some() || status == 429 {
                 let gap = t.gap().map(|g| (g, SHARED_PACE_FOR));
-                let (store, host) = (c.store().clone(), self.name.clone());
+                let (store, host) = (c.clone(), self.name.clone());
                 tokio::spawn(async move {
                     if let Err(e) = store.share_pace(&host, pause, gap).await {
                         tracing::warn!(host = %host, error = %e, "cannot share the host's pause with the cluster");
@@ -323,9 +323,9 @@ pub struct HostGates {
     /// host drops its gate; the counters stay here and go on, so
     /// `pollhook_upstream_*_total` never go backwards.
     stats: Mutex<BTreeMap<String, Arc<HostStats>>>,
-    /// The cluster, when the store is shared: quotas and pauses hold for
-    /// every node.
-    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The cluster's coordination, when the store is shared: quotas and
+    /// pauses hold for every node.
+    cluster: Option<Coordinator>,
     /// Operational events (long pauses).
     ops: Option<Arc<dyn PauseListener>>,
 }
@@ -335,10 +335,11 @@ impl HostGates {
         Self::in_cluster(hosts, None, None)
     }
 
-    /// Gates whose quotas and pauses are shared by `cluster`'s nodes.
+    /// Gates whose quotas and pauses are shared by the nodes of the
+    /// coordination `cluster`.
     pub fn in_cluster(
         hosts: &BTreeMap<String, HostQuota>,
-        cluster: Option<Arc<crate::cluster::Cluster>>,
+        cluster: Option<Coordinator>,
         ops: Option<Arc<dyn PauseListener>>,
     ) -> Self {
         let gates = HostGates {

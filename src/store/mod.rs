@@ -9,6 +9,11 @@
 //! top of the seam; and the conformance suite (`conformance.rs`), which
 //! every backend must pass.
 //!
+//! Beside it, the coordination seam ([`Coordination`], `coordination.rs`):
+//! what the nodes sharing a store agree on (leases, bookings, wake-ups),
+//! with a PostgreSQL implementation and an in-process one ([`SingleNode`])
+//! for sled; [`Store::coordination`] gives the one that fits.
+//!
 //! The one invariant this module exists for: [`Backend::commit_poll`]
 //! writes an instance's new state (cursor, seen ids, snapshot) and the
 //! outbox entries of the events that state change produced in ONE
@@ -25,15 +30,22 @@ use std::future::Future;
 use std::path::Path;
 
 pub mod backup;
-pub mod postgres;
+mod coordination;
+mod postgres;
 mod records;
 pub mod retention;
+mod single_node;
 pub mod sled;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod coordination_conformance;
 
+pub use coordination::{Coordination, Coordinator, HostPace, LeaseRow, NodeRow, Notice};
+pub use postgres::valid_schema;
 pub use records::*;
+pub use single_node::SingleNode;
 
 /// Store errors name the operation and say the backend's own error: most
 /// are logged or shown on `/status` with `{}` alone, where a `#[source]`
@@ -476,13 +488,6 @@ impl Store {
     }
     pub async fn enqueue(&self, deliveries: &[(String, OutboxEntry)]) -> Result<()> {
         dispatch!(self, b => b.enqueue(deliveries).await)
-    }
-    /// The PostgreSQL store, when it is one (the cluster's operations).
-    pub fn postgres(&self) -> Option<&postgres::PgStore> {
-        match self {
-            Store::Postgres(p) => Some(p),
-            Store::Sled(_) => None,
-        }
     }
     pub async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
         check_name(instance)?;

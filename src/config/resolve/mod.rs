@@ -283,7 +283,7 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 /// does nothing is a mistake).
 fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store::Location {
     use super::raw::StoreBackend;
-    use crate::store::{postgres, Location};
+    use crate::store::{valid_schema, Location};
     let sled = Location::Sled(state_dir_of(file, raw.state_dir.as_deref()));
     let Some(st) = &raw.store else {
         return sled;
@@ -310,7 +310,7 @@ fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store
         }
         Some(StoreBackend::Postgres) => {
             let schema = match &st.schema {
-                Some(s) if !postgres::valid_schema(&s.value) => {
+                Some(s) if !valid_schema(&s.value) => {
                     diag.at_span(
                         s,
                         "store.schema",

@@ -1,5 +1,6 @@
-//! What several nodes on one PostgreSQL store share beyond the seam:
-//! heartbeats, leases, host quotas and pauses, and `LISTEN/NOTIFY`. The
+//! The coordination seam ([`Coordination`]) on PostgreSQL, for several
+//! nodes on one schema: heartbeats, leases, host quotas and pauses, and
+//! `LISTEN/NOTIFY`. The
 //! policy (how many leases to hold, when to renew) is `crate::cluster`'s;
 //! this file is its SQL.
 //!
@@ -10,45 +11,15 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use super::{pg_err, PgStore};
+use crate::store::coordination::{Coordination, HostPace, LeaseRow, NodeRow, Notice};
+use crate::store::{Fence, Result, StoreError};
 
-use super::{pg_err, Notice, PgStore};
-use crate::store::{Result, StoreError};
-
-/// A node of the cluster as the `nodes` table has it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeRow {
-    pub node: String,
-    pub started_ms: i64,
-    /// Milliseconds since its last heartbeat, by the database's clock.
-    pub heartbeat_age_ms: i64,
-    /// Leases it holds now (instances and discoveries).
-    pub leases: i64,
-}
-
-/// A lease as the `lease` table has it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LeaseRow {
-    pub key: String,
-    pub owner: Option<String>,
-    pub epoch: i64,
-    /// Milliseconds until it lapses (negative: lapsed).
-    pub left_ms: i64,
-}
-
-/// A host's shared pause and pace, by the database's clock.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostPace {
-    pub host: String,
-    pub paused_for: Duration,
-    pub gap: Option<Duration>,
-}
-
-impl PgStore {
+impl Coordination for PgStore {
     /// Records that `node` is alive, and returns how many nodes are (a
     /// heartbeat younger than `alive_ms`). Nodes silent for an hour are
     /// forgotten.
-    pub async fn heartbeat(&self, node: &str, started_ms: i64, alive_ms: i64) -> Result<i64> {
+    async fn heartbeat(&self, node: &str, started_ms: i64, alive_ms: i64) -> Result<i64> {
         self.exec_relaxed(
             "heartbeat",
             "WITH gone AS (DELETE FROM nodes WHERE heartbeat_ms < now_ms() - 3600000)
@@ -69,14 +40,14 @@ impl PgStore {
 
     /// A node that stops says so: its row goes, so the others count one
     /// node fewer at once.
-    pub async fn leave(&self, node: &str) -> Result<()> {
+    async fn leave(&self, node: &str) -> Result<()> {
         self.exec("leave", "DELETE FROM nodes WHERE node = $1", &[&node])
             .await
             .map(drop)
     }
 
     /// Makes sure every key has a lease row (unowned when new).
-    pub async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
+    async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
         self.exec_relaxed(
             "add leases",
             "INSERT INTO lease (instance) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -89,7 +60,7 @@ impl PgStore {
     /// Extends every lease `node` holds by `lease_ms`; returns them with
     /// their epochs. A lease that lapsed but that nobody claimed is still
     /// the node's (same epoch: nobody else polled in between).
-    pub async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
+    async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
         let rows = self
             .query(
                 "renew leases",
@@ -101,7 +72,7 @@ impl PgStore {
     }
 
     /// How many leases there are (instances with work, and discoveries).
-    pub async fn lease_count(&self) -> Result<i64> {
+    async fn lease_count(&self) -> Result<i64> {
         let rows = self
             .query("count leases", "SELECT count(*) FROM lease", &[])
             .await?;
@@ -112,7 +83,7 @@ impl PgStore {
     /// their epochs. `FOR UPDATE SKIP LOCKED`: nodes claiming at once take
     /// different rows, and a row whose owner is committing under it (the
     /// fenced commit locks it) is left alone.
-    pub async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
+    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
         let rows = self
             .query(
                 "claim leases",
@@ -132,7 +103,7 @@ impl PgStore {
 
     /// Gives leases back (a node shedding load for a newcomer, or
     /// stopping): the next claim by any node takes them at once.
-    pub async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
+    async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
         self.exec(
             "release leases",
             "UPDATE lease SET owner = NULL, until_ms = 0 WHERE owner = $1 AND instance = ANY($2)",
@@ -145,11 +116,7 @@ impl PgStore {
     /// Deletes the lease rows of `keys` (no longer configured) that no
     /// other node holds and that have no outbox entries left, and tells
     /// every node. Returns how many went, and the keys whose rows stay.
-    pub async fn prune_leases(
-        &self,
-        node: &str,
-        keys: &[String],
-    ) -> Result<(u64, BTreeSet<String>)> {
+    async fn prune_leases(&self, node: &str, keys: &[String]) -> Result<(u64, BTreeSet<String>)> {
         const OP: &str = "prune leases";
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err(OP))?;
@@ -183,7 +150,7 @@ impl PgStore {
     }
 
     /// The nodes, newest heartbeat first, with the leases each holds.
-    pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
+    async fn nodes(&self) -> Result<Vec<NodeRow>> {
         let rows = self
             .query(
                 "read nodes",
@@ -205,7 +172,7 @@ impl PgStore {
     }
 
     /// Every lease.
-    pub async fn leases(&self) -> Result<Vec<LeaseRow>> {
+    async fn leases(&self) -> Result<Vec<LeaseRow>> {
         let rows = self
             .query(
                 "read leases",
@@ -224,15 +191,28 @@ impl PgStore {
             .collect())
     }
 
+    /// The test of a fenced commit (`commit_poll` makes it under the lease
+    /// row's lock), without the lock.
+    async fn fence_holds(&self, key: &str, fence: &Fence) -> Result<bool> {
+        let rows = self
+            .query(
+                "check fence",
+                "SELECT 1 FROM lease WHERE instance = $1 AND owner = $2 AND epoch = $3",
+                &[&key, &fence.owner, &fence.epoch],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
     /// Books a slot of a quota shared through the database (see
     /// [`crate::gcra`]): `FOR UPDATE` serialises the nodes on the row,
     /// and the database's clock is the only one used. The host's shared
-    /// pause and pace (see [`PgStore::share_pace`]) hold the slot back
+    /// pause and pace (see [`Coordination::share_pace`]) hold the slot back
     /// and widen the interval. `durable`: committed with the server's
     /// `synchronous_commit` (a long-window quota) or without waiting for
     /// the disk (a host's per-second rate, where a crash losing the last
     /// few bookings costs nothing).
-    pub async fn book(
+    async fn book(
         &self,
         key: &str,
         interval_ms: f64,
@@ -278,8 +258,8 @@ impl PgStore {
 
     /// Shares what one node learned of a host: a pause (`Retry-After`)
     /// and a pace (least time between requests) valid for `gap_for`. Every
-    /// node applies it (see [`PgStore::paces`]), at once through `NOTIFY`.
-    pub async fn share_pace(
+    /// node applies it (see [`Coordination::paces`]), at once through `NOTIFY`.
+    async fn share_pace(
         &self,
         host: &str,
         pause: Option<Duration>,
@@ -310,7 +290,7 @@ impl PgStore {
     }
 
     /// Hosts paused or paced now, as any node shared them.
-    pub async fn paces(&self) -> Result<Vec<HostPace>> {
+    async fn paces(&self) -> Result<Vec<HostPace>> {
         let rows = self
             .query(
                 "read host pauses",
@@ -338,7 +318,7 @@ impl PgStore {
     /// goes to `tx` until the connection drops or `tx` closes. The caller
     /// listens again after an error (and rescans: notices sent while
     /// nobody listened are gone).
-    pub async fn listen(&self, tx: tokio::sync::mpsc::Sender<Notice>) -> Result<()> {
+    async fn listen(&self, tx: tokio::sync::mpsc::Sender<Notice>) -> Result<()> {
         let (client, mut conn) = self
             .config
             .connect(tokio_postgres::NoTls)

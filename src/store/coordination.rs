@@ -1,0 +1,262 @@
+//! The coordination seam: what the nodes sharing a store agree on, beside
+//! the storage seam ([`super::Backend`]).
+//!
+//! [`Coordination`] is written once as a trait, in the shape of the
+//! storage seam (async operations, static dispatch, one enum handle):
+//! - **membership**: heartbeats, leaving, the nodes alive;
+//! - **leases** with fencing tokens: rows made to exist, claimed (the
+//!   epoch, the fencing token, raised at every claim), renewed, given
+//!   back, pruned, and the epoch check ([`Coordination::fence_holds`], the
+//!   same test a fenced commit makes under the lease row's lock);
+//! - **quota bookings**: GCRA reservations ([`crate::gcra`]) of host quotas
+//!   shared by every node, and hosts' shared pauses and paces;
+//! - **wake-ups** ([`Notice`]): new outbox entries, host paces, endpoint
+//!   flags, pruned leases.
+//!
+//! Two implementations: PostgreSQL (`postgres/coordination.rs`: the
+//! database's clock, `FOR UPDATE`, `LISTEN/NOTIFY`) for nodes sharing a
+//! schema, and [`SingleNode`] (`single_node.rs`) for a store no other
+//! process opens (sled): a lease table, bookings and wake-ups in this
+//! process's memory. [`Coordinator`] is the handle; [`Store::coordination`]
+//! gives the one that fits the store. The conformance suite
+//! (`coordination_conformance.rs`) runs the same checks on both.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::single_node::SingleNode;
+use super::{postgres, Fence, Result, Store};
+
+/// A node as the coordination has it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeRow {
+    pub node: String,
+    pub started_ms: i64,
+    /// Milliseconds since its last heartbeat, by the coordination's clock.
+    pub heartbeat_age_ms: i64,
+    /// Leases it holds now (instances and discoveries).
+    pub leases: i64,
+}
+
+/// A lease as the coordination has it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeaseRow {
+    pub key: String,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Milliseconds until it lapses (negative: lapsed).
+    pub left_ms: i64,
+}
+
+/// A host's shared pause and pace, by the coordination's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostPace {
+    pub host: String,
+    pub paused_for: Duration,
+    pub gap: Option<Duration>,
+}
+
+/// A wake-up: what one node tells the others (and itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// New outbox entries of `instance` for `endpoint` (a commit, a replay).
+    Outbox { endpoint: String, instance: String },
+    /// A host's shared pause or pace changed (see
+    /// [`Coordination::share_pace`]).
+    Pace(String),
+    /// An endpoint was disabled or enabled again: every node's worker
+    /// reads which it is now.
+    Endpoint(String),
+    /// Lease rows of removed instances were pruned: a node whose
+    /// configuration still has one adds it back.
+    Leases,
+}
+
+/// What nodes agree on. Every operation is async; times are the
+/// implementation's own clock (the database's for PostgreSQL), never the
+/// caller's.
+pub trait Coordination: Send + Sync {
+    /// Records that `node` is alive, and returns how many nodes are (a
+    /// heartbeat younger than `alive_ms`). Nodes silent for an hour are
+    /// forgotten.
+    fn heartbeat(
+        &self,
+        node: &str,
+        started_ms: i64,
+        alive_ms: i64,
+    ) -> impl Future<Output = Result<i64>> + Send;
+    /// A node that stops says so: the others count one node fewer at once.
+    fn leave(&self, node: &str) -> impl Future<Output = Result<()>> + Send;
+    /// The nodes, newest heartbeat first, with the leases each holds.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>>> + Send;
+
+    /// Makes sure every key has a lease (unowned when new).
+    fn ensure_leases(&self, keys: &[String]) -> impl Future<Output = Result<()>> + Send;
+    /// How many leases there are.
+    fn lease_count(&self) -> impl Future<Output = Result<i64>> + Send;
+    /// Extends every lease `node` holds by `lease_ms`; returns them with
+    /// their epochs. A lease that lapsed but that nobody claimed is still
+    /// the node's (same epoch).
+    fn renew(
+        &self,
+        node: &str,
+        lease_ms: i64,
+    ) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
+    /// Claims up to `n` leases that nobody holds or that lapsed, raising
+    /// their epochs (the fencing token); nodes claiming at once take
+    /// different ones.
+    fn claim(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        n: i64,
+    ) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
+    /// Gives leases back: the next claim by any node takes them at once.
+    fn release(&self, node: &str, keys: &[String]) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes the leases of `keys` (no longer configured) that no other
+    /// node holds (and, where the coordination shares the outbox, that have
+    /// no entries left), and tells every node. Returns how many went, and
+    /// the keys whose leases stay.
+    fn prune_leases(
+        &self,
+        node: &str,
+        keys: &[String],
+    ) -> impl Future<Output = Result<(u64, BTreeSet<String>)>> + Send;
+    /// Every lease.
+    fn leases(&self) -> impl Future<Output = Result<Vec<LeaseRow>>> + Send;
+    /// Whether `key`'s lease is still `fence.owner`'s at `fence.epoch`:
+    /// the check a fenced commit makes. A stale token (a lower epoch, or
+    /// another owner) is refused.
+    fn fence_holds(&self, key: &str, fence: &Fence) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Books a slot of the quota `key` (see [`crate::gcra`]) and returns
+    /// how long to wait for it; the host's shared pause and pace (`key`
+    /// `host:<host>`, see [`Coordination::share_pace`]) hold the slot back
+    /// and widen the interval. `durable`: the booking must survive a crash.
+    fn book(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+        durable: bool,
+    ) -> impl Future<Output = Result<Duration>> + Send;
+    /// Shares what one node learned of a host: a pause and a pace (least
+    /// time between requests) valid for `gap.1`; every node hears
+    /// [`Notice::Pace`].
+    fn share_pace(
+        &self,
+        host: &str,
+        pause: Option<Duration>,
+        gap: Option<(Duration, Duration)>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Hosts paused or paced now, as any node shared them.
+    fn paces(&self) -> impl Future<Output = Result<Vec<HostPace>>> + Send;
+
+    /// Sends every wake-up to `tx` until the source fails (an error: the
+    /// caller listens again and rescans, as wake-ups sent meanwhile are
+    /// gone) or `tx` closes (`Ok`).
+    fn listen(&self, tx: mpsc::Sender<Notice>) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The coordination handle the daemon holds: cheap to clone, dispatching
+/// to the implementation that fits the store.
+#[derive(Clone)]
+pub enum Coordinator {
+    /// Nodes sharing a PostgreSQL schema.
+    Postgres(postgres::PgStore),
+    /// This process alone.
+    SingleNode(Arc<SingleNode>),
+}
+
+impl Coordinator {
+    /// Whether other processes may take part (several nodes): a node then
+    /// keeps leases in rounds; alone, nothing needs a lease.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Coordinator::Postgres(_))
+    }
+}
+
+impl Store {
+    /// The coordination that fits this store: PostgreSQL's for a
+    /// PostgreSQL store (nodes may share it), a fresh [`SingleNode`] for
+    /// sled (no other process opens it). Take it once and clone it.
+    pub fn coordination(&self) -> Coordinator {
+        match self {
+            Store::Postgres(p) => Coordinator::Postgres(p.clone()),
+            Store::Sled(_) => Coordinator::SingleNode(Arc::new(SingleNode::default())),
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $c:ident => $call:expr) => {
+        match $self {
+            Coordinator::Postgres($c) => $call,
+            Coordinator::SingleNode($c) => $call,
+        }
+    };
+}
+
+impl Coordination for Coordinator {
+    async fn heartbeat(&self, node: &str, started_ms: i64, alive_ms: i64) -> Result<i64> {
+        dispatch!(self, c => c.heartbeat(node, started_ms, alive_ms).await)
+    }
+    async fn leave(&self, node: &str) -> Result<()> {
+        dispatch!(self, c => c.leave(node).await)
+    }
+    async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        dispatch!(self, c => c.nodes().await)
+    }
+    async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
+        dispatch!(self, c => c.ensure_leases(keys).await)
+    }
+    async fn lease_count(&self) -> Result<i64> {
+        dispatch!(self, c => c.lease_count().await)
+    }
+    async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
+        dispatch!(self, c => c.renew(node, lease_ms).await)
+    }
+    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
+        dispatch!(self, c => c.claim(node, lease_ms, n).await)
+    }
+    async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
+        dispatch!(self, c => c.release(node, keys).await)
+    }
+    async fn prune_leases(&self, node: &str, keys: &[String]) -> Result<(u64, BTreeSet<String>)> {
+        dispatch!(self, c => c.prune_leases(node, keys).await)
+    }
+    async fn leases(&self) -> Result<Vec<LeaseRow>> {
+        dispatch!(self, c => c.leases().await)
+    }
+    async fn fence_holds(&self, key: &str, fence: &Fence) -> Result<bool> {
+        dispatch!(self, c => c.fence_holds(key, fence).await)
+    }
+    async fn book(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+        durable: bool,
+    ) -> Result<Duration> {
+        dispatch!(self, c => c.book(key, interval_ms, burst, durable).await)
+    }
+    async fn share_pace(
+        &self,
+        host: &str,
+        pause: Option<Duration>,
+        gap: Option<(Duration, Duration)>,
+    ) -> Result<()> {
+        dispatch!(self, c => c.share_pace(host, pause, gap).await)
+    }
+    async fn paces(&self) -> Result<Vec<HostPace>> {
+        dispatch!(self, c => c.paces().await)
+    }
+    async fn listen(&self, tx: mpsc::Sender<Notice>) -> Result<()> {
+        dispatch!(self, c => c.listen(tx).await)
+    }
+}

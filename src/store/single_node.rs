@@ -1,0 +1,376 @@
+//! The coordination of a store that no other process opens (sled): the
+//! same lease table, bookings and wake-ups as PostgreSQL's, kept in this
+//! process's memory. With one node, it claims every lease and nobody takes
+//! one from it (leases are always held); bookings are local GCRA
+//! ([`crate::gcra::reserve`]); wake-ups go through a tokio broadcast
+//! channel to every listener of this process.
+//!
+//! Times are milliseconds on this process's monotonic clock (from the
+//! coordination's creation), so a wall-clock step never lapses a lease.
+//! Nothing here is persisted: a restart starts with no leases and no
+//! bookings, which for one node is what PostgreSQL's rows amount to too
+//! (its leases were given back at stop, a booking's slot has passed).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc};
+
+use super::coordination::{Coordination, HostPace, LeaseRow, NodeRow, Notice};
+use super::{Fence, Result, StoreError};
+
+/// How many wake-ups a slow listener may fall behind before it is told to
+/// rescan (as after a lost `LISTEN` connection).
+const WAKE_BACKLOG: usize = 1024;
+
+/// Nodes silent this long are forgotten (as PostgreSQL's `nodes` rows).
+const FORGET_MS: f64 = 3_600_000.0;
+
+#[derive(Debug, Clone)]
+struct Lease {
+    owner: Option<String>,
+    epoch: i64,
+    until_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    started_ms: i64,
+    heartbeat_ms: f64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Quota {
+    tat_ms: f64,
+    paused_until_ms: f64,
+    gap_ms: f64,
+    gap_until_ms: f64,
+}
+
+#[derive(Default)]
+struct Table {
+    nodes: HashMap<String, Node>,
+    leases: BTreeMap<String, Lease>,
+    quota: HashMap<String, Quota>,
+}
+
+/// One process's coordination (see the module doc).
+pub struct SingleNode {
+    origin: Instant,
+    table: Mutex<Table>,
+    wake: broadcast::Sender<Notice>,
+}
+
+impl Default for SingleNode {
+    fn default() -> Self {
+        SingleNode {
+            origin: Instant::now(),
+            table: Mutex::new(Table::default()),
+            wake: broadcast::Sender::new(WAKE_BACKLOG),
+        }
+    }
+}
+
+impl SingleNode {
+    fn now_ms(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        // A panic under this lock leaves plain values behind, each
+        // consistent on its own: going on is safe.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes every listener of this process (none listening: nothing to
+    /// wake).
+    pub fn notify(&self, notice: Notice) {
+        let _ = self.wake.send(notice);
+    }
+}
+
+impl Coordination for SingleNode {
+    async fn heartbeat(&self, node: &str, started_ms: i64, alive_ms: i64) -> Result<i64> {
+        let now = self.now_ms();
+        let mut t = self.table();
+        t.nodes.retain(|_, n| n.heartbeat_ms >= now - FORGET_MS);
+        t.nodes
+            .entry(node.to_string())
+            .and_modify(|n| n.heartbeat_ms = now)
+            .or_insert(Node {
+                started_ms,
+                heartbeat_ms: now,
+            });
+        Ok(t.nodes
+            .values()
+            .filter(|n| n.heartbeat_ms > now - alive_ms as f64)
+            .count() as i64)
+    }
+
+    async fn leave(&self, node: &str) -> Result<()> {
+        self.table().nodes.remove(node);
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let now = self.now_ms();
+        let t = self.table();
+        let mut rows: Vec<(f64, NodeRow)> = t
+            .nodes
+            .iter()
+            .map(|(name, n)| {
+                let leases = t
+                    .leases
+                    .values()
+                    .filter(|l| l.owner.as_deref() == Some(name) && l.until_ms > now)
+                    .count() as i64;
+                (
+                    n.heartbeat_ms,
+                    NodeRow {
+                        node: name.clone(),
+                        started_ms: n.started_ms,
+                        heartbeat_age_ms: (now - n.heartbeat_ms) as i64,
+                        leases,
+                    },
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.node.cmp(&b.1.node)));
+        Ok(rows.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
+        let mut t = self.table();
+        for k in keys {
+            t.leases.entry(k.clone()).or_insert(Lease {
+                owner: None,
+                epoch: 0,
+                until_ms: 0.0,
+            });
+        }
+        Ok(())
+    }
+
+    async fn lease_count(&self) -> Result<i64> {
+        Ok(self.table().leases.len() as i64)
+    }
+
+    async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
+        let until = self.now_ms() + lease_ms as f64;
+        let mut t = self.table();
+        Ok(t.leases
+            .iter_mut()
+            .filter(|(_, l)| l.owner.as_deref() == Some(node))
+            .map(|(k, l)| {
+                l.until_ms = until;
+                (k.clone(), l.epoch)
+            })
+            .collect())
+    }
+
+    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
+        let now = self.now_ms();
+        let mut t = self.table();
+        // The order PostgreSQL's claim takes: the longest lapsed first.
+        let mut free: Vec<(f64, String)> = t
+            .leases
+            .iter()
+            .filter(|(_, l)| l.owner.is_none() || l.until_ms < now)
+            .map(|(k, l)| (l.until_ms, k.clone()))
+            .collect();
+        free.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        let mut got = Vec::new();
+        for (_, k) in free.into_iter().take(n.max(0) as usize) {
+            let l = t.leases.get_mut(&k).expect("a key just listed");
+            l.owner = Some(node.to_string());
+            l.epoch += 1;
+            l.until_ms = now + lease_ms as f64;
+            got.push((k, l.epoch));
+        }
+        Ok(got)
+    }
+
+    async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
+        let mut t = self.table();
+        for k in keys {
+            if let Some(l) = t.leases.get_mut(k) {
+                if l.owner.as_deref() == Some(node) {
+                    l.owner = None;
+                    l.until_ms = 0.0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Without the outbox test PostgreSQL makes: this coordination does
+    /// not see the store's outbox, and with one node the worker of a
+    /// pruned key is this process's, which delivers every lane anyway.
+    async fn prune_leases(&self, node: &str, keys: &[String]) -> Result<(u64, BTreeSet<String>)> {
+        let now = self.now_ms();
+        let mut pruned = 0;
+        let mut kept = BTreeSet::new();
+        {
+            let mut t = self.table();
+            for k in keys {
+                let Some(l) = t.leases.get(k) else { continue };
+                let free =
+                    l.owner.is_none() || l.owner.as_deref() == Some(node) || l.until_ms < now;
+                if free {
+                    t.leases.remove(k);
+                    pruned += 1;
+                } else {
+                    kept.insert(k.clone());
+                }
+            }
+        }
+        if pruned > 0 {
+            self.notify(Notice::Leases);
+        }
+        Ok((pruned, kept))
+    }
+
+    async fn leases(&self) -> Result<Vec<LeaseRow>> {
+        let now = self.now_ms();
+        Ok(self
+            .table()
+            .leases
+            .iter()
+            .map(|(k, l)| LeaseRow {
+                key: k.clone(),
+                owner: l.owner.clone(),
+                epoch: l.epoch,
+                left_ms: (l.until_ms - now) as i64,
+            })
+            .collect())
+    }
+
+    async fn fence_holds(&self, key: &str, fence: &Fence) -> Result<bool> {
+        Ok(self
+            .table()
+            .leases
+            .get(key)
+            .is_some_and(|l| l.owner.as_deref() == Some(&fence.owner) && l.epoch == fence.epoch))
+    }
+
+    async fn book(
+        &self,
+        key: &str,
+        interval_ms: f64,
+        burst: u32,
+        _durable: bool,
+    ) -> Result<Duration> {
+        let now = self.now_ms();
+        let mut t = self.table();
+        let q = t.quota.entry(key.to_string()).or_default();
+        let gap = if q.gap_until_ms > now { q.gap_ms } else { 0.0 };
+        let (start, next) = crate::gcra::reserve(
+            now,
+            q.tat_ms,
+            q.paused_until_ms,
+            interval_ms.max(gap),
+            burst,
+        );
+        q.tat_ms = next;
+        Ok(Duration::from_millis((start - now).max(0.0) as u64))
+    }
+
+    async fn share_pace(
+        &self,
+        host: &str,
+        pause: Option<Duration>,
+        gap: Option<(Duration, Duration)>,
+    ) -> Result<()> {
+        let now = self.now_ms();
+        {
+            let mut t = self.table();
+            let q = t.quota.entry(format!("host:{host}")).or_default();
+            let pause_ms = pause.map_or(0, |p| p.as_millis() as i64) as f64;
+            q.paused_until_ms = q.paused_until_ms.max(now + pause_ms);
+            if let Some((g, f)) = gap.filter(|(g, _)| g.as_millis() > 0) {
+                q.gap_ms = g.as_millis() as f64;
+                q.gap_until_ms = now + f.as_millis() as f64;
+            }
+        }
+        self.notify(Notice::Pace(host.to_string()));
+        Ok(())
+    }
+
+    async fn paces(&self) -> Result<Vec<HostPace>> {
+        let now = self.now_ms();
+        let t = self.table();
+        Ok(t.quota
+            .iter()
+            .filter_map(|(k, q)| Some((k.strip_prefix("host:")?, q)))
+            .filter(|(_, q)| q.paused_until_ms > now || q.gap_until_ms > now)
+            .map(|(host, q)| HostPace {
+                host: host.to_string(),
+                paused_for: Duration::from_millis((q.paused_until_ms - now).max(0.0) as u64),
+                gap: Some(q.gap_ms)
+                    .filter(|g| q.gap_until_ms > now && *g > 0.0)
+                    .map(|g| Duration::from_millis(g as u64)),
+            })
+            .collect())
+    }
+
+    async fn listen(&self, tx: mpsc::Sender<Notice>) -> Result<()> {
+        let mut rx = self.wake.subscribe();
+        loop {
+            match rx.recv().await {
+                Ok(n) => {
+                    if tx.send(n).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    return Err(StoreError::Backend {
+                        op: "listen",
+                        source: format!("{missed} wake-ups missed").into(),
+                    })
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that fell more than the backlog behind is told so (an
+    /// error: its caller rescans), as after a lost `LISTEN` connection.
+    #[tokio::test]
+    async fn a_listener_too_far_behind_fails_and_is_not_left_waiting() {
+        let c = std::sync::Arc::new(SingleNode::default());
+        let (tx, mut rx) = mpsc::channel(1);
+        let listener = {
+            let c = c.clone();
+            tokio::spawn(async move { c.listen(tx).await })
+        };
+        while c.wake.receiver_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        for i in 0..WAKE_BACKLOG + 10 {
+            c.notify(Notice::Pace(format!("h{i}")));
+        }
+        let ended = loop {
+            if listener.is_finished() {
+                break listener.await.unwrap();
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(10), rx.recv()).await;
+        };
+        assert!(ended.is_err(), "{ended:?}");
+    }
+
+    /// Nodes silent for an hour are forgotten at the next heartbeat.
+    #[tokio::test]
+    async fn silent_nodes_are_forgotten() {
+        let c = SingleNode::default();
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.table().nodes.get_mut("a").unwrap().heartbeat_ms -= FORGET_MS + 1.0;
+        assert_eq!(c.heartbeat("b", 1, i64::MAX / 2).await.unwrap(), 1);
+        assert_eq!(c.nodes().await.unwrap().len(), 1);
+    }
+}
