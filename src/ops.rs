@@ -362,7 +362,7 @@ impl Target {
 pub async fn status(
     state_dir: &Path,
     token: Option<&str>,
-) -> Result<crate::admin::StatusReport, OpError> {
+) -> Result<crate::status::StatusReport, OpError> {
     let Some(addr) = running_daemon(state_dir, token).await else {
         return Err(OpError::NotRunning(format!(
             "no running daemon found ({} is missing or stale; the daemon writes it when `admin.listen` is set)",

@@ -32,7 +32,7 @@ use axum::Form;
 use minijinja::{context, Environment};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::AdminState;
+use super::AdminState;
 use crate::ops::{self, Op};
 
 /// Instances per page.
@@ -306,7 +306,7 @@ impl Dashboard {
     /// The page, rendered from the daemon's status and store.
     async fn render(&self, s: &AdminState, f: &Filter) -> Result<String, String> {
         let now = crate::now_ms();
-        let report = crate::admin::full_report(s).await;
+        let report = super::full_report(s).await;
         let me = s.node.as_deref();
         // Sources first: one pass over every instance.
         let mut sources: BTreeMap<String, SourceRow> = BTreeMap::new();
@@ -568,7 +568,7 @@ pub async fn login(
         return r;
     }
     if !crate::deliver::sign::constant_time_eq(l.token.as_bytes(), token.as_bytes()) {
-        crate::admin::failed_attempt(&s, peer, "/login", now);
+        super::failed_attempt(&s, peer, "/login", now);
         let mut r = s.dashboard.login(Some("That is not the admin token."));
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
@@ -614,7 +614,7 @@ async fn act<O: Op>(
     if cross_site(headers, &s.live.admin_hosts()) || a.csrf != s.dashboard.csrf {
         return (StatusCode::FORBIDDEN, "cross-site request refused\n").into_response();
     }
-    let daemon = crate::admin::Daemon(&s.live);
+    let daemon = super::Daemon(&s.live);
     let flash = match op.run(&s.store, Some(&daemon)).await {
         Ok(r) => said(r),
         Err(e) => format!("failed: {e:#}"),
