@@ -20,9 +20,10 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{Instance, Source};
 use crate::connector::fetch::{fetch, FetchEnv, PollError};
 use crate::connector::mask;
+use crate::connector::spec::Instance;
+use crate::runtime::Source;
 use crate::runtime::Tasks;
 use crate::store::{Discovered, InstanceState, Store};
 

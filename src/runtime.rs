@@ -1,14 +1,19 @@
 //! What every stage shares at run time: the pollers' context
 //! ([`Shared`]), what a reload swaps under running tasks ([`Live`]), and
-//! named tasks replaced only after the old one finished ([`Tasks`]).
+//! named tasks replaced only after the old one finished ([`Tasks`]), and
+//! the resolved [`Source`]s and [`Route`]s that `config` builds and the
+//! tasks run (the connector's own [`Instance`] is `connector::spec`'s).
 //!
 //! It sits below the tasks that use it (`poll`, `discover`, `admin`,
 //! `daemon`) and above the services it holds (`cluster`, `opsevents`,
 //! `quota`, `store`, `status`, `connector::auth`, `access`, `wake`);
 //! see the layers in `ARCHITECTURE.md`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 use crate::access::{Failures, Sessions};
 use crate::cluster::Cluster;
 use crate::connector::auth::TokenCache;
+use crate::connector::spec::{secrets_of, Connector, Instance};
 use crate::opsevents::Ops;
 use crate::quota::HostGates;
+use crate::schedule::Schedule;
 use crate::status::Status;
 use crate::store::Store;
 use crate::wake::{Wake, Wakes};
@@ -153,6 +160,82 @@ impl Tasks {
             h.abort();
             let _ = h.await;
         }
+    }
+}
+
+/// A source: a connector run for someone, with its instances.
+pub struct Source {
+    pub name: String,
+    pub connector: Arc<Connector>,
+    pub schedule: Schedule,
+    /// Static instances (`for_each` lists, or the one `default`); empty for
+    /// `for_each: discover`, whose instances are found at run time.
+    pub instances: Vec<Instance>,
+    pub routes: Vec<Route>,
+    /// `for_each: discover`.
+    pub discovered: bool,
+    /// Params' defaults with the source's `with` values: the variables of
+    /// every instance before its own values.
+    pub base_vars: Map<String, Value>,
+    /// How long the state of an instance that left the discovered list is kept.
+    pub retention: Duration,
+    /// `for_each: discover`: when the list is refreshed.
+    pub discover_schedule: Option<Schedule>,
+}
+
+impl Source {
+    /// An instance of a `for_each: discover` source with its discovered param
+    /// values (typed like the params' defaults).
+    pub fn discovered_instance(&self, name: &str, with: &Map<String, Value>) -> Instance {
+        let mut vars = self.base_vars.clone();
+        for (k, v) in with {
+            let default = self
+                .connector
+                .params
+                .get(k)
+                .and_then(|p| p.default.as_ref());
+            vars.insert(k.clone(), coerce(v, default));
+        }
+        let secrets = secrets_of(&self.connector, &vars);
+        Instance {
+            key: format!("{}/{name}", self.name),
+            name: name.to_string(),
+            vars,
+            secrets,
+        }
+    }
+}
+
+/// Which events go to one endpoint.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub endpoint: String,
+    /// `None`: every type.
+    pub types: Option<BTreeSet<String>>,
+}
+
+impl Route {
+    pub fn accepts(&self, kind: &str) -> bool {
+        self.types.as_ref().is_none_or(|t| t.contains(kind))
+    }
+}
+
+/// How long the state of an instance no longer polled is kept (a source's
+/// `retention`): long enough to undo a mistaken edit or outage.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
+
+/// A discovered or `--param` value typed like its param's default.
+pub(crate) fn coerce(v: &Value, default: Option<&Value>) -> Value {
+    match (v, default) {
+        (Value::String(s), Some(Value::Number(_))) => s
+            .parse::<serde_json::Number>()
+            .map(Value::Number)
+            .unwrap_or_else(|_| v.clone()),
+        (Value::String(s), Some(Value::Bool(_))) => s
+            .parse::<bool>()
+            .map(Value::Bool)
+            .unwrap_or_else(|_| v.clone()),
+        _ => v.clone(),
     }
 }
 
