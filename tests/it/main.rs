@@ -24,6 +24,7 @@ mod docs;
 mod etiquette;
 mod hostile;
 mod language;
+mod layers;
 mod metrics;
 mod oauth;
 mod operations;
