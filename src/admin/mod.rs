@@ -233,9 +233,9 @@ pub(crate) fn failed_attempt(
 
 /// The daemon as operator operations see it: its endpoints and their
 /// workers' wake-ups.
-pub(crate) struct Daemon<'a>(pub(crate) &'a crate::runtime::Live);
+pub(crate) struct LiveWorkers<'a>(pub(crate) &'a crate::runtime::Live);
 
-impl ops::Running for Daemon<'_> {
+impl ops::Workers for LiveWorkers<'_> {
     fn has_endpoint(&self, name: &str) -> bool {
         self.0.wake(name).is_some()
     }
@@ -261,7 +261,7 @@ fn error_response(status: u16, e: impl std::fmt::Display) -> Response {
 
 /// Every operator operation: decoded, run on the live store, answered.
 async fn operation<O: Op + 'static>(State(s): State<AdminState>, Json(op): Json<O>) -> Response {
-    match op.run(&s.store, Some(&Daemon(&s.live))).await {
+    match op.run(&s.store, Some(&LiveWorkers(&s.live))).await {
         Ok(reply) => Json(reply).into_response(),
         Err(e) => error_response(e.status(), format!("{e:#}")),
     }

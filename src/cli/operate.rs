@@ -33,7 +33,7 @@ async fn target(op: &OperatorConfig, what: &str) -> anyhow::Result<ops::Target> 
 /// when the daemon refused for want of it.
 fn op_error(op: &OperatorConfig, e: ops::OpError) -> anyhow::Error {
     match (&e, &op.admin_token_error) {
-        (ops::OpError::Daemon(m), Some(why)) if m.contains("token") => {
+        (ops::OpError::AdminServer(m), Some(why)) if m.contains("token") => {
             anyhow::anyhow!("{e}; the admin token could not be read: {why}")
         }
         _ => e.into(),

@@ -614,7 +614,7 @@ async fn act<O: Op>(
     if cross_site(headers, &s.live.admin_hosts()) || a.csrf != s.dashboard.csrf {
         return (StatusCode::FORBIDDEN, "cross-site request refused\n").into_response();
     }
-    let daemon = super::Daemon(&s.live);
+    let daemon = super::LiveWorkers(&s.live);
     let flash = match op.run(&s.store, Some(&daemon)).await {
         Ok(r) => said(r),
         Err(e) => format!("failed: {e:#}"),
