@@ -28,7 +28,7 @@
 //! - [`hints`]: what an answer says about polling again (pure).
 //! - [`logfmt`]: text log fields with control characters escaped.
 //! - [`notify`]: the systemd notify protocol.
-//! - [`ops`]: operator operations (dead letters, history, enable, backups),
+//! - [`operate`]: operator operations (dead letters, history, enable, backups),
 //!   typed, shared by the admin server and the CLI.
 //! - [`opsevents`]: operational events, queued in the outbox.
 //! - [`poll`]: one instance's loop: schedule, fetch, detect, commit.
@@ -55,7 +55,7 @@ pub mod gcra;
 pub mod hints;
 pub mod logfmt;
 pub mod notify;
-pub mod ops;
+pub mod operate;
 pub mod opsevents;
 pub mod poll;
 pub mod quota;

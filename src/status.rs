@@ -837,7 +837,7 @@ impl Status {
 
 /// `/status` body.
 /// Shared with `pollhook status`, which reads it back (see
-/// `ops::status`).
+/// `operate::status`).
 #[derive(Serialize, serde::Deserialize)]
 pub struct StatusReport {
     pub instances: BTreeMap<String, InstanceStatus>,

@@ -1,6 +1,6 @@
 //! Admin HTTP: `/healthz`, `/readyz`, `/status` (JSON), `/metrics`
 //! (Prometheus text), and the operator's repair tools: every
-//! [`crate::ops`] operation at its `POST` route (what `pollhook dlq`,
+//! [`crate::operate`] operation at its `POST` route (what `pollhook dlq`,
 //! `events` and `endpoint enable` call while the daemon runs) and
 //! `GET /state/export`. Loopback by default;
 //! shows no secrets (status holds masked errors only; bodies are not shown).
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod dashboard;
 
-use crate::ops::{self, Op};
+use crate::operate::{self, Op};
 pub use crate::status::{ClusterReport, StatusReport};
 use crate::status::{EndpointLabels, EndpointStatus, SourceLabels, Status};
 use crate::store::Store;
@@ -71,11 +71,26 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         // JSON bodies carry the filters (lists of sources, times), so even
         // the read-only queries are POSTs.
-        .route(route::<ops::DlqList>(), post(operation::<ops::DlqList>))
-        .route(route::<ops::DlqReplay>(), post(operation::<ops::DlqReplay>))
-        .route(route::<ops::DlqDrop>(), post(operation::<ops::DlqDrop>))
-        .route(route::<ops::Events>(), post(operation::<ops::Events>))
-        .route(route::<ops::Enable>(), post(operation::<ops::Enable>))
+        .route(
+            route::<operate::DlqList>(),
+            post(operation::<operate::DlqList>),
+        )
+        .route(
+            route::<operate::DlqReplay>(),
+            post(operation::<operate::DlqReplay>),
+        )
+        .route(
+            route::<operate::DlqDrop>(),
+            post(operation::<operate::DlqDrop>),
+        )
+        .route(
+            route::<operate::Events>(),
+            post(operation::<operate::Events>),
+        )
+        .route(
+            route::<operate::Enable>(),
+            post(operation::<operate::Enable>),
+        )
         .route("/state/export", get(export))
         .route("/ui/replay", post(dashboard::replay))
         .route("/ui/drop", post(dashboard::drop_letter))
@@ -235,7 +250,7 @@ pub(crate) fn failed_attempt(
 /// workers' wake-ups.
 pub(crate) struct LiveWorkers<'a>(pub(crate) &'a crate::runtime::Live);
 
-impl ops::Workers for LiveWorkers<'_> {
+impl operate::Workers for LiveWorkers<'_> {
     fn has_endpoint(&self, name: &str) -> bool {
         self.0.wake(name).is_some()
     }

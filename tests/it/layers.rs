@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     // The admin server (and its dashboard); reload's comparison of configs.
     &["admin", "reload"],
     // Building the runtime types from YAML; operator verbs.
-    &["config", "ops"],
+    &["config", "operate"],
     // The tasks.
     &["discover", "poll"],
     // What every stage shares at run time.

@@ -33,7 +33,7 @@ use minijinja::{context, Environment};
 use serde::{Deserialize, Serialize};
 
 use super::AdminState;
-use crate::ops::{self, Op};
+use crate::operate::{self, Op};
 
 /// Instances per page.
 const PAGE: usize = 100;
@@ -601,7 +601,7 @@ pub struct Action {
     endpoint: Option<String>,
 }
 
-/// Runs an action's operation (the same `ops` the CLI uses) and goes back
+/// Runs an action's operation (the same `operate` operations the CLI uses) and goes back
 /// to the page with what happened.
 async fn act<O: Op>(
     s: &AdminState,
@@ -624,8 +624,8 @@ async fn act<O: Op>(
     Redirect::to(&format!("../?{q}#{anchor}")).into_response()
 }
 
-fn letter_filter(a: &Action) -> ops::Filter {
-    ops::Filter {
+fn letter_filter(a: &Action) -> operate::Filter {
+    operate::Filter {
         id: a.id.clone().filter(|i| !i.is_empty()),
         endpoint: a.endpoint.clone().filter(|e| !e.is_empty()),
         ..Default::default()
@@ -638,7 +638,7 @@ pub async fn replay(
     headers: HeaderMap,
     Form(a): Form<Action>,
 ) -> Response {
-    let op = ops::DlqReplay(letter_filter(&a));
+    let op = operate::DlqReplay(letter_filter(&a));
     act(
         &s,
         &headers,
@@ -656,7 +656,7 @@ pub async fn drop_letter(
     headers: HeaderMap,
     Form(a): Form<Action>,
 ) -> Response {
-    let op = ops::DlqDrop(letter_filter(&a));
+    let op = operate::DlqDrop(letter_filter(&a));
     act(
         &s,
         &headers,
@@ -674,7 +674,7 @@ pub async fn enable(
     headers: HeaderMap,
     Form(a): Form<Action>,
 ) -> Response {
-    let op = ops::Enable {
+    let op = operate::Enable {
         endpoint: a.endpoint.clone().unwrap_or_default(),
     };
     act(
