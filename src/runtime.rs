@@ -1,5 +1,5 @@
 //! What every stage shares at run time: the pollers' context
-//! ([`Shared`]), what a reload swaps under running tasks ([`Live`]), and
+//! ([`Shared`]), what a reload swaps under running tasks ([`Live`]),
 //! named tasks replaced only after the old one finished ([`Tasks`]), and
 //! the resolved [`Source`]s and [`Route`]s that `config` builds and the
 //! tasks run (the connector's own [`Instance`] is `connector::spec`'s).
@@ -14,7 +14,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
