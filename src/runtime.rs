@@ -1,5 +1,5 @@
 //! What every stage shares at run time: the pollers' context
-//! ([`Shared`]), what a reload swaps under running tasks ([`Live`]),
+//! (`Shared`), what a reload swaps under running tasks ([`Live`]),
 //! named tasks replaced only after the old one finished ([`Tasks`]), and
 //! the resolved [`Source`]s and [`Route`]s that `config` builds and the
 //! tasks run (the connector's own [`Instance`] is `connector::spec`'s).
