@@ -46,10 +46,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::daemon::Live;
 use crate::quota::HostGates;
 use crate::status::Status;
 use crate::store::{Coordination, Coordinator, Fence, Notice};
+use crate::wake::Wakes;
 
 /// What a node does with its leases in one round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,7 +511,7 @@ impl Cluster {
     /// applied to the local gate.
     pub async fn run(
         self: Arc<Self>,
-        live: Arc<Live>,
+        live: Arc<Wakes>,
         hosts: Arc<HostGates>,
         status: Arc<Status>,
         stop: CancellationToken,
@@ -625,7 +625,7 @@ impl Cluster {
 
 /// Every local worker looks at its whole queue again (leases gained, or
 /// notices possibly missed).
-fn rescan_all(live: &Live) {
+fn rescan_all(live: &Wakes) {
     for ep in live.endpoints() {
         if let Some(w) = live.wake(&ep) {
             w.rescan();

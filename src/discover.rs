@@ -20,10 +20,11 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{Instance, Source};
 use crate::connector::fetch::{fetch, FetchEnv, PollError};
 use crate::connector::mask;
-use crate::daemon::Running;
+use crate::connector::spec::Instance;
+use crate::runtime::Source;
+use crate::runtime::Tasks;
 use crate::store::{Discovered, InstanceState, Store};
 
 /// One discovered instance: its name and its own param values.
@@ -140,7 +141,7 @@ async fn follow<F, Fut>(
     source: &Arc<Source>,
     cx: &DiscoverEnv<'_>,
     known: &mut Discovered,
-    running: &mut Running,
+    running: &mut Tasks,
     spawn: &F,
     shutdown: &CancellationToken,
 ) where
@@ -242,7 +243,7 @@ pub async fn run_source<F, Fut>(
     };
     // Secret params given by the source, masked in discovery errors.
     let secrets = source.discovered_instance("-", &Map::new()).secrets;
-    let mut running = Running::default();
+    let mut running = Tasks::default();
     // What was found last time polls at once, before the first listing.
     for (name, with) in &known.instances {
         let token = shutdown.child_token();

@@ -12,24 +12,34 @@
 //!          → deliver::worker (sign, POST, retry, dead-letter)
 //! ```
 //!
-//! Module map:
-//! - [`config`]: raw YAML types, `${VAR}` interpolation, validation into
-//!   resolved runtime types with `file:line` errors.
-//! - [`template`]: the Jinja-style template engine used by every connector.
-//! - [`schedule`]: `every <duration>` and cron schedules (pure).
-//! - [`connector`]: building requests, fetching pages, and detection.
-//! - [`poll`]: one instance's loop: schedule, fetch, detect, commit.
-//! - [`event`]: the wire format, defined once.
-//! - [`store`]: the storage seam and its backends; the only module that
-//!   knows sled.
+//! Module map (every module, one line each):
+//! - [`access`]: who may talk to the admin server (Host, Origin, sessions).
+//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, operations, and
+//!   its [`admin::dashboard`] (the server-rendered page and its forms).
+//! - [`cluster`]: one node of a cluster: leases, heartbeats, wake-ups.
+//! - [`config`]: raw YAML, `${VAR}` interpolation, validation with `file:line` errors.
+//! - [`connector`]: resolved connectors, fetching pages, and detection.
+//! - [`daemon`]: `pollhook run`: lifecycle, the supervisor, shutdown.
 //! - [`deliver`]: signing and retry policy (pure) and the delivery workers.
 //! - [`discover`]: `for_each: discover`, instances found at run time.
-//! - [`daemon`]: `pollhook run`: lifecycle, the supervisor, shutdown.
-//! - [`ops`]: operator operations (dead letters, history, enable, backups),
-//!   typed, shared by the admin server and the CLI.
 //! - [`dryrun`]: `pollhook test`, as a typed report.
-//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, operations.
+//! - [`event`]: the wire format, defined once.
+//! - [`gcra`]: pure GCRA reservations.
+//! - [`hints`]: what an answer says about polling again (pure).
 //! - [`logfmt`]: text log fields with control characters escaped.
+//! - [`notify`]: the systemd notify protocol.
+//! - [`operate`]: operator operations (dead letters, history, enable, backups),
+//!   typed, shared by the admin server and the CLI.
+//! - [`opsevents`]: operational events, queued in the outbox.
+//! - [`poll`]: one instance's loop: schedule, fetch, detect, commit.
+//! - [`quota`]: politeness: host gates, rate limits, what answers advise.
+//! - [`reload`]: what changed between two configurations (pure).
+//! - [`runtime`]: what every stage shares at run time (`Shared`, `Live`, `Tasks`).
+//! - [`schedule`]: `every <duration>` and cron schedules (pure).
+//! - [`status`]: in-memory status, metrics and reports.
+//! - [`store`]: the storage seam and its backends (sled, PostgreSQL).
+//! - [`template`]: the Jinja-style template engine used by every connector.
+//! - [`wake`]: wake-ups of delivery workers, by endpoint (the bottom layer).
 
 pub mod access;
 pub mod admin;
@@ -37,7 +47,6 @@ pub mod cluster;
 pub mod config;
 pub mod connector;
 pub mod daemon;
-pub mod dashboard;
 pub mod deliver;
 pub mod discover;
 pub mod dryrun;
@@ -46,15 +55,17 @@ pub mod gcra;
 pub mod hints;
 pub mod logfmt;
 pub mod notify;
-pub mod ops;
+pub mod operate;
 pub mod opsevents;
 pub mod poll;
 pub mod quota;
 pub mod reload;
+pub mod runtime;
 pub mod schedule;
 pub mod status;
 pub mod store;
 pub mod template;
+pub mod wake;
 
 /// Milliseconds since the Unix epoch, the one clock unit stored on disk.
 pub fn now_ms() -> i64 {

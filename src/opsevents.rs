@@ -406,7 +406,7 @@ impl Ops {
     pub async fn run(
         self: Arc<Self>,
         store: Store,
-        live: Arc<crate::daemon::Live>,
+        live: Arc<crate::wake::Wakes>,
         shutdown: CancellationToken,
     ) {
         let Some(mut rx) = self.rx.lock().expect("ops lock").take() else {
@@ -473,7 +473,7 @@ fn rfc3339(ms: i64) -> String {
 /// a store outage is worth waiting for), then wakes the workers.
 async fn queue(
     store: &Store,
-    live: &crate::daemon::Live,
+    live: &crate::wake::Wakes,
     policy: &OpsPolicy,
     e: OpsEvent,
     sequence: u64,

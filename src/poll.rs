@@ -12,13 +12,14 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Instance, Source};
 use crate::connector::detect::{detect, Detection};
 use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
 use crate::connector::mask;
-use crate::daemon::Shared;
+use crate::connector::spec::Instance;
 use crate::event::{event_id, Event};
 use crate::quota::RateLimit;
+use crate::runtime::Shared;
+use crate::runtime::Source;
 use crate::schedule::first_due;
 use crate::schedule::{adapt, error_backoff};
 use crate::status::PollOutcome;

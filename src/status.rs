@@ -835,6 +835,44 @@ impl Status {
     }
 }
 
+/// `/status` body.
+/// Shared with `pollhook status`, which reads it back (see
+/// `operate::status`).
+#[derive(Serialize, serde::Deserialize)]
+pub struct StatusReport {
+    pub instances: BTreeMap<String, InstanceStatus>,
+    /// Endpoints with their backlog (`queue_depth`, `oldest_pending_ms`,
+    /// `dead_letters`), kept in memory: a scrape never scans the store.
+    pub endpoints: BTreeMap<String, EndpointStatus>,
+    /// `for_each: discover` sources.
+    pub discovery: BTreeMap<String, DiscoveryStatus>,
+    /// Upstream hosts: requests, throttling answers, pauses.
+    pub hosts: BTreeMap<String, crate::quota::HostReport>,
+    /// Configuration reloads.
+    pub config: ConfigStatus,
+    /// Whether the store takes writes.
+    pub store: StoreHealth,
+    /// In a cluster (PostgreSQL store): this node, every node with its
+    /// last heartbeat, and the leases (each instance's `node` says who
+    /// holds it). Read from the store at each request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterReport>,
+}
+
+/// The cluster as `/status` shows it.
+#[derive(Serialize, serde::Deserialize, Debug, Clone, Default)]
+pub struct ClusterReport {
+    /// The node that answered.
+    pub node: String,
+    pub nodes: Vec<crate::store::NodeRow>,
+    /// Leases that no node holds now (none in a healthy cluster, but for
+    /// a lease time after a node died).
+    pub unheld: Vec<String>,
+    /// Why the cluster could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

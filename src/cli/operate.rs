@@ -1,6 +1,6 @@
 //! The operator's commands: `dlq`, `status`, `endpoint enable`, `state`,
 //! `events`. Each reads what it needs of bridge.yaml (`OperatorConfig`)
-//! and runs its `ops` operation on the running daemon (through its admin
+//! and runs its `operate` operation on the running daemon (through its admin
 //! server) or, when none runs, on the stopped store.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use pollhook::config::OperatorConfig;
-use pollhook::ops;
+use pollhook::operate;
 use pollhook::store::backup;
 
 use super::output::{print_dlq, print_events, print_json};
@@ -25,15 +25,15 @@ fn operator(config: &Path) -> anyhow::Result<OperatorConfig> {
 }
 
 /// The running daemon (through its admin server), else the stopped store.
-async fn target(op: &OperatorConfig, what: &str) -> anyhow::Result<ops::Target> {
-    Ok(ops::Target::find(&op.state_dir, &op.store, op.admin_token.clone(), what).await?)
+async fn target(op: &OperatorConfig, what: &str) -> anyhow::Result<operate::Target> {
+    Ok(operate::Target::find(&op.state_dir, &op.store, op.admin_token.clone(), what).await?)
 }
 
 /// An operation's failure, with why the admin token could not be read
 /// when the daemon refused for want of it.
-fn op_error(op: &OperatorConfig, e: ops::OpError) -> anyhow::Error {
+fn op_error(op: &OperatorConfig, e: operate::OpError) -> anyhow::Error {
     match (&e, &op.admin_token_error) {
-        (ops::OpError::Daemon(m), Some(why)) if m.contains("token") => {
+        (operate::OpError::AdminServer(m), Some(why)) if m.contains("token") => {
             anyhow::anyhow!("{e}; the admin token could not be read: {why}")
         }
         _ => e.into(),
@@ -54,7 +54,7 @@ pub fn enable_endpoint(config: &Path, name: &str) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let target = rt.block_on(target(&op, "enable an endpoint"))?;
     let out = rt
-        .block_on(target.run(&ops::Enable {
+        .block_on(target.run(&operate::Enable {
             endpoint: name.to_string(),
         }))
         .map_err(|e| op_error(&op, e))?;
@@ -148,7 +148,7 @@ pub fn dlq(config: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
     match command {
         DlqCommand::List(a) => {
             let rows = rt
-                .block_on(target.run(&ops::DlqList(filter)))
+                .block_on(target.run(&operate::DlqList(filter)))
                 .map_err(|e| op_error(&op, e))?;
             if a.json {
                 print_json(&rows);
@@ -157,11 +157,11 @@ pub fn dlq(config: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
             }
         }
         DlqCommand::Replay(_) => print_json(
-            &rt.block_on(target.run(&ops::DlqReplay(filter)))
+            &rt.block_on(target.run(&operate::DlqReplay(filter)))
                 .map_err(|e| op_error(&op, e))?,
         ),
         DlqCommand::Drop(_) => print_json(
-            &rt.block_on(target.run(&ops::DlqDrop(filter)))
+            &rt.block_on(target.run(&operate::DlqDrop(filter)))
                 .map_err(|e| op_error(&op, e))?,
         ),
     }
@@ -169,7 +169,7 @@ pub fn dlq(config: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// The filter of a `pollhook dlq` command.
-fn dlq_filter(op: &OperatorConfig, a: &DlqArgs) -> anyhow::Result<ops::Filter> {
+fn dlq_filter(op: &OperatorConfig, a: &DlqArgs) -> anyhow::Result<operate::Filter> {
     let mut sources = a.source.clone();
     if let Some(c) = &a.connector {
         let using: Vec<String> = op
@@ -190,7 +190,7 @@ fn dlq_filter(op: &OperatorConfig, a: &DlqArgs) -> anyhow::Result<ops::Filter> {
         }
         None => None,
     };
-    Ok(ops::Filter {
+    Ok(operate::Filter {
         id: a.id.clone(),
         endpoint: a.endpoint.clone(),
         sources,
@@ -205,7 +205,7 @@ fn dlq_filter(op: &OperatorConfig, a: &DlqArgs) -> anyhow::Result<ops::Filter> {
 pub fn status(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let op = operator(config)?;
     let s = runtime()?
-        .block_on(ops::status(&op.state_dir, op.admin_token.as_deref()))
+        .block_on(operate::status(&op.state_dir, op.admin_token.as_deref()))
         .map_err(|e| op_error(&op, e))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -224,7 +224,7 @@ pub fn events(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let op = operator(config)?;
-    let q = ops::Events(pollhook::store::AttemptQuery {
+    let q = operate::Events(pollhook::store::AttemptQuery {
         id,
         endpoint,
         limit: Some(limit),

@@ -1,18 +1,18 @@
-//! What the CLI prints of the library's replies: `ops` replies (JSON, dead
+//! What the CLI prints of the library's replies: `operate` replies (JSON, dead
 //! letters, delivery attempts) and a `pollhook test` report
 //! (`dryrun::Report`). `/status` is in `status`.
 
 use std::process::ExitCode;
 
 use pollhook::store::AttemptRecord;
-use pollhook::{dryrun, ops};
+use pollhook::{dryrun, operate};
 
 /// Prints a reply as pretty JSON.
 pub fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-pub fn print_dlq(rows: &[ops::Listed]) {
+pub fn print_dlq(rows: &[operate::Listed]) {
     if rows.is_empty() {
         println!("no dead letters");
     }

@@ -1,7 +1,7 @@
 //! `pollhook status`: the running daemon's `/status` as tables
 //! (instances, endpoints, hosts, and in a cluster its nodes).
 
-use pollhook::admin::StatusReport;
+use pollhook::status::StatusReport;
 
 use super::table;
 

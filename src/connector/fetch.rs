@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::auth::{form_encode, TokenCache, TokenRequest};
 use super::detect::Listing;
 use super::format::{link_next, parse_body, Format};
-use crate::config::Instance;
+use crate::connector::spec::Instance;
 use crate::connector::spec::{Auth, Body, Connector, KeyLocation, PageStyle};
 use crate::quota::HostGates;
 use crate::store::InstanceState;

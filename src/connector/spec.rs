@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use serde_json_path::JsonPath;
 
 use crate::connector::format::Format;
@@ -240,4 +240,35 @@ pub enum Baseline {
     #[default]
     Skip,
     Emit,
+}
+
+/// One source × `for_each` entry: polled on its own, with its own state.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// `source/instance`, the key of its state and its name in logs.
+    pub key: String,
+    /// The instance part (`acc-0001`, or `default` without `for_each`).
+    pub name: String,
+    /// Template variables: the connector's params with this instance's values.
+    pub vars: Map<String, Value>,
+    /// Values of secret params, to mask wherever text is shown.
+    pub secrets: Vec<String>,
+}
+
+/// The values of `c`'s secret params in `vars`, to mask wherever text is shown.
+pub(crate) fn secrets_of(c: &Connector, vars: &Map<String, Value>) -> Vec<String> {
+    c.params
+        .iter()
+        .filter(|(_, p)| p.secret)
+        .filter_map(|(k, _)| vars.get(k).map(scalar_text))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A scalar as plain text (strings without quotes).
+pub fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }

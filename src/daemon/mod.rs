@@ -6,9 +6,7 @@
 
 mod supervisor;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::RwLock;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -17,88 +15,12 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::connector::auth::TokenCache;
-use crate::deliver::worker::{delivery_client, Wake, USER_AGENT_VALUE};
+use crate::deliver::worker::{delivery_client, USER_AGENT_VALUE};
 use crate::quota::HostGates;
+use crate::runtime::{Live, Shared, Tasks};
 use crate::status::Status;
 use crate::store::Store;
-pub(crate) use supervisor::Running;
 use supervisor::Supervisor;
-
-/// What pollers share.
-pub(crate) struct Shared {
-    pub(crate) store: Store,
-    pub(crate) status: Arc<Status>,
-    pub(crate) client: reqwest::Client,
-    pub(crate) hosts: Arc<HostGates>,
-    /// OAuth2 tokens shared by every instance.
-    pub(crate) tokens: TokenCache,
-    /// What a reload may change under running tasks.
-    pub(crate) live: Arc<Live>,
-    /// The cluster this node is part of (a PostgreSQL store): which
-    /// instances it polls and delivers for. `None`: it owns everything.
-    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// pollhook's own events (`operations:`).
-    pub(crate) ops: Arc<crate::opsevents::Ops>,
-}
-
-/// The parts of the running configuration that pollers and the admin
-/// server read while a reload may replace them.
-#[derive(Default)]
-pub struct Live {
-    /// Delivery workers' wake-ups, by endpoint: pollers poke them after a
-    /// commit, the admin server after a replay. A restarted worker keeps
-    /// its endpoint's `Wake`.
-    pub wakes: RwLock<BTreeMap<String, Arc<Wake>>>,
-    /// The admin bearer token (`admin.token`), rotated by a reload.
-    pub admin_token: RwLock<Option<String>>,
-    /// The bridge's `user_agent` for polls, changed by a reload.
-    pub user_agent: RwLock<Option<Arc<str>>>,
-    /// `admin.allowed_hosts`, changed by a reload.
-    pub admin_hosts: RwLock<Vec<String>>,
-    /// The dashboard's sessions: all end when the token changes.
-    pub sessions: crate::access::Sessions,
-    /// Failed admin token attempts per client.
-    pub failures: crate::access::Failures,
-}
-
-impl Live {
-    /// Sets the admin token and allowed hosts of a (re)loaded
-    /// configuration; a changed token ends every dashboard session.
-    pub fn set_admin(&self, token: Option<String>, hosts: Vec<String>) {
-        let mut current = self.admin_token.write().expect("token lock");
-        if *current != token {
-            self.sessions.end_all();
-        }
-        *current = token;
-        drop(current);
-        *self.admin_hosts.write().expect("hosts lock") = hosts;
-    }
-
-    pub fn admin_hosts(&self) -> Vec<String> {
-        self.admin_hosts.read().expect("hosts lock").clone()
-    }
-
-    pub fn wake(&self, endpoint: &str) -> Option<Arc<Wake>> {
-        self.wakes
-            .read()
-            .expect("wakes lock")
-            .get(endpoint)
-            .cloned()
-    }
-
-    pub fn user_agent(&self) -> Option<Arc<str>> {
-        self.user_agent.read().expect("user agent lock").clone()
-    }
-
-    pub fn endpoints(&self) -> Vec<String> {
-        self.wakes
-            .read()
-            .expect("wakes lock")
-            .keys()
-            .cloned()
-            .collect()
-    }
-}
 
 /// The client for polling upstreams.
 pub fn poll_client() -> reqwest::Client {
@@ -172,16 +94,17 @@ pub async fn run(
         cluster: cluster.clone(),
         ops: ops.clone(),
     });
-    let ops_task = tokio::spawn(
-        ops.clone()
-            .run(store.clone(), live.clone(), shutdown.clone()),
-    );
+    let ops_task = tokio::spawn(ops.clone().run(
+        store.clone(),
+        live.wakes.clone(),
+        shutdown.clone(),
+    ));
     // The cluster keeps its leases until every poll and delivery is done
     // (its own token, cancelled after them), then gives them back.
     let cluster_stop = CancellationToken::new();
     let cluster_task = cluster.clone().map(|c| {
         tokio::spawn(c.run(
-            live.clone(),
+            live.wakes.clone(),
             hosts.clone(),
             status.clone(),
             cluster_stop.clone(),
@@ -214,10 +137,10 @@ pub async fn run(
         shared,
         guarded: delivery_client(true),
         unguarded: delivery_client(false),
-        workers: Running::default(),
-        worker_fps: BTreeMap::new(),
-        pollers: Running::default(),
-        poller_fps: BTreeMap::new(),
+        workers: Tasks::default(),
+        worker_fps: Default::default(),
+        pollers: Tasks::default(),
+        poller_fps: Default::default(),
         config: None,
         shutdown: shutdown.clone(),
     };

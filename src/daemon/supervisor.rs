@@ -5,15 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::Shared;
 use crate::config::{Config, Instance, Source};
 use crate::connector::fetch::FetchEnv;
 use crate::deliver::worker::Worker;
 use crate::poll::poll_loop;
+use crate::runtime::{Shared, Tasks};
 
 /// Starts, restarts and stops the daemon's tasks to match a configuration.
 pub(super) struct Supervisor {
@@ -22,11 +21,11 @@ pub(super) struct Supervisor {
     pub(super) guarded: reqwest::Client,
     pub(super) unguarded: reqwest::Client,
     /// One delivery worker per endpoint, and the fingerprint it runs.
-    pub(super) workers: Running,
+    pub(super) workers: Tasks,
     pub(super) worker_fps: BTreeMap<String, u64>,
     /// Poll tasks (static instances) and discovery loops, by unit key (see
     /// [`crate::reload::units`]), and the fingerprint each runs.
-    pub(super) pollers: Running,
+    pub(super) pollers: Tasks,
     pub(super) poller_fps: BTreeMap<String, u64>,
     /// What runs now (`None` before the first `apply`).
     pub(super) config: Option<Config>,
@@ -82,7 +81,7 @@ impl Supervisor {
             if !eps.contains_key(&name) {
                 self.workers.stop(&name);
                 self.worker_fps.remove(&name);
-                shared.live.wakes.write().expect("wakes lock").remove(&name);
+                shared.live.wakes.remove(&name);
                 shared.status.remove_endpoint(&name);
                 let queued = shared
                     .status
@@ -98,14 +97,7 @@ impl Supervisor {
                 continue;
             }
             let ep = new.endpoints[name].clone();
-            let wake = shared
-                .live
-                .wakes
-                .write()
-                .expect("wakes lock")
-                .entry(name.clone())
-                .or_default()
-                .clone();
+            let wake = shared.live.wakes.get_or_insert(name);
             shared.status.endpoint(name, |_| {});
             let worker = Worker {
                 client: if ep.allow_private {
@@ -290,71 +282,4 @@ pub(super) async fn discover_loop(
         poll_loop(shared.clone(), source.clone(), inst, token)
     };
     crate::discover::run_source(source.clone(), cx, spawn, shutdown).await;
-}
-
-/// Named tasks that can be stopped, replaced and drained: the poll tasks
-/// and discovery loops of the supervisor, the delivery workers, and the
-/// instance tasks of a discovering source.
-///
-/// Why not a `JoinSet`: an instance that leaves and comes back (or whose
-/// params change) must not have two tasks polling and committing its state
-/// at once, so a new task waits for the old one of the same name to finish
-/// its in-flight poll.
-#[derive(Default)]
-pub struct Running {
-    tasks: BTreeMap<String, (CancellationToken, JoinHandle<()>)>,
-    stopping: BTreeMap<String, JoinHandle<()>>,
-}
-
-impl Running {
-    pub async fn start<F>(&mut self, name: &str, token: CancellationToken, task: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.stop(name);
-        if let Some(old) = self.stopping.remove(name) {
-            let _ = old.await;
-        }
-        self.tasks
-            .insert(name.to_string(), (token, tokio::spawn(task)));
-    }
-
-    pub fn stop(&mut self, name: &str) {
-        if let Some((token, handle)) = self.tasks.remove(name) {
-            token.cancel();
-            self.stopping.insert(name.to_string(), handle);
-        }
-        // Forget stopped tasks that are done.
-        self.stopping.retain(|_, h| !h.is_finished());
-    }
-
-    /// Waits for every task (cancel their tokens first).
-    /// Cancel-safe: a task leaves the map only once it has finished, so
-    /// what a timed-out wait leaves behind is still there to abort.
-    pub async fn join_all(&mut self) {
-        while let Some(name) = self.tasks.keys().next().cloned() {
-            if let Some((_, h)) = self.tasks.get_mut(&name) {
-                let _ = h.await;
-            }
-            self.tasks.remove(&name);
-        }
-        while let Some(name) = self.stopping.keys().next().cloned() {
-            if let Some(h) = self.stopping.get_mut(&name) {
-                let _ = h.await;
-            }
-            self.stopping.remove(&name);
-        }
-    }
-
-    /// Aborts what is still running (a shutdown deadline passed).
-    pub async fn abort_all(&mut self) {
-        for (_, (_, h)) in std::mem::take(&mut self.tasks) {
-            h.abort();
-            let _ = h.await;
-        }
-        for (_, h) in std::mem::take(&mut self.stopping) {
-            h.abort();
-            let _ = h.await;
-        }
-    }
 }

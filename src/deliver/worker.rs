@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
@@ -22,6 +21,7 @@ use super::retry::{classify, Outcome};
 use super::sign::{hub_signature, signature_header};
 use crate::status::{DeliveryOutcome, Status};
 use crate::store::{AttemptRecord, DeadLetter, EntryKey, OutboxEntry, Store};
+pub use crate::wake::Wake;
 
 /// Everything one endpoint's worker needs.
 pub struct Worker {
@@ -53,68 +53,6 @@ type Flight = (
     Option<Result<(), crate::store::StoreError>>,
     Option<(EntryKey, OutboxEntry)>,
 );
-
-/// How pollers (and replays) tell a worker there is work, and where.
-#[derive(Default)]
-pub struct Wake {
-    notify: Notify,
-    /// Instances with new entries since the worker last looked.
-    instances: std::sync::Mutex<HashSet<String>>,
-    /// Entries appeared that only a scan finds (a dead-letter replay).
-    rescan: std::sync::atomic::AtomicBool,
-    /// The operator enabled the endpoint again (`pollhook endpoint enable`).
-    enable: std::sync::atomic::AtomicBool,
-    /// Another node of the cluster disabled or enabled the endpoint: read
-    /// which it is now from the store.
-    recheck: std::sync::atomic::AtomicBool,
-}
-
-impl Wake {
-    /// New entries of `instance` were committed.
-    pub fn instance(&self, instance: &str) {
-        self.instances
-            .lock()
-            .expect("wake lock")
-            .insert(instance.to_string());
-        self.notify.notify_one();
-    }
-
-    /// Entries appeared anywhere (replay): look at the whole queue.
-    pub fn rescan(&self) {
-        self.rescan.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.notify.notify_one();
-    }
-
-    /// The endpoint was enabled again: forget its failures and send.
-    pub fn enable(&self) {
-        self.enable.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.notify.notify_one();
-    }
-
-    /// The endpoint's disabled flag changed in the store (cluster).
-    pub fn recheck(&self) {
-        self.recheck
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.notify.notify_one();
-    }
-
-    fn take_recheck(&self) -> bool {
-        self.recheck
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn take_enable(&self) -> bool {
-        self.enable.swap(false, std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn take(&self) -> HashSet<String> {
-        std::mem::take(&mut *self.instances.lock().expect("wake lock"))
-    }
-
-    fn take_rescan(&self) -> bool {
-        self.rescan.swap(false, std::sync::atomic::Ordering::SeqCst)
-    }
-}
 
 /// The user agent of deliveries and polls.
 pub const USER_AGENT_VALUE: &str = concat!("pollhook/", env!("CARGO_PKG_VERSION"));

@@ -366,7 +366,7 @@ endpoints:
 
     // A form posted from another site is refused, signed in or not.
     let session = c
-        .get_named_cookie(pollhook::dashboard::COOKIE)
+        .get_named_cookie(pollhook::admin::dashboard::COOKIE)
         .await
         .expect("the session cookie");
     let cookie = format!("{}={}", session.name(), session.value());

@@ -31,7 +31,8 @@ use crate::connector::spec::Connector;
 use crate::deliver::policy::Endpoint;
 use crate::quota::HostQuota;
 
-pub use source::{scalar_text, Instance, Route, Source, DEFAULT_RETENTION};
+pub use crate::connector::spec::{scalar_text, Instance};
+pub use crate::runtime::{Route, Source, DEFAULT_RETENTION};
 
 /// A whole, valid configuration.
 pub struct Config {

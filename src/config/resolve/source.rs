@@ -4,57 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{Map, Value};
 
 use super::diag::Diag;
 use crate::config::raw::{self, DeliverTo, RawSource};
-use crate::connector::spec::{Connector, EventType};
+use crate::connector::spec::{scalar_text, secrets_of, Connector, EventType, Instance};
+use crate::runtime::{coerce, Route, Source, DEFAULT_RETENTION};
 use crate::schedule::Schedule;
-
-/// A source: a connector run for someone, with its instances.
-pub struct Source {
-    pub name: String,
-    pub connector: Arc<Connector>,
-    pub schedule: Schedule,
-    /// Static instances (`for_each` lists, or the one `default`); empty for
-    /// `for_each: discover`, whose instances are found at run time.
-    pub instances: Vec<Instance>,
-    pub routes: Vec<Route>,
-    /// `for_each: discover`.
-    pub discovered: bool,
-    /// Params' defaults with the source's `with` values: the variables of
-    /// every instance before its own values.
-    pub base_vars: Map<String, Value>,
-    /// How long the state of an instance that left the discovered list is kept.
-    pub retention: Duration,
-    /// `for_each: discover`: when the list is refreshed.
-    pub discover_schedule: Option<Schedule>,
-}
-
-impl Source {
-    /// An instance of a `for_each: discover` source with its discovered param
-    /// values (typed like the params' defaults).
-    pub fn discovered_instance(&self, name: &str, with: &Map<String, Value>) -> Instance {
-        let mut vars = self.base_vars.clone();
-        for (k, v) in with {
-            let default = self
-                .connector
-                .params
-                .get(k)
-                .and_then(|p| p.default.as_ref());
-            vars.insert(k.clone(), coerce(v, default));
-        }
-        let secrets = secrets_of(&self.connector, &vars);
-        Instance {
-            key: format!("{}/{name}", self.name),
-            name: name.to_string(),
-            vars,
-            secrets,
-        }
-    }
-}
 
 impl Source {
     /// A one-instance source for trying a connector file without a bridge
@@ -142,47 +99,6 @@ impl Source {
         Ok(source)
     }
 }
-
-/// Values of secret params, to mask.
-fn secrets_of(c: &Connector, vars: &Map<String, Value>) -> Vec<String> {
-    c.params
-        .iter()
-        .filter(|(_, p)| p.secret)
-        .filter_map(|(k, _)| vars.get(k).map(scalar_text))
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-/// One source × `for_each` entry: polled on its own, with its own state.
-#[derive(Debug, Clone)]
-pub struct Instance {
-    /// `source/instance`, the key of its state and its name in logs.
-    pub key: String,
-    /// The instance part (`acc-0001`, or `default` without `for_each`).
-    pub name: String,
-    /// Template variables: the connector's params with this instance's values.
-    pub vars: Map<String, Value>,
-    /// Values of secret params, to mask wherever text is shown.
-    pub secrets: Vec<String>,
-}
-
-/// Which events go to one endpoint.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub endpoint: String,
-    /// `None`: every type.
-    pub types: Option<BTreeSet<String>>,
-}
-
-impl Route {
-    pub fn accepts(&self, kind: &str) -> bool {
-        self.types.as_ref().is_none_or(|t| t.contains(kind))
-    }
-}
-
-/// How long the state of an instance no longer polled is kept (a source's
-/// `retention`): long enough to undo a mistaken edit or outage.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
 /// Resolves one entry of `sources:` against its connector; `None` when it
 /// has errors (reported at the source's lines of bridge.yaml).
@@ -526,28 +442,6 @@ fn routes_of(
 
 /// Gives a value the type of the param's default: `"50"` from `${VAR}`
 /// becomes `50` when the default is a number, `"true"` becomes `true`.
-fn coerce(v: &Value, default: Option<&Value>) -> Value {
-    match (v, default) {
-        (Value::String(s), Some(Value::Number(_))) => s
-            .parse::<serde_json::Number>()
-            .map(Value::Number)
-            .unwrap_or_else(|_| v.clone()),
-        (Value::String(s), Some(Value::Bool(_))) => s
-            .parse::<bool>()
-            .map(Value::Bool)
-            .unwrap_or_else(|_| v.clone()),
-        _ => v.clone(),
-    }
-}
-
-/// A scalar as plain text (strings without quotes).
-pub fn scalar_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,8 +32,8 @@ use axum::Form;
 use minijinja::{context, Environment};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::AdminState;
-use crate::ops::{self, Op};
+use super::AdminState;
+use crate::operate::{self, Op};
 
 /// Instances per page.
 const PAGE: usize = 100;
@@ -306,7 +306,7 @@ impl Dashboard {
     /// The page, rendered from the daemon's status and store.
     async fn render(&self, s: &AdminState, f: &Filter) -> Result<String, String> {
         let now = crate::now_ms();
-        let report = crate::admin::full_report(s).await;
+        let report = super::full_report(s).await;
         let me = s.node.as_deref();
         // Sources first: one pass over every instance.
         let mut sources: BTreeMap<String, SourceRow> = BTreeMap::new();
@@ -568,7 +568,7 @@ pub async fn login(
         return r;
     }
     if !crate::deliver::sign::constant_time_eq(l.token.as_bytes(), token.as_bytes()) {
-        crate::admin::failed_attempt(&s, peer, "/login", now);
+        super::failed_attempt(&s, peer, "/login", now);
         let mut r = s.dashboard.login(Some("That is not the admin token."));
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
@@ -601,7 +601,7 @@ pub struct Action {
     endpoint: Option<String>,
 }
 
-/// Runs an action's operation (the same `ops` the CLI uses) and goes back
+/// Runs an action's operation (the same `operate` operations the CLI uses) and goes back
 /// to the page with what happened.
 async fn act<O: Op>(
     s: &AdminState,
@@ -614,7 +614,7 @@ async fn act<O: Op>(
     if cross_site(headers, &s.live.admin_hosts()) || a.csrf != s.dashboard.csrf {
         return (StatusCode::FORBIDDEN, "cross-site request refused\n").into_response();
     }
-    let daemon = crate::admin::Daemon(&s.live);
+    let daemon = super::LiveWorkers(&s.live);
     let flash = match op.run(&s.store, Some(&daemon)).await {
         Ok(r) => said(r),
         Err(e) => format!("failed: {e:#}"),
@@ -624,8 +624,8 @@ async fn act<O: Op>(
     Redirect::to(&format!("../?{q}#{anchor}")).into_response()
 }
 
-fn letter_filter(a: &Action) -> ops::Filter {
-    ops::Filter {
+fn letter_filter(a: &Action) -> operate::Filter {
+    operate::Filter {
         id: a.id.clone().filter(|i| !i.is_empty()),
         endpoint: a.endpoint.clone().filter(|e| !e.is_empty()),
         ..Default::default()
@@ -638,7 +638,7 @@ pub async fn replay(
     headers: HeaderMap,
     Form(a): Form<Action>,
 ) -> Response {
-    let op = ops::DlqReplay(letter_filter(&a));
+    let op = operate::DlqReplay(letter_filter(&a));
     act(
         &s,
         &headers,
@@ -656,7 +656,7 @@ pub async fn drop_letter(
     headers: HeaderMap,
     Form(a): Form<Action>,
 ) -> Response {
-    let op = ops::DlqDrop(letter_filter(&a));
+    let op = operate::DlqDrop(letter_filter(&a));
     act(
         &s,
         &headers,
@@ -674,7 +674,7 @@ pub async fn enable(
     headers: HeaderMap,
     Form(a): Form<Action>,
 ) -> Response {
-    let op = ops::Enable {
+    let op = operate::Enable {
         endpoint: a.endpoint.clone().unwrap_or_default(),
     };
     act(

@@ -1,6 +1,6 @@
 //! Admin HTTP: `/healthz`, `/readyz`, `/status` (JSON), `/metrics`
 //! (Prometheus text), and the operator's repair tools: every
-//! [`crate::ops`] operation at its `POST` route (what `pollhook dlq`,
+//! [`crate::operate`] operation at its `POST` route (what `pollhook dlq`,
 //! `events` and `endpoint enable` call while the daemon runs) and
 //! `GET /state/export`. Loopback by default;
 //! shows no secrets (status holds masked errors only; bodies are not shown).
@@ -25,11 +25,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::ops::{self, Op};
-use crate::status::{EndpointLabels, EndpointStatus, InstanceStatus, SourceLabels, Status};
+pub mod dashboard;
+
+use crate::operate::{self, Op};
+pub use crate::status::{ClusterReport, StatusReport};
+use crate::status::{EndpointLabels, EndpointStatus, SourceLabels, Status};
 use crate::store::Store;
 
 /// What the admin handlers read.
@@ -41,11 +43,11 @@ pub struct AdminState {
     pub hosts: Arc<crate::quota::HostGates>,
     /// Endpoints, their wake-ups (poked after a replay) and the bearer
     /// token (all routes but `/healthz`), as the last reload left them.
-    pub live: Arc<crate::daemon::Live>,
+    pub live: Arc<crate::runtime::Live>,
     /// This node's name in a cluster (PostgreSQL store).
     pub node: Option<String>,
     /// The dashboard's templates and CSRF value (`GET /`).
-    pub dashboard: Arc<crate::dashboard::Dashboard>,
+    pub dashboard: Arc<dashboard::Dashboard>,
     /// The address the server listens on (its IP is a `Host` it answers).
     pub listen: SocketAddr,
 }
@@ -69,23 +71,38 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         // JSON bodies carry the filters (lists of sources, times), so even
         // the read-only queries are POSTs.
-        .route(route::<ops::DlqList>(), post(operation::<ops::DlqList>))
-        .route(route::<ops::DlqReplay>(), post(operation::<ops::DlqReplay>))
-        .route(route::<ops::DlqDrop>(), post(operation::<ops::DlqDrop>))
-        .route(route::<ops::Events>(), post(operation::<ops::Events>))
-        .route(route::<ops::Enable>(), post(operation::<ops::Enable>))
+        .route(
+            route::<operate::DlqList>(),
+            post(operation::<operate::DlqList>),
+        )
+        .route(
+            route::<operate::DlqReplay>(),
+            post(operation::<operate::DlqReplay>),
+        )
+        .route(
+            route::<operate::DlqDrop>(),
+            post(operation::<operate::DlqDrop>),
+        )
+        .route(
+            route::<operate::Events>(),
+            post(operation::<operate::Events>),
+        )
+        .route(
+            route::<operate::Enable>(),
+            post(operation::<operate::Enable>),
+        )
         .route("/state/export", get(export))
-        .route("/ui/replay", post(crate::dashboard::replay))
-        .route("/ui/drop", post(crate::dashboard::drop_letter))
-        .route("/ui/enable", post(crate::dashboard::enable))
+        .route("/ui/replay", post(dashboard::replay))
+        .route("/ui/drop", post(dashboard::drop_letter))
+        .route("/ui/enable", post(dashboard::enable))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
         ))
         .route("/healthz", get(|| async { "ok\n" }))
         // The dashboard asks for the token itself (a sign-in form).
-        .route("/", get(crate::dashboard::page))
-        .route("/login", post(crate::dashboard::login))
+        .route("/", get(dashboard::page))
+        .route("/login", post(dashboard::login))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state);
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -170,7 +187,7 @@ async fn authorize(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    use crate::dashboard::Credentials;
+    use dashboard::Credentials;
     let token = s.live.admin_token.read().expect("token lock").clone();
     let now = std::time::Instant::now();
     let client = crate::access::client_of(peer);
@@ -180,7 +197,7 @@ async fn authorize(
             return too_many(wait);
         }
     }
-    match crate::dashboard::credentials(token.as_deref(), &s.live.sessions, req.headers(), now) {
+    match dashboard::credentials(token.as_deref(), &s.live.sessions, req.headers(), now) {
         Credentials::NotNeeded | Credentials::Good => next.run(req).await,
         Credentials::Missing => unauthorized(),
         Credentials::Wrong => {
@@ -231,9 +248,9 @@ pub(crate) fn failed_attempt(
 
 /// The daemon as operator operations see it: its endpoints and their
 /// workers' wake-ups.
-pub(crate) struct Daemon<'a>(pub(crate) &'a crate::daemon::Live);
+pub(crate) struct LiveWorkers<'a>(pub(crate) &'a crate::runtime::Live);
 
-impl ops::Running for Daemon<'_> {
+impl operate::Workers for LiveWorkers<'_> {
     fn has_endpoint(&self, name: &str) -> bool {
         self.0.wake(name).is_some()
     }
@@ -259,7 +276,7 @@ fn error_response(status: u16, e: impl std::fmt::Display) -> Response {
 
 /// Every operator operation: decoded, run on the live store, answered.
 async fn operation<O: Op + 'static>(State(s): State<AdminState>, Json(op): Json<O>) -> Response {
-    match op.run(&s.store, Some(&Daemon(&s.live))).await {
+    match op.run(&s.store, Some(&LiveWorkers(&s.live))).await {
         Ok(reply) => Json(reply).into_response(),
         Err(e) => error_response(e.status(), format!("{e:#}")),
     }
@@ -301,44 +318,6 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         )
             .into_response()
     }
-}
-
-/// `/status` body.
-/// Shared with `pollhook status`, which reads it back (see
-/// [`crate::ops::status`]).
-#[derive(Serialize, serde::Deserialize)]
-pub struct StatusReport {
-    pub instances: BTreeMap<String, InstanceStatus>,
-    /// Endpoints with their backlog (`queue_depth`, `oldest_pending_ms`,
-    /// `dead_letters`), kept in memory: a scrape never scans the store.
-    pub endpoints: BTreeMap<String, EndpointStatus>,
-    /// `for_each: discover` sources.
-    pub discovery: BTreeMap<String, crate::status::DiscoveryStatus>,
-    /// Upstream hosts: requests, throttling answers, pauses.
-    pub hosts: BTreeMap<String, crate::quota::HostReport>,
-    /// Configuration reloads.
-    pub config: crate::status::ConfigStatus,
-    /// Whether the store takes writes.
-    pub store: crate::status::StoreHealth,
-    /// In a cluster (PostgreSQL store): this node, every node with its
-    /// last heartbeat, and the leases (each instance's `node` says who
-    /// holds it). Read from the store at each request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<ClusterReport>,
-}
-
-/// The cluster as `/status` shows it.
-#[derive(Serialize, serde::Deserialize, Debug, Clone, Default)]
-pub struct ClusterReport {
-    /// The node that answered.
-    pub node: String,
-    pub nodes: Vec<crate::store::NodeRow>,
-    /// Leases that no node holds now (none in a healthy cluster, but for
-    /// a lease time after a node died).
-    pub unheld: Vec<String>,
-    /// Why the cluster could not be read, if it could not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 /// The configured endpoints' status (an endpoint that has not reported

@@ -4,7 +4,7 @@
 //! Each is a typed request ([`Op`]) with a typed reply. The same request
 //! runs in two places: inside the daemon, where the admin server decodes
 //! it and calls [`Op::run`] on the live store, and in the CLI, which sends
-//! it to the running daemon ([`Target::Daemon`]) or, when none runs, runs
+//! it to the running daemon ([`Target::AdminServer`]) or, when none runs, runs
 //! it on the stopped store itself ([`Target::Store`]). Both ends use the
 //! same types, so there is no JSON in between but the wire.
 
@@ -31,7 +31,7 @@ pub enum OpError {
     Store(#[from] StoreError),
     /// The running daemon refused or could not be reached.
     #[error("{0}")]
-    Daemon(String),
+    AdminServer(String),
     #[error("{0}")]
     NotRunning(String),
 }
@@ -48,7 +48,7 @@ impl OpError {
 }
 
 /// What an operation may touch inside the daemon besides the store.
-pub trait Running: Send + Sync {
+pub trait Workers: Send + Sync {
     /// Endpoints the daemon runs (an enable of another is refused).
     fn has_endpoint(&self, name: &str) -> bool;
     /// `endpoint`'s outbox or dead letters changed outside its worker (a
@@ -67,7 +67,7 @@ pub trait Op: Serialize + DeserializeOwned + Send + Sync {
     fn run(
         &self,
         store: &Store,
-        running: Option<&dyn Running>,
+        running: Option<&dyn Workers>,
     ) -> impl std::future::Future<Output = Result<Self::Reply, OpError>> + Send;
 }
 
@@ -162,7 +162,7 @@ pub struct DlqList(pub Filter);
 impl Op for DlqList {
     type Reply = Vec<Listed>;
     const PATH: &'static str = "dlq/list";
-    async fn run(&self, store: &Store, _: Option<&dyn Running>) -> Result<Vec<Listed>, OpError> {
+    async fn run(&self, store: &Store, _: Option<&dyn Workers>) -> Result<Vec<Listed>, OpError> {
         Ok(self
             .0
             .matching(store)
@@ -196,7 +196,7 @@ pub struct Replayed {
 impl Op for DlqReplay {
     type Reply = Replayed;
     const PATH: &'static str = "dlq/replay";
-    async fn run(&self, store: &Store, running: Option<&dyn Running>) -> Result<Replayed, OpError> {
+    async fn run(&self, store: &Store, running: Option<&dyn Workers>) -> Result<Replayed, OpError> {
         self.0.destructive()?;
         let letters = self.0.matching(store).await?;
         store.replay_dead(&letters).await?;
@@ -209,7 +209,7 @@ impl Op for DlqReplay {
 
 /// Tells the running daemon (if the operation ran there) which endpoints'
 /// outboxes or dead letters changed, once each.
-fn tell_changed<'a>(running: Option<&dyn Running>, endpoints: impl Iterator<Item = &'a str>) {
+fn tell_changed<'a>(running: Option<&dyn Workers>, endpoints: impl Iterator<Item = &'a str>) {
     if let Some(r) = running {
         for ep in endpoints.collect::<std::collections::BTreeSet<_>>() {
             r.changed(ep);
@@ -229,7 +229,7 @@ pub struct Dropped {
 impl Op for DlqDrop {
     type Reply = Dropped;
     const PATH: &'static str = "dlq/drop";
-    async fn run(&self, store: &Store, running: Option<&dyn Running>) -> Result<Dropped, OpError> {
+    async fn run(&self, store: &Store, running: Option<&dyn Workers>) -> Result<Dropped, OpError> {
         self.0.destructive()?;
         let keys: Vec<EntryKey> = self
             .0
@@ -256,7 +256,7 @@ impl Op for Events {
     async fn run(
         &self,
         store: &Store,
-        _: Option<&dyn Running>,
+        _: Option<&dyn Workers>,
     ) -> Result<Vec<AttemptRecord>, OpError> {
         Ok(store.attempts(&self.0).await?)
     }
@@ -277,7 +277,7 @@ pub struct Enabled {
 impl Op for Enable {
     type Reply = Enabled;
     const PATH: &'static str = "endpoints/enable";
-    async fn run(&self, store: &Store, running: Option<&dyn Running>) -> Result<Enabled, OpError> {
+    async fn run(&self, store: &Store, running: Option<&dyn Workers>) -> Result<Enabled, OpError> {
         if running.is_some_and(|r| !r.has_endpoint(&self.endpoint)) {
             return Err(OpError::UnknownEndpoint(self.endpoint.clone()));
         }
@@ -297,7 +297,7 @@ impl Op for Enable {
 /// Where the CLI runs an operation.
 pub enum Target {
     /// The running daemon's admin server.
-    Daemon { addr: String, token: Option<String> },
+    AdminServer { addr: String, token: Option<String> },
     /// The store of a stopped daemon.
     Store(Store),
 }
@@ -313,7 +313,7 @@ impl Target {
         what: &str,
     ) -> Result<Target, OpError> {
         if let Some(addr) = running_daemon(state_dir, token.as_deref()).await {
-            return Ok(Target::Daemon { addr, token });
+            return Ok(Target::AdminServer { addr, token });
         }
         Ok(Target::Store(stopped_store(store, what).await?))
     }
@@ -326,7 +326,7 @@ impl Target {
                 store.flush().await?;
                 Ok(reply)
             }
-            Target::Daemon { addr, token } => {
+            Target::AdminServer { addr, token } => {
                 let body = serde_json::to_vec(op).expect("operations serialize");
                 let req = request(addr, token.as_deref(), reqwest::Method::POST, O::PATH)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -344,11 +344,11 @@ impl Target {
                 crate::store::backup::export(store, &mut out).await?;
                 Ok(out)
             }
-            Target::Daemon { addr, token } => {
+            Target::AdminServer { addr, token } => {
                 let req = request(addr, token.as_deref(), reqwest::Method::GET, "state/export");
                 answer(req).await.map_err(|e| match e {
-                    OpError::Daemon(why) => {
-                        OpError::Daemon(format!("the admin server refused the export: {why}"))
+                    OpError::AdminServer(why) => {
+                        OpError::AdminServer(format!("the admin server refused the export: {why}"))
                     }
                     other => other,
                 })
@@ -362,7 +362,7 @@ impl Target {
 pub async fn status(
     state_dir: &Path,
     token: Option<&str>,
-) -> Result<crate::admin::StatusReport, OpError> {
+) -> Result<crate::status::StatusReport, OpError> {
     let Some(addr) = running_daemon(state_dir, token).await else {
         return Err(OpError::NotRunning(format!(
             "no running daemon found ({} is missing or stale; the daemon writes it when `admin.listen` is set)",
@@ -379,15 +379,16 @@ async fn answer(req: reqwest::RequestBuilder) -> Result<Vec<u8>, OpError> {
     let status = resp.status();
     let bytes = resp.bytes().await.map_err(unreachable_daemon)?;
     if !status.is_success() {
-        return Err(OpError::Daemon(refusal(status, &bytes)));
+        return Err(OpError::AdminServer(refusal(status, &bytes)));
     }
     Ok(bytes.to_vec())
 }
 
 /// A JSON reply of the admin server as its type.
 fn understood<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, OpError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| OpError::Daemon(format!("the admin server's answer is not understood: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        OpError::AdminServer(format!("the admin server's answer is not understood: {e}"))
+    })
 }
 
 /// Where the daemon writes its admin address once it is ready.
@@ -423,7 +424,7 @@ fn request(
 }
 
 fn unreachable_daemon(e: reqwest::Error) -> OpError {
-    OpError::Daemon(format!(
+    OpError::AdminServer(format!(
         "cannot reach the daemon's admin server: {}",
         crate::transport_detail(&e)
     ))
