@@ -224,16 +224,30 @@ async fn sighup_applies_a_good_config_and_keeps_running_on_a_bad_one() {
         })
     })
     .await;
-    let body = client
-        .get(&url)
-        .bearer_auth("rotated-t0ken")
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // The new token takes effect while the reload is applied, a moment
+    // before the reload is counted: wait for the count with the token.
+    let status = || {
+        tokio::task::block_in_place(|| {
+            let body = tokio::runtime::Handle::current()
+                .block_on(async {
+                    client
+                        .get(&url)
+                        .bearer_auth("rotated-t0ken")
+                        .send()
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                })
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        })
+    };
+    wait_for("the fourth reload counted", Duration::from_secs(20), || {
+        status()["config"]["reloads"] == 4
+    })
+    .await;
+    let s = status();
     assert_eq!(s["config"]["reloads"], 4, "{s:#}");
     assert!(d.terminate().success());
 }
