@@ -17,9 +17,9 @@
 //!   is logged with the client's address, and a client that keeps failing
 //!   waits (GCRA per client).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -161,7 +161,7 @@ impl Sessions {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let mut live = self.live.lock().expect("sessions lock");
+        let mut live = self.live.lock();
         if live.len() >= MAX_SESSIONS {
             live.retain(|_, until| *until > now);
         }
@@ -176,7 +176,7 @@ impl Sessions {
 
     /// Whether `id` is a session that has not expired at `now`.
     pub fn valid(&self, id: &str, now: Instant) -> bool {
-        let mut live = self.live.lock().expect("sessions lock");
+        let mut live = self.live.lock();
         let key = digest(id);
         match live.get(&key) {
             Some(until) if *until > now => true,
@@ -190,11 +190,11 @@ impl Sessions {
 
     /// Ends every session (the token changed).
     pub fn end_all(&self) {
-        self.live.lock().expect("sessions lock").clear();
+        self.live.lock().clear();
     }
 
     pub fn len(&self) -> usize {
-        self.live.lock().expect("sessions lock").len()
+        self.live.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -225,7 +225,7 @@ pub struct Failures {
 impl Failures {
     /// `Some(wait)` while `client` may not try (a correct token included).
     pub fn blocked(&self, client: IpAddr, now: Instant) -> Option<Duration> {
-        let tat = *self.tat.lock().expect("failures lock").get(&client)?;
+        let tat = *self.tat.lock().get(&client)?;
         // Blocked while the theoretical arrival time is more than the
         // burst ahead (no `Instant` arithmetic below zero: a machine may
         // have booted minutes ago).
@@ -238,7 +238,7 @@ impl Failures {
     /// Counts a failure; true when it used the client's last attempt (the
     /// next one will wait), so the log says it once.
     pub fn failed(&self, client: IpAddr, now: Instant) -> bool {
-        let mut tat = self.tat.lock().expect("failures lock");
+        let mut tat = self.tat.lock();
         if tat.len() >= MAX_CLIENTS {
             tat.retain(|_, t| *t > now);
         }

@@ -38,7 +38,9 @@
 //! holds the lane.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -180,7 +182,7 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut l = self.cluster.leases.lock().expect("lease lock");
+        let mut l = self.cluster.leases.lock();
         if let Some(n) = l.busy.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -239,8 +241,8 @@ impl Cluster {
     /// This configuration has `key` (an instance, a discovery): give it a
     /// lease row so that some node claims it.
     pub fn want(&self, key: &str) {
-        let mut w = self.wanted.lock().expect("wanted lock");
-        self.gone.lock().expect("gone lock").remove(key);
+        let mut w = self.wanted.lock();
+        self.gone.lock().remove(key);
         if w.0.insert(key.to_string()) {
             w.1.push(key.to_string());
             self.kick.notify_one();
@@ -265,13 +267,10 @@ impl Cluster {
         if self.shutdown.is_cancelled() {
             return;
         }
-        let mut w = self.wanted.lock().expect("wanted lock");
+        let mut w = self.wanted.lock();
         if w.0.remove(key) {
             w.1.retain(|k| k != key);
-            self.gone
-                .lock()
-                .expect("gone lock")
-                .insert(key.to_string(), Instant::now());
+            self.gone.lock().insert(key.to_string(), Instant::now());
         }
     }
 
@@ -284,8 +283,8 @@ impl Cluster {
     async fn prune(&self) -> crate::store::Result<()> {
         let round = self.lease / 3;
         let due: Vec<String> = {
-            let gone = self.gone.lock().expect("gone lock");
-            let l = self.leases.lock().expect("lease lock");
+            let gone = self.gone.lock();
+            let l = self.leases.lock();
             let fresh = gone.values().any(|t| t.elapsed() < round * 3);
             let rounds = self
                 .since_prune
@@ -304,7 +303,7 @@ impl Cluster {
         self.since_prune
             .store(0, std::sync::atomic::Ordering::Relaxed);
         let (pruned, kept) = self.store.prune_leases(&self.node, &due).await?;
-        let mut gone = self.gone.lock().expect("gone lock");
+        let mut gone = self.gone.lock();
         for k in &due {
             if !kept.contains(k) {
                 gone.remove(k);
@@ -318,14 +317,14 @@ impl Cluster {
 
     /// Whether this node holds `key` now (by its own clock).
     pub fn holds(&self, key: &str) -> bool {
-        let l = self.leases.lock().expect("lease lock");
+        let l = self.leases.lock();
         l.held.get(key).is_some_and(|h| h.expires > Instant::now())
     }
 
     /// The epoch this node holds `key` under, if it does and is not
     /// giving it back.
     pub fn epoch(&self, key: &str) -> Option<i64> {
-        let l = self.leases.lock().expect("lease lock");
+        let l = self.leases.lock();
         if l.draining.contains(key) {
             return None;
         }
@@ -335,7 +334,7 @@ impl Cluster {
     /// Starts a poll or delivery of `key` under its lease, if this node
     /// holds it with at least a quarter of the lease left.
     pub fn begin(self: &Arc<Self>, key: &str) -> Begin {
-        let mut l = self.leases.lock().expect("lease lock");
+        let mut l = self.leases.lock();
         let Some(h) = l.held.get(key).copied() else {
             return Begin::NotHeld;
         };
@@ -374,7 +373,7 @@ impl Cluster {
 
     /// How many leases this node holds.
     pub fn held_count(&self) -> usize {
-        self.leases.lock().expect("lease lock").held.len()
+        self.leases.lock().held.len()
     }
 
     /// One round: heartbeat, renew, then claim or give back towards the
@@ -382,7 +381,7 @@ impl Cluster {
     async fn round(&self) -> crate::store::Result<bool> {
         let lease_ms = self.lease.as_millis() as i64;
         let local = self.lease.mul_f64(LOCAL_SHARE);
-        let new: Vec<String> = std::mem::take(&mut self.wanted.lock().expect("wanted lock").1);
+        let new: Vec<String> = std::mem::take(&mut self.wanted.lock().1);
         if !new.is_empty() && self.store.ensure_leases(&new).await.is_err() {
             // One by one: a key the database refuses must not hold up the
             // others, nor the renewal of every lease this node holds.
@@ -394,7 +393,7 @@ impl Cluster {
                     again.push(k);
                 }
             }
-            self.wanted.lock().expect("wanted lock").1.extend(again);
+            self.wanted.lock().1.extend(again);
         }
         let nodes = self
             .store
@@ -409,11 +408,11 @@ impl Cluster {
         let renewed = self.store.renew(&self.node, lease_ms).await?;
         let total = self.store.lease_count().await?;
         let before: BTreeSet<(String, i64)> = {
-            let l = self.leases.lock().expect("lease lock");
+            let l = self.leases.lock();
             l.held.iter().map(|(k, h)| (k.clone(), h.epoch)).collect()
         };
         {
-            let mut l = self.leases.lock().expect("lease lock");
+            let mut l = self.leases.lock();
             l.held = renewed
                 .into_iter()
                 .map(|(k, epoch)| {
@@ -428,13 +427,13 @@ impl Cluster {
                 .collect();
         }
         let held = self.held_count();
-        let draining_before = self.leases.lock().expect("lease lock").draining.clone();
+        let draining_before = self.leases.lock().draining.clone();
         match plan(held, total as usize, nodes as usize) {
             Plan::Claim(n) => {
-                self.leases.lock().expect("lease lock").draining.clear();
+                self.leases.lock().draining.clear();
                 let sent = Instant::now();
                 let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
-                let mut l = self.leases.lock().expect("lease lock");
+                let mut l = self.leases.lock();
                 for (k, epoch) in got {
                     l.held.insert(
                         k,
@@ -447,7 +446,7 @@ impl Cluster {
             }
             Plan::Release(n) => {
                 let give: Vec<String> = {
-                    let mut l = self.leases.lock().expect("lease lock");
+                    let mut l = self.leases.lock();
                     // Draining ones first (they were chosen before), then
                     // idle ones; busy ones are marked to drain.
                     let mut order: Vec<String> = l.draining.iter().cloned().collect();
@@ -479,18 +478,18 @@ impl Cluster {
             }
             Plan::Hold => {
                 // At its share again (a node left): nothing to give back.
-                self.leases.lock().expect("lease lock").draining.clear();
+                self.leases.lock().draining.clear();
             }
         }
         let draining_changed = {
             // Whatever is no longer held needs no draining.
-            let mut l = self.leases.lock().expect("lease lock");
+            let mut l = self.leases.lock();
             let Leases { held, draining, .. } = &mut *l;
             draining.retain(|k| held.contains_key(k));
             *draining != draining_before
         };
         let after: BTreeSet<(String, i64)> = {
-            let l = self.leases.lock().expect("lease lock");
+            let l = self.leases.lock();
             l.held.iter().map(|(k, h)| (k.clone(), h.epoch)).collect()
         };
         let gained = after.difference(&before).next().is_some();
@@ -562,7 +561,7 @@ impl Cluster {
                             // Another node pruned rows: add back any this
                             // node still wants (its configuration differs
                             // until it is reloaded too).
-                            let mut w = self.wanted.lock().expect("wanted lock");
+                            let mut w = self.wanted.lock();
                             let all: Vec<String> = w.0.iter().cloned().collect();
                             w.1 = all;
                             drop(w);
@@ -594,7 +593,7 @@ impl Cluster {
         }
         listener.abort();
         let all: Vec<String> = {
-            let mut l = self.leases.lock().expect("lease lock");
+            let mut l = self.leases.lock();
             l.held.drain().map(|(k, _)| k).collect()
         };
         self.changed.send_modify(|g| *g += 1);

@@ -21,7 +21,9 @@
 //! endpoint that fails must not feed on its own failures).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -217,11 +219,11 @@ impl Default for Ops {
 impl Ops {
     /// Applies `operations:` (at start and at each reload).
     pub fn configure(&self, policy: OpsPolicy) {
-        *self.policy.lock().expect("ops lock") = Arc::new(policy);
+        *self.policy.lock() = Arc::new(policy);
     }
 
     pub fn policy(&self) -> Arc<OpsPolicy> {
-        self.policy.lock().expect("ops lock").clone()
+        self.policy.lock().clone()
     }
 
     fn enabled(&self) -> bool {
@@ -238,11 +240,7 @@ impl Ops {
     pub fn instance_failed(&self, key: &str, connector: &str, kind: &str, message: &str) {
         let now = crate::now_ms();
         let policy = self.policy();
-        let a = self
-            .episodes
-            .lock()
-            .expect("ops lock")
-            .failed(key, now, &policy);
+        let a = self.episodes.lock().failed(key, now, &policy);
         if let Some(Announce::Failing {
             first_failure_ms,
             failures,
@@ -267,7 +265,7 @@ impl Ops {
     /// A poll of `instance` succeeded.
     pub fn instance_ok(&self, key: &str, connector: &str) {
         let now = crate::now_ms();
-        let a = self.episodes.lock().expect("ops lock").succeeded(key, now);
+        let a = self.episodes.lock().succeeded(key, now);
         if let Some(Announce::Recovered {
             first_failure_ms,
             failed_for_ms,
@@ -378,7 +376,7 @@ impl Ops {
         let now = crate::now_ms();
         let until = now + pause.as_millis() as i64;
         {
-            let mut t = self.throttled.lock().expect("ops lock");
+            let mut t = self.throttled.lock();
             let announced = t.entry(host.to_string()).or_insert(0);
             let running = *announced > now;
             *announced = (*announced).max(until);
@@ -409,7 +407,7 @@ impl Ops {
         live: Arc<crate::wake::Wakes>,
         shutdown: CancellationToken,
     ) {
-        let Some(mut rx) = self.rx.lock().expect("ops lock").take() else {
+        let Some(mut rx) = self.rx.lock().take() else {
             return;
         };
         let mut flood = Flood::default();

@@ -10,7 +10,9 @@
 //! see the layers in `ARCHITECTURE.md`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -69,17 +71,17 @@ impl Live {
     /// Sets the admin token and allowed hosts of a (re)loaded
     /// configuration; a changed token ends every dashboard session.
     pub fn set_admin(&self, token: Option<String>, hosts: Vec<String>) {
-        let mut current = self.admin_token.write().expect("token lock");
+        let mut current = self.admin_token.write();
         if *current != token {
             self.sessions.end_all();
         }
         *current = token;
         drop(current);
-        *self.admin_hosts.write().expect("hosts lock") = hosts;
+        *self.admin_hosts.write() = hosts;
     }
 
     pub fn admin_hosts(&self) -> Vec<String> {
-        self.admin_hosts.read().expect("hosts lock").clone()
+        self.admin_hosts.read().clone()
     }
 
     pub fn wake(&self, endpoint: &str) -> Option<Arc<Wake>> {
@@ -87,7 +89,7 @@ impl Live {
     }
 
     pub fn user_agent(&self) -> Option<Arc<str>> {
-        self.user_agent.read().expect("user agent lock").clone()
+        self.user_agent.read().clone()
     }
 
     pub fn endpoints(&self) -> Vec<String> {

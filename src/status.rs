@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -387,7 +389,7 @@ pub struct DiscoveryStatus {
 impl Status {
     /// A store write failed with `error`.
     pub fn store_failed(&self, error: &str) {
-        let mut h = self.store.lock().expect("status lock");
+        let mut h = self.store.lock();
         h.failures += 1;
         h.failing_since_ms.get_or_insert_with(crate::now_ms);
         h.error = Some(error.to_string());
@@ -395,7 +397,7 @@ impl Status {
 
     /// A store write succeeded.
     pub fn store_ok(&self) {
-        let mut h = self.store.lock().expect("status lock");
+        let mut h = self.store.lock();
         if h.error.is_some() {
             h.error = None;
             h.failing_since_ms = None;
@@ -405,7 +407,7 @@ impl Status {
     }
 
     pub fn store_health(&self) -> StoreHealth {
-        self.store.lock().expect("status lock").clone()
+        self.store.lock().clone()
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -438,7 +440,7 @@ impl Status {
         let mut s = InstanceStatus::default();
         let old = self.entry(key);
         if let Some(old) = &old {
-            let old = old.lock().expect("status lock");
+            let old = old.lock();
             s.polls_ok = old.polls_ok;
             s.polls_failed = old.polls_failed;
             s.polls_not_modified = old.polls_not_modified;
@@ -466,29 +468,24 @@ impl Status {
             .inc_by(0);
         match old {
             // Replaced in place: a copy taken by a scrape stays consistent.
-            Some(old) => *old.lock().expect("status lock") = s,
+            Some(old) => *old.lock() = s,
             None => {
                 self.instances
                     .lock()
-                    .expect("status lock")
                     .insert(Arc::from(key), Arc::new(Mutex::new(s)));
             }
         }
     }
 
     fn entry(&self, key: &str) -> Option<Arc<Mutex<InstanceStatus>>> {
-        self.instances
-            .lock()
-            .expect("status lock")
-            .get(key)
-            .cloned()
+        self.instances.lock().get(key).cloned()
     }
 
     /// Updates one instance's status. An instance that was removed (it left
     /// a discovered list while a poll was in flight) is not brought back.
     pub fn instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
         if let Some(e) = self.entry(key) {
-            f(&mut e.lock().expect("status lock"));
+            f(&mut e.lock());
         }
     }
 
@@ -500,7 +497,7 @@ impl Status {
     /// Counts into the current minute of the activity (an hour is kept).
     fn bump(&self, f: impl FnOnce(&mut Minute)) {
         let minute = crate::now_ms().div_euclid(60_000);
-        let mut a = self.activity.lock().expect("status lock");
+        let mut a = self.activity.lock();
         if a.back().is_none_or(|m| m.minute != minute) {
             a.push_back(Minute {
                 minute,
@@ -515,12 +512,7 @@ impl Status {
 
     /// The last hour's activity, oldest minute first.
     pub fn activity(&self) -> Vec<Minute> {
-        self.activity
-            .lock()
-            .expect("status lock")
-            .iter()
-            .copied()
-            .collect()
+        self.activity.lock().iter().copied().collect()
     }
 
     pub fn polled(
@@ -569,27 +561,24 @@ impl Status {
 
     /// Drops an instance that no longer runs (left a discovered list).
     pub fn remove_instance(&self, key: &str) {
-        self.instances.lock().expect("status lock").remove(key);
+        self.instances.lock().remove(key);
     }
 
     /// Drops everything shown about a source (removed by a reload).
     pub fn remove_source(&self, source: &str) {
         let prefix = format!("{source}/");
-        self.instances
-            .lock()
-            .expect("status lock")
-            .retain(|k, _| !k.starts_with(&prefix));
-        self.discovery.lock().expect("status lock").remove(source);
+        self.instances.lock().retain(|k, _| !k.starts_with(&prefix));
+        self.discovery.lock().remove(source);
     }
 
     /// Drops an endpoint removed by a reload.
     pub fn remove_endpoint(&self, name: &str) {
-        self.endpoints.lock().expect("status lock").remove(name);
+        self.endpoints.lock().remove(name);
     }
 
     /// Records a reload: applied with its warnings, or refused and why.
     pub fn reloaded(&self, outcome: Result<Vec<String>, String>) {
-        let mut c = self.config.lock().expect("status lock");
+        let mut c = self.config.lock();
         c.last_reload_ms = Some(crate::now_ms());
         c.last_reload_ok = Some(outcome.is_ok());
         let label = if outcome.is_ok() {
@@ -661,23 +650,23 @@ impl Status {
     }
 
     pub fn config(&self) -> ConfigStatus {
-        self.config.lock().expect("status lock").clone()
+        self.config.lock().clone()
     }
 
     /// Updates one discovering source's status.
     pub fn discovery(&self, source: &str, f: impl FnOnce(&mut DiscoveryStatus)) {
-        let mut m = self.discovery.lock().expect("status lock");
+        let mut m = self.discovery.lock();
         f(m.entry(source.to_string()).or_default());
     }
 
     pub fn discoveries(&self) -> BTreeMap<String, DiscoveryStatus> {
-        self.discovery.lock().expect("status lock").clone()
+        self.discovery.lock().clone()
     }
 
     /// Updates one endpoint's status (created at zero when new, with its
     /// delivery counters' series).
     pub fn endpoint(&self, name: &str, f: impl FnOnce(&mut EndpointStatus)) {
-        let mut m = self.endpoints.lock().expect("status lock");
+        let mut m = self.endpoints.lock();
         let e = match m.get_mut(name) {
             Some(e) => e,
             None => {
@@ -720,7 +709,7 @@ impl Status {
                 outcome: label,
             })
             .inc();
-        let mut m = self.endpoints.lock().expect("status lock");
+        let mut m = self.endpoints.lock();
         let e = m.entry(name.to_string()).or_default();
         if matches!(outcome, DeliveryOutcome::Delivered) {
             self.bump(|m| m.deliveries += 1);
@@ -745,7 +734,7 @@ impl Status {
     /// deliver one before it was counted; [`Status::unqueued`] takes them
     /// back if the commit fails.
     pub fn queued(&self, endpoint: &str, n: u64, created_ms: i64) {
-        let mut m = self.endpoints.lock().expect("status lock");
+        let mut m = self.endpoints.lock();
         m.entry(endpoint.to_string())
             .or_default()
             .add_pending(created_ms, n);
@@ -753,7 +742,7 @@ impl Status {
 
     /// The commit announced by [`Status::queued`] failed.
     pub fn unqueued(&self, endpoint: &str, n: u64, created_ms: i64) {
-        let mut m = self.endpoints.lock().expect("status lock");
+        let mut m = self.endpoints.lock();
         if let Some(e) = m.get_mut(endpoint) {
             for _ in 0..n {
                 e.remove_pending(created_ms);
@@ -772,7 +761,7 @@ impl Status {
             *times.entry(t).or_default() += 1;
             depth += 1;
         }
-        let mut m = self.endpoints.lock().expect("status lock");
+        let mut m = self.endpoints.lock();
         let e = m.entry(endpoint.to_string()).or_default();
         e.status.queue_depth = depth;
         e.status.oldest_pending_ms = times.keys().next().copied();
@@ -784,13 +773,7 @@ impl Status {
     /// after some were deleted (`pollhook dlq drop`, retention): rare, so a
     /// scan per endpoint is fine there, where it would not be per scrape.
     pub async fn recount_dead_letters(&self, store: &crate::store::Store) {
-        let names: Vec<String> = self
-            .endpoints
-            .lock()
-            .expect("status lock")
-            .keys()
-            .cloned()
-            .collect();
+        let names: Vec<String> = self.endpoints.lock().keys().cloned().collect();
         for name in names {
             if let Ok(dead) = store.dead_letters(Some(&name)).await {
                 let n = dead.len() as u64;
@@ -804,7 +787,7 @@ impl Status {
     pub fn instances(&self) -> BTreeMap<String, InstanceStatus> {
         self.instance_entries()
             .into_iter()
-            .map(|(k, e)| (k.to_string(), e.lock().expect("status lock").clone()))
+            .map(|(k, e)| (k.to_string(), e.lock().clone()))
             .collect()
     }
 
@@ -812,14 +795,13 @@ impl Status {
     /// `/metrics` aggregates per source.
     pub fn each_instance(&self, mut f: impl FnMut(&InstanceStatus)) {
         for (_, e) in self.instance_entries() {
-            f(&e.lock().expect("status lock"));
+            f(&e.lock());
         }
     }
 
     fn instance_entries(&self) -> Vec<(Arc<str>, Arc<Mutex<InstanceStatus>>)> {
         self.instances
             .lock()
-            .expect("status lock")
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
@@ -828,7 +810,6 @@ impl Status {
     pub fn endpoints(&self) -> BTreeMap<String, EndpointStatus> {
         self.endpoints
             .lock()
-            .expect("status lock")
             .iter()
             .map(|(k, e)| (k.clone(), e.status.clone()))
             .collect()

@@ -4,7 +4,9 @@
 //! can wake a worker without knowing the worker.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use tokio::sync::Notify;
 
@@ -13,7 +15,7 @@ use tokio::sync::Notify;
 pub struct Wake {
     pub(crate) notify: Notify,
     /// Instances with new entries since the worker last looked.
-    instances: std::sync::Mutex<HashSet<String>>,
+    instances: parking_lot::Mutex<HashSet<String>>,
     /// Entries appeared that only a scan finds (a dead-letter replay).
     rescan: std::sync::atomic::AtomicBool,
     /// The operator enabled the endpoint again (`pollhook endpoint enable`).
@@ -26,10 +28,7 @@ pub struct Wake {
 impl Wake {
     /// New entries of `instance` were committed.
     pub fn instance(&self, instance: &str) {
-        self.instances
-            .lock()
-            .expect("wake lock")
-            .insert(instance.to_string());
+        self.instances.lock().insert(instance.to_string());
         self.notify.notify_one();
     }
 
@@ -62,7 +61,7 @@ impl Wake {
     }
 
     pub(crate) fn take(&self) -> HashSet<String> {
-        std::mem::take(&mut *self.instances.lock().expect("wake lock"))
+        std::mem::take(&mut *self.instances.lock())
     }
 
     pub(crate) fn take_rescan(&self) -> bool {
@@ -79,19 +78,18 @@ pub struct Wakes(RwLock<BTreeMap<String, Arc<Wake>>>);
 impl Wakes {
     /// The wake-up of `endpoint`, if it has a worker.
     pub fn wake(&self, endpoint: &str) -> Option<Arc<Wake>> {
-        self.0.read().expect("wakes lock").get(endpoint).cloned()
+        self.0.read().get(endpoint).cloned()
     }
 
     /// The endpoints that have a worker.
     pub fn endpoints(&self) -> Vec<String> {
-        self.0.read().expect("wakes lock").keys().cloned().collect()
+        self.0.read().keys().cloned().collect()
     }
 
     /// The wake-up of `endpoint`, made if it has none yet.
     pub fn get_or_insert(&self, endpoint: &str) -> Arc<Wake> {
         self.0
             .write()
-            .expect("wakes lock")
             .entry(endpoint.to_string())
             .or_default()
             .clone()
@@ -99,7 +97,7 @@ impl Wakes {
 
     /// `endpoint` has no worker any more.
     pub fn remove(&self, endpoint: &str) {
-        self.0.write().expect("wakes lock").remove(endpoint);
+        self.0.write().remove(endpoint);
     }
 }
 

@@ -188,7 +188,7 @@ async fn authorize(
     next: axum::middleware::Next,
 ) -> Response {
     use dashboard::Credentials;
-    let token = s.live.admin_token.read().expect("token lock").clone();
+    let token = s.live.admin_token.read().clone();
     let now = std::time::Instant::now();
     let client = crate::access::client_of(peer);
     let has_bearer = req.headers().contains_key(header::AUTHORIZATION);

@@ -23,7 +23,9 @@
 //! instances wait for one fetch instead of stampeding the token endpoint.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
@@ -139,13 +141,7 @@ impl TokenCache {
         req: &TokenRequest,
         rejected: Option<&str>,
     ) -> Result<String, String> {
-        let slot = self
-            .slots
-            .lock()
-            .expect("token cache lock")
-            .entry(req.key())
-            .or_default()
-            .clone();
+        let slot = self.slots.lock().entry(req.key()).or_default().clone();
         let mut cached = slot.lock().await;
         match cached.as_ref() {
             Some(Slot::Broken(e)) => return Err(e.clone()),

@@ -26,7 +26,7 @@ struct Learned {
     order: std::collections::VecDeque<String>,
 }
 
-static LEARNED: std::sync::LazyLock<std::sync::RwLock<Learned>> =
+static LEARNED: std::sync::LazyLock<parking_lot::RwLock<Learned>> =
     std::sync::LazyLock::new(Default::default);
 
 /// Adds `secret` to the secrets masked everywhere, from now on: called the
@@ -36,16 +36,12 @@ pub fn learn(secret: &str) {
     if secret.len() < MIN_SECRET {
         return;
     }
-    let read = LEARNED
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let read = LEARNED.read();
     if read.set.contains(secret) {
         return;
     }
     drop(read);
-    let mut w = LEARNED
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut w = LEARNED.write();
     if w.set.insert(secret.to_string()) {
         w.order.push_back(secret.to_string());
         if w.order.len() > MAX_LEARNED {
@@ -86,9 +82,7 @@ pub fn mask_cut(text: &str, secrets: &[String]) -> String {
 }
 
 fn mask_ranges(text: &str, secrets: &[String], cut: bool) -> String {
-    let learned = LEARNED
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let learned = LEARNED.read();
     let mut found = Finder::new(text, cut);
     let mut ranges = Vec::new();
     for s in secrets.iter().chain(learned.order.iter()) {

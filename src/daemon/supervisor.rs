@@ -72,8 +72,7 @@ impl Supervisor {
         let shared = self.shared.clone();
         let (mut started, mut restarted, mut stopped) = (0, 0, 0);
         shared.ops.configure(new.operations.clone());
-        *shared.live.user_agent.write().expect("user agent lock") =
-            new.user_agent.as_deref().map(Arc::from);
+        *shared.live.user_agent.write() = new.user_agent.as_deref().map(Arc::from);
 
         // Endpoints first, so new sources find their wake-ups.
         let eps = crate::reload::endpoints(&new);

@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use governor::DefaultDirectRateLimiter;
@@ -132,7 +134,7 @@ impl HostGate {
         let Some(cluster) = &self.cluster else {
             return;
         };
-        let gap = self.throttle.lock().expect("throttle lock").gap();
+        let gap = self.throttle.lock().gap();
         let rate = self
             .shared_rate
             .map(|(r, b)| (r.per.as_secs_f64() * 1000.0 / f64::from(r.count), b));
@@ -156,7 +158,7 @@ impl HostGate {
     /// Applies a pause and pace that a node of the cluster shared (not
     /// counted as this node's pauses).
     pub fn apply_shared(&self, paused_for: Duration, gap: Option<Duration>) {
-        let mut t = self.throttle.lock().expect("throttle lock");
+        let mut t = self.throttle.lock();
         let now = Instant::now();
         if !paused_for.is_zero() {
             let until = now + paused_for;
@@ -179,7 +181,7 @@ impl HostGate {
         // look again after each sleep.
         loop {
             let wait_until = {
-                let t = self.throttle.lock().expect("throttle lock");
+                let t = self.throttle.lock();
                 let gap = t.gap();
                 let spaced = match (gap, t.last_sent) {
                     (Some(s), Some(last)) => Some(last + s),
@@ -201,7 +203,7 @@ impl HostGate {
             None => None,
         };
         {
-            let mut t = self.throttle.lock().expect("throttle lock");
+            let mut t = self.throttle.lock();
             let now = Instant::now();
             t.last_sent = Some(now);
             t.recent.push_back(now);
@@ -221,7 +223,7 @@ impl HostGate {
     /// Returns the pause it imposed, if any.
     pub fn observe(&self, status: u16, headers: &HeaderMap) -> Option<Duration> {
         let a = advice(status, headers, SystemTime::now());
-        let mut t = self.throttle.lock().expect("throttle lock");
+        let mut t = self.throttle.lock();
         if status == 429 || status == 503 {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
         }
@@ -289,7 +291,7 @@ impl HostGate {
 
     /// Time left in the current pause, if any.
     pub fn paused_for(&self) -> Option<Duration> {
-        let t = self.throttle.lock().expect("throttle lock");
+        let t = self.throttle.lock();
         t.paused_until
             .and_then(|u| u.checked_duration_since(Instant::now()))
             .filter(|d| !d.is_zero())
@@ -304,7 +306,7 @@ impl HostGate {
             paused_ms_total: self.stats.paused_ms.load(Ordering::Relaxed),
             paused_for_ms: self.paused_for().map(|d| d.as_millis() as u64),
             spacing_ms: {
-                let t = self.throttle.lock().expect("throttle lock");
+                let t = self.throttle.lock();
                 t.gap().map(|d| d.as_millis() as u64)
             },
         }
@@ -316,7 +318,7 @@ impl HostGate {
 pub struct HostGates {
     /// Configured gates with the quota each was built from (a reload
     /// replaces only the gates whose quota changed).
-    configured: std::sync::RwLock<BTreeMap<String, (HostQuota, Arc<HostGate>)>>,
+    configured: parking_lot::RwLock<BTreeMap<String, (HostQuota, Arc<HostGate>)>>,
     others: Mutex<HashMap<String, Arc<HostGate>>>,
     /// Every host's counters since the start, by name. A reload that
     /// changes a host's quota builds a new gate, and one that drops the
@@ -354,10 +356,10 @@ impl HostGates {
     /// Applies a pause or pace another node shared to `host`'s gate.
     pub fn apply_shared(&self, host: &str, paused_for: Duration, gap: Option<Duration>) {
         let gate = {
-            let configured = self.configured.read().expect("hosts lock");
+            let configured = self.configured.read();
             configured.get(host).map(|(_, g)| g.clone())
         };
-        let gate = gate.or_else(|| self.others.lock().expect("gates lock").get(host).cloned());
+        let gate = gate.or_else(|| self.others.lock().get(host).cloned());
         if let Some(g) = gate {
             g.apply_shared(paused_for, gap);
         }
@@ -368,7 +370,7 @@ impl HostGates {
     /// changed ones start afresh; requests already waiting at a replaced
     /// gate finish there.
     pub fn reconfigure(&self, hosts: &BTreeMap<String, HostQuota>) {
-        let mut configured = self.configured.write().expect("hosts lock");
+        let mut configured = self.configured.write();
         let mut next = BTreeMap::new();
         for (name, q) in hosts {
             let name = name.to_ascii_lowercase();
@@ -393,7 +395,7 @@ impl HostGates {
         let host = url.host_str().unwrap_or("").to_ascii_lowercase();
         let port = url.port_or_known_default();
         {
-            let configured = self.configured.read().expect("hosts lock");
+            let configured = self.configured.read();
             if let Some(port) = port {
                 if let Some((_, g)) = configured.get(&format!("{host}:{port}")) {
                     return g.clone();
@@ -409,7 +411,6 @@ impl HostGates {
         };
         self.others
             .lock()
-            .expect("gates lock")
             .entry(key.clone())
             .or_insert_with(|| {
                 let stats = self.host_stats(&key);
@@ -428,7 +429,6 @@ impl HostGates {
     fn host_stats(&self, name: &str) -> Arc<HostStats> {
         self.stats
             .lock()
-            .expect("host stats lock")
             .entry(name.to_string())
             .or_default()
             .clone()
@@ -437,7 +437,7 @@ impl HostGates {
     /// Every host's counters since the start (hosts no longer configured
     /// included), for `/metrics`.
     pub fn counters(&self) -> BTreeMap<String, Arc<HostStats>> {
-        self.stats.lock().expect("host stats lock").clone()
+        self.stats.lock().clone()
     }
 
     /// Every gate's report, by host.
@@ -445,11 +445,10 @@ impl HostGates {
         let mut out: BTreeMap<String, HostReport> = self
             .configured
             .read()
-            .expect("hosts lock")
             .iter()
             .map(|(k, (_, g))| (k.clone(), g.report()))
             .collect();
-        for (k, g) in self.others.lock().expect("gates lock").iter() {
+        for (k, g) in self.others.lock().iter() {
             out.insert(k.clone(), g.report());
         }
         out
@@ -502,7 +501,7 @@ mod tests {
         }
         gate.observe(429, &headers(&[("retry-after", "0")]));
         // 20 sent in the last second → 18/s from now on.
-        let rate = gate.throttle.lock().unwrap().learned_rate().unwrap();
+        let rate = gate.throttle.lock().learned_rate().unwrap();
         assert!((rate - 18.0).abs() < 1e-6, "{rate}");
         let t0 = Instant::now();
         gate.acquire().await;
@@ -513,11 +512,11 @@ mod tests {
         );
         // Five seconds later: one more request/s per second.
         tokio::time::advance(Duration::from_secs(5)).await;
-        let rate = gate.throttle.lock().unwrap().learned_rate().unwrap();
+        let rate = gate.throttle.lock().learned_rate().unwrap();
         assert!((23.0..23.2).contains(&rate), "{rate}");
         // Another refusal at that pace: down again, from the lower of the two.
         gate.observe(429, &headers(&[("retry-after", "0")]));
-        let again = gate.throttle.lock().unwrap().learned_rate().unwrap();
+        let again = gate.throttle.lock().learned_rate().unwrap();
         assert!(again < 21.0, "{again}");
     }
 
@@ -541,7 +540,7 @@ mod tests {
             let (g, o) = (gate.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
                 g.acquire().await;
-                o.lock().unwrap().push(i);
+                o.lock().push(i);
             }));
             // Arrive one after the other.
             tokio::task::yield_now().await;
@@ -549,7 +548,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), (0..20).collect::<Vec<_>>());
+        assert_eq!(*order.lock(), (0..20).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -11,8 +11,8 @@
 //! bookings, which for one node is what PostgreSQL's rows amount to too
 //! (its leases were given back at stop, a booking's slot has passed).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc};
@@ -77,10 +77,10 @@ impl SingleNode {
         self.origin.elapsed().as_secs_f64() * 1000.0
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+    fn table(&self) -> parking_lot::MutexGuard<'_, Table> {
         // A panic under this lock leaves plain values behind, each
         // consistent on its own: going on is safe.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        self.table.lock()
     }
 
     /// Wakes every listener of this process (none listening: nothing to

@@ -548,7 +548,7 @@ impl Backend for PgStore {
 
     async fn record_attempt(&self, rec: &AttemptRecord) -> Result<()> {
         let due = {
-            let mut p = self.pending_attempts.lock().expect("attempts lock");
+            let mut p = self.pending_attempts.lock();
             p.0.push(rec.clone());
             let first = *p.1.get_or_insert_with(std::time::Instant::now);
             p.0.len() >= ATTEMPT_BATCH || first.elapsed() >= ATTEMPT_DELAY

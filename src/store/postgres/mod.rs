@@ -235,7 +235,7 @@ pub struct PgStore {
     /// multi-row insert per [`ATTEMPT_BATCH`] or [`ATTEMPT_DELAY`],
     /// instead of one round trip per delivery. Reads of the history
     /// (`attempts`, exports, pruning, `flush`) write the batch first.
-    pending_attempts: Arc<std::sync::Mutex<(Vec<AttemptRecord>, Option<std::time::Instant>)>>,
+    pending_attempts: Arc<parking_lot::Mutex<(Vec<AttemptRecord>, Option<std::time::Instant>)>>,
     /// The connection settings, for the `LISTEN` connection, which lives
     /// outside the pool (see `Coordination::listen`).
     config: Arc<tokio_postgres::Config>,
@@ -473,7 +473,7 @@ impl PgStore {
     /// keeps the newest [`ATTEMPTS_KEPT`] every 100 attempts or so.
     async fn write_attempts(&self) -> Result<()> {
         let batch = {
-            let mut p = self.pending_attempts.lock().expect("attempts lock");
+            let mut p = self.pending_attempts.lock();
             p.1 = None;
             std::mem::take(&mut p.0)
         };
