@@ -46,9 +46,9 @@ request: { url: "http://x/" }
 detect: snapshot
 emit:
   - type: changed
-when: "current.available != previous.available"
+    when: "current.available != previous.available"
   - type: low
-when: "current.available < low and previous.available >= low"
+    when: "current.available < low and previous.available >= low"
 "#;
 
 const NEW: &str = r#"
@@ -125,7 +125,7 @@ watch_key: "{{ item.type }}"
 watch_value: "{{ item.amount }}"
 emit:
   - type: changed
-data: { before: "{{ previous }}", after: "{{ current }}" }
+    data: { before: "{{ previous }}", after: "{{ current }}" }
 "#;
 
 #[test]
@@ -200,9 +200,9 @@ request: { url: "http://x/" }
 detect: snapshot
 emit:
   - type: changed
-data: { was: "{{ previous.v }}" }
+    data: { was: "{{ previous.v }}" }
   - type: seen
-data: { now: "{{ current.v }}" }
+    data: { now: "{{ current.v }}" }
 "#,
     );
     let d = detect(
@@ -218,12 +218,12 @@ data: { now: "{{ current.v }}" }
     let kinds: Vec<_> = d.events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["seen"]);
     assert!(
-        d.notes[0]
-            .outcome
-            .contains("needing a previous value, which a first value has not, so not emitted: changed (its `data`"),
-        "{:?}",
-        d.notes
-    );
+            d.notes[0]
+                .outcome
+                .contains("needing a previous value, which a first value has not, so not emitted: changed (its `data`"),
+            "{:?}",
+            d.notes
+        );
 }
 
 /// The probes: a listing larger than `seen_limit` re-announced old
