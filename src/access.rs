@@ -157,10 +157,7 @@ fn digest(id: &str) -> [u8; 32] {
 impl Sessions {
     /// A new session, valid until `now + SESSION_LIFETIME`; its id.
     pub fn open(&self, now: Instant) -> String {
-        let id: String = rand::random::<[u8; 32]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let id = hex::encode(rand::random::<[u8; 32]>());
         let mut live = self.live.lock().expect("sessions lock");
         if live.len() >= MAX_SESSIONS {
             live.retain(|_, until| *until > now);
