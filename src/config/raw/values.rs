@@ -17,7 +17,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::quota::Rate;
-use crate::schedule::{self, parse_duration, Schedule};
+use crate::schedule::{self, parse_duration, Schedule, ScheduleError};
 use crate::template;
 
 /// `store.lease`: a duration from 1s to 10m.
@@ -26,8 +26,8 @@ use crate::template;
 pub struct LeaseDur(pub Duration);
 
 impl TryFrom<StringLike> for LeaseDur {
-    type Error = String;
-    fn try_from(s: StringLike) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(s: StringLike) -> Result<Self, ValueError> {
         let range = "a lease from 1s to 10m, such as `15s`";
         bounded(
             &s.0,
@@ -55,8 +55,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 pub struct Dur(pub Duration);
 
 impl TryFrom<StringLike> for Dur {
-    type Error = String;
-    fn try_from(s: StringLike) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(s: StringLike) -> Result<Self, ValueError> {
         let range = "a duration of at most 10 years";
         bounded(&s.0, Duration::ZERO, MAX_DURATION, range).map(Dur)
     }
@@ -78,8 +78,8 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub struct Timeout(pub Duration);
 
 impl TryFrom<StringLike> for Timeout {
-    type Error = String;
-    fn try_from(s: StringLike) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(s: StringLike) -> Result<Self, ValueError> {
         let range = "a timeout more than 0 and at most 1h, such as `30s`";
         bounded(&s.0, Duration::from_nanos(1), MAX_TIMEOUT, range).map(Timeout)
     }
@@ -100,8 +100,8 @@ impl TryFrom<StringLike> for Timeout {
 pub struct NonZeroDur(pub Duration);
 
 impl TryFrom<StringLike> for NonZeroDur {
-    type Error = String;
-    fn try_from(s: StringLike) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(s: StringLike) -> Result<Self, ValueError> {
         let range = "a duration more than 0 and at most 10 years, such as `30s`";
         bounded(&s.0, Duration::from_nanos(1), MAX_DURATION, range).map(NonZeroDur)
     }
@@ -109,12 +109,37 @@ impl TryFrom<StringLike> for NonZeroDur {
 
 /// Parses a duration and checks it lies in `min..=max`, saying `range`
 /// (what was expected) otherwise.
-fn bounded(text: &str, min: Duration, max: Duration, range: &str) -> Result<Duration, String> {
+fn bounded(
+    text: &str,
+    min: Duration,
+    max: Duration,
+    range: &'static str,
+) -> Result<Duration, ValueError> {
     let d = parse_duration(text)?;
     if d < min || d > max {
-        return Err(format!("expected {range}, got `{}`", text.trim()));
+        let got = text.trim().to_string();
+        return Err(ValueError::Range { range, got });
     }
     Ok(d)
+}
+
+/// Why a value was refused: the message serde reports at its location.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    /// Not a duration (or an interval, a schedule's part).
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error("expected {range}, got `{got}`")]
+    Range { range: &'static str, got: String },
+    #[error("invalid JSONPath `{text}` ({reason}); expected RFC 9535 syntax such as `$.items[*]`")]
+    JsonPath { text: String, reason: String },
+    #[error("invalid template `{text}`: {reason}")]
+    Template { text: String, reason: String },
+    #[error("invalid condition `{text}`: {reason}")]
+    Condition { text: String, reason: String },
+    /// A string of a value template (its message names it).
+    #[error("{0}")]
+    Value(String),
 }
 
 // `Rate` lives in `quota` (a plain value type, see `config::raw`'s doc): its
@@ -137,13 +162,14 @@ impl<'de> Deserialize<'de> for Rate {
 pub struct JsonPathSrc(pub String);
 
 impl TryFrom<String> for JsonPathSrc {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(s: String) -> Result<Self, ValueError> {
         match serde_json_path::JsonPath::parse(&s) {
             Ok(_) => Ok(JsonPathSrc(s)),
-            Err(e) => Err(format!(
-                "invalid JSONPath `{s}` ({e}); expected RFC 9535 syntax such as `$.items[*]`"
-            )),
+            Err(e) => Err(ValueError::JsonPath {
+                text: s,
+                reason: e.to_string(),
+            }),
         }
     }
 }
@@ -160,11 +186,11 @@ impl TryFrom<String> for JsonPathSrc {
 pub struct TemplateSrc(pub String);
 
 impl TryFrom<StringLike> for TemplateSrc {
-    type Error = String;
-    fn try_from(StringLike(s): StringLike) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(StringLike(s): StringLike) -> Result<Self, ValueError> {
         match template::check_template(&s) {
             Ok(()) => Ok(TemplateSrc(s)),
-            Err(e) => Err(format!("invalid template `{s}`: {e}")),
+            Err(reason) => Err(ValueError::Template { text: s, reason }),
         }
     }
 }
@@ -179,9 +205,9 @@ impl TryFrom<StringLike> for TemplateSrc {
 pub struct ValueSrc(pub serde_json::Value);
 
 impl TryFrom<serde_json::Value> for ValueSrc {
-    type Error = String;
-    fn try_from(v: serde_json::Value) -> Result<Self, String> {
-        template::check_value(&v)?;
+    type Error = ValueError;
+    fn try_from(v: serde_json::Value) -> Result<Self, ValueError> {
+        template::check_value(&v).map_err(ValueError::Value)?;
         Ok(ValueSrc(v))
     }
 }
@@ -198,11 +224,11 @@ impl TryFrom<serde_json::Value> for ValueSrc {
 pub struct ConditionSrc(pub String);
 
 impl TryFrom<String> for ConditionSrc {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(s: String) -> Result<Self, ValueError> {
         match template::check_condition(&s) {
             Ok(()) => Ok(ConditionSrc(s)),
-            Err(e) => Err(format!("invalid condition `{s}`: {e}")),
+            Err(reason) => Err(ValueError::Condition { text: s, reason }),
         }
     }
 }
@@ -246,7 +272,10 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
                 let mut s = match (m.every, m.cron) {
                     (Some(e), None) => Schedule::parse(&format!("every {e}")),
                     (None, Some(c)) => Schedule::cron(&c),
-                    _ => Err("give exactly one of `every` and `cron`".to_string()),
+                    _ => {
+                        let e = "give exactly one of `every` and `cron`";
+                        return Err(de::Error::custom(e));
+                    }
                 }
                 .map_err(de::Error::custom)?;
                 s.jitter = m.jitter.map(|j| j.0).unwrap_or_default();
