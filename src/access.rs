@@ -99,19 +99,22 @@ pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> b
 
 /// Checks one `admin.allowed_hosts` entry: a host name or IP address,
 /// without scheme, port or path. Returns it as compared (lower case).
-pub fn allowed_host_entry(entry: &str) -> Result<String, String> {
+pub fn allowed_host_entry(entry: &str) -> Result<String, NotAHostName> {
     let e = entry.trim();
     let bad = e.is_empty()
         || e.contains("://")
         || e.contains(['/', '@', ' ', '*'])
         || (e.contains(':') && e.parse::<Ipv6Addr>().is_err());
     if bad {
-        return Err(format!(
-            "`{entry}` is not a host name: give the name a browser uses for this admin server, without scheme, port or path (e.g. `pollhook.internal.example`)"
-        ));
+        return Err(NotAHostName(entry.to_string()));
     }
     Ok(e.trim_end_matches('.').to_ascii_lowercase())
 }
+
+/// An `admin.allowed_hosts` entry that is not a host name (as written).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a host name: give the name a browser uses for this admin server, without scheme, port or path (e.g. `pollhook.internal.example`)")]
+pub struct NotAHostName(pub String);
 
 /// Headers of every admin answer: no framing by other pages (clickjacking),
 /// no content-type sniffing, no referrer to other sites. (`same-origin`,
@@ -157,10 +160,7 @@ fn digest(id: &str) -> [u8; 32] {
 impl Sessions {
     /// A new session, valid until `now + SESSION_LIFETIME`; its id.
     pub fn open(&self, now: Instant) -> String {
-        let id: String = rand::random::<[u8; 32]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let id = hex::encode(rand::random::<[u8; 32]>());
         let mut live = self.live.lock();
         if live.len() >= MAX_SESSIONS {
             live.retain(|_, until| *until > now);
@@ -320,6 +320,10 @@ mod tests {
     fn allowed_host_entries_are_names() {
         assert_eq!(allowed_host_entry("Ops.Example.").unwrap(), "ops.example");
         assert_eq!(allowed_host_entry("::1").unwrap(), "::1");
+        assert_eq!(
+            allowed_host_entry("https://ops.example").unwrap_err().to_string(),
+            "`https://ops.example` is not a host name: give the name a browser uses for this admin server, without scheme, port or path (e.g. `pollhook.internal.example`)"
+        );
         for bad in ["", "http://a", "a:80", "a/b", "*.example", "a b"] {
             assert!(allowed_host_entry(bad).is_err(), "{bad}");
         }

@@ -61,14 +61,13 @@ pub fn event_id(source: &str, instance: &str, kind: &str, change_key: &str) -> S
         h.update(part.as_bytes());
     }
     let digest = h.finalize();
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("msg_{hex}")
+    format!("msg_{}", hex::encode(&digest[..16]))
 }
 
 /// A short stable hash of a JSON value (for snapshot change keys).
 pub fn value_hash(v: &Value) -> String {
     let digest = Sha256::digest(v.to_string().as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&digest[..8])
 }
 
 #[cfg(test)]
@@ -101,5 +100,16 @@ mod tests {
         // Length-prefixing keeps ("ab","c") and ("a","bc") apart.
         assert_ne!(event_id("ab", "c", "t", "k"), event_id("a", "bc", "t", "k"));
         assert!(a.starts_with("msg_") && a.len() == 36);
+    }
+
+    #[test]
+    fn ids_and_hashes_are_the_stored_ones() {
+        // Ids already stored and delivered must come out the same (lower-case
+        // hex of the SHA-256 prefix), or receivers would see new events.
+        assert_eq!(
+            event_id("bank", "acct_1", "balance.changed", "v1"),
+            "msg_54c3a2861e83175df200237e3012c049"
+        );
+        assert_eq!(value_hash(&serde_json::json!({"a": 1})), "015abd7f5cc57a2d");
     }
 }

@@ -62,20 +62,18 @@ pub enum CatchUp {
 
 impl CatchUp {
     /// `once` or `skip`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ScheduleError> {
         match text.trim() {
             "once" => Ok(CatchUp::Once),
             "skip" => Ok(CatchUp::Skip),
-            other => Err(format!("expected `once` or `skip`, got `{other}`")),
+            other => Err(ScheduleError::CatchUp(other.to_string())),
         }
     }
 }
 
 /// An IANA time zone name (`Europe/Paris`, `America/New_York`, `UTC`).
-pub fn parse_tz(text: &str) -> Result<Tz, String> {
-    Tz::from_str(text.trim()).map_err(|_| {
-        format!("unknown time zone `{text}`; expected an IANA name such as `Europe/Paris`, `America/New_York` or `UTC`")
-    })
+pub fn parse_tz(text: &str) -> Result<Tz, ScheduleError> {
+    Tz::from_str(text.trim()).map_err(|_| ScheduleError::TimeZone(text.to_string()))
 }
 
 /// One active window: days of the week and a wall-clock range, such as
@@ -98,8 +96,11 @@ const WINDOW_SYNTAX: &str = "expected `<days> HH:MM-HH:MM` where days is `Mon`, 
 
 impl Window {
     /// `Mon-Fri 08:00-18:00`, `Sat,Sun 10:00-12:00`, `daily 22:00-02:00`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("invalid active window `{text}`: {why}; {WINDOW_SYNTAX}");
+    pub fn parse(text: &str) -> Result<Self, ScheduleError> {
+        let bad = |why: &str| ScheduleError::Window {
+            text: text.to_string(),
+            why: why.to_string(),
+        };
         let mut parts = text.split_whitespace();
         let (Some(days_text), Some(range), None) = (parts.next(), parts.next(), parts.next())
         else {
@@ -135,7 +136,7 @@ impl Window {
         let (s, e) = range
             .split_once('-')
             .ok_or_else(|| bad("no `HH:MM-HH:MM` range"))?;
-        let time = |t: &str, allow_24: bool| -> Result<u32, String> {
+        let time = |t: &str, allow_24: bool| -> Result<u32, ScheduleError> {
             let (h, m) = t
                 .split_once(':')
                 .ok_or_else(|| bad(&format!("`{t}` is not HH:MM")))?;
@@ -236,20 +237,13 @@ impl Schedule {
         &mut self,
         min: Option<Duration>,
         max: Option<Duration>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ScheduleError> {
         let ScheduleKind::Every(every) = self.kind else {
-            return Err(
-                "`min` and `max` (an adaptive interval) go with `every`, not `cron`".into(),
-            );
+            return Err(ScheduleError::AdaptiveCron);
         };
         let (min, max) = (min.unwrap_or(every), max.unwrap_or(every));
         if min.is_zero() || !(min <= every && every <= max) {
-            return Err(format!(
-                "an adaptive interval needs 0 < min <= every <= max, got min {}, every {}, max {}",
-                humantime::format_duration(min),
-                humantime::format_duration(every),
-                humantime::format_duration(max)
-            ));
+            return Err(ScheduleError::Adaptive { min, every, max });
         }
         self.adaptive = Some((min, max));
         Ok(())
@@ -276,7 +270,7 @@ impl Schedule {
 
     /// `every 30s`, `every 5m`, or a cron line of 5 fields (`*/5 * * * *`) or
     /// 6 fields (with seconds first).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ScheduleError> {
         let text = text.trim();
         if let Some(rest) = text.strip_prefix("every ") {
             return Ok(Self::of(ScheduleKind::Every(parse_interval(rest)?)));
@@ -287,14 +281,12 @@ impl Schedule {
         if text.split_whitespace().count() >= 5 {
             return Self::cron(text);
         }
-        Err(format!(
-            "expected `every <duration>` (e.g. `every 30s`) or a cron line (e.g. `*/5 * * * *`), got `{text}`"
-        ))
+        Err(ScheduleError::Syntax(text.to_string()))
     }
 
     /// A cron line of 5 fields (minute first, as crontab) or 6/7 fields
     /// (seconds first, optional year).
-    pub fn cron(line: &str) -> Result<Self, String> {
+    pub fn cron(line: &str) -> Result<Self, ScheduleError> {
         let line = line.trim();
         let fields = line.split_whitespace().count();
         // The `cron` crate wants seconds first; crontab's 5 fields start at
@@ -302,16 +294,19 @@ impl Schedule {
         let full = match fields {
             5 => format!("0 {line}"),
             6 | 7 => line.to_string(),
-            n => {
-                return Err(format!(
-                    "expected a cron line of 5 fields (`min hour day month weekday`) or 6 (seconds first), got {n} fields in `{line}`"
-                ))
+            fields => {
+                return Err(ScheduleError::CronFields {
+                    line: line.to_string(),
+                    fields,
+                })
             }
         };
-        let parsed = cron::Schedule::from_str(&full)
-            .map_err(|e| format!("invalid cron line `{line}`: {e}"))?;
+        let parsed = cron::Schedule::from_str(&full).map_err(|e| ScheduleError::Cron {
+            line: line.to_string(),
+            reason: e.to_string(),
+        })?;
         if parsed.upcoming(Utc).next().is_none() {
-            return Err(format!("cron line `{line}` never fires"));
+            return Err(ScheduleError::NeverFires(line.to_string()));
         }
         Ok(Self::of(ScheduleKind::Cron(Box::new(parsed))))
     }
@@ -496,19 +491,60 @@ pub fn error_backoff(failures: u32, max: Duration, jitter: f64) -> Duration {
 }
 
 /// Parses a positive interval (`30s`, `5m`, `1h`, `250ms`).
-fn parse_interval(text: &str) -> Result<Duration, String> {
+fn parse_interval(text: &str) -> Result<Duration, ScheduleError> {
     let d = parse_duration(text)?;
     if d.is_zero() {
-        return Err("an interval must be longer than zero".into());
+        return Err(ScheduleError::ZeroInterval);
     }
     Ok(d)
 }
 
 /// Parses a duration such as `30s`, `5m`, `1h30m`, `250ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        format!("expected a duration such as `500ms`, `30s`, `5m` or `1h`, got `{text}` ({e})")
+pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
+    humantime::parse_duration(text.trim()).map_err(|source| ScheduleError::Duration {
+        text: text.to_string(),
+        source,
     })
+}
+
+/// Why a schedule, a duration or a part of a schedule was refused; each
+/// message says what was expected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("expected a duration such as `500ms`, `30s`, `5m` or `1h`, got `{text}` ({source})")]
+    Duration {
+        text: String,
+        source: humantime::DurationError,
+    },
+    #[error("an interval must be longer than zero")]
+    ZeroInterval,
+    #[error("expected `once` or `skip`, got `{0}`")]
+    CatchUp(String),
+    #[error("unknown time zone `{0}`; expected an IANA name such as `Europe/Paris`, `America/New_York` or `UTC`")]
+    TimeZone(String),
+    #[error("invalid active window `{text}`: {why}; {WINDOW_SYNTAX}")]
+    Window { text: String, why: String },
+    #[error("`min` and `max` (an adaptive interval) go with `every`, not `cron`")]
+    AdaptiveCron,
+    #[error(
+        "an adaptive interval needs 0 < min <= every <= max, got min {}, every {}, max {}",
+        humantime::format_duration(*.min),
+        humantime::format_duration(*.every),
+        humantime::format_duration(*.max)
+    )]
+    Adaptive {
+        min: Duration,
+        every: Duration,
+        max: Duration,
+    },
+    #[error("expected `every <duration>` (e.g. `every 30s`) or a cron line (e.g. `*/5 * * * *`), got `{0}`")]
+    Syntax(String),
+    #[error("expected a cron line of 5 fields (`min hour day month weekday`) or 6 (seconds first), got {fields} fields in `{line}`")]
+    CronFields { line: String, fields: usize },
+    #[error("invalid cron line `{line}`: {reason}")]
+    Cron { line: String, reason: String },
+    #[error("cron line `{0}` never fires")]
+    NeverFires(String),
 }
 
 #[cfg(test)]
@@ -551,6 +587,7 @@ mod tests {
             .unwrap()
             .set_adaptive(Some(min), None)
             .unwrap_err()
+            .to_string()
             .contains("go with `every`"));
     }
 
@@ -591,17 +628,26 @@ mod tests {
 
     #[test]
     fn bad_schedules_say_what_was_expected() {
-        assert!(Schedule::parse("every").unwrap_err().contains("expected"));
+        assert!(Schedule::parse("every")
+            .unwrap_err()
+            .to_string()
+            .contains("expected"));
         assert!(Schedule::parse("every 0s")
             .unwrap_err()
+            .to_string()
             .contains("longer than zero"));
         assert!(Schedule::parse("every 5 parsecs")
             .unwrap_err()
+            .to_string()
             .contains("duration"));
         assert!(Schedule::parse("61 * * * *")
             .unwrap_err()
+            .to_string()
             .contains("invalid cron"));
-        assert!(Schedule::parse("* * *").unwrap_err().contains("expected"));
+        assert!(Schedule::parse("* * *")
+            .unwrap_err()
+            .to_string()
+            .contains("expected"));
     }
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
@@ -768,7 +814,7 @@ mod tests {
             "Mon 08:00-08:00",
             "Mon 08:00-18:00 extra",
         ] {
-            let e = Window::parse(bad).unwrap_err();
+            let e = Window::parse(bad).unwrap_err().to_string();
             assert!(e.contains("HH:MM-HH:MM"), "{bad}: {e}");
             assert!(e.contains(bad), "{bad}: {e}");
         }
@@ -778,6 +824,7 @@ mod tests {
         assert_eq!(w.days, [true, false, false, false, true, true, true]);
         assert!(parse_tz("Europe/Pariss")
             .unwrap_err()
+            .to_string()
             .contains("IANA name such as `Europe/Paris`"));
         assert_eq!(
             parse_tz("America/New_York").unwrap(),
@@ -785,6 +832,7 @@ mod tests {
         );
         assert!(CatchUp::parse("always")
             .unwrap_err()
+            .to_string()
             .contains("`once` or `skip`"));
     }
 
@@ -931,5 +979,54 @@ mod tests {
             first_due(Some(utc(2026, 11, 27, 17, 0)), now, &s, 0.0),
             Some(monday)
         );
+    }
+
+    fn pinned_schedule_errors() -> Vec<String> {
+        let mut every = Schedule::parse("every 30s").unwrap();
+        let mut cron = Schedule::parse("* * * * *").unwrap();
+        vec![
+            CatchUp::parse("always").unwrap_err().to_string(),
+            parse_tz("Europe/Pariss").unwrap_err().to_string(),
+            Window::parse("Mon 25:00-26:00").unwrap_err().to_string(),
+            Window::parse("Mon-Fri").unwrap_err().to_string(),
+            cron.set_adaptive(Some(Duration::from_secs(1)), None)
+                .unwrap_err()
+                .to_string(),
+            every
+                .set_adaptive(Some(Duration::from_secs(40)), None)
+                .unwrap_err()
+                .to_string(),
+            Schedule::parse("sometimes").unwrap_err().to_string(),
+            Schedule::parse("every 0s").unwrap_err().to_string(),
+            Schedule::parse("every 5 parsecs").unwrap_err().to_string(),
+            Schedule::parse("cron * *").unwrap_err().to_string(),
+            Schedule::parse("61 * * * *").unwrap_err().to_string(),
+            Schedule::parse("0 0 0 30 2 * 2020")
+                .unwrap_err()
+                .to_string(),
+            parse_duration("ten").unwrap_err().to_string(),
+        ]
+    }
+
+    /// The messages as they were when these errors were strings.
+    const PINNED_SCHEDULE_ERRORS: &[&str] = &[
+        "expected `once` or `skip`, got `always`",
+        "unknown time zone `Europe/Pariss`; expected an IANA name such as `Europe/Paris`, `America/New_York` or `UTC`",
+        "invalid active window `Mon 25:00-26:00`: `25:00` is not a time of day; expected `<days> HH:MM-HH:MM` where days is `Mon`, `Mon-Fri`, `Sat,Sun` or `daily` (e.g. `Mon-Fri 08:00-18:00`, `daily 22:00-02:00`)",
+        "invalid active window `Mon-Fri`: wrong number of parts; expected `<days> HH:MM-HH:MM` where days is `Mon`, `Mon-Fri`, `Sat,Sun` or `daily` (e.g. `Mon-Fri 08:00-18:00`, `daily 22:00-02:00`)",
+        "`min` and `max` (an adaptive interval) go with `every`, not `cron`",
+        "an adaptive interval needs 0 < min <= every <= max, got min 40s, every 30s, max 30s",
+        "expected `every <duration>` (e.g. `every 30s`) or a cron line (e.g. `*/5 * * * *`), got `sometimes`",
+        "an interval must be longer than zero",
+        "expected a duration such as `500ms`, `30s`, `5m` or `1h`, got `5 parsecs` (unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations))",
+        "expected a cron line of 5 fields (`min hour day month weekday`) or 6 (seconds first), got 2 fields in `* *`",
+        "invalid cron line `61 * * * *`: 0 61 * * * *\n  ^\nMinutes must be less than 59. ('61' specified.)",
+        "cron line `0 0 0 30 2 * 2020` never fires",
+        "expected a duration such as `500ms`, `30s`, `5m` or `1h`, got `ten` (expected number at 0)",
+    ];
+
+    #[test]
+    fn typed_errors_read_as_the_former_messages() {
+        assert_eq!(pinned_schedule_errors(), PINNED_SCHEDULE_ERRORS);
     }
 }

@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use minijinja::machinery::ast;
 use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// Compiled templates of one connector.
 ///
@@ -684,25 +685,33 @@ thread_local! {
     static URL_POS: Cell<Option<UrlPos>> = const { Cell::new(None) };
 }
 
-/// Bytes of a value that stay as they are in a URL: RFC 3986's unreserved
-/// characters and the sub-delimiters that mean nothing in a path segment
-/// or a query value. Everything else (`/ ? # & = + %`, spaces, controls) is
-/// percent-encoded, so a value cannot leave its path segment or its query
-/// value (`../../admin/delete?all=1#` stays one segment).
-fn url_keeps(b: u8, slash: bool) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~:@!$'()*,".contains(&b) || (slash && b == b'/')
-}
+/// Bytes of a value percent-encoded in a URL: all but ASCII letters and
+/// digits, RFC 3986's other unreserved characters and the sub-delimiters
+/// that mean nothing in a path segment or a query value. So `/ ? # & = + %`,
+/// spaces, controls and every non-ASCII byte are encoded, and a value
+/// cannot leave its path segment or its query value
+/// (`../../admin/delete?all=1#` stays one segment).
+const URL_ENCODED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b':')
+    .remove(b'@')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b',');
+
+/// The same, keeping `/` (`| path`).
+const URL_ENCODED_PATH: &AsciiSet = &URL_ENCODED.remove(b'/');
 
 fn url_encode(text: &str, slash: bool) -> String {
-    let mut out = String::with_capacity(text.len());
-    for &b in text.as_bytes() {
-        if url_keeps(b, slash) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    let set = if slash { URL_ENCODED_PATH } else { URL_ENCODED };
+    utf8_percent_encode(text, set).to_string()
 }
 
 /// A path segment made only of dots is `.` or `..` to every URL parser,
@@ -723,7 +732,7 @@ fn is_dot_segment(s: &str) -> bool {
 /// How `{{ value }}` is written. Outside URL templates: as text (what
 /// minijinja does without auto-escaping). In a URL template, a value after
 /// the start is percent-encoded as one path segment or query value (see
-/// [`url_keeps`]); a value that begins the URL (`{{ base_url }}/…`) is a
+/// [`URL_ENCODED`]); a value that begins the URL (`{{ base_url }}/…`) is a
 /// whole URL by design and stays as it is, and so does a value marked
 /// `| raw` (or `| safe`) by a connector that means it.
 fn url_formatter(out: &mut minijinja::Output, state: &State, value: &Value) -> Result<(), Error> {
@@ -1261,6 +1270,20 @@ mod tests {
             assert_eq!(ticks.await.unwrap(), 5);
             assert!(render.await.unwrap().is_err());
         });
+    }
+
+    #[test]
+    fn url_encoding_keeps_exactly_the_harmless_ascii_bytes() {
+        for b in 0u8..128 {
+            let c = (b as char).to_string();
+            let kept = b.is_ascii_alphanumeric() || b"-._~:@!$'()*,".contains(&b);
+            let encoded = format!("%{b:02X}");
+            let want = if kept { &c } else { &encoded };
+            assert_eq!(&url_encode(&c, false), want, "byte {b}");
+            let want = if kept || b == b'/' { &c } else { &encoded };
+            assert_eq!(&url_encode(&c, true), want, "byte {b} (path)");
+        }
+        assert_eq!(url_encode("é/ü", true), "%C3%A9/%C3%BC");
     }
 
     #[test]

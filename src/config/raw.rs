@@ -7,12 +7,12 @@
 //! validated into the runtime types (`crate::connector::spec`,
 //! `crate::deliver::policy`, `crate::quota`, `config::resolve`). A few plain
 //! value types (`Rate`, `DetectMode`, …) live in their runtime module and
-//! are deserialized here directly: they carry no YAML.
+//! are deserialized here directly: they carry no YAML. The values with a
+//! syntax of their own are in `raw/values.rs`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
 
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -22,8 +22,9 @@ use serde_saphyr::Spanned;
 use crate::connector::spec::{Baseline, ClientAuth, DetectMode, KeyLocation};
 use crate::deliver::policy::Ordering;
 use crate::quota::Rate;
-use crate::schedule::{self, parse_duration, Schedule};
-use crate::template;
+
+mod values;
+pub use values::*;
 
 // ---------------------------------------------------------------- bridge.yaml
 
@@ -133,20 +134,6 @@ pub struct RawStore {
     pub lease: Option<Spanned<LeaseDur>>,
 }
 
-/// `store.lease`: a duration from 1s to 10m.
-#[derive(Debug, Clone, Copy)]
-pub struct LeaseDur(pub Duration);
-
-impl<'de> Deserialize<'de> for LeaseDur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = string_like(d)?;
-        let range = "a lease from 1s to 10m, such as `15s`";
-        bounded(&s, Duration::from_secs(1), Duration::from_secs(600), range)
-            .map(LeaseDur)
-            .map_err(de::Error::custom)
-    }
-}
-
 /// `store.backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -227,6 +214,14 @@ pub struct RawSource {
     pub deliver_to: Spanned<DeliverTo>,
 }
 
+// The forms of one field (`for_each`, `connector`, `deliver_to`, `secret`)
+// keep a hand-written `Deserialize` and `JsonSchema` each, rather than
+// `#[serde(untagged)]` and a derived schema: an untagged enum buffers the
+// value, so an error inside it loses its YAML location and says only "did
+// not match any variant" (`tests/it/config_errors.rs` asserts both), and
+// schemars would describe it as `anyOf` the variants, not the forms (a lone
+// name for a list, `discover` for `ForEach::Discover`).
+
 /// `for_each:` in its two forms.
 #[derive(Debug, Clone)]
 pub enum ForEach {
@@ -261,6 +256,29 @@ impl<'de> Deserialize<'de> for ForEach {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for ForEach {
+    fn schema_name() -> Cow<'static, str> {
+        "ForEach".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "One instance per value: a map param → values (the cartesian product when several), or `discover` (the connector's `discover` request lists them).",
+            "oneOf": [
+                { "const": "discover" },
+                {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "array",
+                        "items": { "type": ["string", "number", "boolean"] },
+                        "minItems": 1,
+                    },
+                },
+            ],
+        })
     }
 }
 
@@ -315,6 +333,22 @@ impl<'de> Deserialize<'de> for ConnectorRef {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for ConnectorRef {
+    fn schema_name() -> Cow<'static, str> {
+        "ConnectorRef".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "The name of a connector found through `connectors:`, or a connector written inline.",
+            "oneOf": [
+                { "type": "string" },
+                generator.subschema_for::<RawConnector>(),
+            ],
+        })
     }
 }
 
@@ -390,8 +424,6 @@ pub enum Secrets {
     Many(Vec<String>),
 }
 
-// Hand-written rather than `#[serde(untagged)]`: untagged enums lose the
-// YAML location and say only "did not match any variant".
 impl<'de> Deserialize<'de> for DeliverTo {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -415,6 +447,26 @@ impl<'de> Deserialize<'de> for DeliverTo {
     }
 }
 
+impl JsonSchema for DeliverTo {
+    fn schema_name() -> Cow<'static, str> {
+        "DeliverTo".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Endpoints: a name or a list of names (every event type), or a map endpoint → the event types it gets.",
+            "oneOf": [
+                { "type": "string" },
+                { "type": "array", "items": { "type": "string" } },
+                {
+                    "type": "object",
+                    "additionalProperties": { "type": "array", "items": { "type": "string" } },
+                },
+            ],
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Secrets {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -431,6 +483,22 @@ impl<'de> Deserialize<'de> for Secrets {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Secrets {
+    fn schema_name() -> Cow<'static, str> {
+        "Secrets".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A Standard Webhooks `whsec_…` secret, or a list of them (each signs; for rotation).",
+            "oneOf": [
+                { "type": "string" },
+                { "type": "array", "items": { "type": "string" } },
+            ],
+        })
     }
 }
 
@@ -820,556 +888,9 @@ pub struct RawEmit {
     pub data: Option<Spanned<ValueSrc>>,
 }
 
-// ------------------------------------------------------- values with a syntax
-
-/// Longest duration accepted anywhere: longer is a typo, and adding it to
-/// an `Instant` (a probe, a retry, a deadline) would overflow and panic.
-pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
-
-/// A duration such as `30s`, `5m`, `250ms`; at most [`MAX_DURATION`].
-#[derive(Debug, Clone, Copy)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = string_like(d)?;
-        bounded(
-            &s,
-            Duration::ZERO,
-            MAX_DURATION,
-            "a duration of at most 10 years",
-        )
-        .map(Dur)
-        .map_err(de::Error::custom)
-    }
-}
-
-/// Longest timeout accepted: a request (poll, token, delivery) or a drain
-/// that takes longer is stuck.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// A timeout: more than 0 (a zero timeout fails every request) and at most
-/// [`MAX_TIMEOUT`].
-#[derive(Debug, Clone, Copy)]
-pub struct Timeout(pub Duration);
-
-impl<'de> Deserialize<'de> for Timeout {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = string_like(d)?;
-        let range = "a timeout more than 0 and at most 1h, such as `30s`";
-        bounded(&s, Duration::from_nanos(1), MAX_TIMEOUT, range)
-            .map(Timeout)
-            .map_err(de::Error::custom)
-    }
-}
-
-/// A delay, interval or age that must be more than 0: a zero probe or retry
-/// delay would spin on a failing endpoint, a zero `seen_ttl` would forget
-/// every id at once and emit it again, a zero retention would delete what
-/// it is meant to keep.
-#[derive(Debug, Clone, Copy)]
-pub struct NonZeroDur(pub Duration);
-
-impl<'de> Deserialize<'de> for NonZeroDur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = string_like(d)?;
-        let range = "a duration more than 0 and at most 10 years, such as `30s`";
-        bounded(&s, Duration::from_nanos(1), MAX_DURATION, range)
-            .map(NonZeroDur)
-            .map_err(de::Error::custom)
-    }
-}
-
-/// Parses a duration and checks it lies in `min..=max`, saying `range`
-/// (what was expected) otherwise.
-fn bounded(text: &str, min: Duration, max: Duration, range: &str) -> Result<Duration, String> {
-    let d = parse_duration(text)?;
-    if d < min || d > max {
-        return Err(format!("expected {range}, got `{}`", text.trim()));
-    }
-    Ok(d)
-}
-
-impl<'de> Deserialize<'de> for Rate {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = string_like(d)?;
-        Rate::parse(&s).map_err(de::Error::custom)
-    }
-}
-
-/// A JSONPath (RFC 9535), checked at load.
-#[derive(Debug, Clone)]
-pub struct JsonPathSrc(pub String);
-
-impl<'de> Deserialize<'de> for JsonPathSrc {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        serde_json_path::JsonPath::parse(&s).map_err(|e| {
-            de::Error::custom(format!(
-                "invalid JSONPath `{s}` ({e}); expected RFC 9535 syntax such as `$.items[*]`"
-            ))
-        })?;
-        Ok(JsonPathSrc(s))
-    }
-}
-
-/// A template, syntax-checked at load.
-#[derive(Debug, Clone)]
-pub struct TemplateSrc(pub String);
-
-impl<'de> Deserialize<'de> for TemplateSrc {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = string_like(d)?;
-        template::check_template(&s)
-            .map_err(|e| de::Error::custom(format!("invalid template `{s}`: {e}")))?;
-        Ok(TemplateSrc(s))
-    }
-}
-
-/// A value whose strings are templates, syntax-checked at load.
-#[derive(Debug, Clone)]
-pub struct ValueSrc(pub serde_json::Value);
-
-impl<'de> Deserialize<'de> for ValueSrc {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = serde_json::Value::deserialize(d)?;
-        template::check_value(&v).map_err(de::Error::custom)?;
-        Ok(ValueSrc(v))
-    }
-}
-
-/// A condition (a template expression), syntax-checked at load.
-#[derive(Debug, Clone)]
-pub struct ConditionSrc(pub String);
-
-impl<'de> Deserialize<'de> for ConditionSrc {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        template::check_condition(&s)
-            .map_err(|e| de::Error::custom(format!("invalid condition `{s}`: {e}")))?;
-        Ok(ConditionSrc(s))
-    }
-}
-
-/// A schedule: `every 30s`, a cron line, or
-/// `{ every | cron, jitter, tz, active, catch_up }`.
-#[derive(Clone, Debug)]
-pub struct ScheduleSpec(pub Schedule);
-
-impl<'de> Deserialize<'de> for ScheduleSpec {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ScheduleSpec;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`every <duration>`, a cron line, or `{ every: 30s }` / `{ cron: \"0 9 * * 1-5\", tz: Europe/Paris, active: [\"Mon-Fri 08:00-18:00\"], jitter: 10s, catch_up: once | skip }`")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ScheduleSpec, E> {
-                Schedule::parse(v).map(ScheduleSpec).map_err(E::custom)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ScheduleSpec, A::Error> {
-                #[derive(Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct M {
-                    every: Option<String>,
-                    cron: Option<String>,
-                    jitter: Option<Dur>,
-                    tz: Option<String>,
-                    active: Option<Vec<String>>,
-                    catch_up: Option<String>,
-                    min: Option<Dur>,
-                    max: Option<Dur>,
-                }
-                let m = M::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                let mut s = match (m.every, m.cron) {
-                    (Some(e), None) => Schedule::parse(&format!("every {e}")),
-                    (None, Some(c)) => Schedule::cron(&c),
-                    _ => Err("give exactly one of `every` and `cron`".to_string()),
-                }
-                .map_err(de::Error::custom)?;
-                s.jitter = m.jitter.map(|j| j.0).unwrap_or_default();
-                if let Some(tz) = m.tz {
-                    s.tz = schedule::parse_tz(&tz).map_err(de::Error::custom)?;
-                }
-                if let Some(active) = m.active {
-                    if active.is_empty() {
-                        return Err(de::Error::custom(
-                            "`active: []` would never poll; list windows such as `Mon-Fri 08:00-18:00`, or leave `active` out",
-                        ));
-                    }
-                    s.windows = active
-                        .iter()
-                        .map(|w| schedule::Window::parse(w))
-                        .collect::<Result<_, _>>()
-                        .map_err(de::Error::custom)?;
-                }
-                if let Some(c) = m.catch_up {
-                    s.catch_up = schedule::CatchUp::parse(&c).map_err(de::Error::custom)?;
-                }
-                if m.min.is_some() || m.max.is_some() {
-                    s.set_adaptive(m.min.map(|d| d.0), m.max.map(|d| d.0))
-                        .map_err(de::Error::custom)?;
-                }
-                Ok(ScheduleSpec(s))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-// ------------------------------------------- JSON Schema of the hand-written forms
-//
-// The types above whose `Deserialize` is written by hand describe themselves
-// by hand too (`pollhook schema`, see `config::schema`). Each schema says what
-// that `Deserialize` accepts; checks made later (cron fields, time zones,
-// template syntax) are described, not encoded.
-
-/// Units `humantime` (hence [`parse_duration`]) accepts.
-const DURATION_UNITS: &str = "nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s|minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|wks|wk|w|months|month|M|years|year|yrs|yr|y";
-
-/// One or more `<number><unit>` spans, e.g. `1h 30m` or `1.5s`.
-fn duration_spans() -> String {
-    format!(r"([0-9]+(\.[0-9]+)?\s*({DURATION_UNITS})\s*)+")
-}
-
-/// A string holding a duration.
-fn duration_string_schema() -> Schema {
-    json_schema!({
-        "type": "string",
-        "pattern": format!(r"^\s*(0|{})\s*$", duration_spans()),
-    })
-}
-
-impl JsonSchema for Dur {
-    fn schema_name() -> Cow<'static, str> {
-        "Duration".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`); `0` alone is zero. At most 10 years.",
-            "anyOf": [duration_string_schema(), { "const": 0 }],
-            "examples": ["30s", "5m", "250ms", "1h 30m"],
-        })
-    }
-}
-
-impl JsonSchema for Timeout {
-    fn schema_name() -> Cow<'static, str> {
-        "Timeout".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A timeout: a duration more than 0 and at most 1h, e.g. `30s`.",
-            "allOf": [duration_string_schema(), { "not": { "pattern": r"^\s*0+\s*[a-zA-Zµ]*\s*$" } }],
-            "examples": ["10s", "30s", "2m"],
-        })
-    }
-}
-
-impl JsonSchema for NonZeroDur {
-    fn schema_name() -> Cow<'static, str> {
-        "NonZeroDuration".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A duration more than 0 and at most 10 years: a number and a unit (`ms`, `s`, `m`, `h`, `d`, `w`, …), possibly several (`1h 30m`).",
-            "allOf": [duration_string_schema(), { "not": { "pattern": r"^\s*0+\s*[a-zA-Zµ]*\s*$" } }],
-            "examples": ["30s", "5m", "7d"],
-        })
-    }
-}
-
-impl JsonSchema for Rate {
-    fn schema_name() -> Cow<'static, str> {
-        "Rate".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A rate `N/unit`: N ≥ 1 requests per `s`, `min`, `h`, `day` or any duration (`5/2s`).",
-            "type": "string",
-            "pattern": r"^\s*[0-9]*[1-9][0-9]*\s*/\s*\S.*$",
-            "examples": ["10/s", "60/min", "1000/h", "5/2s"],
-        })
-    }
-}
-
-impl JsonSchema for JsonPathSrc {
-    fn schema_name() -> Cow<'static, str> {
-        "JsonPath".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A JSONPath query (RFC 9535), starting at the root `$`.",
-            "type": "string",
-            "pattern": r"^\$",
-            "examples": ["$.items[*]", "$.next_cursor", "$[*]"],
-        })
-    }
-}
-
-impl JsonSchema for TemplateSrc {
-    fn schema_name() -> Cow<'static, str> {
-        "Template".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A minijinja (Jinja2) template, e.g. `{{ base_url }}/items`; a number or boolean stands for its text.",
-            "type": ["string", "number", "boolean"],
-            "examples": ["{{ base_url }}/accounts/{{ account }}", "{{ item.id }}"],
-        })
-    }
-}
-
-impl JsonSchema for ConditionSrc {
-    fn schema_name() -> Cow<'static, str> {
-        "Condition".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A minijinja expression (no `{{ }}`), true or false, e.g. `current.available < low_threshold`; an unquoted number or boolean stands for its text.",
-            "type": ["string", "number", "boolean"],
-            "examples": ["current.available != previous.available", "count == 0"],
-        })
-    }
-}
-
-impl JsonSchema for ValueSrc {
-    fn schema_name() -> Cow<'static, str> {
-        "ValueTemplate".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "Any YAML value; every string in it is a minijinja template, and a string that is a lone `{{ expr }}` keeps the expression's type.",
-        })
-    }
-}
-
-impl JsonSchema for ScheduleSpec {
-    fn schema_name() -> Cow<'static, str> {
-        "Schedule".into()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        let spans = duration_spans();
-        let cron_fields = r"\S+(\s+\S+){4,6}";
-        json_schema!({
-            "description": "When to poll: `every <duration>`, a cron line (5 fields, or 6–7 with seconds first), or a map with `every` or `cron` and options.",
-            "oneOf": [
-                {
-                    "type": "string",
-                    "pattern": format!(r"^\s*(every +{spans}|(cron\s+)?{cron_fields})\s*$"),
-                    "examples": ["every 30s", "every 5m", "*/5 * * * *", "0 9 * * 1-5"],
-                },
-                {
-                    "type": "object",
-                    "properties": {
-                        "every": {
-                            "description": "Interval between polls, e.g. `30s`.",
-                            "type": "string",
-                            "pattern": format!(r"^\s*{spans}$"),
-                        },
-                        "cron": {
-                            "description": "A cron line: 5 fields (`min hour day month weekday`) or 6–7 with seconds first.",
-                            "type": "string",
-                            "pattern": format!(r"^\s*{cron_fields}\s*$"),
-                        },
-                        "jitter": generator.subschema_for::<Dur>(),
-                        "tz": {
-                            "description": "IANA time zone of the cron line and the active windows (UTC by default).",
-                            "type": "string",
-                            "examples": ["Europe/Paris", "America/New_York", "UTC"],
-                        },
-                        "active": {
-                            "description": "Windows in which polls may happen, e.g. `Mon-Fri 08:00-18:00`, `Sat,Sun 10:00-12:00`, `daily 22:00-02:00`.",
-                            "type": "array",
-                            "items": { "type": "string" },
-                            "minItems": 1,
-                        },
-                        "catch_up": {
-                            "description": "Runs missed while the daemon was stopped: one poll at start (`once`, default) or none (`skip`).",
-                            "enum": ["once", "skip"],
-                        },
-                        "min": {
-                            "description": "Adaptive interval (with `every`): the interval right after a change.",
-                            "type": "string",
-                            "pattern": format!(r"^\s*{spans}$"),
-                        },
-                        "max": {
-                            "description": "Adaptive interval (with `every`): the longest interval while nothing changes.",
-                            "type": "string",
-                            "pattern": format!(r"^\s*{spans}$"),
-                        },
-                    },
-                    "oneOf": [
-                        { "required": ["every"] },
-                        { "required": ["cron"] },
-                    ],
-                    "additionalProperties": false,
-                },
-            ],
-        })
-    }
-}
-
-impl JsonSchema for DeliverTo {
-    fn schema_name() -> Cow<'static, str> {
-        "DeliverTo".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "Endpoints: a name or a list of names (every event type), or a map endpoint → the event types it gets.",
-            "oneOf": [
-                { "type": "string" },
-                { "type": "array", "items": { "type": "string" } },
-                {
-                    "type": "object",
-                    "additionalProperties": { "type": "array", "items": { "type": "string" } },
-                },
-            ],
-        })
-    }
-}
-
-impl JsonSchema for Secrets {
-    fn schema_name() -> Cow<'static, str> {
-        "Secrets".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A Standard Webhooks `whsec_…` secret, or a list of them (each signs; for rotation).",
-            "oneOf": [
-                { "type": "string" },
-                { "type": "array", "items": { "type": "string" } },
-            ],
-        })
-    }
-}
-
-impl JsonSchema for ForEach {
-    fn schema_name() -> Cow<'static, str> {
-        "ForEach".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "One instance per value: a map param → values (the cartesian product when several), or `discover` (the connector's `discover` request lists them).",
-            "oneOf": [
-                { "const": "discover" },
-                {
-                    "type": "object",
-                    "additionalProperties": {
-                        "type": "array",
-                        "items": { "type": ["string", "number", "boolean"] },
-                        "minItems": 1,
-                    },
-                },
-            ],
-        })
-    }
-}
-
-impl JsonSchema for ConnectorRef {
-    fn schema_name() -> Cow<'static, str> {
-        "ConnectorRef".into()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "The name of a connector found through `connectors:`, or a connector written inline.",
-            "oneOf": [
-                { "type": "string" },
-                generator.subschema_for::<RawConnector>(),
-            ],
-        })
-    }
-}
-
 /// `response.format`: [`crate::connector::format::Format`], or null.
 fn response_format_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "enum": ["auto", "json", "xml", "csv", null],
     })
-}
-
-/// Accepts a string, or a number/bool written without quotes (`timeout: 30`
-/// is read as `30`, which then fails with the duration's own message).
-fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    struct V;
-    impl<'a> Visitor<'a> for V {
-        type Value = String;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
-            Ok(v)
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-    }
-    d.deserialize_any(V)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates() {
-        assert_eq!(
-            Rate::parse("60/min").unwrap(),
-            Rate {
-                count: 60,
-                per: Duration::from_secs(60)
-            }
-        );
-        assert_eq!(Rate::parse("5/2s").unwrap().per, Duration::from_secs(2));
-        assert!(Rate::parse("0/s").is_err());
-        assert!(Rate::parse("fast").unwrap_err().contains("expected a rate"));
-    }
-
-    fn parse<T: for<'de> Deserialize<'de>>(v: &str) -> Result<T, String> {
-        serde_saphyr::from_str::<T>(v).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn durations_are_bounded() {
-        assert_eq!(parse::<Dur>("0").unwrap().0, Duration::ZERO);
-        assert!(parse::<Dur>("10y").is_ok());
-        // Past this, adding it to an `Instant` panics.
-        let e = parse::<Dur>("100000000 years").unwrap_err();
-        assert!(e.contains("at most 10 years"), "{e}");
-        assert!(parse::<Timeout>("1h").is_ok());
-        for bad in ["0", "0s", "61m", "10 years"] {
-            let e = parse::<Timeout>(bad).unwrap_err();
-            assert!(e.contains("more than 0 and at most 1h"), "{bad}: {e}");
-        }
-        assert!(parse::<NonZeroDur>("1ms").is_ok());
-        for bad in ["0ms", "11y"] {
-            let e = parse::<NonZeroDur>(bad).unwrap_err();
-            assert!(e.contains("more than 0 and at most 10 years"), "{bad}: {e}");
-        }
-    }
 }

@@ -4,11 +4,13 @@
 //! extension: `# yaml-language-server: $schema=bridge.schema.json`).
 //!
 //! The derived parts follow the serde attributes (`deny_unknown_fields`
-//! becomes `additionalProperties: false`, doc comments become descriptions);
-//! the types with a hand-written `Deserialize` describe themselves by hand in
-//! `raw.rs`. The schema checks shapes, not meaning: a well-formed cron line
-//! that never fires, an unknown time zone or a template calling an unknown
-//! filter pass it and are still reported by `pollhook validate`.
+//! becomes `additionalProperties: false`, doc comments become descriptions;
+//! the values with a syntax say theirs in schemars attributes), and the
+//! types with a hand-written `Deserialize` describe themselves by hand
+//! beside it (`raw.rs`, `raw/values.rs`). The schema checks shapes, not
+//! meaning: a well-formed cron line that never fires, an unknown time zone
+//! or a template calling an unknown filter pass it and are still reported
+//! by `pollhook validate`.
 
 use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;

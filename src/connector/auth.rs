@@ -80,7 +80,7 @@ impl TokenRequest {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 /// A short digest naming a seed without holding it.

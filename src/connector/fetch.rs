@@ -574,7 +574,7 @@ pub async fn fetch(
         let (page, format) =
             parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
                 url: shown.clone(),
-                detail,
+                detail: detail.to_string(),
                 snippet: snippet(&bytes, &secrets),
             })?;
         out.xml |= format == Format::Xml;

@@ -99,7 +99,7 @@ pub fn parse_body(
     bytes: &[u8],
     content_type: Option<&str>,
     format: Format,
-) -> Result<(Value, Format), String> {
+) -> Result<(Value, Format), BodyError> {
     let format = match format {
         Format::Auto => {
             // An HTML page where data was expected is almost always an error
@@ -112,10 +112,7 @@ pub fn parse_body(
                     .trim()
                     .eq_ignore_ascii_case("text/html")
             }) {
-                return Err(
-                    "an HTML page (Content-Type: text/html), not JSON, XML or CSV; if the API really serves data as text/html, declare `response.format`"
-                        .into(),
-                );
+                return Err(BodyError::Html);
             }
             content_type
                 .and_then(format_of_content_type)
@@ -125,10 +122,26 @@ pub fn parse_body(
     };
     let value = match format {
         Format::Json | Format::Auto => parse_json(bytes)?,
-        Format::Xml => parse_xml(bytes)?,
-        Format::Csv => parse_csv(bytes)?,
+        Format::Xml => parse_xml(bytes).map_err(BodyError::Xml)?,
+        Format::Csv => parse_csv(bytes).map_err(BodyError::Csv)?,
     };
     Ok((value, format))
+}
+
+/// Why a body is not data of its format; the message says what is wrong,
+/// with the line and column where the parser gives them.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("an HTML page (Content-Type: text/html), not JSON, XML or CSV; if the API really serves data as text/html, declare `response.format`")]
+    Html,
+    #[error("not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// `not valid XML: …`.
+    #[error("{0}")]
+    Xml(String),
+    /// `not valid CSV: …`, or what is wrong with the header.
+    #[error("{0}")]
+    Csv(String),
 }
 
 /// The format a `Content-Type` value names, if it names one we read.
@@ -160,10 +173,10 @@ fn sniff(bytes: &[u8]) -> Format {
     }
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, String> {
+fn parse_json(bytes: &[u8]) -> Result<Value, BodyError> {
     // A BOM is not JSON, but some servers send one; it hides nothing.
     let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
-    serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))
+    Ok(serde_json::from_slice(bytes)?)
 }
 
 /// 1-based line and column (in characters) of byte offset `pos` in `bytes`.
@@ -525,7 +538,9 @@ mod tests {
     }
 
     fn xml_err(body: &str) -> String {
-        parse_body(body.as_bytes(), None, Format::Xml).unwrap_err()
+        parse_body(body.as_bytes(), None, Format::Xml)
+            .unwrap_err()
+            .to_string()
     }
 
     fn select(value: &Value, path: &str) -> Vec<Value> {
@@ -780,7 +795,9 @@ mod tests {
         // The content type wins over the body's first byte.
         let (v, f) = parse_body(b"a,b\n1,2\n", Some("text/csv"), Format::Auto).unwrap();
         assert_eq!((v, f), (json!([{"a": "1", "b": "2"}]), Format::Csv));
-        let e = parse_body(b"<a/>", Some("application/json"), Format::Auto).unwrap_err();
+        let e = parse_body(b"<a/>", Some("application/json"), Format::Auto)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("not valid JSON: "), "{e}");
         let (_, f) = parse_body(b"<a/>", Some("application/rss+xml"), Format::Auto).unwrap();
         assert_eq!(f, Format::Xml);
@@ -810,7 +827,8 @@ mod tests {
             Some("text/html; charset=utf-8"),
             Format::Auto,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("an HTML page"), "{e}");
         // Declared XML: parsed as XML, whose error explains.
         let e = parse_body(
@@ -818,10 +836,13 @@ mod tests {
             Some("text/html"),
             Format::Xml,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("not valid XML: "), "{e}");
         // Anything else is tried as JSON, whose error explains.
-        let e = parse_body(b"Service Unavailable", None, Format::Auto).unwrap_err();
+        let e = parse_body(b"Service Unavailable", None, Format::Auto)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("not valid JSON: expected value at line 1 column 1"),
             "{e}"
@@ -868,21 +889,29 @@ mod tests {
 
     #[test]
     fn csv_ragged_row_is_an_error_naming_the_line() {
-        let e = parse_body(b"a,b,c\n1,2,3\n4,5\n", None, Format::Csv).unwrap_err();
+        let e = parse_body(b"a,b,c\n1,2,3\n4,5\n", None, Format::Csv)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "not valid CSV: line 3 has 2 fields, the header has 3");
-        let e = parse_body(b"a,b\n1,2,3\n", None, Format::Csv).unwrap_err();
+        let e = parse_body(b"a,b\n1,2,3\n", None, Format::Csv)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "not valid CSV: line 2 has 3 fields, the header has 2");
     }
 
     #[test]
     fn csv_duplicate_header_is_an_error() {
-        let e = parse_body(b"a,b,a\n1,2,3\n", None, Format::Csv).unwrap_err();
+        let e = parse_body(b"a,b,a\n1,2,3\n", None, Format::Csv)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("column name `a` appears more than once"), "{e}");
     }
 
     #[test]
     fn json_errors_say_json() {
-        let e = parse_body(b"{\"a\": }", None, Format::Json).unwrap_err();
+        let e = parse_body(b"{\"a\": }", None, Format::Json)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "not valid JSON: expected value at line 1 column 7");
     }
 

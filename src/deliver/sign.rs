@@ -153,12 +153,7 @@ pub fn hub_signature(secret: &str, body: &[u8]) -> String {
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(body);
     let digest = mac.finalize().into_bytes();
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256=");
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("sha256={}", hex::encode(digest))
 }
 
 /// What a receiver verifies with: the shared `whsec_` secret (`v1`), or
@@ -263,9 +258,11 @@ pub fn verify(
 }
 
 /// Equality whose time does not depend on where the inputs differ, for
-/// comparing secrets and signatures.
+/// comparing secrets and signatures (`subtle`; only a length difference
+/// answers early, and lengths are not secret).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]
@@ -389,6 +386,16 @@ mod tests {
             SigningKey::parse("whsk_AAAA"),
             Err(KeyError::BadEd25519Length(3))
         );
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"", b""));
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"Secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 
     #[test]

@@ -61,9 +61,7 @@ impl Default for Dashboard {
             .expect("the dashboard template compiles");
         env.add_template("login.html", include_str!("login.html"))
             .expect("the login template compiles");
-        let csrf: String = (0..16)
-            .map(|_| format!("{:02x}", rand::random::<u8>()))
-            .collect();
+        let csrf = hex::encode(rand::random::<[u8; 16]>());
         let csp = crate::access::csp(&[
             stylesheet(include_str!("page.html")),
             stylesheet(include_str!("login.html")),
@@ -92,16 +90,30 @@ fn stylesheet(html: &'static str) -> &'static str {
     &html[start..start + len]
 }
 
-/// The session cookie's value in a request, if any.
+/// The session cookie's value in a request, if any (the first one; a
+/// pair that does not parse is skipped).
 pub fn session_in(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_string())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == COOKIE)
+        .map(|c| c.value().to_string())
+}
+
+/// The `Set-Cookie` value of a new session: `HttpOnly`, `SameSite=Strict`,
+/// the whole server, for the session's lifetime.
+fn session_cookie(session: String) -> String {
+    cookie::Cookie::build((COOKIE, session))
+        .http_only(true)
+        .same_site(cookie::SameSite::Strict)
+        .path("/")
+        .max_age(cookie::time::Duration::seconds(
+            crate::access::SESSION_LIFETIME.as_secs() as i64,
+        ))
+        .to_string()
 }
 
 /// What a request's credentials say.
@@ -577,13 +589,7 @@ pub async fn login(
     (
         StatusCode::SEE_OTHER,
         [
-            (
-                header::SET_COOKIE,
-                format!(
-                    "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-                    crate::access::SESSION_LIFETIME.as_secs()
-                ),
-            ),
+            (header::SET_COOKIE, session_cookie(session)),
             (header::LOCATION, "./".to_string()),
         ],
     )
@@ -724,6 +730,39 @@ mod tests {
         );
         sessions.end_all();
         assert_eq!(c(Some("tok"), &headers(&[("cookie", &cookie)])), Missing);
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let h = |vs: &[&str]| {
+            let pairs: Vec<(&'static str, &str)> = vs.iter().map(|v| ("cookie", *v)).collect();
+            session_in(&headers(&pairs))
+        };
+        assert_eq!(h(&[]), None);
+        assert_eq!(h(&["a=b; c=d"]), None);
+        assert_eq!(h(&[&format!("{COOKIE}=abc")]), Some("abc".into()));
+        assert_eq!(h(&[&format!("a=b;{COOKIE}=abc; c=d")]), Some("abc".into()));
+        // In a second `Cookie` header, after a pair that does not parse.
+        assert_eq!(
+            h(&["a=b", &format!("junk; {COOKIE}=abc")]),
+            Some("abc".into())
+        );
+        // The first one wins; a name that only starts alike is another.
+        assert_eq!(
+            h(&[&format!("{COOKIE}x=no; {COOKIE}=one; {COOKIE}=two")]),
+            Some("one".into())
+        );
+    }
+
+    #[test]
+    fn the_session_cookie_is_set_as_before() {
+        assert_eq!(
+            session_cookie("abc".into()),
+            format!(
+                "{COOKIE}=abc; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+                crate::access::SESSION_LIFETIME.as_secs()
+            )
+        );
     }
 
     #[test]

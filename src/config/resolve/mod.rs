@@ -149,7 +149,7 @@ impl Config {
             for h in &admin.allowed_hosts {
                 match crate::access::allowed_host_entry(&h.value) {
                     Ok(name) => admin_allowed_hosts.push(name),
-                    Err(e) => diag.at_span(h, "admin.allowed_hosts", e),
+                    Err(e) => diag.at_span(h, "admin.allowed_hosts", e.to_string()),
                 }
             }
             let auth = admin_auth(file, &original, admin.token.as_ref());

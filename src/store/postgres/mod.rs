@@ -711,15 +711,10 @@ fn id_of(instance: &str, hex: &str) -> Result<String> {
         key: instance.to_string(),
         detail: format!("a seen id or known item: {detail}"),
     };
-    let digit = |c: u8| (c as char).to_digit(16).ok_or_else(|| corrupt("not hex"));
-    let bytes = hex
-        .as_bytes()
-        .chunks(2)
-        .map(|p| match p {
-            [h, l] => Ok((digit(*h)? * 16 + digit(*l)?) as u8),
-            _ => Err(corrupt("odd hex")),
-        })
-        .collect::<Result<Vec<u8>>>()?;
+    let bytes = hex::decode(hex).map_err(|e| match e {
+        hex::FromHexError::OddLength => corrupt("odd hex"),
+        _ => corrupt("not hex"),
+    })?;
     String::from_utf8(bytes).map_err(|_| corrupt("not UTF-8"))
 }
 
@@ -912,6 +907,5 @@ fn channel_of(schema: &str) -> String {
     }
     use sha2::Digest;
     let digest = sha2::Sha256::digest(schema.as_bytes());
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!("pollhook_{hex}")
+    format!("pollhook_{}", hex::encode(&digest[..16]))
 }
