@@ -14,6 +14,17 @@ use axum::Router;
 
 use crate::support::*;
 
+/// A `detect: new` listing at `{base_url}/items`, one event per new id.
+const LISTING: &str = r#"
+name: listing
+params: { base_url: { required: true } }
+request: { url: "{{ base_url }}/items" }
+items: "$.items[*]"
+id: "{{ item.id }}"
+detect: new
+emit: [{ type: item.created }]
+"#;
+
 /// A listing larger than `seen_limit` (the probes: 10,100 items for the
 /// default 10,000 first re-announced old items every poll, then emitted
 /// nothing at all). Ids still listed are always remembered, so the three
@@ -35,15 +46,7 @@ async fn a_listing_larger_than_seen_limit_is_remembered_whole() {
     let addr = serve(app).await;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
     // The default `seen_limit` (10,000).
-    let connector = r#"
-name: listing
-params: { base_url: { required: true } }
-request: { url: "{{ base_url }}/items" }
-items: "$.items[*]"
-id: "{{ item.id }}"
-detect: new
-emit: [{ type: item.created }]
-"#;
+    let connector = LISTING;
     let bridge = format!(
         r#"
 state_dir: state
@@ -493,15 +496,7 @@ async fn a_stopped_export_says_what_is_wrong_with_the_store() {
     );
     let addr = serve(app).await;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
-    let connector = r#"
-name: listing
-params: { base_url: { required: true } }
-request: { url: "{{ base_url }}/items" }
-items: "$.items[*]"
-id: "{{ item.id }}"
-detect: new
-emit: [{ type: item.created }]
-"#;
+    let connector = LISTING;
     // No admin server: commands cannot go through the daemon.
     let bridge = format!(
         r#"
