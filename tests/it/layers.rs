@@ -1,6 +1,6 @@
 //! The layering of `src/` (ARCHITECTURE.md, "Layers"), enforced: every
-//! `crate::` path of every library file (tests left out), read like
-//! `/work/shared/tools/modgraph.py` reads them, must point down the layers.
+//! `crate::` path of every library file (tests left out), read the way a
+//! module-graph tool reads them, must point down the layers.
 //! An import that runs up (or sideways, between two modules of one layer)
 //! fails the test, naming the file and the arrow.
 
