@@ -79,9 +79,38 @@ pub fn detect(
     baseline: Option<Baseline>,
     listing: Listing,
 ) -> Result<Detection, String> {
-    let complete = listing.complete;
-    let baseline = baseline.unwrap_or(c.baseline);
-    let first_run = !prev.initialized;
+    let mut state = prev.clone();
+    state.initialized = true;
+    let mut run = Run {
+        c,
+        base: base_context(vars, prev, now),
+        prev,
+        state,
+        out: Out::default(),
+        first_run: !prev.initialized,
+        baseline: baseline.unwrap_or(c.baseline),
+        now,
+    };
+    match c.detect {
+        DetectMode::Snapshot => run.snapshot(pages)?,
+        DetectMode::New => run.new_items(pages, listing.xml)?,
+        DetectMode::Changes => run.changes(pages, listing)?,
+    }
+    Ok(Detection {
+        state: run.state,
+        events: run.out.events,
+        notes: run.out.notes,
+        refused: run.out.refused,
+    })
+}
+
+/// What every template of this poll sees besides the item: the instance's
+/// variables, the stored cursor and the poll's time.
+fn base_context(
+    vars: &Map<String, Value>,
+    prev: &InstanceState,
+    now: DateTime<Utc>,
+) -> Map<String, Value> {
     let mut base = vars.clone();
     if let Some(cur) = &prev.cursor {
         base.insert("cursor".into(), Value::String(cur.clone()));
@@ -90,225 +119,280 @@ pub fn detect(
         "now".into(),
         Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)),
     );
-    let mut state = prev.clone();
-    state.initialized = true;
-    let mut out = Out::default();
+    base
+}
 
-    match c.detect {
-        DetectMode::Snapshot => {
-            let resource = pages.first().cloned().unwrap_or(Value::Null);
-            let current = match &c.watch {
-                None => resource.clone(),
-                Some(path) => {
-                    let nodes = path.query(&resource).all();
-                    match nodes.len() {
-                        // Not "the watched part became null": an error body.
-                        0 => {
-                            return Err(format!(
-                                "`watch` matches nothing in the response: {}",
-                                preview(&resource)
-                            ))
-                        }
-                        1 if c.watch_key.is_none() => nodes[0].clone(),
-                        _ if c.watch_key.is_some() => keyed(c, &base, &nodes)?,
-                        _ => Value::Array(nodes.into_iter().cloned().collect()),
-                    }
-                }
-            };
-            if nested_deeper_than(&current, MAX_DEPTH) {
-                return Err(format!(
-                    "the {} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused, nothing emitted: {}",
-                    if c.watch.is_some() { "watched value" } else { "resource" },
-                    preview(&current)
-                ));
-            }
-            match &prev.snapshot {
-                Some(p) if *p == current => out.note("snapshot", "unchanged"),
-                Some(p) => {
-                    state.generation += 1;
-                    let key = format!("{}:{}", state.generation, value_hash(&current));
-                    let mut ctx = base.clone();
-                    ctx.insert("previous".into(), p.clone());
-                    ctx.insert("current".into(), current.clone());
-                    ctx.insert("resource".into(), resource.clone());
-                    let data = json!({ "previous": p, "current": current });
-                    let (fired, _) = fire(c, &ctx, &key, &data, &mut out.events, false)?;
-                    out.note("snapshot", describe_fired(&fired));
-                    state.snapshot = Some(current);
-                }
-                None => {
-                    state.generation = 0;
-                    if baseline == Baseline::Emit {
-                        // No previous value: rules are evaluated with
-                        // `previous` undefined; a rule that needs it does not fire.
-                        let mut ctx = base.clone();
-                        ctx.insert("current".into(), current.clone());
-                        ctx.insert("resource".into(), resource.clone());
-                        let data = json!({ "previous": Value::Null, "current": current });
-                        let key = format!("0:{}", value_hash(&current));
-                        let (fired, skipped) = fire(c, &ctx, &key, &data, &mut out.events, true)?;
-                        out.note("snapshot", describe_first(&fired, &skipped));
-                    } else {
-                        out.note(
-                            "snapshot",
-                            "first value: remembered as the baseline, nothing emitted",
-                        );
-                    }
-                    state.snapshot = Some(current);
-                }
-            }
+/// One detection in progress: what each mode reads (connector, base
+/// context, previous state) and what it builds (the next state, the
+/// events and notes), so the modes are steps that share no loose
+/// arguments.
+struct Run<'a> {
+    c: &'a Connector,
+    base: Map<String, Value>,
+    prev: &'a InstanceState,
+    state: InstanceState,
+    out: Out,
+    first_run: bool,
+    baseline: Baseline,
+    now: DateTime<Utc>,
+}
+
+impl Run<'_> {
+    /// `detect: snapshot`: the watched value against the stored one.
+    fn snapshot(&mut self, pages: &[Value]) -> Result<(), String> {
+        let c = self.c;
+        let resource = pages.first().cloned().unwrap_or(Value::Null);
+        let current = watched(c, &self.base, &resource)?;
+        if nested_deeper_than(&current, MAX_DEPTH) {
+            return Err(format!(
+                "the {} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused, nothing emitted: {}",
+                if c.watch.is_some() { "watched value" } else { "resource" },
+                preview(&current)
+            ));
         }
-        DetectMode::New => {
-            let items = list_items(c, &base, pages, listing.xml, &mut out)?;
-            let refused_ids = std::mem::take(&mut out.refused_ids);
-            // Ids of this listing are never forgotten: only ids that left
-            // it are bounded (by `seen_ttl` and `seen_limit`), so a listing
-            // larger than `seen_limit` is remembered whole. Only one beyond
-            // what an instance may hold in memory at all is an error,
-            // rather than old items announced again every poll.
-            let listed: HashSet<&str> = items
-                .iter()
-                .map(|it| it.id.as_str())
-                .chain(refused_ids.iter().map(String::as_str))
-                .collect();
-            check_listing_fits(listed.len(), MAX_LISTED_IDS.max(c.seen_limit))?;
-            let mut seen: HashSet<String> = prev.seen.iter().cloned().collect();
-            expire_seen(c, &mut state, &mut seen, now, &listed);
-            for it in &items {
-                if !seen.insert(it.id.clone()) {
-                    out.note(&it.id, "seen before");
-                    continue;
-                }
-                state.seen.push_back(it.id.clone());
-                state.seen_at.push_back(now.timestamp_millis());
-                if first_run && baseline == Baseline::Skip {
-                    out.note(
-                        &it.id,
-                        "first poll: remembered as the baseline, nothing emitted",
-                    );
-                    continue;
-                }
-                let mut ctx = base.clone();
-                ctx.insert("item".into(), it.item.clone());
-                let (fired, _) = fire(c, &ctx, &it.id, &it.item, &mut out.events, false)?;
-                out.note(&it.id, describe_fired(&fired));
+        match self.prev.snapshot.clone() {
+            Some(p) if p == current => self.out.note("snapshot", "unchanged"),
+            Some(p) => {
+                self.state.generation += 1;
+                let key = format!("{}:{}", self.state.generation, value_hash(&current));
+                let mut ctx = self.base.clone();
+                ctx.insert("previous".into(), p.clone());
+                ctx.insert("current".into(), current.clone());
+                ctx.insert("resource".into(), resource);
+                let data = json!({ "previous": p, "current": current });
+                let (fired, _) = fire(c, &ctx, &key, &data, &mut self.out.events, false)?;
+                self.out.note("snapshot", describe_fired(&fired));
+                self.state.snapshot = Some(current);
             }
-            forget_beyond(&mut state, c.seen_limit, &listed);
-            advance_cursor(c, &base, prev, &mut state, pages, &items)?;
+            None => self.first_snapshot(current, resource)?,
         }
-        DetectMode::Changes => {
-            let items = list_items(c, &base, pages, listing.xml, &mut out)?;
-            let refused_ids = std::mem::take(&mut out.refused_ids);
-            // Every item of the listing is kept with its version; one too
-            // large to keep is an error, never a storm of `created`.
-            let distinct: HashSet<&str> = items
-                .iter()
-                .map(|it| it.id.as_str())
-                .chain(refused_ids.iter().map(String::as_str))
-                .collect();
-            if distinct.len() > c.seen_limit {
-                let n = distinct.len();
-                let limit = c.seen_limit;
-                return Err(format!(
-                    "the listing has {n} distinct items, more than `seen_limit` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `seen_limit` or list less (a cursor, a filter)"
-                ));
-            }
-            // A refused item is still listed: it keeps its known version
-            // and is not deleted.
-            let mut present: HashSet<String> = refused_ids.iter().cloned().collect();
-            for it in &items {
-                if !present.insert(it.id.clone()) {
-                    out.note(&it.id, "listed twice in this poll: the first one counts");
-                    continue;
-                }
-                let mut ctx = base.clone();
-                ctx.insert("item".into(), it.item.clone());
-                let version = match &c.version {
-                    None => value_hash(&it.item),
-                    Some(t) => {
-                        let v = c
-                            .engine
-                            .render(t, &Ctx::from_serialize(&ctx))
-                            .map_err(|e| format!("`version` of item {}: {e}", it.id))?;
-                        if v.is_empty() {
-                            return Err(format!("`version` rendered empty for item {}", it.id));
-                        }
-                        v
-                    }
-                };
-                let known = state.known.get(&it.id).cloned();
-                let change = match &known {
-                    Some(k) if k.version == version => {
-                        out.note(&it.id, "unchanged");
-                        continue;
-                    }
-                    Some(_) => "updated",
-                    None => "created",
-                };
-                state.known.insert(
-                    it.id.clone(),
-                    KnownItem {
-                        version: version.clone(),
-                        item: it.item.clone(),
-                    },
-                );
-                if first_run && baseline == Baseline::Skip {
-                    out.note(
-                        &it.id,
-                        "first poll: remembered as the baseline, nothing emitted",
-                    );
-                    continue;
-                }
-                let previous = known.map(|k| k.item).unwrap_or(Value::Null);
-                let changed = changed_fields(&previous, &it.item);
-                ctx.insert("change".into(), Value::from(change));
-                ctx.insert("previous".into(), previous.clone());
-                ctx.insert("changed".into(), json!(changed));
-                let data = if change == "created" {
-                    it.item.clone()
-                } else {
-                    json!({ "previous": previous, "current": it.item, "changed": changed })
-                };
-                let key = format!("{change}:{}:{version}", it.id);
-                let (fired, _) = fire(c, &ctx, &key, &data, &mut out.events, false)?;
-                out.note(&it.id, format!("{change}; {}", describe_fired(&fired)));
-            }
-            // Deletions: only from a complete listing of everything (an
-            // incremental cursor or a page cap means "not listed" says
-            // nothing about existence).
-            if complete && c.cursor.is_none() && !first_run {
-                let gone: Vec<String> = state
-                    .known
-                    .keys()
-                    .filter(|id| !present.contains(*id))
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    let k = state.known.remove(&id).expect("listed above");
-                    let mut ctx = base.clone();
-                    ctx.insert("change".into(), Value::from("deleted"));
-                    ctx.insert("item".into(), k.item.clone());
-                    ctx.insert("previous".into(), k.item.clone());
-                    ctx.insert("changed".into(), json!([]));
-                    let key = format!("deleted:{id}:{}", k.version);
-                    let (fired, _) = fire(c, &ctx, &key, &k.item, &mut out.events, false)?;
-                    out.note(&id, format!("deleted; {}", describe_fired(&fired)));
-                }
-            } else if !complete {
-                out.note(
-                    "listing",
-                    "incomplete (page cap reached): no item is considered deleted",
-                );
-            }
-            advance_cursor(c, &base, prev, &mut state, pages, &items)?;
-        }
+        Ok(())
     }
-    Ok(Detection {
-        state,
-        events: out.events,
-        notes: out.notes,
-        refused: out.refused,
-    })
+
+    /// The first value of a snapshot: the baseline, emitted only when the
+    /// baseline says so.
+    fn first_snapshot(&mut self, current: Value, resource: Value) -> Result<(), String> {
+        self.state.generation = 0;
+        if self.baseline == Baseline::Emit {
+            // No previous value: rules are evaluated with
+            // `previous` undefined; a rule that needs it does not fire.
+            let mut ctx = self.base.clone();
+            ctx.insert("current".into(), current.clone());
+            ctx.insert("resource".into(), resource);
+            let data = json!({ "previous": Value::Null, "current": current });
+            let key = format!("0:{}", value_hash(&current));
+            let (fired, skipped) = fire(self.c, &ctx, &key, &data, &mut self.out.events, true)?;
+            self.out.note("snapshot", describe_first(&fired, &skipped));
+        } else {
+            self.out.note(
+                "snapshot",
+                "first value: remembered as the baseline, nothing emitted",
+            );
+        }
+        self.state.snapshot = Some(current);
+        Ok(())
+    }
+
+    /// `detect: new`: every id not seen before is an event.
+    fn new_items(&mut self, pages: &[Value], xml: bool) -> Result<(), String> {
+        let c = self.c;
+        let items = list_items(c, &self.base, pages, xml, &mut self.out)?;
+        let refused_ids = std::mem::take(&mut self.out.refused_ids);
+        // Ids of this listing are never forgotten: only ids that left
+        // it are bounded (by `seen_ttl` and `seen_limit`), so a listing
+        // larger than `seen_limit` is remembered whole. Only one beyond
+        // what an instance may hold in memory at all is an error,
+        // rather than old items announced again every poll.
+        let listed = distinct_ids(&items, &refused_ids);
+        check_listing_fits(listed.len(), MAX_LISTED_IDS.max(c.seen_limit))?;
+        let mut seen: HashSet<String> = self.prev.seen.iter().cloned().collect();
+        expire_seen(c, &mut self.state, &mut seen, self.now, &listed);
+        for it in &items {
+            if !seen.insert(it.id.clone()) {
+                self.out.note(&it.id, "seen before");
+                continue;
+            }
+            self.state.seen.push_back(it.id.clone());
+            self.state.seen_at.push_back(self.now.timestamp_millis());
+            if self.skips_baseline() {
+                self.out.note(
+                    &it.id,
+                    "first poll: remembered as the baseline, nothing emitted",
+                );
+                continue;
+            }
+            let mut ctx = self.base.clone();
+            ctx.insert("item".into(), it.item.clone());
+            let (fired, _) = fire(c, &ctx, &it.id, &it.item, &mut self.out.events, false)?;
+            self.out.note(&it.id, describe_fired(&fired));
+        }
+        forget_beyond(&mut self.state, c.seen_limit, &listed);
+        advance_cursor(c, &self.base, self.prev, &mut self.state, pages, &items)
+    }
+
+    /// `detect: changes`: each item against its known version, then the
+    /// known items no longer listed.
+    fn changes(&mut self, pages: &[Value], listing: Listing) -> Result<(), String> {
+        let c = self.c;
+        let items = list_items(c, &self.base, pages, listing.xml, &mut self.out)?;
+        let refused_ids = std::mem::take(&mut self.out.refused_ids);
+        // Every item of the listing is kept with its version; one too
+        // large to keep is an error, never a storm of `created`.
+        check_changes_fit(distinct_ids(&items, &refused_ids).len(), c.seen_limit)?;
+        // A refused item is still listed: it keeps its known version
+        // and is not deleted.
+        let mut present: HashSet<String> = refused_ids.iter().cloned().collect();
+        for it in &items {
+            if !present.insert(it.id.clone()) {
+                self.out
+                    .note(&it.id, "listed twice in this poll: the first one counts");
+                continue;
+            }
+            self.change(it)?;
+        }
+        // Deletions: only from a complete listing of everything (an
+        // incremental cursor or a page cap means "not listed" says
+        // nothing about existence).
+        if listing.complete && c.cursor.is_none() && !self.first_run {
+            self.deletions(&present)?;
+        } else if !listing.complete {
+            self.out.note(
+                "listing",
+                "incomplete (page cap reached): no item is considered deleted",
+            );
+        }
+        advance_cursor(c, &self.base, self.prev, &mut self.state, pages, &items)
+    }
+
+    /// One listed item of `detect: changes`: created, updated or unchanged.
+    fn change(&mut self, it: &Listed) -> Result<(), String> {
+        let c = self.c;
+        let mut ctx = self.base.clone();
+        ctx.insert("item".into(), it.item.clone());
+        let version = item_version(c, &ctx, it)?;
+        let known = self.state.known.get(&it.id).cloned();
+        let change = match &known {
+            Some(k) if k.version == version => {
+                self.out.note(&it.id, "unchanged");
+                return Ok(());
+            }
+            Some(_) => "updated",
+            None => "created",
+        };
+        self.state.known.insert(
+            it.id.clone(),
+            KnownItem {
+                version: version.clone(),
+                item: it.item.clone(),
+            },
+        );
+        if self.skips_baseline() {
+            self.out.note(
+                &it.id,
+                "first poll: remembered as the baseline, nothing emitted",
+            );
+            return Ok(());
+        }
+        let previous = known.map(|k| k.item).unwrap_or(Value::Null);
+        let changed = changed_fields(&previous, &it.item);
+        ctx.insert("change".into(), Value::from(change));
+        ctx.insert("previous".into(), previous.clone());
+        ctx.insert("changed".into(), json!(changed));
+        let data = if change == "created" {
+            it.item.clone()
+        } else {
+            json!({ "previous": previous, "current": it.item, "changed": changed })
+        };
+        let key = format!("{change}:{}:{version}", it.id);
+        let (fired, _) = fire(c, &ctx, &key, &data, &mut self.out.events, false)?;
+        self.out
+            .note(&it.id, format!("{change}; {}", describe_fired(&fired)));
+        Ok(())
+    }
+
+    /// Every known item not `present` in this (complete) listing: deleted.
+    fn deletions(&mut self, present: &HashSet<String>) -> Result<(), String> {
+        let gone: Vec<String> = self
+            .state
+            .known
+            .keys()
+            .filter(|id| !present.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let k = self.state.known.remove(&id).expect("listed above");
+            let mut ctx = self.base.clone();
+            ctx.insert("change".into(), Value::from("deleted"));
+            ctx.insert("item".into(), k.item.clone());
+            ctx.insert("previous".into(), k.item.clone());
+            ctx.insert("changed".into(), json!([]));
+            let key = format!("deleted:{id}:{}", k.version);
+            let (fired, _) = fire(self.c, &ctx, &key, &k.item, &mut self.out.events, false)?;
+            self.out
+                .note(&id, format!("deleted; {}", describe_fired(&fired)));
+        }
+        Ok(())
+    }
+
+    /// A first poll whose baseline is `skip` remembers items without
+    /// emitting them.
+    fn skips_baseline(&self) -> bool {
+        self.first_run && self.baseline == Baseline::Skip
+    }
+}
+
+/// The value a snapshot compares: the resource, or what `watch` matches in
+/// it (one node, a list of nodes, or a keyed map with `watch_key`).
+fn watched(c: &Connector, base: &Map<String, Value>, resource: &Value) -> Result<Value, String> {
+    let Some(path) = &c.watch else {
+        return Ok(resource.clone());
+    };
+    let nodes = path.query(resource).all();
+    match nodes.len() {
+        // Not "the watched part became null": an error body.
+        0 => Err(format!(
+            "`watch` matches nothing in the response: {}",
+            preview(resource)
+        )),
+        1 if c.watch_key.is_none() => Ok(nodes[0].clone()),
+        _ if c.watch_key.is_some() => keyed(c, base, &nodes),
+        _ => Ok(Value::Array(nodes.into_iter().cloned().collect())),
+    }
+}
+
+/// The ids of a listing, refused items included (they are still listed).
+fn distinct_ids<'a>(items: &'a [Listed], refused_ids: &'a [String]) -> HashSet<&'a str> {
+    items
+        .iter()
+        .map(|it| it.id.as_str())
+        .chain(refused_ids.iter().map(String::as_str))
+        .collect()
+}
+
+/// A `detect: changes` listing must fit `seen_limit`: every item is kept
+/// with its version. Pure.
+fn check_changes_fit(n: usize, limit: usize) -> Result<(), String> {
+    if n > limit {
+        return Err(format!(
+            "the listing has {n} distinct items, more than `seen_limit` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `seen_limit` or list less (a cursor, a filter)"
+        ));
+    }
+    Ok(())
+}
+
+/// An item's version: its `version` template, or the hash of the item.
+fn item_version(c: &Connector, ctx: &Map<String, Value>, it: &Listed) -> Result<String, String> {
+    let Some(t) = &c.version else {
+        return Ok(value_hash(&it.item));
+    };
+    let v = c
+        .engine
+        .render(t, &Ctx::from_serialize(ctx))
+        .map_err(|e| format!("`version` of item {}: {e}", it.id))?;
+    if v.is_empty() {
+        return Err(format!("`version` rendered empty for item {}", it.id));
+    }
+    Ok(v)
 }
 
 #[derive(Default)]
