@@ -87,8 +87,7 @@ pub fn load_operator_with_env(
     lookup: &dyn Fn(&str) -> Option<String>,
     systemd: &SystemdDirs,
 ) -> Result<OperatorConfig, ConfigErrors> {
-    let original = std::fs::read_to_string(file)
-        .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+    let original = read_file(file)?;
     let fallback = |dir: &Path| {
         dir.is_dir()
             .then(|| dir.to_str().map(str::to_string))
@@ -171,19 +170,17 @@ pub fn load_operator_with_env(
         .collect();
     // Checked by the daemon's `Config::load`; here only read, so an
     // unusable value fails when the store is opened, with the store's error.
-    let store = match (postgres, store_raw.url) {
-        (true, Some(url)) => crate::store::Location::Postgres {
-            url,
-            schema: store_raw.schema.unwrap_or_else(|| "pollhook".into()),
-        },
+    let postgres_at = match (postgres, store_raw.url) {
+        (true, Some(url)) => Some((url, store_raw.schema)),
         (true, None) => {
             return Err(ConfigErrors(vec![ConfigError::file(
                 file,
                 "store: `backend: postgres` needs `url`",
             )]))
         }
-        (false, _) => crate::store::Location::Sled(state_dir_of(file, raw.state_dir.as_deref())),
+        (false, _) => None,
     };
+    let store = location_of(file, raw.state_dir.as_deref(), postgres_at);
     Ok(OperatorConfig {
         state_dir: state_dir_of(file, raw.state_dir.as_deref()),
         store,
@@ -195,6 +192,35 @@ pub fn load_operator_with_env(
         sources,
     })
 }
+
+/// Reads a configuration file whole; the one message for a file that
+/// cannot be read, whichever loader reads it.
+pub(super) fn read_file(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))
+}
+
+/// The store `store:` names: PostgreSQL at `url` (`postgres`: the URL and
+/// the schema, `pollhook` unless given), else the embedded store in
+/// `state_dir`. The daemon's [`super::Config`] and operator commands both
+/// decide it here, so a command on a stopped daemon opens the daemon's
+/// store.
+pub(super) fn location_of(
+    file: &Path,
+    state_dir: Option<&str>,
+    postgres: Option<(String, Option<String>)>,
+) -> crate::store::Location {
+    match postgres {
+        Some((url, schema)) => crate::store::Location::Postgres {
+            url,
+            schema: schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_string()),
+        },
+        None => crate::store::Location::Sled(state_dir_of(file, state_dir)),
+    }
+}
+
+/// `store.schema` when not given.
+const DEFAULT_SCHEMA: &str = "pollhook";
 
 /// `state_dir`, relative to the bridge file's directory; `state` by default.
 pub(super) fn state_dir_of(file: &Path, state_dir: Option<&str>) -> PathBuf {

@@ -25,7 +25,9 @@ use serde_json::Value;
 use self::diag::Diag;
 use super::env::interpolate;
 use super::error::{ConfigError, ConfigErrors};
-use super::operator::{admin_auth, check_listen_auth, parse_listen, state_dir_of, AdminAuth};
+use super::operator::{
+    admin_auth, check_listen_auth, location_of, parse_listen, read_file, state_dir_of, AdminAuth,
+};
 use super::raw::{ConnectorRef, RawBridge, RawConnector};
 use crate::connector::spec::Connector;
 use crate::deliver::policy::Endpoint;
@@ -105,8 +107,7 @@ impl Config {
         file: &Path,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let original = std::fs::read_to_string(file)
-            .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+        let original = read_file(file)?;
         let text = interpolate(file, &original, lookup)?;
         let raw: RawBridge = serde_saphyr::from_str(&text)
             .map_err(|e| ConfigError::from_yaml(file, &original, &e))?;
@@ -284,10 +285,10 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 /// does nothing is a mistake).
 fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store::Location {
     use super::raw::StoreBackend;
-    use crate::store::{valid_schema, Location};
-    let sled = Location::Sled(state_dir_of(file, raw.state_dir.as_deref()));
+    use crate::store::valid_schema;
+    let state_dir = raw.state_dir.as_deref();
     let Some(st) = &raw.store else {
-        return sled;
+        return location_of(file, state_dir, None);
     };
     match st.backend.as_ref().map(|b| b.value) {
         None | Some(StoreBackend::Sled) => {
@@ -307,7 +308,7 @@ fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store
                     "only for `backend: postgres` (one process owns an embedded store: nothing to lease)",
                 );
             }
-            sled
+            location_of(file, state_dir, None)
         }
         Some(StoreBackend::Postgres) => {
             let schema = match &st.schema {
@@ -317,10 +318,10 @@ fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store
                         "store.schema",
                         "a PostgreSQL schema name here is a lower-case identifier: [a-z_][a-z0-9_]*, at most 63 bytes",
                     );
-                    String::new()
+                    Some(String::new())
                 }
-                Some(s) => s.value.clone(),
-                None => "pollhook".to_string(),
+                Some(s) => Some(s.value.clone()),
+                None => None,
             };
             let url = match &st.url {
                 Some(u) if u.value.trim().is_empty() => {
@@ -343,7 +344,7 @@ fn store_location(diag: &mut Diag, file: &Path, raw: &RawBridge) -> crate::store
                     String::new()
                 }
             };
-            Location::Postgres { url, schema }
+            location_of(file, state_dir, Some((url, schema)))
         }
     }
 }
@@ -397,8 +398,7 @@ fn resolve_sources(
 
 /// Reads and validates one connector file.
 pub fn load_connector(file: &Path) -> Result<Connector, ConfigErrors> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| ConfigError::file(file, format!("cannot read the file: {e}")))?;
+    let text = read_file(file)?;
     let raw: RawConnector =
         serde_saphyr::from_str(&text).map_err(|e| ConfigError::from_yaml(file, &text, &e))?;
     let mut c = connector::resolve_connector(file, &text, &raw, None)?;
