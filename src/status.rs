@@ -7,13 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+
+pub mod metrics;
+
+use self::metrics::{DeliveryLabels, EventLabels, OutcomeLabels, PollLabels};
+pub use self::metrics::{EndpointLabels, Metrics, SourceLabels, BUCKETS};
 
 /// One instance's polling status.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -202,157 +201,6 @@ pub struct WorkerGuard(std::sync::Arc<Status>);
 impl Drop for WorkerGuard {
     fn drop(&mut self) {
         self.0.workers_alive.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Upper bounds (seconds) of the histograms' buckets: from a 304 on
-/// loopback to a delivery that waited out a receiver's outage.
-pub const BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
-    3600.0,
-];
-
-fn histogram() -> Histogram {
-    Histogram::new(BUCKETS.iter().copied())
-}
-
-/// A source's series: labelled by source and connector.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
-pub struct SourceLabels {
-    pub source: String,
-    pub connector: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PollLabels {
-    source: String,
-    connector: String,
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EventLabels {
-    source: String,
-    r#type: String,
-}
-
-/// An endpoint's series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
-pub struct EndpointLabels {
-    pub endpoint: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DeliveryLabels {
-    endpoint: String,
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
-
-/// The counters and histograms of `/metrics`, incremented where the event
-/// happens and never recomputed from the status maps: a reload removes
-/// instances and endpoints from those maps, but a Prometheus counter must
-/// not go backwards for the life of the process (a drop reads as a
-/// restart, and `rate()` turns it into a spike). A series, once created,
-/// stays. Labelled by source, endpoint or host, never by instance: 10,000
-/// instances must not make 10,000 series per family.
-///
-/// Gauges are not here: they describe the present (what runs now, what
-/// waits) and are read at scrape time from the status (see `admin.rs`).
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    polls: Family<PollLabels, Counter>,
-    /// Poll durations by (source, connector), whatever the outcome.
-    poll_duration: Histograms<SourceLabels>,
-    /// Events detected by (source, type).
-    events: Family<EventLabels, Counter>,
-    seen_evicted: Family<SourceLabels, Counter>,
-    deliveries: Family<DeliveryLabels, Counter>,
-    /// Delivery attempts' HTTP round trip, by endpoint.
-    attempt_duration: Histograms<EndpointLabels>,
-    /// From detection to the successful delivery, by endpoint.
-    delivery_lag: Histograms<EndpointLabels>,
-    reloads: Family<OutcomeLabels, Counter>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        let reloads: Family<OutcomeLabels, Counter> = Family::default();
-        for outcome in ["applied", "refused"] {
-            reloads.get_or_create(&OutcomeLabels { outcome }).inc_by(0);
-        }
-        Metrics {
-            polls: Family::default(),
-            poll_duration: Family::new_with_constructor(histogram),
-            events: Family::default(),
-            seen_evicted: Family::default(),
-            deliveries: Family::default(),
-            attempt_duration: Family::new_with_constructor(histogram),
-            delivery_lag: Family::new_with_constructor(histogram),
-            reloads,
-        }
-    }
-}
-
-impl Metrics {
-    /// Registers the source families (polls, events), in the exposition's
-    /// order. The families are shared (`Clone` shares the series), so a
-    /// registry can be built per scrape beside that scrape's gauges.
-    pub fn register_sources(&self, r: &mut Registry) {
-        r.register(
-            "pollhook_polls",
-            "Polls by outcome (not_modified: a 304 to a conditional request).",
-            self.polls.clone(),
-        );
-        r.register(
-            "pollhook_poll_duration_seconds",
-            "Time a poll took, from the first request to the commit (pages, throttling waits included).",
-            self.poll_duration.clone(),
-        );
-        r.register(
-            "pollhook_events",
-            "Events detected and queued for delivery, by type.",
-            self.events.clone(),
-        );
-        r.register(
-            "pollhook_seen_evicted",
-            "Item ids forgotten because of seen_limit / seen_ttl (detect: new).",
-            self.seen_evicted.clone(),
-        );
-    }
-
-    /// Registers the delivery families.
-    pub fn register_deliveries(&self, r: &mut Registry) {
-        r.register(
-            "pollhook_deliveries",
-            "Delivery attempts by outcome (dead_lettered: attempts ran out).",
-            self.deliveries.clone(),
-        );
-        r.register(
-            "pollhook_delivery_attempt_duration_seconds",
-            "Round trip of a delivery attempt to the endpoint.",
-            self.attempt_duration.clone(),
-        );
-        r.register(
-            "pollhook_delivery_latency_seconds",
-            "From detection to successful delivery (retries and outages included).",
-            self.delivery_lag.clone(),
-        );
-    }
-
-    /// Registers the reload counter.
-    pub fn register_config(&self, r: &mut Registry) {
-        r.register(
-            "pollhook_config_reloads",
-            "Configuration reloads (SIGHUP) by outcome.",
-            self.reloads.clone(),
-        );
     }
 }
 
@@ -857,6 +705,7 @@ pub struct ClusterReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::registry::Registry;
 
     #[test]
     fn the_backlog_follows_events_in_and_out_and_knows_the_oldest() {

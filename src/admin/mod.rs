@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, State};
@@ -19,19 +18,15 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use prometheus_client::encoding::prometheus_text::{encode, CONTENT_TYPE};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 use tokio_util::sync::CancellationToken;
 
 pub mod dashboard;
 
 use crate::operate::{self, Op};
+use crate::status::metrics::Scrape;
 pub use crate::status::{ClusterReport, StatusReport};
-use crate::status::{EndpointLabels, EndpointStatus, SourceLabels, Status};
+use crate::status::{EndpointStatus, Status};
 use crate::store::Store;
 
 /// What the admin handlers read.
@@ -388,190 +383,14 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     }
 }
 
-/// A gauge of seconds (or any fraction).
-type Seconds = Gauge<f64, AtomicU64>;
-
-/// `/metrics` in the Prometheus text format (0.0.4), by prometheus-client.
-///
-/// Counters and histograms are the families that `Status` and the host
-/// gates increment as things happen, so they never go backwards. Gauges
-/// describe the present and are built here, per scrape, from in-memory
-/// status only (no store scan). Instances are aggregated by source (their
-/// detail is on `/status`), so the exposition stays small with thousands
-/// of instances; each instance is read under its own lock, never copied.
+/// `/metrics` of the moment: the status module owns every family and the
+/// exposition; the admin server gathers what it reads beside the status.
 fn exposition(s: &AdminState, now_ms: i64) -> Result<String, std::fmt::Error> {
-    let mut r = Registry::default();
-    let m = s.status.metrics();
-
-    // Per source: failing instances, longest effective interval, oldest
-    // last success, instances.
-    #[derive(Default)]
-    struct Src {
-        failing: i64,
-        interval_ms: Option<u64>,
-        oldest_ok_ms: Option<i64>,
-        instances: i64,
-    }
-    let mut sources: BTreeMap<SourceLabels, Src> = BTreeMap::new();
-    let mut key = SourceLabels {
-        source: String::new(),
-        connector: String::new(),
-    };
-    s.status.each_instance(|i| {
-        key.source.clone_from(&i.source);
-        key.connector.clone_from(&i.connector);
-        if !sources.contains_key(&key) {
-            sources.insert(key.clone(), Src::default());
-        }
-        let e = sources.get_mut(&key).expect("inserted");
-        e.instances += 1;
-        e.failing += i64::from(i.consecutive_failures > 0);
-        if let Some(ms) = i.effective_interval_ms {
-            e.interval_ms = Some(e.interval_ms.map_or(ms, |x| x.max(ms)));
-        }
-        if let Some(t) = i.last_ok_ms {
-            e.oldest_ok_ms = Some(e.oldest_ok_ms.map_or(t, |x| x.min(t)));
-        }
-    });
-    let age = |t: i64| (now_ms - t).max(0) as f64 / 1000.0;
-
-    m.register_sources(&mut r);
-    let cursor_age = Family::<SourceLabels, Seconds>::default();
-    let interval = Family::<SourceLabels, Seconds>::default();
-    let failing = Family::<SourceLabels, Gauge>::default();
-    let instances = Family::<SourceLabels, Gauge>::default();
-    for (l, x) in &sources {
-        if let Some(t) = x.oldest_ok_ms {
-            cursor_age.get_or_create(l).set(age(t));
-        }
-        if let Some(ms) = x.interval_ms {
-            interval.get_or_create(l).set(ms as f64 / 1000.0);
-        }
-        failing.get_or_create(l).set(x.failing);
-        instances.get_or_create(l).set(x.instances);
-    }
-    r.register(
-        "pollhook_cursor_age_seconds",
-        "Seconds since the least recently successful instance of a source last polled successfully: how stale the oldest view of the upstream is.",
-        cursor_age,
-    );
-    r.register(
-        "pollhook_poll_interval_seconds",
-        "Longest time between the starts of an instance's last two polls (stretches when a host quota is scarce).",
-        interval,
-    );
-    r.register(
-        "pollhook_instances_failing",
-        "Instances whose last poll failed (they back off meanwhile).",
-        failing,
-    );
-    r.register("pollhook_instances", "Instances polled.", instances);
-
-    m.register_deliveries(&mut r);
-    let depth = Family::<EndpointLabels, Gauge>::default();
-    let oldest = Family::<EndpointLabels, Seconds>::default();
-    let dead = Family::<EndpointLabels, Gauge>::default();
-    let open = Family::<EndpointLabels, Gauge>::default();
-    for (name, e) in endpoints(s) {
-        let l = EndpointLabels { endpoint: name };
-        depth.get_or_create(&l).set(e.queue_depth as i64);
-        oldest
-            .get_or_create(&l)
-            .set(e.oldest_pending_ms.map_or(0.0, age));
-        dead.get_or_create(&l).set(e.dead_letters as i64);
-        open.get_or_create(&l)
-            .set(i64::from(e.circuit_open || e.disabled.is_some()));
-    }
-    r.register(
-        "pollhook_outbox_depth",
-        "Events waiting for delivery.",
-        depth,
-    );
-    r.register(
-        "pollhook_outbox_oldest_age_seconds",
-        "Age of the oldest event waiting for delivery (0 when none waits).",
-        oldest,
-    );
-    r.register(
-        "pollhook_dead_letters",
-        "Events whose attempts ran out.",
-        dead,
-    );
-    r.register(
-        "pollhook_endpoint_circuit_open",
-        "1 while an endpoint's circuit is open (only probes go out) or it is disabled.",
-        open,
-    );
-
-    // Host counters live as long as the process (see `HostGates`), so
-    // reading them at the scrape cannot make them go backwards.
-    let requests = Family::<HostLabels, Counter>::default();
-    let throttled = Family::<HostLabels, Counter>::default();
-    let too_many = Family::<HostLabels, Counter>::default();
-    let paused_secs = Family::<HostLabels, Counter<f64, AtomicU64>>::default();
-    for (host, st) in s.hosts.counters() {
-        let l = HostLabels { host };
-        requests
-            .get_or_create(&l)
-            .inc_by(st.requests.load(Ordering::Relaxed));
-        throttled
-            .get_or_create(&l)
-            .inc_by(st.throttled.load(Ordering::Relaxed));
-        too_many
-            .get_or_create(&l)
-            .inc_by(st.too_many.load(Ordering::Relaxed));
-        paused_secs
-            .get_or_create(&l)
-            .inc_by(st.paused_ms.load(Ordering::Relaxed) as f64 / 1000.0);
-    }
-    let paused = Family::<HostLabels, Gauge>::default();
-    for (host, h) in s.hosts.report() {
-        paused
-            .get_or_create(&HostLabels { host })
-            .set(i64::from(h.paused_for_ms.is_some()));
-    }
-    r.register(
-        "pollhook_upstream_requests",
-        "Requests sent to an upstream host.",
-        requests,
-    );
-    r.register(
-        "pollhook_upstream_throttled",
-        "429 and 503 answers of an upstream host.",
-        throttled,
-    );
-    r.register(
-        "pollhook_upstream_429",
-        "429 Too Many Requests answers of an upstream host.",
-        too_many,
-    );
-    r.register(
-        "pollhook_upstream_throttled_seconds",
-        "Time an upstream host was paused by its Retry-After / RateLimit headers or refusals.",
-        paused_secs,
-    );
-    r.register(
-        "pollhook_upstream_paused",
-        "1 while an upstream host is paused.",
-        paused,
-    );
-
-    m.register_config(&mut r);
-    let last_ok = Gauge::<i64>::default();
-    last_ok.set(i64::from(s.status.config().last_reload_ok != Some(false)));
-    r.register(
-        "pollhook_config_last_reload_successful",
-        "0 when the last reload was refused (the previous configuration runs).",
-        last_ok,
-    );
-
-    let mut out = String::new();
-    encode(&mut out, &r)?;
-    Ok(out)
-}
-
-/// A host's series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HostLabels {
-    host: String,
+    crate::status::metrics::exposition(&Scrape {
+        status: &s.status,
+        endpoints: &endpoints(s),
+        host_counters: &s.hosts.counters(),
+        hosts: &s.hosts.report(),
+        now_ms,
+    })
 }
