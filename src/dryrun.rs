@@ -211,7 +211,7 @@ pub async fn run(
         ) {
             Ok(d) => d,
             Err(e) => {
-                r.error = Some(format!("detection failed: {}", m(&e)));
+                r.error = Some(format!("detection failed: {}", m(&e.to_string())));
                 report.instances.push(r);
                 continue;
             }

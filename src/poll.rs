@@ -394,7 +394,7 @@ async fn poll_once(
         None,
         fetched.listing(),
     )
-    .map_err(PollError::Detect)?;
+    .map_err(|e| PollError::Detect(e.to_string()))?;
     if let Some(w) = &fetched.warning {
         warn!(instance = %inst.key, connector = %c.name, "{}", mask(w, &inst.secrets));
     }

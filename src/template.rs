@@ -89,13 +89,50 @@ pub fn variables_of_value(v: &serde_json::Value) -> BTreeSet<String> {
     out
 }
 
+/// Why a template was refused at load or failed to render. The messages
+/// are what config errors and `last_error` say.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// minijinja refused it (syntax, an undefined filter, a render error):
+    /// its message, one line (see [`describe`]).
+    #[error("{0}")]
+    Engine(String),
+    /// A construct whose captured output the size cap cannot bound.
+    #[error("{0} is not allowed: what it captures is outside the {cap} MiB output cap (template limit); use `{{% set x = … %}}`", cap = MAX_OUTPUT / (1024 * 1024))]
+    Capture(&'static str),
+    /// A growing operator the rewrite could not wrap in the bound.
+    #[error("pollhook cannot bound the `~`, `*` or `+` of this template (template limit)")]
+    Unbounded,
+    /// A string of a value template was refused.
+    #[error("invalid template `{text}`: {error}")]
+    InValue {
+        text: String,
+        error: Box<TemplateError>,
+    },
+    /// The render ran out of its instruction budget.
+    #[error("the template ran more than {FUEL} instructions and was stopped (template limit)")]
+    OutOfFuel,
+    /// A value template's lone expression rendered text that is not JSON.
+    #[error("cannot read back `{text}`: {error}")]
+    ReadBack { text: String, error: String },
+}
+
+impl From<&minijinja::Error> for TemplateError {
+    fn from(e: &minijinja::Error) -> Self {
+        TemplateError::Engine(describe(e))
+    }
+}
+
 /// Checks the syntax of every string of a value template.
-pub fn check_value(v: &serde_json::Value) -> Result<(), String> {
+pub fn check_value(v: &serde_json::Value) -> Result<(), TemplateError> {
     let mut err = None;
     walk_strings(v, &mut |s| {
         if err.is_none() {
             if let Err(e) = check_template(s) {
-                err = Some(format!("invalid template `{s}`: {e}"));
+                err = Some(TemplateError::InValue {
+                    text: s.to_string(),
+                    error: Box::new(e),
+                });
             }
         }
     });
@@ -447,7 +484,7 @@ fn extent(e: &ast::Expr<'_>) -> (usize, usize) {
 /// `unstable_machinery`; every node carries its byte span), and the
 /// rewrite is compiled again to check that every operator instruction is
 /// followed by the filter: a template that escaped the rewrite is refused.
-fn bounded_source(source: &str) -> Result<String, String> {
+fn bounded_source(source: &str) -> Result<String, TemplateError> {
     let ast = match minijinja::machinery::parse(
         source,
         "<template>",
@@ -455,15 +492,12 @@ fn bounded_source(source: &str) -> Result<String, String> {
         Default::default(),
     ) {
         Ok(ast) => ast,
-        Err(e) => return Err(describe(&e)),
+        Err(e) => return Err((&e).into()),
     };
     let mut found = Growing::default();
     found.stmt(&ast);
     if let Some(kind) = found.captures.first() {
-        return Err(format!(
-            "{kind} is not allowed: what it captures is outside the {} MiB output cap (template limit); use `{{% set x = … %}}`",
-            MAX_OUTPUT / (1024 * 1024)
-        ));
+        return Err(TemplateError::Capture(kind));
     }
     if found.ops.is_empty() {
         return Ok(source.to_string());
@@ -471,7 +505,9 @@ fn bounded_source(source: &str) -> Result<String, String> {
     let out = wrap(source, &found)?;
     // Every operator of the rewrite is bounded, or the template is refused.
     let env = environment();
-    let t = env.template_from_str(&out).map_err(|e| describe(&e))?;
+    let t = env
+        .template_from_str(&out)
+        .map_err(|e| TemplateError::from(&e))?;
     let checked = instructions_of(&t).all(|instrs| {
         (0..instrs.len() as u32).all(|idx| {
             !grows(instrs.get(idx))
@@ -484,21 +520,21 @@ fn bounded_source(source: &str) -> Result<String, String> {
     if checked {
         Ok(out)
     } else {
-        Err(UNBOUNDED.to_string())
+        Err(TemplateError::Unbounded)
     }
 }
 
 /// [`bounded_source`] for a lone expression (a `when` condition), for the
 /// load-time checks (its render goes through [`bounded_source`]).
-fn bounded_expr(expr: &str) -> Result<String, String> {
-    let ast = minijinja::machinery::parse_expr(expr).map_err(|e| describe(&e))?;
+fn bounded_expr(expr: &str) -> Result<String, TemplateError> {
+    let ast = minijinja::machinery::parse_expr(expr).map_err(|e| TemplateError::from(&e))?;
     let mut found = Growing::default();
     found.expr(&ast);
     wrap(expr, &found)
 }
 
 /// `source` with each span of `found` wrapped in `((…) | f)`.
-fn wrap(source: &str, found: &Growing) -> Result<String, String> {
+fn wrap(source: &str, found: &Growing) -> Result<String, TemplateError> {
     let mut spans: Vec<(usize, usize)> = found.ops.iter().flatten().copied().collect();
     spans.sort();
     spans.dedup();
@@ -515,7 +551,7 @@ fn wrap(source: &str, found: &Growing) -> Result<String, String> {
     let mut at = 0;
     for (offset, _, _, text) in edits {
         let Some(piece) = source.get(at..offset) else {
-            return Err(UNBOUNDED.to_string());
+            return Err(TemplateError::Unbounded);
         };
         out.push_str(piece);
         out.push_str(text);
@@ -524,9 +560,6 @@ fn wrap(source: &str, found: &Growing) -> Result<String, String> {
     out.push_str(&source[at..]);
     Ok(out)
 }
-
-const UNBOUNDED: &str =
-    "pollhook cannot bound the `~`, `*` or `+` of this template (template limit)";
 
 fn too_long(what: &str) -> Error {
     Error::new(
@@ -800,21 +833,21 @@ fn condition_source(expr: &str) -> String {
 /// Every check compiles the bounded rewrite (see [`bounded_source`]), never
 /// the text as written, whose constant operations would be folded while it
 /// compiles.
-pub fn check_template(source: &str) -> Result<(), String> {
+pub fn check_template(source: &str) -> Result<(), TemplateError> {
     let source = bounded_source(source)?;
     environment()
         .template_from_str(&source)
         .map(|_| ())
-        .map_err(|e| describe(&e))
+        .map_err(|e| TemplateError::from(&e))
 }
 
 /// Checks a condition's syntax.
-pub fn check_condition(expr: &str) -> Result<(), String> {
+pub fn check_condition(expr: &str) -> Result<(), TemplateError> {
     let expr = bounded_expr(expr)?;
     environment()
         .compile_expression(&expr)
         .map(|_| ())
-        .map_err(|e| describe(&e))
+        .map_err(|e| TemplateError::from(&e))
 }
 
 /// Top-level variables a template reads, to catch typos at load time.
@@ -894,39 +927,43 @@ impl Engine {
         }
     }
 
-    fn add(&mut self, source: String) -> Result<String, String> {
+    fn add(&mut self, source: String) -> Result<String, TemplateError> {
         let source = bounded_source(&source)?;
         let name = format!("t{}", self.next);
         self.next += 1;
         self.env
             .add_template_owned(name.clone(), source.clone())
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| TemplateError::from(&e))?;
         self.inline
             .add_template_owned(name.clone(), source)
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| TemplateError::from(&e))?;
         Ok(name)
     }
 
     /// Compiles a template (already syntax-checked at load).
-    pub fn template(&mut self, source: &str) -> Result<Tpl, String> {
+    pub fn template(&mut self, source: &str) -> Result<Tpl, TemplateError> {
         self.add(source.to_string()).map(Tpl)
     }
 
     /// Compiles a `when` condition.
-    pub fn condition(&mut self, expr: &str) -> Result<Cond, String> {
+    pub fn condition(&mut self, expr: &str) -> Result<Cond, TemplateError> {
         self.add(condition_source(expr)).map(Cond)
     }
 
     /// Renders a template with `ctx`.
+    ///
+    /// The rendering methods give the error's message: it becomes the
+    /// `detail` of the poll's error (`connector::fetch::PollError`), which
+    /// keeps text.
     pub fn render(&self, tpl: &Tpl, ctx: &Value) -> Result<String, String> {
-        self.run(&tpl.0, ctx, false)
+        self.run(&tpl.0, ctx, false).map_err(|e| e.to_string())
     }
 
     /// Renders a URL template with `ctx`: values after the start are
     /// percent-encoded (see `url_formatter`), so a param or a discovered
     /// value cannot redirect the request to another path.
     pub fn render_url(&self, tpl: &Tpl, ctx: &Value) -> Result<String, String> {
-        self.run(&tpl.0, ctx, true)
+        self.run(&tpl.0, ctx, true).map_err(|e| e.to_string())
     }
 
     /// One bounded render: on the calling thread with [`INLINE_FUEL`], and
@@ -940,10 +977,10 @@ impl Engine {
     ///
     /// Templates are pure, so the inline attempt that ran out of its small
     /// fuel changes nothing and the second render gives the same output.
-    fn run(&self, name: &str, ctx: &Value, url: bool) -> Result<String, String> {
+    fn run(&self, name: &str, ctx: &Value, url: bool) -> Result<String, TemplateError> {
         match render_with(&self.inline, name, ctx, url) {
             Err(e) if e.kind() == ErrorKind::OutOfFuel => {}
-            done => return done.map_err(|e| self.explain(&e)),
+            done => return done.map_err(|e| explain(&e)),
         }
         let render = || render_with(&self.env, name, ctx, url);
         let multi_thread = tokio::runtime::Handle::try_current()
@@ -953,20 +990,11 @@ impl Engine {
         } else {
             render()
         };
-        result.map_err(|e| self.explain(&e))
-    }
-
-    fn explain(&self, e: &Error) -> String {
-        match e.kind() {
-            ErrorKind::OutOfFuel => format!(
-                "the template ran more than {FUEL} instructions and was stopped (template limit)"
-            ),
-            _ => describe(e),
-        }
+        result.map_err(|e| explain(&e))
     }
 
     /// Compiles a value template (see [`ValueTpl`]).
-    pub fn value_template(&mut self, v: &serde_json::Value) -> Result<ValueTpl, String> {
+    pub fn value_template(&mut self, v: &serde_json::Value) -> Result<ValueTpl, TemplateError> {
         Ok(match v {
             serde_json::Value::String(s) if is_template(s) => match lone_expression(s) {
                 Some(expr) => {
@@ -982,7 +1010,7 @@ impl Engine {
             serde_json::Value::Object(o) => ValueTpl::Object(
                 o.iter()
                     .map(|(k, x)| Ok((k.clone(), self.value_template(x)?)))
-                    .collect::<Result<_, String>>()?,
+                    .collect::<Result<_, TemplateError>>()?,
             ),
             other => ValueTpl::Literal(other.clone()),
         })
@@ -990,30 +1018,46 @@ impl Engine {
 
     /// Renders a value template with `ctx`.
     pub fn render_value(&self, t: &ValueTpl, ctx: &Value) -> Result<serde_json::Value, String> {
+        self.value_of(t, ctx).map_err(|e| e.to_string())
+    }
+
+    /// [`Engine::render_value`], typed.
+    fn value_of(&self, t: &ValueTpl, ctx: &Value) -> Result<serde_json::Value, TemplateError> {
         Ok(match t {
             ValueTpl::Literal(v) => v.clone(),
-            ValueTpl::Text(t) => serde_json::Value::String(self.render(t, ctx)?),
+            ValueTpl::Text(t) => serde_json::Value::String(self.run(&t.0, ctx, false)?),
             ValueTpl::Native(t) => {
-                let text = self.render(t, ctx)?;
-                serde_json::from_str(&text)
-                    .map_err(|e| format!("cannot read back `{text}`: {e}"))?
+                let text = self.run(&t.0, ctx, false)?;
+                serde_json::from_str(&text).map_err(|e| TemplateError::ReadBack {
+                    error: e.to_string(),
+                    text,
+                })?
             }
             ValueTpl::Array(a) => serde_json::Value::Array(
                 a.iter()
-                    .map(|x| self.render_value(x, ctx))
+                    .map(|x| self.value_of(x, ctx))
                     .collect::<Result<_, _>>()?,
             ),
             ValueTpl::Object(o) => serde_json::Value::Object(
                 o.iter()
-                    .map(|(k, x)| Ok((k.clone(), self.render_value(x, ctx)?)))
-                    .collect::<Result<_, String>>()?,
+                    .map(|(k, x)| Ok((k.clone(), self.value_of(x, ctx)?)))
+                    .collect::<Result<_, TemplateError>>()?,
             ),
         })
     }
 
     /// Evaluates a condition with `ctx`.
     pub fn test(&self, cond: &Cond, ctx: &Value) -> Result<bool, String> {
-        Ok(self.run(&cond.0, ctx, false)? == "1")
+        Ok(self.run(&cond.0, ctx, false).map_err(|e| e.to_string())? == "1")
+    }
+}
+
+/// A render's error: running out of fuel is the template's limit, anything
+/// else minijinja's message.
+fn explain(e: &Error) -> TemplateError {
+    match e.kind() {
+        ErrorKind::OutOfFuel => TemplateError::OutOfFuel,
+        _ => TemplateError::from(e),
     }
 }
 

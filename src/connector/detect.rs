@@ -67,6 +67,49 @@ pub struct Listing {
     pub xml: bool,
 }
 
+/// Why a poll's pages could not be detected: nothing is emitted and the
+/// state stays, so the next poll tries again. The messages are the
+/// instance's `last_error` and `pollhook test`'s output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DetectError {
+    /// A snapshot's `watch` found nothing: an error body, not "the watched
+    /// part became null".
+    #[error("`watch` matches nothing in the response: {preview}")]
+    WatchMatchesNothing { preview: String },
+    /// The snapshot is deeper than the store keeps.
+    #[error("the {what} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused, nothing emitted: {preview}")]
+    TooDeep { what: &'static str, preview: String },
+    /// A template of the connector failed to render; `what` says which
+    /// field, for which item.
+    #[error("{what}: {detail}")]
+    Render { what: String, detail: String },
+    /// A key, version (`what`, for `of`) rendered empty: it would make
+    /// items the same.
+    #[error("`{what}` rendered empty for {of}")]
+    Empty { what: &'static str, of: String },
+    /// An item's `id` rendered empty or null.
+    #[error("`id` rendered empty (or null) for an item on page {page}: {preview}")]
+    EmptyId { page: usize, preview: String },
+    /// Two items of a watched list have one `watch_key`.
+    #[error("`watch_key` gives `{key}` to two items of the watched list: a key must tell the items apart (e.g. add a second field)")]
+    DuplicateKey { key: String },
+    /// A `type` template rendered something that is not an event type.
+    #[error("`type: {written}` rendered `{rendered}`, which is not an event type")]
+    NotAnEventType { written: String, rendered: String },
+    /// A JSON page without the list's parent.
+    #[error("page {page} has no list at `items` (its parent is missing), so it is not a listing: {preview}")]
+    NotAListing { page: usize, preview: String },
+    /// A listing beyond what an instance can remember at all.
+    #[error("the listing has {n} distinct items, more than the {limit} an instance can remember: nothing is emitted (old items would look new); list less (a cursor, a filter)")]
+    TooManyListed { n: usize, limit: usize },
+    /// A `detect: changes` listing beyond `seen_limit`.
+    #[error("the listing has {n} distinct items, more than `seen_limit` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `seen_limit` or list less (a cursor, a filter)")]
+    BeyondSeenLimit { n: usize, limit: usize },
+    /// A list mode without `items` or `id` (refused at load).
+    #[error("a list mode without `{0}`")]
+    Missing(&'static str),
+}
+
 /// Runs the connector's detection mode over the pages of one poll.
 /// `baseline` overrides the connector's first-run behaviour (`pollhook test`
 /// shows what would be emitted, so it forces `emit`).
@@ -78,7 +121,7 @@ pub fn detect(
     now: DateTime<Utc>,
     baseline: Option<Baseline>,
     listing: Listing,
-) -> Result<Detection, String> {
+) -> Result<Detection, DetectError> {
     let mut state = prev.clone();
     state.initialized = true;
     let mut run = Run {
@@ -139,16 +182,19 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// `detect: snapshot`: the watched value against the stored one.
-    fn snapshot(&mut self, pages: &[Value]) -> Result<(), String> {
+    fn snapshot(&mut self, pages: &[Value]) -> Result<(), DetectError> {
         let c = self.c;
         let resource = pages.first().cloned().unwrap_or(Value::Null);
         let current = watched(c, &self.base, &resource)?;
         if nested_deeper_than(&current, MAX_DEPTH) {
-            return Err(format!(
-                "the {} is nested deeper than {MAX_DEPTH} levels, the most pollhook keeps: refused, nothing emitted: {}",
-                if c.watch.is_some() { "watched value" } else { "resource" },
-                preview(&current)
-            ));
+            return Err(DetectError::TooDeep {
+                what: if c.watch.is_some() {
+                    "watched value"
+                } else {
+                    "resource"
+                },
+                preview: preview(&current),
+            });
         }
         match self.prev.snapshot.clone() {
             Some(p) if p == current => self.out.note("snapshot", "unchanged"),
@@ -171,7 +217,7 @@ impl Run<'_> {
 
     /// The first value of a snapshot: the baseline, emitted only when the
     /// baseline says so.
-    fn first_snapshot(&mut self, current: Value, resource: Value) -> Result<(), String> {
+    fn first_snapshot(&mut self, current: Value, resource: Value) -> Result<(), DetectError> {
         self.state.generation = 0;
         if self.baseline == Baseline::Emit {
             // No previous value: rules are evaluated with
@@ -194,7 +240,7 @@ impl Run<'_> {
     }
 
     /// `detect: new`: every id not seen before is an event.
-    fn new_items(&mut self, pages: &[Value], xml: bool) -> Result<(), String> {
+    fn new_items(&mut self, pages: &[Value], xml: bool) -> Result<(), DetectError> {
         let c = self.c;
         let items = list_items(c, &self.base, pages, xml, &mut self.out)?;
         let refused_ids = std::mem::take(&mut self.out.refused_ids);
@@ -232,7 +278,7 @@ impl Run<'_> {
 
     /// `detect: changes`: each item against its known version, then the
     /// known items no longer listed.
-    fn changes(&mut self, pages: &[Value], listing: Listing) -> Result<(), String> {
+    fn changes(&mut self, pages: &[Value], listing: Listing) -> Result<(), DetectError> {
         let c = self.c;
         let items = list_items(c, &self.base, pages, listing.xml, &mut self.out)?;
         let refused_ids = std::mem::take(&mut self.out.refused_ids);
@@ -265,7 +311,7 @@ impl Run<'_> {
     }
 
     /// One listed item of `detect: changes`: created, updated or unchanged.
-    fn change(&mut self, it: &Listed) -> Result<(), String> {
+    fn change(&mut self, it: &Listed) -> Result<(), DetectError> {
         let c = self.c;
         let mut ctx = self.base.clone();
         ctx.insert("item".into(), it.item.clone());
@@ -311,7 +357,7 @@ impl Run<'_> {
     }
 
     /// Every known item not `present` in this (complete) listing: deleted.
-    fn deletions(&mut self, present: &HashSet<String>) -> Result<(), String> {
+    fn deletions(&mut self, present: &HashSet<String>) -> Result<(), DetectError> {
         let gone: Vec<String> = self
             .state
             .known
@@ -343,17 +389,20 @@ impl Run<'_> {
 
 /// The value a snapshot compares: the resource, or what `watch` matches in
 /// it (one node, a list of nodes, or a keyed map with `watch_key`).
-fn watched(c: &Connector, base: &Map<String, Value>, resource: &Value) -> Result<Value, String> {
+fn watched(
+    c: &Connector,
+    base: &Map<String, Value>,
+    resource: &Value,
+) -> Result<Value, DetectError> {
     let Some(path) = &c.watch else {
         return Ok(resource.clone());
     };
     let nodes = path.query(resource).all();
     match nodes.len() {
         // Not "the watched part became null": an error body.
-        0 => Err(format!(
-            "`watch` matches nothing in the response: {}",
-            preview(resource)
-        )),
+        0 => Err(DetectError::WatchMatchesNothing {
+            preview: preview(resource),
+        }),
         1 if c.watch_key.is_none() => Ok(nodes[0].clone()),
         _ if c.watch_key.is_some() => keyed(c, base, &nodes),
         _ => Ok(Value::Array(nodes.into_iter().cloned().collect())),
@@ -371,26 +420,34 @@ fn distinct_ids<'a>(items: &'a [Listed], refused_ids: &'a [String]) -> HashSet<&
 
 /// A `detect: changes` listing must fit `seen_limit`: every item is kept
 /// with its version. Pure.
-fn check_changes_fit(n: usize, limit: usize) -> Result<(), String> {
+fn check_changes_fit(n: usize, limit: usize) -> Result<(), DetectError> {
     if n > limit {
-        return Err(format!(
-            "the listing has {n} distinct items, more than `seen_limit` ({limit}): they cannot all be remembered, so nothing is emitted (old items would look new); raise `seen_limit` or list less (a cursor, a filter)"
-        ));
+        return Err(DetectError::BeyondSeenLimit { n, limit });
     }
     Ok(())
 }
 
 /// An item's version: its `version` template, or the hash of the item.
-fn item_version(c: &Connector, ctx: &Map<String, Value>, it: &Listed) -> Result<String, String> {
+fn item_version(
+    c: &Connector,
+    ctx: &Map<String, Value>,
+    it: &Listed,
+) -> Result<String, DetectError> {
     let Some(t) = &c.version else {
         return Ok(value_hash(&it.item));
     };
     let v = c
         .engine
         .render(t, &Ctx::from_serialize(ctx))
-        .map_err(|e| format!("`version` of item {}: {e}", it.id))?;
+        .map_err(|detail| DetectError::Render {
+            what: format!("`version` of item {}", it.id),
+            detail,
+        })?;
     if v.is_empty() {
-        return Err(format!("`version` rendered empty for item {}", it.id));
+        return Err(DetectError::Empty {
+            what: "version",
+            of: format!("item {}", it.id),
+        });
     }
     Ok(v)
 }
@@ -417,7 +474,7 @@ impl Out {
 /// its watched value (`watch_value`, or the item), keys in sorted order, so
 /// the same items in another order are the same value (and the same hash).
 /// `nodes` are what `watch` matched: the items, or one list of them.
-fn keyed(c: &Connector, base: &Map<String, Value>, nodes: &[&Value]) -> Result<Value, String> {
+fn keyed(c: &Connector, base: &Map<String, Value>, nodes: &[&Value]) -> Result<Value, DetectError> {
     let key_tpl = c.watch_key.as_ref().expect("called with a watch_key");
     let items: Vec<&Value> = match nodes {
         [Value::Array(a)] => a.iter().collect(),
@@ -431,21 +488,28 @@ fn keyed(c: &Connector, base: &Map<String, Value>, nodes: &[&Value]) -> Result<V
         let key = c
             .engine
             .render(key_tpl, &ctx)
-            .map_err(|e| format!("`watch_key` of {}: {e}", preview(item)))?;
+            .map_err(|detail| DetectError::Render {
+                what: format!("`watch_key` of {}", preview(item)),
+                detail,
+            })?;
         if key.trim().is_empty() {
-            return Err(format!("`watch_key` rendered empty for {}", preview(item)));
+            return Err(DetectError::Empty {
+                what: "watch_key",
+                of: preview(item),
+            });
         }
         let value = match &c.watch_value {
             None => item.clone(),
             Some(t) => c
                 .engine
                 .render_value(t, &ctx)
-                .map_err(|e| format!("`watch_value` of {}: {e}", preview(item)))?,
+                .map_err(|detail| DetectError::Render {
+                    what: format!("`watch_value` of {}", preview(item)),
+                    detail,
+                })?,
         };
         if map.insert(key.clone(), value).is_some() {
-            return Err(format!(
-                "`watch_key` gives `{key}` to two items of the watched list: a key must tell the items apart (e.g. add a second field)"
-            ));
+            return Err(DetectError::DuplicateKey { key });
         }
     }
     Ok(Value::Object(map.into_iter().collect()))
@@ -466,9 +530,9 @@ fn list_items(
     pages: &[Value],
     xml: bool,
     out: &mut Out,
-) -> Result<Vec<Listed>, String> {
-    let items_path = c.items.as_ref().ok_or("a list mode without `items`")?;
-    let id_tpl = c.id.as_ref().ok_or("a list mode without `id`")?;
+) -> Result<Vec<Listed>, DetectError> {
+    let items_path = c.items.as_ref().ok_or(DetectError::Missing("items"))?;
+    let id_tpl = c.id.as_ref().ok_or(DetectError::Missing("id"))?;
     let mut listed = Vec::new();
     for (page_no, page) in pages.iter().enumerate() {
         // A JSON page without the list's parent (`{"error": …}` where
@@ -476,11 +540,10 @@ fn list_items(
         // it as one would call every item deleted.
         if let (Some(parent), false) = (&c.items_parent, xml) {
             if parent.query(page).is_empty() {
-                return Err(format!(
-                    "page {} has no list at `items` (its parent is missing), so it is not a listing: {}",
-                    page_no + 1,
-                    preview(page)
-                ));
+                return Err(DetectError::NotAListing {
+                    page: page_no + 1,
+                    preview: preview(page),
+                });
             }
         }
         let nodes = items_of(c, items_path, page, xml);
@@ -490,7 +553,10 @@ fn list_items(
             let id = c
                 .engine
                 .render(id_tpl, &Ctx::from_serialize(&ctx))
-                .map_err(|e| format!("`id` of an item on page {}: {e}", page_no + 1))?;
+                .map_err(|detail| DetectError::Render {
+                    what: format!("`id` of an item on page {}", page_no + 1),
+                    detail,
+                })?;
             // A null renders as `None`; only then is the id evaluated as a
             // value to tell a null from an id that is the text "None".
             let null_id = id.eq_ignore_ascii_case("none")
@@ -503,11 +569,10 @@ fn list_items(
                 // An empty id would make every such item "the same" (all
                 // but one lost) or, worse, none of them remembered (an
                 // event storm): refuse the whole poll instead.
-                return Err(format!(
-                    "`id` rendered empty (or null) for an item on page {}: {}",
-                    page_no + 1,
-                    preview(item)
-                ));
+                return Err(DetectError::EmptyId {
+                    page: page_no + 1,
+                    preview: preview(item),
+                });
             }
             if nested_deeper_than(item, MAX_DEPTH) {
                 let why = format!(
@@ -568,11 +633,9 @@ pub const MAX_LISTED_IDS: usize = 100_000;
 /// A listing of `n` distinct items must fit the hard bound of what an
 /// instance remembers, or detection cannot tell old items from new ones.
 /// Pure.
-fn check_listing_fits(n: usize, limit: usize) -> Result<(), String> {
+fn check_listing_fits(n: usize, limit: usize) -> Result<(), DetectError> {
     if n > limit {
-        return Err(format!(
-            "the listing has {n} distinct items, more than the {limit} an instance can remember: nothing is emitted (old items would look new); list less (a cursor, a filter)"
-        ));
+        return Err(DetectError::TooManyListed { n, limit });
     }
     Ok(())
 }
@@ -647,7 +710,7 @@ fn advance_cursor(
     state: &mut InstanceState,
     pages: &[Value],
     items: &[Listed],
-) -> Result<(), String> {
+) -> Result<(), DetectError> {
     match &c.cursor {
         None => {}
         Some(CursorSpec::From(path)) => {
@@ -667,7 +730,10 @@ fn advance_cursor(
                 let v = c
                     .engine
                     .render(t, &Ctx::from_serialize(&ctx))
-                    .map_err(|e| format!("`cursor.max` of item {}: {e}", it.id))?;
+                    .map_err(|detail| DetectError::Render {
+                        what: format!("`cursor.max` of item {}", it.id),
+                        detail,
+                    })?;
                 if !v.is_empty()
                     && max
                         .as_ref()
@@ -740,7 +806,7 @@ fn fire(
     default_data: &Value,
     events: &mut Vec<Detected>,
     lenient: bool,
-) -> Result<(Vec<String>, Vec<String>), String> {
+) -> Result<(Vec<String>, Vec<String>), DetectError> {
     let ctx = Ctx::from_serialize(ctx);
     let mut fired = Vec::new();
     let mut skipped = Vec::new();
@@ -750,7 +816,12 @@ fn fire(
             Some(w) => match c.engine.test(w, &ctx) {
                 Ok(b) => b,
                 Err(_) if lenient => false,
-                Err(e) => return Err(format!("`when` of `{}`: {e}", rule.kind.source())),
+                Err(detail) => {
+                    return Err(DetectError::Render {
+                        what: format!("`when` of `{}`", rule.kind.source()),
+                        detail,
+                    })
+                }
             },
         };
         if !ok {
@@ -765,13 +836,19 @@ fn fire(
                         skipped.push(format!("`{src}` (its `type`: {e})"));
                         continue;
                     }
-                    Err(e) => return Err(format!("`type: {src}`: {e}")),
+                    Err(detail) => {
+                        return Err(DetectError::Render {
+                            what: format!("`type: {src}`"),
+                            detail,
+                        })
+                    }
                 };
                 let k = k.trim().to_string();
                 if k.is_empty() || k.contains(char::is_whitespace) {
-                    return Err(format!(
-                        "`type: {src}` rendered `{k}`, which is not an event type"
-                    ));
+                    return Err(DetectError::NotAnEventType {
+                        written: src.to_string(),
+                        rendered: k,
+                    });
                 }
                 k
             }
@@ -784,7 +861,12 @@ fn fire(
                     skipped.push(format!("{kind} (its `data`: {e})"));
                     continue;
                 }
-                Err(e) => return Err(format!("`data` of `{kind}`: {e}")),
+                Err(detail) => {
+                    return Err(DetectError::Render {
+                        what: format!("`data` of `{kind}`"),
+                        detail,
+                    })
+                }
             },
         };
         fired.push(kind.clone());

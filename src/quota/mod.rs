@@ -65,15 +65,25 @@ pub struct Rate {
     pub per: Duration,
 }
 
+/// Why a rate is not one; the message is the config error's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    /// Not `N/unit` with a known unit or a duration.
+    #[error("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{0}`")]
+    Malformed(String),
+    /// `0/…`: a rate that lets nothing through.
+    #[error("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{0}`: the count must be at least 1")]
+    ZeroCount(String),
+}
+
 impl Rate {
     /// Parses `N/unit`, where unit is `s`, `min`, `h`, `day` or a duration.
-    pub fn parse(text: &str) -> Result<Rate, String> {
-        let expected =
-            || format!("expected a rate such as `10/s`, `60/min` or `1000/h`, got `{text}`");
+    pub fn parse(text: &str) -> Result<Rate, RateError> {
+        let expected = || RateError::Malformed(text.to_string());
         let (n, unit) = text.split_once('/').ok_or_else(expected)?;
         let count: u32 = n.trim().parse().map_err(|_| expected())?;
         if count == 0 {
-            return Err(format!("{}: the count must be at least 1", expected()));
+            return Err(RateError::ZeroCount(text.to_string()));
         }
         let unit = unit.trim();
         let per = match unit {
@@ -114,7 +124,7 @@ mod tests {
         assert_eq!(r("1000/h").unwrap().per, Duration::from_secs(3600));
         assert_eq!(r("4/day").unwrap().per, Duration::from_secs(86400));
         assert_eq!(r("5/2s").unwrap().per, Duration::from_secs(2));
-        assert!(r("0/s").unwrap_err().contains("at least 1"));
+        assert!(r("0/s").unwrap_err().to_string().contains("at least 1"));
         for bad in ["10", "ten/s", "10/fortnight", "10/0s", "-1/s"] {
             assert!(r(bad).is_err(), "{bad}");
         }

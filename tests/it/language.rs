@@ -105,7 +105,8 @@ impl Poller {
             chrono::Utc::now(),
             None,
             f.listing(),
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         self.state = d.state.clone();
         Ok((f, d))
     }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::quota::Rate;
 use crate::schedule::{self, parse_duration, Schedule, ScheduleError};
-use crate::template;
+use crate::template::{self, TemplateError};
 
 /// `store.lease`: a duration from 1s to 10m.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -134,12 +134,12 @@ pub enum ValueError {
     #[error("invalid JSONPath `{text}` ({reason}); expected RFC 9535 syntax such as `$.items[*]`")]
     JsonPath { text: String, reason: String },
     #[error("invalid template `{text}`: {reason}")]
-    Template { text: String, reason: String },
+    Template { text: String, reason: TemplateError },
     #[error("invalid condition `{text}`: {reason}")]
-    Condition { text: String, reason: String },
+    Condition { text: String, reason: TemplateError },
     /// A string of a value template (its message names it).
-    #[error("{0}")]
-    Value(String),
+    #[error(transparent)]
+    Value(TemplateError),
 }
 
 // `Rate` lives in `quota` (a plain value type, see `config::raw`'s doc): its
@@ -469,7 +469,10 @@ mod tests {
         );
         assert_eq!(Rate::parse("5/2s").unwrap().per, Duration::from_secs(2));
         assert!(Rate::parse("0/s").is_err());
-        assert!(Rate::parse("fast").unwrap_err().contains("expected a rate"));
+        assert!(Rate::parse("fast")
+            .unwrap_err()
+            .to_string()
+            .contains("expected a rate"));
     }
 
     fn parse<T: for<'de> Deserialize<'de>>(v: &str) -> Result<T, String> {

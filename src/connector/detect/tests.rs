@@ -112,7 +112,8 @@ fn snapshot_missing_field_is_an_error_not_an_event() {
         None,
         LISTED,
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("when"), "{err}");
 }
 
@@ -157,7 +158,8 @@ fn a_keyed_watch_ignores_order_and_keys_previous() {
         None,
         LISTED,
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("`watch_key` gives `a` to two items"), "{err}");
 }
 
@@ -255,7 +257,9 @@ fn a_listing_is_remembered_whole_and_seen_limit_bounds_the_ids_that_left_it() {
     assert_eq!(keys, ["j"]);
     // Beyond the hard bound: an error, no events.
     assert!(check_listing_fits(MAX_LISTED_IDS, MAX_LISTED_IDS).is_ok());
-    let err = check_listing_fits(MAX_LISTED_IDS + 1, MAX_LISTED_IDS).unwrap_err();
+    let err = check_listing_fits(MAX_LISTED_IDS + 1, MAX_LISTED_IDS)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("100001 distinct items, more than the 100000 an instance can remember"),
         "{err}"
@@ -328,7 +332,8 @@ emit: [{ type: "x.{{ change }}" }]
         None,
         LISTED,
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("the resource is nested deeper than 64"),
         "{err}"
@@ -413,7 +418,8 @@ emit: [{ type: "x.{{ change }}" }]
         None,
         LISTED,
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("3 distinct items"), "{err}");
 }
 
@@ -481,6 +487,7 @@ fn baseline_emit_and_bad_items() {
         None,
         LISTED,
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("`id`"), "{err}");
 }

@@ -46,7 +46,7 @@ pub(super) fn resolve_discover(
         // Compiled into the lister's engine: rendered over its items.
         match lister.engine.template(&t.value.0) {
             Ok(tpl) => with.push((k.clone(), tpl)),
-            Err(e) => cx.diag.at_span(t, &field, e),
+            Err(e) => cx.diag.at_span(t, &field, e.to_string()),
         }
     }
     Some(Discover {

@@ -71,7 +71,7 @@ pub(super) fn emit_rules(cx: &mut Cx, raw: &RawConnector) -> Vec<EmitRule> {
             match cx.engine.condition(&w.value.0) {
                 Ok(c) => Some(c),
                 Err(msg) => {
-                    cx.diag.at_span(w, &field, msg);
+                    cx.diag.at_span(w, &field, msg.to_string());
                     None
                 }
             }

@@ -52,7 +52,7 @@ impl Cx<'_> {
         match self.engine.template(&src.value.0) {
             Ok(t) => Some(t),
             Err(e) => {
-                self.diag.at_span(src, field, e);
+                self.diag.at_span(src, field, e.to_string());
                 None
             }
         }
@@ -74,7 +74,7 @@ impl Cx<'_> {
         match self.engine.template(&src.0) {
             Ok(t) => Some(t),
             Err(e) => {
-                self.diag.at(line, 0, field, e);
+                self.diag.at(line, 0, field, e.to_string());
                 None
             }
         }
@@ -153,7 +153,7 @@ pub(crate) fn resolve_connector(
         match cx.engine.value_template(&v.value.0) {
             Ok(t) => Some(t),
             Err(e) => {
-                cx.diag.at_span(v, "watch_value", e);
+                cx.diag.at_span(v, "watch_value", e.to_string());
                 None
             }
         }

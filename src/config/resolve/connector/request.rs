@@ -94,7 +94,7 @@ fn body(cx: &mut Cx, req: &RawRequest) -> Option<Body> {
         match cx.engine.value_template(&j.value.0) {
             Ok(t) => Some(Body::Json(t)),
             Err(e) => {
-                cx.diag.at_span(j, "request.json", e);
+                cx.diag.at_span(j, "request.json", e.to_string());
                 None
             }
         }
