@@ -209,7 +209,7 @@ pub fn interpolate_partial(
                 None => value.push_str("${"),
                 Some(inner) => match resolve(inner, lookup) {
                     Ok(v) => value.push_str(&v),
-                    Err(message) => errors.push(error_at(r.range.start, message)),
+                    Err(e) => errors.push(error_at(r.range.start, e.to_string())),
                 },
             }
         }
@@ -383,8 +383,31 @@ pub fn substitutions(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec
         .collect()
 }
 
+/// Why a `${…}` reference has no value; the message is the config error's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    /// `${inner}` names no variable.
+    #[error("`${{{0}}}`: expected a variable name of letters, digits and `_`")]
+    BadName(String),
+    /// The variable is unset and has no default.
+    #[error("environment variable `{0}` is not set (write `${{{0}:-default}}` to give a default)")]
+    Unset(String),
+    /// `${credential:…}` with an empty name or a path.
+    #[error("`${{credential:{0}}}`: expected a credential name without `/`")]
+    BadCredential(String),
+    /// `${credential:…}` outside a systemd unit that loads credentials.
+    #[error("`${{credential:{0}}}`: $CREDENTIALS_DIRECTORY is not set (it is set by systemd for units with `LoadCredential={0}:/path`)")]
+    NoCredentialsDirectory(String),
+    /// `${scheme:…}` of an unknown scheme.
+    #[error("`${{{0}:…}}`: expected `${{VAR}}`, `${{file:/path}}` or `${{credential:name}}`")]
+    UnknownScheme(String),
+    /// The secret file could not be read.
+    #[error("cannot read secret file {path}: {error}")]
+    Unreadable { path: String, error: String },
+}
+
 /// The value of `${inner}`.
-fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, EnvError> {
     let (name, default) = match inner.split_once(":-") {
         Some((n, d)) => (n, Some(d)),
         None => (inner, None),
@@ -393,13 +416,11 @@ fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Strin
         return read_secret(scheme, arg, lookup);
     }
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!(
-            "`${{{inner}}}`: expected a variable name of letters, digits and `_`"
-        ));
+        return Err(EnvError::BadName(inner.to_string()));
     }
-    lookup(name).or_else(|| default.map(str::to_string)).ok_or_else(|| {
-        format!("environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)")
-    })
+    lookup(name)
+        .or_else(|| default.map(str::to_string))
+        .ok_or_else(|| EnvError::Unset(name.to_string()))
 }
 
 /// `${file:PATH}` and `${credential:NAME}`.
@@ -407,30 +428,24 @@ fn read_secret(
     scheme: &str,
     arg: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, String> {
+) -> Result<String, EnvError> {
     let path = match scheme {
         "file" => std::path::PathBuf::from(arg),
         "credential" => {
             if arg.is_empty() || arg.contains('/') {
-                return Err(format!(
-                    "`${{credential:{arg}}}`: expected a credential name without `/`"
-                ));
+                return Err(EnvError::BadCredential(arg.to_string()));
             }
             let Some(dir) = lookup("CREDENTIALS_DIRECTORY") else {
-                return Err(format!(
-                    "`${{credential:{arg}}}`: $CREDENTIALS_DIRECTORY is not set (it is set by systemd for units with `LoadCredential={arg}:/path`)"
-                ));
+                return Err(EnvError::NoCredentialsDirectory(arg.to_string()));
             };
             Path::new(&dir).join(arg)
         }
-        other => {
-            return Err(format!(
-                "`${{{other}:…}}`: expected `${{VAR}}`, `${{file:/path}}` or `${{credential:name}}`"
-            ))
-        }
+        other => return Err(EnvError::UnknownScheme(other.to_string())),
     };
-    let mut value = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    let mut value = std::fs::read_to_string(&path).map_err(|e| EnvError::Unreadable {
+        path: path.display().to_string(),
+        error: e.to_string(),
+    })?;
     if value.ends_with('\n') {
         value.pop();
         if value.ends_with('\r') {

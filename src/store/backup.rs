@@ -138,7 +138,7 @@ pub fn parse(
             continue;
         };
         let record = if f == 1 {
-            from_format_1(&v).map_err(|d| bad(no, d))?
+            from_format_1(&v).map_err(|d| bad(no, d.to_string()))?
         } else {
             let tree = v["tree"].as_str().unwrap_or("").to_string();
             Record::deserialize(&v).map_err(|e| {
@@ -152,7 +152,7 @@ pub fn parse(
                 }
             })?
         };
-        check(&record, endpoints, &mut unique).map_err(|d| bad(no, d))?;
+        check(&record, endpoints, &mut unique).map_err(|d| bad(no, d.to_string()))?;
         rows.push(record);
     }
     if format.is_none() {
@@ -161,51 +161,75 @@ pub fn parse(
     Ok(rows)
 }
 
+/// Why a backup line's record is refused; the message follows the line
+/// number in [`StoreError::Backup`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum RecordError {
+    #[error("{0:?} is not an instance key (`source/instance`)")]
+    InstanceKey(String),
+    #[error("{0:?} is not an event id")]
+    EventId(String),
+    #[error("the body of event {0} is not a JSON object")]
+    BodyNotObject(String),
+    #[error("the body of event {event} is not JSON: {error}")]
+    BodyNotJson { event: String, error: String },
+    #[error("{0} is nested deeper than {MAX_DEPTH} levels, the most the store keeps")]
+    TooDeep(String),
+    #[error("endpoint `{endpoint}` is not in the configuration (known: {known}): its events could never be sent")]
+    UnknownEndpoint { endpoint: String, known: String },
+    #[error("{0:?} is not an endpoint name")]
+    EndpointName(String),
+    #[error("{0:?} is not a source name")]
+    SourceName(String),
+    #[error("a second {kind} record of {what}")]
+    Duplicate { kind: &'static str, what: String },
+    /// A tree no record kind has.
+    #[error("unknown tree `{0}` (expected one of {kinds})", kinds = kinds())]
+    UnknownTree(String),
+    /// Format 1: the sled key.
+    #[error("`key` is not base64: {0}")]
+    KeyNotBase64(String),
+    /// Format 1: the value of a known tree.
+    #[error("`value` is not a {tree} record: {error}")]
+    NotARecord { tree: String, error: String },
+}
+
 /// One record's checks beyond its shape (see [`parse`]).
 fn check(
     r: &Record,
     endpoints: Option<&BTreeSet<String>>,
     unique: &mut HashSet<(RecordKind, String, String)>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), RecordError> {
     // Names and ids are single lines without control characters:
     // pollhook never makes others (discovered names with them are
     // skipped), and one would forge a log line or a header.
     let name = |n: &str| !n.is_empty() && !n.chars().any(char::is_control);
     let instance_key = |k: &str| match k.split_once('/') {
         Some((s, i)) if !s.is_empty() && !i.is_empty() && name(k) => Ok(()),
-        _ => Err(format!("{k:?} is not an instance key (`source/instance`)")),
+        _ => Err(RecordError::InstanceKey(k.to_string())),
     };
     let event = |e: &OutboxEntry| {
         if !name(&e.event_id) {
-            return Err(format!("{:?} is not an event id", e.event_id));
+            return Err(RecordError::EventId(e.event_id.clone()));
         }
         // The body is sent as it is: it must be the event's JSON.
         match serde_json::from_str::<Value>(&e.body) {
             Ok(Value::Object(_)) => Ok(()),
-            Ok(_) => Err(format!(
-                "the body of event {} is not a JSON object",
-                e.event_id
-            )),
-            Err(err) => Err(format!(
-                "the body of event {} is not JSON: {err}",
-                e.event_id
-            )),
+            Ok(_) => Err(RecordError::BodyNotObject(e.event_id.clone())),
+            Err(err) => Err(RecordError::BodyNotJson {
+                event: e.event_id.clone(),
+                error: err.to_string(),
+            }),
         }
     };
-    let deep = |what: String| {
-        Err(format!(
-            "{what} is nested deeper than {MAX_DEPTH} levels, the most the store keeps"
-        ))
-    };
-    let endpoint = |e: &str| {
-        match endpoints {
-        Some(known) if !known.contains(e) => Err(format!(
-            "endpoint `{e}` is not in the configuration (known: {}): its events could never be sent",
-            known.iter().cloned().collect::<Vec<_>>().join(", ")
-        )),
-        _ if !name(e) => Err(format!("{e:?} is not an endpoint name")),
+    let deep = |what: String| Err(RecordError::TooDeep(what));
+    let endpoint = |e: &str| match endpoints {
+        Some(known) if !known.contains(e) => Err(RecordError::UnknownEndpoint {
+            endpoint: e.to_string(),
+            known: known.iter().cloned().collect::<Vec<_>>().join(", "),
+        }),
+        _ if !name(e) => Err(RecordError::EndpointName(e.to_string())),
         _ => Ok(()),
-    }
     };
     let (a, b) = match r {
         Record::Disabled { endpoint: e, .. } => {
@@ -234,7 +258,7 @@ fn check(
         }
         Record::Discovered { source, .. } => {
             if !name(source) {
-                return Err(format!("{source:?} is not a source name"));
+                return Err(RecordError::SourceName(source.clone()));
             }
             (source.clone(), String::new())
         }
@@ -258,7 +282,10 @@ fn check(
         } else {
             format!("{b} for {a}")
         };
-        return Err(format!("a second {} record of {what}", r.kind().name()));
+        return Err(RecordError::Duplicate {
+            kind: r.kind().name(),
+            what,
+        });
     }
     Ok(())
 }
@@ -268,14 +295,17 @@ fn kinds() -> String {
 }
 
 /// A format 1 line: `{"tree", "key": base64 sled key, "value"}`.
-fn from_format_1(v: &Value) -> std::result::Result<Record, String> {
+fn from_format_1(v: &Value) -> std::result::Result<Record, RecordError> {
     let tree = v["tree"].as_str().unwrap_or("");
     let key = B64
         .decode(v["key"].as_str().unwrap_or(""))
-        .map_err(|e| format!("`key` is not base64: {e}"))?;
+        .map_err(|e| RecordError::KeyNotBase64(e.to_string()))?;
     let name = String::from_utf8_lossy(&key).into_owned();
     let value = v["value"].clone();
-    let check = |e: serde_json::Error| format!("`value` is not a {tree} record: {e}");
+    let check = |e: serde_json::Error| RecordError::NotARecord {
+        tree: tree.to_string(),
+        error: e.to_string(),
+    };
     Ok(match tree {
         "disabled" => Record::Disabled {
             endpoint: name,
@@ -306,12 +336,7 @@ fn from_format_1(v: &Value) -> std::result::Result<Record, String> {
         "attempts" => Record::Attempt {
             value: serde_json::from_value(value).map_err(check)?,
         },
-        other => {
-            return Err(format!(
-                "unknown tree `{other}` (expected one of {})",
-                kinds()
-            ))
-        }
+        other => return Err(RecordError::UnknownTree(other.to_string())),
     })
 }
 
