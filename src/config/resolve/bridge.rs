@@ -35,7 +35,7 @@ pub(super) fn load_connectors(
         let files = match expand_glob(base, pattern) {
             Ok(f) => f,
             Err(msg) => {
-                diag.at(*line, 0, "connectors", msg);
+                diag.at(*line, 0, "connectors", msg.to_string());
                 continue;
             }
         };
@@ -89,7 +89,7 @@ pub(super) fn resolve_endpoint(diag: &mut Diag, name: &str, ep: &RawEndpoint) ->
     let retry = ep.retry.as_ref().map(retry_policy).unwrap_or_default();
     if let Some(u) = &url {
         if let Err(msg) = check_endpoint_url(u, ep.allow_insecure, ep.allow_private) {
-            diag.at_span(&ep.url, &format!("{field}.url"), msg);
+            diag.at_span(&ep.url, &format!("{field}.url"), msg.to_string());
         }
     }
     let circuit = ep.circuit.as_ref();
@@ -175,6 +175,27 @@ pub(super) fn host_quota(h: &RawHost) -> HostQuota {
     }
 }
 
+/// What is wrong with bridge.yaml's connector files or an endpoint's URL;
+/// the messages are config errors (at the field's line).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum BridgeError {
+    /// A `connectors:` entry without `*` names a missing file.
+    #[error("connector file `{0}` does not exist")]
+    NoSuchFile(String),
+    /// A `*` in a directory of a `connectors:` pattern.
+    #[error("`{0}`: `*` is only supported in the file name")]
+    WildcardDirectory(String),
+    /// The directory of a pattern cannot be listed.
+    #[error("cannot list `{dir}`: {error}")]
+    Unlistable { dir: String, error: String },
+    /// Plain `http://` to another host.
+    #[error("`http://` to `{0}` would send events and signatures in clear text; use `https://`, or set `allow_insecure: true`")]
+    ClearText(String),
+    /// A private or link-local address literal.
+    #[error("{0} is a private or link-local address; endpoints there are refused (SSRF guard) unless `allow_private: true`")]
+    Private(std::net::IpAddr),
+}
+
 /// Transport safety of an endpoint URL: `https` unless the host is
 /// loopback (or `allow_insecure`), and no private or link-local address
 /// literal unless `allow_private` (names are checked when they resolve).
@@ -182,7 +203,7 @@ fn check_endpoint_url(
     url: &reqwest::Url,
     allow_insecure: bool,
     allow_private: bool,
-) -> Result<(), String> {
+) -> Result<(), BridgeError> {
     let host = url.host();
     let loopback = match host {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
@@ -191,9 +212,8 @@ fn check_endpoint_url(
         None => false,
     };
     if url.scheme() == "http" && !loopback && !allow_insecure {
-        return Err(format!(
-            "`http://` to `{}` would send events and signatures in clear text; use `https://`, or set `allow_insecure: true`",
-            url.host_str().unwrap_or("")
+        return Err(BridgeError::ClearText(
+            url.host_str().unwrap_or("").to_string(),
         ));
     }
     let ip: Option<std::net::IpAddr> = match host {
@@ -203,9 +223,7 @@ fn check_endpoint_url(
     };
     if let Some(ip) = ip {
         if crate::deliver::guard::is_private(ip) && !allow_private {
-            return Err(format!(
-                "{ip} is a private or link-local address; endpoints there are refused (SSRF guard) unless `allow_private: true`"
-            ));
+            return Err(BridgeError::Private(ip));
         }
     }
     Ok(())
@@ -213,7 +231,7 @@ fn check_endpoint_url(
 
 /// Expands `dir/*.yaml`-style patterns (a `*` in the file name only),
 /// sorted, relative to `base`.
-fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, BridgeError> {
     let path = base.join(pattern);
     let name = path
         .file_name()
@@ -224,20 +242,17 @@ fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
         return if path.is_file() {
             Ok(vec![path])
         } else {
-            Err(format!(
-                "connector file `{}` does not exist",
-                path.display()
-            ))
+            Err(BridgeError::NoSuchFile(path.display().to_string()))
         };
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     if dir.to_string_lossy().contains('*') {
-        return Err(format!(
-            "`{pattern}`: `*` is only supported in the file name"
-        ));
+        return Err(BridgeError::WildcardDirectory(pattern.to_string()));
     }
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot list `{}`: {e}", dir.display()))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| BridgeError::Unlistable {
+        dir: dir.display().to_string(),
+        error: e.to_string(),
+    })?;
     let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())

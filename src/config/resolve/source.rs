@@ -13,6 +13,49 @@ use crate::connector::spec::{scalar_text, secrets_of, Connector, EventType, Inst
 use crate::runtime::{coerce, Route, Source, DEFAULT_RETENTION};
 use crate::schedule::Schedule;
 
+/// Why `pollhook test connector.yaml --with …` cannot make a source of
+/// the connector; printed as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForConnectorError {
+    /// `--with` a param the connector does not declare.
+    #[error("--with {param}=…: connector `{connector}` ({file}) declares no param `{param}`; declared: {declared}")]
+    UnknownParam {
+        param: String,
+        connector: String,
+        file: String,
+        declared: String,
+    },
+    /// Required params neither given nor discoverable.
+    #[error(
+        "connector `{connector}` ({file}) requires {}; give {}",
+        quoted(missing),
+        flags(missing)
+    )]
+    Missing {
+        connector: String,
+        file: String,
+        missing: Vec<String>,
+    },
+}
+
+/// `` `a`, `b` ``. Pure.
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `--with a=… --with b=…`. Pure.
+fn flags(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|k| format!("--with {k}=…"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl Source {
     /// A one-instance source for trying a connector file without a bridge
     /// (`pollhook test connector.yaml --with key=value`). Param values are
@@ -22,7 +65,7 @@ impl Source {
     pub fn for_connector(
         connector: Arc<Connector>,
         with: &[(String, String)],
-    ) -> Result<Source, String> {
+    ) -> Result<Source, ForConnectorError> {
         let file = connector.file.display().to_string();
         let mut base_vars = Map::new();
         for (k, p) in &connector.params {
@@ -32,16 +75,17 @@ impl Source {
         }
         for (k, v) in with {
             let Some(p) = connector.params.get(k) else {
-                return Err(format!(
-                    "--with {k}=…: connector `{}` ({file}) declares no param `{k}`; declared: {}",
-                    connector.name,
-                    connector
+                return Err(ForConnectorError::UnknownParam {
+                    param: k.clone(),
+                    connector: connector.name.clone(),
+                    file,
+                    declared: connector
                         .params
                         .keys()
                         .cloned()
                         .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                        .join(", "),
+                });
             };
             base_vars.insert(
                 k.clone(),
@@ -62,20 +106,11 @@ impl Source {
         let discovered =
             !missing.is_empty() && missing.iter().all(|k| discoverable.contains(k.as_str()));
         if !missing.is_empty() && !discovered {
-            return Err(format!(
-                "connector `{}` ({file}) requires {}; give {}",
-                connector.name,
-                missing
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                missing
-                    .iter()
-                    .map(|k| format!("--with {k}=…"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ));
+            return Err(ForConnectorError::Missing {
+                connector: connector.name.clone(),
+                file,
+                missing: missing.into_iter().cloned().collect(),
+            });
         }
         let name = connector.name.clone();
         let mut source = Source {
