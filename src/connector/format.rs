@@ -122,8 +122,8 @@ pub fn parse_body(
     };
     let value = match format {
         Format::Json | Format::Auto => parse_json(bytes)?,
-        Format::Xml => parse_xml(bytes).map_err(BodyError::Xml)?,
-        Format::Csv => parse_csv(bytes).map_err(BodyError::Csv)?,
+        Format::Xml => parse_xml(bytes)?,
+        Format::Csv => parse_csv(bytes)?,
     };
     Ok((value, format))
 }
@@ -136,12 +136,61 @@ pub enum BodyError {
     Html,
     #[error("not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    /// `not valid XML: …`.
-    #[error("{0}")]
-    Xml(String),
-    /// `not valid CSV: …`, or what is wrong with the header.
-    #[error("{0}")]
+    /// The XML parser's complaint, or what pollhook refuses (a second
+    /// root, elements nested too deep), where it was found.
+    #[error("not valid XML: {what} at line {line} column {column}")]
+    Xml {
+        what: String,
+        line: usize,
+        column: usize,
+    },
+    /// The input ended inside `element`.
+    #[error("not valid XML: unexpected end of input at line {line} column {column} (`<{element}>` not closed)")]
+    XmlUnclosed {
+        element: String,
+        line: usize,
+        column: usize,
+    },
+    /// Nothing but comments and declarations.
+    #[error("not valid XML: no root element")]
+    XmlNoRoot,
+    /// An object cannot hold two columns of one name.
+    #[error("not valid CSV: column name `{0}` appears more than once in the header")]
+    CsvDuplicateColumn(String),
+    /// A row whose field count is not the header's.
+    #[error("not valid CSV: {}has {len} fields, the header has {expected}", line.map_or(String::new(), |l| format!("line {l} ")))]
+    CsvFieldCount {
+        line: Option<u64>,
+        len: u64,
+        expected: u64,
+    },
+    /// A field that is not UTF-8.
+    #[error("not valid CSV: not UTF-8{}: {error}", line.map_or(String::new(), |l| format!(" at line {l}")))]
+    CsvUtf8 { line: Option<u64>, error: String },
+    /// Anything else the CSV reader refused.
+    #[error("not valid CSV: {0}")]
     Csv(String),
+}
+
+/// Why an element's start tag is refused; becomes the `what` of
+/// [`BodyError::Xml`].
+#[derive(Debug, thiserror::Error)]
+enum TagError {
+    #[error("element name is not UTF-8: {0}")]
+    NameNotUtf8(std::str::Utf8Error),
+    #[error("in `<{name}>`: {error}")]
+    Attribute { name: String, error: String },
+    #[error("attribute name in `<{name}>` is not UTF-8: {error}")]
+    AttributeNameNotUtf8 {
+        name: String,
+        error: std::str::Utf8Error,
+    },
+    #[error("attribute `{key}` of `<{name}>`: {error}")]
+    AttributeValue {
+        key: String,
+        name: String,
+        error: String,
+    },
 }
 
 /// The format a `Content-Type` value names, if it names one we read.
@@ -237,10 +286,11 @@ impl Open {
     }
 }
 
-fn parse_xml(bytes: &[u8]) -> Result<Value, String> {
-    let at = |pos: u64| {
-        let (line, column) = line_col(bytes, usize::try_from(pos).unwrap_or(usize::MAX));
-        format!("at line {line} column {column}")
+fn parse_xml(bytes: &[u8]) -> Result<Value, BodyError> {
+    let at = |pos: u64| line_col(bytes, usize::try_from(pos).unwrap_or(usize::MAX));
+    let error_at = |what: String, pos: u64| {
+        let (line, column) = at(pos);
+        BodyError::Xml { what, line, column }
     };
     let mut reader = quick_xml::Reader::from_reader(bytes);
     {
@@ -268,13 +318,10 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, String> {
                     quick_xml::Error::IllFormed(e) => e.to_string(),
                     other => other.to_string(),
                 };
-                return Err(format!(
-                    "not valid XML: {what} {}",
-                    at(reader.error_position())
-                ));
+                return Err(error_at(what, reader.error_position()));
             }
         };
-        let invalid = |what: &str| format!("not valid XML: {what} {}", at(event_start));
+        let invalid = |what: &str| error_at(what.to_string(), event_start);
         match event {
             Event::Start(_) | Event::Empty(_) if root.is_some() => {
                 return Err(invalid("a second root element"));
@@ -285,7 +332,7 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, String> {
                         "elements nested deeper than {MAX_XML_DEPTH} levels"
                     )));
                 }
-                stack.push(open(&start).map_err(|e| invalid(&e))?);
+                stack.push(open(&start).map_err(|e| invalid(&e.to_string()))?);
             }
             Event::Empty(start) => {
                 if stack.len() >= MAX_XML_DEPTH {
@@ -293,7 +340,7 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, String> {
                         "elements nested deeper than {MAX_XML_DEPTH} levels"
                     )));
                 }
-                let (name, value) = open(&start).map_err(|e| invalid(&e))?.finish();
+                let (name, value) = open(&start).map_err(|e| invalid(&e.to_string()))?.finish();
                 match stack.last_mut() {
                     Some(parent) => parent.add_child(name, value),
                     None => root = Some(single(name, value)),
@@ -344,13 +391,14 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, String> {
             Event::Comment(_) | Event::PI(_) | Event::Decl(_) | Event::DocType(_) => {}
             Event::Eof => {
                 if let Some(element) = stack.last() {
-                    return Err(format!(
-                        "not valid XML: unexpected end of input {} (`<{}>` not closed)",
-                        at(reader.buffer_position()),
-                        element.name
-                    ));
+                    let (line, column) = at(reader.buffer_position());
+                    return Err(BodyError::XmlUnclosed {
+                        element: element.name.clone(),
+                        line,
+                        column,
+                    });
                 }
-                return root.ok_or_else(|| "not valid XML: no root element".to_string());
+                return root.ok_or(BodyError::XmlNoRoot);
             }
         }
     }
@@ -364,19 +412,30 @@ fn single(name: String, value: Value) -> Value {
 }
 
 /// A new open element with its attributes as `@name` members.
-fn open(start: &BytesStart<'_>) -> Result<Open, String> {
+fn open(start: &BytesStart<'_>) -> Result<Open, TagError> {
     let name = std::str::from_utf8(start.name().as_ref())
-        .map_err(|e| format!("element name is not UTF-8: {e}"))?
+        .map_err(TagError::NameNotUtf8)?
         .to_string();
     let mut members = Map::new();
     // `attributes()` checks for duplicates and unquoted or missing values.
     for attr in start.attributes() {
-        let attr = attr.map_err(|e| format!("in `<{name}>`: {e}"))?;
-        let key = std::str::from_utf8(attr.key.as_ref())
-            .map_err(|e| format!("attribute name in `<{name}>` is not UTF-8: {e}"))?;
+        let attr = attr.map_err(|e| TagError::Attribute {
+            name: name.clone(),
+            error: e.to_string(),
+        })?;
+        let key = std::str::from_utf8(attr.key.as_ref()).map_err(|error| {
+            TagError::AttributeNameNotUtf8 {
+                name: name.clone(),
+                error,
+            }
+        })?;
         let value = attr
             .normalized_value(XmlVersion::Implicit1_0)
-            .map_err(|e| format!("attribute `{key}` of `<{name}>`: {e}"))?;
+            .map_err(|e| TagError::AttributeValue {
+                key: key.to_string(),
+                name: name.clone(),
+                error: e.to_string(),
+            })?;
         members.insert(format!("@{key}"), Value::String(value.into_owned()));
     }
     Ok(Open {
@@ -386,7 +445,7 @@ fn open(start: &BytesStart<'_>) -> Result<Open, String> {
     })
 }
 
-fn parse_csv(bytes: &[u8]) -> Result<Value, String> {
+fn parse_csv(bytes: &[u8]) -> Result<Value, BodyError> {
     let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -396,9 +455,7 @@ fn parse_csv(bytes: &[u8]) -> Result<Value, String> {
     for (i, name) in headers.iter().enumerate() {
         if headers.iter().take(i).any(|earlier| earlier == name) {
             // An object cannot hold both; silently keeping one would lose data.
-            return Err(format!(
-                "not valid CSV: column name `{name}` appears more than once in the header"
-            ));
+            return Err(BodyError::CsvDuplicateColumn(name.to_string()));
         }
     }
     let mut rows = Vec::new();
@@ -414,25 +471,22 @@ fn parse_csv(bytes: &[u8]) -> Result<Value, String> {
     Ok(Value::Array(rows))
 }
 
-fn csv_error(e: csv::Error) -> String {
+fn csv_error(e: csv::Error) -> BodyError {
     match e.kind() {
         csv::ErrorKind::UnequalLengths {
             pos,
             expected_len,
             len,
-        } => {
-            let line = pos
-                .as_ref()
-                .map_or(String::new(), |p| format!("line {} ", p.line()));
-            format!("not valid CSV: {line}has {len} fields, the header has {expected_len}")
-        }
-        csv::ErrorKind::Utf8 { pos, err } => {
-            let line = pos
-                .as_ref()
-                .map_or(String::new(), |p| format!(" at line {}", p.line()));
-            format!("not valid CSV: not UTF-8{line}: {err}")
-        }
-        _ => format!("not valid CSV: {e}"),
+        } => BodyError::CsvFieldCount {
+            line: pos.as_ref().map(|p| p.line()),
+            len: *len,
+            expected: *expected_len,
+        },
+        csv::ErrorKind::Utf8 { pos, err } => BodyError::CsvUtf8 {
+            line: pos.as_ref().map(|p| p.line()),
+            error: err.to_string(),
+        },
+        _ => BodyError::Csv(e.to_string()),
     }
 }
 
