@@ -303,6 +303,18 @@ struct SourceRow {
     last_poll_ms: Option<i64>,
 }
 
+/// Why the page could not be built; the browser sees the message (the
+/// template's detail goes to the log).
+#[derive(Debug, thiserror::Error)]
+enum DashboardError {
+    /// The dead letters could not be read.
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The page template failed.
+    #[error("cannot render the dashboard: {0}")]
+    Render(minijinja::Error),
+}
+
 impl Dashboard {
     fn login(&self, error: Option<&str>) -> Response {
         let html = self
@@ -316,7 +328,7 @@ impl Dashboard {
     }
 
     /// The page, rendered from the daemon's status and store.
-    async fn render(&self, s: &AdminState, f: &Filter) -> Result<String, String> {
+    async fn render(&self, s: &AdminState, f: &Filter) -> Result<String, DashboardError> {
         let now = crate::now_ms();
         let report = super::full_report(s).await;
         let me = s.node.as_deref();
@@ -448,11 +460,7 @@ impl Dashboard {
                 }
             })
             .collect();
-        let all_dead = s
-            .store
-            .dead_letters(None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let all_dead = s.store.dead_letters(None).await?;
         let dead_total = all_dead.len();
         let dead: Vec<_> = all_dead
             .iter()
@@ -515,7 +523,7 @@ impl Dashboard {
                 // The detail (with the template's variables) goes to the
                 // log, not to the browser.
                 tracing::error!(error = %format!("{e:#}"), "cannot render the dashboard");
-                format!("cannot render the dashboard: {e}")
+                DashboardError::Render(e)
             })
     }
 }
@@ -540,7 +548,7 @@ pub async fn page(
     }
     match s.dashboard.render(&s, &f).await {
         Ok(h) => Html(h).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
