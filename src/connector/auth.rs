@@ -105,13 +105,51 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// Why no token could be had. Never holds the client secret or a token:
+/// what a server said is masked first. The message becomes the poll's
+/// error (`PollError::Auth`, text, at [`TokenCache::token`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The request failed, or its answer could not be read.
+    #[error("token endpoint {url}: {detail}")]
+    Transport { url: String, detail: String },
+    /// A non-2xx answer; `why` is its `error` and `error_description`.
+    #[error("token endpoint {url} answered HTTP {status}{}", if why.is_empty() { String::new() } else { format!(" ({why})") })]
+    Refused {
+        url: String,
+        status: u16,
+        why: String,
+    },
+    /// A 2xx answer without a token.
+    #[error("token endpoint {url} answered without an `access_token`")]
+    NoAccessToken { url: String },
+    /// `invalid_grant` on a refresh: the grant is gone until a new seed.
+    #[error("{0}: the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)")]
+    Revoked(Box<AuthError>),
+    /// The store could not give the rotated refresh token.
+    #[error("cannot read the stored refresh token: {0}")]
+    ReadStored(String),
+    /// The store could not keep a rotated refresh token.
+    #[error("cannot keep the rotated refresh token: {0}")]
+    KeepRotated(String),
+}
+
+/// Why an answer's body could not be read whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ReadError {
+    #[error("answer larger than the {0}-byte cap (request.max_response_bytes)")]
+    TooLarge(u64),
+    #[error("{0}")]
+    Transport(String),
+}
+
 /// A slot of the cache: a token, or the error that stopped its grant.
 #[derive(Clone)]
 enum Slot {
     Token(Cached),
     /// `invalid_grant` on a refresh: no more requests until the seed
     /// changes (a new key).
-    Broken(String),
+    Broken(AuthError),
 }
 
 /// Tokens by (token URL, client, scope, params, seed).
@@ -141,6 +179,18 @@ impl TokenCache {
         req: &TokenRequest,
         rejected: Option<&str>,
     ) -> Result<String, String> {
+        self.obtain(client, req, rejected)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// [`TokenCache::token`], typed.
+    async fn obtain(
+        &self,
+        client: &reqwest::Client,
+        req: &TokenRequest,
+        rejected: Option<&str>,
+    ) -> Result<String, AuthError> {
         let slot = self.slots.lock().entry(req.key()).or_default().clone();
         let mut cached = slot.lock().await;
         match cached.as_ref() {
@@ -167,7 +217,7 @@ impl TokenCache {
             Some(s) => s
                 .load_credential(&key)
                 .await
-                .map_err(|e| format!("cannot read the stored refresh token: {e}"))?
+                .map_err(|e| AuthError::ReadStored(e.to_string()))?
                 .and_then(|t| serde_json::from_str::<Rotated>(&t).ok()),
             None => None,
         };
@@ -180,10 +230,8 @@ impl TokenCache {
         };
         let got = match fetch_token(client, req, Some(&current)).await {
             Ok(g) => g,
-            Err(e) if e.contains("invalid_grant") => {
-                let e = format!(
-                    "{e}: the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)"
-                );
+            Err(e) if e.to_string().contains("invalid_grant") => {
+                let e = AuthError::Revoked(Box::new(e));
                 *cached = Some(Slot::Broken(e.clone()));
                 return Err(e);
             }
@@ -200,7 +248,7 @@ impl TokenCache {
                 .expect("serializes");
                 s.save_credential(&key, &record)
                     .await
-                    .map_err(|e| format!("cannot keep the rotated refresh token: {e}"))?;
+                    .map_err(|e| AuthError::KeepRotated(e.to_string()))?;
             }
         }
         *cached = Some(Slot::Token(Cached {
@@ -232,7 +280,7 @@ async fn fetch_token(
     client: &reqwest::Client,
     req: &TokenRequest,
     refresh: Option<&str>,
-) -> Result<Granted, String> {
+) -> Result<Granted, AuthError> {
     let mut form = match refresh {
         Some(r) => vec![
             ("grant_type".to_string(), "refresh_token".to_string()),
@@ -264,17 +312,17 @@ async fn fetch_token(
         .timeout(Duration::from_secs(30))
         .send()
         .await
-        .map_err(|e| {
-            format!(
-                "token endpoint {}: {}",
-                req.token_url,
-                crate::transport_detail(&e)
-            )
+        .map_err(|e| AuthError::Transport {
+            url: req.token_url.clone(),
+            detail: crate::transport_detail(&e),
         })?;
     let status = resp.status();
     let bytes = read_capped(resp, req.max_body)
         .await
-        .map_err(|e| format!("token endpoint {}: {e}", req.token_url))?;
+        .map_err(|e| AuthError::Transport {
+            url: req.token_url.clone(),
+            detail: e.to_string(),
+        })?;
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     // Every token the answer holds is a secret from this moment on, before
     // anything can say something about it.
@@ -296,26 +344,18 @@ async fn fetch_token(
             .map(|t| crate::connector::mask(t, &sent))
             .collect::<Vec<_>>()
             .join(": ");
-        return Err(format!(
-            "token endpoint {} answered HTTP {}{}",
-            req.token_url,
-            status.as_u16(),
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(" ({why})")
-            }
-        ));
+        return Err(AuthError::Refused {
+            url: req.token_url.clone(),
+            status: status.as_u16(),
+            why,
+        });
     }
     let token = body
         .get("access_token")
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            format!(
-                "token endpoint {} answered without an `access_token`",
-                req.token_url
-            )
+        .ok_or_else(|| AuthError::NoAccessToken {
+            url: req.token_url.clone(),
         })?;
     // RFC 6749 makes `expires_in` optional; without it, assume an hour and
     // rely on the 401 refresh if the server thought otherwise.
@@ -338,9 +378,8 @@ async fn fetch_token(
 /// A token endpoint's answer, refusing more than `limit` bytes: checked
 /// against `Content-Length` first, then while streaming, so a lying or
 /// missing length cannot make pollhook buffer an unbounded body.
-async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, String> {
-    let too_large =
-        || format!("answer larger than the {limit}-byte cap (request.max_response_bytes)");
+async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, ReadError> {
+    let too_large = || ReadError::TooLarge(limit);
     if resp.content_length().is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -348,7 +387,7 @@ async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Vec<u8>,
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| crate::transport_detail(&e))?
+        .map_err(|e| ReadError::Transport(crate::transport_detail(&e)))?
     {
         if buf.len() as u64 + chunk.len() as u64 > limit {
             return Err(too_large());
