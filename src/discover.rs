@@ -211,9 +211,9 @@ pub struct DiscoverEnv<'a> {
     pub store: &'a Store,
     pub status: &'a crate::status::Status,
     pub env: FetchEnv<'a>,
-    /// In a cluster, one node lists the source (the holder of its
-    /// discovery lease); the others follow the list it stores.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// One node lists the source (the holder of its discovery lease); the
+    /// others, if any, follow the list it stores.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// The daemon's loop for one discovering source, until `shutdown`.
@@ -251,24 +251,32 @@ pub async fn run_source<F, Fut>(
         running.start(name, token, task).await;
     }
     let lease_key = crate::cluster::discover_key(&source.name);
-    let _wanted = cx.cluster.as_ref().map(|c| c.want_while(&lease_key));
+    let c = cx.cluster.clone();
+    let _wanted = c.want_while(&lease_key);
     loop {
-        // In a cluster, only the holder of the discovery lease lists; the
-        // others start and stop instance tasks (which wait for their own
-        // leases) as the stored list says.
-        let busy = match &cx.cluster {
-            None => None,
-            Some(c) => match c.begin(&lease_key) {
-                crate::cluster::Begin::Held(b) => Some(b),
-                _ => {
-                    follow(&source, &cx, &mut known, &mut running, &spawn, &shutdown).await;
-                    tokio::select! {
-                        _ = c.next_change(c.lease) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    continue;
+        // Only the holder of the discovery lease lists; the other nodes
+        // start and stop instance tasks (which wait for their own leases)
+        // as the stored list says.
+        let busy = match c.begin(&lease_key) {
+            crate::cluster::Begin::Held(b) => b,
+            crate::cluster::Begin::Lapsing => {
+                // Renewal is late: no listing on a lease that may lapse.
+                tokio::select! {
+                    _ = c.next_change(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => break,
                 }
-            },
+                continue;
+            }
+            crate::cluster::Begin::NotHeld => {
+                follow(&source, &cx, &mut known, &mut running, &spawn, &shutdown).await;
+                // Until the lease comes here (at once when it already
+                // did meanwhile), or the next look at the stored list.
+                tokio::select! {
+                    _ = tokio::time::timeout(c.lease, c.until_held(&lease_key)) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
         };
         let now = Utc::now();
         match discover(&source, &cx.env, now).await {

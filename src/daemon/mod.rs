@@ -74,14 +74,17 @@ pub async fn run(
         tracing::warn!("{w}");
     }
     let coordination = store.coordination();
-    let cluster = coordination
-        .is_shared()
-        .then(|| crate::cluster::Cluster::new(coordination, config.lease, shutdown.clone()));
+    // Reporting only: `/status` shows a cluster section for a shared one.
+    let shared_node = coordination.is_shared();
+    let cluster = crate::cluster::Cluster::new(coordination, config.lease, shutdown.clone());
+    // Operational events have a lane of their own, delivered by the node
+    // that holds it.
+    cluster.want(crate::opsevents::LANE);
     let ops = Arc::new(crate::opsevents::Ops::default());
     ops.configure(config.operations.clone());
     let hosts = Arc::new(HostGates::in_cluster(
         &config.hosts,
-        cluster.as_ref().map(|c| c.store().clone()),
+        cluster.store().clone(),
         Some(ops.clone()),
     ));
     let shared = Arc::new(Shared {
@@ -102,14 +105,12 @@ pub async fn run(
     // The cluster keeps its leases until every poll and delivery is done
     // (its own token, cancelled after them), then gives them back.
     let cluster_stop = CancellationToken::new();
-    let cluster_task = cluster.clone().map(|c| {
-        tokio::spawn(c.run(
-            live.wakes.clone(),
-            hosts.clone(),
-            status.clone(),
-            cluster_stop.clone(),
-        ))
-    });
+    let cluster_task = tokio::spawn(cluster.clone().run(
+        live.wakes.clone(),
+        hosts.clone(),
+        status.clone(),
+        cluster_stop.clone(),
+    ));
 
     let admin = match config.admin_listen {
         Some(addr) => {
@@ -123,7 +124,7 @@ pub async fn run(
                 store: store.clone(),
                 hosts: hosts.clone(),
                 live: live.clone(),
-                node: cluster.as_ref().map(|c| c.node.clone()),
+                node: shared_node.then(|| cluster.node.clone()),
                 dashboard: Default::default(),
                 listen: local,
             };
@@ -240,9 +241,7 @@ pub async fn run(
     }
     ops_task.abort();
     cluster_stop.cancel();
-    if let Some(t) = cluster_task {
-        let _ = t.await;
-    }
+    let _ = cluster_task.await;
     if let Some((a, _)) = admin {
         a.abort();
     }
