@@ -351,7 +351,9 @@ impl Cluster {
     /// Whether this node holds `key` now (by its own clock).
     pub fn holds(&self, key: &str) -> bool {
         let l = self.leases.lock();
-        l.held.get(key).is_some_and(|h| l.expires(h) > Instant::now())
+        l.held
+            .get(key)
+            .is_some_and(|h| l.expires(h) > Instant::now())
     }
 
     /// The epoch this node holds `key` under, if it does and is not

@@ -85,7 +85,13 @@ struct Health {
 /// disabled, one at a time while probing, else `max_in_flight`.
 fn send_limit(max_in_flight: usize, health: &Health) -> (usize, Option<i64>) {
     if health.disabled.is_some() {
-        return (0, health.open_until.and_then(open_for).map(|d| crate::now_ms() + d));
+        return (
+            0,
+            health
+                .open_until
+                .and_then(open_for)
+                .map(|d| crate::now_ms() + d),
+        );
     }
     match health.open_until.map(open_for) {
         None => (max_in_flight, None),
@@ -97,7 +103,7 @@ fn send_limit(max_in_flight: usize, health: &Health) -> (usize, Option<i64>) {
 /// Milliseconds left before an open circuit's probe, `None` when due.
 fn open_for(until: std::time::Instant) -> Option<i64> {
     let left = until.saturating_duration_since(std::time::Instant::now());
-    (!left.is_zero()).then(|| left.as_millis() as i64)
+    (!left.is_zero()).then_some(left.as_millis() as i64)
 }
 
 /// The earlier of two optional times.

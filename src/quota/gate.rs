@@ -463,7 +463,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
-        let gate = HostGate::new("h".into(), None, Default::default(), Coordinator::alone(), None);
+        let gate = HostGate::new(
+            "h".into(),
+            None,
+            Default::default(),
+            Coordinator::alone(),
+            None,
+        );
         let t0 = Instant::now();
         gate.acquire().await;
         assert_eq!(
@@ -494,7 +500,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_without_published_limits_slows_the_pace_then_it_creeps_back() {
-        let gate = HostGate::new("h".into(), None, Default::default(), Coordinator::alone(), None);
+        let gate = HostGate::new(
+            "h".into(),
+            None,
+            Default::default(),
+            Coordinator::alone(),
+            None,
+        );
         // 20 requests within a second, then a 429.
         for _ in 0..20 {
             gate.acquire().await;

@@ -241,11 +241,7 @@ impl Coordination for Coordinator {
     async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
         dispatch!(self, c => c.renew(node, lease_ms).await)
     }
-    async fn renew_changed(
-        &self,
-        node: &str,
-        lease_ms: i64,
-    ) -> Result<Option<Vec<(String, i64)>>> {
+    async fn renew_changed(&self, node: &str, lease_ms: i64) -> Result<Option<Vec<(String, i64)>>> {
         dispatch!(self, c => c.renew_changed(node, lease_ms).await)
     }
     async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {

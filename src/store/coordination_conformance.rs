@@ -354,7 +354,11 @@ async fn a_renewal_says_what_changed<F: CoordFixture>() {
     let set = |l: Vec<(String, i64)>| l.into_iter().map(|x| x.0).collect::<BTreeSet<_>>();
     let mut mine = set(a.claim("a", 60_000, 2).await.unwrap());
     let listed = a.renew_changed("a", 60_000).await.unwrap();
-    assert_eq!(listed.map(set), Some(mine.clone()), "the first renewal lists");
+    assert_eq!(
+        listed.map(set),
+        Some(mine.clone()),
+        "the first renewal lists"
+    );
     let again = a.renew_changed("a", 60_000).await.unwrap();
     assert!(again.is_none_or(|l| set(l) == mine));
     mine.extend(set(a.claim("a", 60_000, 1).await.unwrap()));

@@ -225,11 +225,7 @@ impl Coordination for SingleNode {
 
     /// No work per lease: the node's renewal time moves, and the list is
     /// built only when an owner changed since the node's last renewal.
-    async fn renew_changed(
-        &self,
-        node: &str,
-        lease_ms: i64,
-    ) -> Result<Option<Vec<(String, i64)>>> {
+    async fn renew_changed(&self, node: &str, lease_ms: i64) -> Result<Option<Vec<(String, i64)>>> {
         let until = self.now_ms() + lease_ms as f64;
         let mut t = self.table();
         Ok(t.renew(node, until).then(|| t.owned_by(node)))
@@ -473,12 +469,20 @@ mod tests {
         let c = SingleNode::default();
         c.heartbeat("a", 1, 60_000).await.unwrap();
         for _ in 0..5 {
-            assert_eq!(c.book("host:h", 1000.0, 1, false).await.unwrap(), Duration::ZERO);
+            assert_eq!(
+                c.book("host:h", 1000.0, 1, false).await.unwrap(),
+                Duration::ZERO
+            );
         }
-        c.share_pace("h", Some(Duration::from_secs(30)), None).await.unwrap();
+        c.share_pace("h", Some(Duration::from_secs(30)), None)
+            .await
+            .unwrap();
         assert!(c.paces().await.unwrap().is_empty());
         c.heartbeat("b", 2, 60_000).await.unwrap();
-        assert_eq!(c.book("host:h", 1000.0, 1, false).await.unwrap(), Duration::ZERO);
+        assert_eq!(
+            c.book("host:h", 1000.0, 1, false).await.unwrap(),
+            Duration::ZERO
+        );
         assert!(c.book("host:h", 1000.0, 1, false).await.unwrap() > Duration::from_millis(900));
     }
 
