@@ -795,3 +795,52 @@ async fn attempt(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The circuit and a disabled endpoint decide how many deliveries may
+    /// be in flight, and when to look again.
+    #[test]
+    fn the_circuit_and_a_disabled_endpoint_limit_what_is_sent() {
+        let healthy = Health::default();
+        assert_eq!(send_limit(8, &healthy), (8, None));
+        let open = Health {
+            open_until: Some(std::time::Instant::now() + Duration::from_secs(60)),
+            ..Health::default()
+        };
+        let (limit, next) = send_limit(8, &open);
+        assert_eq!(limit, 0);
+        let left = next.unwrap() - crate::now_ms();
+        assert!((55_000..=60_000).contains(&left), "{left}");
+        let probing = Health {
+            open_until: Some(std::time::Instant::now()),
+            ..Health::default()
+        };
+        assert_eq!(send_limit(8, &probing), (1, None));
+        let disabled = Health {
+            disabled: Some("410".into()),
+            ..Health::default()
+        };
+        assert_eq!(send_limit(8, &disabled), (0, None));
+        assert_eq!(
+            send_limit(
+                8,
+                &Health {
+                    disabled: Some("410".into()),
+                    ..probing
+                }
+            ),
+            (0, None)
+        );
+    }
+
+    #[test]
+    fn earliest_of_two_optional_times() {
+        assert_eq!(earliest(None, None), None);
+        assert_eq!(earliest(Some(3), None), Some(3));
+        assert_eq!(earliest(None, Some(4)), Some(4));
+        assert_eq!(earliest(Some(5), Some(4)), Some(4));
+    }
+}
