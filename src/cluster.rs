@@ -1,4 +1,11 @@
-//! Several nodes on one PostgreSQL store: who polls and delivers what.
+//! The node: who polls and delivers what, among the nodes sharing a store.
+//!
+//! Every daemon is a node, on whatever coordination its store gives
+//! (`Store::coordination()`): several nodes on one PostgreSQL schema, or
+//! one alone on sled through `SingleNode`, the trivial implementation (it
+//! claims every lease at its first round and keeps it; its renewals cost
+//! nothing per lease). The rest of the program has one code path: it asks
+//! this node, never which store it runs on.
 //!
 //! Every node runs the same configuration. Each instance (and each
 //! discovering source's listing) has a **lease** in the store: an owner, an
@@ -35,7 +42,10 @@
 //! anywhere), and a dead node's in-flight delivery is retried by the next
 //! holder with the same `webhook-id`. New outbox entries are announced by
 //! `NOTIFY` at commit; the listener wakes the local worker if this node
-//! holds the lane.
+//! holds the lane. A lane with entries that no task wants (operational
+//! events; an instance removed while its events wait) is adopted by the
+//! worker that finds it ([`Cluster::adopt`]): it gets a lease row, so some
+//! node delivers it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -563,7 +573,7 @@ impl Cluster {
         status: Arc<Status>,
         stop: CancellationToken,
     ) {
-        info!(node = %self.node, lease = %humantime::format_duration(self.lease), "cluster node started");
+        info!(node = %self.node, lease = %humantime::format_duration(self.lease), "node started: keeping its leases");
         let (tx, mut notices) = mpsc::channel::<Notice>(1024);
         let listener = {
             let store = self.store.clone();
@@ -649,7 +659,7 @@ impl Cluster {
             warn!(error = %e, "cannot give the leases back; they lapse after the lease time");
         }
         let _ = self.store.leave(&self.node).await;
-        info!(node = %self.node, leases = all.len(), "left the cluster");
+        info!(node = %self.node, leases = all.len(), "node left: leases given back");
     }
 
     /// Applies the hosts' shared pauses and paces to the local gates.

@@ -281,32 +281,17 @@ pub async fn run_source<F, Fut>(
         let now = Utc::now();
         match discover(&source, &cx.env, now).await {
             Ok(found) => {
-                let change = diff(&known.instances, &found);
-                for name in &change.stop {
-                    running.stop(name);
-                    known.instances.remove(name);
-                    known.removed.insert(name.clone(), now.timestamp_millis());
-                    cx.status
-                        .remove_instance(&format!("{}/{name}", source.name));
-                    info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
-                }
-                for f in &change.start {
-                    known.removed.remove(&f.name);
-                    known.instances.insert(f.name.clone(), f.with.clone());
-                    let token = shutdown.child_token();
-                    let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
-                    running.start(&f.name, token, task).await;
-                    info!(source = %source.name, instance = %f.name, "instance discovered");
-                }
-                if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
-                    warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
-                }
-                cx.status.discovery(&source.name, |s| {
-                    s.instances = known.instances.len();
-                    s.removed = known.removed.len();
-                    s.last_ok_ms = Some(crate::now_ms());
-                    s.last_error = None;
-                });
+                apply_found(
+                    &source,
+                    &cx,
+                    &mut known,
+                    &mut running,
+                    &spawn,
+                    &shutdown,
+                    found,
+                    now,
+                )
+                .await
             }
             Err(e) => {
                 let msg = mask(&e.to_string(), &secrets);
@@ -319,26 +304,7 @@ pub async fn run_source<F, Fut>(
         }
         // Retention runs whatever the listing did: instances gone long
         // enough lose their state even while discovery keeps failing.
-        let now = Utc::now();
-        let horizon = now.timestamp_millis() - source.retention.as_millis() as i64;
-        let expired: Vec<String> = known
-            .removed
-            .iter()
-            .filter(|(_, at)| **at < horizon)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in expired {
-            let key = format!("{}/{name}", source.name);
-            match cx.store.remove_state(&key).await {
-                Ok(()) => {
-                    known.removed.remove(&name);
-                    info!(instance = %key, "retention passed: instance state removed");
-                }
-                Err(e) => {
-                    warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state")
-                }
-            }
-        }
+        expire_removed(&source, cx.store, &mut known).await;
         if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
             warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
         }
@@ -359,6 +325,76 @@ pub async fn run_source<F, Fut>(
     }
     // Shutdown: the poll tasks see the same token; wait for them.
     running.join_all().await;
+}
+
+/// A listing went through: instances that left stop (their state kept
+/// for the retention period), new or changed ones start; the list is
+/// saved.
+#[allow(clippy::too_many_arguments)]
+async fn apply_found<F, Fut>(
+    source: &Arc<Source>,
+    cx: &DiscoverEnv<'_>,
+    known: &mut Discovered,
+    running: &mut Tasks,
+    spawn: &F,
+    shutdown: &CancellationToken,
+    found: Vec<Found>,
+    now: DateTime<Utc>,
+) where
+    F: Fn(Instance, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let change = diff(&known.instances, &found);
+    for name in &change.stop {
+        running.stop(name);
+        known.instances.remove(name);
+        known.removed.insert(name.clone(), now.timestamp_millis());
+        cx.status
+            .remove_instance(&format!("{}/{name}", source.name));
+        info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
+    }
+    for f in &change.start {
+        known.removed.remove(&f.name);
+        known.instances.insert(f.name.clone(), f.with.clone());
+        let token = shutdown.child_token();
+        let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
+        running.start(&f.name, token, task).await;
+        info!(source = %source.name, instance = %f.name, "instance discovered");
+    }
+    if let Err(e) = cx.store.save_discovered(&source.name, known).await {
+        warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
+    }
+    cx.status.discovery(&source.name, |s| {
+        s.instances = known.instances.len();
+        s.removed = known.removed.len();
+        s.last_ok_ms = Some(crate::now_ms());
+        s.last_error = None;
+    });
+}
+
+/// Removes the state of instances that left the list longer than the
+/// source's retention ago.
+async fn expire_removed(source: &Source, store: &Store, known: &mut Discovered) {
+    let now = Utc::now();
+    let horizon = now.timestamp_millis() - source.retention.as_millis() as i64;
+    let expired: Vec<String> = known
+        .removed
+        .iter()
+        .filter(|(_, at)| **at < horizon)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in expired {
+        let key = format!("{}/{name}", source.name);
+        match store.remove_state(&key).await {
+            Ok(()) => {
+                known.removed.remove(&name);
+                info!(instance = %key, "retention passed: instance state removed");
+            }
+            Err(e) => {
+                warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state")
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -153,9 +153,10 @@ impl Services {
         // Reporting only: `/status` shows a cluster section for a shared one.
         let shared_node = coordination.is_shared();
         let cluster = crate::cluster::Cluster::new(coordination, config.lease, shutdown.clone());
-        // Operational events have a lane of their own, delivered by the
-        // node that holds it.
-        cluster.want(crate::opsevents::LANE);
+        // Operational events have a lane of their own: the worker that
+        // finds entries in it adopts it (`Cluster::adopt`), so a node
+        // holds it and delivers them, and a bridge without `operations:`
+        // has no lease row for it.
         let ops = Arc::new(crate::opsevents::Ops::default());
         ops.configure(config.operations.clone());
         let hosts = Arc::new(HostGates::in_cluster(
