@@ -1,4 +1,11 @@
-//! Several nodes on one PostgreSQL store: who polls and delivers what.
+//! The node: who polls and delivers what, among the nodes sharing a store.
+//!
+//! Every daemon is a node, on whatever coordination its store gives
+//! (`Store::coordination()`): several nodes on one PostgreSQL schema, or
+//! one alone on sled through `SingleNode`, the trivial implementation (it
+//! claims every lease at its first round and keeps it; its renewals cost
+//! nothing per lease). The rest of the program has one code path: it asks
+//! this node, never which store it runs on.
 //!
 //! Every node runs the same configuration. Each instance (and each
 //! discovering source's listing) has a **lease** in the store: an owner, an
@@ -35,7 +42,10 @@
 //! anywhere), and a dead node's in-flight delivery is retried by the next
 //! holder with the same `webhook-id`. New outbox entries are announced by
 //! `NOTIFY` at commit; the listener wakes the local worker if this node
-//! holds the lane.
+//! holds the lane. A lane with entries that no task wants (operational
+//! events; an instance removed while its events wait) is adopted by the
+//! worker that finds it ([`Cluster::adopt`]): it gets a lease row, so some
+//! node delivers it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -95,6 +105,9 @@ struct Held {
 #[derive(Default)]
 struct Leases {
     held: HashMap<String, Held>,
+    /// When every lease held at the last renewal lapses by this node's
+    /// clock: a renewal that changed nothing moves only this.
+    renewed_until: Option<Instant>,
     /// Polls and deliveries in flight per key: these are never given back.
     busy: HashMap<String, u32>,
     /// Leases to give back once their poll or delivery in flight is done
@@ -102,6 +115,14 @@ struct Leases {
     /// on a scarce host quota is in a poll most of the time). Nothing new
     /// starts under them.
     draining: std::collections::HashSet<String>,
+}
+
+impl Leases {
+    /// When `h` lapses by this node's clock: from its claim, or from the
+    /// last renewal, whichever is later.
+    fn expires(&self, h: &Held) -> Instant {
+        self.renewed_until.map_or(h.expires, |r| r.max(h.expires))
+    }
 }
 
 /// The share of the lease a node counts on: renewal starts the clock
@@ -126,6 +147,9 @@ pub struct Cluster {
     /// Keys this node's configuration has (instances, discoveries), and
     /// those not yet given a lease row.
     wanted: Mutex<(BTreeSet<String>, Vec<String>)>,
+    /// Keys of outbox lanes no task wants (see [`Cluster::adopt`]), given
+    /// a lease row once.
+    adopted: Mutex<std::collections::HashSet<String>>,
     /// Keys no longer wanted (an instance removed by a reload or by
     /// discovery, a source removed), since when: their lease rows are
     /// pruned (see [`Cluster::prune`]).
@@ -231,6 +255,7 @@ impl Cluster {
             leases: Mutex::new(Leases::default()),
             changed: watch::Sender::new(0),
             wanted: Mutex::new((BTreeSet::new(), Vec::new())),
+            adopted: Mutex::default(),
             gone: Mutex::new(HashMap::new()),
             shutdown,
             since_prune: Default::default(),
@@ -257,6 +282,20 @@ impl Cluster {
             cluster: self.clone(),
             key: key.to_string(),
         }
+    }
+
+    /// An outbox lane `key` has entries to deliver, though no task of this
+    /// node wants it (operational events, or an instance removed while
+    /// its events wait): it gets a lease row, once, so that some node
+    /// holds it and delivers them. A coordination that keeps lease rows
+    /// (PostgreSQL) has one already; the single node's starts empty.
+    pub fn adopt(&self, key: &str) {
+        let mut w = self.wanted.lock();
+        if w.0.contains(key) || !self.adopted.lock().insert(key.to_string()) {
+            return;
+        }
+        w.1.push(key.to_string());
+        self.kick.notify_one();
     }
 
     /// `key`'s task ended: unless the daemon is stopping, the
@@ -304,9 +343,13 @@ impl Cluster {
             .store(0, std::sync::atomic::Ordering::Relaxed);
         let (pruned, kept) = self.store.prune_leases(&self.node, &due).await?;
         let mut gone = self.gone.lock();
+        let mut adopted = self.adopted.lock();
         for k in &due {
             if !kept.contains(k) {
                 gone.remove(k);
+                // Entries left (a coordination that does not see the
+                // outbox pruned it): the worker adopts it again.
+                adopted.remove(k);
             }
         }
         if pruned > 0 {
@@ -318,7 +361,9 @@ impl Cluster {
     /// Whether this node holds `key` now (by its own clock).
     pub fn holds(&self, key: &str) -> bool {
         let l = self.leases.lock();
-        l.held.get(key).is_some_and(|h| h.expires > Instant::now())
+        l.held
+            .get(key)
+            .is_some_and(|h| l.expires(h) > Instant::now())
     }
 
     /// The epoch this node holds `key` under, if it does and is not
@@ -341,7 +386,7 @@ impl Cluster {
         if l.draining.contains(key) {
             return Begin::NotHeld;
         }
-        if h.expires.saturating_duration_since(Instant::now()) < self.lease / 4 {
+        if l.expires(&h).saturating_duration_since(Instant::now()) < self.lease / 4 {
             return Begin::Lapsing;
         }
         *l.busy.entry(key.to_string()).or_default() += 1;
@@ -377,24 +422,11 @@ impl Cluster {
     }
 
     /// One round: heartbeat, renew, then claim or give back towards the
-    /// node's share. Returns whether it gained leases.
+    /// node's share. Returns whether it gained leases (or stopped giving
+    /// some back).
     async fn round(&self) -> crate::store::Result<bool> {
         let lease_ms = self.lease.as_millis() as i64;
-        let local = self.lease.mul_f64(LOCAL_SHARE);
-        let new: Vec<String> = std::mem::take(&mut self.wanted.lock().1);
-        if !new.is_empty() && self.store.ensure_leases(&new).await.is_err() {
-            // One by one: a key the database refuses must not hold up the
-            // others, nor the renewal of every lease this node holds.
-            let mut again = Vec::new();
-            for k in new {
-                if let Err(e) = self.store.ensure_leases(std::slice::from_ref(&k)).await {
-                    let start: String = k.chars().take(64).collect();
-                    warn!(node = %self.node, key = %start, bytes = k.len(), error = %format!("{e:#}"), "cannot add this lease: it is not polled until it can be (tried again every round)");
-                    again.push(k);
-                }
-            }
-            self.wanted.lock().1.extend(again);
-        }
+        self.ensure_new().await;
         let nodes = self
             .store
             .heartbeat(&self.node, self.started_ms, lease_ms)
@@ -404,78 +436,12 @@ impl Cluster {
                 warn!(node = %self.node, error = %format!("{e:#}"), "cannot prune the leases of removed instances (tried again next round)");
             }
         }
-        let sent = Instant::now();
-        let renewed = self.store.renew(&self.node, lease_ms).await?;
+        let (mut gained, mut lost) = self.renew(lease_ms).await?;
         let total = self.store.lease_count().await?;
-        let before: BTreeSet<(String, i64)> = {
-            let l = self.leases.lock();
-            l.held.iter().map(|(k, h)| (k.clone(), h.epoch)).collect()
-        };
-        {
-            let mut l = self.leases.lock();
-            l.held = renewed
-                .into_iter()
-                .map(|(k, epoch)| {
-                    (
-                        k,
-                        Held {
-                            epoch,
-                            expires: sent + local,
-                        },
-                    )
-                })
-                .collect();
-        }
-        let held = self.held_count();
         let draining_before = self.leases.lock().draining.clone();
-        match plan(held, total as usize, nodes as usize) {
-            Plan::Claim(n) => {
-                self.leases.lock().draining.clear();
-                let sent = Instant::now();
-                let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
-                let mut l = self.leases.lock();
-                for (k, epoch) in got {
-                    l.held.insert(
-                        k,
-                        Held {
-                            epoch,
-                            expires: sent + local,
-                        },
-                    );
-                }
-            }
-            Plan::Release(n) => {
-                let give: Vec<String> = {
-                    let mut l = self.leases.lock();
-                    // Draining ones first (they were chosen before), then
-                    // idle ones; busy ones are marked to drain.
-                    let mut order: Vec<String> = l.draining.iter().cloned().collect();
-                    order.extend(l.held.keys().filter(|k| !l.draining.contains(*k)).cloned());
-                    let mut idle = Vec::new();
-                    let mut drain = Vec::new();
-                    for k in order.into_iter().take(n) {
-                        if l.busy.contains_key(&k) {
-                            drain.push(k);
-                        } else {
-                            idle.push(k);
-                        }
-                    }
-                    for k in &idle {
-                        l.held.remove(k);
-                        l.draining.remove(k);
-                    }
-                    let fresh = drain.iter().filter(|k| !l.draining.contains(*k)).count();
-                    if fresh > 0 {
-                        info!(node = %self.node, leases = fresh, "leases busy (a poll or delivery in flight): given back once it ends, nothing new starts under them");
-                    }
-                    l.draining.extend(drain);
-                    idle
-                };
-                if !give.is_empty() {
-                    info!(node = %self.node, leases = give.len(), "giving leases back for another node's share");
-                    self.store.release(&self.node, &give).await?;
-                }
-            }
+        match plan(self.held_count(), total as usize, nodes as usize) {
+            Plan::Claim(n) => gained |= self.claim(n, lease_ms).await?,
+            Plan::Release(n) => lost += self.give_back(n).await?,
             Plan::Hold => {
                 // At its share again (a node left): nothing to give back.
                 self.leases.lock().draining.clear();
@@ -488,19 +454,111 @@ impl Cluster {
             draining.retain(|k| held.contains_key(k));
             *draining != draining_before
         };
-        let after: BTreeSet<(String, i64)> = {
-            let l = self.leases.lock();
-            l.held.iter().map(|(k, h)| (k.clone(), h.epoch)).collect()
-        };
-        let gained = after.difference(&before).next().is_some();
-        let lost = before.difference(&after).count();
         if gained || lost > 0 || draining_changed {
             self.changed.send_modify(|g| *g += 1);
         }
         if lost > 0 {
-            info!(node = %self.node, lost, held = after.len(), "leases lost or given back");
+            info!(node = %self.node, lost, held = self.held_count(), "leases lost or given back");
         }
         Ok(gained || draining_changed)
+    }
+
+    /// Gives the keys wanted since the last round a lease row.
+    async fn ensure_new(&self) {
+        let new: Vec<String> = std::mem::take(&mut self.wanted.lock().1);
+        if new.is_empty() || self.store.ensure_leases(&new).await.is_ok() {
+            return;
+        }
+        // One by one: a key the database refuses must not hold up the
+        // others, nor the renewal of every lease this node holds.
+        let mut again = Vec::new();
+        for k in new {
+            if let Err(e) = self.store.ensure_leases(std::slice::from_ref(&k)).await {
+                let start: String = k.chars().take(64).collect();
+                warn!(node = %self.node, key = %start, bytes = k.len(), error = %format!("{e:#}"), "cannot add this lease: it is not polled until it can be (tried again every round)");
+                again.push(k);
+            }
+        }
+        self.wanted.lock().1.extend(again);
+    }
+
+    /// Renews what this node holds; returns whether it gained leases (an
+    /// epoch it did not know) and how many it lost. When the coordination
+    /// says nothing changed since the last renewal, nothing is done per
+    /// lease: the renewal's time covers them all.
+    async fn renew(&self, lease_ms: i64) -> crate::store::Result<(bool, usize)> {
+        let sent = Instant::now();
+        let renewed = self.store.renew_changed(&self.node, lease_ms).await?;
+        let expires = sent + self.lease.mul_f64(LOCAL_SHARE);
+        let mut l = self.leases.lock();
+        l.renewed_until = Some(expires);
+        let Some(renewed) = renewed else {
+            return Ok((false, 0));
+        };
+        let next: HashMap<String, Held> = renewed
+            .into_iter()
+            .map(|(k, epoch)| (k, Held { epoch, expires }))
+            .collect();
+        let differs = |a: &HashMap<String, Held>, b: &HashMap<String, Held>| {
+            a.iter()
+                .filter(|(k, h)| b.get(*k).is_none_or(|o| o.epoch != h.epoch))
+                .count()
+        };
+        let gained = differs(&next, &l.held) > 0;
+        let lost = differs(&l.held, &next);
+        l.held = next;
+        Ok((gained, lost))
+    }
+
+    /// Claims up to `n` more leases; returns whether it got any.
+    async fn claim(&self, n: usize, lease_ms: i64) -> crate::store::Result<bool> {
+        self.leases.lock().draining.clear();
+        let sent = Instant::now();
+        let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
+        let expires = sent + self.lease.mul_f64(LOCAL_SHARE);
+        let mut l = self.leases.lock();
+        let gained = !got.is_empty();
+        for (k, epoch) in got {
+            l.held.insert(k, Held { epoch, expires });
+        }
+        Ok(gained)
+    }
+
+    /// Gives back `n` leases for another node's share: idle ones now, busy
+    /// ones once their poll or delivery ends (nothing new starts under
+    /// them meanwhile). Returns how many went back now.
+    async fn give_back(&self, n: usize) -> crate::store::Result<usize> {
+        let give: Vec<String> = {
+            let mut l = self.leases.lock();
+            // Draining ones first (they were chosen before), then
+            // idle ones; busy ones are marked to drain.
+            let mut order: Vec<String> = l.draining.iter().cloned().collect();
+            order.extend(l.held.keys().filter(|k| !l.draining.contains(*k)).cloned());
+            let mut idle = Vec::new();
+            let mut drain = Vec::new();
+            for k in order.into_iter().take(n) {
+                if l.busy.contains_key(&k) {
+                    drain.push(k);
+                } else {
+                    idle.push(k);
+                }
+            }
+            for k in &idle {
+                l.held.remove(k);
+                l.draining.remove(k);
+            }
+            let fresh = drain.iter().filter(|k| !l.draining.contains(*k)).count();
+            if fresh > 0 {
+                info!(node = %self.node, leases = fresh, "leases busy (a poll or delivery in flight): given back once it ends, nothing new starts under them");
+            }
+            l.draining.extend(drain);
+            idle
+        };
+        if !give.is_empty() {
+            info!(node = %self.node, leases = give.len(), "giving leases back for another node's share");
+            self.store.release(&self.node, &give).await?;
+        }
+        Ok(give.len())
     }
 
     /// Keeps this node's leases until `stop`, then gives them all back and
@@ -515,7 +573,7 @@ impl Cluster {
         status: Arc<Status>,
         stop: CancellationToken,
     ) {
-        info!(node = %self.node, lease = %humantime::format_duration(self.lease), "cluster node started");
+        info!(node = %self.node, lease = %humantime::format_duration(self.lease), "node started: keeping its leases");
         let (tx, mut notices) = mpsc::channel::<Notice>(1024);
         let listener = {
             let store = self.store.clone();
@@ -601,7 +659,7 @@ impl Cluster {
             warn!(error = %e, "cannot give the leases back; they lapse after the lease time");
         }
         let _ = self.store.leave(&self.node).await;
-        info!(node = %self.node, leases = all.len(), "left the cluster");
+        info!(node = %self.node, leases = all.len(), "node left: leases given back");
     }
 
     /// Applies the hosts' shared pauses and paces to the local gates.
@@ -650,6 +708,58 @@ mod tests {
         // No live node counted yet (its own heartbeat is the first): as one.
         assert_eq!(plan(0, 3, 0), Plan::Claim(3));
         assert_eq!(plan(0, 0, 2), Plan::Hold);
+    }
+
+    fn alone() -> Arc<Cluster> {
+        Cluster::new(
+            Coordinator::alone(),
+            Duration::from_secs(15),
+            CancellationToken::new(),
+        )
+    }
+
+    /// Alone, a node holds every key it wants from its first round, and
+    /// a round with nothing new changes nothing; an adopted lane (entries
+    /// no task wants) is held at the next round.
+    #[tokio::test]
+    async fn alone_a_node_holds_every_key_from_its_first_round() {
+        let c = alone();
+        for i in 0..3 {
+            c.want(&format!("s/{i}"));
+        }
+        assert!(c.round().await.unwrap(), "gained");
+        assert_eq!(c.held_count(), 3);
+        assert!(matches!(c.begin("s/0"), Begin::Held(_)));
+        assert!(!c.round().await.unwrap(), "nothing new");
+        assert_eq!(c.held_count(), 3);
+        c.adopt("pollhook/ops");
+        c.adopt("s/1");
+        assert!(c.round().await.unwrap());
+        assert_eq!(c.held_count(), 4);
+        assert!(c.holds("pollhook/ops"));
+    }
+
+    /// Under tokio's paused clock (hours pass at once), the rounds keep
+    /// the leases: a poll never finds its lease lapsing.
+    #[tokio::test(start_paused = true)]
+    async fn alone_leases_hold_while_the_paused_clock_runs_hours() {
+        let c = alone();
+        c.want("s/0");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(c.clone().run(
+            Arc::new(Wakes::default()),
+            Arc::new(HostGates::new(&Default::default())),
+            Arc::new(Status::default()),
+            stop.clone(),
+        ));
+        assert!(c.until_held("s/0").await > 0);
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_secs(97)).await;
+            assert!(matches!(c.begin("s/0"), Begin::Held(_)));
+        }
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(c.held_count(), 0, "given back when it stops");
     }
 
     #[test]

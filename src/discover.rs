@@ -211,9 +211,9 @@ pub struct DiscoverEnv<'a> {
     pub store: &'a Store,
     pub status: &'a crate::status::Status,
     pub env: FetchEnv<'a>,
-    /// In a cluster, one node lists the source (the holder of its
-    /// discovery lease); the others follow the list it stores.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// One node lists the source (the holder of its discovery lease); the
+    /// others, if any, follow the list it stores.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// The daemon's loop for one discovering source, until `shutdown`.
@@ -251,54 +251,47 @@ pub async fn run_source<F, Fut>(
         running.start(name, token, task).await;
     }
     let lease_key = crate::cluster::discover_key(&source.name);
-    let _wanted = cx.cluster.as_ref().map(|c| c.want_while(&lease_key));
+    let c = cx.cluster.clone();
+    let _wanted = c.want_while(&lease_key);
     loop {
-        // In a cluster, only the holder of the discovery lease lists; the
-        // others start and stop instance tasks (which wait for their own
-        // leases) as the stored list says.
-        let busy = match &cx.cluster {
-            None => None,
-            Some(c) => match c.begin(&lease_key) {
-                crate::cluster::Begin::Held(b) => Some(b),
-                _ => {
-                    follow(&source, &cx, &mut known, &mut running, &spawn, &shutdown).await;
-                    tokio::select! {
-                        _ = c.next_change(c.lease) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    continue;
+        // Only the holder of the discovery lease lists; the other nodes
+        // start and stop instance tasks (which wait for their own leases)
+        // as the stored list says.
+        let busy = match c.begin(&lease_key) {
+            crate::cluster::Begin::Held(b) => b,
+            crate::cluster::Begin::Lapsing => {
+                // Renewal is late: no listing on a lease that may lapse.
+                tokio::select! {
+                    _ = c.next_change(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => break,
                 }
-            },
+                continue;
+            }
+            crate::cluster::Begin::NotHeld => {
+                follow(&source, &cx, &mut known, &mut running, &spawn, &shutdown).await;
+                // Until the lease comes here (at once when it already
+                // did meanwhile), or the next look at the stored list.
+                tokio::select! {
+                    _ = tokio::time::timeout(c.lease, c.until_held(&lease_key)) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
         };
         let now = Utc::now();
         match discover(&source, &cx.env, now).await {
             Ok(found) => {
-                let change = diff(&known.instances, &found);
-                for name in &change.stop {
-                    running.stop(name);
-                    known.instances.remove(name);
-                    known.removed.insert(name.clone(), now.timestamp_millis());
-                    cx.status
-                        .remove_instance(&format!("{}/{name}", source.name));
-                    info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
-                }
-                for f in &change.start {
-                    known.removed.remove(&f.name);
-                    known.instances.insert(f.name.clone(), f.with.clone());
-                    let token = shutdown.child_token();
-                    let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
-                    running.start(&f.name, token, task).await;
-                    info!(source = %source.name, instance = %f.name, "instance discovered");
-                }
-                if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
-                    warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
-                }
-                cx.status.discovery(&source.name, |s| {
-                    s.instances = known.instances.len();
-                    s.removed = known.removed.len();
-                    s.last_ok_ms = Some(crate::now_ms());
-                    s.last_error = None;
-                });
+                apply_found(
+                    &source,
+                    &cx,
+                    &mut known,
+                    &mut running,
+                    &spawn,
+                    &shutdown,
+                    found,
+                    now,
+                )
+                .await
             }
             Err(e) => {
                 let msg = mask(&e.to_string(), &secrets);
@@ -311,26 +304,7 @@ pub async fn run_source<F, Fut>(
         }
         // Retention runs whatever the listing did: instances gone long
         // enough lose their state even while discovery keeps failing.
-        let now = Utc::now();
-        let horizon = now.timestamp_millis() - source.retention.as_millis() as i64;
-        let expired: Vec<String> = known
-            .removed
-            .iter()
-            .filter(|(_, at)| **at < horizon)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in expired {
-            let key = format!("{}/{name}", source.name);
-            match cx.store.remove_state(&key).await {
-                Ok(()) => {
-                    known.removed.remove(&name);
-                    info!(instance = %key, "retention passed: instance state removed");
-                }
-                Err(e) => {
-                    warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state")
-                }
-            }
-        }
+        expire_removed(&source, cx.store, &mut known).await;
         if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
             warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
         }
@@ -351,6 +325,76 @@ pub async fn run_source<F, Fut>(
     }
     // Shutdown: the poll tasks see the same token; wait for them.
     running.join_all().await;
+}
+
+/// A listing went through: instances that left stop (their state kept
+/// for the retention period), new or changed ones start; the list is
+/// saved.
+#[allow(clippy::too_many_arguments)]
+async fn apply_found<F, Fut>(
+    source: &Arc<Source>,
+    cx: &DiscoverEnv<'_>,
+    known: &mut Discovered,
+    running: &mut Tasks,
+    spawn: &F,
+    shutdown: &CancellationToken,
+    found: Vec<Found>,
+    now: DateTime<Utc>,
+) where
+    F: Fn(Instance, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let change = diff(&known.instances, &found);
+    for name in &change.stop {
+        running.stop(name);
+        known.instances.remove(name);
+        known.removed.insert(name.clone(), now.timestamp_millis());
+        cx.status
+            .remove_instance(&format!("{}/{name}", source.name));
+        info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
+    }
+    for f in &change.start {
+        known.removed.remove(&f.name);
+        known.instances.insert(f.name.clone(), f.with.clone());
+        let token = shutdown.child_token();
+        let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
+        running.start(&f.name, token, task).await;
+        info!(source = %source.name, instance = %f.name, "instance discovered");
+    }
+    if let Err(e) = cx.store.save_discovered(&source.name, known).await {
+        warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
+    }
+    cx.status.discovery(&source.name, |s| {
+        s.instances = known.instances.len();
+        s.removed = known.removed.len();
+        s.last_ok_ms = Some(crate::now_ms());
+        s.last_error = None;
+    });
+}
+
+/// Removes the state of instances that left the list longer than the
+/// source's retention ago.
+async fn expire_removed(source: &Source, store: &Store, known: &mut Discovered) {
+    let now = Utc::now();
+    let horizon = now.timestamp_millis() - source.retention.as_millis() as i64;
+    let expired: Vec<String> = known
+        .removed
+        .iter()
+        .filter(|(_, at)| **at < horizon)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in expired {
+        let key = format!("{}/{name}", source.name);
+        match store.remove_state(&key).await {
+            Ok(()) => {
+                known.removed.remove(&name);
+                info!(instance = %key, "retention passed: instance state removed");
+            }
+            Err(e) => {
+                warn!(instance = %key, error = %format!("{e:#}"), "cannot remove state")
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The poll stage: one task per instance, from its schedule to its
-//! commit. `poll_loop` sleeps until the instance is due, `poll_once`
-//! fetches, detects and commits (state and outbox in one store
+//! commit. `poll_loop` waits for the instance's lease (at once alone),
+//! `poll_held` sleeps until the instance is due, `poll_once` fetches,
+//! detects and commits (state and outbox in one store
 //! transaction), and `prepare_commit` (pure) turns a detection into the
 //! state to commit and the events with their sequence numbers and ids.
 
@@ -37,28 +38,25 @@ pub(crate) fn spread(key: &str) -> f64 {
 enum Stop {
     /// Shutdown, or the schedule has no future run.
     Done,
-    /// This node no longer holds the instance's lease (cluster), or lost
-    /// it and took it again under a new epoch, or is giving it back: start
-    /// over from the store once it holds it. `fenced`: the store refused
-    /// a commit under this epoch.
+    /// This node no longer holds the instance's lease, or lost it and
+    /// took it again under a new epoch, or is giving it back: start over
+    /// from the store once it holds it. `fenced`: the store refused a
+    /// commit under this epoch.
     Lost { fenced: bool },
 }
 
 /// Polls one instance until `shutdown`: on its schedule, backing off
-/// while it fails, resuming from its stored state. In a cluster, only
-/// while this node holds the instance's lease: it waits for the lease,
-/// reads the state the last holder committed, and polls until the lease
-/// passes to another node.
+/// while it fails, resuming from its stored state, while this node holds
+/// the instance's lease: it waits for the lease, reads the state the last
+/// holder committed, and polls until the lease passes to another node.
+/// Alone (`SingleNode`), the lease comes at the first round and stays.
 pub(crate) async fn poll_loop(
     shared: Arc<Shared>,
     source: Arc<Source>,
     inst: Instance,
     shutdown: CancellationToken,
 ) {
-    let Some(cluster) = shared.cluster.clone() else {
-        poll_held(&shared, &source, &inst, None, &shutdown).await;
-        return;
-    };
+    let cluster = shared.cluster.clone();
     // Unwanted when this task ends: removed (its lease row is pruned),
     // unless the daemon is stopping.
     let _wanted = cluster.want_while(&inst.key);
@@ -84,7 +82,7 @@ pub(crate) async fn poll_loop(
             continue;
         }
         tracing::debug!(instance = %inst.key, epoch, node = %cluster.node, "lease held: polling here");
-        match poll_held(&shared, &source, &inst, Some((&cluster, epoch)), &shutdown).await {
+        match poll_held(&shared, &source, &inst, epoch, &shutdown).await {
             Stop::Done => return,
             Stop::Lost { fenced } => {
                 if fenced {
@@ -95,27 +93,38 @@ pub(crate) async fn poll_loop(
     }
 }
 
-/// Polls while this node may: always alone, under one lease epoch in a
-/// cluster.
+/// Where an instance is between polls: its state, when it is due next,
+/// and what paces it.
+struct Pace {
+    state: InstanceState,
+    due: chrono::DateTime<Utc>,
+    /// This instance's slot within the interval (see `Schedule::next_slot`).
+    phase: f64,
+    /// The adaptive interval now (`every` schedules).
+    interval: Duration,
+    failures: u32,
+    last_start: Option<chrono::DateTime<Utc>>,
+}
+
+/// What one poll left for the schedule.
+struct Polls {
+    /// Events were committed.
+    changed: bool,
+    /// The least wait the API (or the connector's rate limit) asked for.
+    floor: Option<crate::hints::Floor>,
+}
+
+/// Polls while this node holds the instance's lease under `epoch`.
 async fn poll_held(
     shared: &Arc<Shared>,
     source: &Arc<Source>,
     inst: &Instance,
-    lease: Option<(&Arc<crate::cluster::Cluster>, i64)>,
+    epoch: i64,
     shutdown: &CancellationToken,
 ) -> Stop {
     let c = &source.connector;
-    let mut state = loop {
-        match shared.store.load_state(&inst.key).await {
-            Ok(s) => break s,
-            Err(e) => {
-                error!(instance = %inst.key, error = %format!("{e:#}"), "cannot read the instance state; retrying in 5s");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = shutdown.cancelled() => return Stop::Done,
-                }
-            }
-        }
+    let Some(state) = load_state(shared, inst, shutdown).await else {
+        return Stop::Done;
     };
     shared.status.register_instance(&inst.key, |s| {
         s.source = source.name.clone();
@@ -130,62 +139,34 @@ async fn poll_held(
         .next_run_ms
         .and_then(chrono::DateTime::from_timestamp_millis);
     let first = first_due(persisted, Utc::now(), &source.schedule, spread(&inst.key));
-    let Some(mut due) = first else {
+    let Some(due) = first else {
         warn!(instance = %inst.key, "schedule has no future run; instance stops");
         return Stop::Done;
     };
-    // This instance's slot within the interval (see `Schedule::next_slot`).
-    let phase = spread(&inst.key);
-    let mut interval = match source.schedule.kind {
-        crate::schedule::ScheduleKind::Every(d) => d,
-        crate::schedule::ScheduleKind::Cron(_) => Duration::ZERO,
+    let mut pace = Pace {
+        state,
+        due,
+        phase: spread(&inst.key),
+        interval: match source.schedule.kind {
+            crate::schedule::ScheduleKind::Every(d) => d,
+            crate::schedule::ScheduleKind::Cron(_) => Duration::ZERO,
+        },
+        failures: 0,
+        last_start: None,
     };
-    let mut failures: u32 = 0;
-    let mut last_start: Option<chrono::DateTime<Utc>> = None;
     loop {
-        shared
-            .status
-            .instance(&inst.key, |s| s.next_poll_ms = Some(due.timestamp_millis()));
-        // Persisted so that the next start knows whether a run was missed.
-        // The in-memory copy follows, so a commit_poll of this state does not
-        // write back an older value.
-        state.next_run_ms = Some(due.timestamp_millis());
-        if !source.schedule.keeps_next_run() {
-            // A restart finds this instance's slot without it.
-        } else if let Err(e) = shared
-            .store
-            .set_next_run(&inst.key, due.timestamp_millis())
-            .await
-        {
-            warn!(instance = %inst.key, error = %format!("{e:#}"), "cannot record the next run time");
-        }
-        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        record_due(shared, source, inst, &mut pace).await;
+        let wait = (pace.due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return Stop::Done,
         }
-        // In a cluster, the poll runs under the lease it started with;
-        // while it runs, the lease is not given back.
-        let busy = match lease {
-            None => None,
-            Some((cluster, epoch)) => loop {
-                match cluster.begin(&inst.key) {
-                    crate::cluster::Begin::Held(b) if b.epoch == epoch => break Some(b),
-                    crate::cluster::Begin::Held(_) | crate::cluster::Begin::NotHeld => {
-                        return Stop::Lost { fenced: false }
-                    }
-                    crate::cluster::Begin::Lapsing => {
-                        // Renewal is late (the database is slow or away):
-                        // no poll on a lease that may be lapsing.
-                        tokio::select! {
-                            _ = cluster.next_change(Duration::from_secs(1)) => {}
-                            _ = shutdown.cancelled() => return Stop::Done,
-                        }
-                    }
-                }
-            },
+        // The poll runs under the lease it started with; while it runs,
+        // the lease is not given back.
+        let busy = match begin(&shared.cluster, &inst.key, epoch, shutdown).await {
+            Ok(b) => b,
+            Err(stop) => return stop,
         };
-        let fence = busy.as_ref().map(|b| b.fence());
         let env = FetchEnv {
             client: &shared.client,
             hosts: &shared.hosts,
@@ -193,149 +174,269 @@ async fn poll_held(
             tokens: &shared.tokens,
             user_agent: shared.live.user_agent(),
         };
-        let started = Utc::now();
-        if let Some(prev) = last_start {
-            let ms = (started - prev).num_milliseconds().max(0) as u64;
-            shared
-                .status
-                .instance(&inst.key, |s| s.effective_interval_ms = Some(ms));
-        }
-        last_start = Some(started);
-        let mut changed = false;
-        let mut floor: Option<crate::hints::Floor> = None;
-        let took = std::time::Instant::now();
-        // Boxed: a task's future is as large as its largest state, and a
-        // poll in flight (HTTP, paging, detection) is kilobytes. Inline,
-        // every sleeping instance would carry that size; boxed, only the
-        // ones polling do (10,000 instances: tens of MiB).
-        let outcome = Box::pin(poll_once(
-            shared,
-            source,
-            inst,
-            &state,
-            &env,
-            fence.as_ref(),
-        ))
-        .await;
-        drop(busy);
-        shared
-            .status
-            .observe_poll(&source.name, &c.name, took.elapsed());
-        match outcome {
-            Ok(Polled {
-                state: next_state,
-                events,
-                floor: hint,
-                refused,
-            }) => {
-                if let Some(n) = next_state {
-                    state = n;
-                }
-                floor = hint;
-                changed = events > 0;
-                failures = 0;
-                match refused {
-                    // Committed, but not whole: an error of the instance
-                    // (on its status and as an operational event) that
-                    // backs nothing off, the other items went on.
-                    Some(msg) => {
-                        warn!(instance = %inst.key, connector = %c.name, "item refused: {msg}");
-                        shared.ops.instance_failed(&inst.key, &c.name, "item", &msg);
-                    }
-                    None => shared.ops.instance_ok(&inst.key, &c.name),
-                }
-            }
-            Err(PollError::Deferred { wait }) => {
-                // Not a failure: the connector's long-window quota has no
-                // request left before `wait`. The next poll is then.
-                tracing::debug!(instance = %inst.key, wait = ?wait, "poll put off by the connector's rate_limit");
-                floor = Some(crate::hints::Floor {
-                    at_least: wait,
-                    reason: format!(
-                        "rate_limit {}: next request allowed in {}",
-                        c.rate_limit
-                            .map(|r| format!("{}/{}", r.count, humantime::format_duration(r.per)))
-                            .unwrap_or_default(),
-                        humantime::format_duration(Duration::from_secs(wait.as_secs()))
-                    ),
-                });
-            }
-            Err(PollError::Fenced(msg)) => {
-                info!(instance = %inst.key, "{msg}");
-                return Stop::Lost { fenced: true };
-            }
-            Err(e) => {
-                failures += 1;
-                let msg = mask(&e.to_string(), &inst.secrets);
-                warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), failures, "poll failed: {msg}");
-                shared
-                    .ops
-                    .instance_failed(&inst.key, &c.name, e.kind(), &msg);
-                shared
-                    .status
-                    .polled(&inst.key, &source.name, &c.name, PollOutcome::Failed, |s| {
-                        s.last_poll_ms = Some(crate::now_ms());
-                        s.last_error = Some(msg);
-                    });
-                if matches!(e, PollError::Store(_)) {
-                    // A commit whose outcome is unknown (a connection lost
-                    // after the server committed) may have landed: the
-                    // next commit is written as a change from what the
-                    // store holds (see `StateWrite`), so that is read again.
-                    if let Ok(s) = shared.store.load_state(&inst.key).await {
-                        state = InstanceState {
-                            next_run_ms: state.next_run_ms,
-                            ..s
-                        };
-                    }
-                }
-            }
-        }
-        let now = Utc::now();
-        let next = match source.schedule.adaptive {
-            Some((min, max)) => {
-                interval = adapt(interval, changed, min, max);
-                let after = due.max(now);
-                source
-                    .schedule
-                    .in_window(after + chrono::Duration::from_std(interval).unwrap_or_default())
-            }
-            None => source.schedule.next_slot(now, phase),
+        let polls = match poll_under(shared, source, inst, &env, &mut pace, busy).await {
+            Ok(p) => p,
+            Err(stop) => return stop,
         };
-        let Some(mut next) = next else {
+        let Some(next) = next_due(shared, source, inst, &mut pace, &polls) else {
             warn!(instance = %inst.key, "schedule has no future run; instance stops");
             return Stop::Done;
         };
-        // The API asked not to be polled again so soon (`X-Poll-Interval`,
-        // `Cache-Control: max-age`, `Expires`): a floor under the schedule.
-        if let Some(f) = &floor {
-            let earliest = now + chrono::Duration::from_std(f.at_least).unwrap_or_default();
-            if next < earliest {
-                next = source.schedule.in_window(earliest).unwrap_or(earliest);
-            }
-        }
-        shared.status.instance(&inst.key, |s| {
-            s.interval_floor_ms = floor.as_ref().map(|f| f.at_least.as_millis() as u64);
-            s.interval_reason = floor.as_ref().map(|f| f.reason.clone());
-        });
-        // A failing upstream is asked again later and later (never sooner
-        // than the schedule says), then the schedule resumes on success.
-        let backoff = error_backoff(failures, MAX_ERROR_BACKOFF, rand::random::<f64>());
-        if !backoff.is_zero() {
-            let retry = now + chrono::Duration::from_std(backoff).unwrap_or_default();
-            if retry > next {
-                next = source.schedule.in_window(retry).unwrap_or(retry);
-            }
-        }
-        shared.status.instance(&inst.key, |s| {
-            s.consecutive_failures = failures;
-            s.interval_ms = source
-                .schedule
-                .adaptive
-                .map(|_| interval.as_millis() as u64);
-        });
-        due = source.schedule.jittered(next, rand::random::<f64>());
+        pace.due = source.schedule.jittered(next, rand::random::<f64>());
     }
+}
+
+/// The instance's stored state, read again every 5 s while the store
+/// does not answer; `None` at shutdown.
+async fn load_state(
+    shared: &Shared,
+    inst: &Instance,
+    shutdown: &CancellationToken,
+) -> Option<InstanceState> {
+    loop {
+        match shared.store.load_state(&inst.key).await {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                error!(instance = %inst.key, error = %format!("{e:#}"), "cannot read the instance state; retrying in 5s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Shows and keeps when the instance is due next.
+async fn record_due(shared: &Shared, source: &Source, inst: &Instance, pace: &mut Pace) {
+    let due_ms = pace.due.timestamp_millis();
+    shared
+        .status
+        .instance(&inst.key, |s| s.next_poll_ms = Some(due_ms));
+    // Persisted so that the next start knows whether a run was missed.
+    // The in-memory copy follows, so a commit_poll of this state does not
+    // write back an older value.
+    pace.state.next_run_ms = Some(due_ms);
+    if !source.schedule.keeps_next_run() {
+        // A restart finds this instance's slot without it.
+    } else if let Err(e) = shared.store.set_next_run(&inst.key, due_ms).await {
+        warn!(instance = %inst.key, error = %format!("{e:#}"), "cannot record the next run time");
+    }
+}
+
+/// Starts a poll under the lease held at `epoch`: waits while its renewal
+/// is late; a lease lost or taken again under another epoch stops the
+/// polling here.
+async fn begin(
+    cluster: &Arc<crate::cluster::Cluster>,
+    key: &str,
+    epoch: i64,
+    shutdown: &CancellationToken,
+) -> Result<crate::cluster::Busy, Stop> {
+    loop {
+        match cluster.begin(key) {
+            crate::cluster::Begin::Held(b) if b.epoch == epoch => return Ok(b),
+            crate::cluster::Begin::Held(_) | crate::cluster::Begin::NotHeld => {
+                return Err(Stop::Lost { fenced: false })
+            }
+            crate::cluster::Begin::Lapsing => {
+                // Renewal is late (the database is slow or away): no poll
+                // on a lease that may be lapsing.
+                tokio::select! {
+                    _ = cluster.next_change(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return Err(Stop::Done),
+                }
+            }
+        }
+    }
+}
+
+/// One poll under `busy` (its lease, given back only after it), and what
+/// came of it in the instance's state, status and operational events.
+async fn poll_under(
+    shared: &Arc<Shared>,
+    source: &Arc<Source>,
+    inst: &Instance,
+    env: &FetchEnv<'_>,
+    pace: &mut Pace,
+    busy: crate::cluster::Busy,
+) -> Result<Polls, Stop> {
+    let c = &source.connector;
+    let started = Utc::now();
+    if let Some(prev) = pace.last_start {
+        let ms = (started - prev).num_milliseconds().max(0) as u64;
+        shared
+            .status
+            .instance(&inst.key, |s| s.effective_interval_ms = Some(ms));
+    }
+    pace.last_start = Some(started);
+    let took = std::time::Instant::now();
+    let fence = busy.fence();
+    // Boxed: a task's future is as large as its largest state, and a
+    // poll in flight (HTTP, paging, detection) is kilobytes. Inline,
+    // every sleeping instance would carry that size; boxed, only the
+    // ones polling do (10,000 instances: tens of MiB).
+    let outcome = Box::pin(poll_once(
+        shared,
+        source,
+        inst,
+        &pace.state,
+        env,
+        Some(&fence),
+    ))
+    .await;
+    drop(busy);
+    shared
+        .status
+        .observe_poll(&source.name, &c.name, took.elapsed());
+    let mut polls = Polls {
+        changed: false,
+        floor: None,
+    };
+    match outcome {
+        Ok(Polled {
+            state: next_state,
+            events,
+            floor: hint,
+            refused,
+        }) => {
+            if let Some(n) = next_state {
+                pace.state = n;
+            }
+            polls.floor = hint;
+            polls.changed = events > 0;
+            pace.failures = 0;
+            match refused {
+                // Committed, but not whole: an error of the instance
+                // (on its status and as an operational event) that
+                // backs nothing off, the other items went on.
+                Some(msg) => {
+                    warn!(instance = %inst.key, connector = %c.name, "item refused: {msg}");
+                    shared.ops.instance_failed(&inst.key, &c.name, "item", &msg);
+                }
+                None => shared.ops.instance_ok(&inst.key, &c.name),
+            }
+        }
+        Err(PollError::Deferred { wait }) => {
+            // Not a failure: the connector's long-window quota has no
+            // request left before `wait`. The next poll is then.
+            tracing::debug!(instance = %inst.key, wait = ?wait, "poll put off by the connector's rate_limit");
+            polls.floor = Some(deferred_floor(source, wait));
+        }
+        Err(PollError::Fenced(msg)) => {
+            info!(instance = %inst.key, "{msg}");
+            return Err(Stop::Lost { fenced: true });
+        }
+        Err(e) => poll_failed(shared, source, inst, pace, e).await,
+    }
+    Ok(polls)
+}
+
+/// The floor a deferred poll puts under the schedule: the connector's
+/// `rate_limit` allows the next request in `wait`.
+fn deferred_floor(source: &Source, wait: Duration) -> crate::hints::Floor {
+    let c = &source.connector;
+    crate::hints::Floor {
+        at_least: wait,
+        reason: format!(
+            "rate_limit {}: next request allowed in {}",
+            c.rate_limit
+                .map(|r| format!("{}/{}", r.count, humantime::format_duration(r.per)))
+                .unwrap_or_default(),
+            humantime::format_duration(Duration::from_secs(wait.as_secs()))
+        ),
+    }
+}
+
+/// A failed poll: counted, logged, shown, announced; after a store error
+/// the state is read again (the commit may have landed).
+async fn poll_failed(
+    shared: &Shared,
+    source: &Source,
+    inst: &Instance,
+    pace: &mut Pace,
+    e: PollError,
+) {
+    let c = &source.connector;
+    pace.failures += 1;
+    let failures = pace.failures;
+    let msg = mask(&e.to_string(), &inst.secrets);
+    warn!(instance = %inst.key, connector = %c.name, kind = e.kind(), failures, "poll failed: {msg}");
+    shared
+        .ops
+        .instance_failed(&inst.key, &c.name, e.kind(), &msg);
+    shared
+        .status
+        .polled(&inst.key, &source.name, &c.name, PollOutcome::Failed, |s| {
+            s.last_poll_ms = Some(crate::now_ms());
+            s.last_error = Some(msg);
+        });
+    if matches!(e, PollError::Store(_)) {
+        // A commit whose outcome is unknown (a connection lost after the
+        // server committed) may have landed: the next commit is written as
+        // a change from what the store holds (see `StateWrite`), so that
+        // is read again.
+        if let Ok(s) = shared.store.load_state(&inst.key).await {
+            pace.state = InstanceState {
+                next_run_ms: pace.state.next_run_ms,
+                ..s
+            };
+        }
+    }
+}
+
+/// When the instance is due next (before jitter): the schedule (or the
+/// adaptive interval), no sooner than the API's floor, later while it
+/// fails. `None`: the schedule has no future run.
+fn next_due(
+    shared: &Shared,
+    source: &Source,
+    inst: &Instance,
+    pace: &mut Pace,
+    polls: &Polls,
+) -> Option<chrono::DateTime<Utc>> {
+    let now = Utc::now();
+    let next = match source.schedule.adaptive {
+        Some((min, max)) => {
+            pace.interval = adapt(pace.interval, polls.changed, min, max);
+            let after = pace.due.max(now);
+            source
+                .schedule
+                .in_window(after + chrono::Duration::from_std(pace.interval).unwrap_or_default())
+        }
+        None => source.schedule.next_slot(now, pace.phase),
+    };
+    let mut next = next?;
+    let floor = &polls.floor;
+    // The API asked not to be polled again so soon (`X-Poll-Interval`,
+    // `Cache-Control: max-age`, `Expires`): a floor under the schedule.
+    if let Some(f) = floor {
+        let earliest = now + chrono::Duration::from_std(f.at_least).unwrap_or_default();
+        if next < earliest {
+            next = source.schedule.in_window(earliest).unwrap_or(earliest);
+        }
+    }
+    shared.status.instance(&inst.key, |s| {
+        s.interval_floor_ms = floor.as_ref().map(|f| f.at_least.as_millis() as u64);
+        s.interval_reason = floor.as_ref().map(|f| f.reason.clone());
+    });
+    // A failing upstream is asked again later and later (never sooner
+    // than the schedule says), then the schedule resumes on success.
+    let backoff = error_backoff(pace.failures, MAX_ERROR_BACKOFF, rand::random::<f64>());
+    if !backoff.is_zero() {
+        let retry = now + chrono::Duration::from_std(backoff).unwrap_or_default();
+        if retry > next {
+            next = source.schedule.in_window(retry).unwrap_or(retry);
+        }
+    }
+    shared.status.instance(&inst.key, |s| {
+        s.consecutive_failures = pace.failures;
+        s.interval_ms = source
+            .schedule
+            .adaptive
+            .map(|_| pace.interval.as_millis() as u64);
+    });
+    Some(next)
 }
 
 /// The longest wait between attempts of a failing instance.

@@ -40,9 +40,10 @@ pub(crate) struct Shared {
     pub(crate) tokens: TokenCache,
     /// What a reload may change under running tasks.
     pub(crate) live: Arc<Live>,
-    /// The cluster this node is part of (a PostgreSQL store): which
-    /// instances it polls and delivers for. `None`: it owns everything.
-    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The nodes this one is part of: which instances it polls and
+    /// delivers for (alone, on sled's `SingleNode`: every one, the same
+    /// path).
+    pub(crate) cluster: Arc<Cluster>,
     /// pollhook's own events (`operations:`).
     pub(crate) ops: Arc<Ops>,
 }

@@ -1,8 +1,9 @@
 //! `pollhook run`: the daemon's lifecycle. It opens the store, starts the
 //! admin server, lets the [`supervisor`] start one poll task per instance
 //! ([`crate::poll`]), one discovery loop per discovering source and one
-//! delivery worker per endpoint, reloads on SIGHUP, sweeps the store
-//! hourly, and drains on shutdown.
+//! delivery worker per endpoint, keeps the node's leases (`Cluster`, on
+//! sled through `SingleNode`: the same path as several nodes), reloads on
+//! SIGHUP, sweeps the store hourly, and drains on shutdown.
 
 mod supervisor;
 
@@ -64,77 +65,16 @@ pub async fn run(
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     // The error names the place (a PostgreSQL URL without its password).
     let store = config.store.open().await?;
-    let status = Arc::new(Status::default());
-    let live = Arc::new(Live::default());
-    live.set_admin(
-        config.admin_token.clone(),
-        config.admin_allowed_hosts.clone(),
-    );
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let coordination = store.coordination();
-    let cluster = coordination
-        .is_shared()
-        .then(|| crate::cluster::Cluster::new(coordination, config.lease, shutdown.clone()));
-    let ops = Arc::new(crate::opsevents::Ops::default());
-    ops.configure(config.operations.clone());
-    let hosts = Arc::new(HostGates::in_cluster(
-        &config.hosts,
-        cluster.as_ref().map(|c| c.store().clone()),
-        Some(ops.clone()),
-    ));
-    let shared = Arc::new(Shared {
-        store: store.clone(),
-        status: status.clone(),
-        client: poll_client(),
-        hosts: hosts.clone(),
-        tokens: TokenCache::with_store(store.clone()),
-        live: live.clone(),
-        cluster: cluster.clone(),
-        ops: ops.clone(),
-    });
-    let ops_task = tokio::spawn(ops.clone().run(
-        store.clone(),
-        live.wakes.clone(),
-        shutdown.clone(),
-    ));
-    // The cluster keeps its leases until every poll and delivery is done
-    // (its own token, cancelled after them), then gives them back.
-    let cluster_stop = CancellationToken::new();
-    let cluster_task = cluster.clone().map(|c| {
-        tokio::spawn(c.run(
-            live.wakes.clone(),
-            hosts.clone(),
-            status.clone(),
-            cluster_stop.clone(),
-        ))
-    });
-
+    let services = Services::start(&config, &store, &shutdown);
     let admin = match config.admin_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
-            let local = listener.local_addr()?;
-            info!(%local, "admin server listening");
-            let state = crate::admin::AdminState {
-                status: status.clone(),
-                store: store.clone(),
-                hosts: hosts.clone(),
-                live: live.clone(),
-                node: cluster.as_ref().map(|c| c.node.clone()),
-                dashboard: Default::default(),
-                listen: local,
-            };
-            let task = tokio::spawn(crate::admin::serve(listener, state, shutdown.clone()));
-            Some((task, local))
-        }
+        Some(addr) => Some(services.start_admin(addr, &store, &shutdown).await?),
         None => None,
     };
-
     let mut sup = Supervisor {
-        shared,
+        shared: services.shared.clone(),
         guarded: delivery_client(true),
         unguarded: delivery_client(false),
         workers: Tasks::default(),
@@ -145,14 +85,165 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     sup.apply(config).await;
+    services.status.set_ready(true);
+    let notifier = Arc::new(crate::notify::Notifier::from_env());
+    let watchdog = announce_ready(&sup, &notifier, admin.as_ref().map(|a| a.1), &shutdown)?;
+    let gave_up = serve(
+        &mut sup,
+        &store,
+        &services.status,
+        &notifier,
+        &reload,
+        &shutdown,
+    )
+    .await;
+    services.status.set_ready(false);
+    notifier.send("STOPPING=1\nSTATUS=shutting down: finishing in-flight work");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    drain(&mut sup).await;
+    services.stop().await;
+    if let Some((a, _)) = admin {
+        a.abort();
+    }
+    let config = sup.config.as_ref().expect("applied");
+    let _ = std::fs::remove_file(config.state_dir.join("admin.addr"));
+    if let Some(e) = gave_up {
+        // No final flush: a store that refuses writes may not return from
+        // one, and what it holds is durable up to its last good commit.
+        // sled also flushes when its last handle is dropped, which hung
+        // this exit on a full disk: one handle is leaked on purpose, the
+        // process is about to end.
+        std::mem::forget(store);
+        return Err(StoreGaveUp(e).into());
+    }
+    store.flush().await?;
+    info!("store flushed; bye");
+    Ok(())
+}
+
+/// What runs beside the supervisor's tasks for the daemon's whole life:
+/// status, the node's leases (`Cluster`, the same on one node as on
+/// several), host gates and operational events.
+struct Services {
+    status: Arc<Status>,
+    live: Arc<Live>,
+    hosts: Arc<HostGates>,
+    cluster: Arc<crate::cluster::Cluster>,
+    /// Whether `/status` shows a cluster section (a shared coordination).
+    shared_node: bool,
+    shared: Arc<Shared>,
+    ops_task: tokio::task::JoinHandle<()>,
+    cluster_task: tokio::task::JoinHandle<()>,
+    /// The cluster keeps its leases until every poll and delivery is done
+    /// (its own token, cancelled after them), then gives them back.
+    cluster_stop: CancellationToken,
+}
+
+impl Services {
+    fn start(config: &Config, store: &Store, shutdown: &CancellationToken) -> Services {
+        let status = Arc::new(Status::default());
+        let live = Arc::new(Live::default());
+        live.set_admin(
+            config.admin_token.clone(),
+            config.admin_allowed_hosts.clone(),
+        );
+        let coordination = store.coordination();
+        // Reporting only: `/status` shows a cluster section for a shared one.
+        let shared_node = coordination.is_shared();
+        let cluster = crate::cluster::Cluster::new(coordination, config.lease, shutdown.clone());
+        // Operational events have a lane of their own: the worker that
+        // finds entries in it adopts it (`Cluster::adopt`), so a node
+        // holds it and delivers them, and a bridge without `operations:`
+        // has no lease row for it.
+        let ops = Arc::new(crate::opsevents::Ops::default());
+        ops.configure(config.operations.clone());
+        let hosts = Arc::new(HostGates::in_cluster(
+            &config.hosts,
+            cluster.store().clone(),
+            Some(ops.clone()),
+        ));
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            status: status.clone(),
+            client: poll_client(),
+            hosts: hosts.clone(),
+            tokens: TokenCache::with_store(store.clone()),
+            live: live.clone(),
+            cluster: cluster.clone(),
+            ops: ops.clone(),
+        });
+        let ops_task = tokio::spawn(ops.run(store.clone(), live.wakes.clone(), shutdown.clone()));
+        let cluster_stop = CancellationToken::new();
+        let cluster_task = tokio::spawn(cluster.clone().run(
+            live.wakes.clone(),
+            hosts.clone(),
+            status.clone(),
+            cluster_stop.clone(),
+        ));
+        Services {
+            status,
+            live,
+            hosts,
+            cluster,
+            shared_node,
+            shared,
+            ops_task,
+            cluster_task,
+            cluster_stop,
+        }
+    }
+
+    /// Starts the admin server on `addr`.
+    async fn start_admin(
+        &self,
+        addr: std::net::SocketAddr,
+        store: &Store,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(tokio::task::JoinHandle<()>, std::net::SocketAddr)> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        info!(%local, "admin server listening");
+        let state = crate::admin::AdminState {
+            status: self.status.clone(),
+            store: store.clone(),
+            hosts: self.hosts.clone(),
+            live: self.live.clone(),
+            node: self.shared_node.then(|| self.cluster.node.clone()),
+            dashboard: Default::default(),
+            listen: local,
+        };
+        let task = tokio::spawn(crate::admin::serve(listener, state, shutdown.clone()));
+        Ok((task, local))
+    }
+
+    /// After the polls and deliveries: operational events stop, and the
+    /// node gives its leases back.
+    async fn stop(self) {
+        self.ops_task.abort();
+        self.cluster_stop.cancel();
+        let _ = self.cluster_task.await;
+    }
+}
+
+/// Tells CLI commands, the log and systemd that the daemon is ready, and
+/// starts systemd's watchdog pings (for as long as the runtime turns).
+fn announce_ready(
+    sup: &Supervisor,
+    notifier: &Arc<crate::notify::Notifier>,
+    admin: Option<std::net::SocketAddr>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let config = sup.config.as_ref().expect("applied");
     let count = config
         .sources
         .iter()
         .map(|s| s.instances.len())
         .sum::<usize>();
-    status.set_ready(true);
-    if let Some((_, local)) = &admin {
+    if let Some(local) = admin {
         // Where CLI commands (and tests) find the running daemon; written
         // once it is ready, so its presence means `/readyz` says so.
         std::fs::write(config.state_dir.join("admin.addr"), local.to_string())
@@ -167,12 +258,11 @@ pub async fn run(
     );
     // systemd: ready now (store open, workers and pollers running), and
     // watchdog pings from a runtime task for as long as the runtime turns.
-    let notifier = Arc::new(crate::notify::Notifier::from_env());
     notifier.send(&format!(
         "READY=1\nSTATUS=polling {count} instances, delivering to {} endpoints",
         config.endpoints.len()
     ));
-    let watchdog = notifier.watchdog_interval().map(|every| {
+    Ok(notifier.watchdog_interval().map(|every| {
         let n = notifier.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -184,17 +274,29 @@ pub async fn run(
                 }
             }
         })
-    });
+    }))
+}
+
+/// Runs until `shutdown`: reloads on SIGHUP, sweeps the store hourly, and
+/// on sled gives up (cancelling `shutdown`) once the store has refused
+/// writes too long; returns the store's error then.
+async fn serve(
+    sup: &mut Supervisor,
+    store: &Store,
+    status: &Status,
+    notifier: &crate::notify::Notifier,
+    reload: &tokio::sync::Notify,
+    shutdown: &CancellationToken,
+) -> Option<String> {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     // Only sled needs a new handle to recover (it refuses every write after
     // its first I/O error); a database comes back by itself, and the
     // daemon waits for it, not ready meanwhile.
     let give_up = matches!(store, Store::Sled(_)).then(store_give_up);
     let mut store_check = tokio::time::interval(Duration::from_secs(1));
-    let mut gave_up: Option<String> = None;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return None,
             _ = store_check.tick() => {
                 let h = status.store_health();
                 if let (Some(since), Some(e)) = (h.failing_since_ms, h.error) {
@@ -204,9 +306,8 @@ pub async fn run(
                             "the store has refused writes for {}: {e}; stopping (exit status {STORE_EXIT}) so that the service manager starts pollhook again on a fresh store handle (Restart=on-failure); nothing detected is lost",
                             humantime::format_duration(give_up)
                         );
-                        gave_up = Some(e);
                         shutdown.cancel();
-                        break;
+                        return Some(e);
                     }
                 }
             }
@@ -218,11 +319,11 @@ pub async fn run(
             _ = sweep.tick() => sup.sweep().await,
         }
     }
-    status.set_ready(false);
-    notifier.send("STOPPING=1\nSTATUS=shutting down: finishing in-flight work");
-    if let Some(w) = watchdog {
-        w.abort();
-    }
+}
+
+/// Waits for in-flight polls, then deliveries, until the configured
+/// `shutdown_timeout`; what is left is abandoned (it stays in the store).
+async fn drain(sup: &mut Supervisor) {
     let timeout = sup.config.as_ref().expect("applied").shutdown_timeout;
     info!(timeout = %humantime::format_duration(timeout), "shutting down: finishing in-flight polls and deliveries");
     let deadline = tokio::time::Instant::now() + timeout;
@@ -238,33 +339,6 @@ pub async fn run(
             set.abort_all().await;
         }
     }
-    ops_task.abort();
-    cluster_stop.cancel();
-    if let Some(t) = cluster_task {
-        let _ = t.await;
-    }
-    if let Some((a, _)) = admin {
-        a.abort();
-    }
-    let _ = std::fs::remove_file(
-        sup.config
-            .as_ref()
-            .expect("applied")
-            .state_dir
-            .join("admin.addr"),
-    );
-    if let Some(e) = gave_up {
-        // No final flush: a store that refuses writes may not return from
-        // one, and what it holds is durable up to its last good commit.
-        // sled also flushes when its last handle is dropped, which hung
-        // this exit on a full disk: one handle is leaked on purpose, the
-        // process is about to end.
-        std::mem::forget(store);
-        return Err(StoreGaveUp(e).into());
-    }
-    store.flush().await?;
-    info!("store flushed; bye");
-    Ok(())
 }
 
 /// The exit status of a daemon that stopped because its store refused

@@ -32,15 +32,13 @@ pub struct Worker {
     pub status: Arc<Status>,
     /// Poked by pollers after they commit events for this endpoint.
     pub wake: Arc<Wake>,
-    /// In a cluster, this node delivers only the lanes of instances whose
-    /// lease it holds (see `crate::cluster`); `None`: every lane.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// This node delivers only the lanes of instances whose lease it
+    /// holds (see `crate::cluster`; alone, every lane with entries).
+    pub cluster: Arc<crate::cluster::Cluster>,
     /// Where this endpoint's troubles are announced (`operations:`).
     pub ops: Arc<crate::opsevents::Ops>,
 }
 
-/// A delivery in flight, with the lease it runs under (cluster), kept
-/// until its outcome is recorded.
 /// A finished attempt: the entry, its outcome, the answer, the lease it
 /// ran under, and for a delivered entry whether its removal from the
 /// outbox worked and (ordered lanes) the lane's next head.
@@ -49,7 +47,7 @@ type Flight = (
     OutboxEntry,
     Outcome,
     Answer,
-    Option<crate::cluster::Busy>,
+    crate::cluster::Busy,
     Option<Result<(), crate::store::StoreError>>,
     Option<(EntryKey, OutboxEntry)>,
 );
@@ -80,6 +78,40 @@ struct Health {
     open_until: Option<std::time::Instant>,
     /// Disabled (410 Gone, or failing too long): nothing is sent.
     disabled: Option<String>,
+}
+
+/// How many deliveries may be in flight, and when to look again: none
+/// while the circuit is open (until its probe time) or the endpoint is
+/// disabled, one at a time while probing, else `max_in_flight`.
+fn send_limit(max_in_flight: usize, health: &Health) -> (usize, Option<i64>) {
+    if health.disabled.is_some() {
+        return (
+            0,
+            health
+                .open_until
+                .and_then(open_for)
+                .map(|d| crate::now_ms() + d),
+        );
+    }
+    match health.open_until.map(open_for) {
+        None => (max_in_flight, None),
+        Some(Some(left_ms)) => (0, Some(crate::now_ms() + left_ms)),
+        Some(None) => (1, None),
+    }
+}
+
+/// Milliseconds left before an open circuit's probe, `None` when due.
+fn open_for(until: std::time::Instant) -> Option<i64> {
+    let left = until.saturating_duration_since(std::time::Instant::now());
+    (!left.is_zero()).then_some(left.as_millis() as i64)
+}
+
+/// The earlier of two optional times.
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// What the worker knows of its queue, so that a wake-up costs what
@@ -139,159 +171,27 @@ impl Worker {
     /// attempts have finished (the caller bounds that wait).
     pub async fn run(self, shutdown: CancellationToken) {
         let _alive = self.status.worker_alive();
-        let ep = self.endpoint.clone();
         let mut in_flight: JoinSet<Flight> = JoinSet::new();
         let mut q = Queue::default();
-        let mut health = Health::default();
-        // Disabled before a restart: stays so until enabled.
-        match self.store.endpoint_disabled(&ep.name).await {
-            Ok(why) => health.disabled = why,
-            Err(e) => {
-                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read whether the endpoint is disabled")
-            }
-        }
-        if let Some(why) = &health.disabled {
-            warn!(endpoint = %ep.name, "endpoint stays disabled ({why}); `pollhook endpoint enable {}` sends again", ep.name);
-            self.status
-                .endpoint(&ep.name, |s| s.disabled = health.disabled.clone());
-        }
-        let ordered = ep.ordering == Ordering::Instance;
+        let mut health = self.health_at_start().await;
+        let ordered = self.endpoint.ordering == Ordering::Instance;
         // At start, everything is unknown: one scan.
         self.rescan(&mut q).await;
         loop {
-            // Some(true): enabled here (announced); Some(false): enabled by
-            // another node (which announced it).
-            let mut enable: Option<bool> = None;
-            if self.wake.take_recheck() {
-                match self.store.endpoint_disabled(&ep.name).await {
-                    Ok(None) if health.disabled.is_some() => enable = Some(false),
-                    Ok(Some(why)) if health.disabled.is_none() => {
-                        warn!(endpoint = %ep.name, "endpoint disabled by another node ({why}); `pollhook endpoint enable {}` sends again", ep.name);
-                        self.status
-                            .endpoint(&ep.name, |s| s.disabled = Some(why.clone()));
-                        health.disabled = Some(why);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read whether the endpoint is disabled")
-                    }
-                }
-            }
-            if self.wake.take_enable() {
-                enable = Some(true);
-            }
-            if let Some(announce) = enable {
-                tracing::info!(endpoint = %ep.name, "endpoint enabled: sending again");
-                if announce && health.disabled.is_some() {
-                    self.ops.endpoint_enabled(&ep.name);
-                }
-                health = Health::default();
-                self.status.endpoint(&ep.name, |s| {
-                    s.disabled = None;
-                    s.circuit_open = false;
-                    s.consecutive_failures = 0;
-                });
-            }
-            let mut next_due: Option<i64> = None;
+            self.follow_enable(&mut health).await;
             // The circuit: while open nothing goes out; when the probe time
             // comes, one delivery at a time until one succeeds.
-            let mut limit = ep.max_in_flight;
-            if let Some(until) = health.open_until {
-                let left = until.saturating_duration_since(std::time::Instant::now());
-                if !left.is_zero() {
-                    limit = 0;
-                    next_due = Some(crate::now_ms() + left.as_millis() as i64);
-                } else {
-                    limit = 1;
-                }
-            }
-            if health.disabled.is_some() {
-                limit = 0;
-            }
-            // New work since the last look: instances with fresh entries,
-            // or a rescan after a replay.
-            if self.wake.take_rescan() {
-                self.rescan(&mut q).await;
-            }
-            for inst in self.wake.take() {
-                if !q.busy.contains(&inst) && !q.heads.contains_key(&inst) {
-                    q.stale.insert(inst);
-                }
-            }
+            let (limit, mut next_due) = send_limit(self.endpoint.max_in_flight, &health);
+            self.take_wakes(&mut q).await;
             if shutdown.is_cancelled() {
                 if in_flight.is_empty() {
                     return;
                 }
             } else if limit > in_flight.len() {
-                let now = crate::now_ms();
-                let sends = if ordered {
-                    self.read_heads(&mut q).await;
-                    let mut sends = Vec::new();
-                    while in_flight.len() + sends.len() < limit {
-                        match q.pop_due(now) {
-                            Some(x) => sends.push(x),
-                            None => break,
-                        }
-                    }
-                    if let Some(t) = q.next_due() {
-                        next_due = Some(next_due.map_or(t, |d| d.min(t)));
-                    }
-                    sends
-                } else {
-                    let (sends, due) = self
-                        .walk_unordered(&mut q, now, limit - in_flight.len())
-                        .await;
-                    if let Some(t) = due {
-                        next_due = Some(next_due.map_or(t, |d| d.min(t)));
-                    }
-                    sends
-                };
-                for (key, entry) in sends {
-                    // In a cluster, only under the instance's lease; a
-                    // lane this node no longer holds is forgotten here and
-                    // read again if the lease comes back (a rescan).
-                    let busy = match &self.cluster {
-                        None => None,
-                        Some(c) => match c.begin(&entry.instance) {
-                            crate::cluster::Begin::Held(b) => Some(b),
-                            _ => {
-                                q.busy.remove(if ordered {
-                                    &entry.instance
-                                } else {
-                                    &entry.event_id
-                                });
-                                continue;
-                            }
-                        },
-                    };
-                    let client = self.client.clone();
-                    let endpoint = ep.clone();
-                    let store = self.store.clone();
-                    in_flight.spawn(async move {
-                        let started = std::time::Instant::now();
-                        let at_ms = crate::now_ms();
-                        let (outcome, status) = attempt(&client, &endpoint, &entry).await;
-                        let answer = Answer {
-                            at_ms,
-                            status,
-                            latency: started.elapsed(),
-                        };
-                        // A delivered entry leaves the outbox here, beside
-                        // the other deliveries in flight, not in the loop
-                        // one after another; an ordered lane's next head
-                        // comes back with it (one round trip on PostgreSQL).
-                        let (removed, next) = match outcome {
-                            Outcome::Delivered if ordered => match store.delivered_next(&key).await
-                            {
-                                Ok(next) => (Some(Ok(())), next),
-                                Err(e) => (Some(Err(e)), None),
-                            },
-                            Outcome::Delivered => (Some(store.delivered(&key).await), None),
-                            _ => (None, None),
-                        };
-                        (key, entry, outcome, answer, busy, removed, next)
-                    });
-                }
+                let slots = limit - in_flight.len();
+                let (sends, due) = self.pick(&mut q, ordered, slots).await;
+                next_due = earliest(next_due, due);
+                self.launch(&mut q, &mut in_flight, sends, ordered);
             }
             let sleep = async {
                 match next_due {
@@ -305,34 +205,181 @@ impl Worker {
                 }
             };
             tokio::select! {
-                Some(done) = in_flight.join_next() => {
-                    match done {
-                        Ok((key, entry, outcome, answer, busy, removed, next)) => {
-                            self.record(&entry, &outcome, &answer).await;
-                            let (key, entry, stays) =
-                                self.settle(key, entry, outcome, removed, &mut health).await;
-                            drop(busy);
-                            if ordered {
-                                q.settled(key, entry, stays);
-                                // The next head came with the removal: no
-                                // read. (An emptied lane is read again: an
-                                // entry committed meanwhile may have woken
-                                // the worker while the lane was busy.)
-                                if let (false, Some((k, e))) = (stays, next) {
-                                    q.stale.remove(&e.instance);
-                                    q.put(k, e);
-                                }
-                            } else {
-                                q.busy.remove(&entry.event_id);
-                            }
-                        }
-                        Err(e) => error!(endpoint = %ep.name, error = %e, "delivery task failed"),
-                    }
-                }
+                Some(done) = in_flight.join_next() => match done {
+                    Ok(flight) => self.land(flight, &mut q, &mut health, ordered).await,
+                    Err(e) => error!(endpoint = %self.endpoint.name, error = %e, "delivery task failed"),
+                },
                 _ = self.wake.notify.notified() => {}
                 _ = sleep => {}
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
             }
+        }
+    }
+
+    /// The endpoint's health when the worker starts: disabled before a
+    /// restart, it stays so until enabled.
+    async fn health_at_start(&self) -> Health {
+        let ep = &self.endpoint;
+        let mut health = Health::default();
+        match self.store.endpoint_disabled(&ep.name).await {
+            Ok(why) => health.disabled = why,
+            Err(e) => {
+                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read whether the endpoint is disabled")
+            }
+        }
+        if let Some(why) = &health.disabled {
+            warn!(endpoint = %ep.name, "endpoint stays disabled ({why}); `pollhook endpoint enable {}` sends again", ep.name);
+            self.status
+                .endpoint(&ep.name, |s| s.disabled = health.disabled.clone());
+        }
+        health
+    }
+
+    /// Follows an endpoint disabled by another node, or enabled (here or
+    /// by another node): an enabled endpoint starts afresh.
+    async fn follow_enable(&self, health: &mut Health) {
+        let ep = &self.endpoint;
+        // Some(true): enabled here (announced); Some(false): enabled by
+        // another node (which announced it).
+        let mut enable: Option<bool> = None;
+        if self.wake.take_recheck() {
+            match self.store.endpoint_disabled(&ep.name).await {
+                Ok(None) if health.disabled.is_some() => enable = Some(false),
+                Ok(Some(why)) if health.disabled.is_none() => {
+                    warn!(endpoint = %ep.name, "endpoint disabled by another node ({why}); `pollhook endpoint enable {}` sends again", ep.name);
+                    self.status
+                        .endpoint(&ep.name, |s| s.disabled = Some(why.clone()));
+                    health.disabled = Some(why);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot read whether the endpoint is disabled")
+                }
+            }
+        }
+        if self.wake.take_enable() {
+            enable = Some(true);
+        }
+        if let Some(announce) = enable {
+            tracing::info!(endpoint = %ep.name, "endpoint enabled: sending again");
+            if announce && health.disabled.is_some() {
+                self.ops.endpoint_enabled(&ep.name);
+            }
+            *health = Health::default();
+            self.status.endpoint(&ep.name, |s| {
+                s.disabled = None;
+                s.circuit_open = false;
+                s.consecutive_failures = 0;
+            });
+        }
+    }
+
+    /// New work since the last look: instances with fresh entries, or a
+    /// rescan after a replay.
+    async fn take_wakes(&self, q: &mut Queue) {
+        if self.wake.take_rescan() {
+            self.rescan(q).await;
+        }
+        for inst in self.wake.take() {
+            if !q.busy.contains(&inst) && !q.heads.contains_key(&inst) {
+                q.stale.insert(inst);
+            }
+        }
+    }
+
+    /// Up to `slots` entries due now, and when the next one not yet due is.
+    async fn pick(
+        &self,
+        q: &mut Queue,
+        ordered: bool,
+        slots: usize,
+    ) -> (Vec<(EntryKey, OutboxEntry)>, Option<i64>) {
+        let now = crate::now_ms();
+        if !ordered {
+            return self.walk_unordered(q, now, slots).await;
+        }
+        self.read_heads(q).await;
+        let mut sends = Vec::new();
+        while sends.len() < slots {
+            match q.pop_due(now) {
+                Some(x) => sends.push(x),
+                None => break,
+            }
+        }
+        (sends, q.next_due())
+    }
+
+    /// Sends each entry in a task of its own, under its instance's lease;
+    /// a lane this node no longer holds is forgotten here and read again
+    /// if the lease comes back (a rescan).
+    fn launch(
+        &self,
+        q: &mut Queue,
+        in_flight: &mut JoinSet<Flight>,
+        sends: Vec<(EntryKey, OutboxEntry)>,
+        ordered: bool,
+    ) {
+        for (key, entry) in sends {
+            let busy = match self.cluster.begin(&entry.instance) {
+                crate::cluster::Begin::Held(b) => b,
+                lost => {
+                    if matches!(lost, crate::cluster::Begin::NotHeld) {
+                        self.cluster.adopt(&entry.instance);
+                    }
+                    q.busy.remove(if ordered {
+                        &entry.instance
+                    } else {
+                        &entry.event_id
+                    });
+                    continue;
+                }
+            };
+            let client = self.client.clone();
+            let endpoint = self.endpoint.clone();
+            let store = self.store.clone();
+            in_flight.spawn(async move {
+                let started = std::time::Instant::now();
+                let at_ms = crate::now_ms();
+                let (outcome, status) = attempt(&client, &endpoint, &entry).await;
+                let answer = Answer {
+                    at_ms,
+                    status,
+                    latency: started.elapsed(),
+                };
+                // A delivered entry leaves the outbox here, beside the
+                // other deliveries in flight, not in the loop one after
+                // another; an ordered lane's next head comes back with it
+                // (one round trip on PostgreSQL).
+                let (removed, next) = match outcome {
+                    Outcome::Delivered if ordered => match store.delivered_next(&key).await {
+                        Ok(next) => (Some(Ok(())), next),
+                        Err(e) => (Some(Err(e)), None),
+                    },
+                    Outcome::Delivered => (Some(store.delivered(&key).await), None),
+                    _ => (None, None),
+                };
+                (key, entry, outcome, answer, busy, removed, next)
+            });
+        }
+    }
+
+    /// A finished attempt: recorded, settled, and its lane's queue moved on.
+    async fn land(&self, flight: Flight, q: &mut Queue, health: &mut Health, ordered: bool) {
+        let (key, entry, outcome, answer, busy, removed, next) = flight;
+        self.record(&entry, &outcome, &answer).await;
+        let (key, entry, stays) = self.settle(key, entry, outcome, removed, health).await;
+        drop(busy);
+        if ordered {
+            q.settled(key, entry, stays);
+            // The next head came with the removal: no read. (An emptied
+            // lane is read again: an entry committed meanwhile may have
+            // woken the worker while the lane was busy.)
+            if let (false, Some((k, e))) = (stays, next) {
+                q.stale.remove(&e.instance);
+                q.put(k, e);
+            }
+        } else {
+            q.busy.remove(&entry.event_id);
         }
     }
 
@@ -390,7 +437,8 @@ impl Worker {
             if q.busy.contains(&inst) || q.heads.contains_key(&inst) {
                 continue;
             }
-            if self.cluster.as_ref().is_some_and(|c| !c.holds(&inst)) {
+            if !self.cluster.holds(&inst) {
+                self.cluster.adopt(&inst);
                 continue;
             }
             match self.store.outbox_head(&self.endpoint.name, &inst).await {
@@ -431,11 +479,8 @@ impl Worker {
                 if q.busy.contains(&entry.event_id) {
                     continue;
                 }
-                if self
-                    .cluster
-                    .as_ref()
-                    .is_some_and(|c| !c.holds(&entry.instance))
-                {
+                if !self.cluster.holds(&entry.instance) {
+                    self.cluster.adopt(&entry.instance);
                     continue;
                 }
                 if entry.next_attempt_ms > now {
@@ -748,5 +793,54 @@ async fn attempt(
             },
             None,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The circuit and a disabled endpoint decide how many deliveries may
+    /// be in flight, and when to look again.
+    #[test]
+    fn the_circuit_and_a_disabled_endpoint_limit_what_is_sent() {
+        let healthy = Health::default();
+        assert_eq!(send_limit(8, &healthy), (8, None));
+        let open = Health {
+            open_until: Some(std::time::Instant::now() + Duration::from_secs(60)),
+            ..Health::default()
+        };
+        let (limit, next) = send_limit(8, &open);
+        assert_eq!(limit, 0);
+        let left = next.unwrap() - crate::now_ms();
+        assert!((55_000..=60_000).contains(&left), "{left}");
+        let probing = Health {
+            open_until: Some(std::time::Instant::now()),
+            ..Health::default()
+        };
+        assert_eq!(send_limit(8, &probing), (1, None));
+        let disabled = Health {
+            disabled: Some("410".into()),
+            ..Health::default()
+        };
+        assert_eq!(send_limit(8, &disabled), (0, None));
+        assert_eq!(
+            send_limit(
+                8,
+                &Health {
+                    disabled: Some("410".into()),
+                    ..probing
+                }
+            ),
+            (0, None)
+        );
+    }
+
+    #[test]
+    fn earliest_of_two_optional_times() {
+        assert_eq!(earliest(None, None), None);
+        assert_eq!(earliest(Some(3), None), Some(3));
+        assert_eq!(earliest(None, Some(4)), Some(4));
+        assert_eq!(earliest(Some(5), Some(4)), Some(4));
     }
 }

@@ -1,7 +1,8 @@
 //! The gate of each host: a FIFO turn, governor's limiter, a cap on
 //! requests in flight, and the pauses and spacing learned from the host's
-//! answers; in a cluster, each request booked in the store and pauses
-//! shared with the other nodes (see the module doc of `quota`).
+//! answers; each request booked through the coordination and pauses
+//! shared with the other nodes (see the module doc of `quota`). Alone
+//! (the single node's coordination), booking and sharing cost nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -43,9 +44,9 @@ pub struct HostGate {
     /// The configured rate and burst, booked in the cluster's store so
     /// that the nodes together keep them (see [`crate::gcra`]).
     shared_rate: Option<(Rate, u32)>,
-    /// The coordination of the cluster this node is part of, if any: its
-    /// quota bookings and shared pauses.
-    cluster: Option<Coordinator>,
+    /// The coordination of the nodes this one is part of (itself alone on
+    /// sled): quota bookings and shared pauses.
+    cluster: Coordinator,
     /// Where a long pause is announced (`pollhook.quota.throttled`).
     ops: Option<Arc<dyn PauseListener>>,
 }
@@ -104,7 +105,7 @@ impl HostGate {
         name: String,
         quota: Option<&HostQuota>,
         stats: Arc<HostStats>,
-        cluster: Option<Coordinator>,
+        cluster: Coordinator,
         ops: Option<Arc<dyn PauseListener>>,
     ) -> Self {
         let rate = quota.and_then(|q| q.rate.map(|r| (r, q.burst)));
@@ -123,17 +124,16 @@ impl HostGate {
         }
     }
 
-    /// In a cluster: books this request's slot of the host's quota in the
-    /// store, so that no second carries more than the rate and burst
-    /// whatever the number of nodes, and waits for it. The interval is the
+    /// Books this request's slot of the host's quota through the
+    /// coordination, so that no second carries more than the rate and
+    /// burst whatever the number of nodes, and waits for it (alone, the
+    /// slot is now: the coordination does no work). The interval is the
     /// configured rate's, widened by a pace the host imposed; a host with
     /// neither books nothing (no round trip). When the store does not
     /// answer, the node's own limiter is all that holds (the database
     /// being away, the node's leases lapse and its polls stop soon).
     async fn book(&self) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
+        let cluster = &self.cluster;
         let gap = self.throttle.lock().gap();
         let rate = self
             .shared_rate
@@ -254,18 +254,16 @@ impl HostGate {
             t.spacing = None;
         }
         let pause = pause.map(|p| p.min(MAX_PAUSE));
-        if let Some(c) = &self.cluster {
-            // What one node learns, every node applies (at once, through
-            // the store's notice).
-            if pause.is_some() || a.spacing.is_some() || status == 429 {
-                let gap = t.gap().map(|g| (g, SHARED_PACE_FOR));
-                let (store, host) = (c.clone(), self.name.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = store.share_pace(&host, pause, gap).await {
-                        tracing::warn!(host = %host, error = %e, "cannot share the host's pause with the cluster");
-                    }
-                });
-            }
+        // What one node learns, every node applies (at once, through the
+        // coordination's notice; alone, there is nobody to tell).
+        if pause.is_some() || a.spacing.is_some() || status == 429 {
+            let gap = t.gap().map(|g| (g, SHARED_PACE_FOR));
+            let (store, host) = (self.cluster.clone(), self.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = store.share_pace(&host, pause, gap).await {
+                    tracing::warn!(host = %host, error = %e, "cannot share the host's pause with the cluster");
+                }
+            });
         }
         let pause = pause?;
         if let Some(ops) = &self.ops {
@@ -314,7 +312,6 @@ impl HostGate {
 }
 /// Gates of every host: the configured ones, and one per other host met
 /// (no quota, but its own pause, so a `Retry-After` is honoured everywhere).
-#[derive(Default)]
 pub struct HostGates {
     /// Configured gates with the quota each was built from (a reload
     /// replaces only the gates whose quota changed).
@@ -325,29 +322,33 @@ pub struct HostGates {
     /// host drops its gate; the counters stay here and go on, so
     /// `pollhook_upstream_*_total` never go backwards.
     stats: Mutex<BTreeMap<String, Arc<HostStats>>>,
-    /// The cluster's coordination, when the store is shared: quotas and
-    /// pauses hold for every node.
-    cluster: Option<Coordinator>,
+    /// The coordination of the nodes: quotas and pauses hold for every
+    /// node (alone: for this one).
+    cluster: Coordinator,
     /// Operational events (long pauses).
     ops: Option<Arc<dyn PauseListener>>,
 }
 
 impl HostGates {
+    /// Gates of this process alone (`pollhook test`): a coordination of
+    /// its own, which books and shares nothing.
     pub fn new(hosts: &BTreeMap<String, HostQuota>) -> Self {
-        Self::in_cluster(hosts, None, None)
+        Self::in_cluster(hosts, Coordinator::alone(), None)
     }
 
     /// Gates whose quotas and pauses are shared by the nodes of the
     /// coordination `cluster`.
     pub fn in_cluster(
         hosts: &BTreeMap<String, HostQuota>,
-        cluster: Option<Coordinator>,
+        cluster: Coordinator,
         ops: Option<Arc<dyn PauseListener>>,
     ) -> Self {
         let gates = HostGates {
+            configured: Default::default(),
+            others: Default::default(),
+            stats: Default::default(),
             cluster,
             ops,
-            ..HostGates::default()
         };
         gates.reconfigure(hosts);
         gates
@@ -462,7 +463,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
-        let gate = HostGate::new("h".into(), None, Default::default(), None, None);
+        let gate = HostGate::new(
+            "h".into(),
+            None,
+            Default::default(),
+            Coordinator::alone(),
+            None,
+        );
         let t0 = Instant::now();
         gate.acquire().await;
         assert_eq!(
@@ -493,7 +500,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_without_published_limits_slows_the_pace_then_it_creeps_back() {
-        let gate = HostGate::new("h".into(), None, Default::default(), None, None);
+        let gate = HostGate::new(
+            "h".into(),
+            None,
+            Default::default(),
+            Coordinator::alone(),
+            None,
+        );
         // 20 requests within a second, then a 429.
         for _ in 0..20 {
             gate.acquire().await;
@@ -531,7 +544,7 @@ mod tests {
             "h".into(),
             Some(&quota),
             Default::default(),
-            None,
+            Coordinator::alone(),
             None,
         ));
         let order = Arc::new(Mutex::new(Vec::new()));

@@ -107,6 +107,18 @@ pub trait Coordination: Send + Sync {
         node: &str,
         lease_ms: i64,
     ) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
+    /// Renews as [`Coordination::renew`], but may answer `None` when the
+    /// node's leases and epochs are exactly those its previous renewal
+    /// returned (nothing claimed, given back, taken over or pruned since):
+    /// the caller keeps what it has, and a coordination that can tell
+    /// spares building the list every round.
+    fn renew_changed(
+        &self,
+        node: &str,
+        lease_ms: i64,
+    ) -> impl Future<Output = Result<Option<Vec<(String, i64)>>>> + Send {
+        async move { self.renew(node, lease_ms).await.map(Some) }
+    }
     /// Claims up to `n` leases that nobody holds or that lapsed, raising
     /// their epochs (the fencing token); nodes claiming at once take
     /// different ones.
@@ -174,10 +186,18 @@ pub enum Coordinator {
 }
 
 impl Coordinator {
-    /// Whether other processes may take part (several nodes): a node then
-    /// keeps leases in rounds; alone, nothing needs a lease.
+    /// Whether other processes may take part (several nodes). Only what is
+    /// *reported* differs (`/status` shows a cluster section for a shared
+    /// one): a node runs the same path on both, [`SingleNode`] being the
+    /// trivial implementation.
     pub fn is_shared(&self) -> bool {
         matches!(self, Coordinator::Postgres(_))
+    }
+
+    /// A coordination of this process alone, for what runs without a
+    /// daemon's store (`pollhook test`, a bare set of host gates).
+    pub fn alone() -> Coordinator {
+        Coordinator::SingleNode(Arc::new(SingleNode::default()))
     }
 }
 
@@ -220,6 +240,9 @@ impl Coordination for Coordinator {
     }
     async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
         dispatch!(self, c => c.renew(node, lease_ms).await)
+    }
+    async fn renew_changed(&self, node: &str, lease_ms: i64) -> Result<Option<Vec<(String, i64)>>> {
+        dispatch!(self, c => c.renew_changed(node, lease_ms).await)
     }
     async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
         dispatch!(self, c => c.claim(node, lease_ms, n).await)

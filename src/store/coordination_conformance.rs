@@ -175,6 +175,10 @@ async fn a_stale_fencing_token_is_refused<F: CoordFixture>() {
 async fn bookings_never_exceed_the_quota<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
+    // Two nodes take part (bookings are shared between nodes: see
+    // `SingleNode`, where one node alone books nothing).
+    a.heartbeat("a", 1, 60_000).await.unwrap();
+    b.heartbeat("b", 2, 60_000).await.unwrap();
     const N: usize = 12;
     const BURST: u32 = 2;
     let t0 = Instant::now();
@@ -238,6 +242,9 @@ async fn bookings_never_exceed_the_quota<F: CoordFixture>() {
 async fn a_wake_up_is_delivered<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
+    // Two nodes take part (a pace is shared with the other nodes).
+    a.heartbeat("a", 1, 60_000).await.unwrap();
+    b.heartbeat("b", 2, 60_000).await.unwrap();
     let (tx, mut notices) = tokio::sync::mpsc::channel(16);
     let listener = {
         let a = a.clone();
@@ -337,6 +344,38 @@ async fn pruning_keeps_leases_held_by_another_node<F: CoordFixture>() {
     assert_eq!(left, held_by_b);
 }
 
+/// A renewal that may answer "unchanged" (`renew_changed`) lists the
+/// node's leases again after its first renewal and after any claim or
+/// release of its own; otherwise it answers with the same list or `None`.
+async fn a_renewal_says_what_changed<F: CoordFixture>() {
+    let f = F::open().await;
+    let (a, b) = (f.handle().await, f.handle().await);
+    a.ensure_leases(&keys(3)).await.unwrap();
+    let set = |l: Vec<(String, i64)>| l.into_iter().map(|x| x.0).collect::<BTreeSet<_>>();
+    let mut mine = set(a.claim("a", 60_000, 2).await.unwrap());
+    let listed = a.renew_changed("a", 60_000).await.unwrap();
+    assert_eq!(
+        listed.map(set),
+        Some(mine.clone()),
+        "the first renewal lists"
+    );
+    let again = a.renew_changed("a", 60_000).await.unwrap();
+    assert!(again.is_none_or(|l| set(l) == mine));
+    mine.extend(set(a.claim("a", 60_000, 1).await.unwrap()));
+    assert_eq!(mine.len(), 3);
+    let listed = a.renew_changed("a", 60_000).await.unwrap();
+    assert_eq!(listed.map(set), Some(mine.clone()), "after a claim");
+    let give = mine.pop_first().unwrap();
+    a.release("a", std::slice::from_ref(&give)).await.unwrap();
+    let listed = a.renew_changed("a", 60_000).await.unwrap();
+    assert_eq!(listed.map(set), Some(mine.clone()), "after a release");
+    // Another node's claim leaves this node's leases as they were.
+    assert_eq!(b.claim("b", 60_000, 1).await.unwrap().len(), 1);
+    let again = a.renew_changed("a", 60_000).await.unwrap();
+    assert!(again.is_none_or(|l| set(l) == mine));
+    assert_eq!(set(a.renew("a", 60_000).await.unwrap()), mine);
+}
+
 /// Runs every check against one coordination's fixture.
 macro_rules! suite {
     ($name:ident, $fixture:ty) => {
@@ -348,7 +387,8 @@ macro_rules! suite {
                 bookings_never_exceed_the_quota,
                 a_wake_up_is_delivered,
                 membership_follows_heartbeats,
-                pruning_keeps_leases_held_by_another_node
+                pruning_keeps_leases_held_by_another_node,
+                a_renewal_says_what_changed
             );
         }
     };

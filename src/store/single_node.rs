@@ -5,6 +5,14 @@
 //! ([`crate::gcra::reserve`]); wake-ups go through a tokio broadcast
 //! channel to every listener of this process.
 //!
+//! What a node keeps every round costs nothing per lease here: a renewal
+//! extends the node's own time (every lease it owns lapses with it, unless
+//! claimed later), and [`Coordination::renew_changed`] answers "the same
+//! as last time" until a claim, a release or a pruning changed an owner.
+//! Bookings and shared paces are shared *between nodes*: while fewer than
+//! two take part (the daemon alone), the node's own limiter and pauses are
+//! all there is, and booking or sharing costs nothing.
+//!
 //! Times are milliseconds on this process's monotonic clock (from the
 //! coordination's creation), so a wall-clock step never lapses a lease.
 //! Nothing here is persisted: a restart starts with no leases and no
@@ -48,11 +56,63 @@ struct Quota {
     gap_until_ms: f64,
 }
 
+/// A node's last renewal: every lease it owned then is extended to
+/// `until_ms`; `generation` is the table's at that renewal.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    until_ms: f64,
+    generation: u64,
+}
+
 #[derive(Default)]
 struct Table {
     nodes: HashMap<String, Node>,
     leases: BTreeMap<String, Lease>,
     quota: HashMap<String, Quota>,
+    renewals: HashMap<String, Renewal>,
+    /// Raised whenever a lease changes owner or epoch, or goes: a renewal
+    /// at the same generation as the node's last has nothing new to say.
+    generation: u64,
+}
+
+impl Table {
+    /// When `l` lapses: its own time (from its claim) or its owner's last
+    /// renewal, whichever is later.
+    fn until(&self, l: &Lease) -> f64 {
+        let renewed = l
+            .owner
+            .as_deref()
+            .and_then(|o| self.renewals.get(o))
+            .map_or(f64::MIN, |r| r.until_ms);
+        l.until_ms.max(renewed)
+    }
+
+    /// Fewer than two nodes: nobody to share a booking or a pace with.
+    fn alone(&self) -> bool {
+        self.nodes.len() < 2
+    }
+
+    /// Extends every lease `node` owns to `until_ms`; returns whether any
+    /// changed since its last renewal.
+    fn renew(&mut self, node: &str, until_ms: f64) -> bool {
+        let generation = self.generation;
+        let last = self.renewals.insert(
+            node.to_string(),
+            Renewal {
+                until_ms,
+                generation,
+            },
+        );
+        last.is_none_or(|r| r.generation != generation)
+    }
+
+    fn owned_by(&self, node: &str) -> Vec<(String, i64)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.owner.as_deref() == Some(node))
+            .map(|(k, l)| (k.clone(), l.epoch))
+            .collect()
+    }
 }
 
 /// One process's coordination (see the module doc).
@@ -123,7 +183,7 @@ impl Coordination for SingleNode {
                 let leases = t
                     .leases
                     .values()
-                    .filter(|l| l.owner.as_deref() == Some(name) && l.until_ms > now)
+                    .filter(|l| l.owner.as_deref() == Some(name) && t.until(l) > now)
                     .count() as i64;
                 (
                     n.heartbeat_ms,
@@ -159,14 +219,16 @@ impl Coordination for SingleNode {
     async fn renew(&self, node: &str, lease_ms: i64) -> Result<Vec<(String, i64)>> {
         let until = self.now_ms() + lease_ms as f64;
         let mut t = self.table();
-        Ok(t.leases
-            .iter_mut()
-            .filter(|(_, l)| l.owner.as_deref() == Some(node))
-            .map(|(k, l)| {
-                l.until_ms = until;
-                (k.clone(), l.epoch)
-            })
-            .collect())
+        t.renew(node, until);
+        Ok(t.owned_by(node))
+    }
+
+    /// No work per lease: the node's renewal time moves, and the list is
+    /// built only when an owner changed since the node's last renewal.
+    async fn renew_changed(&self, node: &str, lease_ms: i64) -> Result<Option<Vec<(String, i64)>>> {
+        let until = self.now_ms() + lease_ms as f64;
+        let mut t = self.table();
+        Ok(t.renew(node, until).then(|| t.owned_by(node)))
     }
 
     async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
@@ -176,8 +238,8 @@ impl Coordination for SingleNode {
         let mut free: Vec<(f64, String)> = t
             .leases
             .iter()
-            .filter(|(_, l)| l.owner.is_none() || l.until_ms < now)
-            .map(|(k, l)| (l.until_ms, k.clone()))
+            .filter(|(_, l)| l.owner.is_none() || t.until(l) < now)
+            .map(|(k, l)| (t.until(l), k.clone()))
             .collect();
         free.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
         let mut got = Vec::new();
@@ -188,18 +250,26 @@ impl Coordination for SingleNode {
             l.until_ms = now + lease_ms as f64;
             got.push((k, l.epoch));
         }
+        if !got.is_empty() {
+            t.generation += 1;
+        }
         Ok(got)
     }
 
     async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
         let mut t = self.table();
+        let mut changed = false;
         for k in keys {
             if let Some(l) = t.leases.get_mut(k) {
                 if l.owner.as_deref() == Some(node) {
                     l.owner = None;
                     l.until_ms = 0.0;
+                    changed = true;
                 }
             }
+        }
+        if changed {
+            t.generation += 1;
         }
         Ok(())
     }
@@ -216,13 +286,16 @@ impl Coordination for SingleNode {
             for k in keys {
                 let Some(l) = t.leases.get(k) else { continue };
                 let free =
-                    l.owner.is_none() || l.owner.as_deref() == Some(node) || l.until_ms < now;
+                    l.owner.is_none() || l.owner.as_deref() == Some(node) || t.until(l) < now;
                 if free {
                     t.leases.remove(k);
                     pruned += 1;
                 } else {
                     kept.insert(k.clone());
                 }
+            }
+            if pruned > 0 {
+                t.generation += 1;
             }
         }
         if pruned > 0 {
@@ -233,15 +306,14 @@ impl Coordination for SingleNode {
 
     async fn leases(&self) -> Result<Vec<LeaseRow>> {
         let now = self.now_ms();
-        Ok(self
-            .table()
-            .leases
+        let t = self.table();
+        Ok(t.leases
             .iter()
             .map(|(k, l)| LeaseRow {
                 key: k.clone(),
                 owner: l.owner.clone(),
                 epoch: l.epoch,
-                left_ms: (l.until_ms - now) as i64,
+                left_ms: (t.until(l) - now) as i64,
             })
             .collect())
     }
@@ -254,6 +326,9 @@ impl Coordination for SingleNode {
             .is_some_and(|l| l.owner.as_deref() == Some(&fence.owner) && l.epoch == fence.epoch))
     }
 
+    /// Alone (see the module doc), the slot is now: the node's own
+    /// limiter already keeps the quota, and a second count of it would
+    /// only add waits.
     async fn book(
         &self,
         key: &str,
@@ -263,6 +338,9 @@ impl Coordination for SingleNode {
     ) -> Result<Duration> {
         let now = self.now_ms();
         let mut t = self.table();
+        if t.alone() {
+            return Ok(Duration::ZERO);
+        }
         let q = t.quota.entry(key.to_string()).or_default();
         let gap = if q.gap_until_ms > now { q.gap_ms } else { 0.0 };
         let (start, next) = crate::gcra::reserve(
@@ -285,6 +363,10 @@ impl Coordination for SingleNode {
         let now = self.now_ms();
         {
             let mut t = self.table();
+            if t.alone() {
+                // Nobody to tell: the node applied it to its own gate.
+                return Ok(());
+            }
             let q = t.quota.entry(format!("host:{host}")).or_default();
             let pause_ms = pause.map_or(0, |p| p.as_millis() as i64) as f64;
             q.paused_until_ms = q.paused_until_ms.max(now + pause_ms);
@@ -362,6 +444,46 @@ mod tests {
             let _ = tokio::time::timeout(Duration::from_millis(10), rx.recv()).await;
         };
         assert!(ended.is_err(), "{ended:?}");
+    }
+
+    /// A round's renewal costs nothing per lease while nothing changed: the
+    /// second renewal in a row answers "unchanged", and the leases still
+    /// last from the latest one.
+    #[tokio::test]
+    async fn an_unchanged_renewal_lists_nothing_and_still_extends() {
+        let c = SingleNode::default();
+        let keys: Vec<String> = (0..3).map(|i| format!("s/{i}")).collect();
+        c.ensure_leases(&keys).await.unwrap();
+        assert_eq!(c.claim("a", 100, 3).await.unwrap().len(), 3);
+        assert_eq!(c.renew_changed("a", 100).await.unwrap().unwrap().len(), 3);
+        assert_eq!(c.renew_changed("a", 60_000).await.unwrap(), None);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(c.leases().await.unwrap().iter().all(|l| l.left_ms > 50_000));
+        assert!(c.claim("b", 60_000, 3).await.unwrap().is_empty());
+    }
+
+    /// One node alone books nothing and shares no pace: its own limiter
+    /// and pauses hold (a second count would only add waits).
+    #[tokio::test]
+    async fn alone_a_node_books_and_shares_nothing() {
+        let c = SingleNode::default();
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                c.book("host:h", 1000.0, 1, false).await.unwrap(),
+                Duration::ZERO
+            );
+        }
+        c.share_pace("h", Some(Duration::from_secs(30)), None)
+            .await
+            .unwrap();
+        assert!(c.paces().await.unwrap().is_empty());
+        c.heartbeat("b", 2, 60_000).await.unwrap();
+        assert_eq!(
+            c.book("host:h", 1000.0, 1, false).await.unwrap(),
+            Duration::ZERO
+        );
+        assert!(c.book("host:h", 1000.0, 1, false).await.unwrap() > Duration::from_millis(900));
     }
 
     /// Nodes silent for an hour are forgotten at the next heartbeat.
