@@ -513,4 +513,21 @@ mod tests {
         assert_eq!(pruned, 1);
         assert_eq!(rx.try_recv().unwrap(), Notice::Leases);
     }
+    /// A node heard 100 s ago is not silent for an hour: it stays listed.
+    #[tokio::test]
+    async fn nodes_heard_within_the_hour_are_kept() {
+        let c = aged(100_000);
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        // Heard when the coordination was made.
+        c.table().nodes.get_mut("a").unwrap().heartbeat_ms = 0.0;
+        assert_eq!(c.heartbeat("b", 2, 60_000).await.unwrap(), 1);
+        let names: Vec<String> = c
+            .nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect();
+        assert_eq!(names, ["b", "a"]);
+    }
 }
