@@ -634,4 +634,346 @@ mod tests {
         assert_eq!(f.window_end_ms(&p), None);
         assert_eq!(f.close(now + 30_000, &p), None, "nothing left out");
     }
+
+    /// 2026-11-29T10:00:00Z, a fixed first failure the tests seed.
+    const T: i64 = 1_795_946_400_000;
+
+    /// An `Ops` routing to `deliver_to`, with the receiving end of its
+    /// channel (what `run` would read).
+    fn ops_with(deliver_to: &[&str]) -> (Ops, mpsc::UnboundedReceiver<OpsEvent>) {
+        let ops = Ops::default();
+        let rx = ops.rx.lock().take().expect("a fresh Ops has its receiver");
+        ops.configure(OpsPolicy {
+            deliver_to: deliver_to.iter().map(|s| s.to_string()).collect(),
+            failing_after: 3,
+            // Far longer than since T: only the count announces.
+            failing_for: Duration::from_secs(u32::MAX as u64),
+            ..OpsPolicy::default()
+        });
+        (ops, rx)
+    }
+
+    fn next(rx: &mut mpsc::UnboundedReceiver<OpsEvent>) -> OpsEvent {
+        rx.try_recv().expect("an operational event")
+    }
+
+    fn nothing(rx: &mut mpsc::UnboundedReceiver<OpsEvent>) {
+        if let Ok(e) = rx.try_recv() {
+            panic!("unexpected {e:?}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(T + 123), "2026-11-29T10:00:00.123Z");
+    }
+
+    #[test]
+    fn nothing_is_emitted_until_an_endpoint_receives_operational_events() {
+        let ops = Ops::default();
+        let mut rx = ops.rx.lock().take().unwrap();
+        assert!(ops.policy().deliver_to.is_empty());
+        ops.endpoint_enabled("x");
+        ops.circuit("x", true, 3);
+        nothing(&mut rx);
+        let p = OpsPolicy {
+            deliver_to: vec!["ops".into()],
+            ..OpsPolicy::default()
+        };
+        ops.configure(p.clone());
+        assert_eq!(*ops.policy(), p);
+        ops.endpoint_enabled("x");
+        assert_eq!(next(&mut rx).kind, "pollhook.endpoint.enabled");
+    }
+
+    #[test]
+    fn an_instance_failing_then_recovering_is_announced_once_each() {
+        let (ops, mut rx) = ops_with(&["ops"]);
+        // Two failures at T, seeded, then the third through `Ops`.
+        for _ in 0..2 {
+            ops.episodes.lock().failed("s/i", T, &ops.policy());
+        }
+        ops.instance_failed("s/i", "conn", "http", "boom");
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.instance.failing");
+        assert_eq!(e.about_endpoint, None);
+        assert_eq!(e.change_key, format!("s/i@{T}"));
+        assert_eq!(
+            e.data,
+            json!({
+                "instance": "s/i",
+                "connector": "conn",
+                "error_kind": "http",
+                "error": "boom",
+                "failures": 3,
+                "first_failure_at": "2026-11-29T10:00:00.000Z",
+            })
+        );
+        ops.instance_failed("s/i", "conn", "http", "boom");
+        nothing(&mut rx);
+        let before = crate::now_ms();
+        ops.instance_ok("s/i", "conn");
+        let after = crate::now_ms();
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.instance.recovered");
+        assert_eq!(e.about_endpoint, None);
+        assert_eq!(e.change_key, format!("s/i@{T}"), "the episode's key");
+        assert_eq!(e.data["instance"], "s/i");
+        assert_eq!(e.data["connector"], "conn");
+        assert_eq!(e.data["failures"], 4);
+        assert_eq!(e.data["first_failure_at"], "2026-11-29T10:00:00.000Z");
+        let secs = e.data["failed_for_seconds"].as_f64().unwrap();
+        let (lo, hi) = ((before - T) as f64 / 1000.0, (after - T) as f64 / 1000.0);
+        assert!((lo..=hi).contains(&secs), "{secs} not in {lo}..={hi}");
+        // The episode is over: a success says nothing more.
+        ops.instance_ok("s/i", "conn");
+        nothing(&mut rx);
+    }
+
+    #[test]
+    fn endpoint_events_say_which_endpoint_and_why() {
+        let (ops, mut rx) = ops_with(&["ops"]);
+        let before = crate::now_ms();
+        ops.endpoint_disabled("hook", "410 Gone");
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.endpoint.disabled");
+        assert_eq!(e.about_endpoint.as_deref(), Some("hook"));
+        assert_eq!(e.data, json!({ "endpoint": "hook", "reason": "410 Gone" }));
+        let at: i64 = e.change_key.strip_prefix("hook@").unwrap().parse().unwrap();
+        assert!((before..=crate::now_ms()).contains(&at), "{}", e.change_key);
+
+        ops.endpoint_enabled("hook");
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.endpoint.enabled");
+        assert_eq!(e.about_endpoint.as_deref(), Some("hook"));
+        assert_eq!(e.data, json!({ "endpoint": "hook" }));
+        assert!(e.change_key.starts_with("hook@"), "{}", e.change_key);
+
+        ops.circuit("hook", true, 7);
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.endpoint.circuit_opened");
+        assert_eq!(e.about_endpoint.as_deref(), Some("hook"));
+        assert_eq!(e.data, json!({ "endpoint": "hook", "failures": 7 }));
+        assert!(e.change_key.starts_with("hook@"), "{}", e.change_key);
+
+        ops.circuit("hook", false, 0);
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.endpoint.circuit_closed");
+        assert_eq!(e.about_endpoint.as_deref(), Some("hook"));
+        assert_eq!(e.data, json!({ "endpoint": "hook" }));
+        nothing(&mut rx);
+    }
+
+    #[test]
+    fn a_dead_letter_is_announced_unless_it_is_an_operational_event() {
+        let (ops, mut rx) = ops_with(&["ops"]);
+        ops.dead_lettered("hook", "msg_1", "gh.issue", LANE, 5, Some("500"));
+        nothing(&mut rx);
+        ops.dead_lettered("hook", "msg_2", "gh.issue", "github/acme", 5, Some("500"));
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.event.dead_lettered");
+        assert_eq!(e.about_endpoint.as_deref(), Some("hook"));
+        assert_eq!(e.change_key, "hook/msg_2");
+        assert_eq!(
+            e.data,
+            json!({
+                "event_id": "msg_2",
+                "type": "gh.issue",
+                "source": "github",
+                "instance": "github/acme",
+                "endpoint": "hook",
+                "attempts": 5,
+                "last_error": "500",
+            })
+        );
+    }
+
+    #[test]
+    fn a_long_host_pause_is_announced_once_while_it_runs() {
+        let (ops, mut rx) = ops_with(&["ops"]);
+        let listener: &dyn crate::quota::PauseListener = &ops;
+        let bound = ops.policy().throttled_after;
+        // Shorter than `throttled_after`: not worth a word.
+        listener.host_paused("api.example", 429, bound - Duration::from_millis(1));
+        nothing(&mut rx);
+        // Exactly `throttled_after`: announced, through the quota's seam.
+        let before = crate::now_ms();
+        listener.host_paused("api.example", 429, bound);
+        let after = crate::now_ms();
+        let e = next(&mut rx);
+        assert_eq!(e.kind, "pollhook.quota.throttled");
+        assert_eq!(e.about_endpoint, None);
+        assert_eq!(e.data["host"], "api.example");
+        assert_eq!(e.data["status"], 429);
+        assert_eq!(e.data["pause_seconds"], bound.as_secs_f64());
+        let at: i64 = e
+            .change_key
+            .strip_prefix("api.example@")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((before..=after).contains(&at), "{}", e.change_key);
+        let until = chrono::DateTime::parse_from_rfc3339(e.data["until"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(until, at + bound.as_millis() as i64);
+        // The same pause, extended while it runs: said already; it is
+        // remembered until its new end.
+        let longer = bound * 4;
+        ops.host_paused("api.example", 503, longer);
+        nothing(&mut rx);
+        let remembered = ops.throttled.lock()["api.example"];
+        assert!(
+            remembered >= before + longer.as_millis() as i64,
+            "{remembered}"
+        );
+        // Another host's pause is its own.
+        ops.host_paused("other.example", 503, bound);
+        assert_eq!(next(&mut rx).data["host"], "other.example");
+        // Once the pause is over, the next one is announced again.
+        *ops.throttled.lock().get_mut("api.example").unwrap() = crate::now_ms() - 1;
+        ops.host_paused("api.example", 429, bound);
+        assert_eq!(next(&mut rx).data["host"], "api.example");
+        nothing(&mut rx);
+    }
+
+    /// The outbox entries of `endpoint`, as the store has them.
+    async fn outbox(store: &Store, endpoint: &str) -> Vec<OutboxEntry> {
+        let page = store.outbox_page(endpoint, None, 100).await.unwrap();
+        page.into_iter().map(|(_, e)| e).collect()
+    }
+
+    #[tokio::test]
+    async fn an_event_is_queued_for_every_ops_endpoint_but_the_one_it_is_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let live = crate::wake::Wakes::default();
+        let wake_a = live.get_or_insert("a");
+        let wake_b = live.get_or_insert("b");
+        let policy = OpsPolicy {
+            deliver_to: vec!["a".into(), "b".into(), "c".into()],
+            ..OpsPolicy::default()
+        };
+        let e = OpsEvent {
+            kind: "pollhook.endpoint.disabled",
+            about_endpoint: Some("b".into()),
+            change_key: "b@1".into(),
+            data: json!({ "endpoint": "b" }),
+        };
+        let shutdown = CancellationToken::new();
+        queue(&store, &live, &policy, e, 42, &shutdown).await;
+        assert!(outbox(&store, "b").await.is_empty(), "never about itself");
+        for ep in ["a", "c"] {
+            let got = outbox(&store, ep).await;
+            assert_eq!(got.len(), 1, "{ep}: {got:?}");
+            let q = &got[0];
+            let id = event_id("pollhook", "ops", "pollhook.endpoint.disabled", "b@1");
+            assert_eq!(q.event_id, id);
+            assert_eq!(q.instance, LANE);
+            assert_eq!(q.kind, "pollhook.endpoint.disabled");
+            assert_eq!(q.sequence, 42);
+            assert_eq!((q.attempts, q.next_attempt_ms), (0, 0));
+            let body: Value = serde_json::from_str(&q.body).unwrap();
+            assert_eq!(body["data"], json!({ "endpoint": "b" }));
+        }
+        // The workers that have a wake-up are told where to look.
+        assert_eq!(wake_a.take(), [LANE.to_string()].into());
+        assert!(wake_b.take().is_empty());
+
+        // An event about the only ops endpoint goes nowhere.
+        let only_b = OpsPolicy {
+            deliver_to: vec!["b".into()],
+            ..OpsPolicy::default()
+        };
+        let e = OpsEvent {
+            kind: "pollhook.endpoint.enabled",
+            about_endpoint: Some("b".into()),
+            change_key: "b@2".into(),
+            data: json!({}),
+        };
+        queue(&store, &live, &only_b, e, 43, &shutdown).await;
+        assert!(outbox(&store, "b").await.is_empty());
+        assert!(wake_b.take().is_empty());
+    }
+
+    /// Waits (with a deadline) until `endpoint`'s outbox holds `n` entries.
+    async fn wait_for_entries(store: &Store, endpoint: &str, n: usize) -> Vec<OutboxEntry> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = outbox(store, endpoint).await;
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {n} entries: {got:?}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The task queues what it is sent, keeps the bound per window, sends
+    /// the window's summary when it closes (with nothing else arriving),
+    /// and stops at shutdown.
+    #[tokio::test]
+    async fn the_task_queues_bounds_and_summarizes_a_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let live = Arc::new(crate::wake::Wakes::default());
+        let ops = Arc::new(Ops::default());
+        ops.configure(OpsPolicy {
+            deliver_to: vec!["ops".into()],
+            max_per_window: 1,
+            // Long enough that the three events below land in one window.
+            window: Duration::from_secs(2),
+            ..OpsPolicy::default()
+        });
+        let shutdown = CancellationToken::new();
+        let start = crate::now_ms();
+        let task = tokio::spawn(ops.clone().run(store.clone(), live, shutdown.clone()));
+        ops.circuit("x", true, 3);
+        ops.endpoint_disabled("x", "gone");
+        ops.endpoint_enabled("x");
+        let first = wait_for_entries(&store, "ops", 1).await;
+        assert_eq!(first[0].kind, "pollhook.endpoint.circuit_opened");
+        let got = wait_for_entries(&store, "ops", 2).await;
+        let closed = crate::now_ms();
+        assert_eq!(got.len(), 2, "{got:?}");
+        let s = &got[1];
+        assert_eq!(s.kind, "pollhook.ops.suppressed");
+        let body: Value = serde_json::from_str(&s.body).unwrap();
+        assert_eq!(
+            body["data"],
+            json!({
+                "suppressed": {
+                    "pollhook.endpoint.disabled": 1,
+                    "pollhook.endpoint.enabled": 1,
+                },
+                "total": 2,
+            })
+        );
+        assert!(
+            closed - start >= 2_000,
+            "summarized before the window closed"
+        );
+        // Sequences rise, from the time in microseconds (a restart never
+        // reuses one).
+        assert!(got[0].sequence > start as u64 * 1000, "{got:?}");
+        assert!(s.sequence > got[0].sequence);
+        assert!(s.sequence <= closed as u64 * 1000 + 1, "{got:?}");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the task stops at shutdown")
+            .unwrap();
+        // Its receiver was taken once: a second run has nothing to read.
+        let again = ops
+            .clone()
+            .run(store, Arc::default(), CancellationToken::new());
+        tokio::time::timeout(Duration::from_secs(10), again)
+            .await
+            .expect("a second run returns at once");
+    }
 }

@@ -253,4 +253,84 @@ pub(super) mod tests {
         );
         assert!(a.spacing.is_none() && a.clears_spacing);
     }
+
+    #[test]
+    fn the_bounds_of_resets_and_spacings() {
+        let now = at(1_795_946_400);
+        let h = |pairs: &[(&str, &str)]| advice(200, &headers(pairs), now);
+        // 1,000,000,000 is still seconds (capped), one more an epoch time.
+        assert_eq!(
+            h(&[
+                ("ratelimit-remaining", "0"),
+                ("ratelimit-reset", "1000000000")
+            ])
+            .pause,
+            Some(MAX_PAUSE)
+        );
+        assert_eq!(
+            h(&[
+                ("ratelimit-remaining", "0"),
+                ("ratelimit-reset", "1000000001")
+            ])
+            .pause,
+            Some(Duration::ZERO),
+            "an epoch time in the past"
+        );
+        // A gap of exactly a millisecond is kept.
+        assert_eq!(
+            h(&[("ratelimit-remaining", "1000"), ("ratelimit-reset", "1")]),
+            Advice {
+                spacing: Some(Duration::from_millis(1)),
+                ..Advice::default()
+            }
+        );
+        // The combined header's reset is not capped: its spacing is.
+        assert_eq!(
+            h(&[("ratelimit", "remaining=1, reset=100000")]).spacing,
+            Some(MAX_PAUSE)
+        );
+        // The separate headers win over the combined one.
+        assert_eq!(
+            h(&[
+                ("ratelimit-remaining", "10"),
+                ("ratelimit-reset", "20"),
+                ("ratelimit", "remaining=1, reset=1")
+            ])
+            .spacing,
+            Some(Duration::from_secs(2))
+        );
+        // What is left without a reset allows a normal pace.
+        assert_eq!(
+            h(&[("x-ratelimit-remaining", "5")]),
+            Advice {
+                clears_spacing: true,
+                ..Advice::default()
+            }
+        );
+        // A reset alone, or nothing readable, says nothing.
+        assert_eq!(h(&[("ratelimit-reset", "5")]), Advice::default());
+        assert_eq!(
+            h(&[("ratelimit-remaining", "many"), ("ratelimit-reset", "5")]),
+            Advice::default()
+        );
+    }
+
+    #[test]
+    fn the_longer_of_retry_after_and_an_exhausted_quota_holds() {
+        let now = at(1_795_946_400);
+        let pause = |retry: &str| {
+            advice(
+                429,
+                &headers(&[
+                    ("retry-after", retry),
+                    ("ratelimit-remaining", "0"),
+                    ("ratelimit-reset", "7"),
+                ]),
+                now,
+            )
+            .pause
+        };
+        assert_eq!(pause("5"), Some(Duration::from_secs(7)));
+        assert_eq!(pause("9"), Some(Duration::from_secs(9)));
+    }
 }

@@ -129,4 +129,46 @@ mod tests {
             assert!(r(bad).is_err(), "{bad}");
         }
     }
+
+    /// How long the limiter of `rate` and `burst` lets requests wait once
+    /// its burst is spent, and how many went at once.
+    fn burst_then_wait(rate: Rate, burst: u32) -> (u32, Duration) {
+        use governor::clock::{Clock, DefaultClock};
+        let l = limiter(rate, burst);
+        let mut went = 0;
+        loop {
+            match l.check() {
+                Ok(()) => went += 1,
+                Err(not_until) => {
+                    return (
+                        went,
+                        not_until.wait_time_from(DefaultClock::default().now()),
+                    )
+                }
+            }
+            assert!(went <= 1000, "the limiter never refuses");
+        }
+    }
+
+    #[test]
+    fn a_limiter_lets_the_burst_through_then_keeps_the_rate() {
+        let per_s = |count| Rate {
+            count,
+            per: Duration::from_secs(1),
+        };
+        // 2/s with a burst of 3: three at once, then one every 500 ms.
+        let (went, wait) = burst_then_wait(per_s(2), 3);
+        assert_eq!(went, 3);
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        // A burst of 0 is read as 1.
+        let (went, wait) = burst_then_wait(per_s(4), 0);
+        assert_eq!(went, 1);
+        assert!(
+            wait > Duration::from_millis(200) && wait <= Duration::from_millis(250),
+            "{wait:?}"
+        );
+    }
 }

@@ -283,3 +283,41 @@ impl Coordination for Coordinator {
         dispatch!(self, c => c.listen(tx).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sled store is opened by this process alone: its coordination is
+    /// the single node's, which nobody else takes part in.
+    #[tokio::test]
+    async fn a_sled_store_coordinates_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = store.coordination();
+        assert!(matches!(c, Coordinator::SingleNode(_)));
+        assert!(!c.is_shared());
+        // Fresh at each call: take it once and clone it.
+        c.ensure_leases(&["s/i".to_string()]).await.unwrap();
+        assert_eq!(c.clone().lease_count().await.unwrap(), 1);
+        assert_eq!(store.coordination().lease_count().await.unwrap(), 0);
+    }
+
+    /// A PostgreSQL store may be shared by several nodes.
+    #[tokio::test]
+    async fn a_postgres_store_coordinates_with_other_nodes() {
+        let t = "a_postgres_store_coordinates_with_other_nodes";
+        if !postgres::testing::available(t).await {
+            return;
+        }
+        let schema = postgres::testing::fresh_schema();
+        let store = Store::open_postgres(&postgres::testing::url(), &schema)
+            .await
+            .unwrap();
+        let c = store.coordination();
+        let shared = c.is_shared();
+        drop((c, store));
+        postgres::testing::drop_schema(&schema);
+        assert!(shared);
+    }
+}

@@ -495,4 +495,161 @@ mod tests {
         assert_eq!(c.heartbeat("b", 1, i64::MAX / 2).await.unwrap(), 1);
         assert_eq!(c.nodes().await.unwrap().len(), 1);
     }
+    /// A coordination made `ms` ago: its clock reads far from zero, so
+    /// that sums and products of times cannot pass for differences.
+    fn aged(ms: u64) -> SingleNode {
+        SingleNode {
+            origin: Instant::now() - Duration::from_millis(ms),
+            ..SingleNode::default()
+        }
+    }
+
+    /// Moves the coordination's clock `ms` forward (its origin back).
+    fn advance(c: &mut SingleNode, ms: u64) {
+        c.origin -= Duration::from_millis(ms);
+    }
+
+    #[test]
+    fn the_clock_counts_milliseconds_since_the_coordination_was_made() {
+        let c = aged(5_000);
+        let before = c.origin.elapsed().as_secs_f64() * 1000.0;
+        let now = c.now_ms();
+        let after = c.origin.elapsed().as_secs_f64() * 1000.0;
+        assert!((before..=after).contains(&now), "{before} {now} {after}");
+    }
+
+    #[tokio::test]
+    async fn a_claimed_or_renewed_lease_runs_for_its_length_from_now() {
+        let mut c = aged(100_000);
+        c.ensure_leases(&["s/i".to_string()]).await.unwrap();
+        assert_eq!(c.claim("a", 1_000, 1).await.unwrap().len(), 1);
+        let left = c.leases().await.unwrap()[0].left_ms;
+        assert!((900..=1_000).contains(&left), "{left}");
+        advance(&mut c, 2_000);
+        let left = c.leases().await.unwrap()[0].left_ms;
+        assert!((-1_100..=-1_000).contains(&left), "lapsed: {left}");
+        // A lapsed lease nobody claimed is still its holder's to renew.
+        assert_eq!(
+            c.renew("a", 60_000).await.unwrap(),
+            vec![("s/i".to_string(), 1)]
+        );
+        let left = c.leases().await.unwrap()[0].left_ms;
+        assert!((59_900..=60_000).contains(&left), "{left}");
+    }
+
+    #[tokio::test]
+    async fn nodes_report_their_heartbeat_age() {
+        let mut c = aged(100_000);
+        c.heartbeat("a", 7, 60_000).await.unwrap();
+        advance(&mut c, 10_000);
+        let nodes = c.nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!((nodes[0].node.as_str(), nodes[0].started_ms), ("a", 7));
+        let age = nodes[0].heartbeat_age_ms;
+        assert!((10_000..=10_100).contains(&age), "{age}");
+        // Heard again: young again, and the only one alive.
+        assert_eq!(c.heartbeat("a", 7, 60_000).await.unwrap(), 1);
+        assert!(c.nodes().await.unwrap()[0].heartbeat_age_ms < 100);
+    }
+
+    #[tokio::test]
+    async fn a_booking_waits_from_now_and_a_shared_pause_holds_only_its_length() {
+        let c = aged(100_000);
+        assert_eq!(
+            c.book("q", 1_000.0, 1, false).await.unwrap(),
+            Duration::ZERO
+        );
+        let w = c.book("q", 1_000.0, 1, false).await.unwrap();
+        assert!(
+            w > Duration::from_millis(900) && w <= Duration::from_secs(1),
+            "{w:?}"
+        );
+        c.share_pace("p", Some(Duration::from_secs(30)), None)
+            .await
+            .unwrap();
+        let paces = c.paces().await.unwrap();
+        assert_eq!(paces.len(), 1, "{paces:?}");
+        let paused = paces[0].paused_for;
+        assert!(
+            paused > Duration::from_secs(29) && paused <= Duration::from_secs(30),
+            "{paused:?}"
+        );
+        assert_eq!(paces[0].gap, None);
+    }
+
+    #[tokio::test]
+    async fn a_shared_pace_holds_for_its_time_then_goes() {
+        let mut c = aged(100_000);
+        // A zero gap is no pace: nothing to list.
+        c.share_pace("z", None, Some((Duration::ZERO, Duration::from_secs(60))))
+            .await
+            .unwrap();
+        assert_eq!(c.paces().await.unwrap(), vec![]);
+        // A pace of 5 s for 1 s, on a host paused for 3 s.
+        c.share_pace(
+            "g",
+            Some(Duration::from_secs(3)),
+            Some((Duration::from_secs(5), Duration::from_secs(1))),
+        )
+        .await
+        .unwrap();
+        let paces = c.paces().await.unwrap();
+        assert_eq!(paces.len(), 1, "{paces:?}");
+        assert_eq!(paces[0].gap, Some(Duration::from_secs(5)));
+        // The pace's second is over, the pause still runs.
+        advance(&mut c, 2_000);
+        let paces = c.paces().await.unwrap();
+        assert_eq!(paces.len(), 1, "{paces:?}");
+        assert_eq!(paces[0].gap, None, "the pace ended");
+        assert!(paces[0].paused_for <= Duration::from_secs(1), "{paces:?}");
+        // Both over: the host is no longer listed.
+        advance(&mut c, 2_000);
+        assert_eq!(c.paces().await.unwrap(), vec![]);
+        // A pace alone is listed while it holds.
+        c.share_pace(
+            "h",
+            None,
+            Some((Duration::from_secs(2), Duration::from_secs(1))),
+        )
+        .await
+        .unwrap();
+        let paces = c.paces().await.unwrap();
+        assert_eq!(paces.len(), 1, "{paces:?}");
+        assert_eq!(
+            (paces[0].paused_for, paces[0].gap),
+            (Duration::ZERO, Some(Duration::from_secs(2)))
+        );
+        advance(&mut c, 1_500);
+        assert_eq!(c.paces().await.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn pruning_nothing_wakes_nobody() {
+        let c = SingleNode::default();
+        let mut rx = c.wake.subscribe();
+        c.ensure_leases(&["s/kept".to_string()]).await.unwrap();
+        let (pruned, kept) = c.prune_leases("a", &["s/gone".to_string()]).await.unwrap();
+        assert_eq!((pruned, kept.len()), (0, 0));
+        assert!(rx.try_recv().is_err(), "a wake-up for nothing pruned");
+        let (pruned, _) = c.prune_leases("a", &["s/kept".to_string()]).await.unwrap();
+        assert_eq!(pruned, 1);
+        assert_eq!(rx.try_recv().unwrap(), Notice::Leases);
+    }
+    /// A node heard 100 s ago is not silent for an hour: it stays listed.
+    #[tokio::test]
+    async fn nodes_heard_within_the_hour_are_kept() {
+        let c = aged(100_000);
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        // Heard when the coordination was made.
+        c.table().nodes.get_mut("a").unwrap().heartbeat_ms = 0.0;
+        assert_eq!(c.heartbeat("b", 2, 60_000).await.unwrap(), 1);
+        let names: Vec<String> = c
+            .nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect();
+        assert_eq!(names, ["b", "a"]);
+    }
 }
