@@ -28,11 +28,12 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::Duration;
 
-use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::connector::spec::ClientAuth;
+use crate::connector::transport::{ReadError, Transport};
 use sha2::Digest;
 
 /// A rendered token request.
@@ -137,7 +138,7 @@ impl TokenCache {
     /// instances saw the 401 at the same time).
     pub async fn token(
         &self,
-        client: &reqwest::Client,
+        transport: Transport<'_>,
         req: &TokenRequest,
         rejected: Option<&str>,
     ) -> Result<String, String> {
@@ -153,7 +154,7 @@ impl TokenCache {
             _ => {}
         }
         let Some(seed) = &req.refresh_seed else {
-            let got = fetch_token(client, req, None).await?;
+            let got = fetch_token(transport, req, None).await?;
             *cached = Some(Slot::Token(Cached {
                 token: got.access.clone(),
                 refresh_at: Instant::now() + refresh_after(got.lifetime),
@@ -178,7 +179,7 @@ impl TokenCache {
             }
             _ => seed.clone(),
         };
-        let got = match fetch_token(client, req, Some(&current)).await {
+        let got = match fetch_token(transport, req, Some(&current)).await {
             Ok(g) => g,
             Err(e) if e.contains("invalid_grant") => {
                 let e = format!(
@@ -229,7 +230,7 @@ pub fn refresh_after(lifetime: Duration) -> Duration {
 /// One token request. Errors name the token URL and what the server said
 /// (`error`, `error_description`), never the client secret.
 async fn fetch_token(
-    client: &reqwest::Client,
+    transport: Transport<'_>,
     req: &TokenRequest,
     refresh: Option<&str>,
 ) -> Result<Granted, String> {
@@ -244,37 +245,42 @@ async fn fetch_token(
         form.push(("scope".into(), s.clone()));
     }
     form.extend(req.params.iter().cloned());
-    let mut http = client.post(&req.token_url);
-    match req.client_auth {
-        ClientAuth::Basic => {
-            http = http.basic_auth(&req.client_id, Some(&req.client_secret));
-        }
-        ClientAuth::Body => {
-            form.push(("client_id".into(), req.client_id.clone()));
-            form.push(("client_secret".into(), req.client_secret.clone()));
-        }
+    let url = reqwest::Url::parse(&req.token_url)
+        .map_err(|e| format!("token endpoint {}: not a URL: {e}", req.token_url))?;
+    let mut http = reqwest::Request::new(reqwest::Method::POST, url);
+    *http.timeout_mut() = Some(Duration::from_secs(30));
+    let headers = http.headers_mut();
+    if let ClientAuth::Basic = req.client_auth {
+        headers.insert(
+            AUTHORIZATION,
+            basic_auth(&req.client_id, &req.client_secret),
+        );
     }
-    let resp = http
-        .header(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        )
-        .header(ACCEPT, HeaderValue::from_static("application/json"))
-        .body(form_encode(&form))
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .map_err(|e| {
-            format!(
-                "token endpoint {}: {}",
-                req.token_url,
-                crate::transport_detail(&e)
-            )
-        })?;
-    let status = resp.status();
-    let bytes = read_capped(resp, req.max_body)
+    if let ClientAuth::Body = req.client_auth {
+        form.push(("client_id".into(), req.client_id.clone()));
+        form.push(("client_secret".into(), req.client_secret.clone()));
+    }
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    *http.body_mut() = Some(form_encode(&form).into());
+    let reply = transport
+        .send(http, req.max_body)
         .await
         .map_err(|e| format!("token endpoint {}: {e}", req.token_url))?;
+    let status = reply.status();
+    let bytes = reply.read_capped(req.max_body).await.map_err(|e| {
+        let e = match e {
+            ReadError::TooLarge => format!(
+                "answer larger than the {}-byte cap (request.max_response_bytes)",
+                req.max_body
+            ),
+            ReadError::Network(e) => e,
+        };
+        format!("token endpoint {}: {e}", req.token_url)
+    })?;
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     // Every token the answer holds is a secret from this moment on, before
     // anything can say something about it.
@@ -335,27 +341,14 @@ async fn fetch_token(
     })
 }
 
-/// A token endpoint's answer, refusing more than `limit` bytes: checked
-/// against `Content-Length` first, then while streaming, so a lying or
-/// missing length cannot make pollhook buffer an unbounded body.
-async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, String> {
-    let too_large =
-        || format!("answer larger than the {limit}-byte cap (request.max_response_bytes)");
-    if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| crate::transport_detail(&e))?
-    {
-        if buf.len() as u64 + chunk.len() as u64 > limit {
-            return Err(too_large());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf)
+/// `Basic base64(client_id:client_secret)`, marked sensitive: what
+/// reqwest's `basic_auth` sends. Pure.
+fn basic_auth(user: &str, password: &str) -> HeaderValue {
+    use base64::Engine as _;
+    let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut v = HeaderValue::from_str(&format!("Basic {pair}")).expect("base64 is a valid header");
+    v.set_sensitive(true);
+    v
 }
 
 /// `application/x-www-form-urlencoded`, by the URL crate's own serializer.
