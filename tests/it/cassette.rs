@@ -1,0 +1,247 @@
+//! `pollhook record`, `pollhook test --replay` (with `--expect` and
+//! `--update`) and `pollhook test --polls`, through the real binary, with a
+//! real local upstream that changes between polls.
+
+use std::path::Path;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const TOKEN: &str = "tok-s3cret-9981";
+
+/// An upstream listing items with an `ETag`: its first two answers are
+/// version 1 (the second, to a conditional request, a 304), later ones
+/// version 2 (item `b` changed, item `c` added). Each answer echoes the
+/// token, so masking of bodies is tested too. With `gone` set it answers
+/// 500 to everything: a replay must not need it.
+struct Upstream {
+    requests: Arc<AtomicUsize>,
+    gone: Arc<AtomicBool>,
+    addr: std::net::SocketAddr,
+}
+
+async fn upstream() -> Upstream {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let gone = Arc::new(AtomicBool::new(false));
+    let (r, g) = (requests.clone(), gone.clone());
+    let app = axum::Router::new().route(
+        "/items",
+        axum::routing::get(move |headers: HeaderMap| {
+            let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+            let gone = g.load(Ordering::SeqCst);
+            async move {
+                let authorized = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+                    == Some(&format!("Bearer {TOKEN}"));
+                if gone || !authorized {
+                    return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+                }
+                let (etag, items) = if n <= 2 {
+                    (
+                        "\"v1\"",
+                        json!([{"id": "a", "amount": 1}, {"id": "b", "amount": 2}]),
+                    )
+                } else {
+                    (
+                        "\"v2\"",
+                        json!([{"id": "a", "amount": 1}, {"id": "b", "amount": 20}, {"id": "c", "amount": 3}]),
+                    )
+                };
+                if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag) {
+                    return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+                }
+                (
+                    [(header::ETAG, etag)],
+                    axum::Json(json!({"items": items, "echo": format!("called with {TOKEN}")})),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let addr = serve(app).await;
+    Upstream {
+        requests,
+        gone,
+        addr,
+    }
+}
+
+const CONNECTOR: &str = r#"
+name: items
+params:
+  base_url: { required: true }
+  token: { required: true, secret: true }
+request:
+  url: "{{ base_url }}/items"
+  auth: { type: bearer, token: "{{ token }}" }
+items: "$.items[*]"
+id: "{{ item.id }}"
+detect: changes
+emit:
+  - { type: item.created, when: "change == 'created'" }
+  - { type: item.updated, when: "change == 'updated'" }
+"#;
+
+fn daemon(addr: std::net::SocketAddr) -> Daemon {
+    let bridge = format!(
+        "sources:\n  items:\n    connector: items\n    with: {{ base_url: \"http://{addr}\", token: \"${{API_TOKEN}}\" }}\n    schedule: every 1m\n    deliver_to: [a]\nendpoints:\n  a: {{ url: \"http://127.0.0.1:9/\", secret: \"{}\" }}\n",
+        secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("items.yaml", CONNECTOR.to_string())]);
+    d.env.push(("API_TOKEN".into(), TOKEN.into()));
+    d
+}
+
+fn run(d: &Daemon, args: &[&str]) -> (Output, String) {
+    let out = d.command(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    (out, text)
+}
+
+fn files_of(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_cassette_replays_byte_for_byte_and_is_a_test() {
+    let up = upstream().await;
+    let d = daemon(up.addr);
+    let gone = up.gone.clone();
+    tokio::task::spawn_blocking(move || {
+        let dir = d.dir.path().join("cassette");
+        let to = dir.to_str().unwrap();
+        let (out, text) = run(&d, &["record", "items", "--polls", "3", "--to", to]);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("recorded 3 exchange(s) of 3 poll(s)"),
+            "{text}"
+        );
+        assert_eq!(
+            files_of(&dir),
+            ["p001-001.json", "p002-001.json", "p003-001.json"]
+        );
+        // Secrets never reach the disk, in headers or bodies.
+        for name in files_of(&dir) {
+            let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+            assert!(!text.contains(TOKEN), "{name} holds the token: {text}");
+        }
+        let first: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("p001-001.json")).unwrap())
+                .unwrap();
+        assert_eq!(first["poll"], 1);
+        assert_eq!(first["request_headers"]["authorization"], "***");
+        assert_eq!(first["body_json"]["echo"], "called with ***");
+        assert_eq!(first["body_json"]["items"][1]["amount"], 2);
+        let second: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("p002-001.json")).unwrap())
+                .unwrap();
+        assert_eq!(second["status"], 304);
+        assert_eq!(second["request_headers"]["if-none-match"], "\"v1\"");
+
+        // The upstream is gone: the replay needs only the cassette.
+        gone.store(true, Ordering::SeqCst);
+        let (out, text) = run(&d, &["test", "items", "--replay", to]);
+        assert!(out.status.success(), "{text}");
+        let replayed = String::from_utf8_lossy(&out.stdout).into_owned();
+        for want in [
+            "== poll 1 at ",
+            "record a: first poll: remembered as the baseline, nothing emitted",
+            "== poll 2 at ",
+            "-> 304 (not modified)",
+            "not modified: nothing to detect, the state stays",
+            "== poll 3 at ",
+            "record a: unchanged",
+            "record b: updated; emits item.updated (changed: amount)",
+            "record c: created; emits item.created",
+            "2 event(s)",
+            "\"type\": \"item.updated\"",
+        ] {
+            assert!(replayed.contains(want), "missing `{want}` in:\n{replayed}");
+        }
+        assert!(!replayed.contains(TOKEN), "{replayed}");
+        let (again, _) = run(&d, &["test", "items", "--replay", to]);
+        assert_eq!(
+            String::from_utf8_lossy(&again.stdout),
+            replayed,
+            "the same cassette gives the same output"
+        );
+
+        // The cassette and its output are a test.
+        let expect = d.dir.path().join("expected.txt");
+        let ex = expect.to_str().unwrap();
+        let args = ["test", "items", "--replay", to, "--expect", ex];
+        let (out, text) = run(&d, &[&args[..], &["--update"]].concat());
+        assert!(out.status.success(), "{text}");
+        assert_eq!(std::fs::read_to_string(&expect).unwrap(), replayed);
+        let (out, text) = run(&d, &args);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("(as expected in "), "{text}");
+        let edited = replayed.replace("record c: created", "record c: deleted");
+        std::fs::write(&expect, &edited).unwrap();
+        let (out, text) = run(&d, &args);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("-   record c: deleted") && text.contains("+   record c: created"),
+            "{text}"
+        );
+        let (out, text) = run(&d, &[&args[..], &["--update"]].concat());
+        assert!(out.status.success(), "{text}");
+        assert_eq!(std::fs::read_to_string(&expect).unwrap(), replayed);
+
+        // A cassette that does not match the pipeline's requests says so.
+        let p3 = dir.join("p003-001.json");
+        let moved = std::fs::read_to_string(&p3)
+            .unwrap()
+            .replace("/items", "/other");
+        std::fs::write(&p3, moved).unwrap();
+        let (out, text) = run(&d, &["test", "items", "--replay", to]);
+        assert!(!out.status.success(), "{text}");
+        assert!(
+            text.contains("request 1 of poll 3 differs from the cassette")
+                && text.contains("p003-001.json recorded GET http://"),
+            "{text}"
+        );
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        3,
+        "only the recording asked the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_polls_show_the_baseline_then_not_modified() {
+    let up = upstream().await;
+    let d = daemon(up.addr);
+    let (out, text) =
+        tokio::task::spawn_blocking(move || run(&d, &["test", "items", "--polls", "2"]))
+            .await
+            .unwrap();
+    assert!(out.status.success(), "{text}");
+    let poll2 = text.find("== poll 2").expect(&text);
+    let (first, second) = text.split_at(poll2);
+    assert!(
+        first.contains("-> 200 (2 records)")
+            && first.contains("record b: first poll: remembered as the baseline"),
+        "{text}"
+    );
+    assert!(
+        second.contains("-> 304 (not modified)") && second.contains("nothing to detect"),
+        "{text}"
+    );
+    assert!(!text.contains(TOKEN), "{text}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
+}
