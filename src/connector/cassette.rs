@@ -3,8 +3,8 @@
 //!
 //! One file per exchange, `pNNN-MMM.json` (poll NNN, its MMM-th request),
 //! so `ls` lists them in order and a re-recording diffs file by file. Each
-//! holds the poll number and the time the poll ran (`at`, the clock of the
-//! replay), the request (method, URL, headers, body) and the answer
+//! holds the poll number, the time the poll ran (`at`, the clock of the
+//! replay) and the instance that sent it, the request (method, URL, headers, body) and the answer
 //! (status, headers, body). A JSON body is kept as a pretty JSON value
 //! (`body_json`), other text as text (`body`), only binary as base64
 //! (`body_base64`), so a diff reads well. Secrets never reach the disk:
@@ -38,6 +38,11 @@ pub struct Exchange {
     /// timestamps).
     #[serde(with = "rfc3339")]
     pub at: DateTime<Utc>,
+    /// The instance (`source/name`) whose poll sent it: a replay answers
+    /// each instance from its own exchanges, so `--instance` may pick one
+    /// of a recording of several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub method: String,
     pub url: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -201,6 +206,7 @@ fn bytes_of(body: &Body) -> Result<Vec<u8>, ReadError> {
 struct Raw {
     poll: u32,
     at: DateTime<Utc>,
+    instance: Option<String>,
     method: Method,
     url: Url,
     request_headers: HeaderMap,
@@ -213,14 +219,15 @@ struct Raw {
 /// issued during the recording is masked in the exchanges before it too.
 #[derive(Default)]
 pub struct Recorder {
-    current: Mutex<Option<(u32, DateTime<Utc>)>>,
+    current: Mutex<Option<(u32, DateTime<Utc>, String)>>,
     exchanges: Mutex<Vec<Raw>>,
 }
 
 impl Recorder {
-    /// Exchanges from now on belong to poll `poll` (from 1), run at `at`.
-    pub fn begin_poll(&self, poll: u32, at: DateTime<Utc>) {
-        *self.current.lock() = Some((poll, at));
+    /// Exchanges from now on belong to poll `poll` (from 1) of `instance`,
+    /// run at `at`.
+    pub fn begin_poll(&self, poll: u32, at: DateTime<Utc>, instance: &str) {
+        *self.current.lock() = Some((poll, at, instance.to_string()));
     }
 
     /// Keeps one exchange (called by the transport).
@@ -232,10 +239,14 @@ impl Recorder {
         body: Option<&[u8]>,
         answer: &Canned,
     ) {
-        let (poll, at) = self.current.lock().unwrap_or((1, Utc::now()));
+        let (poll, at, instance) = match self.current.lock().clone() {
+            Some((p, at, i)) => (p, at, Some(i)),
+            None => (1, Utc::now(), None),
+        };
         self.exchanges.lock().push(Raw {
             poll,
             at,
+            instance,
             method: method.clone(),
             url: url.clone(),
             request_headers: headers.clone(),
@@ -253,6 +264,7 @@ impl Recorder {
             .map(|r| Exchange {
                 poll: r.poll,
                 at: r.at,
+                instance: r.instance.clone(),
                 method: r.method.to_string(),
                 url: super::mask(r.url.as_str(), secrets),
                 request_headers: header_map(&r.request_headers, secrets),
@@ -319,8 +331,9 @@ pub struct Cassette {
     /// Masked from the URLs the pipeline sends before they are compared
     /// with the recorded (masked) ones.
     secrets: Vec<String>,
-    /// (index into `polls`, next exchange).
-    at: Mutex<(usize, usize)>,
+    /// What is being answered: (index into `polls`, the instance, its
+    /// next exchange).
+    at: Mutex<(usize, String, usize)>,
 }
 
 impl Cassette {
@@ -361,7 +374,7 @@ impl Cassette {
             dir: dir.to_path_buf(),
             polls,
             secrets,
-            at: Mutex::new((0, 0)),
+            at: Mutex::new((0, String::new(), 0)),
         })
     }
 
@@ -370,16 +383,19 @@ impl Cassette {
         &self.polls
     }
 
-    /// Requests from now on are answered from the `index`-th poll (from 0).
-    pub fn begin_poll(&self, index: usize) {
-        *self.at.lock() = (index, 0);
+    /// Requests from now on are `instance`'s in the `index`-th poll (from
+    /// 0), answered in order by its exchanges there (and by those recorded
+    /// without an instance).
+    pub fn begin_poll(&self, index: usize, instance: &str) {
+        *self.at.lock() = (index, instance.to_string(), 0);
     }
 
     /// The answer to the next request of the current poll: the next
     /// exchange, if its method and URL are the request's (after masking).
     pub fn answer(&self, method: &Method, url: &Url) -> Result<Canned, String> {
         let mut at = self.at.lock();
-        let (p, n) = *at;
+        let (p, n) = (at.0, at.2);
+        let instance = at.1.clone();
         let sent = format!("{method} {}", super::mask(url.as_str(), &self.secrets));
         let Some(poll) = self.polls.get(p) else {
             return Err(format!(
@@ -388,24 +404,29 @@ impl Cassette {
                 p + 1
             ));
         };
-        let Some((name, e)) = poll.exchanges.get(n) else {
+        let mine: Vec<&(String, Exchange)> = poll
+            .exchanges
+            .iter()
+            .filter(|(_, e)| e.instance.as_deref().is_none_or(|i| i == instance))
+            .collect();
+        let Some((name, e)) = mine.get(n) else {
             return Err(format!(
-                "the cassette {} has {} request(s) for poll {}, the pipeline sent one more: {sent}",
+                "the cassette {} has {} request(s) of {instance} in poll {}, the pipeline sent one more: {sent}",
                 self.dir.display(),
-                poll.exchanges.len(),
+                mine.len(),
                 poll.poll
             ));
         };
         let recorded = format!("{} {}", e.method, e.url);
         if recorded != sent {
             return Err(format!(
-                "request {} of poll {} differs from the cassette: the pipeline sent {sent}, {} recorded {recorded}",
+                "request {} of {instance} in poll {} differs from the cassette: the pipeline sent {sent}, {} recorded {recorded}",
                 n + 1,
                 poll.poll,
                 name
             ));
         }
-        at.1 += 1;
+        at.2 += 1;
         Ok(canned(e))
     }
 }
@@ -490,6 +511,7 @@ mod tests {
         let e = Exchange {
             poll: 1,
             at: "2026-12-05T05:00:00Z".parse().unwrap(),
+            instance: Some("s/i".into()),
             method: "GET".into(),
             url: "http://127.0.0.1/x".into(),
             request_headers: BTreeMap::new(),

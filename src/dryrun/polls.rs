@@ -144,13 +144,18 @@ pub async fn run_polls(
         if number > 1 && !matches!(plan.mode, Mode::Replay(_)) {
             tokio::time::sleep(plan.every).await;
         }
-        let at = start_round(plan.mode, number);
+        let at = round_time(plan.mode, number);
         let mut round = PollReport {
             number,
             at,
             instances: Vec::new(),
         };
         for inst in &instances {
+            match plan.mode {
+                Mode::Live => {}
+                Mode::Record(r) => r.begin_poll(number, at, &inst.key),
+                Mode::Replay(c) => c.begin_poll(number as usize - 1, &inst.key),
+            }
             let poll = poll_one(src, inst, store, &env, transport, at).await?;
             round.instances.push(poll);
         }
@@ -159,24 +164,14 @@ pub async fn run_polls(
     Ok(report)
 }
 
-/// The time round `number` runs at (the recorded one on replay, else now
-/// to the millisecond, as a cassette keeps it), told to the recorder or
-/// the cassette.
-fn start_round(mode: Mode<'_>, number: u32) -> DateTime<Utc> {
-    let now = Utc::now()
-        .duration_trunc(chrono::Duration::milliseconds(1))
-        .unwrap_or_else(|_| Utc::now());
+/// The time round `number` runs at: the recorded one on replay, else now
+/// to the millisecond, as a cassette keeps it.
+fn round_time(mode: Mode<'_>, number: u32) -> DateTime<Utc> {
     match mode {
-        Mode::Live => now,
-        Mode::Record(r) => {
-            r.begin_poll(number, now);
-            now
-        }
-        Mode::Replay(c) => {
-            let index = number as usize - 1;
-            c.begin_poll(index);
-            c.polls()[index].at
-        }
+        Mode::Replay(c) => c.polls()[number as usize - 1].at,
+        Mode::Live | Mode::Record(_) => Utc::now()
+            .duration_trunc(chrono::Duration::milliseconds(1))
+            .unwrap_or_else(|_| Utc::now()),
     }
 }
 

@@ -208,7 +208,7 @@ async fn a_recorded_cassette_replays_byte_for_byte_and_is_a_test() {
         let (out, text) = run(&d, &["test", "items", "--replay", to]);
         assert!(!out.status.success(), "{text}");
         assert!(
-            text.contains("request 1 of poll 3 differs from the cassette")
+            text.contains("request 1 of items/default in poll 3 differs from the cassette")
                 && text.contains("p003-001.json recorded GET http://"),
             "{text}"
         );
