@@ -245,3 +245,101 @@ async fn two_live_polls_show_the_baseline_then_not_modified() {
     assert!(!text.contains(TOKEN), "{text}");
     assert_eq!(up.requests.load(Ordering::SeqCst), 2);
 }
+
+const ISSUED: &str = "issued-at-9f3k2m7q";
+
+/// An identity provider issuing one token, and an API that answers only
+/// to it.
+async fn oauth_upstream() -> std::net::SocketAddr {
+    let app = axum::Router::new()
+        .route(
+            "/token",
+            axum::routing::post(|body: String| async move {
+                if !body.contains("client_secret=cl1ent-s3cret") {
+                    return StatusCode::UNAUTHORIZED.into_response();
+                }
+                axum::Json(
+                    json!({"access_token": ISSUED, "token_type": "Bearer", "expires_in": 3600}),
+                )
+                .into_response()
+            }),
+        )
+        .route(
+            "/status",
+            axum::routing::get(|headers: HeaderMap| async move {
+                let ok = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    == Some(&format!("Bearer {ISSUED}"));
+                if ok {
+                    axum::Json(json!({"state": "green"})).into_response()
+                } else {
+                    StatusCode::UNAUTHORIZED.into_response()
+                }
+            }),
+        );
+    serve(app).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_token_requests_are_recorded_masked_and_replayed() {
+    let addr = oauth_upstream().await;
+    let connector = r#"
+name: status
+params:
+  base_url: { required: true }
+  client_secret: { required: true, secret: true }
+request:
+  url: "{{ base_url }}/status"
+  auth:
+    type: oauth2
+    token_url: "{{ base_url }}/token"
+    client_id: app
+    client_secret: "{{ client_secret }}"
+    client_auth: body
+detect: snapshot
+emit: [{ type: status.changed }]
+"#;
+    let bridge = format!(
+        "sources:\n  status:\n    connector: status\n    with: {{ base_url: \"http://{addr}\", client_secret: \"${{CLIENT_SECRET}}\" }}\n    schedule: every 1m\n    deliver_to: [a]\nendpoints:\n  a: {{ url: \"http://127.0.0.1:9/\", secret: \"{}\" }}\n",
+        secret()
+    );
+    let mut d = Daemon::new(&bridge, &[("status.yaml", connector.to_string())]);
+    d.env.push(("CLIENT_SECRET".into(), "cl1ent-s3cret".into()));
+    tokio::task::spawn_blocking(move || {
+        let dir = d.dir.path().join("cassette");
+        let to = dir.to_str().unwrap();
+        let (out, text) = run(&d, &["record", "status", "--polls", "2", "--to", to]);
+        assert!(out.status.success(), "{text}");
+        // One token for both polls, as the daemon's cache does.
+        assert_eq!(
+            files_of(&dir),
+            ["p001-001.json", "p001-002.json", "p002-001.json"]
+        );
+        for name in files_of(&dir) {
+            let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+            for secret in [ISSUED, "cl1ent-s3cret"] {
+                assert!(!text.contains(secret), "{name} holds {secret}: {text}");
+            }
+        }
+        let token: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("p001-001.json")).unwrap())
+                .unwrap();
+        assert_eq!(token["method"], "POST");
+        assert_eq!(token["body_json"]["access_token"], "***");
+        assert!(
+            token["request_body"]
+                .as_str()
+                .unwrap()
+                .contains("client_secret=***"),
+            "{token}"
+        );
+        let (out, text) = run(&d, &["test", "status", "--replay", to]);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("/status -> 200"), "{text}");
+        assert!(text.contains("record snapshot: unchanged"), "{text}");
+        assert!(!text.contains(ISSUED), "{text}");
+    })
+    .await
+    .unwrap();
+}
