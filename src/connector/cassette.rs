@@ -390,6 +390,22 @@ impl Cassette {
         *self.at.lock() = (index, instance.to_string(), 0);
     }
 
+    /// The exchanges of the current poll and instance that no request has
+    /// asked for (the pipeline sent fewer requests than were recorded), by
+    /// file name.
+    pub fn unasked(&self) -> Vec<String> {
+        let at = self.at.lock();
+        let Some(poll) = self.polls.get(at.0) else {
+            return Vec::new();
+        };
+        poll.exchanges
+            .iter()
+            .filter(|(_, e)| e.instance.as_deref().is_none_or(|i| i == at.1))
+            .skip(at.2)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// The answer to the next request of the current poll: the next
     /// exchange, if its method and URL are the request's (after masking).
     pub fn answer(&self, method: &Method, url: &Url) -> Result<Canned, String> {
@@ -504,6 +520,61 @@ mod tests {
             body_of(&[0xff, 0x00], &secrets),
             Body::BodyBase64(_)
         ));
+    }
+
+    fn exchange(poll: u32, instance: &str, url: &str) -> Exchange {
+        Exchange {
+            poll,
+            at: "2026-12-05T05:00:00Z".parse().unwrap(),
+            instance: Some(instance.into()),
+            method: "GET".into(),
+            url: url.into(),
+            request_headers: BTreeMap::new(),
+            request_body: None,
+            status: 200,
+            response_headers: BTreeMap::new(),
+            body: Body::Body(format!("{instance} {url}")),
+        }
+    }
+
+    #[test]
+    fn each_instance_is_answered_in_order_and_a_mismatch_names_both_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [
+            (1, 1, exchange(1, "s/a", "http://h/a?k=***")),
+            (1, 2, exchange(1, "s/b", "http://h/b")),
+            (1, 3, exchange(1, "s/a", "http://h/a2")),
+            (2, 1, exchange(2, "s/a", "http://h/a")),
+        ];
+        for (p, n, e) in &files {
+            let text = serde_json::to_string_pretty(e).unwrap();
+            std::fs::write(dir.path().join(file_name(*p, *n)), text).unwrap();
+        }
+        std::fs::write(dir.path().join("notes.txt"), "not an exchange").unwrap();
+        let c = Cassette::load(dir.path(), vec!["key-123".into()]).unwrap();
+        assert_eq!(c.polls().len(), 2);
+        let url = |u: &str| Url::parse(u).unwrap();
+        // Only instance b, as `--instance b` would.
+        c.begin_poll(0, "s/b");
+        let b = c.answer(&Method::GET, &url("http://h/b")).unwrap();
+        assert_eq!(b.body.unwrap(), b"s/b http://h/b");
+        assert!(c.unasked().is_empty());
+        // Instance a: its secret is masked before the URLs are compared.
+        c.begin_poll(0, "s/a");
+        c.answer(&Method::GET, &url("http://h/a?k=key-123"))
+            .unwrap();
+        assert_eq!(c.unasked(), ["p001-003.json"]);
+        let e = c.answer(&Method::POST, &url("http://h/a2")).unwrap_err();
+        assert!(
+            e.contains("request 2 of s/a in poll 1")
+                && e.contains("sent POST http://h/a2")
+                && e.contains("p001-003.json recorded GET http://h/a2"),
+            "{e}"
+        );
+        c.begin_poll(1, "s/a");
+        c.answer(&Method::GET, &url("http://h/a")).unwrap();
+        let e = c.answer(&Method::GET, &url("http://h/a")).unwrap_err();
+        assert!(e.contains("has 1 request(s) of s/a in poll 2"), "{e}");
     }
 
     #[test]

@@ -156,7 +156,16 @@ pub async fn run_polls(
                 Mode::Record(r) => r.begin_poll(number, at, &inst.key),
                 Mode::Replay(c) => c.begin_poll(number as usize - 1, &inst.key),
             }
-            let poll = poll_one(src, inst, store, &env, transport, at).await?;
+            let mut poll = poll_one(src, inst, store, &env, transport, at).await?;
+            if let Mode::Replay(c) = plan.mode {
+                let unasked = c.unasked();
+                if !unasked.is_empty() && poll.error.is_none() {
+                    poll.error = Some(format!(
+                        "the pipeline sent fewer requests than the cassette holds for this poll: {} not asked for",
+                        unasked.join(", ")
+                    ));
+                }
+            }
             round.instances.push(poll);
         }
         report.polls.push(round);

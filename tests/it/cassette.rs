@@ -212,6 +212,14 @@ async fn a_recorded_cassette_replays_byte_for_byte_and_is_a_test() {
                 && text.contains("p003-001.json recorded GET http://"),
             "{text}"
         );
+        // Nor does one holding more requests than the pipeline sends.
+        std::fs::copy(dir.join("p001-001.json"), dir.join("p001-002.json")).unwrap();
+        let (out, text) = run(&d, &["test", "items", "--replay", to]);
+        assert!(!out.status.success(), "{text}");
+        assert!(
+            text.contains("fewer requests than the cassette holds for this poll: p001-002.json"),
+            "{text}"
+        );
     })
     .await
     .unwrap();
