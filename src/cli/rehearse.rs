@@ -237,6 +237,9 @@ pub fn render(r: &PollsReport) -> String {
                     format!(" (changed: {})", v.changed.join(", "))
                 };
                 let _ = writeln!(o, "   record {}: {}{changed}", v.record, v.outcome);
+                for (when, value) in &v.filtered {
+                    let _ = writeln!(o, "     when `{when}` -> {value}");
+                }
             }
             let _ = writeln!(
                 o,

@@ -90,6 +90,9 @@ pub struct Verdict {
     pub outcome: String,
     /// For an updated item: the fields that changed (dotted paths).
     pub changed: Vec<String>,
+    /// For a record no rule emitted for: each rule's `when` as written and
+    /// its value.
+    pub filtered: Vec<(String, bool)>,
 }
 
 /// The polls' settings.
@@ -240,6 +243,12 @@ async fn poll_one(
     }
     let (next, events) = crate::poll::prepare_commit(src, inst, &state, d, &fetched, at);
     r.records = verdicts(&notes, &state, &next, &m);
+    let filtered = filtered_by(&src.connector);
+    for v in &mut r.records {
+        if v.outcome.contains(NO_WHEN_TRUE) {
+            v.filtered = filtered.clone();
+        }
+    }
     r.cursor_after = next.cursor.clone();
     r.events = events
         .iter()
@@ -250,6 +259,20 @@ async fn poll_one(
         store.commit_poll(&inst.key, &next, &[]).await?;
     }
     Ok(r)
+}
+
+/// How detection says that no rule's `when` held for a record.
+const NO_WHEN_TRUE: &str = "no `when` condition is true";
+
+/// Each rule's `when` as written, with the value it had for a record that
+/// no rule emitted for: false, every one (a rule without `when` would have
+/// fired).
+fn filtered_by(c: &crate::connector::spec::Connector) -> Vec<(String, bool)> {
+    c.emit
+        .iter()
+        .filter_map(|r| r.when_source.clone())
+        .map(|w| (w, false))
+        .collect()
 }
 
 /// Detection's notes as verdicts, each updated item with the fields that
@@ -275,6 +298,7 @@ fn verdicts(
                 record: m(record),
                 outcome: m(outcome),
                 changed,
+                filtered: Vec::new(),
             }
         })
         .collect()

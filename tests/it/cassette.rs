@@ -17,7 +17,8 @@ const TOKEN: &str = "tok-s3cret-9981";
 
 /// An upstream listing items with an `ETag`: its first two answers are
 /// version 1 (the second, to a conditional request, a 304), later ones
-/// version 2 (item `b` changed, item `c` added). Each answer echoes the
+/// version 2 (item `b` changed, item `c` added, item `a` changed below
+/// what the connector's `when` emits for). Each answer echoes the
 /// token, so masking of bodies is tested too. With `gone` set it answers
 /// 500 to everything: a replay must not need it.
 struct Upstream {
@@ -44,12 +45,12 @@ async fn upstream() -> Upstream {
                 let (etag, items) = if n <= 2 {
                     (
                         "\"v1\"",
-                        json!([{"id": "a", "amount": 1}, {"id": "b", "amount": 2}]),
+                        json!([{"id": "a", "amount": 1}, {"id": "b", "amount": 2}, {"id": "d", "amount": 9}]),
                     )
                 } else {
                     (
                         "\"v2\"",
-                        json!([{"id": "a", "amount": 1}, {"id": "b", "amount": 20}, {"id": "c", "amount": 3}]),
+                        json!([{"id": "a", "amount": 4}, {"id": "b", "amount": 20}, {"id": "c", "amount": 3}, {"id": "d", "amount": 9}]),
                     )
                 };
                 if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag) {
@@ -84,7 +85,7 @@ id: "{{ item.id }}"
 detect: changes
 emit:
   - { type: item.created, when: "change == 'created'" }
-  - { type: item.updated, when: "change == 'updated'" }
+  - { type: item.updated, when: "change == 'updated' and item.amount > 5" }
 "#;
 
 fn daemon(addr: std::net::SocketAddr) -> Daemon {
@@ -161,7 +162,8 @@ async fn a_recorded_cassette_replays_byte_for_byte_and_is_a_test() {
             "-> 304 (not modified)",
             "not modified: nothing to detect, the state stays",
             "== poll 3 at ",
-            "record a: unchanged",
+            "record a: updated; changed, but no `when` condition is true: nothing emitted (changed: amount)\n     when `change == 'created'` -> false\n     when `change == 'updated' and item.amount > 5` -> false",
+            "record d: unchanged",
             "record b: updated; emits item.updated (changed: amount)",
             "record c: created; emits item.created",
             "2 event(s)",
@@ -242,7 +244,7 @@ async fn two_live_polls_show_the_baseline_then_not_modified() {
     let poll2 = text.find("== poll 2").expect(&text);
     let (first, second) = text.split_at(poll2);
     assert!(
-        first.contains("-> 200 (2 records)")
+        first.contains("-> 200 (3 records)")
             && first.contains("record b: first poll: remembered as the baseline"),
         "{text}"
     );
