@@ -210,39 +210,54 @@ struct Prepared {
     credentials: Vec<String>,
 }
 
+/// Renders a connector's templates with one context, each error naming
+/// its field.
+struct Render<'a> {
+    c: &'a Connector,
+    ctx: &'a Ctx,
+}
+
+impl Render<'_> {
+    fn text(&self, tpl: &crate::template::Tpl, field: &str) -> Result<String, PollError> {
+        self.c
+            .engine
+            .render(tpl, self.ctx)
+            .map_err(|detail| PollError::Template {
+                field: field.to_string(),
+                detail,
+            })
+    }
+
+    /// URL templates encode the values they interpolate (see
+    /// `Engine::render_url`): a param cannot move the request elsewhere.
+    fn url(&self, tpl: &crate::template::Tpl, field: &str) -> Result<String, PollError> {
+        self.c
+            .engine
+            .render_url(tpl, self.ctx)
+            .map_err(|detail| PollError::Template {
+                field: field.to_string(),
+                detail,
+            })
+    }
+}
+
+fn header_value(v: &str, field: &str) -> Result<HeaderValue, PollError> {
+    HeaderValue::from_str(v).map_err(|_| PollError::Template {
+        field: field.to_string(),
+        detail: "rendered to a value that is not a valid header".into(),
+    })
+}
+
 fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
-    let render = |tpl, field: &str| {
-        c.engine
-            .render(tpl, ctx)
-            .map_err(|detail| PollError::Template {
-                field: field.to_string(),
-                detail,
-            })
-    };
-    let header_value = |v: &str, field: &str| {
-        HeaderValue::from_str(v).map_err(|_| PollError::Template {
-            field: field.to_string(),
-            detail: "rendered to a value that is not a valid header".into(),
-        })
-    };
-    // URL templates encode the values they interpolate (see
-    // `Engine::render_url`): a param cannot move the request elsewhere.
-    let render_url = |tpl, field: &str| {
-        c.engine
-            .render_url(tpl, ctx)
-            .map_err(|detail| PollError::Template {
-                field: field.to_string(),
-                detail,
-            })
-    };
-    let url_text = render_url(&c.request.url, "request.url")?;
+    let r = Render { c, ctx };
+    let url_text = r.url(&c.request.url, "request.url")?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| PollError::Template {
         field: "request.url".into(),
         detail: format!("`{url_text}` is not a URL: {e}"),
     })?;
     let mut pairs = Vec::new();
     for (k, t) in &c.request.query {
-        let v = render(t, &format!("request.query.{k}"))?;
+        let v = r.text(t, &format!("request.query.{k}"))?;
         if !v.is_empty() {
             pairs.push((k.clone(), v));
         }
@@ -250,21 +265,56 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
     let mut headers = HeaderMap::new();
     for (k, t) in &c.request.headers {
         let field = format!("request.headers.{k}");
-        let v = render(t, &field)?;
+        let v = r.text(t, &field)?;
         if v.is_empty() {
             continue;
         }
         let name = HeaderName::from_bytes(k.as_bytes()).expect("checked at load");
         headers.insert(name, header_value(&v, &field)?);
     }
-    let mut basic = None;
-    let mut oauth = None;
-    let mut credentials = Vec::new();
+    let auth = render_auth(&r, &mut headers, &mut pairs)?;
+    if !pairs.is_empty() {
+        url.query_pairs_mut().extend_pairs(pairs);
+    }
+    let (body, content_type) = render_body(&r)?;
+    if let Some(ct) = content_type {
+        if !headers.contains_key(CONTENT_TYPE) {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        }
+    }
+    Ok(Prepared {
+        url,
+        headers,
+        basic: auth.basic,
+        body,
+        oauth: auth.oauth,
+        credentials: auth.credentials,
+    })
+}
+
+/// What `request.auth` rendered to, besides the headers and query pairs
+/// it added.
+#[derive(Default)]
+struct RenderedAuth {
+    basic: Option<(String, Option<String>)>,
+    oauth: Option<TokenRequest>,
+    credentials: Vec<String>,
+}
+
+/// Renders `request.auth`: a bearer token or an API key header goes into
+/// `headers` (marked sensitive), an API key in the query into `pairs`.
+fn render_auth(
+    r: &Render<'_>,
+    headers: &mut HeaderMap,
+    pairs: &mut Vec<(String, String)>,
+) -> Result<RenderedAuth, PollError> {
+    let c = r.c;
+    let mut out = RenderedAuth::default();
     match &c.request.auth {
         None => {}
         Some(Auth::Bearer(t)) => {
-            let token = render(t, "request.auth.token")?;
-            credentials.push(token.clone());
+            let token = r.text(t, "request.auth.token")?;
+            out.credentials.push(token.clone());
             if !token.is_empty() {
                 let mut v = header_value(&format!("Bearer {token}"), "request.auth.token")?;
                 v.set_sensitive(true);
@@ -272,21 +322,21 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
             }
         }
         Some(Auth::Basic(u, p)) => {
-            let user = render(u, "request.auth.username")?;
+            let user = r.text(u, "request.auth.username")?;
             let pass = p
                 .as_ref()
-                .map(|p| render(p, "request.auth.password"))
+                .map(|p| r.text(p, "request.auth.password"))
                 .transpose()?;
-            credentials.extend(pass.clone());
-            basic = Some((user, pass));
+            out.credentials.extend(pass.clone());
+            out.basic = Some((user, pass));
         }
         Some(Auth::ApiKey {
             location,
             name,
             value,
         }) => {
-            let v = render(value, "request.auth.value")?;
-            credentials.push(v.clone());
+            let v = r.text(value, "request.auth.value")?;
+            out.credentials.push(v.clone());
             match location {
                 KeyLocation::Header => {
                     let mut hv = header_value(&v, "request.auth.value")?;
@@ -302,70 +352,59 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
         Some(Auth::OAuth2(o)) => {
             let mut params = Vec::new();
             for (k, t) in &o.params {
-                params.push((k.clone(), render(t, &format!("request.auth.params.{k}"))?));
+                params.push((k.clone(), r.text(t, &format!("request.auth.params.{k}"))?));
             }
             let o = TokenRequest {
-                token_url: render_url(&o.token_url, "request.auth.token_url")?,
-                client_id: render(&o.client_id, "request.auth.client_id")?,
-                client_secret: render(&o.client_secret, "request.auth.client_secret")?,
+                token_url: r.url(&o.token_url, "request.auth.token_url")?,
+                client_id: r.text(&o.client_id, "request.auth.client_id")?,
+                client_secret: r.text(&o.client_secret, "request.auth.client_secret")?,
                 scope: o
                     .scope
                     .as_ref()
-                    .map(|s| render(s, "request.auth.scope"))
+                    .map(|s| r.text(s, "request.auth.scope"))
                     .transpose()?,
                 params,
                 client_auth: o.client_auth,
                 refresh_seed: o
                     .refresh_token
                     .as_ref()
-                    .map(|t| render(t, "request.auth.refresh_token"))
+                    .map(|t| r.text(t, "request.auth.refresh_token"))
                     .transpose()?,
                 max_body: c.request.max_response_bytes,
             };
-            credentials.push(o.client_secret.clone());
-            credentials.extend(o.refresh_seed.clone());
-            oauth = Some(o);
+            out.credentials.push(o.client_secret.clone());
+            out.credentials.extend(o.refresh_seed.clone());
+            out.oauth = Some(o);
         }
     }
-    if !pairs.is_empty() {
-        url.query_pairs_mut().extend_pairs(pairs);
-    }
-    let (body, content_type) = match &c.request.body {
+    Ok(out)
+}
+
+/// The request body and its content type (`body`, `json`, `form`).
+fn render_body(r: &Render<'_>) -> Result<(Option<String>, Option<&'static str>), PollError> {
+    Ok(match &r.c.request.body {
         None => (None, None),
-        Some(Body::Raw(t)) => (Some(render(t, "request.body")?), Some("application/json")),
+        Some(Body::Raw(t)) => (Some(r.text(t, "request.body")?), Some("application/json")),
         Some(Body::Json(t)) => {
-            let v = c
-                .engine
-                .render_value(t, ctx)
-                .map_err(|detail| PollError::Template {
-                    field: "request.json".into(),
-                    detail,
-                })?;
+            let v =
+                r.c.engine
+                    .render_value(t, r.ctx)
+                    .map_err(|detail| PollError::Template {
+                        field: "request.json".into(),
+                        detail,
+                    })?;
             (Some(v.to_string()), Some("application/json"))
         }
         Some(Body::Form(fields)) => {
             let mut pairs = Vec::new();
             for (k, t) in fields {
-                pairs.push((k.clone(), render(t, &format!("request.form.{k}"))?));
+                pairs.push((k.clone(), r.text(t, &format!("request.form.{k}"))?));
             }
             (
                 Some(form_encode(&pairs)),
                 Some("application/x-www-form-urlencoded"),
             )
         }
-    };
-    if let Some(ct) = content_type {
-        if !headers.contains_key(CONTENT_TYPE) {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
-        }
-    }
-    Ok(Prepared {
-        url,
-        headers,
-        basic,
-        body,
-        oauth,
-        credentials,
     })
 }
 
