@@ -220,6 +220,10 @@ pub fn render(r: &PollsReport) -> String {
             if let Some(w) = &i.warning {
                 let _ = writeln!(o, "   warning: {w}");
             }
+            if i.requests.is_empty() && i.error.is_none() {
+                // Put off by the connector's `rate_limit`: nothing sent.
+                continue;
+            }
             if let Some(e) = &i.error {
                 let _ = writeln!(o, "   {e}");
                 if i.records.is_empty() {

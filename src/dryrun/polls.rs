@@ -19,10 +19,10 @@ use crate::config::{Instance, Source};
 use crate::connector::auth::TokenCache;
 use crate::connector::cassette::{Cassette, Recorder};
 use crate::connector::detect::{changed_fields, detect};
-use crate::connector::fetch::{fetch_via, FetchEnv};
+use crate::connector::fetch::{fetch_via, FetchEnv, PollError};
 use crate::connector::mask;
 use crate::connector::transport::Transport;
-use crate::quota::HostGates;
+use crate::quota::{HostGates, RateLimit};
 use crate::store::{InstanceState, Store};
 
 /// Where the polls' requests go.
@@ -122,13 +122,16 @@ pub async fn run_polls(
     let instances = super::chosen(src, &src.instances, plan.only)?;
     let client = crate::daemon::poll_client();
     let tokens = TokenCache::default();
-    let env = FetchEnv {
-        client: &client,
-        hosts,
-        rate_limit: None,
-        tokens: &tokens,
-        user_agent: plan.user_agent.map(Into::into),
-    };
+    let user_agent: Option<std::sync::Arc<str>> = plan.user_agent.map(Into::into);
+    // The connector's `rate_limit` per instance, as the daemon counts it
+    // (in the store for slow ones). Not on replay: nothing is sent.
+    let limits: Vec<Option<RateLimit>> = instances
+        .iter()
+        .map(|inst| match (plan.mode, src.connector.rate_limit) {
+            (Mode::Replay(_), _) | (_, None) => None,
+            (_, Some(r)) => Some(RateLimit::new(r, &inst.key, store)),
+        })
+        .collect();
     let transport = match plan.mode {
         Mode::Live => Transport::Live(&client),
         Mode::Record(r) => Transport::Record(&client, r),
@@ -153,7 +156,14 @@ pub async fn run_polls(
             at,
             instances: Vec::new(),
         };
-        for inst in &instances {
+        for (inst, limit) in instances.iter().zip(&limits) {
+            let env = FetchEnv {
+                client: &client,
+                hosts,
+                rate_limit: limit.as_ref(),
+                tokens: &tokens,
+                user_agent: user_agent.clone(),
+            };
             match plan.mode {
                 Mode::Live => {}
                 Mode::Record(r) => r.begin_poll(number, at, &inst.key),
@@ -207,6 +217,11 @@ async fn poll_one(
     r.cursor_after = state.cursor.clone();
     let fetched = match fetch_via(&src.connector, inst, &state, env, transport, at).await {
         Ok(f) => f,
+        // Not a failure: the daemon, too, puts the poll off.
+        Err(e @ PollError::Deferred { .. }) => {
+            r.warning = Some(format!("poll put off: {e}"));
+            return Ok(r);
+        }
         Err(e) => {
             r.error = Some(format!("poll failed: {}", m(&e.to_string())));
             return Ok(r);

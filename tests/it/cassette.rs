@@ -353,3 +353,27 @@ emit: [{ type: status.changed }]
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_polls_keep_the_connectors_rate_limit() {
+    let up = upstream().await;
+    let mut d = daemon(up.addr);
+    let limited = CONNECTOR.replace("detect: changes", "detect: changes\nrate_limit: 1/1h");
+    std::fs::write(d.dir.path().join("connectors/items.yaml"), limited).unwrap();
+    d.env.push(("POLLHOOK_LOG".into(), "warn".into()));
+    let (out, text) =
+        tokio::task::spawn_blocking(move || run(&d, &["test", "items", "--polls", "2"]))
+            .await
+            .unwrap();
+    assert!(out.status.success(), "put off is not a failure: {text}");
+    let (first, second) = text.split_at(text.find("== poll 2").expect(&text));
+    assert!(first.contains("-> 200 (3 records)"), "{text}");
+    assert!(
+        second.contains(
+            "warning: poll put off: the connector's rate_limit allows the next request in"
+        ),
+        "{text}"
+    );
+    assert!(!second.contains("-> "), "nothing sent: {text}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+}
