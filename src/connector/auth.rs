@@ -33,7 +33,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::connector::spec::ClientAuth;
-use crate::connector::transport::{ReadError, Transport};
+use crate::connector::transport::{Purpose, ReadError, Transport};
 use sha2::Digest;
 
 /// A rendered token request.
@@ -267,7 +267,7 @@ async fn fetch_token(
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
     *http.body_mut() = Some(form_encode(&form).into());
     let reply = transport
-        .send(http, req.max_body)
+        .send_for(Purpose::Token, http, req.max_body)
         .await
         .map_err(|e| format!("token endpoint {}: {e}", req.token_url))?;
     let status = reply.status();

@@ -24,7 +24,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::transport::{Canned, ReadError};
+use super::transport::{Canned, Purpose, ReadError};
 
 /// What stands for a secret in a cassette.
 pub const MASK: &str = "***";
@@ -43,6 +43,10 @@ pub struct Exchange {
     /// of a recording of several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// An OAuth2 token request: a replay answers token requests from
+    /// these whenever the token cache asks, apart from the pages' order.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub token: bool,
     pub method: String,
     pub url: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -54,6 +58,10 @@ pub struct Exchange {
     pub response_headers: BTreeMap<String, HeaderText>,
     #[serde(flatten)]
     pub body: Body,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `at` as RFC 3339 text to the millisecond (chrono has no serde here).
@@ -207,11 +215,21 @@ struct Raw {
     poll: u32,
     at: DateTime<Utc>,
     instance: Option<String>,
+    token: bool,
     method: Method,
     url: Url,
     request_headers: HeaderMap,
     request_body: Option<Vec<u8>>,
     answer: Canned,
+}
+
+/// A request as it was sent, for the recorder.
+pub struct Sent<'a> {
+    pub purpose: Purpose,
+    pub method: &'a Method,
+    pub url: &'a Url,
+    pub headers: &'a HeaderMap,
+    pub body: Option<&'a [u8]>,
 }
 
 /// Keeps the exchanges of a recording (`pollhook record`) in memory, in
@@ -231,14 +249,7 @@ impl Recorder {
     }
 
     /// Keeps one exchange (called by the transport).
-    pub fn record(
-        &self,
-        method: &Method,
-        url: &Url,
-        headers: &HeaderMap,
-        body: Option<&[u8]>,
-        answer: &Canned,
-    ) {
+    pub fn record(&self, sent: Sent<'_>, answer: &Canned) {
         let (poll, at, instance) = match self.current.lock().clone() {
             Some((p, at, i)) => (p, at, Some(i)),
             None => (1, Utc::now(), None),
@@ -247,10 +258,11 @@ impl Recorder {
             poll,
             at,
             instance,
-            method: method.clone(),
-            url: url.clone(),
-            request_headers: headers.clone(),
-            request_body: body.map(<[u8]>::to_vec),
+            token: sent.purpose == Purpose::Token,
+            method: sent.method.clone(),
+            url: sent.url.clone(),
+            request_headers: sent.headers.clone(),
+            request_body: sent.body.map(<[u8]>::to_vec),
             answer: answer.clone(),
         });
     }
@@ -265,6 +277,7 @@ impl Recorder {
                 poll: r.poll,
                 at: r.at,
                 instance: r.instance.clone(),
+                token: r.token,
                 method: r.method.to_string(),
                 url: super::mask(r.url.as_str(), secrets),
                 request_headers: header_map(&r.request_headers, secrets),
@@ -400,7 +413,7 @@ impl Cassette {
         };
         poll.exchanges
             .iter()
-            .filter(|(_, e)| e.instance.as_deref().is_none_or(|i| i == at.1))
+            .filter(|(_, e)| !e.token && e.instance.as_deref().is_none_or(|i| i == at.1))
             .skip(at.2)
             .map(|(name, _)| name.clone())
             .collect()
@@ -423,7 +436,7 @@ impl Cassette {
         let mine: Vec<&(String, Exchange)> = poll
             .exchanges
             .iter()
-            .filter(|(_, e)| e.instance.as_deref().is_none_or(|i| i == instance))
+            .filter(|(_, e)| !e.token && e.instance.as_deref().is_none_or(|i| i == instance))
             .collect();
         let Some((name, e)) = mine.get(n) else {
             return Err(format!(
@@ -444,6 +457,38 @@ impl Cassette {
         }
         at.2 += 1;
         Ok(canned(e))
+    }
+}
+
+impl Cassette {
+    /// The answer to a token request: the last recorded token exchange
+    /// with its method and URL up to the current poll (or, if it first
+    /// asked later in the recording, the first one after).
+    pub fn answer_token(&self, method: &Method, url: &Url) -> Result<Canned, String> {
+        let current = self.at.lock().0;
+        let sent = format!("{method} {}", super::mask(url.as_str(), &self.secrets));
+        let mut tokens = self.polls.iter().enumerate().flat_map(|(i, p)| {
+            p.exchanges
+                .iter()
+                .filter(|(_, e)| e.token && format!("{} {}", e.method, e.url) == sent)
+                .map(move |(_, e)| (i, e))
+        });
+        let mut chosen = None;
+        for (i, e) in tokens.by_ref() {
+            if i > current && chosen.is_some() {
+                break;
+            }
+            chosen = Some(e);
+            if i > current {
+                break;
+            }
+        }
+        chosen.map(canned).ok_or_else(|| {
+            format!(
+                "the cassette {} has no token request {sent}",
+                self.dir.display()
+            )
+        })
     }
 }
 
@@ -527,6 +572,7 @@ mod tests {
             poll,
             at: "2026-12-05T05:00:00Z".parse().unwrap(),
             instance: Some(instance.into()),
+            token: false,
             method: "GET".into(),
             url: url.into(),
             request_headers: BTreeMap::new(),
@@ -540,10 +586,14 @@ mod tests {
     #[test]
     fn each_instance_is_answered_in_order_and_a_mismatch_names_both_requests() {
         let dir = tempfile::tempdir().unwrap();
+        let mut token = exchange(1, "s/a", "http://h/token");
+        token.token = true;
+        token.method = "POST".into();
         let files = [
             (1, 1, exchange(1, "s/a", "http://h/a?k=***")),
             (1, 2, exchange(1, "s/b", "http://h/b")),
             (1, 3, exchange(1, "s/a", "http://h/a2")),
+            (1, 4, token),
             (2, 1, exchange(2, "s/a", "http://h/a")),
         ];
         for (p, n, e) in &files {
@@ -572,6 +622,11 @@ mod tests {
             "{e}"
         );
         c.begin_poll(1, "s/a");
+        // The token request recorded in poll 1 answers one made later.
+        let t = c
+            .answer_token(&Method::POST, &url("http://h/token"))
+            .unwrap();
+        assert_eq!(t.body.unwrap(), b"s/a http://h/token");
         c.answer(&Method::GET, &url("http://h/a")).unwrap();
         let e = c.answer(&Method::GET, &url("http://h/a")).unwrap_err();
         assert!(e.contains("has 1 request(s) of s/a in poll 2"), "{e}");
@@ -583,6 +638,7 @@ mod tests {
             poll: 1,
             at: "2026-12-05T05:00:00Z".parse().unwrap(),
             instance: Some("s/i".into()),
+            token: false,
             method: "GET".into(),
             url: "http://127.0.0.1/x".into(),
             request_headers: BTreeMap::new(),

@@ -59,11 +59,31 @@ pub struct Canned {
     pub body: Result<Vec<u8>, ReadError>,
 }
 
+/// What a request is for: a cassette answers a poll's page requests in
+/// order, and token requests from its recorded tokens whenever the token
+/// cache asks (its clock is not the cassette's, so when it asks may
+/// differ from the recording).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Page,
+    Token,
+}
+
 impl Transport<'_> {
-    /// Sends `req`. `cap` bounds what a recording reads of the body (the
-    /// most the caller will read of it); a live answer is read later,
-    /// streaming, by [`Reply::read_capped`].
+    /// Sends a page request. `cap` bounds what a recording reads of the
+    /// body (the most the caller will read of it); a live answer is read
+    /// later, streaming, by [`Reply::read_capped`].
     pub async fn send(&self, req: reqwest::Request, cap: u64) -> Result<Reply, SendError> {
+        self.send_for(Purpose::Page, req, cap).await
+    }
+
+    /// Sends `req`, made for `purpose`.
+    pub async fn send_for(
+        &self,
+        purpose: Purpose,
+        req: reqwest::Request,
+        cap: u64,
+    ) -> Result<Reply, SendError> {
         match self {
             Transport::Live(client) => client
                 .execute(req)
@@ -87,13 +107,22 @@ impl Transport<'_> {
                     headers,
                     body,
                 };
-                recorder.record(&method, &url, &sent_headers, sent_body.as_deref(), &canned);
+                let sent = super::cassette::Sent {
+                    purpose,
+                    method: &method,
+                    url: &url,
+                    headers: &sent_headers,
+                    body: sent_body.as_deref(),
+                };
+                recorder.record(sent, &canned);
                 Ok(Reply::Canned(canned))
             }
-            Transport::Replay(cassette) => cassette
-                .answer(req.method(), req.url())
-                .map(Reply::Canned)
-                .map_err(SendError::Cassette),
+            Transport::Replay(cassette) => match purpose {
+                Purpose::Page => cassette.answer(req.method(), req.url()),
+                Purpose::Token => cassette.answer_token(req.method(), req.url()),
+            }
+            .map(Reply::Canned)
+            .map_err(SendError::Cassette),
         }
     }
 }

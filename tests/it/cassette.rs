@@ -258,8 +258,8 @@ async fn two_live_polls_show_the_baseline_then_not_modified() {
 
 const ISSUED: &str = "issued-at-9f3k2m7q";
 
-/// An identity provider issuing one token, and an API that answers only
-/// to it.
+/// An identity provider issuing one token (good for a second), and an
+/// API that answers only to it.
 async fn oauth_upstream() -> std::net::SocketAddr {
     let app = axum::Router::new()
         .route(
@@ -268,10 +268,8 @@ async fn oauth_upstream() -> std::net::SocketAddr {
                 if !body.contains("client_secret=cl1ent-s3cret") {
                     return StatusCode::UNAUTHORIZED.into_response();
                 }
-                axum::Json(
-                    json!({"access_token": ISSUED, "token_type": "Bearer", "expires_in": 3600}),
-                )
-                .into_response()
+                axum::Json(json!({"access_token": ISSUED, "token_type": "Bearer", "expires_in": 1}))
+                    .into_response()
             }),
         )
         .route(
@@ -319,12 +317,22 @@ emit: [{ type: status.changed }]
     tokio::task::spawn_blocking(move || {
         let dir = d.dir.path().join("cassette");
         let to = dir.to_str().unwrap();
-        let (out, text) = run(&d, &["record", "status", "--polls", "2", "--to", to]);
+        let args = ["record", "status", "--polls", "2", "--every", "1100ms"];
+        let (out, text) = run(&d, &[&args[..], &["--to", to]].concat());
         assert!(out.status.success(), "{text}");
-        // One token for both polls, as the daemon's cache does.
+        // The token lives one second: the second poll asks for a new one.
+        // The replay, at once, does not, and still matches (token requests
+        // are answered apart from the pages' order).
         assert_eq!(
             files_of(&dir),
-            ["p001-001.json", "p001-002.json", "p002-001.json"]
+            [
+                "p001-001.json",
+                "p001-002.json",
+                "p002-001.json",
+                "p002-002.json"
+            ],
+            "{text}\n{}",
+            std::fs::read_to_string(dir.join("p002-001.json")).unwrap_or_default()
         );
         for name in files_of(&dir) {
             let text = std::fs::read_to_string(dir.join(&name)).unwrap();
@@ -336,6 +344,7 @@ emit: [{ type: status.changed }]
             serde_json::from_str(&std::fs::read_to_string(dir.join("p001-001.json")).unwrap())
                 .unwrap();
         assert_eq!(token["method"], "POST");
+        assert_eq!(token["token"], true);
         assert_eq!(token["body_json"]["access_token"], "***");
         assert!(
             token["request_body"]
