@@ -152,7 +152,12 @@ pub async fn run_polls(
         }
         let at = round_time(plan.mode, number);
         let mut round = PollReport {
-            number,
+            // On replay, the poll's number in the cassette (a poll that
+            // sent nothing while recording left no file).
+            number: match plan.mode {
+                Mode::Replay(c) => c.polls()[number as usize - 1].poll,
+                _ => number,
+            },
             at,
             instances: Vec::new(),
         };
