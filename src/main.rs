@@ -67,6 +67,32 @@ enum Command {
         /// are seeded; the daemon must be stopped (the store is locked).
         #[arg(long)]
         seed: bool,
+        #[command(flatten)]
+        polls: PollsArgs,
+    },
+    /// Poll a source as the daemon would (quotas, conditional requests,
+    /// pages, auth) and write every exchange into a cassette: one JSON file
+    /// per request and answer, secrets masked, safe to commit. `pollhook
+    /// test SOURCE --replay DIR` runs it again without the network.
+    Record {
+        /// A source of the bridge file, or a connector file (`*.yaml`)
+        /// with its params given by `--with`.
+        target: String,
+        /// Only this instance (a `for_each` value); default: every instance.
+        #[arg(long)]
+        instance: Option<String>,
+        /// A param value for a connector file: `--with key=value` (repeat).
+        #[arg(long = "with", value_name = "KEY=VALUE")]
+        with: Vec<String>,
+        /// How many polls, the state of each kept for the next.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        polls: u32,
+        /// The wait between polls (`30s`, `5m`).
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        every: String,
+        /// The cassette's directory (its earlier exchange files are replaced).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
     },
     /// Print the JSON Schema of bridge.yaml (default) or of connector
     /// files, generated from the types the config is read into, for editors.
@@ -136,6 +162,31 @@ enum Command {
         #[arg(long, default_value = "5m")]
         tolerance: String,
     },
+}
+
+/// `pollhook test`'s several polls: live (`--polls`) or from a cassette
+/// (`--replay`), with an expected output (`--expect`).
+#[derive(clap::Args)]
+struct PollsArgs {
+    /// Poll N times in a row, the state of each poll kept for the next
+    /// (from an empty state, with the connector's `baseline`): the
+    /// baseline, then 304s and "unchanged", in one command.
+    #[arg(long, value_name = "N", conflicts_with_all = ["seed", "replay"])]
+    polls: Option<u32>,
+    /// The wait between `--polls` (`30s`, `5m`).
+    #[arg(long, value_name = "DURATION", default_value = "0s")]
+    every: String,
+    /// Run every poll of a cassette (`pollhook record`) through the real
+    /// pipeline, answered by the cassette instead of the network, each at
+    /// its recorded time: the same cassette prints the same output.
+    #[arg(long, value_name = "DIR", conflicts_with = "seed")]
+    replay: Option<PathBuf>,
+    /// Compare the output of `--replay` with FILE; exit 1 on a difference.
+    #[arg(long, value_name = "FILE", requires = "replay")]
+    expect: Option<PathBuf>,
+    /// With `--expect`: write the output to FILE instead of comparing.
+    #[arg(long, requires = "expect")]
+    update: bool,
 }
 
 #[derive(Subcommand)]
@@ -248,7 +299,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             instance,
             with,
             seed,
-        } => commands::test(config, &target, instance.as_deref(), &with, seed),
+            polls,
+        } => commands::test(config, &target, instance.as_deref(), &with, seed, &polls),
+        Command::Record {
+            target,
+            instance,
+            with,
+            polls,
+            every,
+            to,
+        } => commands::record(
+            config,
+            &target,
+            instance.as_deref(),
+            &with,
+            polls,
+            &every,
+            &to,
+        ),
         Command::Schema { kind } => commands::schema(kind),
         Command::Secret {
             command: SecretCommand::Generate { ed25519 },

@@ -12,6 +12,7 @@ use pollhook::dryrun;
 use tokio_util::sync::CancellationToken;
 
 use super::output::print_report;
+use super::rehearse::{self, Rehearsal, Target};
 use super::setup::{runtime, watch_signals};
 use crate::SchemaKind;
 
@@ -63,7 +64,20 @@ pub fn test(
     instance: Option<&str>,
     with: &[String],
     seed: bool,
+    polls: &crate::PollsArgs,
 ) -> anyhow::Result<ExitCode> {
+    if polls.polls.is_some() || polls.replay.is_some() {
+        let target = Target::resolve(config_file, target, with)?;
+        let r = Rehearsal {
+            instance,
+            polls: polls.polls.unwrap_or(1),
+            every: duration(&polls.every, "--every")?,
+            replay: polls.replay.as_deref(),
+            expect: polls.expect.as_deref(),
+            update: polls.update,
+        };
+        return rehearse::test(&target, &r);
+    }
     let is_file = target.ends_with(".yaml") || target.ends_with(".yml");
     if is_file {
         if seed {
@@ -79,6 +93,33 @@ pub fn test(
         }
         test_source(config_file, target, instance, seed)
     }
+}
+
+/// `pollhook record TARGET --polls N --every D --to DIR`.
+pub fn record(
+    config_file: &Path,
+    target: &str,
+    instance: Option<&str>,
+    with: &[String],
+    polls: u32,
+    every: &str,
+    to: &Path,
+) -> anyhow::Result<ExitCode> {
+    let target = Target::resolve(config_file, target, with)?;
+    let r = Rehearsal {
+        instance,
+        polls,
+        every: duration(every, "--every")?,
+        replay: None,
+        expect: None,
+        update: false,
+    };
+    rehearse::record(&target, &r, to)
+}
+
+/// A duration argument (`30s`, `5m`).
+fn duration(text: &str, flag: &str) -> anyhow::Result<std::time::Duration> {
+    humantime::parse_duration(text).with_context(|| format!("{flag} `{text}`: not a duration"))
 }
 
 /// `pollhook test connectors/x.yaml --with key=value`.

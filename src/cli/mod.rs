@@ -1,13 +1,15 @@
 //! The binary's side of the command line: what each subcommand does
 //! (`commands`, and `operate` for the operator's commands on a running
 //! daemon or a stopped store), the process's setup (`setup`: logging,
-//! signals, runtime) and everything printed (`output`, `status`, `table`).
+//! signals, runtime), everything printed (`output`, `status`, `table`),
+//! and several polls in a row, recorded or replayed (`rehearse`).
 //! The argument definitions stay in `main.rs`; the library knows nothing
 //! of this module.
 
 pub mod commands;
 pub mod operate;
 pub mod output;
+pub mod rehearse;
 pub mod setup;
 pub mod status;
 pub mod table;

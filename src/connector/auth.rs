@@ -28,11 +28,12 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::Duration;
 
-use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::connector::spec::ClientAuth;
+use crate::connector::transport::{Purpose, ReadError, Transport};
 use sha2::Digest;
 
 /// A rendered token request.
@@ -105,51 +106,13 @@ struct Cached {
     refresh_at: Instant,
 }
 
-/// Why no token could be had. Never holds the client secret or a token:
-/// what a server said is masked first. The message becomes the poll's
-/// error (`PollError::Auth`, text, at [`TokenCache::token`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    /// The request failed, or its answer could not be read.
-    #[error("token endpoint {url}: {detail}")]
-    Transport { url: String, detail: String },
-    /// A non-2xx answer; `why` is its `error` and `error_description`.
-    #[error("token endpoint {url} answered HTTP {status}{}", if why.is_empty() { String::new() } else { format!(" ({why})") })]
-    Refused {
-        url: String,
-        status: u16,
-        why: String,
-    },
-    /// A 2xx answer without a token.
-    #[error("token endpoint {url} answered without an `access_token`")]
-    NoAccessToken { url: String },
-    /// `invalid_grant` on a refresh: the grant is gone until a new seed.
-    #[error("{0}: the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)")]
-    Revoked(Box<AuthError>),
-    /// The store could not give the rotated refresh token.
-    #[error("cannot read the stored refresh token: {0}")]
-    ReadStored(String),
-    /// The store could not keep a rotated refresh token.
-    #[error("cannot keep the rotated refresh token: {0}")]
-    KeepRotated(String),
-}
-
-/// Why an answer's body could not be read whole.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-enum ReadError {
-    #[error("answer larger than the {0}-byte cap (request.max_response_bytes)")]
-    TooLarge(u64),
-    #[error("{0}")]
-    Transport(String),
-}
-
 /// A slot of the cache: a token, or the error that stopped its grant.
 #[derive(Clone)]
 enum Slot {
     Token(Cached),
     /// `invalid_grant` on a refresh: no more requests until the seed
     /// changes (a new key).
-    Broken(AuthError),
+    Broken(String),
 }
 
 /// Tokens by (token URL, client, scope, params, seed).
@@ -175,22 +138,10 @@ impl TokenCache {
     /// instances saw the 401 at the same time).
     pub async fn token(
         &self,
-        client: &reqwest::Client,
+        transport: Transport<'_>,
         req: &TokenRequest,
         rejected: Option<&str>,
     ) -> Result<String, String> {
-        self.obtain(client, req, rejected)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// [`TokenCache::token`], typed.
-    async fn obtain(
-        &self,
-        client: &reqwest::Client,
-        req: &TokenRequest,
-        rejected: Option<&str>,
-    ) -> Result<String, AuthError> {
         let slot = self.slots.lock().entry(req.key()).or_default().clone();
         let mut cached = slot.lock().await;
         match cached.as_ref() {
@@ -203,7 +154,7 @@ impl TokenCache {
             _ => {}
         }
         let Some(seed) = &req.refresh_seed else {
-            let got = fetch_token(client, req, None).await?;
+            let got = fetch_token(transport, req, None).await?;
             *cached = Some(Slot::Token(Cached {
                 token: got.access.clone(),
                 refresh_at: Instant::now() + refresh_after(got.lifetime),
@@ -217,7 +168,7 @@ impl TokenCache {
             Some(s) => s
                 .load_credential(&key)
                 .await
-                .map_err(|e| AuthError::ReadStored(e.to_string()))?
+                .map_err(|e| format!("cannot read the stored refresh token: {e}"))?
                 .and_then(|t| serde_json::from_str::<Rotated>(&t).ok()),
             None => None,
         };
@@ -228,10 +179,12 @@ impl TokenCache {
             }
             _ => seed.clone(),
         };
-        let got = match fetch_token(client, req, Some(&current)).await {
+        let got = match fetch_token(transport, req, Some(&current)).await {
             Ok(g) => g,
-            Err(e) if e.to_string().contains("invalid_grant") => {
-                let e = AuthError::Revoked(Box::new(e));
+            Err(e) if e.contains("invalid_grant") => {
+                let e = format!(
+                    "{e}: the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)"
+                );
                 *cached = Some(Slot::Broken(e.clone()));
                 return Err(e);
             }
@@ -248,7 +201,7 @@ impl TokenCache {
                 .expect("serializes");
                 s.save_credential(&key, &record)
                     .await
-                    .map_err(|e| AuthError::KeepRotated(e.to_string()))?;
+                    .map_err(|e| format!("cannot keep the rotated refresh token: {e}"))?;
             }
         }
         *cached = Some(Slot::Token(Cached {
@@ -277,10 +230,10 @@ pub fn refresh_after(lifetime: Duration) -> Duration {
 /// One token request. Errors name the token URL and what the server said
 /// (`error`, `error_description`), never the client secret.
 async fn fetch_token(
-    client: &reqwest::Client,
+    transport: Transport<'_>,
     req: &TokenRequest,
     refresh: Option<&str>,
-) -> Result<Granted, AuthError> {
+) -> Result<Granted, String> {
     let mut form = match refresh {
         Some(r) => vec![
             ("grant_type".to_string(), "refresh_token".to_string()),
@@ -292,37 +245,42 @@ async fn fetch_token(
         form.push(("scope".into(), s.clone()));
     }
     form.extend(req.params.iter().cloned());
-    let mut http = client.post(&req.token_url);
-    match req.client_auth {
-        ClientAuth::Basic => {
-            http = http.basic_auth(&req.client_id, Some(&req.client_secret));
-        }
-        ClientAuth::Body => {
-            form.push(("client_id".into(), req.client_id.clone()));
-            form.push(("client_secret".into(), req.client_secret.clone()));
-        }
+    let url = reqwest::Url::parse(&req.token_url)
+        .map_err(|e| format!("token endpoint {}: not a URL: {e}", req.token_url))?;
+    let mut http = reqwest::Request::new(reqwest::Method::POST, url);
+    *http.timeout_mut() = Some(Duration::from_secs(30));
+    let headers = http.headers_mut();
+    if let ClientAuth::Basic = req.client_auth {
+        headers.insert(
+            AUTHORIZATION,
+            basic_auth(&req.client_id, &req.client_secret),
+        );
     }
-    let resp = http
-        .header(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        )
-        .header(ACCEPT, HeaderValue::from_static("application/json"))
-        .body(form_encode(&form))
-        .timeout(Duration::from_secs(30))
-        .send()
+    if let ClientAuth::Body = req.client_auth {
+        form.push(("client_id".into(), req.client_id.clone()));
+        form.push(("client_secret".into(), req.client_secret.clone()));
+    }
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    *http.body_mut() = Some(form_encode(&form).into());
+    let reply = transport
+        .send_for(Purpose::Token, http, req.max_body)
         .await
-        .map_err(|e| AuthError::Transport {
-            url: req.token_url.clone(),
-            detail: crate::transport_detail(&e),
-        })?;
-    let status = resp.status();
-    let bytes = read_capped(resp, req.max_body)
-        .await
-        .map_err(|e| AuthError::Transport {
-            url: req.token_url.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| format!("token endpoint {}: {e}", req.token_url))?;
+    let status = reply.status();
+    let bytes = reply.read_capped(req.max_body).await.map_err(|e| {
+        let e = match e {
+            ReadError::TooLarge => format!(
+                "answer larger than the {}-byte cap (request.max_response_bytes)",
+                req.max_body
+            ),
+            ReadError::Network(e) => e,
+        };
+        format!("token endpoint {}: {e}", req.token_url)
+    })?;
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     // Every token the answer holds is a secret from this moment on, before
     // anything can say something about it.
@@ -344,18 +302,26 @@ async fn fetch_token(
             .map(|t| crate::connector::mask(t, &sent))
             .collect::<Vec<_>>()
             .join(": ");
-        return Err(AuthError::Refused {
-            url: req.token_url.clone(),
-            status: status.as_u16(),
-            why,
-        });
+        return Err(format!(
+            "token endpoint {} answered HTTP {}{}",
+            req.token_url,
+            status.as_u16(),
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({why})")
+            }
+        ));
     }
     let token = body
         .get("access_token")
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| AuthError::NoAccessToken {
-            url: req.token_url.clone(),
+        .ok_or_else(|| {
+            format!(
+                "token endpoint {} answered without an `access_token`",
+                req.token_url
+            )
         })?;
     // RFC 6749 makes `expires_in` optional; without it, assume an hour and
     // rely on the 401 refresh if the server thought otherwise.
@@ -375,26 +341,14 @@ async fn fetch_token(
     })
 }
 
-/// A token endpoint's answer, refusing more than `limit` bytes: checked
-/// against `Content-Length` first, then while streaming, so a lying or
-/// missing length cannot make pollhook buffer an unbounded body.
-async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, ReadError> {
-    let too_large = || ReadError::TooLarge(limit);
-    if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| ReadError::Transport(crate::transport_detail(&e)))?
-    {
-        if buf.len() as u64 + chunk.len() as u64 > limit {
-            return Err(too_large());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf)
+/// `Basic base64(client_id:client_secret)`, marked sensitive: what
+/// reqwest's `basic_auth` sends. Pure.
+fn basic_auth(user: &str, password: &str) -> HeaderValue {
+    use base64::Engine as _;
+    let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut v = HeaderValue::from_str(&format!("Basic {pair}")).expect("base64 is a valid header");
+    v.set_sensitive(true);
+    v
 }
 
 /// `application/x-www-form-urlencoded`, by the URL crate's own serializer.

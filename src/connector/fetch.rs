@@ -16,8 +16,9 @@ use std::sync::Arc;
 use super::auth::{form_encode, TokenCache, TokenRequest};
 use super::detect::Listing;
 use super::format::{link_next, parse_body, Format};
+use super::transport::{ReadError, Reply, Transport};
 use crate::connector::spec::Instance;
-use crate::connector::spec::{Auth, Body, Connector, KeyLocation, PageStyle};
+use crate::connector::spec::{Auth, Body, Connector, KeyLocation, PageStyle, Paginate};
 use crate::quota::HostGates;
 use crate::store::InstanceState;
 
@@ -209,39 +210,54 @@ struct Prepared {
     credentials: Vec<String>,
 }
 
+/// Renders a connector's templates with one context, each error naming
+/// its field.
+struct Render<'a> {
+    c: &'a Connector,
+    ctx: &'a Ctx,
+}
+
+impl Render<'_> {
+    fn text(&self, tpl: &crate::template::Tpl, field: &str) -> Result<String, PollError> {
+        self.c
+            .engine
+            .render(tpl, self.ctx)
+            .map_err(|detail| PollError::Template {
+                field: field.to_string(),
+                detail,
+            })
+    }
+
+    /// URL templates encode the values they interpolate (see
+    /// `Engine::render_url`): a param cannot move the request elsewhere.
+    fn url(&self, tpl: &crate::template::Tpl, field: &str) -> Result<String, PollError> {
+        self.c
+            .engine
+            .render_url(tpl, self.ctx)
+            .map_err(|detail| PollError::Template {
+                field: field.to_string(),
+                detail,
+            })
+    }
+}
+
+fn header_value(v: &str, field: &str) -> Result<HeaderValue, PollError> {
+    HeaderValue::from_str(v).map_err(|_| PollError::Template {
+        field: field.to_string(),
+        detail: "rendered to a value that is not a valid header".into(),
+    })
+}
+
 fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
-    let render = |tpl, field: &str| {
-        c.engine
-            .render(tpl, ctx)
-            .map_err(|detail| PollError::Template {
-                field: field.to_string(),
-                detail,
-            })
-    };
-    let header_value = |v: &str, field: &str| {
-        HeaderValue::from_str(v).map_err(|_| PollError::Template {
-            field: field.to_string(),
-            detail: "rendered to a value that is not a valid header".into(),
-        })
-    };
-    // URL templates encode the values they interpolate (see
-    // `Engine::render_url`): a param cannot move the request elsewhere.
-    let render_url = |tpl, field: &str| {
-        c.engine
-            .render_url(tpl, ctx)
-            .map_err(|detail| PollError::Template {
-                field: field.to_string(),
-                detail,
-            })
-    };
-    let url_text = render_url(&c.request.url, "request.url")?;
+    let r = Render { c, ctx };
+    let url_text = r.url(&c.request.url, "request.url")?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| PollError::Template {
         field: "request.url".into(),
         detail: format!("`{url_text}` is not a URL: {e}"),
     })?;
     let mut pairs = Vec::new();
     for (k, t) in &c.request.query {
-        let v = render(t, &format!("request.query.{k}"))?;
+        let v = r.text(t, &format!("request.query.{k}"))?;
         if !v.is_empty() {
             pairs.push((k.clone(), v));
         }
@@ -249,21 +265,56 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
     let mut headers = HeaderMap::new();
     for (k, t) in &c.request.headers {
         let field = format!("request.headers.{k}");
-        let v = render(t, &field)?;
+        let v = r.text(t, &field)?;
         if v.is_empty() {
             continue;
         }
         let name = HeaderName::from_bytes(k.as_bytes()).expect("checked at load");
         headers.insert(name, header_value(&v, &field)?);
     }
-    let mut basic = None;
-    let mut oauth = None;
-    let mut credentials = Vec::new();
+    let auth = render_auth(&r, &mut headers, &mut pairs)?;
+    if !pairs.is_empty() {
+        url.query_pairs_mut().extend_pairs(pairs);
+    }
+    let (body, content_type) = render_body(&r)?;
+    if let Some(ct) = content_type {
+        if !headers.contains_key(CONTENT_TYPE) {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        }
+    }
+    Ok(Prepared {
+        url,
+        headers,
+        basic: auth.basic,
+        body,
+        oauth: auth.oauth,
+        credentials: auth.credentials,
+    })
+}
+
+/// What `request.auth` rendered to, besides the headers and query pairs
+/// it added.
+#[derive(Default)]
+struct RenderedAuth {
+    basic: Option<(String, Option<String>)>,
+    oauth: Option<TokenRequest>,
+    credentials: Vec<String>,
+}
+
+/// Renders `request.auth`: a bearer token or an API key header goes into
+/// `headers` (marked sensitive), an API key in the query into `pairs`.
+fn render_auth(
+    r: &Render<'_>,
+    headers: &mut HeaderMap,
+    pairs: &mut Vec<(String, String)>,
+) -> Result<RenderedAuth, PollError> {
+    let c = r.c;
+    let mut out = RenderedAuth::default();
     match &c.request.auth {
         None => {}
         Some(Auth::Bearer(t)) => {
-            let token = render(t, "request.auth.token")?;
-            credentials.push(token.clone());
+            let token = r.text(t, "request.auth.token")?;
+            out.credentials.push(token.clone());
             if !token.is_empty() {
                 let mut v = header_value(&format!("Bearer {token}"), "request.auth.token")?;
                 v.set_sensitive(true);
@@ -271,21 +322,21 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
             }
         }
         Some(Auth::Basic(u, p)) => {
-            let user = render(u, "request.auth.username")?;
+            let user = r.text(u, "request.auth.username")?;
             let pass = p
                 .as_ref()
-                .map(|p| render(p, "request.auth.password"))
+                .map(|p| r.text(p, "request.auth.password"))
                 .transpose()?;
-            credentials.extend(pass.clone());
-            basic = Some((user, pass));
+            out.credentials.extend(pass.clone());
+            out.basic = Some((user, pass));
         }
         Some(Auth::ApiKey {
             location,
             name,
             value,
         }) => {
-            let v = render(value, "request.auth.value")?;
-            credentials.push(v.clone());
+            let v = r.text(value, "request.auth.value")?;
+            out.credentials.push(v.clone());
             match location {
                 KeyLocation::Header => {
                     let mut hv = header_value(&v, "request.auth.value")?;
@@ -301,70 +352,59 @@ fn prepare(c: &Connector, ctx: &Ctx) -> Result<Prepared, PollError> {
         Some(Auth::OAuth2(o)) => {
             let mut params = Vec::new();
             for (k, t) in &o.params {
-                params.push((k.clone(), render(t, &format!("request.auth.params.{k}"))?));
+                params.push((k.clone(), r.text(t, &format!("request.auth.params.{k}"))?));
             }
             let o = TokenRequest {
-                token_url: render_url(&o.token_url, "request.auth.token_url")?,
-                client_id: render(&o.client_id, "request.auth.client_id")?,
-                client_secret: render(&o.client_secret, "request.auth.client_secret")?,
+                token_url: r.url(&o.token_url, "request.auth.token_url")?,
+                client_id: r.text(&o.client_id, "request.auth.client_id")?,
+                client_secret: r.text(&o.client_secret, "request.auth.client_secret")?,
                 scope: o
                     .scope
                     .as_ref()
-                    .map(|s| render(s, "request.auth.scope"))
+                    .map(|s| r.text(s, "request.auth.scope"))
                     .transpose()?,
                 params,
                 client_auth: o.client_auth,
                 refresh_seed: o
                     .refresh_token
                     .as_ref()
-                    .map(|t| render(t, "request.auth.refresh_token"))
+                    .map(|t| r.text(t, "request.auth.refresh_token"))
                     .transpose()?,
                 max_body: c.request.max_response_bytes,
             };
-            credentials.push(o.client_secret.clone());
-            credentials.extend(o.refresh_seed.clone());
-            oauth = Some(o);
+            out.credentials.push(o.client_secret.clone());
+            out.credentials.extend(o.refresh_seed.clone());
+            out.oauth = Some(o);
         }
     }
-    if !pairs.is_empty() {
-        url.query_pairs_mut().extend_pairs(pairs);
-    }
-    let (body, content_type) = match &c.request.body {
+    Ok(out)
+}
+
+/// The request body and its content type (`body`, `json`, `form`).
+fn render_body(r: &Render<'_>) -> Result<(Option<String>, Option<&'static str>), PollError> {
+    Ok(match &r.c.request.body {
         None => (None, None),
-        Some(Body::Raw(t)) => (Some(render(t, "request.body")?), Some("application/json")),
+        Some(Body::Raw(t)) => (Some(r.text(t, "request.body")?), Some("application/json")),
         Some(Body::Json(t)) => {
-            let v = c
-                .engine
-                .render_value(t, ctx)
-                .map_err(|detail| PollError::Template {
-                    field: "request.json".into(),
-                    detail,
-                })?;
+            let v =
+                r.c.engine
+                    .render_value(t, r.ctx)
+                    .map_err(|detail| PollError::Template {
+                        field: "request.json".into(),
+                        detail,
+                    })?;
             (Some(v.to_string()), Some("application/json"))
         }
         Some(Body::Form(fields)) => {
             let mut pairs = Vec::new();
             for (k, t) in fields {
-                pairs.push((k.clone(), render(t, &format!("request.form.{k}"))?));
+                pairs.push((k.clone(), r.text(t, &format!("request.form.{k}"))?));
             }
             (
                 Some(form_encode(&pairs)),
                 Some("application/x-www-form-urlencoded"),
             )
         }
-    };
-    if let Some(ct) = content_type {
-        if !headers.contains_key(CONTENT_TYPE) {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
-        }
-    }
-    Ok(Prepared {
-        url,
-        headers,
-        basic,
-        body,
-        oauth,
-        credentials,
     })
 }
 
@@ -376,15 +416,82 @@ pub async fn fetch(
     env: &FetchEnv<'_>,
     now: DateTime<Utc>,
 ) -> Result<Fetched, PollError> {
+    fetch_via(c, inst, state, env, Transport::Live(env.client), now).await
+}
+
+/// [`fetch`] with its requests (and token requests) sent through
+/// `transport`: recorded, or answered from a cassette.
+pub async fn fetch_via(
+    c: &Connector,
+    inst: &Instance,
+    state: &InstanceState,
+    env: &FetchEnv<'_>,
+    transport: Transport<'_>,
+    now: DateTime<Utc>,
+) -> Result<Fetched, PollError> {
     let vars = request_context(c, inst, state, now);
     let ctx = Ctx::from_serialize(&vars);
     let p = prepare(c, &ctx)?;
-    // What an error body may echo: the secret params, and the basic auth
-    // credential as sent (whole, so a short password is masked too).
+    let secrets = secrets_to_mask(inst, &p);
+    let mut url = p.url.clone();
+    let first_host = host_of(&url);
+    let mut pager = Pager::start(c, state, &mut url);
+    let mut out = Fetched::default();
+    let max_pages = c.paginate.as_ref().map(|p| p.max_pages).unwrap_or(1);
+    let mut visited = std::collections::HashSet::new();
+    let mut sender = Sender {
+        c,
+        p: &p,
+        env,
+        transport,
+        token: None,
+    };
+    for page_no in 0..max_pages {
+        let first = page_no == 0;
+        visited.insert(url.to_string());
+        // Only unpaged polls are conditional: a 304 on page 1 says nothing
+        // about page 2, where a change may be.
+        let conditional =
+            first && c.paginate.is_none() && state.validator_url.as_deref() == Some(url.as_str());
+        let shown = url.to_string();
+        // The permit is held until this page's body is read:
+        // `max_in_flight` counts requests whose bodies are still arriving.
+        let (reply, _permit) = sender
+            .send(&url, conditional.then_some(state), &shown)
+            .await?;
+        let at = PageAt {
+            first,
+            conditional,
+            url: &url,
+            shown: &shown,
+        };
+        let Some(page) = read_page(c, reply, &at, &secrets, &mut out).await? else {
+            return Ok(out);
+        };
+        let Some(pg) = &c.paginate else {
+            out.pages.push(page.value);
+            break;
+        };
+        let next = pager.next(c, pg, &vars, &page, &url, &shown)?;
+        out.pages.push(page.value);
+        let Some(next) = next else { break };
+        let go_on = follow(pg, &next, &first_host, &visited, page_no, &shown, &mut out)?;
+        if !go_on {
+            break;
+        }
+        url = next;
+    }
+    Ok(out)
+}
+
+/// What an error body may echo: the secret params, every credential as
+/// rendered, and the basic auth credential as sent (whole, so a short
+/// password is masked too). A credential that is not made of the
+/// instance's secret params (a literal in the connector, a param not
+/// marked secret) is learned: masked everywhere from now on, whoever
+/// shows a text.
+fn secrets_to_mask(inst: &Instance, p: &Prepared) -> Vec<String> {
     let mut secrets = inst.secrets.clone();
-    // A credential that is not made of the instance's secret params (a
-    // literal in the connector, a param not marked secret) is masked
-    // everywhere from now on, whoever shows a text.
     for cred in &p.credentials {
         let from_params = inst
             .secrets
@@ -400,116 +507,66 @@ pub async fn fetch(
         let pair = format!("{u}:{}", pw.as_deref().unwrap_or(""));
         secrets.push(base64::engine::general_purpose::STANDARD.encode(pair));
     }
-    let mut url = p.url.clone();
-    let first_host = host_of(&url);
+    secrets
+}
 
-    // Page/offset styles number the first request too.
-    let mut page_no_param: u64 = 0;
-    match c.paginate.as_ref().map(|p| &p.style) {
-        Some(PageStyle::Page { param, start, size }) => {
-            page_no_param = *start;
-            set_query_param(&mut url, param, &start.to_string());
-            if let Some((Some(sp), n)) = size {
-                set_query_param(&mut url, sp, &n.to_string());
-            }
-        }
-        Some(PageStyle::Offset {
-            param,
-            limit_param,
-            limit,
-        }) => {
-            set_query_param(&mut url, param, "0");
-            if let Some(lp) = limit_param {
-                set_query_param(&mut url, lp, &limit.to_string());
-            }
-        }
-        _ => {}
-    }
+/// Sends one page's request: token first, politely (rate limit, host
+/// gate), waiting out short throttling, and once more with a new OAuth2
+/// token after a 401.
+struct Sender<'s, 'e> {
+    c: &'s Connector,
+    p: &'s Prepared,
+    env: &'s FetchEnv<'e>,
+    transport: Transport<'s>,
+    /// The OAuth2 token of this poll, once fetched.
+    token: Option<String>,
+}
 
-    let mut out = Fetched::default();
-    let max_pages = c.paginate.as_ref().map(|p| p.max_pages).unwrap_or(1);
-    let mut position = state.cursor.clone();
-    let mut offset: u64 = 0;
-    let mut visited = std::collections::HashSet::new();
-    let mut token: Option<String> = None;
-    for page_no in 0..max_pages {
-        let first = page_no == 0;
-        visited.insert(url.to_string());
-        // Only unpaged polls are conditional: a 304 on page 1 says nothing
-        // about page 2, where a change may be.
-        let conditional =
-            first && c.paginate.is_none() && state.validator_url.as_deref() == Some(url.as_str());
-        let shown = url.to_string();
+impl Sender<'_, '_> {
+    async fn send(
+        &mut self,
+        url: &reqwest::Url,
+        conditional: Option<&InstanceState>,
+        shown: &str,
+    ) -> Result<(Reply, Option<tokio::sync::OwnedSemaphorePermit>), PollError> {
         let mut retried_auth = false;
         let mut throttle_retries = 0;
-        // Held until this page's body is read: `max_in_flight` counts
-        // requests whose bodies are still arriving.
-        let mut _permit = None;
-        let resp = loop {
-            if let (Some(o), None) = (&p.oauth, &token) {
-                token = Some(
-                    env.tokens
-                        .token(env.client, o, None)
+        loop {
+            if let (Some(o), None) = (&self.p.oauth, &self.token) {
+                self.token = Some(
+                    self.env
+                        .tokens
+                        .token(self.transport, o, None)
                         .await
                         .map_err(PollError::Auth)?,
                 );
             }
-            let mut req = env
-                .client
-                .request(c.request.method.clone(), url.clone())
-                .headers(p.headers.clone())
-                .timeout(c.request.timeout);
-            if !p.headers.contains_key(USER_AGENT) {
-                if let Some(ua) = &env.user_agent {
-                    req = req.header(USER_AGENT, ua.as_ref());
-                }
-            }
-            if let Some((u, pw)) = &p.basic {
-                req = req.basic_auth(u, pw.as_ref());
-            }
-            if let Some(t) = &token {
-                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
-                    .map_err(|_| PollError::Auth("the token is not a valid header value".into()))?;
-                v.set_sensitive(true);
-                req = req.header(AUTHORIZATION, v);
-            }
-            if let Some(b) = &p.body {
-                req = req.body(b.clone());
-            }
-            if conditional {
-                if let Some(e) = &state.etag {
-                    req = req.header(IF_NONE_MATCH, e);
-                }
-                if let Some(m) = &state.last_modified {
-                    req = req.header(IF_MODIFIED_SINCE, m);
-                }
-            }
+            let req = build_request(
+                self.c,
+                self.p,
+                self.env,
+                url,
+                self.token.as_deref(),
+                conditional,
+            )?;
             // Politeness: the connector's own quota, then the host's.
-            if let Some(l) = env.rate_limit {
-                match l.until_ready().await {
-                    Ok(()) => {}
-                    Err(crate::quota::Deferred::Until(wait)) => {
-                        return Err(PollError::Deferred { wait })
-                    }
-                    Err(crate::quota::Deferred::Store(e)) => {
-                        return Err(PollError::Store(format!(
-                            "cannot take a request from the connector's rate_limit: {e}"
-                        )))
-                    }
-                }
-            }
-            let gate = env.hosts.for_url(&url);
-            _permit = gate.acquire().await;
-            let resp = req.send().await.map_err(|e| PollError::Transport {
-                url: shown.clone(),
-                detail: crate::transport_detail(&e),
-            })?;
+            take_rate_limit(self.env).await?;
+            let gate = self.env.hosts.for_url(url);
+            let permit = gate.acquire().await;
+            let reply = self
+                .transport
+                .send(req, self.c.request.max_response_bytes)
+                .await
+                .map_err(|e| PollError::Transport {
+                    url: shown.to_string(),
+                    detail: e.to_string(),
+                })?;
             // The host's throttling signals pause it for everyone. A short
             // pause is waited out within this poll (the gate holds the
             // request until then), so a throttled poll still completes and
             // no change waits a whole interval longer than it must.
-            let pause = gate.observe(resp.status().as_u16(), resp.headers());
-            if matches!(resp.status().as_u16(), 429 | 503)
+            let pause = gate.observe(reply.status().as_u16(), reply.headers());
+            if matches!(reply.status().as_u16(), 429 | 503)
                 && pause.is_some_and(|p| p <= MAX_WAIT_IN_POLL)
                 && throttle_retries < MAX_THROTTLE_RETRIES
             {
@@ -518,174 +575,357 @@ pub async fn fetch(
             }
             // A 401 with an OAuth2 token: the token was revoked or expired
             // early. Fetch a new one, once, and try again.
-            if resp.status() == 401 && !retried_auth {
-                if let Some(o) = &p.oauth {
+            if reply.status() == 401 && !retried_auth {
+                if let Some(o) = &self.p.oauth {
                     retried_auth = true;
-                    token = Some(
-                        env.tokens
-                            .token(env.client, o, token.as_deref())
+                    self.token = Some(
+                        self.env
+                            .tokens
+                            .token(self.transport, o, self.token.as_deref())
                             .await
                             .map_err(PollError::Auth)?,
                     );
                     continue;
                 }
             }
-            break resp;
-        };
-        let status = resp.status().as_u16();
-        if first && c.poll_hints {
-            out.floor = crate::hints::floor(resp.headers(), std::time::SystemTime::now());
+            return Ok((reply, permit));
         }
-        if status == 304 && conditional {
-            out.log.push(RequestLog {
-                method: c.request.method.to_string(),
-                url: shown,
-                status,
-                bytes: 0,
-                items: None,
-            });
-            out.not_modified = true;
-            return Ok(out);
+    }
+}
+
+/// The connector's `rate_limit`, if any, for one request.
+async fn take_rate_limit(env: &FetchEnv<'_>) -> Result<(), PollError> {
+    let Some(l) = env.rate_limit else {
+        return Ok(());
+    };
+    match l.until_ready().await {
+        Ok(()) => Ok(()),
+        Err(crate::quota::Deferred::Until(wait)) => Err(PollError::Deferred { wait }),
+        Err(crate::quota::Deferred::Store(e)) => Err(PollError::Store(format!(
+            "cannot take a request from the connector's rate_limit: {e}"
+        ))),
+    }
+}
+
+/// One page's request as it goes on the wire: the rendered headers, the
+/// user agent, credentials, body and, when `conditional`, the stored
+/// validators.
+fn build_request(
+    c: &Connector,
+    p: &Prepared,
+    env: &FetchEnv<'_>,
+    url: &reqwest::Url,
+    token: Option<&str>,
+    conditional: Option<&InstanceState>,
+) -> Result<reqwest::Request, PollError> {
+    let invalid = |what: &str| PollError::Transport {
+        url: url.to_string(),
+        detail: format!("{what} is not a valid header value"),
+    };
+    let mut req = reqwest::Request::new(c.request.method.clone(), url.clone());
+    *req.timeout_mut() = Some(c.request.timeout);
+    let h = req.headers_mut();
+    *h = p.headers.clone();
+    if !p.headers.contains_key(USER_AGENT) {
+        if let Some(ua) = &env.user_agent {
+            let v = HeaderValue::from_str(ua).map_err(|_| invalid("the user agent"))?;
+            h.append(USER_AGENT, v);
         }
-        let headers = resp.headers().clone();
-        if first {
-            out.etag = headers
-                .get(ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            out.last_modified = headers
-                .get(LAST_MODIFIED)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            out.first_url = Some(url.to_string());
+    }
+    if let Some((u, pw)) = &p.basic {
+        h.append(AUTHORIZATION, basic_auth(u, pw.as_deref()));
+    }
+    if let Some(t) = token {
+        let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|_| PollError::Auth("the token is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        h.append(AUTHORIZATION, v);
+    }
+    if let Some(state) = conditional {
+        if let Some(e) = &state.etag {
+            let v = HeaderValue::from_str(e).map_err(|_| invalid("the stored ETag"))?;
+            h.append(IF_NONE_MATCH, v);
         }
-        if !(200..300).contains(&status) {
-            let bytes = read_capped(resp, SNIPPET_READ as u64, &shown)
-                .await
-                .unwrap_or_default();
-            return Err(PollError::Status {
-                url: shown,
-                status,
-                snippet: snippet(&bytes, &secrets),
-            });
+        if let Some(m) = &state.last_modified {
+            let v = HeaderValue::from_str(m).map_err(|_| invalid("the stored Last-Modified"))?;
+            h.append(IF_MODIFIED_SINCE, v);
         }
-        let bytes = read_capped(resp, c.request.max_response_bytes, &shown).await?;
-        let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        let (page, format) =
-            parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
-                url: shown.clone(),
-                detail: detail.to_string(),
-                snippet: snippet(&bytes, &secrets),
-            })?;
-        out.xml |= format == Format::Xml;
-        // Counted as detection lists them (a lone XML entry is one record).
-        let count = c
-            .items
-            .as_ref()
-            .map(|items| super::detect::items_of(c, items, &page, format == Format::Xml).len());
+    }
+    if let Some(b) = &p.body {
+        *req.body_mut() = Some(b.clone().into());
+    }
+    Ok(req)
+}
+
+/// `Basic base64(user:password)`, marked sensitive: what reqwest's
+/// `basic_auth` sends. Pure.
+fn basic_auth(user: &str, password: Option<&str>) -> HeaderValue {
+    use base64::Engine as _;
+    let pair = format!("{user}:{}", password.unwrap_or(""));
+    let text = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    );
+    let mut v = HeaderValue::from_str(&text).expect("base64 is a valid header value");
+    v.set_sensitive(true);
+    v
+}
+
+/// Where a page's answer stands in the poll.
+struct PageAt<'a> {
+    first: bool,
+    conditional: bool,
+    url: &'a reqwest::Url,
+    shown: &'a str,
+}
+
+/// One page read and parsed.
+struct Page {
+    value: Value,
+    headers: HeaderMap,
+    /// Its items (when the connector has `items:`).
+    count: Option<usize>,
+}
+
+/// Reads one page's answer into `out` (log, validators, hints) and parses
+/// it; `None` when a conditional request was answered 304.
+async fn read_page(
+    c: &Connector,
+    reply: Reply,
+    at: &PageAt<'_>,
+    secrets: &[String],
+    out: &mut Fetched,
+) -> Result<Option<Page>, PollError> {
+    let status = reply.status().as_u16();
+    let shown = at.shown;
+    if at.first && c.poll_hints {
+        out.floor = crate::hints::floor(reply.headers(), std::time::SystemTime::now());
+    }
+    if status == 304 && at.conditional {
         out.log.push(RequestLog {
             method: c.request.method.to_string(),
-            url: shown.clone(),
+            url: shown.to_string(),
             status,
-            bytes: bytes.len(),
-            items: count,
+            bytes: 0,
+            items: None,
         });
+        out.not_modified = true;
+        return Ok(None);
+    }
+    let headers = reply.headers().clone();
+    if at.first {
+        out.etag = header_text(&headers, ETAG);
+        out.last_modified = header_text(&headers, LAST_MODIFIED);
+        out.first_url = Some(at.url.to_string());
+    }
+    if !(200..300).contains(&status) {
+        let bytes = reply
+            .read_capped(SNIPPET_READ as u64)
+            .await
+            .unwrap_or_default();
+        return Err(PollError::Status {
+            url: shown.to_string(),
+            status,
+            snippet: snippet(&bytes, secrets),
+        });
+    }
+    let limit = c.request.max_response_bytes;
+    let bytes = reply.read_capped(limit).await.map_err(|e| match e {
+        ReadError::TooLarge => PollError::TooLarge {
+            url: shown.to_string(),
+            limit,
+        },
+        ReadError::Network(detail) => PollError::Transport {
+            url: shown.to_string(),
+            detail,
+        },
+    })?;
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let (value, format) =
+        parse_body(&bytes, content_type, c.format).map_err(|detail| PollError::BadBody {
+            url: shown.to_string(),
+            detail: detail.to_string(),
+            snippet: snippet(&bytes, secrets),
+        })?;
+    out.xml |= format == Format::Xml;
+    // Counted as detection lists them (a lone XML entry is one record).
+    let count = c
+        .items
+        .as_ref()
+        .map(|items| super::detect::items_of(c, items, &value, format == Format::Xml).len());
+    out.log.push(RequestLog {
+        method: c.request.method.to_string(),
+        url: shown.to_string(),
+        status,
+        bytes: bytes.len(),
+        items: count,
+    });
+    Ok(Some(Page {
+        value,
+        headers,
+        count,
+    }))
+}
 
-        // Next page?
-        let Some(pg) = &c.paginate else {
-            out.pages.push(page);
-            break;
+fn header_text(headers: &HeaderMap, name: HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Where paging stands: the page number or offset sent last, and the
+/// opaque cursor position (which must move for paging to go on).
+struct Pager {
+    page_param: u64,
+    offset: u64,
+    position: Option<String>,
+}
+
+impl Pager {
+    /// Page/offset styles number the first request too.
+    fn start(c: &Connector, state: &InstanceState, url: &mut reqwest::Url) -> Pager {
+        let mut pager = Pager {
+            page_param: 0,
+            offset: 0,
+            position: state.cursor.clone(),
         };
+        match c.paginate.as_ref().map(|p| &p.style) {
+            Some(PageStyle::Page { param, start, size }) => {
+                pager.page_param = *start;
+                set_query_param(url, param, &start.to_string());
+                if let Some((Some(sp), n)) = size {
+                    set_query_param(url, sp, &n.to_string());
+                }
+            }
+            Some(PageStyle::Offset {
+                param,
+                limit_param,
+                limit,
+            }) => {
+                set_query_param(url, param, "0");
+                if let Some(lp) = limit_param {
+                    set_query_param(url, lp, &limit.to_string());
+                }
+            }
+            _ => {}
+        }
+        pager
+    }
+
+    /// The next page's URL, or `None` when paging ends (`stop_when`, an
+    /// empty or short page, no next reference).
+    fn next(
+        &mut self,
+        c: &Connector,
+        pg: &Paginate,
+        vars: &Map<String, Value>,
+        page: &Page,
+        url: &reqwest::Url,
+        shown: &str,
+    ) -> Result<Option<reqwest::Url>, PollError> {
+        let count = page.count;
         let mut stop = count == Some(0);
         if let Some(w) = &pg.stop_when {
             let mut sctx = vars.clone();
-            sctx.insert("page".into(), page.clone());
+            sctx.insert("page".into(), page.value.clone());
             sctx.insert("count".into(), Value::from(count.unwrap_or(0)));
             stop |=
                 c.engine
                     .test(w, &Ctx::from_serialize(&sctx))
                     .map_err(|e| PollError::Paging {
-                        url: shown.clone(),
+                        url: shown.to_string(),
                         detail: format!("paginate.stop_when: {e}"),
                     })?;
         }
-        let next: Option<reqwest::Url> = if stop {
-            None
-        } else {
-            match &pg.style {
-                PageStyle::Cursor { from, param } => {
-                    let next = from.query(&page).first().and_then(cursor_text);
-                    match next {
-                        Some(n) if Some(&n) != position.as_ref() => {
-                            let mut u = url.clone();
-                            set_query_param(&mut u, param, &n);
-                            position = Some(n);
-                            Some(u)
-                        }
-                        _ => None,
+        if stop {
+            return Ok(None);
+        }
+        Ok(match &pg.style {
+            PageStyle::Cursor { from, param } => {
+                let next = from.query(&page.value).first().and_then(cursor_text);
+                match next {
+                    Some(n) if Some(&n) != self.position.as_ref() => {
+                        let mut u = url.clone();
+                        set_query_param(&mut u, param, &n);
+                        self.position = Some(n);
+                        Some(u)
                     }
-                }
-                PageStyle::NextUrl(path) => match path.query(&page).first() {
-                    Some(Value::String(s)) if !s.is_empty() => Some(join_next(&url, s, &shown)?),
                     _ => None,
-                },
-                PageStyle::Link => headers
-                    .get_all(LINK)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .find_map(link_next)
-                    .map(|n| join_next(&url, &n, &shown))
-                    .transpose()?,
-                PageStyle::Page { param, size, .. } => {
-                    let short = matches!((size, count), (Some((_, n)), Some(k)) if (k as u64) < *n);
-                    if short {
-                        None
-                    } else {
-                        page_no_param += 1;
-                        let mut u = url.clone();
-                        set_query_param(&mut u, param, &page_no_param.to_string());
-                        Some(u)
-                    }
-                }
-                PageStyle::Offset { param, limit, .. } => {
-                    if count.is_some_and(|k| (k as u64) < *limit) {
-                        None
-                    } else {
-                        offset += limit;
-                        let mut u = url.clone();
-                        set_query_param(&mut u, param, &offset.to_string());
-                        Some(u)
-                    }
                 }
             }
-        };
-        out.pages.push(page);
-        let Some(next) = next else { break };
-        // Credentials go with every page: never to a host nobody allowed.
-        let host = host_of(&next);
-        if host != first_host && !pg.allow_hosts.contains(&host) {
-            return Err(PollError::Paging {
-                url: shown,
-                detail: format!(
-                    "the next page is on another host ({host}); pollhook does not follow it (and send credentials there) unless `paginate.allow_hosts` lists it"
-                ),
-            });
-        }
-        if visited.contains(next.as_str()) {
-            out.warning = Some(format!(
-                "paging stopped: the next page ({next}) was already read in this poll"
-            ));
-            break;
-        }
-        if page_no + 1 == max_pages {
-            out.warning = Some(format!(
-                "paging stopped at paginate.max_pages = {max_pages} with more pages to read; the listing is incomplete"
-            ));
-            break;
-        }
-        url = next;
+            PageStyle::NextUrl(path) => match path.query(&page.value).first() {
+                Some(Value::String(s)) if !s.is_empty() => Some(join_next(url, s, shown)?),
+                _ => None,
+            },
+            PageStyle::Link => page
+                .headers
+                .get_all(LINK)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(link_next)
+                .map(|n| join_next(url, &n, shown))
+                .transpose()?,
+            PageStyle::Page { param, size, .. } => {
+                let short = matches!((size, count), (Some((_, n)), Some(k)) if (k as u64) < *n);
+                if short {
+                    None
+                } else {
+                    self.page_param += 1;
+                    let mut u = url.clone();
+                    set_query_param(&mut u, param, &self.page_param.to_string());
+                    Some(u)
+                }
+            }
+            PageStyle::Offset { param, limit, .. } => {
+                if count.is_some_and(|k| (k as u64) < *limit) {
+                    None
+                } else {
+                    self.offset += limit;
+                    let mut u = url.clone();
+                    set_query_param(&mut u, param, &self.offset.to_string());
+                    Some(u)
+                }
+            }
+        })
     }
-    Ok(out)
+}
+
+/// Whether paging goes on to `next`. Credentials go with every page: never
+/// to a host nobody allowed (an error). A page already read, or the
+/// `max_pages` cap, ends paging with a warning in `out`.
+fn follow(
+    pg: &Paginate,
+    next: &reqwest::Url,
+    first_host: &str,
+    visited: &std::collections::HashSet<String>,
+    page_no: u32,
+    shown: &str,
+    out: &mut Fetched,
+) -> Result<bool, PollError> {
+    let host = host_of(next);
+    if host != first_host && !pg.allow_hosts.contains(&host) {
+        return Err(PollError::Paging {
+            url: shown.to_string(),
+            detail: format!(
+                "the next page is on another host ({host}); pollhook does not follow it (and send credentials there) unless `paginate.allow_hosts` lists it"
+            ),
+        });
+    }
+    if visited.contains(next.as_str()) {
+        out.warning = Some(format!(
+            "paging stopped: the next page ({next}) was already read in this poll"
+        ));
+        return Ok(false);
+    }
+    let max_pages = pg.max_pages;
+    if page_no + 1 == max_pages {
+        out.warning = Some(format!(
+            "paging stopped at paginate.max_pages = {max_pages} with more pages to read; the listing is incomplete"
+        ));
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// The longest host pause a poll waits out before failing with the
@@ -732,36 +972,6 @@ fn set_query_param(url: &mut reqwest::Url, name: &str, value: &str) {
         .clear()
         .extend_pairs(pairs)
         .append_pair(name, value);
-}
-
-/// Reads a body, refusing more than `limit` bytes (checked against
-/// `Content-Length` first, then while streaming, so a lying or missing
-/// length cannot make pollhook buffer an unbounded body).
-async fn read_capped(
-    mut resp: reqwest::Response,
-    limit: u64,
-    url: &str,
-) -> Result<Vec<u8>, PollError> {
-    if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(PollError::TooLarge {
-            url: url.to_string(),
-            limit,
-        });
-    }
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| PollError::Transport {
-        url: url.to_string(),
-        detail: crate::transport_detail(&e),
-    })? {
-        if buf.len() as u64 + chunk.len() as u64 > limit {
-            return Err(PollError::TooLarge {
-                url: url.to_string(),
-                limit,
-            });
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf)
 }
 
 /// Bytes of a body read for an error message: more than is shown, so that

@@ -2,10 +2,12 @@
 //! [`fetch::fetch`] (requests, pages) then [`detect::detect`] (pure).
 
 pub mod auth;
+pub mod cassette;
 pub mod detect;
 pub mod fetch;
 pub mod format;
 pub mod spec;
+pub mod transport;
 
 use base64::Engine as _;
 

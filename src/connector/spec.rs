@@ -180,6 +180,8 @@ pub enum CursorSpec {
 pub struct EmitRule {
     pub kind: EventType,
     pub when: Option<Cond>,
+    /// `when` as written, for `pollhook test`'s verdicts.
+    pub when_source: Option<String>,
     /// `data` template; the default data when `None`.
     pub data: Option<ValueTpl>,
 }

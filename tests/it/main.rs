@@ -8,6 +8,7 @@ mod support;
 
 mod admin_access;
 mod bank_example;
+mod cassette;
 mod catalog;
 mod cli;
 mod cluster;

@@ -431,3 +431,53 @@ async fn an_adaptive_schedule_speeds_up_after_a_change_and_relaxes_while_quiet()
     }
     assert!(fastest <= 100, "sped up after the change: {fastest} ms");
 }
+
+/// A throttled request waited out within a poll gives its slot back
+/// before it asks again: on a host with `max_in_flight: 1`, keeping the
+/// first slot while waiting for a second one would wait forever (and hold
+/// the host's turn, stopping every other request to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_retry_on_a_host_with_one_slot_completes() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/status",
+        get(move || {
+            let n = h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]).into_response()
+                } else {
+                    axum::Json(json!({"state": "green"})).into_response()
+                }
+            }
+        }),
+    );
+    let addr = serve(app).await;
+    let bridge = format!(
+        "sources:\n  s:\n    connector: {{ request: {{ url: \"http://{addr}/status\" }}, detect: snapshot, emit: [{{ type: status.changed }}] }}\n    schedule: every 1m\n    deliver_to: [a]\nendpoints:\n  a: {{ url: \"http://127.0.0.1:9/\", secret: \"{}\" }}\nhosts:\n  127.0.0.1: {{ max_in_flight: 1 }}\n",
+        secret()
+    );
+    let d = Daemon::new(&bridge, &[]);
+    let mut child = d
+        .command(&["test", "s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the poll hung after a 429 on a host with max_in_flight: 1");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{out}");
+    assert!(out.contains("-> 200"), "{out}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -86,7 +86,13 @@ pub(super) fn emit_rules(cx: &mut Cx, raw: &RawConnector) -> Vec<EmitRule> {
             cx.engine.value_template(&d.value.0).ok()
         });
         if let Some(kind) = event_type(cx, &e.kind, &format!("emit[{i}].type"), vars) {
-            emit.push(EmitRule { kind, when, data });
+            let when_source = e.when.as_ref().map(|w| w.value.0.clone());
+            emit.push(EmitRule {
+                kind,
+                when,
+                when_source,
+                data,
+            });
         }
     }
     emit

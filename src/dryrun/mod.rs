@@ -4,6 +4,8 @@
 //! state without events. Returns a typed [`Report`]; printing it is the
 //! CLI's business. Every text in the report is already masked.
 
+pub mod polls;
+
 use chrono::Utc;
 
 use crate::config::Source;
@@ -89,8 +91,51 @@ pub enum DryRunError {
         wanted: String,
         known: String,
     },
+    #[error("source `{0}` discovers its instances (`for_each: discover`): several polls, record and replay take a source with listed instances")]
+    Discovered(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+/// The instances to poll: `only`, or all of them.
+fn chosen(
+    src: &Source,
+    instances: &[crate::config::Instance],
+    only: Option<&str>,
+) -> Result<Vec<crate::config::Instance>, DryRunError> {
+    if let Some(o) = only {
+        if !instances.iter().any(|i| i.name == o) {
+            let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
+            return Err(DryRunError::NoInstance {
+                source_name: src.name.clone(),
+                wanted: o.to_string(),
+                known: names.join(", "),
+            });
+        }
+    }
+    Ok(instances
+        .iter()
+        .filter(|i| only.is_none_or(|o| o == i.name))
+        .cloned()
+        .collect())
+}
+
+/// The requests of a poll as the report shows them (masked by `m`).
+fn requests_of(
+    fetched: &crate::connector::fetch::Fetched,
+    m: &dyn Fn(&str) -> String,
+) -> Vec<Request> {
+    fetched
+        .log
+        .iter()
+        .map(|l| Request {
+            method: l.method.to_string(),
+            url: m(&l.url),
+            status: l.status,
+            bytes: l.bytes,
+            records: l.items,
+        })
+        .collect()
 }
 
 /// Polls each instance of `src` (only `only` when given) once.
@@ -145,20 +190,7 @@ pub async fn run(
         }
         report.discovery = Some(d);
     }
-    if let Some(o) = only {
-        if !instances.iter().any(|i| i.name == o) {
-            let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
-            return Err(DryRunError::NoInstance {
-                source_name: src.name.clone(),
-                wanted: o.to_string(),
-                known: names.join(", "),
-            });
-        }
-    }
-    for inst in instances
-        .iter()
-        .filter(|i| only.is_none_or(|o| o == i.name))
-    {
+    for inst in &chosen(src, &instances, only)? {
         let mut r = InstanceReport {
             key: inst.key.clone(),
             ..Default::default()
@@ -174,17 +206,7 @@ pub async fn run(
                 continue;
             }
         };
-        r.requests = fetched
-            .log
-            .iter()
-            .map(|l| Request {
-                method: l.method.to_string(),
-                url: m(&l.url),
-                status: l.status,
-                bytes: l.bytes,
-                records: l.items,
-            })
-            .collect();
+        r.requests = requests_of(&fetched, &m);
         r.warning = fetched.warning.as_deref().map(m);
         let (from, baseline) = match store {
             Some(store) => {
