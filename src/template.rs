@@ -18,6 +18,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 /// Why one environment per connector: template names are private to the
 /// connector, and a reload swaps whole connectors, so nothing is shared
 /// across them.
+#[derive(Clone)]
 pub struct Engine {
     /// Every template, with [`FUEL`]: where a render that outgrew
     /// [`INLINE_FUEL`] runs again, off the async workers.

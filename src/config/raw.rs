@@ -209,6 +209,11 @@ pub struct RawSource {
     /// Overrides the connector's schedule.
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
+    /// Overrides the connector's `rate_limit` (per instance): the operator
+    /// knows their own quota (a paid plan, a higher tier), which a
+    /// connector written for everyone cannot.
+    #[serde(default)]
+    pub rate_limit: Option<Rate>,
     /// Endpoints: a list (every event type) or a map endpoint → event types.
     #[schemars(with = "DeliverTo")]
     pub deliver_to: Spanned<DeliverTo>,

@@ -19,6 +19,7 @@ use crate::schedule::Schedule;
 use crate::template::{Cond, Engine, Tpl, ValueTpl};
 
 /// A resolved connector: how to poll one API and what counts as an event.
+#[derive(Clone)]
 pub struct Connector {
     pub name: String,
     /// The file it came from, for messages.
@@ -68,6 +69,7 @@ pub struct Connector {
 }
 
 /// A connector's `discover:` block, resolved.
+#[derive(Clone)]
 pub struct Discover {
     /// The listing request as a connector of its own: its request, paging,
     /// `items`, and its `id` is the instance name template. Reusing the
@@ -91,6 +93,7 @@ pub struct Param {
 }
 
 /// The request of one poll, compiled.
+#[derive(Clone)]
 pub struct RequestSpec {
     pub method: reqwest::Method,
     pub url: Tpl,
@@ -103,6 +106,7 @@ pub struct RequestSpec {
 }
 
 /// A request body.
+#[derive(Clone)]
 pub enum Body {
     /// Text as rendered (SOAP, hand-written JSON); JSON content type by default.
     Raw(Tpl),
@@ -113,6 +117,7 @@ pub enum Body {
 }
 
 /// Request authentication.
+#[derive(Clone)]
 pub enum Auth {
     Bearer(Tpl),
     Basic(Tpl, Option<Tpl>),
@@ -125,6 +130,7 @@ pub enum Auth {
 }
 
 /// OAuth2 client credentials.
+#[derive(Clone)]
 pub struct OAuth2 {
     pub token_url: Tpl,
     pub client_id: Tpl,
@@ -137,6 +143,7 @@ pub struct OAuth2 {
 }
 
 /// Following more pages within one poll.
+#[derive(Clone)]
 pub struct Paginate {
     pub style: PageStyle,
     /// Stop after a page for which this is true (`page`, `count`).
@@ -147,6 +154,7 @@ pub struct Paginate {
 }
 
 /// How the next page is asked for.
+#[derive(Clone)]
 pub enum PageStyle {
     /// An opaque cursor in the body, sent back in a query parameter.
     Cursor { from: JsonPath, param: String },
@@ -169,6 +177,7 @@ pub enum PageStyle {
 }
 
 /// Where the next poll resumes.
+#[derive(Clone)]
 pub enum CursorSpec {
     /// An opaque value the API gives, at a JSONPath of the last page.
     From(JsonPath),
@@ -177,6 +186,7 @@ pub enum CursorSpec {
 }
 
 /// One `emit:` rule.
+#[derive(Clone)]
 pub struct EmitRule {
     pub kind: EventType,
     pub when: Option<Cond>,
@@ -185,6 +195,7 @@ pub struct EmitRule {
 }
 
 /// An event type, fixed or rendered per change.
+#[derive(Clone)]
 pub enum EventType {
     Fixed(String),
     /// The template and its source (for messages and routing checks).

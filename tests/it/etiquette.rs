@@ -287,3 +287,63 @@ async fn a_long_window_rate_limit_survives_restarts() {
     assert!(d.terminate().success());
     assert_eq!(count("limited"), 1, "restarts spent the hour's quota");
 }
+
+/// A source's `rate_limit:` in bridge.yaml replaces its connector's, both
+/// ways: above a connector's `1/1h` (an operator with a bigger quota) and
+/// below a connector without one. Every source polls every 100 ms; the
+/// User-Agent (the `contact` param) tells their requests apart. Once the
+/// raised and the free sources made three requests each, the two held to
+/// 1/1h made one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_rate_limit_overrides_its_connectors() {
+    let (api, addr) = start_api(&[]).await;
+    let agent = r#"  user_agent: "{{ contact }}""#;
+    let hourly = connector(agent).replace("request:", "rate_limit: 1/1h\nrequest:");
+    let free = connector(agent).replace("name: api", "name: free");
+    let source = |name: &str, connector: &str, extra: &str| {
+        format!(
+            "  {name}:\n    connector: {connector}\n    with: {{ base_url: \"http://{addr}\", contact: {name} }}\n    schedule: every 100ms\n{extra}    deliver_to: [agent]\n"
+        )
+    };
+    let sources = [
+        source("raised", "api", "    rate_limit: 100/s\n"),
+        source("lowered", "free", "    rate_limit: 1/1h\n"),
+        source("free", "free", ""),
+    ]
+    .concat();
+    // The bridge's own `api` source keeps the connector's 1/1h.
+    let bridge = bridge(addr, "100ms", "")
+        .replace("with: { base_url:", "with: { contact: kept, base_url:")
+        .replace("endpoints:", &format!("{sources}endpoints:"));
+    let mut d = Daemon::new(&bridge, &[("api.yaml", hourly), ("free.yaml", free)]);
+    let count = |ua: &str| {
+        api.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, u)| u == ua)
+            .count()
+    };
+    d.start().await;
+    wait_for(
+        "three polls of each unlimited source",
+        Duration::from_secs(30),
+        || {
+            count("raised") >= 3
+                && count("free") >= 3
+                && count("kept") >= 1
+                && count("lowered") >= 1
+        },
+    )
+    .await;
+    let s = d
+        .wait_status("the lowered instance put off", |s| {
+            s["instances"]["lowered/default"]["interval_reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("rate_limit 1/1h"))
+        })
+        .await;
+    assert_eq!(count("kept"), 1, "the connector's 1/1h: {s}");
+    assert_eq!(count("lowered"), 1, "the source's 1/1h: {s}");
+    assert!(d.terminate().success());
+}

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use super::diag::Diag;
 use crate::config::raw::{self, DeliverTo, RawSource};
 use crate::connector::spec::{scalar_text, secrets_of, Connector, EventType, Instance};
+use crate::quota::Rate;
 use crate::runtime::{coerce, Route, Source, DEFAULT_RETENTION};
 use crate::schedule::Schedule;
 
@@ -151,7 +152,7 @@ pub(super) fn resolve_source(
         .or_else(|| connector.discover.as_ref().map(|d| d.schedule.clone()));
     Some(Source {
         name: name.to_string(),
-        connector,
+        connector: with_rate_limit(connector, src.rate_limit),
         schedule: schedule.expect("checked above"),
         instances,
         routes,
@@ -160,6 +161,22 @@ pub(super) fn resolve_source(
         base_vars,
         retention: src.retention.map(|d| d.0).unwrap_or(DEFAULT_RETENTION),
     })
+}
+
+/// The connector with the source's `rate_limit` in place of its own, when
+/// the source sets one. The poller and the supervisor read the limit from
+/// the connector, so the source gets a connector of its own (the engine's
+/// compiled templates are shared, cheap to clone); without an override the
+/// file's connector is shared as is.
+fn with_rate_limit(connector: Arc<Connector>, rate: Option<Rate>) -> Arc<Connector> {
+    match rate {
+        Some(rate) if connector.rate_limit != Some(rate) => {
+            let mut own = (*connector).clone();
+            own.rate_limit = Some(rate);
+            Arc::new(own)
+        }
+        _ => connector,
+    }
 }
 
 /// The params' defaults.
