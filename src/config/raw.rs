@@ -725,7 +725,10 @@ pub struct RawRequest {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 #[schemars(rename = "Auth")]
 pub enum RawAuth {
-    /// `Authorization: Bearer <token>`; left out when the token renders empty.
+    /// `Authorization: Bearer <token>`; left out when the token renders
+    /// empty (a connector's "empty for none" default). A source that gives
+    /// the token's param a value that is empty (`token: ${TOKEN}`, `TOKEN`
+    /// unset) is an error at load: to send none, leave the param out.
     Bearer { token: TemplateSrc },
     /// HTTP basic auth.
     Basic {

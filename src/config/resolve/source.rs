@@ -9,10 +9,11 @@ use serde_json::{Map, Value};
 
 use super::diag::Diag;
 use crate::config::raw::{self, DeliverTo, RawSource};
-use crate::connector::spec::{scalar_text, secrets_of, Connector, EventType, Instance};
+use crate::connector::spec::{scalar_text, secrets_of, Auth, Connector, EventType, Instance};
 use crate::quota::Rate;
 use crate::runtime::{coerce, Route, Source, DEFAULT_RETENTION};
 use crate::schedule::Schedule;
+use crate::template::Tpl;
 
 impl Source {
     /// A one-instance source for trying a connector file without a bridge
@@ -140,6 +141,7 @@ pub(super) fn resolve_source(
     check_required(
         diag, &field, src, &connector, &instances, discovered, &base_vars,
     );
+    check_bearer(diag, &field, src, &connector, &instances);
     let schedule = schedule_of(diag, &field, src, &connector);
     let routes = routes_of(diag, &field, src, &connector, endpoints);
     if diag.failed_since(mark) {
@@ -359,6 +361,57 @@ fn check_required(
             );
         }
     }
+}
+
+/// A bearer token that a source gives but that renders empty (`token:
+/// ${TOKEN}` with `TOKEN` unset or set to nothing) is an error at load,
+/// at that `with:` value: a request without `Authorization` is answered
+/// 401 at best, and at worst with the API's anonymous (public, smaller)
+/// view, which looks like data. A token param the source leaves out keeps
+/// the connector's default, and a connector whose default is empty
+/// ("empty for none": public GitHub repositories, a sandbox bank) sends
+/// no `Authorization` then, as its file says.
+fn check_bearer(
+    diag: &mut Diag,
+    field: &str,
+    src: &RawSource,
+    connector: &Connector,
+    instances: &[Instance],
+) {
+    let Some(Auth::Bearer(token)) = &connector.request.auth else {
+        return;
+    };
+    // Credential params are secret (see `resolve_connector`).
+    let Some((k, v)) = src.with.iter().find(|(k, v)| {
+        connector.params.get(*k).is_some_and(|p| p.secret)
+            && scalar_text(&v.value).trim().is_empty()
+    }) else {
+        return;
+    };
+    let Some(instance) = instances
+        .iter()
+        .find(|i| renders_blank(connector, token, &i.vars))
+    else {
+        return;
+    };
+    diag.at_span(
+        v,
+        &format!("{field}.with.{k}"),
+        format!(
+            "`{k}` is empty, so connector `{}` would send no `Authorization: Bearer` token (instance `{}`): an unset or empty ${{VAR}}? To send none on purpose, leave `{k}` out",
+            connector.name, instance.name
+        ),
+    );
+}
+
+/// Whether `token` renders to nothing but blanks with `vars`; a render
+/// that fails (a run-time variable) says nothing here.
+fn renders_blank(connector: &Connector, token: &Tpl, vars: &Map<String, Value>) -> bool {
+    let ctx = minijinja::Value::from_serialize(vars);
+    connector
+        .engine
+        .render(token, &ctx)
+        .is_ok_and(|t| t.trim().is_empty())
 }
 
 /// The source's schedule, else the connector's default.
