@@ -599,6 +599,13 @@ pub struct RawConnector {
     #[serde(default)]
     #[schemars(with = "Option<JsonPathSrc>")]
     pub items: Option<Spanned<JsonPathSrc>>,
+    /// `items` selects columns, not rows: an object of parallel arrays
+    /// (`{"id": [1, 2], "form": ["8-K", "10-Q"]}`) whose `i`-th entries
+    /// make the `i`-th item (`{"id": 1, "form": "8-K"}`); `items` then
+    /// names the object (`$.filings.recent`), without a final `[*]`.
+    #[serde(default)]
+    #[schemars(with = "Option<bool>")]
+    pub columnar: Option<Spanned<bool>>,
     /// What makes an item unique (`detect: new`).
     #[serde(default)]
     #[schemars(with = "Option<TemplateSrc>")]

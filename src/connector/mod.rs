@@ -2,6 +2,7 @@
 //! [`fetch::fetch`] (requests, pages) then [`detect::detect`] (pure).
 
 pub mod auth;
+pub mod columns;
 pub mod detect;
 pub mod fetch;
 pub mod format;

@@ -36,6 +36,9 @@ pub struct Connector {
     pub format: Format,
     pub paginate: Option<Paginate>,
     pub items: Option<JsonPath>,
+    /// `items` selects objects of parallel arrays, each row one item
+    /// (`columnar: true`, see `connector::columns`).
+    pub columnar: bool,
     /// `items` without a final `[*]`: XML lists of one, and telling an
     /// error body from an empty list.
     pub items_parent: Option<JsonPath>,

@@ -886,6 +886,10 @@ async fn sec_edgar_new_filings_from_the_columnar_submissions_file() {
     assert_eq!(
         events[0]["data"],
         json!({"cik": 320193, "accession_number": "0000320193-26-000108",
+               "form": "10-K", "filing_date": "2026-11-26", "report_date": "2026-09-27",
+               "accepted_at": "2026-11-26T18:31:05.000Z",
+               "primary_document": "aapl-20260927.htm", "primary_document_description": "10-K",
+               "document_url": "https://www.sec.gov/Archives/edgar/data/320193/000032019326000108/aapl-20260927.htm",
                "index_url": "https://www.sec.gov/Archives/edgar/data/320193/000032019326000108/0000320193-26-000108-index.htm"})
     );
 
@@ -908,6 +912,10 @@ async fn sec_edgar_new_filings_from_the_columnar_submissions_file() {
     assert_eq!(types(&got), ["sec.filing.created"; 2]);
     assert_eq!(got[0]["data"]["accession_number"], "0001140361-26-046019");
     assert_eq!(got[1]["data"]["accession_number"], "0000320193-26-000110");
+    // Columns zipped into rows: the form is the 8-K's, not a neighbour's.
+    assert_eq!(got[0]["data"]["form"], "4");
+    assert_eq!(got[1]["data"]["form"], "8-K");
+    assert_eq!(got[1]["data"]["filing_date"], "2026-11-30");
     assert_eq!(
         got[1]["data"]["index_url"],
         "https://www.sec.gov/Archives/edgar/data/320193/000032019326000110/0000320193-26-000110-index.htm"
