@@ -224,6 +224,25 @@ fn connector_language_errors_name_file_line_field_and_expectation() {
         &with_request_extra("  auth: { type: kerberos }\n"),
         &["bank-balance.yaml:", "kerberos"],
     );
+    // `columnar` belongs to lists; with it, `items` names the columns'
+    // object, not their entries.
+    expect_error(
+        GOOD_BRIDGE,
+        &format!("{conn}columnar: true\n"),
+        &["bank-balance.yaml:", "field `detect`", "`columnar`"],
+    );
+    expect_error(
+        GOOD_BRIDGE,
+        &conn.replace(
+            "detect: snapshot",
+            "detect: new\nitems: \"$.rows.id[*]\"\nid: \"{{ item.id }}\"\ncolumnar: true",
+        ),
+        &[
+            "bank-balance.yaml:21:",
+            "field `columnar`",
+            "drop the final `[*]`",
+        ],
+    );
     // An unknown variable in an emit `data` template.
     expect_error(
         GOOD_BRIDGE,
