@@ -828,6 +828,16 @@ pub struct RawPaginate {
     /// Hosts a next URL may point to besides the first request's host.
     #[serde(default)]
     pub allow_hosts: Vec<String>,
+    /// The first page speaks for the whole listing: ask it conditionally
+    /// (`If-None-Match` / `If-Modified-Since`, from the last answer's
+    /// `ETag` / `Last-Modified`), and take a `304` for "nothing changed"
+    /// without reading further pages. Only for an API whose first page's
+    /// validator covers the listing, or whose listing is sorted by last
+    /// change, newest first (GitHub's notifications): a change on page 2
+    /// that leaves page 1 as it was would otherwise go unseen. Default
+    /// false: paged listings are read whole.
+    #[serde(default)]
+    pub conditional: Option<bool>,
 }
 
 /// `paginate.page:`

@@ -436,9 +436,11 @@ pub async fn fetch(
         let first = page_no == 0;
         visited.insert(url.to_string());
         // Only unpaged polls are conditional: a 304 on page 1 says nothing
-        // about page 2, where a change may be.
-        let conditional =
-            first && c.paginate.is_none() && state.validator_url.as_deref() == Some(url.as_str());
+        // about page 2, where a change may be; unless the connector says
+        // page 1 speaks for the listing (`paginate.conditional`).
+        let conditional = first
+            && c.paginate.as_ref().is_none_or(|p| p.conditional)
+            && state.validator_url.as_deref() == Some(url.as_str());
         let shown = url.to_string();
         let mut retried_auth = false;
         let mut throttle_retries = 0;

@@ -154,6 +154,9 @@ pub struct Paginate {
     pub max_pages: u32,
     /// Hosts a next URL may point to besides the first request's.
     pub allow_hosts: Vec<String>,
+    /// A `304` to page 1 means the listing did not change
+    /// (`paginate.conditional`).
+    pub conditional: bool,
 }
 
 /// How the next page is asked for.
