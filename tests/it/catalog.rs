@@ -1221,6 +1221,7 @@ async fn jsonapi_updated_since_pages_through_links_next_and_resumes_from_the_cur
             ("base_url", format!("http://{addr}")),
             ("path", "/api/v1/articles".into()),
             ("type_prefix", "article".into()),
+            ("token", "jsonapi-s3cret-token".into()),
         ],
     )
     .await;
@@ -1228,6 +1229,13 @@ async fn jsonapi_updated_since_pages_through_links_next_and_resumes_from_the_cur
         out.contains("page%5Bnumber%5D=2") || out.contains("page[number]=2"),
         "{out}"
     );
+    // The token goes to every page as a bearer token, and is never shown.
+    let dry_hits = up.hits();
+    assert!(dry_hits.len() >= 2);
+    assert!(dry_hits
+        .iter()
+        .all(|h| h.headers["authorization"] == "Bearer jsonapi-s3cret-token"));
+    assert!(!out.contains("jsonapi-s3cret-token"), "{out}");
     let events = dry_events(&out);
     assert_eq!(types(&events), ["article.created"; 3], "{out}");
     assert_eq!(events[0]["data"]["id"], "1");
@@ -1276,4 +1284,8 @@ async fn jsonapi_updated_since_pages_through_links_next_and_resumes_from_the_cur
         d.status().await["instances"]["articles/default"]["cursor"],
         "2026-11-30T09:10:00Z"
     );
+    // No token given: the connector's "empty for none", no Authorization.
+    assert!(up.hits()[dry_hits.len()..]
+        .iter()
+        .all(|h| !h.headers.contains_key("authorization")));
 }
