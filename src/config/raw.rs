@@ -735,7 +735,8 @@ pub enum RawAuth {
     /// `Authorization: Bearer <token>`; left out when the token renders
     /// empty (a connector's "empty for none" default). A source that gives
     /// the token's param a value that is empty (`token: ${TOKEN}`, `TOKEN`
-    /// unset) is an error at load: to send none, leave the param out.
+    /// unset) is an error at load: to send none, leave the param out (or
+    /// write `${TOKEN:-}`, none unless set).
     Bearer { token: TemplateSrc },
     /// HTTP basic auth.
     Basic {

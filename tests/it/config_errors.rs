@@ -600,7 +600,8 @@ fn a_non_loopback_admin_listen_needs_a_token() {
 /// A bearer token a source gives that comes out empty (`${BANK_TOKEN}`
 /// set to nothing) is an error naming the file, the line of the value and
 /// the field, never a poll without `Authorization`; leaving the param out
-/// keeps the connector's "empty for none", and a real value validates.
+/// keeps the connector's "empty for none", as does `${BANK_TOKEN:-}` (an
+/// empty default, written on purpose), and a real value validates.
 #[test]
 fn an_empty_bearer_token_is_refused_where_it_is_given() {
     let with_token = |token: &str| {
@@ -611,7 +612,7 @@ fn an_empty_bearer_token_is_refused_where_it_is_given() {
             ),
         )
     };
-    for token in ["\"${BANK_TOKEN}\"", "${BANK_TOKEN:-}", "\"\""] {
+    for token in ["\"${BANK_TOKEN}\"", "${BANK_TOKEN}", "\"\""] {
         let (ok, err) = validate_with_env(&with_token(token), &[("BANK_TOKEN", "")]);
         assert!(!ok, "{token}: an empty bearer token was accepted");
         assert!(err.contains("bridge.yaml:8:"), "{token}: {err}");
@@ -626,4 +627,10 @@ fn an_empty_bearer_token_is_refused_where_it_is_given() {
     assert!(ok, "{err}");
     let (ok, err) = validate_with_env(GOOD_BRIDGE, &[]);
     assert!(ok, "{err}");
+    // An empty default says "none unless set" on purpose, as the bank
+    // example's bridge.yaml does.
+    for set in [&[][..], &[("BANK_TOKEN", "")][..]] {
+        let (ok, err) = validate_with_env(&with_token("\"${BANK_TOKEN:-}\""), set);
+        assert!(ok, "{set:?}: {err}");
+    }
 }

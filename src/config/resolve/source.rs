@@ -370,7 +370,8 @@ fn check_required(
 /// view, which looks like data. A token param the source leaves out keeps
 /// the connector's default, and a connector whose default is empty
 /// ("empty for none": public GitHub repositories, a sandbox bank) sends
-/// no `Authorization` then, as its file says.
+/// no `Authorization` then, as its file says; so does a value written
+/// with an empty default, `${VAR:-}` ("none unless set").
 fn check_bearer(
     diag: &mut Diag,
     field: &str,
@@ -385,6 +386,7 @@ fn check_bearer(
     let Some((k, v)) = src.with.iter().find(|(k, v)| {
         connector.params.get(*k).is_some_and(|p| p.secret)
             && scalar_text(&v.value).trim().is_empty()
+            && !explicit_empty_default(diag.text, v.referenced.line(), k)
     }) else {
         return;
     };
@@ -398,10 +400,32 @@ fn check_bearer(
         v,
         &format!("{field}.with.{k}"),
         format!(
-            "`{k}` is empty, so connector `{}` would send no `Authorization: Bearer` token (instance `{}`): an unset or empty ${{VAR}}? To send none on purpose, leave `{k}` out",
+            "`{k}` is empty, so connector `{}` would send no `Authorization: Bearer` token (instance `{}`): an unset or empty ${{VAR}}? To send none on purpose, leave `{k}` out (or write `${{VAR:-}}`, none unless set)",
             connector.name, instance.name
         ),
     );
+}
+
+/// Whether `key`'s value on `line` of the file as written is a reference
+/// with an empty default, `${VAR:-}`: "none unless set", on purpose (the
+/// bank example's `token: "${BANK_TOKEN:-}"` against a bank that may
+/// need none). Anything else that came out empty (`${VAR}` set to
+/// nothing, `""`) was meant to be a token. A value this cannot read (on
+/// another line, say) is not on purpose.
+fn explicit_empty_default(text: &str, line: u64, key: &str) -> bool {
+    let Some(row) = text.lines().nth(line.saturating_sub(1) as usize) else {
+        return false;
+    };
+    row.match_indices(&format!("{key}:")).any(|(at, m)| {
+        let after_key = at == 0 || !row[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_');
+        let value = row[at + m.len()..].trim_start();
+        let value = value.strip_prefix(['"', '\'']).unwrap_or(value);
+        after_key
+            && value
+                .strip_prefix("${")
+                .and_then(|r| r.split_once('}'))
+                .is_some_and(|(reference, _)| reference.ends_with(":-"))
+    })
 }
 
 /// Whether `token` renders to nothing but blanks with `vars`; a render
@@ -530,5 +554,17 @@ mod tests {
             coerce(&Value::from("true"), Some(&Value::from(false))),
             Value::from(true)
         );
+    }
+
+    #[test]
+    fn only_a_reference_with_an_empty_default_is_empty_on_purpose() {
+        let text = "a: 1\n    with: { base_url: \"${BANK_URL}\", token: \"${BANK_TOKEN:-}\" }\n      token: ${T}\n      token: ''\n      my_token: ${X:-}\n      token: ${Y:-}\n";
+        assert!(explicit_empty_default(text, 2, "token"));
+        assert!(!explicit_empty_default(text, 3, "token"));
+        assert!(!explicit_empty_default(text, 4, "token"));
+        assert!(!explicit_empty_default(text, 5, "token"), "another key");
+        assert!(explicit_empty_default(text, 6, "token"));
+        assert!(!explicit_empty_default(text, 2, "base_url"));
+        assert!(!explicit_empty_default(text, 99, "token"));
     }
 }
