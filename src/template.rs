@@ -18,6 +18,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 /// Why one environment per connector: template names are private to the
 /// connector, and a reload swaps whole connectors, so nothing is shared
 /// across them.
+#[derive(Clone)]
 pub struct Engine {
     /// Every template, with [`FUEL`]: where a render that outgrew
     /// [`INLINE_FUEL`] runs again, off the async workers.
@@ -187,7 +188,45 @@ fn environment() -> Environment<'static> {
     env.add_filter("raw", |v: Value| Value::from_safe_string(v.to_string()));
     env.add_filter("path", path_filter);
     env.add_filter(BOUND_FILTER, bounded_value);
+    env.add_function("uuid", uuid_function);
     env
+}
+
+/// The functions a template may call, which are not variables to check
+/// against a connector's params (see [`variables_of_template`]).
+const FUNCTIONS: &[&str] = &["uuid"];
+
+/// `uuid()`: a random (version 4) UUID, for request ids and idempotency
+/// keys that an API wants fresh per request. Random, so never for what
+/// must come out the same twice (event ids are derived, see `event.rs`);
+/// a render that runs out of its inline fuel and runs again draws a new
+/// one, which is still just a fresh random id.
+fn uuid_function() -> String {
+    uuid_v4(rand::random())
+}
+
+/// RFC 9562 §5.4: 122 random bits with the version (4) and the variant
+/// (`10`) set, in the 8-4-4-4-12 hex form.
+fn uuid_v4(mut b: [u8; 16]) -> String {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// Undeclared names minus the template functions.
+fn without_functions(names: std::collections::HashSet<String>) -> BTreeSet<String> {
+    names
+        .into_iter()
+        .filter(|n| !FUNCTIONS.contains(&n.as_str()))
+        .collect()
 }
 
 /// The filter every `~`, `*` and `+` of a template passes its result
@@ -857,7 +896,7 @@ pub fn variables_of_template(source: &str) -> BTreeSet<String> {
     };
     environment()
         .template_from_str(&source)
-        .map(|t| t.undeclared_variables(false).into_iter().collect())
+        .map(|t| without_functions(t.undeclared_variables(false)))
         .unwrap_or_default()
 }
 
@@ -868,7 +907,7 @@ pub fn variables_of_condition(expr: &str) -> BTreeSet<String> {
     };
     environment()
         .compile_expression(&expr)
-        .map(|t| t.undeclared_variables(false).into_iter().collect())
+        .map(|t| without_functions(t.undeclared_variables(false)))
         .unwrap_or_default()
 }
 
@@ -1063,3 +1102,35 @@ fn explain(e: &Error) -> TemplateError {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod uuid_tests {
+    use super::*;
+
+    #[test]
+    fn uuid_v4_sets_version_and_variant_and_keeps_the_rest() {
+        assert_eq!(uuid_v4([0; 16]), "00000000-0000-4000-8000-000000000000");
+        assert_eq!(uuid_v4([0xff; 16]), "ffffffff-ffff-4fff-bfff-ffffffffffff");
+    }
+
+    #[test]
+    fn uuid_renders_fresh_ids_and_is_no_variable_to_declare() {
+        let mut e = Engine::new();
+        let t = e.template("{{ uuid() }}").unwrap();
+        let ctx = Value::from_serialize(serde_json::json!({}));
+        let (a, b) = (e.render(&t, &ctx).unwrap(), e.render(&t, &ctx).unwrap());
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            let parts: Vec<usize> = id.split('-').map(str::len).collect();
+            assert_eq!(parts, [8, 4, 4, 4, 12], "{id}");
+            assert_eq!(&id[14..15], "4", "{id}");
+            assert!("89ab".contains(&id[19..20]), "{id}");
+        }
+        assert!(variables_of_template("{{ uuid() }}-{{ acct }}")
+            .into_iter()
+            .eq(["acct".to_string()]));
+        assert!(variables_of_condition("uuid() != acct")
+            .into_iter()
+            .eq(["acct".to_string()]));
+    }
+}

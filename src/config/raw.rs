@@ -209,6 +209,11 @@ pub struct RawSource {
     /// Overrides the connector's schedule.
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
+    /// Overrides the connector's `rate_limit` (per instance): the operator
+    /// knows their own quota (a paid plan, a higher tier), which a
+    /// connector written for everyone cannot.
+    #[serde(default)]
+    pub rate_limit: Option<Rate>,
     /// Endpoints: a list (every event type) or a map endpoint → event types.
     #[schemars(with = "DeliverTo")]
     pub deliver_to: Spanned<DeliverTo>,
@@ -594,6 +599,13 @@ pub struct RawConnector {
     #[serde(default)]
     #[schemars(with = "Option<JsonPathSrc>")]
     pub items: Option<Spanned<JsonPathSrc>>,
+    /// `items` selects columns, not rows: an object of parallel arrays
+    /// (`{"id": [1, 2], "form": ["8-K", "10-Q"]}`) whose `i`-th entries
+    /// make the `i`-th item (`{"id": 1, "form": "8-K"}`); `items` then
+    /// names the object (`$.filings.recent`), without a final `[*]`.
+    #[serde(default)]
+    #[schemars(with = "Option<bool>")]
+    pub columnar: Option<Spanned<bool>>,
     /// What makes an item unique (`detect: new`).
     #[serde(default)]
     #[schemars(with = "Option<TemplateSrc>")]
@@ -720,7 +732,11 @@ pub struct RawRequest {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 #[schemars(rename = "Auth")]
 pub enum RawAuth {
-    /// `Authorization: Bearer <token>`; left out when the token renders empty.
+    /// `Authorization: Bearer <token>`; left out when the token renders
+    /// empty (a connector's "empty for none" default). A source that gives
+    /// the token's param a value that is empty (`token: ${TOKEN}`, `TOKEN`
+    /// unset) is an error at load: to send none, leave the param out (or
+    /// write `${TOKEN:-}`, none unless set).
     Bearer { token: TemplateSrc },
     /// HTTP basic auth.
     Basic {
@@ -813,6 +829,16 @@ pub struct RawPaginate {
     /// Hosts a next URL may point to besides the first request's host.
     #[serde(default)]
     pub allow_hosts: Vec<String>,
+    /// The first page speaks for the whole listing: ask it conditionally
+    /// (`If-None-Match` / `If-Modified-Since`, from the last answer's
+    /// `ETag` / `Last-Modified`), and take a `304` for "nothing changed"
+    /// without reading further pages. Only for an API whose first page's
+    /// validator covers the listing, or whose listing is sorted by last
+    /// change, newest first (GitHub's notifications): a change on page 2
+    /// that leaves page 1 as it was would otherwise go unseen. Default
+    /// false: paged listings are read whole.
+    #[serde(default)]
+    pub conditional: Option<bool>,
 }
 
 /// `paginate.page:`

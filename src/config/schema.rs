@@ -367,7 +367,16 @@ endpoints:
             ("0/s", false),
         ] {
             conn("rate_limit", r, ok);
+            bridge("sources.s.rate_limit", r, ok);
         }
+        conn("columnar", "true", true);
+        conn("columnar", "'$.rows'", false);
+        conn("paginate", "{ link_header: true, conditional: true }", true);
+        conn(
+            "paginate",
+            "{ link_header: true, conditional: sometimes }",
+            false,
+        );
         // Templates take scalars; JSONPaths and conditions strings.
         conn(
             "request.query",

@@ -2,6 +2,7 @@
 //! and the changes it found. Pure: no I/O, no clock (the time is passed in),
 //! so every mode is unit-tested directly.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::HashSet;
 
@@ -10,6 +11,7 @@ use minijinja::Value as Ctx;
 use serde_json::{json, Map, Value};
 use serde_json_path::JsonPath;
 
+use super::columns;
 use super::fetch::cursor_text;
 use crate::connector::spec::{Baseline, Connector, CursorSpec, DetectMode, EventType};
 use crate::event::value_hash;
@@ -538,7 +540,10 @@ fn list_items(
         // A JSON page without the list's parent (`{"error": …}` where
         // `{"items": […]}` was expected) is not an empty listing: treating
         // it as one would call every item deleted.
-        if let (Some(parent), false) = (&c.items_parent, xml) {
+        if let (Some(parent), false) = (
+            c.items_parent.as_ref().or(c.columnar.then_some(items_path)),
+            xml,
+        ) {
             if parent.query(page).is_empty() {
                 return Err(DetectError::NotAListing {
                     page: page_no + 1,
@@ -547,7 +552,8 @@ fn list_items(
             }
         }
         let nodes = items_of(c, items_path, page, xml);
-        for item in nodes {
+        for item in &nodes {
+            let item: &Value = item;
             let mut ctx = base.clone();
             ctx.insert("item".into(), item.clone());
             let id = c
@@ -597,9 +603,24 @@ fn list_items(
 /// `pollhook test` counts as records, so both agree. On XML, an `items`
 /// path ending in `[*]` also takes a lone element as a list of one (XML
 /// cannot say "a list of one"; a feed with one `<entry>` is one record, not
-/// the entry's child elements).
-pub fn items_of<'a>(c: &Connector, items: &JsonPath, page: &'a Value, xml: bool) -> Vec<&'a Value> {
-    match (&c.items_parent, xml) {
+/// the entry's child elements). With `columnar`, each selected object of
+/// parallel arrays gives its rows (`columns::rows`), made here, hence owned.
+pub fn items_of<'a>(
+    c: &Connector,
+    items: &JsonPath,
+    page: &'a Value,
+    xml: bool,
+) -> Vec<Cow<'a, Value>> {
+    if c.columnar {
+        return items
+            .query(page)
+            .all()
+            .into_iter()
+            .flat_map(columns::rows)
+            .map(Cow::Owned)
+            .collect();
+    }
+    let nodes = match (&c.items_parent, xml) {
         (Some(parent), true) => parent
             .query(page)
             .all()
@@ -610,7 +631,8 @@ pub fn items_of<'a>(c: &Connector, items: &JsonPath, page: &'a Value, xml: bool)
             })
             .collect(),
         _ => items.query(page).all(),
-    }
+    };
+    nodes.into_iter().map(Cow::Borrowed).collect()
 }
 
 /// A short rendering of an item for error messages.

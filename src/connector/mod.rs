@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cassette;
+pub mod columns;
 pub mod detect;
 pub mod fetch;
 pub mod format;

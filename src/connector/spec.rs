@@ -19,6 +19,7 @@ use crate::schedule::Schedule;
 use crate::template::{Cond, Engine, Tpl, ValueTpl};
 
 /// A resolved connector: how to poll one API and what counts as an event.
+#[derive(Clone)]
 pub struct Connector {
     pub name: String,
     /// The file it came from, for messages.
@@ -35,6 +36,9 @@ pub struct Connector {
     pub format: Format,
     pub paginate: Option<Paginate>,
     pub items: Option<JsonPath>,
+    /// `items` selects objects of parallel arrays, each row one item
+    /// (`columnar: true`, see `connector::columns`).
+    pub columnar: bool,
     /// `items` without a final `[*]`: XML lists of one, and telling an
     /// error body from an empty list.
     pub items_parent: Option<JsonPath>,
@@ -68,6 +72,7 @@ pub struct Connector {
 }
 
 /// A connector's `discover:` block, resolved.
+#[derive(Clone)]
 pub struct Discover {
     /// The listing request as a connector of its own: its request, paging,
     /// `items`, and its `id` is the instance name template. Reusing the
@@ -91,6 +96,7 @@ pub struct Param {
 }
 
 /// The request of one poll, compiled.
+#[derive(Clone)]
 pub struct RequestSpec {
     pub method: reqwest::Method,
     pub url: Tpl,
@@ -103,6 +109,7 @@ pub struct RequestSpec {
 }
 
 /// A request body.
+#[derive(Clone)]
 pub enum Body {
     /// Text as rendered (SOAP, hand-written JSON); JSON content type by default.
     Raw(Tpl),
@@ -113,6 +120,7 @@ pub enum Body {
 }
 
 /// Request authentication.
+#[derive(Clone)]
 pub enum Auth {
     Bearer(Tpl),
     Basic(Tpl, Option<Tpl>),
@@ -125,6 +133,7 @@ pub enum Auth {
 }
 
 /// OAuth2 client credentials.
+#[derive(Clone)]
 pub struct OAuth2 {
     pub token_url: Tpl,
     pub client_id: Tpl,
@@ -137,6 +146,7 @@ pub struct OAuth2 {
 }
 
 /// Following more pages within one poll.
+#[derive(Clone)]
 pub struct Paginate {
     pub style: PageStyle,
     /// Stop after a page for which this is true (`page`, `count`).
@@ -144,9 +154,13 @@ pub struct Paginate {
     pub max_pages: u32,
     /// Hosts a next URL may point to besides the first request's.
     pub allow_hosts: Vec<String>,
+    /// A `304` to page 1 means the listing did not change
+    /// (`paginate.conditional`).
+    pub conditional: bool,
 }
 
 /// How the next page is asked for.
+#[derive(Clone)]
 pub enum PageStyle {
     /// An opaque cursor in the body, sent back in a query parameter.
     Cursor { from: JsonPath, param: String },
@@ -169,6 +183,7 @@ pub enum PageStyle {
 }
 
 /// Where the next poll resumes.
+#[derive(Clone)]
 pub enum CursorSpec {
     /// An opaque value the API gives, at a JSONPath of the last page.
     From(JsonPath),
@@ -177,6 +192,7 @@ pub enum CursorSpec {
 }
 
 /// One `emit:` rule.
+#[derive(Clone)]
 pub struct EmitRule {
     pub kind: EventType,
     pub when: Option<Cond>,
@@ -187,6 +203,7 @@ pub struct EmitRule {
 }
 
 /// An event type, fixed or rendered per change.
+#[derive(Clone)]
 pub enum EventType {
     Fixed(String),
     /// The template and its source (for messages and routing checks).

@@ -224,6 +224,25 @@ fn connector_language_errors_name_file_line_field_and_expectation() {
         &with_request_extra("  auth: { type: kerberos }\n"),
         &["bank-balance.yaml:", "kerberos"],
     );
+    // `columnar` belongs to lists; with it, `items` names the columns'
+    // object, not their entries.
+    expect_error(
+        GOOD_BRIDGE,
+        &format!("{conn}columnar: true\n"),
+        &["bank-balance.yaml:", "field `detect`", "`columnar`"],
+    );
+    expect_error(
+        GOOD_BRIDGE,
+        &conn.replace(
+            "detect: snapshot",
+            "detect: new\nitems: \"$.rows.id[*]\"\nid: \"{{ item.id }}\"\ncolumnar: true",
+        ),
+        &[
+            "bank-balance.yaml:21:",
+            "field `columnar`",
+            "drop the final `[*]`",
+        ],
+    );
     // An unknown variable in an emit `data` template.
     expect_error(
         GOOD_BRIDGE,
@@ -575,5 +594,43 @@ fn a_non_loopback_admin_listen_needs_a_token() {
             &[],
         );
         assert!(ok, "{listen}: {err}");
+    }
+}
+
+/// A bearer token a source gives that comes out empty (`${BANK_TOKEN}`
+/// set to nothing) is an error naming the file, the line of the value and
+/// the field, never a poll without `Authorization`; leaving the param out
+/// keeps the connector's "empty for none", as does `${BANK_TOKEN:-}` (an
+/// empty default, written on purpose), and a real value validates.
+#[test]
+fn an_empty_bearer_token_is_refused_where_it_is_given() {
+    let with_token = |token: &str| {
+        GOOD_BRIDGE.replace(
+            "with: { base_url: \"http://127.0.0.1:1\", account: acc-0001 }",
+            &format!(
+                "with:\n      base_url: \"http://127.0.0.1:1\"\n      account: acc-0001\n      token: {token}"
+            ),
+        )
+    };
+    for token in ["\"${BANK_TOKEN}\"", "${BANK_TOKEN}", "\"\""] {
+        let (ok, err) = validate_with_env(&with_token(token), &[("BANK_TOKEN", "")]);
+        assert!(!ok, "{token}: an empty bearer token was accepted");
+        assert!(err.contains("bridge.yaml:8:"), "{token}: {err}");
+        assert!(
+            err.contains("sources.balances.with.token")
+                && err.contains("no `Authorization: Bearer` token")
+                && err.contains("leave `token` out"),
+            "{token}: {err}"
+        );
+    }
+    let (ok, err) = validate_with_env(&with_token("\"${BANK_TOKEN}\""), &[("BANK_TOKEN", "t0ken")]);
+    assert!(ok, "{err}");
+    let (ok, err) = validate_with_env(GOOD_BRIDGE, &[]);
+    assert!(ok, "{err}");
+    // An empty default says "none unless set" on purpose, as the bank
+    // example's bridge.yaml does.
+    for set in [&[][..], &[("BANK_TOKEN", "")][..]] {
+        let (ok, err) = validate_with_env(&with_token("\"${BANK_TOKEN:-}\""), set);
+        assert!(ok, "{set:?}: {err}");
     }
 }

@@ -287,3 +287,161 @@ async fn a_long_window_rate_limit_survives_restarts() {
     assert!(d.terminate().success());
     assert_eq!(count("limited"), 1, "restarts spent the hour's quota");
 }
+
+/// A source's `rate_limit:` in bridge.yaml replaces its connector's, both
+/// ways: above a connector's `1/1h` (an operator with a bigger quota) and
+/// below a connector without one. Every source polls every 100 ms; the
+/// User-Agent (the `contact` param) tells their requests apart. Once the
+/// raised and the free sources made three requests each, the two held to
+/// 1/1h made one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_rate_limit_overrides_its_connectors() {
+    let (api, addr) = start_api(&[]).await;
+    let agent = r#"  user_agent: "{{ contact }}""#;
+    let hourly = connector(agent).replace("request:", "rate_limit: 1/1h\nrequest:");
+    let free = connector(agent).replace("name: api", "name: free");
+    let source = |name: &str, connector: &str, extra: &str| {
+        format!(
+            "  {name}:\n    connector: {connector}\n    with: {{ base_url: \"http://{addr}\", contact: {name} }}\n    schedule: every 100ms\n{extra}    deliver_to: [agent]\n"
+        )
+    };
+    let sources = [
+        source("raised", "api", "    rate_limit: 100/s\n"),
+        source("lowered", "free", "    rate_limit: 1/1h\n"),
+        source("free", "free", ""),
+    ]
+    .concat();
+    // The bridge's own `api` source keeps the connector's 1/1h.
+    let bridge = bridge(addr, "100ms", "")
+        .replace("with: { base_url:", "with: { contact: kept, base_url:")
+        .replace("endpoints:", &format!("{sources}endpoints:"));
+    let mut d = Daemon::new(&bridge, &[("api.yaml", hourly), ("free.yaml", free)]);
+    let count = |ua: &str| {
+        api.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, u)| u == ua)
+            .count()
+    };
+    d.start().await;
+    wait_for(
+        "three polls of each unlimited source",
+        Duration::from_secs(30),
+        || {
+            count("raised") >= 3
+                && count("free") >= 3
+                && count("kept") >= 1
+                && count("lowered") >= 1
+        },
+    )
+    .await;
+    let s = d
+        .wait_status("the lowered instance put off", |s| {
+            s["instances"]["lowered/default"]["interval_reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("rate_limit 1/1h"))
+        })
+        .await;
+    assert_eq!(count("kept"), 1, "the connector's 1/1h: {s}");
+    assert_eq!(count("lowered"), 1, "the source's 1/1h: {s}");
+    assert!(d.terminate().success());
+}
+
+/// A paged listing whose first page's `ETag` covers the whole listing.
+#[derive(Default)]
+struct Listing {
+    /// Every item, two per page; the ETag names this version.
+    items: Mutex<(Vec<u64>, &'static str)>,
+    /// Each request: page number, whether it was conditional, status.
+    seen: Mutex<Vec<(usize, bool, u16)>>,
+}
+
+async fn listing_page(
+    State(l): State<Arc<Listing>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    let (items, etag) = l.items.lock().unwrap().clone();
+    let asked = headers.get("if-none-match").and_then(|v| v.to_str().ok());
+    let status = if page == 1 && asked == Some(etag) {
+        304
+    } else {
+        200
+    };
+    l.seen.lock().unwrap().push((page, asked.is_some(), status));
+    if status == 304 {
+        return axum::http::StatusCode::NOT_MODIFIED.into_response();
+    }
+    let chunk: Vec<_> = items
+        .iter()
+        .skip((page - 1) * 2)
+        .take(2)
+        .map(|id| json!({ "id": id }))
+        .collect();
+    ([("etag", etag)], Json(json!({ "items": chunk }))).into_response()
+}
+
+/// `paginate.conditional: true`: page 1 is asked with `If-None-Match`,
+/// and its `304` ends the poll (no page 2); a new ETag reads the listing
+/// whole, and the item that appeared on page 2 is delivered. Without the
+/// option the same listing is never asked conditionally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conditional_paged_listing_stops_at_a_304_on_page_one() {
+    let l = Arc::new(Listing::default());
+    *l.items.lock().unwrap() = (vec![1, 2, 3], "\"v1\"");
+    let addr = serve(
+        Router::new()
+            .route("/items", get(listing_page))
+            .with_state(l.clone()),
+    )
+    .await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let api = |conditional: &str| {
+        connector("").replace(
+            "items: \"$.items[*]\"",
+            &format!("paginate: {{ page: {{ param: page }}{conditional} }}\nitems: \"$.items[*]\""),
+        )
+    };
+    let bridge = bridge(addr, "100ms", "")
+        .replace("http://127.0.0.1:9/hook", &rx.url)
+        .replace(
+            "endpoints:",
+            &format!("  plain:\n    connector: plain\n    with: {{ base_url: \"http://{addr}\" }}\n    schedule: every 1h\n    deliver_to: [agent]\nendpoints:"),
+        );
+    let plain = api("").replace("name: api", "name: plain");
+    let mut d = Daemon::new(
+        &bridge,
+        &[
+            ("api.yaml", api(", conditional: true")),
+            ("plain.yaml", plain),
+        ],
+    );
+    d.start().await;
+    let count = |f: &dyn Fn(&(usize, bool, u16)) -> bool| {
+        l.seen.lock().unwrap().iter().filter(|r| f(r)).count()
+    };
+    wait_for(
+        "three 304s on page 1 and the plain source's read",
+        Duration::from_secs(30),
+        || count(&|r| r.2 == 304) >= 3 && count(&|r| r.0 == 2) >= 2,
+    )
+    .await;
+    // Two whole reads (the plain source's and the first conditional
+    // one's): page 2 asked twice, never after a 304; page 1 asked without
+    // a validator only by those two.
+    let seen = format!("{:?}", l.seen.lock().unwrap());
+    assert_eq!(count(&|r| r.0 == 2), 2, "{seen}");
+    assert_eq!(count(&|r| r.0 == 1 && !r.1), 2, "{seen}");
+    assert_eq!(count(&|r| r.1 && r.0 != 1), 0, "only page 1 is conditional");
+    // A new item on page 2, a new ETag: read whole, the item delivered.
+    *l.items.lock().unwrap() = (vec![1, 2, 3, 4], "\"v2\"");
+    wait_for("item 4 delivered", Duration::from_secs(30), || {
+        rx.accepted().iter().any(|e| e.body["data"]["id"] == 4)
+    })
+    .await;
+    assert!(d.terminate().success());
+    assert!(rx.accepted().iter().all(|e| e.verified));
+    assert_eq!(rx.accepted().len(), 1, "only item 4 is new");
+}

@@ -947,3 +947,60 @@ emit: [{{ type: x }}]
     let ev = p.events().await;
     assert_eq!(ev.len(), 1, "the new item on page 2: {ev:?}");
 }
+
+/// `uuid()` in a header: each request carries a new random version-4 UUID
+/// (an idempotency key or request id an API wants fresh), and the
+/// function is no variable the connector must declare.
+#[tokio::test]
+async fn uuid_gives_each_request_a_fresh_request_id() {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let app = Router::new().route(
+        "/items",
+        get(move |headers: HeaderMap| {
+            let seen = s2.clone();
+            async move {
+                let id = headers["x-request-id"].to_str().unwrap().to_string();
+                seen.lock().unwrap().push(id);
+                axum::Json(json!({ "items": [] }))
+            }
+        }),
+    );
+    let up = serve(app).await;
+    let mut p = Poller::new(
+        &format!(
+            r#"
+name: ids
+request:
+  url: "http://{up}/items"
+  headers: {{ X-Request-ID: "{{{{ uuid() }}}}" }}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit: [{{ type: x }}]
+"#
+        ),
+        json!({}),
+    );
+    p.poll().await.unwrap();
+    p.poll().await.unwrap();
+    let ids = seen.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    for id in &ids {
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{id}"
+        );
+        assert!(
+            id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()),
+            "{id}"
+        );
+        assert!(
+            groups[2].starts_with('4') && "89ab".contains(&groups[3][..1]),
+            "{id}"
+        );
+    }
+}

@@ -9,9 +9,11 @@ use serde_json::{Map, Value};
 
 use super::diag::Diag;
 use crate::config::raw::{self, DeliverTo, RawSource};
-use crate::connector::spec::{scalar_text, secrets_of, Connector, EventType, Instance};
+use crate::connector::spec::{scalar_text, secrets_of, Auth, Connector, EventType, Instance};
+use crate::quota::Rate;
 use crate::runtime::{coerce, Route, Source, DEFAULT_RETENTION};
 use crate::schedule::Schedule;
+use crate::template::Tpl;
 
 /// Why `pollhook test connector.yaml --with …` cannot make a source of
 /// the connector; printed as it is.
@@ -174,6 +176,7 @@ pub(super) fn resolve_source(
     check_required(
         diag, &field, src, &connector, &instances, discovered, &base_vars,
     );
+    check_bearer(diag, &field, src, &connector, &instances);
     let schedule = schedule_of(diag, &field, src, &connector);
     let routes = routes_of(diag, &field, src, &connector, endpoints);
     if diag.failed_since(mark) {
@@ -186,7 +189,7 @@ pub(super) fn resolve_source(
         .or_else(|| connector.discover.as_ref().map(|d| d.schedule.clone()));
     Some(Source {
         name: name.to_string(),
-        connector,
+        connector: with_rate_limit(connector, src.rate_limit),
         schedule: schedule.expect("checked above"),
         instances,
         routes,
@@ -195,6 +198,22 @@ pub(super) fn resolve_source(
         base_vars,
         retention: src.retention.map(|d| d.0).unwrap_or(DEFAULT_RETENTION),
     })
+}
+
+/// The connector with the source's `rate_limit` in place of its own, when
+/// the source sets one. The poller and the supervisor read the limit from
+/// the connector, so the source gets a connector of its own (the engine's
+/// compiled templates are shared, cheap to clone); without an override the
+/// file's connector is shared as is.
+fn with_rate_limit(connector: Arc<Connector>, rate: Option<Rate>) -> Arc<Connector> {
+    match rate {
+        Some(rate) if connector.rate_limit != Some(rate) => {
+            let mut own = (*connector).clone();
+            own.rate_limit = Some(rate);
+            Arc::new(own)
+        }
+        _ => connector,
+    }
 }
 
 /// The params' defaults.
@@ -379,6 +398,81 @@ fn check_required(
     }
 }
 
+/// A bearer token that a source gives but that renders empty (`token:
+/// ${TOKEN}` with `TOKEN` unset or set to nothing) is an error at load,
+/// at that `with:` value: a request without `Authorization` is answered
+/// 401 at best, and at worst with the API's anonymous (public, smaller)
+/// view, which looks like data. A token param the source leaves out keeps
+/// the connector's default, and a connector whose default is empty
+/// ("empty for none": public GitHub repositories, a sandbox bank) sends
+/// no `Authorization` then, as its file says; so does a value written
+/// with an empty default, `${VAR:-}` ("none unless set").
+fn check_bearer(
+    diag: &mut Diag,
+    field: &str,
+    src: &RawSource,
+    connector: &Connector,
+    instances: &[Instance],
+) {
+    let Some(Auth::Bearer(token)) = &connector.request.auth else {
+        return;
+    };
+    // Credential params are secret (see `resolve_connector`).
+    let Some((k, v)) = src.with.iter().find(|(k, v)| {
+        connector.params.get(*k).is_some_and(|p| p.secret)
+            && scalar_text(&v.value).trim().is_empty()
+            && !explicit_empty_default(diag.text, v.referenced.line(), k)
+    }) else {
+        return;
+    };
+    let Some(instance) = instances
+        .iter()
+        .find(|i| renders_blank(connector, token, &i.vars))
+    else {
+        return;
+    };
+    diag.at_span(
+        v,
+        &format!("{field}.with.{k}"),
+        format!(
+            "`{k}` is empty, so connector `{}` would send no `Authorization: Bearer` token (instance `{}`): an unset or empty ${{VAR}}? To send none on purpose, leave `{k}` out (or write `${{VAR:-}}`, none unless set)",
+            connector.name, instance.name
+        ),
+    );
+}
+
+/// Whether `key`'s value on `line` of the file as written is a reference
+/// with an empty default, `${VAR:-}`: "none unless set", on purpose (the
+/// bank example's `token: "${BANK_TOKEN:-}"` against a bank that may
+/// need none). Anything else that came out empty (`${VAR}` set to
+/// nothing, `""`) was meant to be a token. A value this cannot read (on
+/// another line, say) is not on purpose.
+fn explicit_empty_default(text: &str, line: u64, key: &str) -> bool {
+    let Some(row) = text.lines().nth(line.saturating_sub(1) as usize) else {
+        return false;
+    };
+    row.match_indices(&format!("{key}:")).any(|(at, m)| {
+        let after_key = at == 0 || !row[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_');
+        let value = row[at + m.len()..].trim_start();
+        let value = value.strip_prefix(['"', '\'']).unwrap_or(value);
+        after_key
+            && value
+                .strip_prefix("${")
+                .and_then(|r| r.split_once('}'))
+                .is_some_and(|(reference, _)| reference.ends_with(":-"))
+    })
+}
+
+/// Whether `token` renders to nothing but blanks with `vars`; a render
+/// that fails (a run-time variable) says nothing here.
+fn renders_blank(connector: &Connector, token: &Tpl, vars: &Map<String, Value>) -> bool {
+    let ctx = minijinja::Value::from_serialize(vars);
+    connector
+        .engine
+        .render(token, &ctx)
+        .is_ok_and(|t| t.trim().is_empty())
+}
+
 /// The source's schedule, else the connector's default.
 fn schedule_of(
     diag: &mut Diag,
@@ -495,5 +589,17 @@ mod tests {
             coerce(&Value::from("true"), Some(&Value::from(false))),
             Value::from(true)
         );
+    }
+
+    #[test]
+    fn only_a_reference_with_an_empty_default_is_empty_on_purpose() {
+        let text = "a: 1\n    with: { base_url: \"${BANK_URL}\", token: \"${BANK_TOKEN:-}\" }\n      token: ${T}\n      token: ''\n      my_token: ${X:-}\n      token: ${Y:-}\n";
+        assert!(explicit_empty_default(text, 2, "token"));
+        assert!(!explicit_empty_default(text, 3, "token"));
+        assert!(!explicit_empty_default(text, 4, "token"));
+        assert!(!explicit_empty_default(text, 5, "token"), "another key");
+        assert!(explicit_empty_default(text, 6, "token"));
+        assert!(!explicit_empty_default(text, 2, "base_url"));
+        assert!(!explicit_empty_default(text, 99, "token"));
     }
 }

@@ -80,6 +80,7 @@ fn lister_of(raw: &RawConnector, d: &RawDiscover, name: &str) -> RawConnector {
         response: d.response.clone(),
         paginate: d.paginate.clone(),
         items: Some(d.items.clone()),
+        columnar: None,
         id: Some(d.name.clone()),
         version: None,
         watch: None,

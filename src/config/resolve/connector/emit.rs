@@ -9,6 +9,15 @@ use crate::template;
 
 /// Reports fields the detection mode needs but lacks, or cannot use.
 pub(super) fn check_detect(cx: &mut Cx, raw: &RawConnector) {
+    if let Some(c) = raw.columnar.as_ref().filter(|c| c.value) {
+        if raw
+            .items
+            .as_ref()
+            .is_some_and(|i| i.value.0.trim().ends_with("[*]"))
+        {
+            cx.diag.at_span(c, "columnar", "with `columnar: true`, `items` selects the object of columns (e.g. `$.filings.recent`), not their entries: drop the final `[*]`");
+        }
+    }
     let mut problem = |msg: &str| cx.diag.at_span(&raw.detect, "detect", msg);
     match raw.detect.value {
         DetectMode::New | DetectMode::Changes => {
@@ -33,8 +42,9 @@ pub(super) fn check_detect(cx: &mut Cx, raw: &RawConnector) {
                 || raw.cursor.is_some()
                 || raw.paginate.is_some()
                 || raw.version.is_some()
+                || raw.columnar.is_some()
             {
-                problem("`detect: snapshot` watches one resource: `items`, `id`, `version`, `cursor` and `paginate` belong to `detect: new` / `changes`");
+                problem("`detect: snapshot` watches one resource: `items`, `columnar`, `id`, `version`, `cursor` and `paginate` belong to `detect: new` / `changes`");
             }
             if raw.watch_key.is_some() && raw.watch.is_none() {
                 problem("`watch_key` keys the list that `watch` selects: give `watch:` (e.g. `$.balances[*]`)");

@@ -195,6 +195,7 @@ pub(crate) fn resolve_connector(
             .and_then(|p| p.value.0.trim().strip_suffix("[*]").map(str::to_string))
             .and_then(|p| JsonPath::parse(&p).ok()),
         items,
+        columnar: raw.columnar.as_ref().is_some_and(|c| c.value),
         id_value,
         id,
         version,

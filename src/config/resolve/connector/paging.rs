@@ -124,6 +124,7 @@ pub(super) fn paginate(cx: &mut Cx, raw: &RawConnector, has_items: bool) -> Opti
         style,
         stop_when,
         max_pages: max_pages.min(MAX_PAGES),
+        conditional: p.conditional.unwrap_or(false),
         allow_hosts: p
             .allow_hosts
             .iter()
