@@ -88,7 +88,8 @@ struct Bank {
     /// Requests per node (by `User-Agent`).
     per_node: [AtomicU64; MAX_NODES],
     /// Polls of an instance by another node than the one that polled it
-    /// less than half an interval before: two nodes polling it at once.
+    /// less than half an interval before: two nodes polling it at once
+    /// (counted in the measured window only, as `early_polls`).
     double_polls: AtomicU64,
     /// Polls less than half an interval after the previous poll of the
     /// same instance (any node): early polls.
@@ -216,7 +217,7 @@ async fn balance(
     let node = node_of(&headers);
     bank.per_node[node as usize].fetch_add(1, Ordering::Relaxed);
     let half = Duration::from_millis(bank.half_interval_ms.load(Ordering::Relaxed));
-    if a.last_poll.is_some_and(|p| now - p < half) {
+    if recording && a.last_poll.is_some_and(|p| now - p < half) {
         bank.early_polls.fetch_add(1, Ordering::Relaxed);
         if a.last_node != node {
             bank.double_polls.fetch_add(1, Ordering::Relaxed);
@@ -619,7 +620,7 @@ hosts:
             (c, r, rss_now(*p))
         })
         .collect();
-    let commits = pg.as_ref().zip(commits0).map(|(p, c0)| p.commits() - c0);
+    let commits = pg.as_ref().zip(commits0).map(|(p, c0)| p.commits().saturating_sub(c0));
     let _ = commits_warm;
     let pg1 = pg.as_ref().map(|p| p.counters());
     let rss_end = rss_now(pid);
@@ -827,7 +828,7 @@ hosts:
     let double_polls = bank.double_polls.load(Ordering::Relaxed);
     let early_polls = bank.early_polls.load(Ordering::Relaxed);
     println!(
-        "  polls by node: double polls (another node within half an interval) {double_polls}, early polls (within half an interval, any node) {early_polls}, changes detected under two webhook ids {}, requests per node from the start {}",
+        "  polls by node: in the window, double polls (another node within half an interval) {double_polls}, early polls (within half an interval, any node) {early_polls}; changes detected under two webhook ids {}, requests per node from the start {}",
         rx.under_two_ids,
         per_node
             .iter()
