@@ -620,7 +620,10 @@ hosts:
             (c, r, rss_now(*p))
         })
         .collect();
-    let commits = pg.as_ref().zip(commits0).map(|(p, c0)| p.commits().saturating_sub(c0));
+    let commits = pg
+        .as_ref()
+        .zip(commits0)
+        .map(|(p, c0)| p.commits().saturating_sub(c0));
     let _ = commits_warm;
     let pg1 = pg.as_ref().map(|p| p.counters());
     let rss_end = rss_now(pid);
@@ -955,7 +958,9 @@ hosts:
     let name = format!(
         "scale-{}-{nodes}n-{n}{}",
         if pg.is_some() { "postgres" } else { "sled" },
-        event.map(|e| format!("-{e:?}").to_lowercase()).unwrap_or_default()
+        event
+            .map(|e| format!("-{e:?}").to_lowercase())
+            .unwrap_or_default()
     );
     match common::write_results(&name, &results) {
         Ok(p) => println!("  results: {}", p.display()),

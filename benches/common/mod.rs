@@ -198,7 +198,10 @@ async fn receive_balance(
     if e["type"] == "bank.balance.changed" {
         let cents = (e["data"]["current"]["available"].as_f64().unwrap() * 100.0).round() as i64;
         let inst = e["instance"].as_str().unwrap().to_string();
-        let first = rx.change_ids.entry((inst.clone(), cents)).or_insert(id.clone());
+        let first = rx
+            .change_ids
+            .entry((inst.clone(), cents))
+            .or_insert(id.clone());
         if *first != id {
             rx.under_two_ids += 1;
         }

@@ -116,7 +116,10 @@ pub fn postgres_cpu_s() -> f64 {
     let mut ticks = 0.0;
     for e in rd.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let Some(f) = postgres_stat(pid) else {

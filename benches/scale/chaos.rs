@@ -266,7 +266,10 @@ impl Report {
             self.event.name(),
             self.at_s,
             match self.gone {
-                Some(g) => format!(" of node {g}, which polled {} instances last", self.gone_instances),
+                Some(g) => format!(
+                    " of node {g}, which polled {} instances last",
+                    self.gone_instances
+                ),
                 None => String::new(),
             },
             lease.as_secs()

@@ -49,10 +49,9 @@ pub fn set_worker_threads(n: Option<usize>) {
 
 /// The runtime's worker threads: the flag, else [`default_worker_threads`].
 fn worker_threads() -> usize {
-    WORKER_THREADS
-        .get()
-        .copied()
-        .unwrap_or_else(|| default_worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get())))
+    WORKER_THREADS.get().copied().unwrap_or_else(|| {
+        default_worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }
 
 /// One per core, tokio's own default. Measured with the idle bench (50
