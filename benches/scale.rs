@@ -548,7 +548,7 @@ hosts:
     let (cpu0, _) = proc_usage(pid);
     let node_cpu0: Vec<f64> = pids.iter().map(|p| proc_usage(*p).0).collect();
     let commits0 = pg.as_ref().map(|p| p.commits());
-    let pg0 = pg.as_ref().map(|p| p.counters());
+    let pg0 = pg.as_ref().and_then(|p| p.counters());
     let (self_cpu0, _) = proc_usage(std::process::id());
     let req0 = bank.requests.load(Ordering::Relaxed);
     let nm0 = bank.not_modified.load(Ordering::Relaxed);
@@ -625,7 +625,7 @@ hosts:
         .zip(commits0)
         .map(|(p, c0)| p.commits().saturating_sub(c0));
     let _ = commits_warm;
-    let pg1 = pg.as_ref().map(|p| p.counters());
+    let pg1 = pg.as_ref().and_then(|p| p.counters());
     let rss_end = rss_now(pid);
     let (self_cpu1, _) = proc_usage(std::process::id());
     let requests = bank.requests.load(Ordering::Relaxed) - req0;
@@ -846,6 +846,10 @@ hosts:
     }
     if let Some(r) = &pg_run {
         println!("{}", r.line());
+    } else if pg.is_some() {
+        println!("  PostgreSQL itself: n/a (psql could not read the counters: is the server out of connections?)");
+    }
+    if pg.is_some() {
         println!("{}", common::pg::tables_line(&tables));
     }
     println!(

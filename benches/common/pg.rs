@@ -146,15 +146,14 @@ impl BenchStore {
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// The server's counters now.
-    pub fn counters(&self) -> PgCounters {
-        let row = self
-            .try_psql(
-                "SELECT xact_commit + xact_rollback, \
-                 pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint \
-                 FROM pg_stat_database WHERE datname = current_database()",
-            )
-            .unwrap_or_default();
+    /// The server's counters now; `None` when psql fails (a server out of
+    /// connections, say), so a run reports "n/a" rather than zeros.
+    pub fn counters(&self) -> Option<PgCounters> {
+        let row = self.try_psql(
+            "SELECT xact_commit + xact_rollback, \
+             pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint \
+             FROM pg_stat_database WHERE datname = current_database()",
+        )?;
         let mut cols = row.split('|').map(|v| v.parse::<u64>().unwrap_or(0));
         let xacts = cols.next().unwrap_or(0);
         let wal_bytes = cols.next().unwrap_or(0);
@@ -164,12 +163,12 @@ impl BenchStore {
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .and_then(|v| v.parse().ok());
-        PgCounters {
+        Some(PgCounters {
             cpu_s: postgres_cpu_s(),
             xacts,
             statements,
             wal_bytes,
-        }
+        })
     }
 
     /// The schema's tables: sizes, live and dead tuples (the statistics

@@ -89,15 +89,17 @@ pub struct Report {
     pub fair_after: Option<Duration>,
     /// The most requests in one sampled second after the event.
     pub busiest_second_after: u64,
-    /// (seconds into the window, held leases per node; index = node).
-    pub samples: Vec<(f64, Vec<u64>)>,
+    /// (seconds into the window, held leases per node; index = node;
+    /// `None`: the lease table could not be read).
+    pub samples: Vec<(f64, Option<Vec<u64>>)>,
     /// The node that joined (kept running until the bench stops it).
     pub joined: Option<Daemon>,
 }
 
 /// Held leases per node index (`pids[i]` is node `i`; a lease owner is
-/// `<host>-<pid>-<random>`), counting only unexpired ones.
-fn lease_counts(url: &str, schema: &str, pids: &[u32]) -> Vec<u64> {
+/// `<host>-<pid>-<random>`), counting only unexpired ones; `None` when
+/// psql fails (a server out of connections: every node holds a pool).
+fn lease_counts(url: &str, schema: &str, pids: &[u32]) -> Option<Vec<u64>> {
     let out = std::process::Command::new("psql")
         .arg(url)
         .args([
@@ -109,7 +111,7 @@ fn lease_counts(url: &str, schema: &str, pids: &[u32]) -> Vec<u64> {
         ])
         .output();
     let mut counts = vec![0; pids.len()];
-    let Ok(out) = out else { return counts };
+    let out = out.ok().filter(|o| o.status.success())?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Some((owner, count)) = line.split_once('|') else {
             continue;
@@ -119,7 +121,7 @@ fn lease_counts(url: &str, schema: &str, pids: &[u32]) -> Vec<u64> {
             counts[i] += count.parse::<u64>().unwrap_or(0);
         }
     }
-    counts
+    Some(counts)
 }
 
 /// Whether every live node holds `total / live` leases ±10%.
@@ -231,14 +233,15 @@ pub async fn run(plan: Plan) -> Report {
         if event == Event::Drain && report.exited_after.is_none() && exited(owner_pid) {
             report.exited_after = Some(now - event_at);
             let c = counts(vec![owner_pid]).await.unwrap();
-            report.leases_after_exit = Some(c[0]);
+            report.leases_after_exit = c.map(|c| c[0]);
         }
         if now - last_second.0 >= Duration::from_secs(1) {
             let r = bank.requests.load(Ordering::Relaxed);
             report.busiest_second_after = report.busiest_second_after.max(r - last_second.1);
             last_second = (now, r);
             let c = counts(pids.clone()).await.unwrap();
-            if report.fair_after.is_none() && event == Event::Join && fair(&c, &live, instances) {
+            let is_fair = c.as_ref().is_some_and(|c| fair(c, &live, instances));
+            if report.fair_after.is_none() && event == Event::Join && is_fair {
                 report.fair_after = Some(now - event_at);
             }
             if now >= next_sample {
@@ -306,10 +309,13 @@ impl Report {
             "  chaos: held leases per node over time (s: node0/node1/...): {}",
             self.samples
                 .iter()
-                .map(|(t, c)| format!(
-                    "{t:.0}: {}",
-                    c.iter().map(u64::to_string).collect::<Vec<_>>().join("/")
-                ))
+                .map(|(t, c)| match c {
+                    Some(c) => format!(
+                        "{t:.0}: {}",
+                        c.iter().map(u64::to_string).collect::<Vec<_>>().join("/")
+                    ),
+                    None => format!("{t:.0}: n/a (psql failed)"),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
