@@ -56,6 +56,7 @@ endpoints:
     let (cpu1, rss) = proc_usage(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let times = bank.request_times();
+    let paths = bank.requests();
     daemon.stop();
     let delivered = rx.lock().unwrap().arrivals.len();
     println!(
@@ -73,4 +74,41 @@ endpoints:
         accounts + 1
     );
     println!("  changes delivered {delivered}/{changes}");
+    println!("  {}", busiest_window(&times, &paths));
+}
+
+/// Where the busiest second is (from the first request) and which
+/// instances it holds twice, with their two requests' offsets: the
+/// instances that make it exceed one request each.
+fn busiest_window(times: &[Instant], paths: &[String]) -> String {
+    let Some(first) = times.first() else {
+        return "busiest window: no requests".into();
+    };
+    let (mut best, mut at, mut j) = (0, 0, 0);
+    for i in 0..times.len() {
+        while j < times.len() && times[j] < times[i] + Duration::from_secs(1) {
+            j += 1;
+        }
+        if j - i > best {
+            (best, at) = (j - i, i);
+        }
+    }
+    let mut seen: std::collections::HashMap<&str, Vec<Instant>> = Default::default();
+    for k in at..at + best {
+        seen.entry(paths[k].as_str()).or_default().push(times[k]);
+    }
+    let ms = |t: &Instant| (*t - *first).as_secs_f64() * 1000.0;
+    let twice: Vec<String> = seen
+        .iter()
+        .filter(|(_, t)| t.len() > 1)
+        .map(|(p, t)| {
+            let offs: Vec<String> = t.iter().map(|t| format!("{:.0}", ms(t))).collect();
+            format!("{p} at {} ms", offs.join(" and "))
+        })
+        .collect();
+    format!(
+        "busiest window: {best} requests from {:.0} ms after the first request; instances in it twice: {}",
+        ms(&times[at]),
+        if twice.is_empty() { "none".to_string() } else { twice.join(", ") }
+    )
 }

@@ -35,6 +35,8 @@
 //! BENCH_INTERVAL_SECS (10), BENCH_CHANGES_PER_INTERVAL (200), BENCH_SECONDS
 //! (90, the measured window after the first poll of every instance)).
 
+#[path = "scale/chaos.rs"]
+mod chaos;
 mod common;
 
 use std::collections::HashMap;
@@ -69,7 +71,12 @@ struct Account {
     max_gap: Duration,
     min_gap: Duration,
     win_polls: u32,
+    /// The node that polled last (from its `User-Agent`, see [`node_of`]).
+    last_node: u8,
 }
+
+/// Most nodes a run tells apart (`BENCH_NODES` plus one that joins).
+const MAX_NODES: usize = 16;
 
 #[derive(Default)]
 struct Bank {
@@ -78,6 +85,30 @@ struct Bank {
     requests: AtomicU64,
     not_modified: AtomicU64,
     polled_once: AtomicU64,
+    /// Requests per node (by `User-Agent`).
+    per_node: [AtomicU64; MAX_NODES],
+    /// Polls of an instance by another node than the one that polled it
+    /// less than half an interval before: two nodes polling it at once
+    /// (counted in the measured window only, as `early_polls`).
+    double_polls: AtomicU64,
+    /// Polls less than half an interval after the previous poll of the
+    /// same instance (any node): early polls.
+    early_polls: AtomicU64,
+    /// Half the polling interval, ms (0 until set).
+    half_interval_ms: AtomicU64,
+}
+
+/// The bench's daemons poll with `User-Agent: pollhook-bench-node-<i>`, so
+/// the mock knows which node asked (the cluster shares one configuration
+/// but each node reads its own bridge file).
+fn node_of(headers: &HeaderMap) -> u8 {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("pollhook-bench-node-"))
+        .and_then(|v| v.parse().ok())
+        .filter(|i: &u8| (*i as usize) < MAX_NODES)
+        .unwrap_or(0)
 }
 
 fn now_rfc3339() -> String {
@@ -102,6 +133,7 @@ impl Bank {
                     max_gap: Duration::ZERO,
                     min_gap: Duration::MAX,
                     win_polls: 0,
+                    last_node: 0,
                 },
             );
         }
@@ -123,6 +155,26 @@ impl Bank {
         }
         self.recording.store(on, Ordering::SeqCst);
         drop(m);
+    }
+
+    /// The accounts `node` polled last.
+    fn polled_last_by(&self, node: u8) -> Vec<String> {
+        let m = self.accounts.lock().unwrap();
+        m.iter()
+            .filter(|(_, a)| a.last_poll.is_some() && a.last_node == node)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// How many of `ids` no other node than `gone` polled since `since`.
+    fn not_taken_over(&self, ids: &[String], gone: u8, since: Instant) -> usize {
+        let m = self.accounts.lock().unwrap();
+        ids.iter()
+            .filter(|id| {
+                let a = &m[*id];
+                !(a.last_node != gone && a.last_poll.is_some_and(|p| p > since))
+            })
+            .count()
     }
 
     /// Changes a balance unless the last change has not been polled yet
@@ -162,6 +214,16 @@ async fn balance(
     if a.last_poll.is_none() {
         bank.polled_once.fetch_add(1, Ordering::Relaxed);
     }
+    let node = node_of(&headers);
+    bank.per_node[node as usize].fetch_add(1, Ordering::Relaxed);
+    let half = Duration::from_millis(bank.half_interval_ms.load(Ordering::Relaxed));
+    if recording && a.last_poll.is_some_and(|p| now - p < half) {
+        bank.early_polls.fetch_add(1, Ordering::Relaxed);
+        if a.last_node != node {
+            bank.double_polls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    a.last_node = node;
     a.last_poll = Some(now);
     if recording {
         if let Some(prev) = a.win_last {
@@ -377,10 +439,18 @@ async fn main() {
     let per_interval = env_or("BENCH_CHANGES_PER_INTERVAL", 200);
     let seconds = env_or("BENCH_SECONDS", 90);
     let window = Duration::from_secs(seconds);
-    let grace = interval + Duration::from_secs(5);
+    // A membership event delays the gone node's changes by up to a lease.
+    let grace = interval
+        + Duration::from_secs(5)
+        + match std::env::var("BENCH_CHAOS") {
+            Ok(c) if !c.is_empty() => Duration::from_secs(common::LEASE_SECS),
+            _ => Duration::ZERO,
+        };
 
     let ids: Vec<String> = (1..=n).map(|i| format!("acc-{i:05}")).collect();
     let bank = Arc::new(Bank::new(&ids));
+    bank.half_interval_ms
+        .store(interval.as_millis() as u64 / 2, Ordering::Relaxed);
     let bank_app = Router::new()
         .route("/accounts/{id}/balance", get(balance))
         .with_state(bank.clone());
@@ -396,6 +466,12 @@ async fn main() {
         nodes == 1 || pg.is_some(),
         "BENCH_NODES needs BENCH_STORE=postgres"
     );
+    let event = chaos::Event::from_env();
+    assert!(
+        event.is_none() || (pg.is_some() && (nodes >= 2 || event == Some(chaos::Event::Join))),
+        "BENCH_CHAOS needs BENCH_STORE=postgres and BENCH_NODES >= 2"
+    );
+    let lease = Duration::from_secs(common::LEASE_SECS);
     let store = pg.as_ref().map(|p| p.yaml()).unwrap_or_default();
     let bridge = format!(
         r#"state_dir: state
@@ -420,15 +496,17 @@ hosts:
 
     let started = Instant::now();
     let mut daemons = Vec::new();
-    for _ in 0..nodes {
-        daemons.push(common::Daemon::start("bank-balance.yaml", &bridge, "error").await);
+    // Each node tells itself apart to the mock by its User-Agent.
+    let bridge_of = |i: usize| format!("user_agent: \"pollhook-bench-node-{i}\"\n{bridge}");
+    for i in 0..nodes {
+        daemons.push(common::Daemon::start("bank-balance.yaml", &bridge_of(i), "error").await);
     }
     let pids: Vec<u32> = daemons.iter().map(|d| d.pid).collect();
     let pid = pids[0];
     let admin = daemons[0].admin.clone();
     let state_dir = state_dir_of(pid);
     // The bench must never leave a daemon running (Daemon has no Drop).
-    let guards: Vec<KillOnDrop> = pids.iter().map(|p| KillOnDrop(*p)).collect();
+    let mut guards: Vec<KillOnDrop> = pids.iter().map(|p| KillOnDrop(*p)).collect();
     let size = || match &pg {
         Some(p) => p.size_bytes(),
         None => du(&state_dir).0,
@@ -470,9 +548,26 @@ hosts:
     let (cpu0, _) = proc_usage(pid);
     let node_cpu0: Vec<f64> = pids.iter().map(|p| proc_usage(*p).0).collect();
     let commits0 = pg.as_ref().map(|p| p.commits());
+    let pg0 = pg.as_ref().and_then(|p| p.counters());
     let (self_cpu0, _) = proc_usage(std::process::id());
     let req0 = bank.requests.load(Ordering::Relaxed);
     let nm0 = bank.not_modified.load(Ordering::Relaxed);
+    let chaos = event.map(|event| {
+        let p = pg.as_ref().unwrap();
+        tokio::spawn(chaos::run(chaos::Plan {
+            event,
+            at: t0 + window / 3,
+            t0,
+            end: t0 + window,
+            instances: n,
+            lease,
+            bank: bank.clone(),
+            pids: pids.clone(),
+            url: p.url.clone(),
+            schema: p.schema.clone(),
+            join_bridge: bridge_of(nodes),
+        }))
+    });
     let mut sampler = Sampler {
         sizes: vec![(0.0, size())],
         size: &size,
@@ -507,6 +602,14 @@ hosts:
     let t1 = t0 + window;
     sampler.until(t1).await;
     tokio::time::sleep_until(t1.into()).await;
+    let mut chaos = match chaos {
+        Some(c) => Some(c.await.expect("chaos watcher")),
+        None => None,
+    };
+    if let Some(d) = chaos.as_mut().and_then(|c| c.joined.take()) {
+        guards.push(KillOnDrop(d.pid));
+        daemons.push(d);
+    }
     bank.record(false);
     let wall = t0.elapsed().as_secs_f64();
     let (cpu1, rss_peak) = proc_usage(pid);
@@ -517,11 +620,18 @@ hosts:
             (c, r, rss_now(*p))
         })
         .collect();
-    let commits = pg.as_ref().zip(commits0).map(|(p, c0)| p.commits() - c0);
+    let commits = pg
+        .as_ref()
+        .zip(commits0)
+        .map(|(p, c0)| p.commits().saturating_sub(c0));
     let _ = commits_warm;
+    let pg1 = pg.as_ref().and_then(|p| p.counters());
     let rss_end = rss_now(pid);
     let (self_cpu1, _) = proc_usage(std::process::id());
     let requests = bank.requests.load(Ordering::Relaxed) - req0;
+    let pg_run = pg0
+        .zip(pg1)
+        .map(|(a, b)| common::pg::PgRun::between(&a, &b, wall, requests));
     let not_modified = bank.not_modified.load(Ordering::Relaxed) - nm0;
 
     // The daemon's own view (fetched after the CPU sample: /status of
@@ -557,14 +667,15 @@ hosts:
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let tables = pg.as_ref().map(|p| p.tables()).unwrap_or_default();
     let (size_live, apparent_live) = match &pg {
         Some(p) => (p.size_bytes(), p.size_bytes()),
         None => du(&state_dir),
     };
     // As Daemon::stop, but keeping its temp dir until the store is measured,
     // and not forever.
-    for p in &pids {
-        unsafe { libc::kill(*p as i32, libc::SIGTERM) };
+    for d in &daemons {
+        unsafe { libc::kill(d.pid as i32, libc::SIGTERM) };
     }
     let term = Instant::now();
     let exited = loop {
@@ -713,6 +824,34 @@ hosts:
             c as f64 / wall
         );
     }
+    let per_node: Vec<u64> = bank.per_node[..daemons.len()]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect();
+    let double_polls = bank.double_polls.load(Ordering::Relaxed);
+    let early_polls = bank.early_polls.load(Ordering::Relaxed);
+    println!(
+        "  polls by node: in the window, double polls (another node within half an interval) {double_polls}, early polls (within half an interval, any node) {early_polls}; changes detected under two webhook ids {}, requests per node from the start {}",
+        rx.under_two_ids,
+        per_node
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join("/")
+    );
+    if let Some(c) = &chaos {
+        for line in c.lines(n, interval, lease) {
+            println!("{line}");
+        }
+    }
+    if let Some(r) = &pg_run {
+        println!("{}", r.line());
+    } else if pg.is_some() {
+        println!("  PostgreSQL itself: n/a (psql could not read the counters: is the server out of connections?)");
+    }
+    if pg.is_some() {
+        println!("{}", common::pg::tables_line(&tables));
+    }
     println!(
         "  dashboard (GET, {n} instances): {}",
         page_times
@@ -774,4 +913,61 @@ hosts:
         "    What bounds it: each instance's state is overwritten in place (one snapshot, no history); `detect: new` seen sets are bounded (seen_limit, default 10,000, and seen_ttl); delivered events leave the outbox; the delivery history keeps at most 10,000 attempts (store.history, default 7d): {attempts:.0} so far, at {per_s:.1}/s full after {:.0} min, after which it stops growing; the rest is sled's log, whose segments are reused as records are overwritten.",
         10_000.0 / per_s.max(0.001) / 60.0
     );
+
+    let results = json!({
+        "bench": "scale",
+        "instances": n,
+        "interval_s": interval.as_secs(),
+        "changes_per_interval": per_interval,
+        "seconds": seconds,
+        "store": if pg.is_some() { "postgres" } else { "sled" },
+        "nodes": nodes,
+        "warmup_s": baseline.as_secs_f64(),
+        "polls_per_s": requests as f64 / wall,
+        "requests": requests,
+        "not_modified_pct": 100.0 * not_modified as f64 / requests.max(1) as f64,
+        "changes": {
+            "injected": made.len(), "arrived": lat.len(), "missed": missed,
+            "duplicates": duplicates, "unexpected": unexpected,
+            "other_types": rx.other_types, "bad_signatures": rx.bad,
+        },
+        "latency_s": {
+            "p50": pct(&lat, 0.5).as_secs_f64(), "p99": pct(&lat, 0.99).as_secs_f64(),
+            "max": pct(&lat, 1.0).as_secs_f64(), "beyond_interval_p99": pct(&beyond, 0.99).as_secs_f64(),
+            "late": late,
+        },
+        "on_time": on_time,
+        "largest_gap_s": { "p50": pct(&max_gaps, 0.5).as_secs_f64(), "p99": pct(&max_gaps, 0.99).as_secs_f64(), "max": pct(&max_gaps, 1.0).as_secs_f64() },
+        "under_two_polls": under_two,
+        "daemon": {
+            "cpu_pct_of_one_core": cpu_share * 100.0,
+            "peak_rss_kib": rss_peak,
+            "end_rss_kib": rss_end,
+        },
+        "nodes_usage": node_usage.iter().zip(&node_cpu0).map(|((c1, peak, end), c0)| json!({
+            "cpu_pct_of_one_core": (c1 - c0) / wall * 100.0, "peak_rss_kib": peak, "end_rss_kib": end,
+        })).collect::<Vec<_>>(),
+        "double_polls": double_polls,
+        "early_polls": early_polls,
+        "changes_under_two_ids": rx.under_two_ids,
+        "requests_per_node": per_node,
+        "chaos": chaos.as_ref().map(|c| c.json()),
+        "postgres": pg_run.as_ref().map(|r| r.json()),
+        "postgres_tables": common::pg::tables_json(&tables),
+        "dashboard_ms": page_times.iter().map(|(p, t, _)| (p.to_string(), json!(t.as_secs_f64() * 1000.0))).collect::<serde_json::Map<_, _>>(),
+        "shutdown_s": exited.then_some(shutdown.as_secs_f64()),
+        "store_bytes": { "window_start": sizes[0].1, "window_end": size_end, "after_grace": size_live, "after_sigterm": size_stopped },
+        "store_growth_mib_per_hour": growth * 3600.0 / (1024.0 * 1024.0),
+    });
+    let name = format!(
+        "scale-{}-{nodes}n-{n}{}",
+        if pg.is_some() { "postgres" } else { "sled" },
+        event
+            .map(|e| format!("-{e:?}").to_lowercase())
+            .unwrap_or_default()
+    );
+    match common::write_results(&name, &results) {
+        Ok(p) => println!("  results: {}", p.display()),
+        Err(e) => println!("  results: not written ({e})"),
+    }
 }

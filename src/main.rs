@@ -31,6 +31,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads running the daemon's tasks (polls, deliveries, the admin
+    /// server); default one per core.
+    #[arg(long, global = true, env = "POLLHOOK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -275,6 +279,7 @@ fn main() -> ExitCode {
     cli::setup::limit_malloc_arenas();
     let cli = Cli::parse();
     cli::setup::init_logging(cli.log_format);
+    cli::setup::set_worker_threads(cli.worker_threads.map(usize::from));
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {

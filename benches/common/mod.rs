@@ -10,6 +10,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 
+pub mod pg;
+
 /// The agent's signing secret in every bench.
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -74,6 +76,32 @@ pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
     addr
 }
 
+/// The daemon binary: the one cargo built beside the bench, or
+/// `BENCH_DAEMON_BIN` (another build of it, such as a release build with
+/// other profile settings, to compare builds under one harness).
+pub fn daemon_bin() -> std::path::PathBuf {
+    std::env::var_os("BENCH_DAEMON_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_pollhook").into())
+}
+
+/// Writes a run's results as pretty JSON to `bench/<name>.json` in the
+/// target directory this bench was built in (found from the bench's own
+/// path, `<target>/<profile>/deps/<bench>`), and returns the path.
+pub fn write_results(name: &str, value: &serde_json::Value) -> std::io::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(value)?)?;
+    Ok(path)
+}
+
 /// The real `pollhook run` on a temp dir holding `bridge` and one of the
 /// repository's connector files.
 pub struct Daemon {
@@ -97,7 +125,7 @@ impl Daemon {
         )
         .unwrap();
         std::fs::write(dir.path().join("bridge.yaml"), bridge).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pollhook"))
+        let child = std::process::Command::new(daemon_bin())
             .arg("--config")
             .arg(dir.path().join("bridge.yaml"))
             .arg("run")
@@ -135,6 +163,11 @@ pub struct BalanceRx {
     /// Verified events of another type than `bank.balance.changed`.
     pub other_types: u64,
     pub bad: u64,
+    /// (instance, balance in cents) → the webhook id it first came with.
+    pub change_ids: HashMap<(String, i64), String>,
+    /// Arrivals of a change already seen under another webhook id: the
+    /// same change detected twice (by two nodes, say), not a redelivery.
+    pub under_two_ids: u64,
 }
 
 /// An agent on 127.0.0.1 that verifies every webhook with the reference
@@ -161,16 +194,26 @@ async fn receive_balance(
     }
     let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let id = headers["webhook-id"].to_str().unwrap().to_string();
-    *rx.ids.entry(id).or_default() += 1;
+    *rx.ids.entry(id.clone()).or_default() += 1;
     if e["type"] == "bank.balance.changed" {
         let cents = (e["data"]["current"]["available"].as_f64().unwrap() * 100.0).round() as i64;
         let inst = e["instance"].as_str().unwrap().to_string();
+        let first = rx
+            .change_ids
+            .entry((inst.clone(), cents))
+            .or_insert(id.clone());
+        if *first != id {
+            rx.under_two_ids += 1;
+        }
         rx.arrivals.entry((inst, cents)).or_insert(now);
     } else {
         rx.other_types += 1;
     }
     StatusCode::NO_CONTENT
 }
+
+/// The cluster's lease period in the PostgreSQL benches, seconds.
+pub const LEASE_SECS: u64 = 15;
 
 /// `BENCH_STORE=postgres`: the daemons share a fresh schema of the
 /// PostgreSQL server at `BENCH_DATABASE_URL` (default the test server's),
@@ -194,7 +237,7 @@ impl BenchStore {
     /// The `store:` line of the bridge.
     pub fn yaml(&self) -> String {
         format!(
-            "store: {{ backend: postgres, url: \"{}\", schema: {}, lease: 15s }}\n",
+            "store: {{ backend: postgres, url: \"{}\", schema: {}, lease: {LEASE_SECS}s }}\n",
             self.url, self.schema
         )
     }

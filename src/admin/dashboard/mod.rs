@@ -44,7 +44,10 @@ pub const COOKIE: &str = "pollhook_session";
 
 /// The templates and this process's CSRF value.
 pub struct Dashboard {
-    env: Environment<'static>,
+    /// The compiled templates, built at the first page asked for: a
+    /// daemon whose dashboard nobody opens (most of them) does not keep
+    /// them in memory (see [`templates`]).
+    env: std::sync::OnceLock<Environment<'static>>,
     csrf: String,
     /// The admin server's `Content-Security-Policy`: the templates'
     /// stylesheets by hash.
@@ -55,19 +58,13 @@ pub struct Dashboard {
 
 impl Default for Dashboard {
     fn default() -> Self {
-        let mut env = Environment::new();
-        // `.html` names: every value is HTML-escaped.
-        env.add_template("page.html", include_str!("page.html"))
-            .expect("the dashboard template compiles");
-        env.add_template("login.html", include_str!("login.html"))
-            .expect("the login template compiles");
         let csrf = hex::encode(rand::random::<[u8; 16]>());
         let csp = crate::access::csp(&[
             stylesheet(include_str!("page.html")),
             stylesheet(include_str!("login.html")),
         ]);
         Dashboard {
-            env,
+            env: std::sync::OnceLock::new(),
             csrf,
             csp,
             refresh: 10,
@@ -75,7 +72,23 @@ impl Default for Dashboard {
     }
 }
 
+/// The dashboard's two templates, compiled. `.html` names: every value is
+/// HTML-escaped.
+fn templates() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.add_template("page.html", include_str!("page.html"))
+        .expect("the dashboard template compiles");
+    env.add_template("login.html", include_str!("login.html"))
+        .expect("the login template compiles");
+    env
+}
+
 impl Dashboard {
+    /// The templates, compiled on first use.
+    fn env(&self) -> &Environment<'static> {
+        self.env.get_or_init(templates)
+    }
+
     /// The `Content-Security-Policy` of the admin server's answers.
     pub fn csp(&self) -> &str {
         &self.csp
@@ -318,7 +331,7 @@ enum DashboardError {
 impl Dashboard {
     fn login(&self, error: Option<&str>) -> Response {
         let html = self
-            .env
+            .env()
             .get_template("login.html")
             .and_then(|t| t.render(context! { csrf => &self.csrf, error => error }));
         match html {
@@ -494,7 +507,7 @@ impl Dashboard {
         });
         let activity = s.status.activity();
         let instance_total = report.instances.len();
-        self.env
+        self.env()
             .get_template("page.html")
             .and_then(|t| {
                 t.render(context! {
@@ -706,6 +719,18 @@ pub async fn enable(
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    /// The templates are compiled at the first page, no longer at start:
+    /// a template that does not compile must still fail a test.
+    #[test]
+    fn the_templates_compile_and_are_not_built_before_use() {
+        let d = Dashboard::default();
+        assert!(d.env.get().is_none());
+        let env = d.env();
+        assert!(env.get_template("page.html").is_ok());
+        assert!(env.get_template("login.html").is_ok());
+        assert!(d.env.get().is_some());
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
