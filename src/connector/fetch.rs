@@ -451,8 +451,9 @@ pub async fn fetch_via(
         visited.insert(url.to_string());
         // Only unpaged polls are conditional: a 304 on page 1 says nothing
         // about page 2, where a change may be.
-        let conditional =
-            first && c.paginate.as_ref().is_none_or(|p| p.conditional) && state.validator_url.as_deref() == Some(url.as_str());
+        let conditional = first
+            && c.paginate.as_ref().is_none_or(|p| p.conditional)
+            && state.validator_url.as_deref() == Some(url.as_str());
         let shown = url.to_string();
         // The permit is held until this page's body is read:
         // `max_in_flight` counts requests whose bodies are still arriving.

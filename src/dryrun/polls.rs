@@ -249,7 +249,7 @@ async fn poll_one(
     ) {
         Ok(d) => d,
         Err(e) => {
-            r.error = Some(format!("detection failed: {}", m(&e)));
+            r.error = Some(format!("detection failed: {}", m(&e.to_string())));
             return Ok(r);
         }
     };
