@@ -555,6 +555,9 @@ mod tests {
     #[tokio::test]
     async fn a_booking_waits_from_now_and_a_shared_pause_holds_only_its_length() {
         let c = aged(100_000);
+        // Bookings and pauses are shared only once two nodes take part.
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.heartbeat("b", 2, 60_000).await.unwrap();
         assert_eq!(
             c.book("q", 1_000.0, 1, false).await.unwrap(),
             Duration::ZERO
@@ -580,6 +583,8 @@ mod tests {
     #[tokio::test]
     async fn a_shared_pace_holds_for_its_time_then_goes() {
         let mut c = aged(100_000);
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.heartbeat("b", 2, 60_000).await.unwrap();
         // A zero gap is no pace: nothing to list.
         c.share_pace("z", None, Some((Duration::ZERO, Duration::from_secs(60))))
             .await
