@@ -47,22 +47,7 @@ async fn a_listing_larger_than_seen_limit_is_remembered_whole() {
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
     // The default `seen_limit` (10,000).
     let connector = LISTING;
-    let bridge = format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  list:
-    connector: listing
-    with: {{ base_url: "http://{addr}" }}
-    schedule: every 300ms
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "{}", secret: "{}" }}
-"#,
-        rx.url,
-        secret()
-    );
+    let bridge = one_source_bridge("list", "listing", addr, "300ms", &rx.url, "");
     let mut d = Daemon::new(&bridge, &[("listing.yaml", connector.to_string())]);
     d.start().await;
     // The baseline, then the same listing again: nothing announced.

@@ -110,22 +110,7 @@ request: { url: "{{ base_url }}/value" }
 detect: snapshot
 emit: [{ type: big.changed, data: "{{ current.v }}" }]
 "#;
-    let bridge = format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  big:
-    connector: big
-    with: {{ base_url: "http://{addr}" }}
-    schedule: every 50ms
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "{}", secret: "{}" }}
-"#,
-        rx.url,
-        secret()
-    );
+    let bridge = one_source_bridge("big", "big", addr, "50ms", &rx.url, "");
     let mut d = Daemon::new(&bridge, &[("big.yaml", connector.to_string())]);
     let disk = match Tmpfs::mount(&d.state_dir(), "4m") {
         Ok(t) => t,

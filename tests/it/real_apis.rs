@@ -443,21 +443,7 @@ request: { url: "{{ base_url }}/notifications" }
 detect: snapshot
 emit: [{ type: hinted.changed }]
 "#;
-    let bridge = format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  hinted:
-    connector: hinted
-    with: {{ base_url: "http://{addr}" }}
-    schedule: every 50ms
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "http://127.0.0.1:9/", secret: "{secret}" }}
-"#,
-        secret = secret()
-    );
+    let bridge = one_source_bridge("hinted", "hinted", addr, "50ms", "http://127.0.0.1:9/", "");
     let mut d = Daemon::new(&bridge, &[("hinted.yaml", connector.to_string())]);
     d.start().await;
     let s = d

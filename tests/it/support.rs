@@ -213,6 +213,40 @@ endpoints:
     )
 }
 
+/// A bridge with one source, `source`, polling the test's `connector` at
+/// `http://{upstream}` every `every` and delivering to one endpoint,
+/// `agent`, at `endpoint`; `extra` holds more top-level keys (a store, no
+/// admin server: then it replaces the admin line).
+pub fn one_source_bridge(
+    source: &str,
+    connector: &str,
+    upstream: std::net::SocketAddr,
+    every: &str,
+    endpoint: &str,
+    extra: &str,
+) -> String {
+    let top = if extra.is_empty() {
+        r#"admin: { listen: "127.0.0.1:0" }"#
+    } else {
+        extra
+    };
+    format!(
+        r#"
+state_dir: state
+{top}
+sources:
+  {source}:
+    connector: {connector}
+    with: {{ base_url: "http://{upstream}" }}
+    schedule: every {every}
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "{endpoint}", secret: "{secret}" }}
+"#,
+        secret = secret()
+    )
+}
+
 /// The repository's own connector files, so tests run the real connectors.
 pub fn repo_connector(name: &str) -> String {
     std::fs::read_to_string(

@@ -159,22 +159,7 @@ request: { url: "{{ base_url }}/big" }
 detect: snapshot
 emit: [{ type: big.changed }]
 "#;
-    let bridge = format!(
-        r#"
-state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  big:
-    connector: big
-    with: {{ base_url: "http://{addr}" }}
-    schedule: every 200ms
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "{}", secret: "{}" }}
-"#,
-        rx.url,
-        secret()
-    );
+    let bridge = one_source_bridge("big", "big", addr, "200ms", &rx.url, "");
     let mut d = Daemon::new(&bridge, &[("big.yaml", connector.to_string())]);
     d.start().await;
     d.wait_polls(&["big/default"], 2).await;
