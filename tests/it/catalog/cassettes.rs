@@ -192,3 +192,75 @@ fn an_altered_emit_template_fails_against_the_same_cassette() {
         "the diff shows the event's title before and after:\n{text}"
     );
 }
+
+/// The params a connector file declares `secret: true` (the catalog
+/// writes each param on one line: `  name: { …, secret: true, … }`).
+fn secret_params(connector: &str) -> Vec<String> {
+    let mut in_params = false;
+    let mut out = Vec::new();
+    for line in connector.lines() {
+        if !line.starts_with(' ') && !line.starts_with('#') && !line.is_empty() {
+            in_params = line.starts_with("params:");
+            continue;
+        }
+        if in_params && line.contains("secret: true") {
+            if let Some((name, _)) = line.trim().split_once(':') {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A cassette is committed: no credential in it, in a header or anywhere
+/// else. The replay's secret params (`with.txt`) never appear in an
+/// exchange file, and every credential header the connector sends is
+/// recorded as `***`.
+#[test]
+fn no_catalog_cassette_holds_a_credential() {
+    let mut leaks = Vec::new();
+    let mut checked = 0;
+    for e in catalog() {
+        let secrets = secret_params(&std::fs::read_to_string(&e.file).unwrap());
+        let values: Vec<(String, String)> = with_of(&e.cassette)
+            .into_iter()
+            .filter_map(|w| w.split_once('=').map(|(k, v)| (k.into(), v.into())))
+            .filter(|(k, v): &(String, String)| secrets.contains(k) && !v.is_empty())
+            .collect();
+        let Ok(dir) = std::fs::read_dir(&e.cassette) else {
+            continue;
+        };
+        for f in dir {
+            let path = f.unwrap().path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let exchange: serde_json::Value = serde_json::from_str(&text).unwrap();
+            for (k, v) in &values {
+                checked += 1;
+                if text.contains(v.as_str()) {
+                    leaks.push(format!("{}: the value of {k}", path.display()));
+                }
+            }
+            let headers = exchange["request_headers"].as_object().cloned();
+            for (name, value) in headers.into_iter().flatten() {
+                let n = name.to_ascii_lowercase();
+                let credential = n == "authorization"
+                    || n == "cookie"
+                    || ["key", "token", "secret", "consent"]
+                        .iter()
+                        .any(|w| n.contains(w));
+                if credential && value != "***" {
+                    leaks.push(format!("{}: header {name} is not masked", path.display()));
+                }
+            }
+        }
+    }
+    assert!(checked > 0, "some cassette has a secret param to look for");
+    assert!(
+        leaks.is_empty(),
+        "credentials in cassettes:\n{}",
+        leaks.join("\n")
+    );
+}
