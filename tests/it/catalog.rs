@@ -27,6 +27,7 @@ use crate::support::*;
 
 // Sections moved out to keep this file under 1,200 lines; they share
 // the helpers below (a child module sees its parent's private items).
+mod cassettes;
 mod jsonapi;
 
 // ------------------------------------------------------------------ helpers
