@@ -400,13 +400,21 @@ endpoints:
             &[("host", &host)]
         ) > 0.0
     );
-    assert_eq!(
-        value(
-            &scrape,
-            "pollhook_upstream_requests_total",
-            &[("host", &host)]
-        ),
-        status["hosts"][&host]["requests"].as_f64().unwrap()
+    // Polls go on every 50 ms: the counter read between two `/status`
+    // reads lies between their counts (it never counts apart from them).
+    let after = d.status().await;
+    let requests = value(
+        &scrape,
+        "pollhook_upstream_requests_total",
+        &[("host", &host)],
+    );
+    let (before, after) = (
+        status["hosts"][&host]["requests"].as_f64().unwrap(),
+        after["hosts"][&host]["requests"].as_f64().unwrap(),
+    );
+    assert!(
+        before <= requests && requests <= after,
+        "{before} <= {requests} <= {after}"
     );
     // Poll durations: a histogram with one count per poll.
     let polls = samples(&scrape, "pollhook_poll_duration_seconds", &src);
