@@ -40,7 +40,9 @@ pub enum CurlError {
     Unterminated(&'static str),
     #[error("the curl command has no URL")]
     NoUrl,
-    #[error("the curl command has two URLs (`{0}` and `{1}`); a connector starts from one request")]
+    #[error(
+        "the curl command has two URLs (`{0}` and `{1}`); a connector starts from one request"
+    )]
     TwoUrls(String, String),
     #[error("curl flag `{0}` needs a value")]
     MissingValue(String),
@@ -281,10 +283,13 @@ fn one_flag(
         "-k" | "--insecure" => r.warnings.push(format!(
             "`{flag}` ignored: pollhook always verifies TLS certificates"
         )),
-        f if IGNORED.contains(&f) => r.warnings.push(format!("`{f}` ignored (curl's own output)")),
+        f if IGNORED.contains(&f) => r
+            .warnings
+            .push(format!("`{f}` ignored (curl's own output)")),
         f if IGNORED_WITH_VALUE.contains(&f) => {
             let v = value()?;
-            r.warnings.push(format!("`{flag} {v}` ignored (curl's own output)"));
+            r.warnings
+                .push(format!("`{flag} {v}` ignored (curl's own output)"));
         }
         _ => return Err(CurlError::UnknownFlag(flag)),
     }
@@ -377,7 +382,15 @@ mod tests {
         .unwrap();
         assert_eq!(
             w,
-            ["curl", "https://x/a b", "-H", "A: \"q\" $x", "-d", "a\nb", "plain word"]
+            [
+                "curl",
+                "https://x/a b",
+                "-H",
+                "A: \"q\" $x",
+                "-d",
+                "a\nb",
+                "plain word"
+            ]
         );
         assert_eq!(split_words("a ''").unwrap(), ["a", ""]);
         assert_eq!(

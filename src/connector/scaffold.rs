@@ -108,7 +108,14 @@ pub fn is_secret_name(name: &str) -> bool {
     const EXACT: &[&str] = &["key", "sig", "appid", "auth", "code", "jwt"];
     EXACT.contains(&n.as_str())
         || [
-            "token", "secret", "password", "apikey", "api_key", "session", "signature", "_key",
+            "token",
+            "secret",
+            "password",
+            "apikey",
+            "api_key",
+            "session",
+            "signature",
+            "_key",
         ]
         .iter()
         .any(|w| n.contains(w))
@@ -163,7 +170,10 @@ pub fn plan_request(req: &CurlRequest) -> Result<RequestPlan, ScaffoldError> {
     let mut url =
         url::Url::parse(&full).map_err(|e| ScaffoldError::Url(full.clone(), e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ScaffoldError::Url(full, "not an http(s) URL with a host".into()));
+        return Err(ScaffoldError::Url(
+            full,
+            "not an http(s) URL with a host".into(),
+        ));
     }
     let mut p = RequestPlan {
         method: req.method(),
@@ -224,8 +234,9 @@ fn basic_auth(p: &mut RequestPlan, userpass: &str, from: &str) {
     }
     auth.push_str(" }");
     p.auth = Some(auth);
-    p.notes
-        .push(format!("auth: basic, from {from}; user and password are secret params"));
+    p.notes.push(format!(
+        "auth: basic, from {from}; user and password are secret params"
+    ));
 }
 
 fn plan_headers(p: &mut RequestPlan, req: &CurlRequest) {
@@ -249,8 +260,9 @@ fn plan_headers(p: &mut RequestPlan, req: &CurlRequest) {
                     "{{ type: api_key, in: header, name: {}, value: \"{{{{ {n} }}}}\" }}",
                     yaml_str(name)
                 ));
-                p.notes
-                    .push(format!("auth: api_key in the {name} header → secret param `{n}`"));
+                p.notes.push(format!(
+                    "auth: api_key in the {name} header → secret param `{n}`"
+                ));
             } else {
                 p.headers.push((name.clone(), format!("{{{{ {n} }}}}")));
                 p.notes.push(format!("{name} header → secret param `{n}`"));
@@ -266,10 +278,15 @@ fn authorization(p: &mut RequestPlan, value: &str) {
     let (scheme, cred) = value.split_once(' ').unwrap_or(("", value));
     let cred = cred.trim();
     if scheme.eq_ignore_ascii_case("bearer") && p.auth.is_none() {
-        let n = p.secret("token", cred, "the bearer token (Authorization header)".into());
+        let n = p.secret(
+            "token",
+            cred,
+            "the bearer token (Authorization header)".into(),
+        );
         p.auth = Some(format!("{{ type: bearer, token: \"{{{{ {n} }}}}\" }}"));
-        p.notes
-            .push(format!("auth: bearer, from the Authorization header → secret param `{n}`"));
+        p.notes.push(format!(
+            "auth: bearer, from the Authorization header → secret param `{n}`"
+        ));
         return;
     }
     if scheme.eq_ignore_ascii_case("basic") && p.auth.is_none() {
@@ -293,8 +310,9 @@ fn authorization(p: &mut RequestPlan, value: &str) {
         format!("{scheme} {{{{ {n} }}}}")
     };
     p.headers.push(("Authorization".into(), v));
-    p.notes
-        .push(format!("Authorization header ({scheme}) → secret param `{n}`"));
+    p.notes.push(format!(
+        "Authorization header ({scheme}) → secret param `{n}`"
+    ));
 }
 
 fn plan_query_pair(p: &mut RequestPlan, k: &str, v: &str) {
@@ -308,8 +326,9 @@ fn plan_query_pair(p: &mut RequestPlan, k: &str, v: &str) {
             "{{ type: api_key, in: query, name: {}, value: \"{{{{ {n} }}}}\" }}",
             yaml_str(k)
         ));
-        p.notes
-            .push(format!("auth: api_key in the `{k}` query parameter → secret param `{n}`"));
+        p.notes.push(format!(
+            "auth: api_key in the `{k}` query parameter → secret param `{n}`"
+        ));
     } else {
         p.query.push((k.to_string(), format!("{{{{ {n} }}}}")));
         p.notes
@@ -415,14 +434,19 @@ fn path_segment(k: &str) -> String {
     if is_ident(k) {
         format!(".{k}")
     } else {
-        format!("[{}]", serde_json::to_string(k).expect("a string").replace('"', "'"))
+        format!(
+            "[{}]",
+            serde_json::to_string(k)
+                .expect("a string")
+                .replace('"', "'")
+        )
     }
 }
 
 /// Keys under which APIs put their listing.
 const LIST_KEYS: &[&str] = &[
-    "data", "items", "results", "entries", "features", "records", "item", "entry", "value",
-    "hits", "objects", "list", "rows", "nodes", "elements", "content",
+    "data", "items", "results", "entries", "features", "records", "item", "entry", "value", "hits",
+    "objects", "list", "rows", "nodes", "elements", "content",
 ];
 
 /// The items of a listing: the root array, else the largest array of
@@ -441,11 +465,7 @@ pub fn find_items(body: &Value, xml: bool) -> Option<ItemsAt> {
     found
         .into_iter()
         .filter(|(_, p)| *p || !preferred)
-        .max_by(|(a, _), (b, _)| {
-            a.count
-                .cmp(&b.count)
-                .then(b.path.len().cmp(&a.path.len()))
-        })
+        .max_by(|(a, _), (b, _)| a.count.cmp(&b.count).then(b.path.len().cmp(&a.path.len())))
         .map(|(at, _)| at)
 }
 
@@ -518,7 +538,12 @@ fn item_expr(path: &[&str]) -> String {
             s.push('.');
             s.push_str(k);
         } else {
-            s.push_str(&format!("[{}]", serde_json::to_string(k).expect("a string").replace('"', "'")));
+            s.push_str(&format!(
+                "[{}]",
+                serde_json::to_string(k)
+                    .expect("a string")
+                    .replace('"', "'")
+            ));
         }
     }
     s
@@ -546,20 +571,28 @@ pub fn guess_id(items: &[&Value]) -> Guessed {
         seen.len() == items.len()
     };
     // RSS: `guid` may carry an isPermaLink attribute (an object with #text).
-    if items.iter().any(|i| i.get("guid").is_some_and(Value::is_object)) || (has("guid") && has("link")) {
+    if items
+        .iter()
+        .any(|i| i.get("guid").is_some_and(Value::is_object))
+        || (has("guid") && has("link"))
+    {
         return Guessed {
             template: "{% if item.guid is defined %}{{ item.guid['#text'] if item.guid is mapping else item.guid }}{% else %}{{ item.link }}{% endif %}".into(),
             why: "`guid` (RSS; an object with `#text` when it has attributes), else `link`".into(),
         };
     }
-    let mut candidates: Vec<String> = ["id", "uuid", "guid", "key", "number", "_id", "@id", "ID", "Id"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut candidates: Vec<String> = [
+        "id", "uuid", "guid", "key", "number", "_id", "@id", "ID", "Id",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     if let Some(Value::Object(first)) = items.first() {
         for k in first.keys() {
             let l = k.to_ascii_lowercase();
-            if (l.ends_with("_id") || l.ends_with("id") && k.ends_with("Id")) && !candidates.contains(k) {
+            if (l.ends_with("_id") || l.ends_with("id") && k.ends_with("Id"))
+                && !candidates.contains(k)
+            {
                 candidates.push(k.clone());
             }
         }
@@ -568,7 +601,10 @@ pub fn guess_id(items: &[&Value]) -> Guessed {
     if let Some(k) = present.iter().find(|k| unique(k)).or(present.first()) {
         return Guessed {
             template: format!("{{{{ {} }}}}", item_expr(&[k])),
-            why: format!("`{k}`: present in every item{}", if unique(k) { ", all different" } else { "" }),
+            why: format!(
+                "`{k}`: present in every item{}",
+                if unique(k) { ", all different" } else { "" }
+            ),
         };
     }
     if has("link") {
@@ -711,8 +747,22 @@ const CURSOR_PARAMS: &[&str] = &[
 ];
 
 const PAGE_PARAMS: &[&str] = &["page", "page_number", "pageNumber"];
-const SIZE_PARAMS: &[&str] = &["per_page", "page_size", "pageSize", "limit", "size", "count"];
-const TOTAL_PAGE_KEYS: &[&str] = &["total_pages", "totalPages", "last_page", "lastPage", "pages", "page_count"];
+const SIZE_PARAMS: &[&str] = &[
+    "per_page",
+    "page_size",
+    "pageSize",
+    "limit",
+    "size",
+    "count",
+];
+const TOTAL_PAGE_KEYS: &[&str] = &[
+    "total_pages",
+    "totalPages",
+    "last_page",
+    "lastPage",
+    "pages",
+    "page_count",
+];
 
 /// Candidate paging fields: (JSONPath, key, value), top level and one
 /// level into [`PAGING_HOLDERS`] (two for `paging.cursors`).
@@ -728,7 +778,11 @@ fn paging_fields(body: &Value) -> Vec<(String, String, Value)> {
                     out.push((p.clone(), ik.clone(), iv.clone()));
                     if let Value::Object(deeper) = iv {
                         for (dk, dv) in deeper {
-                            out.push((format!("{p}{}", path_segment(dk)), format!("{ik}.{dk}"), dv.clone()));
+                            out.push((
+                                format!("{p}{}", path_segment(dk)),
+                                format!("{ik}.{dk}"),
+                                dv.clone(),
+                            ));
                         }
                     }
                 }
@@ -739,15 +793,26 @@ fn paging_fields(body: &Value) -> Vec<(String, String, Value)> {
 }
 
 fn looks_like_url(v: &Value) -> bool {
-    v.as_str()
-        .is_some_and(|s| s.starts_with("http://") || s.starts_with("https://") || s.starts_with('/') || s.starts_with('?'))
+    v.as_str().is_some_and(|s| {
+        s.starts_with("http://")
+            || s.starts_with("https://")
+            || s.starts_with('/')
+            || s.starts_with('?')
+    })
 }
 
 /// Pagination: a `Link` header with `rel="next"`, a next-URL field, a
 /// cursor field, a page number (a `page` query parameter, or `page` and
 /// `total_pages` fields). `query` is the request's.
-pub fn guess_paging(headers: &[(String, String)], body: &Value, query: &[(String, String)]) -> Option<Paging> {
-    if header(headers, "link").and_then(super::format::link_next).is_some() {
+pub fn guess_paging(
+    headers: &[(String, String)],
+    body: &Value,
+    query: &[(String, String)],
+) -> Option<Paging> {
+    if header(headers, "link")
+        .and_then(super::format::link_next)
+        .is_some()
+    {
         return Some(Paging {
             yaml: "{ link_header: true, max_pages: 20 }".into(),
             why: "the answer's `Link` header has rel=\"next\" (RFC 8288 paging)".into(),
@@ -757,7 +822,9 @@ pub fn guess_paging(headers: &[(String, String)], body: &Value, query: &[(String
     let fields = paging_fields(body);
     for (path, key, v) in &fields {
         let last = key.rsplit('.').next().unwrap_or(key);
-        let urlish_name = ["url", "link", "href"].iter().any(|w| last.to_ascii_lowercase().contains(w));
+        let urlish_name = ["url", "link", "href"]
+            .iter()
+            .any(|w| last.to_ascii_lowercase().contains(w));
         let is_next = NEXT_URL_KEYS.contains(&last) || (key.ends_with("next.href"));
         if is_next && (looks_like_url(v) || (v.is_null() && (urlish_name || last == "next"))) {
             return Some(Paging {
@@ -780,7 +847,10 @@ pub fn guess_paging(headers: &[(String, String)], body: &Value, query: &[(String
     }
     for (path, key, v) in &fields {
         let last = key.rsplit('.').next().unwrap_or(key);
-        if CURSOR_KEYS.contains(&last) && (v.is_string() || v.is_number() || v.is_null()) && !looks_like_url(v) {
+        if CURSOR_KEYS.contains(&last)
+            && (v.is_string() || v.is_number() || v.is_null())
+            && !looks_like_url(v)
+        {
             let param = query
                 .iter()
                 .map(|(k, _)| k.as_str())
@@ -810,20 +880,32 @@ fn cursor_param_for(key: &str) -> String {
 }
 
 fn page_number(fields: &[(String, String, Value)], query: &[(String, String)]) -> Option<Paging> {
-    let in_query = query.iter().find(|(k, _)| PAGE_PARAMS.contains(&k.as_str()));
-    let in_body = fields.iter().any(|(_, k, _)| PAGE_PARAMS.contains(&k.rsplit('.').next().unwrap_or(k)))
-        && fields.iter().any(|(_, k, _)| TOTAL_PAGE_KEYS.contains(&k.rsplit('.').next().unwrap_or(k)));
+    let in_query = query
+        .iter()
+        .find(|(k, _)| PAGE_PARAMS.contains(&k.as_str()));
+    let in_body = fields
+        .iter()
+        .any(|(_, k, _)| PAGE_PARAMS.contains(&k.rsplit('.').next().unwrap_or(k)))
+        && fields
+            .iter()
+            .any(|(_, k, _)| TOTAL_PAGE_KEYS.contains(&k.rsplit('.').next().unwrap_or(k)));
     if in_query.is_none() && !in_body {
         return None;
     }
     let param = in_query.map_or("page".to_string(), |(k, _)| k.clone());
-    let start = in_query.and_then(|(_, v)| v.parse::<u64>().ok()).filter(|n| *n == 0).map_or(1, |_| 0);
+    let start = in_query
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .filter(|n| *n == 0)
+        .map_or(1, |_| 0);
     let mut yaml = format!("{{ page: {{ param: {}", yaml_str(&param));
     if start == 0 {
         yaml.push_str(", start: 0");
     }
     let mut pager_params = vec![param.clone()];
-    if let Some((k, v)) = query.iter().find(|(k, _)| SIZE_PARAMS.contains(&k.as_str())) {
+    if let Some((k, v)) = query
+        .iter()
+        .find(|(k, _)| SIZE_PARAMS.contains(&k.as_str()))
+    {
         if let Ok(n) = v.parse::<u64>() {
             yaml.push_str(&format!(", size_param: {}, size: {n}", yaml_str(k)));
             pager_params.push(k.clone());
@@ -835,5 +917,9 @@ fn page_number(fields: &[(String, String, Value)], query: &[(String, String)]) -
     } else {
         "the answer has `page` and a total page count: page-number paging".into()
     };
-    Some(Paging { yaml, why, pager_params })
+    Some(Paging {
+        yaml,
+        why,
+        pager_params,
+    })
 }
