@@ -230,7 +230,8 @@ fn map(y: &mut String, key: &str, pairs: &[(String, String)]) {
     let _ = writeln!(y, "  {key}:");
     for (k, v) in pairs {
         let plain = !k.is_empty()
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             && !k.starts_with('-');
         let key = if plain { k.clone() } else { yaml_str(k) };
         let _ = writeln!(y, "    {key}: {}", yaml_str(v));
