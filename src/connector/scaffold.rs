@@ -105,8 +105,16 @@ const DROPPED_HEADERS: &[&str] = &[
 /// Is a header or query parameter of this name a credential?
 pub fn is_secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase().replace('-', "_");
-    const EXACT: &[&str] = &["key", "sig", "appid", "auth", "code", "jwt"];
+    const EXACT: &[&str] = &["key", "sig", "appid", "auth", "jwt"];
+    const KEYS: &[&str] = &[
+        "app_key",
+        "access_key",
+        "private_key",
+        "client_key",
+        "consumer_key",
+    ];
     EXACT.contains(&n.as_str())
+        || KEYS.iter().any(|k| n.ends_with(k))
         || [
             "token",
             "secret",
@@ -115,7 +123,6 @@ pub fn is_secret_name(name: &str) -> bool {
             "api_key",
             "session",
             "signature",
-            "_key",
         ]
         .iter()
         .any(|w| n.contains(w))

@@ -360,3 +360,33 @@ fn bodies_json_form_with_secret_fields() {
         s.yaml
     );
 }
+
+#[test]
+fn secret_names() {
+    for n in [
+        "X-API-Key",
+        "Api-Key",
+        "apikey",
+        "access_token",
+        "X-Auth-Token",
+        "Private-Token",
+        "client_secret",
+        "key",
+        "app_key",
+        "appid",
+    ] {
+        assert!(is_secret_name(n), "{n}");
+    }
+    for n in [
+        "Accept",
+        "X-Tenant",
+        "state",
+        "sort_key",
+        "code",
+        "page",
+        "per_page",
+        "X-Request-Id",
+    ] {
+        assert!(!is_secret_name(n), "{n}");
+    }
+}
