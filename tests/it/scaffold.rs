@@ -319,3 +319,36 @@ async fn unknown_flags_unreachable_urls_and_error_answers_write_nothing() {
         "files left behind: {leftovers:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rss_feed_is_read_as_xml_with_the_guid_as_id() {
+    const FEED: &str = r#"<?xml version="1.0"?><rss version="2.0"><channel><title>T</title>
+<item><title>a</title><link>https://e.example/a</link><guid isPermaLink="false">g-1</guid></item>
+<item><title>b</title><link>https://e.example/b</link><guid>g-2</guid></item></channel></rss>"#;
+    let app = axum::Router::new().route(
+        "/feed.xml",
+        axum::routing::get(|| async { ([(header::CONTENT_TYPE, "application/rss+xml")], FEED) }),
+    );
+    let addr = serve(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/feed.xml");
+    let out = pollhook(
+        dir.path(),
+        &["new", "connector", "feed", "--from-url", &url],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let yaml = std::fs::read_to_string(dir.path().join("connectors/feed.yaml")).unwrap();
+    assert!(yaml.contains("response: { format: xml }"), "{yaml}");
+    assert!(yaml.contains("items: \"$.rss.channel.item[*]\""), "{yaml}");
+    assert!(yaml.contains("detect: new"), "{yaml}");
+    let test = pollhook(dir.path(), &["test", "connectors/feed.yaml"]);
+    let (tout, terr) = text(&test);
+    assert!(test.status.success(), "{tout}\n{terr}");
+    for id in ["g-1", "g-2"] {
+        assert!(
+            tout.contains(&format!("record {id}: emits feed.created")),
+            "{id}:\n{tout}"
+        );
+    }
+}
