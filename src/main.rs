@@ -98,6 +98,11 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
     },
+    /// Start something new: `new connector NAME --from-curl '…'`.
+    New {
+        #[command(subcommand)]
+        command: NewCommand,
+    },
     /// Print the JSON Schema of bridge.yaml (default) or of connector
     /// files, generated from the types the config is read into, for editors.
     Schema {
@@ -191,6 +196,36 @@ struct PollsArgs {
     /// With `--expect`: write the output to FILE instead of comparing.
     #[arg(long, requires = "expect")]
     update: bool,
+}
+
+#[derive(Subcommand)]
+enum NewCommand {
+    /// Fetch one answer of an API and write a starting connector guessed
+    /// from it (auth as secret params, pagination, items, id, detect),
+    /// each guess explained in a comment. It validates; try it with
+    /// `pollhook test`.
+    Connector {
+        /// The connector's name (lower-case letters, digits, `-`, `_`).
+        name: String,
+        /// A curl command (as "Copy as cURL" gives it), quoted as one
+        /// argument: `--from-curl 'curl -H "Authorization: Bearer …" https://…'`.
+        #[arg(
+            long,
+            value_name = "CURL",
+            conflicts_with = "from_url",
+            required_unless_present = "from_url"
+        )]
+        from_curl: Option<String>,
+        /// A URL to GET (the plain case).
+        #[arg(long, value_name = "URL")]
+        from_url: Option<String>,
+        /// Where to write it (default `connectors/NAME.yaml`).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -322,6 +357,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             &every,
             &to,
         ),
+        Command::New {
+            command:
+                NewCommand::Connector {
+                    name,
+                    from_curl,
+                    from_url,
+                    out,
+                    force,
+                },
+        } => cli::scaffold::new_connector(&cli::scaffold::NewConnector {
+            name: &name,
+            from_curl: from_curl.as_deref(),
+            from_url: from_url.as_deref(),
+            out: out.as_deref(),
+            force,
+        }),
         Command::Schema { kind } => commands::schema(kind),
         Command::Secret {
             command: SecretCommand::Generate { ed25519 },

@@ -2,7 +2,8 @@
 //! (`commands`, and `operate` for the operator's commands on a running
 //! daemon or a stopped store), the process's setup (`setup`: logging,
 //! signals, runtime), everything printed (`output`, `status`, `table`),
-//! and several polls in a row, recorded or replayed (`rehearse`).
+//! several polls in a row, recorded or replayed (`rehearse`), and a
+//! connector guessed from one request (`scaffold`).
 //! The argument definitions stay in `main.rs`; the library knows nothing
 //! of this module.
 
@@ -10,6 +11,7 @@ pub mod commands;
 pub mod operate;
 pub mod output;
 pub mod rehearse;
+pub mod scaffold;
 pub mod setup;
 pub mod status;
 pub mod table;

@@ -4,9 +4,11 @@
 pub mod auth;
 pub mod cassette;
 pub mod columns;
+pub mod curl;
 pub mod detect;
 pub mod fetch;
 pub mod format;
+pub mod scaffold;
 pub mod spec;
 pub mod transport;
 

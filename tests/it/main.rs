@@ -33,6 +33,7 @@ mod polite;
 mod postgres;
 mod real_apis;
 mod reload;
+mod scaffold;
 mod schedule;
 mod secrets;
 mod service;
