@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::output::print_report;
 use super::rehearse::{self, Rehearsal, Target};
 use super::setup::{runtime, watch_signals};
-use crate::SchemaKind;
+use crate::cli::args::SchemaKind;
 
 /// `pollhook run`: the daemon until SIGINT or SIGTERM.
 pub fn run(config_file: &Path) -> anyhow::Result<ExitCode> {
@@ -64,7 +64,7 @@ pub fn test(
     instance: Option<&str>,
     with: &[String],
     seed: bool,
-    polls: &crate::PollsArgs,
+    polls: &crate::cli::args::PollsArgs,
 ) -> anyhow::Result<ExitCode> {
     if polls.polls.is_some() || polls.replay.is_some() {
         let target = Target::resolve(config_file, target, with)?;

@@ -4,9 +4,10 @@
 //! signals, runtime), everything printed (`output`, `status`, `table`),
 //! several polls in a row, recorded or replayed (`rehearse`), and a
 //! connector guessed from one request (`scaffold`).
-//! The argument definitions stay in `main.rs`; the library knows nothing
+//! The argument definitions are `args`; the library knows nothing
 //! of this module.
 
+pub mod args;
 pub mod commands;
 pub mod operate;
 pub mod output;

@@ -14,7 +14,7 @@ use pollhook::store::backup;
 use super::output::{print_dlq, print_events, print_json};
 use super::setup::runtime;
 use super::status::print_status;
-use crate::{DlqArgs, DlqCommand, StateCommand};
+use crate::cli::args::{DlqArgs, DlqCommand, StateCommand};
 
 /// What operator commands read of bridge.yaml: the state directory (the
 /// store, `admin.addr`), the admin token, the endpoint and source names.

@@ -923,7 +923,7 @@ fn describe_first(fired: &[String], skipped: &[String]) -> String {
 
 fn describe_fired(fired: &[String]) -> String {
     if fired.is_empty() {
-        "changed, but no `when` condition is true: nothing emitted".into()
+        "filtered out: no `when` condition is true, nothing emitted".into()
     } else {
         format!("emits {}", fired.join(", "))
     }

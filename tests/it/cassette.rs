@@ -162,7 +162,7 @@ async fn a_recorded_cassette_replays_byte_for_byte_and_is_a_test() {
             "-> 304 (not modified)",
             "not modified: nothing to detect, the state stays",
             "== poll 3 at ",
-            "record a: updated; changed, but no `when` condition is true: nothing emitted (changed: amount)\n     when `change == 'created'` -> false\n     when `change == 'updated' and item.amount > 5` -> false",
+            "record a: updated; filtered out: no `when` condition is true, nothing emitted (changed: amount)\n     when `change == 'created'` -> false\n     when `change == 'updated' and item.amount > 5` -> false",
             "record d: unchanged",
             "record b: updated; emits item.updated (changed: amount)",
             "record c: created; emits item.created",
