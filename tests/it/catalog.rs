@@ -474,7 +474,7 @@ async fn github_issues_skip_pull_requests_and_survive_a_missing_closed_by() {
     assert_eq!(events[0]["data"]["state"], "closed");
     assert_eq!(events[1]["data"]["number"], 1351);
     assert!(
-        out.contains("record 1350: created; changed, but no `when`"),
+        out.contains("record 1350: created; filtered out: no `when` condition is true"),
         "{out}"
     );
     let query = &up.hits()[0].uri;
@@ -690,7 +690,7 @@ async fn usgs_earthquakes_above_the_threshold_once_and_unchanged_feeds_cost_a_30
                "coordinates": [122.0322, 23.9664, 21.4], "tsunami": 0, "alert": "green", "status": "reviewed"})
     );
     assert!(
-        out.contains("record hv74580127: changed, but no `when`"),
+        out.contains("record hv74580127: filtered out: no `when` condition is true"),
         "{out}"
     );
     up.set_stage(0);
