@@ -9,6 +9,7 @@
 //! installs them). Without them the test says SKIPPED, unless
 //! `POLLHOOK_TEST_REQUIRE_BROWSER` is set or `CI=true`.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,11 @@ use crate::support::*;
 const TOKEN: &str = "dashboard-test-token-5f2c";
 
 /// Headless Chromium through chromedriver, killed when dropped.
+///
+/// Why a process group: chromedriver starts Chromium as its child, and
+/// killing chromedriver alone (as a panicking test does, without closing
+/// the WebDriver session) leaves Chromium running as an orphan for ever.
+/// Both are put in a group of their own and the whole group is killed.
 struct Browser {
     client: Client,
     driver: Child,
@@ -35,6 +41,8 @@ struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own process group; no memory is involved.
+        unsafe { libc::kill(-(self.driver.id() as i32), libc::SIGKILL) };
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -68,6 +76,7 @@ async fn browser() -> Option<Browser> {
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("chromedriver starts");
     let profile = tempfile::tempdir().unwrap();
