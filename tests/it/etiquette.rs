@@ -38,6 +38,18 @@ async fn answer(State(api): State<Arc<Api>>, req: HeaderMap) -> impl IntoRespons
     (h, Json(json!({ "items": [] })))
 }
 
+impl Api {
+    /// How many requests came with this User-Agent.
+    fn requests_from(&self, ua: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, u)| u == ua)
+            .count()
+    }
+}
+
 async fn start_api(headers: &[(&'static str, &str)]) -> (Arc<Api>, std::net::SocketAddr) {
     let api = Arc::new(Api::default());
     *api.headers.lock().unwrap() = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
@@ -250,14 +262,7 @@ async fn a_long_window_rate_limit_survives_restarts() {
         ),
     );
     let mut d = Daemon::new(&bridge, &[("api.yaml", limited), ("free.yaml", free)]);
-    let count = |ua: &str| {
-        api.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, u)| u == ua)
-            .count()
-    };
+    let count = |ua: &str| api.requests_from(ua);
     for run in 0..4 {
         if run > 0 {
             assert!(d.terminate().success());
@@ -316,14 +321,7 @@ async fn a_source_rate_limit_overrides_its_connectors() {
         .replace("with: { base_url:", "with: { contact: kept, base_url:")
         .replace("endpoints:", &format!("{sources}endpoints:"));
     let mut d = Daemon::new(&bridge, &[("api.yaml", hourly), ("free.yaml", free)]);
-    let count = |ua: &str| {
-        api.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, u)| u == ua)
-            .count()
-    };
+    let count = |ua: &str| api.requests_from(ua);
     d.start().await;
     wait_for(
         "three polls of each unlimited source",
