@@ -47,7 +47,7 @@ pub enum PollError {
     #[error("{url}: {detail}")]
     Paging { url: String, detail: String },
     #[error("authentication failed: {0}")]
-    Auth(String),
+    Auth(crate::connector::auth::TokenError),
     #[error("detection failed: {0}")]
     Detect(String),
     /// The poll worked but its result could not be committed; nothing
@@ -222,9 +222,9 @@ impl Render<'_> {
         self.c
             .engine
             .render(tpl, self.ctx)
-            .map_err(|detail| PollError::Template {
+            .map_err(|e| PollError::Template {
                 field: field.to_string(),
-                detail,
+                detail: e.to_string(),
             })
     }
 
@@ -234,9 +234,9 @@ impl Render<'_> {
         self.c
             .engine
             .render_url(tpl, self.ctx)
-            .map_err(|detail| PollError::Template {
+            .map_err(|e| PollError::Template {
                 field: field.to_string(),
-                detail,
+                detail: e.to_string(),
             })
     }
 }
@@ -389,9 +389,9 @@ fn render_body(r: &Render<'_>) -> Result<(Option<String>, Option<&'static str>),
             let v =
                 r.c.engine
                     .render_value(t, r.ctx)
-                    .map_err(|detail| PollError::Template {
+                    .map_err(|e| PollError::Template {
                         field: "request.json".into(),
-                        detail,
+                        detail: e.to_string(),
                     })?;
             (Some(v.to_string()), Some("application/json"))
         }
@@ -638,7 +638,7 @@ fn build_request(
     }
     if let Some(t) = token {
         let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
-            .map_err(|_| PollError::Auth("the token is not a valid header value".into()))?;
+            .map_err(|_| PollError::Auth(crate::connector::auth::TokenError::NotAHeader))?;
         v.set_sensitive(true);
         h.append(AUTHORIZATION, v);
     }
