@@ -58,7 +58,7 @@
 //! name). An empty body is an empty array; a UTF-8 byte order mark is
 //! skipped.
 
-use quick_xml::events::{BytesStart, Event};
+use quick_xml::events::{BytesRef, BytesStart, Event};
 use quick_xml::XmlVersion;
 use serde_json::{Map, Value};
 
@@ -304,8 +304,7 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, BodyError> {
         config.allow_dangling_amp = false;
         config.trim_text(false);
     }
-    let mut stack: Vec<Open> = Vec::new();
-    let mut root: Option<Value> = None;
+    let mut tree = Tree::default();
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -321,86 +320,113 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, BodyError> {
                 return Err(error_at(what, reader.error_position()));
             }
         };
-        let invalid = |what: &str| error_at(what.to_string(), event_start);
-        match event {
-            Event::Start(_) | Event::Empty(_) if root.is_some() => {
-                return Err(invalid("a second root element"));
+        if let Event::Eof = event {
+            if let Some(element) = tree.stack.last() {
+                let (line, column) = at(reader.buffer_position());
+                return Err(BodyError::XmlUnclosed {
+                    element: element.name.clone(),
+                    line,
+                    column,
+                });
             }
+            return tree.root.ok_or(BodyError::XmlNoRoot);
+        }
+        tree.apply(event)
+            .map_err(|what| error_at(what, event_start))?;
+    }
+}
+
+/// The document being built from the reader's events: the elements still
+/// open, innermost last, and the root once it closed. Each step's error
+/// is what is wrong, placed at the event by [`parse_xml`].
+#[derive(Default)]
+struct Tree {
+    stack: Vec<Open>,
+    root: Option<Value>,
+}
+
+impl Tree {
+    /// One event of the document (not its end).
+    fn apply(&mut self, event: Event<'_>) -> Result<(), String> {
+        match event {
             Event::Start(start) => {
-                if stack.len() >= MAX_XML_DEPTH {
-                    return Err(invalid(&format!(
-                        "elements nested deeper than {MAX_XML_DEPTH} levels"
-                    )));
-                }
-                stack.push(open(&start).map_err(|e| invalid(&e.to_string()))?);
+                let element = self.start(&start)?;
+                self.stack.push(element);
             }
             Event::Empty(start) => {
-                if stack.len() >= MAX_XML_DEPTH {
-                    return Err(invalid(&format!(
-                        "elements nested deeper than {MAX_XML_DEPTH} levels"
-                    )));
-                }
-                let (name, value) = open(&start).map_err(|e| invalid(&e.to_string()))?.finish();
-                match stack.last_mut() {
-                    Some(parent) => parent.add_child(name, value),
-                    None => root = Some(single(name, value)),
-                }
+                let element = self.start(&start)?;
+                self.attach(element);
             }
             Event::End(_) => {
                 // The reader checked the name against the open element.
-                let Some(element) = stack.pop() else {
-                    return Err(invalid("an end tag without a start tag"));
+                let Some(element) = self.stack.pop() else {
+                    return Err("an end tag without a start tag".into());
                 };
-                let (name, value) = element.finish();
-                match stack.last_mut() {
-                    Some(parent) => parent.add_child(name, value),
-                    None => root = Some(single(name, value)),
-                }
+                self.attach(element);
             }
             Event::Text(text) => {
-                let text = text.xml10_content().map_err(|e| invalid(&e.to_string()))?;
-                match stack.last_mut() {
+                let text = text.xml10_content().map_err(|e| e.to_string())?;
+                match self.stack.last_mut() {
                     Some(element) => element.text.push_str(&text),
                     None if text.trim().is_empty() => {}
-                    None => return Err(invalid("text outside the root element")),
+                    None => return Err("text outside the root element".into()),
                 }
             }
             Event::CData(cdata) => {
-                let text = cdata.xml10_content().map_err(|e| invalid(&e.to_string()))?;
-                match stack.last_mut() {
+                let text = cdata.xml10_content().map_err(|e| e.to_string())?;
+                match self.stack.last_mut() {
                     Some(element) => element.text.push_str(&text),
-                    None => return Err(invalid("CDATA outside the root element")),
+                    None => return Err("CDATA outside the root element".into()),
                 }
             }
-            Event::GeneralRef(reference) => {
-                let Some(element) = stack.last_mut() else {
-                    return Err(invalid("an entity reference outside the root element"));
-                };
-                match reference.resolve_char_ref() {
-                    Ok(Some(c)) => element.text.push(c),
-                    Ok(None) => {
-                        let name = reference.decode().map_err(|e| invalid(&e.to_string()))?;
-                        match quick_xml::escape::resolve_predefined_entity(&name) {
-                            Some(s) => element.text.push_str(s),
-                            None => return Err(invalid(&format!("unknown entity `&{name};`"))),
-                        }
-                    }
-                    Err(e) => return Err(invalid(&e.to_string())),
-                }
-            }
-            Event::Comment(_) | Event::PI(_) | Event::Decl(_) | Event::DocType(_) => {}
-            Event::Eof => {
-                if let Some(element) = stack.last() {
-                    let (line, column) = at(reader.buffer_position());
-                    return Err(BodyError::XmlUnclosed {
-                        element: element.name.clone(),
-                        line,
-                        column,
-                    });
-                }
-                return root.ok_or(BodyError::XmlNoRoot);
-            }
+            Event::GeneralRef(reference) => self.reference(&reference)?,
+            Event::Comment(_) | Event::PI(_) | Event::Decl(_) | Event::DocType(_) | Event::Eof => {}
         }
+        Ok(())
+    }
+
+    /// A start tag (or an empty element's) as a new element: refused
+    /// after the root closed, and beyond [`MAX_XML_DEPTH`] (the JSON tree
+    /// is walked recursively later).
+    fn start(&self, start: &BytesStart<'_>) -> Result<Open, String> {
+        if self.root.is_some() {
+            return Err("a second root element".into());
+        }
+        if self.stack.len() >= MAX_XML_DEPTH {
+            return Err(format!(
+                "elements nested deeper than {MAX_XML_DEPTH} levels"
+            ));
+        }
+        open(start).map_err(|e| e.to_string())
+    }
+
+    /// A closed element goes into its parent, or is the document.
+    fn attach(&mut self, element: Open) {
+        let (name, value) = element.finish();
+        match self.stack.last_mut() {
+            Some(parent) => parent.add_child(name, value),
+            None => self.root = Some(single(name, value)),
+        }
+    }
+
+    /// `&#…;` or one of the five predefined entities, as text of the open
+    /// element; any other entity is refused (no DTD is read).
+    fn reference(&mut self, reference: &BytesRef<'_>) -> Result<(), String> {
+        let Some(element) = self.stack.last_mut() else {
+            return Err("an entity reference outside the root element".into());
+        };
+        match reference.resolve_char_ref() {
+            Ok(Some(c)) => element.text.push(c),
+            Ok(None) => {
+                let name = reference.decode().map_err(|e| e.to_string())?;
+                match quick_xml::escape::resolve_predefined_entity(&name) {
+                    Some(s) => element.text.push_str(s),
+                    None => return Err(format!("unknown entity `&{name};`")),
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(())
     }
 }
 
