@@ -172,6 +172,34 @@ pub enum BodyError {
     Csv(String),
 }
 
+/// What is wrong with one event of an XML body; becomes the `what` of
+/// [`BodyError::Xml`], placed at the event.
+#[derive(Debug, thiserror::Error)]
+enum XmlFault {
+    #[error("a second root element")]
+    SecondRoot,
+    #[error("elements nested deeper than {MAX_XML_DEPTH} levels")]
+    TooDeep,
+    #[error("an end tag without a start tag")]
+    UnmatchedEnd,
+    /// Text, CDATA or an entity reference before or after the root.
+    #[error("{0} outside the root element")]
+    Outside(&'static str),
+    #[error("unknown entity `&{0};`")]
+    UnknownEntity(String),
+    #[error(transparent)]
+    Tag(#[from] TagError),
+    /// quick-xml could not decode or unescape the event: its message.
+    #[error("{0}")]
+    Reader(String),
+}
+
+impl XmlFault {
+    fn reader(e: impl std::fmt::Display) -> XmlFault {
+        XmlFault::Reader(e.to_string())
+    }
+}
+
 /// Why an element's start tag is refused; becomes the `what` of
 /// [`BodyError::Xml`].
 #[derive(Debug, thiserror::Error)]
@@ -332,7 +360,7 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, BodyError> {
             return tree.root.ok_or(BodyError::XmlNoRoot);
         }
         tree.apply(event)
-            .map_err(|what| error_at(what, event_start))?;
+            .map_err(|fault| error_at(fault.to_string(), event_start))?;
     }
 }
 
@@ -347,7 +375,7 @@ struct Tree {
 
 impl Tree {
     /// One event of the document (not its end).
-    fn apply(&mut self, event: Event<'_>) -> Result<(), String> {
+    fn apply(&mut self, event: Event<'_>) -> Result<(), XmlFault> {
         match event {
             Event::Start(start) => {
                 let element = self.start(&start)?;
@@ -360,23 +388,23 @@ impl Tree {
             Event::End(_) => {
                 // The reader checked the name against the open element.
                 let Some(element) = self.stack.pop() else {
-                    return Err("an end tag without a start tag".into());
+                    return Err(XmlFault::UnmatchedEnd);
                 };
                 self.attach(element);
             }
             Event::Text(text) => {
-                let text = text.xml10_content().map_err(|e| e.to_string())?;
+                let text = text.xml10_content().map_err(XmlFault::reader)?;
                 match self.stack.last_mut() {
                     Some(element) => element.text.push_str(&text),
                     None if text.trim().is_empty() => {}
-                    None => return Err("text outside the root element".into()),
+                    None => return Err(XmlFault::Outside("text")),
                 }
             }
             Event::CData(cdata) => {
-                let text = cdata.xml10_content().map_err(|e| e.to_string())?;
+                let text = cdata.xml10_content().map_err(XmlFault::reader)?;
                 match self.stack.last_mut() {
                     Some(element) => element.text.push_str(&text),
-                    None => return Err("CDATA outside the root element".into()),
+                    None => return Err(XmlFault::Outside("CDATA")),
                 }
             }
             Event::GeneralRef(reference) => self.reference(&reference)?,
@@ -388,16 +416,14 @@ impl Tree {
     /// A start tag (or an empty element's) as a new element: refused
     /// after the root closed, and beyond [`MAX_XML_DEPTH`] (the JSON tree
     /// is walked recursively later).
-    fn start(&self, start: &BytesStart<'_>) -> Result<Open, String> {
+    fn start(&self, start: &BytesStart<'_>) -> Result<Open, XmlFault> {
         if self.root.is_some() {
-            return Err("a second root element".into());
+            return Err(XmlFault::SecondRoot);
         }
         if self.stack.len() >= MAX_XML_DEPTH {
-            return Err(format!(
-                "elements nested deeper than {MAX_XML_DEPTH} levels"
-            ));
+            return Err(XmlFault::TooDeep);
         }
-        open(start).map_err(|e| e.to_string())
+        Ok(open(start)?)
     }
 
     /// A closed element goes into its parent, or is the document.
@@ -411,20 +437,20 @@ impl Tree {
 
     /// `&#…;` or one of the five predefined entities, as text of the open
     /// element; any other entity is refused (no DTD is read).
-    fn reference(&mut self, reference: &BytesRef<'_>) -> Result<(), String> {
+    fn reference(&mut self, reference: &BytesRef<'_>) -> Result<(), XmlFault> {
         let Some(element) = self.stack.last_mut() else {
-            return Err("an entity reference outside the root element".into());
+            return Err(XmlFault::Outside("an entity reference"));
         };
         match reference.resolve_char_ref() {
             Ok(Some(c)) => element.text.push(c),
             Ok(None) => {
-                let name = reference.decode().map_err(|e| e.to_string())?;
+                let name = reference.decode().map_err(XmlFault::reader)?;
                 match quick_xml::escape::resolve_predefined_entity(&name) {
                     Some(s) => element.text.push_str(s),
-                    None => return Err(format!("unknown entity `&{name};`")),
+                    None => return Err(XmlFault::UnknownEntity(name.to_string())),
                 }
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(XmlFault::reader(e)),
         }
         Ok(())
     }
