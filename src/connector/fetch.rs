@@ -66,6 +66,15 @@ pub enum PollError {
 }
 
 impl PollError {
+    /// A template of `field` failed to render: the poll's error says which
+    /// field, with the template's message.
+    fn template(field: &str, e: &crate::template::TemplateError) -> PollError {
+        PollError::Template {
+            field: field.to_string(),
+            detail: e.to_string(),
+        }
+    }
+
     /// A short label for metrics and status.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -222,10 +231,7 @@ impl Render<'_> {
         self.c
             .engine
             .render(tpl, self.ctx)
-            .map_err(|e| PollError::Template {
-                field: field.to_string(),
-                detail: e.to_string(),
-            })
+            .map_err(|e| PollError::template(field, &e))
     }
 
     /// URL templates encode the values they interpolate (see
@@ -234,10 +240,7 @@ impl Render<'_> {
         self.c
             .engine
             .render_url(tpl, self.ctx)
-            .map_err(|e| PollError::Template {
-                field: field.to_string(),
-                detail: e.to_string(),
-            })
+            .map_err(|e| PollError::template(field, &e))
     }
 }
 
@@ -389,10 +392,7 @@ fn render_body(r: &Render<'_>) -> Result<(Option<String>, Option<&'static str>),
             let v =
                 r.c.engine
                     .render_value(t, r.ctx)
-                    .map_err(|e| PollError::Template {
-                        field: "request.json".into(),
-                        detail: e.to_string(),
-                    })?;
+                    .map_err(|e| PollError::template("request.json", &e))?;
             (Some(v.to_string()), Some("application/json"))
         }
         Some(Body::Form(fields)) => {
