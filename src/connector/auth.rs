@@ -480,6 +480,44 @@ mod tests {
         );
     }
 
+    /// The messages are the ones the `String` errors had: `last_error`
+    /// and `pollhook test` show them.
+    #[test]
+    fn token_errors_read_as_the_text_they_replace() {
+        let refused = TokenError::Refused {
+            url: "https://idp/token".into(),
+            status: 400,
+            why: "invalid_grant: expired".into(),
+        };
+        assert_eq!(
+            refused.to_string(),
+            "token endpoint https://idp/token answered HTTP 400 (invalid_grant: expired)"
+        );
+        assert!(refused.is_invalid_grant());
+        let bare = TokenError::Refused {
+            url: "https://idp/token".into(),
+            status: 500,
+            why: String::new(),
+        };
+        assert_eq!(
+            bare.to_string(),
+            "token endpoint https://idp/token answered HTTP 500"
+        );
+        assert!(!bare.is_invalid_grant());
+        assert_eq!(
+            TokenError::GrantBroken(Box::new(refused)).to_string(),
+            "token endpoint https://idp/token answered HTTP 400 (invalid_grant: expired): the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)"
+        );
+        assert_eq!(
+            TokenError::TooLarge {
+                url: "https://idp/token".into(),
+                limit: 1024
+            }
+            .to_string(),
+            "token endpoint https://idp/token: answer larger than the 1024-byte cap (request.max_response_bytes)"
+        );
+    }
+
     #[test]
     fn form_encoding_escapes() {
         assert_eq!(
