@@ -135,52 +135,6 @@ pub async fn discover(
     Ok(out)
 }
 
-/// A node that does not list the source (cluster): starts and stops
-/// instance tasks as the listing node's stored list says.
-async fn follow<F, Fut>(
-    source: &Arc<Source>,
-    cx: &DiscoverEnv<'_>,
-    known: &mut Discovered,
-    running: &mut Tasks,
-    spawn: &F,
-    shutdown: &CancellationToken,
-) where
-    F: Fn(Instance, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let stored = match cx.store.load_discovered(&source.name).await {
-        Ok(d) => d,
-        Err(e) => {
-            warn!(source = %source.name, error = %format!("{e:#}"), "cannot read the discovered list");
-            return;
-        }
-    };
-    let found: Vec<Found> = stored
-        .instances
-        .iter()
-        .map(|(name, with)| Found {
-            name: name.clone(),
-            with: with.clone(),
-        })
-        .collect();
-    let change = diff(&known.instances, &found);
-    for name in &change.stop {
-        running.stop(name);
-        cx.status
-            .remove_instance(&format!("{}/{name}", source.name));
-    }
-    for f in &change.start {
-        let token = shutdown.child_token();
-        let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
-        running.start(&f.name, token, task).await;
-    }
-    cx.status.discovery(&source.name, |s| {
-        s.instances = stored.instances.len();
-        s.removed = stored.removed.len();
-    });
-    *known = stored;
-}
-
 /// The changes between two listings.
 #[derive(Debug, Default, PartialEq)]
 pub struct Diff {
@@ -229,29 +183,30 @@ pub async fn run_source<F, Fut>(
     F: Fn(Instance, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let d = source
-        .connector
-        .discover
-        .as_ref()
-        .expect("discovering source");
-    let mut known: Discovered = match cx.store.load_discovered(&source.name).await {
+    let known: Discovered = match cx.store.load_discovered(&source.name).await {
         Ok(k) => k,
         Err(e) => {
             warn!(source = %source.name, error = %format!("{e:#}"), "cannot read the discovered list; starting from an empty one");
             Discovered::default()
         }
     };
-    // Secret params given by the source, masked in discovery errors.
-    let secrets = source.discovered_instance("-", &Map::new()).secrets;
-    let mut running = Tasks::default();
+    let mut l = SourceLoop {
+        // Secret params given by the source, masked in discovery errors.
+        secrets: source.discovered_instance("-", &Map::new()).secrets,
+        source,
+        cx,
+        spawn,
+        shutdown,
+        known: Discovered::default(),
+        running: Tasks::default(),
+    };
     // What was found last time polls at once, before the first listing.
     for (name, with) in &known.instances {
-        let token = shutdown.child_token();
-        let task = spawn(source.discovered_instance(name, with), token.clone());
-        running.start(name, token, task).await;
+        l.start(name, with).await;
     }
-    let lease_key = crate::cluster::discover_key(&source.name);
-    let c = cx.cluster.clone();
+    l.known = known;
+    let lease_key = crate::cluster::discover_key(&l.source.name);
+    let c = l.cx.cluster.clone();
     let _wanted = c.want_while(&lease_key);
     loop {
         // Only the holder of the discovery lease lists; the other nodes
@@ -263,113 +218,188 @@ pub async fn run_source<F, Fut>(
                 // Renewal is late: no listing on a lease that may lapse.
                 tokio::select! {
                     _ = c.next_change(Duration::from_secs(1)) => {}
-                    _ = shutdown.cancelled() => break,
+                    _ = l.shutdown.cancelled() => break,
                 }
                 continue;
             }
             crate::cluster::Begin::NotHeld => {
-                follow(&source, &cx, &mut known, &mut running, &spawn, &shutdown).await;
+                l.follow().await;
                 // Until the lease comes here (at once when it already
                 // did meanwhile), or the next look at the stored list.
                 tokio::select! {
                     _ = tokio::time::timeout(c.lease, c.until_held(&lease_key)) => {}
-                    _ = shutdown.cancelled() => break,
+                    _ = l.shutdown.cancelled() => break,
                 }
                 continue;
             }
         };
+        l.list().await;
+        drop(busy);
+        let wait = l.until_next_listing();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = l.shutdown.cancelled() => break,
+        }
+    }
+    // Shutdown: the poll tasks see the same token; wait for them.
+    l.running.join_all().await;
+}
+
+/// What the steps of one discovering source's loop share.
+struct SourceLoop<'a, F> {
+    source: Arc<Source>,
+    cx: DiscoverEnv<'a>,
+    /// Makes an instance's poll task (see [`run_source`]).
+    spawn: F,
+    shutdown: CancellationToken,
+    /// The list as this node last listed or read it.
+    known: Discovered,
+    /// The poll task of each instance, by name.
+    running: Tasks,
+    /// The source's secret params, masked in discovery errors.
+    secrets: Vec<String>,
+}
+
+impl<F, Fut> SourceLoop<'_, F>
+where
+    F: Fn(Instance, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    /// Starts the poll task of the instance `name` with its params.
+    async fn start(&mut self, name: &str, with: &Map<String, Value>) {
+        let token = self.shutdown.child_token();
+        let task = (self.spawn)(self.source.discovered_instance(name, with), token.clone());
+        self.running.start(name, token, task).await;
+    }
+
+    /// One listing, by the holder of the discovery lease: applied when it
+    /// went through, the list unchanged when it failed; then retention,
+    /// and the list saved.
+    async fn list(&mut self) {
         let now = Utc::now();
-        match discover(&source, &cx.env, now).await {
-            Ok(found) => {
-                apply_found(
-                    &source,
-                    &cx,
-                    &mut known,
-                    &mut running,
-                    &spawn,
-                    &shutdown,
-                    found,
-                    now,
-                )
-                .await
-            }
+        match discover(&self.source, &self.cx.env, now).await {
+            Ok(found) => self.apply_found(found, now).await,
             Err(e) => {
-                let msg = mask(&e.to_string(), &secrets);
-                warn!(source = %source.name, "discovery failed, instances unchanged: {msg}");
-                cx.status.discovery(&source.name, |s| {
-                    s.instances = known.instances.len();
+                let msg = mask(&e.to_string(), &self.secrets);
+                warn!(source = %self.source.name, "discovery failed, instances unchanged: {msg}");
+                let instances = self.known.instances.len();
+                self.cx.status.discovery(&self.source.name, |s| {
+                    s.instances = instances;
                     s.last_error = Some(msg);
                 });
             }
         }
         // Retention runs whatever the listing did: instances gone long
         // enough lose their state even while discovery keeps failing.
-        expire_removed(&source, cx.store, &mut known).await;
-        if let Err(e) = cx.store.save_discovered(&source.name, &known).await {
-            warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
+        expire_removed(&self.source, self.cx.store, &mut self.known).await;
+        if let Err(e) = self
+            .cx
+            .store
+            .save_discovered(&self.source.name, &self.known)
+            .await
+        {
+            warn!(source = %self.source.name, error = %format!("{e:#}"), "cannot save the discovered list");
         }
-        drop(busy);
-        let next = source
+    }
+
+    /// When the next listing is due (the source's `discover_schedule`, else
+    /// the connector's `discover.schedule`; ten minutes if neither gives
+    /// one), shown in the status; how long until then.
+    fn until_next_listing(&self) -> Duration {
+        let d = self
+            .source
+            .connector
+            .discover
+            .as_ref()
+            .expect("discovering source");
+        let next = self
+            .source
             .discover_schedule
             .as_ref()
             .unwrap_or(&d.schedule)
             .next_after(Utc::now())
             .unwrap_or_else(|| Utc::now() + chrono::Duration::minutes(10));
-        cx.status
-            .discovery(&source.name, |s| s.next_ms = Some(next.timestamp_millis()));
-        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => break,
-        }
+        self.cx.status.discovery(&self.source.name, |s| {
+            s.next_ms = Some(next.timestamp_millis())
+        });
+        (next - Utc::now()).to_std().unwrap_or(Duration::ZERO)
     }
-    // Shutdown: the poll tasks see the same token; wait for them.
-    running.join_all().await;
-}
 
-/// A listing went through: instances that left stop (their state kept
-/// for the retention period), new or changed ones start; the list is
-/// saved.
-#[allow(clippy::too_many_arguments)]
-async fn apply_found<F, Fut>(
-    source: &Arc<Source>,
-    cx: &DiscoverEnv<'_>,
-    known: &mut Discovered,
-    running: &mut Tasks,
-    spawn: &F,
-    shutdown: &CancellationToken,
-    found: Vec<Found>,
-    now: DateTime<Utc>,
-) where
-    F: Fn(Instance, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let change = diff(&known.instances, &found);
-    for name in &change.stop {
-        running.stop(name);
-        known.instances.remove(name);
-        known.removed.insert(name.clone(), now.timestamp_millis());
-        cx.status
-            .remove_instance(&format!("{}/{name}", source.name));
-        info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
+    /// A node that does not list the source (cluster): starts and stops
+    /// instance tasks as the listing node's stored list says.
+    async fn follow(&mut self) {
+        let source = self.source.clone();
+        let stored = match self.cx.store.load_discovered(&source.name).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(source = %source.name, error = %format!("{e:#}"), "cannot read the discovered list");
+                return;
+            }
+        };
+        let found: Vec<Found> = stored
+            .instances
+            .iter()
+            .map(|(name, with)| Found {
+                name: name.clone(),
+                with: with.clone(),
+            })
+            .collect();
+        let change = diff(&self.known.instances, &found);
+        for name in &change.stop {
+            self.running.stop(name);
+            self.cx
+                .status
+                .remove_instance(&format!("{}/{name}", source.name));
+        }
+        for f in &change.start {
+            self.start(&f.name, &f.with).await;
+        }
+        self.cx.status.discovery(&source.name, |s| {
+            s.instances = stored.instances.len();
+            s.removed = stored.removed.len();
+        });
+        self.known = stored;
     }
-    for f in &change.start {
-        known.removed.remove(&f.name);
-        known.instances.insert(f.name.clone(), f.with.clone());
-        let token = shutdown.child_token();
-        let task = spawn(source.discovered_instance(&f.name, &f.with), token.clone());
-        running.start(&f.name, token, task).await;
-        info!(source = %source.name, instance = %f.name, "instance discovered");
+
+    /// A listing went through: instances that left stop (their state kept
+    /// for the retention period), new or changed ones start; the list is
+    /// saved.
+    async fn apply_found(&mut self, found: Vec<Found>, now: DateTime<Utc>) {
+        let source = self.source.clone();
+        let change = diff(&self.known.instances, &found);
+        for name in &change.stop {
+            self.running.stop(name);
+            self.known.instances.remove(name);
+            self.known
+                .removed
+                .insert(name.clone(), now.timestamp_millis());
+            self.cx
+                .status
+                .remove_instance(&format!("{}/{name}", source.name));
+            info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
+        }
+        for f in &change.start {
+            self.known.removed.remove(&f.name);
+            self.known.instances.insert(f.name.clone(), f.with.clone());
+            self.start(&f.name, &f.with).await;
+            info!(source = %source.name, instance = %f.name, "instance discovered");
+        }
+        if let Err(e) = self
+            .cx
+            .store
+            .save_discovered(&source.name, &self.known)
+            .await
+        {
+            warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
+        }
+        let known = &self.known;
+        self.cx.status.discovery(&source.name, |s| {
+            s.instances = known.instances.len();
+            s.removed = known.removed.len();
+            s.last_ok_ms = Some(crate::now_ms());
+            s.last_error = None;
+        });
     }
-    if let Err(e) = cx.store.save_discovered(&source.name, known).await {
-        warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
-    }
-    cx.status.discovery(&source.name, |s| {
-        s.instances = known.instances.len();
-        s.removed = known.removed.len();
-        s.last_ok_ms = Some(crate::now_ms());
-        s.last_error = None;
-    });
 }
 
 /// Removes the state of instances that left the list longer than the

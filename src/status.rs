@@ -425,6 +425,11 @@ impl Status {
     }
 
     /// Records a reload: applied with its warnings, or refused and why.
+    ///
+    /// The refusal stays text, not a typed error: it is only shown (the
+    /// `/status` report's `last_reload_error`, a JSON string read back by
+    /// `pollhook status`), and the supervisor builds it from errors of
+    /// several kinds (configuration, reload refusals) already worded.
     pub fn reloaded(&self, outcome: Result<Vec<String>, String>) {
         let mut c = self.config.lock();
         c.last_reload_ms = Some(crate::now_ms());

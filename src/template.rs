@@ -991,18 +991,18 @@ impl Engine {
 
     /// Renders a template with `ctx`.
     ///
-    /// The rendering methods give the error's message: it becomes the
-    /// `detail` of the poll's error (`connector::fetch::PollError`), which
-    /// keeps text.
-    pub fn render(&self, tpl: &Tpl, ctx: &Value) -> Result<String, String> {
-        self.run(&tpl.0, ctx, false).map_err(|e| e.to_string())
+    /// The rendering methods give a [`TemplateError`]; where it becomes
+    /// the `detail` of the poll's error (`connector::fetch::PollError`),
+    /// its message is the text.
+    pub fn render(&self, tpl: &Tpl, ctx: &Value) -> Result<String, TemplateError> {
+        self.run(&tpl.0, ctx, false)
     }
 
     /// Renders a URL template with `ctx`: values after the start are
     /// percent-encoded (see `url_formatter`), so a param or a discovered
     /// value cannot redirect the request to another path.
-    pub fn render_url(&self, tpl: &Tpl, ctx: &Value) -> Result<String, String> {
-        self.run(&tpl.0, ctx, true).map_err(|e| e.to_string())
+    pub fn render_url(&self, tpl: &Tpl, ctx: &Value) -> Result<String, TemplateError> {
+        self.run(&tpl.0, ctx, true)
     }
 
     /// One bounded render: on the calling thread with [`INLINE_FUEL`], and
@@ -1056,12 +1056,11 @@ impl Engine {
     }
 
     /// Renders a value template with `ctx`.
-    pub fn render_value(&self, t: &ValueTpl, ctx: &Value) -> Result<serde_json::Value, String> {
-        self.value_of(t, ctx).map_err(|e| e.to_string())
-    }
-
-    /// [`Engine::render_value`], typed.
-    fn value_of(&self, t: &ValueTpl, ctx: &Value) -> Result<serde_json::Value, TemplateError> {
+    pub fn render_value(
+        &self,
+        t: &ValueTpl,
+        ctx: &Value,
+    ) -> Result<serde_json::Value, TemplateError> {
         Ok(match t {
             ValueTpl::Literal(v) => v.clone(),
             ValueTpl::Text(t) => serde_json::Value::String(self.run(&t.0, ctx, false)?),
@@ -1074,20 +1073,20 @@ impl Engine {
             }
             ValueTpl::Array(a) => serde_json::Value::Array(
                 a.iter()
-                    .map(|x| self.value_of(x, ctx))
+                    .map(|x| self.render_value(x, ctx))
                     .collect::<Result<_, _>>()?,
             ),
             ValueTpl::Object(o) => serde_json::Value::Object(
                 o.iter()
-                    .map(|(k, x)| Ok((k.clone(), self.value_of(x, ctx)?)))
+                    .map(|(k, x)| Ok((k.clone(), self.render_value(x, ctx)?)))
                     .collect::<Result<_, TemplateError>>()?,
             ),
         })
     }
 
     /// Evaluates a condition with `ctx`.
-    pub fn test(&self, cond: &Cond, ctx: &Value) -> Result<bool, String> {
-        Ok(self.run(&cond.0, ctx, false).map_err(|e| e.to_string())? == "1")
+    pub fn test(&self, cond: &Cond, ctx: &Value) -> Result<bool, TemplateError> {
+        Ok(self.run(&cond.0, ctx, false)? == "1")
     }
 }
 

@@ -88,131 +88,51 @@ pub fn interpolate_partial(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> (String, Vec<ConfigError>) {
-    let error_at = |offset: usize, message: String| {
-        let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let line = text[..offset].matches('\n').count() as u64 + 1;
-        ConfigError::at(
-            file,
-            text,
-            line,
-            (offset - line_start + 1) as u64,
-            "",
-            message,
-        )
-    };
+    let error_at = |offset: usize, message: String| error_at(file, text, offset, message);
     let (refs, unterminated) = references(text);
     if refs.is_empty() && unterminated.is_empty() {
         return (text.to_string(), Vec::new());
     }
     // 1. Mask.
-    let used: BTreeSet<char> = text.chars().collect();
-    let markers: Vec<char> = ('\u{E000}'..='\u{F8FF}')
-        .filter(|c| !used.contains(c))
-        .take(refs.len())
-        .collect();
-    if markers.len() < refs.len() {
-        let at = refs[markers.len()].range.start;
-        return (
-            text.to_string(),
-            vec![error_at(
-                at,
-                format!(
-                    "too many `${{…}}` references ({}); a file can hold {}",
-                    refs.len(),
-                    markers.len()
-                ),
-            )],
-        );
-    }
-    let mut masked = String::with_capacity(text.len());
-    let mut last = 0;
-    for (r, m) in refs.iter().zip(&markers) {
-        masked.push_str(&text[last..r.range.start]);
-        masked.push(*m);
-        masked.extend(std::iter::repeat_n('_', r.range.len() - m.len_utf8()));
-        last = r.range.end;
-    }
-    masked.push_str(&text[last..]);
+    let (masked, markers) = match mask(text, &refs) {
+        Ok(m) => m,
+        Err(e) => return (text.to_string(), vec![error_at(e.at, e.to_string())]),
+    };
     let index: HashMap<char, usize> = markers.iter().enumerate().map(|(i, m)| (*m, i)).collect();
-
     // 2. Parse.
-    let mut scalars = Vec::new();
-    let mut parser = Parser::new_from_str(&masked);
-    while let Some(event) = parser.next_event() {
-        match event {
-            Ok((Event::Scalar(value, style, _, _), span)) => {
-                let Some(range) = span.byte_range() else {
-                    continue;
-                };
-                if value.chars().any(|c| index.contains_key(&c)) {
-                    scalars.push(Scalar {
-                        range,
-                        value: value.into_owned(),
-                        style,
-                        column: span.start.col(),
-                    });
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                // Nothing is substituted in a file that is not YAML: the
-                // error is the parser's, at its place in the file.
-                let mut errors: Vec<ConfigError> = unterminated
-                    .iter()
-                    .map(|&at| error_at(at, UNTERMINATED.to_string()))
-                    .collect();
-                let m = e.marker();
-                errors.push(ConfigError::at(
-                    file,
-                    text,
-                    m.line() as u64,
-                    m.col() as u64 + 1,
-                    "",
-                    e.info().to_string(),
-                ));
-                return (text.to_string(), errors);
-            }
+    let scalars = match scalars_holding(&masked, &index) {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing is substituted in a file that is not YAML: the
+            // error is the parser's, at its place in the file.
+            let mut errors: Vec<ConfigError> = unterminated
+                .iter()
+                .map(|&at| error_at(at, UNTERMINATED.to_string()))
+                .collect();
+            let m = e.marker();
+            errors.push(ConfigError::at(
+                file,
+                text,
+                m.line() as u64,
+                m.col() as u64 + 1,
+                "",
+                e.info().to_string(),
+            ));
+            return (text.to_string(), errors);
         }
-    }
+    };
     let mut errors: Vec<ConfigError> = unterminated
         .iter()
         .filter(|&&at| scalars.iter().any(|s| s.range.contains(&at)))
         .map(|&at| error_at(at, UNTERMINATED.to_string()))
         .collect();
-
     // 3. and 4. Substitute in the decoded values; write the scalars back.
     let mut out = String::with_capacity(text.len());
     let mut last = 0;
     for s in &scalars {
-        let mut value = String::with_capacity(s.value.len());
-        let mut chars = s.value.char_indices().peekable();
-        while let Some((i, c)) = chars.next() {
-            let Some(&k) = index.get(&c) else {
-                value.push(c);
-                continue;
-            };
-            let r = &refs[k];
-            let pad = r.range.len() - c.len_utf8();
-            let after = i + c.len_utf8();
-            if !s.range.contains(&r.range.start)
-                || s.value.get(after..after + pad) != Some(&"_".repeat(pad))
-            {
-                // Not a placeholder of this scalar (an escape such as
-                // `"\uE000"` wrote the character): the character itself.
-                value.push(c);
-                continue;
-            }
-            for _ in 0..pad {
-                chars.next();
-            }
-            match r.inner {
-                None => value.push_str("${"),
-                Some(inner) => match resolve(inner, lookup) {
-                    Ok(v) => value.push_str(&v),
-                    Err(e) => errors.push(error_at(r.range.start, e.to_string())),
-                },
-            }
-        }
+        let value = substitute(s, &refs, &index, lookup, &mut |at, message| {
+            errors.push(error_at(at, message))
+        });
         let (range, text_of_range) = match s.style {
             ScalarStyle::Literal | ScalarStyle::Folded => match block_header(text, s.range.start) {
                 Some(h) => (h..s.range.end, &text[h..s.range.end]),
@@ -239,6 +159,127 @@ pub fn interpolate_partial(
     }
     out.push_str(&text[last..]);
     (out, errors)
+}
+
+/// An error at byte `offset` of the file: its line and column are the
+/// text's own, since masking keeps every offset.
+fn error_at(file: &Path, text: &str, offset: usize, message: String) -> ConfigError {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[..offset].matches('\n').count() as u64 + 1;
+    ConfigError::at(
+        file,
+        text,
+        line,
+        (offset - line_start + 1) as u64,
+        "",
+        message,
+    )
+}
+
+/// More references than private-use characters the file leaves free.
+#[derive(Debug, thiserror::Error)]
+#[error("too many `${{…}}` references ({refs}); a file can hold {free}")]
+struct TooManyReferences {
+    /// The first reference without a placeholder.
+    at: usize,
+    refs: usize,
+    free: usize,
+}
+
+/// Step 1: the text with every reference replaced by its placeholder (a
+/// private-use character the file does not hold, padded with `_` to the
+/// reference's length), and the placeholders in the references' order.
+fn mask(text: &str, refs: &[Reference<'_>]) -> Result<(String, Vec<char>), TooManyReferences> {
+    let used: BTreeSet<char> = text.chars().collect();
+    let markers: Vec<char> = ('\u{E000}'..='\u{F8FF}')
+        .filter(|c| !used.contains(c))
+        .take(refs.len())
+        .collect();
+    if markers.len() < refs.len() {
+        return Err(TooManyReferences {
+            at: refs[markers.len()].range.start,
+            refs: refs.len(),
+            free: markers.len(),
+        });
+    }
+    let mut masked = String::with_capacity(text.len());
+    let mut last = 0;
+    for (r, m) in refs.iter().zip(&markers) {
+        masked.push_str(&text[last..r.range.start]);
+        masked.push(*m);
+        masked.extend(std::iter::repeat_n('_', r.range.len() - m.len_utf8()));
+        last = r.range.end;
+    }
+    masked.push_str(&text[last..]);
+    Ok((masked, markers))
+}
+
+/// Step 2: the scalars of the masked text that hold a placeholder, with
+/// their decoded values, styles and spans; or the parser's error.
+fn scalars_holding(
+    masked: &str,
+    index: &HashMap<char, usize>,
+) -> Result<Vec<Scalar>, serde_saphyr::granit_parser::ScanError> {
+    let mut scalars = Vec::new();
+    let mut parser = Parser::new_from_str(masked);
+    while let Some(event) = parser.next_event() {
+        if let (Event::Scalar(value, style, _, _), span) = event? {
+            let Some(range) = span.byte_range() else {
+                continue;
+            };
+            if value.chars().any(|c| index.contains_key(&c)) {
+                scalars.push(Scalar {
+                    range,
+                    value: value.into_owned(),
+                    style,
+                    column: span.start.col(),
+                });
+            }
+        }
+    }
+    Ok(scalars)
+}
+
+/// Step 3: a scalar's decoded value with each of its placeholders replaced
+/// by the reference's value; a reference without one becomes empty and
+/// an error (`fail`, at the `${`).
+fn substitute(
+    s: &Scalar,
+    refs: &[Reference<'_>],
+    index: &HashMap<char, usize>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    fail: &mut dyn FnMut(usize, String),
+) -> String {
+    let mut value = String::with_capacity(s.value.len());
+    let mut chars = s.value.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let Some(&k) = index.get(&c) else {
+            value.push(c);
+            continue;
+        };
+        let r = &refs[k];
+        let pad = r.range.len() - c.len_utf8();
+        let after = i + c.len_utf8();
+        if !s.range.contains(&r.range.start)
+            || s.value.get(after..after + pad) != Some(&"_".repeat(pad))
+        {
+            // Not a placeholder of this scalar (an escape such as
+            // `"\uE000"` wrote the character): the character itself.
+            value.push(c);
+            continue;
+        }
+        for _ in 0..pad {
+            chars.next();
+        }
+        match r.inner {
+            None => value.push_str("${"),
+            Some(inner) => match resolve(inner, lookup) {
+                Ok(v) => value.push_str(&v),
+                Err(e) => fail(r.range.start, e.to_string()),
+            },
+        }
+    }
+    value
 }
 
 const UNTERMINATED: &str = "unterminated `${`: expected `${VAR}` or `${VAR:-default}`";

@@ -110,24 +110,10 @@ pub fn load_operator_with_env(
     };
     let raw: RawOperator =
         serde_saphyr::from_str(&text).map_err(|e| ConfigError::from_yaml(file, &original, &e))?;
-
-    let mut errors = failed_at("state_dir");
-    for e in &mut errors {
-        if e.message.contains("`STATE_DIRECTORY`") {
-            e.message.push_str(&format!(
-                "; systemd sets it for the service only: give the unit's state directory, e.g. `STATE_DIRECTORY={} pollhook …`",
-                systemd.state_directory.display()
-            ));
-        }
-    }
-    errors.extend(failed_at("admin.listen"));
     let store_raw = raw.store.unwrap_or_default();
     let postgres = store_raw.backend.as_deref() == Some("postgres");
-    if postgres {
-        errors.extend(failed_at("store.url"));
-        errors.extend(failed_at("store.schema"));
-    }
     let admin = raw.admin.unwrap_or_default();
+    let mut errors = needed_failures(&failed_at, postgres, systemd);
     let admin_listen = match &admin.listen {
         Some(l) if errors.is_empty() => match parse_listen(file, &original, l) {
             Ok(a) => Some(a),
@@ -141,33 +127,12 @@ pub fn load_operator_with_env(
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    // Read as the daemon reads it (`token: none`, an empty token refused),
-    // but a problem is not an error here: see `admin_token_error`.
-    let token_errors = failed_at("admin.token");
-    let (admin_token, admin_token_error) = if token_errors.is_empty() {
-        match admin_auth(file, &original, admin.token.as_ref()) {
-            Ok(AdminAuth::Token(t)) => (Some(t), None),
-            Ok(_) => (None, None),
-            Err(e) => (None, Some(ConfigErrors(vec![e]))),
-        }
-    } else {
-        (None, Some(ConfigErrors(token_errors)))
-    };
-    let sources = raw
-        .sources
-        .into_iter()
-        .filter_map(|(name, s)| {
-            let connector = match s.connector {
-                serde_json::Value::String(c) => c,
-                serde_json::Value::Object(m) => m
-                    .get("name")
-                    .and_then(|n| n.as_str())
-                    .map_or_else(|| name.clone(), str::to_string),
-                _ => return None,
-            };
-            Some((name, connector))
-        })
-        .collect();
+    let (admin_token, admin_token_error) = operator_token(
+        file,
+        &original,
+        admin.token.as_ref(),
+        failed_at("admin.token"),
+    );
     // Checked by the daemon's `Config::load`; here only read, so an
     // unusable value fails when the store is opened, with the store's error.
     let postgres_at = match (postgres, store_raw.url) {
@@ -189,8 +154,72 @@ pub fn load_operator_with_env(
         admin_token,
         admin_token_error,
         endpoints: raw.endpoints.into_keys().collect(),
-        sources,
+        sources: connector_names(raw.sources),
     })
+}
+
+/// The failed substitutions of the fields every operator command needs
+/// (`state_dir`, `admin.listen`; `store.url` and `store.schema` with
+/// PostgreSQL): those are errors, the others' are not. An unset
+/// `$STATE_DIRECTORY` says how to give the unit's directory.
+fn needed_failures(
+    failed_at: &dyn Fn(&str) -> Vec<ConfigError>,
+    postgres: bool,
+    systemd: &SystemdDirs,
+) -> Vec<ConfigError> {
+    let mut errors = failed_at("state_dir");
+    for e in &mut errors {
+        if e.message.contains("`STATE_DIRECTORY`") {
+            e.message.push_str(&format!(
+                "; systemd sets it for the service only: give the unit's state directory, e.g. `STATE_DIRECTORY={} pollhook …`",
+                systemd.state_directory.display()
+            ));
+        }
+    }
+    errors.extend(failed_at("admin.listen"));
+    if postgres {
+        errors.extend(failed_at("store.url"));
+        errors.extend(failed_at("store.schema"));
+    }
+    errors
+}
+
+/// `admin.token` read as the daemon reads it (`token: none`, an empty
+/// token refused), but a problem (`failed`: its substitution's errors) is
+/// not an error here: see [`OperatorConfig::admin_token_error`].
+fn operator_token(
+    file: &Path,
+    original: &str,
+    token: Option<&Spanned<Option<String>>>,
+    failed: Vec<ConfigError>,
+) -> (Option<String>, Option<ConfigErrors>) {
+    if !failed.is_empty() {
+        return (None, Some(ConfigErrors(failed)));
+    }
+    match admin_auth(file, original, token) {
+        Ok(AdminAuth::Token(t)) => (Some(t), None),
+        Ok(_) => (None, None),
+        Err(e) => (None, Some(ConfigErrors(vec![e]))),
+    }
+}
+
+/// Source name → its connector's name: a file's name, or an inline
+/// connector's `name:` (else the source's own name).
+fn connector_names(sources: BTreeMap<String, RawOperatorSource>) -> BTreeMap<String, String> {
+    sources
+        .into_iter()
+        .filter_map(|(name, s)| {
+            let connector = match s.connector {
+                serde_json::Value::String(c) => c,
+                serde_json::Value::Object(m) => m
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .map_or_else(|| name.clone(), str::to_string),
+                _ => return None,
+            };
+            Some((name, connector))
+        })
+        .collect()
 }
 
 /// Reads a configuration file whole; the one message for a file that

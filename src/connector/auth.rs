@@ -112,7 +112,7 @@ enum Slot {
     Token(Cached),
     /// `invalid_grant` on a refresh: no more requests until the seed
     /// changes (a new key).
-    Broken(String),
+    Broken(TokenError),
 }
 
 /// Tokens by (token URL, client, scope, params, seed).
@@ -141,7 +141,7 @@ impl TokenCache {
         transport: Transport<'_>,
         req: &TokenRequest,
         rejected: Option<&str>,
-    ) -> Result<String, String> {
+    ) -> Result<String, TokenError> {
         let slot = self.slots.lock().entry(req.key()).or_default().clone();
         let mut cached = slot.lock().await;
         match cached.as_ref() {
@@ -168,7 +168,7 @@ impl TokenCache {
             Some(s) => s
                 .load_credential(&key)
                 .await
-                .map_err(|e| format!("cannot read the stored refresh token: {e}"))?
+                .map_err(|e| TokenError::ReadStored(e.to_string()))?
                 .and_then(|t| serde_json::from_str::<Rotated>(&t).ok()),
             None => None,
         };
@@ -181,10 +181,8 @@ impl TokenCache {
         };
         let got = match fetch_token(transport, req, Some(&current)).await {
             Ok(g) => g,
-            Err(e) if e.contains("invalid_grant") => {
-                let e = format!(
-                    "{e}: the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)"
-                );
+            Err(e) if e.is_invalid_grant() => {
+                let e = TokenError::GrantBroken(Box::new(e));
                 *cached = Some(Slot::Broken(e.clone()));
                 return Err(e);
             }
@@ -201,7 +199,7 @@ impl TokenCache {
                 .expect("serializes");
                 s.save_credential(&key, &record)
                     .await
-                    .map_err(|e| format!("cannot keep the rotated refresh token: {e}"))?;
+                    .map_err(|e| TokenError::KeepRotated(e.to_string()))?;
             }
         }
         *cached = Some(Slot::Token(Cached {
@@ -227,13 +225,115 @@ pub fn refresh_after(lifetime: Duration) -> Duration {
     lifetime.saturating_sub(margin)
 }
 
+/// Why no token could be had. Each message names the token URL and what
+/// the server said (`error`, `error_description`, masked), never the
+/// client secret; it becomes the poll's `authentication failed: …`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// `token_url` rendered to something that is not a URL.
+    #[error("token endpoint {url}: not a URL: {detail}")]
+    NotAUrl { url: String, detail: String },
+    /// The request could not be sent, or its answer not read.
+    #[error("token endpoint {url}: {detail}")]
+    Transport { url: String, detail: String },
+    /// The answer was longer than `request.max_response_bytes`.
+    #[error("token endpoint {url}: answer larger than the {limit}-byte cap (request.max_response_bytes)")]
+    TooLarge { url: String, limit: u64 },
+    /// A status other than 2xx; `why` is the server's `error` and
+    /// `error_description` joined by `: ` (masked), or empty.
+    #[error("token endpoint {url} answered HTTP {status}{}", parenthesized(why))]
+    Refused {
+        url: String,
+        status: u16,
+        why: String,
+    },
+    /// A 2xx answer without a token.
+    #[error("token endpoint {url} answered without an `access_token`")]
+    NoAccessToken { url: String },
+    /// `invalid_grant` on a refresh: the slot keeps this error until the
+    /// seed changes.
+    #[error("{0}: the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)")]
+    GrantBroken(Box<TokenError>),
+    /// The store could not give the rotated refresh token back.
+    #[error("cannot read the stored refresh token: {0}")]
+    ReadStored(String),
+    /// The store could not keep a rotated refresh token: the access token
+    /// is not used, since the provider already forgot the old one.
+    #[error("cannot keep the rotated refresh token: {0}")]
+    KeepRotated(String),
+    /// The token cannot be sent as an `Authorization` header.
+    #[error("the token is not a valid header value")]
+    NotAHeader,
+}
+
+impl TokenError {
+    /// Whether the server refused the grant itself (`invalid_grant`): the
+    /// refresh token is dead, asking again cannot help.
+    fn is_invalid_grant(&self) -> bool {
+        matches!(self, TokenError::Refused { why, .. } if why.contains("invalid_grant"))
+    }
+}
+
+/// ` (why)`, or nothing for an empty `why`.
+fn parenthesized(why: &str) -> String {
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({why})")
+    }
+}
+
 /// One token request. Errors name the token URL and what the server said
 /// (`error`, `error_description`), never the client secret.
 async fn fetch_token(
     transport: Transport<'_>,
     req: &TokenRequest,
     refresh: Option<&str>,
-) -> Result<Granted, String> {
+) -> Result<Granted, TokenError> {
+    let http = token_request(req, refresh)?;
+    let reply = transport
+        .send_for(Purpose::Token, http, req.max_body)
+        .await
+        .map_err(|e| TokenError::Transport {
+            url: req.token_url.clone(),
+            detail: e.to_string(),
+        })?;
+    let status = reply.status();
+    let bytes = reply.read_capped(req.max_body).await.map_err(|e| match e {
+        ReadError::TooLarge => TokenError::TooLarge {
+            url: req.token_url.clone(),
+            limit: req.max_body,
+        },
+        ReadError::Network(detail) => TokenError::Transport {
+            url: req.token_url.clone(),
+            detail,
+        },
+    })?;
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    // Every token the answer holds is a secret from this moment on, before
+    // anything can say something about it.
+    for key in ["access_token", "refresh_token", "id_token"] {
+        if let Some(t) = body.get(key).and_then(Value::as_str) {
+            crate::connector::learn(t);
+        }
+    }
+    if !status.is_success() {
+        return Err(TokenError::Refused {
+            url: req.token_url.clone(),
+            status: status.as_u16(),
+            why: refusal_reason(&body, req, refresh),
+        });
+    }
+    granted(&body, req)
+}
+
+/// The POST to the token endpoint: the grant's form (with the client's
+/// credentials in it or in a Basic header, as `client_auth` says), a 30 s
+/// timeout, JSON asked for.
+fn token_request(
+    req: &TokenRequest,
+    refresh: Option<&str>,
+) -> Result<reqwest::Request, TokenError> {
     let mut form = match refresh {
         Some(r) => vec![
             ("grant_type".to_string(), "refresh_token".to_string()),
@@ -245,20 +345,24 @@ async fn fetch_token(
         form.push(("scope".into(), s.clone()));
     }
     form.extend(req.params.iter().cloned());
-    let url = reqwest::Url::parse(&req.token_url)
-        .map_err(|e| format!("token endpoint {}: not a URL: {e}", req.token_url))?;
+    let url = reqwest::Url::parse(&req.token_url).map_err(|e| TokenError::NotAUrl {
+        url: req.token_url.clone(),
+        detail: e.to_string(),
+    })?;
     let mut http = reqwest::Request::new(reqwest::Method::POST, url);
     *http.timeout_mut() = Some(Duration::from_secs(30));
     let headers = http.headers_mut();
-    if let ClientAuth::Basic = req.client_auth {
-        headers.insert(
-            AUTHORIZATION,
-            basic_auth(&req.client_id, &req.client_secret),
-        );
-    }
-    if let ClientAuth::Body = req.client_auth {
-        form.push(("client_id".into(), req.client_id.clone()));
-        form.push(("client_secret".into(), req.client_secret.clone()));
+    match req.client_auth {
+        ClientAuth::Basic => {
+            headers.insert(
+                AUTHORIZATION,
+                basic_auth(&req.client_id, &req.client_secret),
+            );
+        }
+        ClientAuth::Body => {
+            form.push(("client_id".into(), req.client_id.clone()));
+            form.push(("client_secret".into(), req.client_secret.clone()));
+        }
     }
     headers.insert(
         CONTENT_TYPE,
@@ -266,62 +370,33 @@ async fn fetch_token(
     );
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
     *http.body_mut() = Some(form_encode(&form).into());
-    let reply = transport
-        .send_for(Purpose::Token, http, req.max_body)
-        .await
-        .map_err(|e| format!("token endpoint {}: {e}", req.token_url))?;
-    let status = reply.status();
-    let bytes = reply.read_capped(req.max_body).await.map_err(|e| {
-        let e = match e {
-            ReadError::TooLarge => format!(
-                "answer larger than the {}-byte cap (request.max_response_bytes)",
-                req.max_body
-            ),
-            ReadError::Network(e) => e,
-        };
-        format!("token endpoint {}: {e}", req.token_url)
-    })?;
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    // Every token the answer holds is a secret from this moment on, before
-    // anything can say something about it.
-    for key in ["access_token", "refresh_token", "id_token"] {
-        if let Some(t) = body.get(key).and_then(Value::as_str) {
-            crate::connector::learn(t);
-        }
-    }
-    if !status.is_success() {
-        // What the server says may echo what it was sent.
-        let sent: Vec<String> = std::iter::once(req.client_secret.clone())
-            .chain(refresh.map(str::to_string))
-            .chain(req.refresh_seed.clone())
-            .collect();
-        let why = [body.get("error"), body.get("error_description")]
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(|t| crate::connector::mask(t, &sent))
-            .collect::<Vec<_>>()
-            .join(": ");
-        return Err(format!(
-            "token endpoint {} answered HTTP {}{}",
-            req.token_url,
-            status.as_u16(),
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(" ({why})")
-            }
-        ));
-    }
+    Ok(http)
+}
+
+/// What a refusing server said (`error`, `error_description`), masked:
+/// it may echo what it was sent (the secret, the refresh token).
+fn refusal_reason(body: &Value, req: &TokenRequest, refresh: Option<&str>) -> String {
+    let sent: Vec<String> = std::iter::once(req.client_secret.clone())
+        .chain(refresh.map(str::to_string))
+        .chain(req.refresh_seed.clone())
+        .collect();
+    [body.get("error"), body.get("error_description")]
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|t| crate::connector::mask(t, &sent))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// The token of a 2xx answer, its lifetime and any rotated refresh token.
+fn granted(body: &Value, req: &TokenRequest) -> Result<Granted, TokenError> {
     let token = body
         .get("access_token")
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            format!(
-                "token endpoint {} answered without an `access_token`",
-                req.token_url
-            )
+        .ok_or_else(|| TokenError::NoAccessToken {
+            url: req.token_url.clone(),
         })?;
     // RFC 6749 makes `expires_in` optional; without it, assume an hour and
     // rely on the 401 refresh if the server thought otherwise.
@@ -402,6 +477,44 @@ mod tests {
         assert_eq!(
             a.key(),
             request(&[("resource", "r"), ("audience", "billing")]).key()
+        );
+    }
+
+    /// The messages are the ones the `String` errors had: `last_error`
+    /// and `pollhook test` show them.
+    #[test]
+    fn token_errors_read_as_the_text_they_replace() {
+        let refused = TokenError::Refused {
+            url: "https://idp/token".into(),
+            status: 400,
+            why: "invalid_grant: expired".into(),
+        };
+        assert_eq!(
+            refused.to_string(),
+            "token endpoint https://idp/token answered HTTP 400 (invalid_grant: expired)"
+        );
+        assert!(refused.is_invalid_grant());
+        let bare = TokenError::Refused {
+            url: "https://idp/token".into(),
+            status: 500,
+            why: String::new(),
+        };
+        assert_eq!(
+            bare.to_string(),
+            "token endpoint https://idp/token answered HTTP 500"
+        );
+        assert!(!bare.is_invalid_grant());
+        assert_eq!(
+            TokenError::GrantBroken(Box::new(refused)).to_string(),
+            "token endpoint https://idp/token answered HTTP 400 (invalid_grant: expired): the refresh token was revoked or its rotation lost; polls of this connector stop asking until a new `refresh_token` is given (a reload or restart)"
+        );
+        assert_eq!(
+            TokenError::TooLarge {
+                url: "https://idp/token".into(),
+                limit: 1024
+            }
+            .to_string(),
+            "token endpoint https://idp/token: answer larger than the 1024-byte cap (request.max_response_bytes)"
         );
     }
 

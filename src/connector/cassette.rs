@@ -421,17 +421,17 @@ impl Cassette {
 
     /// The answer to the next request of the current poll: the next
     /// exchange, if its method and URL are the request's (after masking).
-    pub fn answer(&self, method: &Method, url: &Url) -> Result<Canned, String> {
+    pub fn answer(&self, method: &Method, url: &Url) -> Result<Canned, Mismatch> {
         let mut at = self.at.lock();
         let (p, n) = (at.0, at.2);
         let instance = at.1.clone();
-        let sent = format!("{method} {}", super::mask(url.as_str(), &self.secrets));
+        let sent = self.sent(method, url);
         let Some(poll) = self.polls.get(p) else {
-            return Err(format!(
-                "the cassette {} has no poll {} for the request {sent}",
-                self.dir.display(),
-                p + 1
-            ));
+            return Err(Mismatch::NoPoll {
+                dir: self.dir.clone(),
+                poll: p + 1,
+                sent,
+            });
         };
         let mine: Vec<&(String, Exchange)> = poll
             .exchanges
@@ -439,38 +439,39 @@ impl Cassette {
             .filter(|(_, e)| !e.token && e.instance.as_deref().is_none_or(|i| i == instance))
             .collect();
         let Some((name, e)) = mine.get(n) else {
-            return Err(format!(
-                "the cassette {} has {} request(s) of {instance} in poll {}, the pipeline sent one more: {sent}",
-                self.dir.display(),
-                mine.len(),
-                poll.poll
-            ));
+            return Err(Mismatch::OneMore {
+                dir: self.dir.clone(),
+                recorded: mine.len(),
+                instance,
+                poll: poll.poll,
+                sent,
+            });
         };
-        let recorded = format!("{} {}", e.method, e.url);
+        let recorded = request_line(e);
         if recorded != sent {
-            return Err(format!(
-                "request {} of {instance} in poll {} differs from the cassette: the pipeline sent {sent}, {} recorded {recorded}",
-                n + 1,
-                poll.poll,
-                name
-            ));
+            return Err(Mismatch::Differs {
+                n: n + 1,
+                instance,
+                poll: poll.poll,
+                sent,
+                file: name.clone(),
+                recorded,
+            });
         }
         at.2 += 1;
         Ok(canned(e))
     }
-}
 
-impl Cassette {
     /// The answer to a token request: the last recorded token exchange
     /// with its method and URL up to the current poll (or, if it first
     /// asked later in the recording, the first one after).
-    pub fn answer_token(&self, method: &Method, url: &Url) -> Result<Canned, String> {
+    pub fn answer_token(&self, method: &Method, url: &Url) -> Result<Canned, Mismatch> {
         let current = self.at.lock().0;
-        let sent = format!("{method} {}", super::mask(url.as_str(), &self.secrets));
+        let sent = self.sent(method, url);
         let mut tokens = self.polls.iter().enumerate().flat_map(|(i, p)| {
             p.exchanges
                 .iter()
-                .filter(|(_, e)| e.token && format!("{} {}", e.method, e.url) == sent)
+                .filter(|(_, e)| e.token && request_line(e) == sent)
                 .map(move |(_, e)| (i, e))
         });
         let mut chosen = None;
@@ -483,13 +484,58 @@ impl Cassette {
                 break;
             }
         }
-        chosen.map(canned).ok_or_else(|| {
-            format!(
-                "the cassette {} has no token request {sent}",
-                self.dir.display()
-            )
+        chosen.map(canned).ok_or_else(|| Mismatch::NoToken {
+            dir: self.dir.clone(),
+            sent,
         })
     }
+
+    /// `METHOD url` of a request as the cassette holds it: masked with
+    /// the instances' secrets, so it compares with a recorded one.
+    fn sent(&self, method: &Method, url: &Url) -> String {
+        format!("{method} {}", super::mask(url.as_str(), &self.secrets))
+    }
+}
+
+/// `METHOD url` of a recorded exchange.
+fn request_line(e: &Exchange) -> String {
+    format!("{} {}", e.method, e.url)
+}
+
+/// Why a replayed request has no answer: the pipeline asked for something
+/// other than what was recorded. The messages are what `pollhook test
+/// --replay` reports as the poll's transport error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    /// The replay runs more polls than were recorded.
+    #[error("the cassette {} has no poll {poll} for the request {sent}", dir.display())]
+    NoPoll {
+        dir: PathBuf,
+        poll: usize,
+        sent: String,
+    },
+    /// The instance sent more requests in this poll than were recorded.
+    #[error("the cassette {} has {recorded} request(s) of {instance} in poll {poll}, the pipeline sent one more: {sent}", dir.display())]
+    OneMore {
+        dir: PathBuf,
+        recorded: usize,
+        instance: String,
+        poll: u32,
+        sent: String,
+    },
+    /// The `n`-th request is not the `n`-th recorded one (`file`).
+    #[error("request {n} of {instance} in poll {poll} differs from the cassette: the pipeline sent {sent}, {file} recorded {recorded}")]
+    Differs {
+        n: usize,
+        instance: String,
+        poll: u32,
+        sent: String,
+        file: String,
+        recorded: String,
+    },
+    /// No token exchange with this method and URL was recorded.
+    #[error("the cassette {} has no token request {sent}", dir.display())]
+    NoToken { dir: PathBuf, sent: String },
 }
 
 /// A recorded answer as the transport gives it.
@@ -614,7 +660,10 @@ mod tests {
         c.answer(&Method::GET, &url("http://h/a?k=key-123"))
             .unwrap();
         assert_eq!(c.unasked(), ["p001-003.json"]);
-        let e = c.answer(&Method::POST, &url("http://h/a2")).unwrap_err();
+        let e = c
+            .answer(&Method::POST, &url("http://h/a2"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("request 2 of s/a in poll 1")
                 && e.contains("sent POST http://h/a2")
@@ -628,7 +677,10 @@ mod tests {
             .unwrap();
         assert_eq!(t.body.unwrap(), b"s/a http://h/token");
         c.answer(&Method::GET, &url("http://h/a")).unwrap();
-        let e = c.answer(&Method::GET, &url("http://h/a")).unwrap_err();
+        let e = c
+            .answer(&Method::GET, &url("http://h/a"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("has 1 request(s) of s/a in poll 2"), "{e}");
     }
 

@@ -84,7 +84,10 @@ pub enum DetectError {
     /// A template of the connector failed to render; `what` says which
     /// field, for which item.
     #[error("{what}: {detail}")]
-    Render { what: String, detail: String },
+    Render {
+        what: String,
+        detail: crate::template::TemplateError,
+    },
     /// A key, version (`what`, for `of`) rendered empty: it would make
     /// items the same.
     #[error("`{what}` rendered empty for {of}")]

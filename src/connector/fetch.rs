@@ -47,7 +47,7 @@ pub enum PollError {
     #[error("{url}: {detail}")]
     Paging { url: String, detail: String },
     #[error("authentication failed: {0}")]
-    Auth(String),
+    Auth(crate::connector::auth::TokenError),
     #[error("detection failed: {0}")]
     Detect(String),
     /// The poll worked but its result could not be committed; nothing
@@ -66,6 +66,15 @@ pub enum PollError {
 }
 
 impl PollError {
+    /// A template of `field` failed to render: the poll's error says which
+    /// field, with the template's message.
+    fn template(field: &str, e: &crate::template::TemplateError) -> PollError {
+        PollError::Template {
+            field: field.to_string(),
+            detail: e.to_string(),
+        }
+    }
+
     /// A short label for metrics and status.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -222,10 +231,7 @@ impl Render<'_> {
         self.c
             .engine
             .render(tpl, self.ctx)
-            .map_err(|detail| PollError::Template {
-                field: field.to_string(),
-                detail,
-            })
+            .map_err(|e| PollError::template(field, &e))
     }
 
     /// URL templates encode the values they interpolate (see
@@ -234,10 +240,7 @@ impl Render<'_> {
         self.c
             .engine
             .render_url(tpl, self.ctx)
-            .map_err(|detail| PollError::Template {
-                field: field.to_string(),
-                detail,
-            })
+            .map_err(|e| PollError::template(field, &e))
     }
 }
 
@@ -389,10 +392,7 @@ fn render_body(r: &Render<'_>) -> Result<(Option<String>, Option<&'static str>),
             let v =
                 r.c.engine
                     .render_value(t, r.ctx)
-                    .map_err(|detail| PollError::Template {
-                        field: "request.json".into(),
-                        detail,
-                    })?;
+                    .map_err(|e| PollError::template("request.json", &e))?;
             (Some(v.to_string()), Some("application/json"))
         }
         Some(Body::Form(fields)) => {
@@ -638,7 +638,7 @@ fn build_request(
     }
     if let Some(t) = token {
         let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
-            .map_err(|_| PollError::Auth("the token is not a valid header value".into()))?;
+            .map_err(|_| PollError::Auth(crate::connector::auth::TokenError::NotAHeader))?;
         v.set_sensitive(true);
         h.append(AUTHORIZATION, v);
     }

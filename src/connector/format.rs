@@ -58,7 +58,7 @@
 //! name). An empty body is an empty array; a UTF-8 byte order mark is
 //! skipped.
 
-use quick_xml::events::{BytesStart, Event};
+use quick_xml::events::{BytesRef, BytesStart, Event};
 use quick_xml::XmlVersion;
 use serde_json::{Map, Value};
 
@@ -170,6 +170,34 @@ pub enum BodyError {
     /// Anything else the CSV reader refused.
     #[error("not valid CSV: {0}")]
     Csv(String),
+}
+
+/// What is wrong with one event of an XML body; becomes the `what` of
+/// [`BodyError::Xml`], placed at the event.
+#[derive(Debug, thiserror::Error)]
+enum XmlFault {
+    #[error("a second root element")]
+    SecondRoot,
+    #[error("elements nested deeper than {MAX_XML_DEPTH} levels")]
+    TooDeep,
+    #[error("an end tag without a start tag")]
+    UnmatchedEnd,
+    /// Text, CDATA or an entity reference before or after the root.
+    #[error("{0} outside the root element")]
+    Outside(&'static str),
+    #[error("unknown entity `&{0};`")]
+    UnknownEntity(String),
+    #[error(transparent)]
+    Tag(#[from] TagError),
+    /// quick-xml could not decode or unescape the event: its message.
+    #[error("{0}")]
+    Reader(String),
+}
+
+impl XmlFault {
+    fn reader(e: impl std::fmt::Display) -> XmlFault {
+        XmlFault::Reader(e.to_string())
+    }
 }
 
 /// Why an element's start tag is refused; becomes the `what` of
@@ -304,8 +332,7 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, BodyError> {
         config.allow_dangling_amp = false;
         config.trim_text(false);
     }
-    let mut stack: Vec<Open> = Vec::new();
-    let mut root: Option<Value> = None;
+    let mut tree = Tree::default();
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -321,86 +348,111 @@ fn parse_xml(bytes: &[u8]) -> Result<Value, BodyError> {
                 return Err(error_at(what, reader.error_position()));
             }
         };
-        let invalid = |what: &str| error_at(what.to_string(), event_start);
-        match event {
-            Event::Start(_) | Event::Empty(_) if root.is_some() => {
-                return Err(invalid("a second root element"));
+        if let Event::Eof = event {
+            if let Some(element) = tree.stack.last() {
+                let (line, column) = at(reader.buffer_position());
+                return Err(BodyError::XmlUnclosed {
+                    element: element.name.clone(),
+                    line,
+                    column,
+                });
             }
+            return tree.root.ok_or(BodyError::XmlNoRoot);
+        }
+        tree.apply(event)
+            .map_err(|fault| error_at(fault.to_string(), event_start))?;
+    }
+}
+
+/// The document being built from the reader's events: the elements still
+/// open, innermost last, and the root once it closed. Each step's error
+/// is what is wrong, placed at the event by [`parse_xml`].
+#[derive(Default)]
+struct Tree {
+    stack: Vec<Open>,
+    root: Option<Value>,
+}
+
+impl Tree {
+    /// One event of the document (not its end).
+    fn apply(&mut self, event: Event<'_>) -> Result<(), XmlFault> {
+        match event {
             Event::Start(start) => {
-                if stack.len() >= MAX_XML_DEPTH {
-                    return Err(invalid(&format!(
-                        "elements nested deeper than {MAX_XML_DEPTH} levels"
-                    )));
-                }
-                stack.push(open(&start).map_err(|e| invalid(&e.to_string()))?);
+                let element = self.start(&start)?;
+                self.stack.push(element);
             }
             Event::Empty(start) => {
-                if stack.len() >= MAX_XML_DEPTH {
-                    return Err(invalid(&format!(
-                        "elements nested deeper than {MAX_XML_DEPTH} levels"
-                    )));
-                }
-                let (name, value) = open(&start).map_err(|e| invalid(&e.to_string()))?.finish();
-                match stack.last_mut() {
-                    Some(parent) => parent.add_child(name, value),
-                    None => root = Some(single(name, value)),
-                }
+                let element = self.start(&start)?;
+                self.attach(element);
             }
             Event::End(_) => {
                 // The reader checked the name against the open element.
-                let Some(element) = stack.pop() else {
-                    return Err(invalid("an end tag without a start tag"));
+                let Some(element) = self.stack.pop() else {
+                    return Err(XmlFault::UnmatchedEnd);
                 };
-                let (name, value) = element.finish();
-                match stack.last_mut() {
-                    Some(parent) => parent.add_child(name, value),
-                    None => root = Some(single(name, value)),
-                }
+                self.attach(element);
             }
             Event::Text(text) => {
-                let text = text.xml10_content().map_err(|e| invalid(&e.to_string()))?;
-                match stack.last_mut() {
+                let text = text.xml10_content().map_err(XmlFault::reader)?;
+                match self.stack.last_mut() {
                     Some(element) => element.text.push_str(&text),
                     None if text.trim().is_empty() => {}
-                    None => return Err(invalid("text outside the root element")),
+                    None => return Err(XmlFault::Outside("text")),
                 }
             }
             Event::CData(cdata) => {
-                let text = cdata.xml10_content().map_err(|e| invalid(&e.to_string()))?;
-                match stack.last_mut() {
+                let text = cdata.xml10_content().map_err(XmlFault::reader)?;
+                match self.stack.last_mut() {
                     Some(element) => element.text.push_str(&text),
-                    None => return Err(invalid("CDATA outside the root element")),
+                    None => return Err(XmlFault::Outside("CDATA")),
                 }
             }
-            Event::GeneralRef(reference) => {
-                let Some(element) = stack.last_mut() else {
-                    return Err(invalid("an entity reference outside the root element"));
-                };
-                match reference.resolve_char_ref() {
-                    Ok(Some(c)) => element.text.push(c),
-                    Ok(None) => {
-                        let name = reference.decode().map_err(|e| invalid(&e.to_string()))?;
-                        match quick_xml::escape::resolve_predefined_entity(&name) {
-                            Some(s) => element.text.push_str(s),
-                            None => return Err(invalid(&format!("unknown entity `&{name};`"))),
-                        }
-                    }
-                    Err(e) => return Err(invalid(&e.to_string())),
-                }
-            }
-            Event::Comment(_) | Event::PI(_) | Event::Decl(_) | Event::DocType(_) => {}
-            Event::Eof => {
-                if let Some(element) = stack.last() {
-                    let (line, column) = at(reader.buffer_position());
-                    return Err(BodyError::XmlUnclosed {
-                        element: element.name.clone(),
-                        line,
-                        column,
-                    });
-                }
-                return root.ok_or(BodyError::XmlNoRoot);
-            }
+            Event::GeneralRef(reference) => self.reference(&reference)?,
+            Event::Comment(_) | Event::PI(_) | Event::Decl(_) | Event::DocType(_) | Event::Eof => {}
         }
+        Ok(())
+    }
+
+    /// A start tag (or an empty element's) as a new element: refused
+    /// after the root closed, and beyond [`MAX_XML_DEPTH`] (the JSON tree
+    /// is walked recursively later).
+    fn start(&self, start: &BytesStart<'_>) -> Result<Open, XmlFault> {
+        if self.root.is_some() {
+            return Err(XmlFault::SecondRoot);
+        }
+        if self.stack.len() >= MAX_XML_DEPTH {
+            return Err(XmlFault::TooDeep);
+        }
+        Ok(open(start)?)
+    }
+
+    /// A closed element goes into its parent, or is the document.
+    fn attach(&mut self, element: Open) {
+        let (name, value) = element.finish();
+        match self.stack.last_mut() {
+            Some(parent) => parent.add_child(name, value),
+            None => self.root = Some(single(name, value)),
+        }
+    }
+
+    /// `&#…;` or one of the five predefined entities, as text of the open
+    /// element; any other entity is refused (no DTD is read).
+    fn reference(&mut self, reference: &BytesRef<'_>) -> Result<(), XmlFault> {
+        let Some(element) = self.stack.last_mut() else {
+            return Err(XmlFault::Outside("an entity reference"));
+        };
+        match reference.resolve_char_ref() {
+            Ok(Some(c)) => element.text.push(c),
+            Ok(None) => {
+                let name = reference.decode().map_err(XmlFault::reader)?;
+                match quick_xml::escape::resolve_predefined_entity(&name) {
+                    Some(s) => element.text.push_str(s),
+                    None => return Err(XmlFault::UnknownEntity(name.to_string())),
+                }
+            }
+            Err(e) => return Err(XmlFault::reader(e)),
+        }
+        Ok(())
     }
 }
 

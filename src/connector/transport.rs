@@ -32,7 +32,7 @@ pub enum SendError {
     /// Replay: the cassette has no exchange for this request, or the next
     /// one is for another request.
     #[error("{0}")]
-    Cassette(String),
+    Cassette(super::cassette::Mismatch),
 }
 
 /// Why a body could not be read.

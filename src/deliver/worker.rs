@@ -544,10 +544,31 @@ impl Worker {
         outcome: Outcome,
         removed: Option<Result<(), crate::store::StoreError>>,
         health: &mut Health,
-    ) -> (EntryKey, OutboxEntry, bool) {
-        let ep = &self.endpoint;
+    ) -> Settled {
         entry.attempts += 1;
-        match &outcome {
+        self.learn_health(&outcome, health).await;
+        self.status.endpoint(&self.endpoint.name, |s| {
+            s.consecutive_failures = health.failures;
+            s.circuit_open = health.open_until.is_some();
+            s.disabled = health.disabled.clone();
+        });
+        match outcome {
+            Outcome::Gone => self.keep_for_later(key, entry).await,
+            Outcome::Delivered => self.remove_delivered(key, entry, removed).await,
+            Outcome::Failed {
+                reason,
+                retry_after,
+            } => self.retry_or_bury(key, entry, reason, retry_after).await,
+        }
+    }
+
+    /// What an outcome says about the endpoint: a delivery closes the
+    /// circuit and clears the failures; `410 Gone` disables it; a failure
+    /// counts towards opening the circuit and, after
+    /// `circuit.disable_after` of failing, disables it.
+    async fn learn_health(&self, outcome: &Outcome, health: &mut Health) {
+        let ep = &self.endpoint;
+        match outcome {
             Outcome::Delivered => {
                 if health.open_until.is_some() {
                     tracing::info!(endpoint = %ep.name, "endpoint answered again: circuit closed");
@@ -557,12 +578,7 @@ impl Worker {
             }
             Outcome::Gone => {
                 let why = "the endpoint answered 410 Gone: disabled, nothing more is sent to it until `pollhook endpoint enable`; its events stay in the outbox".to_string();
-                error!(endpoint = %ep.name, "{why}");
-                self.persist_disabled(&why).await;
-                if health.disabled.is_none() {
-                    self.ops.endpoint_disabled(&ep.name, &why);
-                }
-                health.disabled = Some(why);
+                self.disable(why, health).await;
             }
             Outcome::Failed { .. } => {
                 health.failures += 1;
@@ -582,124 +598,149 @@ impl Worker {
                             "failing continuously for {}: disabled (circuit.disable_after), nothing more is sent until `pollhook endpoint enable`",
                             humantime::format_duration(limit)
                         );
-                        error!(endpoint = %ep.name, "{why}");
-                        self.persist_disabled(&why).await;
-                        if health.disabled.is_none() {
-                            self.ops.endpoint_disabled(&ep.name, &why);
-                        }
-                        health.disabled = Some(why);
-                    }
-                }
-            }
-        }
-        self.status.endpoint(&ep.name, |s| {
-            s.consecutive_failures = health.failures;
-            s.circuit_open = health.open_until.is_some();
-            s.disabled = health.disabled.clone();
-        });
-        match outcome {
-            Outcome::Gone => {
-                // Not an attempt that failed: the event waits, unharmed.
-                entry.attempts -= 1;
-                entry.last_error = Some("endpoint answered 410 Gone (disabled)".into());
-                if let Err(e) = self.store.reschedule(&key, &entry).await {
-                    error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot record an attempt");
-                }
-                (key, entry, true)
-            }
-            Outcome::Delivered => {
-                debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
-                let removed = match removed {
-                    Some(r) => r,
-                    None => self.store.delivered(&key).await,
-                };
-                match removed {
-                    Ok(()) => {
-                        self.status.store_ok();
-                        self.status.delivery(
-                            &ep.name,
-                            entry.created_ms,
-                            DeliveryOutcome::Delivered,
-                            |s| s.last_success_ms = Some(crate::now_ms()),
-                        );
-                        (key, entry, false)
-                    }
-                    Err(e) => {
-                        self.status.store_failed(&e.to_string());
-                        // Still waiting as far as the store knows: counted
-                        // when its removal is recorded.
-                        error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again in {}s", STORE_RETRY.as_secs());
-                        (key, store_retry(entry), true)
-                    }
-                }
-            }
-            Outcome::Failed {
-                reason,
-                retry_after,
-            } => {
-                self.status
-                    .delivery(&ep.name, entry.created_ms, DeliveryOutcome::Failed, |s| {
-                        s.last_error = Some(reason.clone())
-                    });
-                let unit: f64 = rand::random();
-                match ep.retry.delay_with(entry.attempts, unit, retry_after) {
-                    Some(delay) => {
-                        warn!(
-                            endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance,
-                            attempt = entry.attempts, max_attempts = ep.retry.max_attempts,
-                            retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
-                            "delivery failed: {reason}"
-                        );
-                        entry.next_attempt_ms = crate::now_ms() + delay.as_millis() as i64;
-                        entry.last_error = Some(reason);
-                        if let Err(e) = self.store.reschedule(&key, &entry).await {
-                            error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot record a failed attempt");
-                        }
-                        (key, entry, true)
-                    }
-                    None => {
-                        error!(
-                            endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance,
-                            attempts = entry.attempts,
-                            "delivery failed for the last time, moved to dead letters: {reason}"
-                        );
-                        entry.last_error = Some(reason);
-                        let letter = DeadLetter {
-                            endpoint: ep.name.clone(),
-                            entry,
-                            dead_at_ms: crate::now_ms(),
-                        };
-                        let created_ms = letter.entry.created_ms;
-                        match self.store.dead_letter(&key, &letter).await {
-                            Ok(()) => {
-                                self.ops.dead_lettered(
-                                    &ep.name,
-                                    &letter.entry.event_id,
-                                    &letter.entry.kind,
-                                    &letter.entry.instance,
-                                    letter.entry.attempts,
-                                    letter.entry.last_error.as_deref(),
-                                );
-                                self.status.delivery(
-                                    &ep.name,
-                                    created_ms,
-                                    DeliveryOutcome::DeadLettered,
-                                    |_| {},
-                                );
-                                (key, letter.entry, false)
-                            }
-                            Err(e) => {
-                                self.status.store_failed(&e.to_string());
-                                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox and is tried again in {}s", STORE_RETRY.as_secs());
-                                (key, store_retry(letter.entry), true)
-                            }
-                        }
+                        self.disable(why, health).await;
                     }
                 }
             }
         }
     }
+
+    /// Disables the endpoint for `why`: logged, kept in the store (so a
+    /// restart does not send again), and an operational event the first
+    /// time only.
+    async fn disable(&self, why: String, health: &mut Health) {
+        let ep = &self.endpoint;
+        error!(endpoint = %ep.name, "{why}");
+        self.persist_disabled(&why).await;
+        if health.disabled.is_none() {
+            self.ops.endpoint_disabled(&ep.name, &why);
+        }
+        health.disabled = Some(why);
+    }
+
+    /// `410 Gone`: not an attempt that failed; the event waits, unharmed,
+    /// until the endpoint is enabled again.
+    async fn keep_for_later(&self, key: EntryKey, mut entry: OutboxEntry) -> Settled {
+        entry.attempts -= 1;
+        entry.last_error = Some("endpoint answered 410 Gone (disabled)".into());
+        if let Err(e) = self.store.reschedule(&key, &entry).await {
+            error!(endpoint = %self.endpoint.name, error = %format!("{e:#}"), "cannot record an attempt");
+        }
+        (key, entry, true)
+    }
+
+    /// A delivered entry leaves the outbox (`removed`: the removal already
+    /// done with others in one batch). If the store cannot remove it, it
+    /// stays the head and is sent again after [`STORE_RETRY`].
+    async fn remove_delivered(
+        &self,
+        key: EntryKey,
+        entry: OutboxEntry,
+        removed: Option<Result<(), crate::store::StoreError>>,
+    ) -> Settled {
+        let ep = &self.endpoint;
+        debug!(endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance, attempts = entry.attempts, "delivered");
+        let removed = match removed {
+            Some(r) => r,
+            None => self.store.delivered(&key).await,
+        };
+        match removed {
+            Ok(()) => {
+                self.status.store_ok();
+                self.status.delivery(
+                    &ep.name,
+                    entry.created_ms,
+                    DeliveryOutcome::Delivered,
+                    |s| s.last_success_ms = Some(crate::now_ms()),
+                );
+                (key, entry, false)
+            }
+            Err(e) => {
+                self.status.store_failed(&e.to_string());
+                // Still waiting as far as the store knows: counted
+                // when its removal is recorded.
+                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot remove a delivered event from the outbox; it will be delivered again in {}s", STORE_RETRY.as_secs());
+                (key, store_retry(entry), true)
+            }
+        }
+    }
+
+    /// A failed attempt: rescheduled after the retry policy's delay (or
+    /// the receiver's `Retry-After`), or, after the last attempt, moved to
+    /// the dead letters.
+    async fn retry_or_bury(
+        &self,
+        key: EntryKey,
+        mut entry: OutboxEntry,
+        reason: String,
+        retry_after: Option<Duration>,
+    ) -> Settled {
+        let ep = &self.endpoint;
+        self.status
+            .delivery(&ep.name, entry.created_ms, DeliveryOutcome::Failed, |s| {
+                s.last_error = Some(reason.clone())
+            });
+        let unit: f64 = rand::random();
+        let Some(delay) = ep.retry.delay_with(entry.attempts, unit, retry_after) else {
+            error!(
+                endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance,
+                attempts = entry.attempts,
+                "delivery failed for the last time, moved to dead letters: {reason}"
+            );
+            entry.last_error = Some(reason);
+            return self.bury(key, entry).await;
+        };
+        warn!(
+            endpoint = %ep.name, event = %entry.event_id, instance = %entry.instance,
+            attempt = entry.attempts, max_attempts = ep.retry.max_attempts,
+            retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+            "delivery failed: {reason}"
+        );
+        entry.next_attempt_ms = crate::now_ms() + delay.as_millis() as i64;
+        entry.last_error = Some(reason);
+        if let Err(e) = self.store.reschedule(&key, &entry).await {
+            error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot record a failed attempt");
+        }
+        (key, entry, true)
+    }
+
+    /// Moves an entry to the dead letters, with an operational event. If
+    /// the store cannot, it stays the head and is tried again after
+    /// [`STORE_RETRY`].
+    async fn bury(&self, key: EntryKey, entry: OutboxEntry) -> Settled {
+        let ep = &self.endpoint;
+        let letter = DeadLetter {
+            endpoint: ep.name.clone(),
+            entry,
+            dead_at_ms: crate::now_ms(),
+        };
+        let created_ms = letter.entry.created_ms;
+        match self.store.dead_letter(&key, &letter).await {
+            Ok(()) => {
+                self.ops.dead_lettered(
+                    &ep.name,
+                    &letter.entry.event_id,
+                    &letter.entry.kind,
+                    &letter.entry.instance,
+                    letter.entry.attempts,
+                    letter.entry.last_error.as_deref(),
+                );
+                self.status
+                    .delivery(&ep.name, created_ms, DeliveryOutcome::DeadLettered, |_| {});
+                (key, letter.entry, false)
+            }
+            Err(e) => {
+                self.status.store_failed(&e.to_string());
+                error!(endpoint = %ep.name, error = %format!("{e:#}"), "cannot dead-letter an event; it stays in the outbox and is tried again in {}s", STORE_RETRY.as_secs());
+                (key, store_retry(letter.entry), true)
+            }
+        }
+    }
 }
+
+/// A settled attempt: the entry, and whether it stays the head of its
+/// instance (rescheduled, or waiting for the store) or left the outbox.
+type Settled = (EntryKey, OutboxEntry, bool);
 
 /// How long an entry waits when its outcome could not be recorded (the
 /// store failed). Without a wait, an entry the store cannot remove would

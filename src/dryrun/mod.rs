@@ -168,99 +168,121 @@ pub async fn run(
     };
     let mut instances = src.instances.clone();
     if src.discovered {
-        let mut d = Discovery::default();
-        match crate::discover::discover(src, &env, Utc::now()).await {
-            Ok(found) => {
-                for f in &found {
-                    let params = f
-                        .with
-                        .iter()
-                        .map(|(k, v)| format!("{k}={}", crate::config::scalar_text(v)))
-                        .collect();
-                    d.found.push((f.name.clone(), params));
-                    instances.push(src.discovered_instance(&f.name, &f.with));
-                }
-            }
-            Err(e) => {
-                let secrets = src.discovered_instance("-", &Default::default()).secrets;
-                d.error = Some(mask(&e.to_string(), &secrets));
-                report.discovery = Some(d);
-                return Ok(report);
-            }
-        }
+        let (d, found) = discovery(src, &env).await;
+        let failed = d.error.is_some();
         report.discovery = Some(d);
+        if failed {
+            return Ok(report);
+        }
+        instances.extend(found);
     }
     for inst in &chosen(src, &instances, only)? {
-        let mut r = InstanceReport {
-            key: inst.key.clone(),
-            ..Default::default()
-        };
-        let m = |t: &str| mask(t, &inst.secrets);
-        let empty = InstanceState::default();
-        let now = Utc::now();
-        let fetched = match fetch(&src.connector, inst, &empty, &env, now).await {
-            Ok(f) => f,
-            Err(e) => {
-                r.error = Some(format!("poll failed: {}", m(&e.to_string())));
-                report.instances.push(r);
-                continue;
-            }
-        };
-        r.requests = requests_of(&fetched, &m);
-        r.warning = fetched.warning.as_deref().map(m);
-        let (from, baseline) = match store {
-            Some(store) => {
-                let stored = store.load_state(&inst.key).await?;
-                if stored.initialized {
-                    r.seeded = Some(Seeded::AlreadyHad {
-                        cursor: stored.cursor,
-                    });
-                    report.instances.push(r);
-                    continue;
-                }
-                (stored, Baseline::Skip)
-            }
-            None => (empty.clone(), Baseline::Emit),
-        };
-        let d = match detect(
-            &src.connector,
-            &inst.vars,
-            &from,
-            &fetched.pages,
-            now,
-            Some(baseline),
-            fetched.listing(),
-        ) {
-            Ok(d) => d,
-            Err(e) => {
-                r.error = Some(format!("detection failed: {}", m(&e.to_string())));
-                report.instances.push(r);
-                continue;
-            }
-        };
-        r.notes = d
-            .notes
-            .iter()
-            .map(|n| (n.record.to_string(), n.outcome.to_string()))
-            .collect();
-        let (next, events) = crate::poll::prepare_commit(src, inst, &from, d, &fetched, now);
-        r.cursor_before = from.cursor.clone();
-        r.cursor_after = next.cursor.clone();
-        if let Some(store) = store {
-            store.commit_poll(&inst.key, &next, &[]).await?;
-            r.seeded = Some(Seeded::Stored {
-                cursor: next.cursor.clone(),
-                seen: next.seen.len(),
-                known: next.known.len(),
-                snapshot: next.snapshot.is_some(),
-            });
-        } else {
-            r.events = events
-                .iter()
-                .map(|e| (e.id.clone(), m(&e.body())))
-                .collect();
-        }
-        report.instances.push(r);
+        report
+            .instances
+            .push(dry_run_instance(src, inst, &env, store).await?);
     }
     Ok(report)
+}
+
+/// `for_each: discover`: the listing as the report shows it (masked) and
+/// the instances it found.
+async fn discovery(src: &Source, env: &FetchEnv<'_>) -> (Discovery, Vec<crate::config::Instance>) {
+    let mut d = Discovery::default();
+    let mut instances = Vec::new();
+    match crate::discover::discover(src, env, Utc::now()).await {
+        Ok(found) => {
+            for f in &found {
+                let params = f
+                    .with
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", crate::config::scalar_text(v)))
+                    .collect();
+                d.found.push((f.name.clone(), params));
+                instances.push(src.discovered_instance(&f.name, &f.with));
+            }
+        }
+        Err(e) => {
+            let secrets = src.discovered_instance("-", &Default::default()).secrets;
+            d.error = Some(mask(&e.to_string(), &secrets));
+        }
+    }
+    (d, instances)
+}
+
+/// One instance's poll, detection and (with `store`) seeding. A failed
+/// poll or detection is the instance's report; only the store failing
+/// stops the whole run.
+async fn dry_run_instance(
+    src: &Source,
+    inst: &crate::config::Instance,
+    env: &FetchEnv<'_>,
+    store: Option<&Store>,
+) -> Result<InstanceReport, DryRunError> {
+    let mut r = InstanceReport {
+        key: inst.key.clone(),
+        ..Default::default()
+    };
+    let m = |t: &str| mask(t, &inst.secrets);
+    let empty = InstanceState::default();
+    let now = Utc::now();
+    let fetched = match fetch(&src.connector, inst, &empty, env, now).await {
+        Ok(f) => f,
+        Err(e) => {
+            r.error = Some(format!("poll failed: {}", m(&e.to_string())));
+            return Ok(r);
+        }
+    };
+    r.requests = requests_of(&fetched, &m);
+    r.warning = fetched.warning.as_deref().map(m);
+    let (from, baseline) = match store {
+        Some(store) => {
+            let stored = store.load_state(&inst.key).await?;
+            if stored.initialized {
+                r.seeded = Some(Seeded::AlreadyHad {
+                    cursor: stored.cursor,
+                });
+                return Ok(r);
+            }
+            (stored, Baseline::Skip)
+        }
+        None => (empty.clone(), Baseline::Emit),
+    };
+    let d = match detect(
+        &src.connector,
+        &inst.vars,
+        &from,
+        &fetched.pages,
+        now,
+        Some(baseline),
+        fetched.listing(),
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            r.error = Some(format!("detection failed: {}", m(&e.to_string())));
+            return Ok(r);
+        }
+    };
+    r.notes = d
+        .notes
+        .iter()
+        .map(|n| (n.record.to_string(), n.outcome.to_string()))
+        .collect();
+    let (next, events) = crate::poll::prepare_commit(src, inst, &from, d, &fetched, now);
+    r.cursor_before = from.cursor.clone();
+    r.cursor_after = next.cursor.clone();
+    if let Some(store) = store {
+        store.commit_poll(&inst.key, &next, &[]).await?;
+        r.seeded = Some(Seeded::Stored {
+            cursor: next.cursor.clone(),
+            seen: next.seen.len(),
+            known: next.known.len(),
+            snapshot: next.snapshot.is_some(),
+        });
+    } else {
+        r.events = events
+            .iter()
+            .map(|e| (e.id.clone(), m(&e.body())))
+            .collect();
+    }
+    Ok(r)
 }

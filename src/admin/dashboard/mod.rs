@@ -32,8 +32,9 @@ use axum::Form;
 use minijinja::{context, Environment};
 use serde::{Deserialize, Serialize};
 
-use super::AdminState;
+use super::{AdminState, StatusReport};
 use crate::operate::{self, Op};
+use crate::status::InstanceStatus;
 
 /// Instances per page.
 const PAGE: usize = 100;
@@ -340,173 +341,17 @@ impl Dashboard {
         }
     }
 
-    /// The page, rendered from the daemon's status and store.
+    /// The page, rendered from the daemon's status and store: each part
+    /// of the page gathered by a step of its own, then one render.
     async fn render(&self, s: &AdminState, f: &Filter) -> Result<String, DashboardError> {
         let now = crate::now_ms();
         let report = super::full_report(s).await;
         let me = s.node.as_deref();
-        // Sources first: one pass over every instance.
-        let mut sources: BTreeMap<String, SourceRow> = BTreeMap::new();
-        let mut matching = Vec::new();
-        for (key, i) in &report.instances {
-            let state = state_of(i, me);
-            let row = sources
-                .entry(i.source.clone())
-                .or_insert_with(|| SourceRow {
-                    link: serde_urlencoded::to_string([("source", &i.source)]).unwrap_or_default(),
-                    name: i.source.clone(),
-                    connector: i.connector.clone(),
-                    instances: 0,
-                    ok: 0,
-                    failing: 0,
-                    waiting: 0,
-                    events: 0,
-                    last_poll: String::new(),
-                    last_poll_ms: None,
-                });
-            row.instances += 1;
-            match state {
-                "ok" => row.ok += 1,
-                "failing" => row.failing += 1,
-                "waiting" => row.waiting += 1,
-                _ => {}
-            }
-            row.events += i.events;
-            row.last_poll_ms = row.last_poll_ms.max(i.last_poll_ms);
-            let keep = (f.source.is_empty() || f.source == i.source)
-                && (f.state.is_empty() || f.state == state)
-                && (f.q.is_empty() || key.contains(&f.q));
-            if keep {
-                matching.push((key, i, state));
-            }
-        }
-        for row in sources.values_mut() {
-            row.last_poll = ago(row.last_poll_ms, now);
-        }
-        let pages = matching.len().div_ceil(PAGE).max(1);
-        let page = f.page.min(pages - 1);
-        let from = page * PAGE;
-        let instances: Vec<_> = matching
-            .iter()
-            .skip(from)
-            .take(PAGE)
-            .map(|(key, i, state)| {
-                context! {
-                    key => key,
-                    state => state,
-                    node => i.node,
-                    last_poll => ago(i.last_poll_ms, now),
-                    next_poll => ago(i.next_poll_ms, now),
-                    interval => i.effective_interval_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or("-".into()),
-                    ok => i.polls_ok,
-                    not_modified => i.polls_not_modified,
-                    failed => i.polls_failed,
-                    events => i.events,
-                    cursor => i.cursor,
-                    error => i.last_error.clone().or(i.last_warning.clone()),
-                }
-            })
-            .collect();
-        let link = |p: usize| {
-            let q = Filter {
-                page: p,
-                flash: String::new(),
-                ..f.clone()
-            };
-            serde_urlencoded::to_string(&q).unwrap_or_default()
-        };
-        let shown = context! {
-            from => if matching.is_empty() { 0 } else { from + 1 },
-            to => (from + PAGE).min(matching.len()),
-            matching => matching.len(),
-            prev => (page > 0).then(|| link(page - 1)),
-            next => (page + 1 < pages).then(|| link(page + 1)),
-        };
-        let mut endpoints = Vec::new();
-        for (name, e) in &report.endpoints {
-            let attempts = s
-                .store
-                .attempts(&crate::store::AttemptQuery {
-                    endpoint: Some(name.clone()),
-                    limit: Some(5),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_default();
-            let state = if e.disabled.is_some() {
-                "disabled"
-            } else if e.circuit_open {
-                "open"
-            } else {
-                "ok"
-            };
-            endpoints.push(context! {
-                name => name,
-                state => state,
-                disabled => e.disabled,
-                queue => e.queue_depth,
-                oldest => ago(e.oldest_pending_ms, now),
-                dead => e.dead_letters,
-                delivered => e.delivered,
-                failed => e.failed_attempts,
-                last_error => e.last_error,
-                attempts => attempts.iter().map(|a| context! {
-                    at => ago(Some(a.at_ms), now),
-                    status => a.status.map_or("-".to_string(), |c| c.to_string()),
-                    latency_ms => a.latency_ms,
-                    outcome => a.outcome,
-                }).collect::<Vec<_>>(),
-            });
-        }
-        let hosts: Vec<_> = report
-            .hosts
-            .iter()
-            .map(|(name, h)| {
-                context! {
-                    name => name,
-                    requests => h.requests,
-                    throttled => h.throttled,
-                    too_many => h.too_many_requests,
-                    pauses => h.pauses,
-                    paused => h.paused_for_ms.map(|ms| format!("{:.1}s more", ms as f64 / 1000.0)),
-                    pace => h.spacing_ms.map(|ms| format!("one per {ms} ms")),
-                }
-            })
-            .collect();
-        let all_dead = s.store.dead_letters(None).await?;
-        let dead_total = all_dead.len();
-        let dead: Vec<_> = all_dead
-            .iter()
-            .filter(|(_, d)| {
-                (f.dead_endpoint.is_empty() || f.dead_endpoint == d.endpoint)
-                    && (f.dead_source.is_empty()
-                        || d.entry.instance.split('/').next() == Some(f.dead_source.as_str()))
-            })
-            .take(DEAD_SHOWN)
-            .map(|(_, d)| {
-                context! {
-                    id => d.entry.event_id,
-                    kind => d.entry.kind,
-                    instance => d.entry.instance,
-                    endpoint => d.endpoint,
-                    attempts => d.entry.attempts,
-                    dead_at => ago(Some(d.dead_at_ms), now),
-                    error => d.entry.last_error,
-                }
-            })
-            .collect();
-        let cluster = report.cluster.as_ref().map(|c| {
-            context! {
-                nodes => c.nodes.iter().map(|n| context! {
-                    node => n.node,
-                    leases => n.leases,
-                    heartbeat => ago(Some(now - n.heartbeat_age_ms), now),
-                    started => ago(Some(n.started_ms), now),
-                }).collect::<Vec<_>>(),
-            }
-        });
+        let (sources, matching) = sources_and_matching(&report, f, me, now);
+        let (instances, shown) = instance_page(&matching, f, now);
+        let endpoints = endpoint_rows(s, &report, now).await;
+        let (dead, dead_total) = dead_rows(s, f, now).await?;
         let activity = s.status.activity();
-        let instance_total = report.instances.len();
         self.env()
             .get_template("page.html")
             .and_then(|t| {
@@ -517,17 +362,17 @@ impl Dashboard {
                     flash => (!f.flash.is_empty()).then_some(&f.flash),
                     store_error => report.store.error,
                     reload_error => report.config.last_reload_error,
-                    instance_total => instance_total,
+                    instance_total => report.instances.len(),
                     sources => sources.into_values().collect::<Vec<_>>(),
                     states => STATES,
                     filter => f,
                     instances => instances,
                     shown => shown,
                     endpoints => endpoints,
-                    hosts => hosts,
+                    hosts => host_rows(&report),
                     dead => dead,
                     dead_total => dead_total,
-                    cluster => cluster,
+                    cluster => cluster_rows(&report, now),
                     csrf => &self.csrf,
                     chart => minijinja::Value::from_safe_string(chart(&activity, now)),
                 })
@@ -539,6 +384,214 @@ impl Dashboard {
                 DashboardError::Render(e)
             })
     }
+}
+
+/// An instance the filter keeps: its key, status and state.
+type Matching<'a> = (&'a String, &'a InstanceStatus, &'static str);
+
+/// The sources table and the instances the filter keeps, in one pass over
+/// every instance (10,000 of them must not be walked twice per page).
+fn sources_and_matching<'a>(
+    report: &'a StatusReport,
+    f: &Filter,
+    me: Option<&str>,
+    now: i64,
+) -> (BTreeMap<String, SourceRow>, Vec<Matching<'a>>) {
+    let mut sources: BTreeMap<String, SourceRow> = BTreeMap::new();
+    let mut matching = Vec::new();
+    for (key, i) in &report.instances {
+        let state = state_of(i, me);
+        let row = sources
+            .entry(i.source.clone())
+            .or_insert_with(|| SourceRow {
+                link: serde_urlencoded::to_string([("source", &i.source)]).unwrap_or_default(),
+                name: i.source.clone(),
+                connector: i.connector.clone(),
+                instances: 0,
+                ok: 0,
+                failing: 0,
+                waiting: 0,
+                events: 0,
+                last_poll: String::new(),
+                last_poll_ms: None,
+            });
+        row.instances += 1;
+        match state {
+            "ok" => row.ok += 1,
+            "failing" => row.failing += 1,
+            "waiting" => row.waiting += 1,
+            _ => {}
+        }
+        row.events += i.events;
+        row.last_poll_ms = row.last_poll_ms.max(i.last_poll_ms);
+        let keep = (f.source.is_empty() || f.source == i.source)
+            && (f.state.is_empty() || f.state == state)
+            && (f.q.is_empty() || key.contains(&f.q));
+        if keep {
+            matching.push((key, i, state));
+        }
+    }
+    for row in sources.values_mut() {
+        row.last_poll = ago(row.last_poll_ms, now);
+    }
+    (sources, matching)
+}
+
+/// The page of matching instances the filter asks for (a page past the
+/// end shows the last one), and what the pager says: the range shown and
+/// the links to the previous and next pages, the filter kept.
+fn instance_page(
+    matching: &[Matching<'_>],
+    f: &Filter,
+    now: i64,
+) -> (Vec<minijinja::Value>, minijinja::Value) {
+    let pages = matching.len().div_ceil(PAGE).max(1);
+    let page = f.page.min(pages - 1);
+    let from = page * PAGE;
+    let instances: Vec<_> = matching
+        .iter()
+        .skip(from)
+        .take(PAGE)
+        .map(|(key, i, state)| {
+            context! {
+                key => key,
+                state => state,
+                node => i.node,
+                last_poll => ago(i.last_poll_ms, now),
+                next_poll => ago(i.next_poll_ms, now),
+                interval => i.effective_interval_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or("-".into()),
+                ok => i.polls_ok,
+                not_modified => i.polls_not_modified,
+                failed => i.polls_failed,
+                events => i.events,
+                cursor => i.cursor,
+                error => i.last_error.clone().or(i.last_warning.clone()),
+            }
+        })
+        .collect();
+    let link = |p: usize| {
+        let q = Filter {
+            page: p,
+            flash: String::new(),
+            ..f.clone()
+        };
+        serde_urlencoded::to_string(&q).unwrap_or_default()
+    };
+    let shown = context! {
+        from => if matching.is_empty() { 0 } else { from + 1 },
+        to => (from + PAGE).min(matching.len()),
+        matching => matching.len(),
+        prev => (page > 0).then(|| link(page - 1)),
+        next => (page + 1 < pages).then(|| link(page + 1)),
+    };
+    (instances, shown)
+}
+
+/// The endpoints table, each with its last five attempts from the store
+/// (an unreadable store shows none rather than no page).
+async fn endpoint_rows(s: &AdminState, report: &StatusReport, now: i64) -> Vec<minijinja::Value> {
+    let mut endpoints = Vec::new();
+    for (name, e) in &report.endpoints {
+        let attempts = s
+            .store
+            .attempts(&crate::store::AttemptQuery {
+                endpoint: Some(name.clone()),
+                limit: Some(5),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_default();
+        let state = if e.disabled.is_some() {
+            "disabled"
+        } else if e.circuit_open {
+            "open"
+        } else {
+            "ok"
+        };
+        endpoints.push(context! {
+            name => name,
+            state => state,
+            disabled => e.disabled,
+            queue => e.queue_depth,
+            oldest => ago(e.oldest_pending_ms, now),
+            dead => e.dead_letters,
+            delivered => e.delivered,
+            failed => e.failed_attempts,
+            last_error => e.last_error,
+            attempts => attempts.iter().map(|a| context! {
+                at => ago(Some(a.at_ms), now),
+                status => a.status.map_or("-".to_string(), |c| c.to_string()),
+                latency_ms => a.latency_ms,
+                outcome => a.outcome,
+            }).collect::<Vec<_>>(),
+        });
+    }
+    endpoints
+}
+
+/// The upstream hosts table.
+fn host_rows(report: &StatusReport) -> Vec<minijinja::Value> {
+    report
+        .hosts
+        .iter()
+        .map(|(name, h)| {
+            context! {
+                name => name,
+                requests => h.requests,
+                throttled => h.throttled,
+                too_many => h.too_many_requests,
+                pauses => h.pauses,
+                paused => h.paused_for_ms.map(|ms| format!("{:.1}s more", ms as f64 / 1000.0)),
+                pace => h.spacing_ms.map(|ms| format!("one per {ms} ms")),
+            }
+        })
+        .collect()
+}
+
+/// The dead letters the filter keeps (at most [`DEAD_SHOWN`]) and how
+/// many there are in all. Unlike the attempts, a store that cannot list
+/// them fails the page: the operator acts on this list.
+async fn dead_rows(
+    s: &AdminState,
+    f: &Filter,
+    now: i64,
+) -> Result<(Vec<minijinja::Value>, usize), DashboardError> {
+    let all_dead = s.store.dead_letters(None).await?;
+    let dead = all_dead
+        .iter()
+        .filter(|(_, d)| {
+            (f.dead_endpoint.is_empty() || f.dead_endpoint == d.endpoint)
+                && (f.dead_source.is_empty()
+                    || d.entry.instance.split('/').next() == Some(f.dead_source.as_str()))
+        })
+        .take(DEAD_SHOWN)
+        .map(|(_, d)| {
+            context! {
+                id => d.entry.event_id,
+                kind => d.entry.kind,
+                instance => d.entry.instance,
+                endpoint => d.endpoint,
+                attempts => d.entry.attempts,
+                dead_at => ago(Some(d.dead_at_ms), now),
+                error => d.entry.last_error,
+            }
+        })
+        .collect();
+    Ok((dead, all_dead.len()))
+}
+
+/// The cluster's nodes, when the report has a cluster section.
+fn cluster_rows(report: &StatusReport, now: i64) -> Option<minijinja::Value> {
+    report.cluster.as_ref().map(|c| {
+        context! {
+            nodes => c.nodes.iter().map(|n| context! {
+                node => n.node,
+                leases => n.leases,
+                heartbeat => ago(Some(now - n.heartbeat_age_ms), now),
+                started => ago(Some(n.started_ms), now),
+            }).collect::<Vec<_>>(),
+        }
+    })
 }
 
 fn token_of(s: &AdminState) -> Option<String> {

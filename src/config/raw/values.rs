@@ -475,8 +475,9 @@ mod tests {
             .contains("expected a rate"));
     }
 
-    fn parse<T: for<'de> Deserialize<'de>>(v: &str) -> Result<T, String> {
-        serde_saphyr::from_str::<T>(v).map_err(|e| e.to_string())
+    /// The YAML reader's own error: tests read its message.
+    fn parse<T: for<'de> Deserialize<'de>>(v: &str) -> Result<T, serde_saphyr::Error> {
+        serde_saphyr::from_str::<T>(v)
     }
 
     #[test]
@@ -484,16 +485,16 @@ mod tests {
         assert_eq!(parse::<Dur>("0").unwrap().0, Duration::ZERO);
         assert!(parse::<Dur>("10y").is_ok());
         // Past this, adding it to an `Instant` panics.
-        let e = parse::<Dur>("100000000 years").unwrap_err();
+        let e = parse::<Dur>("100000000 years").unwrap_err().to_string();
         assert!(e.contains("at most 10 years"), "{e}");
         assert!(parse::<Timeout>("1h").is_ok());
         for bad in ["0", "0s", "61m", "10 years"] {
-            let e = parse::<Timeout>(bad).unwrap_err();
+            let e = parse::<Timeout>(bad).unwrap_err().to_string();
             assert!(e.contains("more than 0 and at most 1h"), "{bad}: {e}");
         }
         assert!(parse::<NonZeroDur>("1ms").is_ok());
         for bad in ["0ms", "11y"] {
-            let e = parse::<NonZeroDur>(bad).unwrap_err();
+            let e = parse::<NonZeroDur>(bad).unwrap_err().to_string();
             assert!(e.contains("more than 0 and at most 10 years"), "{bad}: {e}");
         }
     }
@@ -570,12 +571,16 @@ mod tests {
     fn pinned_errors() -> Vec<String> {
         let mut out: Vec<String> = PINNED_CASES
             .iter()
-            .map(|c| parse::<RawConnector>(&connector_with(c)).unwrap_err())
+            .map(|c| {
+                parse::<RawConnector>(&connector_with(c))
+                    .unwrap_err()
+                    .to_string()
+            })
             .collect();
         out.extend(
             BRIDGE_CASES
                 .iter()
-                .map(|c| parse::<RawBridge>(c).unwrap_err()),
+                .map(|c| parse::<RawBridge>(c).unwrap_err().to_string()),
         );
         out
     }

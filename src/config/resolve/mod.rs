@@ -126,68 +126,25 @@ impl Config {
         let sources = resolve_sources(&mut diag, &raw, &connectors);
         let store = store_location(&mut diag, file, &raw);
         let operations = operations(&mut diag, &raw, &endpoints);
-        if let Some(ua) = &raw.user_agent {
-            if ua.trim().is_empty() || reqwest::header::HeaderValue::from_str(ua).is_err() {
-                let line = diag.line_of("user_agent");
-                diag.at(
-                    line,
-                    0,
-                    "user_agent",
-                    "expected a User-Agent header value: printable text on one line, such as `acme-agents/1.0 (ops@acme.example)`",
-                );
-            }
-        }
+        check_user_agent(&mut diag, &raw);
         let hosts = raw
             .hosts
             .iter()
             .map(|(name, h)| (name.clone(), bridge::host_quota(h)))
             .collect();
-        let mut admin_listen = None;
-        let mut admin_token = None;
-        let mut admin_allowed_hosts = Vec::new();
-        let mut warnings = Vec::new();
-        if let Some(admin) = &raw.admin {
-            for h in &admin.allowed_hosts {
-                match crate::access::allowed_host_entry(&h.value) {
-                    Ok(name) => admin_allowed_hosts.push(name),
-                    Err(e) => diag.at_span(h, "admin.allowed_hosts", e.to_string()),
-                }
-            }
-            let auth = admin_auth(file, &original, admin.token.as_ref());
-            match parse_listen(file, &original, &admin.listen) {
-                Ok(addr) => {
-                    admin_listen = Some(addr);
-                    if let Ok(auth) = &auth {
-                        if let Err(e) =
-                            check_listen_auth(file, &original, &admin.listen, addr, auth)
-                        {
-                            diag.push(e);
-                        }
-                        if *auth == AdminAuth::Disabled && !addr.ip().to_canonical().is_loopback() {
-                            warnings.push(format!(
-                                "{}:{}: admin.token: `none` on `{addr}`, which is not a loopback address: anyone who reaches it can replay, drop and export events; set a token unless something in front of it (a firewall, a proxy that authenticates) keeps everyone else out",
-                                file.display(),
-                                admin.token.as_ref().map_or(0, |t| t.referenced.line()),
-                            ));
-                        }
-                    }
-                }
-                Err(e) => diag.push(e),
-            }
-            match auth {
-                Ok(AdminAuth::Token(t)) => admin_token = Some(t),
-                Ok(_) => {}
-                Err(e) => diag.push(e),
-            }
-        }
+        let admin = raw
+            .admin
+            .as_ref()
+            .map(|a| resolve_admin(&mut diag, file, &original, a))
+            .unwrap_or_default();
         diag.finish(|| Config {
             file: file.to_path_buf(),
             state_dir: state_dir_of(file, raw.state_dir.as_deref()),
             store,
-            admin_listen,
-            admin_token,
-            admin_allowed_hosts,
-            warnings,
+            admin_listen: admin.listen,
+            admin_token: admin.token,
+            admin_allowed_hosts: admin.allowed_hosts,
+            warnings: admin.warnings,
             shutdown_timeout: raw
                 .shutdown_timeout
                 .map(|d| d.0)
@@ -217,6 +174,75 @@ impl Config {
     pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
         self.sources.iter().find(|s| s.name == name)
     }
+}
+
+/// `user_agent`, when set, must be something a header can carry: checked
+/// at load, so a typo is not a failure of every poll.
+fn check_user_agent(diag: &mut Diag, raw: &RawBridge) {
+    let Some(ua) = &raw.user_agent else { return };
+    if ua.trim().is_empty() || reqwest::header::HeaderValue::from_str(ua).is_err() {
+        let line = diag.line_of("user_agent");
+        diag.at(
+            line,
+            0,
+            "user_agent",
+            "expected a User-Agent header value: printable text on one line, such as `acme-agents/1.0 (ops@acme.example)`",
+        );
+    }
+}
+
+/// What the daemon takes of `admin:`.
+#[derive(Default)]
+struct Admin {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+    /// `allowed_hosts`, lower case.
+    allowed_hosts: Vec<String>,
+    /// `token: none` on an address others can reach: allowed, but said.
+    warnings: Vec<String>,
+}
+
+/// `admin:` resolved: the listen address and the token, read by the same
+/// functions `pollhook status` uses (`config::operator`), checked
+/// together (a listen address off loopback needs a token or `none`).
+fn resolve_admin(
+    diag: &mut Diag,
+    file: &Path,
+    original: &str,
+    admin: &super::raw::RawAdmin,
+) -> Admin {
+    let mut out = Admin::default();
+    for h in &admin.allowed_hosts {
+        match crate::access::allowed_host_entry(&h.value) {
+            Ok(name) => out.allowed_hosts.push(name),
+            Err(e) => diag.at_span(h, "admin.allowed_hosts", e.to_string()),
+        }
+    }
+    let auth = admin_auth(file, original, admin.token.as_ref());
+    match parse_listen(file, original, &admin.listen) {
+        Ok(addr) => {
+            out.listen = Some(addr);
+            if let Ok(auth) = &auth {
+                if let Err(e) = check_listen_auth(file, original, &admin.listen, addr, auth) {
+                    diag.push(e);
+                }
+                if *auth == AdminAuth::Disabled && !addr.ip().to_canonical().is_loopback() {
+                    out.warnings.push(format!(
+                        "{}:{}: admin.token: `none` on `{addr}`, which is not a loopback address: anyone who reaches it can replay, drop and export events; set a token unless something in front of it (a firewall, a proxy that authenticates) keeps everyone else out",
+                        file.display(),
+                        admin.token.as_ref().map_or(0, |t| t.referenced.line()),
+                    ));
+                }
+            }
+        }
+        Err(e) => diag.push(e),
+    }
+    match auth {
+        Ok(AdminAuth::Token(t)) => out.token = Some(t),
+        Ok(_) => {}
+        Err(e) => diag.push(e),
+    }
+    out
 }
 
 /// `operations:`: endpoints that exist; the defaults otherwise. The

@@ -103,25 +103,8 @@ pub(crate) fn resolve_connector(
     inline_name: Option<&str>,
 ) -> Result<Connector, ConfigErrors> {
     let mut diag = Diag::new(file, text);
-    let name = match (&raw.name, inline_name) {
-        (Some(n), _) => n.value.clone(),
-        (None, Some(n)) => n.to_string(),
-        (None, None) => {
-            diag.at(
-                1,
-                0,
-                "name",
-                "a connector file needs `name:` (what sources refer to)",
-            );
-            String::new()
-        }
-    };
-    let mut params = params_of(&diag, raw);
-    for k in request::credential_params(&raw.request) {
-        if let Some(p) = params.get_mut(&k) {
-            p.secret = true;
-        }
-    }
+    let name = connector_name(&mut diag, raw, inline_name);
+    let params = params_of(&diag, raw);
     let mut cx = Cx {
         diag,
         engine: Engine::new(),
@@ -143,21 +126,7 @@ pub(crate) fn resolve_connector(
         .watch_key
         .as_ref()
         .and_then(|t| cx.template(t, "watch_key", ITEM_VARS));
-    let watch_value = raw.watch_value.as_ref().and_then(|v| {
-        cx.check_vars(
-            &template::variables_of_value(&v.value.0),
-            ITEM_VARS,
-            v,
-            "watch_value",
-        );
-        match cx.engine.value_template(&v.value.0) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                cx.diag.at_span(v, "watch_value", e.to_string());
-                None
-            }
-        }
-    });
+    let watch_value = watch_value(&mut cx, raw);
     let paginate = paging::paginate(&mut cx, raw, items.is_some());
     emit::check_detect(&mut cx, raw);
     let emit = emit::emit_rules(&mut cx, raw);
@@ -165,12 +134,7 @@ pub(crate) fn resolve_connector(
         .discover
         .as_ref()
         .and_then(|d| discover::resolve_discover(&mut cx, raw, d, &name));
-    let id_value = raw.id.as_ref().and_then(|t| {
-        match cx.engine.value_template(&Value::String(t.value.0.clone())) {
-            Ok(v @ ValueTpl::Native(_)) => Some(v),
-            _ => None,
-        }
-    });
+    let id_value = id_value(&mut cx, raw);
     let Cx { diag, engine, .. } = cx;
     diag.finish(|| Connector {
         discover,
@@ -189,11 +153,7 @@ pub(crate) fn resolve_connector(
             .and_then(|r| r.format)
             .unwrap_or_default(),
         paginate,
-        items_parent: raw
-            .items
-            .as_ref()
-            .and_then(|p| p.value.0.trim().strip_suffix("[*]").map(str::to_string))
-            .and_then(|p| JsonPath::parse(&p).ok()),
+        items_parent: items_parent(raw),
         items,
         columnar: raw.columnar.as_ref().is_some_and(|c| c.value),
         id_value,
@@ -212,9 +172,67 @@ pub(crate) fn resolve_connector(
     })
 }
 
-/// The declared params, each with its line for "missing param" messages.
+/// The connector's name: its `name:`, else (inline in bridge.yaml) its
+/// source's; a connector file without one is an error.
+fn connector_name(diag: &mut Diag, raw: &RawConnector, inline_name: Option<&str>) -> String {
+    match (&raw.name, inline_name) {
+        (Some(n), _) => n.value.clone(),
+        (None, Some(n)) => n.to_string(),
+        (None, None) => {
+            diag.at(
+                1,
+                0,
+                "name",
+                "a connector file needs `name:` (what sources refer to)",
+            );
+            String::new()
+        }
+    }
+}
+
+/// `watch_value`: a value template of the item's variables.
+fn watch_value(cx: &mut Cx, raw: &RawConnector) -> Option<ValueTpl> {
+    let v = raw.watch_value.as_ref()?;
+    cx.check_vars(
+        &template::variables_of_value(&v.value.0),
+        ITEM_VARS,
+        v,
+        "watch_value",
+    );
+    match cx.engine.value_template(&v.value.0) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            cx.diag.at_span(v, "watch_value", e.to_string());
+            None
+        }
+    }
+}
+
+/// `id` as a value when it is one lone expression: detection evaluates
+/// it only to tell a null id from the text "None". Its errors were said
+/// for `id` already.
+fn id_value(cx: &mut Cx, raw: &RawConnector) -> Option<ValueTpl> {
+    let t = raw.id.as_ref()?;
+    match cx.engine.value_template(&Value::String(t.value.0.clone())) {
+        Ok(v @ ValueTpl::Native(_)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The parent of `items` when it ends in `[*]`: a page without it is not
+/// a listing (`DetectError::NotAListing`), unlike one with an empty list.
+fn items_parent(raw: &RawConnector) -> Option<JsonPath> {
+    raw.items
+        .as_ref()
+        .and_then(|p| p.value.0.trim().strip_suffix("[*]").map(str::to_string))
+        .and_then(|p| JsonPath::parse(&p).ok())
+}
+
+/// The declared params, each with its line for "missing param" messages;
+/// those the request sends as credentials are secret, declared so or not.
 fn params_of(diag: &Diag, raw: &RawConnector) -> BTreeMap<String, Param> {
-    raw.params
+    let mut params: BTreeMap<String, Param> = raw
+        .params
         .iter()
         .map(|(k, p)| {
             let param = Param {
@@ -225,7 +243,13 @@ fn params_of(diag: &Diag, raw: &RawConnector) -> BTreeMap<String, Param> {
             };
             (k.clone(), param)
         })
-        .collect()
+        .collect();
+    for k in request::credential_params(&raw.request) {
+        if let Some(p) = params.get_mut(&k) {
+            p.secret = true;
+        }
+    }
+    params
 }
 
 /// A JSONPath that `raw::JsonPathSrc` already parsed once.
