@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! schedule → poll (connector::fetch) → detect (connector::detect, pure)
-//!          → store::Store::commit_poll (state + outbox, ONE transaction)
+//!          → store::Store::commit_fenced (state + outbox, ONE transaction)
 //!          → deliver::worker (sign, POST, retry, dead-letter)
 //! ```
 //!
@@ -16,11 +16,15 @@
 //! - [`access`]: who may talk to the admin server (Host, Origin, sessions).
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, operations, and
 //!   its [`admin::dashboard`] (the server-rendered page and its forms).
-//! - [`cluster`]: one node of a cluster: leases, heartbeats, wake-ups.
-//! - [`config`]: raw YAML, `${VAR}` interpolation, validation with `file:line` errors.
-//! - [`connector`]: resolved connectors, fetching pages, and detection.
+//! - [`cluster`]: the node every daemon is, on the coordination seam: leases,
+//!   heartbeats, wake-ups (alone on sled, the same path).
+//! - [`config`]: raw YAML, `${VAR}` interpolation, validation with `file:line`
+//!   errors, into the runtime types; what operator commands read.
+//! - [`connector`]: resolved connectors, fetching pages, detection, masking
+//!   secrets, cassettes and `new connector`'s guesses.
 //! - [`daemon`]: `pollhook run`: lifecycle, the supervisor, shutdown.
-//! - [`deliver`]: signing and retry policy (pure) and the delivery workers.
+//! - [`deliver`]: signing, retry policy, the SSRF guard and endpoint policy
+//!   (pure), and the delivery workers.
 //! - [`discover`]: `for_each: discover`, instances found at run time.
 //! - [`dryrun`]: `pollhook test`, as a typed report.
 //! - [`event`]: the wire format, defined once.
@@ -28,16 +32,19 @@
 //! - [`hints`]: what an answer says about polling again (pure).
 //! - [`logfmt`]: text log fields with control characters escaped.
 //! - [`notify`]: the systemd notify protocol.
-//! - [`operate`]: operator operations (dead letters, history, enable, backups),
+//! - [`operate`]: operator verbs (dead letters, history, enable, backups),
 //!   typed, shared by the admin server and the CLI.
-//! - [`opsevents`]: operational events, queued in the outbox.
+//! - [`opsevents`]: operational events (`operations:`), queued in the outbox.
 //! - [`poll`]: one instance's loop: schedule, fetch, detect, commit.
 //! - [`quota`]: politeness: host gates, rate limits, what answers advise.
 //! - [`reload`]: what changed between two configurations (pure).
-//! - [`runtime`]: what every stage shares at run time (`Shared`, `Live`, `Tasks`).
+//! - [`runtime`]: what every stage shares at run time (`Shared`, `Live`, `Tasks`,
+//!   the resolved `Source` and `Route`).
 //! - [`schedule`]: `every <duration>` and cron schedules (pure).
-//! - [`status`]: in-memory status, metrics and reports.
-//! - [`store`]: the storage seam and its backends (sled, PostgreSQL).
+//! - [`status`]: in-memory status, every metric ([`status::metrics`]), the
+//!   `/status` report.
+//! - [`store`]: the storage seam and its backends (sled, PostgreSQL), and the
+//!   coordination seam (PostgreSQL's, or `SingleNode`'s for sled).
 //! - [`template`]: the Jinja-style template engine used by every connector.
 //! - [`wake`]: wake-ups of delivery workers, by endpoint (the bottom layer).
 

@@ -316,7 +316,7 @@ impl Run<'_> {
     }
 
     /// One listed item of `detect: changes`: created, updated or unchanged.
-    fn change(&mut self, it: &Listed) -> Result<(), DetectError> {
+    fn change(&mut self, it: &ListedItem) -> Result<(), DetectError> {
         let c = self.c;
         let mut ctx = self.base.clone();
         ctx.insert("item".into(), it.item.clone());
@@ -415,7 +415,7 @@ fn watched(
 }
 
 /// The ids of a listing, refused items included (they are still listed).
-fn distinct_ids<'a>(items: &'a [Listed], refused_ids: &'a [String]) -> HashSet<&'a str> {
+fn distinct_ids<'a>(items: &'a [ListedItem], refused_ids: &'a [String]) -> HashSet<&'a str> {
     items
         .iter()
         .map(|it| it.id.as_str())
@@ -436,7 +436,7 @@ fn check_changes_fit(n: usize, limit: usize) -> Result<(), DetectError> {
 fn item_version(
     c: &Connector,
     ctx: &Map<String, Value>,
-    it: &Listed,
+    it: &ListedItem,
 ) -> Result<String, DetectError> {
     let Some(t) = &c.version else {
         return Ok(value_hash(&it.item));
@@ -521,7 +521,7 @@ fn keyed(c: &Connector, base: &Map<String, Value>, nodes: &[&Value]) -> Result<V
 }
 
 /// One item of a listing with its rendered id.
-struct Listed {
+struct ListedItem {
     id: String,
     item: Value,
 }
@@ -535,7 +535,7 @@ fn list_items(
     pages: &[Value],
     xml: bool,
     out: &mut Out,
-) -> Result<Vec<Listed>, DetectError> {
+) -> Result<Vec<ListedItem>, DetectError> {
     let items_path = c.items.as_ref().ok_or(DetectError::Missing("items"))?;
     let id_tpl = c.id.as_ref().ok_or(DetectError::Missing("id"))?;
     let mut listed = Vec::new();
@@ -593,7 +593,7 @@ fn list_items(
                 out.refused_ids.push(id);
                 continue;
             }
-            listed.push(Listed {
+            listed.push(ListedItem {
                 id,
                 item: item.clone(),
             });
@@ -734,7 +734,7 @@ fn advance_cursor(
     prev: &InstanceState,
     state: &mut InstanceState,
     pages: &[Value],
-    items: &[Listed],
+    items: &[ListedItem],
 ) -> Result<(), DetectError> {
     match &c.cursor {
         None => {}

@@ -681,7 +681,7 @@ struct PageAt<'a> {
 }
 
 /// One page read and parsed.
-struct Page {
+struct ParsedPage {
     value: Value,
     headers: HeaderMap,
     /// Its items (when the connector has `items:`).
@@ -696,7 +696,7 @@ async fn read_page(
     at: &PageAt<'_>,
     secrets: &[String],
     out: &mut Fetched,
-) -> Result<Option<Page>, PollError> {
+) -> Result<Option<ParsedPage>, PollError> {
     let status = reply.status().as_u16();
     let shown = at.shown;
     if at.first && c.poll_hints {
@@ -761,7 +761,7 @@ async fn read_page(
         bytes: bytes.len(),
         items: count,
     });
-    Ok(Some(Page {
+    Ok(Some(ParsedPage {
         value,
         headers,
         count,
@@ -821,7 +821,7 @@ impl Pager {
         c: &Connector,
         pg: &Paginate,
         vars: &Map<String, Value>,
-        page: &Page,
+        page: &ParsedPage,
         url: &reqwest::Url,
         shown: &str,
     ) -> Result<Option<reqwest::Url>, PollError> {

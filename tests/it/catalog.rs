@@ -5,6 +5,9 @@
 //! connector author runs, from an empty state with `baseline: emit`), and
 //! the daemon delivering to a verifying receiver, where the first poll is a
 //! baseline and the fixture then switches to its second snapshot.
+//! (`connectors.rs` holds longer daemon runs of `github-issues`,
+//! `rss-feed` and `statuspage`; `catalog/cassettes.rs` replays every
+//! connector's cassette.)
 //!
 //! The fixture servers also send (and check) the headers that matter for
 //! each API: `Link` paging, `ETag`/`Last-Modified` with `304`, required

@@ -1,4 +1,8 @@
-//! The CLI's one-shot commands.
+//! The CLI's one-shot commands through the real binary: `secret
+//! generate`, `verify`, `schema`, `pollhook test` (one poll, no state
+//! touched; a connector file alone with `--with`; `--seed`; inline
+//! connectors; masked credentials), and what operator commands read of
+//! bridge.yaml (only the state dir and admin settings).
 
 use std::io::Write;
 use std::process::{Command, Stdio};

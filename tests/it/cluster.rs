@@ -1,6 +1,7 @@
 //! Several `pollhook run` processes on one PostgreSQL store: leases,
-//! fencing, failover, a cluster-wide host quota, and a database that goes
-//! away under load.
+//! fencing, failover, discovery run once for the cluster, an endpoint's
+//! disable and enable reaching every node, a `Retry-After` and a host
+//! quota shared by every node, and a database that goes away under load.
 //!
 //! The upstream here (a "ledger": a list of items per account) counts, per
 //! account, requests in flight at once: two nodes polling one instance at

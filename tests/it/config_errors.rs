@@ -1,5 +1,7 @@
 //! Bad config gets a clear error naming file, line and field, and `validate`
-//! exits non-zero.
+//! exits non-zero; values substituted from the environment, files and
+//! systemd credentials stay one value each and are never shown; admin
+//! tokens must be given (`none` only as written).
 
 use crate::support::*;
 

@@ -1,6 +1,8 @@
-//! The repository's example connectors (`connectors/*.yaml`), each against a
-//! fixture server shaped like the real API, through the real binary to a
-//! verifying receiver.
+//! The daemon runs of the first catalog connectors (`github-issues`,
+//! `rss-feed`, `statuspage`, from `connectors/`), each against a fixture
+//! server shaped like the real API, through the real binary to a
+//! verifying receiver, over several changes. The rest of the catalog is in
+//! `catalog.rs`, which also runs `pollhook test` on every connector.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

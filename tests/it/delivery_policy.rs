@@ -1,7 +1,10 @@
-//! How the delivery worker reads a receiver's answers: `Retry-After` is
-//! honoured, redirects are failures (never followed), `410 Gone` disables
-//! the endpoint, consecutive failures open a circuit that only probes, and
-//! the GitHub-style `X-Hub-Signature-256` is sent when asked for.
+//! An endpoint's delivery policy: how the worker reads a receiver's
+//! answers (`Retry-After` is honoured, redirects are failures, never
+//! followed, `410 Gone` disables the endpoint, consecutive failures open a
+//! circuit that only probes, `disable_after` disables), `ordering: none`,
+//! the GitHub-style `X-Hub-Signature-256` when asked for, signing-key
+//! rotation, insecure and private URLs refused at load, and dead letters
+//! listed, replayed under their ids and dropped (live and stopped).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

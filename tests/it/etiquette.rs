@@ -1,8 +1,9 @@
 //! What an API asks of pollers: how often (`X-Poll-Interval`,
 //! `Cache-Control: max-age`) as a floor under the schedule, shown on
 //! `/status` as the reason; who is asking (`user_agent`, bridge-wide or
-//! per connector); and long-window rate limits that restarts cannot
-//! overspend.
+//! per connector); rate limits (long windows that restarts cannot
+//! overspend, a source's over its connector's); and a conditional paged
+//! listing that stops at a `304` on page one.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,11 +1,11 @@
 //! The connector language, feature by feature, against fixture servers on
 //! 127.0.0.1: paging styles and their stop conditions, authentication
-//! (API keys, OAuth2 token caching), request bodies, the detection modes
-//! across several polls, CSV bodies, and error bodies that must not read
-//! as empty listings. These go through the library's real `fetch` (real
-//! HTTP) and pure `detect`, one poll at a time, so each feature's failure
-//! side is checked precisely; the example connectors run through the
-//! binary in `connectors.rs`.
+//! (API keys, OAuth2 token caching), request bodies and request ids, the
+//! detection modes across several polls, CSV bodies, and error bodies
+//! that must not read as empty listings. These go through the library's
+//! real `fetch` (real HTTP) and pure `detect`, one poll at a time, so each
+//! feature's failure side is checked precisely; the catalog's connectors
+//! run through the binary in `connectors.rs` and `catalog.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

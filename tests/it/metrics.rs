@@ -1,6 +1,8 @@
 //! `/metrics` over the life of the real binary: counters never go
 //! backwards, even when a SIGHUP reload removes the instances or endpoints
-//! they counted, and `/status` counts polls exactly as `/metrics` does.
+//! they counted; `/status` counts polls exactly as `/metrics` does; the
+//! backlog follows dead letters dropped and replayed live. (That the text
+//! parses as Prometheus's is in `service.rs`.)
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -1,8 +1,9 @@
-//! OAuth2 client-credentials tokens shared across connectors: the daemon
-//! keeps one `TokenCache` for every instance, so its key must hold
-//! everything that makes a token request different. A real token server on
-//! 127.0.0.1 issues tokens per audience and an API that accepts only its
-//! own audience's tokens tells whether a token went where it was meant to.
+//! OAuth2 tokens in the daemon: the one `TokenCache` shared by every
+//! instance, whose key must hold everything that makes a token request
+//! different (a real token server on 127.0.0.1 issues tokens per audience
+//! and an API that accepts only its own audience's tokens tells whether a
+//! token went where it was meant to), and rotating refresh tokens kept
+//! across restarts, a broken grant stopping its instance.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -1,8 +1,8 @@
 //! Polite, fair polling against fixtures that count requests in time:
 //! host quotas are never exceeded and shared fairly, an upstream's own
 //! throttling (429/503 + Retry-After, RateLimit headers) is honoured by
-//! every instance, failing upstreams are backed off, and a dead host
-//! delays nobody else.
+//! every instance, failing upstreams are backed off, a dead host delays
+//! nobody else, and an adaptive schedule speeds up after a change.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,7 @@
 //! The daemon on the PostgreSQL store (`store: { backend: postgres }`):
-//! a change is detected, committed to PostgreSQL and delivered.
+//! a change is detected, committed to PostgreSQL and delivered; its
+//! settings are checked at load; a sled store moves to PostgreSQL by
+//! `state export` and `state import`.
 //!
 //! Needs a server at `POLLHOOK_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`); without one it says

@@ -1,5 +1,10 @@
-//! Running as a service: the systemd notify protocol, read from a socket
-//! the test provides, through the real binary and real signals.
+//! Running as a service, through the real binary and real signals: the
+//! systemd notify protocol (read from a socket the test provides), the
+//! admin token in front of every route but `/healthz` (and `pollhook
+//! status` printing its tables), SIGTERM's deadline for deliveries in
+//! flight, `/metrics` read by a Prometheus text parser, `state export`
+//! while running and `state import` elsewhere, and the store's retention
+//! sweep.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};

@@ -1,6 +1,9 @@
-//! Shared helpers: a receiver that verifies with the reference Standard
-//! Webhooks library, the real `pollhook` binary in a temp dir, and waiting on
-//! conditions with deadlines (never sleeping and hoping).
+//! Shared helpers: fixture servers (`serve`), a receiver that verifies with
+//! the reference Standard Webhooks library (`Receiver`, answering by its
+//! `Plan`), the usual bridges (`balance_bridge`, `one_source_bridge`) and
+//! repository connectors, the real `pollhook` binary in a temp dir
+//! (`Daemon`), and waiting on conditions with deadlines (`wait_for`, never
+//! sleeping and hoping).
 
 #![allow(dead_code)]
 

@@ -186,7 +186,7 @@ pub fn cross_site(headers: &HeaderMap, allowed: &[String]) -> bool {
 
 /// The page's query: filters and the page of instances.
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
-pub struct Filter {
+pub struct PageQuery {
     #[serde(default)]
     pub q: String,
     #[serde(default)]
@@ -343,7 +343,7 @@ impl Dashboard {
 
     /// The page, rendered from the daemon's status and store: each part
     /// of the page gathered by a step of its own, then one render.
-    async fn render(&self, s: &AdminState, f: &Filter) -> Result<String, DashboardError> {
+    async fn render(&self, s: &AdminState, f: &PageQuery) -> Result<String, DashboardError> {
         let now = crate::now_ms();
         let report = super::full_report(s).await;
         let me = s.node.as_deref();
@@ -393,7 +393,7 @@ type Matching<'a> = (&'a String, &'a InstanceStatus, &'static str);
 /// every instance (10,000 of them must not be walked twice per page).
 fn sources_and_matching<'a>(
     report: &'a StatusReport,
-    f: &Filter,
+    f: &PageQuery,
     me: Option<&str>,
     now: i64,
 ) -> (BTreeMap<String, SourceRow>, Vec<Matching<'a>>) {
@@ -442,7 +442,7 @@ fn sources_and_matching<'a>(
 /// the links to the previous and next pages, the filter kept.
 fn instance_page(
     matching: &[Matching<'_>],
-    f: &Filter,
+    f: &PageQuery,
     now: i64,
 ) -> (Vec<minijinja::Value>, minijinja::Value) {
     let pages = matching.len().div_ceil(PAGE).max(1);
@@ -470,7 +470,7 @@ fn instance_page(
         })
         .collect();
     let link = |p: usize| {
-        let q = Filter {
+        let q = PageQuery {
             page: p,
             flash: String::new(),
             ..f.clone()
@@ -553,7 +553,7 @@ fn host_rows(report: &StatusReport) -> Vec<minijinja::Value> {
 /// them fails the page: the operator acts on this list.
 async fn dead_rows(
     s: &AdminState,
-    f: &Filter,
+    f: &PageQuery,
     now: i64,
 ) -> Result<(Vec<minijinja::Value>, usize), DashboardError> {
     let all_dead = s.store.dead_letters(None).await?;
@@ -601,7 +601,7 @@ fn token_of(s: &AdminState) -> Option<String> {
 /// `GET /`: the page, or the sign-in form when a token is needed.
 pub async fn page(
     State(s): State<AdminState>,
-    Query(f): Query<Filter>,
+    Query(f): Query<PageQuery>,
     headers: HeaderMap,
 ) -> Response {
     let token = token_of(&s);

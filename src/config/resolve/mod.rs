@@ -5,9 +5,9 @@
 //! and auth, paging and cursor, detection and emit rules, `discover`). Every
 //! problem of a file goes to one `Diag`, so a load reports them all.
 //!
-//! The runtime types live with their users (`crate::connector::spec`,
-//! `crate::deliver::policy`, `crate::quota`); `Config` and the source types
-//! are here, being what the daemon is handed.
+//! The runtime types live with their users (`crate::runtime`'s `Source`
+//! and `Route`, `crate::connector::spec`, `crate::deliver::policy`,
+//! `crate::quota`); `Config` is here, being what the daemon is handed.
 
 mod bridge;
 mod connector;
