@@ -1,7 +1,7 @@
 //! Configuration: `bridge.yaml` and connector files.
 //!
 //! Three stages:
-//! - [`env`]: `${VAR}` substitution in the parsed scalars, written back
+//! - [`env`](mod@env): `${VAR}` substitution in the parsed scalars, written back
 //!   escaped (a value is one scalar whatever it holds; keeps line numbers);
 //! - [`raw`]: serde types as written, with location-carrying errors;
 //! - [`resolve`]: validation into the runtime types, which are all the rest
