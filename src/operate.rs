@@ -1,4 +1,4 @@
-//! Operator operations: dead letters (list, replay, drop), delivery
+//! Operator verbs: dead letters (list, replay, drop), delivery
 //! history, enabling an endpoint, backups and status.
 //!
 //! Each is a typed request ([`Op`]) with a typed reply. The same request

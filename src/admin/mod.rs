@@ -241,7 +241,7 @@ pub(crate) fn failed_attempt(
     }
 }
 
-/// The daemon as operator operations see it: its endpoints and their
+/// The daemon as operator verbs see it: its endpoints and their
 /// workers' wake-ups.
 pub(crate) struct LiveWorkers<'a>(pub(crate) &'a crate::runtime::Live);
 
