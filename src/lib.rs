@@ -14,17 +14,12 @@
 //!
 //! Module map (every module, one line each):
 //! - [`access`]: who may talk to the admin server (Host, Origin, sessions).
-//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`, operations, and
-//!   its [`admin::dashboard`] (the server-rendered page and its forms).
-//! - [`cluster`]: the node every daemon is, on the coordination seam: leases,
-//!   heartbeats, wake-ups (alone on sled, the same path).
-//! - [`config`]: raw YAML, `${VAR}` interpolation, validation with `file:line`
-//!   errors, into the runtime types; what operator commands read.
-//! - [`connector`]: resolved connectors, fetching pages, detection, masking
-//!   secrets, cassettes and `new connector`'s guesses.
+//! - [`admin`]: the admin server's routes, operations and [`admin::dashboard`].
+//! - [`cluster`]: the node every daemon is: leases, heartbeats, wake-ups, on the coordination seam.
+//! - [`config`]: YAML, `${VAR}`, validation with `file:line` errors into the runtime types.
+//! - [`connector`]: resolved connectors, fetching pages, detection, masking, cassettes, scaffolds.
 //! - [`daemon`]: `pollhook run`: lifecycle, the supervisor, shutdown.
-//! - [`deliver`]: signing, retry policy, the SSRF guard and endpoint policy
-//!   (pure), and the delivery workers.
+//! - [`deliver`]: signing, retries, the SSRF guard, endpoint policy (pure) and the workers.
 //! - [`discover`]: `for_each: discover`, instances found at run time.
 //! - [`dryrun`]: `pollhook test`, as a typed report.
 //! - [`event`]: the wire format, defined once.
@@ -32,19 +27,15 @@
 //! - [`hints`]: what an answer says about polling again (pure).
 //! - [`logfmt`]: text log fields with control characters escaped.
 //! - [`notify`]: the systemd notify protocol.
-//! - [`operate`]: operator verbs (dead letters, history, enable, backups),
-//!   typed, shared by the admin server and the CLI.
+//! - [`operate`]: operator verbs (dead letters, history, enable, backups), for admin and CLI.
 //! - [`opsevents`]: operational events (`operations:`), queued in the outbox.
 //! - [`poll`]: one instance's loop: schedule, fetch, detect, commit.
 //! - [`quota`]: politeness: host gates, rate limits, what answers advise.
 //! - [`reload`]: what changed between two configurations (pure).
-//! - [`runtime`]: what every stage shares at run time (`Shared`, `Live`, `Tasks`,
-//!   the resolved `Source` and `Route`).
+//! - [`runtime`]: what every stage shares at run time (`Shared`, `Live`, `Tasks`, `Source`).
 //! - [`schedule`]: `every <duration>` and cron schedules (pure).
-//! - [`status`]: in-memory status, every metric ([`status::metrics`]), the
-//!   `/status` report.
-//! - [`store`]: the storage seam and its backends (sled, PostgreSQL), and the
-//!   coordination seam (PostgreSQL's, or `SingleNode`'s for sled).
+//! - [`status`]: in-memory status, every metric ([`status::metrics`]), the `/status` report.
+//! - [`store`]: the storage seam (sled, PostgreSQL) and the coordination seam beside it.
 //! - [`template`]: the Jinja-style template engine used by every connector.
 //! - [`wake`]: wake-ups of delivery workers, by endpoint (the bottom layer).
 
