@@ -851,6 +851,7 @@ hosts:
     }
     if pg.is_some() {
         println!("{}", common::pg::tables_line(&tables));
+        println!("{}", common::pg::hot_line(&tables));
     }
     println!(
         "  dashboard (GET, {n} instances): {}",

@@ -20,7 +20,11 @@
 //! gives back) leases until it holds its share, `ceil(leases / nodes)`
 //! ([`plan`], pure). Claims use `FOR UPDATE SKIP LOCKED`, so nodes claiming
 //! at once take different rows; a node that dies stops renewing, and its
-//! leases lapse and are claimed by the others within the lease time. A
+//! leases lapse and are claimed by the others within the lease time: once
+//! its heartbeat is half a lease old, the others ask when its first lease
+//! lapses (`Coordination::next_lapse`) and run an extra round just after,
+//! rather than up to a third of the lease later; an instance taken over
+//! that way whose run came due meanwhile is polled at once. A
 //! node gives back only leases it is not using (no poll or delivery in
 //! flight), so a joining node takes its share without a double poll.
 //!
@@ -115,6 +119,9 @@ struct Leases {
     /// on a scarce host quota is in a poll most of the time). Nothing new
     /// starts under them.
     draining: std::collections::HashSet<String>,
+    /// Leases claimed from a silent node as its leases lapsed (see
+    /// [`Cluster::taken_over`]), until their poll task asks.
+    taken_over: std::collections::HashSet<String>,
 }
 
 impl Leases {
@@ -129,6 +136,12 @@ impl Leases {
 /// before the request leaves, and this keeps a fifth for clock-rate
 /// differences and scheduling delays.
 const LOCAL_SHARE: f64 = 0.8;
+
+/// How long after a silent node's lease lapses (by the coordination's
+/// clock, as this node measures it) the extra claim round runs: time for
+/// the lapse to have come whatever the round trip and the timer's
+/// rounding, without putting the takeover off noticeably.
+const AFTER_LAPSE: Duration = Duration::from_millis(50);
 
 /// One node of a cluster.
 pub struct Cluster {
@@ -421,10 +434,28 @@ impl Cluster {
         self.leases.lock().held.len()
     }
 
+    /// Whether this node took `key` over from a silent node as its lease
+    /// lapsed (claimed by the round run at the lapse, see
+    /// [`Cluster::run`]); asked once, by the instance's poll task when it
+    /// starts polling under the lease: a run that came due meanwhile was
+    /// only put off by the takeover, and is due at once
+    /// (`schedule::first_due_taken_over`). Returns how long the previous
+    /// holder has at least been silent: it renewed last one lease before
+    /// the lapse, and would have renewed again a third of a lease later.
+    pub fn taken_over(&self, key: &str) -> Option<Duration> {
+        self.leases
+            .lock()
+            .taken_over
+            .remove(key)
+            .then(|| self.lease.mul_f64(2.0 / 3.0))
+    }
+
     /// One round: heartbeat, renew, then claim or give back towards the
     /// node's share. Returns whether it gained leases (or stopped giving
     /// some back).
-    async fn round(&self) -> crate::store::Result<bool> {
+    /// `at_lapse`: run as a silent node's leases lapse (see
+    /// [`Cluster::next_lapse`]), so what it claims is taken over.
+    async fn round(&self, at_lapse: bool) -> crate::store::Result<bool> {
         let lease_ms = self.lease.as_millis() as i64;
         self.ensure_new().await;
         let nodes = self
@@ -440,7 +471,7 @@ impl Cluster {
         let total = self.store.lease_count().await?;
         let draining_before = self.leases.lock().draining.clone();
         match plan(self.held_count(), total as usize, nodes as usize) {
-            Plan::Claim(n) => gained |= self.claim(n, lease_ms).await?,
+            Plan::Claim(n) => gained |= self.claim(n, lease_ms, at_lapse).await?,
             Plan::Release(n) => lost += self.give_back(n).await?,
             Plan::Hold => {
                 // At its share again (a node left): nothing to give back.
@@ -507,11 +538,16 @@ impl Cluster {
         let gained = differs(&next, &l.held) > 0;
         let lost = differs(&l.held, &next);
         l.held = next;
+        let Leases {
+            held, taken_over, ..
+        } = &mut *l;
+        taken_over.retain(|k| held.contains_key(k));
         Ok((gained, lost))
     }
 
     /// Claims up to `n` more leases; returns whether it got any.
-    async fn claim(&self, n: usize, lease_ms: i64) -> crate::store::Result<bool> {
+    /// `taken_over`: claimed as a silent node's leases lapsed.
+    async fn claim(&self, n: usize, lease_ms: i64, taken_over: bool) -> crate::store::Result<bool> {
         self.leases.lock().draining.clear();
         let sent = Instant::now();
         let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
@@ -519,6 +555,9 @@ impl Cluster {
         let mut l = self.leases.lock();
         let gained = !got.is_empty();
         for (k, epoch) in got {
+            if taken_over {
+                l.taken_over.insert(k.clone());
+            }
             l.held.insert(k, Held { epoch, expires });
         }
         Ok(gained)
@@ -561,6 +600,25 @@ impl Cluster {
         Ok(give.len())
     }
 
+    /// When to run the next extra round: just after the first lease of a
+    /// silent node lapses, so its instances are taken over then rather
+    /// than at the next regular round (up to a third of the lease later).
+    /// A node is silent once its heartbeat is half a lease old: some
+    /// round (a third of the lease apart) sees it before its leases lapse.
+    /// `None`: no silent node's lease is still to lapse (or the
+    /// coordination does not answer: the regular rounds go on).
+    async fn next_lapse(&self) -> Option<Instant> {
+        let sent = Instant::now();
+        let silent_ms = (self.lease / 2).as_millis() as i64;
+        match self.store.next_lapse(&self.node, silent_ms).await {
+            Ok(left) => left.map(|d| sent + d + AFTER_LAPSE),
+            Err(e) => {
+                tracing::debug!(node = %self.node, error = %e, "cannot read when a silent node's leases lapse");
+                None
+            }
+        }
+    }
+
     /// Keeps this node's leases until `stop`, then gives them all back and
     /// leaves (the others take over at once rather than after the lease
     /// time). Also listens for the other nodes' notices: new outbox
@@ -595,41 +653,20 @@ impl Cluster {
         let mut tick = tokio::time::interval(self.lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        // The extra round at a silent node's lapse, if one is to come.
+        let mut lapse: Option<Instant> = None;
         loop {
-            tokio::select! {
+            let at_lapse = tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-                _ = self.kick.notified() => {}
+                _ = tick.tick() => false,
+                _ = self.kick.notified() => false,
+                _ = tokio::time::sleep_until(lapse.unwrap_or_else(Instant::now)), if lapse.is_some() => true,
                 Some(n) = notices.recv() => {
-                    match n {
-                        Notice::Outbox { endpoint, instance } => {
-                            if self.holds(&instance) {
-                                if let Some(w) = live.wake(&endpoint) {
-                                    w.instance(&instance);
-                                }
-                            }
-                        }
-                        Notice::Pace(_) => self.apply_paces(&hosts).await,
-                        Notice::Endpoint(name) => {
-                            if let Some(w) = live.wake(&name) {
-                                w.recheck();
-                            }
-                        }
-                        Notice::Leases => {
-                            // Another node pruned rows: add back any this
-                            // node still wants (its configuration differs
-                            // until it is reloaded too).
-                            let mut w = self.wanted.lock();
-                            let all: Vec<String> = w.0.iter().cloned().collect();
-                            w.1 = all;
-                            drop(w);
-                            self.kick.notify_one();
-                        }
-                    }
+                    self.on_notice(n, &live, &hosts).await;
                     continue;
                 }
-            }
-            match self.round().await {
+            };
+            match self.round(at_lapse).await {
                 Ok(gained) => {
                     if failing {
                         info!(node = %self.node, "cluster store answers again; leases kept");
@@ -647,11 +684,13 @@ impl Cluster {
                     failing = true;
                 }
             }
+            lapse = self.next_lapse().await;
             self.apply_paces(&hosts).await;
         }
         listener.abort();
         let all: Vec<String> = {
             let mut l = self.leases.lock();
+            l.taken_over.clear();
             l.held.drain().map(|(k, _)| k).collect()
         };
         self.changed.send_modify(|g| *g += 1);
@@ -660,6 +699,37 @@ impl Cluster {
         }
         let _ = self.store.leave(&self.node).await;
         info!(node = %self.node, leases = all.len(), "node left: leases given back");
+    }
+
+    /// What another node (or this one) announced: new outbox entries wake
+    /// the local worker if this node holds the lane; a host's shared pause
+    /// or pace is applied to the local gate.
+    async fn on_notice(&self, n: Notice, live: &Wakes, hosts: &HostGates) {
+        match n {
+            Notice::Outbox { endpoint, instance } => {
+                if self.holds(&instance) {
+                    if let Some(w) = live.wake(&endpoint) {
+                        w.instance(&instance);
+                    }
+                }
+            }
+            Notice::Pace(_) => self.apply_paces(hosts).await,
+            Notice::Endpoint(name) => {
+                if let Some(w) = live.wake(&name) {
+                    w.recheck();
+                }
+            }
+            Notice::Leases => {
+                // Another node pruned rows: add back any this node still
+                // wants (its configuration differs until it is reloaded
+                // too).
+                let mut w = self.wanted.lock();
+                let all: Vec<String> = w.0.iter().cloned().collect();
+                w.1 = all;
+                drop(w);
+                self.kick.notify_one();
+            }
+        }
     }
 
     /// Applies the hosts' shared pauses and paces to the local gates.
@@ -727,14 +797,14 @@ mod tests {
         for i in 0..3 {
             c.want(&format!("s/{i}"));
         }
-        assert!(c.round().await.unwrap(), "gained");
+        assert!(c.round(false).await.unwrap(), "gained");
         assert_eq!(c.held_count(), 3);
         assert!(matches!(c.begin("s/0"), Begin::Held(_)));
-        assert!(!c.round().await.unwrap(), "nothing new");
+        assert!(!c.round(false).await.unwrap(), "nothing new");
         assert_eq!(c.held_count(), 3);
         c.adopt("pollhook/ops");
         c.adopt("s/1");
-        assert!(c.round().await.unwrap());
+        assert!(c.round(false).await.unwrap());
         assert_eq!(c.held_count(), 4);
         assert!(c.holds("pollhook/ops"));
     }

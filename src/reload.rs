@@ -64,8 +64,9 @@ pub struct Unit {
     /// Equal fingerprints: the unit keeps running untouched on a reload.
     pub fingerprint: u64,
     pub source: Arc<Source>,
-    /// `None` for a discovering source's loop.
-    pub instance: Option<Instance>,
+    /// `None` for a discovering source's loop. The configuration's own
+    /// (shared, not copied, by the task that polls it).
+    pub instance: Option<Arc<Instance>>,
 }
 
 /// Units by key: the instance key (`source/instance`) for static

@@ -172,7 +172,7 @@ pub struct Source {
     pub schedule: Schedule,
     /// Static instances (`for_each` lists, or the one `default`); empty for
     /// `for_each: discover`, whose instances are found at run time.
-    pub instances: Vec<Instance>,
+    pub instances: Vec<Arc<Instance>>,
     pub routes: Vec<Route>,
     /// `for_each: discover`.
     pub discovered: bool,

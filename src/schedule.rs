@@ -547,6 +547,38 @@ pub enum ScheduleError {
     NeverFires(String),
 }
 
+/// When an instance whose lease this node just took over from a silent
+/// node (dead, stopped, cut off), silent for at least `gone_for`, is due
+/// first. A run that came due while the lease was lapsing was not missed
+/// by a stopped daemon (what `catch_up` is about, see [`first_due`]) but
+/// only put off by the takeover: it is due now, at once rather than
+/// spread over the next seconds or skipped, so the takeover costs the
+/// instance no more than the lease's lapse. A run came due when the
+/// stored next run is past or, for a short `every` that stores none (see
+/// [`Schedule::keeps_next_run`]), when the holder has been gone for a
+/// whole period (its last poll was before it fell silent). A run still
+/// ahead, or an instance never run, is due as [`first_due`] says (no
+/// earlier poll than its holder would have made). Honours the active
+/// windows; `None` only when a cron table has no future time left.
+pub fn first_due_taken_over(
+    persisted: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    schedule: &Schedule,
+    spread_fraction: f64,
+    gone_for: Duration,
+) -> Option<DateTime<Utc>> {
+    let came_due = if schedule.keeps_next_run() {
+        persisted.is_some_and(|p| p <= now)
+    } else {
+        schedule.period(now) <= gone_for
+    };
+    if came_due {
+        schedule.in_window(now)
+    } else {
+        first_due(persisted, now, schedule, spread_fraction)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -978,6 +1010,66 @@ mod tests {
         assert_eq!(
             first_due(Some(utc(2026, 11, 27, 17, 0)), now, &s, 0.0),
             Some(monday)
+        );
+    }
+
+    #[test]
+    fn first_due_taken_over_is_now_for_a_run_put_off_by_the_takeover() {
+        let now = utc(2026, 11, 23, 12, 0);
+        let overdue = Some(utc(2026, 11, 23, 11, 59));
+        let gone = Duration::from_secs(10);
+        // Not spread over the next seconds, nor skipped: due now.
+        let s = Schedule::parse("every 1h").unwrap();
+        assert_eq!(first_due_taken_over(overdue, now, &s, 0.9, gone), Some(now));
+        assert_eq!(
+            first_due_taken_over(Some(now), now, &s, 0.9, gone),
+            Some(now)
+        );
+        let mut skip = Schedule::parse("every 10s").unwrap();
+        skip.catch_up = CatchUp::Skip;
+        assert_eq!(
+            first_due_taken_over(overdue, now, &skip, 0.9, gone),
+            Some(now)
+        );
+        // A run still ahead keeps its time; a new instance is due as
+        // `first_due` says.
+        let ahead = utc(2026, 11, 23, 12, 40);
+        assert_eq!(
+            first_due_taken_over(Some(ahead), now, &s, 0.0, gone),
+            Some(ahead)
+        );
+        assert_eq!(
+            first_due_taken_over(None, now, &s, 0.2, gone),
+            first_due(None, now, &s, 0.2)
+        );
+        assert_eq!(
+            first_due_taken_over(None, now, &skip, 0.5, gone),
+            first_due(None, now, &skip, 0.5)
+        );
+        // A short `every` stores no next run: due now once the holder has
+        // been gone a whole period, at its slot otherwise.
+        let short = Schedule::parse("every 2s").unwrap();
+        assert!(!short.keeps_next_run());
+        let two = Duration::from_secs(2);
+        assert_eq!(first_due_taken_over(None, now, &short, 0.5, two), Some(now));
+        assert_eq!(
+            first_due_taken_over(overdue, now, &short, 0.5, two),
+            Some(now)
+        );
+        assert_eq!(
+            first_due_taken_over(None, now, &short, 0.5, Duration::from_secs(1)),
+            first_due(None, now, &short, 0.5)
+        );
+        // Outside the active windows: at the next window, as any poll.
+        let friday_night = utc(2026, 11, 27, 20, 0);
+        let w = with(
+            Schedule::parse("every 1h").unwrap(),
+            "UTC",
+            &["Mon-Fri 08:00-18:00"],
+        );
+        assert_eq!(
+            first_due_taken_over(Some(utc(2026, 11, 27, 19, 59)), friday_night, &w, 0.0, gone),
+            Some(utc(2026, 11, 30, 8, 0))
         );
     }
 

@@ -31,6 +31,11 @@ pub struct TableStat {
     pub index_bytes: u64,
     pub live_tuples: u64,
     pub dead_tuples: u64,
+    /// `n_tup_upd` and `n_tup_hot_upd` (since the schema was made: the
+    /// bench's own schema): how many updates were heap-only, leaving no
+    /// index entry and a dead version pruned within its page.
+    pub updates: u64,
+    pub hot_updates: u64,
 }
 
 /// The deltas between two [`PgCounters`], per poll where that helps.
@@ -176,7 +181,8 @@ impl BenchStore {
     pub fn tables(&self) -> Vec<TableStat> {
         let rows = self
             .try_psql(&format!(
-                "SELECT relname, pg_table_size(relid), pg_indexes_size(relid), n_live_tup, n_dead_tup \
+                "SELECT relname, pg_table_size(relid), pg_indexes_size(relid), n_live_tup, n_dead_tup, \
+                 n_tup_upd, n_tup_hot_upd \
                  FROM pg_stat_user_tables WHERE schemaname = '{}' ORDER BY relname",
                 self.schema
             ))
@@ -185,12 +191,14 @@ impl BenchStore {
             .filter_map(|l| {
                 let c: Vec<&str> = l.split('|').collect();
                 let n = |i: usize| c.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
-                (c.len() == 5).then(|| TableStat {
+                (c.len() == 7).then(|| TableStat {
                     name: c[0].to_string(),
                     table_bytes: n(1),
                     index_bytes: n(2),
                     live_tuples: n(3),
                     dead_tuples: n(4),
+                    updates: n(5),
+                    hot_updates: n(6),
                 })
             })
             .collect()
@@ -217,6 +225,25 @@ pub fn tables_line(tables: &[TableStat]) -> String {
     )
 }
 
+/// The line the scale bench prints beside [`tables_line`] for the
+/// tables every round and every poll update (the leases' renewals, the
+/// next run times): how many of their updates were HOT, and the dead
+/// tuples left for vacuum (migration 7's fillfactor and autovacuum).
+pub fn hot_line(tables: &[TableStat]) -> String {
+    format!(
+        "  PostgreSQL HOT updates (HOT / all updates, dead tuples at the end): {}",
+        tables
+            .iter()
+            .filter(|t| t.name == "lease" || t.name == "next_run")
+            .map(|t| format!(
+                "{} {}/{} HOT, {} dead",
+                t.name, t.hot_updates, t.updates, t.dead_tuples
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 pub fn tables_json(tables: &[TableStat]) -> serde_json::Value {
     tables
         .iter()
@@ -227,6 +254,8 @@ pub fn tables_json(tables: &[TableStat]) -> serde_json::Value {
                 "index_bytes": t.index_bytes,
                 "live_tuples": t.live_tuples,
                 "dead_tuples": t.dead_tuples,
+                "updates": t.updates,
+                "hot_updates": t.hot_updates,
             })
         })
         .collect()

@@ -278,7 +278,7 @@ pub(super) async fn discover_loop(
         cluster: shared.cluster.clone(),
     };
     let spawn = |inst: Instance, token: CancellationToken| {
-        poll_loop(shared.clone(), source.clone(), inst, token)
+        poll_loop(shared.clone(), source.clone(), Arc::new(inst), token)
     };
     crate::discover::run_source(source.clone(), cx, spawn, shutdown).await;
 }

@@ -100,9 +100,9 @@ pub enum DryRunError {
 /// The instances to poll: `only`, or all of them.
 fn chosen(
     src: &Source,
-    instances: &[crate::config::Instance],
+    instances: &[std::sync::Arc<crate::config::Instance>],
     only: Option<&str>,
-) -> Result<Vec<crate::config::Instance>, DryRunError> {
+) -> Result<Vec<std::sync::Arc<crate::config::Instance>>, DryRunError> {
     if let Some(o) = only {
         if !instances.iter().any(|i| i.name == o) {
             let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
@@ -186,7 +186,10 @@ pub async fn run(
 
 /// `for_each: discover`: the listing as the report shows it (masked) and
 /// the instances it found.
-async fn discovery(src: &Source, env: &FetchEnv<'_>) -> (Discovery, Vec<crate::config::Instance>) {
+async fn discovery(
+    src: &Source,
+    env: &FetchEnv<'_>,
+) -> (Discovery, Vec<std::sync::Arc<crate::config::Instance>>) {
     let mut d = Discovery::default();
     let mut instances = Vec::new();
     match crate::discover::discover(src, env, Utc::now()).await {
@@ -198,7 +201,9 @@ async fn discovery(src: &Source, env: &FetchEnv<'_>) -> (Discovery, Vec<crate::c
                     .map(|(k, v)| format!("{k}={}", crate::config::scalar_text(v)))
                     .collect();
                 d.found.push((f.name.clone(), params));
-                instances.push(src.discovered_instance(&f.name, &f.with));
+                instances.push(std::sync::Arc::new(
+                    src.discovered_instance(&f.name, &f.with),
+                ));
             }
         }
         Err(e) => {

@@ -141,6 +141,18 @@ pub trait Coordination: Send + Sync {
     ) -> impl Future<Output = Result<(u64, BTreeSet<String>)>> + Send;
     /// Every lease.
     fn leases(&self) -> impl Future<Output = Result<Vec<LeaseRow>>> + Send;
+    /// How long until the first lease held by a *silent* node (not
+    /// `node`, no heartbeat for `silent_ms`: dead, stopped or cut off)
+    /// lapses, by the coordination's clock; `None` when no such lease is
+    /// still to lapse. A node claims once that time has come rather than
+    /// at its next regular round, so a dead node's instances are taken
+    /// over as soon as they can be. Live nodes' leases are left out: they
+    /// keep being renewed, and their lapse times say nothing.
+    fn next_lapse(
+        &self,
+        node: &str,
+        silent_ms: i64,
+    ) -> impl Future<Output = Result<Option<Duration>>> + Send;
     /// Whether `key`'s lease is still `fence.owner`'s at `fence.epoch`:
     /// the check a fenced commit makes. A stale token (a lower epoch, or
     /// another owner) is refused.
@@ -255,6 +267,9 @@ impl Coordination for Coordinator {
     }
     async fn leases(&self) -> Result<Vec<LeaseRow>> {
         dispatch!(self, c => c.leases().await)
+    }
+    async fn next_lapse(&self, node: &str, silent_ms: i64) -> Result<Option<Duration>> {
+        dispatch!(self, c => c.next_lapse(node, silent_ms).await)
     }
     async fn fence_holds(&self, key: &str, fence: &Fence) -> Result<bool> {
         dispatch!(self, c => c.fence_holds(key, fence).await)

@@ -376,6 +376,51 @@ async fn a_renewal_says_what_changed<F: CoordFixture>() {
     assert_eq!(set(a.renew("a", 60_000).await.unwrap()), mine);
 }
 
+/// The first lapse among a silent node's leases is known to the others
+/// (so they claim then, not at their next round): only another node's,
+/// only a silent one's, only a lapse still to come. The single node has
+/// none: no other process takes part, so none can fall silent.
+async fn a_silent_nodes_next_lapse_is_known<F: CoordFixture>() {
+    let f = F::open().await;
+    let (a, b) = (f.handle().await, f.handle().await);
+    a.ensure_leases(&keys(3)).await.unwrap();
+    a.heartbeat("a", 1, 60_000).await.unwrap();
+    b.heartbeat("b", 2, 60_000).await.unwrap();
+    let of_a = a.claim("a", 8_000, 2).await.unwrap();
+    assert_eq!(of_a.len(), 2);
+    // The other node's own lease lapses sooner: it is not waited for.
+    assert_eq!(b.claim("b", 4_000, 1).await.unwrap().len(), 1);
+    // Both heard from within a minute: nobody is silent.
+    assert_eq!(b.next_lapse("b", 60_000).await.unwrap(), None);
+    if !b.is_shared() {
+        assert_eq!(b.next_lapse("b", 0).await.unwrap(), None);
+        return;
+    }
+    // "a" says nothing more: after 100 ms it is silent to "b".
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        if let Some(left) = b.next_lapse("b", 100).await.unwrap() {
+            break left;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a silent node's lapse never known"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        left > Duration::from_secs(5) && left <= Duration::from_secs(8),
+        "a's leases lapse within 8 s (b's own within 4 s): {left:?}"
+    );
+    // A heartbeat again: not silent any more.
+    a.heartbeat("a", 1, 60_000).await.unwrap();
+    assert_eq!(b.next_lapse("b", 60_000).await.unwrap(), None);
+    // Given back (no lapse to come), a silent node's leases are not waited for.
+    let give: Vec<String> = of_a.into_iter().map(|x| x.0).collect();
+    a.release("a", &give).await.unwrap();
+    assert_eq!(b.next_lapse("b", 0).await.unwrap(), None);
+}
+
 /// Runs every check against one coordination's fixture.
 macro_rules! suite {
     ($name:ident, $fixture:ty) => {
@@ -388,7 +433,8 @@ macro_rules! suite {
                 a_wake_up_is_delivered,
                 membership_follows_heartbeats,
                 pruning_keeps_leases_held_by_another_node,
-                a_renewal_says_what_changed
+                a_renewal_says_what_changed,
+                a_silent_nodes_next_lapse_is_known
             );
         }
     };

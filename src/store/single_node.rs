@@ -168,6 +168,13 @@ impl Coordination for SingleNode {
             .count() as i64)
     }
 
+    /// Never a lapse to wait for: one process alone has no other node
+    /// that could fall silent while it runs (when it dies, so does every
+    /// lease), so it never needs an early claim.
+    async fn next_lapse(&self, _node: &str, _silent_ms: i64) -> Result<Option<Duration>> {
+        Ok(None)
+    }
+
     async fn leave(&self, node: &str) -> Result<()> {
         self.table().nodes.remove(node);
         Ok(())

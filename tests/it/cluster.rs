@@ -884,3 +884,103 @@ async fn the_database_going_away_under_load_loses_nothing() {
     assert!(b.terminate().success(), "{}", b.log());
     assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
 }
+
+/// A node SIGKILLed: its leases lapse one lease after its last renewal,
+/// and the survivor, which saw it fall silent, claims them then (not at
+/// its next regular round) and polls every instance whose run came due
+/// meanwhile at once (not spread over the next seconds). Measured
+/// against the lapse read from the database, not against a sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_instances_are_polled_as_soon_as_its_leases_lapse() {
+    let Some(db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(8);
+    // Every 1s with a 3s lease: whatever the moment of the kill, each of
+    // the dead node's instances is due before its lease lapses.
+    let b = bridge(addr, &accs, "1s", &rx, &url(), &schema.0, "");
+    let (mut a, mut victim) = (node(&b), node(&b));
+    a.start().await;
+    victim.start().await;
+    let held = |s: &Value| -> Vec<i64> {
+        s["cluster"]["nodes"]
+            .as_array()
+            .map(|n| n.iter().filter_map(|n| n["leases"].as_i64()).collect())
+            .unwrap_or_default()
+    };
+    a.wait_status("both nodes holding leases", |s| {
+        let h = held(s);
+        h.len() == 2 && h.iter().all(|n| *n > 0)
+    })
+    .await;
+    wait_for("every account polled", Duration::from_secs(30), || {
+        accs.iter().all(|acc| ledger.requests(acc) > 0)
+    })
+    .await;
+    let name = victim.status().await["cluster"]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    victim.kill();
+    let killed_at = Instant::now();
+    // Its leases and when they lapse, by the database's clock; anything it
+    // sent before dying has landed by now or never will.
+    let rows = db
+        .query(
+            &format!(
+                "SELECT instance, until_ms - \"{0}\".now_ms() FROM \"{0}\".lease WHERE owner = $1",
+                schema.0
+            ),
+            &[&name],
+        )
+        .await
+        .unwrap();
+    let read_at = Instant::now();
+    assert!(!rows.is_empty(), "the dead node held leases");
+    let mut lapse = read_at;
+    let mut orphans = Vec::new();
+    for r in &rows {
+        let key: String = r.get(0);
+        let left = Duration::from_millis(r.get::<_, i64>(1).max(0) as u64);
+        lapse = lapse.max(read_at + left);
+        orphans.push(key.split_once('/').unwrap().1.to_string());
+    }
+    let lease = Duration::from_secs(3);
+    // A quarter of the lease: the claim comes 50 ms after the lapse and the
+    // poll at once (without either, up to a regular round and a slot
+    // later: a second or two here).
+    let margin = Duration::from_millis(750);
+    let first_after = |acc: &str| {
+        let arrivals = ledger.arrivals.lock().unwrap();
+        arrivals
+            .iter()
+            .filter(|(t, a)| a == acc && *t > killed_at)
+            .map(|(t, _)| *t)
+            .min()
+    };
+    wait_for(
+        "the dead node's instances polled by the survivor",
+        lease + margin * 4,
+        || orphans.iter().all(|acc| first_after(acc).is_some()),
+    )
+    .await;
+    for acc in &orphans {
+        let t = first_after(acc).unwrap();
+        assert!(
+            t <= lapse + margin,
+            "{acc} polled {:?} after its lease lapsed ({:?} after the kill)",
+            t.saturating_duration_since(lapse),
+            t - killed_at
+        );
+        assert!(
+            t - killed_at <= lease + margin,
+            "{acc}: {:?}",
+            t - killed_at
+        );
+    }
+    assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
+    assert!(a.terminate().success(), "{}", a.log());
+}

@@ -131,7 +131,7 @@ impl Source {
         };
         if !discovered {
             let inst = source.discovered_instance("default", &Map::new());
-            source.instances.push(inst);
+            source.instances.push(Arc::new(inst));
         }
         Ok(source)
     }
@@ -191,7 +191,7 @@ pub(super) fn resolve_source(
         name: name.to_string(),
         connector: with_rate_limit(connector, src.rate_limit),
         schedule: schedule.expect("checked above"),
-        instances,
+        instances: instances.into_iter().map(Arc::new).collect(),
         routes,
         discover_schedule,
         discovered,

@@ -191,6 +191,27 @@ impl Coordination for PgStore {
             .collect())
     }
 
+    /// The first lapse among the leases of nodes whose heartbeat is older
+    /// than `silent_ms`: the silent nodes are a handful of rows of
+    /// `nodes`, their leases found through `lease_owner`, so with none
+    /// silent (the usual case) no lease row is read. (No index covers
+    /// `until_ms`, which every renewal rewrites: those updates stay HOT,
+    /// see migration 7.)
+    async fn next_lapse(&self, node: &str, silent_ms: i64) -> Result<Option<Duration>> {
+        let rows = self
+            .query(
+                "next lapse",
+                "SELECT min(l.until_ms) - now_ms() FROM lease l
+                 WHERE l.owner IN (SELECT n.node FROM nodes n
+                                   WHERE n.node <> $1 AND n.heartbeat_ms < now_ms() - $2)
+                   AND l.until_ms > now_ms()",
+                &[&node, &silent_ms],
+            )
+            .await?;
+        let left: Option<i64> = rows[0].get(0);
+        Ok(left.map(|ms| Duration::from_millis(ms.max(0) as u64)))
+    }
+
     /// The test of a fenced commit (`commit_poll` makes it under the lease
     /// row's lock), without the lock.
     async fn fence_holds(&self, key: &str, fence: &Fence) -> Result<bool> {

@@ -22,6 +22,7 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
         6,
         concat!(include_str!("migrations/0006_hashed_ids.sql"), move_ids!()),
     ),
+    (7, include_str!("migrations/0007_hot_leases.sql")),
 ];
 
 #[cfg(test)]
@@ -58,6 +59,10 @@ mod tests {
             (
                 6,
                 "d03675bea0e09378946b6c36cb93c9fd7c077aa046b8683a2deee82ae3b52479",
+            ),
+            (
+                7,
+                "e6593aaa364bcfce2715b34f7074f3f025e8abcf886a29e313d95cc090604a60",
             ),
         ];
         let got: Vec<(i32, String)> = MIGRATIONS

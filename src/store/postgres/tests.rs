@@ -543,3 +543,92 @@ async fn two_stores_opening_one_empty_schema_at_once_both_succeed() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// HOT updates and dead tuples of one table, as the statistics have them.
+async fn hot_updates(store: &PgStore, schema: &str, table: &str) -> (i64, i64) {
+    let rows = store
+        .query(
+            "test",
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+             WHERE schemaname = $1 AND relname = $2",
+            &[&schema, &table],
+        )
+        .await
+        .unwrap();
+    (rows[0].get(0), rows[0].get(1))
+}
+
+/// A lease renewal (every round, every lease held) and a next run
+/// recorded (every poll) change no indexed column, and migration 7 leaves
+/// half of each page free for the new versions: they are HOT updates (no
+/// index entry, no dead tuple for vacuum to find), even when the rows
+/// fill many pages. Statistics reach `pg_stat_user_tables` when a session
+/// flushes them (at most every second, or when idle after 10 s): read
+/// with a deadline, renewing again meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_are_hot_updates() {
+    if !testing::available("renewals_are_hot_updates").await {
+        return;
+    }
+    let schema = testing::fresh_schema();
+    let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+    let s = schema.clone();
+    let check = async move {
+        let schema = s;
+        let rows = store
+            .query(
+                "test",
+                "SELECT c.relname, c.reloptions::text FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname IN ('lease', 'next_run') ORDER BY 1",
+                &[&schema],
+            )
+            .await
+            .unwrap();
+        for r in &rows {
+            let opts: String = r.get(1);
+            assert!(opts.contains("fillfactor=50"), "{opts}");
+            assert!(
+                opts.contains("autovacuum_vacuum_scale_factor=0.05"),
+                "{opts}"
+            );
+        }
+        assert_eq!(rows.len(), 2);
+        // Enough rows for many pages (a full page cannot take a HOT update).
+        let keys: Vec<String> = (0..3_000)
+            .map(|i| format!("source/instance-{i:05}"))
+            .collect();
+        store.ensure_leases(&keys).await.unwrap();
+        assert_eq!(store.claim("a", 60_000, 3_000).await.unwrap().len(), 3_000);
+        for (i, k) in keys.iter().enumerate() {
+            store.set_next_run(k, i as i64).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut round = 0;
+        loop {
+            round += 1;
+            assert_eq!(store.renew("a", 60_000).await.unwrap().len(), 3_000);
+            for (i, k) in keys.iter().enumerate().step_by(10) {
+                store.set_next_run(k, i as i64 + round).await.unwrap();
+            }
+            let (lease_upd, lease_hot) = hot_updates(&store, &schema, "lease").await;
+            let (run_upd, run_hot) = hot_updates(&store, &schema, "next_run").await;
+            // The claim's 3,000 updates change `owner` (indexed): not HOT.
+            let lease_ok = lease_upd >= 6_000 && lease_hot * 10 >= (lease_upd - 3_000) * 9;
+            let run_ok = run_upd >= 300 && run_hot * 10 >= run_upd * 9;
+            if lease_ok && run_ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lease: {lease_hot} HOT of {lease_upd} updates; next_run: {run_hot} of {run_upd}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let outcome = tokio::spawn(check).await;
+    testing::drop_schema(&schema);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
