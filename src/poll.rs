@@ -470,7 +470,9 @@ struct Polled {
     refused: Option<String>,
 }
 
-/// One poll of one instance.
+/// One poll of one instance: fetch, detect, check the events' sizes,
+/// commit the state with the events' deliveries, then report. Each step
+/// is a function below, named for what it does.
 async fn poll_once(
     shared: &Shared,
     source: &Source,
@@ -483,17 +485,7 @@ async fn poll_once(
     let now = Utc::now();
     let fetched = fetch(c, inst, state, env, now).await?;
     if fetched.not_modified {
-        shared.status.polled(
-            &inst.key,
-            &source.name,
-            &c.name,
-            PollOutcome::NotModified,
-            |s| {
-                s.last_poll_ms = Some(crate::now_ms());
-                s.last_ok_ms = s.last_poll_ms;
-                s.last_error = None;
-            },
-        );
+        record_not_modified(shared, source, inst);
         return Ok(Polled {
             state: None,
             events: 0,
@@ -514,19 +506,70 @@ async fn poll_once(
     if let Some(w) = &fetched.warning {
         warn!(instance = %inst.key, connector = %c.name, "{}", mask(w, &inst.secrets));
     }
-    let refused = match detection.refused.as_slice() {
+    let refused = refused_summary(&detection.refused, inst);
+    let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
+    let bodies = serialize_bodies(&events)?;
+    let committed = if &next != state || !events.is_empty() {
+        let deliveries = route_deliveries(source, inst, &events, &bodies, now);
+        commit_deliveries(shared, inst, state, &next, &deliveries, fence, now).await?;
+        announce_events(shared, source, inst, &events);
+        Some(next)
+    } else {
+        None
+    };
+    record_ok(
+        shared,
+        source,
+        inst,
+        committed.as_ref(),
+        events.len(),
+        refused.as_deref(),
+        fetched.warning.as_deref(),
+    );
+    Ok(Polled {
+        state: committed,
+        events: events.len(),
+        floor: fetched.floor.clone(),
+        refused,
+    })
+}
+
+/// `304 Not Modified`: the poll succeeded and nothing changed, so the
+/// status says so (and clears the last error) without touching the store.
+fn record_not_modified(shared: &Shared, source: &Source, inst: &Instance) {
+    let c = &source.connector;
+    shared.status.polled(
+        &inst.key,
+        &source.name,
+        &c.name,
+        PollOutcome::NotModified,
+        |s| {
+            s.last_poll_ms = Some(crate::now_ms());
+            s.last_ok_ms = s.last_poll_ms;
+            s.last_error = None;
+        },
+    );
+}
+
+/// Items detection refused (nested too deep), as one line for the status
+/// and the poll's result, secrets masked: the first reason and how many
+/// more, so a page of bad items does not flood the status.
+fn refused_summary(refused: &[String], inst: &Instance) -> Option<String> {
+    match refused {
         [] => None,
         [one] => Some(mask(one, &inst.secrets)),
         [first, more @ ..] => Some(mask(
             &format!("{first}; and {} more items refused", more.len()),
             &inst.secrets,
         )),
-    };
-    let (next, events) = prepare_commit(source, inst, state, detection, &fetched, now);
-    // Each body is serialized once (invariant 5) and checked here: an event
-    // too large to send is an error of the instance, committed nowhere: the
-    // cursor stays, nothing is lost, the operator maps `data:` to a smaller
-    // part of the item.
+    }
+}
+
+/// Each body is serialized once (invariant 5) and checked here: an event
+/// too large to send is an error of the instance, committed nowhere: the
+/// cursor stays, nothing is lost, the operator maps `data:` to a smaller
+/// part of the item.
+fn serialize_bodies(events: &[Event]) -> Result<Vec<String>, PollError> {
     let bodies: Vec<String> = events.iter().map(Event::body).collect();
     for (ev, body) in events.iter().zip(&bodies) {
         let size = body.len();
@@ -539,97 +582,142 @@ async fn poll_once(
             )));
         }
     }
-    let committed = if &next != state || !events.is_empty() {
-        let mut deliveries = Vec::new();
-        for (ev, body) in events.iter().zip(&bodies) {
-            for route in source.routes.iter().filter(|r| r.accepts(&ev.kind)) {
-                deliveries.push((
-                    route.endpoint.clone(),
-                    OutboxEntry {
-                        event_id: ev.id.clone(),
-                        instance: inst.key.clone(),
-                        kind: ev.kind.clone(),
-                        sequence: ev.sequence,
-                        body: body.clone(),
-                        attempts: 0,
-                        next_attempt_ms: 0,
-                        created_ms: now.timestamp_millis(),
-                        last_error: None,
-                    },
-                ));
-            }
+    Ok(bodies)
+}
+
+/// One outbox entry per event and per route that accepts its type, each
+/// paired with its endpoint: what the commit writes beside the state.
+fn route_deliveries(
+    source: &Source,
+    inst: &Instance,
+    events: &[Event],
+    bodies: &[String],
+    now: chrono::DateTime<Utc>,
+) -> Vec<(String, OutboxEntry)> {
+    let mut deliveries = Vec::new();
+    for (ev, body) in events.iter().zip(bodies) {
+        for route in source.routes.iter().filter(|r| r.accepts(&ev.kind)) {
+            deliveries.push((
+                route.endpoint.clone(),
+                OutboxEntry {
+                    event_id: ev.id.clone(),
+                    instance: inst.key.clone(),
+                    kind: ev.kind.clone(),
+                    sequence: ev.sequence,
+                    body: body.clone(),
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    created_ms: now.timestamp_millis(),
+                    last_error: None,
+                },
+            ));
         }
-        // Counted as waiting before the commit, so a worker never
-        // delivers an entry that its endpoint's backlog does not hold yet.
-        let mut backlog = std::collections::BTreeMap::<&str, u64>::new();
-        for (ep, _) in &deliveries {
-            *backlog.entry(ep.as_str()).or_default() += 1;
-        }
+    }
+    deliveries
+}
+
+/// Commits `next` and the deliveries in one store transaction (under the
+/// lease's fence), keeping the endpoints' backlogs in step, and wakes the
+/// endpoints' workers once the entries are there to send.
+async fn commit_deliveries(
+    shared: &Shared,
+    inst: &Instance,
+    state: &InstanceState,
+    next: &InstanceState,
+    deliveries: &[(String, OutboxEntry)],
+    fence: Option<&crate::store::Fence>,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), PollError> {
+    // Counted as waiting before the commit, so a worker never
+    // delivers an entry that its endpoint's backlog does not hold yet.
+    let mut backlog = std::collections::BTreeMap::<&str, u64>::new();
+    for (ep, _) in deliveries {
+        *backlog.entry(ep.as_str()).or_default() += 1;
+    }
+    for (ep, n) in &backlog {
+        shared.status.queued(ep, *n, now.timestamp_millis());
+    }
+    if let Err(e) = shared
+        .store
+        .commit_fenced(&inst.key, state, next, deliveries, fence)
+        .await
+    {
         for (ep, n) in &backlog {
-            shared.status.queued(ep, *n, now.timestamp_millis());
+            shared.status.unqueued(ep, *n, now.timestamp_millis());
         }
-        if let Err(e) = shared
-            .store
-            .commit_fenced(&inst.key, state, &next, &deliveries, fence)
-            .await
-        {
-            for (ep, n) in &backlog {
-                shared.status.unqueued(ep, *n, now.timestamp_millis());
-            }
-            if let crate::store::StoreError::Fenced { .. } = e {
-                return Err(PollError::Fenced(e.to_string()));
-            }
-            let refused = matches!(
-                e,
-                crate::store::StoreError::Refused { .. } | crate::store::StoreError::BadName { .. }
-            );
-            let e = commit_failed(&e);
-            if !refused {
-                shared.status.store_failed(&e.to_string());
-            }
-            // Else the store refused this instance's data (a value the
-            // database cannot hold, a name no key may be): the instance's
-            // failure, not the
-            // node's; `/readyz` stays as the other writes find it.
-            return Err(e);
+        return Err(commit_refused(shared, e));
+    }
+    shared.status.store_ok();
+    for (ep, _) in deliveries {
+        if let Some(w) = shared.live.wake(ep) {
+            w.instance(&inst.key);
         }
-        shared.status.store_ok();
-        for (ep, _) in &deliveries {
-            if let Some(w) = shared.live.wake(ep) {
-                w.instance(&inst.key);
-            }
-        }
-        for ev in &events {
-            shared.status.count_event(&source.name, &ev.kind);
-            info!(instance = %inst.key, event = %ev.id, r#type = %ev.kind, sequence = ev.sequence, "change detected");
-        }
-        Some(next)
-    } else {
-        None
-    };
-    let cursor = committed.as_ref().map(|s| s.cursor.clone());
-    let evicted = committed.as_ref().map(|s| s.seen_evicted);
-    shared
-        .status
-        .polled(&inst.key, &source.name, &c.name, PollOutcome::Ok, |s| {
-            s.events += events.len() as u64;
+    }
+    Ok(())
+}
+
+/// The error of a commit the store refused: fenced (the lease passed on),
+/// the instance's data (the store stays ready), or the store's own failure
+/// (which `/readyz` reports).
+fn commit_refused(shared: &Shared, e: crate::store::StoreError) -> PollError {
+    if let crate::store::StoreError::Fenced { .. } = e {
+        return PollError::Fenced(e.to_string());
+    }
+    let refused = matches!(
+        e,
+        crate::store::StoreError::Refused { .. } | crate::store::StoreError::BadName { .. }
+    );
+    let e = commit_failed(&e);
+    if !refused {
+        shared.status.store_failed(&e.to_string());
+    }
+    // Else the store refused this instance's data (a value the
+    // database cannot hold, a name no key may be): the instance's
+    // failure, not the node's; `/readyz` stays as the other writes find it.
+    e
+}
+
+/// Counts and logs the committed events, only once they are committed, so
+/// the counters and the log never show an event the store does not hold.
+fn announce_events(shared: &Shared, source: &Source, inst: &Instance, events: &[Event]) {
+    for ev in events {
+        shared.status.count_event(&source.name, &ev.kind);
+        info!(instance = %inst.key, event = %ev.id, r#type = %ev.kind, sequence = ev.sequence, "change detected");
+    }
+}
+
+/// A poll that succeeded: the status takes its events, the refused items
+/// and the paging warning (secrets masked), and the committed cursor.
+fn record_ok(
+    shared: &Shared,
+    source: &Source,
+    inst: &Instance,
+    committed: Option<&InstanceState>,
+    events: usize,
+    refused: Option<&str>,
+    warning: Option<&str>,
+) {
+    let cursor = committed.map(|s| s.cursor.clone());
+    let evicted = committed.map(|s| s.seen_evicted);
+    shared.status.polled(
+        &inst.key,
+        &source.name,
+        &source.connector.name,
+        PollOutcome::Ok,
+        |s| {
+            s.events += events as u64;
             s.last_poll_ms = Some(crate::now_ms());
             s.last_ok_ms = s.last_poll_ms;
-            s.last_error = refused.clone();
-            s.last_warning = fetched.warning.as_ref().map(|w| mask(w, &inst.secrets));
+            s.last_error = refused.map(str::to_owned);
+            s.last_warning = warning.map(|w| mask(w, &inst.secrets));
             if let Some(c) = cursor {
                 s.cursor = c;
             }
             if let Some(n) = evicted {
                 s.seen_evicted = n;
             }
-        });
-    Ok(Polled {
-        state: committed,
-        events: events.len(),
-        floor: fetched.floor.clone(),
-        refused,
-    })
+        },
+    );
 }
 
 /// A commit that failed is the store's failure, not the upstream's nor
