@@ -12,6 +12,7 @@ use crate::config::{Config, Instance, Source};
 use crate::connector::fetch::FetchEnv;
 use crate::deliver::worker::Worker;
 use crate::poll::poll_loop;
+use crate::reload::Unit;
 use crate::runtime::{Shared, Tasks};
 
 /// Starts, restarts and stops the daemon's tasks to match a configuration.
@@ -30,6 +31,14 @@ pub(super) struct Supervisor {
     /// What runs now (`None` before the first `apply`).
     pub(super) config: Option<Config>,
     pub(super) shutdown: CancellationToken,
+}
+
+/// What an [`Supervisor::apply`] did, for the one line the reload logs.
+#[derive(Default)]
+struct Tally {
+    started: usize,
+    restarted: usize,
+    stopped: usize,
 }
 
 impl Supervisor {
@@ -70,12 +79,40 @@ impl Supervisor {
     /// and their state is kept for the source's `retention`.
     pub(super) async fn apply(&mut self, new: Config) -> String {
         let shared = self.shared.clone();
-        let (mut started, mut restarted, mut stopped) = (0, 0, 0);
+        let mut tally = Tally::default();
         shared.ops.configure(new.operations.clone());
         *shared.live.user_agent.write() = new.user_agent.as_deref().map(Arc::from);
 
         // Endpoints first, so new sources find their wake-ups.
         let eps = crate::reload::endpoints(&new);
+        self.stop_removed_workers(&eps, &mut tally);
+        self.start_changed_workers(&new, &eps, &mut tally).await;
+
+        shared.hosts.reconfigure(&new.hosts);
+        shared
+            .live
+            .set_admin(new.admin_token.clone(), new.admin_allowed_hosts.clone());
+
+        let units = crate::reload::units(&new);
+        let now = crate::now_ms();
+        self.stop_removed_units(&units, &mut tally);
+        self.start_changed_units(&units, &mut tally).await;
+        self.mark_removed_states(&units, now).await;
+        self.config = Some(new);
+        self.sweep().await;
+        let Tally {
+            started,
+            restarted,
+            stopped,
+        } = tally;
+        format!("{started} started, {restarted} restarted, {stopped} stopped, the rest untouched")
+    }
+
+    /// Stops the workers of endpoints no longer configured. Their queued
+    /// events stay in the store (and are said to, with how many), so an
+    /// endpoint put back later sends them.
+    fn stop_removed_workers(&mut self, eps: &BTreeMap<String, u64>, tally: &mut Tally) {
+        let shared = &self.shared;
         for name in self.worker_fps.keys().cloned().collect::<Vec<_>>() {
             if !eps.contains_key(&name) {
                 self.workers.stop(&name);
@@ -88,10 +125,21 @@ impl Supervisor {
                     .get(&name)
                     .map_or(0, |s| s.queue_depth);
                 warn!(endpoint = %name, queued, "endpoint removed from the configuration: its worker stops; queued events stay in the store until it comes back");
-                stopped += 1;
+                tally.stopped += 1;
             }
         }
-        for (name, fp) in &eps {
+    }
+
+    /// Starts a worker for each new endpoint and restarts those whose
+    /// fingerprint changed; those unchanged keep running untouched.
+    async fn start_changed_workers(
+        &mut self,
+        new: &Config,
+        eps: &BTreeMap<String, u64>,
+        tally: &mut Tally,
+    ) {
+        let shared = self.shared.clone();
+        for (name, fp) in eps {
             if self.worker_fps.get(name) == Some(fp) {
                 continue;
             }
@@ -113,10 +161,10 @@ impl Supervisor {
             };
             let token = self.shutdown.child_token();
             if self.worker_fps.insert(name.clone(), *fp).is_some() {
-                restarted += 1;
+                tally.restarted += 1;
                 info!(endpoint = %name, "endpoint changed: worker restarts");
             } else {
-                started += 1;
+                tally.started += 1;
             }
             self.workers
                 .start(name, token.clone(), worker.run(token))
@@ -124,29 +172,34 @@ impl Supervisor {
             // Whatever the stopped worker left is the new one's to send.
             wake.rescan();
         }
+    }
 
-        shared.hosts.reconfigure(&new.hosts);
-        shared
-            .live
-            .set_admin(new.admin_token.clone(), new.admin_allowed_hosts.clone());
-
-        let units = crate::reload::units(&new);
-        let now = crate::now_ms();
+    /// Stops the poll tasks and discovery loops of units no longer
+    /// configured, and drops them from the status; their stored state is
+    /// kept for the retention period (see [`Self::mark_removed_states`]).
+    fn stop_removed_units(&mut self, units: &BTreeMap<String, Unit>, tally: &mut Tally) {
         for key in self.poller_fps.keys().cloned().collect::<Vec<_>>() {
             if units.contains_key(&key) {
                 continue;
             }
             self.pollers.stop(&key);
             self.poller_fps.remove(&key);
-            stopped += 1;
+            tally.stopped += 1;
             if key.contains('/') {
-                shared.status.remove_instance(&key);
+                self.shared.status.remove_instance(&key);
             } else {
-                shared.status.remove_source(&key);
+                self.shared.status.remove_source(&key);
             }
             info!(unit = %key, "removed from the configuration: stopped, state kept for the retention period");
         }
-        for (key, unit) in &units {
+    }
+
+    /// Starts a task for each new unit (a static instance's poll loop, or a
+    /// discovering source's listing loop) and restarts those whose
+    /// fingerprint changed; those unchanged keep running untouched.
+    async fn start_changed_units(&mut self, units: &BTreeMap<String, Unit>, tally: &mut Tally) {
+        let shared = self.shared.clone();
+        for (key, unit) in units {
             if self.poller_fps.get(key) == Some(&unit.fingerprint) {
                 continue;
             }
@@ -170,20 +223,24 @@ impl Supervisor {
                 .insert(key.clone(), unit.fingerprint)
                 .is_some()
             {
-                restarted += 1;
+                tally.restarted += 1;
                 info!(unit = %key, "changed: restarts on its stored state");
             } else {
-                started += 1;
+                tally.started += 1;
             }
             // A restarted unit waits for its old task's in-flight poll, so
             // two tasks never commit the same state.
             self.pollers.start(key, token, task).await;
         }
+    }
 
-        // Stored states no unit polls any more are deleted after the
-        // retention of the source that had them (the default when that
-        // source is unknown: configuration changed while stopped); those
-        // polled again are kept.
+    /// Stored states no unit polls any more are deleted after the
+    /// retention of the source that had them (the default when that
+    /// source is unknown: configuration changed while stopped); those
+    /// polled again are kept. Runs before `self.config` becomes the new
+    /// configuration: the retention is the old one's.
+    async fn mark_removed_states(&self, units: &BTreeMap<String, Unit>, now: i64) {
+        let shared = &self.shared;
         let old_retention = |key: &str| {
             let src = key.split_once('/').map_or(key, |(s, _)| s);
             self.config
@@ -194,7 +251,7 @@ impl Supervisor {
         match shared.store.state_keys().await {
             Ok(keys) => {
                 for key in keys {
-                    let res = if crate::reload::owns(&units, &key) {
+                    let res = if crate::reload::owns(units, &key) {
                         shared.store.unmark_removed(&key).await
                     } else {
                         let at = now + old_retention(&key).as_millis() as i64;
@@ -207,9 +264,6 @@ impl Supervisor {
             }
             Err(e) => warn!(error = %format!("{e:#}"), "cannot list stored instance states"),
         }
-        self.config = Some(new);
-        self.sweep().await;
-        format!("{started} started, {restarted} restarted, {stopped} stopped, the rest untouched")
     }
 
     /// Store care, hourly and after each (re)load: forgets old delivery
