@@ -460,6 +460,7 @@ impl HostGates {
 mod tests {
     use super::*;
     use crate::quota::advice::tests::headers;
+    use crate::store::{HostPace, Notice};
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request_of_the_host_and_blind_429s_double() {
@@ -588,5 +589,278 @@ mod tests {
         let c = &gates.counters()["api.example"];
         assert_eq!(c.requests.load(Ordering::Relaxed), 2);
         assert_eq!(c.too_many.load(Ordering::Relaxed), 1);
+    }
+
+    fn gate(quota: Option<&HostQuota>, cluster: Coordinator) -> HostGate {
+        HostGate::new("h".into(), quota, Default::default(), cluster, None)
+    }
+
+    /// A coordination two nodes take part in (so that bookings and shared
+    /// paces count, see `SingleNode`), and the handle gates hold.
+    async fn two_nodes() -> (Arc<crate::store::SingleNode>, Coordinator) {
+        let c = Arc::new(crate::store::SingleNode::default());
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.heartbeat("b", 2, 60_000).await.unwrap();
+        (c.clone(), Coordinator::SingleNode(c))
+    }
+
+    fn quota(rate: &str) -> HostQuota {
+        HostQuota {
+            rate: Some(Rate::parse(rate).unwrap()),
+            burst: 1,
+            max_in_flight: None,
+        }
+    }
+
+    /// How long `g.acquire()` waits (tokio's clock, paused in these tests).
+    async fn waited(g: &HostGate) -> Duration {
+        let t0 = Instant::now();
+        g.acquire().await;
+        Instant::now() - t0
+    }
+
+    /// The gates of two nodes book one quota: the second node's request
+    /// waits for the slot after the first's (2/10s: 5 s), though its own
+    /// limiter is fresh.
+    #[tokio::test(start_paused = true)]
+    async fn gates_of_two_nodes_book_the_host_rate_together() {
+        let (_, cluster) = two_nodes().await;
+        let (a, b) = (
+            gate(Some(&quota("2/10s")), cluster.clone()),
+            gate(Some(&quota("2/10s")), cluster),
+        );
+        assert_eq!(waited(&a).await, Duration::ZERO);
+        let w = waited(&b).await;
+        assert!(
+            w > Duration::from_millis(4_900) && w <= Duration::from_secs(5),
+            "{w:?}"
+        );
+    }
+
+    /// A pace the host imposed widens the booked interval: beyond the
+    /// configured rate's, and with no rate at all.
+    #[tokio::test(start_paused = true)]
+    async fn a_pace_widens_the_booked_interval() {
+        for q in [Some(quota("10/s")), None] {
+            let (_, cluster) = two_nodes().await;
+            let (a, b) = (gate(q.as_ref(), cluster.clone()), gate(q.as_ref(), cluster));
+            for g in [&a, &b] {
+                g.apply_shared(Duration::ZERO, Some(Duration::from_secs(2)));
+            }
+            assert_eq!(waited(&a).await, Duration::ZERO);
+            let w = waited(&b).await;
+            assert!(
+                w > Duration::from_millis(1_900) && w <= Duration::from_secs(2),
+                "{q:?}: {w:?}"
+            );
+        }
+    }
+
+    /// A pause another node shared holds this gate, never shortens a
+    /// longer one, and is not counted as this node's.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_pause_holds_the_gate_and_never_shortens_a_longer_one() {
+        let g = gate(None, Coordinator::alone());
+        g.apply_shared(Duration::ZERO, None);
+        assert_eq!(g.paused_for(), None, "nothing shared");
+        g.apply_shared(Duration::from_secs(5), None);
+        assert_eq!(g.paused_for(), Some(Duration::from_secs(5)));
+        g.apply_shared(Duration::from_secs(2), None);
+        assert_eq!(g.paused_for(), Some(Duration::from_secs(5)), "shorter");
+        g.apply_shared(Duration::from_secs(8), None);
+        assert_eq!(g.paused_for(), Some(Duration::from_secs(8)));
+        assert_eq!(waited(&g).await, Duration::from_secs(8));
+        assert_eq!(g.paused_for(), None, "over");
+        let r = g.report();
+        assert_eq!((r.pauses, r.paused_ms_total, r.requests), (0, 0, 1));
+    }
+
+    /// A pace another node shared holds for `SHARED_PACE_FOR`, then goes.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_pace_holds_for_its_time() {
+        let g = gate(None, Coordinator::alone());
+        assert_eq!(g.report().spacing_ms, None);
+        g.apply_shared(Duration::ZERO, Some(Duration::from_millis(250)));
+        assert_eq!(g.report().spacing_ms, Some(250));
+        tokio::time::advance(SHARED_PACE_FOR - Duration::from_millis(1)).await;
+        assert_eq!(g.report().spacing_ms, Some(250));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(g.report().spacing_ms, None, "the shared pace ended");
+    }
+
+    /// Pauses that overlap count their time once; a pause that ends no
+    /// later than the running one is no new pause.
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_pauses_count_their_time_once() {
+        let g = gate(None, Coordinator::alone());
+        let retry = |s: &str| headers(&[("retry-after", s)]);
+        g.observe(503, &retry("3"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // 2 s of the first left: a 5 s pause adds 3 s.
+        assert_eq!(g.observe(503, &retry("5")), Some(Duration::from_secs(5)));
+        g.observe(503, &retry("5"));
+        g.observe(503, &retry("1"));
+        let r = g.report();
+        assert_eq!(
+            (r.pauses, r.paused_ms_total, r.paused_for_ms),
+            (2, 6_000, Some(5_000))
+        );
+        // Once it is over, a new pause counts whole.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        g.observe(503, &retry("2"));
+        let r = g.report();
+        assert_eq!((r.pauses, r.paused_ms_total), (3, 8_000));
+        // 503s are throttling, not `429 Too Many Requests`.
+        assert_eq!((r.throttled, r.too_many_requests), (5, 0));
+    }
+
+    /// The pace at a refusal counts the requests of the last second (its
+    /// ends included), and a second refusal lowers the learned pace.
+    #[tokio::test(start_paused = true)]
+    async fn the_pace_at_a_refusal_is_that_of_the_last_second() {
+        let g = gate(None, Coordinator::alone());
+        let refused = || g.observe(429, &headers(&[("retry-after", "0")]));
+        let learned = || g.throttle.lock().learned_rate().unwrap();
+        g.acquire().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        g.acquire().await;
+        refused();
+        assert!((learned() - 1.8).abs() < 1e-9, "{}", learned());
+        // Its gap is the time per request at that pace.
+        assert_eq!(g.report().spacing_ms, Some(555));
+
+        let g = gate(None, Coordinator::alone());
+        let refused = || g.observe(429, &headers(&[("retry-after", "0")]));
+        let learned = || g.throttle.lock().learned_rate().unwrap();
+        for _ in 0..10 {
+            g.acquire().await;
+        }
+        refused();
+        assert!((learned() - 9.0).abs() < 1e-9, "{}", learned());
+        // Again at once: 90% of the learned pace (below the last second's).
+        refused();
+        assert!((learned() - 8.1).abs() < 1e-9, "{}", learned());
+    }
+
+    /// A learned pace of 100,000 requests/s is no constraint any more;
+    /// a fast one grows in proportion.
+    #[tokio::test(start_paused = true)]
+    async fn a_learned_pace_ends_once_it_is_no_constraint() {
+        let g = gate(None, Coordinator::alone());
+        g.throttle.lock().learned = Some((99_999.0, Instant::now()));
+        assert_eq!(g.throttle.lock().learned_rate(), Some(99_999.0));
+        g.throttle.lock().learned = Some((100_000.0, Instant::now()));
+        assert_eq!(g.throttle.lock().learned_rate(), None);
+        // Above 50/s it grows by 2% of itself per second.
+        g.throttle.lock().learned = Some((100.0, Instant::now()));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let grown = g.throttle.lock().learned_rate().unwrap();
+        assert!((grown - 120.0).abs() < 1e-9, "{grown}");
+    }
+
+    /// What a node learns of a host, it shares: a pause alone, or a
+    /// spacing alone; an answer that asks nothing shares nothing.
+    #[tokio::test(start_paused = true)]
+    async fn pauses_and_spacings_are_shared_with_the_other_nodes() {
+        let (c, cluster) = two_nodes().await;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let listener = {
+            let c = c.clone();
+            tokio::spawn(async move { c.listen(tx).await })
+        };
+        // Once the listener listens, every notice reaches it.
+        loop {
+            c.share_pace("ready", None, None).await.unwrap();
+            if let Ok(n) = tokio::time::timeout(Duration::from_millis(10), rx.recv()).await {
+                assert_eq!(n, Some(Notice::Pace("ready".into())));
+                break;
+            }
+        }
+        let pace_of_h = || async {
+            let paces = c.paces().await.unwrap();
+            let h: Vec<HostPace> = paces.into_iter().filter(|p| p.host == "h").collect();
+            assert_eq!(h.len(), 1, "{h:?}");
+            h[0].clone()
+        };
+        let g = gate(None, cluster);
+        g.observe(200, &HeaderMap::new());
+        g.observe(503, &headers(&[("retry-after", "3")]));
+        let notice = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(notice.unwrap(), Some(Notice::Pace("h".into())));
+        // A marker: nothing was shared before it but the pause.
+        c.share_pace("marker", None, None).await.unwrap();
+        let notice = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(notice.unwrap(), Some(Notice::Pace("marker".into())));
+        let h = pace_of_h().await;
+        assert!(
+            h.paused_for > Duration::from_millis(2_900) && h.paused_for <= Duration::from_secs(3),
+            "{h:?}"
+        );
+        assert_eq!(h.gap, None);
+
+        let spacing = headers(&[("ratelimit-remaining", "10"), ("ratelimit-reset", "5")]);
+        assert_eq!(g.observe(200, &spacing), None);
+        let notice = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(notice.unwrap(), Some(Notice::Pace("h".into())));
+        assert_eq!(pace_of_h().await.gap, Some(Duration::from_millis(500)));
+        listener.abort();
+    }
+
+    /// A shared pause reaches the host's gate, configured or met; a host
+    /// with no gate has nothing to hold.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_pause_reaches_the_configured_gate_or_the_one_met() {
+        let gates = HostGates::new(&BTreeMap::from([(
+            "api.example".to_string(),
+            quota("10/s"),
+        )]));
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let met = gates.for_url(&url("https://other.example/x"));
+        assert_eq!(met.name, "other.example:443");
+        gates.apply_shared("api.example", Duration::from_secs(5), None);
+        gates.apply_shared("other.example:443", Duration::from_secs(7), None);
+        gates.apply_shared("nobody.example", Duration::from_secs(9), None);
+        let configured = gates.for_url(&url("https://api.example/y"));
+        assert_eq!(configured.paused_for(), Some(Duration::from_secs(5)));
+        assert_eq!(met.paused_for(), Some(Duration::from_secs(7)));
+        let report = gates.report();
+        let paused: Vec<_> = report
+            .iter()
+            .map(|(k, r)| (k.as_str(), r.paused_for_ms))
+            .collect();
+        assert_eq!(
+            paused,
+            [
+                ("api.example", Some(5_000)),
+                ("other.example:443", Some(7_000))
+            ]
+        );
+    }
+
+    /// A URL's gate: the configured `host:port`, then the configured host
+    /// (names compared without case), else one gate per host and port met.
+    #[test]
+    fn a_url_finds_its_gate_by_host_and_port() {
+        let gates = HostGates::new(&BTreeMap::from([
+            ("API.example".to_string(), quota("10/s")),
+            ("api.example:8443".to_string(), quota("1/s")),
+        ]));
+        let name = |u: &str| gates.for_url(&reqwest::Url::parse(u).unwrap()).name.clone();
+        assert_eq!(name("https://api.example:8443/x"), "api.example:8443");
+        assert_eq!(name("https://Api.Example/x"), "api.example");
+        assert_eq!(name("http://api.example:8080/x"), "api.example");
+        assert_eq!(name("http://other.example:8080/x"), "other.example:8080");
+        let url = reqwest::Url::parse("http://other.example:8080/y").unwrap();
+        assert!(Arc::ptr_eq(&gates.for_url(&url), &gates.for_url(&url)));
+        // A reload keeps the gate whose quota did not change.
+        let api = reqwest::Url::parse("https://api.example/").unwrap();
+        let before = gates.for_url(&api);
+        gates.reconfigure(&BTreeMap::from([(
+            "api.example".to_string(),
+            quota("10/s"),
+        )]));
+        assert!(Arc::ptr_eq(&before, &gates.for_url(&api)));
+        gates.reconfigure(&BTreeMap::from([("api.example".to_string(), quota("5/s"))]));
+        assert!(!Arc::ptr_eq(&before, &gates.for_url(&api)));
     }
 }

@@ -664,4 +664,135 @@ mod tests {
             .collect();
         assert_eq!(names, ["b", "a"]);
     }
+
+    /// A coordination whose clock stands at zero while the test runs (its
+    /// origin an hour ahead: `elapsed` saturates), so that a time can be
+    /// exactly "now".
+    fn frozen() -> SingleNode {
+        SingleNode {
+            origin: Instant::now() + Duration::from_secs(3_600),
+            ..SingleNode::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frozen_clock_stands_at_zero() {
+        let c = frozen();
+        assert_eq!(c.now_ms(), 0.0);
+    }
+
+    /// A lease whose time ends at this very instant has not lapsed: no
+    /// other node claims or prunes it (and it is no longer counted as its
+    /// holder's).
+    #[tokio::test]
+    async fn a_lease_ending_at_this_instant_has_not_lapsed() {
+        let c = frozen();
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.ensure_leases(&["s/i".to_string()]).await.unwrap();
+        assert_eq!(
+            c.claim("a", 0, 1).await.unwrap(),
+            vec![("s/i".to_string(), 1)]
+        );
+        assert_eq!(c.nodes().await.unwrap()[0].leases, 0);
+        assert!(c.claim("b", 60_000, 1).await.unwrap().is_empty());
+        let (pruned, kept) = c.prune_leases("b", &["s/i".to_string()]).await.unwrap();
+        assert_eq!((pruned, kept), (0, ["s/i".to_string()].into()));
+        // A lease that runs on is counted as its holder's.
+        c.ensure_leases(&["s/j".to_string()]).await.unwrap();
+        assert_eq!(c.claim("a", 1, 1).await.unwrap().len(), 1);
+        assert_eq!(c.nodes().await.unwrap()[0].leases, 1);
+    }
+
+    /// A heartbeat keeps its node alive for `alive_ms` after it, not at
+    /// its end.
+    #[tokio::test]
+    async fn a_heartbeat_counts_for_alive_ms_after_it() {
+        let c = frozen();
+        assert_eq!(c.heartbeat("a", 1, 0).await.unwrap(), 0);
+        assert_eq!(c.heartbeat("a", 1, 1).await.unwrap(), 1);
+    }
+
+    /// A pace that ends at this instant no longer widens a booking; one
+    /// that runs on does.
+    #[tokio::test]
+    async fn a_pace_widens_bookings_only_while_it_runs() {
+        let c = frozen();
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.heartbeat("b", 2, 60_000).await.unwrap();
+        let gap = Duration::from_secs(5);
+        c.share_pace("ended", None, Some((gap, Duration::ZERO)))
+            .await
+            .unwrap();
+        c.share_pace("runs", None, Some((gap, Duration::from_secs(60))))
+            .await
+            .unwrap();
+        for (host, wait) in [("ended", 100), ("runs", 5_000)] {
+            let key = format!("host:{host}");
+            assert_eq!(c.book(&key, 100.0, 1, false).await.unwrap(), Duration::ZERO);
+            assert_eq!(
+                c.book(&key, 100.0, 1, false).await.unwrap(),
+                Duration::from_millis(wait),
+                "{host}"
+            );
+        }
+    }
+
+    /// A pause or pace that ends at this instant is no longer listed.
+    #[tokio::test]
+    async fn a_pace_ending_at_this_instant_is_not_listed() {
+        let c = frozen();
+        c.heartbeat("a", 1, 60_000).await.unwrap();
+        c.heartbeat("b", 2, 60_000).await.unwrap();
+        c.share_pace("p", Some(Duration::ZERO), None).await.unwrap();
+        assert_eq!(c.paces().await.unwrap(), vec![]);
+        // Paused on, with a pace that ended: the pause alone.
+        c.share_pace(
+            "q",
+            Some(Duration::from_secs(30)),
+            Some((Duration::from_secs(5), Duration::ZERO)),
+        )
+        .await
+        .unwrap();
+        let paces = c.paces().await.unwrap();
+        assert_eq!(
+            paces,
+            vec![HostPace {
+                host: "q".into(),
+                paused_for: Duration::from_secs(30),
+                gap: None
+            }]
+        );
+    }
+
+    /// A node's renewal says "changed" whenever its leases differ from
+    /// what its last renewal returned, however many claims and releases
+    /// came between.
+    #[tokio::test]
+    async fn a_renewal_after_a_claim_and_a_release_lists_the_new_leases() {
+        let c = aged(100_000);
+        let keys: Vec<String> = ["s/x", "s/y"].iter().map(|k| k.to_string()).collect();
+        c.ensure_leases(&keys).await.unwrap();
+        assert_eq!(
+            c.claim("a", 60_000, 1).await.unwrap(),
+            vec![("s/x".to_string(), 1)]
+        );
+        assert_eq!(
+            c.renew_changed("a", 60_000).await.unwrap(),
+            Some(vec![("s/x".to_string(), 1)])
+        );
+        assert_eq!(
+            c.claim("a", 60_000, 1).await.unwrap(),
+            vec![("s/y".to_string(), 1)]
+        );
+        c.release("a", &keys[..1]).await.unwrap();
+        assert_eq!(
+            c.renew_changed("a", 60_000).await.unwrap(),
+            Some(vec![("s/y".to_string(), 1)])
+        );
+        // Pruning nothing changes nothing; pruning a lease it held does.
+        c.prune_leases("a", &["s/none".to_string()]).await.unwrap();
+        assert_eq!(c.renew_changed("a", 60_000).await.unwrap(), None);
+        assert_eq!(c.prune_leases("a", &keys[1..]).await.unwrap().0, 1);
+        assert_eq!(c.renew_changed("a", 60_000).await.unwrap(), Some(vec![]));
+    }
 }
