@@ -74,7 +74,7 @@ pub async fn discover(
             }
         }
         for item in items.query(page).all() {
-            let mut ctx = source.base_vars.clone();
+            let mut ctx = (*source.base_vars).clone();
             ctx.insert("item".into(), item.clone());
             ctx.insert(
                 "now".into(),

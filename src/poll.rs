@@ -495,7 +495,7 @@ async fn poll_once(
     }
     let detection = detect(
         c,
-        &inst.vars,
+        &inst.vars(),
         state,
         &fetched.pages,
         now,

@@ -87,7 +87,7 @@ pub fn units(config: &Config) -> BTreeMap<String, Unit> {
             continue;
         }
         for inst in &source.instances {
-            let vars = Value::Object(inst.vars.clone());
+            let vars = Value::Object(inst.vars());
             out.insert(
                 inst.key.clone(),
                 Unit {
@@ -231,6 +231,36 @@ mod tests {
         )
         .unwrap();
         Config::load_with_env(&dir.join("bridge.yaml"), &|_| None).unwrap()
+    }
+
+    /// What every instance of a source shares is one map, not a copy per
+    /// instance (memory at rest), and each instance still sees its own value
+    /// over it, in the params' order.
+    #[test]
+    fn instances_of_a_source_share_its_variables_and_keep_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("x.yaml"),
+            "name: x\nparams: { account: { required: true }, region: { default: us }, page: { default: 10 } }\nrequest: { url: \"http://127.0.0.1:1/{{ account }}\" }\nitems: \"$[*]\"\nid: \"{{ item.id }}\"\ndetect: new\nemit: [{ type: x.new }]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("bridge.yaml"),
+            "connectors: [x.yaml]\nsources:\n  s:\n    connector: x\n    with: { region: eu }\n    for_each: { account: [a, b] }\n    schedule: every 1m\n    deliver_to: [e]\nendpoints:\n  e: { url: \"http://127.0.0.1:2/\", secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw }\n",
+        )
+        .unwrap();
+        let c = Config::load_with_env(&d.join("bridge.yaml"), &|_| None).unwrap();
+        let s = &c.sources[0];
+        let (a, b) = (&s.instances[0], &s.instances[1]);
+        assert!(Arc::ptr_eq(&a.base_vars, &b.base_vars));
+        assert!(Arc::ptr_eq(&a.base_vars, &s.base_vars));
+        assert_eq!(Value::Object(a.own_vars.clone()), json!({ "account": "a" }));
+        assert_eq!(
+            serde_json::to_string(&b.vars()).unwrap(),
+            r#"{"page":10,"region":"eu","account":"b"}"#,
+            "the params' defaults, the source's values, then the instance's"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::{Failures, Sessions};
 use crate::cluster::Cluster;
 use crate::connector::auth::TokenCache;
-use crate::connector::spec::{secrets_of, Connector, Instance};
+use crate::connector::spec::{Connector, Instance};
 use crate::opsevents::Ops;
 use crate::quota::HostGates;
 use crate::schedule::Schedule;
@@ -178,7 +178,7 @@ pub struct Source {
     pub discovered: bool,
     /// Params' defaults with the source's `with` values: the variables of
     /// every instance before its own values.
-    pub base_vars: Map<String, Value>,
+    pub base_vars: Arc<Map<String, Value>>,
     /// How long the state of an instance that left the discovered list is kept.
     pub retention: Duration,
     /// `for_each: discover`: when the list is refreshed.
@@ -189,22 +189,24 @@ impl Source {
     /// An instance of a `for_each: discover` source with its discovered param
     /// values (typed like the params' defaults).
     pub fn discovered_instance(&self, name: &str, with: &Map<String, Value>) -> Instance {
-        let mut vars = self.base_vars.clone();
-        for (k, v) in with {
-            let default = self
-                .connector
-                .params
-                .get(k)
-                .and_then(|p| p.default.as_ref());
-            vars.insert(k.clone(), coerce(v, default));
-        }
-        let secrets = secrets_of(&self.connector, &vars);
-        Instance {
-            key: format!("{}/{name}", self.name),
-            name: name.to_string(),
-            vars,
-            secrets,
-        }
+        let own = with
+            .iter()
+            .map(|(k, v)| {
+                let default = self
+                    .connector
+                    .params
+                    .get(k)
+                    .and_then(|p| p.default.as_ref());
+                (k.clone(), coerce(v, default))
+            })
+            .collect();
+        Instance::new(
+            &self.name,
+            name,
+            &self.connector,
+            self.base_vars.clone(),
+            own,
+        )
     }
 }
 

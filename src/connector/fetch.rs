@@ -151,7 +151,7 @@ pub fn request_context(
     state: &InstanceState,
     now: DateTime<Utc>,
 ) -> Map<String, Value> {
-    let mut ctx = instance.vars.clone();
+    let mut ctx = instance.vars();
     if let Some(cur) = &state.cursor {
         let shown = match c.lookback {
             Some(lb) => shift_cursor(cur, lb),

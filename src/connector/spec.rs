@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -268,10 +269,49 @@ pub struct Instance {
     pub key: String,
     /// The instance part (`acc-0001`, or `default` without `for_each`).
     pub name: String,
-    /// Template variables: the connector's params with this instance's values.
-    pub vars: Map<String, Value>,
+    /// The variables every instance of its source shares: the params'
+    /// defaults with the source's `with` values. One map per source, not
+    /// per instance: 10,000 accounts of one source would otherwise hold
+    /// 10,000 copies of the same `base_url` and credentials (about 700 B
+    /// each at rest, measured with heaptrack).
+    pub base_vars: Arc<Map<String, Value>>,
+    /// This instance's own values (its `for_each` combination, or what
+    /// discovery gave it), over `base_vars`.
+    pub own_vars: Map<String, Value>,
     /// Values of secret params, to mask wherever text is shown.
     pub secrets: Vec<String>,
+}
+
+impl Instance {
+    /// An instance named `name` of source `source`, with its own values over
+    /// the source's shared ones; its secrets are read from the merged view.
+    pub fn new(
+        source: &str,
+        name: &str,
+        connector: &Connector,
+        base_vars: Arc<Map<String, Value>>,
+        own_vars: Map<String, Value>,
+    ) -> Instance {
+        let mut inst = Instance {
+            key: format!("{source}/{name}"),
+            name: name.to_string(),
+            base_vars,
+            own_vars,
+            secrets: vec![],
+        };
+        inst.secrets = secrets_of(connector, &inst.vars());
+        inst
+    }
+
+    /// Template variables: the connector's params with this instance's
+    /// values. A copy, made per poll: what is kept at rest is shared.
+    pub fn vars(&self) -> Map<String, Value> {
+        let mut vars = (*self.base_vars).clone();
+        for (k, v) in &self.own_vars {
+            vars.insert(k.clone(), v.clone());
+        }
+        vars
+    }
 }
 
 /// The values of `c`'s secret params in `vars`, to mask wherever text is shown.

@@ -254,7 +254,7 @@ async fn dry_run_instance(
     };
     let d = match detect(
         &src.connector,
-        &inst.vars,
+        &inst.vars(),
         &from,
         &fetched.pages,
         now,

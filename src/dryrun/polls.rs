@@ -240,7 +240,7 @@ async fn poll_one(
     }
     let d = match detect(
         &src.connector,
-        &inst.vars,
+        &inst.vars(),
         &state,
         &fetched.pages,
         at,

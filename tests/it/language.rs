@@ -49,12 +49,13 @@ pub fn instance(c: &Connector, given: Value) -> Instance {
         }
     }
     vars.extend(given.as_object().cloned().unwrap_or_default());
-    Instance {
-        key: "t/default".into(),
-        name: "default".into(),
-        vars,
-        secrets: vec![],
-    }
+    Instance::new(
+        "t",
+        "default",
+        c,
+        std::sync::Arc::new(vars),
+        Default::default(),
+    )
 }
 
 /// Polls like the daemon does, minus the store.
@@ -99,7 +100,7 @@ impl Poller {
         let f = self.fetch().await?;
         let d = detect(
             &self.c,
-            &self.inst.vars,
+            &self.inst.vars(),
             &self.state,
             &f.pages,
             chrono::Utc::now(),

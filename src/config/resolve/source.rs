@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::diag::Diag;
 use crate::config::raw::{self, DeliverTo, RawSource};
-use crate::connector::spec::{scalar_text, secrets_of, Auth, Connector, EventType, Instance};
+use crate::connector::spec::{scalar_text, Auth, Connector, EventType, Instance};
 use crate::quota::Rate;
 use crate::runtime::{coerce, Route, Source, DEFAULT_RETENTION};
 use crate::schedule::Schedule;
@@ -124,7 +124,7 @@ impl Source {
             instances: vec![],
             routes: vec![],
             discovered,
-            base_vars,
+            base_vars: Arc::new(base_vars),
             retention: DEFAULT_RETENTION,
             discover_schedule: connector.discover.as_ref().map(|d| d.schedule.clone()),
             connector,
@@ -168,10 +168,11 @@ pub(super) fn resolve_source(
     let combos = for_each_combinations(diag, &field, src, &connector);
     let mut base_vars = defaults(&connector);
     base_vars.extend(given.clone());
+    let base_vars = Arc::new(base_vars);
     let instances = if discovered {
         vec![]
     } else {
-        instances_of(name, &connector, &given, combos)
+        instances_of(name, &connector, &base_vars, combos)
     };
     check_required(
         diag, &field, src, &connector, &instances, discovered, &base_vars,
@@ -324,14 +325,12 @@ fn for_each_combinations(
 fn instances_of(
     source: &str,
     connector: &Connector,
-    given: &Map<String, Value>,
+    base_vars: &Arc<Map<String, Value>>,
     combos: Vec<Vec<(String, Value)>>,
 ) -> Vec<Instance> {
     let mut instances = Vec::new();
     let mut names = BTreeSet::new();
     for combo in combos {
-        let mut vars = defaults(connector);
-        vars.extend(given.clone());
         let inst_name = if combo.is_empty() {
             "default".to_string()
         } else {
@@ -341,19 +340,17 @@ fn instances_of(
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        for (k, v) in combo {
-            vars.insert(k, v);
-        }
         if !names.insert(inst_name.clone()) {
             continue; // duplicates in the list: one instance
         }
-        let secrets = secrets_of(connector, &vars);
-        instances.push(Instance {
-            key: format!("{source}/{inst_name}"),
-            name: inst_name,
-            vars,
-            secrets,
-        });
+        let own = combo.into_iter().collect();
+        instances.push(Instance::new(
+            source,
+            &inst_name,
+            connector,
+            base_vars.clone(),
+            own,
+        ));
     }
     instances
 }
@@ -377,8 +374,8 @@ fn check_required(
         .unwrap_or_default();
     let Some(first) = instances
         .first()
-        .map(|i| &i.vars)
-        .or(discovered.then_some(base_vars))
+        .map(Instance::vars)
+        .or(discovered.then(|| base_vars.clone()))
     else {
         return;
     };
@@ -427,7 +424,7 @@ fn check_bearer(
     };
     let Some(instance) = instances
         .iter()
-        .find(|i| renders_blank(connector, token, &i.vars))
+        .find(|i| renders_blank(connector, token, &i.vars()))
     else {
         return;
     };
