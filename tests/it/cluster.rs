@@ -387,9 +387,7 @@ async fn endpoint_disable_and_enable_reach_every_node() {
     b.start().await;
     for d in [&a, &b] {
         d.wait_status("both nodes holding leases", |s| {
-            s["cluster"]["nodes"]
-                .as_array()
-                .is_some_and(|n| n.iter().filter(|n| n["leases"].as_i64() > Some(0)).count() == 2)
+            nodes_holding_leases(s) == 2
         })
         .await;
     }
@@ -457,6 +455,19 @@ fn distinct_items(rx: &Receiver) -> usize {
         .filter_map(|d| d.body["data"]["id"].as_str().map(str::to_string))
         .collect::<BTreeSet<_>>()
         .len()
+}
+
+/// The lease count of each node `/status` lists (nodes without one left out).
+fn leases_by_node(s: &Value) -> Vec<i64> {
+    s["cluster"]["nodes"]
+        .as_array()
+        .map(|n| n.iter().filter_map(|n| n["leases"].as_i64()).collect())
+        .unwrap_or_default()
+}
+
+/// How many nodes hold at least one lease.
+fn nodes_holding_leases(s: &Value) -> usize {
+    leases_by_node(s).iter().filter(|n| **n > 0).count()
 }
 
 /// Three nodes, 120 changes, nodes SIGKILLed and restarted in turn: every
@@ -717,9 +728,7 @@ async fn a_host_quota_holds_across_three_nodes() {
     }
     nodes[0]
         .wait_status("three nodes holding leases", |s| {
-            s["cluster"]["nodes"]
-                .as_array()
-                .is_some_and(|n| n.iter().filter(|n| n["leases"].as_i64() > Some(0)).count() == 3)
+            nodes_holding_leases(s) == 3
         })
         .await;
     let from = Instant::now();
@@ -905,14 +914,8 @@ async fn a_dead_nodes_instances_are_polled_as_soon_as_its_leases_lapse() {
     let (mut a, mut victim) = (node(&b), node(&b));
     a.start().await;
     victim.start().await;
-    let held = |s: &Value| -> Vec<i64> {
-        s["cluster"]["nodes"]
-            .as_array()
-            .map(|n| n.iter().filter_map(|n| n["leases"].as_i64()).collect())
-            .unwrap_or_default()
-    };
     a.wait_status("both nodes holding leases", |s| {
-        let h = held(s);
+        let h = leases_by_node(s);
         h.len() == 2 && h.iter().all(|n| *n > 0)
     })
     .await;
