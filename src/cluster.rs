@@ -153,6 +153,8 @@ pub struct Cluster {
     /// How long a lease lasts without renewal (`store.lease`).
     pub lease: Duration,
     started_ms: i64,
+    /// When this node started (see [`Cluster::settling`]).
+    started: Instant,
     leases: Mutex<Leases>,
     /// Raised whenever the held set changes: poll loops waiting for their
     /// lease look again.
@@ -265,6 +267,7 @@ impl Cluster {
             store,
             lease,
             started_ms: crate::now_ms(),
+            started: Instant::now(),
             leases: Mutex::new(Leases::default()),
             changed: watch::Sender::new(0),
             wanted: Mutex::new((BTreeSet::new(), Vec::new())),
@@ -429,6 +432,22 @@ impl Cluster {
         let _ = tokio::time::timeout(max, rx.changed()).await;
     }
 
+    /// Sees each change of the held set (gained, lost, given back).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The keys this node holds and is not giving back (see
+    /// [`Cluster::epoch`]).
+    pub fn held_keys(&self) -> Vec<String> {
+        let l = self.leases.lock();
+        l.held
+            .keys()
+            .filter(|k| !l.draining.contains(*k))
+            .cloned()
+            .collect()
+    }
+
     /// How many leases this node holds.
     pub fn held_count(&self) -> usize {
         self.leases.lock().held.len()
@@ -458,6 +477,9 @@ impl Cluster {
     async fn round(&self, at_lapse: bool) -> crate::store::Result<bool> {
         let lease_ms = self.lease.as_millis() as i64;
         self.ensure_new().await;
+        // The heartbeat may be what keeps the leases (PostgreSQL): they
+        // are counted from before it was sent.
+        let sent = Instant::now();
         let nodes = self
             .store
             .heartbeat(&self.node, self.started_ms, lease_ms)
@@ -467,10 +489,11 @@ impl Cluster {
                 warn!(node = %self.node, error = %format!("{e:#}"), "cannot prune the leases of removed instances (tried again next round)");
             }
         }
-        let (mut gained, mut lost) = self.renew(lease_ms).await?;
+        let (mut gained, mut lost) = self.renew(lease_ms, sent).await?;
         let total = self.store.lease_count().await?;
         let draining_before = self.leases.lock().draining.clone();
         match plan(self.held_count(), total as usize, nodes as usize) {
+            Plan::Claim(_) if self.settling() => {}
             Plan::Claim(n) => gained |= self.claim(n, lease_ms, at_lapse).await?,
             Plan::Release(n) => lost += self.give_back(n).await?,
             Plan::Hold => {
@@ -492,6 +515,18 @@ impl Cluster {
             info!(node = %self.node, lost, held = self.held_count(), "leases lost or given back");
         }
         Ok(gained || draining_changed)
+    }
+
+    /// Whether this node started less than a round ago with other
+    /// processes possibly about: it claims nothing yet. Nodes started
+    /// together (a cluster's first start, every machine rebooted) then
+    /// see each other's heartbeats before claiming, and each takes its
+    /// share, instead of the first one up taking the whole fleet (loading
+    /// every state, its memory peaking at the fleet's size) and giving
+    /// two thirds back a round later. Alone (`SingleNode`) there is no
+    /// one to wait for.
+    fn settling(&self) -> bool {
+        self.store.is_shared() && self.started.elapsed() < self.lease / 3
     }
 
     /// Gives the keys wanted since the last round a lease row.
@@ -516,9 +551,9 @@ impl Cluster {
     /// Renews what this node holds; returns whether it gained leases (an
     /// epoch it did not know) and how many it lost. When the coordination
     /// says nothing changed since the last renewal, nothing is done per
-    /// lease: the renewal's time covers them all.
-    async fn renew(&self, lease_ms: i64) -> crate::store::Result<(bool, usize)> {
-        let sent = Instant::now();
+    /// lease: the renewal's time covers them all. `sent`: when the
+    /// round's heartbeat left, which may be what renews them.
+    async fn renew(&self, lease_ms: i64, sent: Instant) -> crate::store::Result<(bool, usize)> {
         let renewed = self.store.renew_changed(&self.node, lease_ms).await?;
         let expires = sent + self.lease.mul_f64(LOCAL_SHARE);
         let mut l = self.leases.lock();

@@ -1,5 +1,6 @@
-//! The poll stage: one task per instance, from its schedule to its
-//! commit. `poll_loop` waits for the instance's lease (at once alone),
+//! The poll stage: one task per instance this node holds the lease of
+//! (started and ended by the [`Roster`]), from its schedule to its
+//! commit. `poll_loop` polls while the lease is held,
 //! `poll_held` sleeps until the instance is due, `poll_once` fetches,
 //! detects and commits (state and outbox in one store
 //! transaction), and `prepare_commit` (pure) turns a detection into the
@@ -26,6 +27,9 @@ use crate::schedule::{first_due, first_due_taken_over};
 use crate::status::PollOutcome;
 use crate::store::{InstanceState, OutboxEntry};
 
+mod roster;
+pub(crate) use roster::Roster;
+
 /// A stable pseudo-random fraction of the key, to spread first polls of many
 /// instances across their interval instead of firing all at once.
 pub(crate) fn spread(key: &str) -> f64 {
@@ -45,38 +49,33 @@ enum Stop {
     Lost { fenced: bool },
 }
 
-/// Polls one instance until `shutdown`: on its schedule, backing off
-/// while it fails, resuming from its stored state, while this node holds
-/// the instance's lease: it waits for the lease, reads the state the last
-/// holder committed, and polls until the lease passes to another node.
-/// Alone (`SingleNode`), the lease comes at the first round and stays.
+/// Polls one instance while this node holds its lease, until `shutdown`:
+/// on its schedule, backing off while it fails, resuming from its stored
+/// state (what the last holder committed). The [`Roster`] starts it when
+/// the lease is gained; it returns when the lease is gone (lost, or given
+/// back for another node's share), and the roster starts it again if the
+/// lease comes back. Alone (`SingleNode`), the lease comes at the first
+/// round and stays.
 ///
-/// Thousands of these wait at once (for their lease, or between polls),
-/// so what a waiting one holds is kept small: the instance is the
-/// configuration's `Arc`, not a copy, and the polling under a lease
-/// ([`poll_held`]: its pace, the poll's steps) is boxed, allocated only
-/// while the lease is held.
-pub(crate) async fn poll_loop(
-    shared: Arc<Shared>,
+/// The polling under a lease ([`poll_held`]: its pace, the poll's steps)
+/// is boxed, so what the task holds between two leases (the same lease
+/// lost and taken again) stays small.
+async fn poll_loop(
+    roster: Arc<Roster>,
     source: Arc<Source>,
     inst: Arc<Instance>,
     shutdown: CancellationToken,
 ) {
+    let shared = roster.shared().clone();
+    let _alive = shared.status.poll_task();
     let cluster = shared.cluster.clone();
-    // Unwanted when this task ends: removed (its lease row is pruned),
-    // unless the daemon is stopping.
-    let _wanted = cluster.want_while(&inst.key);
-    // Every node lists every instance; `/status` says which node holds it.
-    shared.status.register_instance(&inst.key, |s| {
-        s.source = source.name.clone();
-        s.instance = inst.name.clone();
-        s.connector = source.connector.name.clone();
-    });
     let mut fenced_at: Option<i64> = None;
     loop {
-        let epoch = tokio::select! {
-            e = cluster.until_held(&inst.key) => e,
-            _ = shutdown.cancelled() => return,
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let Some(epoch) = roster.held_or_leave(&inst.key) else {
+            return;
         };
         if fenced_at == Some(epoch) {
             // The store refused this epoch; this node has not heard yet
@@ -780,17 +779,17 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// An instance's task spends its life waiting (for its lease, or, in
-    /// the boxed [`poll_held`], for its next poll): inline, it carried the
-    /// whole polling state, 3,880 bytes, even while another node held the
-    /// lease. Boxed, with the instance shared, 10,000 instances cost
-    /// a few MiB less, whichever node polls them.
+    /// A poll task spends its life waiting: for its next poll, in the
+    /// boxed [`poll_held`], or for the same lease again after a fenced
+    /// commit. Inline, it carried the whole polling state, 3,880 bytes;
+    /// with the instance shared and the polling boxed, what it holds
+    /// between leases stays under 1 KiB.
     ///
     /// While it holds the lease, the boxed part waits for the next poll:
     /// its store calls and the poll itself are boxed in turn (allocated
     /// for the call only), 1,264 bytes rather than 3,744.
     #[test]
-    fn a_task_waiting_for_its_lease_is_small() {
+    fn a_waiting_poll_task_is_small() {
         let size = future_size(poll_loop);
         assert!(size <= 1024, "poll_loop's future is {size} bytes");
         fn held<A, B, C, D, E, F>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {

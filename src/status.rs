@@ -163,8 +163,11 @@ pub struct Status {
     ready: AtomicBool,
     /// Whether the store takes writes (see [`StoreHealth`]).
     store: Mutex<StoreHealth>,
-    /// Delivery workers running now (see [`WorkerGuard`]).
+    /// Delivery workers running now (see [`AliveGuard`]).
     workers_alive: std::sync::atomic::AtomicUsize,
+    /// Poll tasks running now: one per instance this node holds the
+    /// lease of, none for the others (see `poll::Roster`).
+    poll_tasks: std::sync::atomic::AtomicUsize,
     /// Polls, events and deliveries per minute over the last hour, for the
     /// dashboard's chart.
     activity: Mutex<std::collections::VecDeque<Minute>>,
@@ -194,13 +197,17 @@ pub struct StoreHealth {
     pub failures: u64,
 }
 
-/// Counts a delivery worker as alive until dropped: when its task ends,
-/// panics included, `/readyz` sees one fewer than there are endpoints.
-pub struct WorkerGuard(std::sync::Arc<Status>);
+/// Counts a task as alive until dropped: when it ends, panics included,
+/// the count has one fewer (delivery workers: `/readyz` compares them with
+/// the endpoints; poll tasks: `/status` shows them beside the leases held).
+pub struct AliveGuard {
+    status: std::sync::Arc<Status>,
+    count: fn(&Status) -> &std::sync::atomic::AtomicUsize,
+}
 
-impl Drop for WorkerGuard {
+impl Drop for AliveGuard {
     fn drop(&mut self) {
-        self.0.workers_alive.fetch_sub(1, Ordering::SeqCst);
+        (self.count)(&self.status).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -267,13 +274,33 @@ impl Status {
     }
 
     /// A delivery worker starts; alive until the guard drops.
-    pub fn worker_alive(self: &std::sync::Arc<Self>) -> WorkerGuard {
-        self.workers_alive.fetch_add(1, Ordering::SeqCst);
-        WorkerGuard(self.clone())
+    pub fn worker_alive(self: &std::sync::Arc<Self>) -> AliveGuard {
+        self.alive(|s| &s.workers_alive)
     }
 
     pub fn workers_alive(&self) -> usize {
         self.workers_alive.load(Ordering::SeqCst)
+    }
+
+    /// A poll task starts; counted until the guard drops.
+    pub fn poll_task(self: &std::sync::Arc<Self>) -> AliveGuard {
+        self.alive(|s| &s.poll_tasks)
+    }
+
+    /// Poll tasks running now.
+    pub fn poll_tasks(&self) -> usize {
+        self.poll_tasks.load(Ordering::SeqCst)
+    }
+
+    fn alive(
+        self: &std::sync::Arc<Self>,
+        count: fn(&Status) -> &std::sync::atomic::AtomicUsize,
+    ) -> AliveGuard {
+        count(self).fetch_add(1, Ordering::SeqCst);
+        AliveGuard {
+            status: self.clone(),
+            count,
+        }
     }
 
     /// The counter families of `/metrics`.
@@ -698,6 +725,10 @@ pub struct StatusReport {
 pub struct ClusterReport {
     /// The node that answered.
     pub node: String,
+    /// Poll tasks running on the node that answered: one per instance it
+    /// holds, so it follows the node's share of the fleet, not the fleet.
+    #[serde(default)]
+    pub poll_tasks: usize,
     pub nodes: Vec<crate::store::NodeRow>,
     /// Leases that no node holds now (none in a healthy cluster, but for
     /// a lease time after a node died).

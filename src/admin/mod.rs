@@ -354,6 +354,7 @@ pub(crate) async fn full_report(s: &AdminState) -> StatusReport {
         let coordination = s.store.coordination();
         let mut c = ClusterReport {
             node: node.clone(),
+            poll_tasks: s.status.poll_tasks(),
             ..Default::default()
         };
         match tokio::try_join!(coordination.nodes(), coordination.leases()) {

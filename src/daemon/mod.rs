@@ -80,10 +80,14 @@ pub async fn run(
         workers: Tasks::default(),
         worker_fps: Default::default(),
         pollers: Tasks::default(),
+        roster: crate::poll::Roster::new(services.shared.clone(), shutdown.clone()),
         poller_fps: Default::default(),
         config: None,
         shutdown: shutdown.clone(),
     };
+    // Started before the first apply, so no change of the held set is
+    // missed; it ends with the shutdown.
+    let roster = tokio::spawn(sup.roster.clone().run());
     sup.apply(config).await;
     services.status.set_ready(true);
     let notifier = Arc::new(crate::notify::Notifier::from_env());
@@ -103,6 +107,7 @@ pub async fn run(
         w.abort();
     }
     drain(&mut sup).await;
+    let _ = roster.await;
     services.stop().await;
     if let Some((a, _)) = admin {
         a.abort();
@@ -327,17 +332,23 @@ async fn drain(sup: &mut Supervisor) {
     let timeout = sup.config.as_ref().expect("applied").shutdown_timeout;
     info!(timeout = %humantime::format_duration(timeout), "shutting down: finishing in-flight polls and deliveries");
     let deadline = tokio::time::Instant::now() + timeout;
-    for (set, what) in [
-        (&mut sup.pollers, "polls"),
-        (&mut sup.workers, "deliveries"),
-    ] {
-        if tokio::time::timeout_at(deadline, set.join_all())
-            .await
-            .is_err()
-        {
-            warn!("shutdown timeout: abandoning in-flight {what} (they stay in the store and resume at the next start)");
-            set.abort_all().await;
-        }
+    // Discovery loops first: the instances they found leave the roster,
+    // whose tasks are then all waited for.
+    let polls = async {
+        sup.pollers.join_all().await;
+        sup.roster.join_all().await;
+    };
+    if tokio::time::timeout_at(deadline, polls).await.is_err() {
+        warn!("shutdown timeout: abandoning in-flight polls (they stay in the store and resume at the next start)");
+        sup.pollers.abort_all().await;
+        sup.roster.abort_all();
+    }
+    if tokio::time::timeout_at(deadline, sup.workers.join_all())
+        .await
+        .is_err()
+    {
+        warn!("shutdown timeout: abandoning in-flight deliveries (they stay in the store and resume at the next start)");
+        sup.workers.abort_all().await;
     }
 }
 

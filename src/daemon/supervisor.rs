@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, Instance, Source};
 use crate::connector::fetch::FetchEnv;
 use crate::deliver::worker::Worker;
-use crate::poll::poll_loop;
+use crate::poll::Roster;
 use crate::reload::Unit;
 use crate::runtime::{Shared, Tasks};
 
@@ -24,9 +24,13 @@ pub(super) struct Supervisor {
     /// One delivery worker per endpoint, and the fingerprint it runs.
     pub(super) workers: Tasks,
     pub(super) worker_fps: BTreeMap<String, u64>,
-    /// Poll tasks (static instances) and discovery loops, by unit key (see
-    /// [`crate::reload::units`]), and the fingerprint each runs.
+    /// Discovery loops, by source name.
     pub(super) pollers: Tasks,
+    /// Every instance configured (static or discovered), with a poll task
+    /// for those this node holds the lease of.
+    pub(super) roster: Arc<Roster>,
+    /// The fingerprint each unit runs (see [`crate::reload::units`]):
+    /// instances and discovering sources.
     pub(super) poller_fps: BTreeMap<String, u64>,
     /// What runs now (`None` before the first `apply`).
     pub(super) config: Option<Config>,
@@ -183,6 +187,7 @@ impl Supervisor {
                 continue;
             }
             self.pollers.stop(&key);
+            self.roster.stop(&key);
             self.poller_fps.remove(&key);
             tally.stopped += 1;
             if key.contains('/') {
@@ -203,21 +208,6 @@ impl Supervisor {
             if self.poller_fps.get(key) == Some(&unit.fingerprint) {
                 continue;
             }
-            let token = self.shutdown.child_token();
-            let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-                match &unit.instance {
-                    Some(inst) => Box::pin(poll_loop(
-                        shared.clone(),
-                        unit.source.clone(),
-                        inst.clone(),
-                        token.clone(),
-                    )),
-                    None => Box::pin(discover_loop(
-                        shared.clone(),
-                        unit.source.clone(),
-                        token.clone(),
-                    )),
-                };
             if self
                 .poller_fps
                 .insert(key.clone(), unit.fingerprint)
@@ -230,7 +220,23 @@ impl Supervisor {
             }
             // A restarted unit waits for its old task's in-flight poll, so
             // two tasks never commit the same state.
-            self.pollers.start(key, token, task).await;
+            match &unit.instance {
+                Some(inst) => {
+                    self.roster
+                        .start(unit.source.clone(), inst.clone())
+                        .await
+                }
+                None => {
+                    let token = self.shutdown.child_token();
+                    let task = discover_loop(
+                        shared.clone(),
+                        self.roster.clone(),
+                        unit.source.clone(),
+                        token.clone(),
+                    );
+                    self.pollers.start(key, token, task).await;
+                }
+            }
         }
     }
 
@@ -306,6 +312,7 @@ impl Supervisor {
 /// instance it finds.
 pub(super) async fn discover_loop(
     shared: Arc<Shared>,
+    roster: Arc<Roster>,
     source: Arc<Source>,
     shutdown: CancellationToken,
 ) {
@@ -331,8 +338,16 @@ pub(super) async fn discover_loop(
         env,
         cluster: shared.cluster.clone(),
     };
+    // Each instance found joins the roster (which polls it while this
+    // node holds its lease) until discovery loses it or the daemon stops.
     let spawn = |inst: Instance, token: CancellationToken| {
-        poll_loop(shared.clone(), source.clone(), Arc::new(inst), token)
+        let (roster, source) = (roster.clone(), source.clone());
+        async move {
+            let key = inst.key.clone();
+            roster.start(source, Arc::new(inst)).await;
+            token.cancelled().await;
+            roster.stop(&key);
+        }
     };
     crate::discover::run_source(source.clone(), cx, spawn, shutdown).await;
 }

@@ -83,7 +83,10 @@ pub enum Notice {
 pub trait Coordination: Send + Sync {
     /// Records that `node` is alive, and returns how many nodes are (a
     /// heartbeat younger than `alive_ms`). Nodes silent for an hour are
-    /// forgotten.
+    /// forgotten. `alive_ms` is the lease: a coordination may let the
+    /// heartbeat keep every lease of `node` for that long (PostgreSQL
+    /// does: one row written per round, not one per lease), so a node
+    /// counts its leases from before the heartbeat was sent.
     fn heartbeat(
         &self,
         node: &str,

@@ -384,8 +384,9 @@ async fn a_silent_nodes_next_lapse_is_known<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
     a.ensure_leases(&keys(3)).await.unwrap();
-    a.heartbeat("a", 1, 60_000).await.unwrap();
-    b.heartbeat("b", 2, 60_000).await.unwrap();
+    // Each node's heartbeat says its lease (which may keep its leases).
+    a.heartbeat("a", 1, 8_000).await.unwrap();
+    b.heartbeat("b", 2, 4_000).await.unwrap();
     let of_a = a.claim("a", 8_000, 2).await.unwrap();
     assert_eq!(of_a.len(), 2);
     // The other node's own lease lapses sooner: it is not waited for.
@@ -413,12 +414,62 @@ async fn a_silent_nodes_next_lapse_is_known<F: CoordFixture>() {
         "a's leases lapse within 8 s (b's own within 4 s): {left:?}"
     );
     // A heartbeat again: not silent any more.
-    a.heartbeat("a", 1, 60_000).await.unwrap();
+    a.heartbeat("a", 1, 8_000).await.unwrap();
     assert_eq!(b.next_lapse("b", 60_000).await.unwrap(), None);
     // Given back (no lapse to come), a silent node's leases are not waited for.
     let give: Vec<String> = of_a.into_iter().map(|x| x.0).collect();
     a.release("a", &give).await.unwrap();
     assert_eq!(b.next_lapse("b", 0).await.unwrap(), None);
+}
+
+/// A node's heartbeat keeps every lease it holds: past the time of its
+/// claim, a lease whose holder keeps beating is not claimed by another
+/// node, and the holder's renewals have nothing new to list; once the
+/// holder has been silent for its lease, another node takes them all, and
+/// the holder's next renewal says so. (The single node has no other
+/// process to take them: nothing to check.)
+async fn a_heartbeat_keeps_every_lease_of_its_node<F: CoordFixture>() {
+    let f = F::open().await;
+    let (a, b) = (f.handle().await, f.handle().await);
+    if !b.is_shared() {
+        return;
+    }
+    const LEASE: i64 = 2_000;
+    a.ensure_leases(&keys(3)).await.unwrap();
+    a.heartbeat("a", 1, LEASE).await.unwrap();
+    b.heartbeat("b", 2, 60_000).await.unwrap();
+    assert_eq!(a.claim("a", LEASE, 3).await.unwrap().len(), 3);
+    assert_eq!(
+        a.renew_changed("a", LEASE).await.unwrap().map(|l| l.len()),
+        Some(3),
+        "the first renewal lists"
+    );
+    // Beating every 200 ms for one and a half leases.
+    let until = Instant::now() + Duration::from_millis(3 * LEASE as u64 / 2);
+    while Instant::now() < until {
+        a.heartbeat("a", 1, LEASE).await.unwrap();
+        let taken = b.claim("b", 60_000, 3).await.unwrap();
+        assert!(taken.is_empty(), "taken from a node that beats: {taken:?}");
+        let again = a.renew_changed("a", LEASE).await.unwrap();
+        assert!(again.is_none(), "nothing changed, yet listed: {again:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.heartbeat("a", 1, LEASE).await.unwrap();
+    for l in b.leases().await.unwrap() {
+        assert_eq!(l.owner.as_deref(), Some("a"));
+        assert!(l.left_ms > 0, "held by the heartbeat, yet shown lapsed: {l:?}");
+    }
+    let nodes = b.nodes().await.unwrap();
+    assert_eq!(nodes.iter().find(|n| n.node == "a").map(|n| n.leases), Some(3));
+    // Silent for its lease: another node takes them all.
+    tokio::time::sleep(Duration::from_millis(LEASE as u64 + 500)).await;
+    assert_eq!(b.claim("b", 60_000, 3).await.unwrap().len(), 3);
+    a.heartbeat("a", 1, LEASE).await.unwrap();
+    assert_eq!(
+        a.renew_changed("a", LEASE).await.unwrap().map(|l| l.len()),
+        Some(0),
+        "the silent node is told it lost them"
+    );
 }
 
 /// Runs every check against one coordination's fixture.
@@ -434,7 +485,8 @@ macro_rules! suite {
                 membership_follows_heartbeats,
                 pruning_keeps_leases_held_by_another_node,
                 a_renewal_says_what_changed,
-                a_silent_nodes_next_lapse_is_known
+                a_silent_nodes_next_lapse_is_known,
+                a_heartbeat_keeps_every_lease_of_its_node
             );
         }
     };

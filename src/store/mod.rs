@@ -192,6 +192,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// When an instance's next poll is due, kept apart from its state so
     /// that it costs one small write per poll whatever the state's size.
     /// Not durable: losing it means one poll at start (or none, `skip`).
+    /// A backend may write it later, with others (PostgreSQL does, in
+    /// batches): this handle reads it back at once; another process sees
+    /// it once the instance's lease is given back or the store flushed.
     fn set_next_run(
         &self,
         instance: &str,

@@ -987,3 +987,62 @@ async fn a_dead_nodes_instances_are_polled_as_soon_as_its_leases_lapse() {
     assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
     assert!(a.terminate().success(), "{}", a.log());
 }
+
+/// This node's poll tasks and leases, from its own `/status`.
+fn own_tasks_and_leases(s: &Value) -> (i64, i64) {
+    let me = s["cluster"]["node"].as_str().unwrap_or_default();
+    let leases = s["cluster"]["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["node"] == me))
+        .and_then(|n| n["leases"].as_i64())
+        .unwrap_or(-1);
+    (s["cluster"]["poll_tasks"].as_i64().unwrap_or(-1), leases)
+}
+
+/// A node runs a poll task for each instance whose lease it holds and for
+/// no other: alone, one per instance; when a second node joins, the
+/// leases it gives back take their tasks with them; when that node
+/// leaves, the leases come back and so do the tasks, and every instance
+/// is polled again. (Before, every node ran a task for every instance of
+/// the fleet, waiting for a lease it might never get.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_poll_tasks_follow_its_leases_not_the_fleet() {
+    let Some(_db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(20);
+    let b = bridge(addr, &accs, "200ms", &rx, &url(), &schema.0, "");
+    let (mut first, mut second) = (node(&b), node(&b));
+    first.start().await;
+    first
+        .wait_status("one task per instance, alone", |s| {
+            own_tasks_and_leases(s) == (20, 20)
+        })
+        .await;
+    second.start().await;
+    for n in [&first, &second] {
+        n.wait_status("tasks only for the leases held, the fleet shared", |s| {
+            let (tasks, leases) = own_tasks_and_leases(s);
+            tasks == leases && (8..=12).contains(&leases) && nodes_holding_leases(s) == 2
+        })
+        .await;
+    }
+    assert!(second.terminate().success(), "{}", second.log());
+    first
+        .wait_status("the leases given back come with their tasks", |s| {
+            own_tasks_and_leases(s) == (20, 20)
+        })
+        .await;
+    let back = Instant::now();
+    wait_for("every account polled again", Duration::from_secs(30), || {
+        let arrivals = ledger.arrivals.lock().unwrap();
+        accs.iter()
+            .all(|a| arrivals.iter().any(|(t, acc)| acc == a && *t > back))
+    })
+    .await;
+    assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
+    assert!(first.terminate().success(), "{}", first.log());
+}

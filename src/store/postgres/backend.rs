@@ -4,6 +4,7 @@ use super::*;
 
 impl Backend for PgStore {
     async fn load_state(&self, instance: &str) -> Result<InstanceState> {
+        self.write_next_runs_of(&[instance]).await?;
         let rows = self
             .query(
                 "read state",
@@ -20,6 +21,7 @@ impl Backend for PgStore {
     }
 
     async fn all_states(&self) -> Result<Vec<(String, InstanceState)>> {
+        self.write_next_runs().await?;
         let rows = self
             .query(
                 "scan state",
@@ -42,6 +44,7 @@ impl Backend for PgStore {
     }
 
     async fn state_keys(&self) -> Result<Vec<String>> {
+        self.write_next_runs().await?;
         let rows = self
             .query(
                 "scan state",
@@ -192,17 +195,11 @@ impl Backend for PgStore {
     }
 
     async fn set_next_run(&self, instance: &str, next_run_ms: i64) -> Result<()> {
-        self.exec_relaxed(
-            "record next run",
-            "INSERT INTO next_run (instance, at_ms) VALUES ($1, $2)
-             ON CONFLICT (instance) DO UPDATE SET at_ms = EXCLUDED.at_ms",
-            &[&instance, &next_run_ms],
-        )
-        .await
-        .map(drop)
+        self.queue_next_run(instance, next_run_ms).await
     }
 
     async fn remove_state(&self, instance: &str) -> Result<()> {
+        self.drop_next_run(instance);
         self.exec(
             "remove state",
             "WITH s AS (DELETE FROM state WHERE instance = $1),
@@ -593,8 +590,10 @@ impl Backend for PgStore {
         after: Option<Vec<u8>>,
         limit_n: usize,
     ) -> Result<Page> {
-        if kind == RecordKind::Attempt {
-            self.write_attempts().await?;
+        match kind {
+            RecordKind::Attempt => self.write_attempts().await?,
+            RecordKind::State => self.write_next_runs().await?,
+            _ => {}
         }
         // Every query's first column is what pages are cut on: a name for
         // the named records, a number for the numbered ones (the outbox in
@@ -788,6 +787,7 @@ impl Backend for PgStore {
     /// Every commit that must be durable already is (see the module
     /// doc); what waits is the history's last batch.
     async fn flush(&self) -> Result<()> {
+        self.write_next_runs().await?;
         self.write_attempts().await
     }
 }

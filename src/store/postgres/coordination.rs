@@ -7,25 +7,56 @@
 //! Every time here is the database's (`now_ms()`, created by migration 2):
 //! nodes on several machines agree on when a lease lapses however their
 //! own clocks drift.
+//!
+//! One heartbeat keeps all of a node's leases (migration 8): a lease is
+//! held while its `until_ms` (set at the claim, or by a full renewal) is
+//! to come, or while its owner's heartbeat is younger than the owner's
+//! lease (see [`held!`]). A round writes the node's row, reads two numbers
+//! that say whether its set of leases changed, and lists them only if so;
+//! River keeps its job leases flat the same way (one heartbeat per
+//! worker, not per job). Safety: a claim takes a silent node's leases
+//! only under that node's row lock (`FOR UPDATE`), so it either runs
+//! before the node's next heartbeat (which then waits, and the renewal
+//! after it sees the loss) or sees that heartbeat and takes nothing.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::{pg_err, PgStore};
+
+/// The condition "lease `l` is held" (see the module documentation): its
+/// claim's time is to come, or its owner's heartbeat keeps it.
+macro_rules! held {
+    () => {
+        "(l.until_ms > now_ms() OR EXISTS (SELECT 1 FROM nodes h
+          WHERE h.node = l.owner AND h.heartbeat_ms + h.lease_ms > now_ms()))"
+    };
+}
+
+/// A lease's share of the fingerprint that says whether a node's set of
+/// leases changed: PostgreSQL's `hashtextextended(instance, epoch)`,
+/// shifted so that 100,000 of them sum without overflow.
+fn share(hash: i64) -> i64 {
+    hash >> 24
+}
 use crate::store::coordination::{Coordination, HostPace, LeaseRow, NodeRow, Notice};
 use crate::store::{Fence, Result, StoreError};
 
 impl Coordination for PgStore {
     /// Records that `node` is alive, and returns how many nodes are (a
     /// heartbeat younger than `alive_ms`). Nodes silent for an hour are
-    /// forgotten.
+    /// forgotten. The heartbeat keeps every lease of `node` for
+    /// `alive_ms` (see the module documentation). Committed without
+    /// waiting for the disk: a heartbeat lost in a crash only makes the
+    /// leases look older, never held longer.
     async fn heartbeat(&self, node: &str, started_ms: i64, alive_ms: i64) -> Result<i64> {
         self.exec_relaxed(
             "heartbeat",
             "WITH gone AS (DELETE FROM nodes WHERE heartbeat_ms < now_ms() - 3600000)
-             INSERT INTO nodes (node, started_ms, heartbeat_ms, info) VALUES ($1, $2, now_ms(), '{}')
-             ON CONFLICT (node) DO UPDATE SET heartbeat_ms = now_ms()",
-            &[&node, &started_ms],
+             INSERT INTO nodes (node, started_ms, heartbeat_ms, info, lease_ms)
+             VALUES ($1, $2, now_ms(), '{}', $3)
+             ON CONFLICT (node) DO UPDATE SET heartbeat_ms = now_ms(), lease_ms = $3",
+            &[&node, &started_ms, &alive_ms],
         )
         .await?;
         let rows = self
@@ -64,11 +95,39 @@ impl Coordination for PgStore {
         let rows = self
             .query(
                 "renew leases",
-                "UPDATE lease SET until_ms = now_ms() + $2 WHERE owner = $1 RETURNING instance, epoch",
+                "UPDATE lease SET until_ms = now_ms() + $2 WHERE owner = $1
+                 RETURNING instance, epoch, hashtextextended(instance, epoch)",
                 &[&node, &lease_ms],
             )
             .await?;
+        let print = (
+            rows.len() as i64,
+            rows.iter().map(|r| share(r.get(2))).sum::<i64>(),
+        );
+        self.renewals.lock().insert(node.to_string(), print);
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The node's heartbeat (written just before, each round) keeps its
+    /// leases; this only tells whether their set changed since the last
+    /// full renewal: how many there are and a sum of their keys' and
+    /// epochs' hashes, read through `lease_owner`, no row written. Only
+    /// when those differ (a claim, a release, a takeover, a prune) are
+    /// the leases renewed and listed.
+    async fn renew_changed(&self, node: &str, lease_ms: i64) -> Result<Option<Vec<(String, i64)>>> {
+        let rows = self
+            .query(
+                "check leases",
+                "SELECT count(*), coalesce(sum(hashtextextended(instance, epoch) >> 24), 0)::bigint
+                 FROM lease WHERE owner = $1",
+                &[&node],
+            )
+            .await?;
+        let print = (rows[0].get::<_, i64>(0), rows[0].get::<_, i64>(1));
+        if self.renewals.lock().get(node) == Some(&print) {
+            return Ok(None);
+        }
+        self.renew(node, lease_ms).await.map(Some)
     }
 
     /// How many leases there are (instances with work, and discoveries).
@@ -82,16 +141,24 @@ impl Coordination for PgStore {
     /// Claims up to `n` leases that nobody holds or that lapsed, raising
     /// their epochs. `FOR UPDATE SKIP LOCKED`: nodes claiming at once take
     /// different rows, and a row whose owner is committing under it (the
-    /// fenced commit locks it) is left alone.
+    /// fenced commit locks it) is left alone. A silent node's row is
+    /// locked (`FOR UPDATE`, waiting) so that its heartbeat and this claim
+    /// come one after the other (see the module documentation).
     async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
         let rows = self
             .query(
                 "claim leases",
-                "WITH free AS (
-                     SELECT instance FROM lease
-                     WHERE owner IS NULL OR until_ms < now_ms()
-                     ORDER BY until_ms, instance
-                     LIMIT $3 FOR UPDATE SKIP LOCKED)
+                "WITH silent AS (
+                     SELECT node FROM nodes WHERE heartbeat_ms + lease_ms <= now_ms()
+                     FOR UPDATE),
+                 free AS (
+                     SELECT l.instance FROM lease l
+                     WHERE l.owner IS NULL
+                        OR (l.until_ms < now_ms()
+                            AND (l.owner IN (SELECT node FROM silent)
+                                 OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node = l.owner)))
+                     ORDER BY l.until_ms, l.instance
+                     LIMIT $3 FOR UPDATE OF l SKIP LOCKED)
                  UPDATE lease l SET owner = $1, epoch = l.epoch + 1, until_ms = now_ms() + $2
                  FROM free WHERE l.instance = free.instance
                  RETURNING l.instance, l.epoch",
@@ -104,6 +171,9 @@ impl Coordination for PgStore {
     /// Gives leases back (a node shedding load for a newcomer, or
     /// stopping): the next claim by any node takes them at once.
     async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
+        // The next holder reads when these are due next.
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.write_next_runs_of(&refs).await?;
         self.exec(
             "release leases",
             "UPDATE lease SET owner = NULL, until_ms = 0 WHERE owner = $1 AND instance = ANY($2)",
@@ -122,13 +192,17 @@ impl Coordination for PgStore {
         let tx = c.transaction().await.map_err(pg_err(OP))?;
         let rows = tx
             .query(
-                "WITH d AS (
+                concat!(
+                    "WITH d AS (
                      DELETE FROM lease l WHERE l.instance = ANY($1)
-                       AND (l.owner IS NULL OR l.owner = $2 OR l.until_ms < now_ms())
+                       AND (l.owner IS NULL OR l.owner = $2 OR NOT ",
+                    held!(),
+                    ")
                        AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.instance = l.instance)
                      RETURNING l.instance)
                  SELECT l.instance, l.instance IN (SELECT instance FROM d)
-                 FROM lease l WHERE l.instance = ANY($1)",
+                 FROM lease l WHERE l.instance = ANY($1)"
+                ),
                 &[&keys, &node],
             )
             .await
@@ -155,7 +229,8 @@ impl Coordination for PgStore {
             .query(
                 "read nodes",
                 "SELECT n.node, n.started_ms, now_ms() - n.heartbeat_ms,
-                        (SELECT count(*) FROM lease l WHERE l.owner = n.node AND l.until_ms > now_ms())
+                        (SELECT count(*) FROM lease l WHERE l.owner = n.node
+                           AND (l.until_ms > now_ms() OR n.heartbeat_ms + n.lease_ms > now_ms()))
                  FROM nodes n ORDER BY n.heartbeat_ms DESC, n.node",
                 &[],
             )
@@ -176,7 +251,9 @@ impl Coordination for PgStore {
         let rows = self
             .query(
                 "read leases",
-                "SELECT instance, owner, epoch, until_ms - now_ms() FROM lease ORDER BY instance",
+                "SELECT l.instance, l.owner, l.epoch,
+                        greatest(l.until_ms, coalesce(n.heartbeat_ms + n.lease_ms, 0)) - now_ms()
+                 FROM lease l LEFT JOIN nodes n ON n.node = l.owner ORDER BY l.instance",
                 &[],
             )
             .await?;
@@ -194,17 +271,16 @@ impl Coordination for PgStore {
     /// The first lapse among the leases of nodes whose heartbeat is older
     /// than `silent_ms`: the silent nodes are a handful of rows of
     /// `nodes`, their leases found through `lease_owner`, so with none
-    /// silent (the usual case) no lease row is read. (No index covers
-    /// `until_ms`, which every renewal rewrites: those updates stay HOT,
-    /// see migration 7.)
+    /// silent (the usual case) no lease row is read. A lease lapses when
+    /// neither its claim nor its owner's heartbeat keeps it.
     async fn next_lapse(&self, node: &str, silent_ms: i64) -> Result<Option<Duration>> {
         let rows = self
             .query(
                 "next lapse",
-                "SELECT min(l.until_ms) - now_ms() FROM lease l
-                 WHERE l.owner IN (SELECT n.node FROM nodes n
-                                   WHERE n.node <> $1 AND n.heartbeat_ms < now_ms() - $2)
-                   AND l.until_ms > now_ms()",
+                "SELECT min(greatest(l.until_ms, n.heartbeat_ms + n.lease_ms)) - now_ms()
+                 FROM nodes n JOIN lease l ON l.owner = n.node
+                 WHERE n.node <> $1 AND n.heartbeat_ms < now_ms() - $2
+                   AND greatest(l.until_ms, n.heartbeat_ms + n.lease_ms) > now_ms()",
                 &[&node, &silent_ms],
             )
             .await?;

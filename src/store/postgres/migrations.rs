@@ -23,6 +23,7 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
         concat!(include_str!("migrations/0006_hashed_ids.sql"), move_ids!()),
     ),
     (7, include_str!("migrations/0007_hot_leases.sql")),
+    (8, include_str!("migrations/0008_heartbeat_leases.sql")),
 ];
 
 #[cfg(test)]
@@ -63,6 +64,10 @@ mod tests {
             (
                 7,
                 "e6593aaa364bcfce2715b34f7074f3f025e8abcf886a29e313d95cc090604a60",
+            ),
+            (
+                8,
+                "a9d8d80a8c1b5cb4204bf9fbb0b54a87913c8607cb6e79efe449004203d9fc47",
             ),
         ];
         let got: Vec<(i32, String)> = MIGRATIONS

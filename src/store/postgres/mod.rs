@@ -92,6 +92,11 @@ const ATTEMPT_BATCH: usize = 64;
 /// The longest an attempt waits for its batch while others come.
 const ATTEMPT_DELAY: Duration = Duration::from_millis(200);
 
+/// Next run times written together (see `PgStore::pending_next_runs`).
+const NEXT_RUN_BATCH: usize = 512;
+/// The longest a next run time waits for its batch while others come.
+const NEXT_RUN_DELAY: Duration = Duration::from_secs(1);
+
 /// Connections for the relaxed writes (see [`PgStore::exec_relaxed`]).
 const RELAXED_POOL_SIZE: usize = 8;
 
@@ -242,6 +247,20 @@ pub struct PgStore {
     /// The `NOTIFY` channel of this schema: new outbox entries and shared
     /// host pauses are announced there (see [`Notice`]).
     channel: Arc<str>,
+    /// Per node, the fingerprint of its leases at its last full renewal
+    /// (how many, and a sum of hashes): a round whose fingerprint is the
+    /// same lists nothing (see `Coordination::renew_changed`).
+    renewals: Arc<parking_lot::Mutex<std::collections::HashMap<String, (i64, i64)>>>,
+    /// Next run times not written yet, and when the oldest came. Every
+    /// poll of a longer `every` records its next run (for a restart or
+    /// another node to find its slot): one statement per poll was the
+    /// most of the database's work for polls answered 304. They may be
+    /// lost in a crash (the seam says so; the instance is then polled at
+    /// once rather than at its slot), so they are written together, one
+    /// statement per [`NEXT_RUN_BATCH`] or [`NEXT_RUN_DELAY`], and before
+    /// anything that reads them: a lease given back, a state loaded, a
+    /// flush.
+    pending_next_runs: Arc<parking_lot::Mutex<(BTreeMap<String, i64>, Option<std::time::Instant>)>>,
 }
 
 impl PgStore {
@@ -296,6 +315,8 @@ impl PgStore {
             pending_attempts: Arc::default(),
             config: Arc::new(config),
             channel: channel_of(schema).into(),
+            renewals: Arc::default(),
+            pending_next_runs: Arc::default(),
         };
         store
             .migrate(schema)
@@ -467,6 +488,62 @@ impl PgStore {
         let c = self.client().await?;
         let st = c.prepare_cached(sql).await.map_err(pg_err(op))?;
         c.query(&st, params).await.map_err(pg_err(op))
+    }
+
+    /// Writes the next run times waiting for their batch (one statement;
+    /// in key order, so two nodes writing at once lock rows in the same
+    /// order).
+    async fn write_next_runs(&self) -> Result<()> {
+        let batch = {
+            let mut p = self.pending_next_runs.lock();
+            p.1 = None;
+            std::mem::take(&mut p.0)
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (keys, ats): (Vec<&str>, Vec<i64>) = batch.iter().map(|(k, a)| (k.as_str(), *a)).unzip();
+        self.exec_relaxed(
+            "record next runs",
+            "INSERT INTO next_run (instance, at_ms)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (instance) DO UPDATE SET at_ms = EXCLUDED.at_ms",
+            &[&keys, &ats],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Keeps `at_ms` as `instance`'s next run, written with its batch.
+    async fn queue_next_run(&self, instance: &str, at_ms: i64) -> Result<()> {
+        let due = {
+            let mut p = self.pending_next_runs.lock();
+            p.0.insert(instance.to_string(), at_ms);
+            let first = *p.1.get_or_insert_with(std::time::Instant::now);
+            p.0.len() >= NEXT_RUN_BATCH || first.elapsed() >= NEXT_RUN_DELAY
+        };
+        if due {
+            self.write_next_runs().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the next run times waiting if one of `instances` is among
+    /// them (their readers must see them).
+    async fn write_next_runs_of(&self, instances: &[&str]) -> Result<()> {
+        let waiting = {
+            let p = self.pending_next_runs.lock();
+            instances.iter().any(|i| p.0.contains_key(*i))
+        };
+        if waiting {
+            self.write_next_runs().await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets `instance`'s waiting next run (its state is deleted).
+    fn drop_next_run(&self, instance: &str) {
+        self.pending_next_runs.lock().0.remove(instance);
     }
 
     /// Writes the attempts waiting for their batch (one round trip), and

@@ -520,6 +520,8 @@ async fn two_stores_opening_one_empty_schema_at_once_both_succeed() {
         let (url, schema) = (url2, schema2);
         let (a, b) = (a.unwrap(), b.unwrap());
         a.set_next_run("s/i", 5).await.unwrap();
+        // Written with its batch, at the latest when flushed.
+        a.flush().await.unwrap();
         assert_eq!(b.load_state("s/i").await.unwrap().next_run_ms, Some(5));
         let rows = a
             .query(

@@ -1,0 +1,254 @@
+//! The roster: the instances this node's configuration has, and a poll
+//! task for each one whose lease this node holds, and for no other.
+//!
+//! Why not a task per instance, each waiting for its lease: in a cluster
+//! of N nodes every node has the whole configuration, so every node kept
+//! the whole fleet in tasks (100,000 instances on 3 nodes: 100,000 tasks
+//! per node, two thirds of them waiting for a lease they would not get),
+//! and every change of the held set woke all of them to look. Here an
+//! instance this node does not hold costs one map entry, and one task
+//! (the roster's [`Roster::run`]) watches the held set: it starts the
+//! poll task of each instance gained. A poll task ends when its lease
+//! goes ([`Roster::held_or_leave`]) and starts again when it comes back.
+//! Alone (`SingleNode`) every lease is held from the first round, so every
+//! instance has its task, as before.
+//!
+//! The race it must not lose: a lease lost and gained again while the old
+//! task is ending. The task decides to end under the roster's lock, after
+//! reading the held set; the roster starts tasks under the same lock, after
+//! the change is announced. Either the ending task sees the lease again and
+//! goes on, or it has marked itself ended before the roster looks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::connector::spec::Instance;
+use crate::runtime::{Shared, Source};
+
+/// See the module documentation.
+pub(crate) struct Roster {
+    shared: Arc<Shared>,
+    /// The daemon's shutdown: no task starts after it, and every running
+    /// one sees it through its own token (a child of this one).
+    shutdown: CancellationToken,
+    units: Mutex<HashMap<String, Unit>>,
+    /// Tasks of instances stopped (removed or changed by a reload) until
+    /// they end: a restarted instance waits for its old task's in-flight
+    /// poll, so two tasks never commit the same state.
+    stopping: Mutex<Vec<(String, JoinHandle<()>)>>,
+    /// What [`Roster::join_all`] waits for, to abort if the shutdown
+    /// timeout passes first.
+    joining: Mutex<Vec<AbortHandle>>,
+    /// The most poll tasks running since the allocator was last asked to
+    /// give memory back (see [`Roster::left`]).
+    high: AtomicUsize,
+}
+
+/// One configured instance.
+struct Unit {
+    source: Arc<Source>,
+    inst: Arc<Instance>,
+    /// Its poll task, while this node holds its lease (or the task
+    /// ended for good: a schedule with no future run). `None`: not held.
+    task: Option<Running>,
+}
+
+struct Running {
+    token: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Roster {
+    pub(crate) fn new(shared: Arc<Shared>, shutdown: CancellationToken) -> Arc<Roster> {
+        Arc::new(Roster {
+            shared,
+            shutdown,
+            units: Mutex::default(),
+            stopping: Mutex::default(),
+            joining: Mutex::default(),
+            high: AtomicUsize::new(0),
+        })
+    }
+
+    /// Starts the poll tasks of the instances gained, at each change of
+    /// the held set, until shutdown.
+    pub(crate) async fn run(self: Arc<Self>) {
+        let mut changes = self.shared.cluster.changes();
+        loop {
+            changes.borrow_and_update();
+            self.start_held();
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// A poll task for each instance held that has none.
+    fn start_held(self: &Arc<Self>) {
+        let held = self.shared.cluster.held_keys();
+        let mut units = self.units.lock();
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        for key in held {
+            if let Some(u) = units.get_mut(&key) {
+                if u.task.is_none() {
+                    u.task = Some(self.spawn(&u.source, &u.inst));
+                }
+            }
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, source: &Arc<Source>, inst: &Arc<Instance>) -> Running {
+        let token = self.shutdown.child_token();
+        let task = super::poll_loop(
+            self.clone(),
+            source.clone(),
+            inst.clone(),
+            token.clone(),
+        );
+        let running = self.shared.status.poll_tasks() + 1;
+        self.high.fetch_max(running, Ordering::Relaxed);
+        Running {
+            token,
+            handle: tokio::spawn(task),
+        }
+    }
+
+    /// Adds an instance of the configuration (at start, by a reload, by
+    /// discovery): it is listed in `/status`, gets a lease row, and a poll
+    /// task once this node holds its lease. An instance stopped before
+    /// under the same key has finished its in-flight poll first.
+    pub(crate) async fn start(self: &Arc<Self>, source: Arc<Source>, inst: Arc<Instance>) {
+        let key = inst.key.clone();
+        self.stop(&key);
+        let old: Vec<JoinHandle<()>> = {
+            let mut stopping = self.stopping.lock();
+            let (mine, rest) = std::mem::take(&mut *stopping)
+                .into_iter()
+                .partition(|(k, _)| *k == key);
+            *stopping = rest;
+            mine.into_iter().map(|(_, h)| h).collect()
+        };
+        for h in old {
+            let _ = h.await;
+        }
+        // Every node lists every instance; `/status` says which node
+        // holds it.
+        self.shared.status.register_instance(&key, |s| {
+            s.source = source.name.clone();
+            s.instance = inst.name.clone();
+            s.connector = source.connector.name.clone();
+        });
+        let cluster = &self.shared.cluster;
+        let mut units = self.units.lock();
+        let task = (cluster.epoch(&key).is_some() && !self.shutdown.is_cancelled())
+            .then(|| self.spawn(&source, &inst));
+        units.insert(key.clone(), Unit { source, inst, task });
+        drop(units);
+        cluster.want(&key);
+    }
+
+    /// Removes an instance (a reload removed or changed it, discovery
+    /// lost it): its task, if it has one, finishes its in-flight poll and
+    /// ends; its lease row is pruned unless it comes back (see
+    /// [`crate::cluster::Cluster::unwant`]).
+    pub(crate) fn stop(&self, key: &str) {
+        let Some(unit) = self.units.lock().remove(key) else {
+            return;
+        };
+        self.shared.cluster.unwant(key);
+        let mut stopping = self.stopping.lock();
+        stopping.retain(|(_, h)| !h.is_finished());
+        if let Some(Running { token, handle }) = unit.task {
+            token.cancel();
+            stopping.push((key.to_string(), handle));
+        }
+    }
+
+    /// Called by a poll task that is not polling: the epoch this node
+    /// holds the instance's lease under, or `None`, and then the task has
+    /// been marked ended and must return (the roster starts another when
+    /// the lease comes back). Decided under the roster's lock, see the
+    /// module documentation.
+    pub(super) fn held_or_leave(&self, key: &str) -> Option<i64> {
+        let mut units = self.units.lock();
+        let epoch = self.shared.cluster.epoch(key);
+        if epoch.is_none() {
+            if let Some(u) = units.get_mut(key) {
+                u.task = None;
+            }
+            drop(units);
+            self.left();
+        }
+        epoch
+    }
+
+    /// A poll task is ending because its lease went. When a quarter of
+    /// the tasks (at least 1,000) have gone since the peak, the allocator
+    /// is asked to give its free pages back: glibc keeps what its arenas
+    /// once held, so a node that gave two thirds of its leases to nodes
+    /// that joined stayed at the resident size of its old share.
+    fn left(&self) {
+        let now = self.shared.status.poll_tasks();
+        let high = self.high.load(Ordering::Relaxed);
+        if high >= now + 1_000 && now < high - high / 4 {
+            self.high.store(now, Ordering::Relaxed);
+            give_back_free_memory();
+        }
+    }
+
+    /// The state the tasks share.
+    pub(super) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Waits for every poll task to end (the shutdown token is cancelled
+    /// first: each finishes its in-flight poll).
+    pub(crate) async fn join_all(&self) {
+        let handles: Vec<JoinHandle<()>> = {
+            let mut units = self.units.lock();
+            let mut all: Vec<JoinHandle<()>> = units
+                .values_mut()
+                .filter_map(|u| u.task.take())
+                .map(|r| r.handle)
+                .collect();
+            all.extend(
+                std::mem::take(&mut *self.stopping.lock())
+                    .into_iter()
+                    .map(|(_, h)| h),
+            );
+            all
+        };
+        *self.joining.lock() = handles.iter().map(|h| h.abort_handle()).collect();
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+
+    /// Aborts what [`Roster::join_all`] still waits for (the shutdown
+    /// timeout passed).
+    pub(crate) fn abort_all(&self) {
+        for a in std::mem::take(&mut *self.joining.lock()) {
+            a.abort();
+        }
+    }
+}
+
+/// Returns the allocator's free pages to the system (`malloc_trim`, glibc
+/// only; elsewhere nothing).
+fn give_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's
+    // own arenas; it takes no pointer and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
