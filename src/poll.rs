@@ -131,7 +131,14 @@ async fn poll_held(
     // Boxed, as every store call and the poll below: a future holds
     // room for the largest one it awaits, and this one waits between
     // polls for as long as the lease is held.
-    let Some(state) = Box::pin(load_state(shared, inst, shutdown)).await else {
+    let state = {
+        let _turn = tokio::select! {
+            t = shared.state_loads.acquire() => t,
+            _ = shutdown.cancelled() => return Stop::Done,
+        };
+        Box::pin(load_state(shared, inst, shutdown)).await
+    };
+    let Some(state) = state else {
         return Stop::Done;
     };
     shared.status.register_instance(&inst.key, |s| {

@@ -46,7 +46,17 @@ pub(crate) struct Shared {
     pub(crate) cluster: Arc<Cluster>,
     /// pollhook's own events (`operations:`).
     pub(crate) ops: Arc<Ops>,
+    /// Poll tasks reading their stored state as their lease comes, at
+    /// most [`STATE_LOADS`] at once. A node gains thousands of leases in
+    /// one round (its first, or a dead node's share): unbounded, every new
+    /// task held a store read in flight, a few KiB of future each, and the
+    /// node's memory peaked there (the allocator keeps such a peak).
+    pub(crate) state_loads: tokio::sync::Semaphore,
 }
+
+/// See [`Shared::state_loads`]: twice the PostgreSQL pool, so reads wait
+/// in this queue (a few bytes each) rather than the pool's.
+pub(crate) const STATE_LOADS: usize = 32;
 
 /// The parts of the running configuration that pollers and the admin
 /// server read while a reload may replace them.

@@ -490,6 +490,23 @@ impl PgStore {
         c.query(&st, params).await.map_err(pg_err(op))
     }
 
+    /// [`PgStore::query`] on a relaxed connection (see
+    /// [`PgStore::exec_relaxed`]): one autocommitted statement that may
+    /// be lost in a crash, and that returns rows.
+    async fn query_relaxed(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let c = self.relaxed.get().await.map_err(|e| StoreError::Backend {
+            op: "connect",
+            source: chain(e),
+        })?;
+        let st = c.prepare_cached(sql).await.map_err(pg_err(op))?;
+        c.query(&st, params).await.map_err(pg_err(op))
+    }
+
     /// Writes the next run times waiting for their batch (one statement;
     /// in key order, so two nodes writing at once lock rows in the same
     /// order).
