@@ -23,7 +23,7 @@ use crate::quota::RateLimit;
 use crate::runtime::Shared;
 use crate::runtime::Source;
 use crate::schedule::{adapt, error_backoff};
-use crate::schedule::{first_due, first_due_taken_over};
+use crate::schedule::{first_due_taken_over, first_due_within, prompt_spread};
 use crate::status::PollOutcome;
 use crate::store::{InstanceState, OutboxEntry};
 
@@ -158,7 +158,13 @@ async fn poll_held(
     let (now, fraction) = (Utc::now(), spread(&inst.key));
     let first = match shared.cluster.taken_over(&inst.key) {
         Some(gone) => first_due_taken_over(persisted, now, &source.schedule, fraction, gone),
-        _ => first_due(persisted, now, &source.schedule, fraction),
+        _ => first_due_within(
+            persisted,
+            now,
+            &source.schedule,
+            fraction,
+            prompt_spread(source.instances.len()),
+        ),
     };
     let Some(due) = first else {
         warn!(instance = %inst.key, "schedule has no future run; instance stops");

@@ -15,6 +15,23 @@ use chrono_tz::Tz;
 /// short enough that a new source establishes its baseline at once.
 pub const PROMPT_SPREAD: Duration = Duration::from_secs(5);
 
+/// The most first polls a second that one source's prompt start asks for:
+/// a larger source spreads its first polls longer (see [`prompt_spread`]).
+pub const FIRST_POLLS_PER_SEC: f64 = 1_000.0;
+
+/// How long the prompt first polls of a source with `instances` instances
+/// are spread over: [`PROMPT_SPREAD`], or long enough to ask for at most
+/// [`FIRST_POLLS_PER_SEC`]. 100,000 instances spread over 5 s asked a
+/// host for 20,000 requests a second; a host quota of 2,000/s then queued
+/// them for 50 s, and the queue took minutes to drain, each instance
+/// polled at the quota's pace rather than its schedule meanwhile, every
+/// queued poll holding its memory. Pure.
+pub fn prompt_spread(instances: usize) -> Duration {
+    PROMPT_SPREAD.max(Duration::from_secs_f64(
+        instances as f64 / FIRST_POLLS_PER_SEC,
+    ))
+}
+
 /// A parsed schedule. Built once at config load; the hot path only calls
 /// [`Schedule::next_after`] (and [`first_due`] at start).
 #[derive(Clone)]
@@ -429,6 +446,19 @@ pub fn first_due(
     schedule: &Schedule,
     spread_fraction: f64,
 ) -> Option<DateTime<Utc>> {
+    first_due_within(persisted, now, schedule, spread_fraction, PROMPT_SPREAD)
+}
+
+/// [`first_due`], with prompt polls spread over `prompt` (see
+/// [`prompt_spread`]) rather than [`PROMPT_SPREAD`]: an `every` no longer
+/// than `prompt` starts at the instance's own slot.
+pub fn first_due_within(
+    persisted: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    schedule: &Schedule,
+    spread_fraction: f64,
+    prompt: Duration,
+) -> Option<DateTime<Utc>> {
     let fraction = spread_fraction.clamp(0.0, 1.0);
     let spread_over =
         |d: Duration| now + chrono::Duration::from_std(d.mul_f64(fraction)).unwrap_or_default();
@@ -438,7 +468,7 @@ pub fn first_due(
     // `now` instead put first polls at other phases than the later ones,
     // and 50 instances on `every 1s` made 84 requests in the first second.
     let slot = match schedule.kind {
-        ScheduleKind::Every(d) if d <= PROMPT_SPREAD => schedule.next_slot(now, fraction),
+        ScheduleKind::Every(d) if d <= prompt => schedule.next_slot(now, fraction),
         _ => None,
     };
     match (persisted, schedule.catch_up) {
@@ -453,9 +483,7 @@ pub fn first_due(
             schedule.in_window(p)
         }
         (_, CatchUp::Once) if slot.is_some() => slot,
-        (_, CatchUp::Once) => {
-            schedule.in_window(spread_over(schedule.period(now).min(PROMPT_SPREAD)))
-        }
+        (_, CatchUp::Once) => schedule.in_window(spread_over(schedule.period(now).min(prompt))),
         (Some(_), CatchUp::Skip) => schedule.next_after(now),
         (None, CatchUp::Skip) => match schedule.kind {
             ScheduleKind::Every(_) if slot.is_some() => slot,
@@ -987,6 +1015,48 @@ mod tests {
             let to = from + chrono::Duration::seconds(1);
             let n = polls.iter().filter(|p| **p >= from && **p < to).count();
             assert!(n <= 51, "{n} polls in the second from {from}");
+        }
+    }
+
+    /// A source too large for a 5 s start spreads its first polls at 1,000
+    /// a second at most: 100,000 instances on `every 60s` (100 s at that
+    /// pace, longer than the period) each start at their own slot, so no
+    /// second of the start asks for more than the schedule's own 1,667
+    /// (plus one), and the second poll comes one period after the first.
+    /// 2,000 instances spread over 5 s as before; 20,000 over 20 s.
+    #[test]
+    fn a_large_sources_first_polls_ask_no_more_than_its_schedule() {
+        assert_eq!(prompt_spread(50), PROMPT_SPREAD);
+        assert_eq!(prompt_spread(5_000), PROMPT_SPREAD);
+        assert_eq!(prompt_spread(20_000), Duration::from_secs(20));
+        let s = Schedule::parse("every 60s").unwrap();
+        let now = utc(2026, 11, 23, 12, 0) + chrono::Duration::milliseconds(437);
+        let n = 100_000;
+        let mut per_second = std::collections::BTreeMap::<i64, usize>::new();
+        for i in 0..n {
+            let phase = (i as f64 + 0.5) / n as f64;
+            let first = first_due_within(None, now, &s, phase, prompt_spread(n)).unwrap();
+            assert!(first > now && first <= now + chrono::Duration::seconds(60));
+            assert_eq!(
+                s.next_slot(first, phase).map(|t| t - first),
+                Some(chrono::Duration::seconds(60)),
+                "instance {i}"
+            );
+            *per_second.entry((first - now).num_seconds()).or_default() += 1;
+        }
+        let busiest = per_second.values().max().copied().unwrap_or(0);
+        assert!(busiest <= 1_668, "{busiest} first polls in one second");
+        // Small: within 5 s, as before; a mid-sized source: within 20 s.
+        for (n, within) in [(2_000, 5), (20_000, 20)] {
+            let first = first_due_within(None, now, &s, 0.999, prompt_spread(n)).unwrap();
+            assert!(
+                first <= now + chrono::Duration::seconds(within),
+                "{n}: {first}"
+            );
+            assert!(
+                first > now + chrono::Duration::seconds(within - 1),
+                "{n}: {first}"
+            );
         }
     }
 

@@ -221,11 +221,7 @@ impl Supervisor {
             // A restarted unit waits for its old task's in-flight poll, so
             // two tasks never commit the same state.
             match &unit.instance {
-                Some(inst) => {
-                    self.roster
-                        .start(unit.source.clone(), inst.clone())
-                        .await
-                }
+                Some(inst) => self.roster.start(unit.source.clone(), inst.clone()).await,
                 None => {
                     let token = self.shutdown.child_token();
                     let task = discover_loop(

@@ -108,12 +108,7 @@ impl Roster {
 
     fn spawn(self: &Arc<Self>, source: &Arc<Source>, inst: &Arc<Instance>) -> Running {
         let token = self.shutdown.child_token();
-        let task = super::poll_loop(
-            self.clone(),
-            source.clone(),
-            inst.clone(),
-            token.clone(),
-        );
+        let task = super::poll_loop(self.clone(), source.clone(), inst.clone(), token.clone());
         let running = self.shared.status.poll_tasks() + 1;
         self.high.fetch_max(running, Ordering::Relaxed);
         Running {

@@ -457,10 +457,16 @@ async fn a_heartbeat_keeps_every_lease_of_its_node<F: CoordFixture>() {
     a.heartbeat("a", 1, LEASE).await.unwrap();
     for l in b.leases().await.unwrap() {
         assert_eq!(l.owner.as_deref(), Some("a"));
-        assert!(l.left_ms > 0, "held by the heartbeat, yet shown lapsed: {l:?}");
+        assert!(
+            l.left_ms > 0,
+            "held by the heartbeat, yet shown lapsed: {l:?}"
+        );
     }
     let nodes = b.nodes().await.unwrap();
-    assert_eq!(nodes.iter().find(|n| n.node == "a").map(|n| n.leases), Some(3));
+    assert_eq!(
+        nodes.iter().find(|n| n.node == "a").map(|n| n.leases),
+        Some(3)
+    );
     // Silent for its lease: another node takes them all.
     tokio::time::sleep(Duration::from_millis(LEASE as u64 + 500)).await;
     assert_eq!(b.claim("b", 60_000, 3).await.unwrap().len(), 3);

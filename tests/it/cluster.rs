@@ -1037,11 +1037,15 @@ async fn a_nodes_poll_tasks_follow_its_leases_not_the_fleet() {
         })
         .await;
     let back = Instant::now();
-    wait_for("every account polled again", Duration::from_secs(30), || {
-        let arrivals = ledger.arrivals.lock().unwrap();
-        accs.iter()
-            .all(|a| arrivals.iter().any(|(t, acc)| acc == a && *t > back))
-    })
+    wait_for(
+        "every account polled again",
+        Duration::from_secs(30),
+        || {
+            let arrivals = ledger.arrivals.lock().unwrap();
+            accs.iter()
+                .all(|a| arrivals.iter().any(|(t, acc)| acc == a && *t > back))
+        },
+    )
     .await;
     assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
     assert!(first.terminate().success(), "{}", first.log());

@@ -519,7 +519,8 @@ impl PgStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let (keys, ats): (Vec<&str>, Vec<i64>) = batch.iter().map(|(k, a)| (k.as_str(), *a)).unzip();
+        let (keys, ats): (Vec<&str>, Vec<i64>) =
+            batch.iter().map(|(k, a)| (k.as_str(), *a)).unzip();
         self.exec_relaxed(
             "record next runs",
             "INSERT INTO next_run (instance, at_ms)
