@@ -92,6 +92,10 @@ const ATTEMPT_BATCH: usize = 64;
 /// The longest an attempt waits for its batch while others come.
 const ATTEMPT_DELAY: Duration = Duration::from_millis(200);
 
+/// Next run times waiting to be written, by instance, and when the
+/// oldest came (see `PgStore::pending_next_runs`).
+type NextRuns = (BTreeMap<String, i64>, Option<std::time::Instant>);
+
 /// Next run times written together (see `PgStore::pending_next_runs`).
 const NEXT_RUN_BATCH: usize = 512;
 /// The longest a next run time waits for its batch while others come.
@@ -260,7 +264,7 @@ pub struct PgStore {
     /// statement per [`NEXT_RUN_BATCH`] or [`NEXT_RUN_DELAY`], and before
     /// anything that reads them: a lease given back, a state loaded, a
     /// flush.
-    pending_next_runs: Arc<parking_lot::Mutex<(BTreeMap<String, i64>, Option<std::time::Instant>)>>,
+    pending_next_runs: Arc<parking_lot::Mutex<NextRuns>>,
 }
 
 impl PgStore {
