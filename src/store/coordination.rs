@@ -111,10 +111,12 @@ pub trait Coordination: Send + Sync {
         lease_ms: i64,
     ) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
     /// Renews as [`Coordination::renew`], but may answer `None` when the
-    /// node's leases and epochs are exactly those its previous renewal
-    /// returned (nothing claimed, given back, taken over or pruned since):
-    /// the caller keeps what it has, and a coordination that can tell
-    /// spares building the list every round.
+    /// node's leases and epochs are exactly those it was last told of:
+    /// its previous renewal's, and what its claims returned since
+    /// (nothing given back, taken over or pruned): the caller keeps what
+    /// it has, and a coordination that can tell spares building the list
+    /// every round. After a release, or a claim or release that failed,
+    /// the answer is the list.
     fn renew_changed(
         &self,
         node: &str,

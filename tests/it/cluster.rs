@@ -99,6 +99,10 @@ async fn items(
         let n = f.entry(acc.clone()).or_default();
         if *n > 0 {
             l.overlaps.fetch_add(1, Ordering::SeqCst);
+            eprintln!(
+                "OVERLAP {acc} by {ua} at {:?}",
+                std::time::SystemTime::now()
+            );
         }
         *n += 1;
     }
@@ -841,8 +845,12 @@ async fn the_database_going_away_under_load_loses_nothing() {
     let (ledger, addr) = start_ledger().await;
     let rx = Receiver::start(&secret(), Plan::Always(204)).await;
     let accs = accounts(4);
-    let b = bridge(addr, &accs, "100ms", &rx, via.as_str(), &schema.0, "");
-    let (mut a, mut b) = (node(&b), node(&b));
+    // Each node names itself in its User-Agent: an overlap says who.
+    let config = |who: &str| {
+        let extra = format!("user_agent: node-{who}");
+        bridge(addr, &accs, "100ms", &rx, via.as_str(), &schema.0, &extra)
+    };
+    let (mut a, mut b) = (node(&config("a")), node(&config("b")));
     a.start().await;
     b.start().await;
     let delivered = |n: usize| {
@@ -891,7 +899,15 @@ async fn the_database_going_away_under_load_loses_nothing() {
     assert_eq!(got.len(), 12, "{got:?}");
     assert!(a.terminate().success(), "{}", a.log());
     assert!(b.terminate().success(), "{}", b.log());
-    assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
+    // Which node asked is in the User-Agent, and the overlap's time in
+    // the test's output: the logs say what each node believed then.
+    assert_eq!(
+        ledger.overlaps.load(Ordering::SeqCst),
+        0,
+        "two polls of one account at once\n=== node a\n{}\n=== node b\n{}",
+        a.log(),
+        b.log()
+    );
 }
 
 /// A node SIGKILLed: its leases lapse one lease after its last renewal,

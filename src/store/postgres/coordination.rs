@@ -161,16 +161,41 @@ impl Coordination for PgStore {
                      LIMIT $3 FOR UPDATE OF l SKIP LOCKED)
                  UPDATE lease l SET owner = $1, epoch = l.epoch + 1, until_ms = now_ms() + $2
                  FROM free WHERE l.instance = free.instance
-                 RETURNING l.instance, l.epoch",
+                 RETURNING l.instance, l.epoch, hashtextextended(l.instance, l.epoch)",
                 &[&node, &lease_ms, &n],
             )
-            .await?;
+            .await;
+        // The node now holds what its last renewal listed and these: so
+        // must the fingerprint that `renew_changed` compares with. Left
+        // as it was, a claim taken over before the next round (the node
+        // silent meanwhile) would leave the count and sum as at the
+        // renewal, and the node would go on believing it holds leases
+        // another node polls. A claim whose outcome is unknown makes the
+        // next renewal a full one.
+        let mut renewals = self.renewals.lock();
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                renewals.remove(node);
+                return Err(e);
+            }
+        };
+        if let Some((count, sum)) = renewals.get_mut(node) {
+            *count += rows.len() as i64;
+            *sum += rows.iter().map(|r| share(r.get(2))).sum::<i64>();
+        }
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Gives leases back (a node shedding load for a newcomer, or
     /// stopping): the next claim by any node takes them at once.
     async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
+        // The node has already dropped these from what it holds. Should
+        // this fail (or its outcome be unknown), the rows may still be the
+        // node's, kept by its heartbeat, and an unchanged fingerprint
+        // would never list them again: nobody would poll them while the
+        // node lives. The next renewal is a full one, whatever happens.
+        self.renewals.lock().remove(node);
         // The next holder reads when these are due next.
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.write_next_runs_of(&refs).await?;

@@ -452,6 +452,72 @@ async fn leases_are_claimed_once_and_stale_commits_are_refused() {
     }
 }
 
+/// `renew_changed` answers "nothing changed" only when the node's leases
+/// are those it was last told of. A lease claimed after a renewal and
+/// taken over before the next (the node silent meanwhile: a database
+/// outage) is reported lost; so is a failed release. Before, the claim
+/// left the fingerprint as at the renewal: with every claimed lease
+/// taken back, it matched again, and the node went on polling what
+/// another node held (two nodes polled one account after an outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_taken_over_before_the_next_round_is_seen_lost() {
+    if !testing::available("a_claim_taken_over_before_the_next_round_is_seen_lost").await {
+        return;
+    }
+    let schema = testing::fresh_schema();
+    let store = PgStore::open(&testing::url(), &schema).await.unwrap();
+    let check = async move {
+        let keys: Vec<String> = (0..3).map(|i| format!("s/{i}")).collect();
+        store.ensure_leases(&keys).await.unwrap();
+        store.heartbeat("a", 1, 60_000).await.unwrap();
+        assert_eq!(
+            store.renew_changed("a", 60_000).await.unwrap(),
+            Some(vec![])
+        );
+        assert_eq!(store.claim("a", 60_000, 2).await.unwrap().len(), 2);
+        // "a" falls silent past its lease; "b" takes everything.
+        store
+            .exec(
+                "test",
+                "UPDATE nodes SET heartbeat_ms = 0 WHERE node = 'a'",
+                &[],
+            )
+            .await
+            .unwrap();
+        store
+            .exec("test", "UPDATE lease SET until_ms = 0", &[])
+            .await
+            .unwrap();
+        store.heartbeat("b", 1, 60_000).await.unwrap();
+        assert_eq!(
+            store.renew_changed("b", 60_000).await.unwrap(),
+            Some(vec![])
+        );
+        assert_eq!(store.claim("b", 60_000, 3).await.unwrap().len(), 3);
+        // "a" is back: it holds nothing, and is told so.
+        store.heartbeat("a", 1, 60_000).await.unwrap();
+        assert_eq!(
+            store.renew_changed("a", 60_000).await.unwrap(),
+            Some(vec![])
+        );
+        assert_eq!(store.renew_changed("a", 60_000).await.unwrap(), None);
+        // A claim keeps the shortcut: the node knows what it claimed.
+        assert_eq!(store.renew_changed("b", 60_000).await.unwrap(), None);
+        // A release that fails (a key PostgreSQL refuses) leaves the rows
+        // the node's: the next renewal lists them, since the node dropped
+        // them from what it holds before asking.
+        let refused = vec![keys[0].clone(), "bad\0key".to_string()];
+        assert!(store.release("b", &refused).await.is_err());
+        let listed = store.renew_changed("b", 60_000).await.unwrap();
+        assert_eq!(listed.map(|l| l.len()), Some(3));
+    };
+    let outcome = tokio::spawn(check).await;
+    testing::drop_schema(&schema);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 /// A host's quota booked by several nodes at once: the starts it hands
 /// out keep the rate and burst together, and a shared pause holds them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
