@@ -15,6 +15,7 @@ use super::columns;
 use super::fetch::cursor_text;
 use crate::connector::spec::{Baseline, Connector, CursorSpec, DetectMode, EventType};
 use crate::event::value_hash;
+use crate::store::Snapshot;
 use crate::store::{nested_deeper_than, InstanceState, KnownItem, MAX_DEPTH};
 
 /// A change found by detection, before it gets a sequence number and an id.
@@ -201,7 +202,7 @@ impl Run<'_> {
                 preview: preview(&current),
             });
         }
-        match self.prev.snapshot.clone() {
+        match self.prev.snapshot.as_ref().map(Snapshot::value) {
             Some(p) if p == current => self.out.note("snapshot", "unchanged"),
             Some(p) => {
                 self.state.generation += 1;
@@ -213,7 +214,7 @@ impl Run<'_> {
                 let data = json!({ "previous": p, "current": current });
                 let (fired, _) = fire(c, &ctx, &key, &data, &mut self.out.events, false)?;
                 self.out.note("snapshot", describe_fired(&fired));
-                self.state.snapshot = Some(current);
+                self.state.snapshot = Some(Snapshot::of(&current));
             }
             None => self.first_snapshot(current, resource)?,
         }
@@ -240,7 +241,7 @@ impl Run<'_> {
                 "first value: remembered as the baseline, nothing emitted",
             );
         }
-        self.state.snapshot = Some(current);
+        self.state.snapshot = Some(Snapshot::of(&current));
         Ok(())
     }
 

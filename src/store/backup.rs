@@ -241,7 +241,7 @@ fn check(
             if value
                 .snapshot
                 .as_ref()
-                .is_some_and(|v| nested_deeper_than(v, MAX_DEPTH))
+                .is_some_and(|v| nested_deeper_than(&v.value(), MAX_DEPTH))
             {
                 return deep(format!("the snapshot of {instance}"));
             }
@@ -446,7 +446,7 @@ mod tests {
         let deep = |n: usize| {
             let item = super::super::records::tests::nested(n);
             let state = InstanceState {
-                snapshot: Some(item.clone()),
+                snapshot: Some(crate::store::Snapshot::of(&item)),
                 ..Default::default()
             };
             let known = InstanceState {

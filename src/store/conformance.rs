@@ -789,7 +789,7 @@ pub async fn values_at_the_depth_limit_round_trip_and_deeper_are_refused<F: Fixt
     };
     let state = |n: usize| InstanceState {
         initialized: true,
-        snapshot: Some(nested(n)),
+        snapshot: Some(crate::store::Snapshot::of(&nested(n))),
         known: [(
             "deep".to_string(),
             KnownItem {
@@ -891,7 +891,7 @@ pub async fn hostile_ids_and_values_round_trip<F: Fixture>() {
         initialized: true,
         cursor: Some(format!("\0{long}")),
         etag: Some("\"\u{1}\"".into()),
-        snapshot: Some(deep.clone()),
+        snapshot: Some(crate::store::Snapshot::of(&deep)),
         sequence: 1,
         ..Default::default()
     };

@@ -345,8 +345,12 @@ async fn pruning_keeps_leases_held_by_another_node<F: CoordFixture>() {
 }
 
 /// A renewal that may answer "unchanged" (`renew_changed`) lists the
-/// node's leases again after its first renewal and after any claim or
-/// release of its own; otherwise it answers with the same list or `None`.
+/// node's leases at its first renewal and after a release of its own;
+/// otherwise (another node's claim, or its own, whose answer it has) it
+/// answers with the same list or `None`. A claim of its own taken over
+/// before the next round is the PostgreSQL store's test
+/// (`a_claim_taken_over_before_the_next_round_is_seen_lost`): it needs
+/// a node to fall silent.
 async fn a_renewal_says_what_changed<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
@@ -364,7 +368,7 @@ async fn a_renewal_says_what_changed<F: CoordFixture>() {
     mine.extend(set(a.claim("a", 60_000, 1).await.unwrap()));
     assert_eq!(mine.len(), 3);
     let listed = a.renew_changed("a", 60_000).await.unwrap();
-    assert_eq!(listed.map(set), Some(mine.clone()), "after a claim");
+    assert!(listed.is_none_or(|l| set(l) == mine), "after a claim");
     let give = mine.pop_first().unwrap();
     a.release("a", std::slice::from_ref(&give)).await.unwrap();
     let listed = a.renew_changed("a", 60_000).await.unwrap();
