@@ -199,17 +199,14 @@ impl Source {
     /// An instance of a `for_each: discover` source with its discovered param
     /// values (typed like the params' defaults).
     pub fn discovered_instance(&self, name: &str, with: &Map<String, Value>) -> Instance {
-        let own = with
-            .iter()
-            .map(|(k, v)| {
-                let default = self
-                    .connector
-                    .params
-                    .get(k)
-                    .and_then(|p| p.default.as_ref());
-                (k.clone(), coerce(v, default))
-            })
-            .collect();
+        let own = with.iter().map(|(k, v)| {
+            let default = self
+                .connector
+                .params
+                .get(k)
+                .and_then(|p| p.default.as_ref());
+            (k.clone(), coerce(v, default))
+        });
         Instance::new(
             &self.name,
             name,

@@ -17,9 +17,11 @@ pub use self::metrics::{EndpointLabels, Metrics, SourceLabels, BUCKETS};
 /// One instance's polling status.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InstanceStatus {
-    pub source: String,
+    /// Shared by every instance of the source (see [`Status::intern`]).
+    pub source: Arc<str>,
     pub instance: String,
-    pub connector: String,
+    /// Shared by every instance of the connector.
+    pub connector: Arc<str>,
     /// The least time between polls that the API asked for
     /// (`X-Poll-Interval`, `Cache-Control: max-age`, `Expires`), when it
     /// did, and which header said so: why the interval is longer than the
@@ -156,6 +158,8 @@ pub struct Status {
     /// `/metrics` hold the map's lock only to copy the `Arc`s, and read
     /// each instance while its poller may update another.
     instances: Mutex<BTreeMap<Arc<str>, Arc<Mutex<InstanceStatus>>>>,
+    /// Source and connector names (see [`Status::intern`]).
+    names: Mutex<std::collections::HashSet<Arc<str>>>,
     endpoints: Mutex<BTreeMap<String, EndpointEntry>>,
     discovery: Mutex<BTreeMap<String, DiscoveryStatus>>,
     config: Mutex<ConfigStatus>,
@@ -323,13 +327,15 @@ impl Status {
             s.seen_evicted = old.seen_evicted;
         }
         f(&mut s);
+        s.source = self.intern(&s.source);
+        s.connector = self.intern(&s.connector);
         // Every outcome's series exists from the first poll on, at zero.
         for outcome in ["ok", "not_modified", "error"] {
             self.metrics
                 .polls
                 .get_or_create(&PollLabels {
-                    source: s.source.clone(),
-                    connector: s.connector.clone(),
+                    source: s.source.to_string(),
+                    connector: s.connector.to_string(),
                     outcome,
                 })
                 .inc_by(0);
@@ -337,8 +343,8 @@ impl Status {
         self.metrics
             .seen_evicted
             .get_or_create(&SourceLabels {
-                source: s.source.clone(),
-                connector: s.connector.clone(),
+                source: s.source.to_string(),
+                connector: s.connector.to_string(),
             })
             .inc_by(0);
         match old {
@@ -350,6 +356,20 @@ impl Status {
                     .insert(Arc::from(key), Arc::new(Mutex::new(s)));
             }
         }
+    }
+
+    /// The one copy of a source's or connector's name that every
+    /// instance's status shares: 100,000 instances of one source held
+    /// 200,000 copies of two names otherwise. Names are few and are kept
+    /// for the daemon's life (a reload's new ones join them).
+    pub fn intern(&self, name: &str) -> Arc<str> {
+        let mut names = self.names.lock();
+        if let Some(n) = names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        names.insert(n.clone());
+        n
     }
 
     fn entry(&self, key: &str) -> Option<Arc<Mutex<InstanceStatus>>> {

@@ -138,9 +138,9 @@ impl Roster {
         // Every node lists every instance; `/status` says which node
         // holds it.
         self.shared.status.register_instance(&key, |s| {
-            s.source = source.name.clone();
+            s.source = source.name.as_str().into();
             s.instance = inst.name.clone();
-            s.connector = source.connector.name.clone();
+            s.connector = source.connector.name.as_str().into();
         });
         let cluster = &self.shared.cluster;
         let mut units = self.units.lock();

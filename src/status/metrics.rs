@@ -254,8 +254,10 @@ fn by_source(status: &Status) -> BTreeMap<SourceLabels, SourceGauges> {
         connector: String::new(),
     };
     status.each_instance(|i| {
-        key.source.clone_from(&i.source);
-        key.connector.clone_from(&i.connector);
+        key.source.clear();
+        key.source.push_str(&i.source);
+        key.connector.clear();
+        key.connector.push_str(&i.connector);
         if !sources.contains_key(&key) {
             sources.insert(key.clone(), SourceGauges::default());
         }

@@ -402,11 +402,11 @@ fn sources_and_matching<'a>(
     for (key, i) in &report.instances {
         let state = state_of(i, me);
         let row = sources
-            .entry(i.source.clone())
+            .entry(i.source.to_string())
             .or_insert_with(|| SourceRow {
                 link: serde_urlencoded::to_string([("source", &i.source)]).unwrap_or_default(),
-                name: i.source.clone(),
-                connector: i.connector.clone(),
+                name: i.source.to_string(),
+                connector: i.connector.to_string(),
                 instances: 0,
                 ok: 0,
                 failing: 0,
@@ -424,7 +424,7 @@ fn sources_and_matching<'a>(
         }
         row.events += i.events;
         row.last_poll_ms = row.last_poll_ms.max(i.last_poll_ms);
-        let keep = (f.source.is_empty() || f.source == i.source)
+        let keep = (f.source.is_empty() || *f.source == *i.source)
             && (f.state.is_empty() || f.state == state)
             && (f.q.is_empty() || key.contains(&f.q));
         if keep {

@@ -343,13 +343,12 @@ fn instances_of(
         if !names.insert(inst_name.clone()) {
             continue; // duplicates in the list: one instance
         }
-        let own = combo.into_iter().collect();
         instances.push(Instance::new(
             source,
             &inst_name,
             connector,
             base_vars.clone(),
-            own,
+            combo,
         ));
     }
     instances
