@@ -54,7 +54,7 @@ pub fn instance(c: &Connector, given: Value) -> Instance {
         "default",
         c,
         std::sync::Arc::new(vars),
-        Default::default(),
+        std::iter::empty(),
     )
 }
 
