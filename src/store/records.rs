@@ -541,6 +541,32 @@ pub struct Fence {
 pub(crate) mod tests {
     use super::*;
 
+    /// A snapshot kept as text is stored as the value it holds, byte for
+    /// byte what a `Value` wrote (key order and number spelling kept),
+    /// reads back from records written before, and compares as values.
+    #[test]
+    fn a_snapshot_is_stored_as_the_value_it_holds() {
+        let v = serde_json::json!({"z": 1, "a": [1.5, "x", null], "m": {"k": true}});
+        let with_value = serde_json::json!({ "snapshot": v }).to_string();
+        let s = InstanceState {
+            snapshot: Some(Snapshot::of(&v)),
+            ..Default::default()
+        };
+        let written = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            serde_json::json!({ "snapshot": written["snapshot"] }).to_string(),
+            with_value
+        );
+        let back: InstanceState = serde_json::from_str(&with_value).unwrap();
+        assert_eq!(back.snapshot.as_ref().map(Snapshot::value), Some(v.clone()));
+        assert_eq!(back.snapshot, s.snapshot);
+        let reordered =
+            Snapshot::of(&serde_json::json!({"a": [1.5, "x", null], "m": {"k": true}, "z": 1}));
+        assert_eq!(Some(reordered), s.snapshot, "key order aside, equal");
+        assert_ne!(Some(Snapshot::of(&serde_json::json!({"z": 2}))), s.snapshot);
+        assert_eq!(format!("{:?}", s.snapshot.unwrap()), v.to_string());
+    }
+
     fn state(seen: &[(&str, i64)], known: &[(&str, &str)]) -> InstanceState {
         InstanceState {
             cursor: Some("c".into()),
