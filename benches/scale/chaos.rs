@@ -97,7 +97,9 @@ pub struct Report {
 }
 
 /// Held leases per node index (`pids[i]` is node `i`; a lease owner is
-/// `<host>-<pid>-<random>`), counting only unexpired ones; `None` when
+/// `<host>-<pid>-<random>`), counting only held ones: the claim's time is
+/// to come, or the owner's heartbeat keeps it (migration 8; counting
+/// `until_ms` alone read 0 once the claims' times passed); `None` when
 /// psql fails (a server out of connections: every node holds a pool).
 fn lease_counts(url: &str, schema: &str, pids: &[u32]) -> Option<Vec<u64>> {
     let out = std::process::Command::new("psql")
@@ -105,8 +107,10 @@ fn lease_counts(url: &str, schema: &str, pids: &[u32]) -> Option<Vec<u64>> {
         .args([
             "-Atc",
             &format!(
-                "SELECT owner, count(*) FROM \"{schema}\".lease WHERE owner IS NOT NULL \
-                 AND until_ms > (extract(epoch FROM clock_timestamp()) * 1000)::bigint GROUP BY owner"
+                "SELECT l.owner, count(*) FROM \"{schema}\".lease l \
+                 LEFT JOIN \"{schema}\".nodes n ON n.node = l.owner WHERE l.owner IS NOT NULL \
+                 AND greatest(l.until_ms, coalesce(n.heartbeat_ms + n.lease_ms, 0)) \
+                   > (extract(epoch FROM clock_timestamp()) * 1000)::bigint GROUP BY l.owner"
             ),
         ])
         .output();
