@@ -80,8 +80,14 @@ pub struct Report {
     pub gone: Option<usize>,
     /// Instances the gone node polled last when it went.
     pub gone_instances: usize,
-    /// From the event until every one of them was polled by another node.
+    /// From the event until every one of them was polled by another node:
+    /// with an interval longer than the lease, this includes the wait
+    /// for each one's next run.
     pub takeover: Option<Duration>,
+    /// From the event until another node had claimed every lease the gone
+    /// node owned (the takeover itself, which the issue bounds by one
+    /// lease period).
+    pub leases_taken: Option<Duration>,
     /// `drain`: SIGTERM → exit, and leases still held by it after its exit.
     pub exited_after: Option<Duration>,
     pub leases_after_exit: Option<u64>,
@@ -126,6 +132,22 @@ fn lease_counts(url: &str, schema: &str, pids: &[u32]) -> Option<Vec<u64>> {
         }
     }
     Some(counts)
+}
+
+/// How many lease rows name node `pid` (a `<host>-<pid>-<random>`
+/// owner) as their owner, held or not: 0 once others claimed them all.
+/// `None` when psql fails.
+fn owned_by(url: &str, schema: &str, pid: u32) -> Option<u64> {
+    let out = std::process::Command::new("psql")
+        .arg(url)
+        .args([
+            "-Atc",
+            &format!("SELECT count(*) FROM \"{schema}\".lease WHERE owner LIKE '%-{pid}-%'"),
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
 /// Whether every live node holds `total / live` leases ±10%.
@@ -173,6 +195,7 @@ pub async fn run(plan: Plan) -> Report {
         gone: None,
         gone_instances: 0,
         takeover: None,
+        leases_taken: None,
         exited_after: None,
         leases_after_exit: None,
         fair_after: None,
@@ -228,6 +251,15 @@ pub async fn run(plan: Plan) -> Report {
     loop {
         tick.tick().await;
         let now = Instant::now();
+        if event == Event::Kill && report.leases_taken.is_none() {
+            let (url, schema) = (url.clone(), schema.clone());
+            let owned = tokio::task::spawn_blocking(move || owned_by(&url, &schema, owner_pid))
+                .await
+                .unwrap();
+            if owned == Some(0) {
+                report.leases_taken = Some(Instant::now() - event_at);
+            }
+        }
         if report.gone.is_some() && report.takeover.is_none() {
             let left = bank.not_taken_over(&gone_ids, last as u8, event_at);
             if left == 0 {
@@ -281,11 +313,18 @@ impl Report {
             },
             lease.as_secs()
         )];
+        if self.event == Event::Kill {
+            out.push(format!(
+                "  chaos: leases of the gone node all claimed by others after {}; target within one lease period ({}s)",
+                secs(self.leases_taken),
+                lease.as_secs()
+            ));
+        }
         if self.gone.is_some() {
             out.push(format!(
-                "  chaos: takeover (every instance of the gone node polled by another) after {}; target within one lease period ({}s)",
+                "  chaos: takeover (every instance of the gone node polled by another) after {}; at most one lease period plus one interval ({}s) when every run comes due on time",
                 secs(self.takeover),
-                lease.as_secs()
+                (lease + interval).as_secs()
             ));
         }
         if self.event == Event::Drain {
@@ -333,6 +372,7 @@ impl Report {
             "gone_node": self.gone,
             "gone_instances": self.gone_instances,
             "takeover_s": self.takeover.map(|d| d.as_secs_f64()),
+            "leases_taken_s": self.leases_taken.map(|d| d.as_secs_f64()),
             "exited_after_s": self.exited_after.map(|d| d.as_secs_f64()),
             "leases_after_exit": self.leases_after_exit,
             "fair_after_s": self.fair_after.map(|d| d.as_secs_f64()),
