@@ -103,10 +103,23 @@ impl Serialize for Snapshot {
 }
 
 impl<'de> Deserialize<'de> for Snapshot {
+    /// Refuses a value its text could not be read back from (serde_json
+    /// reads 128 levels at most): from JSON such a value never gets here,
+    /// but another format (YAML) could hand one over.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Snapshot, D::Error> {
-        Value::deserialize(d).map(|v| Snapshot::of(&v))
+        let v = Value::deserialize(d)?;
+        if nested_deeper_than(&v, SNAPSHOT_READ_LIMIT) {
+            return Err(serde::de::Error::custom(format!(
+                "a snapshot nested deeper than {SNAPSHOT_READ_LIMIT} levels"
+            )));
+        }
+        Ok(Snapshot::of(&v))
     }
 }
+
+/// The deepest snapshot whose text serde_json reads back (its recursion
+/// limit is 128 nested arrays or objects).
+const SNAPSHOT_READ_LIMIT: usize = 127;
 
 /// The deepest an item, a snapshot or any other value pollhook keeps may
 /// be nested: arrays and objects one inside the other, `{"a": {}}` being
@@ -565,6 +578,12 @@ pub(crate) mod tests {
         assert_eq!(Some(reordered), s.snapshot, "key order aside, equal");
         assert_ne!(Some(Snapshot::of(&serde_json::json!({"z": 2}))), s.snapshot);
         assert_eq!(format!("{:?}", s.snapshot.unwrap()), v.to_string());
+        // What could not be read back is refused when made from another
+        // format, not left to fail when detection reads it.
+        let deep = nested(SNAPSHOT_READ_LIMIT + 1);
+        assert!(Snapshot::deserialize(deep).is_err());
+        let ok = Snapshot::deserialize(nested(SNAPSHOT_READ_LIMIT)).unwrap();
+        assert_eq!(ok.value(), nested(SNAPSHOT_READ_LIMIT));
     }
 
     fn state(seen: &[(&str, i64)], known: &[(&str, &str)]) -> InstanceState {
