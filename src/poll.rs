@@ -245,7 +245,7 @@ async fn poll_turn(
         tokens: &shared.tokens,
         user_agent: shared.live.user_agent(),
     };
-    let polls = Box::pin(poll_under(shared, source, inst, &env, pace, busy)).await?;
+    let polls = poll_under(shared, source, inst, &env, pace, busy).await?;
     let Some(next) = next_due(shared, source, inst, pace, &polls) else {
         warn!(instance = %inst.key, "schedule has no future run; instance stops");
         return Err(Stop::Done);
@@ -340,19 +340,10 @@ async fn poll_under(
     pace.last_start = Some(started);
     let took = std::time::Instant::now();
     let fence = busy.fence();
-    // Boxed: a task's future is as large as its largest state, and a
-    // poll in flight (HTTP, paging, detection) is kilobytes. Inline,
-    // every sleeping instance would carry that size; boxed, only the
-    // ones polling do (10,000 instances: tens of MiB).
-    let outcome = Box::pin(poll_once(
-        shared,
-        source,
-        inst,
-        &pace.state,
-        env,
-        Some(&fence),
-    ))
-    .await;
+    // Inline: a poll in flight (HTTP, paging, detection) is kilobytes,
+    // but this runs inside `poll_turn`, whose future is boxed for the
+    // call only; a sleeping instance carries none of it.
+    let outcome = poll_once(shared, source, inst, &pace.state, env, Some(&fence)).await;
     drop(busy);
     shared
         .status

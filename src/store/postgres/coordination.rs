@@ -39,6 +39,15 @@ macro_rules! held {
 fn share(hash: i64) -> i64 {
     hash >> 24
 }
+
+/// The fingerprint of leases listed with their hash in column 2: how
+/// many, and the sum of their shares.
+fn fingerprint(rows: &[tokio_postgres::Row]) -> (i64, i64) {
+    (
+        rows.len() as i64,
+        rows.iter().map(|r| share(r.get(2))).sum::<i64>(),
+    )
+}
 use crate::store::coordination::{Coordination, HostPace, LeaseRow, NodeRow, Notice};
 use crate::store::{Fence, Result, StoreError};
 
@@ -100,11 +109,9 @@ impl Coordination for PgStore {
                 &[&node, &lease_ms],
             )
             .await?;
-        let print = (
-            rows.len() as i64,
-            rows.iter().map(|r| share(r.get(2))).sum::<i64>(),
-        );
-        self.renewals.lock().insert(node.to_string(), print);
+        self.renewals
+            .lock()
+            .insert(node.to_string(), fingerprint(&rows));
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -181,8 +188,9 @@ impl Coordination for PgStore {
             }
         };
         if let Some((count, sum)) = renewals.get_mut(node) {
-            *count += rows.len() as i64;
-            *sum += rows.iter().map(|r| share(r.get(2))).sum::<i64>();
+            let (n, s) = fingerprint(&rows);
+            *count += n;
+            *sum += s;
         }
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
