@@ -119,9 +119,22 @@ struct Leases {
     /// on a scarce host quota is in a poll most of the time). Nothing new
     /// starts under them.
     draining: std::collections::HashSet<String>,
-    /// Leases claimed from a silent node as its leases lapsed (see
-    /// [`Cluster::taken_over`]), until their poll task asks.
-    taken_over: std::collections::HashSet<String>,
+    /// Leases claimed from a silent node as its leases lapsed, or given
+    /// back by a live one just before (see [`Cluster::arrival`]), until
+    /// their poll task asks.
+    arrived: HashMap<String, Arrival>,
+}
+
+/// How a lease this node claimed came free, when that matters to the
+/// instance's first poll here (see [`Cluster::arrival`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arrival {
+    /// Taken over from a silent node (dead, stopped, cut off) as its lease
+    /// lapsed; that node has been silent at least this long.
+    TakenOver(Duration),
+    /// Given back by a live node (leaving, or shedding leases for another
+    /// node's share) less than a lease ago.
+    HandedOver,
 }
 
 impl Leases {
@@ -453,20 +466,22 @@ impl Cluster {
         self.leases.lock().held.len()
     }
 
-    /// Whether this node took `key` over from a silent node as its lease
-    /// lapsed (claimed by the round run at the lapse, see
-    /// [`Cluster::run`]); asked once, by the instance's poll task when it
-    /// starts polling under the lease: a run that came due meanwhile was
-    /// only put off by the takeover, and is due at once
-    /// (`schedule::first_due_taken_over`). Returns how long the previous
-    /// holder has at least been silent: it renewed last one lease before
-    /// the lapse, and would have renewed again a third of a lease later.
-    pub fn taken_over(&self, key: &str) -> Option<Duration> {
-        self.leases
-            .lock()
-            .taken_over
-            .remove(key)
-            .then(|| self.lease.mul_f64(2.0 / 3.0))
+    /// How this node came to hold `key`, if the instance's first poll
+    /// here should know; asked once, by the instance's poll task when it
+    /// starts polling under the lease. A run that came due while the lease
+    /// moved was only put off by the move, and is due at once
+    /// (`schedule::first_due_taken_over`, `schedule::first_due_handed_over`)
+    /// rather than spread or skipped as after a stop.
+    /// - [`Arrival::TakenOver`]: claimed from a silent node by the round
+    ///   run at the lapse (see [`Cluster::run`]), with how long that node
+    ///   has at least been silent: it renewed last one lease before the
+    ///   lapse, and would have renewed again a third of a lease later.
+    /// - [`Arrival::HandedOver`]: given back by a live node less than a
+    ///   lease before the claim. A lease given back longer ago was left by
+    ///   a cluster that stopped (nobody claimed it for a lease's time): its
+    ///   instance starts as after a stop.
+    pub fn arrival(&self, key: &str) -> Option<Arrival> {
+        self.leases.lock().arrived.remove(key)
     }
 
     /// One round: heartbeat, renew, then claim or give back towards the
@@ -573,27 +588,37 @@ impl Cluster {
         let gained = differs(&next, &l.held) > 0;
         let lost = differs(&l.held, &next);
         l.held = next;
-        let Leases {
-            held, taken_over, ..
-        } = &mut *l;
-        taken_over.retain(|k| held.contains_key(k));
+        let Leases { held, arrived, .. } = &mut *l;
+        arrived.retain(|k, _| held.contains_key(k));
         Ok((gained, lost))
     }
 
     /// Claims up to `n` more leases; returns whether it got any.
-    /// `taken_over`: claimed as a silent node's leases lapsed.
-    async fn claim(&self, n: usize, lease_ms: i64, taken_over: bool) -> crate::store::Result<bool> {
+    /// `at_lapse`: claimed as a silent node's leases lapsed.
+    async fn claim(&self, n: usize, lease_ms: i64, at_lapse: bool) -> crate::store::Result<bool> {
         self.leases.lock().draining.clear();
         let sent = Instant::now();
         let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
         let expires = sent + self.lease.mul_f64(LOCAL_SHARE);
         let mut l = self.leases.lock();
         let gained = !got.is_empty();
-        for (k, epoch) in got {
-            if taken_over {
-                l.taken_over.insert(k.clone());
+        for c in got {
+            let arrival = match c.released_ago {
+                Some(ago) if ago <= self.lease => Some(Arrival::HandedOver),
+                Some(_) => None,
+                None if at_lapse => Some(Arrival::TakenOver(self.lease.mul_f64(2.0 / 3.0))),
+                None => None,
+            };
+            if let Some(a) = arrival {
+                l.arrived.insert(c.key.clone(), a);
             }
-            l.held.insert(k, Held { epoch, expires });
+            l.held.insert(
+                c.key,
+                Held {
+                    epoch: c.epoch,
+                    expires,
+                },
+            );
         }
         Ok(gained)
     }
@@ -725,7 +750,7 @@ impl Cluster {
         listener.abort();
         let all: Vec<String> = {
             let mut l = self.leases.lock();
-            l.taken_over.clear();
+            l.arrived.clear();
             l.held.drain().map(|(k, _)| k).collect()
         };
         self.changed.send_modify(|g| *g += 1);
@@ -754,6 +779,8 @@ impl Cluster {
                     w.recheck();
                 }
             }
+            // A node gave leases back or left: claim them now.
+            Notice::Freed => self.kick.notify_one(),
             Notice::Leases => {
                 // Another node pruned rows: add back any this node still
                 // wants (its configuration differs until it is reloaded

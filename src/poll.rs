@@ -14,6 +14,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::cluster::Arrival;
 use crate::connector::detect::{detect, Detection};
 use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
 use crate::connector::mask;
@@ -23,7 +24,9 @@ use crate::quota::RateLimit;
 use crate::runtime::Shared;
 use crate::runtime::Source;
 use crate::schedule::{adapt, error_backoff};
-use crate::schedule::{first_due_taken_over, first_due_within, prompt_spread};
+use crate::schedule::{
+    first_due_handed_over, first_due_taken_over, first_due_within, prompt_spread,
+};
 use crate::status::PollOutcome;
 use crate::store::{InstanceState, OutboxEntry};
 
@@ -193,18 +196,20 @@ async fn start_pace(
     let persisted = state
         .next_run_ms
         .and_then(chrono::DateTime::from_timestamp_millis);
-    // Taken over from a silent node as its lease lapsed: a run that came
-    // due meanwhile is due at once, not as after a stop.
+    // Taken over from a silent node as its lease lapsed, or handed over
+    // by a live one: a run that came due meanwhile is due at once, not as
+    // after a stop.
     let (now, fraction) = (Utc::now(), spread(&inst.key));
-    let first = match shared.cluster.taken_over(&inst.key) {
-        Some(gone) => first_due_taken_over(persisted, now, &source.schedule, fraction, gone),
-        _ => first_due_within(
-            persisted,
-            now,
-            &source.schedule,
-            fraction,
-            prompt_spread(source.instances.len()),
-        ),
+    let prompt = prompt_spread(source.instances.len());
+    let schedule = &source.schedule;
+    let first = match shared.cluster.arrival(&inst.key) {
+        Some(Arrival::TakenOver(gone)) => {
+            first_due_taken_over(persisted, now, schedule, fraction, gone)
+        }
+        Some(Arrival::HandedOver) => {
+            first_due_handed_over(persisted, now, schedule, fraction, prompt)
+        }
+        None => first_due_within(persisted, now, schedule, fraction, prompt),
     };
     let Some(due) = first else {
         warn!(instance = %inst.key, "schedule has no future run; instance stops");

@@ -607,6 +607,32 @@ pub fn first_due_taken_over(
     }
 }
 
+/// When an instance whose lease a live node just gave back (leaving, or
+/// shedding leases for this node's share) is due first here. A stored
+/// next run that is past came due while the lease moved: it was put off
+/// by the move, not missed by a stopped daemon, so it is due at once
+/// rather than at the instance's slot (up to an interval later for a
+/// large source, see [`prompt_spread`]) or skipped. The node giving the
+/// lease back stored its next run just before, so "past" is exact. A
+/// short `every` stores no next run (see [`Schedule::keeps_next_run`]):
+/// it starts at its slot, within one short period, as after a restart,
+/// which keeps its spacing (polling at once and again at the slot
+/// would poll twice within a period). Otherwise as [`first_due_within`].
+/// Honours the active windows; `None` only when a cron table has no
+/// future time left.
+pub fn first_due_handed_over(
+    persisted: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    schedule: &Schedule,
+    spread_fraction: f64,
+    prompt: Duration,
+) -> Option<DateTime<Utc>> {
+    match persisted {
+        Some(p) if p <= now && schedule.keeps_next_run() => schedule.in_window(now),
+        _ => first_due_within(persisted, now, schedule, spread_fraction, prompt),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1080,6 +1106,57 @@ mod tests {
         assert_eq!(
             first_due(Some(utc(2026, 11, 27, 17, 0)), now, &s, 0.0),
             Some(monday)
+        );
+    }
+
+    #[test]
+    fn first_due_handed_over_is_now_for_a_run_that_came_due_while_the_lease_moved() {
+        let now = utc(2026, 12, 6, 10, 0);
+        let big = prompt_spread(100_000);
+        let s = Schedule::parse("every 1m").unwrap();
+        let past = Some(now - chrono::Duration::seconds(3));
+        // A cold start waits for the instance's slot (up to a minute here)...
+        let cold = first_due_within(past, now, &s, 0.9, big).unwrap();
+        assert!(cold > now + chrono::Duration::seconds(30), "{cold}");
+        // ...a handed-over instance whose run came due polls at once.
+        assert_eq!(first_due_handed_over(past, now, &s, 0.9, big), Some(now));
+        assert_eq!(
+            first_due_handed_over(Some(now), now, &s, 0.9, big),
+            Some(now)
+        );
+        // Also where a stop would skip the missed run.
+        let mut skip = Schedule::parse("every 1m").unwrap();
+        skip.catch_up = CatchUp::Skip;
+        assert_eq!(first_due_handed_over(past, now, &skip, 0.9, big), Some(now));
+        // A run still ahead, or never run: as at a start.
+        let ahead = Some(now + chrono::Duration::seconds(20));
+        assert_eq!(
+            first_due_handed_over(ahead, now, &s, 0.9, big),
+            first_due_within(ahead, now, &s, 0.9, big)
+        );
+        assert_eq!(first_due_handed_over(ahead, now, &s, 0.9, big), ahead);
+        assert_eq!(
+            first_due_handed_over(None, now, &s, 0.9, big),
+            first_due_within(None, now, &s, 0.9, big)
+        );
+        // A short `every` keeps its slot (no stored run to tell by).
+        let short = Schedule::parse("every 2s").unwrap();
+        assert!(!short.keeps_next_run());
+        assert_eq!(
+            first_due_handed_over(past, now, &short, 0.5, big),
+            short.next_slot(now, 0.5)
+        );
+        assert_ne!(short.next_slot(now, 0.5), Some(now));
+        // Outside the active window: at its next opening, not now.
+        let w = with(
+            Schedule::parse("every 1m").unwrap(),
+            "UTC",
+            &["Mon-Fri 08:00-18:00"],
+        );
+        let friday_night = utc(2026, 11, 27, 20, 0);
+        assert_eq!(
+            first_due_handed_over(Some(utc(2026, 11, 27, 19, 59)), friday_night, &w, 0.0, big),
+            Some(utc(2026, 11, 30, 8, 0))
         );
     }
 

@@ -11,7 +11,7 @@
 //! - **quota bookings**: GCRA reservations ([`crate::gcra`]) of host quotas
 //!   shared by every node, and hosts' shared pauses and paces;
 //! - **wake-ups** ([`Notice`]): new outbox entries, host paces, endpoint
-//!   flags, pruned leases.
+//!   flags, pruned or freed leases.
 //!
 //! Two implementations: PostgreSQL (`postgres/coordination.rs`: the
 //! database's clock, `FOR UPDATE`, `LISTEN/NOTIFY`) for nodes sharing a
@@ -53,6 +53,22 @@ pub struct LeaseRow {
     pub left_ms: i64,
 }
 
+/// A lease a claim took: the fencing token it now holds, and whether a
+/// live node had just given it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub key: String,
+    /// The lease's new epoch (the fencing token).
+    pub epoch: i64,
+    /// How long ago a node gave it back ([`Coordination::release`]: a
+    /// node leaving, or shedding leases for another's share), by the
+    /// coordination's clock; `None` for a lease that lapsed, or that
+    /// nobody held yet. The new holder treats a run that came due while
+    /// the lease moved as put off by the move, not as missed by a
+    /// stopped daemon (see `schedule::first_due_handed_over`).
+    pub released_ago: Option<Duration>,
+}
+
 /// A host's shared pause and pace, by the coordination's clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostPace {
@@ -75,6 +91,10 @@ pub enum Notice {
     /// Lease rows of removed instances were pruned: a node whose
     /// configuration still has one adds it back.
     Leases,
+    /// A node gave leases back or left: the others claim at once, not at
+    /// their next round, so instances move in milliseconds rather than up
+    /// to a third of a lease.
+    Freed,
 }
 
 /// What nodes agree on. Every operation is async; times are the
@@ -93,7 +113,8 @@ pub trait Coordination: Send + Sync {
         started_ms: i64,
         alive_ms: i64,
     ) -> impl Future<Output = Result<i64>> + Send;
-    /// A node that stops says so: the others count one node fewer at once.
+    /// A node that stops says so: the others count one node fewer at once
+    /// (and hear of it, [`Notice::Freed`]: their shares grew).
     fn leave(&self, node: &str) -> impl Future<Output = Result<()>> + Send;
     /// The nodes, newest heartbeat first, with the leases each holds.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>>> + Send;
@@ -126,14 +147,16 @@ pub trait Coordination: Send + Sync {
     }
     /// Claims up to `n` leases that nobody holds or that lapsed, raising
     /// their epochs (the fencing token); nodes claiming at once take
-    /// different ones.
+    /// different ones. Each says whether it was given back, and when.
     fn claim(
         &self,
         node: &str,
         lease_ms: i64,
         n: i64,
-    ) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
-    /// Gives leases back: the next claim by any node takes them at once.
+    ) -> impl Future<Output = Result<Vec<Claimed>>> + Send;
+    /// Gives leases back: the next claim by any node takes them at once,
+    /// and learns when they were given back ([`Claimed::released_ago`]).
+    /// Every node hears of it ([`Notice::Freed`]).
     fn release(&self, node: &str, keys: &[String]) -> impl Future<Output = Result<()>> + Send;
     /// Deletes the leases of `keys` (no longer configured) that no other
     /// node holds (and, where the coordination shares the outbox, that have
@@ -261,7 +284,7 @@ impl Coordination for Coordinator {
     async fn renew_changed(&self, node: &str, lease_ms: i64) -> Result<Option<Vec<(String, i64)>>> {
         dispatch!(self, c => c.renew_changed(node, lease_ms).await)
     }
-    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
+    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<Claimed>> {
         dispatch!(self, c => c.claim(node, lease_ms, n).await)
     }
     async fn release(&self, node: &str, keys: &[String]) -> Result<()> {

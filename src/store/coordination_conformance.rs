@@ -84,8 +84,8 @@ async fn leases_are_exclusive<F: CoordFixture>() {
     let (ga, gb) = tokio::join!(a.claim("a", 60_000, 4), b.claim("b", 60_000, 4));
     let (ga, gb) = (ga.unwrap(), gb.unwrap());
     assert_eq!(ga.len() + gb.len(), 6, "{ga:?} {gb:?}");
-    let ka: BTreeSet<_> = ga.iter().map(|x| x.0.clone()).collect();
-    let kb: BTreeSet<_> = gb.iter().map(|x| x.0.clone()).collect();
+    let ka: BTreeSet<_> = ga.iter().map(|x| x.key.clone()).collect();
+    let kb: BTreeSet<_> = gb.iter().map(|x| x.key.clone()).collect();
     assert!(ka.is_disjoint(&kb), "{ka:?} {kb:?}");
     assert!(a.claim("c", 60_000, 6).await.unwrap().is_empty());
     // The table says the same, and renewal returns each node its own.
@@ -113,7 +113,7 @@ async fn leases_are_exclusive<F: CoordFixture>() {
     a.release("c", &give).await.unwrap();
     let got = b.claim("b", 60_000, 6).await.unwrap();
     assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[0].0, give[0]);
+    assert_eq!(got[0].key, give[0]);
 }
 
 /// A lease its holder stopped renewing is claimed by another node once it
@@ -124,20 +124,21 @@ async fn a_lapsed_lease_is_taken_over<F: CoordFixture>() {
     a.ensure_leases(&keys(1)).await.unwrap();
     let got = a.claim("a", 300, 1).await.unwrap();
     assert_eq!(got.len(), 1);
-    let e1 = got[0].1;
+    let e1 = got[0].epoch;
     assert!(b.claim("b", 60_000, 1).await.unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(600)).await;
     let got = b.claim("b", 60_000, 1).await.unwrap();
     assert_eq!(got.len(), 1, "lapsed, yet not taken over");
+    assert_eq!(got[0].released_ago, None, "lapsed, not given back");
     assert!(
-        got[0].1 > e1,
+        got[0].epoch > e1,
         "the epoch rises at a claim: {e1} then {}",
-        got[0].1
+        got[0].epoch
     );
     assert!(a.renew("a", 60_000).await.unwrap().is_empty());
     let l = &a.leases().await.unwrap()[0];
     assert_eq!(l.owner.as_deref(), Some("b"));
-    assert_eq!(l.epoch, got[0].1);
+    assert_eq!(l.epoch, got[0].epoch);
 }
 
 /// A fencing token is good only for the holder at its epoch: after a
@@ -148,7 +149,7 @@ async fn a_stale_fencing_token_is_refused<F: CoordFixture>() {
     let (a, b) = (f.handle().await, f.handle().await);
     let key = "s/fenced";
     a.ensure_leases(&[key.to_string()]).await.unwrap();
-    let e1 = a.claim("a", 200, 1).await.unwrap()[0].1;
+    let e1 = a.claim("a", 200, 1).await.unwrap()[0].epoch;
     let fence = |owner: &str, epoch| Fence {
         owner: owner.into(),
         epoch,
@@ -157,12 +158,12 @@ async fn a_stale_fencing_token_is_refused<F: CoordFixture>() {
     assert!(!b.fence_holds(key, &fence("b", e1)).await.unwrap());
     assert!(!b.fence_holds("s/unknown", &fence("a", e1)).await.unwrap());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let e2 = b.claim("b", 60_000, 1).await.unwrap()[0].1;
+    let e2 = b.claim("b", 60_000, 1).await.unwrap()[0].epoch;
     assert!(!a.fence_holds(key, &fence("a", e1)).await.unwrap());
     assert!(!a.fence_holds(key, &fence("b", e1)).await.unwrap());
     assert!(a.fence_holds(key, &fence("b", e2)).await.unwrap());
     b.release("b", &[key.to_string()]).await.unwrap();
-    let e3 = a.claim("a", 60_000, 1).await.unwrap()[0].1;
+    let e3 = a.claim("a", 60_000, 1).await.unwrap()[0].epoch;
     assert!(e3 > e2);
     assert!(!b.fence_holds(key, &fence("a", e1)).await.unwrap());
     assert!(b.fence_holds(key, &fence("a", e3)).await.unwrap());
@@ -326,7 +327,7 @@ async fn pruning_keeps_leases_held_by_another_node<F: CoordFixture>() {
         .await
         .unwrap()
         .into_iter()
-        .map(|x| x.0)
+        .map(|x| x.key)
         .collect();
     assert_eq!(a.claim("a", 60_000, 1).await.unwrap().len(), 1);
     assert_eq!(b.claim("c", 200, 1).await.unwrap().len(), 1);
@@ -356,7 +357,8 @@ async fn a_renewal_says_what_changed<F: CoordFixture>() {
     let (a, b) = (f.handle().await, f.handle().await);
     a.ensure_leases(&keys(3)).await.unwrap();
     let set = |l: Vec<(String, i64)>| l.into_iter().map(|x| x.0).collect::<BTreeSet<_>>();
-    let mut mine = set(a.claim("a", 60_000, 2).await.unwrap());
+    let claimed = |l: Vec<Claimed>| l.into_iter().map(|x| x.key).collect::<BTreeSet<_>>();
+    let mut mine = claimed(a.claim("a", 60_000, 2).await.unwrap());
     let listed = a.renew_changed("a", 60_000).await.unwrap();
     assert_eq!(
         listed.map(set),
@@ -365,7 +367,7 @@ async fn a_renewal_says_what_changed<F: CoordFixture>() {
     );
     let again = a.renew_changed("a", 60_000).await.unwrap();
     assert!(again.is_none_or(|l| set(l) == mine));
-    mine.extend(set(a.claim("a", 60_000, 1).await.unwrap()));
+    mine.extend(claimed(a.claim("a", 60_000, 1).await.unwrap()));
     assert_eq!(mine.len(), 3);
     let listed = a.renew_changed("a", 60_000).await.unwrap();
     assert!(listed.is_none_or(|l| set(l) == mine), "after a claim");
@@ -421,7 +423,7 @@ async fn a_silent_nodes_next_lapse_is_known<F: CoordFixture>() {
     a.heartbeat("a", 1, 8_000).await.unwrap();
     assert_eq!(b.next_lapse("b", 60_000).await.unwrap(), None);
     // Given back (no lapse to come), a silent node's leases are not waited for.
-    let give: Vec<String> = of_a.into_iter().map(|x| x.0).collect();
+    let give: Vec<String> = of_a.into_iter().map(|x| x.key).collect();
     a.release("a", &give).await.unwrap();
     assert_eq!(b.next_lapse("b", 0).await.unwrap(), None);
 }
@@ -482,6 +484,90 @@ async fn a_heartbeat_keeps_every_lease_of_its_node<F: CoordFixture>() {
     );
 }
 
+/// The next wake-up other than a pace (sent to check that listening is in
+/// place), within 10 s.
+async fn next_notice(notices: &mut tokio::sync::mpsc::Receiver<Notice>, what: &str) -> Notice {
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), notices.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no wake-up for {what}"))
+            .expect("the listener is running");
+        if !matches!(n, Notice::Pace(_)) {
+            return n;
+        }
+    }
+}
+
+/// A lease given back is claimed with how long ago it was given back (the
+/// new holder polls a run that came due meanwhile at once), and every
+/// node hears of it, and of a node leaving, so that it claims at once; a
+/// lease nobody held yet, or one that lapsed, says nothing.
+async fn a_lease_given_back_is_announced_and_dated<F: CoordFixture>() {
+    let f = F::open().await;
+    let (a, b) = (f.handle().await, f.handle().await);
+    a.heartbeat("a", 1, 60_000).await.unwrap();
+    b.heartbeat("b", 2, 60_000).await.unwrap();
+    a.ensure_leases(&keys(3)).await.unwrap();
+    let got = a.claim("a", 60_000, 3).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|c| c.released_ago.is_none()), "{got:?}");
+    let (tx, mut notices) = tokio::sync::mpsc::channel(16);
+    let listener = {
+        let b = b.clone();
+        tokio::spawn(async move { b.listen(tx).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no wake-up arrived");
+        a.share_pace("h", None, None).await.unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), notices.recv()).await
+        {
+            break;
+        }
+    }
+    let give = vec![got[0].key.clone()];
+    let before = Instant::now();
+    a.release("a", &give).await.unwrap();
+    assert_eq!(next_notice(&mut notices, "a release").await, Notice::Freed);
+    let again = b.claim("b", 60_000, 3).await.unwrap();
+    let since = before.elapsed();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].key, give[0]);
+    let ago = again[0].released_ago.expect("given back: says when");
+    // (The coordination's clock counts whole milliseconds.)
+    assert!(
+        ago <= since + Duration::from_millis(2),
+        "{ago:?} > {since:?}"
+    );
+    // Given back again, and claimed a while later: the age grows.
+    b.release("b", &give).await.unwrap();
+    assert_eq!(next_notice(&mut notices, "a release").await, Notice::Freed);
+    let wait = Duration::from_millis(300);
+    tokio::time::sleep(wait).await;
+    let third = a.claim("a", 60_000, 3).await.unwrap();
+    assert_eq!(third.len(), 1, "{third:?}");
+    let ago = third[0].released_ago.expect("given back: says when");
+    assert!(ago >= wait - Duration::from_millis(2), "{ago:?}");
+    // A release of nothing this node holds is no news.
+    b.release("b", &give).await.unwrap();
+    // Leaving is announced: the others' shares grew.
+    a.leave("a").await.unwrap();
+    assert_eq!(
+        next_notice(&mut notices, "a node leaving").await,
+        Notice::Freed
+    );
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            next_notice(&mut notices, "nothing")
+        )
+        .await
+        .is_err(),
+        "one wake-up per event"
+    );
+    listener.abort();
+}
+
 /// Runs every check against one coordination's fixture.
 macro_rules! suite {
     ($name:ident, $fixture:ty) => {
@@ -496,7 +582,8 @@ macro_rules! suite {
                 pruning_keeps_leases_held_by_another_node,
                 a_renewal_says_what_changed,
                 a_silent_nodes_next_lapse_is_known,
-                a_heartbeat_keeps_every_lease_of_its_node
+                a_heartbeat_keeps_every_lease_of_its_node,
+                a_lease_given_back_is_announced_and_dated
             );
         }
     };

@@ -42,7 +42,7 @@ mod conformance;
 #[cfg(test)]
 mod coordination_conformance;
 
-pub use coordination::{Coordination, Coordinator, HostPace, LeaseRow, NodeRow, Notice};
+pub use coordination::{Claimed, Coordination, Coordinator, HostPace, LeaseRow, NodeRow, Notice};
 pub use postgres::valid_schema;
 pub use records::*;
 pub use single_node::SingleNode;

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::coordination::{Coordination, HostPace, LeaseRow, NodeRow, Notice};
+use super::coordination::{Claimed, Coordination, HostPace, LeaseRow, NodeRow, Notice};
 use super::{Fence, Result, StoreError};
 
 /// How many wake-ups a slow listener may fall behind before it is told to
@@ -177,6 +177,7 @@ impl Coordination for SingleNode {
 
     async fn leave(&self, node: &str) -> Result<()> {
         self.table().nodes.remove(node);
+        self.notify(Notice::Freed);
         Ok(())
     }
 
@@ -238,7 +239,7 @@ impl Coordination for SingleNode {
         Ok(t.renew(node, until).then(|| t.owned_by(node)))
     }
 
-    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
+    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<Claimed>> {
         let now = self.now_ms();
         let mut t = self.table();
         // The order PostgreSQL's claim takes: the longest lapsed first.
@@ -252,10 +253,17 @@ impl Coordination for SingleNode {
         let mut got = Vec::new();
         for (_, k) in free.into_iter().take(n.max(0) as usize) {
             let l = t.leases.get_mut(&k).expect("a key just listed");
+            // Given back: no owner, and the time it was (see `release`).
+            let released_ago = (l.owner.is_none() && l.until_ms > 0.0)
+                .then(|| Duration::from_millis((now - l.until_ms).max(0.0) as u64));
             l.owner = Some(node.to_string());
             l.epoch += 1;
             l.until_ms = now + lease_ms as f64;
-            got.push((k, l.epoch));
+            got.push(Claimed {
+                key: k,
+                epoch: l.epoch,
+                released_ago,
+            });
         }
         if !got.is_empty() {
             t.generation += 1;
@@ -264,19 +272,28 @@ impl Coordination for SingleNode {
     }
 
     async fn release(&self, node: &str, keys: &[String]) -> Result<()> {
-        let mut t = self.table();
-        let mut changed = false;
-        for k in keys {
-            if let Some(l) = t.leases.get_mut(k) {
-                if l.owner.as_deref() == Some(node) {
-                    l.owner = None;
-                    l.until_ms = 0.0;
-                    changed = true;
+        let now = self.now_ms();
+        let changed = {
+            let mut t = self.table();
+            let mut changed = false;
+            for k in keys {
+                if let Some(l) = t.leases.get_mut(k) {
+                    if l.owner.as_deref() == Some(node) {
+                        // Unowned, with the time it was given back (a
+                        // lease nobody held yet has 0).
+                        l.owner = None;
+                        l.until_ms = now;
+                        changed = true;
+                    }
                 }
             }
-        }
+            if changed {
+                t.generation += 1;
+            }
+            changed
+        };
         if changed {
-            t.generation += 1;
+            self.notify(Notice::Freed);
         }
         Ok(())
     }
@@ -427,6 +444,11 @@ impl Coordination for SingleNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a claim took, as (key, epoch).
+    fn pairs(got: Vec<Claimed>) -> Vec<(String, i64)> {
+        got.into_iter().map(|c| (c.key, c.epoch)).collect()
+    }
 
     /// A listener that fell more than the backlog behind is told so (an
     /// error: its caller rescans), as after a lost `LISTEN` connection.
@@ -690,7 +712,7 @@ mod tests {
         c.heartbeat("a", 1, 60_000).await.unwrap();
         c.ensure_leases(&["s/i".to_string()]).await.unwrap();
         assert_eq!(
-            c.claim("a", 0, 1).await.unwrap(),
+            pairs(c.claim("a", 0, 1).await.unwrap()),
             vec![("s/i".to_string(), 1)]
         );
         assert_eq!(c.nodes().await.unwrap()[0].leases, 0);
@@ -773,7 +795,7 @@ mod tests {
         let keys: Vec<String> = ["s/x", "s/y"].iter().map(|k| k.to_string()).collect();
         c.ensure_leases(&keys).await.unwrap();
         assert_eq!(
-            c.claim("a", 60_000, 1).await.unwrap(),
+            pairs(c.claim("a", 60_000, 1).await.unwrap()),
             vec![("s/x".to_string(), 1)]
         );
         assert_eq!(
@@ -781,7 +803,7 @@ mod tests {
             Some(vec![("s/x".to_string(), 1)])
         );
         assert_eq!(
-            c.claim("a", 60_000, 1).await.unwrap(),
+            pairs(c.claim("a", 60_000, 1).await.unwrap()),
             vec![("s/y".to_string(), 1)]
         );
         c.release("a", &keys[..1]).await.unwrap();

@@ -1004,6 +1004,103 @@ async fn a_dead_nodes_instances_are_polled_as_soon_as_its_leases_lapse() {
     assert!(a.terminate().success(), "{}", a.log());
 }
 
+/// A node drained (SIGTERM) gives its leases back; an instance whose run
+/// came due while its lease moved is polled at once by its new holder,
+/// not at its own slot (a stopped daemon's missed run is spread over the
+/// next seconds, or an interval for a large source). The move is
+/// stretched: the survivor is stopped (SIGSTOP) while the victim drains,
+/// until every run the victim stored is past by the database's clock,
+/// then resumed; its claim (woken by the release's notice, or its round)
+/// must be followed by the polls at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_nodes_instances_whose_runs_came_due_are_polled_at_once() {
+    let Some(db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(8);
+    // Every 6s: longer than the 5 s over which a restart spreads missed
+    // runs, so the next run is stored and "came due" is exact. A 20 s
+    // lease: the survivor's pause below stays well within it (a lease
+    // given back longer than a lease ago was left by a stopped cluster).
+    let b =
+        bridge(addr, &accs, "6s", &rx, &url(), &schema.0, "").replace("lease: 3s", "lease: 20s");
+    let (mut a, mut victim) = (node(&b), node(&b));
+    a.start().await;
+    victim.start().await;
+    a.wait_status("both nodes holding leases", |s| {
+        let h = leases_by_node(s);
+        h.len() == 2 && h.iter().all(|n| *n > 0)
+    })
+    .await;
+    wait_for("every account polled", Duration::from_secs(30), || {
+        accs.iter().all(|acc| ledger.requests(acc) > 0)
+    })
+    .await;
+    let name = victim.status().await["cluster"]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = a.pid().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let owned = db
+        .query(
+            &format!(
+                "SELECT instance FROM \"{0}\".lease WHERE owner = $1",
+                schema.0
+            ),
+            &[&name],
+        )
+        .await
+        .unwrap();
+    let orphans: Vec<String> = owned.iter().map(|r| r.get(0)).collect();
+    assert!(!orphans.is_empty(), "the victim held leases");
+    assert!(victim.terminate().success(), "{}", victim.log());
+    // Every run the victim stored as it left, past by the database's clock.
+    let left = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, Option<i64>>(0).unwrap_or(0);
+    let next_runs = format!(
+        "SELECT max(at_ms - \"{0}\".now_ms()) FROM \"{0}\".next_run WHERE instance = ANY($1)",
+        schema.0
+    );
+    let ms = left(db.query(&next_runs, &[&orphans]).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(ms.max(0) as u64 + 100)).await;
+    assert!(left(db.query(&next_runs, &[&orphans]).await.unwrap()) < 0);
+    let resumed = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let accounts_of: Vec<String> = orphans
+        .iter()
+        .map(|k| k.split_once('/').unwrap().1.to_string())
+        .collect();
+    let first_after = |acc: &str| {
+        let arrivals = ledger.arrivals.lock().unwrap();
+        arrivals
+            .iter()
+            .filter(|(t, a)| a == acc && *t > resumed)
+            .map(|(t, _)| *t)
+            .min()
+    };
+    wait_for(
+        "the drained node's instances polled by the survivor",
+        Duration::from_secs(30),
+        || accounts_of.iter().all(|acc| first_after(acc).is_some()),
+    )
+    .await;
+    // At once: a claim and a poll, not a slot spread over 5 s.
+    let margin = Duration::from_millis(1_500);
+    for acc in &accounts_of {
+        let t = first_after(acc).unwrap() - resumed;
+        assert!(
+            t <= margin,
+            "{acc} polled {t:?} after the survivor resumed\n{}",
+            a.log()
+        );
+    }
+    assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
+    assert!(a.terminate().success(), "{}", a.log());
+}
+
 /// This node's poll tasks and leases, from its own `/status`.
 fn own_tasks_and_leases(s: &Value) -> (i64, i64) {
     let me = s["cluster"]["node"].as_str().unwrap_or_default();

@@ -48,7 +48,7 @@ fn fingerprint(rows: &[tokio_postgres::Row]) -> (i64, i64) {
         rows.iter().map(|r| share(r.get(2))).sum::<i64>(),
     )
 }
-use crate::store::coordination::{Coordination, HostPace, LeaseRow, NodeRow, Notice};
+use crate::store::coordination::{Claimed, Coordination, HostPace, LeaseRow, NodeRow, Notice};
 use crate::store::{Fence, Result, StoreError};
 
 impl Coordination for PgStore {
@@ -81,9 +81,13 @@ impl Coordination for PgStore {
     /// A node that stops says so: its row goes, so the others count one
     /// node fewer at once.
     async fn leave(&self, node: &str) -> Result<()> {
-        self.exec("leave", "DELETE FROM nodes WHERE node = $1", &[&node])
-            .await
-            .map(drop)
+        self.exec(
+            "leave",
+            "WITH gone AS (DELETE FROM nodes WHERE node = $1) SELECT pg_notify($2, $3)",
+            &[&node, &&*self.channel, &Notice::Freed.encode()],
+        )
+        .await
+        .map(drop)
     }
 
     /// Makes sure every key has a lease row (unowned when new).
@@ -151,7 +155,9 @@ impl Coordination for PgStore {
     /// fenced commit locks it) is left alone. A silent node's row is
     /// locked (`FOR UPDATE`, waiting) so that its heartbeat and this claim
     /// come one after the other (see the module documentation).
-    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<(String, i64)>> {
+    async fn claim(&self, node: &str, lease_ms: i64, n: i64) -> Result<Vec<Claimed>> {
+        // A lease given back has no owner and the time it was given back
+        // as its `until_ms` (see `release`); one nobody held yet has 0.
         let rows = self
             .query(
                 "claim leases",
@@ -159,7 +165,10 @@ impl Coordination for PgStore {
                      SELECT node FROM nodes WHERE heartbeat_ms + lease_ms <= now_ms()
                      FOR UPDATE),
                  free AS (
-                     SELECT l.instance FROM lease l
+                     SELECT l.instance,
+                            CASE WHEN l.owner IS NULL AND l.until_ms > 0
+                                 THEN greatest(now_ms() - l.until_ms, 0) END AS released_ago
+                     FROM lease l
                      WHERE l.owner IS NULL
                         OR (l.until_ms < now_ms()
                             AND (l.owner IN (SELECT node FROM silent)
@@ -168,7 +177,8 @@ impl Coordination for PgStore {
                      LIMIT $3 FOR UPDATE OF l SKIP LOCKED)
                  UPDATE lease l SET owner = $1, epoch = l.epoch + 1, until_ms = now_ms() + $2
                  FROM free WHERE l.instance = free.instance
-                 RETURNING l.instance, l.epoch, hashtextextended(l.instance, l.epoch)",
+                 RETURNING l.instance, l.epoch, hashtextextended(l.instance, l.epoch),
+                           free.released_ago",
                 &[&node, &lease_ms, &n],
             )
             .await;
@@ -192,7 +202,16 @@ impl Coordination for PgStore {
             *count += n;
             *sum += s;
         }
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| Claimed {
+                key: r.get(0),
+                epoch: r.get(1),
+                released_ago: r
+                    .get::<_, Option<i64>>(3)
+                    .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+            })
+            .collect())
     }
 
     /// Gives leases back (a node shedding load for a newcomer, or
@@ -207,10 +226,16 @@ impl Coordination for PgStore {
         // The next holder reads when these are due next.
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.write_next_runs_of(&refs).await?;
-        self.exec(
+        // Unowned, with the time they were given back (the next holder
+        // learns it, see `claim`); every node hears of it and claims at
+        // once rather than at its next round.
+        self.query(
             "release leases",
-            "UPDATE lease SET owner = NULL, until_ms = 0 WHERE owner = $1 AND instance = ANY($2)",
-            &[&node, &keys],
+            "WITH r AS (
+                 UPDATE lease SET owner = NULL, until_ms = now_ms()
+                 WHERE owner = $1 AND instance = ANY($2) RETURNING 1)
+             SELECT pg_notify($3, $4) WHERE EXISTS (SELECT 1 FROM r)",
+            &[&node, &keys, &&*self.channel, &Notice::Freed.encode()],
         )
         .await
         .map(drop)

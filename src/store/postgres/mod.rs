@@ -969,20 +969,24 @@ mod tests;
 
 /// A [`Notice`] as `NOTIFY` sends it on the schema's channel.
 impl Notice {
-    /// One line: `o\t<endpoint>\t<instance>` or `p\t<host>` (names never
-    /// hold a tab: configuration names are identifiers, hosts are hosts).
+    /// One line: `o\t<endpoint>\t<instance>`, `p\t<host>`, `e\t<endpoint>`,
+    /// `l` or `f` (names never hold a tab: configuration names are
+    /// identifiers, hosts are hosts).
     fn encode(&self) -> String {
         match self {
             Notice::Outbox { endpoint, instance } => format!("o\t{endpoint}\t{instance}"),
             Notice::Pace(host) => format!("p\t{host}"),
             Notice::Endpoint(name) => format!("e\t{name}"),
             Notice::Leases => "l".to_string(),
+            Notice::Freed => "f".to_string(),
         }
     }
 
     fn decode(text: &str) -> Option<Notice> {
-        if text == "l" {
-            return Some(Notice::Leases);
+        match text {
+            "l" => return Some(Notice::Leases),
+            "f" => return Some(Notice::Freed),
+            _ => {}
         }
         let mut parts = text.splitn(3, '\t');
         match (parts.next()?, parts.next()?, parts.next()) {

@@ -45,6 +45,7 @@ fn notices_read_back_and_channels_fit_a_name() {
         Notice::Pace("api.example.com:8443".into()),
         Notice::Endpoint("agent".into()),
         Notice::Leases,
+        Notice::Freed,
     ] {
         assert_eq!(Notice::decode(&n.encode()), Some(n));
     }
@@ -357,12 +358,12 @@ async fn leases_are_claimed_once_and_stale_commits_are_refused() {
         let (a, b) = tokio::join!(store.claim("a", 60_000, 3), store.claim("b", 60_000, 3));
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!(a.len() + b.len(), 4, "{a:?} {b:?}");
-        let ka: BTreeSet<_> = a.iter().map(|x| x.0.clone()).collect();
-        assert!(b.iter().all(|x| !ka.contains(&x.0)), "{a:?} {b:?}");
-        assert!(a.iter().chain(&b).all(|x| x.1 == 1), "first epoch is 1");
+        let ka: BTreeSet<_> = a.iter().map(|x| x.key.clone()).collect();
+        assert!(b.iter().all(|x| !ka.contains(&x.key)), "{a:?} {b:?}");
+        assert!(a.iter().chain(&b).all(|x| x.epoch == 1), "first epoch is 1");
         // Nothing is free now.
         assert!(store.claim("c", 60_000, 4).await.unwrap().is_empty());
-        let (key, epoch) = a[0].clone();
+        let (key, epoch) = (a[0].key.clone(), a[0].epoch);
         let state = |cursor: &str| InstanceState {
             cursor: Some(cursor.into()),
             ..Default::default()
@@ -390,7 +391,12 @@ async fn leases_are_claimed_once_and_stale_commits_are_refused() {
             .await
             .unwrap();
         let got = store.claim("c", 60_000, 1).await.unwrap();
-        assert_eq!(got, vec![(key.clone(), epoch + 1)]);
+        assert_eq!(
+            got.iter()
+                .map(|c| (c.key.clone(), c.epoch))
+                .collect::<Vec<_>>(),
+            vec![(key.clone(), epoch + 1)]
+        );
         let e = store
             .commit_poll(
                 &key,
@@ -430,12 +436,12 @@ async fn leases_are_claimed_once_and_stale_commits_are_refused() {
         );
         // Released leases are claimable at once, with a new epoch.
         store
-            .release("b", &b.iter().map(|x| x.0.clone()).collect::<Vec<_>>())
+            .release("b", &b.iter().map(|x| x.key.clone()).collect::<Vec<_>>())
             .await
             .unwrap();
         let again = store.claim("c", 60_000, 10).await.unwrap();
         assert_eq!(again.len(), b.len());
-        assert!(again.iter().all(|x| x.1 == 2));
+        assert!(again.iter().all(|x| x.epoch == 2));
         // Heartbeats count live nodes; a node that leaves is not counted.
         assert_eq!(store.heartbeat("a", 1, 60_000).await.unwrap(), 1);
         assert_eq!(store.heartbeat("c", 1, 60_000).await.unwrap(), 2);
