@@ -472,10 +472,11 @@ impl Cluster {
     /// moved was only put off by the move, and is due at once
     /// (`schedule::first_due_taken_over`, `schedule::first_due_handed_over`)
     /// rather than spread or skipped as after a stop.
-    /// - [`Arrival::TakenOver`]: claimed from a silent node by the round
-    ///   run at the lapse (see [`Cluster::run`]), with how long that node
-    ///   has at least been silent: it renewed last one lease before the
-    ///   lapse, and would have renewed again a third of a lease later.
+    /// - [`Arrival::TakenOver`]: claimed from a silent node once its lease
+    ///   lapsed (by the round run at the lapse, see [`Cluster::run`], or
+    ///   any later one), with how long that node has at least been
+    ///   silent: it renewed last one lease before the lapse, and would
+    ///   have renewed again a third of a lease later.
     /// - [`Arrival::HandedOver`]: given back by a live node less than a
     ///   lease before the claim. A lease given back longer ago was left by
     ///   a cluster that stopped (nobody claimed it for a lease's time): its
@@ -486,10 +487,9 @@ impl Cluster {
 
     /// One round: heartbeat, renew, then claim or give back towards the
     /// node's share. Returns whether it gained leases (or stopped giving
-    /// some back).
-    /// `at_lapse`: run as a silent node's leases lapse (see
-    /// [`Cluster::next_lapse`]), so what it claims is taken over.
-    async fn round(&self, at_lapse: bool) -> crate::store::Result<bool> {
+    /// some back). Also run just after a silent node's leases lapse (see
+    /// [`Cluster::next_lapse`]): what it claims then is taken over.
+    async fn round(&self) -> crate::store::Result<bool> {
         let lease_ms = self.lease.as_millis() as i64;
         self.ensure_new().await;
         // The heartbeat may be what keeps the leases (PostgreSQL): they
@@ -509,7 +509,7 @@ impl Cluster {
         let draining_before = self.leases.lock().draining.clone();
         match plan(self.held_count(), total as usize, nodes as usize) {
             Plan::Claim(_) if self.settling() => {}
-            Plan::Claim(n) => gained |= self.claim(n, lease_ms, at_lapse).await?,
+            Plan::Claim(n) => gained |= self.claim(n, lease_ms).await?,
             Plan::Release(n) => lost += self.give_back(n).await?,
             Plan::Hold => {
                 // At its share again (a node left): nothing to give back.
@@ -593,9 +593,9 @@ impl Cluster {
         Ok((gained, lost))
     }
 
-    /// Claims up to `n` more leases; returns whether it got any.
-    /// `at_lapse`: claimed as a silent node's leases lapsed.
-    async fn claim(&self, n: usize, lease_ms: i64, at_lapse: bool) -> crate::store::Result<bool> {
+    /// Claims up to `n` more leases; returns whether it got any, and
+    /// notes how each came (see [`Cluster::arrival`]).
+    async fn claim(&self, n: usize, lease_ms: i64) -> crate::store::Result<bool> {
         self.leases.lock().draining.clear();
         let sent = Instant::now();
         let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
@@ -606,7 +606,7 @@ impl Cluster {
             let arrival = match c.released_ago {
                 Some(ago) if ago <= self.lease => Some(Arrival::HandedOver),
                 Some(_) => None,
-                None if at_lapse => Some(Arrival::TakenOver(self.lease.mul_f64(2.0 / 3.0))),
+                None if c.lapsed => Some(Arrival::TakenOver(self.lease.mul_f64(2.0 / 3.0))),
                 None => None,
             };
             if let Some(a) = arrival {
@@ -716,17 +716,17 @@ impl Cluster {
         // The extra round at a silent node's lapse, if one is to come.
         let mut lapse: Option<Instant> = None;
         loop {
-            let at_lapse = tokio::select! {
+            tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => false,
-                _ = self.kick.notified() => false,
-                _ = tokio::time::sleep_until(lapse.unwrap_or_else(Instant::now)), if lapse.is_some() => true,
+                _ = tick.tick() => {}
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep_until(lapse.unwrap_or_else(Instant::now)), if lapse.is_some() => {}
                 Some(n) = notices.recv() => {
                     self.on_notice(n, &live, &hosts).await;
                     continue;
                 }
-            };
-            match self.round(at_lapse).await {
+            }
+            match self.round().await {
                 Ok(gained) => {
                     if failing {
                         info!(node = %self.node, "cluster store answers again; leases kept");
@@ -859,14 +859,14 @@ mod tests {
         for i in 0..3 {
             c.want(&format!("s/{i}"));
         }
-        assert!(c.round(false).await.unwrap(), "gained");
+        assert!(c.round().await.unwrap(), "gained");
         assert_eq!(c.held_count(), 3);
         assert!(matches!(c.begin("s/0"), Begin::Held(_)));
-        assert!(!c.round(false).await.unwrap(), "nothing new");
+        assert!(!c.round().await.unwrap(), "nothing new");
         assert_eq!(c.held_count(), 3);
         c.adopt("pollhook/ops");
         c.adopt("s/1");
-        assert!(c.round(false).await.unwrap());
+        assert!(c.round().await.unwrap());
         assert_eq!(c.held_count(), 4);
         assert!(c.holds("pollhook/ops"));
     }

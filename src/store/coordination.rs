@@ -67,6 +67,10 @@ pub struct Claimed {
     /// the lease moved as put off by the move, not as missed by a
     /// stopped daemon (see `schedule::first_due_handed_over`).
     pub released_ago: Option<Duration>,
+    /// It was another node's, whose lease lapsed (a silent node: dead,
+    /// stopped, cut off): taken over. A run that came due while the lease
+    /// lapsed was only put off (see `schedule::first_due_taken_over`).
+    pub lapsed: bool,
 }
 
 /// A host's shared pause and pace, by the coordination's clock.

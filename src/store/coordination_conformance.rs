@@ -130,6 +130,7 @@ async fn a_lapsed_lease_is_taken_over<F: CoordFixture>() {
     let got = b.claim("b", 60_000, 1).await.unwrap();
     assert_eq!(got.len(), 1, "lapsed, yet not taken over");
     assert_eq!(got[0].released_ago, None, "lapsed, not given back");
+    assert!(got[0].lapsed, "taken from a silent holder");
     assert!(
         got[0].epoch > e1,
         "the epoch rises at a claim: {e1} then {}",
@@ -510,7 +511,10 @@ async fn a_lease_given_back_is_announced_and_dated<F: CoordFixture>() {
     a.ensure_leases(&keys(3)).await.unwrap();
     let got = a.claim("a", 60_000, 3).await.unwrap();
     assert_eq!(got.len(), 3);
-    assert!(got.iter().all(|c| c.released_ago.is_none()), "{got:?}");
+    assert!(
+        got.iter().all(|c| c.released_ago.is_none() && !c.lapsed),
+        "nobody held them: {got:?}"
+    );
     let (tx, mut notices) = tokio::sync::mpsc::channel(16);
     let listener = {
         let b = b.clone();
@@ -534,6 +538,7 @@ async fn a_lease_given_back_is_announced_and_dated<F: CoordFixture>() {
     assert_eq!(again.len(), 1, "{again:?}");
     assert_eq!(again[0].key, give[0]);
     let ago = again[0].released_ago.expect("given back: says when");
+    assert!(!again[0].lapsed, "given back, not lapsed");
     // (The coordination's clock counts whole milliseconds.)
     assert!(
         ago <= since + Duration::from_millis(2),

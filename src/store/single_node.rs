@@ -256,6 +256,7 @@ impl Coordination for SingleNode {
             // Given back: no owner, and the time it was (see `release`).
             let released_ago = (l.owner.is_none() && l.until_ms > 0.0)
                 .then(|| Duration::from_millis((now - l.until_ms).max(0.0) as u64));
+            let lapsed = l.owner.is_some();
             l.owner = Some(node.to_string());
             l.epoch += 1;
             l.until_ms = now + lease_ms as f64;
@@ -263,6 +264,7 @@ impl Coordination for SingleNode {
                 key: k,
                 epoch: l.epoch,
                 released_ago,
+                lapsed,
             });
         }
         if !got.is_empty() {

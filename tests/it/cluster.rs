@@ -945,12 +945,17 @@ async fn a_dead_nodes_instances_are_polled_as_soon_as_its_leases_lapse() {
         .to_string();
     victim.kill();
     let killed_at = Instant::now();
-    // Its leases and when they lapse, by the database's clock; anything it
-    // sent before dying has landed by now or never will.
+    // Its leases and when they lapse, by the database's clock: the later
+    // of the claim's time and the node's last heartbeat plus its lease
+    // (the heartbeat keeps every lease of its node). Anything it sent
+    // before dying has landed by now or never will.
     let rows = db
         .query(
             &format!(
-                "SELECT instance, until_ms - \"{0}\".now_ms() FROM \"{0}\".lease WHERE owner = $1",
+                "SELECT l.instance,
+                        greatest(l.until_ms, n.heartbeat_ms + n.lease_ms) - \"{0}\".now_ms()
+                 FROM \"{0}\".lease l JOIN \"{0}\".nodes n ON n.node = l.owner
+                 WHERE l.owner = $1",
                 schema.0
             ),
             &[&name],

@@ -167,7 +167,8 @@ impl Coordination for PgStore {
                  free AS (
                      SELECT l.instance,
                             CASE WHEN l.owner IS NULL AND l.until_ms > 0
-                                 THEN greatest(now_ms() - l.until_ms, 0) END AS released_ago
+                                 THEN greatest(now_ms() - l.until_ms, 0) END AS released_ago,
+                            l.owner IS NOT NULL AS lapsed
                      FROM lease l
                      WHERE l.owner IS NULL
                         OR (l.until_ms < now_ms()
@@ -178,7 +179,7 @@ impl Coordination for PgStore {
                  UPDATE lease l SET owner = $1, epoch = l.epoch + 1, until_ms = now_ms() + $2
                  FROM free WHERE l.instance = free.instance
                  RETURNING l.instance, l.epoch, hashtextextended(l.instance, l.epoch),
-                           free.released_ago",
+                           free.released_ago, free.lapsed",
                 &[&node, &lease_ms, &n],
             )
             .await;
@@ -210,6 +211,7 @@ impl Coordination for PgStore {
                 released_ago: r
                     .get::<_, Option<i64>>(3)
                     .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+                lapsed: r.get(4),
             })
             .collect())
     }
