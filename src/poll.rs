@@ -50,6 +50,11 @@ enum Stop {
     /// from the store once it holds it. `fenced`: the store refused a
     /// commit under this epoch.
     Lost { fenced: bool },
+    /// The next poll is a while away: park the instance (see [`Parked`]).
+    Park {
+        pace: Box<Pace>,
+        rate_limit: Option<Arc<RateLimit>>,
+    },
 }
 
 /// Polls one instance while this node holds its lease, until `shutdown`:
@@ -68,9 +73,11 @@ async fn poll_loop(
     source: Arc<Source>,
     inst: Arc<Instance>,
     shutdown: CancellationToken,
+    resume: Option<Parked>,
 ) {
     let shared = roster.shared().clone();
     let _alive = shared.status.poll_task();
+    let mut resume = resume.map(|p| (p.epoch, p.pace, p.rate_limit));
     let cluster = shared.cluster.clone();
     let mut fenced_at: Option<i64> = None;
     loop {
@@ -95,17 +102,69 @@ async fn poll_loop(
             }
             continue;
         }
-        tracing::debug!(instance = %inst.key, epoch, node = %cluster.node, "lease held: polling here");
-        match Box::pin(poll_held(&shared, &source, &inst, epoch, &shutdown)).await {
+        // A pace parked under this very lease goes on; under another
+        // epoch (the lease went and came back meanwhile) it may be stale:
+        // the state is read again from the store.
+        let resumed = resume
+            .take()
+            .filter(|(e, ..)| *e == epoch)
+            .map(|(_, pace, rate_limit)| (pace, rate_limit));
+        tracing::debug!(instance = %inst.key, epoch, node = %cluster.node, resumed = resumed.is_some(), "lease held: polling here");
+        match Box::pin(poll_held(
+            &shared, &source, &inst, epoch, &shutdown, resumed,
+        ))
+        .await
+        {
             Stop::Done => return,
             Stop::Lost { fenced } => {
                 if fenced {
                     fenced_at = Some(epoch);
                 }
             }
+            Stop::Park { pace, rate_limit } => {
+                let parked = Parked {
+                    epoch,
+                    pace,
+                    rate_limit,
+                    _parked: shared.status.parked_instance(),
+                };
+                roster.park(&inst, parked);
+                return;
+            }
         }
     }
 }
+
+/// An instance waiting for its next poll with no task (see
+/// [`Roster::park`]): what the poll task started when it is due resumes
+/// from. A task per instance, waiting, was most of an idle instance's
+/// memory (its cell, its boxed future, its cancellation token: about
+/// 700 bytes); this is its pace and a timer entry.
+pub(crate) struct Parked {
+    /// The lease's epoch it was polling under.
+    epoch: i64,
+    pace: Box<Pace>,
+    rate_limit: Option<Arc<RateLimit>>,
+    /// Counts it among the parked (`/status`'s `parked`; with the poll
+    /// tasks running, the instances polled here).
+    _parked: crate::status::AliveGuard,
+}
+
+impl Parked {
+    /// When its next poll is due, by the runtime's clock.
+    fn due(&self) -> tokio::time::Instant {
+        let wait = (self.pace.due - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        tokio::time::Instant::now() + wait
+    }
+}
+
+/// A wait for the next poll at least this long parks the instance (see
+/// [`Parked`]) rather than keeping its task asleep. Shorter waits (an
+/// `every 1s`, a backoff's first seconds) stay in the task: starting a
+/// task per poll would cost more than it saves.
+const PARK_AFTER: Duration = Duration::from_secs(2);
 
 /// Where an instance is between polls: its state, when it is due next,
 /// and what paces it.
@@ -128,29 +187,44 @@ struct Polls {
     floor: Option<crate::hints::Floor>,
 }
 
-/// Polls while this node holds the instance's lease under `epoch`.
+/// Polls while this node holds the instance's lease under `epoch`, from
+/// the pace it was parked with (`resumed`) or from the stored state.
 async fn poll_held(
     shared: &Arc<Shared>,
     source: &Arc<Source>,
     inst: &Instance,
     epoch: i64,
     shutdown: &CancellationToken,
+    resumed: Option<(Box<Pace>, Option<Arc<RateLimit>>)>,
 ) -> Stop {
-    let c = &source.connector;
-    // Boxed, as every store call and the poll below: a future holds
-    // room for the largest one it awaits, and this one waits between
-    // polls for as long as the lease is held. The pace is made in its
-    // own future and handed over boxed: made here, the state it was
-    // made from kept two dead copies of itself in this future.
-    let Some(mut pace) = Box::pin(start_pace(shared, source, inst, shutdown)).await else {
-        return Stop::Done;
+    // Whether `pace.due` was computed since it was last shown and stored.
+    let mut fresh = resumed.is_none();
+    let (mut pace, rate_limit) = match resumed {
+        Some(r) => r,
+        None => {
+            let c = &source.connector;
+            // Boxed, as every store call and the poll below: a future
+            // holds room for the largest one it awaits, and this one
+            // waits between polls. The pace is made in its own future
+            // and handed over boxed: made here, the state it was made
+            // from kept two dead copies of itself in this future.
+            let Some(pace) = Box::pin(start_pace(shared, source, inst, shutdown)).await else {
+                return Stop::Done;
+            };
+            let rate_limit = c
+                .rate_limit
+                .map(|r| Arc::new(RateLimit::new(r, &inst.key, &shared.store)));
+            (pace, rate_limit)
+        }
     };
-    let rate_limit = c
-        .rate_limit
-        .map(|r| Arc::new(RateLimit::new(r, &inst.key, &shared.store)));
     loop {
-        Box::pin(record_due(shared, source, inst, &mut pace)).await;
+        if fresh {
+            Box::pin(record_due(shared, source, inst, &mut pace)).await;
+        }
         let wait = (pace.due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if wait >= PARK_AFTER {
+            return Stop::Park { pace, rate_limit };
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return Stop::Done,
@@ -168,6 +242,7 @@ async fn poll_held(
         {
             return stop;
         }
+        fresh = true;
     }
 }
 
@@ -825,7 +900,7 @@ mod tests {
     /// The size of the future an async fn of four arguments returns,
     /// without making one (no store, no cluster needed): the size of the
     /// state every such task keeps for its whole life.
-    fn future_size<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+    fn future_size<A, B, C, D, E, F>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
@@ -845,7 +920,7 @@ mod tests {
     fn a_waiting_poll_task_is_small() {
         let size = future_size(poll_loop);
         assert!(size <= 256, "poll_loop's future is {size} bytes");
-        fn held<A, B, C, D, E, F>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
+        fn held<A, B, C, D, E, G, F>(_: impl FnOnce(A, B, C, D, E, G) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let size = held(poll_held);

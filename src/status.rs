@@ -169,9 +169,13 @@ pub struct Status {
     store: Mutex<StoreHealth>,
     /// Delivery workers running now (see [`AliveGuard`]).
     workers_alive: std::sync::atomic::AtomicUsize,
-    /// Poll tasks running now: one per instance this node holds the
-    /// lease of, none for the others (see `poll::Roster`).
+    /// Poll tasks running now. With the parked instances, the instances
+    /// polled here: one per instance this node holds the lease of, none
+    /// for the others (see `poll::Roster`).
     poll_tasks: std::sync::atomic::AtomicUsize,
+    /// Instances parked: waiting for a poll a while away with no task
+    /// (see `poll::Parked`).
+    parked: std::sync::atomic::AtomicUsize,
     /// Polls, events and deliveries per minute over the last hour, for the
     /// dashboard's chart.
     activity: Mutex<std::collections::VecDeque<Minute>>,
@@ -291,9 +295,19 @@ impl Status {
         self.alive(|s| &s.poll_tasks)
     }
 
-    /// Poll tasks running now.
+    /// Instances polled here now: a task running, or parked.
     pub fn poll_tasks(&self) -> usize {
-        self.poll_tasks.load(Ordering::SeqCst)
+        self.poll_tasks.load(Ordering::SeqCst) + self.parked()
+    }
+
+    /// An instance is parked; counted until the guard drops.
+    pub fn parked_instance(self: &std::sync::Arc<Self>) -> AliveGuard {
+        self.alive(|s| &s.parked)
+    }
+
+    /// Instances parked now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
     }
 
     fn alive(
@@ -733,6 +747,11 @@ pub struct StatusReport {
     pub config: ConfigStatus,
     /// Whether the store takes writes.
     pub store: StoreHealth,
+    /// Instances waiting for a poll at least 2 s away with no task of
+    /// their own (parked: a timer starts their task when it is due), of
+    /// all the instances this node polls.
+    #[serde(default)]
+    pub parked: usize,
     /// In a cluster (PostgreSQL store): this node, every node with its
     /// last heartbeat, and the leases (each instance's `node` says who
     /// holds it). Read from the store at each request.
@@ -745,8 +764,9 @@ pub struct StatusReport {
 pub struct ClusterReport {
     /// The node that answered.
     pub node: String,
-    /// Poll tasks running on the node that answered: one per instance it
-    /// holds, so it follows the node's share of the fleet, not the fleet.
+    /// Instances polled by the node that answered: one per instance it
+    /// holds (its task running, or parked), so it follows the node's
+    /// share of the fleet, not the fleet.
     #[serde(default)]
     pub poll_tasks: usize,
     pub nodes: Vec<crate::store::NodeRow>,

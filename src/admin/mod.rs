@@ -337,6 +337,7 @@ fn report(s: &AdminState) -> StatusReport {
         config: s.status.config(),
         store: s.status.store_health(),
         endpoints: endpoints(s),
+        parked: s.status.parked(),
         cluster: None,
     }
 }
