@@ -21,6 +21,7 @@
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc};
@@ -37,7 +38,9 @@ const FORGET_MS: f64 = 3_600_000.0;
 
 #[derive(Debug, Clone)]
 struct Lease {
-    owner: Option<String>,
+    /// Shared by every lease one claim took (one node's name, not a copy
+    /// per lease: 100,000 leases held by one node).
+    owner: Option<Arc<str>>,
     epoch: i64,
     until_ms: f64,
 }
@@ -251,13 +254,14 @@ impl Coordination for SingleNode {
             .collect();
         free.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
         let mut got = Vec::new();
+        let owner: Arc<str> = Arc::from(node);
         for (_, k) in free.into_iter().take(n.max(0) as usize) {
             let l = t.leases.get_mut(&k).expect("a key just listed");
             // Given back: no owner, and the time it was (see `release`).
             let released_ago = (l.owner.is_none() && l.until_ms > 0.0)
                 .then(|| Duration::from_millis((now - l.until_ms).max(0.0) as u64));
             let lapsed = l.owner.is_some();
-            l.owner = Some(node.to_string());
+            l.owner = Some(owner.clone());
             l.epoch += 1;
             l.until_ms = now + lease_ms as f64;
             got.push(Claimed {
@@ -337,7 +341,7 @@ impl Coordination for SingleNode {
             .iter()
             .map(|(k, l)| LeaseRow {
                 key: k.clone(),
-                owner: l.owner.clone(),
+                owner: l.owner.as_deref().map(str::to_string),
                 epoch: l.epoch,
                 left_ms: (t.until(l) - now) as i64,
             })
