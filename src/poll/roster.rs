@@ -209,13 +209,13 @@ impl Roster {
             let Some(u) = units.get_mut(&inst.key) else {
                 continue;
             };
-            if !matches!(&u.task, Some(Slot::Parked { seq: s, .. }) if *s == seq) {
-                continue;
-            }
-            let Some(Slot::Parked { parked, .. }) = u.task.take() else {
-                unreachable!("matched just above");
+            u.task = match u.task.take() {
+                Some(Slot::Parked { parked, seq: s }) if s == seq => {
+                    Some(Slot::Running(self.spawn(&u.source, &u.inst, Some(parked))))
+                }
+                // Parked again since, woken early, or running: a stale entry.
+                other => other,
             };
-            u.task = Some(Slot::Running(self.spawn(&u.source, &u.inst, Some(parked))));
         }
         None
     }

@@ -239,6 +239,32 @@ async fn bookings_never_exceed_the_quota<F: CoordFixture>() {
     assert!(w >= Duration::from_secs(4), "{w:?}");
 }
 
+/// `listener` listening, once a wake-up `sender` sent after it started
+/// arrived (a pace of host `h`): the task and what it receives.
+async fn listening(
+    listener: &Coordinator,
+    sender: &Coordinator,
+) -> (
+    tokio::task::JoinHandle<Result<()>>,
+    tokio::sync::mpsc::Receiver<Notice>,
+) {
+    let (tx, mut notices) = tokio::sync::mpsc::channel(16);
+    let task = {
+        let l = listener.clone();
+        tokio::spawn(async move { l.listen(tx).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no wake-up arrived");
+        sender.share_pace("h", None, None).await.unwrap();
+        if let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(200), notices.recv()).await
+        {
+            assert_eq!(n, Notice::Pace("h".into()));
+            return (task, notices);
+        }
+    }
+}
+
 /// A wake-up sent through one handle reaches the other's listener; a
 /// listener whose receiver is gone ends.
 async fn a_wake_up_is_delivered<F: CoordFixture>() {
@@ -247,22 +273,7 @@ async fn a_wake_up_is_delivered<F: CoordFixture>() {
     // Two nodes take part (a pace is shared with the other nodes).
     a.heartbeat("a", 1, 60_000).await.unwrap();
     b.heartbeat("b", 2, 60_000).await.unwrap();
-    let (tx, mut notices) = tokio::sync::mpsc::channel(16);
-    let listener = {
-        let a = a.clone();
-        tokio::spawn(async move { a.listen(tx).await })
-    };
-    // Listening is in place once a wake-up sent after it arrives.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert!(Instant::now() < deadline, "no wake-up arrived");
-        b.share_pace("h", None, None).await.unwrap();
-        if let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(200), notices.recv()).await
-        {
-            assert_eq!(n, Notice::Pace("h".into()));
-            break;
-        }
-    }
+    let (listener, mut notices) = listening(&a, &b).await;
     // Pruning the lease of a removed key tells every node.
     b.ensure_leases(&keys(2)).await.unwrap();
     let (pruned, kept) = b.prune_leases("b", &keys(1)).await.unwrap();
@@ -515,20 +526,7 @@ async fn a_lease_given_back_is_announced_and_dated<F: CoordFixture>() {
         got.iter().all(|c| c.released_ago.is_none() && !c.lapsed),
         "nobody held them: {got:?}"
     );
-    let (tx, mut notices) = tokio::sync::mpsc::channel(16);
-    let listener = {
-        let b = b.clone();
-        tokio::spawn(async move { b.listen(tx).await })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert!(Instant::now() < deadline, "no wake-up arrived");
-        a.share_pace("h", None, None).await.unwrap();
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), notices.recv()).await
-        {
-            break;
-        }
-    }
+    let (listener, mut notices) = listening(&b, &a).await;
     let give = vec![got[0].key.clone()];
     let before = Instant::now();
     a.release("a", &give).await.unwrap();

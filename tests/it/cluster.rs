@@ -58,6 +58,16 @@ impl Ledger {
         list.push(list.len() as u64 + 1);
     }
 
+    /// When `account` was first asked for after `since`.
+    fn first_request_after(&self, account: &str, since: Instant) -> Option<Instant> {
+        let arrivals = self.arrivals.lock().unwrap();
+        arrivals
+            .iter()
+            .filter(|(t, a)| a == account && *t > since)
+            .map(|(t, _)| *t)
+            .min()
+    }
+
     fn requests(&self, account: &str) -> usize {
         let a = self.arrivals.lock().unwrap();
         a.iter().filter(|(_, acc)| acc == account).count()
@@ -227,6 +237,33 @@ fn named_nodes(
         bridge(ledger, accs, "200ms", rx, &url(), schema, &extra)
     };
     (node(&config("a")), node(&config("b")))
+}
+
+/// Two nodes on `bridge`, started and each holding leases, every account
+/// polled once: the node to keep, the one to stop, and the latter's name
+/// as the cluster knows it.
+async fn two_nodes_polling(
+    bridge: &str,
+    ledger: &Ledger,
+    accs: &[String],
+) -> (Daemon, Daemon, String) {
+    let (mut a, mut victim) = (node(bridge), node(bridge));
+    a.start().await;
+    victim.start().await;
+    a.wait_status("both nodes holding leases", |s| {
+        let h = leases_by_node(s);
+        h.len() == 2 && h.iter().all(|n| *n > 0)
+    })
+    .await;
+    wait_for("every account polled", Duration::from_secs(30), || {
+        accs.iter().all(|acc| ledger.requests(acc) > 0)
+    })
+    .await;
+    let name = victim.status().await["cluster"]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (a, victim, name)
 }
 
 /// What the receiver got, checked: every delivery verified; one body per
@@ -927,22 +964,7 @@ async fn a_dead_nodes_instances_are_polled_as_soon_as_its_leases_lapse() {
     // Every 1s with a 3s lease: whatever the moment of the kill, each of
     // the dead node's instances is due before its lease lapses.
     let b = bridge(addr, &accs, "1s", &rx, &url(), &schema.0, "");
-    let (mut a, mut victim) = (node(&b), node(&b));
-    a.start().await;
-    victim.start().await;
-    a.wait_status("both nodes holding leases", |s| {
-        let h = leases_by_node(s);
-        h.len() == 2 && h.iter().all(|n| *n > 0)
-    })
-    .await;
-    wait_for("every account polled", Duration::from_secs(30), || {
-        accs.iter().all(|acc| ledger.requests(acc) > 0)
-    })
-    .await;
-    let name = victim.status().await["cluster"]["node"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut a, mut victim, name) = two_nodes_polling(&b, &ledger, &accs).await;
     victim.kill();
     let killed_at = Instant::now();
     // Its leases and when they lapse, by the database's clock: the later
@@ -977,14 +999,7 @@ async fn a_dead_nodes_instances_are_polled_as_soon_as_its_leases_lapse() {
     // poll at once (without either, up to a regular round and a slot
     // later: a second or two here).
     let margin = Duration::from_millis(750);
-    let first_after = |acc: &str| {
-        let arrivals = ledger.arrivals.lock().unwrap();
-        arrivals
-            .iter()
-            .filter(|(t, a)| a == acc && *t > killed_at)
-            .map(|(t, _)| *t)
-            .min()
-    };
+    let first_after = |acc: &str| ledger.first_request_after(acc, killed_at);
     wait_for(
         "the dead node's instances polled by the survivor",
         lease + margin * 4,
@@ -1032,22 +1047,7 @@ async fn a_drained_nodes_instances_whose_runs_came_due_are_polled_at_once() {
     // given back longer than a lease ago was left by a stopped cluster).
     let b =
         bridge(addr, &accs, "6s", &rx, &url(), &schema.0, "").replace("lease: 3s", "lease: 20s");
-    let (mut a, mut victim) = (node(&b), node(&b));
-    a.start().await;
-    victim.start().await;
-    a.wait_status("both nodes holding leases", |s| {
-        let h = leases_by_node(s);
-        h.len() == 2 && h.iter().all(|n| *n > 0)
-    })
-    .await;
-    wait_for("every account polled", Duration::from_secs(30), || {
-        accs.iter().all(|acc| ledger.requests(acc) > 0)
-    })
-    .await;
-    let name = victim.status().await["cluster"]["node"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut a, mut victim, name) = two_nodes_polling(&b, &ledger, &accs).await;
     let pid = a.pid().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let owned = db
@@ -1078,14 +1078,7 @@ async fn a_drained_nodes_instances_whose_runs_came_due_are_polled_at_once() {
         .iter()
         .map(|k| k.split_once('/').unwrap().1.to_string())
         .collect();
-    let first_after = |acc: &str| {
-        let arrivals = ledger.arrivals.lock().unwrap();
-        arrivals
-            .iter()
-            .filter(|(t, a)| a == acc && *t > resumed)
-            .map(|(t, _)| *t)
-            .min()
-    };
+    let first_after = |acc: &str| ledger.first_request_after(acc, resumed);
     wait_for(
         "the drained node's instances polled by the survivor",
         Duration::from_secs(30),
