@@ -73,11 +73,11 @@ async fn poll_loop(
     source: Arc<Source>,
     inst: Arc<Instance>,
     shutdown: CancellationToken,
-    resume: Option<Parked>,
+    start: Start,
 ) {
     let shared = roster.shared().clone();
     let _alive = shared.status.poll_task();
-    let mut resume = resume.map(|p| (p.epoch, p.pace, p.rate_limit));
+    let mut start = Some(start);
     let cluster = shared.cluster.clone();
     let mut fenced_at: Option<i64> = None;
     loop {
@@ -105,16 +105,13 @@ async fn poll_loop(
         // A pace parked under this very lease goes on; under another
         // epoch (the lease went and came back meanwhile) it may be stale:
         // the state is read again from the store.
-        let resumed = resume
-            .take()
-            .filter(|(e, ..)| *e == epoch)
-            .map(|(_, pace, rate_limit)| (pace, rate_limit));
-        tracing::debug!(instance = %inst.key, epoch, node = %cluster.node, resumed = resumed.is_some(), "lease held: polling here");
-        match Box::pin(poll_held(
-            &shared, &source, &inst, epoch, &shutdown, resumed,
-        ))
-        .await
-        {
+        let begin = match start.take() {
+            Some(Start::Resume(p)) if p.epoch == epoch => Begin::Resume(p.pace, p.rate_limit),
+            Some(Start::Load(turn)) => Begin::Load(Some(turn)),
+            _ => Begin::Load(None),
+        };
+        tracing::debug!(instance = %inst.key, epoch, node = %cluster.node, resumed = matches!(begin, Begin::Resume(..)), "lease held: polling here");
+        match Box::pin(poll_held(&shared, &source, &inst, epoch, &shutdown, begin)).await {
             Stop::Done => return,
             Stop::Lost { fenced } => {
                 if fenced {
@@ -133,6 +130,27 @@ async fn poll_loop(
             }
         }
     }
+}
+
+/// How the roster starts a poll task.
+pub(crate) enum Start {
+    /// From the stored state, with a turn to read it already taken (see
+    /// [`Shared::state_loads`]): the roster takes the turn before it
+    /// spawns the task, so a node gaining 100,000 leases at once keeps a
+    /// queue of them, not 100,000 tasks waiting for a turn (at start,
+    /// they were the node's memory peak).
+    Load(tokio::sync::OwnedSemaphorePermit),
+    /// From where it was parked, if the lease is still held under the
+    /// same epoch (else as `Load`, taking a turn itself).
+    Resume(Parked),
+}
+
+/// Where [`poll_held`] starts from.
+enum Begin {
+    /// The stored state, read with this turn, or with one taken then.
+    Load(Option<tokio::sync::OwnedSemaphorePermit>),
+    /// A parked pace, under the lease it was parked under.
+    Resume(Box<Pace>, Option<Arc<RateLimit>>),
 }
 
 /// An instance waiting for its next poll with no task (see
@@ -195,20 +213,21 @@ async fn poll_held(
     inst: &Instance,
     epoch: i64,
     shutdown: &CancellationToken,
-    resumed: Option<(Box<Pace>, Option<Arc<RateLimit>>)>,
+    begin: Begin,
 ) -> Stop {
     // Whether `pace.due` was computed since it was last shown and stored.
-    let mut fresh = resumed.is_none();
-    let (mut pace, rate_limit) = match resumed {
-        Some(r) => r,
-        None => {
+    let mut fresh = matches!(begin, Begin::Load(_));
+    let (mut pace, rate_limit) = match begin {
+        Begin::Resume(pace, rate_limit) => (pace, rate_limit),
+        Begin::Load(turn) => {
             let c = &source.connector;
             // Boxed, as every store call and the poll below: a future
             // holds room for the largest one it awaits, and this one
             // waits between polls. The pace is made in its own future
             // and handed over boxed: made here, the state it was made
             // from kept two dead copies of itself in this future.
-            let Some(pace) = Box::pin(start_pace(shared, source, inst, shutdown)).await else {
+            let Some(pace) = Box::pin(start_pace(shared, source, inst, shutdown, turn)).await
+            else {
                 return Stop::Done;
             };
             let rate_limit = c
@@ -253,12 +272,16 @@ async fn start_pace(
     source: &Arc<Source>,
     inst: &Instance,
     shutdown: &CancellationToken,
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Option<Box<Pace>> {
     let c = &source.connector;
     let state = {
-        let _turn = tokio::select! {
-            t = shared.state_loads.acquire() => t,
-            _ = shutdown.cancelled() => return None,
+        let _turn = match turn {
+            Some(t) => t,
+            None => tokio::select! {
+                t = shared.state_loads.clone().acquire_owned() => t.ok()?,
+                _ = shutdown.cancelled() => return None,
+            },
         };
         Box::pin(load_state(shared, inst, shutdown)).await?
     };

@@ -51,7 +51,10 @@ pub(crate) struct Shared {
     /// one round (its first, or a dead node's share): unbounded, every new
     /// task held a store read in flight, a few KiB of future each, and the
     /// node's memory peaked there (the allocator keeps such a peak).
-    pub(crate) state_loads: tokio::sync::Semaphore,
+    /// The roster takes a turn before it even starts a task (see
+    /// `poll::Start::Load`), so the instances waiting for one are
+    /// a queue entry each, not a task.
+    pub(crate) state_loads: Arc<tokio::sync::Semaphore>,
 }
 
 /// See [`Shared::state_loads`]: twice the PostgreSQL pool, so reads wait

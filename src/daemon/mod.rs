@@ -178,7 +178,7 @@ impl Services {
             live: live.clone(),
             cluster: cluster.clone(),
             ops: ops.clone(),
-            state_loads: tokio::sync::Semaphore::new(crate::runtime::STATE_LOADS),
+            state_loads: Arc::new(tokio::sync::Semaphore::new(crate::runtime::STATE_LOADS)),
         });
         let ops_task = tokio::spawn(ops.run(store.clone(), live.wakes.clone(), shutdown.clone()));
         let cluster_stop = CancellationToken::new();

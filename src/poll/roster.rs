@@ -21,19 +21,26 @@
 //! instance asleep (cell, boxed future, cancellation token) was about
 //! 700 bytes of each instance's memory, for a wake-up a minute.
 //!
+//! A held instance with neither waits in the roster's queue for a turn
+//! to read its stored state ([`Shared::state_loads`]): the roster spawns
+//! its task with the turn taken. A node's first round (every lease, alone)
+//! or a dead node's share gains thousands of leases at once; a task each,
+//! waiting for its turn, was the node's memory peak (and an allocator
+//! that keeps freed pages a while, such as jemalloc, kept it).
+//!
 //! The race it must not lose: a lease lost and gained again while the old
 //! task is ending. The task decides to end under the roster's lock, after
 //! reading the held set; the roster starts tasks under the same lock, after
 //! the change is announced. Either the ending task sees the lease again and
 //! goes on, or it has marked itself ended before the roster looks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connector::spec::Instance;
 use crate::runtime::{Shared, Source};
 
-use super::Parked;
+use super::{Parked, Start};
 
 /// See the module documentation.
 pub(crate) struct Roster {
@@ -66,8 +73,14 @@ pub(crate) struct Roster {
     timers: Mutex<BTreeMap<(Instant, u64), Arc<Instance>>>,
     /// The next parking's sequence number.
     parkings: AtomicU64,
-    /// Told when an instance is parked ahead of every other: the timer
-    /// sleeps until then instead.
+    /// Held instances waiting for a turn to read their state (see the
+    /// module documentation), in the order their lease came. An entry
+    /// whose unit is no longer [`Slot::Queued`] is stale, and skipped.
+    /// Locked after `units`, never before.
+    queue: Mutex<VecDeque<Arc<Instance>>>,
+    /// Told when an instance is parked ahead of every other (the timer
+    /// sleeps until then instead), or queued from outside the roster's
+    /// own task (a reload, a discovery).
     earlier: Notify,
 }
 
@@ -83,6 +96,8 @@ struct Unit {
 
 /// Where a held instance's polling is.
 enum Slot {
+    /// Its task waits in the queue for a turn to read its state.
+    Queued,
     /// Its task runs: a poll, or a short wait for the next one.
     Running(Running),
     /// Its next poll is a while away (see [`Roster::park`]); `seq` is its
@@ -106,23 +121,27 @@ impl Roster {
             high: AtomicUsize::new(0),
             timers: Mutex::default(),
             parkings: AtomicU64::new(0),
+            queue: Mutex::default(),
             earlier: Notify::new(),
         })
     }
 
     /// Starts the poll tasks of the instances gained, at each change of
-    /// the held set, and of the parked instances that came due, until
-    /// shutdown.
+    /// the held set, as turns to read their state come, and of the parked
+    /// instances that came due, until shutdown.
     pub(crate) async fn run(self: Arc<Self>) {
         let mut changes = self.shared.cluster.changes();
         let mut changed = true;
+        let mut turn = None;
         loop {
             if changed {
                 changes.borrow_and_update();
                 self.start_held();
             }
+            let queued = self.start_queued(turn.take());
             let next = self.wake_due();
             changed = false;
+            let turns = self.shared.state_loads.clone();
             tokio::select! {
                 r = changes.changed() => {
                     if r.is_err() {
@@ -130,6 +149,9 @@ impl Roster {
                     }
                     changed = true;
                 }
+                // Cancel-safe: a turn not taken by the time another branch
+                // wins is not lost.
+                t = turns.acquire_owned(), if queued => turn = t.ok(),
                 _ = self.earlier.notified() => {}
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
                 _ = self.shutdown.cancelled() => return,
@@ -137,33 +159,74 @@ impl Roster {
         }
     }
 
-    /// A poll task for each instance held that has none. A parked
-    /// instance whose lease went is dropped (nothing of it is left here);
-    /// one whose lease was taken again under another epoch starts at once
-    /// (its state is read again, and its first poll is due as after a
-    /// move, not at the old pace's time). Looks at every unit: the held
-    /// set changes seldom (a claim, a loss, a node joining or leaving).
+    /// Queues for a task each instance held that has none. A parked or
+    /// queued instance whose lease went is dropped (nothing of it is left
+    /// here); a parked one whose lease was taken again under another
+    /// epoch is queued (its state is read again, and its first poll is
+    /// due as after a move, not at the old pace's time). Looks at every
+    /// unit: the held set changes seldom (a claim, a loss, a node joining
+    /// or leaving).
     fn start_held(self: &Arc<Self>) {
         let cluster = &self.shared.cluster;
         let mut units = self.units.lock();
+        let mut queue = self.queue.lock();
         if self.shutdown.is_cancelled() {
             return;
         }
         for u in units.values_mut() {
-            let now = match &u.task {
-                Some(Slot::Running(_)) => continue,
-                Some(Slot::Parked { parked, .. }) => {
-                    cluster.epoch(&u.inst.key).map(|e| e != parked.epoch)
+            let epoch = cluster.epoch(&u.inst.key);
+            let again = match (&u.task, epoch) {
+                (Some(Slot::Running(_)), _) => continue,
+                (_, None) => {
+                    u.task = None;
+                    continue;
                 }
-                None => cluster.epoch(&u.inst.key).map(|_| true),
+                (Some(Slot::Parked { parked, .. }), Some(e)) => parked.epoch != e,
+                (Some(Slot::Queued), Some(_)) => false,
+                (None, Some(_)) => true,
             };
-            match now {
-                // Held under the parked epoch: it wakes when due.
-                Some(false) => {}
-                Some(true) => u.task = Some(Slot::Running(self.spawn(&u.source, &u.inst, None))),
-                None => u.task = None,
+            // Held under the parked epoch it wakes when due; queued, it
+            // keeps its place.
+            if again {
+                u.task = Some(Slot::Queued);
+                queue.push_back(u.inst.clone());
             }
         }
+    }
+
+    /// Starts queued instances' tasks while turns to read their state
+    /// are free (`turn`: one the roster waited for); returns whether any
+    /// are left waiting for one.
+    fn start_queued(self: &Arc<Self>, mut turn: Option<OwnedSemaphorePermit>) -> bool {
+        let mut units = self.units.lock();
+        let mut queue = self.queue.lock();
+        if self.shutdown.is_cancelled() {
+            queue.clear();
+            return false;
+        }
+        while let Some(inst) = queue.front() {
+            let unit = units
+                .get_mut(&inst.key)
+                .filter(|u| matches!(u.task, Some(Slot::Queued)) && Arc::ptr_eq(&u.inst, inst));
+            let Some(u) = unit else {
+                // Stale: started, dropped or stopped since.
+                queue.pop_front();
+                continue;
+            };
+            let free = turn
+                .take()
+                .or_else(|| self.shared.state_loads.clone().try_acquire_owned().ok());
+            let Some(t) = free else {
+                return true;
+            };
+            queue.pop_front();
+            u.task = Some(Slot::Running(self.spawn(
+                &u.source,
+                &u.inst,
+                Start::Load(t),
+            )));
+        }
+        false
     }
 
     /// Keeps `parked` in the instance's unit until its next poll is due,
@@ -210,10 +273,11 @@ impl Roster {
                 continue;
             };
             u.task = match u.task.take() {
-                Some(Slot::Parked { parked, seq: s }) if s == seq => {
-                    Some(Slot::Running(self.spawn(&u.source, &u.inst, Some(parked))))
-                }
-                // Parked again since, woken early, or running: a stale entry.
+                Some(Slot::Parked { parked, seq: s }) if s == seq => Some(Slot::Running(
+                    self.spawn(&u.source, &u.inst, Start::Resume(parked)),
+                )),
+                // Parked again since, woken early, queued or running: a
+                // stale entry.
                 other => other,
             };
         }
@@ -224,16 +288,16 @@ impl Roster {
         self: &Arc<Self>,
         source: &Arc<Source>,
         inst: &Arc<Instance>,
-        resume: Option<Parked>,
+        start: Start,
     ) -> Running {
         let token = self.shutdown.child_token();
-        let fresh = resume.is_none();
+        let fresh = matches!(start, Start::Load(_));
         let task = super::poll_loop(
             self.clone(),
             source.clone(),
             inst.clone(),
             token.clone(),
-            resume,
+            start,
         );
         if fresh {
             let running = self.shared.status.poll_tasks() + 1;
@@ -272,10 +336,16 @@ impl Roster {
         });
         let cluster = &self.shared.cluster;
         let mut units = self.units.lock();
-        let task = (cluster.epoch(&key).is_some() && !self.shutdown.is_cancelled())
-            .then(|| Slot::Running(self.spawn(&source, &inst, None)));
+        let held = cluster.epoch(&key).is_some() && !self.shutdown.is_cancelled();
+        if held {
+            self.queue.lock().push_back(inst.clone());
+        }
+        let task = held.then_some(Slot::Queued);
         units.insert(key.clone(), Unit { source, inst, task });
         drop(units);
+        if held {
+            self.earlier.notify_one();
+        }
         cluster.want(&key);
     }
 
@@ -290,8 +360,8 @@ impl Roster {
         self.shared.cluster.unwant(key);
         let mut stopping = self.stopping.lock();
         stopping.retain(|(_, h)| !h.is_finished());
-        // A parked instance has no task: dropped with its unit (its timer
-        // entry is skipped when it comes up).
+        // A parked or queued instance has no task: dropped with its unit
+        // (its timer or queue entry is skipped when it comes up).
         if let Some(Slot::Running(Running { token, handle })) = unit.task {
             token.cancel();
             stopping.push((key.to_string(), handle));
