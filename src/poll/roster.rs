@@ -75,7 +75,8 @@ pub(crate) struct Roster {
     parkings: AtomicU64,
     /// Held instances waiting for a turn to read their state (see the
     /// module documentation), in the order their lease came. An entry
-    /// whose unit is no longer [`Slot::Queued`] is stale, and skipped.
+    /// whose unit is no longer [`Slot::Queued`] is stale, and skipped (a
+    /// unit queued twice starts once: at its first entry).
     /// Locked after `units`, never before.
     queue: Mutex<VecDeque<Arc<Instance>>>,
     /// Told when an instance is parked ahead of every other (the timer
@@ -207,7 +208,7 @@ impl Roster {
         while let Some(inst) = queue.front() {
             let unit = units
                 .get_mut(&inst.key)
-                .filter(|u| matches!(u.task, Some(Slot::Queued)) && Arc::ptr_eq(&u.inst, inst));
+                .filter(|u| matches!(u.task, Some(Slot::Queued)));
             let Some(u) = unit else {
                 // Stale: started, dropped or stopped since.
                 queue.pop_front();
