@@ -9,29 +9,6 @@ use pollhook::config::ConfigErrors;
 
 mod cli;
 
-/// The daemon's allocator is jemalloc, not glibc's: at 100,000 instances
-/// on one node it used less CPU and kept less memory (ARCHITECTURE.md,
-/// "Dependencies", has the numbers). Only the binary sets it: the library
-/// and its tests allocate with the system's.
-#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's options, read when it starts (its `malloc_conf`, under the
-/// `_rjem_` prefix the crate builds it with; `_RJEM_MALLOC_CONF` in the
-/// environment still overrides each). Two arenas serve the two cores a
-/// node is sized for (jemalloc's default, four per core, each holding
-/// pages of its own). Freed pages go back to the system after a second
-/// (`dirty_decay_ms`, default ten) and are not kept lazily after that
-/// (`muzzy_decay_ms: 0`): a node gaining a dead node's share, or starting
-/// with every lease, frees most of what the start allocated, and a ten
-/// seconds' decay kept that as the node's peak (the scale bench at
-/// 100,000 instances: 323.8 MiB peak with the defaults, 292.3 with these).
-#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
-#[allow(non_upper_case_globals)]
-#[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &u8 = &b"narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
-
 use cli::args::{Cli, Command, EndpointCommand, NewCommand, SecretCommand};
 use cli::{commands, operate};
 

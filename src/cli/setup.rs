@@ -24,11 +24,8 @@ pub fn init_logging(format: LogFormat) {
 /// what each arena once held. With two async workers, sled's threads and
 /// the blocking pool, that was 20 of 132 MiB at 10,000 instances (the
 /// scale bench with `MALLOC_ARENA_MAX=2`: 113 MiB). Two arenas serve two
-/// cores. Where the binary allocates with jemalloc (see `main.rs`), only
-/// C code (the TLS stack's) still calls glibc's malloc: the limit stays
-/// for that, and for builds without jemalloc. Called first thing in
-/// `main`, before any thread starts; an operator's `MALLOC_ARENA_MAX`
-/// still wins.
+/// cores. Called first thing in `main`, before any thread starts; an
+/// operator's `MALLOC_ARENA_MAX` still wins.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

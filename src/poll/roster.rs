@@ -37,7 +37,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -64,6 +64,9 @@ pub(crate) struct Roster {
     /// What [`Roster::join_all`] waits for, to abort if the shutdown
     /// timeout passes first.
     joining: Mutex<Vec<AbortHandle>>,
+    /// The most poll tasks running since the allocator was last asked to
+    /// give memory back (see [`Roster::left`]).
+    high: AtomicUsize,
     /// Parked instances by due time (and a sequence number: the entry of
     /// an instance parked again, stopped or woken early is left behind,
     /// and skipped when it comes up). Locked after `units`, never before.
@@ -116,6 +119,7 @@ impl Roster {
             units: Mutex::default(),
             stopping: Mutex::default(),
             joining: Mutex::default(),
+            high: AtomicUsize::new(0),
             timers: Mutex::default(),
             parkings: AtomicU64::new(0),
             queue: Mutex::default(),
@@ -288,6 +292,7 @@ impl Roster {
         start: Start,
     ) -> Running {
         let token = self.shutdown.child_token();
+        let fresh = matches!(start, Start::Load(_));
         let task = super::poll_loop(
             self.clone(),
             source.clone(),
@@ -295,6 +300,10 @@ impl Roster {
             token.clone(),
             start,
         );
+        if fresh {
+            let running = self.shared.status.poll_tasks() + 1;
+            self.high.fetch_max(running, Ordering::Relaxed);
+        }
         Running {
             token,
             handle: tokio::spawn(task),
@@ -372,8 +381,24 @@ impl Roster {
             if let Some(u) = units.get_mut(key) {
                 u.task = None;
             }
+            drop(units);
+            self.left();
         }
         epoch
+    }
+
+    /// A poll task is ending because its lease went. When a quarter of
+    /// the tasks (at least 1,000) have gone since the peak, the allocator
+    /// is asked to give its free pages back: glibc keeps what its arenas
+    /// once held, so a node that gave two thirds of its leases to nodes
+    /// that joined stayed at the resident size of its old share.
+    fn left(&self) {
+        let now = self.shared.status.poll_tasks();
+        let high = self.high.load(Ordering::Relaxed);
+        if high >= now + 1_000 && now < high - high / 4 {
+            self.high.store(now, Ordering::Relaxed);
+            give_back_free_memory();
+        }
     }
 
     /// The state the tasks share.
@@ -412,5 +437,16 @@ impl Roster {
         for a in std::mem::take(&mut *self.joining.lock()) {
             a.abort();
         }
+    }
+}
+
+/// Returns the allocator's free pages to the system (`malloc_trim`, glibc
+/// only; elsewhere nothing).
+fn give_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's
+    // own arenas; it takes no pointer and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
