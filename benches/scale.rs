@@ -697,6 +697,34 @@ hosts:
         None => du(&state_dir),
     };
 
+    // What a daemon costs with one instance (same connector, sled, the
+    // same machine, run now): the base the per-instance cost is counted
+    // from. Its VmRSS after a few seconds at rest, after its first poll.
+    let baseline_rss = {
+        let one = format!(
+            r#"state_dir: state
+admin: {{ listen: "127.0.0.1:0" }}
+sources:
+  balances:
+    connector: bank-balance
+    with: {{ base_url: "http://{bank_addr}" }}
+    for_each: {{ account: [{first}] }}
+    schedule: every {secs}s
+    deliver_to: [agent]
+endpoints:
+  agent: {{ url: "http://{rx_addr}/hook", secret: "{SECRET}" }}
+"#,
+            first = ids[0],
+            secs = interval.as_secs(),
+        );
+        let d = common::Daemon::start("bank-balance.yaml", &one, "error").await;
+        let _guard = KillOnDrop(d.pid);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss = rss_now(d.pid);
+        d.stop();
+        rss
+    };
+
     // ------------------------------------------------------------- numbers
     let rx = rx.lock().unwrap();
     let mut lat: Vec<Duration> = made
@@ -808,6 +836,28 @@ hosts:
         rss_end as f64 / 1024.0,
         (self_cpu1 - self_cpu0) / wall * 100.0
     );
+    // Per instance: the RSS at the end of the window above a one-instance
+    // daemon's (`baseline_rss`), and the store's size after the grace
+    // period; on several nodes, each node's RSS counts its share (so a
+    // chaos run, whose shares move, does not print it).
+    let share = n as f64 / daemons.len() as f64;
+    let rss_per: Vec<f64> = node_usage
+        .iter()
+        .map(|(_, _, end)| end.saturating_sub(baseline_rss) as f64 * 1024.0 / share)
+        .collect();
+    if event.is_none() {
+        println!(
+            "  per instance: RSS {} bytes (each node's RSS at the end above a one-instance daemon's {:.1} MiB, over its share of {share:.0}), store {:.0} bytes ({:.1} MiB after the grace period over {n})",
+            rss_per
+                .iter()
+                .map(|b| format!("{b:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            baseline_rss as f64 / 1024.0,
+            size_live as f64 / n as f64,
+            mib(size_live),
+        );
+    }
     if nodes > 1 || pg.is_some() {
         for (i, ((c1, peak, end), c0)) in node_usage.iter().zip(&node_cpu0).enumerate() {
             println!(
@@ -957,6 +1007,7 @@ hosts:
         "postgres_tables": common::pg::tables_json(&tables),
         "dashboard_ms": page_times.iter().map(|(p, t, _)| (p.to_string(), json!(t.as_secs_f64() * 1000.0))).collect::<serde_json::Map<_, _>>(),
         "shutdown_s": exited.then_some(shutdown.as_secs_f64()),
+        "per_instance": { "rss_bytes": rss_per, "baseline_rss_kib": baseline_rss, "store_bytes": size_live as f64 / n as f64 },
         "store_bytes": { "window_start": sizes[0].1, "window_end": size_end, "after_grace": size_live, "after_sigterm": size_stopped },
         "store_growth_mib_per_hour": growth * 3600.0 / (1024.0 * 1024.0),
     });

@@ -108,21 +108,24 @@ struct Held {
 
 #[derive(Default)]
 struct Leases {
-    held: HashMap<String, Held>,
+    /// Keyed by the key [`Cluster::want`] was given (the roster's, shared
+    /// with the instance's configuration) where there is one: see
+    /// [`Cluster::shared_keys`].
+    held: HashMap<Arc<str>, Held>,
     /// When every lease held at the last renewal lapses by this node's
     /// clock: a renewal that changed nothing moves only this.
     renewed_until: Option<Instant>,
     /// Polls and deliveries in flight per key: these are never given back.
-    busy: HashMap<String, u32>,
+    busy: HashMap<Arc<str>, u32>,
     /// Leases to give back once their poll or delivery in flight is done
     /// (a node joined and every lease here was busy: an instance waiting
     /// on a scarce host quota is in a poll most of the time). Nothing new
     /// starts under them.
-    draining: std::collections::HashSet<String>,
+    draining: std::collections::HashSet<Arc<str>>,
     /// Leases claimed from a silent node as its leases lapsed, or given
     /// back by a live one just before (see [`Cluster::arrival`]), until
     /// their poll task asks.
-    arrived: HashMap<String, Arrival>,
+    arrived: HashMap<Arc<str>, Arrival>,
 }
 
 /// How a lease this node claimed came free, when that matters to the
@@ -173,8 +176,9 @@ pub struct Cluster {
     /// lease look again.
     changed: watch::Sender<u64>,
     /// Keys this node's configuration has (instances, discoveries), and
-    /// those not yet given a lease row.
-    wanted: Mutex<(BTreeSet<String>, Vec<String>)>,
+    /// those not yet given a lease row. Locked alone, never with `leases`
+    /// or `gone` held.
+    wanted: Mutex<(BTreeSet<Arc<str>>, Vec<Arc<str>>)>,
     /// Keys of outbox lanes no task wants (see [`Cluster::adopt`]), given
     /// a lease row once.
     adopted: Mutex<std::collections::HashSet<String>>,
@@ -194,7 +198,7 @@ pub struct Cluster {
 /// A task's claim on its key: dropped when the task ends.
 pub struct Wanted {
     cluster: Arc<Cluster>,
-    key: String,
+    key: Arc<str>,
 }
 
 impl Drop for Wanted {
@@ -218,7 +222,7 @@ pub enum Begin {
 /// back while one exists.
 pub struct Busy {
     cluster: Arc<Cluster>,
-    key: String,
+    key: Arc<str>,
     pub epoch: i64,
 }
 
@@ -293,12 +297,13 @@ impl Cluster {
     }
 
     /// This configuration has `key` (an instance, a discovery): give it a
-    /// lease row so that some node claims it.
-    pub fn want(&self, key: &str) {
+    /// lease row so that some node claims it. The key is kept as given
+    /// (shared, not copied), and the held lease is keyed by it too.
+    pub fn want(&self, key: &Arc<str>) {
         let mut w = self.wanted.lock();
-        self.gone.lock().remove(key);
-        if w.0.insert(key.to_string()) {
-            w.1.push(key.to_string());
+        self.gone.lock().remove(&**key);
+        if w.0.insert(key.clone()) {
+            w.1.push(key.clone());
             self.kick.notify_one();
         }
     }
@@ -306,10 +311,11 @@ impl Cluster {
     /// Wants `key` (see [`Cluster::want`]) until the guard drops (see
     /// [`Cluster::unwant`]).
     pub fn want_while(self: &Arc<Self>, key: &str) -> Wanted {
-        self.want(key);
+        let key: Arc<str> = Arc::from(key);
+        self.want(&key);
         Wanted {
             cluster: self.clone(),
-            key: key.to_string(),
+            key,
         }
     }
 
@@ -323,7 +329,7 @@ impl Cluster {
         if w.0.contains(key) || !self.adopted.lock().insert(key.to_string()) {
             return;
         }
-        w.1.push(key.to_string());
+        w.1.push(Arc::from(key));
         self.kick.notify_one();
     }
 
@@ -337,7 +343,7 @@ impl Cluster {
         }
         let mut w = self.wanted.lock();
         if w.0.remove(key) {
-            w.1.retain(|k| k != key);
+            w.1.retain(|k| &**k != key);
             self.gone.lock().insert(key.to_string(), Instant::now());
         }
     }
@@ -361,7 +367,7 @@ impl Cluster {
                 return Ok(());
             }
             gone.iter()
-                .filter(|(k, t)| t.elapsed() >= round && !l.busy.contains_key(*k))
+                .filter(|(k, t)| t.elapsed() >= round && !l.busy.contains_key(k.as_str()))
                 .map(|(k, _)| k.clone())
                 .collect()
         };
@@ -387,6 +393,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// The key [`Cluster::want`] was given for each of `keys` (so that
+    /// the held set shares the one allocation of an instance's key with
+    /// the roster, the status and the configuration), or a new one for a
+    /// key not wanted here (an adopted outbox lane).
+    fn shared_keys(&self, keys: impl IntoIterator<Item = String>) -> Vec<Arc<str>> {
+        let w = self.wanted.lock();
+        keys.into_iter()
+            .map(|k| w.0.get(k.as_str()).cloned().unwrap_or_else(|| Arc::from(k)))
+            .collect()
+    }
+
     /// Whether this node holds `key` now (by its own clock).
     pub fn holds(&self, key: &str) -> bool {
         let l = self.leases.lock();
@@ -409,19 +426,19 @@ impl Cluster {
     /// holds it with at least a quarter of the lease left.
     pub fn begin(self: &Arc<Self>, key: &str) -> Begin {
         let mut l = self.leases.lock();
-        let Some(h) = l.held.get(key).copied() else {
+        let Some((key, h)) = l.held.get_key_value(key).map(|(k, h)| (k.clone(), *h)) else {
             return Begin::NotHeld;
         };
-        if l.draining.contains(key) {
+        if l.draining.contains(&key) {
             return Begin::NotHeld;
         }
         if l.expires(&h).saturating_duration_since(Instant::now()) < self.lease / 4 {
             return Begin::Lapsing;
         }
-        *l.busy.entry(key.to_string()).or_default() += 1;
+        *l.busy.entry(key.clone()).or_default() += 1;
         Begin::Held(Busy {
             cluster: self.clone(),
-            key: key.to_string(),
+            key,
             epoch: h.epoch,
         })
     }
@@ -457,7 +474,7 @@ impl Cluster {
         l.held
             .keys()
             .filter(|k| !l.draining.contains(*k))
-            .cloned()
+            .map(|k| k.to_string())
             .collect()
     }
 
@@ -546,7 +563,7 @@ impl Cluster {
 
     /// Gives the keys wanted since the last round a lease row.
     async fn ensure_new(&self) {
-        let new: Vec<String> = std::mem::take(&mut self.wanted.lock().1);
+        let new: Vec<Arc<str>> = std::mem::take(&mut self.wanted.lock().1);
         if new.is_empty() || self.store.ensure_leases(&new).await.is_ok() {
             return;
         }
@@ -571,16 +588,19 @@ impl Cluster {
     async fn renew(&self, lease_ms: i64, sent: Instant) -> crate::store::Result<(bool, usize)> {
         let renewed = self.store.renew_changed(&self.node, lease_ms).await?;
         let expires = sent + self.lease.mul_f64(LOCAL_SHARE);
+        let renewed = renewed.map(|r| {
+            let (keys, epochs): (Vec<String>, Vec<i64>) = r.into_iter().unzip();
+            self.shared_keys(keys).into_iter().zip(epochs)
+        });
         let mut l = self.leases.lock();
         l.renewed_until = Some(expires);
         let Some(renewed) = renewed else {
             return Ok((false, 0));
         };
-        let next: HashMap<String, Held> = renewed
-            .into_iter()
+        let next: HashMap<Arc<str>, Held> = renewed
             .map(|(k, epoch)| (k, Held { epoch, expires }))
             .collect();
-        let differs = |a: &HashMap<String, Held>, b: &HashMap<String, Held>| {
+        let differs = |a: &HashMap<Arc<str>, Held>, b: &HashMap<Arc<str>, Held>| {
             a.iter()
                 .filter(|(k, h)| b.get(*k).is_none_or(|o| o.epoch != h.epoch))
                 .count()
@@ -598,11 +618,12 @@ impl Cluster {
     async fn claim(&self, n: usize, lease_ms: i64) -> crate::store::Result<bool> {
         self.leases.lock().draining.clear();
         let sent = Instant::now();
-        let got = self.store.claim(&self.node, lease_ms, n as i64).await?;
+        let mut got = self.store.claim(&self.node, lease_ms, n as i64).await?;
         let expires = sent + self.lease.mul_f64(LOCAL_SHARE);
+        let keys = self.shared_keys(got.iter_mut().map(|c| std::mem::take(&mut c.key)));
         let mut l = self.leases.lock();
         let gained = !got.is_empty();
-        for c in got {
+        for (c, key) in got.into_iter().zip(keys) {
             let arrival = match c.released_ago {
                 Some(ago) if ago <= self.lease => Some(Arrival::HandedOver),
                 Some(_) => None,
@@ -610,10 +631,10 @@ impl Cluster {
                 None => None,
             };
             if let Some(a) = arrival {
-                l.arrived.insert(c.key.clone(), a);
+                l.arrived.insert(key.clone(), a);
             }
             l.held.insert(
-                c.key,
+                key,
                 Held {
                     epoch: c.epoch,
                     expires,
@@ -631,7 +652,7 @@ impl Cluster {
             let mut l = self.leases.lock();
             // Draining ones first (they were chosen before), then
             // idle ones; busy ones are marked to drain.
-            let mut order: Vec<String> = l.draining.iter().cloned().collect();
+            let mut order: Vec<Arc<str>> = l.draining.iter().cloned().collect();
             order.extend(l.held.keys().filter(|k| !l.draining.contains(*k)).cloned());
             let mut idle = Vec::new();
             let mut drain = Vec::new();
@@ -651,7 +672,7 @@ impl Cluster {
                 info!(node = %self.node, leases = fresh, "leases busy (a poll or delivery in flight): given back once it ends, nothing new starts under them");
             }
             l.draining.extend(drain);
-            idle
+            idle.iter().map(|k| k.to_string()).collect()
         };
         if !give.is_empty() {
             info!(node = %self.node, leases = give.len(), "giving leases back for another node's share");
@@ -751,7 +772,7 @@ impl Cluster {
         let all: Vec<String> = {
             let mut l = self.leases.lock();
             l.arrived.clear();
-            l.held.drain().map(|(k, _)| k).collect()
+            l.held.drain().map(|(k, _)| k.to_string()).collect()
         };
         self.changed.send_modify(|g| *g += 1);
         if let Err(e) = self.store.release(&self.node, &all).await {
@@ -786,7 +807,7 @@ impl Cluster {
                 // wants (its configuration differs until it is reloaded
                 // too).
                 let mut w = self.wanted.lock();
-                let all: Vec<String> = w.0.iter().cloned().collect();
+                let all: Vec<Arc<str>> = w.0.iter().cloned().collect();
                 w.1 = all;
                 drop(w);
                 self.kick.notify_one();
@@ -857,7 +878,7 @@ mod tests {
     async fn alone_a_node_holds_every_key_from_its_first_round() {
         let c = alone();
         for i in 0..3 {
-            c.want(&format!("s/{i}"));
+            c.want(&Arc::from(format!("s/{i}")));
         }
         assert!(c.round().await.unwrap(), "gained");
         assert_eq!(c.held_count(), 3);
@@ -876,7 +897,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn alone_leases_hold_while_the_paused_clock_runs_hours() {
         let c = alone();
-        c.want("s/0");
+        c.want(&Arc::from("s/0"));
         let stop = CancellationToken::new();
         let task = tokio::spawn(c.clone().run(
             Arc::new(Wakes::default()),

@@ -287,7 +287,7 @@ async fn start_pace(
     };
     shared.status.register_instance(&inst.key, |s| {
         s.source = source.name.as_str().into();
-        s.instance = inst.name.clone();
+        s.instance = inst.name().to_string();
         s.connector = c.name.as_str().into();
         s.cursor = state.cursor.clone();
     });
@@ -748,7 +748,7 @@ fn route_deliveries(
                 route.endpoint.clone(),
                 OutboxEntry {
                     event_id: ev.id.clone(),
-                    instance: inst.key.clone(),
+                    instance: inst.key.to_string(),
                     kind: ev.kind.clone(),
                     sequence: ev.sequence,
                     body: body.clone(),
@@ -902,11 +902,11 @@ pub fn prepare_commit(
         .map(|d| {
             seq += 1;
             Event {
-                id: event_id(&source.name, &inst.name, &d.kind, &d.change_key),
+                id: event_id(&source.name, inst.name(), &d.kind, &d.change_key),
                 kind: d.kind,
                 timestamp: now,
                 source: source.name.clone(),
-                instance: inst.name.clone(),
+                instance: inst.name().to_string(),
                 sequence: seq,
                 data: d.data,
             }

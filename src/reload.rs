@@ -71,13 +71,13 @@ pub struct Unit {
 
 /// Units by key: the instance key (`source/instance`) for static
 /// instances, the source name for discovering sources.
-pub fn units(config: &Config) -> BTreeMap<String, Unit> {
+pub fn units(config: &Config) -> BTreeMap<Arc<str>, Unit> {
     let mut out = BTreeMap::new();
     for source in &config.sources {
         let fp = source_fingerprint(config, source);
         if source.discovered {
             out.insert(
-                source.name.clone(),
+                Arc::from(source.name.as_str()),
                 Unit {
                     fingerprint: fp,
                     source: source.clone(),
@@ -112,7 +112,7 @@ pub fn endpoints(config: &Config) -> BTreeMap<String, u64> {
 
 /// Whether a stored instance state belongs to a unit of `units` (a
 /// discovering source owns every `source/…` key).
-pub fn owns(units: &BTreeMap<String, Unit>, state_key: &str) -> bool {
+pub fn owns(units: &BTreeMap<Arc<str>, Unit>, state_key: &str) -> bool {
     units.contains_key(state_key)
         || state_key
             .split_once('/')
@@ -271,6 +271,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = config(dir.path(), "{{ item.id }}", "a, b", "");
         let ua = units(&a);
+        // The list itself is not kept (instances compare one by one).
+        assert!(a.definition["sources"]["s"].get("for_each").is_none());
+        assert!(a.definition["sources"]["s"].get("connector").is_some());
         // Another instance added: the others are untouched.
         let b = config(dir.path(), "{{ item.id }}", "a, b, c", "");
         let ub = units(&b);

@@ -479,7 +479,7 @@ impl Status {
     /// Adds an instance that starts polling. One restarted by a reload
     /// keeps its counters, so `/status` counters never go backwards while
     /// the instance runs (`/metrics` counters never do: see [`Metrics`]).
-    pub fn register_instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
+    pub fn register_instance(&self, key: &Arc<str>, f: impl FnOnce(&mut InstanceStatus)) {
         let mut s = InstanceStatus::default();
         let old = self.entry(key);
         if let Some(old) = &old {
@@ -518,7 +518,7 @@ impl Status {
             None => {
                 self.instances
                     .lock()
-                    .insert(Arc::from(key), Arc::new(Mutex::new(packed)));
+                    .insert(key.clone(), Arc::new(Mutex::new(packed)));
             }
         }
     }
@@ -1059,7 +1059,7 @@ mod tests {
     #[test]
     fn counters_outlive_the_instances_and_endpoints_they_counted() {
         let s = Status::default();
-        s.register_instance("src/a", |i| {
+        s.register_instance(&Arc::from("src/a"), |i| {
             i.source = "src".into();
             i.connector = "c".into();
         });

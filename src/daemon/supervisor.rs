@@ -30,8 +30,9 @@ pub(super) struct Supervisor {
     /// for those this node holds the lease of.
     pub(super) roster: Arc<Roster>,
     /// The fingerprint each unit runs (see [`crate::reload::units`]):
-    /// instances and discovering sources.
-    pub(super) poller_fps: BTreeMap<String, u64>,
+    /// instances and discovering sources. Keyed by the instance's own key
+    /// (shared with its configuration's `Instance`, not a copy).
+    pub(super) poller_fps: BTreeMap<Arc<str>, u64>,
     /// What runs now (`None` before the first `apply`).
     pub(super) config: Option<Config>,
     pub(super) shutdown: CancellationToken,
@@ -181,7 +182,7 @@ impl Supervisor {
     /// Stops the poll tasks and discovery loops of units no longer
     /// configured, and drops them from the status; their stored state is
     /// kept for the retention period (see [`Self::mark_removed_states`]).
-    fn stop_removed_units(&mut self, units: &BTreeMap<String, Unit>, tally: &mut Tally) {
+    fn stop_removed_units(&mut self, units: &BTreeMap<Arc<str>, Unit>, tally: &mut Tally) {
         for key in self.poller_fps.keys().cloned().collect::<Vec<_>>() {
             if units.contains_key(&key) {
                 continue;
@@ -202,7 +203,7 @@ impl Supervisor {
     /// Starts a task for each new unit (a static instance's poll loop, or a
     /// discovering source's listing loop) and restarts those whose
     /// fingerprint changed; those unchanged keep running untouched.
-    async fn start_changed_units(&mut self, units: &BTreeMap<String, Unit>, tally: &mut Tally) {
+    async fn start_changed_units(&mut self, units: &BTreeMap<Arc<str>, Unit>, tally: &mut Tally) {
         let shared = self.shared.clone();
         for (key, unit) in units {
             if self.poller_fps.get(key) == Some(&unit.fingerprint) {
@@ -241,7 +242,7 @@ impl Supervisor {
     /// source is unknown: configuration changed while stopped); those
     /// polled again are kept. Runs before `self.config` becomes the new
     /// configuration: the retention is the old one's.
-    async fn mark_removed_states(&self, units: &BTreeMap<String, Unit>, now: i64) {
+    async fn mark_removed_states(&self, units: &BTreeMap<Arc<str>, Unit>, now: i64) {
         let shared = &self.shared;
         let old_retention = |key: &str| {
             let src = key.split_once('/').map_or(key, |(s, _)| s);

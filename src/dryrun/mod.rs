@@ -104,8 +104,8 @@ fn chosen(
     only: Option<&str>,
 ) -> Result<Vec<std::sync::Arc<crate::config::Instance>>, DryRunError> {
     if let Some(o) = only {
-        if !instances.iter().any(|i| i.name == o) {
-            let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
+        if !instances.iter().any(|i| i.name() == o) {
+            let names: Vec<&str> = instances.iter().map(|i| i.name()).collect();
             return Err(DryRunError::NoInstance {
                 source_name: src.name.clone(),
                 wanted: o.to_string(),
@@ -115,7 +115,7 @@ fn chosen(
     }
     Ok(instances
         .iter()
-        .filter(|i| only.is_none_or(|o| o == i.name))
+        .filter(|i| only.is_none_or(|o| o == i.name()))
         .cloned()
         .collect())
 }
@@ -224,7 +224,7 @@ async fn dry_run_instance(
     store: Option<&Store>,
 ) -> Result<InstanceReport, DryRunError> {
     let mut r = InstanceReport {
-        key: inst.key.clone(),
+        key: inst.key.to_string(),
         ..Default::default()
     };
     let m = |t: &str| mask(t, &inst.secrets);

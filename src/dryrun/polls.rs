@@ -214,7 +214,7 @@ async fn poll_one(
 ) -> Result<InstancePoll, DryRunError> {
     let m = |t: &str| mask(t, &inst.secrets);
     let mut r = InstancePoll {
-        key: inst.key.clone(),
+        key: inst.key.to_string(),
         ..Default::default()
     };
     let state = store.load_state(&inst.key).await?;

@@ -56,11 +56,13 @@ pub(crate) struct Roster {
     /// The daemon's shutdown: no task starts after it, and every running
     /// one sees it through its own token (a child of this one).
     shutdown: CancellationToken,
-    units: Mutex<HashMap<String, Unit>>,
+    /// Keyed by the instance's own key (shared with its [`Instance`], not
+    /// a copy).
+    units: Mutex<HashMap<Arc<str>, Unit>>,
     /// Tasks of instances stopped (removed or changed by a reload) until
     /// they end: a restarted instance waits for its old task's in-flight
     /// poll, so two tasks never commit the same state.
-    stopping: Mutex<Vec<(String, JoinHandle<()>)>>,
+    stopping: Mutex<Vec<(Arc<str>, JoinHandle<()>)>>,
     /// What [`Roster::join_all`] waits for, to abort if the shutdown
     /// timeout passes first.
     joining: Mutex<Vec<AbortHandle>>,
@@ -207,7 +209,7 @@ impl Roster {
         }
         while let Some(inst) = queue.front() {
             let unit = units
-                .get_mut(&inst.key)
+                .get_mut(&*inst.key)
                 .filter(|u| matches!(u.task, Some(Slot::Queued)));
             let Some(u) = unit else {
                 // Stale: started, dropped or stopped since.
@@ -240,7 +242,7 @@ impl Roster {
         if self.shutdown.is_cancelled() {
             return;
         }
-        let Some(u) = units.get_mut(&inst.key) else {
+        let Some(u) = units.get_mut(&*inst.key) else {
             return;
         };
         let seq = self.parkings.fetch_add(1, Ordering::Relaxed);
@@ -270,7 +272,7 @@ impl Roster {
                 return Some(due);
             }
             let inst = entry.remove();
-            let Some(u) = units.get_mut(&inst.key) else {
+            let Some(u) = units.get_mut(&*inst.key) else {
                 continue;
             };
             u.task = match u.task.take() {
@@ -332,7 +334,7 @@ impl Roster {
         // holds it.
         self.shared.status.register_instance(&key, |s| {
             s.source = source.name.as_str().into();
-            s.instance = inst.name.clone();
+            s.instance = inst.name().to_string();
             s.connector = source.connector.name.as_str().into();
         });
         let cluster = &self.shared.cluster;
@@ -355,17 +357,17 @@ impl Roster {
     /// ends; its lease row is pruned unless it comes back (see
     /// [`crate::cluster::Cluster::unwant`]).
     pub(crate) fn stop(&self, key: &str) {
-        let Some(unit) = self.units.lock().remove(key) else {
+        let Some((key, unit)) = self.units.lock().remove_entry(key) else {
             return;
         };
-        self.shared.cluster.unwant(key);
+        self.shared.cluster.unwant(&key);
         let mut stopping = self.stopping.lock();
         stopping.retain(|(_, h)| !h.is_finished());
         // A parked or queued instance has no task: dropped with its unit
         // (its timer or queue entry is skipped when it comes up).
         if let Some(Slot::Running(Running { token, handle })) = unit.task {
             token.cancel();
-            stopping.push((key.to_string(), handle));
+            stopping.push((key, handle));
         }
     }
 

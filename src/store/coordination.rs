@@ -26,6 +26,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Keys as [`Coordination::ensure_leases`] takes them (tests).
+#[cfg(test)]
+pub(crate) fn shared(keys: &[String]) -> Vec<Arc<str>> {
+    keys.iter().map(|k| Arc::from(k.as_str())).collect()
+}
+
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -124,7 +130,7 @@ pub trait Coordination: Send + Sync {
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>>> + Send;
 
     /// Makes sure every key has a lease (unowned when new).
-    fn ensure_leases(&self, keys: &[String]) -> impl Future<Output = Result<()>> + Send;
+    fn ensure_leases(&self, keys: &[Arc<str>]) -> impl Future<Output = Result<()>> + Send;
     /// How many leases there are.
     fn lease_count(&self) -> impl Future<Output = Result<i64>> + Send;
     /// Extends every lease `node` holds by `lease_ms`; returns them with
@@ -276,7 +282,7 @@ impl Coordination for Coordinator {
     async fn nodes(&self) -> Result<Vec<NodeRow>> {
         dispatch!(self, c => c.nodes().await)
     }
-    async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
+    async fn ensure_leases(&self, keys: &[Arc<str>]) -> Result<()> {
         dispatch!(self, c => c.ensure_leases(keys).await)
     }
     async fn lease_count(&self) -> Result<i64> {
@@ -345,7 +351,7 @@ mod tests {
         assert!(matches!(c, Coordinator::SingleNode(_)));
         assert!(!c.is_shared());
         // Fresh at each call: take it once and clone it.
-        c.ensure_leases(&["s/i".to_string()]).await.unwrap();
+        c.ensure_leases(&["s/i".into()]).await.unwrap();
         assert_eq!(c.clone().lease_count().await.unwrap(), 1);
         assert_eq!(store.coordination().lease_count().await.unwrap(), 0);
     }

@@ -77,9 +77,13 @@ fn keys(n: usize) -> Vec<String> {
 async fn leases_are_exclusive<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
-    a.ensure_leases(&keys(6)).await.unwrap();
+    a.ensure_leases(&crate::store::coordination::shared(&keys(6)))
+        .await
+        .unwrap();
     // Twice: a row that exists already is left alone.
-    b.ensure_leases(&keys(6)).await.unwrap();
+    b.ensure_leases(&crate::store::coordination::shared(&keys(6)))
+        .await
+        .unwrap();
     assert_eq!(a.lease_count().await.unwrap(), 6);
     let (ga, gb) = tokio::join!(a.claim("a", 60_000, 4), b.claim("b", 60_000, 4));
     let (ga, gb) = (ga.unwrap(), gb.unwrap());
@@ -121,7 +125,9 @@ async fn leases_are_exclusive<F: CoordFixture>() {
 async fn a_lapsed_lease_is_taken_over<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
-    a.ensure_leases(&keys(1)).await.unwrap();
+    a.ensure_leases(&crate::store::coordination::shared(&keys(1)))
+        .await
+        .unwrap();
     let got = a.claim("a", 300, 1).await.unwrap();
     assert_eq!(got.len(), 1);
     let e1 = got[0].epoch;
@@ -149,7 +155,7 @@ async fn a_stale_fencing_token_is_refused<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
     let key = "s/fenced";
-    a.ensure_leases(&[key.to_string()]).await.unwrap();
+    a.ensure_leases(&[key.into()]).await.unwrap();
     let e1 = a.claim("a", 200, 1).await.unwrap()[0].epoch;
     let fence = |owner: &str, epoch| Fence {
         owner: owner.into(),
@@ -275,7 +281,9 @@ async fn a_wake_up_is_delivered<F: CoordFixture>() {
     b.heartbeat("b", 2, 60_000).await.unwrap();
     let (listener, mut notices) = listening(&a, &b).await;
     // Pruning the lease of a removed key tells every node.
-    b.ensure_leases(&keys(2)).await.unwrap();
+    b.ensure_leases(&crate::store::coordination::shared(&keys(2)))
+        .await
+        .unwrap();
     let (pruned, kept) = b.prune_leases("b", &keys(1)).await.unwrap();
     assert_eq!((pruned, kept.len()), (1, 0));
     let n = loop {
@@ -307,7 +315,9 @@ async fn membership_follows_heartbeats<F: CoordFixture>() {
     // (Apart by more than the clock's millisecond.)
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(b.heartbeat("b", 2, 60_000).await.unwrap(), 2);
-    b.ensure_leases(&keys(3)).await.unwrap();
+    b.ensure_leases(&crate::store::coordination::shared(&keys(3)))
+        .await
+        .unwrap();
     b.claim("b", 60_000, 2).await.unwrap();
     let nodes = a.nodes().await.unwrap();
     assert_eq!(nodes.len(), 2, "{nodes:?}");
@@ -332,7 +342,9 @@ async fn pruning_keeps_leases_held_by_another_node<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
     let k = keys(5);
-    a.ensure_leases(&k).await.unwrap();
+    a.ensure_leases(&crate::store::coordination::shared(&k))
+        .await
+        .unwrap();
     // Two live leases of b's, one of a's, one of c's that lapses, one free.
     let held_by_b: BTreeSet<String> = b
         .claim("b", 60_000, 2)
@@ -367,7 +379,9 @@ async fn pruning_keeps_leases_held_by_another_node<F: CoordFixture>() {
 async fn a_renewal_says_what_changed<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
-    a.ensure_leases(&keys(3)).await.unwrap();
+    a.ensure_leases(&crate::store::coordination::shared(&keys(3)))
+        .await
+        .unwrap();
     let set = |l: Vec<(String, i64)>| l.into_iter().map(|x| x.0).collect::<BTreeSet<_>>();
     let claimed = |l: Vec<Claimed>| l.into_iter().map(|x| x.key).collect::<BTreeSet<_>>();
     let mut mine = claimed(a.claim("a", 60_000, 2).await.unwrap());
@@ -401,7 +415,9 @@ async fn a_renewal_says_what_changed<F: CoordFixture>() {
 async fn a_silent_nodes_next_lapse_is_known<F: CoordFixture>() {
     let f = F::open().await;
     let (a, b) = (f.handle().await, f.handle().await);
-    a.ensure_leases(&keys(3)).await.unwrap();
+    a.ensure_leases(&crate::store::coordination::shared(&keys(3)))
+        .await
+        .unwrap();
     // Each node's heartbeat says its lease (which may keep its leases).
     a.heartbeat("a", 1, 8_000).await.unwrap();
     b.heartbeat("b", 2, 4_000).await.unwrap();
@@ -453,7 +469,9 @@ async fn a_heartbeat_keeps_every_lease_of_its_node<F: CoordFixture>() {
         return;
     }
     const LEASE: i64 = 2_000;
-    a.ensure_leases(&keys(3)).await.unwrap();
+    a.ensure_leases(&crate::store::coordination::shared(&keys(3)))
+        .await
+        .unwrap();
     a.heartbeat("a", 1, LEASE).await.unwrap();
     b.heartbeat("b", 2, 60_000).await.unwrap();
     assert_eq!(a.claim("a", LEASE, 3).await.unwrap().len(), 3);
@@ -519,7 +537,9 @@ async fn a_lease_given_back_is_announced_and_dated<F: CoordFixture>() {
     let (a, b) = (f.handle().await, f.handle().await);
     a.heartbeat("a", 1, 60_000).await.unwrap();
     b.heartbeat("b", 2, 60_000).await.unwrap();
-    a.ensure_leases(&keys(3)).await.unwrap();
+    a.ensure_leases(&crate::store::coordination::shared(&keys(3)))
+        .await
+        .unwrap();
     let got = a.claim("a", 60_000, 3).await.unwrap();
     assert_eq!(got.len(), 3);
     assert!(

@@ -70,7 +70,8 @@ struct Renewal {
 #[derive(Default)]
 struct Table {
     nodes: HashMap<String, Node>,
-    leases: BTreeMap<String, Lease>,
+    /// Keyed by the cluster's own keys (shared, not copied).
+    leases: BTreeMap<Arc<str>, Lease>,
     quota: HashMap<String, Quota>,
     renewals: HashMap<String, Renewal>,
     /// Raised whenever a lease changes owner or epoch, or goes: a renewal
@@ -113,7 +114,7 @@ impl Table {
         self.leases
             .iter()
             .filter(|(_, l)| l.owner.as_deref() == Some(node))
-            .map(|(k, l)| (k.clone(), l.epoch))
+            .map(|(k, l)| (k.to_string(), l.epoch))
             .collect()
     }
 }
@@ -211,7 +212,7 @@ impl Coordination for SingleNode {
         Ok(rows.into_iter().map(|(_, r)| r).collect())
     }
 
-    async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
+    async fn ensure_leases(&self, keys: &[Arc<str>]) -> Result<()> {
         let mut t = self.table();
         for k in keys {
             t.leases.entry(k.clone()).or_insert(Lease {
@@ -246,7 +247,7 @@ impl Coordination for SingleNode {
         let now = self.now_ms();
         let mut t = self.table();
         // The order PostgreSQL's claim takes: the longest lapsed first.
-        let mut free: Vec<(f64, String)> = t
+        let mut free: Vec<(f64, Arc<str>)> = t
             .leases
             .iter()
             .filter(|(_, l)| l.owner.is_none() || t.until(l) < now)
@@ -265,7 +266,7 @@ impl Coordination for SingleNode {
             l.epoch += 1;
             l.until_ms = now + lease_ms as f64;
             got.push(Claimed {
-                key: k,
+                key: k.to_string(),
                 epoch: l.epoch,
                 released_ago,
                 lapsed,
@@ -283,7 +284,7 @@ impl Coordination for SingleNode {
             let mut t = self.table();
             let mut changed = false;
             for k in keys {
-                if let Some(l) = t.leases.get_mut(k) {
+                if let Some(l) = t.leases.get_mut(k.as_str()) {
                     if l.owner.as_deref() == Some(node) {
                         // Unowned, with the time it was given back (a
                         // lease nobody held yet has 0).
@@ -314,11 +315,13 @@ impl Coordination for SingleNode {
         {
             let mut t = self.table();
             for k in keys {
-                let Some(l) = t.leases.get(k) else { continue };
+                let Some(l) = t.leases.get(k.as_str()) else {
+                    continue;
+                };
                 let free =
                     l.owner.is_none() || l.owner.as_deref() == Some(node) || t.until(l) < now;
                 if free {
-                    t.leases.remove(k);
+                    t.leases.remove(k.as_str());
                     pruned += 1;
                 } else {
                     kept.insert(k.clone());
@@ -340,7 +343,7 @@ impl Coordination for SingleNode {
         Ok(t.leases
             .iter()
             .map(|(k, l)| LeaseRow {
-                key: k.clone(),
+                key: k.to_string(),
                 owner: l.owner.as_deref().map(str::to_string),
                 epoch: l.epoch,
                 left_ms: (t.until(l) - now) as i64,
@@ -488,7 +491,9 @@ mod tests {
     async fn an_unchanged_renewal_lists_nothing_and_still_extends() {
         let c = SingleNode::default();
         let keys: Vec<String> = (0..3).map(|i| format!("s/{i}")).collect();
-        c.ensure_leases(&keys).await.unwrap();
+        c.ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
         assert_eq!(c.claim("a", 100, 3).await.unwrap().len(), 3);
         assert_eq!(c.renew_changed("a", 100).await.unwrap().unwrap().len(), 3);
         assert_eq!(c.renew_changed("a", 60_000).await.unwrap(), None);
@@ -556,7 +561,7 @@ mod tests {
     #[tokio::test]
     async fn a_claimed_or_renewed_lease_runs_for_its_length_from_now() {
         let mut c = aged(100_000);
-        c.ensure_leases(&["s/i".to_string()]).await.unwrap();
+        c.ensure_leases(&["s/i".into()]).await.unwrap();
         assert_eq!(c.claim("a", 1_000, 1).await.unwrap().len(), 1);
         let left = c.leases().await.unwrap()[0].left_ms;
         assert!((900..=1_000).contains(&left), "{left}");
@@ -667,7 +672,7 @@ mod tests {
     async fn pruning_nothing_wakes_nobody() {
         let c = SingleNode::default();
         let mut rx = c.wake.subscribe();
-        c.ensure_leases(&["s/kept".to_string()]).await.unwrap();
+        c.ensure_leases(&["s/kept".into()]).await.unwrap();
         let (pruned, kept) = c.prune_leases("a", &["s/gone".to_string()]).await.unwrap();
         assert_eq!((pruned, kept.len()), (0, 0));
         assert!(rx.try_recv().is_err(), "a wake-up for nothing pruned");
@@ -716,7 +721,7 @@ mod tests {
     async fn a_lease_ending_at_this_instant_has_not_lapsed() {
         let c = frozen();
         c.heartbeat("a", 1, 60_000).await.unwrap();
-        c.ensure_leases(&["s/i".to_string()]).await.unwrap();
+        c.ensure_leases(&["s/i".into()]).await.unwrap();
         assert_eq!(
             pairs(c.claim("a", 0, 1).await.unwrap()),
             vec![("s/i".to_string(), 1)]
@@ -726,7 +731,7 @@ mod tests {
         let (pruned, kept) = c.prune_leases("b", &["s/i".to_string()]).await.unwrap();
         assert_eq!((pruned, kept), (0, ["s/i".to_string()].into()));
         // A lease that runs on is counted as its holder's.
-        c.ensure_leases(&["s/j".to_string()]).await.unwrap();
+        c.ensure_leases(&["s/j".into()]).await.unwrap();
         assert_eq!(c.claim("a", 1, 1).await.unwrap().len(), 1);
         assert_eq!(c.nodes().await.unwrap()[0].leases, 1);
     }
@@ -799,7 +804,9 @@ mod tests {
     async fn a_renewal_after_a_claim_and_a_release_lists_the_new_leases() {
         let c = aged(100_000);
         let keys: Vec<String> = ["s/x", "s/y"].iter().map(|k| k.to_string()).collect();
-        c.ensure_leases(&keys).await.unwrap();
+        c.ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
         assert_eq!(
             pairs(c.claim("a", 60_000, 1).await.unwrap()),
             vec![("s/x".to_string(), 1)]

@@ -20,6 +20,7 @@
 //! after it sees the loss) or sees that heartbeat and takes nothing.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{pg_err, PgStore};
@@ -91,7 +92,8 @@ impl Coordination for PgStore {
     }
 
     /// Makes sure every key has a lease row (unowned when new).
-    async fn ensure_leases(&self, keys: &[String]) -> Result<()> {
+    async fn ensure_leases(&self, keys: &[Arc<str>]) -> Result<()> {
+        let keys: Vec<&str> = keys.iter().map(|k| &**k).collect();
         self.exec_relaxed(
             "add leases",
             "INSERT INTO lease (instance) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",

@@ -246,7 +246,10 @@ async fn pruning_keeps_rows_held_elsewhere_or_with_queued_events() {
         let keys: Vec<String> = ["s/free", "s/mine", "s/theirs", "s/queued", "s/kept"]
             .map(String::from)
             .into();
-        store.ensure_leases(&keys).await.unwrap();
+        store
+            .ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
         // "a" holds everything but s/free; "b" then takes s/theirs.
         store.claim("a", 60_000, 4).await.unwrap();
         store
@@ -351,8 +354,14 @@ async fn leases_are_claimed_once_and_stale_commits_are_refused() {
     let store = PgStore::open(&testing::url(), &schema).await.unwrap();
     let check = async move {
         let keys: Vec<String> = (0..4).map(|i| format!("s/{i}")).collect();
-        store.ensure_leases(&keys).await.unwrap();
-        store.ensure_leases(&keys).await.unwrap();
+        store
+            .ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
+        store
+            .ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
         assert_eq!(store.lease_count().await.unwrap(), 4);
         // Two nodes claiming at once never take the same row.
         let (a, b) = tokio::join!(store.claim("a", 60_000, 3), store.claim("b", 60_000, 3));
@@ -474,7 +483,10 @@ async fn a_claim_taken_over_before_the_next_round_is_seen_lost() {
     let store = PgStore::open(&testing::url(), &schema).await.unwrap();
     let check = async move {
         let keys: Vec<String> = (0..3).map(|i| format!("s/{i}")).collect();
-        store.ensure_leases(&keys).await.unwrap();
+        store
+            .ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
         store.heartbeat("a", 1, 60_000).await.unwrap();
         assert_eq!(
             store.renew_changed("a", 60_000).await.unwrap(),
@@ -672,7 +684,10 @@ async fn renewals_are_hot_updates() {
         let keys: Vec<String> = (0..3_000)
             .map(|i| format!("source/instance-{i:05}"))
             .collect();
-        store.ensure_leases(&keys).await.unwrap();
+        store
+            .ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
         assert_eq!(store.claim("a", 60_000, 3_000).await.unwrap().len(), 3_000);
         for (i, k) in keys.iter().enumerate() {
             store.set_next_run(k, i as i64).await.unwrap();
