@@ -159,6 +159,10 @@ const LOCAL_SHARE: f64 = 0.8;
 /// rounding, without putting the takeover off noticeably.
 const AFTER_LAPSE: Duration = Duration::from_millis(50);
 
+/// The keys a node's configuration has, and those not yet given a lease
+/// row (see [`Cluster::want`]).
+type Wants = (BTreeSet<Arc<str>>, Vec<Arc<str>>);
+
 /// One node of a cluster.
 pub struct Cluster {
     /// This node's name: host, process id and a random suffix (or
@@ -178,7 +182,7 @@ pub struct Cluster {
     /// Keys this node's configuration has (instances, discoveries), and
     /// those not yet given a lease row. Locked alone, never with `leases`
     /// or `gone` held.
-    wanted: Mutex<(BTreeSet<Arc<str>>, Vec<Arc<str>>)>,
+    wanted: Mutex<Wants>,
     /// Keys of outbox lanes no task wants (see [`Cluster::adopt`]), given
     /// a lease row once.
     adopted: Mutex<std::collections::HashSet<String>>,
