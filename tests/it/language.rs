@@ -239,6 +239,25 @@ emit: [{{ type: item.new }}]
     )
 }
 
+/// An instance's name is the tail of its key after its source's name,
+/// whatever that name holds (a `/` too): the key is one shared string,
+/// the name a view of it.
+#[test]
+fn an_instance_name_is_its_key_after_the_source_name() {
+    let c = connector(&list_connector(
+        "127.0.0.1:9".parse().unwrap(),
+        "/x",
+        "$.items[*]",
+        "  next_url: $.next",
+    ));
+    let own = [("account".to_string(), json!("a/1"))];
+    let i = Instance::new("team/bank", "a/1", &c, Arc::new(Map::new()), own);
+    assert_eq!(&*i.key, "team/bank/a/1");
+    assert_eq!(i.name(), "a/1");
+    let d = instance(&c, json!({}));
+    assert_eq!((&*d.key, d.name()), ("t/default", "default"));
+}
+
 #[tokio::test]
 async fn every_paging_style_reads_the_whole_listing_once() {
     let base = paging_server().await;
