@@ -473,8 +473,11 @@ async fn main() {
     );
     let lease = Duration::from_secs(common::LEASE_SECS);
     let store = pg.as_ref().map(|p| p.yaml()).unwrap_or_default();
-    let bridge = format!(
-        r#"state_dir: state
+    // The bridge for a store and a list of accounts: the runs' own, and
+    // the one-instance daemon's the per-instance cost is counted from.
+    let bridge_with = |store: &str, list: &str| {
+        format!(
+            r#"state_dir: state
 admin: {{ listen: "127.0.0.1:0" }}
 {store}
 sources:
@@ -489,10 +492,11 @@ endpoints:
 hosts:
   "127.0.0.1:{port}": {{ rate: 2000/s, burst: 50, max_in_flight: 64 }}
 "#,
-        list = ids.join(", "),
-        secs = interval.as_secs(),
-        port = bank_addr.port(),
-    );
+            secs = interval.as_secs(),
+            port = bank_addr.port(),
+        )
+    };
+    let bridge = bridge_with(&store, &ids.join(", "));
 
     let started = Instant::now();
     let mut daemons = Vec::new();
@@ -697,26 +701,11 @@ hosts:
         None => du(&state_dir),
     };
 
-    // What a daemon costs with one instance (same connector, sled, the
+    // What a daemon costs with one instance (the same bridge on sled, the
     // same machine, run now): the base the per-instance cost is counted
     // from. Its VmRSS after a few seconds at rest, after its first poll.
     let baseline_rss = {
-        let one = format!(
-            r#"state_dir: state
-admin: {{ listen: "127.0.0.1:0" }}
-sources:
-  balances:
-    connector: bank-balance
-    with: {{ base_url: "http://{bank_addr}" }}
-    for_each: {{ account: [{first}] }}
-    schedule: every {secs}s
-    deliver_to: [agent]
-endpoints:
-  agent: {{ url: "http://{rx_addr}/hook", secret: "{SECRET}" }}
-"#,
-            first = ids[0],
-            secs = interval.as_secs(),
-        );
+        let one = bridge_with("", &ids[0]);
         let d = common::Daemon::start("bank-balance.yaml", &one, "error").await;
         let _guard = KillOnDrop(d.pid);
         tokio::time::sleep(Duration::from_secs(5)).await;

@@ -180,8 +180,8 @@ pub struct Cluster {
     /// lease look again.
     changed: watch::Sender<u64>,
     /// Keys this node's configuration has (instances, discoveries), and
-    /// those not yet given a lease row. Locked alone, never with `leases`
-    /// or `gone` held.
+    /// those not yet given a lease row. Locked before `gone` and
+    /// `leases`, never while either is held (see [`Cluster::shared_keys`]).
     wanted: Mutex<Wants>,
     /// Keys of outbox lanes no task wants (see [`Cluster::adopt`]), given
     /// a lease row once.
