@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::cluster::Arrival;
 use crate::connector::detect::{detect, Detection};
-use crate::connector::fetch::{fetch, FetchEnv, Fetched, PollError};
+use crate::connector::fetch::{fetch_again, FetchEnv, Fetched, Memo, PollError};
 use crate::connector::mask;
 use crate::connector::spec::Instance;
 use crate::event::{event_id, Event};
@@ -28,7 +28,7 @@ use crate::schedule::{
     first_due_handed_over, first_due_taken_over, first_due_within, prompt_spread,
 };
 use crate::status::PollOutcome;
-use crate::store::{InstanceState, OutboxEntry};
+use crate::store::{InstanceState, OutboxEntry, UrlTag};
 
 mod roster;
 pub(crate) use roster::Roster;
@@ -236,6 +236,8 @@ async fn poll_held(
             (pace, rate_limit)
         }
     };
+    // The instance's request, kept while this task runs (not parked).
+    let mut memo = Memo::default();
     loop {
         if fresh {
             Box::pin(record_due(shared, source, inst, &mut pace)).await;
@@ -248,16 +250,13 @@ async fn poll_held(
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return Stop::Done,
         }
-        if let Err(stop) = Box::pin(poll_turn(
-            shared,
-            source,
-            inst,
+        let turn = Turn {
             epoch,
-            shutdown,
-            rate_limit.as_deref(),
-            &mut pace,
-        ))
-        .await
+            rate_limit: rate_limit.as_deref(),
+            memo: &mut memo,
+        };
+        if let Err(stop) =
+            Box::pin(poll_turn(shared, source, inst, shutdown, turn, &mut pace)).await
         {
             return stop;
         }
@@ -326,6 +325,16 @@ async fn start_pace(
     }))
 }
 
+/// What one turn of [`poll_held`] polls under and with, besides its pace.
+struct Turn<'a> {
+    /// The lease's epoch the task holds it under.
+    epoch: i64,
+    /// The connector's `rate_limit` for this instance.
+    rate_limit: Option<&'a RateLimit>,
+    /// The instance's request kept between polls.
+    memo: &'a mut Memo,
+}
+
 /// One turn of [`poll_held`]: the poll that came due, under the lease
 /// it started with (not given back while it runs), and when the next is
 /// due. Its own (boxed) future: what a task keeps while it waits for its
@@ -335,11 +344,15 @@ async fn poll_turn(
     shared: &Arc<Shared>,
     source: &Arc<Source>,
     inst: &Instance,
-    epoch: i64,
     shutdown: &CancellationToken,
-    rate_limit: Option<&RateLimit>,
+    turn: Turn<'_>,
     pace: &mut Pace,
 ) -> Result<(), Stop> {
+    let Turn {
+        epoch,
+        rate_limit,
+        memo,
+    } = turn;
     let busy = begin(&shared.cluster, &inst.key, epoch, shutdown).await?;
     let env = FetchEnv {
         client: &shared.client,
@@ -348,12 +361,14 @@ async fn poll_turn(
         tokens: &shared.tokens,
         user_agent: shared.live.user_agent(),
     };
-    let polls = poll_under(shared, source, inst, &env, pace, busy).await?;
+    let polls = poll_under(shared, source, inst, &env, pace, memo, busy).await?;
     let Some(next) = next_due(shared, source, inst, pace, &polls) else {
         warn!(instance = %inst.key, "schedule has no future run; instance stops");
         return Err(Stop::Done);
     };
-    pace.due = source.schedule.jittered(next, rand::random::<f64>());
+    let schedule = &source.schedule;
+    let due = schedule.jittered(next, rand::random::<f64>());
+    pace.due = schedule.spaced(due, pace.last_start, pace.interval);
     Ok(())
 }
 
@@ -430,6 +445,7 @@ async fn poll_under(
     inst: &Instance,
     env: &FetchEnv<'_>,
     pace: &mut Pace,
+    memo: &mut Memo,
     busy: crate::cluster::Busy,
 ) -> Result<Polls, Stop> {
     let c = &source.connector;
@@ -446,7 +462,7 @@ async fn poll_under(
     // Inline: a poll in flight (HTTP, paging, detection) is kilobytes,
     // but this runs inside `poll_turn`, whose future is boxed for the
     // call only; a sleeping instance carries none of it.
-    let outcome = poll_once(shared, source, inst, &pace.state, env, Some(&fence)).await;
+    let outcome = poll_once(shared, source, inst, &pace.state, env, memo, Some(&fence)).await;
     drop(busy);
     shared
         .status
@@ -626,11 +642,12 @@ async fn poll_once(
     inst: &Instance,
     state: &InstanceState,
     env: &FetchEnv<'_>,
+    memo: &mut Memo,
     fence: Option<&crate::store::Fence>,
 ) -> Result<Polled, PollError> {
     let c = &source.connector;
     let now = Utc::now();
-    let fetched = fetch(c, inst, state, env, now).await?;
+    let fetched = fetch_again(c, inst, state, env, now, memo).await?;
     if fetched.not_modified {
         record_not_modified(shared, source, inst);
         return Ok(Polled {
@@ -887,10 +904,10 @@ pub fn prepare_commit(
 ) -> (InstanceState, Vec<Event>) {
     let mut next = detection.state;
     if fetched.first_url.is_some() {
-        next.etag = fetched.etag.clone();
-        next.last_modified = fetched.last_modified.clone();
+        next.etag = fetched.etag.as_deref().map(Box::from);
+        next.last_modified = fetched.last_modified.as_deref().map(Box::from);
         next.validator_url = if next.etag.is_some() || next.last_modified.is_some() {
-            fetched.first_url.clone()
+            fetched.first_url.as_deref().map(UrlTag::of)
         } else {
             None
         };

@@ -255,10 +255,7 @@ mod tests {
         let (a, b) = (&s.instances[0], &s.instances[1]);
         assert!(Arc::ptr_eq(&a.base_vars, &b.base_vars));
         assert!(Arc::ptr_eq(&a.base_vars, &s.base_vars));
-        assert_eq!(
-            Value::Object(a.own_vars.iter().cloned().collect()),
-            json!({ "account": "a" })
-        );
+        assert_eq!(Value::Object(a.own_vars()), json!({ "account": "a" }));
         assert_eq!(
             serde_json::to_string(&b.vars()).unwrap(),
             r#"{"page":10,"region":"eu","account":"b"}"#,

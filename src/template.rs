@@ -229,6 +229,11 @@ fn without_functions(names: std::collections::HashSet<String>) -> BTreeSet<Strin
         .collect()
 }
 
+/// What a template may read that differs between two renders of the same
+/// instance with the same state: the time, a fresh UUID, and `debug()`,
+/// which prints the whole context (the time with it).
+const UNSTEADY: &[&str] = &["now", "uuid", "debug"];
+
 /// The filter every `~`, `*` and `+` of a template passes its result
 /// through (see [`bounded_source`]); not a name a template can write by
 /// accident.
@@ -1082,6 +1087,35 @@ impl Engine {
                     .collect::<Result<_, TemplateError>>()?,
             ),
         })
+    }
+
+    /// Whether `tpl` renders the same text every time its variables other
+    /// than `now` hold the same values: it reads neither `now` nor
+    /// `uuid()` (every other function and filter is pure). What lets a
+    /// poll task send its last request again without rendering it (see
+    /// `connector::fetch::Memo`).
+    ///
+    /// Decided by the words of the template's text, not by minijinja's
+    /// analysis of the variables it reads (`undeclared_variables`), which
+    /// missed `now` in an `{% else %}` branch: a word anywhere (a string,
+    /// a comment) only makes the request be made afresh at every poll,
+    /// while a miss would send a stale time.
+    pub fn is_steady(&self, tpl: &Tpl) -> bool {
+        self.env.get_template(&tpl.0).is_ok_and(|t| {
+            !t.source()
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .any(|word| UNSTEADY.contains(&word))
+        })
+    }
+
+    /// [`Engine::is_steady`] for every template of a value template.
+    pub fn is_steady_value(&self, t: &ValueTpl) -> bool {
+        match t {
+            ValueTpl::Literal(_) => true,
+            ValueTpl::Text(t) | ValueTpl::Native(t) => self.is_steady(t),
+            ValueTpl::Array(a) => a.iter().all(|x| self.is_steady_value(x)),
+            ValueTpl::Object(o) => o.iter().all(|(_, x)| self.is_steady_value(x)),
+        }
     }
 
     /// Evaluates a condition with `ctx`.

@@ -107,6 +107,40 @@ pub struct RequestSpec {
     pub auth: Option<Auth>,
     pub timeout: Duration,
     pub max_response_bytes: u64,
+    /// No template of the request reads `now` or `uuid()` (see
+    /// [`RequestSpec::reads_no_clock`]): an instance's request is then
+    /// the same at every poll until its cursor moves, and its poll task
+    /// keeps it made rather than rendering it again each time.
+    pub steady: bool,
+}
+
+impl RequestSpec {
+    /// Whether every template of the request (URL, query, headers, body,
+    /// authentication) is [`Engine::is_steady`].
+    pub fn reads_no_clock(&self, engine: &Engine) -> bool {
+        let steady = |t: &Tpl| engine.is_steady(t);
+        let pairs = |v: &[(String, Tpl)]| v.iter().all(|(_, t)| steady(t));
+        let body = match &self.body {
+            None => true,
+            Some(Body::Raw(t)) => steady(t),
+            Some(Body::Json(v)) => engine.is_steady_value(v),
+            Some(Body::Form(f)) => pairs(f),
+        };
+        let auth = match &self.auth {
+            None => true,
+            Some(Auth::Bearer(t)) | Some(Auth::ApiKey { value: t, .. }) => steady(t),
+            Some(Auth::Basic(u, p)) => steady(u) && p.as_ref().is_none_or(steady),
+            Some(Auth::OAuth2(o)) => {
+                [&o.token_url, &o.client_id, &o.client_secret]
+                    .into_iter()
+                    .chain(&o.scope)
+                    .chain(&o.refresh_token)
+                    .all(steady)
+                    && pairs(&o.params)
+            }
+        };
+        steady(&self.url) && pairs(&self.query) && pairs(&self.headers) && body && auth
+    }
 }
 
 /// A request body.
@@ -281,10 +315,13 @@ pub struct Instance {
     /// each at rest, measured with heaptrack).
     pub base_vars: Arc<Map<String, Value>>,
     /// This instance's own values (its `for_each` combination, or what
-    /// discovery gave it), over `base_vars`. A boxed slice, not a map:
+    /// discovery gave it), over `base_vars`, as one compact JSON object:
     /// one or two values, kept by every instance of a fleet for the
-    /// daemon's life (a map of one was about 190 B, this about 100 B).
-    pub own_vars: Box<[(String, Value)]>,
+    /// daemon's life. A map of one was about 190 B, a boxed slice of
+    /// `(String, Value)` pairs (three allocations) about 150 B with the
+    /// allocator's headers; this text is one allocation of about 30 B.
+    /// Read back by [`Instance::vars`] when a request is made.
+    own_vars: Box<str>,
     /// Values of secret params, to mask wherever text is shown.
     pub secrets: Vec<String>,
 }
@@ -303,7 +340,9 @@ impl Instance {
             key: format!("{source}/{name}").into(),
             name_at: source.len() + 1,
             base_vars,
-            own_vars: own_vars.into_iter().collect(),
+            own_vars: serde_json::to_string(&own_vars.into_iter().collect::<Map<_, _>>())
+                .expect("a JSON map always serializes")
+                .into(),
             secrets: vec![],
         };
         inst.secrets = secrets_of(connector, &inst.vars());
@@ -320,10 +359,13 @@ impl Instance {
     /// values. A copy, made per poll: what is kept at rest is shared.
     pub fn vars(&self) -> Map<String, Value> {
         let mut vars = (*self.base_vars).clone();
-        for (k, v) in self.own_vars.iter() {
-            vars.insert(k.clone(), v.clone());
-        }
+        vars.extend(self.own_vars());
         vars
+    }
+
+    /// This instance's own values (see [`Instance::vars`] for all of them).
+    pub fn own_vars(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.own_vars).expect("written by Instance::new")
     }
 }
 

@@ -314,3 +314,33 @@ fn url_values_stay_in_their_segment_unless_they_begin_the_url() {
     let p = e.template("{{ base_url }}/{{ repo | path }}").unwrap();
     assert!(e.render_url(&p, &c).is_err());
 }
+
+#[test]
+fn a_template_reading_the_time_or_a_uuid_is_not_steady() {
+    let mut e = Engine::new();
+    let steady = e
+        .template("{{ base }}/a/{{ acc | upper }}?c={{ cursor }}&k={{ nowhere }}")
+        .unwrap();
+    assert!(e.is_steady(&steady), "`nowhere` is not `now`");
+    for unsteady in [
+        "{{ base }}?since={{ now }}",
+        "{% if cursor %}{{ cursor }}{% else %}{{ now[:10] }}{% endif %}",
+        "{% for x in range(2) %}{{ now }}{% endfor %}",
+        "{% set t = now %}{{ t }}",
+        "{{ uuid() }}",
+        "{{ debug() }}",
+        "{# now #}{{ base }}",
+    ] {
+        let t = e.template(unsteady).unwrap();
+        assert!(!e.is_steady(&t), "{unsteady}");
+    }
+    let body = e
+        .value_template(&serde_json::json!({"q": {"id": "{{ acc }}", "n": [1, "{{ cursor }}"]}}))
+        .unwrap();
+    assert!(e.is_steady_value(&body));
+    let stamped = e
+        .value_template(&serde_json::json!({"q": {"id": "{{ acc }}", "n": [1, "at {{ now }}"]}}))
+        .unwrap();
+    assert!(!e.is_steady_value(&stamped));
+    assert!(e.is_steady_value(&ValueTpl::Literal(serde_json::json!(1))));
+}

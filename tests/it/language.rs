@@ -21,7 +21,7 @@ use pollhook::config::resolve::load_connector;
 use pollhook::config::Instance;
 use pollhook::connector::auth::TokenCache;
 use pollhook::connector::detect::{detect, Detection};
-use pollhook::connector::fetch::{fetch, FetchEnv, Fetched};
+use pollhook::connector::fetch::{fetch_again, FetchEnv, Fetched, Memo};
 use pollhook::connector::spec::Connector;
 use pollhook::quota::HostGates;
 use pollhook::store::InstanceState;
@@ -66,6 +66,8 @@ pub struct Poller {
     client: reqwest::Client,
     hosts: HostGates,
     tokens: Arc<TokenCache>,
+    /// The request kept between polls, as a poll task keeps it.
+    memo: Memo,
 }
 
 impl Poller {
@@ -79,10 +81,11 @@ impl Poller {
             client: pollhook::daemon::poll_client(),
             hosts: HostGates::new(&BTreeMap::new()),
             tokens: Arc::new(TokenCache::default()),
+            memo: Memo::default(),
         }
     }
 
-    pub async fn fetch(&self) -> Result<Fetched, String> {
+    pub async fn fetch(&mut self) -> Result<Fetched, String> {
         let env = FetchEnv {
             client: &self.client,
             hosts: &self.hosts,
@@ -90,7 +93,8 @@ impl Poller {
             tokens: &self.tokens,
             user_agent: None,
         };
-        fetch(&self.c, &self.inst, &self.state, &env, chrono::Utc::now())
+        let now = chrono::Utc::now();
+        fetch_again(&self.c, &self.inst, &self.state, &env, now, &mut self.memo)
             .await
             .map_err(|e| e.to_string())
     }
@@ -278,7 +282,7 @@ async fn every_paging_style_reads_the_whole_listing_once() {
         ("/next", "$.results[*]", "  next_url: $.next", 3),
     ];
     for (path, items, paginate, pages) in cases {
-        let p = Poller::new(&list_connector(base, path, items, paginate), json!({}));
+        let mut p = Poller::new(&list_connector(base, path, items, paginate), json!({}));
         let f = p.fetch().await.unwrap();
         let item_path = items.replace("[*]", "[*].id");
         assert_eq!(
@@ -296,7 +300,7 @@ async fn page_size_stop_saves_the_empty_last_request() {
     // Without `size`, page 3 (5 items) is not known to be the last: one more
     // request finds the empty page 4.
     let base = paging_server().await;
-    let p = Poller::new(
+    let mut p = Poller::new(
         &list_connector(
             base,
             "/page",
@@ -314,7 +318,7 @@ async fn page_size_stop_saves_the_empty_last_request() {
 #[tokio::test]
 async fn stop_when_ends_paging_on_a_flag() {
     let base = paging_server().await;
-    let p = Poller::new(
+    let mut p = Poller::new(
         &list_connector(
             base,
             "/flag",
@@ -351,7 +355,7 @@ async fn a_paginator_that_never_ends_hits_the_cap_and_says_so() {
 #[tokio::test]
 async fn a_next_url_on_another_host_is_refused_unless_allowed() {
     let base = paging_server().await;
-    let p = Poller::new(
+    let mut p = Poller::new(
         &list_connector(base, "/elsewhere", "$.items[*]", "  next_url: $.next"),
         json!({}),
     );
@@ -360,7 +364,7 @@ async fn a_next_url_on_another_host_is_refused_unless_allowed() {
         err.contains("another host (localhost:") && err.contains("allow_hosts"),
         "{err}"
     );
-    let p = Poller::new(
+    let mut p = Poller::new(
         &list_connector(
             base,
             "/elsewhere",
@@ -465,7 +469,7 @@ emit: [{{ type: x }}]
 #[tokio::test]
 async fn oauth2_token_is_cached_and_refreshed_once_on_401() {
     let (base, st) = auth_server().await;
-    let p = Poller::new(&oauth_connector(base), json!({"secret": "s3cret"}));
+    let mut p = Poller::new(&oauth_connector(base), json!({"secret": "s3cret"}));
     for _ in 0..3 {
         p.fetch().await.unwrap();
     }
@@ -485,7 +489,7 @@ async fn oauth2_token_is_cached_and_refreshed_once_on_401() {
 async fn a_failing_token_endpoint_is_a_clear_error_without_the_secret() {
     let (base, st) = auth_server().await;
     st.fail_token.store(true, Ordering::SeqCst);
-    let p = Poller::new(&oauth_connector(base), json!({"secret": "s3cret"}));
+    let mut p = Poller::new(&oauth_connector(base), json!({"secret": "s3cret"}));
     let err = p.fetch().await.unwrap_err();
     assert!(err.contains("authentication failed"), "{err}");
     assert!(err.contains("/token answered HTTP 401"), "{err}");
@@ -689,6 +693,40 @@ emit: [{{ type: "t.{{{{ change }}}}" }}]
     let (_, d) = p.poll().await.unwrap();
     assert!(d.events.is_empty(), "{:?}", d.events);
     assert!(p.state.known.contains_key("99"));
+}
+
+/// A poll task keeps its instance's request between polls only while it
+/// would be made the same: a request reading `uuid()` or `now` is made
+/// afresh each time, one reading neither is kept (and follows the cursor:
+/// the lookback test below polls through the same kept request).
+#[tokio::test]
+async fn a_request_reading_a_uuid_or_the_time_is_made_afresh_at_every_poll() {
+    let (base, _body) = list_server().await;
+    let yaml = |query: &str| {
+        format!(
+            r#"
+name: stamped
+request:
+  url: "http://{base}/items"
+  query: {{ {query} }}
+items: "$.items[*]"
+id: "{{{{ item.id }}}}"
+detect: new
+emit: [{{ type: row.new }}]
+"#
+        )
+    };
+    let mut p = Poller::new(&yaml(r#"nonce: "{{ uuid() }}""#), json!({}));
+    assert!(!p.c.request.steady);
+    let first = p.fetch().await.unwrap().log[0].url.clone();
+    let second = p.fetch().await.unwrap().log[0].url.clone();
+    assert_ne!(first, second, "the same uuid sent twice");
+    let stamped = Poller::new(&yaml(r#"at: "{{ now }}""#), json!({}));
+    assert!(!stamped.c.request.steady);
+    let mut kept = Poller::new(&yaml(r#"since: "{{ cursor | default('') }}""#), json!({}));
+    assert!(kept.c.request.steady);
+    let first = kept.fetch().await.unwrap().log[0].url.clone();
+    assert_eq!(kept.fetch().await.unwrap().log[0].url, first);
 }
 
 #[tokio::test]

@@ -54,7 +54,7 @@ pub(super) fn resolve_request(cx: &mut Cx, req: &RawRequest) -> Option<RequestSp
     let body = body(cx, req);
     let method = method(cx, req);
     let auth = auth(cx, req);
-    Some(RequestSpec {
+    let mut spec = RequestSpec {
         method,
         url: url?,
         query,
@@ -63,7 +63,10 @@ pub(super) fn resolve_request(cx: &mut Cx, req: &RawRequest) -> Option<RequestSp
         auth,
         timeout: req.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
         max_response_bytes: req.max_response_bytes.unwrap_or(10 * 1024 * 1024),
-    })
+        steady: false,
+    };
+    spec.steady = spec.reads_no_clock(&cx.engine);
+    Some(spec)
 }
 
 /// At most one of `body` (raw text), `json` and `form`.
