@@ -14,7 +14,6 @@ use cli::{commands, operate};
 
 fn main() -> ExitCode {
     cli::setup::limit_malloc_arenas();
-    cli::setup::map_code_as_it_runs();
     let cli = Cli::parse();
     cli::setup::init_logging(cli.log_format);
     cli::setup::set_worker_threads(cli.worker_threads.map(usize::from));

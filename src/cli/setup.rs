@@ -20,59 +20,6 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Asks the kernel to map the daemon's code as it runs, page by page.
-///
-/// On a fault in a file mapping the kernel maps the pages around the one
-/// asked for too (fault-around, 64 KiB), when they are in the page cache,
-/// which the binary's are. Code that runs is spread thinly over a 16 MB
-/// binary, so the resident code grew with what lay beside it: at rest,
-/// 11 of the daemon's 16 MiB were its own code pages. `MADV_RANDOM` on the
-/// executable's code mappings turns that off for them (and readahead,
-/// which a binary in the page cache does not need): what is resident is
-/// what ran. The price is a minor fault per first-run page instead of one
-/// per 16 (a few thousand at start, each a microsecond). Pages already
-/// mapped (the start so far) stay. Best effort: without `/proc`, nothing
-/// changes.
-pub fn map_code_as_it_runs() {
-    #[cfg(target_os = "linux")]
-    for (start, len) in own_code_mappings() {
-        // SAFETY: advice on a range of this process's own mappings, as
-        // listed by the kernel; MADV_RANDOM changes how faults are
-        // served, not what the pages hold.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, len, libc::MADV_RANDOM);
-        }
-    }
-}
-
-/// The executable's own code mappings (start, length), from
-/// `/proc/self/maps`.
-#[cfg(target_os = "linux")]
-fn own_code_mappings() -> Vec<(usize, usize)> {
-    let (Ok(maps), Ok(exe)) = (
-        std::fs::read_to_string("/proc/self/maps"),
-        std::fs::read_link("/proc/self/exe"),
-    ) else {
-        return Vec::new();
-    };
-    maps.lines()
-        .filter_map(|line| {
-            // `start-end perms offset dev inode   path`: the path is the
-            // first `/` on (no field before it holds one).
-            let mut fields = line.split_ascii_whitespace();
-            let (range, perms) = (fields.next()?, fields.next()?);
-            let path = &line[line.find('/')?..];
-            if !perms.contains('x') || std::path::Path::new(path) != exe {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            let a = usize::from_str_radix(a, 16).ok()?;
-            let b = usize::from_str_radix(b, 16).ok()?;
-            Some((a, b.checked_sub(a)?))
-        })
-        .collect()
-}
-
 /// glibc gives each thread that allocates its own malloc arena, and keeps
 /// what each arena once held. With two async workers, sled's threads and
 /// the blocking pool, that was 20 of 132 MiB at 10,000 instances (the
@@ -152,32 +99,4 @@ pub async fn watch_signals(
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting without draining");
     std::process::exit(130);
-}
-
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    /// The executable's code is found and, once advised, served page by
-    /// page: the kernel shows the advice as `rr` among the mapping's
-    /// flags (`/proc/self/smaps`).
-    #[test]
-    fn the_executables_code_is_mapped_as_it_runs() {
-        let code = super::own_code_mappings();
-        assert!(!code.is_empty(), "no code mapping of /proc/self/exe found");
-        super::map_code_as_it_runs();
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        for (start, _) in code {
-            let head = format!("{start:x}-");
-            let lines: Vec<&str> = smaps.lines().collect();
-            let at = lines
-                .iter()
-                .position(|l| l.starts_with(&head))
-                .unwrap_or_else(|| panic!("{head} not in smaps"));
-            // Each mapping's block ends with its flags.
-            let flags = lines[at..]
-                .iter()
-                .find(|l| l.starts_with("VmFlags:"))
-                .unwrap_or_else(|| panic!("no flags for {head}"));
-            assert!(flags.split_whitespace().any(|f| f == "rr"), "{flags}");
-        }
-    }
 }

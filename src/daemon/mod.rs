@@ -88,6 +88,10 @@ pub async fn run(
     // Started before the first apply, so no change of the held set is
     // missed; it ends with the shutdown.
     let roster = tokio::spawn(sup.roster.clone().run());
+    let give_back = tokio::spawn(crate::poll::give_back_memory_every(
+        crate::poll::GIVE_BACK_EVERY,
+        shutdown.clone(),
+    ));
     sup.apply(config).await;
     services.status.set_ready(true);
     let notifier = Arc::new(crate::notify::Notifier::from_env());
@@ -108,6 +112,7 @@ pub async fn run(
     }
     drain(&mut sup).await;
     let _ = roster.await;
+    let _ = give_back.await;
     services.stop().await;
     if let Some((a, _)) = admin {
         a.abort();
