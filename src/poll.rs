@@ -16,9 +16,10 @@ use tracing::{error, info, warn};
 
 use crate::cluster::Arrival;
 use crate::connector::detect::{detect, Detection};
-use crate::connector::fetch::{fetch_again, FetchEnv, Fetched, Memo, PollError};
+use crate::connector::fetch::{fetch_via, FetchEnv, Fetched, Memo, PollError};
 use crate::connector::mask;
 use crate::connector::spec::Instance;
+use crate::connector::transport::Transport;
 use crate::event::{event_id, Event};
 use crate::quota::RateLimit;
 use crate::runtime::Shared;
@@ -647,7 +648,8 @@ async fn poll_once(
 ) -> Result<Polled, PollError> {
     let c = &source.connector;
     let now = Utc::now();
-    let fetched = fetch_again(c, inst, state, env, now, memo).await?;
+    let live = Transport::Live(env.client);
+    let fetched = fetch_via(c, inst, state, env, live, now, Some(memo)).await?;
     if fetched.not_modified {
         record_not_modified(shared, source, inst);
         return Ok(Polled {

@@ -416,42 +416,7 @@ pub async fn fetch(
     env: &FetchEnv<'_>,
     now: DateTime<Utc>,
 ) -> Result<Fetched, PollError> {
-    fetch_with(c, inst, state, env, Transport::Live(env.client), now, None).await
-}
-
-/// [`fetch`] for an instance polled again and again: `memo` keeps its
-/// first request between polls (see [`Memo`]).
-pub async fn fetch_again(
-    c: &Connector,
-    inst: &Instance,
-    state: &InstanceState,
-    env: &FetchEnv<'_>,
-    now: DateTime<Utc>,
-    memo: &mut Memo,
-) -> Result<Fetched, PollError> {
-    fetch_with(
-        c,
-        inst,
-        state,
-        env,
-        Transport::Live(env.client),
-        now,
-        Some(memo),
-    )
-    .await
-}
-
-/// [`fetch`] with its requests (and token requests) sent through
-/// `transport`: recorded, or answered from a cassette.
-pub async fn fetch_via(
-    c: &Connector,
-    inst: &Instance,
-    state: &InstanceState,
-    env: &FetchEnv<'_>,
-    transport: Transport<'_>,
-    now: DateTime<Utc>,
-) -> Result<Fetched, PollError> {
-    fetch_with(c, inst, state, env, transport, now, None).await
+    fetch_via(c, inst, state, env, Transport::Live(env.client), now, None).await
 }
 
 /// An instance's first request as its last poll made it, kept by its poll
@@ -485,7 +450,11 @@ impl Memo {
     }
 }
 
-async fn fetch_with(
+/// [`fetch`] with its requests (and token requests) sent through
+/// `transport` (live, recorded, or answered from a cassette), and for an
+/// instance polled again and again, its first request kept between polls
+/// in `memo` (see [`Memo`]).
+pub async fn fetch_via(
     c: &Connector,
     inst: &Instance,
     state: &InstanceState,

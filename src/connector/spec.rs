@@ -107,7 +107,7 @@ pub struct RequestSpec {
     pub auth: Option<Auth>,
     pub timeout: Duration,
     pub max_response_bytes: u64,
-    /// No template of the request reads `now` or `uuid()` (see
+    /// No template of the request reads `now`, `uuid()` or `debug()` (see
     /// [`RequestSpec::reads_no_clock`]): an instance's request is then
     /// the same at every poll until its cursor moves, and its poll task
     /// keeps it made rather than rendering it again each time.

@@ -220,7 +220,7 @@ async fn poll_one(
     let state = store.load_state(&inst.key).await?;
     r.cursor_before = state.cursor.clone();
     r.cursor_after = state.cursor.clone();
-    let fetched = match fetch_via(&src.connector, inst, &state, env, transport, at).await {
+    let fetched = match fetch_via(&src.connector, inst, &state, env, transport, at, None).await {
         Ok(f) => f,
         // Not a failure: the daemon, too, puts the poll off.
         Err(e @ PollError::Deferred { .. }) => {

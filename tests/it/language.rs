@@ -21,8 +21,9 @@ use pollhook::config::resolve::load_connector;
 use pollhook::config::Instance;
 use pollhook::connector::auth::TokenCache;
 use pollhook::connector::detect::{detect, Detection};
-use pollhook::connector::fetch::{fetch_again, FetchEnv, Fetched, Memo};
+use pollhook::connector::fetch::{fetch_via, FetchEnv, Fetched, Memo};
 use pollhook::connector::spec::Connector;
+use pollhook::connector::transport::Transport;
 use pollhook::quota::HostGates;
 use pollhook::store::InstanceState;
 use serde_json::{json, Map, Value};
@@ -94,7 +95,9 @@ impl Poller {
             user_agent: None,
         };
         let now = chrono::Utc::now();
-        fetch_again(&self.c, &self.inst, &self.state, &env, now, &mut self.memo)
+        let live = Transport::Live(&self.client);
+        let memo = Some(&mut self.memo);
+        fetch_via(&self.c, &self.inst, &self.state, &env, live, now, memo)
             .await
             .map_err(|e| e.to_string())
     }
