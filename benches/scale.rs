@@ -33,7 +33,8 @@
 //!
 //! `cargo bench --bench scale` (env: BENCH_INSTANCES (10000),
 //! BENCH_INTERVAL_SECS (10), BENCH_CHANGES_PER_INTERVAL (200), BENCH_SECONDS
-//! (90, the measured window after the first poll of every instance)).
+//! (90, the measured window after the first poll of every instance),
+//! BENCH_LOG (the nodes' `POLLHOOK_LOG`, `error`)).
 
 #[path = "scale/chaos.rs"]
 mod chaos;
@@ -75,6 +76,10 @@ struct Account {
     win_polls: u32,
     /// The node that polled last (from its `User-Agent`, see [`node_of`]).
     last_node: u8,
+    /// Where the largest gap was: its start, and the nodes that polled
+    /// at its start and its end (printed for the late instances, so a
+    /// defect shows which hand-over it follows).
+    max_gap_at: Option<(Instant, u8, u8)>,
 }
 
 /// Most nodes a run tells apart (`BENCH_NODES` plus one that joins).
@@ -136,6 +141,7 @@ impl Bank {
                     min_gap: Duration::MAX,
                     win_polls: 0,
                     last_node: 0,
+                    max_gap_at: None,
                 },
             );
         }
@@ -158,10 +164,14 @@ impl Bank {
                 a.max_gap = Duration::ZERO;
                 a.min_gap = Duration::MAX;
                 a.win_polls = 0;
+                a.max_gap_at = None;
             } else {
                 // Never polled: waited the whole run.
                 let waited = a.win_last.map_or(Duration::MAX, |p| now - p);
-                a.max_gap = a.max_gap.max(waited);
+                if waited > a.max_gap {
+                    a.max_gap = waited;
+                    a.max_gap_at = a.win_last.map(|p| (p, a.last_node, u8::MAX));
+                }
             }
         }
         self.recording.store(on, Ordering::SeqCst);
@@ -213,8 +223,11 @@ async fn balance(
 ) -> Response {
     let now = Instant::now();
     bank.requests.fetch_add(1, Ordering::Relaxed);
-    let recording = bank.recording.load(Ordering::Relaxed);
     let mut m = bank.accounts.lock().unwrap();
+    // Read under the lock `record` switches it under: read before, a
+    // request waiting for the lock while the window opened counted as
+    // outside it, and its instance's gap spanned two intervals.
+    let recording = bank.recording.load(Ordering::Relaxed);
     let Some(a) = m.get_mut(&id) else {
         return (
             StatusCode::NOT_FOUND,
@@ -234,12 +247,16 @@ async fn balance(
             bank.double_polls.fetch_add(1, Ordering::Relaxed);
         }
     }
+    let prev_node = a.last_node;
     a.last_node = node;
     a.last_poll = Some(now);
     if recording {
         if let Some(prev) = a.win_last {
             let gap = now - prev;
-            a.max_gap = a.max_gap.max(gap);
+            if gap > a.max_gap {
+                a.max_gap = gap;
+                a.max_gap_at = Some((prev, prev_node, node));
+            }
             a.min_gap = a.min_gap.min(gap);
         }
         a.win_last = Some(now);
@@ -509,12 +526,15 @@ hosts:
     };
     let bridge = bridge_with(&store, &ids.join(", "));
 
+    // The nodes' log filter (`POLLHOOK_LOG`): errors only unless
+    // `BENCH_LOG` says otherwise (a defect's run, with debug lines).
+    let log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "error".into());
     let started = Instant::now();
     let mut daemons = Vec::new();
     // Each node tells itself apart to the mock by its User-Agent.
     let bridge_of = |i: usize| format!("user_agent: \"pollhook-bench-node-{i}\"\n{bridge}");
     for i in 0..nodes {
-        daemons.push(common::Daemon::start("bank-balance.yaml", &bridge_of(i), "error").await);
+        daemons.push(common::Daemon::start("bank-balance.yaml", &bridge_of(i), &log).await);
     }
     let pids: Vec<u32> = daemons.iter().map(|d| d.pid).collect();
     let pid = pids[0];
@@ -824,6 +844,29 @@ hosts:
         pct(&max_gaps, 1.0).as_secs_f64(),
         if min_gap == Duration::MAX { 0.0 } else { min_gap.as_secs_f64() },
     );
+    // A few of the late instances: when their largest gap began (seconds
+    // into the window) and which node polled them at its ends (`-`: none
+    // until the window's end), so a lateness shows what it follows.
+    let mut late_ones: Vec<(&String, &Account)> = accounts
+        .iter()
+        .filter(|(_, a)| a.max_gap > interval + SLACK)
+        .collect();
+    late_ones.sort_by_key(|(_, a)| a.max_gap_at.map(|(at, _, _)| at));
+    for (id, a) in late_ones.iter().take(8) {
+        if let Some((at, from, to)) = a.max_gap_at {
+            let to = if to == u8::MAX {
+                "-".to_string()
+            } else {
+                to.to_string()
+            };
+            println!(
+                "  late: {id} waited {:.2}s from {:+.2}s (node {from} -> node {to})",
+                a.max_gap.as_secs_f64(),
+                at.saturating_duration_since(t0).as_secs_f64()
+                    - t0.saturating_duration_since(at).as_secs_f64(),
+            );
+        }
+    }
     println!(
         "  daemon: {:.1}% of one core over the window ({:.1} CPU s / {wall:.1} s), peak RSS {:.1} MiB (at the end {:.1} MiB); the bench process itself (mock + receiver): {:.1}% of one core",
         cpu_share * 100.0,

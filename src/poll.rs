@@ -300,7 +300,8 @@ async fn start_pace(
     let (now, fraction) = (Utc::now(), spread(&inst.key));
     let prompt = prompt_spread(source.instances.len());
     let schedule = &source.schedule;
-    let first = match shared.cluster.arrival(&inst.key) {
+    let arrival = shared.cluster.arrival(&inst.key);
+    let first = match arrival {
         Some(Arrival::TakenOver(gone)) => {
             first_due_taken_over(persisted, now, schedule, fraction, gone)
         }
@@ -313,6 +314,7 @@ async fn start_pace(
         warn!(instance = %inst.key, "schedule has no future run; instance stops");
         return None;
     };
+    tracing::debug!(instance = %inst.key, ?arrival, persisted = ?persisted.map(|p| (p - now).num_milliseconds()), due_in_ms = (due - now).num_milliseconds(), "first poll here");
     Some(Box::new(Pace {
         state,
         due,

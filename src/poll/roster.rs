@@ -177,6 +177,11 @@ impl Roster {
         if self.shutdown.is_cancelled() {
             return;
         }
+        // Queued soonest due first (see `Cluster::due_hint`): what a
+        // claim brought with no stored run comes first (never polled, or
+        // a short `every`: due within its period), then by the run its
+        // last holder stored.
+        let mut gained: Vec<(Option<i64>, Arc<Instance>)> = Vec::new();
         for u in units.values_mut() {
             let epoch = cluster.epoch(&u.inst.key);
             let again = match (&u.task, epoch) {
@@ -193,9 +198,11 @@ impl Roster {
             // keeps its place.
             if again {
                 u.task = Some(Slot::Queued);
-                queue.push_back(u.inst.clone());
+                gained.push((cluster.due_hint(&u.inst.key), u.inst.clone()));
             }
         }
+        gained.sort_unstable_by_key(|(due, _)| *due);
+        queue.extend(gained.into_iter().map(|(_, inst)| inst));
     }
 
     /// Starts queued instances' tasks while turns to read their state

@@ -77,6 +77,13 @@ pub struct Claimed {
     /// stopped, cut off): taken over. A run that came due while the lease
     /// lapsed was only put off (see `schedule::first_due_taken_over`).
     pub lapsed: bool,
+    /// When its instance is due next, as its last holder stored it
+    /// (milliseconds since the epoch), where the coordination keeps
+    /// that beside the lease (PostgreSQL's `next_run`): the new holder
+    /// reads the states of what it claimed soonest due first, so that a
+    /// node gaining thousands of leases at once polls the instances
+    /// whose runs come first, not whichever its queue held first.
+    pub next_run_ms: Option<i64>,
 }
 
 /// A host's shared pause and pace, by the coordination's clock.

@@ -270,6 +270,9 @@ impl Coordination for SingleNode {
                 epoch: l.epoch,
                 released_ago,
                 lapsed,
+                // Kept by the store, not this table: the order the leases
+                // come in stands.
+                next_run_ms: None,
             });
         }
         if !got.is_empty() {

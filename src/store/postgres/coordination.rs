@@ -170,7 +170,9 @@ impl Coordination for PgStore {
                      SELECT l.instance,
                             CASE WHEN l.owner IS NULL AND l.until_ms > 0
                                  THEN greatest(now_ms() - l.until_ms, 0) END AS released_ago,
-                            l.owner IS NOT NULL AS lapsed
+                            l.owner IS NOT NULL AS lapsed,
+                            (SELECT r.at_ms FROM next_run r WHERE r.instance = l.instance)
+                              AS next_run_ms
                      FROM lease l
                      WHERE l.owner IS NULL
                         OR (l.until_ms < now_ms()
@@ -181,7 +183,7 @@ impl Coordination for PgStore {
                  UPDATE lease l SET owner = $1, epoch = l.epoch + 1, until_ms = now_ms() + $2
                  FROM free WHERE l.instance = free.instance
                  RETURNING l.instance, l.epoch, hashtextextended(l.instance, l.epoch),
-                           free.released_ago, free.lapsed",
+                           free.released_ago, free.lapsed, free.next_run_ms",
                 &[&node, &lease_ms, &n],
             )
             .await;
@@ -214,6 +216,7 @@ impl Coordination for PgStore {
                     .get::<_, Option<i64>>(3)
                     .map(|ms| Duration::from_millis(ms.max(0) as u64)),
                 lapsed: r.get(4),
+                next_run_ms: r.get(5),
             })
             .collect())
     }

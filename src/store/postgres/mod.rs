@@ -265,6 +265,13 @@ pub struct PgStore {
     /// anything that reads them: a lease given back, a state loaded, a
     /// flush.
     pending_next_runs: Arc<parking_lot::Mutex<NextRuns>>,
+    /// Held while a batch of next runs is written: a reader that must see
+    /// its instances' runs (a release, a state read) waits for a batch in
+    /// flight, which may hold them. Checking only what is still waiting,
+    /// a release could overtake the batch that held its instances' runs,
+    /// and the next holder read the run before, already past, and poll
+    /// at once: twice within an interval.
+    next_run_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PgStore {
@@ -321,6 +328,7 @@ impl PgStore {
             channel: channel_of(schema).into(),
             renewals: Arc::default(),
             pending_next_runs: Arc::default(),
+            next_run_writes: Arc::default(),
         };
         store
             .migrate(schema)
@@ -515,6 +523,12 @@ impl PgStore {
     /// in key order, so two nodes writing at once lock rows in the same
     /// order).
     async fn write_next_runs(&self) -> Result<()> {
+        let _writing = self.next_run_writes.lock().await;
+        self.write_next_runs_now().await
+    }
+
+    /// [`PgStore::write_next_runs`], under its lock.
+    async fn write_next_runs_now(&self) -> Result<()> {
         let batch = {
             let mut p = self.pending_next_runs.lock();
             p.1 = None;
@@ -553,12 +567,13 @@ impl PgStore {
     /// Writes the next run times waiting if one of `instances` is among
     /// them (their readers must see them).
     async fn write_next_runs_of(&self, instances: &[&str]) -> Result<()> {
+        let _writing = self.next_run_writes.lock().await;
         let waiting = {
             let p = self.pending_next_runs.lock();
             instances.iter().any(|i| p.0.contains_key(*i))
         };
         if waiting {
-            self.write_next_runs().await?;
+            self.write_next_runs_now().await?;
         }
         Ok(())
     }

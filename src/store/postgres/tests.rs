@@ -536,6 +536,55 @@ async fn a_claim_taken_over_before_the_next_round_is_seen_lost() {
     }
 }
 
+/// A claim says when each instance is due next, as the node giving its
+/// lease back stored it (written with the release, not left in that
+/// node's batch): the new holder reads the states of the soonest due
+/// first. An instance with no stored run says none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_says_when_each_instance_is_due_next() {
+    if !testing::available("a_claim_says_when_each_instance_is_due_next").await {
+        return;
+    }
+    let schema = testing::fresh_schema();
+    let a = PgStore::open(&testing::url(), &schema).await.unwrap();
+    let b = PgStore::open(&testing::url(), &schema).await.unwrap();
+    let check = async move {
+        let keys: Vec<String> = (0..3).map(|i| format!("s/{i}")).collect();
+        a.ensure_leases(&crate::store::coordination::shared(&keys))
+            .await
+            .unwrap();
+        a.heartbeat("a", 1, 60_000).await.unwrap();
+        b.heartbeat("b", 1, 60_000).await.unwrap();
+        let got = a.claim("a", 60_000, 3).await.unwrap();
+        assert!(got.iter().all(|c| c.next_run_ms.is_none()), "{got:?}");
+        // Queued for "a"'s next batch, not yet written.
+        a.queue_next_run("s/0", 9_000).await.unwrap();
+        a.queue_next_run("s/1", 4_000).await.unwrap();
+        a.release("a", &keys).await.unwrap();
+        let mut again: Vec<(String, Option<i64>)> = b
+            .claim("b", 60_000, 3)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.key, c.next_run_ms))
+            .collect();
+        again.sort();
+        assert_eq!(
+            again,
+            vec![
+                ("s/0".to_string(), Some(9_000)),
+                ("s/1".to_string(), Some(4_000)),
+                ("s/2".to_string(), None),
+            ]
+        );
+    };
+    let outcome = tokio::spawn(check).await;
+    testing::drop_schema(&schema);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 /// A host's quota booked by several nodes at once: the starts it hands
 /// out keep the rate and burst together, and a shared pause holds them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
