@@ -185,6 +185,9 @@ pub struct Cluster {
     started_ms: i64,
     /// When this node started (see [`Cluster::settling`]).
     started: Instant,
+    /// Whether this node has told the others it settled (see
+    /// [`Cluster::round`]).
+    announced: std::sync::atomic::AtomicBool,
     leases: Mutex<Leases>,
     /// Raised whenever the held set changes: poll loops waiting for their
     /// lease look again.
@@ -299,6 +302,7 @@ impl Cluster {
             lease,
             started_ms: crate::now_ms(),
             started: Instant::now(),
+            announced: Default::default(),
             leases: Mutex::new(Leases::default()),
             changed: watch::Sender::new(0),
             wanted: Mutex::new((BTreeSet::new(), Vec::new())),
@@ -551,13 +555,37 @@ impl Cluster {
                 warn!(node = %self.node, error = %format!("{e:#}"), "cannot prune the leases of removed instances (tried again next round)");
             }
         }
+        if self.store.is_shared()
+            && !self.settling()
+            && !self
+                .announced
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Settled: the others give back this node's share now (they
+            // wait for it, see `claiming_nodes`), and it claims what they
+            // give back as the release wakes it.
+            if let Err(e) = self.store.settled(&self.node).await {
+                tracing::debug!(node = %self.node, error = %e, "cannot announce this node; the others give back at their next round");
+            }
+        }
         let (mut gained, mut lost) = self.renew(lease_ms, sent).await?;
         let total = self.store.lease_count().await?;
         let draining_before = self.leases.lock().draining.clone();
         match plan(self.held_count(), total as usize, nodes as usize) {
             Plan::Claim(_) if self.settling() => {}
             Plan::Claim(n) => gained |= self.claim(n, lease_ms).await?,
-            Plan::Release(n) => lost += self.give_back(n).await?,
+            Plan::Release(n) => {
+                // Only towards the nodes that claim: a joining node claims
+                // nothing while it settles, and what was given back to it
+                // meanwhile was polled by nobody until it did (a node
+                // joining three others at 100,000 instances: thousands of
+                // instances up to 9 s late). Given back once it has
+                // settled, a lease is claimed at once (the release wakes it).
+                let claiming = self.claiming_nodes(nodes as usize).await;
+                if let Plan::Release(m) = plan(self.held_count(), total as usize, claiming) {
+                    lost += self.give_back(n.min(m)).await?;
+                }
+            }
             Plan::Hold => {
                 // At its share again (a node left): nothing to give back.
                 self.leases.lock().draining.clear();
@@ -577,6 +605,27 @@ impl Cluster {
             info!(node = %self.node, lost, held = self.held_count(), "leases lost or given back");
         }
         Ok(gained || draining_changed)
+    }
+
+    /// Of the `live` nodes, how many claim leases: those that are not
+    /// settling (see [`Cluster::settling`]), by their start times and this
+    /// node's clock. Read only when this node has more than its share
+    /// (a node joined): `live` if the nodes cannot be read.
+    async fn claiming_nodes(&self, live: usize) -> usize {
+        let settle_ms = (self.lease / 3).as_millis() as i64;
+        let lease_ms = self.lease.as_millis() as i64;
+        let now = crate::now_ms();
+        match self.store.nodes().await {
+            Ok(nodes) => nodes
+                .iter()
+                .filter(|n| n.heartbeat_age_ms < lease_ms && n.started_ms + settle_ms <= now)
+                .count()
+                .max(1),
+            Err(e) => {
+                tracing::debug!(node = %self.node, error = %e, "cannot read the nodes: sharing with every live one");
+                live
+            }
+        }
     }
 
     /// Whether this node started less than a round ago with other

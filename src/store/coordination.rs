@@ -133,6 +133,10 @@ pub trait Coordination: Send + Sync {
     /// A node that stops says so: the others count one node fewer at once
     /// (and hear of it, [`Notice::Freed`]: their shares grew).
     fn leave(&self, node: &str) -> impl Future<Output = Result<()>> + Send;
+    /// A node that has settled (it claims from now on) says so: the
+    /// others hear of it ([`Notice::Freed`]: their shares shrank) and give
+    /// back what is now its share at once, rather than at their next round.
+    fn settled(&self, node: &str) -> impl Future<Output = Result<()>> + Send;
     /// The nodes, newest heartbeat first, with the leases each holds.
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>>> + Send;
 
@@ -285,6 +289,9 @@ impl Coordination for Coordinator {
     }
     async fn leave(&self, node: &str) -> Result<()> {
         dispatch!(self, c => c.leave(node).await)
+    }
+    async fn settled(&self, node: &str) -> Result<()> {
+        dispatch!(self, c => c.settled(node).await)
     }
     async fn nodes(&self) -> Result<Vec<NodeRow>> {
         dispatch!(self, c => c.nodes().await)

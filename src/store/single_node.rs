@@ -185,6 +185,11 @@ impl Coordination for SingleNode {
         Ok(())
     }
 
+    async fn settled(&self, _node: &str) -> Result<()> {
+        self.notify(Notice::Freed);
+        Ok(())
+    }
+
     async fn nodes(&self) -> Result<Vec<NodeRow>> {
         let now = self.now_ms();
         let t = self.table();

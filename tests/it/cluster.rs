@@ -1099,6 +1099,84 @@ async fn a_drained_nodes_instances_whose_runs_came_due_are_polled_at_once() {
     assert!(a.terminate().success(), "{}", a.log());
 }
 
+/// A node joining a running cluster is handed its share without a gap:
+/// the others give leases back only once it has settled (it says so),
+/// and it claims them as the release wakes it. No lease lies unowned
+/// while it settles, and no instance waits for it: given back at the
+/// others' next round, leases lay unowned until the newcomer's first
+/// claim (up to a third of a lease), and the runs due meanwhile were
+/// polled that late (at 100,000 instances, thousands up to 9 s late).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_is_handed_its_share_without_a_gap() {
+    let Some(db) = connect().await else {
+        return;
+    };
+    let schema = Schema::fresh();
+    let (ledger, addr) = start_ledger().await;
+    let rx = Receiver::start(&secret(), Plan::Always(204)).await;
+    let accs = accounts(30);
+    // A 15 s lease: a newcomer settles for 5 s, the others' rounds are
+    // 5 s apart. Every 6 s: next runs are stored, a hand-over is exact.
+    let every = Duration::from_secs(6);
+    let b =
+        bridge(addr, &accs, "6s", &rx, &url(), &schema.0, "").replace("lease: 3s", "lease: 15s");
+    let mut first = node(&b);
+    first.start().await;
+    wait_for("every account polled", Duration::from_secs(30), || {
+        accs.iter().all(|acc| ledger.requests(acc) > 0)
+    })
+    .await;
+    let mut second = node(&b);
+    let joined = Instant::now();
+    second.start().await;
+    // Leases given back more than a second ago and still unowned.
+    let unowned = format!(
+        "SELECT count(*) FROM \"{0}\".lease WHERE owner IS NULL AND until_ms > 0 \
+         AND \"{0}\".now_ms() - until_ms > 1000",
+        schema.0
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut most_unowned = 0;
+    loop {
+        let n: i64 = db.query_one(&unowned, &[]).await.unwrap().get(0);
+        most_unowned = most_unowned.max(n);
+        let s = second.status().await;
+        let held = leases_by_node(&s);
+        if held.len() == 2 && held.iter().all(|n| (13..=17).contains(n)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no fair share: {held:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        most_unowned, 0,
+        "leases lay unowned while the new node settled"
+    );
+    // A run more past every account's slot: no gap longer than its
+    // interval and a margin for the hand-over's round trips.
+    let settled = Instant::now();
+    tokio::time::sleep(every + Duration::from_secs(1)).await;
+    let arrivals = ledger.arrivals.lock().unwrap().clone();
+    for acc in &accs {
+        let times: Vec<Instant> = arrivals
+            .iter()
+            .filter(|(t, a)| a == acc && *t <= settled + every)
+            .map(|(t, _)| *t)
+            .collect();
+        let from = times.iter().rposition(|t| *t <= joined).unwrap_or(0);
+        for w in times[from..].windows(2) {
+            assert!(
+                w[1] - w[0] <= every + Duration::from_millis(1_500),
+                "{acc} waited {:?} across the join",
+                w[1] - w[0]
+            );
+        }
+    }
+    assert_eq!(ledger.overlaps.load(Ordering::SeqCst), 0);
+    assert!(second.terminate().success(), "{}", second.log());
+    assert!(first.terminate().success(), "{}", first.log());
+}
+
 /// This node's poll tasks and leases, from its own `/status`.
 fn own_tasks_and_leases(s: &Value) -> (i64, i64) {
     let me = s["cluster"]["node"].as_str().unwrap_or_default();

@@ -91,6 +91,17 @@ impl Coordination for PgStore {
         .map(drop)
     }
 
+    /// Tells every node that this one claims from now on.
+    async fn settled(&self, _node: &str) -> Result<()> {
+        self.exec(
+            "announce a settled node",
+            "SELECT pg_notify($1, $2)",
+            &[&&*self.channel, &Notice::Freed.encode()],
+        )
+        .await
+        .map(drop)
+    }
+
     /// Makes sure every key has a lease row (unowned when new).
     async fn ensure_leases(&self, keys: &[Arc<str>]) -> Result<()> {
         let keys: Vec<&str> = keys.iter().map(|k| &**k).collect();
