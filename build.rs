@@ -17,8 +17,8 @@
 //! the file: those pages are shared with the page cache, and resident only
 //! where read. The cost: the executable's own image is not randomized
 //! (its libraries, heap, stacks and mappings still are); pollhook is
-//! written in safe Rust with no `unsafe` parsing of what it receives, and
-//! the systemd unit's sandbox stays. `POLLHOOK_PIE=1` at build time keeps
+//! safe Rust (its `unsafe` is three libc calls), parses what it receives
+//! with safe parsers only, and runs in the systemd unit's sandbox. `POLLHOOK_PIE=1` at build time keeps
 //! a position-independent executable. ARCHITECTURE.md, "Dependencies
 //! worth knowing", has the trade.
 fn main() {
