@@ -586,6 +586,15 @@ impl Status {
         self.instances.lock().get(key).cloned()
     }
 
+    /// When the instance `key` is due next, as its poll task last showed
+    /// (none for a key that is not an instance, or not scheduled here
+    /// yet): what a node giving leases back orders them by, one key at a
+    /// time without unpacking the rest.
+    pub fn next_poll_ms(&self, key: &str) -> Option<i64> {
+        self.entry(key)
+            .and_then(|e| unpack_time(e.lock().next_poll_ms))
+    }
+
     /// Updates one instance's status. An instance that was removed (it left
     /// a discovered list while a poll was in flight) is not brought back.
     pub fn instance(&self, key: &str, f: impl FnOnce(&mut InstanceStatus)) {
