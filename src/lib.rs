@@ -52,6 +52,7 @@ pub mod event;
 pub mod gcra;
 pub mod hints;
 pub mod logfmt;
+pub mod memory;
 pub mod notify;
 pub mod operate;
 pub mod opsevents;

@@ -32,7 +32,7 @@ use crate::status::PollOutcome;
 use crate::store::{InstanceState, OutboxEntry, UrlTag};
 
 mod roster;
-pub(crate) use roster::{give_back_memory_every, Roster, GIVE_BACK_EVERY};
+pub(crate) use roster::Roster;
 
 /// A stable pseudo-random fraction of the key, to spread first polls of many
 /// instances across their interval instead of firing all at once.

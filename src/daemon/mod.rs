@@ -88,12 +88,17 @@ pub async fn run(
     // Started before the first apply, so no change of the held set is
     // missed; it ends with the shutdown.
     let roster = tokio::spawn(sup.roster.clone().run());
-    let give_back = tokio::spawn(crate::poll::give_back_memory_every(
-        crate::poll::GIVE_BACK_EVERY,
+    let (started, on_start) = tokio::sync::oneshot::channel::<()>();
+    let give_back = tokio::spawn(crate::memory::give_back_memory_every(
+        crate::memory::GIVE_BACK_EVERY,
+        async {
+            let _ = on_start.await;
+        },
         shutdown.clone(),
     ));
     sup.apply(config).await;
     services.status.set_ready(true);
+    let _ = started.send(());
     let notifier = Arc::new(crate::notify::Notifier::from_env());
     let watchdog = announce_ready(&sup, &notifier, admin.as_ref().map(|a| a.1), &shutdown)?;
     let gave_up = serve(

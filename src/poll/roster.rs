@@ -36,7 +36,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -407,7 +406,7 @@ impl Roster {
         let high = self.high.load(Ordering::Relaxed);
         if high >= now + 1_000 && now < high - high / 4 {
             self.high.store(now, Ordering::Relaxed);
-            give_back_free_memory();
+            crate::memory::give_back_free_memory();
         }
     }
 
@@ -447,43 +446,5 @@ impl Roster {
         for a in std::mem::take(&mut *self.joining.lock()) {
             a.abort();
         }
-    }
-}
-
-/// How often a running daemon gives the allocator's free pages back.
-pub(crate) const GIVE_BACK_EVERY: Duration = Duration::from_secs(60);
-
-/// Gives the allocator's free pages back every `every` until shutdown
-/// (off the async workers: a trim walks the whole heap, a few
-/// milliseconds at 100,000 instances).
-///
-/// Why: glibc's malloc keeps the pages of freed memory inside its heap
-/// (only the top of the heap goes back by itself), and a poll allocates
-/// and frees all over it, so the resident size crept above what was live:
-/// `malloc_trim` called into a node at rest gave back a tenth of its RSS
-/// (README, "Benchmarks"). Once a minute costs a trim a minute; the pages
-/// it gives back are ones nothing used for a minute.
-pub(crate) async fn give_back_memory_every(every: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is at once: the daemon has just started.
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let _ = tokio::task::spawn_blocking(give_back_free_memory).await;
-    }
-}
-
-/// Returns the allocator's free pages to the system (`malloc_trim`, glibc
-/// only; elsewhere nothing).
-fn give_back_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator's
-    // own arenas; it takes no pointer and is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
