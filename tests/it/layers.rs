@@ -33,7 +33,8 @@ const LAYERS: &[&[&str]] = &[
     &["store"],
     // Leaves: they import nothing of the crate.
     &[
-        "access", "event", "gcra", "hints", "logfmt", "notify", "schedule", "template", "wake",
+        "access", "event", "gcra", "hints", "logfmt", "memory", "notify", "schedule", "template",
+        "wake",
     ],
 ];
 
