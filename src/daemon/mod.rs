@@ -96,6 +96,10 @@ pub async fn run(
         },
         shutdown.clone(),
     ));
+    // Reading the configuration, opening the store and binding the
+    // servers is done: their code goes before the first polls add theirs
+    // (the peak), and again once started (see `memory`).
+    crate::memory::give_back_code();
     sup.apply(config).await;
     services.status.set_ready(true);
     let _ = started.send(());
