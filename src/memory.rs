@@ -159,7 +159,7 @@ mod tests {
 
     /// Only the executable's own read-and-execute mappings: not its data,
     /// not a library's code, not another file with the same inode on
-    /// another device, not anonymous memory.
+    /// another device, not anonymous memory, not an empty range.
     #[test]
     fn only_the_executables_code_is_listed() {
         let maps = "\
@@ -170,6 +170,7 @@ mod tests {
 7f0000000000-7f0000100000 r-xp 00028000 fd:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
 7f0000200000-7f0000300000 r-xp 00000000 fd:02 4242 /mnt/other
 7f0000400000-7f0000500000 rw-p 00000000 00:00 0
+7f0000500000-7f0000500000 r-xp 00000000 fd:01 4242 /usr/bin/pollhook
 7f0000600000-7f0000700000 r-xp 00000000 fd:01 4242 /usr/bin/pollhook (deleted)
 garbage line
 ";
