@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 /// How often a running daemon gives memory back.
 pub(crate) const GIVE_BACK_EVERY: Duration = Duration::from_secs(60);
 
-/// Gives memory back ([`give_back_free_memory`], [`give_back_code`]) once
-/// the daemon has started, then every `every` until shutdown (off the
-/// async workers: a trim walks the whole heap, a few milliseconds at
-/// 100,000 instances).
+/// Gives memory back ([`give_back_free_memory`], [`give_back_code`]) at
+/// once (the daemon starts this once it has started), then every `every`
+/// until shutdown (off the async workers: a trim walks the whole heap, a
+/// few milliseconds at 100,000 instances).
 ///
 /// Why: glibc's malloc keeps the pages of freed memory inside its heap
 /// (only the top of the heap goes back by itself), and a poll allocates
@@ -25,15 +25,7 @@ pub(crate) const GIVE_BACK_EVERY: Duration = Duration::from_secs(60);
 /// `malloc_trim` called into a node at rest gave back a tenth of its RSS
 /// (README, "Benchmarks"). Once a minute costs a trim a minute; the pages
 /// it gives back are ones nothing used for a minute.
-pub(crate) async fn give_back_memory_every(
-    every: Duration,
-    started: impl std::future::Future<Output = ()>,
-    shutdown: CancellationToken,
-) {
-    tokio::select! {
-        _ = started => {}
-        _ = shutdown.cancelled() => return,
-    }
+pub(crate) async fn give_back_memory_every(every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -181,14 +173,45 @@ garbage line
         assert_eq!(code_mappings(maps, (0xfd, 0x01), 1), vec![]);
     }
 
-    /// The running test binary's code is found and given back, and the
-    /// process goes on running it (this very test returns).
+    /// Resident kilobytes of the mappings starting at `starts`, from
+    /// /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    fn resident_kib(starts: &[usize]) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut counting = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ').filter(|(r, _)| r.contains('-')) {
+                let start = usize::from_str_radix(range.split('-').next().unwrap(), 16);
+                counting = start.is_ok_and(|s| starts.contains(&s));
+            } else if let Some(v) = line.strip_prefix("Rss:").filter(|_| counting) {
+                kib += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+        kib
+    }
+
+    /// The running test binary's code is found and given back (fewer of
+    /// its pages are resident just after), and the process goes on
+    /// running it (this very test returns).
     #[cfg(target_os = "linux")]
     #[test]
     fn the_code_given_back_comes_back_when_run() {
         let code = own_code().unwrap();
         assert!(!code.is_empty(), "the test binary has code mappings");
+        let starts: Vec<usize> = code.iter().map(|c| c.0).collect();
+        let before = resident_kib(&starts);
         assert_eq!(give_back_code(), code.iter().map(|c| c.1).sum::<usize>());
+        let after = resident_kib(&starts);
+        assert!(
+            after < before,
+            "resident code {before} KiB before, {after} KiB after"
+        );
         assert_eq!(own_code().unwrap(), code, "the mappings stay");
     }
 }

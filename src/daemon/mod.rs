@@ -88,21 +88,18 @@ pub async fn run(
     // Started before the first apply, so no change of the held set is
     // missed; it ends with the shutdown.
     let roster = tokio::spawn(sup.roster.clone().run());
-    let (started, on_start) = tokio::sync::oneshot::channel::<()>();
-    let give_back = tokio::spawn(crate::memory::give_back_memory_every(
-        crate::memory::GIVE_BACK_EVERY,
-        async {
-            let _ = on_start.await;
-        },
-        shutdown.clone(),
-    ));
     // Reading the configuration, opening the store and binding the
     // servers is done: their code goes before the first polls add theirs
     // (the peak), and again once started (see `memory`).
     crate::memory::give_back_code();
     sup.apply(config).await;
     services.status.set_ready(true);
-    let _ = started.send(());
+    // Started now: its first round (at once) gives back what the first
+    // apply ran only once; it ends with the shutdown.
+    let give_back = tokio::spawn(crate::memory::give_back_memory_every(
+        crate::memory::GIVE_BACK_EVERY,
+        shutdown.clone(),
+    ));
     let notifier = Arc::new(crate::notify::Notifier::from_env());
     let watchdog = announce_ready(&sup, &notifier, admin.as_ref().map(|a| a.1), &shutdown)?;
     let gave_up = serve(
