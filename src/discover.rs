@@ -292,6 +292,10 @@ where
         // Retention runs whatever the listing did: instances gone long
         // enough lose their state even while discovery keeps failing.
         expire_removed(&self.source, self.cx.store, &mut self.known).await;
+        let removed = self.known.removed.len();
+        self.cx
+            .status
+            .discovery(&self.source.name, |s| s.removed = removed);
         if let Err(e) = self
             .cx
             .store
@@ -347,17 +351,20 @@ where
         let change = diff(&self.known.instances, &found);
         for name in &change.stop {
             self.running.stop(name);
-            self.cx
-                .status
-                .remove_instance(&format!("{}/{name}", source.name));
         }
         for f in &change.start {
             self.start(&f.name, &f.with).await;
         }
+        // The counts before the instances' entries go (see `apply_found`).
         self.cx.status.discovery(&source.name, |s| {
             s.instances = stored.instances.len();
             s.removed = stored.removed.len();
         });
+        for name in &change.stop {
+            self.cx
+                .status
+                .remove_instance(&format!("{}/{name}", source.name));
+        }
         self.known = stored;
     }
 
@@ -373,9 +380,6 @@ where
             self.known
                 .removed
                 .insert(name.clone(), now.timestamp_millis());
-            self.cx
-                .status
-                .remove_instance(&format!("{}/{name}", source.name));
             info!(source = %source.name, instance = %name, retention = %humantime::format_duration(source.retention), "instance left the discovered list: stopped, state kept for the retention period");
         }
         for f in &change.start {
@@ -383,6 +387,23 @@ where
             self.known.instances.insert(f.name.clone(), f.with.clone());
             self.start(&f.name, &f.with).await;
             info!(source = %source.name, instance = %f.name, "instance discovered");
+        }
+        // The counts first, then the stopped instances' entries, with no
+        // wait between: `/status` never shows an instance gone while the
+        // count of removed ones is still the one from before. (It did,
+        // for the length of the save below, and a reader waiting for "gone,
+        // and none removed" took a departure for the end of a retention.)
+        let known = &self.known;
+        self.cx.status.discovery(&source.name, |s| {
+            s.instances = known.instances.len();
+            s.removed = known.removed.len();
+            s.last_ok_ms = Some(crate::now_ms());
+            s.last_error = None;
+        });
+        for name in &change.stop {
+            self.cx
+                .status
+                .remove_instance(&format!("{}/{name}", source.name));
         }
         if let Err(e) = self
             .cx
@@ -392,13 +413,6 @@ where
         {
             warn!(source = %source.name, error = %format!("{e:#}"), "cannot save the discovered list");
         }
-        let known = &self.known;
-        self.cx.status.discovery(&source.name, |s| {
-            s.instances = known.instances.len();
-            s.removed = known.removed.len();
-            s.last_ok_ms = Some(crate::now_ms());
-            s.last_error = None;
-        });
     }
 }
 
