@@ -11,9 +11,11 @@
 //!   [`OutboxEntry`]; keys sort in detection order per endpoint and
 //!   instance, so an instance's head is one seek (no scan of the queue);
 //! - `dead`:     same key → [`DeadLetter`];
-//! - `attempts`: u64 (big-endian, dense: see [`SledStore::record_attempt`])
-//!   → [`AttemptRecord`];
 //! - `discovered`, `removed`, `disabled`: by source, instance, endpoint.
+//!
+//! The delivery history is not a tree: it is a log of its own beside sled's
+//! files (`history/`, see [`history`]), because sled keeps a tree's pages
+//! in memory and the history is written often and read seldom.
 //!
 //! Every write, and blocking reads (scans), run on tokio's blocking pool:
 //! on a full disk a sled write can wait for log space that never comes,
@@ -31,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use self::history::AttemptLog;
 use super::records::*;
 use super::{Backend, Result, StoreError};
 
@@ -181,7 +184,8 @@ pub struct SledStore {
     outbox: sled::Tree,
     dead: sled::Tree,
     discovered: sled::Tree,
-    attempts: sled::Tree,
+    /// The delivery history, in files of its own (see [`history`]).
+    history: Arc<AttemptLog>,
     /// Instances no source polls any more (removed from the configuration):
     /// key → when their state may be deleted (ms since the epoch).
     removed: sled::Tree,
@@ -195,11 +199,6 @@ pub struct SledStore {
     /// Credentials pollhook keeps (rotated OAuth2 refresh tokens): key →
     /// value. Not in backups.
     credentials: sled::Tree,
-    /// The next attempt record's key. Its own dense counter, not sled's
-    /// `generate_id`: that one is shared with the outbox and jumps by
-    /// about 2,000,000 at every reopen, so pruning "everything older than
-    /// the last id minus 10,000" erased the whole history after a restart.
-    next_attempt: Arc<AtomicU64>,
     flush: Arc<GroupFlush>,
 }
 
@@ -257,12 +256,35 @@ fn migrate_outbox_keys(outbox: &sled::Tree) -> Result<()> {
     Ok(())
 }
 
-/// The key of the newest attempt record (0 when there is none).
-fn last_attempt_id(attempts: &sled::Tree) -> Result<u64> {
-    Ok(match attempts.last().map_err(sled_err("read attempts"))? {
-        Some((k, _)) if k.len() == 8 => u64::from_be_bytes(k.as_ref().try_into().expect("8")),
-        _ => 0,
-    })
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+    move |source| StoreError::Backend {
+        op,
+        source: Box::new(source),
+    }
+}
+
+/// Stores before the history had its own log kept it in the `attempts`
+/// tree (u64 big-endian → [`AttemptRecord`]): its newest records become
+/// the log, then the tree is dropped. Done again whole if cut short (the
+/// log is written aside and renamed into place before the drop).
+fn migrate_attempts_tree(db: &sled::Db, history_dir: &Path) -> Result<()> {
+    if !db.tree_names().iter().any(|n| n.as_ref() == b"attempts") {
+        return Ok(());
+    }
+    let tree = db.open_tree("attempts").map_err(sled_err("open tree"))?;
+    let mut recs = std::collections::VecDeque::new();
+    for r in tree.iter() {
+        let (k, v) = r.map_err(sled_err("scan attempts"))?;
+        recs.push_back(decode::<AttemptRecord>(&k, &v)?);
+        if recs.len() as u64 > ATTEMPTS_KEPT {
+            recs.pop_front();
+        }
+    }
+    drop(tree);
+    let recs: Vec<AttemptRecord> = recs.into();
+    history::replace(history_dir, &recs).map_err(io_err("move the delivery history"))?;
+    db.drop_tree("attempts").map_err(sled_err("drop tree"))?;
+    Ok(())
 }
 
 impl SledStore {
@@ -298,8 +320,12 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(sled_err("open tree"));
         let outbox = tree("outbox")?;
         migrate_outbox_keys(&outbox)?;
-        let attempts = tree("attempts")?;
-        let next_attempt = Arc::new(AtomicU64::new(last_attempt_id(&attempts)? + 1));
+        let history_dir = dir.join("history");
+        migrate_attempts_tree(&db, &history_dir)?;
+        let history = AttemptLog::open(&history_dir).map_err(|source| StoreError::Open {
+            path: history_dir.display().to_string(),
+            source: Box::new(source),
+        })?;
         let store = SledStore {
             state: tree("state")?,
             next_run: tree("next_run")?,
@@ -308,13 +334,12 @@ impl SledStore {
             outbox,
             dead: tree("dead")?,
             discovered: tree("discovered")?,
-            attempts,
+            history: Arc::new(history),
             removed: tree("removed")?,
             disabled: tree("disabled")?,
             quota: tree("quota")?,
             credentials: tree("credentials")?,
             db,
-            next_attempt,
             flush: Default::default(),
         };
         store.split_inline_states()?;
@@ -416,16 +441,17 @@ impl SledStore {
         Ok(())
     }
 
-    fn tree(&self, kind: RecordKind) -> &sled::Tree {
-        match kind {
+    /// The tree of a kind of record (the history has none).
+    fn tree(&self, kind: RecordKind) -> Option<&sled::Tree> {
+        Some(match kind {
             RecordKind::Disabled => &self.disabled,
             RecordKind::State => &self.state,
             RecordKind::Discovered => &self.discovered,
             RecordKind::Removed => &self.removed,
             RecordKind::Outbox => &self.outbox,
             RecordKind::Dead => &self.dead,
-            RecordKind::Attempt => &self.attempts,
-        }
+            RecordKind::Attempt => return None,
+        })
     }
 
     /// The state as stored, with its next run from its own tree. (States
@@ -933,68 +959,33 @@ impl Backend for SledStore {
         Ok(keys.len())
     }
 
-    /// Keys come from a dense counter of this tree's own, so "the last id
-    /// minus [`ATTEMPTS_KEPT`]" is exactly the oldest record to keep,
-    /// before and after a restart.
+    /// Appended to the history's log (see [`history`]), which keeps the
+    /// newest [`ATTEMPTS_KEPT`]. Not durable until the next
+    /// [`Backend::flush`]: the history records what happened, and a crash
+    /// that loses its last records loses no event.
     async fn record_attempt(&self, rec: &AttemptRecord) -> Result<()> {
-        let id = self.next_attempt.fetch_add(1, SeqCst);
-        let me = self.clone();
-        let v = encode(rec);
+        let history = self.history.clone();
+        let rec = rec.clone();
         blocking(move || {
-            me.attempts
-                .insert(id.to_be_bytes(), v)
-                .map_err(sled_err("record attempt"))?;
-            if id % 100 == 0 && id > ATTEMPTS_KEPT {
-                let old: Vec<sled::IVec> = me
-                    .attempts
-                    .range(..(id - ATTEMPTS_KEPT + 1).to_be_bytes())
-                    .keys()
-                    .filter_map(|k| k.ok())
-                    .collect();
-                for k in old {
-                    me.attempts.remove(k).map_err(sled_err("prune attempts"))?;
-                }
-            }
-            Ok(())
+            history
+                .append(std::slice::from_ref(&rec))
+                .map_err(io_err("record attempt"))
         })
         .await
     }
 
     async fn attempts(&self, q: &AttemptQuery) -> Result<Vec<AttemptRecord>> {
-        let me = self.clone();
+        let history = self.history.clone();
         let q = q.clone();
-        blocking(move || {
-            let mut out = Vec::new();
-            for r in me.attempts.iter().rev() {
-                let (k, v) = r.map_err(sled_err("scan attempts"))?;
-                let rec: AttemptRecord = decode(&k, &v)?;
-                if q.matches(&rec) {
-                    out.push(rec);
-                    if out.len() >= q.limit() {
-                        break;
-                    }
-                }
-            }
-            Ok(out)
-        })
-        .await
+        blocking(move || history.newest(&q).map_err(io_err("read attempts"))).await
     }
 
     async fn prune_attempts(&self, before_ms: i64) -> Result<usize> {
-        let me = self.clone();
+        let history = self.history.clone();
         blocking(move || {
-            // History is in time order: stop at the first newer one.
-            let mut n = 0;
-            for r in me.attempts.iter() {
-                let (k, v) = r.map_err(sled_err("scan attempts"))?;
-                let rec: AttemptRecord = decode(&k, &v)?;
-                if rec.at_ms >= before_ms {
-                    break;
-                }
-                me.attempts.remove(k).map_err(sled_err("prune attempts"))?;
-                n += 1;
-            }
-            Ok(n)
+            history
+                .prune_before(before_ms)
+                .map_err(io_err("prune attempts"))
         })
         .await
     }
@@ -1007,7 +998,30 @@ impl Backend for SledStore {
     ) -> Result<Page> {
         let me = self.clone();
         blocking(move || {
-            let tree = me.tree(kind);
+            let Some(tree) = me.tree(kind) else {
+                // The history's cursor is the last record's id.
+                let after = match after.as_deref().map(<[u8; 8]>::try_from) {
+                    None => None,
+                    Some(Ok(id)) => Some(u64::from_be_bytes(id)),
+                    Some(Err(_)) => {
+                        return Err(StoreError::Corrupt {
+                            key: "attempts".into(),
+                            detail: "the export cursor is not an attempt id".into(),
+                        })
+                    }
+                };
+                let (recs, next) = me
+                    .history
+                    .page(after, limit)
+                    .map_err(io_err("scan for export"))?;
+                return Ok(Page {
+                    records: recs
+                        .into_iter()
+                        .map(|value| Record::Attempt { value })
+                        .collect(),
+                    next: next.map(|id| id.to_be_bytes().to_vec()),
+                });
+            };
             let range = match &after {
                 Some(a) => {
                     let mut from = a.clone();
@@ -1050,9 +1064,7 @@ impl Backend for SledStore {
                     RecordKind::Dead => Record::Dead {
                         value: decode(&k, &v)?,
                     },
-                    RecordKind::Attempt => Record::Attempt {
-                        value: decode(&k, &v)?,
-                    },
+                    RecordKind::Attempt => unreachable!("the history is no tree"),
                 });
                 last = Some(k.to_vec());
             }
@@ -1069,8 +1081,10 @@ impl Backend for SledStore {
         blocking(move || {
             Ok(RecordKind::ALL
                 .iter()
-                .map(|k| me.tree(*k).len())
+                .filter_map(|k| me.tree(*k))
+                .map(sled::Tree::len)
                 .sum::<usize>()
+                + me.history.len()
                 + me.next_run.len()
                 + me.seen.len()
                 + me.known.len())
@@ -1082,6 +1096,7 @@ impl Backend for SledStore {
         let me = self.clone();
         let n = records.len();
         blocking(move || {
+            let mut attempts = Vec::new();
             for r in records {
                 let ins = |t: &sled::Tree, k: Vec<u8>, v: Vec<u8>| {
                     t.insert(k, v).map(drop).map_err(sled_err("import"))
@@ -1120,12 +1135,11 @@ impl Backend for SledStore {
                         };
                         ins(&me.dead, key_bytes(&key), encode(&value))?
                     }
-                    Record::Attempt { value } => {
-                        let id = me.next_attempt.fetch_add(1, SeqCst);
-                        ins(&me.attempts, id.to_be_bytes().to_vec(), encode(&value))?
-                    }
+                    Record::Attempt { value } => attempts.push(value),
                 }
             }
+            me.history.append(&attempts).map_err(io_err("import"))?;
+            me.history.sync().map_err(io_err("import"))?;
             me.db.flush().map_err(sled_err("flush"))?;
             Ok(n)
         })
@@ -1138,9 +1152,13 @@ impl Backend for SledStore {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.flush_group().await
+        self.flush_group().await?;
+        let history = self.history.clone();
+        blocking(move || history.sync().map_err(io_err("flush the delivery history"))).await
     }
 }
+
+mod history;
 
 #[cfg(test)]
 mod tests;

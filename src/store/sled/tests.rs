@@ -66,6 +66,60 @@ fn outboxes_of_the_old_key_format_are_migrated_in_order() {
     });
 }
 
+/// A history kept in the `attempts` tree (before it had its own log)
+/// moves into the log, its newest [`ATTEMPTS_KEPT`] in order, and the tree
+/// is dropped; new attempts follow it.
+#[test]
+fn a_history_in_the_old_tree_moves_into_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = |n: u64| AttemptRecord {
+        event_id: format!("msg_{n}"),
+        endpoint: "ep".into(),
+        instance: "s/i".into(),
+        kind: "t".into(),
+        attempt: 1,
+        at_ms: n as i64,
+        status: Some(200),
+        latency_ms: 1,
+        outcome: "delivered".into(),
+        error: None,
+    };
+    let old = ATTEMPTS_KEPT + 5;
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let t = db.open_tree("attempts").unwrap();
+        for n in 1..=old {
+            t.insert(n.to_be_bytes(), encode(&rec(n))).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let all = AttemptQuery {
+        limit: Some(usize::MAX),
+        ..Default::default()
+    };
+    rt.block_on(async {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.record_attempt(&rec(old + 1)).await.unwrap();
+        let shown = store.attempts(&all).await.unwrap();
+        assert_eq!(shown.len(), ATTEMPTS_KEPT as usize);
+        assert_eq!(shown[0].event_id, format!("msg_{}", old + 1));
+        assert_eq!(shown[1].event_id, format!("msg_{old}"));
+        assert_eq!(shown.last().unwrap().at_ms, 7);
+        store.flush().await.unwrap();
+    });
+    let db = sled::open(dir.path()).unwrap();
+    assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"attempts"));
+    drop(db);
+    rt.block_on(async {
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.attempts(&all).await.unwrap().len(),
+            ATTEMPTS_KEPT as usize
+        );
+    });
+}
+
 /// 10,000 instances committing their first poll at once on a 2-worker
 /// runtime (the daemon's shape on a 2-core machine) must all finish.
 /// With sled's `flush_async` per commit this froze (see `GroupFlush`).
