@@ -4,7 +4,12 @@
 //! requests in the busiest 1-second window from the very start (first
 //! polls included: the target is N/T + 1), and the changes delivered.
 //!
-//! `cargo bench --bench idle` (env: BENCH_ACCOUNTS, BENCH_SECONDS).
+//! `cargo bench --bench idle` (env: BENCH_ACCOUNTS, BENCH_SECONDS, and
+//! BENCH_CHANGE_EVERY_MS, default 2000: a change every 20 ms makes every
+//! poll deliver, which fills the delivery history 25 times as fast). Once
+//! a minute, and at the end, it prints the resident size split into its
+//! anonymous part (heap, stacks: what the daemon holds) and its
+//! file-backed part (code and data mapped from the binary).
 
 #[path = "../examples/mock-bank/bank.rs"]
 mod bank;
@@ -18,6 +23,7 @@ use common::{env_or, max_per_second, proc_usage, SECRET};
 async fn main() {
     let accounts = env_or("BENCH_ACCOUNTS", 50) as usize;
     let seconds = env_or("BENCH_SECONDS", 60);
+    let change_every = Duration::from_millis(env_or("BENCH_CHANGE_EVERY_MS", 2000));
 
     let ids: Vec<String> = (1..=accounts).map(|i| format!("acc-{i:04}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -46,21 +52,27 @@ endpoints:
     let (cpu0, _) = proc_usage(pid);
     let start = Instant::now();
     let mut changes = 0;
+    let mut minutes = 0;
     while start.elapsed() < Duration::from_secs(seconds) {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(change_every).await;
         let acc = &ids[changes % ids.len()];
         bank.set_balance(acc, 100_000 + changes as i64);
         changes += 1;
+        if start.elapsed() >= Duration::from_secs(60 * (minutes + 1)) {
+            minutes += 1;
+            println!("  at {:>3} min: {}", minutes, resident(pid));
+        }
     }
     let wall = start.elapsed().as_secs_f64();
     let (cpu1, rss) = proc_usage(pid);
+    let at_end = resident(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let times = bank.request_times();
     let paths = bank.requests();
     daemon.stop();
     let delivered = rx.lock().unwrap().arrivals.len();
     println!(
-        "idle benchmark: {accounts} accounts every 1s, one change every 2s, {seconds}s measured"
+        "idle benchmark: {accounts} accounts every 1s, one change every {change_every:?}, {seconds}s measured"
     );
     println!(
         "  daemon: {:.2}% of one core, peak RSS {:.1} MiB",
@@ -74,7 +86,27 @@ endpoints:
         accounts + 1
     );
     println!("  changes delivered {delivered}/{changes}");
+    println!("  at the end: {at_end}");
     println!("  {}", busiest_window(&times, &paths));
+}
+
+/// The resident size now, and its anonymous and file-backed parts.
+fn resident(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    format!(
+        "RSS {:.1} MiB (anonymous {:.1}, file-backed {:.1})",
+        kib("VmRSS:") / 1024.0,
+        kib("RssAnon:") / 1024.0,
+        kib("RssFile:") / 1024.0
+    )
 }
 
 /// Where the busiest second is (from the first request) and which

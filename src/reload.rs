@@ -233,6 +233,18 @@ mod tests {
         Config::load_with_env(&dir.join("bridge.yaml"), &|_| None).unwrap()
     }
 
+    /// The fleet the embedded store's cache is sized to: every static
+    /// instance of every source.
+    #[test]
+    fn the_fleet_counts_the_instances_of_every_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = "  t:\n    connector: x\n    for_each: { account: [d] }\n    schedule: every 1m\n    deliver_to: [e]\n";
+        assert_eq!(
+            config(dir.path(), "{{ item.id }}", "a, b, c", extra).fleet(),
+            Some(4)
+        );
+    }
+
     /// What every instance of a source shares is one map, not a copy per
     /// instance (memory at rest), and each instance still sees its own value
     /// over it, in the params' order.

@@ -64,7 +64,7 @@ pub async fn run(
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     // The error names the place (a PostgreSQL URL without its password).
-    let store = config.store.open().await?;
+    let store = config.store.open_for(config.fleet()).await?;
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

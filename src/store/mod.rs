@@ -379,8 +379,17 @@ pub enum Location {
 impl Location {
     /// Opens the store there.
     pub async fn open(&self) -> Result<Store> {
+        self.open_for(None).await
+    }
+
+    /// Opens the store for a fleet of `instances` (`None`: not known):
+    /// the embedded store sizes its cache to it (see [`sled::cache_for`]).
+    pub async fn open_for(&self, instances: Option<usize>) -> Result<Store> {
         match self {
-            Location::Sled(dir) => Store::open(dir),
+            Location::Sled(dir) => Ok(Store::Sled(sled::SledStore::open_with_cache(
+                dir,
+                sled::cache_for(instances),
+            )?)),
             Location::Postgres { url, schema } => Store::open_postgres(url, schema).await,
         }
     }

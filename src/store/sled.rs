@@ -287,20 +287,45 @@ fn migrate_attempts_tree(db: &sled::Db, history_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// sled's page cache for a fleet of `instances` (`None`: not known, as
+/// when a source discovers its instances): 84 bytes an instance, at least
+/// 1 MiB and at most 8 MiB. Pure.
+///
+/// sled's default is 1 GiB; pollhook's working set (instance states, the
+/// outbox heads) is far smaller, and a daemon next to agents should stay
+/// small. Reads past the cache are rare (a state is read once per
+/// instance start; a commit reads the state it replaces, from the
+/// kernel's page cache when sled evicted it). At 100,000 instances 8 MiB
+/// is full, and each of its MiB is about 10 bytes per instance: 8 MiB
+/// rather than 16 was 84 of them (README, "Benchmarks"). A small fleet
+/// does not fill it with states, but the outbox's churn (an entry written
+/// at detection, removed at delivery) does, with pages sled keeps: 50
+/// instances delivering 50 events a second held 5.5–6.1 MiB of anonymous
+/// memory with 8 MiB, 4.0–4.7 with 1 MiB. So the cache follows the fleet,
+/// as counted at start (a reload that adds instances keeps it until the
+/// next start).
+pub fn cache_for(instances: Option<usize>) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    const PER_INSTANCE: u64 = 84;
+    match instances {
+        None => 8 * MIB,
+        Some(n) => (n as u64).saturating_mul(PER_INSTANCE).clamp(MIB, 8 * MIB),
+    }
+}
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, with the cache of a fleet
+    /// of unknown size (see [`cache_for`]).
     pub fn open(dir: &Path) -> Result<SledStore> {
+        Self::open_with_cache(dir, cache_for(None))
+    }
+
+    /// Opens (or creates) the store in `dir` with `cache` bytes of page
+    /// cache.
+    pub fn open_with_cache(dir: &Path, cache: u64) -> Result<SledStore> {
         let db = sled::Config::new()
             .path(dir)
-            // sled's default page cache is 1 GiB; pollhook's working set
-            // (instance states, the outbox heads) is far smaller, and a
-            // daemon next to agents should stay small. Reads past the cache
-            // are rare (a state is read once per instance start; a commit
-            // reads the state it replaces, from the kernel's page cache
-            // when sled evicted it). At 100,000 instances the cache is
-            // full, and each of its MiB is about 10 bytes per instance:
-            // 8 MiB rather than 16 was 84 of them (README, "Benchmarks").
-            .cache_capacity(8 * 1024 * 1024)
+            .cache_capacity(cache)
             // Durability comes from flushing at each commit (see commit_poll),
             // not from this background timer; keep it as a safety net.
             .flush_every_ms(Some(500))

@@ -98,6 +98,15 @@ fn without_instance_lists(mut definition: Value) -> Value {
 }
 
 impl Config {
+    /// How many instances the sources poll, when the configuration says
+    /// (`None` when a source discovers its instances at run time).
+    pub fn fleet(&self) -> Option<usize> {
+        self.sources
+            .iter()
+            .map(|s| (!s.discovered).then_some(s.instances.len()))
+            .sum()
+    }
+
     /// Reads and validates `bridge.yaml` and every connector it names.
     /// Environment variables come from the process environment.
     pub fn load(file: &Path) -> Result<Config, ConfigErrors> {

@@ -11,6 +11,19 @@ fn a_store_open_elsewhere_is_locked_and_said_so() {
     assert!(e.to_string().contains("a running daemon"), "{e}");
 }
 
+/// The cache follows the fleet between 1 and 8 MiB, and is full when the
+/// fleet is not known.
+#[test]
+fn the_cache_follows_the_fleet_within_its_bounds() {
+    const MIB: u64 = 1024 * 1024;
+    assert_eq!(cache_for(None), 8 * MIB);
+    assert_eq!(cache_for(Some(0)), MIB);
+    assert_eq!(cache_for(Some(50)), MIB);
+    assert_eq!(cache_for(Some(20_000)), 20_000 * 84);
+    assert_eq!(cache_for(Some(100_000)), 8 * MIB);
+    assert_eq!(cache_for(Some(usize::MAX)), 8 * MIB);
+}
+
 #[test]
 fn keys_round_trip_and_sort_by_lane_then_detection() {
     let k = |i: &str, seq| EntryKey {
