@@ -139,7 +139,9 @@ fn entry(instance: &str, seq: u64) -> OutboxEntry {
     }
 }
 
-fn attempt(n: u64, at_ms: i64) -> AttemptRecord {
+/// An attempt at `at_ms`, to endpoint `a` or `b` by `n`'s parity (also the
+/// sled history's own tests).
+pub(crate) fn attempt(n: u64, at_ms: i64) -> AttemptRecord {
     AttemptRecord {
         event_id: format!("msg_{n}"),
         endpoint: if n % 2 == 0 { "a" } else { "b" }.into(),

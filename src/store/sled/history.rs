@@ -69,12 +69,17 @@ struct Snapshot {
     hidden_up_to: u64,
 }
 
-/// One line: the id, a space, the record's JSON.
-fn parse_line(line: &[u8]) -> Option<(u64, AttemptRecord)> {
+/// One line: the id, a space, the record's JSON. The id alone, so that
+/// lines outside a window are passed over without parsing their JSON.
+fn id_of(line: &[u8]) -> Option<(u64, &[u8])> {
     let sp = line.iter().position(|b| *b == b' ')?;
     let id = std::str::from_utf8(&line[..sp]).ok()?.parse().ok()?;
-    let rec = serde_json::from_slice(&line[sp + 1..]).ok()?;
-    Some((id, rec))
+    Some((id, &line[sp + 1..]))
+}
+
+fn parse_line(line: &[u8]) -> Option<(u64, AttemptRecord)> {
+    let (id, json) = id_of(line)?;
+    Some((id, serde_json::from_slice(json).ok()?))
 }
 
 fn line_of(id: u64, rec: &AttemptRecord) -> Vec<u8> {
@@ -86,14 +91,10 @@ fn line_of(id: u64, rec: &AttemptRecord) -> Vec<u8> {
 
 /// Whole lines of the first `len` bytes of `file`, in order, from its
 /// start (a handle is read more than once).
-fn lines(file: &File, len: u64) -> impl Iterator<Item = io::Result<Vec<u8>>> + '_ {
+fn lines(file: &File, len: u64) -> io::Result<impl Iterator<Item = io::Result<Vec<u8>>> + '_> {
+    (&*file).seek(SeekFrom::Start(0))?;
     let mut reader = BufReader::new(file.take(len));
-    let mut rewound = (&*file).seek(SeekFrom::Start(0)).map(drop);
-    std::iter::from_fn(move || {
-        if let Err(e) = std::mem::replace(&mut rewound, Ok(())) {
-            reader = BufReader::new(file.take(0));
-            return Some(Err(e));
-        }
+    Ok(std::iter::from_fn(move || {
         let mut line = Vec::new();
         match reader.read_until(b'\n', &mut line) {
             Ok(0) => None,
@@ -104,7 +105,7 @@ fn lines(file: &File, len: u64) -> impl Iterator<Item = io::Result<Vec<u8>>> + '
             Ok(_) => None, // a torn tail: not a record
             Err(e) => Some(Err(e)),
         }
-    })
+    }))
 }
 
 /// The whole lines of the first `len` bytes of `file`, newest first,
@@ -166,10 +167,10 @@ fn scan(path: &Path) -> io::Result<(u64, Option<u64>)> {
     };
     let len = file.metadata()?.len();
     let (mut n, mut last) = (0, None);
-    for line in lines(&file, len) {
+    for line in lines(&file, len)? {
         let line = line?;
         n += 1;
-        if let Some((id, _)) = parse_line(&line) {
+        if let Some((id, _)) = id_of(&line) {
             last = Some(id);
         }
     }
@@ -335,13 +336,14 @@ impl AttemptLog {
         let mut last = None;
         let segments = [snap.old.as_ref(), Some(&snap.current)];
         for (file, len) in segments.into_iter().flatten() {
-            for line in lines(file, *len) {
-                let Some((id, rec)) = parse_line(&line?) else {
+            for line in lines(file, *len)? {
+                let line = line?;
+                let Some((id, json)) = id_of(&line).filter(|(id, _)| *id > from) else {
                     continue;
                 };
-                if id <= from {
+                let Ok(rec) = serde_json::from_slice(json) else {
                     continue;
-                }
+                };
                 if out.len() >= limit {
                     return Ok((out, last));
                 }
@@ -375,7 +377,7 @@ impl AttemptLog {
                 file.metadata()?.len()
             };
             let mut old_here = 0;
-            for line in lines(&file, len) {
+            for line in lines(&file, len)? {
                 if parse_line(&line?).is_some_and(|(_, r)| r.at_ms < before_ms) {
                     old_here += 1;
                 }
@@ -386,7 +388,7 @@ impl AttemptLog {
             let tmp = self.dir.join(format!("{name}.tmp"));
             let mut out = BufWriter::new(File::create(&tmp)?);
             let (mut kept, mut kept_len) = (0, 0);
-            for line in lines(&file, len) {
+            for line in lines(&file, len)? {
                 let line = line?;
                 if parse_line(&line).is_some_and(|(_, r)| r.at_ms >= before_ms) {
                     out.write_all(&line)?;
@@ -420,18 +422,7 @@ mod tests {
     use super::*;
 
     fn rec(n: u64) -> AttemptRecord {
-        AttemptRecord {
-            event_id: format!("msg_{n}"),
-            endpoint: if n % 2 == 0 { "a" } else { "b" }.into(),
-            instance: "s/i".into(),
-            kind: "balance.changed".into(),
-            attempt: 1,
-            at_ms: n as i64,
-            status: Some(200),
-            latency_ms: 3,
-            outcome: "delivered".into(),
-            error: None,
-        }
+        crate::store::conformance::attempt(n, n as i64)
     }
 
     fn all(log: &AttemptLog) -> Vec<String> {
@@ -470,7 +461,7 @@ mod tests {
         want.reverse();
         assert_eq!(got.len(), want.len());
         assert!(got == want);
-        let forward: Vec<Vec<u8>> = lines(&file, len + 4).map(|l| l.unwrap()).collect();
+        let forward: Vec<Vec<u8>> = lines(&file, len + 4).unwrap().map(|l| l.unwrap()).collect();
         want.reverse();
         assert!(forward == want, "a torn tail is not a line");
         assert_eq!(lines_backwards(&file, 0).count(), 0);

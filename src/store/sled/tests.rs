@@ -85,18 +85,7 @@ fn outboxes_of_the_old_key_format_are_migrated_in_order() {
 #[test]
 fn a_history_in_the_old_tree_moves_into_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let rec = |n: u64| AttemptRecord {
-        event_id: format!("msg_{n}"),
-        endpoint: "ep".into(),
-        instance: "s/i".into(),
-        kind: "t".into(),
-        attempt: 1,
-        at_ms: n as i64,
-        status: Some(200),
-        latency_ms: 1,
-        outcome: "delivered".into(),
-        error: None,
-    };
+    let rec = |n: u64| crate::store::conformance::attempt(n, n as i64);
     let old = ATTEMPTS_KEPT + 5;
     {
         let db = sled::open(dir.path()).unwrap();
