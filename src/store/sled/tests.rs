@@ -2,6 +2,23 @@
 
 use super::*;
 
+/// Opens the store at `dir` right after a raw `sled::Db` there was
+/// dropped. sled's flusher thread lets go of the directory's lock a
+/// moment after the last handle drops (it failed CI once opened at
+/// once), so this waits for the lock, with a deadline.
+fn open_after_raw(dir: &std::path::Path) -> SledStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledStore::open(dir) {
+            Ok(s) => return s,
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("cannot open the store after the raw handle: {e}"),
+        }
+    }
+}
+
 #[test]
 fn a_store_open_elsewhere_is_locked_and_said_so() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,7 +82,7 @@ fn outboxes_of_the_old_key_format_are_migrated_in_order() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = open_after_raw(dir.path());
         let (_, head) = store.outbox_head("ep", "s/i").await.unwrap().unwrap();
         assert_eq!(head.sequence, 1);
         let inst: Vec<String> = store
@@ -101,7 +118,7 @@ fn a_history_in_the_old_tree_moves_into_the_log() {
         ..Default::default()
     };
     rt.block_on(async {
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = open_after_raw(dir.path());
         store.record_attempt(&rec(old + 1)).await.unwrap();
         let shown = store.attempts(&all).await.unwrap();
         assert_eq!(shown.len(), ATTEMPTS_KEPT as usize);
