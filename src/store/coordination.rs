@@ -86,6 +86,29 @@ pub struct Claimed {
     pub next_run_ms: Option<i64>,
 }
 
+/// A run of a quota's slots, as [`Coordination::book`] booked it: slot
+/// `i` (from 0) is `wait + i * every` from the booking's answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Booked {
+    /// Until the first slot.
+    pub wait: Duration,
+    /// Between two slots: the interval asked for, or the host's shared
+    /// pace when that is wider (the quota's row knows it, the node may
+    /// not yet).
+    pub every: Duration,
+}
+
+impl Booked {
+    /// A run booked from the quota's row: `start - now` and the interval
+    /// used, in milliseconds (a negative wait is none).
+    pub fn from_ms(wait_ms: f64, every_ms: f64) -> Self {
+        Booked {
+            wait: Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
+            every: Duration::from_secs_f64(every_ms.max(0.0) / 1000.0),
+        }
+    }
+}
+
 /// A host's shared pause and pace, by the coordination's clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostPace {
@@ -207,17 +230,19 @@ pub trait Coordination: Send + Sync {
     /// another owner) is refused.
     fn fence_holds(&self, key: &str, fence: &Fence) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Books a slot of the quota `key` (see [`crate::gcra`]) and returns
-    /// how long to wait for it; the host's shared pause and pace (`key`
-    /// `host:<host>`, see [`Coordination::share_pace`]) hold the slot back
-    /// and widen the interval. `durable`: the booking must survive a crash.
+    /// Books a run of `n` slots (at least one) of the quota `key` (see
+    /// [`crate::gcra::reserve_run`]) and says when they are; the host's
+    /// shared pause and pace (`key` `host:<host>`, see
+    /// [`Coordination::share_pace`]) hold the run back and widen the
+    /// interval. `durable`: the booking must survive a crash.
     fn book(
         &self,
         key: &str,
         interval_ms: f64,
         burst: u32,
+        n: u32,
         durable: bool,
-    ) -> impl Future<Output = Result<Duration>> + Send;
+    ) -> impl Future<Output = Result<Booked>> + Send;
     /// Shares what one node learned of a host: a pause and a pace (least
     /// time between requests) valid for `gap.1`; every node hears
     /// [`Notice::Pace`].
@@ -331,9 +356,10 @@ impl Coordination for Coordinator {
         key: &str,
         interval_ms: f64,
         burst: u32,
+        n: u32,
         durable: bool,
-    ) -> Result<Duration> {
-        dispatch!(self, c => c.book(key, interval_ms, burst, durable).await)
+    ) -> Result<Booked> {
+        dispatch!(self, c => c.book(key, interval_ms, burst, n, durable).await)
     }
     async fn share_pace(
         &self,

@@ -195,7 +195,11 @@ async fn bookings_never_exceed_the_quota<F: CoordFixture>() {
         let c = if i % 2 == 0 { a.clone() } else { b.clone() };
         tasks.spawn(async move {
             let before = t0.elapsed();
-            let w = c.book("host:q", 1000.0, BURST, false).await.unwrap();
+            let w = c
+                .book("host:q", 1000.0, BURST, 1, false)
+                .await
+                .unwrap()
+                .wait;
             (before + w, t0.elapsed() + w)
         });
     }
@@ -222,7 +226,7 @@ async fn bookings_never_exceed_the_quota<F: CoordFixture>() {
     a.share_pace("p", Some(Duration::from_secs(30)), None)
         .await
         .unwrap();
-    let w = b.book("host:p", 10.0, 1, false).await.unwrap();
+    let w = b.book("host:p", 10.0, 1, 1, false).await.unwrap().wait;
     assert!(w >= Duration::from_secs(29), "{w:?}");
     let paces = b.paces().await.unwrap();
     assert_eq!(paces.len(), 1, "{paces:?}");
@@ -238,11 +242,25 @@ async fn bookings_never_exceed_the_quota<F: CoordFixture>() {
     .await
     .unwrap();
     assert_eq!(
-        b.book("host:g", 10.0, 1, false).await.unwrap(),
+        b.book("host:g", 10.0, 1, 1, false).await.unwrap().wait,
         Duration::ZERO
     );
-    let w = b.book("host:g", 10.0, 1, false).await.unwrap();
+    let w = b.book("host:g", 10.0, 1, 1, false).await.unwrap().wait;
     assert!(w >= Duration::from_secs(4), "{w:?}");
+    // A run of slots takes its whole length off the quota, spaced by the
+    // interval (or the shared pace, when wider); the other node's next
+    // slot comes after it.
+    let run = a.book("host:r", 1000.0, 1, 3, false).await.unwrap();
+    assert!(run.wait < Duration::from_millis(200), "{run:?}");
+    assert_eq!(run.every, Duration::from_secs(1));
+    let w = b.book("host:r", 1000.0, 1, 1, false).await.unwrap().wait;
+    assert!(
+        w > Duration::from_millis(2_700) && w <= Duration::from_secs(3),
+        "{w:?}"
+    );
+    let paced = b.book("host:g", 10.0, 1, 2, false).await.unwrap();
+    assert_eq!(paced.every, Duration::from_secs(5));
+    assert!(paced.wait >= Duration::from_secs(9), "{paced:?}");
 }
 
 /// `listener` listening, once a wake-up `sender` sent after it started

@@ -42,7 +42,9 @@ mod conformance;
 #[cfg(test)]
 mod coordination_conformance;
 
-pub use coordination::{Claimed, Coordination, Coordinator, HostPace, LeaseRow, NodeRow, Notice};
+pub use coordination::{
+    Booked, Claimed, Coordination, Coordinator, HostPace, LeaseRow, NodeRow, Notice,
+};
 pub use postgres::valid_schema;
 pub use records::*;
 pub use single_node::SingleNode;

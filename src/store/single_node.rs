@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::coordination::{Claimed, Coordination, HostPace, LeaseRow, NodeRow, Notice};
+use super::coordination::{Booked, Claimed, Coordination, HostPace, LeaseRow, NodeRow, Notice};
 use super::{Fence, Result, StoreError};
 
 /// How many wake-ups a slow listener may fall behind before it is told to
@@ -375,24 +375,21 @@ impl Coordination for SingleNode {
         key: &str,
         interval_ms: f64,
         burst: u32,
+        n: u32,
         _durable: bool,
-    ) -> Result<Duration> {
+    ) -> Result<Booked> {
         let now = self.now_ms();
         let mut t = self.table();
         if t.alone() {
-            return Ok(Duration::ZERO);
+            return Ok(Booked::from_ms(0.0, interval_ms));
         }
         let q = t.quota.entry(key.to_string()).or_default();
         let gap = if q.gap_until_ms > now { q.gap_ms } else { 0.0 };
-        let (start, next) = crate::gcra::reserve(
-            now,
-            q.tat_ms,
-            q.paused_until_ms,
-            interval_ms.max(gap),
-            burst,
-        );
+        let every = interval_ms.max(gap);
+        let (start, next) =
+            crate::gcra::reserve_run(now, q.tat_ms, q.paused_until_ms, every, burst, n);
         q.tat_ms = next;
-        Ok(Duration::from_millis((start - now).max(0.0) as u64))
+        Ok(Booked::from_ms(start - now, every))
     }
 
     async fn share_pace(
@@ -518,7 +515,7 @@ mod tests {
         c.heartbeat("a", 1, 60_000).await.unwrap();
         for _ in 0..5 {
             assert_eq!(
-                c.book("host:h", 1000.0, 1, false).await.unwrap(),
+                c.book("host:h", 1000.0, 1, 1, false).await.unwrap().wait,
                 Duration::ZERO
             );
         }
@@ -528,10 +525,12 @@ mod tests {
         assert!(c.paces().await.unwrap().is_empty());
         c.heartbeat("b", 2, 60_000).await.unwrap();
         assert_eq!(
-            c.book("host:h", 1000.0, 1, false).await.unwrap(),
+            c.book("host:h", 1000.0, 1, 1, false).await.unwrap().wait,
             Duration::ZERO
         );
-        assert!(c.book("host:h", 1000.0, 1, false).await.unwrap() > Duration::from_millis(900));
+        assert!(
+            c.book("host:h", 1000.0, 1, 1, false).await.unwrap().wait > Duration::from_millis(900)
+        );
     }
 
     /// Nodes silent for an hour are forgotten at the next heartbeat.
@@ -607,10 +606,10 @@ mod tests {
         c.heartbeat("a", 1, 60_000).await.unwrap();
         c.heartbeat("b", 2, 60_000).await.unwrap();
         assert_eq!(
-            c.book("q", 1_000.0, 1, false).await.unwrap(),
+            c.book("q", 1_000.0, 1, 1, false).await.unwrap().wait,
             Duration::ZERO
         );
-        let w = c.book("q", 1_000.0, 1, false).await.unwrap();
+        let w = c.book("q", 1_000.0, 1, 1, false).await.unwrap().wait;
         assert!(
             w > Duration::from_millis(900) && w <= Duration::from_secs(1),
             "{w:?}"
@@ -769,9 +768,12 @@ mod tests {
             .unwrap();
         for (host, wait) in [("ended", 100), ("runs", 5_000)] {
             let key = format!("host:{host}");
-            assert_eq!(c.book(&key, 100.0, 1, false).await.unwrap(), Duration::ZERO);
             assert_eq!(
-                c.book(&key, 100.0, 1, false).await.unwrap(),
+                c.book(&key, 100.0, 1, 1, false).await.unwrap().wait,
+                Duration::ZERO
+            );
+            assert_eq!(
+                c.book(&key, 100.0, 1, 1, false).await.unwrap().wait,
                 Duration::from_millis(wait),
                 "{host}"
             );

@@ -49,7 +49,9 @@ fn fingerprint(rows: &[tokio_postgres::Row]) -> (i64, i64) {
         rows.iter().map(|r| share(r.get(2))).sum::<i64>(),
     )
 }
-use crate::store::coordination::{Claimed, Coordination, HostPace, LeaseRow, NodeRow, Notice};
+use crate::store::coordination::{
+    Booked, Claimed, Coordination, HostPace, LeaseRow, NodeRow, Notice,
+};
 use crate::store::{Fence, Result, StoreError};
 
 impl Coordination for PgStore {
@@ -377,8 +379,8 @@ impl Coordination for PgStore {
         Ok(!rows.is_empty())
     }
 
-    /// Books a slot of a quota shared through the database (see
-    /// [`crate::gcra`]) in one statement: the row is locked (`FOR UPDATE`
+    /// Books a run of slots of a quota shared through the database (see
+    /// [`crate::gcra::reserve_run`]) in one statement: the row is locked (`FOR UPDATE`
     /// in the first step, so a booking that waited reads the latest
     /// value) only while the statement runs, and the database's clock is
     /// the only one used. The host's shared pause and pace (see
@@ -390,15 +392,18 @@ impl Coordination for PgStore {
     /// (ensure the row, `SET LOCAL`, read, write, commit) held the row
     /// for five round trips: with every poll of a rate-limited host
     /// booking, that was most of the database's work for polls answered
-    /// 304. The SQL is `gcra::reserve`, written out (the single node
-    /// calls it; the conformance suite holds both to the quota).
+    /// 304; a run of slots for the requests queued at a busy host makes it
+    /// one statement for many polls. The SQL is `gcra::reserve_run`,
+    /// written out (the single node calls it; the conformance suite holds
+    /// both to the quota).
     async fn book(
         &self,
         key: &str,
         interval_ms: f64,
         burst: u32,
+        n: u32,
         durable: bool,
-    ) -> Result<Duration> {
+    ) -> Result<Booked> {
         const SQL: &str = "WITH q AS (
                  SELECT key, tat_ms, paused_until_ms::float8 AS paused, now_ms()::float8 AS now,
                         greatest($2::float8,
@@ -408,22 +413,22 @@ impl Coordination for PgStore {
                  SELECT key, tat_ms, iv, now,
                         greatest(now, tat_ms - iv * ($3::int - 1), paused) AS start
                  FROM q)
-             UPDATE quota SET tat_ms = greatest(s.tat_ms, s.start) + s.iv
+             UPDATE quota SET tat_ms = greatest(s.tat_ms, s.start) + s.iv * $4::int
              FROM s WHERE quota.key = s.key
-             RETURNING s.start - s.now";
+             RETURNING s.start - s.now, s.iv";
         const OP: &str = "book quota";
         let burst = i32::try_from(burst.max(1)).unwrap_or(i32::MAX);
+        let n = i32::try_from(n.max(1)).unwrap_or(i32::MAX);
         for _ in 0..2 {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&key, &interval_ms, &burst];
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&key, &interval_ms, &burst, &n];
             let rows = if durable {
                 self.query(OP, SQL, &params).await?
             } else {
                 self.query_relaxed(OP, SQL, &params).await?
             };
             if let Some(r) = rows.first() {
-                let wait: f64 = r.get(0);
-                return Ok(Duration::from_millis(wait.max(0.0) as u64));
+                return Ok(Booked::from_ms(r.get(0), r.get(1)));
             }
             // The quota's first booking: its row, then again.
             self.exec_relaxed(

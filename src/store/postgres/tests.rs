@@ -603,7 +603,7 @@ async fn host_bookings_keep_the_rate_across_stores_and_pauses_hold_them() {
         for i in 0..30 {
             let s = if i % 2 == 0 { a.clone() } else { b.clone() };
             tasks.spawn(async move {
-                let w = s.book("host:h", 50.0, 5, false).await.unwrap();
+                let w = s.book("host:h", 50.0, 5, 1, false).await.unwrap().wait;
                 (t0.elapsed() + w).as_millis()
             });
         }
@@ -624,7 +624,7 @@ async fn host_bookings_keep_the_rate_across_stores_and_pauses_hold_them() {
         a.share_pace("p", Some(Duration::from_secs(30)), None)
             .await
             .unwrap();
-        let w = b.book("host:p", 10.0, 1, false).await.unwrap();
+        let w = b.book("host:p", 10.0, 1, 1, false).await.unwrap().wait;
         assert!(w >= Duration::from_secs(29), "{w:?}");
         let paces = b.paces().await.unwrap();
         assert_eq!(paces.len(), 1, "{paces:?}");
