@@ -39,11 +39,35 @@ const GATHER_FROM: usize = 100;
 const GATHER: Duration = Duration::from_millis(20);
 /// The most slots one run books.
 const MAX_RUN: u32 = 64;
-/// How late a slot booked ahead may still be taken: about the lateness
-/// of a request that booked its own slot (the booking's answer travels
-/// back, the task wakes), so a run's slots are not wasted by the hand-off
-/// from one queued request to the next.
-const RUN_SLACK: Duration = Duration::from_millis(1);
+/// Runs are booked for hosts of at least 100 requests a second (an
+/// interval of at most 10 ms): below that, one statement per request is
+/// little and a host cannot be busy.
+const RUN_BELOW_MS: f64 = 10.0;
+/// How late a slot of a run may still be taken, at most and at least.
+/// The hand-off from one queued request to the next (a timer of 1 ms
+/// ticks, a task to wake on a shared core) takes longer than slots 0.5 ms
+/// apart: dropping every slot passed by 1 ms wasted a fifth of a
+/// 2,000/s quota in a 3-node run, and the nodes fell behind.
+const MAX_SLACK_MS: f64 = 10.0;
+const MIN_SLACK_MS: f64 = 1.0;
+
+/// How a host's bookings go, from its interval (ms) and burst: `None`,
+/// one slot a request (a host under 100/s); or runs, each slot taken up
+/// to `slack` late, booked with a burst `slack` smaller. A send late by
+/// at most `slack` is one that a burst `slack / interval` larger would
+/// have let go on time; taking that much off the booked burst keeps the
+/// configured one whole. The slack is half the burst's tolerance, 1 to
+/// 10 ms.
+fn run_policy(interval_ms: f64, burst: u32) -> Option<(Duration, u32)> {
+    if interval_ms > RUN_BELOW_MS || interval_ms <= 0.0 {
+        return None;
+    }
+    let tolerance = interval_ms * f64::from(burst.max(1) - 1);
+    let slack_ms = (tolerance / 2.0).clamp(MIN_SLACK_MS, MAX_SLACK_MS);
+    let kept = (slack_ms / interval_ms).ceil() as u32;
+    let booked = burst.saturating_sub(kept).max(1);
+    Some((Duration::from_secs_f64(slack_ms / 1000.0), booked))
+}
 
 /// What to do about a request's slot of the cluster's quota (see
 /// [`take_slot`]).
@@ -62,17 +86,19 @@ struct Run {
     next: Option<Instant>,
     left: u32,
     every: Duration,
+    /// How late a slot may still be taken (see [`run_policy`]).
+    slack: Duration,
     /// The interval the run was booked for (a change of pace voids it).
     interval_ms: f64,
 }
 
 /// Takes the next usable slot of `run` at `now` for a request whose
 /// interval is `interval_ms` (pure: the policy of [`HostGate::book`]).
-/// Slots passed by more than [`RUN_SLACK`] are dropped (their time went
-/// unused; using one late would crowd the next); a run booked for another
-/// interval is dropped whole. With none left, a host sent `recent`
-/// requests in the last second gathers before booking when that is at
-/// least [`GATHER_FROM`].
+/// Slots passed by more than the run's slack are dropped (their time went
+/// unused; using one later would crowd the next); a run booked for
+/// another interval is dropped whole. With none left, a host that may
+/// book runs and sent `recent` requests in the last second gathers before
+/// booking when that is at least [`GATHER_FROM`].
 fn take_slot(run: &mut Run, now: Instant, interval_ms: f64, recent: usize) -> Slot {
     if run.interval_ms != interval_ms {
         run.left = 0;
@@ -81,14 +107,14 @@ fn take_slot(run: &mut Run, now: Instant, interval_ms: f64, recent: usize) -> Sl
         let Some(at) = run.next else { break };
         run.left -= 1;
         run.next = Some(at + run.every);
-        if at + RUN_SLACK >= now {
+        if at + run.slack >= now {
             return Slot::At(at);
         }
     }
     run.next = None;
     run.left = 0;
     Slot::Book {
-        gather: recent >= GATHER_FROM,
+        gather: recent >= GATHER_FROM && run_policy(interval_ms, 1).is_some(),
     }
 }
 
@@ -107,6 +133,9 @@ pub struct HostGate {
     run: Mutex<Run>,
     /// Requests waiting for their turn: how many slots a run books.
     queued: std::sync::atomic::AtomicU32,
+    /// The last booking's answer said that the coordination books
+    /// nothing (one node alone): no point gathering for it.
+    alone: std::sync::atomic::AtomicBool,
     /// Bookings made (round trips to the coordination), for the tests.
     #[cfg(test)]
     bookings: std::sync::atomic::AtomicU32,
@@ -208,6 +237,7 @@ impl HostGate {
             throttle: Mutex::new(Throttle::default()),
             run: Mutex::new(Run::default()),
             queued: std::sync::atomic::AtomicU32::new(0),
+            alone: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             bookings: Default::default(),
             stats,
@@ -233,8 +263,9 @@ impl HostGate {
     /// queue, then books one run of slots, `interval` apart, for itself
     /// and them; each takes the next at its turn. The slots are the
     /// quota's as single bookings' would be (`gcra::reserve_run`), and one
-    /// not taken in time is dropped, never used late: the quota holds,
-    /// and a slot a cancelled poll left only goes unused.
+    /// taken late by more than a slack is dropped: the quota holds (the
+    /// slack comes off the booked burst, see [`run_policy`]), and a slot a
+    /// cancelled poll left only goes unused.
     async fn book(&self) {
         let cluster = &self.cluster;
         let (gap, recent) = {
@@ -251,6 +282,14 @@ impl HostGate {
             (None, Some(g)) => (g.as_secs_f64() * 1000.0, 1),
             (None, None) => return,
         };
+        // Alone, a booking costs nothing and waits for nothing: gathering
+        // would only hold the requests back.
+        let recent = if self.alone.load(Ordering::Relaxed) {
+            0
+        } else {
+            recent
+        };
+        let policy = run_policy(interval, burst);
         let slot = take_slot(&mut self.run.lock(), Instant::now(), interval, recent);
         let gather = match slot {
             Slot::At(at) => {
@@ -260,7 +299,11 @@ impl HostGate {
             Slot::Book { gather } => gather,
         };
         let n = if gather {
-            tokio::time::sleep(GATHER).await;
+            // A queue that fills a run already has nothing to wait for
+            // (a backlog: the start's first polls, a host's pause ending).
+            if self.queued.load(Ordering::Relaxed) + 1 < MAX_RUN {
+                tokio::time::sleep(GATHER).await;
+            }
             (self.queued.load(Ordering::Relaxed) + 1).min(MAX_RUN)
         } else {
             1
@@ -268,16 +311,24 @@ impl HostGate {
         #[cfg(test)]
         self.bookings.fetch_add(1, Ordering::Relaxed);
         match cluster
-            .book(&format!("host:{}", self.name), interval, burst, n, false)
+            .book(
+                &format!("host:{}", self.name),
+                interval,
+                policy.map_or(burst, |(_, b)| b),
+                n,
+                false,
+            )
             .await
         {
             Ok(booked) => {
+                self.alone.store(booked.every.is_zero(), Ordering::Relaxed);
                 let first = Instant::now() + booked.wait;
-                if n > 1 {
+                if let (Some((slack, _)), true) = (policy, n > 1 && !booked.every.is_zero()) {
                     *self.run.lock() = Run {
                         next: Some(first + booked.every),
                         left: n - 1,
                         every: booked.every,
+                        slack,
                         interval_ms: interval,
                     };
                 }
@@ -814,6 +865,45 @@ mod tests {
         );
     }
 
+    /// Alone, a busy host's requests are not held back to gather: the
+    /// coordination books nothing, the node's own limiter paces them.
+    #[tokio::test(start_paused = true)]
+    async fn alone_a_busy_host_does_not_gather() {
+        let g = gate(
+            Some(&quota("1000/s")),
+            Coordinator::SingleNode(Default::default()),
+        );
+        let t0 = Instant::now();
+        for _ in 0..300 {
+            g.acquire().await;
+        }
+        // 300 at 1 000/s from a burst of one: 299 ms, not 20 ms more
+        // for each run gathered.
+        assert!(
+            Instant::now() - t0 < Duration::from_millis(310),
+            "{:?}",
+            Instant::now() - t0
+        );
+        assert_eq!(g.bookings.load(Ordering::Relaxed), 300);
+    }
+
+    /// Runs only for hosts of 100/s and more; the slack is half the
+    /// burst's tolerance within 1 to 10 ms, and comes off the burst booked.
+    #[test]
+    fn the_run_policy_keeps_the_burst_whole() {
+        let ms = |m: f64| Duration::from_secs_f64(m / 1000.0);
+        assert_eq!(run_policy(10.5, 50), None);
+        assert_eq!(run_policy(0.0, 50), None);
+        // 2 000/s, burst 50: tolerance 24.5 ms, slack 10 ms = 20 slots.
+        assert_eq!(run_policy(0.5, 50), Some((ms(10.0), 30)));
+        // 100/s, burst 3: tolerance 20 ms, slack 10 ms = 1 slot.
+        assert_eq!(run_policy(10.0, 3), Some((ms(10.0), 2)));
+        // 1 000/s, burst 5: tolerance 4 ms, slack 2 ms = 2 slots.
+        assert_eq!(run_policy(1.0, 5), Some((ms(2.0), 3)));
+        // Burst 1: the least slack, and a burst of one still.
+        assert_eq!(run_policy(0.5, 1), Some((ms(1.0), 1)));
+    }
+
     /// Which slot a request takes from a run booked ahead.
     #[test]
     fn a_run_hands_out_its_slots_in_order_and_drops_the_passed_ones() {
@@ -823,6 +913,7 @@ mod tests {
             next: Some(t0 + ms(10)),
             left: 3,
             every: ms(5),
+            slack: ms(1),
             interval_ms: 5.0,
         };
         assert_eq!(take_slot(&mut run, t0, 5.0, 500), Slot::At(t0 + ms(10)));
@@ -846,6 +937,7 @@ mod tests {
             next: Some(t0 + ms(10)),
             left: 2,
             every: ms(5),
+            slack: ms(1),
             interval_ms: 5.0,
         };
         assert_eq!(
@@ -858,6 +950,7 @@ mod tests {
             next: Some(t0 + ms(10)),
             left: 2,
             every: ms(5),
+            slack: ms(1),
             interval_ms: 5.0,
         };
         assert_eq!(

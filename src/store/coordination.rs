@@ -94,7 +94,8 @@ pub struct Booked {
     pub wait: Duration,
     /// Between two slots: the interval asked for, or the host's shared
     /// pace when that is wider (the quota's row knows it, the node may
-    /// not yet).
+    /// not yet). Zero when the coordination books nothing (one node
+    /// alone: its own limiter is the quota).
     pub every: Duration,
 }
 

@@ -381,7 +381,7 @@ impl Coordination for SingleNode {
         let now = self.now_ms();
         let mut t = self.table();
         if t.alone() {
-            return Ok(Booked::from_ms(0.0, interval_ms));
+            return Ok(Booked::from_ms(0.0, 0.0));
         }
         let q = t.quota.entry(key.to_string()).or_default();
         let gap = if q.gap_until_ms > now { q.gap_ms } else { 0.0 };
