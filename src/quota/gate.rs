@@ -863,7 +863,10 @@ mod tests {
         burst(&g, 120).await;
         let first = g.bookings.load(Ordering::Relaxed);
         assert!(first < 120, "{first} bookings for 120 requests");
+        // Every request that waited has left the count.
+        assert_eq!(g.queued.load(Ordering::Relaxed), 0);
         let sent = burst(&g, 200).await;
+        assert_eq!(g.queued.load(Ordering::Relaxed), 0);
         let second = g.bookings.load(Ordering::Relaxed) - first;
         assert!(second <= 20, "{second} bookings for 200 busy requests");
         // No request went before its slot: 320 slots 0.5 ms apart.
@@ -898,6 +901,25 @@ mod tests {
         // that answered "now": the clock moved only by the steps.
         assert_eq!(Instant::now() - t0, step * 300);
         assert_eq!(g.bookings.load(Ordering::Relaxed), 300);
+    }
+
+    /// A request given up while it waits for its turn (its poll
+    /// cancelled) leaves the count a run is sized by.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_given_up_in_the_queue_is_not_counted() {
+        let g = Arc::new(gate(Some(&quota("2000/s")), Coordinator::alone()));
+        let turn = g.turn.lock().await;
+        let waiting = {
+            let g = g.clone();
+            tokio::spawn(async move { g.acquire().await })
+        };
+        while g.queued.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(g.queued.load(Ordering::Relaxed), 0);
+        drop(turn);
     }
 
     /// Runs only for hosts of 100/s and more; the slack is half the
