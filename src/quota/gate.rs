@@ -59,7 +59,7 @@ const MIN_SLACK_MS: f64 = 1.0;
 /// configured one whole. The slack is half the burst's tolerance, 1 to
 /// 10 ms.
 fn run_policy(interval_ms: f64, burst: u32) -> Option<(Duration, u32)> {
-    if interval_ms > RUN_BELOW_MS || interval_ms <= 0.0 {
+    if !runs_for(interval_ms) {
         return None;
     }
     let tolerance = interval_ms * f64::from(burst.max(1) - 1);
@@ -69,13 +69,19 @@ fn run_policy(interval_ms: f64, burst: u32) -> Option<(Duration, u32)> {
     Some((Duration::from_secs_f64(slack_ms / 1000.0), booked))
 }
 
+/// Whether a host of this interval (ms) books runs: 100/s and more.
+fn runs_for(interval_ms: f64) -> bool {
+    interval_ms > 0.0 && interval_ms <= RUN_BELOW_MS
+}
+
 /// What to do about a request's slot of the cluster's quota (see
 /// [`take_slot`]).
 #[derive(Debug, PartialEq)]
 enum Slot {
     /// A slot booked ahead: go at this time.
     At(Instant),
-    /// None left: book a run of this many (gathering first if `gather`).
+    /// None left: book (a run, gathering the queued requests first, if
+    /// `gather`; else one slot).
     Book { gather: bool },
 }
 
@@ -114,7 +120,7 @@ fn take_slot(run: &mut Run, now: Instant, interval_ms: f64, recent: usize) -> Sl
     run.next = None;
     run.left = 0;
     Slot::Book {
-        gather: recent >= GATHER_FROM && run_policy(interval_ms, 1).is_some(),
+        gather: recent >= GATHER_FROM && runs_for(interval_ms),
     }
 }
 
@@ -180,6 +186,15 @@ impl Throttle {
         let (rate, at) = self.learned?;
         let grown = rate + at.elapsed().as_secs_f64() * (rate * 0.02).max(1.0);
         (grown < 100_000.0).then_some(grown)
+    }
+
+    /// Requests sent within the last second (`recent` is trimmed only
+    /// as requests go, so after a quiet spell it holds older ones).
+    fn sent_last_second(&self) -> usize {
+        let stale = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .map_or(0, |s| self.recent.partition_point(|at| *at < s));
+        self.recent.len() - stale
     }
 
     fn learned_gap(&self) -> Option<Duration> {
@@ -278,12 +293,7 @@ impl HostGate {
     /// cancelled poll left only goes unused.
     async fn book(&self) {
         let cluster = &self.cluster;
-        let (gap, recent) = {
-            let t = self.throttle.lock();
-            let second_ago = Instant::now().checked_sub(Duration::from_secs(1));
-            let stale = second_ago.map_or(0, |s| t.recent.partition_point(|at| *at < s));
-            (t.gap(), t.recent.len() - stale)
-        };
+        let gap = self.throttle.lock().gap();
         let rate = self
             .shared_rate
             .map(|(r, b)| (r.per.as_secs_f64() * 1000.0 / f64::from(r.count), b));
@@ -293,11 +303,12 @@ impl HostGate {
             (None, None) => return,
         };
         // Alone, a booking costs nothing and waits for nothing: gathering
-        // would only hold the requests back.
-        let recent = if self.alone.load(Ordering::Relaxed) {
+        // would only hold the requests back. Only a host that may book
+        // runs needs its last second counted.
+        let recent = if self.alone.load(Ordering::Relaxed) || !runs_for(interval) {
             0
         } else {
-            recent
+            self.throttle.lock().sent_last_second()
         };
         let policy = run_policy(interval, burst);
         let slot = take_slot(&mut self.run.lock(), Instant::now(), interval, recent);
@@ -944,16 +955,18 @@ mod tests {
     fn a_run_hands_out_its_slots_in_order_and_drops_the_passed_ones() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut run = Run {
+        // `left` slots from 10 ms, 5 ms apart, each good until 1 ms late.
+        let run_of = |left| Run {
             next: Some(t0 + ms(10)),
-            left: 3,
+            left,
             every: ms(5),
             slack: ms(1),
             interval_ms: 5.0,
         };
+        let mut run = run_of(3);
         assert_eq!(take_slot(&mut run, t0, 5.0, 500), Slot::At(t0 + ms(10)));
-        // The slot at 15 ms passed 2 ms ago: dropped; the one at 20 ms
-        // taken 1 ms late is still taken (the hand-off's slack).
+        // The slot at 15 ms passed 2 ms ago, beyond the slack: dropped;
+        // the one at 20 ms is still to come.
         assert_eq!(
             take_slot(&mut run, t0 + ms(17), 5.0, 500),
             Slot::At(t0 + ms(20))
@@ -968,26 +981,14 @@ mod tests {
             take_slot(&mut run, t0, 5.0, 99),
             Slot::Book { gather: false }
         );
-        let mut run = Run {
-            next: Some(t0 + ms(10)),
-            left: 2,
-            every: ms(5),
-            slack: ms(1),
-            interval_ms: 5.0,
-        };
+        let mut run = run_of(2);
         assert_eq!(
             take_slot(&mut run, t0 + ms(21), 5.0, 0),
             Slot::Book { gather: false }
         );
         assert_eq!((run.left, run.next), (0, None));
         // A run booked for another interval (a pace came) is void.
-        let mut run = Run {
-            next: Some(t0 + ms(10)),
-            left: 2,
-            every: ms(5),
-            slack: ms(1),
-            interval_ms: 5.0,
-        };
+        let mut run = run_of(2);
         assert_eq!(
             take_slot(&mut run, t0, 50.0, 0),
             Slot::Book { gather: false }
