@@ -19,8 +19,19 @@ use std::time::{Duration, Instant};
 
 use common::{env_or, max_per_second, proc_usage, SECRET};
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // The floor's client, when this binary runs as it (see `floor_client`).
+    if let Ok(addr) = std::env::var("BENCH_FLOOR_CLIENT") {
+        return floor_client(&addr);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench());
+}
+
+async fn bench() {
     let accounts = env_or("BENCH_ACCOUNTS", 50) as usize;
     let seconds = env_or("BENCH_SECONDS", 60);
     let change_every = Duration::from_millis(env_or("BENCH_CHANGE_EVERY_MS", 2000));
@@ -47,9 +58,28 @@ endpoints:
     );
     let daemon = common::Daemon::start("bank-balance.yaml", &bridge, "error").await;
     let pid = daemon.pid;
+    // Beside it, unless `BENCH_FLOOR=0`: the same polls, to a bank of
+    // their own, from the least program that makes them (see
+    // `floor_client`), measured over the same window. The machine's cost
+    // of a wake-up and of loopback TCP differs from hour to hour on a
+    // shared host by more than the daemon's own work; the difference
+    // between the two is the daemon's own.
+    let floor = if std::env::var("BENCH_FLOOR").as_deref() != Ok("0") {
+        let bank = bank::Bank::new(&refs);
+        let addr = bank.serve("127.0.0.1:0").await;
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("BENCH_FLOOR_CLIENT", addr.to_string())
+            .env("BENCH_ACCOUNTS", accounts.to_string())
+            .spawn()
+            .unwrap();
+        Some((bank, child))
+    } else {
+        None
+    };
     // The first polls, then the steady state.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (cpu0, _) = proc_usage(pid);
+    let floor0 = floor.as_ref().map(|(_, c)| proc_usage(c.id()).0);
     let start = Instant::now();
     let mut changes = 0;
     let mut minutes = 0;
@@ -57,6 +87,9 @@ endpoints:
         tokio::time::sleep(change_every).await;
         let acc = &ids[changes % ids.len()];
         bank.set_balance(acc, 100_000 + changes as i64);
+        if let Some((floor_bank, _)) = &floor {
+            floor_bank.set_balance(acc, 100_000 + changes as i64);
+        }
         changes += 1;
         if start.elapsed() >= Duration::from_secs(60 * (minutes + 1)) {
             minutes += 1;
@@ -65,11 +98,20 @@ endpoints:
     }
     let wall = start.elapsed().as_secs_f64();
     let (cpu1, rss) = proc_usage(pid);
+    let floor_cpu = floor
+        .as_ref()
+        .zip(floor0)
+        .map(|((_, c), f0)| (proc_usage(c.id()).0 - f0) / wall * 100.0);
     let at_end = resident(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let times = bank.request_times();
     let paths = bank.requests();
     daemon.stop();
+    let floor_requests = floor.map(|(bank, mut child)| {
+        let _ = child.kill();
+        let _ = child.wait();
+        bank.request_times().len()
+    });
     let delivered = rx.lock().unwrap().arrivals.len();
     println!(
         "idle benchmark: {accounts} accounts every 1s, one change every {change_every:?}, {seconds}s measured"
@@ -79,6 +121,12 @@ endpoints:
         (cpu1 - cpu0) / wall * 100.0,
         rss as f64 / 1024.0
     );
+    if let (Some(f), Some(n)) = (floor_cpu, floor_requests) {
+        let own = (cpu1 - cpu0) / wall * 100.0 - f;
+        println!(
+            "  floor (the same polls from the least client, same window): {f:.2}% of one core, {n} requests; the daemon's own: {own:.2} points"
+        );
+    }
     println!(
         "  requests {} ; busiest 1-second window from the start {} (target N/T + 1 = {})",
         times.len(),
@@ -143,4 +191,53 @@ fn busiest_window(times: &[Instant], paths: &[String]) -> String {
         ms(&times[at]),
         if twice.is_empty() { "none".to_string() } else { twice.join(", ") }
     )
+}
+
+/// The floor: the same conditional GETs as the daemon makes (each account
+/// once a second, spread over the second, `If-None-Match` with the last
+/// `ETag`, the body read), from a reqwest client of the daemon's features
+/// on a runtime of the daemon's shape, and nothing else: no store, no
+/// detection, no status, no delivery. What the daemon costs beyond it is
+/// its own; what it costs is the HTTP stack's and the machine's, which
+/// differ from day to day on a shared machine (README, "Benchmarks").
+fn floor_client(addr: &str) {
+    let accounts = env_or("BENCH_ACCOUNTS", 50);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(32)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .user_agent("pollhook-floor")
+            .build()
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 1..=accounts {
+            let client = client.clone();
+            let url = format!("http://{addr}/accounts/acc-{i:04}/balance");
+            let grid = env_or("BENCH_FLOOR_GRID_MS", 1);
+            let phase = Duration::from_millis((1000 * (i - 1) / accounts).div_ceil(grid) * grid);
+            tasks.push(tokio::spawn(async move {
+                let mut every = tokio::time::interval_at(start + phase, Duration::from_secs(1));
+                let mut etag: Option<String> = None;
+                loop {
+                    every.tick().await;
+                    let mut req = client.get(&url);
+                    if let Some(t) = &etag {
+                        req = req.header("if-none-match", t.as_str());
+                    }
+                    let Ok(resp) = req.send().await else { continue };
+                    if let Some(t) = resp.headers().get("etag").and_then(|v| v.to_str().ok()) {
+                        etag = Some(t.to_string());
+                    }
+                    let _ = resp.bytes().await;
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
 }
