@@ -10,6 +10,12 @@
 //! a minute, and at the end, it prints the resident size split into its
 //! anonymous part (heap, stacks: what the daemon holds) and its
 //! file-backed part (code and data mapped from the binary).
+//!
+//! Beside the daemon (unless BENCH_FLOOR=0) it runs the floor: the same
+//! polls from a bare client (`floor_client`), measured over the same
+//! window, and prints the daemon's own cost as the difference.
+//! BENCH_FLOOR_GRID_MS (floor client only) moves the floor's polls onto
+//! a grid of that step, to see what polls sharing a wake-up would save.
 
 #[path = "../examples/mock-bank/bank.rs"]
 mod bank;

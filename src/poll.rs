@@ -597,10 +597,6 @@ fn next_due(
             next = source.schedule.in_window(earliest).unwrap_or(earliest);
         }
     }
-    shared.status.instance(&inst.key, |s| {
-        s.interval_floor_ms = floor.as_ref().map(|f| f.at_least.as_millis() as u64);
-        s.interval_reason = floor.as_ref().map(|f| f.reason.clone());
-    });
     // A failing upstream is asked again later and later (never sooner
     // than the schedule says), then the schedule resumes on success.
     let backoff = error_backoff(pace.failures, MAX_ERROR_BACKOFF, rand::random::<f64>());
@@ -610,7 +606,10 @@ fn next_due(
             next = source.schedule.in_window(retry).unwrap_or(retry);
         }
     }
+    // One update of the status (each unpacks and packs its entry).
     shared.status.instance(&inst.key, |s| {
+        s.interval_floor_ms = floor.as_ref().map(|f| f.at_least.as_millis() as u64);
+        s.interval_reason = floor.as_ref().map(|f| f.reason.clone());
         s.consecutive_failures = pace.failures;
         s.interval_ms = source
             .schedule

@@ -440,6 +440,11 @@ struct Made {
     prepared: Prepared,
     /// What its errors must not show (see [`secrets_to_mask`]).
     secrets: Vec<String>,
+    /// The request's URL as errors show it, and its tag (what a stored
+    /// validator is checked against): a hash and a string per poll that
+    /// an unpaged poll, the one that is kept, need not make again.
+    shown: String,
+    tag: UrlTag,
 }
 
 impl Memo {
@@ -480,7 +485,12 @@ pub async fn fetch_via(
     };
     let (p, secrets) = (&made.prepared, &made.secrets);
     let mut url = p.url.clone();
-    let first_host = host_of(&url);
+    // Only pages are checked against the first page's host.
+    let first_host = if c.paginate.is_some() {
+        host_of(&url)
+    } else {
+        String::new()
+    };
     let mut pager = Pager::start(c, state, &mut url);
     let mut out = Fetched::default();
     let max_pages = c.paginate.as_ref().map(|p| p.max_pages).unwrap_or(1);
@@ -499,12 +509,23 @@ pub async fn fetch_via(
         }
         // Only unpaged polls are conditional: a 304 on page 1 says nothing
         // about page 2, where a change may be.
+        // Unpaged, the URL is the request's as made (the pager starts
+        // none): its string and tag are the kept ones.
+        let unpaged = c.paginate.is_none();
         let conditional = first
             && c.paginate.as_ref().is_none_or(|p| p.conditional)
-            && state
-                .validator_url
-                .is_some_and(|t| t == UrlTag::of(url.as_str()));
-        let shown = url.to_string();
+            && state.validator_url.is_some_and(|t| {
+                t == if unpaged {
+                    made.tag
+                } else {
+                    UrlTag::of(url.as_str())
+                }
+            });
+        let shown: std::borrow::Cow<str> = if unpaged {
+            made.shown.as_str().into()
+        } else {
+            url.to_string().into()
+        };
         // The permit is held until this page's body is read:
         // `max_in_flight` counts requests whose bodies are still arriving.
         let (reply, _permit) = sender
@@ -549,6 +570,8 @@ fn make(
     let secrets = secrets_to_mask(inst, &prepared);
     Ok(Made {
         cursor: state.cursor.clone(),
+        shown: prepared.url.to_string(),
+        tag: UrlTag::of(prepared.url.as_str()),
         prepared,
         secrets,
     })

@@ -602,25 +602,24 @@ impl HostGates {
     /// The gate of a URL's host: a configured `host:port`, then `host`,
     /// else the host's own unlimited gate.
     pub fn for_url(&self, url: &reqwest::Url) -> Arc<HostGate> {
+        // Asked at every request: one string made, none when the host
+        // has a gate already.
         let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-        let port = url.port_or_known_default();
+        let key = match url.port_or_known_default() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
         {
             let configured = self.configured.read();
-            if let Some(port) = port {
-                if let Some((_, g)) = configured.get(&format!("{host}:{port}")) {
-                    return g.clone();
-                }
-            }
-            if let Some((_, g)) = configured.get(&host) {
+            if let Some((_, g)) = configured.get(&key).or_else(|| configured.get(&host)) {
                 return g.clone();
             }
         }
-        let key = match port {
-            Some(p) => format!("{host}:{p}"),
-            None => host,
-        };
-        self.others
-            .lock()
+        let mut others = self.others.lock();
+        if let Some(g) = others.get(&key) {
+            return g.clone();
+        }
+        others
             .entry(key.clone())
             .or_insert_with(|| {
                 let stats = self.host_stats(&key);
