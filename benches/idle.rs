@@ -104,6 +104,7 @@ endpoints:
     }
     let wall = start.elapsed().as_secs_f64();
     let (cpu1, rss) = proc_usage(pid);
+    let daemon_cpu = (cpu1 - cpu0) / wall * 100.0;
     let floor_cpu = floor
         .as_ref()
         .zip(floor0)
@@ -124,13 +125,13 @@ endpoints:
     );
     println!(
         "  daemon: {:.2}% of one core, peak RSS {:.1} MiB",
-        (cpu1 - cpu0) / wall * 100.0,
+        daemon_cpu,
         rss as f64 / 1024.0
     );
     if let (Some(f), Some(n)) = (floor_cpu, floor_requests) {
-        let own = (cpu1 - cpu0) / wall * 100.0 - f;
         println!(
-            "  floor (the same polls from the least client, same window): {f:.2}% of one core, {n} requests; the daemon's own: {own:.2} points"
+            "  floor (the same polls from the least client, same window): {f:.2}% of one core, {n} requests; the daemon's own: {:.2} points",
+            daemon_cpu - f
         );
     }
     println!(
@@ -219,11 +220,11 @@ fn floor_client(addr: &str) {
             .build()
             .unwrap();
         let start = tokio::time::Instant::now();
+        let grid = env_or("BENCH_FLOOR_GRID_MS", 1).max(1);
         let mut tasks = Vec::new();
         for i in 1..=accounts {
             let client = client.clone();
             let url = format!("http://{addr}/accounts/acc-{i:04}/balance");
-            let grid = env_or("BENCH_FLOOR_GRID_MS", 1);
             let phase = Duration::from_millis((1000 * (i - 1) / accounts).div_ceil(grid) * grid);
             tasks.push(tokio::spawn(async move {
                 let mut every = tokio::time::interval_at(start + phase, Duration::from_secs(1));

@@ -441,8 +441,8 @@ struct Made {
     /// What its errors must not show (see [`secrets_to_mask`]).
     secrets: Vec<String>,
     /// The request's URL as errors show it, and its tag (what a stored
-    /// validator is checked against): a hash and a string per poll that
-    /// an unpaged poll, the one that is kept, need not make again.
+    /// validator is checked against), made once with the request: an
+    /// unpaged poll's URL is the request's (see [`fetch_via`]).
     shown: String,
     tag: UrlTag,
 }
@@ -485,11 +485,14 @@ pub async fn fetch_via(
     };
     let (p, secrets) = (&made.prepared, &made.secrets);
     let mut url = p.url.clone();
-    // Only pages are checked against the first page's host.
-    let first_host = if c.paginate.is_some() {
-        host_of(&url)
-    } else {
+    // Unpaged, the URL stays the request's as made (the pager sets no
+    // parameter): its string and tag are the kept ones. Only pages are
+    // checked against the first page's host.
+    let unpaged = c.paginate.is_none();
+    let first_host = if unpaged {
         String::new()
+    } else {
+        host_of(&url)
     };
     let mut pager = Pager::start(c, state, &mut url);
     let mut out = Fetched::default();
@@ -509,9 +512,6 @@ pub async fn fetch_via(
         }
         // Only unpaged polls are conditional: a 304 on page 1 says nothing
         // about page 2, where a change may be.
-        // Unpaged, the URL is the request's as made (the pager starts
-        // none): its string and tag are the kept ones.
-        let unpaged = c.paginate.is_none();
         let conditional = first
             && c.paginate.as_ref().is_none_or(|p| p.conditional)
             && state.validator_url.is_some_and(|t| {

@@ -602,8 +602,8 @@ impl HostGates {
     /// The gate of a URL's host: a configured `host:port`, then `host`,
     /// else the host's own unlimited gate.
     pub fn for_url(&self, url: &reqwest::Url) -> Arc<HostGate> {
-        // Asked at every request: one string made, none when the host
-        // has a gate already.
+        // Asked at every request: two strings (the host lowercased and
+        // its key), and a copy of the key only for a host seen first.
         let host = url.host_str().unwrap_or("").to_ascii_lowercase();
         let key = match url.port_or_known_default() {
             Some(p) => format!("{host}:{p}"),
